@@ -1,0 +1,145 @@
+"""The differential core on its own: map preparation, release steps and the strength handed to stock img2img."""
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from SD2.diff_pipe import map_to_tensor, prepare_keep_map, release_steps, stock_strength
+
+
+def stock_first_step(num_inference_steps, strength):
+    """The first step that stock img2img runs, as diffusers' `get_timesteps` computes it."""
+    return num_inference_steps - min(int(num_inference_steps * strength), num_inference_steps)
+
+
+@pytest.mark.parametrize("steps", [1, 7, 10, 20, 22, 50, 100, 999])
+def test_stock_strength_runs_exactly_the_asked_steps(steps):
+    for steps_to_run in range(1, steps + 1):
+        assert stock_first_step(steps, stock_strength(steps_to_run, steps)) == steps - steps_to_run
+
+
+@pytest.mark.parametrize("steps", [10, 20, 50, 100])
+@pytest.mark.parametrize("keep", [0.0, 0.1, 0.3, 0.5, 0.7, 0.75, 0.9, 1.0])
+def test_release_step_is_stock_first_step(steps, keep):
+    # The map arrives as float32: 1 - float32(0.3) is not 0.7, yet it must give stock's step for strength 0.7.
+    keep_map = torch.full((1, 1, 2, 2), keep, dtype=torch.float32)
+    expected = stock_first_step(steps, round(1 - keep, 10))
+    assert release_steps(keep_map, 1.0, steps).unique().tolist() == [expected]
+
+
+def test_release_step_scales_with_global_strength():
+    keep_map = torch.tensor([0.0, 0.5, 1.0]).view(1, 1, 1, 3)
+    assert release_steps(keep_map, 0.6, 10).flatten().tolist() == [4, 7, 10]
+    assert release_steps(keep_map, 0.0, 10).flatten().tolist() == [10, 10, 10]
+
+
+def test_release_step_of_strength_below_one_step_is_never():
+    keep_map = torch.tensor([1 - 0.049, 1 - 0.05]).view(1, 1, 1, 2)
+    assert release_steps(keep_map, 1.0, 20).flatten().tolist() == [20, 19]
+
+
+@pytest.mark.parametrize(
+    "image, expected",
+    [
+        (PIL.Image.new("L", (4, 2), 255), 1.0),
+        (PIL.Image.new("L", (4, 2), 0), 0.0),
+        (PIL.Image.new("I;16", (4, 2), 65535), 1.0),
+        (PIL.Image.new("I", (4, 2), 32768), 32768 / 65535),
+        (PIL.Image.new("F", (4, 2), 0.25), 0.25),
+        (PIL.Image.new("RGB", (4, 2), (255, 255, 255)), 1.0),
+        (PIL.Image.new("1", (4, 2), 1), 1.0),
+    ],
+)
+def test_pil_maps_of_every_mode(image, expected):
+    tensor = map_to_tensor(image)
+    assert tensor.shape == (1, 1, 2, 4)
+    assert torch.allclose(tensor, torch.tensor(expected, dtype=torch.float32))
+
+
+def test_sixteen_bit_maps_keep_their_precision():
+    values = np.arange(0, 65536, 257, dtype=np.uint16).reshape(16, 16)
+    tensor = map_to_tensor(PIL.Image.fromarray(values))
+    assert torch.equal(tensor[0, 0], torch.from_numpy(values.astype(np.float32) / 65535))
+
+
+@pytest.mark.parametrize(
+    "shape, expected",
+    [((6, 8), (1, 1, 6, 8)), ((3, 6, 8), (3, 1, 6, 8)), ((6, 8, 1), (1, 1, 6, 8)), ((2, 6, 8, 1), (2, 1, 6, 8)),
+     ((2, 1, 6, 8), (2, 1, 6, 8))],
+)
+def test_numpy_layouts(shape, expected):
+    assert map_to_tensor(np.zeros(shape, np.float32)).shape == expected
+
+
+def test_list_of_maps_is_a_batch():
+    maps = [np.zeros((6, 8), np.uint8), torch.ones(6, 8), PIL.Image.new("L", (8, 6), 255)]
+    assert map_to_tensor(maps)[:, 0, 0, 0].tolist() == [0.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (np.full((4, 4), np.nan, np.float32), "NaN"),
+        (np.full((4, 4), 1.5, np.float32), r"\[0, 1\]"),
+        (np.zeros((4, 4, 3), np.uint8), "colour image"),
+        (torch.zeros(1, 3, 4, 4), "one channel"),
+        (np.zeros((4, 4), np.int64), "dtype"),
+        (np.zeros((0, 4), np.float32), "empty"),
+        ([np.zeros((4, 4)), np.zeros((4, 6))], "differ in size"),
+        ([], "empty list"),
+    ],
+)
+def test_bad_maps_are_refused_with_the_reason(bad, message):
+    with pytest.raises(ValueError, match=message):
+        map_to_tensor(bad)
+
+
+def test_a_map_of_another_aspect_ratio_is_refused():
+    with pytest.raises(ValueError, match="aspect ratio"):
+        prepare_keep_map(np.zeros((32, 64), np.float32), (32, 32))
+
+
+def test_downsampling_averages_areas():
+    fine = np.indices((64, 64)).sum(0) % 2  # a checkerboard that point sampling would alias to all 0 or all 1
+    assert torch.allclose(prepare_keep_map(fine.astype(np.float32), (8, 8)), torch.tensor(0.5))
+
+
+def test_invert_map_mirrors_the_map():
+    ramp = np.linspace(0, 1, 64, dtype=np.float32)[None].repeat(64, 0)
+    assert torch.equal(prepare_keep_map(ramp, (8, 8), invert_map=True), 1 - prepare_keep_map(ramp, (8, 8)))
+
+
+map_dtypes = st.sampled_from([np.uint8, np.uint16, np.int32, np.float16, np.float32, np.float64, np.bool_])
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    map=map_dtypes.flatmap(
+        lambda dtype: hnp.arrays(
+            dtype,
+            hnp.array_shapes(min_dims=1, max_dims=5, min_side=0, max_side=12),
+            elements=None if dtype in (np.uint8, np.uint16, np.int32, np.bool_) else st.floats(-2, 3, width=16),
+        )
+    ),
+    grid=st.tuples(st.integers(1, 8), st.integers(1, 8)),
+)
+def test_prepared_maps_are_in_range_or_refused(map, grid):
+    try:
+        keep_map = prepare_keep_map(map, grid)
+    except ValueError as error:
+        assert str(error)
+        return
+    assert keep_map.dtype == torch.float32 and keep_map.shape[1:] == (1, *grid)
+    assert 0 <= keep_map.min() and keep_map.max() <= 1
+
+
+@given(nan_at=st.integers(0, 15))
+def test_nan_anywhere_is_refused(nan_at):
+    map = np.full(16, 0.5, np.float32)
+    map[nan_at] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        map_to_tensor(map.reshape(4, 4))
