@@ -269,7 +269,8 @@ def test_region_map_reads_label_images():
     expected = region_map(labels, STRENGTHS)
     palette_image = Image.fromarray(labels).convert("P")
     np.testing.assert_array_equal(region_map(Image.fromarray(labels), STRENGTHS), expected)
-    np.testing.assert_array_equal(region_map(palette_image, STRENGTHS), region_map(np.asarray(palette_image), STRENGTHS))
+    from_palette = region_map(palette_image, STRENGTHS)
+    np.testing.assert_array_equal(from_palette, region_map(np.asarray(palette_image), STRENGTHS))
     np.testing.assert_array_equal(region_map(Image.fromarray(labels.astype(np.uint16)), STRENGTHS), expected)
 
 
