@@ -212,7 +212,9 @@ def feathered_mask(mask, feather_px: float, grow_px: float = 0.0) -> np.ndarray:
     if feather_px == 0:
         keep_map = (distance > grow_px).astype(np.float64)
     else:
-        band_position = np.clip((distance - grow_px) / feather_px, 0.0, 1.0)
+        # A tiny feather_px overflows to inf, which the clip turns into 1, as it should.
+        with np.errstate(over="ignore"):
+            band_position = np.clip((distance - grow_px) / feather_px, 0.0, 1.0)
         keep_map = -np.expm1(-0.5 * (_FEATHER_SIGMAS * band_position) ** 2) / -np.expm1(-0.5 * _FEATHER_SIGMAS**2)
         keep_map = np.clip(keep_map, 0.0, 1.0)
     return keep_map.astype(np.float32)
