@@ -1,0 +1,506 @@
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers is imported: no test may reach the Hub
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from tools.maps import depth_map, feathered_mask, linear_gradient, main, radial, region_map, save_map
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def brute_force_distance(region: np.ndarray) -> np.ndarray:
+    """Distance from every pixel centre to the nearest True pixel centre, by checking every pair."""
+    rows, cols = np.nonzero(region)
+    y, x = np.mgrid[: region.shape[0], : region.shape[1]]
+    if len(rows) == 0:
+        return np.full(region.shape, np.inf)
+    squared = (y[..., None] - rows) ** 2 + (x[..., None] - cols) ** 2
+    return np.sqrt(squared.min(axis=-1))
+
+
+def expected_feather(distance, feather_px, grow_px):
+    """The documented profile, written out independently of the implementation."""
+    u = (distance - grow_px) / feather_px
+    if distance <= grow_px:
+        return 0.0
+    if u >= 1:
+        return 1.0
+    return (1 - math.exp(-9 * u * u / 2)) / (1 - math.exp(-9 / 2))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# linear_gradient
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_gradient_default_keeps_the_right_and_changes_the_left():
+    keep_map = linear_gradient(64, 40)
+    assert keep_map.shape == (40, 64) and keep_map.dtype == np.float32
+    assert np.all(keep_map[:, 0] == 0.0) and np.all(keep_map[:, -1] == 1.0)
+    assert np.all(keep_map == keep_map[0])  # every row is the same
+    assert np.all(np.diff(keep_map[0]) > 0)
+
+
+def test_gradient_right_angles():
+    keep_map = linear_gradient(8, 6)
+    np.testing.assert_array_equal(linear_gradient(8, 6, 180), keep_map[:, ::-1])
+    upward = linear_gradient(8, 6, 90)  # bottom to top: the bottom row starts (0), the top row ends (1)
+    assert np.all(upward[-1] == 0.0) and np.all(upward[0] == 1.0)
+    assert np.all(upward == upward[:, :1])  # every column is the same
+    np.testing.assert_array_equal(linear_gradient(8, 6, 270), upward[::-1])
+    np.testing.assert_array_equal(linear_gradient(8, 6, 360), keep_map)
+
+
+def test_gradient_start_and_end():
+    keep_map = linear_gradient(11, 3, start=0.8, end=0.2)
+    np.testing.assert_allclose(keep_map[0], np.linspace(0.8, 0.2, 11), atol=1e-7)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    angle=st.floats(-720, 720, allow_nan=False),
+    width=st.integers(2, 30),
+    height=st.integers(2, 30),
+)
+def test_gradient_is_monotone_along_its_angle(angle, width, height):
+    keep_map = linear_gradient(width, height, angle)
+    assert keep_map.min() == 0.0 and keep_map.max() == 1.0
+    # Counterclockwise on screen: rows grow downwards, so the ramp rises along +x for cos > 0 and along -y for sin > 0.
+    cos, sin = math.cos(math.radians(angle)), math.sin(math.radians(angle))
+    along_x, along_y = np.diff(keep_map, axis=1), np.diff(keep_map, axis=0)
+    tolerance = 1e-6
+    if cos > 1e-9:
+        assert along_x.min() >= -tolerance
+    if cos < -1e-9:
+        assert along_x.max() <= tolerance
+    if sin > 1e-9:
+        assert along_y.max() <= tolerance
+    if sin < -1e-9:
+        assert along_y.min() >= -tolerance
+
+
+def test_gradient_one_pixel_long_takes_the_midpoint():
+    np.testing.assert_array_equal(linear_gradient(1, 4), np.full((4, 1), 0.5, np.float32))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(width=0, height=4),
+        dict(width=4, height=-1),
+        dict(width=4.5, height=4),
+        dict(width=True, height=4),
+        dict(width=4, height=4, start=1.5),
+        dict(width=4, height=4, end=-0.1),
+        dict(width=4, height=4, angle_degrees=float("nan")),
+    ],
+)
+def test_gradient_rejects_bad_arguments(kwargs):
+    with pytest.raises(ValueError):
+        linear_gradient(**kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# radial
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_radial_is_symmetric_about_the_default_centre():
+    keep_map = radial(33, 33, inner_radius=3, outer_radius=12)
+    np.testing.assert_array_equal(keep_map, keep_map[:, ::-1])
+    np.testing.assert_array_equal(keep_map, keep_map[::-1])
+    np.testing.assert_array_equal(keep_map, keep_map.T)
+    assert keep_map[16, 16] == 0.0 and keep_map[0, 0] == 1.0
+    even = radial(20, 10)
+    np.testing.assert_array_equal(even, even[:, ::-1])
+    np.testing.assert_array_equal(even, even[::-1])
+
+
+def test_radial_follows_distance_from_the_centre():
+    keep_map = radial(40, 30, center=(10, 12), inner_radius=4, outer_radius=14, inside=0.2, outside=0.9)
+    assert keep_map.shape == (30, 40)
+    y, x = np.mgrid[:30, :40]
+    distance = np.hypot(x - 10, y - 12)
+    np.testing.assert_allclose(keep_map[distance <= 4], 0.2, atol=1e-7)
+    np.testing.assert_allclose(keep_map[distance >= 14], 0.9, atol=1e-7)
+    between = (distance > 4) & (distance < 14)
+    np.testing.assert_allclose(keep_map[between], 0.2 + 0.7 * (distance[between] - 4) / 10, atol=1e-6)
+
+
+def test_radial_equal_radii_give_a_hard_edge():
+    keep_map = radial(21, 21, inner_radius=5, outer_radius=5)
+    assert set(np.unique(keep_map)) == {0.0, 1.0}
+    assert keep_map[10, 15] == 0.0 and keep_map[10, 16] == 1.0
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(inner_radius=-1),
+        dict(inner_radius=5, outer_radius=4),
+        dict(center=(1, 2, 3)),
+        dict(center=(1, float("inf"))),
+        dict(inside=2),
+    ],
+)
+def test_radial_rejects_bad_arguments(kwargs):
+    with pytest.raises(ValueError):
+        radial(10, 10, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# feathered_mask
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_feather_profile_around_a_single_pixel():
+    fill = np.zeros((41, 41), dtype=bool)
+    fill[20, 20] = True
+    keep_map = feathered_mask(fill, feather_px=12, grow_px=3)
+    for dx in range(0, 21):
+        expected = expected_feather(dx, feather_px=12, grow_px=3)
+        assert keep_map[20, 20 + dx] == pytest.approx(expected, abs=1e-6), dx
+    assert keep_map[20, 20] == 0.0  # the region to fill changes fully
+    assert keep_map[20, 23] == 0.0  # grown by 3 pixels
+    assert 0.0 < keep_map[20, 24] < 0.05  # the first pixel past the grown edge barely keeps
+    assert keep_map[20, 35] == 1.0  # beyond grow + feather = 15 pixels: kept exactly
+    assert keep_map[0, 0] == 1.0
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    density=st.floats(0.0, 0.1),
+    feather_px=st.floats(0.0, 20.0),
+    grow_px=st.floats(0.0, 6.0),
+)
+def test_feather_is_monotone_in_distance_from_the_region(seed, density, feather_px, grow_px):
+    fill = np.random.default_rng(seed).random((24, 37)) < density
+    keep_map = feathered_mask(fill, feather_px=feather_px, grow_px=grow_px)
+    distance = brute_force_distance(fill)
+
+    assert keep_map.shape == fill.shape and keep_map.dtype == np.float32
+    assert keep_map.min() >= 0.0 and keep_map.max() <= 1.0
+    assert np.all(keep_map[fill] == 0.0)
+    assert np.all(keep_map[distance <= grow_px] == 0.0)
+    assert np.all(keep_map[distance >= grow_px + feather_px + 1e-9] == 1.0)
+    order = np.argsort(distance, axis=None, kind="stable")
+    assert np.all(np.diff(keep_map.ravel()[order]) >= 0)
+    for d in np.unique(distance)[:12]:  # pixels at the same distance get the same value
+        assert len(np.unique(keep_map[distance == d])) == 1
+
+
+def test_feather_matches_the_documented_profile_everywhere():
+    fill = np.zeros((30, 50), dtype=bool)
+    fill[8:14, 10:18] = True
+    fill[20, 40] = True
+    keep_map = feathered_mask(fill, feather_px=9.5, grow_px=1.5)
+    distance = brute_force_distance(fill)
+    expected = np.vectorize(expected_feather)(distance, 9.5, 1.5)
+    np.testing.assert_allclose(keep_map, expected, atol=1e-6)
+
+
+def test_feather_zero_is_a_hard_inverted_mask():
+    fill = np.random.default_rng(1).random((16, 16)) < 0.2
+    np.testing.assert_array_equal(feathered_mask(fill, feather_px=0), (~fill).astype(np.float32))
+
+
+def test_feather_of_an_empty_mask_keeps_everything():
+    np.testing.assert_array_equal(feathered_mask(np.zeros((5, 7), bool), 4), np.ones((5, 7), np.float32))
+
+
+def test_feather_reads_white_as_the_region_to_fill():
+    fill = np.zeros((20, 30), dtype=bool)
+    fill[5:9, 6:15] = True
+    as_image = Image.fromarray(np.where(fill, 255, 0).astype(np.uint8))
+    expected = feathered_mask(fill, 6, 1)
+    np.testing.assert_array_equal(feathered_mask(as_image, 6, 1), expected)
+    np.testing.assert_array_equal(feathered_mask(as_image.convert("RGB"), 6, 1), expected)
+    np.testing.assert_array_equal(feathered_mask(fill.astype(np.float32), 6, 1), expected)
+    np.testing.assert_array_equal(feathered_mask(fill.astype(np.int64), 6, 1), expected)
+    assert np.all(expected[fill] == 0.0)
+
+
+@pytest.mark.parametrize(
+    "mask, kwargs",
+    [
+        (np.zeros((4, 4), bool), dict(feather_px=-1)),
+        (np.zeros((4, 4), bool), dict(feather_px=2, grow_px=-0.5)),
+        (np.zeros((4, 4), bool), dict(feather_px=float("nan"))),
+        (np.zeros((4, 4, 3), bool), dict(feather_px=2)),
+        (np.full((4, 4), 2, np.int64), dict(feather_px=2)),
+        (np.full((4, 4), 1.5, np.float32), dict(feather_px=2)),
+    ],
+)
+def test_feather_rejects_bad_arguments(mask, kwargs):
+    with pytest.raises(ValueError):
+        feathered_mask(mask, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# region_map
+# ----------------------------------------------------------------------------------------------------------------------
+
+STRENGTHS = {0: 0.0, 1: 0.25, 2: 0.3, 7: 1.0}
+
+
+def test_region_map_is_one_minus_each_strength():
+    labels = np.random.default_rng(0).choice([0, 1, 2, 7], size=(13, 17))
+    keep_map = region_map(labels, STRENGTHS)
+    assert keep_map.shape == (13, 17) and keep_map.dtype == np.float32
+    for label, strength in STRENGTHS.items():
+        assert np.all(keep_map[labels == label] == np.float32(1 - strength))
+    assert np.all(keep_map[labels == 0] == 1.0)  # strength 0 keeps
+    assert np.all(keep_map[labels == 7] == 0.0)  # strength 1 changes fully
+
+
+def test_region_map_reads_label_images():
+    labels = np.random.default_rng(1).choice([0, 1, 2], size=(9, 11)).astype(np.uint8)
+    expected = region_map(labels, STRENGTHS)
+    palette_image = Image.fromarray(labels).convert("P")
+    np.testing.assert_array_equal(region_map(Image.fromarray(labels), STRENGTHS), expected)
+    from_palette = region_map(palette_image, STRENGTHS)
+    np.testing.assert_array_equal(from_palette, region_map(np.asarray(palette_image), STRENGTHS))
+    np.testing.assert_array_equal(region_map(Image.fromarray(labels.astype(np.uint16)), STRENGTHS), expected)
+
+
+def test_region_map_names_unknown_labels():
+    labels = np.array([[0, 1], [5, 9]])
+    with pytest.raises(ValueError, match=r"\[5, 9\]"):
+        region_map(labels, STRENGTHS)
+
+
+@pytest.mark.parametrize(
+    "labels, strengths",
+    [
+        (np.zeros((3, 3), int), {0: 1.2}),
+        (np.zeros((3, 3), int), {0: float("nan")}),
+        (np.zeros((3, 3), float), {0: 0.5}),
+        (np.zeros((3, 3, 3), int), {0: 0.5}),
+        (Image.new("RGB", (3, 3)), {0: 0.5}),
+    ],
+)
+def test_region_map_rejects_bad_arguments(labels, strengths):
+    with pytest.raises(ValueError):
+        region_map(labels, strengths)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# depth_map
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_depth_model(tmp_path_factory):
+    """A Depth Anything model with random weights and tiny sizes, saved like a Hub checkpoint."""
+    import torch
+    from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config, DPTImageProcessor
+
+    torch.manual_seed(0)
+    backbone = Dinov2Config(
+        hidden_size=16, num_hidden_layers=4, num_attention_heads=2, mlp_ratio=2, image_size=28, patch_size=14,
+        out_indices=[1, 2, 3, 4], reshape_hidden_states=False,
+    )
+    config = DepthAnythingConfig(
+        backbone_config=backbone, patch_size=14, reassemble_hidden_size=16, neck_hidden_sizes=[8, 8, 8, 8],
+        fusion_hidden_size=8, head_hidden_size=8,
+    )
+    folder = tmp_path_factory.mktemp("tiny-depth-anything")
+    DepthAnythingForDepthEstimation(config).eval().save_pretrained(folder)
+    DPTImageProcessor(size={"height": 28, "width": 28}, keep_aspect_ratio=False, do_pad=False).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def photo():
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 256, size=(36, 52, 3), dtype=np.uint8))
+
+
+def test_depth_map_shape_range_and_near_flag(tiny_depth_model, photo):
+    near_keeps = depth_map(photo, model=str(tiny_depth_model), near="keep")
+    assert near_keeps.shape == (36, 52) and near_keeps.dtype == np.float32
+    assert near_keeps.min() == 0.0 and near_keeps.max() == 1.0  # rescaled to the full range
+    near_changes = depth_map(photo, model=tiny_depth_model, near="change")  # a Path works too
+    np.testing.assert_array_equal(near_changes, np.float32(1) - near_keeps)
+
+
+def test_depth_map_treats_depth_and_disparity_oppositely(tiny_depth_model, photo):
+    from transformers import pipeline
+
+    estimator = pipeline("depth-estimation", model=str(tiny_depth_model))  # a built pipeline is accepted as it is
+    as_disparity = depth_map(np.asarray(photo), model=estimator, prediction="disparity")
+    as_depth = depth_map(photo, model=estimator, prediction="depth")
+    np.testing.assert_allclose(as_depth, 1 - as_disparity, atol=1e-6)
+    # Depth Anything (relative) outputs disparity: larger = nearer.
+    np.testing.assert_array_equal(depth_map(photo, model=estimator), as_disparity)
+
+
+class StubEstimator:
+    """Stands in for a depth-estimation pipeline: a config and a fixed prediction."""
+
+    def __init__(self, model_type, prediction):
+        self.model = type("Model", (), {"config": type("Config", (), {"model_type": model_type})()})()
+        self.prediction = prediction
+
+    def __call__(self, image):
+        import torch
+
+        return {"predicted_depth": torch.as_tensor(self.prediction)}
+
+
+def test_depth_map_reads_metric_depth_as_far():
+    metric_depth = np.array([[1.0, 2.0], [3.0, 5.0]], dtype=np.float32)  # metres: the top-left pixel is nearest
+    keep_map = depth_map(np.zeros((2, 2, 3), np.uint8), model=StubEstimator("zoedepth", metric_depth), near="keep")
+    np.testing.assert_allclose(keep_map, [[1.0, 0.75], [0.5, 0.0]], atol=1e-7)
+
+
+def test_depth_map_asks_when_it_cannot_tell_depth_from_disparity():
+    with pytest.raises(ValueError, match="prediction="):
+        depth_map(np.zeros((2, 2, 3), np.uint8), model=StubEstimator("unknown_model", np.zeros((2, 2))))
+
+
+def test_depth_map_constant_prediction_gives_half_with_a_warning():
+    with pytest.warns(UserWarning, match="constant"):
+        keep_map = depth_map(np.zeros((2, 3, 3), np.uint8), model=StubEstimator("dpt", np.ones((2, 3))))
+    np.testing.assert_array_equal(keep_map, np.full((2, 3), 0.5, np.float32))
+
+
+def test_depth_map_names_a_model_it_cannot_load(photo):
+    with pytest.raises(OSError, match="no-such-org/no-such-depth-model"):
+        depth_map(photo, model="no-such-org/no-such-depth-model")
+
+
+@pytest.mark.parametrize(
+    "kwargs", [dict(near="far"), dict(prediction="metric"), dict(image=np.zeros((4, 4), np.uint8))]
+)
+def test_depth_map_rejects_bad_arguments(kwargs):
+    arguments = dict(image=np.zeros((4, 4, 3), np.uint8), model=StubEstimator("dpt", np.eye(4))) | kwargs
+    with pytest.raises(ValueError):
+        depth_map(**arguments)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# save_map
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_save_map_8_bit(tmp_path):
+    keep_map = linear_gradient(300, 2)
+    save_map(keep_map, tmp_path / "map.png")
+    with Image.open(tmp_path / "map.png") as image:
+        assert image.mode == "L" and image.size == (300, 2)
+        np.testing.assert_array_equal(np.asarray(image), np.rint(keep_map * 255).astype(np.uint8))
+
+
+def test_save_map_16_bit_round_trip(tmp_path):
+    keep_map = np.random.default_rng(0).random((37, 41)).astype(np.float32)
+    keep_map[0, :3] = [0.0, 1.0, 0.5]
+    save_map(keep_map, tmp_path / "map16.png", bits=16)
+    with Image.open(tmp_path / "map16.png") as image:
+        assert image.mode in ("I;16", "I") and image.size == (41, 37)
+        loaded = np.asarray(image).astype(np.float64) / 65535
+    assert np.abs(loaded - keep_map).max() <= 0.5 / 65535 + 1e-9
+    assert loaded[0, 0] == 0.0 and loaded[0, 1] == 1.0
+    levels = np.random.default_rng(1).integers(0, 65536, size=(5, 6))  # values on the 16-bit grid come back exactly
+    save_map(levels / 65535, tmp_path / "exact16.png", bits=16)
+    with Image.open(tmp_path / "exact16.png") as image:
+        np.testing.assert_array_equal(np.asarray(image), levels)
+
+
+def test_save_map_accepts_a_torch_tensor(tmp_path):
+    import torch
+
+    save_map(torch.full((3, 4), 0.5), tmp_path / "tensor.png")
+    with Image.open(tmp_path / "tensor.png") as image:
+        assert np.all(np.asarray(image) == 128)
+
+
+def test_save_map_refuses_to_overwrite(tmp_path):
+    path = tmp_path / "map.png"
+    path.write_bytes(b"precious")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        save_map(np.zeros((2, 2)), path)
+    assert path.read_bytes() == b"precious"
+    save_map(np.ones((2, 2)), path, overwrite=True)
+    with Image.open(path) as image:
+        assert np.all(np.asarray(image) == 255)
+
+
+@pytest.mark.parametrize(
+    "array, name, bits",
+    [
+        (np.zeros((2, 2, 3)), "map.png", 8),
+        (np.full((2, 2), 1.01), "map.png", 8),
+        (np.full((2, 2), -0.01), "map.png", 8),
+        (np.full((2, 2), np.nan), "map.png", 8),
+        (np.zeros((2, 2)), "map.png", 12),
+        (np.zeros((2, 2)), "map.jpg", 8),
+    ],
+)
+def test_save_map_rejects_bad_arguments(tmp_path, array, name, bits):
+    with pytest.raises(ValueError):
+        save_map(array, tmp_path / name, bits=bits)
+    assert not (tmp_path / name).exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_cli_gradient_like_an_image(tmp_path, capsys):
+    Image.new("RGB", (24, 10)).save(tmp_path / "photo.png")
+    output = tmp_path / "gradient.png"
+    assert main(["gradient", "--like", str(tmp_path / "photo.png"), "--angle", "180", "--output", str(output)]) == 0
+    with Image.open(output) as image:
+        expected = np.rint(linear_gradient(24, 10, 180) * 255).astype(np.uint8)
+        np.testing.assert_array_equal(np.asarray(image), expected)
+    assert str(output) in capsys.readouterr().out
+
+
+def test_cli_regions_and_feather_in_16_bit(tmp_path):
+    labels = np.zeros((8, 8), np.uint8)
+    labels[2:5, 2:5] = 3
+    Image.fromarray(labels).save(tmp_path / "labels.png")
+    Image.fromarray(labels * 85).save(tmp_path / "mask.png")  # 3 * 85 = 255: white = fill
+    arguments = ["--labels", str(tmp_path / "labels.png"), "--strength", "0=0", "--strength", "3=0.5"]
+    assert main(["regions", *arguments, "--output", str(tmp_path / "regions.png"), "--bits", "16"]) == 0
+    with Image.open(tmp_path / "regions.png") as image:
+        np.testing.assert_array_equal(np.asarray(image), np.where(labels == 3, 32768, 65535))
+    feather = ["feather", "--mask", str(tmp_path / "mask.png"), "--feather-px", "3"]
+    assert main([*feather, "--output", str(tmp_path / "soft.png")]) == 0
+    with Image.open(tmp_path / "soft.png") as image:
+        expected = feathered_mask(labels == 3, 3)
+        np.testing.assert_array_equal(np.asarray(image), np.rint(expected * 255).astype(np.uint8))
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    output = tmp_path / "taken.png"
+    output.write_bytes(b"x")
+    assert main(["radial", "--width", "8", "--height", "8", "--output", str(output)]) == 1
+    assert main(["radial", "--width", "8", "--height", "8", "--output", str(output), "--overwrite"]) == 0
+    assert main(["gradient", "--width", "0", "--height", "8", "--output", str(tmp_path / "g.png")]) == 1
+    assert main(["regions", "--labels", str(tmp_path / "missing.png"), "--strength", "0=1",
+                 "--output", str(tmp_path / "r.png")]) == 1
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 3 and all(line.startswith("error: ") for line in errors)
+    assert "already exists" in errors[0] and "width" in errors[1] and "missing.png" in errors[2]
+
+
+def test_cli_runs_as_a_module(tmp_path):
+    output = tmp_path / "radial.png"
+    command = [sys.executable, "-m", "tools.maps", "radial", "--width", "16", "--height", "12", "--output", str(output)]
+    subprocess.run(command, cwd=REPO_ROOT, check=True, capture_output=True)
+    with Image.open(output) as image:
+        np.testing.assert_array_equal(np.asarray(image), np.rint(radial(16, 12) * 255).astype(np.uint8))

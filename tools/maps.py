@@ -1,0 +1,577 @@
+"""Map makers for Differential Diffusion.
+
+A map is a float32 array of shape (height, width) with values in [0, 1]. Every maker here returns a **keep map**,
+the project's default convention:
+
+- 1 (white) = keep the input pixel (strength 0);
+- 0 (black) = change the pixel fully (strength 1);
+- a pixel's strength is `1 - map`.
+
+Pipelines read the opposite convention (white = change, as ComfyUI, A1111 soft inpainting and most inpainting masks
+do) only with `invert_map=True` / `--invert-map`.
+
+Command line (one maker per call, the result is written as a grayscale PNG):
+
+    python -m tools.maps gradient --like assets/input.jpg --angle 0 --output gradient.png
+    python -m tools.maps radial --width 512 --height 512 --outer-radius 200 --output radial.png
+    python -m tools.maps feather --mask mask.png --feather-px 32 --grow-px 4 --output soft.png
+    python -m tools.maps regions --labels labels.png --strength 0=1.0 --strength 1=0.3 --output regions.png
+    python -m tools.maps depth --image photo.jpg --near keep --output depth.png --bits 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+from PIL import Image
+
+DEFAULT_DEPTH_MODEL = "depth-anything/Depth-Anything-V2-Small-hf"
+
+# Depth models whose raw output grows with distance (metric depth). The others listed output relative inverse
+# depth (disparity), which grows towards the camera.
+_METRIC_DEPTH_MODEL_TYPES = {"glpn", "zoedepth", "depth_pro", "prompt_depth_anything"}
+_DISPARITY_MODEL_TYPES = {"dpt", "depth_anything"}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Validation at the boundary
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _check_size(width: int, height: int) -> None:
+    for name, value in (("width", width), ("height", height)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+            raise ValueError(f"`{name}` must be a positive integer number of pixels, got {value!r}.")
+
+
+def _check_unit(name: str, value: float) -> None:
+    if not _is_real(value) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"`{name}` must be a number in [0, 1], got {value!r}.")
+
+
+def _check_non_negative(name: str, value: float) -> None:
+    if not _is_real(value) or value < 0:
+        raise ValueError(f"`{name}` must be a finite number >= 0 (pixels), got {value!r}.")
+
+
+def _is_real(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float, np.number)) and math.isfinite(value)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Geometric makers
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def linear_gradient(
+    width: int, height: int, angle_degrees: float = 0.0, start: float = 0.0, end: float = 1.0
+) -> np.ndarray:
+    """A linear ramp across the image, as a keep map (1 = keep, 0 = change fully).
+
+    Args:
+        width (`int`), height (`int`): size of the map in pixels, both > 0.
+        angle_degrees (`float`, defaults to 0): direction in which the ramp runs from `start` to `end`, counterclockwise
+            as seen on screen: 0 runs left to right, 90 bottom to top, 180 right to left, 270 top to bottom.
+        start (`float` in [0, 1], defaults to 0): keep value at the side the ramp starts from.
+        end (`float` in [0, 1], defaults to 1): keep value at the side the ramp runs to.
+
+    Returns:
+        `np.ndarray` of shape (height, width), float32, values in [0, 1]. With the defaults the left column is 0
+        (change fully) and the right column is 1 (keep). The ramp spans the whole image: the pixel centres that lie
+        furthest back along the direction get `start` exactly, the furthest ahead get `end` exactly. A map that is
+        one pixel long in that direction takes the midpoint.
+    """
+    _check_size(width, height)
+    _check_unit("start", start)
+    _check_unit("end", end)
+    if not _is_real(angle_degrees):
+        raise ValueError(f"`angle_degrees` must be a finite number, got {angle_degrees!r}.")
+
+    theta = math.radians(angle_degrees)
+    # Image rows grow downwards, so "counterclockwise on screen" flips the sign of y.
+    direction_x, direction_y = _snap_to_zero(math.cos(theta)), _snap_to_zero(-math.sin(theta))
+    x = np.arange(width, dtype=np.float64)[None, :]
+    y = np.arange(height, dtype=np.float64)[:, None]
+    projection = x * direction_x + y * direction_y
+
+    low, high = projection.min(), projection.max()
+    if high > low:
+        position = np.clip((projection - low) / (high - low), 0.0, 1.0)
+    else:
+        position = np.full((height, width), 0.5)
+    keep_map = start + (end - start) * position
+    return keep_map.astype(np.float32)
+
+
+def _snap_to_zero(value: float) -> float:
+    # cos(90°) is 6e-17, not 0; without this a vertical ramp would vary, very slightly, along each row.
+    return 0.0 if abs(value) < 1e-12 else value
+
+
+def radial(
+    width: int,
+    height: int,
+    center: tuple[float, float] | None = None,
+    inner_radius: float = 0.0,
+    outer_radius: float | None = None,
+    inside: float = 0.0,
+    outside: float = 1.0,
+) -> np.ndarray:
+    """A keep map (1 = keep, 0 = change fully) that depends only on the distance from a centre.
+
+    Args:
+        width (`int`), height (`int`): size of the map in pixels, both > 0.
+        center (`tuple[float, float]`, *optional*): `(x, y)` of the centre in pixel coordinates, where pixel `(0, 0)`
+            is the centre of the top-left pixel. Defaults to the image centre `((width - 1) / 2, (height - 1) / 2)`,
+            which makes the map symmetric under left-right and top-bottom flips.
+        inner_radius (`float` >= 0, defaults to 0): pixels at this distance or closer get `inside`.
+        outer_radius (`float` >= `inner_radius`, *optional*): pixels at this distance or further get `outside`.
+            Defaults to half the shorter side. Between the two radii the value changes linearly with distance;
+            equal radii give a hard edge.
+        inside (`float` in [0, 1], defaults to 0): keep value near the centre; the default changes the centre fully.
+        outside (`float` in [0, 1], defaults to 1): keep value far from the centre; the default keeps it.
+
+    Returns:
+        `np.ndarray` of shape (height, width), float32, values in [0, 1].
+    """
+    _check_size(width, height)
+    _check_unit("inside", inside)
+    _check_unit("outside", outside)
+    _check_non_negative("inner_radius", inner_radius)
+    if outer_radius is None:
+        outer_radius = max(min(width, height) / 2, inner_radius)
+    _check_non_negative("outer_radius", outer_radius)
+    if outer_radius < inner_radius:
+        raise ValueError(f"`outer_radius` ({outer_radius}) must be >= `inner_radius` ({inner_radius}).")
+    if center is None:
+        center = ((width - 1) / 2, (height - 1) / 2)
+    if len(center) != 2 or not all(_is_real(c) for c in center):
+        raise ValueError(f"`center` must be a pair of finite numbers (x, y), got {center!r}.")
+
+    x = np.arange(width, dtype=np.float64)[None, :] - center[0]
+    y = np.arange(height, dtype=np.float64)[:, None] - center[1]
+    distance = np.hypot(x, y)
+    if outer_radius > inner_radius:
+        position = np.clip((distance - inner_radius) / (outer_radius - inner_radius), 0.0, 1.0)
+    else:
+        position = (distance > inner_radius).astype(np.float64)
+    keep_map = inside + (outside - inside) * position
+    return keep_map.astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Soft inpainting
+# ----------------------------------------------------------------------------------------------------------------------
+
+# The soft band is a Gaussian with sigma = feather_px / 3, rescaled to reach 1 exactly at feather_px.
+_FEATHER_SIGMAS = 3.0
+
+
+def feathered_mask(mask, feather_px: float, grow_px: float = 0.0) -> np.ndarray:
+    """Turn a binary inpainting mask into a soft keep map (1 = keep, 0 = change fully).
+
+    The map is 0 on the region to fill (grown by `grow_px`), rises with distance from it through a band
+    `feather_px` pixels wide, and is exactly 1 beyond the band. Let `d` be the exact Euclidean distance from a
+    pixel's centre to the nearest pixel centre of the mask, and `u = (d - grow_px) / feather_px`:
+
+        keep = 0                                          if d <= grow_px  (inside the grown region)
+        keep = (1 - exp(-9 u² / 2)) / (1 - exp(-9 / 2))   if 0 < u < 1     (Gaussian, sigma = feather_px / 3)
+        keep = 1                                          if u >= 1        (beyond grow_px + feather_px)
+
+    So the strength `1 - keep` is 1 at the region's edge and falls off as a Gaussian of the distance from it, with
+    sigma = `feather_px / 3`, lowered by the Gaussian's value at `feather_px` (1.1%) and rescaled so that it reaches
+    0 exactly there. The profile is monotone non-decreasing in `d`. The fill itself changes fully, and the change
+    fades out around it, so the filled region blends into its surroundings.
+
+    Args:
+        mask (`PIL.Image.Image` or `np.ndarray` of shape (height, width)): the region to fill, white/True = fill
+            (the usual inpainting convention, the opposite of a keep map). Images are converted to grayscale.
+            Thresholds: bool arrays as they are; float arrays at 0.5 (values must lie in [0, 1]); uint8 at 128;
+            uint16 at 32768; other integer arrays must hold only 0 and 1.
+        feather_px (`float` >= 0): width in pixels of the soft band outside the region, measured from the grown
+            region's edge to where the map reaches exactly 1. 0 gives a hard mask.
+        grow_px (`float` >= 0, defaults to 0): the region first grows to every pixel whose centre lies within
+            `grow_px` pixels of the mask, so that the fill covers a seam around it.
+
+    Returns:
+        `np.ndarray` of shape (height, width), float32, values in [0, 1]. An empty mask gives all ones.
+    """
+    _check_non_negative("feather_px", feather_px)
+    _check_non_negative("grow_px", grow_px)
+    region = _binary_mask(mask)
+
+    reach = grow_px + feather_px
+    distance = _distance_to_region(region, max_distance=reach)
+    if feather_px == 0:
+        keep_map = (distance > grow_px).astype(np.float64)
+    else:
+        # A tiny feather_px overflows to inf, which the clip turns into 1, as it should.
+        with np.errstate(over="ignore"):
+            band_position = np.clip((distance - grow_px) / feather_px, 0.0, 1.0)
+        keep_map = -np.expm1(-0.5 * (_FEATHER_SIGMAS * band_position) ** 2) / -np.expm1(-0.5 * _FEATHER_SIGMAS**2)
+        keep_map = np.clip(keep_map, 0.0, 1.0)
+    return keep_map.astype(np.float32)
+
+
+def _binary_mask(mask) -> np.ndarray:
+    if isinstance(mask, Image.Image):
+        mask = np.asarray(mask.convert("L"))
+    mask = np.asarray(mask)
+    if mask.ndim != 2 or mask.size == 0:
+        raise ValueError(f"`mask` must be a non-empty 2-D array (height, width), got shape {mask.shape}.")
+    if mask.dtype == bool:
+        return mask
+    if mask.dtype == np.uint8:
+        return mask >= 128
+    if mask.dtype == np.uint16:
+        return mask >= 32768
+    if np.issubdtype(mask.dtype, np.integer):
+        if not np.isin(mask, (0, 1)).all():
+            raise ValueError("An integer `mask` other than uint8/uint16 must hold only 0 and 1.")
+        return mask == 1
+    if np.issubdtype(mask.dtype, np.floating):
+        if not (np.isfinite(mask).all() and mask.min() >= 0 and mask.max() <= 1):
+            raise ValueError("A float `mask` must have finite values in [0, 1].")
+        return mask >= 0.5
+    raise ValueError(f"`mask` has unsupported dtype {mask.dtype}.")
+
+
+def _distance_to_region(region: np.ndarray, max_distance: float) -> np.ndarray:
+    """Exact Euclidean distance (float64, pixels) from each pixel centre to the nearest `True` pixel centre.
+
+    Distances up to `max_distance` are exact; larger ones are returned as `inf` (as is everything when `region` is
+    empty). Two separable passes: the distance within each row, then, down each column, the minimum of
+    `row_distance[k]² + (i - k)²`. Only rows with `|i - k| <= max_distance` can reach a pixel that close, which keeps
+    the cost at O(height × width × max_distance).
+    """
+    squared = _distance_within_rows(region) ** 2
+    best = squared.copy()
+    for offset in range(1, int(min(max_distance, region.shape[0] - 1)) + 1):
+        shifted = squared + offset**2
+        np.minimum(best[offset:], shifted[:-offset], out=best[offset:])
+        np.minimum(best[:-offset], shifted[offset:], out=best[:-offset])
+    distance = np.sqrt(best)
+    distance[distance > max_distance] = np.inf
+    return distance
+
+
+def _distance_within_rows(region: np.ndarray) -> np.ndarray:
+    columns = np.arange(region.shape[1], dtype=np.float64)
+    previous = np.maximum.accumulate(np.where(region, columns, -np.inf), axis=1)
+    following = np.minimum.accumulate(np.where(region, columns, np.inf)[:, ::-1], axis=1)[:, ::-1]
+    return np.minimum(columns - previous, following - columns)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Regions
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def region_map(labels, strengths: Mapping[int, float]) -> np.ndarray:
+    """A keep map from a label image and one strength per label.
+
+    Args:
+        labels (`np.ndarray` of integers or bools, shape (height, width), or a single-channel `PIL.Image.Image` such as
+            mode `L`, `P` or `I;16`): which region each pixel belongs to. For mode `P` the labels are palette indices.
+        strengths (`Mapping[int, float]`): label → **strength** in [0, 1] (0 = keep, 1 = change fully). Note that
+            this is the strength, not the keep value. Labels in the mapping but absent from the image are ignored.
+
+    Returns:
+        `np.ndarray` of shape (height, width), float32: each pixel is `1 - strengths[label]` (1 = keep).
+
+    Raises:
+        `ValueError`: if a label in the image has no strength, or a strength lies outside [0, 1].
+    """
+    labels = _label_array(labels)
+    for label, strength in strengths.items():
+        _check_unit(f"strengths[{label!r}]", strength)
+
+    present, pixel_index = np.unique(labels, return_inverse=True)
+    missing = [int(label) for label in present if int(label) not in strengths]
+    if missing:
+        raise ValueError(
+            f"Labels {missing} appear in the label image but have no strength; "
+            f"`strengths` covers {sorted(strengths)}. Add a strength for every label."
+        )
+    keep_per_label = np.array([1.0 - strengths[int(label)] for label in present], dtype=np.float64)
+    return keep_per_label[pixel_index].reshape(labels.shape).astype(np.float32)
+
+
+def _label_array(labels) -> np.ndarray:
+    if isinstance(labels, Image.Image):
+        if len(labels.getbands()) != 1:
+            raise ValueError(f"`labels` must be a single-channel image (L, P, I, I;16), got mode {labels.mode}.")
+        labels = np.asarray(labels)
+    labels = np.asarray(labels)
+    if labels.ndim != 2 or labels.size == 0:
+        raise ValueError(f"`labels` must be a non-empty 2-D array (height, width), got shape {labels.shape}.")
+    if labels.dtype == bool:
+        return labels.astype(np.uint8)
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"`labels` must hold integers, got dtype {labels.dtype}.")
+    return labels
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Depth
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def depth_map(
+    image,
+    model=DEFAULT_DEPTH_MODEL,
+    near: str = "keep",
+    prediction: str = "auto",
+    device: str | int | None = None,
+) -> np.ndarray:
+    """A keep map from a monocular depth estimate: keep the near pixels and change the far ones, or the reverse.
+
+    Runs a transformers `depth-estimation` pipeline, resizes its raw prediction to the image's size (bicubic), and
+    rescales it linearly so that the nearest pixel gets 1 and the farthest 0 ("nearness").
+
+    Args:
+        image (`PIL.Image.Image` or `np.ndarray` of shape (height, width, 3), uint8): the photo.
+        model (`str`, `os.PathLike` or a transformers depth-estimation `Pipeline`, defaults to
+            `"depth-anything/Depth-Anything-V2-Small-hf"`): a Hub id, a local folder holding the model and its image
+            processor, or a pipeline already built (saves reloading it for many images).
+        near (`"keep"` or `"change"`, defaults to `"keep"`): `"keep"` returns the nearness itself (near = 1 = keep,
+            far = 0 = change fully); `"change"` returns `1 - nearness` (near pixels change fully).
+        prediction (`"auto"`, `"disparity"` or `"depth"`, defaults to `"auto"`): what the model outputs. Disparity
+            (relative inverse depth: Depth Anything relative, DPT/MiDaS) grows towards the camera; metric depth
+            (ZoeDepth, Depth Pro, GLPN, Depth Anything metric) grows away from it. `"auto"` reads it from the model's
+            config and raises for model types it does not know.
+        device (`str` or `int`, *optional*): passed to `transformers.pipeline`, e.g. `"cuda"`. Defaults to the CPU.
+
+    Returns:
+        `np.ndarray` of shape (height, width), float32, values in [0, 1] (1 = keep). A prediction with no variation
+        carries no depth information; it gives a uniform 0.5 with a warning.
+    """
+    if near not in ("keep", "change"):
+        raise ValueError(f'`near` must be "keep" or "change", got {near!r}.')
+    if prediction not in ("auto", "disparity", "depth"):
+        raise ValueError(f'`prediction` must be "auto", "disparity" or "depth", got {prediction!r}.')
+    image = _rgb_image(image)
+    estimator = _depth_estimator(model, device)
+    if prediction == "auto":
+        prediction = _prediction_kind(estimator.model.config)
+
+    raw = estimator(image)["predicted_depth"].detach().float().cpu().numpy().squeeze()
+    nearness = _normalise(raw if prediction == "disparity" else -raw)
+    keep_map = nearness if near == "keep" else np.float32(1.0) - nearness
+    return keep_map.astype(np.float32)
+
+
+def _rgb_image(image) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    array = np.asarray(image)
+    if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
+        raise ValueError(
+            f"`image` must be a PIL image or a uint8 array (height, width, 3), got {array.dtype} {array.shape}."
+        )
+    return Image.fromarray(array)
+
+
+def _depth_estimator(model, device):
+    if not isinstance(model, (str, os.PathLike)):
+        return model
+    from transformers import pipeline  # imported here: only depth maps need transformers
+
+    try:
+        return pipeline("depth-estimation", model=str(model), device=device)
+    except OSError as error:
+        raise OSError(
+            f"Cannot load the depth model {str(model)!r}: {error}\nDownload it once with network access, "
+            "or pass the path of a local folder that holds the model and its image processor."
+        ) from error
+
+
+def _prediction_kind(config) -> str:
+    model_type = getattr(config, "model_type", None)
+    if model_type == "depth_anything" and getattr(config, "depth_estimation_type", "relative") == "metric":
+        return "depth"
+    if model_type in _METRIC_DEPTH_MODEL_TYPES:
+        return "depth"
+    if model_type in _DISPARITY_MODEL_TYPES:
+        return "disparity"
+    raise ValueError(
+        f'Cannot tell whether a "{model_type}" model outputs depth or disparity; pass prediction="depth" '
+        f'(larger = farther) or prediction="disparity" (larger = nearer).'
+    )
+
+
+def _normalise(values: np.ndarray) -> np.ndarray:
+    values = values.astype(np.float64)
+    low, high = values.min(), values.max()
+    if not high > low:
+        warnings.warn("The depth prediction is constant; returning a uniform map of 0.5.", stacklevel=3)
+        return np.full(values.shape, 0.5, dtype=np.float32)
+    return np.clip((values - low) / (high - low), 0.0, 1.0).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Saving
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def save_map(array, path: str | os.PathLike, bits: int = 8, overwrite: bool = False) -> Path:
+    """Write a map as a grayscale PNG, value for value (no change of convention).
+
+    Args:
+        array (`np.ndarray` or `torch.Tensor` of shape (height, width), values in [0, 1]): the map.
+        path (`str` or `os.PathLike`): where to write; must end in `.png`.
+        bits (`int`, 8 or 16, defaults to 8): 8 writes mode `L` (values rounded to multiples of 1/255),
+            16 writes mode `I;16` (multiples of 1/65535).
+        overwrite (`bool`, defaults to `False`): replace an existing file. Without it an existing file is left alone.
+
+    Returns:
+        `pathlib.Path`: the path written.
+
+    Raises:
+        `FileExistsError`: if `path` exists and `overwrite` is `False`.
+        `ValueError`: for a map that is not 2-D, has NaNs or values outside [0, 1], or an unsupported `bits`.
+    """
+    if bits not in (8, 16):
+        raise ValueError(f"`bits` must be 8 or 16, got {bits!r}.")
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"Maps are saved as PNG; `path` must end in .png, got {str(path)!r}.")
+    image = _map_image(array, bits)
+
+    # Mode "x" creates the file only if it does not exist, with no window between the check and the write.
+    try:
+        with open(path, "wb" if overwrite else "xb") as file:
+            image.save(file, format="PNG")
+    except FileExistsError:
+        raise FileExistsError(f"{path} already exists; pass overwrite=True (--overwrite) to replace it.") from None
+    return path
+
+
+def _map_image(array, bits: int) -> Image.Image:
+    if hasattr(array, "detach"):  # a torch tensor; torch itself is not needed to save numpy maps
+        array = array.detach().float().cpu().numpy()
+    array = np.asarray(array, dtype=np.float64)
+    if array.ndim != 2 or array.size == 0:
+        raise ValueError(f"A map must be a non-empty 2-D array (height, width), got shape {array.shape}.")
+    if not np.isfinite(array).all() or array.min() < 0 or array.max() > 1:
+        raise ValueError("A map must have finite values in [0, 1].")
+    scale, dtype = (255, np.uint8) if bits == 8 else (65535, np.uint16)
+    return Image.fromarray(np.rint(array * scale).astype(dtype))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _size_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--width", type=int, help="map width in pixels")
+    parser.add_argument("--height", type=int, help="map height in pixels")
+    parser.add_argument("--like", type=Path, metavar="IMAGE", help="take width and height from this image")
+
+
+def _map_size(args) -> tuple[int, int]:
+    if args.like is not None:
+        if args.width is not None or args.height is not None:
+            raise ValueError("Give either --like or --width/--height, not both.")
+        with Image.open(args.like) as image:
+            return image.size
+    if args.width is None or args.height is None:
+        raise ValueError("Give --width and --height, or --like IMAGE.")
+    return args.width, args.height
+
+
+def _label_strength(text: str) -> tuple[int, float]:
+    label, separator, strength = text.partition("=")
+    try:
+        if not separator:
+            raise ValueError
+        return int(label), float(strength)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LABEL=STRENGTH such as 2=0.5, got {text!r}") from None
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m tools.maps",
+        description="Draw a keep map (1 = white = keep, 0 = black = change fully) and save it as a grayscale PNG.",
+    )
+    makers = parser.add_subparsers(dest="maker", required=True, metavar="MAKER")
+
+    gradient = makers.add_parser("gradient", help="linear ramp at any angle")
+    _size_arguments(gradient)
+    gradient.add_argument("--angle", type=float, default=0.0, help="degrees, counterclockwise; 0 = left to right")
+    gradient.add_argument("--start", type=float, default=0.0, help="keep value where the ramp starts (default 0)")
+    gradient.add_argument("--end", type=float, default=1.0, help="keep value where the ramp ends (default 1)")
+
+    circle = makers.add_parser("radial", help="function of the distance from a centre")
+    _size_arguments(circle)
+    circle.add_argument("--center", type=float, nargs=2, metavar=("X", "Y"), help="default: image centre")
+    circle.add_argument("--inner-radius", type=float, default=0.0)
+    circle.add_argument("--outer-radius", type=float, help="default: half the shorter side")
+    circle.add_argument("--inside", type=float, default=0.0, help="keep value at the centre (default 0)")
+    circle.add_argument("--outside", type=float, default=1.0, help="keep value far away (default 1)")
+
+    feather = makers.add_parser("feather", help="soft inpainting map from a mask (white = fill)")
+    feather.add_argument("--mask", type=Path, required=True, help="binary mask, white = region to fill")
+    feather.add_argument("--feather-px", type=float, required=True, help="width of the soft band in pixels")
+    feather.add_argument("--grow-px", type=float, default=0.0, help="grow the region first, in pixels")
+
+    regions = makers.add_parser("regions", help="one strength per label of a label image")
+    regions.add_argument("--labels", type=Path, required=True, help="single-channel label image (L, P or I;16)")
+    regions.add_argument(
+        "--strength", type=_label_strength, action="append", required=True, metavar="LABEL=S",
+        help="strength for a label, 0 = keep, 1 = change fully; repeat for every label",
+    )
+
+    depth = makers.add_parser("depth", help="keep or change by estimated depth")
+    depth.add_argument("--image", type=Path, required=True)
+    depth.add_argument("--model", default=DEFAULT_DEPTH_MODEL, help="Hub id or local folder")
+    depth.add_argument("--near", choices=("keep", "change"), default="keep")
+    depth.add_argument("--prediction", choices=("auto", "disparity", "depth"), default="auto")
+
+    for maker in makers.choices.values():
+        maker.add_argument("--output", type=Path, required=True, help="PNG to write")
+        maker.add_argument("--bits", type=int, choices=(8, 16), default=8)
+        maker.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    return parser
+
+
+def _make(args) -> np.ndarray:
+    if args.maker == "gradient":
+        return linear_gradient(*_map_size(args), angle_degrees=args.angle, start=args.start, end=args.end)
+    if args.maker == "radial":
+        return radial(
+            *_map_size(args), center=args.center, inner_radius=args.inner_radius,
+            outer_radius=args.outer_radius, inside=args.inside, outside=args.outside,
+        )
+    if args.maker == "feather":
+        with Image.open(args.mask) as mask:
+            return feathered_mask(mask, feather_px=args.feather_px, grow_px=args.grow_px)
+    if args.maker == "regions":
+        with Image.open(args.labels) as labels:
+            return region_map(labels, dict(args.strength))
+    with Image.open(args.image) as image:
+        return depth_map(image, model=args.model, near=args.near, prediction=args.prediction)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        path = save_map(_make(args), args.output, bits=args.bits, overwrite=args.overwrite)
+    except (ValueError, OSError) as error:  # OSError covers missing files, unreadable images and FileExistsError
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
