@@ -228,3 +228,11 @@ def test_every_named_scheduler_runs_sd(name):
     pipe = build_pipeline(StableDiffusionImg2ImgPipeline, sd_components(scheduler=name))
     assert type(pipe.scheduler) is SCHEDULERS[name]
     assert pipe(**latent_inputs(num_inference_steps=2, strength=1.0)).images.shape == RGB_64
+
+
+def test_fixtures_give_the_builders_results(sdxl_components, sdxl_refiner_components, generator, image):
+    assert sdxl_refiner_components["vae"] is sdxl_components["vae"]
+    assert sdxl_components["unet"].config.projection_class_embeddings_input_dim == 80
+    assert sdxl_refiner_components["unet"].config.projection_class_embeddings_input_dim == 72
+    assert torch.equal(torch.randn(3, generator=generator), torch.randn(3, generator=seeded_generator()))
+    assert np.array_equal(np.asarray(image), np.asarray(test_image()))
