@@ -672,3 +672,20 @@ def if_stage1_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def if_stage2_dir(tmp_path_factory):
     return _saved(tmp_path_factory, "if_stage2", IFImg2ImgSuperResolutionPipeline, if_stage2_components())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Scripts
+# ---------------------------------------------------------------------------------------------------------------
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(script, *args, cwd=None, timeout=300):
+    """Runs a repository script (``"SD2/run.py"``) in a fresh Python, offline, and returns the finished process."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, str(REPO_ROOT / script), *map(str, args)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(command, cwd=cwd or REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)

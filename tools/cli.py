@@ -33,7 +33,8 @@ Argument parsing, image and map loading, model loading and output writing live h
 Public API
 ----------
 ``build_parser(description, *, default_model, default_steps, default_guidance, default_image=EXAMPLE_IMAGE,
-default_map=EXAMPLE_MAP, default_prompt=EXAMPLE_PROMPT, default_negative_prompt="") -> argparse.ArgumentParser``
+default_map=EXAMPLE_MAP, default_prompt=EXAMPLE_PROMPT, default_negative_prompt=EXAMPLE_NEGATIVE_PROMPT)
+-> argparse.ArgumentParser``
     The common flags. A model adds its own with ``parser.add_argument``. A prompt default given as a ``Path`` is a
     file that is read only when ``--prompt`` is not given; a ``str`` is the prompt itself.
 ``parse_args(parser, argv=None) -> argparse.Namespace``
@@ -97,9 +98,10 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps, PngImagePlugin, Unidentif
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ASSETS = REPO_ROOT / "assets"
-EXAMPLE_IMAGE = ASSETS / "input.png"
+EXAMPLE_IMAGE = ASSETS / "input.jpg"
 EXAMPLE_MAP = ASSETS / "map_gradient.png"
 EXAMPLE_PROMPT = ASSETS / "prompt.txt"
+EXAMPLE_NEGATIVE_PROMPT = ASSETS / "negative_prompt.txt"
 
 # --scheduler names and the diffusers classes they stand for.
 SCHEDULERS = {
@@ -200,7 +202,7 @@ def build_parser(
     default_image: str | PurePath = EXAMPLE_IMAGE,
     default_map: str | PurePath = EXAMPLE_MAP,
     default_prompt: str | PurePath = EXAMPLE_PROMPT,
-    default_negative_prompt: str | PurePath = "",
+    default_negative_prompt: str | PurePath = EXAMPLE_NEGATIVE_PROMPT,
 ) -> argparse.ArgumentParser:
     """The flags every run.py shares. Read nothing from disk yet: ``--help`` must work without the example."""
     parser = _Parser(
@@ -351,7 +353,9 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
-    example = getattr(parser, "example", None) or _Example(EXAMPLE_IMAGE, EXAMPLE_MAP, EXAMPLE_PROMPT, "")
+    example = getattr(parser, "example", None) or _Example(
+        EXAMPLE_IMAGE, EXAMPLE_MAP, EXAMPLE_PROMPT, EXAMPLE_NEGATIVE_PROMPT
+    )
     args.image = _input_image_path(args.image, example.image, "--image", "image")
     args.map = _input_image_path(args.map, example.map, "--map", "map")
     args.prompt = _text_argument(args.prompt, example.prompt, "--prompt")

@@ -1,0 +1,90 @@
+"""SD2/run.py end to end, in a subprocess, on a tiny model saved to a folder."""
+
+import numpy as np
+import pytest
+from conftest import run_script, test_image
+from PIL import Image
+
+from tools.maps import save_map
+
+SCRIPT = "SD2/run.py"
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    image, map_path = tmp_path / "photo.png", tmp_path / "map.png"
+    test_image().save(image)
+    keep_map = np.ones((64, 64), np.float32)
+    keep_map[:, :32] = 0.0  # the left half changes fully
+    save_map(keep_map, map_path)
+    return image, map_path
+
+
+def test_run_writes_a_png_with_its_parameters(sd_dir, inputs, tmp_path):
+    image, map_path = inputs
+    output = tmp_path / "edit.png"
+    result = run_script(
+        SCRIPT, "--model", sd_dir, "--device", "cpu", "--image", image, "--map", map_path, "--prompt", "a red apple",
+        "--steps", "10", "--strength", "0.5", "--seed", "7", "--output", output, "--compare",
+    )
+    assert result.returncode == 0, result.stderr
+    last_line = result.stdout.strip().splitlines()[-1]
+    assert last_line.startswith(str(output)) and "5 denoising steps" in last_line
+    with Image.open(output) as written:
+        assert written.size == (64, 64) and written.format == "PNG"
+        text = written.text
+    assert text["prompt"] == "a red apple" and text["seed"] == "7" and text["strength"] == "0.5"
+    assert text["model"] == str(sd_dir) and text["map"].endswith("map.png")
+    with Image.open(tmp_path / "edit-compare.png") as strip:
+        assert strip.width >= 3 * 64
+
+
+def write_bytes_of(paths):
+    return {path: path.read_bytes() for path in paths}
+
+
+@pytest.mark.parametrize(
+    "case, extra, message",
+    [
+        ("missing image", ["--image", "nowhere.png"], "--image"),
+        ("missing map", ["--map", "nowhere.png"], "--map"),
+        ("output is the image", ["--output", "{image}", "--overwrite"], "--image"),
+        ("hub model offline", ["--model", "someone/not-cached-model"], "--model PATH"),
+        ("fp16 on the cpu", ["--dtype", "fp16"], "--dtype fp32"),
+        ("steps out of range", ["--steps", "0"], "--steps"),
+        ("strength out of range", ["--strength", "1.5"], "--strength"),
+    ],
+)
+def test_bad_input_gives_one_line_and_leaves_inputs_untouched(sd_dir, inputs, tmp_path, case, extra, message):
+    image, map_path = inputs
+    before = write_bytes_of([image, map_path])
+    extra = [value.format(image=image) for value in extra]
+    base = ["--model", sd_dir, "--device", "cpu", "--image", image, "--map", map_path, "--prompt", "x", "--steps", "2"]
+    if "--output" not in extra:
+        extra += ["--output", tmp_path / "out.png"]
+    result = run_script(SCRIPT, *base, *extra, cwd=tmp_path)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert write_bytes_of([image, map_path]) == before
+
+
+def test_help_documents_every_flag():
+    result = run_script(SCRIPT, "--help")
+    flags = ["--model", "--image", "--map", "--invert-map", "--prompt", "--negative-prompt", "--steps",
+             "--guidance-scale", "--strength", "--seed", "--output", "--device", "--dtype", "--offload",
+             "--scheduler", "--compare"]
+    assert result.returncode == 0
+    assert all(flag in result.stdout for flag in flags)
+
+
+def test_existing_output_is_never_overwritten(sd_dir, inputs, tmp_path):
+    image, map_path = inputs
+    taken = tmp_path / "edit.png"
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(taken)
+    before = taken.read_bytes()
+    result = run_script(SCRIPT, "--model", sd_dir, "--device", "cpu", "--image", image, "--map", map_path,
+                        "--prompt", "x", "--steps", "2", "--output", taken)
+    assert result.returncode == 2 and "--overwrite" in result.stderr
+    assert taken.read_bytes() == before
