@@ -62,6 +62,7 @@ def make_parser(folder, **defaults):
         "default_image": folder / "input.png",
         "default_map": folder / "map.png",
         "default_prompt": folder / "prompt.txt",
+        "default_negative_prompt": "",  # the example folder has none; keep the repository's assets out
         **defaults,
     }
     return cli.build_parser("Test run.", default_model=HUB_ID, default_steps=50, default_guidance=7.5, **defaults)
