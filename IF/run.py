@@ -60,7 +60,7 @@ def build_parser():
         default_steps=STAGE1_STEPS,
         default_guidance=STAGE1_GUIDANCE,
     )
-    flags = parser._option_string_actions
+    flags = parser._option_string_actions  # the common flags, whose help and choices IF words its own way
     flags["--model"].help = f"stage I model: Hub id or local diffusers folder (default: {DEFAULT_MODEL})"
     flags["--steps"].help = f"stage I denoising steps, 1 to {cli.MAX_STEPS} (default: {STAGE1_STEPS})"
     flags["--guidance-scale"].help = ("stage I classifier-free guidance scale, at least 0; 1 or less turns guidance "
@@ -159,7 +159,7 @@ def _load_if_stage(pipeline_class, model, flag, args, offload, *, super_resoluti
         try:
             pipe = cli.load_pipeline(pipeline_class, model, variant="fp16", **load)
         except cli.CliError as error:
-            if "variant" not in str(error):
+            if "variant" not in str(error):  # diffusers names the variant when a model has no fp16 files
                 raise
     if pipe is None:
         pipe = cli.load_pipeline(pipeline_class, model, **load)

@@ -10,16 +10,34 @@ import os
 import subprocess
 import sys
 import threading
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT, SEED, build_pipeline, clip_text_model, clip_tokenizer, run_script, save_pipeline
-from conftest import test_image
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionUpscalePipeline, UNet2DConditionModel
+from conftest import (
+    REPO_ROOT,
+    SEED,
+    build_pipeline,
+    clip_text_model,
+    clip_tokenizer,
+    if_stage1_components,
+    run_script,
+    save_pipeline,
+    test_image,
+)
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    IFImg2ImgPipeline,
+    StableDiffusionUpscalePipeline,
+    UNet2DConditionModel,
+)
 from PIL import Image
 
 from IF import run as if_run
+from IF.diff_pipe_I import IFDiffImg2ImgPipeline
 from tools import cli
 from tools.maps import save_map
 
@@ -187,6 +205,21 @@ def test_one_stage_writes_only_the_output(models, inputs, tmp_path, monkeypatch,
     assert sorted(p.name for p in tmp_path.glob("edit*")) == ["edit.png"]
     assert written(tmp_path / "edit.png")[0].shape == (32, 32, 3)
     assert "10 denoising steps" in out.strip().splitlines()[-1]
+
+
+def test_fp16_loads_the_fp16_files_where_a_model_has_them(tmp_path):
+    args = SimpleNamespace(torch_dtype=torch.float16, device="cpu", scheduler="default")
+    only_fp16 = tmp_path / "only-fp16"
+    build_pipeline(IFImg2ImgPipeline, if_stage1_components()).to(torch.float16).save_pretrained(
+        only_fp16, variant="fp16"
+    )
+    unet_files = {path.name for path in (only_fp16 / "unet").glob("*.safetensors")}
+    assert unet_files == {"diffusion_pytorch_model.fp16.safetensors"}
+    full = save_pipeline(build_pipeline(IFImg2ImgPipeline, if_stage1_components()), tmp_path / "full")
+    for folder in (only_fp16, full):  # the second has no fp16 files: it loads the full ones in half precision
+        pipe = if_run._load_if_stage(IFDiffImg2ImgPipeline, str(folder), "--model", args, False,
+                                     super_resolution=False)
+        assert pipe.unet.dtype == torch.float16 and pipe.safety_checker is None and pipe.watermarker is None
 
 
 def test_offload_is_on_with_cuda_unless_turned_off():
