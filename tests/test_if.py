@@ -123,12 +123,18 @@ def test_stage2_uniform_map_is_stock_super_resolution(stage2_components, strengt
 # Frozen and kept pixels, in pixel space
 
 
+def noised_original(scheduler, x0, noise, t):
+    """DDPM's forward process q(x_t | x0), written out: IF's learned variance plays no part in it."""
+    alpha_bar = scheduler.alphas_cumprod[t]
+    return alpha_bar**0.5 * x0 + (1 - alpha_bar) ** 0.5 * noise
+
+
 def assert_frozen_then_released(unet_seen, scheduler, x0, noise, grid, steps):
-    """Before step k the UNet sees add_noise(x0, noise, t_k) at every pixel still frozen, and not elsewhere."""
+    """Before step k the UNet sees the noised original at t_k at every pixel still frozen, and not elsewhere."""
     kept, half, changed = band_columns(grid)
     assert len(unet_seen) == steps  # the changed band releases at step 0, so every step runs
     for k, images in enumerate(unet_seen):
-        noised = scheduler.add_noise(x0, noise, scheduler.timesteps[k : k + 1])
+        noised = noised_original(scheduler, x0, noise, scheduler.timesteps[k])
         assert torch.equal(images[..., kept], noised[..., kept])
         if k <= steps // 2:  # strength 0.5 releases at step T/2, which already runs on the noised original
             assert torch.equal(images[..., half], noised[..., half])
@@ -352,14 +358,17 @@ def test_stage2_loads_as_class_and_as_custom_pipeline_without_naming_the_waterma
     )
     assert type(by_custom).__name__ == "IFDiffImg2ImgSuperResolutionPipeline"
     assert by_class.text_encoder is None and by_class.watermarker is None
+    from_pipe = IFDiffImg2ImgSuperResolutionPipeline.from_pipe(
+        IFImg2ImgSuperResolutionPipeline.from_pretrained(if_stage2_dir, watermarker=None)
+    )
     embeds, negative = by_custom.encode_prompt(PROMPT, **NO_CLEANING)
     results = []
-    for pipe in (by_class, by_custom):
+    for pipe in (by_class, by_custom, from_pipe):
         pipe.set_progress_bar_config(disable=True)
         results.append(pipe(**stage2_inputs(), map=three_band_map(), prompt_embeds=embeds,
                             negative_prompt_embeds=negative, num_inference_steps=2, generator=seeded_generator(),
                             output_type="pt").images)
-    assert torch.equal(results[0], results[1])
+    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
 
 
 # ---------------------------------------------------------------------------------------------------------------
