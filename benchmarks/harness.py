@@ -73,15 +73,17 @@ def synchronize(device):
 def compare(cases: dict, repeats: int, device="cpu", warmup: int = 1) -> dict:
     """Runs every case `warmup` times, then `repeats` rounds in alternation; returns median seconds and peak bytes.
 
-    `cases` maps a name to a function of no arguments.
+    `cases` maps a name to a function of no arguments. Every other round runs the cases in reverse order, so that
+    load that rises or falls during a round on a shared machine does not always land on the same case.
     """
     for run in cases.values():
         for _ in range(warmup):
             run()
     seconds = {name: [] for name in cases}
     peaks = {name: 0 for name in cases}
-    for _ in range(repeats):
-        for name, run in cases.items():
+    in_order = list(cases.items())
+    for round_number in range(repeats):
+        for name, run in in_order if round_number % 2 == 0 else in_order[::-1]:
             synchronize(device)
             with PeakMemory(device) as memory:
                 started = time.perf_counter()
