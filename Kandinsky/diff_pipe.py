@@ -117,21 +117,22 @@ def _unit_values(map: torch.Tensor) -> torch.Tensor:
     return map[:, None]
 
 
-def prepare_keep_map(map, size: tuple, invert_map: bool = False) -> torch.Tensor:
+def prepare_keep_map(map, size: tuple, invert_map: bool = False, aspect_of: tuple = None) -> torch.Tensor:
     """Returns the keep-map (1 = keep, 0 = change fully) as float32 (B, 1, *size) on the CPU.
 
     `size` is the grid the model works on (latents, or pixels for pixel-space models). Downsampling averages areas,
-    so a fine map does not alias; the map must have the image's aspect ratio, to within one grid cell.
+    so a fine map does not alias. The map must have the aspect ratio of `aspect_of` (the image's height and width,
+    in pixels or grid cells; default `size`) to within one of its units or 1%, whichever is looser.
     """
     map = map_to_tensor(map)
-    (height, width), (grid_height, grid_width) = map.shape[-2:], size
-    if abs(height * grid_width / width - grid_height) > 1:
+    (height, width), (reference_height, reference_width) = map.shape[-2:], aspect_of or size
+    if abs(height * reference_width / width - reference_height) > max(1, reference_height / 100):
         raise ValueError(
-            f"`map` is {width}x{height} pixels but the image is {grid_width}x{grid_height} on the model's grid: "
-            "their aspect ratios differ. Give the map the image's aspect ratio."
+            f"`map` is {width}x{height} but the image is {reference_width}x{reference_height}: their aspect ratios "
+            "differ. Give the map the image's aspect ratio."
         )
-    if (height, width) != (grid_height, grid_width):
-        shrinking = height >= grid_height and width >= grid_width
+    if (height, width) != tuple(size):
+        shrinking = height >= size[0] and width >= size[1]
         map = F.interpolate(map, size=size, mode="area") if shrinking else F.interpolate(map, size=size, mode="bilinear")
         map = map.clamp(0, 1)
     return 1 - map if invert_map else map
@@ -156,6 +157,28 @@ def stock_strength(steps_to_run: int, num_inference_steps: int) -> float:
     return min(1.0, (steps_to_run + 0.5) / num_inference_steps)
 
 
+def tile_to_batch(tensor: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Repeats a per-image tensor to the whole batch, as stock img2img repeats its images (whole batch, not items)."""
+    if tensor.shape[0] in (1, batch_size):
+        return tensor
+    return tensor.repeat(batch_size // tensor.shape[0], *(1,) * (tensor.ndim - 1))
+
+
+def exact_keep_weight(keep_map: torch.Tensor, strength: float, num_inference_steps: int) -> torch.Tensor:
+    """For `keep_exact`: how much of the model's output each pixel shows, clamp(T * s, 0, 1).
+
+    Pixels of strength 0 show only the original; those released on the last step or later blend linearly.
+    """
+    return (num_inference_steps * strength * (1 - keep_map)).clamp(0, 1)
+
+
+def composite_original(images: torch.Tensor, original: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`weight * images + (1 - weight) * original`, batch-tiled like stock: unchanged pixels keep the input's bytes."""
+    weight, original = tile_to_batch(weight, images.shape[0]), tile_to_batch(original, images.shape[0])
+    weight, original = weight.to(images.device, images.dtype), original.to(images.device, images.dtype)
+    return torch.where(weight == 0, original, weight * images + (1 - weight) * original)
+
+
 class FrozenPixels:
     """Keeps every pixel on the noised original until its release step; a step-end callback for stock pipelines.
 
@@ -175,7 +198,6 @@ class FrozenPixels:
     @contextmanager
     def recording_add_noise(self, scheduler):
         """Records `x0` and `noise` as stock `prepare_latents` passes them to `scheduler.add_noise`."""
-
         stock_add_noise = scheduler.add_noise
 
         def add_noise(original_samples, noise, timesteps):
@@ -187,10 +209,7 @@ class FrozenPixels:
             yield
         finally:
             del scheduler.add_noise
-        batch = self.x0.shape[0]
-        if self.release_step.shape[0] not in (1, batch):  # stock tiles images to the batch; tile the maps alike
-            self.release_step = self.release_step.repeat(batch // self.release_step.shape[0], 1, 1, 1)
-        self.release_step = self.release_step.to(self.x0.device)
+        self.release_step = tile_to_batch(self.release_step, self.x0.shape[0]).to(self.x0.device)
 
     def blend(self, scheduler, i: int, latents: torch.Tensor) -> torch.Tensor:
         """The latents to run loop iteration `i + 1` on, where iteration 0 is the first released step."""
@@ -237,6 +256,8 @@ class KandinskyV22DiffImg2ImgPipeline(KandinskyV22Img2ImgPipeline):
     `strength=s`.
     """
 
+    _frozen = None  # the FrozenPixels of the call in progress
+
     @torch.no_grad()
     def __call__(
         self,
@@ -246,6 +267,7 @@ class KandinskyV22DiffImg2ImgPipeline(KandinskyV22Img2ImgPipeline):
         map=None,
         strength: float = 1.0,
         invert_map: bool = False,
+        keep_exact: bool = False,
         height: int = 512,
         width: int = 512,
         num_inference_steps: int = 100,
@@ -279,6 +301,11 @@ class KandinskyV22DiffImg2ImgPipeline(KandinskyV22Img2ImgPipeline):
                 img2img's `strength` (whose default is 0.3).
             invert_map (`bool`, *optional*, defaults to `False`):
                 Read `map` the other way round, white = change, as inpainting masks and some UIs do.
+            keep_exact (`bool`, *optional*, defaults to `False`):
+                Composite the input back after decoding: `clamp(T * s, 0, 1) * output + (1 - that) * input`, where
+                the input is the image resized to `height` x `width`. Pixels of strength 0 are then the input's own
+                values instead of its lossy MoVQ round trip, and pixels of strength below 1/T fade in linearly. Off
+                by default, as in the paper.
             height (`int`, *optional*, defaults to 512):
                 Height in pixels of the result, a multiple of `pipe.pixel_multiple` (64 for Kandinsky 2.2, whose UNet
                 needs latents in multiples of 8); `None` keeps the image's own height. Unlike stock diffusers 0.42,
@@ -319,52 +346,57 @@ class KandinskyV22DiffImg2ImgPipeline(KandinskyV22Img2ImgPipeline):
                 "Stock Kandinsky img2img repeats `image_embeds` for `num_images_per_prompt` only under guidance: with "
                 "`guidance_scale` <= 1, pass every image, embedding and map n times instead."
             )
+        if keep_exact and output_type == "latent":
+            raise ValueError('`keep_exact` copies the input\'s pixels into the output: pass an `output_type` other '
+                             'than "latent".')
         resized = self._resize_images(image, height, width)
         pixels = self._pixels(resized)
+        pixel_grid = tuple(pixels.shape[-2:])
+        self._check_size(pixel_grid)
         factor = self.image_processor.config.vae_scale_factor
-        latent_grid = (pixels.shape[-2] // factor, pixels.shape[-1] // factor)
-        if pixels.shape[-2] % self.pixel_multiple or pixels.shape[-1] % self.pixel_multiple:
-            raise ValueError(
-                f"The images are {pixels.shape[-1]}x{pixels.shape[-2]} pixels, but this decoder needs multiples of "
-                f"{self.pixel_multiple} ({factor} pixels per MoVQ latent, and latent grids in multiples of "
-                f"{self.pixel_multiple // factor} for the UNet): pass `height` and `width` that are multiples of "
-                f"{self.pixel_multiple}."
-            )
-        keep_map = self._keep_map_on_grid(map, image, latent_grid, invert_map)
+        latent_grid = (pixel_grid[0] // factor, pixel_grid[1] // factor)
+        keep_map = self._keep_map_on(latent_grid, map, image, invert_map)
         if keep_map.shape[0] not in (1, pixels.shape[0]):
             raise ValueError(
                 f"Got {keep_map.shape[0]} maps for {pixels.shape[0]} images: pass one map, or one map per image."
             )
-        release_step = release_steps(keep_map, strength, num_inference_steps)
-        if release_step.shape[0] > 1:
-            # Stock repeats each image's latents in place (a, a, b, b) for num_images_per_prompt: maps follow.
-            release_step = release_step.repeat_interleave(num_images_per_prompt, dim=0)
+        # Stock repeats each image's latents in place (a, a, b, b) for num_images_per_prompt: maps follow.
+        release_step = _per_output(release_steps(keep_map, strength, num_inference_steps), num_images_per_prompt)
         frozen, tensor_inputs = chain_step_end_callback(
             FrozenPixels(release_step, num_inference_steps), callback_on_step_end, callback_on_step_end_tensor_inputs
         )
+        decoded_type = "pt" if keep_exact else output_type
         self._frozen = frozen
         try:
             if frozen.first_step == num_inference_steps:
-                return self._unchanged(image_embeds, pixels, num_images_per_prompt, generator, output_type, return_dict)
-            return super().__call__(
-                image_embeds=image_embeds,
-                image=resized,
-                negative_image_embeds=negative_image_embeds,
-                height=None,  # the images have their final size: stock keeps it
-                width=None,
-                num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale,
-                strength=stock_strength(num_inference_steps - frozen.first_step, num_inference_steps),
-                num_images_per_prompt=num_images_per_prompt,
-                generator=generator,
-                output_type=output_type,
-                return_dict=return_dict,
-                callback_on_step_end=frozen,
-                callback_on_step_end_tensor_inputs=tensor_inputs,
-                **kwargs,
-            )
+                output = self._unchanged(image_embeds, pixels, num_images_per_prompt, generator, decoded_type)
+            else:
+                output = super().__call__(
+                    image_embeds=image_embeds,
+                    image=resized,
+                    negative_image_embeds=negative_image_embeds,
+                    height=None,  # the images have their final size: stock keeps it
+                    width=None,
+                    num_inference_steps=num_inference_steps,
+                    guidance_scale=guidance_scale,
+                    strength=stock_strength(num_inference_steps - frozen.first_step, num_inference_steps),
+                    num_images_per_prompt=num_images_per_prompt,
+                    generator=generator,
+                    output_type=decoded_type,
+                    callback_on_step_end=frozen,
+                    callback_on_step_end_tensor_inputs=tensor_inputs,
+                    **kwargs,
+                )
         finally:
             self._frozen = None
+        if keep_exact:
+            pixel_keep_map = self._keep_map_on(pixel_grid, map, image, invert_map)
+            weight = _per_output(exact_keep_weight(pixel_keep_map, strength, num_inference_steps), num_images_per_prompt)
+            original = _per_output(pixels / 2 + 0.5, num_images_per_prompt)
+            images = composite_original(output.images, original, weight)
+            images = self.image_processor.postprocess(images, output_type, do_denormalize=[False] * len(images))
+            output = ImagePipelineOutput(images=images)
+        return output if return_dict else (output.images,)
 
     @property
     def pixel_multiple(self) -> int:
@@ -374,7 +406,7 @@ class KandinskyV22DiffImg2ImgPipeline(KandinskyV22Img2ImgPipeline):
 
     def prepare_latents(self, *args, **kwargs):
         # Stock draws `noise` here and keeps only add_noise(x0, noise, t); every frozen pixel needs x0 and noise again.
-        if getattr(self, "_frozen", None) is None:  # called from outside __call__: nothing to record
+        if self._frozen is None:
             return super().prepare_latents(*args, **kwargs)
         with self._frozen.recording_add_noise(self.scheduler):
             return super().prepare_latents(*args, **kwargs)
@@ -434,30 +466,32 @@ class KandinskyV22DiffImg2ImgPipeline(KandinskyV22Img2ImgPipeline):
             raise ValueError(f"The images differ in size ({shown}): pass `height` and `width` to resize them alike.")
         return torch.cat([self.image_processor.preprocess(item) for item in resized])
 
-    @staticmethod
-    def _keep_map_on_grid(map, image, grid, invert_map) -> torch.Tensor:
-        """The keep-map on the latent grid, stretched as stock stretches the images.
+    def _check_size(self, pixel_grid: tuple):
+        if pixel_grid[0] % self.pixel_multiple or pixel_grid[1] % self.pixel_multiple:
+            factor = self.image_processor.config.vae_scale_factor
+            raise ValueError(
+                f"The images are {pixel_grid[1]}x{pixel_grid[0]} pixels, but this decoder needs multiples of "
+                f"{self.pixel_multiple} ({factor} pixels per MoVQ latent, and latent grids in multiples of "
+                f"{self.pixel_multiple // factor} for the UNet): pass `height` and `width` that are multiples of "
+                f"{self.pixel_multiple}."
+            )
 
-        Stock resizes every image to `height` x `width`, whatever its own shape. A map drawn on the image has the
+    @staticmethod
+    def _keep_map_on(size: tuple, map, image, invert_map: bool) -> torch.Tensor:
+        """The keep-map on `size` (the latent or the pixel grid), stretched as the images are.
+
+        Every image is resized to `height` x `width`, whatever its own shape. A map drawn on the image has the
         image's aspect ratio and is stretched with it; a map with the aspect ratio of `height` x `width` is taken as
         it is.
         """
         keep_map = map_to_tensor(map)
-        map_size = tuple(keep_map.shape[-2:])
-        if not _same_aspect(map_size, grid, grid):
-            image_sizes = {_pixel_size(i) for i in (image if isinstance(image, list) else [image])}
-            if not all(_same_aspect(map_size, size, grid) for size in image_sizes):
-                shown = ", ".join(f"{w}x{h}" for h, w in sorted(image_sizes))
-                raise ValueError(
-                    f"`map` is {map_size[1]}x{map_size[0]} pixels, but the image is {shown} and the latent grid "
-                    f"{grid[1]}x{grid[0]}: their aspect ratios differ. Give the map the image's aspect ratio."
-                )
-            # The same resampling as the core's (area down, bilinear up), with a different factor per axis.
-            shrinking = map_size[0] >= grid[0] and map_size[1] >= grid[1]
-            keep_map = F.interpolate(keep_map, size=grid, mode="area" if shrinking else "bilinear").clamp(0, 1)
-        return prepare_keep_map(keep_map, grid, invert_map)
+        (height, width), (grid_height, grid_width) = keep_map.shape[-2:], size
+        drawn_for_the_grid = abs(height * grid_width / width - grid_height) <= max(1, grid_height / 100)
+        first_image = image[0] if isinstance(image, list) else image
+        return prepare_keep_map(keep_map, size, invert_map, aspect_of=None if drawn_for_the_grid else _pixel_size(
+            first_image))
 
-    def _unchanged(self, image_embeds, pixels, num_images_per_prompt, generator, output_type, return_dict):
+    def _unchanged(self, image_embeds, pixels, num_images_per_prompt, generator, output_type):
         # No pixel is released, so no step runs: the result is x0, as at every kept pixel of a run.
         device, dtype = self._execution_device, self.movq.dtype
         batch_size = torch.cat(image_embeds).shape[0] if isinstance(image_embeds, list) else image_embeds.shape[0]
@@ -474,8 +508,6 @@ class KandinskyV22DiffImg2ImgPipeline(KandinskyV22Img2ImgPipeline):
             decoded = self.movq.decode(x0, force_not_quantize=True)["sample"]
             images = self.image_processor.postprocess(decoded, output_type)
         self.maybe_free_model_hooks()
-        if not return_dict:
-            return (images,)
         return ImagePipelineOutput(images=images)
 
 
@@ -486,6 +518,6 @@ def _pixel_size(image) -> tuple:
     return tuple(image.shape[-2:])
 
 
-def _same_aspect(map_size: tuple, size: tuple, grid: tuple) -> bool:
-    """Whether a map of `map_size`, stretched to the width of `size`, is within one grid row of its height."""
-    return abs(map_size[0] * size[1] / map_size[1] - size[0]) * grid[0] / size[0] <= 1
+def _per_output(per_image: torch.Tensor, num_images_per_prompt: int) -> torch.Tensor:
+    """A per-image tensor in the order of stock's outputs, which repeats each image in place: a, a, b, b."""
+    return per_image if per_image.shape[0] == 1 else per_image.repeat_interleave(num_images_per_prompt, dim=0)

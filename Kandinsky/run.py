@@ -111,6 +111,7 @@ def edit(pipelines, args, *, images, maps, prompts, negative_prompts, seeds):
         image=images,
         map=maps,
         invert_map=args.invert_map,
+        keep_exact=getattr(args, "keep_exact", False),  # once tools/cli.py has --keep-exact
         strength=args.strength,
         height=args.height,
         width=args.width,

@@ -361,3 +361,53 @@ def test_bad_arguments_are_refused_clearly(components, change, error, message):
            **conditioning(), **change}
     with pytest.raises(error, match=message):
         ours(**run)
+
+
+def test_keep_exact_returns_the_input_bytes_where_strength_is_zero(components):
+    _, ours = pipelines(components)
+    image, keep_map = test_image(), three_band_map()
+    run = dict(image=image, map=keep_map, num_inference_steps=10, **conditioning())
+    exact = np.asarray(ours(keep_exact=True, generator=seeded_generator(), **run).images[0])
+    kept = keep_map == 1.0
+    assert np.array_equal(exact[kept], np.asarray(image)[kept])
+    assert not np.array_equal(exact[~kept], np.asarray(image)[~kept])
+    plain = ours(output_type="np", generator=seeded_generator(), **run).images[0]
+    exact_np = ours(output_type="np", keep_exact=True, generator=seeded_generator(), **run).images[0]
+    assert np.array_equal(exact_np[~kept], plain[~kept])  # strength >= 1/T: the model's output, untouched
+
+
+def test_keep_exact_follows_each_image_through_a_batch(components):
+    _, ours = pipelines(components)
+    images, maps = [test_image(seed=1), test_image(seed=2)], [three_band_map(), three_band_map()[:, ::-1]]
+    batch = ours(image=images, map=maps, num_images_per_prompt=2, keep_exact=True, num_inference_steps=6,
+                 generator=[seeded_generator(s) for s in range(4)], **conditioning(batch=2)).images
+    for result, i in zip(batch, [0, 0, 1, 1]):
+        kept = maps[i] == 1.0
+        assert np.array_equal(np.asarray(result)[kept], np.asarray(images[i])[kept])
+
+
+def test_keep_exact_with_nothing_to_change_is_the_input_itself(components):
+    _, ours = pipelines(components)
+    calls = count_unet_calls(ours)
+    image = test_image()
+    result = ours(image=image, map=np.ones((SIZE, SIZE), np.float32), keep_exact=True, **conditioning()).images[0]
+    assert np.array_equal(np.asarray(result), np.asarray(image)) and calls == []
+
+
+def test_keep_exact_blends_strengths_below_one_step_linearly(components):
+    _, ours = pipelines(components)
+    steps, strength = 10, 0.05  # T * s = 0.5: never released, shown at half weight
+    keep_map = np.full((SIZE, SIZE), 1 - strength, np.float32)
+    keep_map[:, 32:] = 0.0
+    run = dict(image=test_image(), map=keep_map, num_inference_steps=steps, output_type="pt", **conditioning())
+    exact = ours(keep_exact=True, generator=seeded_generator(), **run).images
+    plain = ours(generator=seeded_generator(), **run).images
+    original = ours.image_processor.preprocess(test_image()) / 2 + 0.5
+    expected = 0.5 * plain[..., :32] + 0.5 * original[..., :32]
+    assert torch.allclose(exact[..., :32], expected, atol=1e-6)
+
+
+def test_keep_exact_refuses_latent_output(components):
+    _, ours = pipelines(components)
+    with pytest.raises(ValueError, match="keep_exact"):
+        ours(image=test_image(), map=three_band_map(), keep_exact=True, output_type="latent", **conditioning())
