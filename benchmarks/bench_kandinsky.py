@@ -12,6 +12,7 @@ for both, before the decoder. It prints
     does (whose per-step cost is stock's at strength 1),
   * the time spent outside the UNet, where the map's work happens: on a busy machine the UNet's own time varies
     from run to run by more than the whole blend costs, so this column shows the overhead more clearly,
+  * the per-step blend alone (FrozenPixels.blend on this run's latents), timed directly,
   * peak memory of each case.
 """
 
@@ -28,7 +29,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.harness import UNetCalls, compare, mib, synchronize  # noqa: E402
-from Kandinsky.diff_pipe import KandinskyV22DiffImg2ImgPipeline  # noqa: E402
+from Kandinsky.diff_pipe import FrozenPixels, KandinskyV22DiffImg2ImgPipeline, release_steps  # noqa: E402
 
 EMBEDDING_WIDTH = 256
 
@@ -70,6 +71,25 @@ class UNetClock:
     def _stop(self, *_):
         synchronize(self.device)
         self.seconds += time.perf_counter() - self.started
+
+
+def blend_seconds(pipe, keep_map, steps, repeats=20):
+    """Seconds per call of the per-step blend, on latents of the run's shape, for a map that is busy at every step."""
+    grid = keep_map.shape[-2] // 8, keep_map.shape[-1] // 8
+    keep = torch.nn.functional.interpolate(torch.from_numpy(keep_map)[None, None], size=grid, mode="area")
+    frozen = FrozenPixels(release_steps(keep, 1.0, steps), steps)
+    frozen.x0, frozen.noise = torch.randn(1, 4, *grid), torch.randn(1, 4, *grid)
+    frozen.release_step = frozen.release_step.to(pipe.device)
+    frozen.x0, frozen.noise = frozen.x0.to(pipe.device), frozen.noise.to(pipe.device)
+    pipe.scheduler.set_timesteps(steps, device=pipe.device)
+    latents = torch.randn_like(frozen.x0)
+    synchronize(pipe.device)
+    started = time.perf_counter()
+    for _ in range(repeats):
+        for i in range(steps - frozen.first_step):
+            frozen.blend(pipe.scheduler, i, latents)
+    synchronize(pipe.device)
+    return (time.perf_counter() - started) / (repeats * (steps - frozen.first_step))
 
 
 def main():
@@ -139,6 +159,8 @@ def main():
     for name in ("ours, uniform map, strength 1", "ours, gradient map 0..1"):
         extra = (outside[name] - outside["stock img2img, strength 1"]) / unet_calls[name]
         print(f"time outside the UNet, {name[6:]}: {extra * 1000:+.1f} ms per step against stock")
+    blend = blend_seconds(ours, gradient, steps)
+    print(f"the blend alone: {blend * 1000:.2f} ms per step, {blend / stock_step:.2%} of a stock step")
     print(f"max strength 0.3: {unet_calls['ours, map with max strength 0.3']} UNet calls against {steps} for all steps "
           f"(the authors' code); time ratio {results['ours, map with max strength 0.3']['seconds'] / baseline:.2f}")
 
