@@ -68,6 +68,10 @@ default_map=EXAMPLE_MAP, default_prompt=EXAMPLE_PROMPT, default_negative_prompt=
     the current scheduler's config.
 ``make_generator(seed) -> torch.Generator``
     A CPU generator: the same seed then gives the same noise on every device.
+``png_info(args, steps_run, extra_params=None) -> PngInfo``
+    ``png_parameters`` as PNG text chunks, for tools that write their own files with ``write_png``.
+``write_png(image, path, info=None, *, overwrite=False) -> Path``
+    Writes a PNG atomically and never replaces an existing file unless ``overwrite``.
 ``save_result(result, args, *, image, map_image, steps_run, seconds, extra_params=None) -> Path``
     Writes the PNG atomically with every parameter as PNG text (``png_parameters``), writes the ``--compare``
     strip (``compare_strip``), and prints the one final line ``<path> (<seconds>s, <N> denoising steps)``.
@@ -847,12 +851,18 @@ def _map_source_parameters(args: argparse.Namespace) -> dict:
     return {"map": _display(args.map)}
 
 
-def save_result(result: Image.Image, args: argparse.Namespace, *, image: Image.Image, map_image: Image.Image,
-                steps_run: int, seconds: float, extra_params: dict | None = None) -> Path:
-    """Writes the result (and the ``--compare`` strip), prints the final line, returns the path written."""
+def png_info(args: argparse.Namespace, steps_run: int, extra_params: dict | None = None) -> PngImagePlugin.PngInfo:
+    """``png_parameters`` as the text chunks of a PNG, for ``write_png``."""
     info = PngImagePlugin.PngInfo()
     for key, value in png_parameters(args, steps_run, extra_params).items():
         info.add_text(key, value)  # falls back to an iTXt chunk for text latin-1 cannot hold
+    return info
+
+
+def save_result(result: Image.Image, args: argparse.Namespace, *, image: Image.Image, map_image: Image.Image,
+                steps_run: int, seconds: float, extra_params: dict | None = None) -> Path:
+    """Writes the result (and the ``--compare`` strip), prints the final line, returns the path written."""
+    info = png_info(args, steps_run, extra_params)
     output = write_png(result, args.output, info, overwrite=args.overwrite)
     plural = "" if steps_run == 1 else "s"
     line = f"{_display(output)} ({seconds:.1f}s, {steps_run} denoising step{plural})"
