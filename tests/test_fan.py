@@ -67,7 +67,8 @@ def test_fan_rejects_bad_sector_counts(sectors):
 
 
 def test_maps_command_draws_the_fan(tmp_path, capsys):
-    assert maps.main(["fan", "--width", "40", "--height", "30", "--sectors", "5", "--output", str(tmp_path / "f.png")]) == 0
+    argv = ["fan", "--width", "40", "--height", "30", "--sectors", "5", "--output", str(tmp_path / "f.png")]
+    assert maps.main(argv) == 0
     with Image.open(tmp_path / "f.png") as written:
         assert np.array_equal(np.asarray(written), np.rint(strength_fan(40, 30, 5) * 255).astype(np.uint8))
 
@@ -289,6 +290,16 @@ def test_default_output_skips_names_whose_labelled_copy_is_taken(sd_dir, photo, 
     _, _, args = fan.parse_args(["--family", "sd2", "fan", "--model", str(sd_dir), "--device", "cpu",
                                  "--image", str(photo), "--prompt", "x"])
     assert args.output == Path("fan-1.png")
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--family", "sd2", "fan", "--seed", "3"], ("sd2", "fan", ["--seed", "3"])),
+    (["--family=SD2", "sweep"], ("SD2", "sweep", [])),
+    (["sweep", "--seed", "3", "--family", "sd2", "--steps", "4"], ("sd2", "sweep", ["--seed", "3", "--steps", "4"])),
+    (["--help"], (None, None, ["--help"])),
+])
+def test_command_line_splits_into_family_mode_and_run_py_flags(argv, expected):
+    assert fan.split_command_line(argv) == expected
 
 
 def run_main(argv, capsys):

@@ -63,7 +63,8 @@ USAGE = "python -m tools.fan --family FAMILY {fan,sweep} [flags of FAMILY/run.py
 
 def families(root: Path = cli.REPO_ROOT) -> dict[str, Path]:
     """``{"sd2": <repo>/SD2/run.py, ...}``: every folder of the repository that holds a run.py, by lower-case name."""
-    return {folder.name.lower(): folder / "run.py" for folder in sorted(root.iterdir()) if (folder / "run.py").is_file()}
+    folders = [folder for folder in sorted(root.iterdir()) if (folder / "run.py").is_file()]
+    return {folder.name.lower(): folder / "run.py" for folder in folders}
 
 
 def load_family(name: str, root: Path = cli.REPO_ROOT):
@@ -95,10 +96,14 @@ def load_family(name: str, root: Path = cli.REPO_ROOT):
 
 
 def split_command_line(argv: list[str]) -> tuple[str | None, str | None, list[str]]:
-    """``--family F MODE rest...`` -> ``(F, MODE, rest)``; the rest belongs to the family's run.py parser."""
+    """``--family F MODE rest...`` -> ``(F, MODE, rest)``; the rest belongs to the family's run.py parser.
+
+    ``--family`` may also come after the mode. The mode is the first word that is not a flag or a flag's value.
+    """
     family = mode = None
+    rest = []
     index = 0
-    while index < len(argv) and mode is None:
+    while index < len(argv):
         token = argv[index]
         if token == "--family":
             if index + 1 >= len(argv):
@@ -107,12 +112,15 @@ def split_command_line(argv: list[str]) -> tuple[str | None, str | None, list[st
             continue
         if token.startswith("--family="):
             family = token.partition("=")[2]
-        elif token.startswith("-"):
-            break  # a flag before the mode: the caller decides whether it is --help
-        else:
+        elif mode is None and not token.startswith("-"):
             mode = token
+        elif mode is None:
+            rest = argv[index:]  # a flag before the mode: the caller decides whether it is --help
+            break
+        else:
+            rest.append(token)
         index += 1
-    return family, mode, argv[index:]
+    return family, mode, rest
 
 
 def build_parser(family, family_name: str, mode: str) -> argparse.ArgumentParser:
