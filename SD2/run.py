@@ -28,8 +28,7 @@ def build_parser():
 
 
 def load_pipelines(args):
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from diff_pipe import StableDiffusionDiffImg2ImgPipeline
+    from SD2.diff_pipe import StableDiffusionDiffImg2ImgPipeline  # by package, so that families never collide
 
     pipe = cli.load_pipeline(
         StableDiffusionDiffImg2ImgPipeline, args.model, torch_dtype=args.torch_dtype, device=args.device,
