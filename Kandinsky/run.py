@@ -2,6 +2,7 @@
 
     python Kandinsky/run.py                      # the example in assets/, with the default models
     python Kandinsky/run.py --image photo.jpg --map map.png --prompt "a watercolour painting" --output edit.png
+    python Kandinsky/run.py --image photo.jpg --map map.png --image-weight 0.3   # the prior also sees the photo
 
 Kandinsky 2.2 runs in two stages, as the authors run it: the prior (--prior) turns the prompt and the negative
 prompt into CLIP image embeddings, and the decoder (--model) edits the image under them, with the map.
@@ -111,7 +112,7 @@ def edit(pipelines, args, *, images, maps, prompts, negative_prompts, seeds):
         image=images,
         map=maps,
         invert_map=args.invert_map,
-        keep_exact=getattr(args, "keep_exact", False),  # once tools/cli.py has --keep-exact
+        keep_exact=args.keep_exact,
         strength=args.strength,
         height=args.height,
         width=args.width,

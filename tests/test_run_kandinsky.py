@@ -33,14 +33,18 @@ def test_run_writes_a_png_with_its_parameters(kandinsky_prior_dir, kandinsky_dec
     result = run_script(
         SCRIPT, *models(kandinsky_prior_dir, kandinsky_decoder_dir), "--image", image, "--map", map_path,
         "--prompt", "a red apple", "--steps", "10", "--strength", "0.5", "--seed", "7", "--prior-steps", "2",
-        "--image-weight", "0.3", "--output", output, "--compare",
+        "--image-weight", "0.3", "--keep-exact", "--output", output, "--compare",
     )
     assert result.returncode == 0, result.stderr
     last_line = result.stdout.strip().splitlines()[-1]
     assert last_line.startswith(str(output)) and "5 denoising steps" in last_line
-    with Image.open(output) as written:
+    with Image.open(output) as written, Image.open(image) as source:
         assert written.size == (64, 64) and written.format == "PNG"
-        text = written.text
+        text = dict(written.text)
+        original, edited = np.asarray(source.convert("RGB")), np.asarray(written.convert("RGB"))
+    # --keep-exact: the kept right half is the input's own bytes, the left half (strength 0.5) changed.
+    assert np.array_equal(edited[:, 32:], original[:, 32:]) and text["keep_exact"] == "True"
+    assert np.abs(edited[:, :32].astype(int) - original[:, :32]).mean() > 5
     assert text["prompt"] == "a red apple" and text["seed"] == "7" and text["strength"] == "0.5"
     assert text["model"] == str(kandinsky_decoder_dir) and text["prior"] == str(kandinsky_prior_dir)
     assert text["prior_steps"] == "2" and text["image_weight"] == "0.3" and text["height"] == "64"
@@ -90,7 +94,7 @@ def test_help_documents_every_flag():
     flags = ["--model", "--image", "--map", "--invert-map", "--prompt", "--negative-prompt", "--steps",
              "--guidance-scale", "--strength", "--seed", "--output", "--device", "--dtype", "--offload",
              "--scheduler", "--compare", "--prior", "--prior-steps", "--prior-guidance-scale", "--image-weight",
-             "--height", "--width"]
+             "--height", "--width", "--keep-exact", "--mask", "--feather", "--grow"]
     assert result.returncode == 0
     assert all(flag in result.stdout for flag in flags)
 
