@@ -46,8 +46,8 @@ def build_parser():
         f"(default: {DEFAULT_PRIOR})",
     )
     group.add_argument(
-        "--prior-steps", type=cli._integer(1, cli.MAX_STEPS), default=25, metavar="N",
-        help=f"denoising steps of the prior, 1 to {cli.MAX_STEPS} (default: 25)",
+        "--prior-steps", type=cli._integer(2, cli.MAX_STEPS), default=25, metavar="N",
+        help=f"denoising steps of the prior, 2 to {cli.MAX_STEPS}: its UnCLIP scheduler needs two (default: 25)",
     )
     group.add_argument(
         "--prior-guidance-scale", type=cli._real(0.0), default=4.0, metavar="G",

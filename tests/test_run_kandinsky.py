@@ -77,7 +77,7 @@ def test_bad_input_gives_one_line_and_leaves_inputs_untouched(
     before = write_bytes_of([image, map_path])
     extra = [value.format(image=image, tmp=tmp_path) for value in extra]
     base = [*models(kandinsky_prior_dir, kandinsky_decoder_dir), "--image", image, "--map", map_path,
-            "--prompt", "x", "--steps", "2", "--prior-steps", "1"]
+            "--prompt", "x", "--steps", "2", "--prior-steps", "2"]
     if "--output" not in extra:
         extra += ["--output", tmp_path / "out.png"]
     result = run_script(SCRIPT, *base, *extra, cwd=tmp_path)
@@ -122,7 +122,7 @@ def pipelines(kandinsky_prior_dir, kandinsky_decoder_dir):
         (["--height", "100"], "--height: must be a multiple of 64"),
         (["--width", "0"], "--width"),
         (["--image-weight", "1.5"], "--image-weight"),
-        (["--prior-steps", "0"], "--prior-steps"),
+        (["--prior-steps", "1"], "--prior-steps: must be a whole number from 2"),  # UnCLIP divides by steps - 1
         (["--prior-guidance-scale", "-1"], "--prior-guidance-scale"),
     ],
 )
