@@ -391,8 +391,9 @@ class KandinskyV22DiffImg2ImgPipeline(KandinskyV22Img2ImgPipeline):
             self._frozen = None
         if keep_exact:
             pixel_keep_map = self._keep_map_on(pixel_grid, map, image, invert_map)
-            weight = _per_output(exact_keep_weight(pixel_keep_map, strength, num_inference_steps), num_images_per_prompt)
-            original = _per_output(pixels / 2 + 0.5, num_images_per_prompt)
+            weight = exact_keep_weight(pixel_keep_map, strength, num_inference_steps)
+            # In stock's output order (a, a, b, b); the core would tile a per-image tensor as a, b, a, b.
+            weight, original = (_per_output(t, num_images_per_prompt) for t in (weight, pixels / 2 + 0.5))
             images = composite_original(output.images, original, weight)
             images = self.image_processor.postprocess(images, output_type, do_denormalize=[False] * len(images))
             output = ImagePipelineOutput(images=images)
@@ -454,8 +455,8 @@ class KandinskyV22DiffImg2ImgPipeline(KandinskyV22Img2ImgPipeline):
                         f"`image` tensors must have shape (B, 3, H, W) or (3, H, W), not {tuple(item.shape)}: "
                         "Kandinsky img2img takes RGB images and encodes them itself."
                     )
-            resized.append(self.image_processor.resize(item, *self.image_processor.get_default_height_width(
-                item, height, width)))
+            size = self.image_processor.get_default_height_width(item, height, width)
+            resized.append(self.image_processor.resize(item, *size))
         return resized
 
     def _pixels(self, resized: list) -> torch.Tensor:
@@ -487,9 +488,8 @@ class KandinskyV22DiffImg2ImgPipeline(KandinskyV22Img2ImgPipeline):
         keep_map = map_to_tensor(map)
         (height, width), (grid_height, grid_width) = keep_map.shape[-2:], size
         drawn_for_the_grid = abs(height * grid_width / width - grid_height) <= max(1, grid_height / 100)
-        first_image = image[0] if isinstance(image, list) else image
-        return prepare_keep_map(keep_map, size, invert_map, aspect_of=None if drawn_for_the_grid else _pixel_size(
-            first_image))
+        aspect_of = None if drawn_for_the_grid else _pixel_size(image[0] if isinstance(image, list) else image)
+        return prepare_keep_map(keep_map, size, invert_map, aspect_of=aspect_of)
 
     def _unchanged(self, image_embeds, pixels, num_images_per_prompt, generator, output_type):
         # No pixel is released, so no step runs: the result is x0, as at every kept pixel of a run.
