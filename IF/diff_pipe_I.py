@@ -119,21 +119,22 @@ def _unit_values(map: torch.Tensor) -> torch.Tensor:
     return map[:, None]
 
 
-def prepare_keep_map(map, size: tuple, invert_map: bool = False) -> torch.Tensor:
+def prepare_keep_map(map, size: tuple, invert_map: bool = False, aspect_of: tuple = None) -> torch.Tensor:
     """Returns the keep-map (1 = keep, 0 = change fully) as float32 (B, 1, *size) on the CPU.
 
     `size` is the grid the model works on (latents, or pixels for pixel-space models). Downsampling averages areas,
-    so a fine map does not alias; the map must have the image's aspect ratio, to within one grid cell.
+    so a fine map does not alias. The map must have the aspect ratio of `aspect_of` (the image's height and width,
+    in pixels or grid cells; default `size`) to within one of its units or 1%, whichever is looser.
     """
     map = map_to_tensor(map)
-    (height, width), (grid_height, grid_width) = map.shape[-2:], size
-    if abs(height * grid_width / width - grid_height) > 1:
+    (height, width), (reference_height, reference_width) = map.shape[-2:], aspect_of or size
+    if abs(height * reference_width / width - reference_height) > max(1, reference_height / 100):
         raise ValueError(
-            f"`map` is {width}x{height} pixels but the image is {grid_width}x{grid_height} on the model's grid: "
-            "their aspect ratios differ. Give the map the image's aspect ratio."
+            f"`map` is {width}x{height} but the image is {reference_width}x{reference_height}: their aspect ratios "
+            "differ. Give the map the image's aspect ratio."
         )
-    if (height, width) != (grid_height, grid_width):
-        shrinking = height >= grid_height and width >= grid_width
+    if (height, width) != tuple(size):
+        shrinking = height >= size[0] and width >= size[1]
         map = F.interpolate(map, size=size, mode="area") if shrinking else F.interpolate(map, size=size, mode="bilinear")
         map = map.clamp(0, 1)
     return 1 - map if invert_map else map
@@ -158,6 +159,28 @@ def stock_strength(steps_to_run: int, num_inference_steps: int) -> float:
     return min(1.0, (steps_to_run + 0.5) / num_inference_steps)
 
 
+def tile_to_batch(tensor: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Repeats a per-image tensor to the whole batch, as stock img2img repeats its images (whole batch, not items)."""
+    if tensor.shape[0] in (1, batch_size):
+        return tensor
+    return tensor.repeat(batch_size // tensor.shape[0], *(1,) * (tensor.ndim - 1))
+
+
+def exact_keep_weight(keep_map: torch.Tensor, strength: float, num_inference_steps: int) -> torch.Tensor:
+    """For `keep_exact`: how much of the model's output each pixel shows, clamp(T * s, 0, 1).
+
+    Pixels of strength 0 show only the original; those released on the last step or later blend linearly.
+    """
+    return (num_inference_steps * strength * (1 - keep_map)).clamp(0, 1)
+
+
+def composite_original(images: torch.Tensor, original: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`weight * images + (1 - weight) * original`, batch-tiled like stock: unchanged pixels keep the input's bytes."""
+    weight, original = tile_to_batch(weight, images.shape[0]), tile_to_batch(original, images.shape[0])
+    weight, original = weight.to(images.device, images.dtype), original.to(images.device, images.dtype)
+    return torch.where(weight == 0, original, weight * images + (1 - weight) * original)
+
+
 class FrozenPixels:
     """Keeps every pixel on the noised original until its release step; a step-end callback for stock pipelines.
 
@@ -177,7 +200,6 @@ class FrozenPixels:
     @contextmanager
     def recording_add_noise(self, scheduler):
         """Records `x0` and `noise` as stock `prepare_latents` passes them to `scheduler.add_noise`."""
-
         stock_add_noise = scheduler.add_noise
 
         def add_noise(original_samples, noise, timesteps):
@@ -189,10 +211,7 @@ class FrozenPixels:
             yield
         finally:
             del scheduler.add_noise
-        batch = self.x0.shape[0]
-        if self.release_step.shape[0] not in (1, batch):  # stock tiles images to the batch; tile the maps alike
-            self.release_step = self.release_step.repeat(batch // self.release_step.shape[0], 1, 1, 1)
-        self.release_step = self.release_step.to(self.x0.device)
+        self.release_step = tile_to_batch(self.release_step, self.x0.shape[0]).to(self.x0.device)
 
     def blend(self, scheduler, i: int, latents: torch.Tensor) -> torch.Tensor:
         """The latents to run loop iteration `i + 1` on, where iteration 0 is the first released step."""
@@ -254,18 +273,20 @@ def prompt_batch_size(prompt, prompt_embeds) -> int:
     return prompt_embeds.shape[0] if prompt_embeds is not None else 0
 
 
-def release_steps_per_output(map, pixels, strength, invert_map, num_inference_steps, num_images_per_prompt):
-    """Release steps on the pixel grid of `pixels` (B, 3, H, W), one row per image that IF makes (or one in all)."""
+def keep_map_on_grid(map, pixels, invert_map):
+    """The keep-map on the pixel grid of `pixels` (B, 3, H, W), the stage's own: one map, or one per image."""
     keep_map = prepare_keep_map(map, tuple(pixels.shape[-2:]), invert_map)
     if keep_map.shape[0] not in (1, pixels.shape[0]):
         raise ValueError(
             f"Got {keep_map.shape[0]} maps for {pixels.shape[0]} images: pass one map, or one map per image."
         )
-    release_step = release_steps(keep_map, strength, num_inference_steps)
-    # IF makes the copies of an image side by side (repeat_interleave), where the core would tile the maps.
-    if release_step.shape[0] > 1:
-        release_step = release_step.repeat_interleave(num_images_per_prompt, dim=0)
-    return release_step
+    return keep_map
+
+
+def per_output(tensor, num_images_per_prompt):
+    """One row per image that IF makes (or one for all). IF puts the copies of an image side by side
+    (repeat_interleave), where the core would tile per-image tensors to the batch."""
+    return tensor.repeat_interleave(num_images_per_prompt, dim=0) if tensor.shape[0] > 1 else tensor
 
 
 def blending_callback(pipe, frozen: FrozenPixels, callback=None, callback_steps: int = 1):
@@ -296,6 +317,18 @@ def return_original(pipe, pixels, batch_size, num_images_per_prompt, generator, 
     pixels = pixels.to(device=device, dtype=dtype)
     pipe.prepare_intermediate_images(pixels, timestep, batch_size, num_images_per_prompt, dtype, device, generator)
     return postprocess_like_stock(pipe, pipe._frozen.x0, output_type, return_dict)
+
+
+def composite_kept_pixels(pipe, output, frozen, keep_map, strength, num_images_per_prompt, output_type, return_dict):
+    """`keep_exact`: the [-1, 1] `output` composited with x0 as the core composites with the input, then finished.
+
+    x0 is the original at the stage's resolution, as IF sees it, and pixels released at no step already end as x0:
+    in pixel space, without a VAE round trip, the composite changes at most the pixels within the core's step
+    tolerance of one step. Pass an `original_image` at the stage's size to get its own bytes back.
+    """
+    weight = exact_keep_weight(keep_map, strength, frozen.num_inference_steps)
+    images = composite_original(output.images, frozen.x0, per_output(weight, num_images_per_prompt))
+    return postprocess_like_stock(pipe, images, output_type, return_dict)
 
 
 def postprocess_like_stock(pipe, images, output_type, return_dict):
@@ -330,6 +363,8 @@ class IFDiffImg2ImgPipeline(IFImg2ImgPipeline):
     stock IF img2img gives at `strength=s`. Also importable as `DiffIFImg2ImgPipeline`, the authors' name.
     """
 
+    _frozen = None  # the FrozenPixels of the call in progress
+
     @property
     def num_timesteps(self) -> int:
         """The number of denoising steps the last call ran (0 when the map released no pixel)."""
@@ -343,6 +378,7 @@ class IFDiffImg2ImgPipeline(IFImg2ImgPipeline):
         map=None,
         strength: float = 1.0,
         invert_map: bool = False,
+        keep_exact: bool = False,
         num_inference_steps: int = 80,
         num_images_per_prompt: int = 1,
         generator=None,
@@ -369,6 +405,10 @@ class IFDiffImg2ImgPipeline(IFImg2ImgPipeline):
                 stock img2img's `strength`.
             invert_map (`bool`, *optional*, defaults to `False`):
                 Read `map` the other way round, white = change, as inpainting masks and some UIs do.
+            keep_exact (`bool`, *optional*, defaults to `False`):
+                Composite the original back at the end: `clamp(T * s, 0, 1) * output + (1 - that) * original`, with
+                the original at stage I's size. IF works in pixels, so pixels of strength below 1/T already
+                end as that original, and this changes next to nothing; it is here so that every pipeline takes it.
             num_inference_steps (`int`, *optional*, defaults to 80):
                 The length T of the full schedule. Only the steps from the first released pixel on are run:
                 `floor(T * max(s))` UNet steps.
@@ -407,34 +447,42 @@ class IFDiffImg2ImgPipeline(IFImg2ImgPipeline):
             num_inference_steps = len(kwargs["timesteps"])
 
         pixels = self.preprocess_image(image)  # stage I's pixel grid, where the map works
-        release_step = release_steps_per_output(
-            map, pixels, strength, invert_map, num_inference_steps, num_images_per_prompt
-        )
+        keep_map = keep_map_on_grid(map, pixels, invert_map)
+        release_step = per_output(release_steps(keep_map, strength, num_inference_steps), num_images_per_prompt)
         self._frozen = frozen = FrozenPixels(release_step, num_inference_steps)
         self._num_timesteps = num_inference_steps - frozen.first_step
+        # keep_exact composites the [-1, 1] images, and then finishes them as stock would.
+        finish = dict(output_type="pt", return_dict=True) if keep_exact else dict(
+            output_type=output_type, return_dict=return_dict
+        )
         try:
             if self._num_timesteps == 0:
-                return return_original(
-                    self, pixels, batch_size, num_images_per_prompt, generator, output_type, return_dict
+                output = return_original(self, pixels, batch_size, num_images_per_prompt, generator, **finish)
+            else:
+                output = super().__call__(
+                    prompt=prompt,
+                    image=pixels,
+                    strength=stock_strength(self._num_timesteps, num_inference_steps),
+                    num_inference_steps=num_inference_steps,
+                    num_images_per_prompt=num_images_per_prompt,
+                    generator=generator,
+                    callback=blending_callback(self, frozen, callback, callback_steps),
+                    callback_steps=1,
+                    **finish,
+                    **kwargs,
                 )
-            return super().__call__(
-                prompt=prompt,
-                image=pixels,
-                strength=stock_strength(self._num_timesteps, num_inference_steps),
-                num_inference_steps=num_inference_steps,
-                num_images_per_prompt=num_images_per_prompt,
-                generator=generator,
-                output_type=output_type,
-                return_dict=return_dict,
-                callback=blending_callback(self, frozen, callback, callback_steps),
-                callback_steps=1,
-                **kwargs,
-            )
         finally:
             self._frozen = None
+        if not keep_exact:
+            return output
+        return composite_kept_pixels(
+            self, output, frozen, keep_map, strength, num_images_per_prompt, output_type, return_dict
+        )
 
     def prepare_intermediate_images(self, *args, **kwargs):
         # Stock draws `noise` here and keeps only add_noise(x0, noise, t); every frozen pixel needs x0 and noise again.
+        if self._frozen is None:  # called outside a differential call
+            return super().prepare_intermediate_images(*args, **kwargs)
         with self._frozen.recording_add_noise(self.scheduler):
             return super().prepare_intermediate_images(*args, **kwargs)
 

@@ -128,9 +128,8 @@ def stage_paths(output: Path, stages: int) -> list[Path]:
 
 
 def load_pipelines(args) -> IFPipelines:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from diff_pipe_I import IFDiffImg2ImgPipeline
-    from diff_pipe_II import IFDiffImg2ImgSuperResolutionPipeline
+    from IF.diff_pipe_I import IFDiffImg2ImgPipeline  # by package, so that families never collide
+    from IF.diff_pipe_II import IFDiffImg2ImgSuperResolutionPipeline
 
     offload = args.device == "cuda" if args.offload is None else args.offload
     stage1 = _load_if_stage(IFDiffImg2ImgPipeline, args.model, "--model", args, offload, super_resolution=False)
@@ -194,8 +193,8 @@ def edit(pipelines, args, *, images, maps, prompts, negative_prompts, seeds, on_
     prompt_embeds, negative_prompt_embeds = stage1.encode_prompt(
         prompts, negative_prompt=negative_prompts, clean_caption=is_bs4_available() and is_ftfy_available()
     )
-    with_map = dict(map=maps, invert_map=args.invert_map, strength=args.strength, prompt_embeds=prompt_embeds,
-                    negative_prompt_embeds=negative_prompt_embeds, output_type="pt")
+    with_map = dict(map=maps, invert_map=args.invert_map, strength=args.strength, keep_exact=args.keep_exact,
+                    prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds, output_type="pt")
     report = on_stage or (lambda stage, pil_images, steps_run: None)
 
     edited = stage1(image=images, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,

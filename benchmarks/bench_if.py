@@ -99,15 +99,15 @@ class Stopwatch:
 
 def differential_work(module, run):
     """Seconds of map preparation per call and of blending per step, in `run()` with `module`'s pipeline."""
-    preparation, blend = Stopwatch(), Stopwatch()
-    saved = module.release_steps_per_output, module.FrozenPixels.blend
-    module.release_steps_per_output = preparation.wrap(saved[0])
-    module.FrozenPixels.blend = blend.wrap(saved[1])
+    keep_map, release, blend = Stopwatch(), Stopwatch(), Stopwatch()
+    saved = module.keep_map_on_grid, module.release_steps, module.FrozenPixels.blend
+    module.keep_map_on_grid, module.release_steps = keep_map.wrap(saved[0]), release.wrap(saved[1])
+    module.FrozenPixels.blend = blend.wrap(saved[2])
     try:
         run()
     finally:
-        module.release_steps_per_output, module.FrozenPixels.blend = saved
-    return preparation.seconds / preparation.calls, blend.seconds / max(blend.calls, 1)
+        module.keep_map_on_grid, module.release_steps, module.FrozenPixels.blend = saved
+    return (keep_map.seconds + release.seconds) / keep_map.calls, blend.seconds / max(blend.calls, 1)
 
 
 def measure(name, stock_class, module, ours_class, parts, common, steps, repeats, device):

@@ -239,6 +239,40 @@ def test_stage2_white_map_runs_no_step_and_returns_the_original(stage2_component
     assert np.array_equal(np.asarray(result[0]), np.asarray(inputs["original_image"]))
 
 
+def test_stage1_keep_exact_gives_the_inputs_bytes_and_changes_nothing_else(stage1_components):
+    """IF has no VAE round trip: kept pixels already end as the original at the stage's size."""
+    _, ours = stage1_pipelines(stage1_components)
+    image = test_image(IF_STAGE1_SIZE)  # at stage I's size, so that x0 holds the input's own bytes
+    run = dict(image=[image, test_image(IF_STAGE1_SIZE, seed=1)], map=[three_band_map(), 1 - three_band_map()],
+               num_images_per_prompt=2, num_inference_steps=8, guidance_scale=1.0, output_type="np", **NO_CLEANING)
+    plain = ours([PROMPT, PROMPT], generator=[seeded_generator(s) for s in range(4)], **run).images
+    exact = ours([PROMPT, PROMPT], generator=[seeded_generator(s) for s in range(4)], keep_exact=True, **run).images
+    assert np.array_equal(exact, plain)
+    kept, _, _ = band_columns(IF_STAGE1_SIZE)
+    pil = ours(PROMPT, image=image, map=three_band_map(), keep_exact=True, num_inference_steps=8,
+               generator=seeded_generator(), **NO_CLEANING).images[0]
+    assert np.array_equal(np.asarray(pil)[:, kept], np.asarray(image)[:, kept])
+
+
+def test_stage2_keep_exact_changes_nothing_in_pixel_space(stage2_components):
+    _, ours = stage2_pipelines(stage2_components)
+    run = dict(**stage2_inputs(), map=three_band_map(), prompt=PROMPT, num_inference_steps=4, guidance_scale=1.0,
+               output_type="pil", **NO_CLEANING)
+    plain = ours(generator=seeded_generator(), **run).images[0]
+    exact = ours(generator=seeded_generator(), keep_exact=True, **run).images[0]
+    assert np.array_equal(np.asarray(exact), np.asarray(plain))
+    kept, _, _ = band_columns(IF_STAGE2_SIZE)
+    assert np.array_equal(np.asarray(exact)[:, kept], np.asarray(run["original_image"])[:, kept])
+
+
+def test_prepare_intermediate_images_works_outside_a_differential_call(stage1_components):
+    stock, ours = stage1_pipelines(stage1_components)
+    pixels, timestep = x0_of(test_image(), IF_STAGE1_SIZE), torch.tensor([500])
+    args = (pixels, timestep, 1, 1, torch.float32, torch.device("cpu"))
+    expected = stock.prepare_intermediate_images(*args, seeded_generator())
+    assert torch.equal(ours.prepare_intermediate_images(*args, seeded_generator()), expected)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Batches
 

@@ -207,6 +207,24 @@ def test_one_stage_writes_only_the_output(models, inputs, tmp_path, monkeypatch,
     assert "10 denoising steps" in out.strip().splitlines()[-1]
 
 
+def test_mask_and_keep_exact_reach_the_pipelines(models, tmp_path, monkeypatch, capsys):
+    """Soft inpainting at stage I's own size: beyond the feathered region, the input's bytes come back."""
+    image, mask = tmp_path / "small.png", tmp_path / "hole.png"
+    test_image(32).save(image)
+    hole = np.zeros((32, 32), np.uint8)
+    hole[8:16, 8:16] = 255  # white = fill
+    Image.fromarray(hole).save(mask)
+    argv = [*models, "--device", "cpu", "--image", image, "--mask", mask, "--feather", "4", "--keep-exact",
+            "--prompt", "a red apple", "--steps", "10", "--stages", "1", "--output", tmp_path / "edit.png"]
+    exit_code, out, errors = run_main(argv, monkeypatch, capsys, tmp_path)
+    assert exit_code == 0 and errors == []
+    result, text = written(tmp_path / "edit.png")
+    original = np.asarray(Image.open(image))
+    assert text["keep_exact"] == "True" and text["mask"].endswith("hole.png")
+    assert np.array_equal(result[24:], original[24:]) and np.array_equal(result[:, 24:], original[:, 24:])
+    assert not np.array_equal(result[10:14, 10:14], original[10:14, 10:14])
+
+
 def test_fp16_loads_the_fp16_files_where_a_model_has_them(tmp_path):
     args = SimpleNamespace(torch_dtype=torch.float16, device="cpu", scheduler="default")
     only_fp16 = tmp_path / "only-fp16"
@@ -235,7 +253,7 @@ def test_help_documents_every_flag():
              "--guidance-scale", "--strength", "--seed", "--output", "--device", "--dtype", "--offload", "--no-offload",
              "--scheduler", "--compare", "--stages", "--stage2-model", "--stage2-steps", "--stage2-guidance-scale",
              "--stage2-noise-level", "--stage3-model", "--stage3-steps", "--stage3-guidance-scale",
-             "--stage3-noise-level"]
+             "--stage3-noise-level", "--mask", "--feather", "--grow", "--keep-exact"]
     assert all(flag in text for flag in flags)
     assert "accept the licence" in text.replace("\n", " ")
 
