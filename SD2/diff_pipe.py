@@ -112,21 +112,22 @@ def _unit_values(map: torch.Tensor) -> torch.Tensor:
     return map[:, None]
 
 
-def prepare_keep_map(map, size: tuple, invert_map: bool = False) -> torch.Tensor:
+def prepare_keep_map(map, size: tuple, invert_map: bool = False, aspect_of: tuple = None) -> torch.Tensor:
     """Returns the keep-map (1 = keep, 0 = change fully) as float32 (B, 1, *size) on the CPU.
 
     `size` is the grid the model works on (latents, or pixels for pixel-space models). Downsampling averages areas,
-    so a fine map does not alias; the map must have the image's aspect ratio, to within one grid cell.
+    so a fine map does not alias. The map must have the aspect ratio of `aspect_of` (the image's height and width,
+    in pixels or grid cells; default `size`) to within one of its units or 1%, whichever is looser.
     """
     map = map_to_tensor(map)
-    (height, width), (grid_height, grid_width) = map.shape[-2:], size
-    if abs(height * grid_width / width - grid_height) > 1:
+    (height, width), (reference_height, reference_width) = map.shape[-2:], aspect_of or size
+    if abs(height * reference_width / width - reference_height) > max(1, reference_height / 100):
         raise ValueError(
-            f"`map` is {width}x{height} pixels but the image is {grid_width}x{grid_height} on the model's grid: "
-            "their aspect ratios differ. Give the map the image's aspect ratio."
+            f"`map` is {width}x{height} but the image is {reference_width}x{reference_height}: their aspect ratios "
+            "differ. Give the map the image's aspect ratio."
         )
-    if (height, width) != (grid_height, grid_width):
-        shrinking = height >= grid_height and width >= grid_width
+    if (height, width) != tuple(size):
+        shrinking = height >= size[0] and width >= size[1]
         map = F.interpolate(map, size=size, mode="area") if shrinking else F.interpolate(map, size=size, mode="bilinear")
         map = map.clamp(0, 1)
     return 1 - map if invert_map else map
@@ -151,6 +152,28 @@ def stock_strength(steps_to_run: int, num_inference_steps: int) -> float:
     return min(1.0, (steps_to_run + 0.5) / num_inference_steps)
 
 
+def tile_to_batch(tensor: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Repeats a per-image tensor to the whole batch, as stock img2img repeats its images (whole batch, not items)."""
+    if tensor.shape[0] in (1, batch_size):
+        return tensor
+    return tensor.repeat(batch_size // tensor.shape[0], *(1,) * (tensor.ndim - 1))
+
+
+def exact_keep_weight(keep_map: torch.Tensor, strength: float, num_inference_steps: int) -> torch.Tensor:
+    """For `keep_exact`: how much of the model's output each pixel shows, clamp(T * s, 0, 1).
+
+    Pixels of strength 0 show only the original; those released on the last step or later blend linearly.
+    """
+    return (num_inference_steps * strength * (1 - keep_map)).clamp(0, 1)
+
+
+def composite_original(images: torch.Tensor, original: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`weight * images + (1 - weight) * original`, batch-tiled like stock: unchanged pixels keep the input's bytes."""
+    weight, original = tile_to_batch(weight, images.shape[0]), tile_to_batch(original, images.shape[0])
+    weight, original = weight.to(images.device, images.dtype), original.to(images.device, images.dtype)
+    return torch.where(weight == 0, original, weight * images + (1 - weight) * original)
+
+
 class FrozenPixels:
     """Keeps every pixel on the noised original until its release step; a step-end callback for stock pipelines.
 
@@ -170,7 +193,6 @@ class FrozenPixels:
     @contextmanager
     def recording_add_noise(self, scheduler):
         """Records `x0` and `noise` as stock `prepare_latents` passes them to `scheduler.add_noise`."""
-
         stock_add_noise = scheduler.add_noise
 
         def add_noise(original_samples, noise, timesteps):
@@ -182,10 +204,7 @@ class FrozenPixels:
             yield
         finally:
             del scheduler.add_noise
-        batch = self.x0.shape[0]
-        if self.release_step.shape[0] not in (1, batch):  # stock tiles images to the batch; tile the maps alike
-            self.release_step = self.release_step.repeat(batch // self.release_step.shape[0], 1, 1, 1)
-        self.release_step = self.release_step.to(self.x0.device)
+        self.release_step = tile_to_batch(self.release_step, self.x0.shape[0]).to(self.x0.device)
 
     def blend(self, scheduler, i: int, latents: torch.Tensor) -> torch.Tensor:
         """The latents to run loop iteration `i + 1` on, where iteration 0 is the first released step."""
@@ -230,6 +249,8 @@ class StableDiffusionDiffImg2ImgPipeline(StableDiffusionImg2ImgPipeline):
     uniform map of strength `s` gives exactly what stock img2img gives at `strength=s`.
     """
 
+    _frozen = None  # the FrozenPixels of the call in progress
+
     @torch.no_grad()
     def __call__(
         self,
@@ -238,6 +259,7 @@ class StableDiffusionDiffImg2ImgPipeline(StableDiffusionImg2ImgPipeline):
         map=None,
         strength: float = 1.0,
         invert_map: bool = False,
+        keep_exact: bool = False,
         num_inference_steps: int = 50,
         num_images_per_prompt: int = 1,
         generator=None,
@@ -263,6 +285,10 @@ class StableDiffusionDiffImg2ImgPipeline(StableDiffusionImg2ImgPipeline):
                 img2img's `strength`.
             invert_map (`bool`, *optional*, defaults to `False`):
                 Read `map` the other way round, white = change, as inpainting masks and some UIs do.
+            keep_exact (`bool`, *optional*, defaults to `False`):
+                Composite the input back after decoding: `clamp(T * s, 0, 1) * output + (1 - that) * input`. Pixels
+                of strength 0 are then the input's own values instead of its lossy VAE round trip, and pixels of
+                strength below 1/T fade in linearly. Off by default, as in the paper.
             num_inference_steps (`int`, *optional*, defaults to 50):
                 The length T of the full schedule. Only the steps from the first released pixel on are run:
                 `floor(T * max(s))` UNet steps.
@@ -300,8 +326,15 @@ class StableDiffusionDiffImg2ImgPipeline(StableDiffusionImg2ImgPipeline):
                 num_inference_steps = len(kwargs[schedule])
 
         pixels = self.image_processor.preprocess(image)
-        latent_grid = pixels.shape[-2:] if pixels.shape[1] == self.vae.config.latent_channels else [n // self.vae_scale_factor for n in pixels.shape[-2:]]
-        keep_map = prepare_keep_map(map, tuple(latent_grid), invert_map)
+        image_is_latents = pixels.shape[1] == self.vae.config.latent_channels
+        if keep_exact and (image_is_latents or output_type == "latent"):
+            raise ValueError(
+                "`keep_exact` copies the input's pixels into the output: pass `image` as pixels, not latents, and an "
+                '`output_type` other than "latent".'
+            )
+        pixel_grid = tuple(pixels.shape[-2:])
+        latent_grid = pixel_grid if image_is_latents else tuple(n // self.vae_scale_factor for n in pixel_grid)
+        keep_map = prepare_keep_map(map, latent_grid, invert_map)
         if keep_map.shape[0] not in (1, pixels.shape[0]):
             raise ValueError(
                 f"Got {keep_map.shape[0]} maps for {pixels.shape[0]} images: pass one map, or one map per image."
@@ -310,32 +343,42 @@ class StableDiffusionDiffImg2ImgPipeline(StableDiffusionImg2ImgPipeline):
         frozen, tensor_inputs = chain_step_end_callback(
             FrozenPixels(release_step, num_inference_steps), callback_on_step_end, callback_on_step_end_tensor_inputs
         )
+        decoded_type = "pt" if keep_exact else output_type
         self._frozen = frozen
         try:
             if frozen.first_step == num_inference_steps:
-                return self._unchanged(prompt, pixels, num_images_per_prompt, generator, output_type, return_dict, kwargs)
-            return super().__call__(
-                prompt=prompt,
-                image=image,
-                strength=stock_strength(num_inference_steps - frozen.first_step, num_inference_steps),
-                num_inference_steps=num_inference_steps,
-                num_images_per_prompt=num_images_per_prompt,
-                generator=generator,
-                output_type=output_type,
-                return_dict=return_dict,
-                callback_on_step_end=frozen,
-                callback_on_step_end_tensor_inputs=tensor_inputs,
-                **kwargs,
-            )
+                output = self._unchanged(prompt, pixels, num_images_per_prompt, generator, decoded_type, kwargs)
+            else:
+                output = super().__call__(
+                    prompt=prompt,
+                    image=image,
+                    strength=stock_strength(num_inference_steps - frozen.first_step, num_inference_steps),
+                    num_inference_steps=num_inference_steps,
+                    num_images_per_prompt=num_images_per_prompt,
+                    generator=generator,
+                    output_type=decoded_type,
+                    callback_on_step_end=frozen,
+                    callback_on_step_end_tensor_inputs=tensor_inputs,
+                    **kwargs,
+                )
         finally:
             self._frozen = None
+        if keep_exact:
+            pixel_keep_map = prepare_keep_map(map, pixel_grid, invert_map, aspect_of=latent_grid)
+            weight = exact_keep_weight(pixel_keep_map, strength, num_inference_steps)
+            images = composite_original(output.images, pixels / 2 + 0.5, weight)
+            images = self.image_processor.postprocess(images, output_type, do_denormalize=[False] * len(images))
+            output = StableDiffusionPipelineOutput(images=images, nsfw_content_detected=output.nsfw_content_detected)
+        return output if return_dict else (output.images, output.nsfw_content_detected)
 
     def prepare_latents(self, *args, **kwargs):
         # Stock draws `noise` here and keeps only add_noise(x0, noise, t); every frozen pixel needs x0 and noise again.
+        if self._frozen is None:
+            return super().prepare_latents(*args, **kwargs)
         with self._frozen.recording_add_noise(self.scheduler):
             return super().prepare_latents(*args, **kwargs)
 
-    def _unchanged(self, prompt, pixels, num_images_per_prompt, generator, output_type, return_dict, kwargs):
+    def _unchanged(self, prompt, pixels, num_images_per_prompt, generator, output_type, kwargs):
         # No pixel is released, so no step runs: the result is x0, as at every kept pixel of a run.
         device, dtype = self._execution_device, self.vae.dtype
         prompt_embeds = kwargs.get("prompt_embeds")
@@ -351,6 +394,4 @@ class StableDiffusionDiffImg2ImgPipeline(StableDiffusionImg2ImgPipeline):
             decoded = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False, generator=generator)
             images = self.image_processor.postprocess(decoded[0], output_type=output_type)
         self.maybe_free_model_hooks()
-        if not return_dict:
-            return images, None
         return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=None)

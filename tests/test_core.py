@@ -103,6 +103,14 @@ def test_a_map_of_another_aspect_ratio_is_refused():
         prepare_keep_map(np.zeros((32, 64), np.float32), (32, 32))
 
 
+def test_aspect_ratio_is_checked_against_the_image_when_the_grid_is_stretched():
+    # Pixel-space stages stretch every image to a square; the map must match the image, not the square.
+    assert prepare_keep_map(np.zeros((384, 512), np.float32), (64, 64), aspect_of=(384, 512)).shape == (1, 1, 64, 64)
+    assert prepare_keep_map(np.zeros((383, 512), np.float32), (64, 64), aspect_of=(386, 512)).shape == (1, 1, 64, 64)
+    with pytest.raises(ValueError, match="512x384"):
+        prepare_keep_map(np.zeros((512, 512), np.float32), (64, 64), aspect_of=(384, 512))
+
+
 def test_downsampling_averages_areas():
     fine = np.indices((64, 64)).sum(0) % 2  # a checkerboard that point sampling would alias to all 0 or all 1
     assert torch.allclose(prepare_keep_map(fine.astype(np.float32), (8, 8)), torch.tensor(0.5))

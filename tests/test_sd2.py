@@ -221,3 +221,45 @@ def test_bad_arguments_are_refused_clearly(components, change, message):
     run = {**dict(image=test_image(), map=np.zeros((64, 64), np.float32), num_inference_steps=4), **change}
     with pytest.raises(ValueError, match=message):
         ours(PROMPT, **run)
+
+
+def test_keep_exact_returns_the_input_bytes_where_strength_is_zero(components):
+    _, ours = pipelines(components)
+    image, keep_map = test_image(), three_band_map()
+    run = dict(image=image, map=keep_map, num_inference_steps=10, generator=seeded_generator())
+    exact = np.asarray(ours(PROMPT, keep_exact=True, **run).images[0])
+    kept = keep_map == 1.0
+    assert np.array_equal(exact[kept], np.asarray(image)[kept])
+    assert not np.array_equal(exact[~kept], np.asarray(image)[~kept])
+    run["generator"] = seeded_generator()
+    plain = ours(PROMPT, output_type="np", **run).images[0]
+    run["generator"] = seeded_generator()
+    exact_np = ours(PROMPT, output_type="np", keep_exact=True, **run).images[0]
+    assert np.array_equal(exact_np[~kept], plain[~kept])  # strength >= 1/T: the model's output, untouched
+
+
+def test_keep_exact_with_nothing_to_change_is_the_input_itself(components):
+    _, ours = pipelines(components)
+    calls = count_unet_calls(ours)
+    image = test_image()
+    result = ours(PROMPT, image=image, map=np.ones((64, 64), np.float32), keep_exact=True).images[0]
+    assert np.array_equal(np.asarray(result), np.asarray(image)) and calls == []
+
+
+def test_keep_exact_blends_strengths_below_one_step_linearly(components):
+    _, ours = pipelines(components)
+    steps, strength = 10, 0.05  # T * s = 0.5: never released, shown at half weight
+    keep_map = np.full((64, 64), 1 - strength, np.float32)
+    keep_map[:, 32:] = 0.0
+    run = dict(image=test_image(), map=keep_map, num_inference_steps=steps, output_type="pt")
+    exact = ours(PROMPT, keep_exact=True, generator=seeded_generator(), **run).images
+    plain = ours(PROMPT, generator=seeded_generator(), **run).images
+    original = ours.image_processor.preprocess(test_image()) / 2 + 0.5
+    expected = 0.5 * plain[..., :32] + 0.5 * original[..., :32]
+    assert torch.allclose(exact[..., :32], expected, atol=1e-6)
+
+
+def test_keep_exact_refuses_latent_output(components):
+    _, ours = pipelines(components)
+    with pytest.raises(ValueError, match="keep_exact"):
+        ours(PROMPT, image=test_image(), map=three_band_map(), keep_exact=True, output_type="latent")
