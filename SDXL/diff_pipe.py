@@ -126,21 +126,22 @@ def _unit_values(map: torch.Tensor) -> torch.Tensor:
     return map[:, None]
 
 
-def prepare_keep_map(map, size: tuple, invert_map: bool = False) -> torch.Tensor:
+def prepare_keep_map(map, size: tuple, invert_map: bool = False, aspect_of: tuple = None) -> torch.Tensor:
     """Returns the keep-map (1 = keep, 0 = change fully) as float32 (B, 1, *size) on the CPU.
 
     `size` is the grid the model works on (latents, or pixels for pixel-space models). Downsampling averages areas,
-    so a fine map does not alias; the map must have the image's aspect ratio, to within one grid cell.
+    so a fine map does not alias. The map must have the aspect ratio of `aspect_of` (the image's height and width,
+    in pixels or grid cells; default `size`) to within one of its units or 1%, whichever is looser.
     """
     map = map_to_tensor(map)
-    (height, width), (grid_height, grid_width) = map.shape[-2:], size
-    if abs(height * grid_width / width - grid_height) > 1:
+    (height, width), (reference_height, reference_width) = map.shape[-2:], aspect_of or size
+    if abs(height * reference_width / width - reference_height) > max(1, reference_height / 100):
         raise ValueError(
-            f"`map` is {width}x{height} pixels but the image is {grid_width}x{grid_height} on the model's grid: "
-            "their aspect ratios differ. Give the map the image's aspect ratio."
+            f"`map` is {width}x{height} but the image is {reference_width}x{reference_height}: their aspect ratios "
+            "differ. Give the map the image's aspect ratio."
         )
-    if (height, width) != (grid_height, grid_width):
-        shrinking = height >= grid_height and width >= grid_width
+    if (height, width) != tuple(size):
+        shrinking = height >= size[0] and width >= size[1]
         map = F.interpolate(map, size=size, mode="area") if shrinking else F.interpolate(map, size=size, mode="bilinear")
         map = map.clamp(0, 1)
     return 1 - map if invert_map else map
@@ -165,6 +166,28 @@ def stock_strength(steps_to_run: int, num_inference_steps: int) -> float:
     return min(1.0, (steps_to_run + 0.5) / num_inference_steps)
 
 
+def tile_to_batch(tensor: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Repeats a per-image tensor to the whole batch, as stock img2img repeats its images (whole batch, not items)."""
+    if tensor.shape[0] in (1, batch_size):
+        return tensor
+    return tensor.repeat(batch_size // tensor.shape[0], *(1,) * (tensor.ndim - 1))
+
+
+def exact_keep_weight(keep_map: torch.Tensor, strength: float, num_inference_steps: int) -> torch.Tensor:
+    """For `keep_exact`: how much of the model's output each pixel shows, clamp(T * s, 0, 1).
+
+    Pixels of strength 0 show only the original; those released on the last step or later blend linearly.
+    """
+    return (num_inference_steps * strength * (1 - keep_map)).clamp(0, 1)
+
+
+def composite_original(images: torch.Tensor, original: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`weight * images + (1 - weight) * original`, batch-tiled like stock: unchanged pixels keep the input's bytes."""
+    weight, original = tile_to_batch(weight, images.shape[0]), tile_to_batch(original, images.shape[0])
+    weight, original = weight.to(images.device, images.dtype), original.to(images.device, images.dtype)
+    return torch.where(weight == 0, original, weight * images + (1 - weight) * original)
+
+
 class FrozenPixels:
     """Keeps every pixel on the noised original until its release step; a step-end callback for stock pipelines.
 
@@ -184,7 +207,6 @@ class FrozenPixels:
     @contextmanager
     def recording_add_noise(self, scheduler):
         """Records `x0` and `noise` as stock `prepare_latents` passes them to `scheduler.add_noise`."""
-
         stock_add_noise = scheduler.add_noise
 
         def add_noise(original_samples, noise, timesteps):
@@ -196,10 +218,7 @@ class FrozenPixels:
             yield
         finally:
             del scheduler.add_noise
-        batch = self.x0.shape[0]
-        if self.release_step.shape[0] not in (1, batch):  # stock tiles images to the batch; tile the maps alike
-            self.release_step = self.release_step.repeat(batch // self.release_step.shape[0], 1, 1, 1)
-        self.release_step = self.release_step.to(self.x0.device)
+        self.release_step = tile_to_batch(self.release_step, self.x0.shape[0]).to(self.x0.device)
 
     def blend(self, scheduler, i: int, latents: torch.Tensor) -> torch.Tensor:
         """The latents to run loop iteration `i + 1` on, where iteration 0 is the first released step."""
@@ -267,6 +286,7 @@ class StableDiffusionXLDiffImg2ImgPipeline(StableDiffusionXLImg2ImgPipeline):
         original_image=None,
         strength: float = 1.0,
         invert_map: bool = False,
+        keep_exact: bool = False,
         num_inference_steps: int = 50,
         denoising_start: float | None = None,
         denoising_end: float | None = None,
@@ -302,6 +322,11 @@ class StableDiffusionXLDiffImg2ImgPipeline(StableDiffusionXLImg2ImgPipeline):
                 img2img's `strength`. Unlike stock, the refiner uses it too: give both stages the same value.
             invert_map (`bool`, *optional*, defaults to `False`):
                 Read `map` the other way round, white = change, as inpainting masks and some UIs do.
+            keep_exact (`bool`, *optional*, defaults to `False`):
+                Composite the input back after decoding: `clamp(T * s, 0, 1) * output + (1 - that) * input`. Pixels
+                of strength 0 are then the input's own values instead of their lossy VAE round trip, and pixels of
+                strength below 1/T fade in linearly. Off by default, as in the paper. It applies to the call that
+                ends the schedule (the refiner, which composites `original_image`), not to one with `denoising_end`.
             num_inference_steps (`int`, *optional*, defaults to 50):
                 The length T of the full schedule, shared by base and refiner. A pixel of strength s is released at
                 step `T - floor(T * s)`; only the steps from the first released pixel on are run.
@@ -349,7 +374,8 @@ class StableDiffusionXLDiffImg2ImgPipeline(StableDiffusionXLImg2ImgPipeline):
             steps this call actually ran.
         """
         num_inference_steps = self._check_differential_inputs(
-            prompt, image, map, original_image, strength, num_inference_steps, denoising_start, denoising_end, kwargs
+            prompt, image, map, original_image, strength, keep_exact, num_inference_steps, denoising_start,
+            denoising_end, output_type, kwargs,
         )
         continuing = is_fraction(denoising_start)
         if original_image is None:
@@ -378,33 +404,45 @@ class StableDiffusionXLDiffImg2ImgPipeline(StableDiffusionXLImg2ImgPipeline):
                 "Without `generator`, this call draws x0 and the noise anew, not as the base drew them: pixels still "
                 "frozen at the handoff get new noise there. Pass a generator seeded as the base's was."
             )
+        decoded_type = "pt" if keep_exact else output_type
         self._stage = SimpleNamespace(frozen=frozen, original=original, latents=latents, noise=noise)
         try:
             if frozen.first_step >= stage_end:
-                return self._without_steps(
-                    prompt, image, continuing, stage_end, num_images_per_prompt, generator, output_type, return_dict,
-                    kwargs,
+                output = self._without_steps(
+                    prompt, image, continuing, stage_end, num_images_per_prompt, generator, decoded_type, kwargs
                 )
-            if continuing:  # stock starts at the handoff and takes `image` as it is; strength does not count
-                where_to_start = dict(image=image, strength=strength, denoising_start=denoising_start)
-            else:  # stock img2img from the first release, on the original
-                steps_to_run = num_inference_steps - frozen.first_step
-                where_to_start = dict(image=original_image, strength=stock_strength(steps_to_run, num_inference_steps))
-            return super().__call__(
-                prompt=prompt,
-                **where_to_start,
-                num_inference_steps=num_inference_steps,
-                denoising_end=denoising_end,
-                num_images_per_prompt=num_images_per_prompt,
-                generator=generator,
-                output_type=output_type,
-                return_dict=return_dict,
-                callback_on_step_end=frozen,
-                callback_on_step_end_tensor_inputs=tensor_inputs,
-                **kwargs,
-            )
+            else:
+                output = super().__call__(
+                    prompt=prompt,
+                    **self._where_to_start(
+                        image, original_image, continuing, strength, denoising_start, num_inference_steps
+                    ),
+                    num_inference_steps=num_inference_steps,
+                    denoising_end=denoising_end,
+                    num_images_per_prompt=num_images_per_prompt,
+                    generator=generator,
+                    output_type=decoded_type,
+                    callback_on_step_end=frozen,
+                    callback_on_step_end_tensor_inputs=tensor_inputs,
+                    **kwargs,
+                )
         finally:
             self._stage = None
+        if keep_exact:
+            pixel_keep_map = prepare_keep_map(map, tuple(original.shape[-2:]), invert_map, aspect_of=latent_grid)
+            weight = exact_keep_weight(pixel_keep_map, strength, num_inference_steps)
+            images = composite_original(output.images, original / 2 + 0.5, weight)
+            images = self.image_processor.postprocess(images, output_type, do_denormalize=[False] * len(images))
+            output = StableDiffusionXLPipelineOutput(images=images)
+        return output if return_dict else (output.images,)
+
+    def _where_to_start(self, image, original_image, continuing, strength, denoising_start, num_inference_steps):
+        """The arguments that make stock start where this call starts."""
+        if continuing:  # at the handoff, from `image` as it is; stock ignores strength there
+            return dict(image=image, strength=strength, denoising_start=denoising_start)
+        # stock img2img from the first release, on the original
+        steps_to_run = num_inference_steps - self._stage.frozen.first_step
+        return dict(image=original_image, strength=stock_strength(steps_to_run, num_inference_steps))
 
     def prepare_latents(self, image, timestep, batch_size, num_images_per_prompt, dtype, device, generator=None,
                         add_noise=True):
@@ -463,7 +501,7 @@ class StableDiffusionXLDiffImg2ImgPipeline(StableDiffusionXLImg2ImgPipeline):
         return tensor.to(device=x0.device, dtype=x0.dtype)
 
     def _without_steps(self, prompt, image, continuing, stage_end, num_images_per_prompt, generator, output_type,
-                       return_dict, kwargs):
+                       kwargs):
         # No pixel is released within this call, so no step runs (stock cannot do that). The result is what the
         # latents are before step `stage_end`: frozen pixels hold the noised original, or x0 at the end of the
         # schedule, and pixels released earlier (by the base) keep `image` or `latents`.
@@ -485,8 +523,6 @@ class StableDiffusionXLDiffImg2ImgPipeline(StableDiffusionXLImg2ImgPipeline):
         self._num_timesteps = 0
         images = self._decode(latents, output_type)
         self.maybe_free_model_hooks()
-        if not return_dict:
-            return (images,)
         return StableDiffusionXLPipelineOutput(images=images)
 
     def _decode(self, latents, output_type):
@@ -530,8 +566,8 @@ class StableDiffusionXLDiffImg2ImgPipeline(StableDiffusionXLImg2ImgPipeline):
         end = steps_before(denoising_end) if is_fraction(denoising_end) else num_inference_steps
         return start, end
 
-    def _check_differential_inputs(self, prompt, image, map, original_image, strength, num_inference_steps,
-                                   denoising_start, denoising_end, kwargs):
+    def _check_differential_inputs(self, prompt, image, map, original_image, strength, keep_exact,
+                                   num_inference_steps, denoising_start, denoising_end, output_type, kwargs):
         if image is None or map is None:
             raise ValueError("Pass both `image` and `map`.")
         if not isinstance(num_inference_steps, numbers.Integral) or num_inference_steps < 1:
@@ -564,7 +600,21 @@ class StableDiffusionXLDiffImg2ImgPipeline(StableDiffusionXLImg2ImgPipeline):
                 "With `denoising_start`, `image` holds the base's latents: pass the image being edited as "
                 "`original_image` too, since frozen pixels keep its encoding."
             )
+        if keep_exact:
+            self._check_keep_exact(image if original_image is None else original_image, denoising_end, output_type)
         return int(num_inference_steps)
+
+    def _check_keep_exact(self, original_image, denoising_end, output_type):
+        if self._holds_latents(original_image) or output_type == "latent":
+            raise ValueError(
+                "`keep_exact` copies the input's pixels into the output: pass the image (`original_image` for the "
+                'refiner) as pixels, not latents, and an `output_type` other than "latent".'
+            )
+        if is_fraction(denoising_end):
+            raise ValueError(
+                "`keep_exact` composites the input into the finished image, but `denoising_end` stops this call "
+                "before the end of the schedule: pass `keep_exact` to the call that finishes it (the refiner)."
+            )
 
     def _holds_latents(self, image) -> bool:
         first = image[0] if isinstance(image, (list, tuple)) and len(image) > 0 else image

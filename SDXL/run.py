@@ -3,6 +3,7 @@
     python SDXL/run.py                      # the example in assets/: SDXL base to 0.8, then the refiner from 0.8
     python SDXL/run.py --image photo.jpg --map map.png --prompt "a watercolour painting" --output edit.png
     python SDXL/run.py --no-refiner         # the base alone, over the whole schedule
+    python SDXL/run.py --image photo.jpg --mask hole.png --feather 32 --prompt "a brick wall"   # soft inpainting
 
 The image is scaled to SDXL's working size first: by default it keeps its aspect ratio at about 1024 x 1024 pixels
 in area (a square image becomes 1024 x 1024, a 3:2 photo 1256 x 840); --width and --height fix either side or both.
@@ -148,13 +149,14 @@ def edit(pipelines, args, *, images, maps, prompts, negative_prompts, seeds):
     generators = lambda: [cli.make_generator(seed) for seed in seeds]  # noqa: E731
     base, refiner = pipelines
     if refiner is None:
-        result = base(image=images, generator=generators(), **common)
+        result = base(image=images, generator=generators(), keep_exact=args.keep_exact, **common)
         return result.images, base.num_timesteps
     latents = base(
         image=images, generator=generators(), denoising_end=args.refiner_start, output_type="latent", **common
     ).images
     result = refiner(
-        image=latents, original_image=images, generator=generators(), denoising_start=args.refiner_start, **common
+        image=latents, original_image=images, generator=generators(), denoising_start=args.refiner_start,
+        keep_exact=args.keep_exact, **common,
     )
     return result.images, base.num_timesteps + refiner.num_timesteps
 

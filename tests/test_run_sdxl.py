@@ -27,15 +27,19 @@ def test_base_and_refiner_write_a_png_with_their_parameters(sdxl_base_dir, sdxl_
     result = run_script(
         SCRIPT, "--model", sdxl_base_dir, "--refiner", sdxl_refiner_dir, "--device", "cpu", "--image", image,
         "--map", map_path, "--prompt", "a red apple", "--steps", "10", "--strength", "0.5", "--seed", "7",
-        "--width", "64", "--height", "64", "--output", output, "--compare",
+        "--width", "64", "--height", "64", "--keep-exact", "--output", output, "--compare",
     )
     assert result.returncode == 0, result.stderr
     last_line = result.stdout.strip().splitlines()[-1]
     # Strength 0.5 of 10 steps: steps 5 to 7 in the base, 8 and 9 in the refiner, which starts at 0.8.
     assert last_line.startswith(str(output)) and "5 denoising steps" in last_line
-    with Image.open(output) as written:
+    with Image.open(output) as written, Image.open(image) as source:
         assert written.size == (64, 64) and written.format == "PNG"
         text = written.text
+        edited, original = np.asarray(written.convert("RGB")), np.asarray(source.convert("RGB"))
+    # --keep-exact in the refiner, which ends the schedule: the kept right half is the input's own bytes
+    assert np.array_equal(edited[:, 32:], original[:, 32:]) and text["keep_exact"] == "True"
+    assert np.abs(edited[:, :32].astype(int) - original[:, :32]).mean() > 5
     assert text["prompt"] == "a red apple" and text["seed"] == "7" and text["strength"] == "0.5"
     assert text["model"] == str(sdxl_base_dir) and text["refiner"] == str(sdxl_refiner_dir)
     assert text["refiner_start"] == "0.8" and (text["width"], text["height"]) == ("64", "64")
@@ -44,19 +48,23 @@ def test_base_and_refiner_write_a_png_with_their_parameters(sdxl_base_dir, sdxl_
         assert strip.width >= 3 * 64
 
 
-def test_base_alone_keeps_the_aspect_ratio_from_one_side(sdxl_base_dir, tmp_path):
-    image, map_path, output = tmp_path / "wide.png", tmp_path / "map.png", tmp_path / "edit.png"
+def test_base_alone_keeps_the_aspect_ratio_from_one_side_and_takes_a_mask(sdxl_base_dir, tmp_path):
+    image, mask, output = tmp_path / "wide.png", tmp_path / "hole.png", tmp_path / "edit.png"
     test_image(size=96).resize((96, 64)).save(image)
-    save_map(np.zeros((64, 96), np.float32), map_path)
+    hole = np.zeros((64, 96), np.uint8)
+    hole[16:48, 24:72] = 255  # soft inpainting: white is the region to fill
+    Image.fromarray(hole).save(mask)
     result = run_script(
-        SCRIPT, "--model", sdxl_base_dir, "--no-refiner", "--device", "cpu", "--image", image, "--map", map_path,
-        "--prompt", "x", "--steps", "4", "--width", "64", "--output", output,
+        SCRIPT, "--model", sdxl_base_dir, "--no-refiner", "--device", "cpu", "--image", image, "--mask", mask,
+        "--feather", "8", "--prompt", "x", "--steps", "4", "--width", "64", "--output", output,
     )
     assert result.returncode == 0, result.stderr
-    assert "4 denoising steps" in result.stdout
+    assert "4 denoising steps" in result.stdout  # the region changes fully
     with Image.open(output) as written:
         assert written.size == (64, 40)  # 64 / 1.5 = 42.7, to the nearest multiple of 8
-        assert written.text["refiner"] == "none" and "refiner_start" not in written.text
+        text = written.text
+    assert text["refiner"] == "none" and "refiner_start" not in text
+    assert text["mask"].endswith("hole.png") and text["feather"] == "8.0"
 
 
 @pytest.mark.parametrize(
@@ -91,12 +99,14 @@ def write_bytes_of(paths):
         ("height not a multiple of 8", ["--height", "100"], "--height: must be a multiple of 8"),
         ("width not a number", ["--width", "wide"], "--width: must be a multiple of 8"),
         ("refiner start out of range", ["--refiner-start", "1"], "--refiner-start"),
+        ("map and mask", ["--mask", "{map}"], "--map and --mask"),
+        ("feather without a mask", ["--feather", "8"], "--mask PATH"),
     ],
 )
 def test_bad_input_gives_one_line_and_leaves_inputs_untouched(sdxl_base_dir, inputs, tmp_path, case, extra, message):
     image, map_path = inputs
     before = write_bytes_of([image, map_path])
-    extra = [value.format(image=image, tmp=tmp_path) for value in extra]
+    extra = [value.format(image=image, map=map_path, tmp=tmp_path) for value in extra]
     base = ["--model", sdxl_base_dir, "--device", "cpu", "--image", image, "--map", map_path, "--prompt", "x",
             "--steps", "2", "--width", "64", "--height", "64"]
     if "--output" not in extra:

@@ -105,13 +105,13 @@ def capture_start_latents(pipe):
 
 
 def split_run(base, refiner, image, keep_map, split=SPLIT, steps=STEPS, seed=0, base_callback=None,
-              refiner_callback=None, output_type="latent", **common):
+              refiner_callback=None, output_type="latent", keep_exact_in_refiner=False, **common):
     latents = base(PROMPT, image=image, map=keep_map, num_inference_steps=steps, denoising_end=split,
                    generator=seeded_generator(seed), output_type="latent", callback_on_step_end=base_callback,
                    **common).images
     final = refiner(PROMPT, image=latents, original_image=image, map=keep_map, num_inference_steps=steps,
                     denoising_start=split, generator=seeded_generator(seed), output_type=output_type,
-                    callback_on_step_end=refiner_callback, **common).images
+                    callback_on_step_end=refiner_callback, keep_exact=keep_exact_in_refiner, **common).images
     return latents, final
 
 
@@ -378,6 +378,41 @@ def test_images_and_maps_may_be_pil_numpy_or_tensors(components):
     assert np.array_equal(results[0], results[1])
     # Stock makes tensors contiguous but keeps PIL and numpy pixels channels-last; the VAE rounds the two apart.
     assert np.abs(results[0] - results[2]).max() <= 1e-5
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# keep_exact
+
+
+def test_keep_exact_in_the_refiner_returns_the_input_bytes_where_strength_is_zero(components):
+    base, refiner = pipelines(components)
+    image = test_image()
+    _, exact = split_run(base, refiner, image, FOUR_BANDS, output_type="pil", keep_exact_in_refiner=True)
+    kept = FOUR_BANDS == 1.0
+    exact = np.asarray(exact[0])
+    assert np.array_equal(exact[kept], np.asarray(image)[kept])
+    assert not np.array_equal(exact[~kept], np.asarray(image)[~kept])
+    _, exact_np = split_run(base, refiner, image, FOUR_BANDS, output_type="np", keep_exact_in_refiner=True)
+    _, plain = split_run(base, refiner, image, FOUR_BANDS, output_type="np")
+    assert np.array_equal(exact_np[0][~kept], plain[0][~kept])  # strength >= 1/T: the model's output, untouched
+
+
+def test_keep_exact_with_nothing_to_change_is_the_input_itself(components):
+    base = pipelines(components)[0]
+    calls = count_unet_calls(base)
+    image = test_image()
+    result = base(PROMPT, image=image, map=np.ones((64, 64), np.float32), keep_exact=True).images[0]
+    assert np.array_equal(np.asarray(result), np.asarray(image)) and calls == []
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [(dict(output_type="latent"), "as pixels"), (dict(denoising_end=0.8), "the call that finishes it")],
+)
+def test_keep_exact_is_refused_where_there_is_no_finished_image(components, change, message):
+    base = pipelines(components)[0]
+    with pytest.raises(ValueError, match=message):
+        base(PROMPT, image=test_image(), map=FOUR_BANDS, keep_exact=True, **change)
 
 
 # ---------------------------------------------------------------------------------------------------------------
