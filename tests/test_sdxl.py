@@ -1,7 +1,6 @@
 """StableDiffusionXLDiffImg2ImgPipeline against stock diffusers, base alone and base + refiner, on tiny SDXL models."""
 
 import copy
-import sys
 
 import numpy as np
 import pytest
@@ -421,9 +420,6 @@ def test_keep_exact_is_refused_where_there_is_no_finished_image(components, chan
 
 
 def test_loading_from_a_folder_as_class_and_as_custom_pipeline(sdxl_base_dir):
-    # diffusers runs a local custom pipeline file in the module it cached under the file's name, so another family's
-    # diff_pipe.py loaded earlier in this process would still be in there: start from a fresh module.
-    sys.modules.pop("diffusers_modules.local.diff_pipe", None)
     by_class = StableDiffusionXLDiffImg2ImgPipeline.from_pretrained(sdxl_base_dir)
     by_custom = DiffusionPipeline.from_pretrained(sdxl_base_dir, custom_pipeline="SDXL/diff_pipe.py",
                                                   trust_remote_code=True)
