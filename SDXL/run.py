@@ -138,7 +138,7 @@ def edit(pipelines, args, *, images, maps, prompts, negative_prompts, seeds):
     common = dict(
         prompt=prompts,
         negative_prompt=[text or "" for text in negative_prompts],
-        map=[_stretched_map(map_image, size) for map_image in maps],
+        map=[cli.stretch_map(map_image, size) for map_image in maps],
         invert_map=args.invert_map,
         strength=args.strength,
         num_inference_steps=args.steps,
@@ -159,18 +159,6 @@ def edit(pipelines, args, *, images, maps, prompts, negative_prompts, seeds):
         keep_exact=args.keep_exact, **common,
     )
     return result.images, base.num_timesteps + refiner.num_timesteps
-
-
-def _stretched_map(map_image, size):
-    """The map as float values in [0, 1] at `size`, keeping 16-bit and float precision."""
-    import torch.nn.functional as F
-
-    from SDXL.diff_pipe import map_to_tensor
-
-    keep_map = map_to_tensor(map_image)
-    if tuple(keep_map.shape[-2:]) != (size[1], size[0]):
-        keep_map = F.interpolate(keep_map, size=(size[1], size[0]), mode="bilinear", antialias=True).clamp(0, 1)
-    return keep_map[0, 0].numpy()
 
 
 def run():
