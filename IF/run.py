@@ -22,8 +22,6 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
-from PIL import PngImagePlugin
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tools import cli  # noqa: E402
 
@@ -234,9 +232,7 @@ def run():
     def save_stage(stage, images, steps_run):
         # Written at once: a later stage that fails (out of memory, say) leaves the earlier ones on disk.
         if stage in stage_files:
-            info = PngImagePlugin.PngInfo()
-            for key, value in cli.png_parameters(args, steps_run, {**stage_parameters(args), "stage": stage}).items():
-                info.add_text(key, value)
+            info = cli.png_info(args, steps_run, {**stage_parameters(args), "stage": stage})
             print(f"stage {stage}: {cli.write_png(images[0], stage_files[stage], info, overwrite=args.overwrite)}")
 
     (result,), steps_run = edit(
