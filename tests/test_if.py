@@ -311,7 +311,8 @@ def test_stage2_images_and_copies_each_equal_their_own_run(stage2_components):
     maps, prompts, seeds = [three_band_map(), 1 - three_band_map()], ["a red apple", "a blue pear"], [[3, 4], [5, 6]]
     run = dict(num_inference_steps=3, guidance_scale=1.0, output_type="pt", **NO_CLEANING)
     batch = ours(image=[i["image"] for i in inputs], original_image=[i["original_image"] for i in inputs], map=maps,
-                 prompt=prompts, num_images_per_prompt=2, generator=[seeded_generator(s) for pair in seeds for s in pair],
+                 prompt=prompts, num_images_per_prompt=2,
+                 generator=[seeded_generator(s) for pair in seeds for s in pair],
                  **run).images
     assert batch.shape == (4, 3, IF_STAGE2_SIZE, IF_STAGE2_SIZE)
     for i in range(2):
@@ -452,7 +453,8 @@ def test_stage2_bad_arguments_are_refused_clearly(stage2_components, change, mes
 
 
 def test_both_stages_carry_the_same_if_helpers():
-    begin, end = "# Copied from IF/diff_pipe_I.py: IF helpers (begin)", "# Copied from IF/diff_pipe_I.py: IF helpers (end)"
+    begin = "# Copied from IF/diff_pipe_I.py: IF helpers (begin)"
+    end = "# Copied from IF/diff_pipe_I.py: IF helpers (end)"
     blocks = []
     for name in ("diff_pipe_I.py", "diff_pipe_II.py"):
         text = (REPO_ROOT / "IF" / name).read_text()
