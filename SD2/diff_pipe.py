@@ -193,7 +193,6 @@ class FrozenPixels:
     @contextmanager
     def recording_add_noise(self, scheduler):
         """Records `x0` and `noise` as stock `prepare_latents` passes them to `scheduler.add_noise`."""
-
         stock_add_noise = scheduler.add_noise
 
         def add_noise(original_samples, noise, timesteps):
@@ -249,6 +248,8 @@ class StableDiffusionDiffImg2ImgPipeline(StableDiffusionImg2ImgPipeline):
     LoRA, textual inversion, IP-Adapter, model offloading and any compatible scheduler work as they do there. A
     uniform map of strength `s` gives exactly what stock img2img gives at `strength=s`.
     """
+
+    _frozen = None  # the FrozenPixels of the call in progress
 
     @torch.no_grad()
     def __call__(
@@ -372,6 +373,8 @@ class StableDiffusionDiffImg2ImgPipeline(StableDiffusionImg2ImgPipeline):
 
     def prepare_latents(self, *args, **kwargs):
         # Stock draws `noise` here and keeps only add_noise(x0, noise, t); every frozen pixel needs x0 and noise again.
+        if self._frozen is None:
+            return super().prepare_latents(*args, **kwargs)
         with self._frozen.recording_add_noise(self.scheduler):
             return super().prepare_latents(*args, **kwargs)
 

@@ -68,7 +68,7 @@ def main():
     seed = lambda: torch.Generator().manual_seed(0)  # noqa: E731
     uniform = np.zeros((size, size), np.float32)
     gradient = np.linspace(0, 1, size, dtype=np.float32)[None].repeat(size, 0)  # strength 1 at the left, 0 at the right
-    weak = 1 - 0.3 * (1 - gradient)  # strongest pixel 0.3
+    weak = np.where(gradient < 0.5, 0.7, 1.0).astype(np.float32)  # strength 0.3 on the left half, 0 on the right
 
     cases = {
         "stock img2img, strength 1": lambda: stock(strength=1.0, generator=seed(), **common),

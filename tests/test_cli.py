@@ -62,6 +62,7 @@ def make_parser(folder, **defaults):
         "default_image": folder / "input.png",
         "default_map": folder / "map.png",
         "default_prompt": folder / "prompt.txt",
+        "default_negative_prompt": "",
         **defaults,
     }
     return cli.build_parser("Test run.", default_model=HUB_ID, default_steps=50, default_guidance=7.5, **defaults)
@@ -119,6 +120,14 @@ def test_defaults(parser, example):
     assert (args.device, args.dtype, args.torch_dtype) == ("cpu", "fp32", torch.float32)
     assert args.scheduler == "default"
     assert not any([args.invert_map, args.offload, args.compare, args.overwrite])
+
+
+def test_the_example_defaults_are_the_committed_assets():
+    parser = cli.build_parser("Test run.", default_model=HUB_ID, default_steps=50, default_guidance=7.5)
+    assert parser.example.image == cli.ASSETS / "input.jpg" and cli.EXAMPLE_IMAGE.is_file()
+    args = cli.parse_args(parser, ["--device", "cpu", "--output", "/tmp/never-written.png", "--overwrite"])
+    assert args.negative_prompt == (cli.ASSETS / "negative_prompt.txt").read_text().strip() != ""
+    assert args.prompt == (cli.ASSETS / "prompt.txt").read_text().strip() != ""
 
 
 def test_flags_are_parsed(parser, example):
