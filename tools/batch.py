@@ -26,9 +26,8 @@ in ``<output-dir>/summary.json``.
 
 Under ``accelerate launch`` or ``torchrun`` the rows are split between the processes with
 ``accelerate.PartialState.split_between_processes``; the main process plans the work and writes the summary. Each
-row's noise comes from its own seed, so a row's result does not depend on the number of processes or on its batch
-mates (batches of several rows can differ from single rows in the last bit of the floats, as any batched GPU or CPU
-kernel may).
+row's noise comes from its own seed, so a row's result does not depend on the number of processes, nor on its batch
+mates but for rounding: a batched call adds in another order, so a few pixels may differ by one level of 255.
 
 A model's run.py takes part through three functions (see SD2/run.py): ``build_parser()``, ``load_pipelines(args)``
 and ``edit(pipelines, args, *, images, maps, prompts, negative_prompts, seeds) -> (images, steps_run)``.
@@ -216,6 +215,8 @@ def parse_args(module, argv: list[str]) -> argparse.Namespace:
     args.dtype = cli._dtype_name(args.torch_dtype)
     args.jobs = Path(args.jobs).expanduser()
     args.output_dir = Path(args.output_dir).expanduser()
+    if Path(args.model).expanduser().is_dir():  # the results record it, and a rerun from elsewhere must match them
+        args.model = str(Path(args.model).expanduser().absolute())
     for flag in ("image", "map", "mask"):
         if getattr(args, flag, None) is not None:
             path = Path(getattr(args, flag)).expanduser().absolute()
@@ -489,8 +490,8 @@ class _RowChecker:
             try:
                 with cli._reading_image(path, name), Image.open(path) as opened:
                     size = opened.size
-                    if opened.getexif().get(0x0112) in (5, 6, 7, 8):  # EXIF rotations by 90 degrees: loading
-                        size = size[::-1]  # turns the picture upright, and so the batch groups by that size
+                    if _orientation(opened) in (5, 6, 7, 8):  # EXIF rotations by 90 degrees: loading turns
+                        size = size[::-1]  # the picture upright, and so the batch groups by that size
                     self.headers[path] = (size, opened.mode)
             except cli.CliError as error:
                 self.headers[path] = str(error)
@@ -540,6 +541,18 @@ class _RowChecker:
             if problem:
                 problems.append(f"output {text}: {problem}")
         return path
+
+
+def _orientation(opened: Image.Image) -> int:
+    """The EXIF orientation, read from the header only (``getexif`` would decode a whole PNG to look further)."""
+    if "exif" not in opened.info:
+        return 1
+    exif = Image.Exif()
+    try:
+        exif.load(opened.info["exif"])
+    except (OSError, SyntaxError, ValueError):
+        return 1
+    return exif.get(0x0112, 1)
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -719,10 +732,12 @@ def _run_share(state, module, args, jobs: list[Job], batches: list[list[int]]) -
         return []
     from tqdm.auto import tqdm
 
-    if not state.is_main_process:
+    if not state.is_main_process:  # one set of loading bars, the main process's, is enough
         import diffusers
+        import transformers
 
-        diffusers.utils.logging.disable_progress_bar()  # one loading bar, the main process's, is enough
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
     pipelines = module.load_pipelines(args)
     _quiet_progress_bars(pipelines)  # one bar for the whole batch instead of one per pipeline call
     total = sum(len(batch) for batch in batches)
