@@ -170,8 +170,8 @@ def build_parser(module) -> argparse.ArgumentParser:
     group.add_argument("--output-dir", required=True, metavar="DIR",
                        help="folder for the results and summary.json; created if missing")
     group.add_argument("--batch-size", type=cli._integer(1, MAX_BATCH_SIZE), default=1, metavar="N",
-                       help="rows per pipeline call, among rows of equal size, steps, strength and guidance "
-                       "(default: 1)")
+                       help="rows per pipeline call, among rows of equal image size, map (or mask), steps, "
+                       "strength and guidance (default: 1)")
     group.add_argument("--skip-bad-rows", action="store_true",
                        help="run the good rows even if others are bad (default: off, run nothing)")
     if "--mask" not in parser._option_string_actions:
@@ -468,7 +468,11 @@ class _RowChecker:
             return None, problems
         job = Job(row.line, image, map_path, mask, feather, grow, prompt, negative_prompt, seed, strength, steps,
                   guidance, output)
-        job.batch_key = (self.headers[image][0], self.headers[map_path or mask], steps, strength, guidance)
+        # One call runs every image from the earliest step that any of its maps releases, and multistep schedulers
+        # (DPM-Solver++, PNDM, UniPC) carry what those steps saw into later ones: rows batch only with rows of the
+        # same map, so that each starts where it would alone.
+        map_identity = ("map", map_path) if map_path is not None else ("mask", mask, feather, grow)
+        job.batch_key = (self.headers[image][0], map_identity, steps, strength, guidance)
         return job, []
 
     def _path(self, cells, name, default, problems, required=False) -> Path | None:
