@@ -231,10 +231,9 @@ def _process_state(args: argparse.Namespace):
     """This process's place among the processes that ``accelerate launch`` or ``torchrun`` started, if any."""
     from accelerate import PartialState
 
-    state = PartialState(cpu=args.device == "cpu")  # without cpu=True, CPU processes would each be rank 0 of 1
-    if args.device == "cuda":
-        args.device = str(state.device)  # cuda:<local rank>, so that --offload, too, uses this process's GPU
-    return state
+    # Without cpu=True, CPU processes would each be rank 0 of 1. On GPUs, PartialState makes this process's own GPU
+    # the current one, which is where "cuda" (model loading, cli.load_pipeline's offload) then puts the model.
+    return PartialState(cpu=args.device == "cpu")
 
 
 def _shared(state, make):
