@@ -202,7 +202,7 @@ def test_bad_rows_are_listed_by_line_and_nothing_runs(jobs, tmp_path, capsys):
     expected = [
         (3, "image"), (3, "missing.png: no such file"),
         (5, "both a map and a mask"),
-        (6, "feather width"), (6, "strength must be a number from 0 to 1, got '1.5'"),
+        (6, "strength must be a number from 0 to 1, got '1.5'"),
         (6, "steps must be a whole number from 1 to 1000, got '0'"),
         (7, "no prompt"), (7, "seed must be a whole number"),
         (10, "is also written by line 8"),  # the quoted prompt spans lines 8 and 9

@@ -9,7 +9,7 @@ The jobs file is CSV (with a header) or JSON Lines (one object a line). Each row
     map              its keep map, white = keep                                (default: --map)
     mask, feather    or an inpainting mask (white = fill) and its soft band in pixels, made into a keep map by
     grow             tools.maps.feathered_mask, after growing the mask by grow pixels (defaults: --mask,
-                     --feather, --grow; grow 0)
+                     --feather, --grow; feather and grow 0)
     prompt           (default: --prompt)
     negative_prompt, seed, strength, steps, guidance_scale      (defaults: the flags of the same name)
     output           the PNG to write, relative to --output-dir (default: <row number>-<image name>.png there)
@@ -179,9 +179,9 @@ def build_parser(module) -> argparse.ArgumentParser:
                            "with neither map nor mask")
     if "--feather" not in parser._option_string_actions:
         group.add_argument("--feather", type=cli._real(0.0), metavar="PX",
-                           help="default width of a mask's soft band, in pixels (0 = hard edge)")
+                           help="default width of a mask's soft band, in pixels; 0 is a hard mask (default: 0)")
     if "--grow" not in parser._option_string_actions:
-        group.add_argument("--grow", type=cli._real(0.0), default=0.0, metavar="PX",
+        group.add_argument("--grow", type=cli._real(0.0), metavar="PX",
                            help="default growth of a mask before feathering, in pixels (default: 0)")
     _reword_help(parser)
     return parser
@@ -443,13 +443,10 @@ class _RowChecker:
         cells, args, problems = row.cells, self.args, list(row.problems)
         image = self._path(cells, "image", args.image, problems, required=True)
         map_path, mask = self._map_or_mask(cells, problems)
-        feather, grow = None, 0.0
-        if mask is not None:
-            feather = self._number(cells, "feather", getattr(args, "feather", None), cli._real(0.0), problems)
-            grow = self._number(cells, "grow", getattr(args, "grow", 0.0), cli._real(0.0), problems)
-            if feather is None and not cells.get("feather"):
-                problems.append("a mask needs a feather width in pixels (0 for a hard edge): fill the feather "
-                                "column or pass --feather")
+        feather = grow = 0.0
+        if mask is not None:  # as in run.py: a mask without --feather is a hard mask
+            feather = self._number(cells, "feather", args.feather or 0.0, cli._real(0.0), problems)
+            grow = self._number(cells, "grow", args.grow or 0.0, cli._real(0.0), problems)
         elif map_path is not None:
             for name in ("feather", "grow"):
                 if cells.get(name):
