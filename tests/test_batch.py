@@ -229,6 +229,16 @@ def test_bad_json_lines_are_listed_by_line(jobs, tmp_path, capsys):
     assert ":1:" not in errors and ":2:" not in errors
 
 
+def test_the_command_line_fills_in_what_a_row_leaves_out(reference, sd_dir, jobs, tmp_path):
+    (jobs.parent / "seeds.csv").write_text("seed,prompt\n1,\n2,a green pear\n")  # a seed sweep
+    folder = jobs.parent
+    assert batch.run(batch_args(sd_dir, folder / "seeds.csv", tmp_path, "--image", folder / "photo0.png", "--map",
+                                folder / "map.png", "--prompt", "a red apple")) == 0
+    assert np.array_equal(pixels(tmp_path / "0001-photo0.png"), pixels(reference / "0001-photo0.png"))
+    with Image.open(tmp_path / "0002-photo0.png") as written:
+        assert (written.text["prompt"], written.text["seed"]) == ("a green pear", "2")
+
+
 def test_skip_bad_rows_runs_the_others(reference, sd_dir, jobs, tmp_path):
     (jobs.parent / "some_bad.csv").write_text(
         "image,map,prompt,seed\nphoto0.png,map.png,a red apple,1\nmissing.png,map.png,x,1\n"

@@ -476,6 +476,8 @@ class _RowChecker:
         if not text:
             if default is None and required:
                 problems.append(f"no {name}: fill the {name} column, or pass --{name}")
+            elif default is not None:
+                self._header(default, name)  # parse_args read it already: this only records its size
             return default
         path = Path(text).expanduser()
         path = (path if path.is_absolute() else self.base / path).absolute()
