@@ -239,6 +239,19 @@ def test_the_command_line_fills_in_what_a_row_leaves_out(reference, sd_dir, jobs
         assert (written.text["prompt"], written.text["seed"]) == ("a green pear", "2")
 
 
+def test_a_row_gives_what_run_py_gives(reference, sd_dir, jobs, tmp_path, monkeypatch, capsys):
+    folder = jobs.parent
+    output = tmp_path / "run.png"
+    monkeypatch.setattr(sys, "argv", ["SD2/run.py", "--model", str(sd_dir), "--device", "cpu", "--steps", str(STEPS),
+                                      "--image", str(folder / "photo1.png"), "--map", str(folder / "map.png"),
+                                      "--prompt", "a red apple", "--seed", "10", "--strength", "0.5",
+                                      "--output", str(output)])
+    batch.load_family("sd2").run()
+    assert np.array_equal(pixels(output), pixels(reference / "0010-photo1.png"))
+    with Image.open(output) as alone, Image.open(reference / "0010-photo1.png") as row:
+        assert alone.text["negative_prompt"] == row.text["negative_prompt"] != ""  # the same default
+
+
 def test_skip_bad_rows_runs_the_others(reference, sd_dir, jobs, tmp_path):
     (jobs.parent / "some_bad.csv").write_text(
         "image,map,prompt,seed\nphoto0.png,map.png,a red apple,1\nmissing.png,map.png,x,1\n"

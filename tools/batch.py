@@ -193,7 +193,7 @@ def _reword_help(parser: argparse.ArgumentParser) -> None:
         "image": "default image, for rows without one",
         "map": "default keep map (white = keep), for rows with neither map nor mask",
         "prompt": "default prompt, for rows without one",
-        "negative_prompt": "default negative prompt, for rows without one (default: none)",
+        "negative_prompt": "default negative prompt, for rows without one (default: as run.py's)",
         "overwrite": "redo rows whose output already holds their result, and replace it (default: off, skip them)",
         "output": argparse.SUPPRESS,  # one file per row: --output-dir and the output column name them
     }
@@ -204,7 +204,13 @@ def _reword_help(parser: argparse.ArgumentParser) -> None:
 
 def parse_args(module, argv: list[str]) -> argparse.Namespace:
     """Parses the command line and checks what needs neither the jobs file nor a model."""
-    args = build_parser(module).parse_args(argv)
+    parser = build_parser(module)
+    args = parser.parse_args(argv)
+    # The negative prompt run.py falls back on is generic (assets/negative_prompt.txt): rows fall back on it too,
+    # so that a row gives what run.py gives. The example prompt is not: a row without a prompt is an error.
+    example = getattr(parser, "example", None)
+    args.negative_prompt = cli._text_argument(args.negative_prompt, example.negative_prompt if example else "",
+                                              "--negative-prompt")
     if args.output is not None:
         raise cli.CliError("--output names one file, and a batch writes one per row: use --output-dir, and the "
                            "jobs file's output column to name them")
@@ -454,7 +460,7 @@ class _RowChecker:
         prompt = cells.get("prompt") or args.prompt
         if not prompt:
             problems.append("no prompt: fill the prompt column, or pass --prompt")
-        negative_prompt = cells.get("negative_prompt") or args.negative_prompt or ""
+        negative_prompt = cells.get("negative_prompt") or args.negative_prompt
         seed = self._number(cells, "seed", args.seed, cli._integer(0, cli.MAX_SEED), problems)
         strength = self._number(cells, "strength", args.strength, cli._real(0.0, 1.0), problems)
         steps = self._number(cells, "steps", args.steps, cli._integer(1, cli.MAX_STEPS), problems)
