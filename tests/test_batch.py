@@ -133,7 +133,7 @@ def recording_edits(monkeypatch, fail_on_prompt=None):
                 raise RuntimeError("boom")
             return edit(pipe, args, **rows)
 
-        module.edit = recorded
+        monkeypatch.setattr(module, "edit", recorded)
         return module
 
     monkeypatch.setattr(batch, "load_family", load)
@@ -239,17 +239,22 @@ def test_the_command_line_fills_in_what_a_row_leaves_out(reference, sd_dir, jobs
         assert (written.text["prompt"], written.text["seed"]) == ("a green pear", "2")
 
 
-def test_a_row_gives_what_run_py_gives(reference, sd_dir, jobs, tmp_path, monkeypatch, capsys):
-    folder = jobs.parent
+@pytest.mark.parametrize("row, flags", [
+    ("0010-photo1.png", ["--image", "photo1.png", "--map", "map.png", "--seed", "10", "--strength", "0.5"]),
+    ("0007-photo0.png", ["--image", "photo0.png", "--mask", "mask.png", "--feather", "6", "--seed", "7"]),
+])
+def test_a_row_gives_what_run_py_gives(reference, sd_dir, jobs, tmp_path, monkeypatch, row, flags):
+    with Image.open(reference / row) as written:
+        prompt = written.text["prompt"]
+    flags = [str(jobs.parent / flag) if flag.endswith(".png") else flag for flag in flags]
     output = tmp_path / "run.png"
     monkeypatch.setattr(sys, "argv", ["SD2/run.py", "--model", str(sd_dir), "--device", "cpu", "--steps", str(STEPS),
-                                      "--image", str(folder / "photo1.png"), "--map", str(folder / "map.png"),
-                                      "--prompt", "a red apple", "--seed", "10", "--strength", "0.5",
-                                      "--output", str(output)])
+                                      "--prompt", prompt, *flags, "--output", str(output)])
     batch.load_family("sd2").run()
-    assert np.array_equal(pixels(output), pixels(reference / "0010-photo1.png"))
-    with Image.open(output) as alone, Image.open(reference / "0010-photo1.png") as row:
-        assert alone.text["negative_prompt"] == row.text["negative_prompt"] != ""  # the same default
+    assert np.array_equal(pixels(output), pixels(reference / row))
+    with Image.open(output) as alone, Image.open(reference / row) as written:
+        assert alone.text["negative_prompt"] == written.text["negative_prompt"] != ""  # the same default
+        assert alone.text.keys() - {"jobs", "line", "family"} <= written.text.keys()
 
 
 def test_skip_bad_rows_runs_the_others(reference, sd_dir, jobs, tmp_path):
@@ -346,16 +351,15 @@ def test_the_example_jobs_file_is_clean(tmp_path):
     for example in ("batch_jobs.csv", "batch_jobs.jsonl"):
         args = batch.parse_args(module, ["--family", "sd2", str(REPO_ROOT / "docs" / example), "--output-dir",
                                          str(tmp_path / example), "--device", "cpu"])
-        plan = batch.make_plan(args, module)
+        plan = batch.make_plan(args)
         assert plan.bad == [] and sum(map(len, plan.batches)) == plan.rows >= 3
 
 
 def test_family_errors_are_one_line(jobs, tmp_path):
     result = run_script(SCRIPT, jobs, "--output-dir", tmp_path)
-    assert result.returncode == 2 and result.stderr.strip() == "error: --family is required: one of sd2, sdxl, " \
-        "kandinsky, if (see --help)"
+    assert result.returncode == 2 and result.stderr.startswith("error: --family is required: one of sd2")
     result = run_script(SCRIPT, "--family", "sd3", jobs, "--output-dir", tmp_path)
-    assert result.returncode == 2 and "--family sd3: unknown" in result.stderr
+    assert result.returncode == 2 and "--family sd3: no model folder" in result.stderr
     result = run_script(SCRIPT, "--family", "sd2", jobs, "--output-dir", tmp_path, "--output", "x.png")
     assert result.returncode == 2 and "--output-dir" in result.stderr and "Traceback" not in result.stderr
 
@@ -372,4 +376,4 @@ def test_a_photo_turned_by_its_exif_orientation_batches_by_its_upright_size(tmp_
     module = batch.load_family("sd2")
     args = batch.parse_args(module, ["--family", "sd2", str(tmp_path / "jobs.csv"), "--output-dir",
                                      str(tmp_path / "out"), "--device", "cpu", "--batch-size", "4"])
-    assert batch.make_plan(args, module).batches == [[0, 2], [1]]
+    assert batch.make_plan(args).batches == [[0, 2], [1]]

@@ -7,9 +7,9 @@ The jobs file is CSV (with a header) or JSON Lines (one object a line). Each row
 
     image            the image to edit                                         (default: --image)
     map              its keep map, white = keep                                (default: --map)
-    mask, feather    or an inpainting mask (white = fill) and its soft band in pixels, made into a keep map by
-    grow             tools.maps.feathered_mask, after growing the mask by grow pixels (defaults: --mask,
-                     --feather, --grow; feather and grow 0)
+    mask, feather    or an inpainting mask (white = fill) and its soft band in pixels, made into a keep map as
+    grow             run.py's --mask makes it (cli.mask_to_keep_map), after growing the mask by grow pixels
+                     (defaults: --mask, --feather, --grow; feather and grow 0)
     prompt           (default: --prompt)
     negative_prompt, seed, strength, steps, guidance_scale      (defaults: the flags of the same name)
     output           the PNG to write, relative to --output-dir (default: <row number>-<image name>.png there)
@@ -40,7 +40,6 @@ import copy
 import csv
 import dataclasses
 import functools
-import importlib.util
 import io
 import json
 import os
@@ -57,10 +56,8 @@ import numpy as np  # noqa: E402
 from PIL import Image, PngImagePlugin  # noqa: E402
 
 from tools import cli  # noqa: E402
-from tools.maps import feathered_mask  # noqa: E402
+from tools.fan import families, load_family  # noqa: E402  (one way to find a model's run.py, for every tool)
 
-# --family names and the folders that hold their run.py.
-FAMILIES = {"sd2": "SD2", "sdxl": "SDXL", "kandinsky": "Kandinsky", "if": "IF"}
 COLUMNS = ("image", "map", "mask", "feather", "grow", "prompt", "negative_prompt", "seed", "strength", "steps",
            "guidance_scale", "output")
 JOBS_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
@@ -118,7 +115,7 @@ def run(argv: list[str] | None = None) -> int:
     module = load_family(_family_name(argv))
     args = parse_args(module, argv)
     state = _process_state(args)
-    plan = _shared(state, lambda: make_plan(args, module))
+    plan = _shared(state, lambda: make_plan(args))
     started = time.perf_counter()
     with state.split_between_processes(plan.batches) as my_batches:
         results = _run_share(state, module, args, plan.jobs, my_batches)
@@ -132,41 +129,23 @@ def _family_name(argv: list[str]) -> str:
     if known.family is None:
         if {"-h", "--help"} & set(argv):
             print(__doc__.strip())
-            print(f"\nPass --family ({', '.join(FAMILIES)}) with --help to list every flag.")
+            print(f"\nPass --family ({', '.join(families())}) with --help to list every flag.")
             raise SystemExit(0)
-        raise cli.CliError(f"--family is required: one of {', '.join(FAMILIES)} (see --help)")
-    if known.family not in FAMILIES:
-        raise cli.CliError(f"--family {known.family}: unknown; choose one of {', '.join(FAMILIES)}")
+        raise cli.CliError(f"--family is required: one of {', '.join(families())} (see --help)")
     return known.family
-
-
-def load_family(family: str):
-    """Imports ``<folder>/run.py`` of a family by path, as its own module."""
-    script = cli.REPO_ROOT / FAMILIES[family] / "run.py"
-    if not script.is_file():
-        raise cli.CliError(f"--family {family}: {cli._display(script)} is missing from this copy of the project")
-    spec = importlib.util.spec_from_file_location(f"{FAMILIES[family].lower()}_run", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    missing = [name for name in ("build_parser", "load_pipelines", "edit") if not hasattr(module, name)]
-    if missing:
-        raise cli.CliError(f"--family {family}: {cli._display(script)} lacks {', '.join(missing)}(), which "
-                           "batch editing calls")
-    module.family = family
-    return module
 
 
 def build_parser(module) -> argparse.ArgumentParser:
     """The model's own parser, whose flags become every row's defaults, plus the batch flags."""
     parser = module.build_parser()
     parser.prog = "python -m tools.batch"
-    parser.description = (f"Edit every row of a jobs file with the {FAMILIES[module.family]} model. "
+    parser.description = (f"Edit every row of a jobs file with the model of {cli._display(Path(module.__file__))}. "
                           "The model's flags below are the defaults for every row.")
     group = parser.add_argument_group("batch")
     group.add_argument("jobs", metavar="JOBS", help="jobs file: .csv with a header row, or .jsonl (one JSON "
                        f"object a line); columns: {', '.join(COLUMNS)}")
-    group.add_argument("--family", required=True, type=str.lower, choices=list(FAMILIES),
-                       help="the model family whose run.py does the edits")
+    group.add_argument("--family", required=True, type=str.lower, choices=list(families()),
+                       help="the model folder whose run.py does the edits")
     group.add_argument("--output-dir", required=True, metavar="DIR",
                        help="folder for the results and summary.json; created if missing")
     group.add_argument("--batch-size", type=cli._integer(1, MAX_BATCH_SIZE), default=1, metavar="N",
@@ -174,15 +153,6 @@ def build_parser(module) -> argparse.ArgumentParser:
                        "strength and guidance (default: 1)")
     group.add_argument("--skip-bad-rows", action="store_true",
                        help="run the good rows even if others are bad (default: off, run nothing)")
-    if "--mask" not in parser._option_string_actions:
-        group.add_argument("--mask", metavar="PATH", help="default inpainting mask (white = fill), for rows "
-                           "with neither map nor mask")
-    if "--feather" not in parser._option_string_actions:
-        group.add_argument("--feather", type=cli._real(0.0), metavar="PX",
-                           help="default width of a mask's soft band, in pixels; 0 is a hard mask (default: 0)")
-    if "--grow" not in parser._option_string_actions:
-        group.add_argument("--grow", type=cli._real(0.0), metavar="PX",
-                           help="default growth of a mask before feathering, in pixels (default: 0)")
     _reword_help(parser)
     return parser
 
@@ -192,6 +162,9 @@ def _reword_help(parser: argparse.ArgumentParser) -> None:
     default_for_rows = {
         "image": "default image, for rows without one",
         "map": "default keep map (white = keep), for rows with neither map nor mask",
+        "mask": "default inpainting mask (white = fill, whatever --invert-map), for rows with neither map nor mask",
+        "feather": "default width in image pixels of a mask's soft band; 0 is a hard mask (default: 0)",
+        "grow": "default growth of a mask before feathering, in image pixels (default: 0)",
         "prompt": "default prompt, for rows without one",
         "negative_prompt": "default negative prompt, for rows without one (default: as run.py's)",
         "overwrite": "redo rows whose output already holds their result, and replace it (default: off, skip them)",
@@ -368,7 +341,7 @@ def _read_jsonl(text: str) -> list[Row]:
 # Checking the rows and planning the work
 
 
-def make_plan(args: argparse.Namespace, module) -> Plan:
+def make_plan(args: argparse.Namespace) -> Plan:
     """Reads and checks every row; prints the bad ones. Runs on the main process only, before any model loads."""
     jobs_shown = cli._display(args.jobs)
     _check_output_dir(args.output_dir)
@@ -383,7 +356,7 @@ def make_plan(args: argparse.Namespace, module) -> Plan:
             jobs.append(job)
     jobs, collisions = _drop_colliding_outputs(jobs, args)
     bad += collisions
-    skipped, pending, taken = _existing_outputs(jobs, args, module)
+    skipped, pending, taken = _existing_outputs(jobs, args)
     bad += taken
     bad.sort()
     for line, problems in bad:
@@ -451,8 +424,9 @@ class _RowChecker:
         map_path, mask = self._map_or_mask(cells, problems)
         feather = grow = 0.0
         if mask is not None:  # as in run.py: a mask without --feather is a hard mask
-            feather = self._number(cells, "feather", args.feather or 0.0, cli._real(0.0), problems)
-            grow = self._number(cells, "grow", args.grow or 0.0, cli._real(0.0), problems)
+            pixels = cli._real(0.0, cli.MAX_FEATHER_PX)
+            feather = self._number(cells, "feather", args.feather or 0.0, pixels, problems)
+            grow = self._number(cells, "grow", args.grow or 0.0, pixels, problems)
         elif map_path is not None:
             for name in ("feather", "grow"):
                 if cells.get(name):
@@ -514,13 +488,13 @@ class _RowChecker:
             mask = self._path(cells, "mask", None, problems)
             return map_path, mask
         args = self.args
-        if args.map is not None and getattr(args, "mask", None) is not None:
+        if args.map is not None and args.mask is not None:
             problems.append("has neither map nor mask, and both --map and --mask are given; fill one column")
-        elif args.map is None and getattr(args, "mask", None) is None:
+        elif args.map is None and args.mask is None:
             problems.append("no map: fill the map column (or mask and feather), or pass --map")
         else:
             self._header(args.map or args.mask, "map")
-        return args.map, getattr(args, "mask", None)
+        return args.map, args.mask
 
     @staticmethod
     def _number(cells, name, default, parse, problems):
@@ -622,14 +596,14 @@ def _identities(path: Path | None) -> list[object]:
     return identities
 
 
-def _existing_outputs(jobs: list[Job], args, module) -> tuple[list[int], list[int], list[tuple[int, list[str]]]]:
+def _existing_outputs(jobs: list[Job], args) -> tuple[list[int], list[int], list[tuple[int, list[str]]]]:
     """Splits the jobs into (already done, to run, taken by another file)."""
     done, pending, taken = [], [], []
     for index, job in enumerate(jobs):
         if args.overwrite or not job.output.exists():
             pending.append(index)
             continue
-        mismatch = _result_mismatch(job.output, row_parameters(job, args, module))
+        mismatch = _result_mismatch(job.output, row_parameters(job, args))
         if mismatch is None:
             done.append(index)
         else:
@@ -683,18 +657,18 @@ def group_into_batches(jobs: list[Job], indexes: list[int], batch_size: int) -> 
 # Parameters
 
 
-def row_parameters(job: Job, args: argparse.Namespace, module) -> dict[str, str]:
-    """The PNG text of a row's result, but for the few fields known only once it has run."""
-    row_args = _row_args(job, args)
-    extra = {"family": module.family, **_model_flags(args)}
-    params = cli.png_parameters(row_args, steps_run=0, extra_params=extra)
-    params.update({
-        "image": str(job.image),
-        "map": str(job.map) if job.map else "",
-        "mask": str(job.mask) if job.mask else "",
-        "feather": str(job.feather) if job.mask else "",
-        "grow": str(job.grow) if job.mask else "",
-    })
+def row_parameters(job: Job, args: argparse.Namespace) -> dict[str, str]:
+    """The PNG text of a row's result, as run.py writes it, but for the fields known only once it has run.
+
+    Input paths are absolute: a rerun from another folder must still recognise its results.
+    """
+    params = cli.png_parameters(_row_args(job, args), steps_run=0,
+                                extra_params={"family": args.family, **_model_flags(args)})
+    params["image"] = str(job.image)
+    if job.mask is not None:
+        params["mask"] = str(job.mask)
+    else:
+        params["map"] = str(job.map)
     for key in ("steps_run", "command"):
         params.pop(key)
     return params
@@ -713,11 +687,11 @@ def _common_flags() -> frozenset[str]:
 
 
 def _row_args(job: Job, args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` as run.py would have them for this row alone."""
     row_args = copy.copy(args)
-    for name in ("image", "map", "prompt", "negative_prompt", "seed", "strength", "steps", "guidance_scale",
-                 "output"):
+    for name in ("image", "map", "mask", "feather", "grow", "prompt", "negative_prompt", "seed", "strength", "steps",
+                 "guidance_scale", "output"):
         setattr(row_args, name, getattr(job, name))
-    row_args.map = job.map or job.mask
     return row_args
 
 
@@ -818,7 +792,7 @@ class _Runner:
                 self._add(Result(job.line, "done", str(written), process=self.state.process_index))
 
     def _write(self, job: Job, result: Image.Image, image, map_image, steps_run: int) -> Path:
-        params = {**row_parameters(job, self.args, self.module), "steps_run": str(steps_run),
+        params = {**row_parameters(job, self.args), "steps_run": str(steps_run),
                   "command": self.args.command, "jobs": str(self.args.jobs.absolute()), "line": str(job.line)}
         info = PngImagePlugin.PngInfo()
         for key, value in params.items():
@@ -861,10 +835,11 @@ def load_row_inputs(job: Job, args: argparse.Namespace) -> tuple[Image.Image, Im
     image = cli._as_rgb(cli._read_image(job.image, "image"))
     if job.map is not None:
         return image, cli._as_map(cli._read_image(job.map, "map"), job.map)
-    keep_map = feathered_mask(cli._read_image(job.mask, "mask"), job.feather, job.grow)
+    keep_map = cli.mask_to_keep_map(cli._read_image(job.mask, "mask"), image.size, job.feather, job.grow,
+                                     shown=cli._display(job.mask))
     if args.invert_map:  # the pipeline will invert every map of the batch; a mask's keep map must survive that
-        keep_map = 1.0 - keep_map
-    return image, Image.fromarray(keep_map.astype(np.float32))  # mode F: the feathered band keeps its precision
+        keep_map = Image.fromarray(1.0 - np.asarray(keep_map, dtype=np.float32))
+    return image, keep_map
 
 
 def _free_memory() -> None:
