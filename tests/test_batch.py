@@ -377,3 +377,13 @@ def test_a_photo_turned_by_its_exif_orientation_batches_by_its_upright_size(tmp_
     args = batch.parse_args(module, ["--family", "sd2", str(tmp_path / "jobs.csv"), "--output-dir",
                                      str(tmp_path / "out"), "--device", "cpu", "--batch-size", "4"])
     assert batch.make_plan(args).batches == [[0, 2], [1]]
+
+
+@pytest.mark.parametrize("family", sorted(batch.families()))
+def test_every_model_folder_takes_the_batch_flags(family, jobs, tmp_path):
+    module = batch.load_family(family)
+    args = batch.parse_args(module, ["--family", family, str(jobs), "--output-dir", str(tmp_path), "--device", "cpu",
+                                     "--batch-size", "2", "--seed", "5"])
+    assert (args.family, args.batch_size, args.seed, args.output_dir) == (family, 2, 5, tmp_path)
+    plan = batch.make_plan(args)  # checks rows against this model's defaults; loads no model
+    assert plan.bad == [] and sum(map(len, plan.batches)) == 12
