@@ -766,12 +766,9 @@ class _Runner:
     def _edit(self, loaded) -> None:
         jobs = [job for job, _ in loaded]
         first = jobs[0]
-        call_args = copy.copy(self.args)
-        call_args.steps, call_args.strength, call_args.guidance_scale = first.steps, first.strength, first.guidance_scale
-        call_args.image, call_args.map = first.image, first.map or first.mask
         try:
-            images, steps_run = self.module.edit(
-                self.pipelines, call_args, images=[inputs[0] for _, inputs in loaded],
+            images, steps_run = self.module.edit(  # steps, strength and guidance are the same for every row here
+                self.pipelines, _row_args(first, self.args), images=[inputs[0] for _, inputs in loaded],
                 maps=[inputs[1] for _, inputs in loaded], prompts=[job.prompt for job in jobs],
                 negative_prompts=[job.negative_prompt for job in jobs], seeds=[job.seed for job in jobs],
             )

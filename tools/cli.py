@@ -60,9 +60,10 @@ default_map=EXAMPLE_MAP, default_prompt=EXAMPLE_PROMPT, default_negative_prompt=
     in image pixels.
 ``load_pipeline(pipeline_class, model, *, torch_dtype, device, offload=False, flag="--model", **kwargs)``
     ``pipeline_class.from_pretrained`` for a Hub id or a local folder, moved to ``device`` (or with model CPU
-    offload onto the current GPU, each process's own under ``accelerate launch``). Missing weights, no network, gated models and bad folders become one-line errors naming the model.
-    ``flag`` is the option that named the model, for models with several stages. On the CPU, the first successful
-    load warns in one line that the run takes minutes (after loading, so that a failed run prints one line).
+    offload onto the current GPU, each process's own under ``accelerate launch``). Missing weights, no network,
+    gated models and bad folders become one-line errors naming the model. ``flag`` is the option that named the
+    model, for models with several stages. On the CPU, the first successful load warns in one line that the run
+    takes minutes (after loading, so that a failed run prints one line).
 ``set_scheduler(pipe, name)``
     ``"default"`` keeps the model's scheduler; the other ``SCHEDULERS`` names swap in that scheduler, built from
     the current scheduler's config.
