@@ -272,13 +272,13 @@ def test_a_failing_row_is_reported_and_the_others_go_on(reference, sd_dir, jobs,
     folder = jobs.parent
     photo = (folder / "photo0.png").read_bytes()
     (folder / "truncated.png").write_bytes(photo[: len(photo) * 3 // 4])  # the header reads, the pixels do not
-    save_map(np.zeros((16, 64), np.float32), folder / "wide_map.png")
+    Image.fromarray(np.full((64, 64), 2.0, np.float32)).save(folder / "too_bright.tiff")  # a float map beyond 1
     (folder / "failing.csv").write_text(
         "image,map,prompt,seed\n"
         "photo0.png,map.png,a red apple,1\n"  # shares a call with the next row, which fails it
         "photo1.png,map.png,boom,2\n"
         "truncated.png,map.png,x,3\n"
-        "photo1.png,wide_map.png,x,4\n"
+        "photo1.png,too_bright.tiff,x,4\n"
         "photo1.png,map.png,a red apple,2\n"
     )
     recording_edits(monkeypatch, fail_on_prompt="boom")
@@ -287,7 +287,7 @@ def test_a_failing_row_is_reported_and_the_others_go_on(reference, sd_dir, jobs,
     assert (summary["done"], summary["failed"]) == (2, 3)
     reasons = {failure["line"]: failure["reason"] for failure in summary["failures"]}
     assert reasons[3] == "RuntimeError: boom"
-    assert "truncated.png" in reasons[4] and "aspect ratios differ" in reasons[5]
+    assert "truncated.png" in reasons[4] and "must hold values in [0, 1]" in reasons[5]
     output = capsys.readouterr()
     assert all(f"failing.csv:{line}: failed: " in output.err for line in (3, 4, 5))
     assert "2 done, 0 skipped (already done), 3 failed of 5 rows" in output.out
@@ -357,7 +357,8 @@ def test_the_example_jobs_file_is_clean(tmp_path):
 
 def test_family_errors_are_one_line(jobs, tmp_path):
     result = run_script(SCRIPT, jobs, "--output-dir", tmp_path)
-    assert result.returncode == 2 and result.stderr.startswith("error: --family is required: one of sd2")
+    assert result.returncode == 2 and result.stderr.startswith("error: --family is required: one of ")
+    assert "sd2" in result.stderr and len(result.stderr.splitlines()) == 1
     result = run_script(SCRIPT, "--family", "sd3", jobs, "--output-dir", tmp_path)
     assert result.returncode == 2 and "--family sd3: no model folder" in result.stderr
     result = run_script(SCRIPT, "--family", "sd2", jobs, "--output-dir", tmp_path, "--output", "x.png")
@@ -387,3 +388,31 @@ def test_every_model_folder_takes_the_batch_flags(family, jobs, tmp_path):
     assert (args.family, args.batch_size, args.seed, args.output_dir) == (family, 2, 5, tmp_path)
     plan = batch.make_plan(args)  # checks rows against this model's defaults; loads no model
     assert plan.bad == [] and sum(map(len, plan.batches)) == 12
+
+
+MODEL_FLAGS = {  # the tiny models of each family, as conftest saves them, and the flags that keep runs short
+    "sdxl": lambda get: ["--model", get("sdxl_base_dir"), "--refiner", get("sdxl_refiner_dir"), "--width", "64",
+                         "--height", "64"],
+    "kandinsky": lambda get: ["--prior", get("kandinsky_prior_dir"), "--model", get("kandinsky_decoder_dir"),
+                              "--width", "64", "--height", "64", "--prior-steps", "2"],
+    "if": lambda get: ["--model", get("if_stage1_dir"), "--stage2-model", get("if_stage2_dir"), "--stages", "2",
+                       "--stage2-steps", "2"],
+}
+
+
+@pytest.mark.parametrize("family", sorted(set(MODEL_FLAGS) & set(batch.families())))
+def test_every_model_edits_a_row_as_its_run_py_does(family, jobs, tmp_path, monkeypatch, request):
+    models = [str(flag) for flag in MODEL_FLAGS[family](request.getfixturevalue)]
+    folder = jobs.parent
+    (folder / f"{family}.csv").write_text("image,map,mask,feather,prompt,seed\nphoto0.png,map.png,,,a red apple,1\n"
+                                          "photo1.png,,mask.png,3,a blue sky,2\n")
+    argv = ["--family", family, str(folder / f"{family}.csv"), "--output-dir", str(tmp_path), "--device", "cpu",
+            "--steps", str(STEPS), *models]
+    assert batch.run(argv) == 0
+    monkeypatch.setattr(sys, "argv", [f"{family}/run.py", *models, "--device", "cpu", "--steps", str(STEPS),
+                                      "--image", str(folder / "photo1.png"), "--mask", str(folder / "mask.png"),
+                                      "--feather", "3", "--prompt", "a blue sky", "--seed", "2",
+                                      "--output", str(tmp_path / "run.png")])
+    batch.load_family(family).run()
+    assert np.array_equal(pixels(tmp_path / "run.png"), pixels(tmp_path / "0002-photo1.png"))
+    assert summary_of(tmp_path)["done"] == 2

@@ -828,15 +828,11 @@ class _Runner:
 
 
 def load_row_inputs(job: Job, args: argparse.Namespace) -> tuple[Image.Image, Image.Image]:
-    """The row's RGB image and its map, in the convention ``args.invert_map`` tells the pipeline to read."""
-    image = cli._as_rgb(cli._read_image(job.image, "image"))
-    if job.map is not None:
-        return image, cli._as_map(cli._read_image(job.map, "map"), job.map)
-    keep_map = cli.mask_to_keep_map(cli._read_image(job.mask, "mask"), image.size, job.feather, job.grow,
-                                     shown=cli._display(job.mask))
-    if args.invert_map:  # the pipeline will invert every map of the batch; a mask's keep map must survive that
-        keep_map = Image.fromarray(1.0 - np.asarray(keep_map, dtype=np.float32))
-    return image, keep_map
+    """The row's RGB image and its map, read as run.py reads them, in the convention ``args.invert_map`` gives."""
+    image, map_image = cli.load_inputs(_row_args(job, args))
+    if job.mask is not None and args.invert_map:  # the pipeline inverts every map of the call; a mask's must survive
+        map_image = Image.fromarray(1.0 - np.asarray(map_image, dtype=np.float32))
+    return image, map_image
 
 
 def _free_memory() -> None:
