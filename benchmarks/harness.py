@@ -22,11 +22,15 @@ def resident_bytes() -> int:
 
 
 class PeakMemory:
-    """Peak memory above the level at entry: CUDA allocations on a GPU, resident memory sampled every ms on a CPU."""
+    """Peak memory above the level at entry: CUDA allocations on a GPU, resident memory sampled every ms on a CPU.
+
+    `peak` is the rise above the level at entry (activations and anything loaded during the run); `total_peak` is
+    the highest level itself (weights already in place included).
+    """
 
     def __init__(self, device):
         self.cuda = torch.device(device).type == "cuda"
-        self.peak = 0
+        self.peak = self.total_peak = 0
 
     def __enter__(self):
         if self.cuda:
@@ -47,22 +51,26 @@ class PeakMemory:
     def __exit__(self, *exc):
         if self.cuda:
             torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated() - self.start
+            self.total_peak = torch.cuda.max_memory_allocated()
         else:
             self.running = False
             self.sampler.join()
-            self.peak = max(self.highest, resident_bytes()) - self.start
+            self.total_peak = max(self.highest, resident_bytes())
+        self.peak = self.total_peak - self.start
 
 
 class UNetCalls:
-    """Counts forward calls of a denoiser module."""
+    """Counts forward calls of a denoiser module; `remove()` takes the counting hook off again."""
 
     def __init__(self, module):
         self.count = 0
-        module.register_forward_hook(self._count)
+        self._hook = module.register_forward_hook(self._count)
 
     def _count(self, *_):
         self.count += 1
+
+    def remove(self):
+        self._hook.remove()
 
 
 def synchronize(device):
@@ -73,13 +81,15 @@ def synchronize(device):
 def compare(cases: dict, repeats: int, device="cpu", warmup: int = 1) -> dict:
     """Runs every case `warmup` times, then `repeats` rounds in alternation; returns median seconds and peak bytes.
 
-    `cases` maps a name to a function of no arguments.
+    `cases` maps a name to a function of no arguments. Each result holds `seconds` (the median), `peak_bytes` (the
+    highest rise above the level at the start of a run) and `total_peak_bytes` (the highest level itself).
     """
     for run in cases.values():
         for _ in range(warmup):
             run()
     seconds = {name: [] for name in cases}
     peaks = {name: 0 for name in cases}
+    total_peaks = {name: 0 for name in cases}
     for _ in range(repeats):
         for name, run in cases.items():
             synchronize(device)
@@ -89,7 +99,11 @@ def compare(cases: dict, repeats: int, device="cpu", warmup: int = 1) -> dict:
                 synchronize(device)
                 seconds[name].append(time.perf_counter() - started)
             peaks[name] = max(peaks[name], memory.peak)
-    return {name: {"seconds": statistics.median(seconds[name]), "peak_bytes": peaks[name]} for name in cases}
+            total_peaks[name] = max(total_peaks[name], memory.total_peak)
+    return {
+        name: dict(seconds=statistics.median(seconds[name]), peak_bytes=peaks[name], total_peak_bytes=total_peaks[name])
+        for name in cases
+    }
 
 
 def mib(size: int) -> str:
