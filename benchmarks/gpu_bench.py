@@ -19,7 +19,8 @@ real shape (SD 2.1: OpenCLIP-H, 77 x 1024; SDXL: CLIP-L + OpenCLIP-bigG, 77 x 20
 CLIP-bigG image embeddings of size 1280; IF: T5-XXL, 77 x 4096). Text encoding runs once per call, before the
 denoising loop, and is the same work for both pipelines; T5-XXL alone would take 9 GB.
 
-For each family, in one process, alternating between the cases after a warm-up run of each:
+For each family, in one process, alternating between the cases after a warm-up run of each (with offload, the
+kernels are already warm, and the weights start on the CPU):
   * stock img2img at strength 1, and ours with a uniform map of strength 1: the same T denoising steps, so the
     ratio of their times is the cost of per-pixel strength;
   * ours with a map whose strongest pixel has strength 0.3: floor(0.3 T) steps. The authors' code always runs all T
@@ -505,7 +506,7 @@ def sample_image(size: int) -> Image.Image:
     """A smooth RGB image; the content does not change the cost."""
     y, x = np.mgrid[0:size, 0:size] / max(size - 1, 1)
     rgb = np.stack([x, y, 0.5 * (x + y)], axis=-1)
-    return Image.fromarray((rgb * 255).round().astype(np.uint8), mode="RGB")
+    return Image.fromarray((rgb * 255).round().astype(np.uint8))
 
 
 def embeddings(shape, setup) -> torch.Tensor:
@@ -934,7 +935,7 @@ def run() -> None:
 
     setup = Setup(device="cpu" if args.smoke else "cuda", dtype=torch.float32 if args.smoke else torch.float16,
                   smoke=args.smoke, steps=args.steps)
-    device_name = torch.cuda.get_device_name() if setup.device == "cuda" else f"CPU ({platform.processor() or 'cpu'})"
+    device_name = torch.cuda.get_device_name() if setup.device == "cuda" else "CPU"
     report = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "device": device_name,
