@@ -803,11 +803,14 @@ def run_family(family: Family, setup, repeats: int, plan: dict) -> dict:
         failure = compile_unet(unet, cases)  # compiling is the warm-up
         if failure:
             return {"status": failure}
-        graphs = compiled_graphs()
-        result = measure(cases, repeats, setup, record["unet_calls"])
-        # A guard that fails between the cases would put compile time into the timings: say so if it happened.
-        result["graphs_compiled_while_timing"] = compiled_graphs() - graphs
-        return result
+        try:
+            graphs = compiled_graphs()
+            result = measure(cases, repeats, setup, record["unet_calls"])
+            # A guard that fails between the cases would put compile time into the timings: say so if it happened.
+            result["graphs_compiled_while_timing"] = compiled_graphs() - graphs
+            return result
+        finally:
+            torch._dynamo.reset()  # compiled code holds on to the UNet; let the next family have the memory
 
     for variant, measurement in {"eager": eager, "offload": offload, "compile": compiled}.items():
         if plan[variant] is None:
