@@ -123,6 +123,30 @@ def test_weak_map_has_a_cell_of_full_weak_strength_on_every_grid():
         assert cells.max().item() == 1  # and pixels that never change
 
 
+def test_offload_variant_runs_and_hands_the_next_variant_plain_pipelines(monkeypatch):
+    # --smoke skips offload; the same code runs here on the CPU, where offloading moves nothing but installs the
+    # hooks all the same. The compile variant, next, must find the modules free of them.
+    seen = {}
+
+    def inspect_instead_of_compiling(unet, cases):
+        seen["hooked"] = []
+        for run in cases.values():  # a plain call must not offload again: both pipelines forgot their hooks
+            run()
+            seen["hooked"].append(any(hasattr(module, "_hf_hook") for module in unet.modules()))
+        return "did not compile: inspected instead"
+
+    monkeypatch.setattr(gpu_bench, "compile_unet", inspect_instead_of_compiling)
+    setup = gpu_bench.Setup(device="cpu", dtype=torch.float32, smoke=True, steps=5)
+    plan = {"eager": None, "offload": None, "compile": None}
+    record = gpu_bench.run_family(gpu_bench.FAMILIES["sd2"], setup, repeats=1, plan=plan)
+    offload = record["variants"]["offload"]
+    assert offload["status"] == "ok"
+    unet_calls = {name: case["unet_calls"] for name, case in offload["cases"].items()}
+    assert unet_calls == {"stock": 5, "ours": 5, "ours_weak": 1}
+    assert record["variants"]["compile"] == {"status": "did not compile: inspected instead"}
+    assert seen == {"hooked": [False, False, False]}
+
+
 def test_a_failed_compile_is_reported_in_one_line_and_undone():
     module = torch.nn.Linear(2, 2)
 
