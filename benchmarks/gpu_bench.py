@@ -729,6 +729,8 @@ def compile_unet(unet, cases: dict) -> str | None:
     except Exception as error:  # noqa: BLE001 - any failure to compile is a result to report, not a crash
         unet._compiled_call_impl = None
         torch._dynamo.reset()
+        if isinstance(error, torch.OutOfMemoryError):
+            raise  # reported as such by guarded()
         return f"did not compile: {first_line(error)}"
     return None
 
