@@ -26,7 +26,13 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import io
 import json
+import sys
 import tempfile
+
+# diffusers copies a local custom pipeline to <HF_MODULES_CACHE>/diffusers_modules/local/<file name> before importing
+# it, and every family's file is called diff_pipe.py: a private folder keeps test runs side by side from replacing
+# each other's copy between the write and the import. Subprocesses inherit it.
+os.environ.setdefault("HF_MODULES_CACHE", tempfile.mkdtemp(prefix="diffusers-modules-"))
 from pathlib import Path
 
 import diffusers
@@ -585,6 +591,18 @@ def build_pipeline(pipeline_class, components):
 # ---------------------------------------------------------------------------------------------------------------
 # Fixtures
 # ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _forget_custom_pipeline_modules():
+    """Drops the modules that ``custom_pipeline=...`` imported, once the test is over.
+
+    diffusers imports SD2/diff_pipe.py and Kandinsky/diff_pipe.py under the same name, and executes a second file into
+    the module of the first, which then holds two pipeline classes and loads neither.
+    """
+    yield
+    for name in [name for name in sys.modules if name.startswith("diffusers_modules.local.")]:
+        del sys.modules[name]
 
 
 @pytest.fixture

@@ -388,7 +388,7 @@ def test_generator_repeats_for_a_seed():
 
 
 def test_16_bit_map_keeps_every_bit(parser, example):
-    ramp = np.tile(np.arange(0, 65536, 16, dtype=np.uint16)[:4096].reshape(64, 64), (1, 1))
+    ramp = np.arange(0, 65536, 16, dtype=np.uint16)[: 48 * 64].reshape(48, 64)  # the image's shape: no stretch
     save_png(ramp, example / "map16.png")
     assert Image.open(example / "map16.png").mode == "I;16"
     image, map_image = cli.load_inputs(cli.parse_args(parser, ["--map", "map16.png"]))
@@ -854,3 +854,10 @@ def test_default_scheduler_is_kept():
     cli.set_scheduler(pipe, "default")
     assert pipe.scheduler is scheduler
 
+
+
+def test_stretch_map_keeps_sixteen_bit_precision():
+    values = np.full((4, 8), 12345, np.uint16)
+    stretched = cli.stretch_map(Image.fromarray(values), (8, 8))
+    assert stretched.mode == "F" and stretched.size == (8, 8)
+    assert np.allclose(np.asarray(stretched), 12345 / 65535, atol=1e-7)

@@ -133,3 +133,13 @@ def test_mask_fills_its_region_and_keeps_everything_beyond_the_feather(sd_dir, i
     assert np.abs(edited[16:40, 16:40].astype(int) - original[16:40, 16:40]).mean() > 5
     with Image.open(tmp_path / "filled-compare.png") as strip:
         assert strip.size == (3 * 64, 64)
+
+
+def test_a_map_of_another_shape_is_stretched_to_the_image_with_a_warning(sd_dir, inputs, tmp_path):
+    image, _ = inputs
+    wide_map = tmp_path / "wide.png"
+    save_map(np.zeros((32, 64), np.float32), wide_map)
+    result = run_script(SCRIPT, "--model", sd_dir, "--device", "cpu", "--image", image, "--map", wide_map,
+                        "--prompt", "x", "--steps", "2", "--output", tmp_path / "out.png")
+    assert result.returncode == 0, result.stderr
+    assert "stretched to fit" in result.stderr and (tmp_path / "out.png").is_file()

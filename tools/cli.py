@@ -589,7 +589,16 @@ def load_inputs(args: argparse.Namespace) -> Inputs:
         return Inputs(image, mask_to_keep_map(mask, image.size, args.feather, args.grow, shown=_display(args.mask)))
     map_image = _as_map(_read_image(args.map, "--map"), args.map)
     _warn_if_stretched("map", map_image, image)
+    if _aspect_differs(image.size, map_image.size):
+        map_image = stretch_map(map_image, image.size)
     return Inputs(image, map_image)
+
+
+def stretch_map(map_image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """The map resized to ``size`` (width, height) as a float map (mode ``F``), so 16-bit precision survives."""
+    values = Image.fromarray(_unit_gray(map_image).astype(np.float32))
+    shrinking = values.width >= size[0] and values.height >= size[1]
+    return values.resize(size, Image.Resampling.BOX if shrinking else Image.Resampling.BILINEAR)
 
 
 def _warn_if_stretched(what: str, picture: Image.Image, image: Image.Image) -> None:

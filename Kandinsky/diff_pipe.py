@@ -1,0 +1,523 @@
+# Copyright 2026 The differential-diffusion authors. Licensed under the Apache License, Version 2.0.
+"""Differential img2img for Kandinsky 2.2: a grayscale map gives every pixel its own strength.
+
+Levin & Fried, "Differential Diffusion: Giving Each Pixel Its Strength", arXiv 2306.00950.
+
+Kandinsky 2.2 runs in two stages: the prior turns the prompt into CLIP image embeddings, and the decoder (this
+pipeline) edits the image under those embeddings. The map acts on the decoder's MoVQ latent grid.
+
+This file stands alone (torch, diffusers, PIL, numpy): copy it into your own code, or load it as a diffusers
+community pipeline::
+
+    prior = KandinskyV22PriorPipeline.from_pretrained("kandinsky-community/kandinsky-2-2-prior")
+    pipe = DiffusionPipeline.from_pretrained(
+        "kandinsky-community/kandinsky-2-2-decoder", custom_pipeline="Kandinsky/diff_pipe.py", trust_remote_code=True
+    )
+    image_embeds, negative_image_embeds = prior("a watercolour painting", negative_prompt="blurry").to_tuple()
+    edited = pipe(image_embeds=image_embeds, negative_image_embeds=negative_image_embeds, image=photo, map=keep_map)
+"""
+
+import numbers
+from contextlib import contextmanager
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+from diffusers import ImagePipelineOutput, KandinskyV22Img2ImgPipeline
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+
+# ----------------------------------------------------------------------------------------------------------------
+# Copied from SD2/diff_pipe.py: differential core (begin)
+#
+# Every pipeline file of this project carries this block unchanged, so that each file can be copied alone;
+# tests/test_copies.py fails if two copies drift apart. The algorithm, in the paper's terms:
+#   map -> strength s per pixel -> release step r = T - floor(T * s) -> before step i, pixels with i <= r take the
+#   noised original add_noise(x0, noise, t_i); after the last step, pixels never released take x0 itself.
+# ----------------------------------------------------------------------------------------------------------------
+
+# A float32 map cannot hold 0.3 exactly, yet 1 - 0.3 must land on the step that stock img2img gives strength 0.7.
+STEP_TOLERANCE = 1e-4
+
+
+def map_to_tensor(map) -> torch.Tensor:
+    """Converts a map to a float32 tensor of shape (B, 1, H, W) with values in [0, 1], in the map's own polarity.
+
+    Accepts a PIL image (modes 1, L, I;16, I, F, or colour modes, which are converted to luminance), a numpy array
+    ((H, W), (B, H, W), (H, W, 1), (B, H, W, 1) or (B, 1, H, W)), a torch tensor ((H, W), (B, H, W) or
+    (B, 1, H, W)), or a list of these. uint8 values are divided by 255, uint16 (and PIL mode I) by 65535, bool maps
+    to 0 and 1, and floats must already lie in [0, 1].
+    """
+    if isinstance(map, (list, tuple)):
+        if len(map) == 0:
+            raise ValueError("`map` is an empty list: pass one map, or one map per image.")
+        maps = [map_to_tensor(m) for m in map]
+        if len({tuple(m.shape[-2:]) for m in maps}) > 1:
+            sizes = ", ".join(f"{m.shape[-1]}x{m.shape[-2]}" for m in maps)
+            raise ValueError(f"The maps in the `map` list differ in size ({sizes}); give them all the same size.")
+        return torch.cat(maps)
+    if isinstance(map, PIL.Image.Image):
+        return _pil_map_to_tensor(map)
+    if isinstance(map, np.ndarray):
+        if map.ndim == 3 and map.shape[-1] in (3, 4):
+            raise ValueError(
+                f"`map` has shape {map.shape}, which looks like a colour image; a map has one channel. "
+                "Pass a grayscale array, or the image as a PIL image, which is converted to luminance."
+            )
+        if map.ndim in (3, 4) and map.shape[-1] == 1:
+            map = map[..., 0]
+        return _unit_values(torch.from_numpy(np.ascontiguousarray(map)))
+    if isinstance(map, torch.Tensor):
+        return _unit_values(map.detach().cpu())
+    raise TypeError(f"`map` must be a PIL image, numpy array, torch tensor or a list of them, not {type(map).__name__}.")
+
+
+def _pil_map_to_tensor(image: PIL.Image.Image) -> torch.Tensor:
+    if image.mode == "I":  # 16-bit PNGs open as mode I with some Pillow versions
+        values = np.asarray(image, dtype=np.int64)
+        if values.min() < 0 or values.max() > 65535:
+            raise ValueError("A `map` of PIL mode I must hold 16-bit values in [0, 65535].")
+        return torch.from_numpy(values.astype(np.float32) / 65535)[None, None]
+    if not (image.mode in ("1", "L", "F") or image.mode.startswith("I;16")):
+        image = image.convert("L")
+    return _unit_values(torch.from_numpy(np.array(image)))
+
+
+def _unit_values(map: torch.Tensor) -> torch.Tensor:
+    if map.ndim == 4 and map.shape[1] == 1:
+        map = map[:, 0]
+    if map.ndim == 2:
+        map = map[None]
+    if map.ndim != 3:
+        raise ValueError(
+            f"`map` has shape {tuple(map.shape)}; expected (H, W), (B, H, W) or (B, 1, H, W): maps have one channel."
+        )
+    if map.numel() == 0:
+        raise ValueError(f"`map` is empty (shape {tuple(map.shape)}).")
+    if map.dtype == torch.bool:
+        map = map.float()
+    elif map.dtype == torch.uint8:
+        map = map.float() / 255
+    elif map.dtype == torch.uint16:
+        map = map.float() / 65535
+    elif map.is_floating_point():
+        map = map.float()
+        if not torch.isfinite(map).all():
+            raise ValueError("`map` contains NaN or infinite values.")
+        low, high = map.min().item(), map.max().item()
+        if low < 0 or high > 1:
+            raise ValueError(
+                f"`map` values must lie in [0, 1], but they span [{low:g}, {high:g}]. "
+                "Rescale it first, for example (m - m.min()) / (m.max() - m.min())."
+            )
+    else:
+        raise ValueError(
+            f"`map` has dtype {map.dtype}; use uint8 (0-255), uint16 (0-65535), bool, or floats in [0, 1]."
+        )
+    return map[:, None]
+
+
+def prepare_keep_map(map, size: tuple, invert_map: bool = False, aspect_of: tuple = None) -> torch.Tensor:
+    """Returns the keep-map (1 = keep, 0 = change fully) as float32 (B, 1, *size) on the CPU.
+
+    `size` is the grid the model works on (latents, or pixels for pixel-space models). Downsampling averages areas,
+    so a fine map does not alias. The map must have the aspect ratio of `aspect_of` (the image's height and width,
+    in pixels or grid cells; default `size`) to within one of its units or 1%, whichever is looser.
+    """
+    map = map_to_tensor(map)
+    (height, width), (reference_height, reference_width) = map.shape[-2:], aspect_of or size
+    if abs(height * reference_width / width - reference_height) > max(1, reference_height / 100):
+        raise ValueError(
+            f"`map` is {width}x{height} but the image is {reference_width}x{reference_height}: their aspect ratios "
+            "differ. Give the map the image's aspect ratio."
+        )
+    if (height, width) != tuple(size):
+        shrinking = height >= size[0] and width >= size[1]
+        map = F.interpolate(map, size=size, mode="area") if shrinking else F.interpolate(map, size=size, mode="bilinear")
+        map = map.clamp(0, 1)
+    return 1 - map if invert_map else map
+
+
+def release_steps(keep_map: torch.Tensor, strength: float, num_inference_steps: int) -> torch.Tensor:
+    """The index of the first step that runs on each pixel: r = T - floor(T * s), with s = strength * (1 - keep_map).
+
+    This is the first step that stock img2img runs at `strength = s`. Pixels with r == T are never released.
+    """
+    steps_to_run = num_inference_steps * strength * (1 - keep_map.double())
+    nearest = steps_to_run.round()
+    steps_to_run = torch.where((steps_to_run - nearest).abs() <= STEP_TOLERANCE, nearest, steps_to_run.floor())
+    return num_inference_steps - steps_to_run.long()
+
+
+def stock_strength(steps_to_run: int, num_inference_steps: int) -> float:
+    """The `strength` at which stock img2img runs exactly the last `steps_to_run` steps.
+
+    Stock computes int(T * strength), and (k / T) * T falls just below k for many k and T: aim between two integers.
+    """
+    return min(1.0, (steps_to_run + 0.5) / num_inference_steps)
+
+
+def tile_to_batch(tensor: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Repeats a per-image tensor to the whole batch, as stock img2img repeats its images (whole batch, not items)."""
+    if tensor.shape[0] in (1, batch_size):
+        return tensor
+    return tensor.repeat(batch_size // tensor.shape[0], *(1,) * (tensor.ndim - 1))
+
+
+def exact_keep_weight(keep_map: torch.Tensor, strength: float, num_inference_steps: int) -> torch.Tensor:
+    """For `keep_exact`: how much of the model's output each pixel shows, clamp(T * s, 0, 1).
+
+    Pixels of strength 0 show only the original; those released on the last step or later blend linearly.
+    """
+    return (num_inference_steps * strength * (1 - keep_map)).clamp(0, 1)
+
+
+def composite_original(images: torch.Tensor, original: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`weight * images + (1 - weight) * original`, batch-tiled like stock: unchanged pixels keep the input's bytes."""
+    weight, original = tile_to_batch(weight, images.shape[0]), tile_to_batch(original, images.shape[0])
+    weight, original = weight.to(images.device, images.dtype), original.to(images.device, images.dtype)
+    return torch.where(weight == 0, original, weight * images + (1 - weight) * original)
+
+
+class FrozenPixels:
+    """Keeps every pixel on the noised original until its release step; a step-end callback for stock pipelines.
+
+    Stock img2img runs the schedule from the first released step on. Before each later step k, this sets the pixels
+    with k <= release_step to `add_noise(x0, noise, t_k)`, and after the last step, the pixels never released to
+    `x0`. `x0` and `noise` are the very tensors that stock img2img draws, recorded by `recording_add_noise`.
+    """
+
+    def __init__(self, release_step: torch.Tensor, num_inference_steps: int, callback=None, tensor_inputs=()):
+        self.release_step = release_step
+        self.num_inference_steps = num_inference_steps
+        self.first_step = int(release_step.min())
+        self.last_frozen_step = int(release_step.max())
+        self.callback, self.tensor_inputs = callback, list(tensor_inputs)
+        self.x0 = self.noise = None
+
+    @contextmanager
+    def recording_add_noise(self, scheduler):
+        """Records `x0` and `noise` as stock `prepare_latents` passes them to `scheduler.add_noise`."""
+        stock_add_noise = scheduler.add_noise
+
+        def add_noise(original_samples, noise, timesteps):
+            self.x0, self.noise = original_samples, noise
+            return stock_add_noise(original_samples, noise, timesteps)
+
+        scheduler.add_noise = add_noise
+        try:
+            yield
+        finally:
+            del scheduler.add_noise
+        self.release_step = tile_to_batch(self.release_step, self.x0.shape[0]).to(self.x0.device)
+
+    def blend(self, scheduler, i: int, latents: torch.Tensor) -> torch.Tensor:
+        """The latents to run loop iteration `i + 1` on, where iteration 0 is the first released step."""
+        order = scheduler.order
+        next_iteration = self.first_step * order + i + 1
+        if next_iteration == len(scheduler.timesteps):
+            return torch.where(self.release_step == self.num_inference_steps, self.x0.to(latents.dtype), latents)
+        if next_iteration > self.last_frozen_step * order:
+            return latents
+        timestep = scheduler.timesteps[next_iteration : next_iteration + 1].repeat(latents.shape[0])
+        noised_original = scheduler.add_noise(self.x0, self.noise, timestep).to(latents.dtype)
+        return torch.where(self.release_step * order >= next_iteration, noised_original, latents)
+
+    def __call__(self, pipe, i, t, callback_kwargs):
+        latents = self.blend(pipe.scheduler, i, callback_kwargs["latents"])
+        if self.callback is None:
+            return {"latents": latents}
+        user_kwargs = {name: callback_kwargs[name] for name in self.tensor_inputs}
+        if "latents" in user_kwargs:
+            user_kwargs["latents"] = latents
+        return {"latents": latents, **(self.callback(pipe, i, t, user_kwargs) or {})}
+
+
+def chain_step_end_callback(frozen: FrozenPixels, callback, tensor_inputs):
+    """Puts `frozen` before the user's own step-end callback, which then sees the blended latents."""
+    if isinstance(callback, (PipelineCallback, MultiPipelineCallbacks)):
+        tensor_inputs = callback.tensor_inputs
+    frozen.callback, frozen.tensor_inputs = callback, list(tensor_inputs or [])
+    return frozen, sorted(set(frozen.tensor_inputs) | {"latents"})
+
+
+# Copied from SD2/diff_pipe.py: differential core (end)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class KandinskyV22DiffImg2ImgPipeline(KandinskyV22Img2ImgPipeline):
+    r"""
+    Kandinsky 2.2 img2img where a map gives every pixel its own strength (Differential Diffusion).
+
+    This is the decoder stage. It takes exactly the components of [`KandinskyV22Img2ImgPipeline`] (`unet`,
+    `scheduler`, `movq`), so `from_pretrained("kandinsky-community/kandinsky-2-2-decoder")`, `from_pipe`, model
+    offloading and any compatible scheduler work as they do there. The image embeddings come from the stock
+    [`KandinskyV22PriorPipeline`]. A uniform map of strength `s` gives exactly what stock img2img gives at
+    `strength=s`.
+    """
+
+    _frozen = None  # the FrozenPixels of the call in progress
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        image_embeds=None,
+        image=None,
+        negative_image_embeds=None,
+        map=None,
+        strength: float = 1.0,
+        invert_map: bool = False,
+        keep_exact: bool = False,
+        height: int = 512,
+        width: int = 512,
+        num_inference_steps: int = 100,
+        guidance_scale: float = 4.0,
+        num_images_per_prompt: int = 1,
+        generator=None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs=("latents",),
+        **kwargs,
+    ):
+        r"""
+        Args:
+            image_embeds (`torch.Tensor` of shape `(batch_size, embedding_dim)`, or a list of them):
+                The CLIP image embeddings of the prompt(s), from [`KandinskyV22PriorPipeline`]: the edit's target.
+            image (`PIL.Image.Image`, `torch.Tensor` or a list of them):
+                The image(s) to edit, as stock Kandinsky img2img takes them (tensors of shape `(B, 3, H, W)` in
+                [0, 1] or [-1, 1]). Every image is resized to `height` x `width`.
+            negative_image_embeds (`torch.Tensor` of shape `(batch_size, embedding_dim)`, or a list of them):
+                The unconditional embeddings for classifier-free guidance, from the same prior run (its
+                `negative_image_embeds`: the embedding of the negative prompt, or of an empty image without one).
+            map (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor` or a list of them, values in [0, 1], white = keep):
+                How much each pixel may change. 1 (white) keeps the pixel, 0 (black) changes it fully: a pixel's
+                strength is `1 - map`. Grayscale PIL images of mode L or I;16 work as they are; float arrays must lie
+                in [0, 1]. One map for all images, or one per image. It is stretched to `height` x `width` with its
+                image and area-averaged down to the MoVQ latent grid (`height / 8` x `width / 8` for Kandinsky 2.2),
+                so it may have any size with the image's aspect ratio, or with the aspect ratio of `height` x `width`.
+            strength (`float`, *optional*, defaults to 1.0):
+                Scales every pixel's strength: `s = strength * (1 - map)`. With a uniform map this is stock
+                img2img's `strength` (whose default is 0.3).
+            invert_map (`bool`, *optional*, defaults to `False`):
+                Read `map` the other way round, white = change, as inpainting masks and some UIs do.
+            keep_exact (`bool`, *optional*, defaults to `False`):
+                Composite the input back after decoding: `clamp(T * s, 0, 1) * output + (1 - that) * input`, where
+                the input is the image resized to `height` x `width`. Pixels of strength 0 are then the input's own
+                values instead of its lossy MoVQ round trip, and pixels of strength below 1/T fade in linearly. Off
+                by default, as in the paper.
+            height (`int`, *optional*, defaults to 512):
+                Height in pixels of the result, a multiple of `pipe.pixel_multiple` (64 for Kandinsky 2.2, whose UNet
+                needs latents in multiples of 8); `None` keeps the image's own height. Unlike stock diffusers 0.42,
+                which swaps `height` and `width`, a non-square size comes out as asked.
+            width (`int`, *optional*, defaults to 512):
+                Width in pixels of the result, as `height`.
+            num_inference_steps (`int`, *optional*, defaults to 100):
+                The length T of the full schedule. Only the steps from the first released pixel on are run:
+                `floor(T * max(s))` UNet steps.
+            guidance_scale (`float`, *optional*, defaults to 4.0):
+                Classifier-free guidance scale between `negative_image_embeds` and `image_embeds`; 1 or less turns it
+                off.
+            num_images_per_prompt (`int`, *optional*, defaults to 1):
+                Images to make per prompt; maps follow their images. As in stock, more than one needs
+                `guidance_scale` > 1.
+            generator (`torch.Generator` or `list[torch.Generator]`, *optional*):
+                Used as stock img2img uses it (the noise, then the scheduler's own draws), so a seed gives the same
+                result. A list holds one generator per output image.
+            output_type (`str`, *optional*, defaults to `"pil"`):
+                `"pil"`, `"np"`, `"pt"` or `"latent"`.
+            return_dict (`bool`, *optional*, defaults to `True`):
+                Return an [`ImagePipelineOutput`] rather than a tuple.
+            callback_on_step_end (`Callable`, `PipelineCallback` or `MultiPipelineCallbacks`, *optional*):
+                Called at the end of every step, after the frozen pixels have been reset, so it sees the latents that
+                the next step will run on. It may return new `latents` or `image_embeds`, as in stock.
+            callback_on_step_end_tensor_inputs (`list[str]`, *optional*):
+                The tensors passed to `callback_on_step_end`, among `"latents"`, `"image_embeds"` and
+                `"negative_image_embeds"`, as in stock.
+
+        Returns:
+            [`ImagePipelineOutput`] or `tuple`, as stock. `pipe.num_timesteps` is the number of denoising steps
+            actually run.
+        """
+        self._check_differential_inputs(image_embeds, negative_image_embeds, image, map, strength,
+                                        num_inference_steps, kwargs)
+        if num_images_per_prompt > 1 and guidance_scale <= 1:
+            raise ValueError(
+                "Stock Kandinsky img2img repeats `image_embeds` for `num_images_per_prompt` only under guidance: with "
+                "`guidance_scale` <= 1, pass every image, embedding and map n times instead."
+            )
+        if keep_exact and output_type == "latent":
+            raise ValueError('`keep_exact` copies the input\'s pixels into the output: pass an `output_type` other '
+                             'than "latent".')
+        resized = self._resize_images(image, height, width)
+        pixels = self._pixels(resized)
+        pixel_grid = tuple(pixels.shape[-2:])
+        self._check_size(pixel_grid)
+        factor = self.image_processor.config.vae_scale_factor
+        latent_grid = (pixel_grid[0] // factor, pixel_grid[1] // factor)
+        keep_map = self._keep_map_on(latent_grid, map, image, invert_map)
+        if keep_map.shape[0] not in (1, pixels.shape[0]):
+            raise ValueError(
+                f"Got {keep_map.shape[0]} maps for {pixels.shape[0]} images: pass one map, or one map per image."
+            )
+        # Stock repeats each image's latents in place (a, a, b, b) for num_images_per_prompt: maps follow.
+        release_step = _per_output(release_steps(keep_map, strength, num_inference_steps), num_images_per_prompt)
+        frozen, tensor_inputs = chain_step_end_callback(
+            FrozenPixels(release_step, num_inference_steps), callback_on_step_end, callback_on_step_end_tensor_inputs
+        )
+        decoded_type = "pt" if keep_exact else output_type
+        self._frozen = frozen
+        try:
+            if frozen.first_step == num_inference_steps:
+                output = self._unchanged(image_embeds, pixels, num_images_per_prompt, generator, decoded_type)
+            else:
+                output = super().__call__(
+                    image_embeds=image_embeds,
+                    image=resized,
+                    negative_image_embeds=negative_image_embeds,
+                    height=None,  # the images have their final size: stock keeps it
+                    width=None,
+                    num_inference_steps=num_inference_steps,
+                    guidance_scale=guidance_scale,
+                    strength=stock_strength(num_inference_steps - frozen.first_step, num_inference_steps),
+                    num_images_per_prompt=num_images_per_prompt,
+                    generator=generator,
+                    output_type=decoded_type,
+                    callback_on_step_end=frozen,
+                    callback_on_step_end_tensor_inputs=tensor_inputs,
+                    **kwargs,
+                )
+        finally:
+            self._frozen = None
+        if keep_exact:
+            pixel_keep_map = self._keep_map_on(pixel_grid, map, image, invert_map)
+            weight = exact_keep_weight(pixel_keep_map, strength, num_inference_steps)
+            # In stock's output order (a, a, b, b); the core would tile a per-image tensor as a, b, a, b.
+            weight, original = (_per_output(t, num_images_per_prompt) for t in (weight, pixels / 2 + 0.5))
+            images = composite_original(output.images, original, weight)
+            images = self.image_processor.postprocess(images, output_type, do_denormalize=[False] * len(images))
+            output = ImagePipelineOutput(images=images)
+        return output if return_dict else (output.images,)
+
+    @property
+    def pixel_multiple(self) -> int:
+        """`height` and `width` must be multiples of this: 64 for Kandinsky 2.2 (8 px per latent, 3 halvings)."""
+        unet_halvings = len(self.unet.config.block_out_channels) - 1
+        return self.image_processor.config.vae_scale_factor * 2**unet_halvings
+
+    def prepare_latents(self, *args, **kwargs):
+        # Stock draws `noise` here and keeps only add_noise(x0, noise, t); every frozen pixel needs x0 and noise again.
+        if self._frozen is None:
+            return super().prepare_latents(*args, **kwargs)
+        with self._frozen.recording_add_noise(self.scheduler):
+            return super().prepare_latents(*args, **kwargs)
+
+    @staticmethod
+    def _check_differential_inputs(image_embeds, negative_image_embeds, image, map, strength, num_inference_steps,
+                                   kwargs):
+        # Stock checks none of these, and ignores unknown keywords: a `prompt` would be dropped without a word.
+        if image is None or map is None:
+            raise ValueError("Pass both `image` and `map`.")
+        if image_embeds is None or negative_image_embeds is None:
+            raise ValueError(
+                "Pass `image_embeds` and `negative_image_embeds` from KandinskyV22PriorPipeline: "
+                "`image_embeds, negative_image_embeds = prior(prompt, negative_prompt=...).to_tuple()`."
+            )
+        unknown = sorted(set(kwargs) - {"callback", "callback_steps"})  # stock's deprecated ones still work
+        if unknown:
+            hint = " The decoder takes no text: turn prompts into `image_embeds` with KandinskyV22PriorPipeline."
+            raise TypeError(f"Unexpected argument(s) {', '.join(unknown)}." + (hint if "prompt" in unknown else ""))
+        if not isinstance(num_inference_steps, numbers.Integral) or num_inference_steps < 1:
+            raise ValueError(f"`num_inference_steps` must be a positive integer, not {num_inference_steps}.")
+        if not isinstance(strength, numbers.Real) or not 0 <= strength <= 1:
+            raise ValueError(f"`strength` must lie in [0, 1], not {strength}.")
+
+    def _resize_images(self, image, height, width) -> list:
+        """Every image resized to `height` x `width` (rounded down to the MoVQ factor) with stock's image processor.
+
+        Stock diffusers (0.42) hands its image processor `width` as the height and `height` as the width, so a
+        request for 768 x 512 (height x width) comes out 512 x 768. Images resized here, and passed on with
+        `height=width=None`, keep their size through stock's own preprocessing, whichever way it passes the two: the
+        result has the size asked for, and the latent grid the map lands on is the one stock then encodes.
+        """
+        images = image if isinstance(image, list) else [image]
+        if not all(isinstance(i, (PIL.Image.Image, torch.Tensor)) for i in images):
+            kinds = ", ".join(sorted({type(i).__name__ for i in images}))
+            raise ValueError(f"`image` must be a PIL image, a torch tensor or a list of them, not {kinds}.")
+        resized = []
+        for item in images:
+            if isinstance(item, PIL.Image.Image):
+                item = item if item.mode == "RGB" else item.convert("RGB")  # stock would fail on L or RGBA
+            else:
+                item = item[None] if item.ndim == 3 else item
+                if item.ndim != 4 or item.shape[1] != 3:
+                    raise ValueError(
+                        f"`image` tensors must have shape (B, 3, H, W) or (3, H, W), not {tuple(item.shape)}: "
+                        "Kandinsky img2img takes RGB images and encodes them itself."
+                    )
+            size = self.image_processor.get_default_height_width(item, height, width)
+            resized.append(self.image_processor.resize(item, *size))
+        return resized
+
+    def _pixels(self, resized: list) -> torch.Tensor:
+        """The resized images as stock feeds them to the MoVQ: (B, 3, H, W) in [-1, 1]."""
+        sizes = {_pixel_size(item) for item in resized}
+        if len(sizes) > 1:
+            shown = ", ".join(f"{w}x{h}" for h, w in sorted(sizes))
+            raise ValueError(f"The images differ in size ({shown}): pass `height` and `width` to resize them alike.")
+        return torch.cat([self.image_processor.preprocess(item) for item in resized])
+
+    def _check_size(self, pixel_grid: tuple):
+        if pixel_grid[0] % self.pixel_multiple or pixel_grid[1] % self.pixel_multiple:
+            factor = self.image_processor.config.vae_scale_factor
+            raise ValueError(
+                f"The images are {pixel_grid[1]}x{pixel_grid[0]} pixels, but this decoder needs multiples of "
+                f"{self.pixel_multiple} ({factor} pixels per MoVQ latent, and latent grids in multiples of "
+                f"{self.pixel_multiple // factor} for the UNet): pass `height` and `width` that are multiples of "
+                f"{self.pixel_multiple}."
+            )
+
+    @staticmethod
+    def _keep_map_on(size: tuple, map, image, invert_map: bool) -> torch.Tensor:
+        """The keep-map on `size` (the latent or the pixel grid), stretched as the images are.
+
+        Every image is resized to `height` x `width`, whatever its own shape. A map drawn on the image has the
+        image's aspect ratio and is stretched with it; a map with the aspect ratio of `height` x `width` is taken as
+        it is.
+        """
+        keep_map = map_to_tensor(map)
+        (height, width), (grid_height, grid_width) = keep_map.shape[-2:], size
+        drawn_for_the_grid = abs(height * grid_width / width - grid_height) <= max(1, grid_height / 100)
+        aspect_of = None if drawn_for_the_grid else _pixel_size(image[0] if isinstance(image, list) else image)
+        return prepare_keep_map(keep_map, size, invert_map, aspect_of=aspect_of)
+
+    def _unchanged(self, image_embeds, pixels, num_images_per_prompt, generator, output_type):
+        # No pixel is released, so no step runs: the result is x0, as at every kept pixel of a run.
+        device, dtype = self._execution_device, self.movq.dtype
+        batch_size = torch.cat(image_embeds).shape[0] if isinstance(image_embeds, list) else image_embeds.shape[0]
+        self.scheduler.set_timesteps(self._frozen.num_inference_steps, device=device)
+        latents = self.movq.encode(pixels.to(device=device, dtype=dtype))["latents"]
+        latents = latents.repeat_interleave(num_images_per_prompt, dim=0)
+        timestep = self.scheduler.timesteps[-1:].repeat(batch_size * num_images_per_prompt)
+        noised = self.prepare_latents(latents, timestep, batch_size, num_images_per_prompt, dtype, device, generator)
+        self._num_timesteps = 0
+        x0 = self._frozen.x0.expand_as(noised).contiguous()  # one image under several prompts broadcasts, as in stock
+        if output_type == "latent":
+            images = x0
+        else:
+            decoded = self.movq.decode(x0, force_not_quantize=True)["sample"]
+            images = self.image_processor.postprocess(decoded, output_type)
+        self.maybe_free_model_hooks()
+        return ImagePipelineOutput(images=images)
+
+
+def _pixel_size(image) -> tuple:
+    """(height, width) of a PIL image or an image tensor."""
+    if isinstance(image, PIL.Image.Image):
+        return image.height, image.width
+    return tuple(image.shape[-2:])
+
+
+def _per_output(per_image: torch.Tensor, num_images_per_prompt: int) -> torch.Tensor:
+    """A per-image tensor in the order of stock's outputs, which repeats each image in place: a, a, b, b."""
+    return per_image if per_image.shape[0] == 1 else per_image.repeat_interleave(num_images_per_prompt, dim=0)

@@ -1,0 +1,632 @@
+# Copyright 2026 The differential-diffusion authors. Licensed under the Apache License, Version 2.0.
+"""Differential img2img for Stable Diffusion XL, base and refiner: a grayscale map gives every pixel its own strength.
+
+Levin & Fried, "Differential Diffusion: Giving Each Pixel Its Strength", arXiv 2306.00950.
+
+This file stands alone (torch, diffusers, PIL, numpy): copy it into your own code, or load it as a diffusers
+community pipeline::
+
+    base = DiffusionPipeline.from_pretrained(
+        "stabilityai/stable-diffusion-xl-base-1.0", custom_pipeline="SDXL/diff_pipe.py", trust_remote_code=True
+    )
+
+Base and refiner, as SDXL's "ensemble of experts" runs them: both stages share one schedule of T steps, and every
+pixel keeps its release step on it, so a pixel is frozen in both stages until its step comes::
+
+    seed = 0
+    latents = base(prompt, image=image, map=map, num_inference_steps=100, denoising_end=0.8,
+                   output_type="latent", generator=torch.Generator().manual_seed(seed)).images
+    edited = refiner(prompt, image=latents, original_image=image, map=map, num_inference_steps=100,
+                     denoising_start=0.8, generator=torch.Generator().manual_seed(seed)).images[0]
+"""
+
+import numbers
+from contextlib import contextmanager
+from types import SimpleNamespace
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+from diffusers import StableDiffusionXLImg2ImgPipeline
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.pipelines.stable_diffusion_xl import StableDiffusionXLPipelineOutput
+from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2img import retrieve_timesteps
+from diffusers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+# ----------------------------------------------------------------------------------------------------------------
+# Copied from SD2/diff_pipe.py: differential core (begin)
+#
+# Every pipeline file of this project carries this block unchanged, so that each file can be copied alone;
+# tests/test_copies.py fails if two copies drift apart. The algorithm, in the paper's terms:
+#   map -> strength s per pixel -> release step r = T - floor(T * s) -> before step i, pixels with i <= r take the
+#   noised original add_noise(x0, noise, t_i); after the last step, pixels never released take x0 itself.
+# ----------------------------------------------------------------------------------------------------------------
+
+# A float32 map cannot hold 0.3 exactly, yet 1 - 0.3 must land on the step that stock img2img gives strength 0.7.
+STEP_TOLERANCE = 1e-4
+
+
+def map_to_tensor(map) -> torch.Tensor:
+    """Converts a map to a float32 tensor of shape (B, 1, H, W) with values in [0, 1], in the map's own polarity.
+
+    Accepts a PIL image (modes 1, L, I;16, I, F, or colour modes, which are converted to luminance), a numpy array
+    ((H, W), (B, H, W), (H, W, 1), (B, H, W, 1) or (B, 1, H, W)), a torch tensor ((H, W), (B, H, W) or
+    (B, 1, H, W)), or a list of these. uint8 values are divided by 255, uint16 (and PIL mode I) by 65535, bool maps
+    to 0 and 1, and floats must already lie in [0, 1].
+    """
+    if isinstance(map, (list, tuple)):
+        if len(map) == 0:
+            raise ValueError("`map` is an empty list: pass one map, or one map per image.")
+        maps = [map_to_tensor(m) for m in map]
+        if len({tuple(m.shape[-2:]) for m in maps}) > 1:
+            sizes = ", ".join(f"{m.shape[-1]}x{m.shape[-2]}" for m in maps)
+            raise ValueError(f"The maps in the `map` list differ in size ({sizes}); give them all the same size.")
+        return torch.cat(maps)
+    if isinstance(map, PIL.Image.Image):
+        return _pil_map_to_tensor(map)
+    if isinstance(map, np.ndarray):
+        if map.ndim == 3 and map.shape[-1] in (3, 4):
+            raise ValueError(
+                f"`map` has shape {map.shape}, which looks like a colour image; a map has one channel. "
+                "Pass a grayscale array, or the image as a PIL image, which is converted to luminance."
+            )
+        if map.ndim in (3, 4) and map.shape[-1] == 1:
+            map = map[..., 0]
+        return _unit_values(torch.from_numpy(np.ascontiguousarray(map)))
+    if isinstance(map, torch.Tensor):
+        return _unit_values(map.detach().cpu())
+    raise TypeError(f"`map` must be a PIL image, numpy array, torch tensor or a list of them, not {type(map).__name__}.")
+
+
+def _pil_map_to_tensor(image: PIL.Image.Image) -> torch.Tensor:
+    if image.mode == "I":  # 16-bit PNGs open as mode I with some Pillow versions
+        values = np.asarray(image, dtype=np.int64)
+        if values.min() < 0 or values.max() > 65535:
+            raise ValueError("A `map` of PIL mode I must hold 16-bit values in [0, 65535].")
+        return torch.from_numpy(values.astype(np.float32) / 65535)[None, None]
+    if not (image.mode in ("1", "L", "F") or image.mode.startswith("I;16")):
+        image = image.convert("L")
+    return _unit_values(torch.from_numpy(np.array(image)))
+
+
+def _unit_values(map: torch.Tensor) -> torch.Tensor:
+    if map.ndim == 4 and map.shape[1] == 1:
+        map = map[:, 0]
+    if map.ndim == 2:
+        map = map[None]
+    if map.ndim != 3:
+        raise ValueError(
+            f"`map` has shape {tuple(map.shape)}; expected (H, W), (B, H, W) or (B, 1, H, W): maps have one channel."
+        )
+    if map.numel() == 0:
+        raise ValueError(f"`map` is empty (shape {tuple(map.shape)}).")
+    if map.dtype == torch.bool:
+        map = map.float()
+    elif map.dtype == torch.uint8:
+        map = map.float() / 255
+    elif map.dtype == torch.uint16:
+        map = map.float() / 65535
+    elif map.is_floating_point():
+        map = map.float()
+        if not torch.isfinite(map).all():
+            raise ValueError("`map` contains NaN or infinite values.")
+        low, high = map.min().item(), map.max().item()
+        if low < 0 or high > 1:
+            raise ValueError(
+                f"`map` values must lie in [0, 1], but they span [{low:g}, {high:g}]. "
+                "Rescale it first, for example (m - m.min()) / (m.max() - m.min())."
+            )
+    else:
+        raise ValueError(
+            f"`map` has dtype {map.dtype}; use uint8 (0-255), uint16 (0-65535), bool, or floats in [0, 1]."
+        )
+    return map[:, None]
+
+
+def prepare_keep_map(map, size: tuple, invert_map: bool = False, aspect_of: tuple = None) -> torch.Tensor:
+    """Returns the keep-map (1 = keep, 0 = change fully) as float32 (B, 1, *size) on the CPU.
+
+    `size` is the grid the model works on (latents, or pixels for pixel-space models). Downsampling averages areas,
+    so a fine map does not alias. The map must have the aspect ratio of `aspect_of` (the image's height and width,
+    in pixels or grid cells; default `size`) to within one of its units or 1%, whichever is looser.
+    """
+    map = map_to_tensor(map)
+    (height, width), (reference_height, reference_width) = map.shape[-2:], aspect_of or size
+    if abs(height * reference_width / width - reference_height) > max(1, reference_height / 100):
+        raise ValueError(
+            f"`map` is {width}x{height} but the image is {reference_width}x{reference_height}: their aspect ratios "
+            "differ. Give the map the image's aspect ratio."
+        )
+    if (height, width) != tuple(size):
+        shrinking = height >= size[0] and width >= size[1]
+        map = F.interpolate(map, size=size, mode="area") if shrinking else F.interpolate(map, size=size, mode="bilinear")
+        map = map.clamp(0, 1)
+    return 1 - map if invert_map else map
+
+
+def release_steps(keep_map: torch.Tensor, strength: float, num_inference_steps: int) -> torch.Tensor:
+    """The index of the first step that runs on each pixel: r = T - floor(T * s), with s = strength * (1 - keep_map).
+
+    This is the first step that stock img2img runs at `strength = s`. Pixels with r == T are never released.
+    """
+    steps_to_run = num_inference_steps * strength * (1 - keep_map.double())
+    nearest = steps_to_run.round()
+    steps_to_run = torch.where((steps_to_run - nearest).abs() <= STEP_TOLERANCE, nearest, steps_to_run.floor())
+    return num_inference_steps - steps_to_run.long()
+
+
+def stock_strength(steps_to_run: int, num_inference_steps: int) -> float:
+    """The `strength` at which stock img2img runs exactly the last `steps_to_run` steps.
+
+    Stock computes int(T * strength), and (k / T) * T falls just below k for many k and T: aim between two integers.
+    """
+    return min(1.0, (steps_to_run + 0.5) / num_inference_steps)
+
+
+def tile_to_batch(tensor: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Repeats a per-image tensor to the whole batch, as stock img2img repeats its images (whole batch, not items)."""
+    if tensor.shape[0] in (1, batch_size):
+        return tensor
+    return tensor.repeat(batch_size // tensor.shape[0], *(1,) * (tensor.ndim - 1))
+
+
+def exact_keep_weight(keep_map: torch.Tensor, strength: float, num_inference_steps: int) -> torch.Tensor:
+    """For `keep_exact`: how much of the model's output each pixel shows, clamp(T * s, 0, 1).
+
+    Pixels of strength 0 show only the original; those released on the last step or later blend linearly.
+    """
+    return (num_inference_steps * strength * (1 - keep_map)).clamp(0, 1)
+
+
+def composite_original(images: torch.Tensor, original: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`weight * images + (1 - weight) * original`, batch-tiled like stock: unchanged pixels keep the input's bytes."""
+    weight, original = tile_to_batch(weight, images.shape[0]), tile_to_batch(original, images.shape[0])
+    weight, original = weight.to(images.device, images.dtype), original.to(images.device, images.dtype)
+    return torch.where(weight == 0, original, weight * images + (1 - weight) * original)
+
+
+class FrozenPixels:
+    """Keeps every pixel on the noised original until its release step; a step-end callback for stock pipelines.
+
+    Stock img2img runs the schedule from the first released step on. Before each later step k, this sets the pixels
+    with k <= release_step to `add_noise(x0, noise, t_k)`, and after the last step, the pixels never released to
+    `x0`. `x0` and `noise` are the very tensors that stock img2img draws, recorded by `recording_add_noise`.
+    """
+
+    def __init__(self, release_step: torch.Tensor, num_inference_steps: int, callback=None, tensor_inputs=()):
+        self.release_step = release_step
+        self.num_inference_steps = num_inference_steps
+        self.first_step = int(release_step.min())
+        self.last_frozen_step = int(release_step.max())
+        self.callback, self.tensor_inputs = callback, list(tensor_inputs)
+        self.x0 = self.noise = None
+
+    @contextmanager
+    def recording_add_noise(self, scheduler):
+        """Records `x0` and `noise` as stock `prepare_latents` passes them to `scheduler.add_noise`."""
+        stock_add_noise = scheduler.add_noise
+
+        def add_noise(original_samples, noise, timesteps):
+            self.x0, self.noise = original_samples, noise
+            return stock_add_noise(original_samples, noise, timesteps)
+
+        scheduler.add_noise = add_noise
+        try:
+            yield
+        finally:
+            del scheduler.add_noise
+        self.release_step = tile_to_batch(self.release_step, self.x0.shape[0]).to(self.x0.device)
+
+    def blend(self, scheduler, i: int, latents: torch.Tensor) -> torch.Tensor:
+        """The latents to run loop iteration `i + 1` on, where iteration 0 is the first released step."""
+        order = scheduler.order
+        next_iteration = self.first_step * order + i + 1
+        if next_iteration == len(scheduler.timesteps):
+            return torch.where(self.release_step == self.num_inference_steps, self.x0.to(latents.dtype), latents)
+        if next_iteration > self.last_frozen_step * order:
+            return latents
+        timestep = scheduler.timesteps[next_iteration : next_iteration + 1].repeat(latents.shape[0])
+        noised_original = scheduler.add_noise(self.x0, self.noise, timestep).to(latents.dtype)
+        return torch.where(self.release_step * order >= next_iteration, noised_original, latents)
+
+    def __call__(self, pipe, i, t, callback_kwargs):
+        latents = self.blend(pipe.scheduler, i, callback_kwargs["latents"])
+        if self.callback is None:
+            return {"latents": latents}
+        user_kwargs = {name: callback_kwargs[name] for name in self.tensor_inputs}
+        if "latents" in user_kwargs:
+            user_kwargs["latents"] = latents
+        return {"latents": latents, **(self.callback(pipe, i, t, user_kwargs) or {})}
+
+
+def chain_step_end_callback(frozen: FrozenPixels, callback, tensor_inputs):
+    """Puts `frozen` before the user's own step-end callback, which then sees the blended latents."""
+    if isinstance(callback, (PipelineCallback, MultiPipelineCallbacks)):
+        tensor_inputs = callback.tensor_inputs
+    frozen.callback, frozen.tensor_inputs = callback, list(tensor_inputs or [])
+    return frozen, sorted(set(frozen.tensor_inputs) | {"latents"})
+
+
+# Copied from SD2/diff_pipe.py: differential core (end)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def is_fraction(value) -> bool:
+    """Stock SDXL applies `denoising_start` and `denoising_end` only when they are floats strictly inside (0, 1)."""
+    return isinstance(value, float) and 0 < value < 1
+
+
+class StableDiffusionXLDiffImg2ImgPipeline(StableDiffusionXLImg2ImgPipeline):
+    r"""
+    Stable Diffusion XL img2img where a map gives every pixel its own strength (Differential Diffusion).
+
+    It takes exactly the components of [`StableDiffusionXLImg2ImgPipeline`], so it loads base and refiner checkpoints
+    alike, and `from_pretrained`, `from_pipe`, LoRA, IP-Adapter, model offloading and any compatible scheduler work
+    as they do there. A uniform map of strength `s` gives exactly what stock img2img gives at `strength=s`, with or
+    without the base/refiner split.
+
+    Base and refiner ("ensemble of experts"): run the base with `denoising_end=d` and `output_type="latent"`, then the
+    refiner with `image=<the base's latents>`, `original_image=<the image>` and `denoising_start=d`, giving both the
+    same `map`, `strength`, `num_inference_steps` and seed. Every pixel keeps its release step on the one schedule of
+    `num_inference_steps` steps: a pixel released at step r stays on the noised original in both stages until r, and
+    pixels never released become x0 only at the very end, in the refiner.
+    """
+
+    _stage = None  # what prepare_latents needs while __call__ runs
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt=None,
+        image=None,
+        map=None,
+        original_image=None,
+        strength: float = 1.0,
+        invert_map: bool = False,
+        keep_exact: bool = False,
+        num_inference_steps: int = 50,
+        denoising_start: float | None = None,
+        denoising_end: float | None = None,
+        num_images_per_prompt: int = 1,
+        generator=None,
+        latents: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs=("latents",),
+        **kwargs,
+    ):
+        r"""
+        Args:
+            prompt (`str` or `list[str]`, *optional*):
+                The prompt(s) to guide the edit. Pass `prompt_embeds` and `pooled_prompt_embeds` instead to skip the
+                text encoders.
+            image (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor` or a list of them):
+                The image(s) to edit, in any form stock img2img takes (PIL images, arrays or tensors in [0, 1], or
+                4-channel latents). With `denoising_start` (the refiner): the latents to continue from, that is the
+                base's output with `output_type="latent"`.
+            map (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor` or a list of them, values in [0, 1], white = keep):
+                How much each pixel may change. 1 (white) keeps the pixel, 0 (black) changes it fully: a pixel's
+                strength is `1 - map`. Grayscale PIL images of mode L or I;16 work as they are; float arrays must lie
+                in [0, 1]. One map for all images, or one per image; any size with the image's aspect ratio
+                (it is area-averaged down to the latent grid). Give the refiner the base's map.
+            original_image (same types as `image`, *optional*, defaults to `image`):
+                The image being edited, whose encoding x0 the frozen pixels keep. Only needed with `denoising_start`,
+                where `image` holds latents; 4-channel latents are taken as x0 itself.
+            strength (`float`, *optional*, defaults to 1.0):
+                Scales every pixel's strength: `s = strength * (1 - map)`. With a uniform map this is stock
+                img2img's `strength`. Unlike stock, the refiner uses it too: give both stages the same value.
+            invert_map (`bool`, *optional*, defaults to `False`):
+                Read `map` the other way round, white = change, as inpainting masks and some UIs do.
+            keep_exact (`bool`, *optional*, defaults to `False`):
+                Composite the input back after decoding: `clamp(T * s, 0, 1) * output + (1 - that) * input`. Pixels
+                of strength 0 are then the input's own values instead of their lossy VAE round trip, and pixels of
+                strength below 1/T fade in linearly. Off by default, as in the paper. It applies to the call that
+                ends the schedule (the refiner, which composites `original_image`), not to one with `denoising_end`.
+            num_inference_steps (`int`, *optional*, defaults to 50):
+                The length T of the full schedule, shared by base and refiner. A pixel of strength s is released at
+                step `T - floor(T * s)`; only the steps from the first released pixel on are run.
+            denoising_start (`float`, *optional*):
+                Start this call at this fraction of the schedule, continuing from the latents in `image`, as stock
+                does (the refiner). Pixels released later than the start are frozen there on the noised original.
+                If no pixel is released by the start, the call starts afresh at the first release, from the
+                original, and `image` goes unused.
+            denoising_end (`float`, *optional*):
+                End this call at this fraction of the schedule, as stock does (the base, with
+                `output_type="latent"`). The latents returned are those before the next step: pixels still frozen
+                hold the noised original there, and kept pixels are not yet x0.
+            num_images_per_prompt (`int`, *optional*, defaults to 1):
+                Images to make per prompt; maps follow their images.
+            generator (`torch.Generator` or `list[torch.Generator]`, *optional*):
+                Used in the same order as stock img2img: the VAE sample of x0, then the noise. The refiner draws both
+                again, so give it a generator seeded as the base's was (a new `torch.Generator().manual_seed(seed)`,
+                not the base's generator after it ran): its x0 and noise are then exactly the base's, and frozen
+                pixels pass the handoff unchanged.
+            latents (`torch.Tensor` of shape (batch * num_images_per_prompt, 4, height / 8, width / 8), *optional*):
+                The latents the first step that runs starts from, as stock's `latents` (for the base, stock starts
+                from `add_noise(x0, noise, t)`; for the refiner, from `image`). Only the pixels released at that step
+                take them: the others are frozen on `add_noise(x0, noise, t)`, with `noise` as below, and x0 and
+                `noise` are drawn just as without `latents`. With a uniform map, the result is stock's with the
+                same `latents`.
+            noise (`torch.Tensor`, same shape as `latents`, *optional*):
+                The noise of the noised original `add_noise(x0, noise, t)`. Defaults to the noise stock img2img draws
+                from `generator`. Pass the same tensor to base and refiner to tie them without a seed (give x0 as
+                4-channel `image` / `original_image` to fix it too).
+            output_type (`str`, *optional*, defaults to `"pil"`):
+                `"pil"`, `"np"`, `"pt"` or `"latent"`.
+            return_dict (`bool`, *optional*, defaults to `True`):
+                Return a [`StableDiffusionXLPipelineOutput`] rather than a tuple.
+            callback_on_step_end (`Callable`, `PipelineCallback` or `MultiPipelineCallbacks`, *optional*):
+                Called at the end of every step, after the frozen pixels have been reset, so it sees the latents that
+                the next step will run on.
+            callback_on_step_end_tensor_inputs (`list[str]`, *optional*):
+                The tensors passed to `callback_on_step_end`, as in stock.
+            **kwargs:
+                Every other argument of [`StableDiffusionXLImg2ImgPipeline.__call__`] (`guidance_scale`,
+                `negative_prompt`, `prompt_2`, `prompt_embeds`, `aesthetic_score`, `ip_adapter_image`, ...).
+
+        Returns:
+            [`StableDiffusionXLPipelineOutput`] or `tuple`, as stock. `pipe.num_timesteps` is the number of denoising
+            steps this call actually ran.
+        """
+        num_inference_steps = self._check_differential_inputs(
+            prompt, image, map, original_image, strength, keep_exact, num_inference_steps, denoising_start,
+            denoising_end, output_type, kwargs,
+        )
+        continuing = is_fraction(denoising_start)
+        if original_image is None:
+            original_image = image
+        original = self.image_processor.preprocess(original_image)
+        latent_grid = self._latent_grid(original)
+        if continuing:
+            self._check_continued_latents(image, latent_grid)
+        keep_map = prepare_keep_map(map, latent_grid, invert_map)
+        if keep_map.shape[0] not in (1, original.shape[0]):
+            raise ValueError(
+                f"Got {keep_map.shape[0]} maps for {original.shape[0]} images: pass one map, or one map per image."
+            )
+        release_step = release_steps(keep_map, strength, num_inference_steps)
+        stage_start, stage_end = self._stage_bounds(num_inference_steps, denoising_start, denoising_end, kwargs)
+        frozen, tensor_inputs = chain_step_end_callback(
+            FrozenPixels(release_step, num_inference_steps), callback_on_step_end, callback_on_step_end_tensor_inputs
+        )
+        # After a handoff, `image` holds the base's work only if some pixel was released before it; if none was,
+        # this call starts afresh at the first release, on the original, as the base would have.
+        continuing = continuing and frozen.first_step <= stage_start
+        # Pixels released before the handoff were the base's to run: here the loop starts at the handoff.
+        frozen.first_step = max(frozen.first_step, stage_start)
+        if continuing and generator is None and noise is None:
+            logger.warning(
+                "Without `generator`, this call draws x0 and the noise anew, not as the base drew them: pixels still "
+                "frozen at the handoff get new noise there. Pass a generator seeded as the base's was."
+            )
+        decoded_type = "pt" if keep_exact else output_type
+        self._stage = SimpleNamespace(frozen=frozen, original=original, latents=latents, noise=noise)
+        try:
+            if frozen.first_step >= stage_end:
+                output = self._without_steps(
+                    prompt, image, continuing, stage_end, num_images_per_prompt, generator, decoded_type, kwargs
+                )
+            else:
+                output = super().__call__(
+                    prompt=prompt,
+                    **self._where_to_start(
+                        image, original_image, continuing, strength, denoising_start, num_inference_steps
+                    ),
+                    num_inference_steps=num_inference_steps,
+                    denoising_end=denoising_end,
+                    num_images_per_prompt=num_images_per_prompt,
+                    generator=generator,
+                    output_type=decoded_type,
+                    callback_on_step_end=frozen,
+                    callback_on_step_end_tensor_inputs=tensor_inputs,
+                    **kwargs,
+                )
+        finally:
+            self._stage = None
+        if keep_exact:
+            pixel_keep_map = prepare_keep_map(map, tuple(original.shape[-2:]), invert_map, aspect_of=latent_grid)
+            weight = exact_keep_weight(pixel_keep_map, strength, num_inference_steps)
+            images = composite_original(output.images, original / 2 + 0.5, weight)
+            images = self.image_processor.postprocess(images, output_type, do_denormalize=[False] * len(images))
+            output = StableDiffusionXLPipelineOutput(images=images)
+        return output if return_dict else (output.images,)
+
+    def _where_to_start(self, image, original_image, continuing, strength, denoising_start, num_inference_steps):
+        """The arguments that make stock start where this call starts."""
+        if continuing:  # at the handoff, from `image` as it is; stock ignores strength there
+            return dict(image=image, strength=strength, denoising_start=denoising_start)
+        # stock img2img from the first release, on the original
+        steps_to_run = num_inference_steps - self._stage.frozen.first_step
+        return dict(image=original_image, strength=stock_strength(steps_to_run, num_inference_steps))
+
+    def prepare_latents(self, image, timestep, batch_size, num_images_per_prompt, dtype, device, generator=None,
+                        add_noise=True):
+        # Stock draws x0 and noise here and keeps only add_noise(x0, noise, t); every frozen pixel needs both again.
+        # After a handoff stock passes add_noise=False and just takes `image`, the base's latents: x0 and noise are
+        # then drawn from the original, in the same order, so that a generator seeded as the base's gives the same.
+        if self._stage is None:  # called by other code, outside __call__
+            return super().prepare_latents(
+                image, timestep, batch_size, num_images_per_prompt, dtype, device, generator, add_noise
+            )
+        noised_original = self._noised_original(timestep, batch_size, num_images_per_prompt, dtype, device, generator)
+        start = self._start_latents(
+            image, not add_noise, timestep, batch_size, num_images_per_prompt, dtype, device, generator
+        )
+        if start is None:
+            return noised_original
+        # The loop runs on `start`'s memory layout, as stock's would, and frozen pixels join it there: the UNet and
+        # the VAE round differently on channels-last tensors, which is what the VAE's x0 often is.
+        frozen = self._stage.frozen
+        frozen.x0, frozen.noise = (torch.empty_like(start).copy_(tensor) for tensor in (frozen.x0, frozen.noise))
+        still_frozen = frozen.release_step > frozen.first_step
+        return torch.where(still_frozen, noised_original, start, out=torch.empty_like(start))
+
+    def _noised_original(self, timestep, batch_size, num_images_per_prompt, dtype, device, generator):
+        """Encodes the original as stock does, records x0 and noise, and returns add_noise(x0, noise, timestep)."""
+        stage = self._stage
+        with stage.frozen.recording_add_noise(self.scheduler):
+            noised = super().prepare_latents(
+                stage.original, timestep, batch_size, num_images_per_prompt, dtype, device, generator
+            )
+        if stage.noise is not None:
+            stage.frozen.noise = self._like_latents(stage.noise, "noise", stage.frozen.x0)
+            noised = self.scheduler.add_noise(stage.frozen.x0, stage.frozen.noise, timestep)
+        return noised
+
+    def _start_latents(self, image, continuing, timestep, batch_size, num_images_per_prompt, dtype, device,
+                       generator):
+        """The user's `latents`, or after a handoff the latents in `image`; None means the noised original."""
+        if self._stage.latents is not None:
+            return self._like_latents(self._stage.latents, "latents", self._stage.frozen.x0)
+        if continuing:
+            return super().prepare_latents(
+                image, timestep, batch_size, num_images_per_prompt, dtype, device, generator, add_noise=False
+            )
+        return None
+
+    @staticmethod
+    def _like_latents(tensor, name, x0):
+        if not isinstance(tensor, torch.Tensor) or tensor.shape != x0.shape:
+            shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise ValueError(
+                f"`{name}` must be a tensor shaped like the latents, {tuple(x0.shape)} (images x "
+                "num_images_per_prompt, channels, height / vae_scale_factor, width / vae_scale_factor), not "
+                f"{shape}."
+            )
+        return tensor.to(device=x0.device, dtype=x0.dtype)
+
+    def _without_steps(self, prompt, image, continuing, stage_end, num_images_per_prompt, generator, output_type,
+                       kwargs):
+        # No pixel is released within this call, so no step runs (stock cannot do that). The result is what the
+        # latents are before step `stage_end`: frozen pixels hold the noised original, or x0 at the end of the
+        # schedule, and pixels released earlier (by the base) keep `image` or `latents`.
+        frozen = self._stage.frozen
+        device, dtype = self._execution_device, self.unet.dtype
+        prompt_embeds = kwargs.get("prompt_embeds")
+        batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
+        schedule = self.scheduler.timesteps  # set by _stage_bounds
+        at_the_end = stage_end == frozen.num_inference_steps
+        timestep = schedule[min(stage_end, len(schedule) - 1)].repeat(batch_size * num_images_per_prompt)
+        noised_original = self._noised_original(timestep, batch_size, num_images_per_prompt, dtype, device, generator)
+        latents = frozen.x0.to(dtype) if at_the_end else noised_original
+        pixels = self.image_processor.preprocess(image) if continuing else None
+        start = self._start_latents(
+            pixels, continuing, timestep, batch_size, num_images_per_prompt, dtype, device, generator
+        )
+        if start is not None:
+            latents = torch.where(frozen.release_step >= stage_end, latents, start)
+        self._num_timesteps = 0
+        images = self._decode(latents, output_type)
+        self.maybe_free_model_hooks()
+        return StableDiffusionXLPipelineOutput(images=images)
+
+    def _decode(self, latents, output_type):
+        """Latents to `output_type` as stock's last lines do (VAE upcast, latent statistics, watermark)."""
+        if output_type == "latent":
+            return latents
+        needs_upcasting = self.vae.dtype == torch.float16 and self.vae.config.force_upcast
+        if needs_upcasting:
+            self.vae.to(dtype=torch.float32)
+        latents = latents.to(self.vae.dtype)
+        mean, std = getattr(self.vae.config, "latents_mean", None), getattr(self.vae.config, "latents_std", None)
+        if mean is not None and std is not None:
+            mean, std = (torch.tensor(v).view(1, -1, 1, 1).to(latents.device, latents.dtype) for v in (mean, std))
+            latents = latents * std / self.vae.config.scaling_factor + mean
+        else:
+            latents = latents / self.vae.config.scaling_factor
+        image = self.vae.decode(latents, return_dict=False)[0]
+        if needs_upcasting:
+            self.vae.to(dtype=torch.float16)
+        if self.watermark is not None:
+            image = self.watermark.apply_watermark(image)
+        return self.image_processor.postprocess(image, output_type=output_type)
+
+    def _latent_grid(self, pixels) -> tuple:
+        if pixels.shape[1] == self.vae.config.latent_channels:
+            return tuple(pixels.shape[-2:])
+        return tuple(n // self.vae_scale_factor for n in pixels.shape[-2:])
+
+    def _stage_bounds(self, num_inference_steps, denoising_start, denoising_end, kwargs):
+        """This call's first step and end step (exclusive) on the schedule of T steps, cut where stock cuts it."""
+        device = self._execution_device
+        retrieve_timesteps(self.scheduler, num_inference_steps, device, kwargs.get("timesteps"), kwargs.get("sigmas"))
+        schedule, train_steps = self.scheduler.timesteps, self.scheduler.config.num_train_timesteps
+
+        def steps_before(fraction):
+            # Stock's cutoff, to the same float: the steps at or above it come before the split.
+            cutoff = int(round(train_steps - (fraction * train_steps)))
+            return int((schedule >= cutoff).sum())
+
+        start = steps_before(denoising_start) if is_fraction(denoising_start) else 0
+        end = steps_before(denoising_end) if is_fraction(denoising_end) else num_inference_steps
+        return start, end
+
+    def _check_differential_inputs(self, prompt, image, map, original_image, strength, keep_exact,
+                                   num_inference_steps, denoising_start, denoising_end, output_type, kwargs):
+        if image is None or map is None:
+            raise ValueError("Pass both `image` and `map`.")
+        if not isinstance(num_inference_steps, numbers.Integral) or num_inference_steps < 1:
+            raise ValueError(f"`num_inference_steps` must be a positive integer, not {num_inference_steps}.")
+        self.check_inputs(
+            prompt, kwargs.get("prompt_2"), strength, int(num_inference_steps), None, kwargs.get("negative_prompt"),
+            kwargs.get("negative_prompt_2"), kwargs.get("prompt_embeds"), kwargs.get("negative_prompt_embeds"),
+            kwargs.get("ip_adapter_image"), kwargs.get("ip_adapter_image_embeds"),
+        )
+        for schedule in ("timesteps", "sigmas"):
+            if kwargs.get(schedule) is not None:
+                num_inference_steps = len(kwargs[schedule])
+        if is_fraction(denoising_start) and is_fraction(denoising_end) and denoising_start >= denoising_end:
+            raise ValueError(
+                f"`denoising_start` ({denoising_start}) must be smaller than `denoising_end` ({denoising_end})."
+            )
+        if (is_fraction(denoising_start) or is_fraction(denoising_end)) and self.scheduler.order != 1:
+            raise ValueError(
+                f"{type(self.scheduler).__name__} takes {self.scheduler.order} model calls per step, and a "
+                "`denoising_start`/`denoising_end` split would fall inside a step; use a first-order scheduler such "
+                "as EulerDiscreteScheduler or DPMSolverMultistepScheduler."
+            )
+        if original_image is not None and original_image is not image and not is_fraction(denoising_start):
+            raise ValueError(
+                "`original_image` is for a call that continues from latents (`denoising_start`, the refiner); "
+                "without it, `image` is the original: pass the image once, as `image`."
+            )
+        if is_fraction(denoising_start) and original_image is None and self._holds_latents(image):
+            raise ValueError(
+                "With `denoising_start`, `image` holds the base's latents: pass the image being edited as "
+                "`original_image` too, since frozen pixels keep its encoding."
+            )
+        if keep_exact:
+            self._check_keep_exact(image if original_image is None else original_image, denoising_end, output_type)
+        return int(num_inference_steps)
+
+    def _check_keep_exact(self, original_image, denoising_end, output_type):
+        if self._holds_latents(original_image) or output_type == "latent":
+            raise ValueError(
+                "`keep_exact` copies the input's pixels into the output: pass the image (`original_image` for the "
+                'refiner) as pixels, not latents, and an `output_type` other than "latent".'
+            )
+        if is_fraction(denoising_end):
+            raise ValueError(
+                "`keep_exact` composites the input into the finished image, but `denoising_end` stops this call "
+                "before the end of the schedule: pass `keep_exact` to the call that finishes it (the refiner)."
+            )
+
+    def _holds_latents(self, image) -> bool:
+        first = image[0] if isinstance(image, (list, tuple)) and len(image) > 0 else image
+        channels = self.vae.config.latent_channels
+        return isinstance(first, torch.Tensor) and first.ndim >= 3 and first.shape[-3] == channels
+
+    def _check_continued_latents(self, image, latent_grid):
+        if self._holds_latents(image):
+            grid = tuple(self.image_processor.preprocess(image).shape[-2:])
+            if grid != latent_grid:
+                raise ValueError(
+                    f"`image` holds latents of {grid[1]}x{grid[0]}, but `original_image` is "
+                    f"{latent_grid[1]}x{latent_grid[0]} on the latent grid: pass the original at the size the base "
+                    "edited."
+                )

@@ -1,0 +1,165 @@
+"""Kandinsky/run.py end to end in a subprocess, and its prior and batch plumbing in-process, on tiny saved models."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_script, test_image
+from PIL import Image
+
+from Kandinsky import run as kandinsky_run
+from tools import cli
+from tools.maps import save_map
+
+SCRIPT = "Kandinsky/run.py"
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    image, map_path = tmp_path / "photo.png", tmp_path / "map.png"
+    test_image().save(image)
+    keep_map = np.ones((64, 64), np.float32)
+    keep_map[:, :32] = 0.0  # the left half changes fully
+    save_map(keep_map, map_path)
+    return image, map_path
+
+
+def models(prior_dir, decoder_dir):
+    return ["--prior", prior_dir, "--model", decoder_dir, "--device", "cpu", "--height", "64", "--width", "64"]
+
+
+def test_run_writes_a_png_with_its_parameters(kandinsky_prior_dir, kandinsky_decoder_dir, inputs, tmp_path):
+    image, map_path = inputs
+    output = tmp_path / "edit.png"
+    result = run_script(
+        SCRIPT, *models(kandinsky_prior_dir, kandinsky_decoder_dir), "--image", image, "--map", map_path,
+        "--prompt", "a red apple", "--steps", "10", "--strength", "0.5", "--seed", "7", "--prior-steps", "2",
+        "--image-weight", "0.3", "--keep-exact", "--output", output, "--compare",
+    )
+    assert result.returncode == 0, result.stderr
+    last_line = result.stdout.strip().splitlines()[-1]
+    assert last_line.startswith(str(output)) and "5 denoising steps" in last_line
+    with Image.open(output) as written, Image.open(image) as source:
+        assert written.size == (64, 64) and written.format == "PNG"
+        text = dict(written.text)
+        original, edited = np.asarray(source.convert("RGB")), np.asarray(written.convert("RGB"))
+    # --keep-exact: the kept right half is the input's own bytes, the left half (strength 0.5) changed.
+    assert np.array_equal(edited[:, 32:], original[:, 32:]) and text["keep_exact"] == "True"
+    assert np.abs(edited[:, :32].astype(int) - original[:, :32]).mean() > 5
+    assert text["prompt"] == "a red apple" and text["seed"] == "7" and text["strength"] == "0.5"
+    assert text["model"] == str(kandinsky_decoder_dir) and text["prior"] == str(kandinsky_prior_dir)
+    assert text["prior_steps"] == "2" and text["image_weight"] == "0.3" and text["height"] == "64"
+    with Image.open(tmp_path / "edit-compare.png") as strip:
+        assert strip.width >= 3 * 64
+
+
+def write_bytes_of(paths):
+    return {path: path.read_bytes() for path in paths}
+
+
+@pytest.mark.parametrize(
+    "case, extra, message",
+    [
+        ("missing image", ["--image", "nowhere.png"], "--image"),
+        ("missing map", ["--map", "nowhere.png"], "--map"),
+        ("output is the image", ["--output", "{image}", "--overwrite"], "--image"),
+        ("missing prior folder", ["--prior", "{tmp}/no/prior/here"], "--prior"),
+        ("hub prior offline", ["--prior", "someone/not-cached-prior"], "--prior PATH"),
+        ("fp16 on the cpu", ["--dtype", "fp16"], "--dtype fp32"),
+        ("steps out of range", ["--steps", "0"], "--steps"),
+        ("strength out of range", ["--strength", "1.5"], "--strength"),
+        ("height off the grid", ["--height", "100"], "--height"),
+    ],
+)
+def test_bad_input_gives_one_line_and_leaves_inputs_untouched(
+    kandinsky_prior_dir, kandinsky_decoder_dir, inputs, tmp_path, case, extra, message
+):
+    image, map_path = inputs
+    before = write_bytes_of([image, map_path])
+    extra = [value.format(image=image, tmp=tmp_path) for value in extra]
+    base = [*models(kandinsky_prior_dir, kandinsky_decoder_dir), "--image", image, "--map", map_path,
+            "--prompt", "x", "--steps", "2", "--prior-steps", "2"]
+    if "--output" not in extra:
+        extra += ["--output", tmp_path / "out.png"]
+    result = run_script(SCRIPT, *base, *extra, cwd=tmp_path)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert write_bytes_of([image, map_path]) == before
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_help_documents_every_flag():
+    result = run_script(SCRIPT, "--help")
+    flags = ["--model", "--image", "--map", "--invert-map", "--prompt", "--negative-prompt", "--steps",
+             "--guidance-scale", "--strength", "--seed", "--output", "--device", "--dtype", "--offload",
+             "--scheduler", "--compare", "--prior", "--prior-steps", "--prior-guidance-scale", "--image-weight",
+             "--height", "--width", "--keep-exact", "--mask", "--feather", "--grow"]
+    assert result.returncode == 0
+    assert all(flag in result.stdout for flag in flags)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# In-process: what batch editing imports
+
+
+def parse(*argv):
+    return cli.parse_args(kandinsky_run.build_parser(), [str(arg) for arg in argv])
+
+
+@pytest.fixture(scope="module")
+def pipelines(kandinsky_prior_dir, kandinsky_decoder_dir):
+    args = parse(*models(kandinsky_prior_dir, kandinsky_decoder_dir))
+    loaded = kandinsky_run.load_pipelines(args)
+    for pipe in loaded:
+        pipe.set_progress_bar_config(disable=True)
+    return loaded
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--height", "100"], "--height: must be a multiple of 64"),
+        (["--width", "0"], "--width"),
+        (["--image-weight", "1.5"], "--image-weight"),
+        (["--prior-steps", "1"], "--prior-steps: must be a whole number from 2"),  # UnCLIP divides by steps - 1
+        (["--prior-guidance-scale", "-1"], "--prior-guidance-scale"),
+    ],
+)
+def test_flags_of_kandinsky_are_checked_before_loading(argv, message):
+    with pytest.raises(cli.CliError, match=message):
+        parse("--device", "cpu", *argv)
+
+
+def test_image_weight_mixes_the_clip_embedding_of_the_image(pipelines, kandinsky_prior_dir, kandinsky_decoder_dir):
+    prior, image = pipelines.prior, test_image()
+    settings = lambda weight: parse(*models(kandinsky_prior_dir, kandinsky_decoder_dir),  # noqa: E731
+                                    "--prior-steps", "2", "--image-weight", weight)
+    embeddings = lambda weight, prompt: kandinsky_run.image_embeddings(  # noqa: E731
+        prior, settings(weight), image, prompt, "blurry", seed=3)
+    text_only, negative = embeddings(0, "a red apple")
+    image_only = kandinsky_run.clip_image_embedding(prior, image)
+    mixed, mixed_negative = embeddings(0.3, "a red apple")
+    assert torch.equal(mixed, 0.3 * image_only + 0.7 * text_only)
+    assert torch.equal(mixed_negative, negative)  # the negative prompt's embedding is the prior's alone
+    assert torch.equal(embeddings(1, "a red apple")[0], embeddings(1, "a blue pear")[0])
+    assert not torch.allclose(text_only, image_only, atol=1e-3)
+    # Without a negative prompt the negative embedding is the prior's empty-image embedding, diffusers' default.
+    _, no_negative = kandinsky_run.image_embeddings(prior, settings(0), image, "a red apple", "", seed=3)
+    assert torch.equal(no_negative, prior.get_zero_embed())
+
+
+def test_edit_of_a_batch_gives_each_item_as_alone(pipelines, kandinsky_prior_dir, kandinsky_decoder_dir):
+    args = parse(*models(kandinsky_prior_dir, kandinsky_decoder_dir), "--steps", "6", "--prior-steps", "2")
+    keep_map = np.ones((64, 64), np.float32)
+    keep_map[:, :32] = 0.0
+    items = dict(images=[test_image(seed=1), test_image(seed=2)], maps=[keep_map, 1 - keep_map],
+                 prompts=["a red apple", "a blue pear"], negative_prompts=["blurry", ""], seeds=[4, 5])
+    batch, steps_run = kandinsky_run.edit(pipelines, args, **items)
+    assert steps_run == 6 and [image.size for image in batch] == [(64, 64)] * 2
+    for i in range(2):
+        (alone,), _ = kandinsky_run.edit(pipelines, args, **{key: value[i : i + 1] for key, value in items.items()})
+        # Batched kernels add in another order: a few levels of 255 at most (test_kandinsky checks maps exactly).
+        difference = np.abs(np.asarray(batch[i], np.int16) - np.asarray(alone, np.int16))
+        assert difference.max() <= 3
+    assert np.abs(np.asarray(batch[0], np.int16) - np.asarray(batch[1], np.int16)).max() > 50

@@ -1,0 +1,130 @@
+"""SDXL/run.py end to end, in a subprocess, on a tiny base and refiner saved to folders."""
+
+import numpy as np
+import pytest
+from conftest import run_script, test_image
+from PIL import Image
+
+from SDXL.run import output_size
+from tools.maps import save_map
+
+SCRIPT = "SDXL/run.py"
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    image, map_path = tmp_path / "photo.png", tmp_path / "map.png"
+    test_image().save(image)
+    keep_map = np.ones((64, 64), np.float32)
+    keep_map[:, :32] = 0.0  # the left half changes fully
+    save_map(keep_map, map_path)
+    return image, map_path
+
+
+def test_base_and_refiner_write_a_png_with_their_parameters(sdxl_base_dir, sdxl_refiner_dir, inputs, tmp_path):
+    image, map_path = inputs
+    output = tmp_path / "edit.png"
+    result = run_script(
+        SCRIPT, "--model", sdxl_base_dir, "--refiner", sdxl_refiner_dir, "--device", "cpu", "--image", image,
+        "--map", map_path, "--prompt", "a red apple", "--steps", "10", "--strength", "0.5", "--seed", "7",
+        "--width", "64", "--height", "64", "--keep-exact", "--output", output, "--compare",
+    )
+    assert result.returncode == 0, result.stderr
+    last_line = result.stdout.strip().splitlines()[-1]
+    # Strength 0.5 of 10 steps: steps 5 to 7 in the base, 8 and 9 in the refiner, which starts at 0.8.
+    assert last_line.startswith(str(output)) and "5 denoising steps" in last_line
+    with Image.open(output) as written, Image.open(image) as source:
+        assert written.size == (64, 64) and written.format == "PNG"
+        text = written.text
+        edited, original = np.asarray(written.convert("RGB")), np.asarray(source.convert("RGB"))
+    # --keep-exact in the refiner, which ends the schedule: the kept right half is the input's own bytes
+    assert np.array_equal(edited[:, 32:], original[:, 32:]) and text["keep_exact"] == "True"
+    assert np.abs(edited[:, :32].astype(int) - original[:, :32]).mean() > 5
+    assert text["prompt"] == "a red apple" and text["seed"] == "7" and text["strength"] == "0.5"
+    assert text["model"] == str(sdxl_base_dir) and text["refiner"] == str(sdxl_refiner_dir)
+    assert text["refiner_start"] == "0.8" and (text["width"], text["height"]) == ("64", "64")
+    assert text["guidance_scale"] == "17.5"
+    with Image.open(tmp_path / "edit-compare.png") as strip:
+        assert strip.width >= 3 * 64
+
+
+def test_base_alone_keeps_the_aspect_ratio_from_one_side_and_takes_a_mask(sdxl_base_dir, tmp_path):
+    image, mask, output = tmp_path / "wide.png", tmp_path / "hole.png", tmp_path / "edit.png"
+    test_image(size=96).resize((96, 64)).save(image)
+    hole = np.zeros((64, 96), np.uint8)
+    hole[16:48, 24:72] = 255  # soft inpainting: white is the region to fill
+    Image.fromarray(hole).save(mask)
+    result = run_script(
+        SCRIPT, "--model", sdxl_base_dir, "--no-refiner", "--device", "cpu", "--image", image, "--mask", mask,
+        "--feather", "8", "--prompt", "x", "--steps", "4", "--width", "64", "--output", output,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "4 denoising steps" in result.stdout  # the region changes fully
+    with Image.open(output) as written:
+        assert written.size == (64, 40)  # 64 / 1.5 = 42.7, to the nearest multiple of 8
+        text = written.text
+    assert text["refiner"] == "none" and "refiner_start" not in text
+    assert text["mask"].endswith("hole.png") and text["feather"] == "8.0"
+
+
+@pytest.mark.parametrize(
+    "image_size, width, height, expected",
+    [
+        ((512, 512), None, None, (1024, 1024)),  # about one megapixel, as SDXL was trained
+        ((3000, 2000), None, None, (1256, 840)),
+        ((3000, 2000), 1024, None, (1024, 680)),
+        ((3000, 2000), None, 512, (768, 512)),
+        ((3000, 2000), 640, 640, (640, 640)),  # both given: exactly that, stretched
+    ],
+)
+def test_output_size(image_size, width, height, expected):
+    assert output_size(image_size, width, height) == expected
+
+
+def write_bytes_of(paths):
+    return {path: path.read_bytes() for path in paths}
+
+
+@pytest.mark.parametrize(
+    "case, extra, message",
+    [
+        ("missing image", ["--image", "nowhere.png"], "--image"),
+        ("missing map", ["--map", "nowhere.png"], "--map"),
+        ("output is the image", ["--output", "{image}", "--overwrite"], "--image"),
+        ("hub model offline", ["--model", "someone/not-cached-model"], "--model PATH"),
+        ("missing refiner folder", ["--refiner", "{tmp}/no-refiner-here"], "--refiner"),
+        ("fp16 on the cpu", ["--dtype", "fp16"], "--dtype fp32"),
+        ("steps out of range", ["--steps", "0"], "--steps"),
+        ("strength out of range", ["--strength", "1.5"], "--strength"),
+        ("height not a multiple of 8", ["--height", "100"], "--height: must be a multiple of 8"),
+        ("width not a number", ["--width", "wide"], "--width: must be a multiple of 8"),
+        ("refiner start out of range", ["--refiner-start", "1"], "--refiner-start"),
+        ("map and mask", ["--mask", "{map}"], "--map and --mask"),
+        ("feather without a mask", ["--feather", "8"], "--mask PATH"),
+    ],
+)
+def test_bad_input_gives_one_line_and_leaves_inputs_untouched(sdxl_base_dir, inputs, tmp_path, case, extra, message):
+    image, map_path = inputs
+    before = write_bytes_of([image, map_path])
+    extra = [value.format(image=image, map=map_path, tmp=tmp_path) for value in extra]
+    base = ["--model", sdxl_base_dir, "--device", "cpu", "--image", image, "--map", map_path, "--prompt", "x",
+            "--steps", "2", "--width", "64", "--height", "64"]
+    if "--output" not in extra:
+        extra += ["--output", tmp_path / "out.png"]
+    result = run_script(SCRIPT, *base, *extra, cwd=tmp_path)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert write_bytes_of([image, map_path]) == before
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_help_documents_every_flag():
+    result = run_script(SCRIPT, "--help")
+    flags = ["--model", "--image", "--map", "--invert-map", "--prompt", "--negative-prompt", "--steps",
+             "--guidance-scale", "--strength", "--seed", "--output", "--device", "--dtype", "--offload",
+             "--scheduler", "--compare", "--refiner", "--no-refiner", "--refiner-start", "--width", "--height"]
+    assert result.returncode == 0
+    assert all(flag in result.stdout for flag in flags)
+    assert "default: 17.5" in result.stdout and "default: 100" in result.stdout
