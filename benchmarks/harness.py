@@ -81,27 +81,34 @@ def synchronize(device):
 def compare(cases: dict, repeats: int, device="cpu", warmup: int = 1) -> dict:
     """Runs every case `warmup` times, then `repeats` rounds in alternation; returns median seconds and peak bytes.
 
-    `cases` maps a name to a function of no arguments. Each result holds `seconds` (the median), `peak_bytes` (the
-    highest rise above the level at the start of a run) and `total_peak_bytes` (the highest level itself).
+    `cases` maps a name to a function of no arguments. Every other round runs the cases in reverse order, so that
+    load that rises or falls during a round on a shared machine does not always land on the same case.
+    Each result holds "seconds" (wall clock), "cpu_seconds" (CPU time of this process, which other processes on a
+    shared CPU disturb far less), "peak_bytes" (the highest rise above the level at the start of a run) and
+    "total_peak_bytes" (the highest level itself).
     """
     for run in cases.values():
         for _ in range(warmup):
             run()
     seconds = {name: [] for name in cases}
+    cpu_seconds = {name: [] for name in cases}
     peaks = {name: 0 for name in cases}
     total_peaks = {name: 0 for name in cases}
-    for _ in range(repeats):
-        for name, run in cases.items():
+    in_order = list(cases.items())
+    for round_number in range(repeats):
+        for name, run in in_order if round_number % 2 == 0 else in_order[::-1]:
             synchronize(device)
             with PeakMemory(device) as memory:
-                started = time.perf_counter()
+                started, cpu_started = time.perf_counter(), time.process_time()
                 run()
                 synchronize(device)
                 seconds[name].append(time.perf_counter() - started)
+                cpu_seconds[name].append(time.process_time() - cpu_started)
             peaks[name] = max(peaks[name], memory.peak)
             total_peaks[name] = max(total_peaks[name], memory.total_peak)
     return {
-        name: dict(seconds=statistics.median(seconds[name]), peak_bytes=peaks[name], total_peak_bytes=total_peaks[name])
+        name: {"seconds": statistics.median(seconds[name]), "cpu_seconds": statistics.median(cpu_seconds[name]),
+               "peak_bytes": peaks[name], "total_peak_bytes": total_peaks[name]}
         for name in cases
     }
 

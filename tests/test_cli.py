@@ -4,6 +4,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before huggingface_hub is imported: it reads this once
 
+import argparse
 import logging
 import stat
 import subprocess
@@ -523,6 +524,41 @@ def test_default_output_also_needs_a_free_compare_name(parser, example):
     (example / "output-compare.png").write_bytes(b"earlier strip")
     assert cli.parse_args(parser, ["--compare"]).output == Path("output-1.png")
     assert cli.parse_args(parser, []).output == Path("output.png")
+
+
+def stage_outputs(args, output):
+    """A model that also writes one file per stage, as IF/run.py does."""
+    return [output.with_name(f"{output.stem}-stage{n}{output.suffix}") for n in (1, 2)]
+
+
+def test_existing_extra_output_is_refused_without_overwrite(parser, example, capsys):
+    parser.extra_outputs = stage_outputs
+    (example / "new-stage2.png").write_bytes(b"the user's file")
+    code, out, err = run_main(parse_and_load(parser, ["--output", "new.png"]), capsys)
+    assert_one_error_line(code, out, err, 2, "new-stage2.png", "already exists")
+    assert (example / "new-stage2.png").read_bytes() == b"the user's file"
+    assert cli.parse_args(parser, ["--output", "new.png", "--overwrite"]).output == Path("new.png")
+
+
+def test_extra_output_may_not_be_an_input(parser, example, capsys):
+    parser.extra_outputs = lambda args, output: [output.with_name("input.png")]
+    code, out, err = run_main(parse_and_load(parser, ["--output", "new.png", "--overwrite"]), capsys)
+    assert_one_error_line(code, out, err, 2, "--image", "never overwritten")
+
+
+def test_default_output_also_needs_free_extra_output_names(parser, example):
+    parser.extra_outputs = stage_outputs
+    (example / "output-stage1.png").write_bytes(b"earlier stage")
+    assert cli.parse_args(parser, []).output == Path("output-1.png")
+
+
+def test_public_number_types_check_their_range():
+    assert cli.whole_number(0, 350)("250") == 250
+    assert cli.real_number(0.0)("4.5") == 4.5
+    for parse, text in [(cli.whole_number(0, 350), "351"), (cli.whole_number(0, 350), "1.5"),
+                        (cli.real_number(0.0), "-1")]:
+        with pytest.raises(argparse.ArgumentTypeError, match=repr(text)):
+            parse(text)
 
 
 def result_image(size=(64, 48)):

@@ -46,6 +46,11 @@ default_map=EXAMPLE_MAP, default_prompt=EXAMPLE_PROMPT, default_negative_prompt=
     inpainting, the alternative to ``--map``), ``args.map`` is None, ``args.mask`` a ``Path``, and
     ``args.feather``/``args.grow`` numbers of pixels; without it ``args.mask`` is None. ``args.keep_exact`` is
     what a run.py passes as the pipeline's ``keep_exact``.
+    A model whose run writes more files beside ``--output`` (one per stage, say) sets
+    ``parser.extra_outputs = lambda args, output: [paths]``: those are checked like ``--output`` itself, and the
+    default name is the first one free for all of them.
+``whole_number(low, high)``, ``real_number(low, high=None)``
+    argparse ``type=`` functions for a model's own numeric flags, with the same messages as the common ones.
 ``pick_device(device="auto", dtype="auto") -> tuple[str, torch.dtype]``
     ``auto`` picks CUDA in fp16, then Apple MPS in fp16, then the CPU in fp32. fp16 or bf16 on the CPU is an
     error; ``parse_args`` calls it, so a run.py need not.
@@ -373,6 +378,11 @@ def _real(low: float, high: float | None = None) -> Callable[[str], float]:
     return parse
 
 
+# Public names for a model's own numeric flags.
+whole_number = _integer
+real_number = _real
+
+
 def _describe_text_default(default: str | PurePath) -> str:
     if isinstance(default, PurePath):
         return f"the text in {_display(default)}"
@@ -398,7 +408,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -
         args.map = _input_image_path(args.map, example.map, "--map", "map")
     args.prompt = _text_argument(args.prompt, example.prompt, "--prompt")
     args.negative_prompt = _text_argument(args.negative_prompt, example.negative_prompt, "--negative-prompt")
-    args.output = _output_path(args)
+    args.output = _output_path(args, getattr(parser, "extra_outputs", None))
     if args.offload and args.device == "cpu":
         raise CliError("--offload moves each model onto the GPU only while it runs; it needs --device cuda or mps")
     args.device, args.torch_dtype = pick_device(args.device, args.dtype)
@@ -476,15 +486,20 @@ def compare_path(output: Path) -> Path:
     return output.with_name(f"{output.stem}-compare{output.suffix}")
 
 
-def _output_path(args: argparse.Namespace) -> Path:
+def _output_path(args: argparse.Namespace, extra_outputs: Callable | None = None) -> Path:
+    def companions(output: Path) -> list[Path]:
+        """The other files a run writes beside ``output``."""
+        paths = [compare_path(output)] if args.compare else []
+        return paths + (list(extra_outputs(args, output)) if extra_outputs else [])
+
     if args.output is None:
-        return _first_free(Path("output.png"), with_compare=args.compare)
+        return _first_free(Path("output.png"), companions)
     output = Path(args.output).expanduser()
     if output.is_dir():
         raise CliError(f"--output {args.output}: is a folder; give a file name ending with .png")
     if output.suffix.lower() != ".png":
         raise CliError(f"--output {args.output}: must end with .png (the parameters are stored as PNG text)")
-    targets = [output, compare_path(output)] if args.compare else [output]
+    targets = [output, *companions(output)]
     for target in targets:
         _refuse_input_as_output(target, args)
     _check_folder_writable(output.parent)
@@ -512,11 +527,11 @@ def _check_folder_writable(folder: Path) -> None:
         raise CliError(f"--output: the folder {_display(folder)} is not writable")
 
 
-def _first_free(path: Path, with_compare: bool = False) -> Path:
-    """``path`` if it is free, else the first free ``<stem>-1.png``, ``<stem>-2.png``..."""
+def _first_free(path: Path, companions: Callable[[Path], list[Path]] = lambda path: []) -> Path:
+    """``path`` if it and its companions are free, else the first such ``<stem>-1.png``, ``<stem>-2.png``..."""
     for number in itertools.count():
         candidate = path if number == 0 else path.with_name(f"{path.stem}-{number}{path.suffix}")
-        taken = candidate.exists() or (with_compare and compare_path(candidate).exists())
+        taken = any(target.exists() for target in [candidate, *companions(candidate)])
         if not taken:
             return candidate
     raise AssertionError("unreachable")

@@ -1,0 +1,495 @@
+# Copyright 2026 The differential-diffusion authors. Licensed under the Apache License, Version 2.0.
+"""Differential img2img for DeepFloyd IF stage I: a grayscale map gives every pixel its own strength.
+
+Levin & Fried, "Differential Diffusion: Giving Each Pixel Its Strength", arXiv 2306.00950.
+
+IF denoises pixels, not latents, so the map works on stage I's own pixel grid (64 px on the short side for the
+released models; `unet.config.sample_size`). Stage II (`IF/diff_pipe_II.py`) then edits the upscaled image with the
+same map at its own resolution.
+
+This file stands alone (torch, diffusers, PIL, numpy): copy it into your own code, or load it as a diffusers
+community pipeline::
+
+    pipe = DiffusionPipeline.from_pretrained(
+        "DeepFloyd/IF-I-XL-v1.0", custom_pipeline="IF/diff_pipe_I.py", trust_remote_code=True,
+        variant="fp16", torch_dtype=torch.float16,
+    )
+
+`DiffIFImg2ImgPipeline`, the authors' name for the class, imports too.
+"""
+
+import numbers
+from contextlib import contextmanager
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+from diffusers import IFImg2ImgPipeline
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.pipelines.deepfloyd_if import IFPipelineOutput
+
+# ----------------------------------------------------------------------------------------------------------------
+# Copied from SD2/diff_pipe.py: differential core (begin)
+#
+# Every pipeline file of this project carries this block unchanged, so that each file can be copied alone;
+# tests/test_copies.py fails if two copies drift apart. The algorithm, in the paper's terms:
+#   map -> strength s per pixel -> release step r = T - floor(T * s) -> before step i, pixels with i <= r take the
+#   noised original add_noise(x0, noise, t_i); after the last step, pixels never released take x0 itself.
+# ----------------------------------------------------------------------------------------------------------------
+
+# A float32 map cannot hold 0.3 exactly, yet 1 - 0.3 must land on the step that stock img2img gives strength 0.7.
+STEP_TOLERANCE = 1e-4
+
+
+def map_to_tensor(map) -> torch.Tensor:
+    """Converts a map to a float32 tensor of shape (B, 1, H, W) with values in [0, 1], in the map's own polarity.
+
+    Accepts a PIL image (modes 1, L, I;16, I, F, or colour modes, which are converted to luminance), a numpy array
+    ((H, W), (B, H, W), (H, W, 1), (B, H, W, 1) or (B, 1, H, W)), a torch tensor ((H, W), (B, H, W) or
+    (B, 1, H, W)), or a list of these. uint8 values are divided by 255, uint16 (and PIL mode I) by 65535, bool maps
+    to 0 and 1, and floats must already lie in [0, 1].
+    """
+    if isinstance(map, (list, tuple)):
+        if len(map) == 0:
+            raise ValueError("`map` is an empty list: pass one map, or one map per image.")
+        maps = [map_to_tensor(m) for m in map]
+        if len({tuple(m.shape[-2:]) for m in maps}) > 1:
+            sizes = ", ".join(f"{m.shape[-1]}x{m.shape[-2]}" for m in maps)
+            raise ValueError(f"The maps in the `map` list differ in size ({sizes}); give them all the same size.")
+        return torch.cat(maps)
+    if isinstance(map, PIL.Image.Image):
+        return _pil_map_to_tensor(map)
+    if isinstance(map, np.ndarray):
+        if map.ndim == 3 and map.shape[-1] in (3, 4):
+            raise ValueError(
+                f"`map` has shape {map.shape}, which looks like a colour image; a map has one channel. "
+                "Pass a grayscale array, or the image as a PIL image, which is converted to luminance."
+            )
+        if map.ndim in (3, 4) and map.shape[-1] == 1:
+            map = map[..., 0]
+        return _unit_values(torch.from_numpy(np.ascontiguousarray(map)))
+    if isinstance(map, torch.Tensor):
+        return _unit_values(map.detach().cpu())
+    raise TypeError(f"`map` must be a PIL image, numpy array, torch tensor or a list of them, not {type(map).__name__}.")
+
+
+def _pil_map_to_tensor(image: PIL.Image.Image) -> torch.Tensor:
+    if image.mode == "I":  # 16-bit PNGs open as mode I with some Pillow versions
+        values = np.asarray(image, dtype=np.int64)
+        if values.min() < 0 or values.max() > 65535:
+            raise ValueError("A `map` of PIL mode I must hold 16-bit values in [0, 65535].")
+        return torch.from_numpy(values.astype(np.float32) / 65535)[None, None]
+    if not (image.mode in ("1", "L", "F") or image.mode.startswith("I;16")):
+        image = image.convert("L")
+    return _unit_values(torch.from_numpy(np.array(image)))
+
+
+def _unit_values(map: torch.Tensor) -> torch.Tensor:
+    if map.ndim == 4 and map.shape[1] == 1:
+        map = map[:, 0]
+    if map.ndim == 2:
+        map = map[None]
+    if map.ndim != 3:
+        raise ValueError(
+            f"`map` has shape {tuple(map.shape)}; expected (H, W), (B, H, W) or (B, 1, H, W): maps have one channel."
+        )
+    if map.numel() == 0:
+        raise ValueError(f"`map` is empty (shape {tuple(map.shape)}).")
+    if map.dtype == torch.bool:
+        map = map.float()
+    elif map.dtype == torch.uint8:
+        map = map.float() / 255
+    elif map.dtype == torch.uint16:
+        map = map.float() / 65535
+    elif map.is_floating_point():
+        map = map.float()
+        if not torch.isfinite(map).all():
+            raise ValueError("`map` contains NaN or infinite values.")
+        low, high = map.min().item(), map.max().item()
+        if low < 0 or high > 1:
+            raise ValueError(
+                f"`map` values must lie in [0, 1], but they span [{low:g}, {high:g}]. "
+                "Rescale it first, for example (m - m.min()) / (m.max() - m.min())."
+            )
+    else:
+        raise ValueError(
+            f"`map` has dtype {map.dtype}; use uint8 (0-255), uint16 (0-65535), bool, or floats in [0, 1]."
+        )
+    return map[:, None]
+
+
+def prepare_keep_map(map, size: tuple, invert_map: bool = False, aspect_of: tuple = None) -> torch.Tensor:
+    """Returns the keep-map (1 = keep, 0 = change fully) as float32 (B, 1, *size) on the CPU.
+
+    `size` is the grid the model works on (latents, or pixels for pixel-space models). Downsampling averages areas,
+    so a fine map does not alias. The map must have the aspect ratio of `aspect_of` (the image's height and width,
+    in pixels or grid cells; default `size`) to within one of its units or 1%, whichever is looser.
+    """
+    map = map_to_tensor(map)
+    (height, width), (reference_height, reference_width) = map.shape[-2:], aspect_of or size
+    if abs(height * reference_width / width - reference_height) > max(1, reference_height / 100):
+        raise ValueError(
+            f"`map` is {width}x{height} but the image is {reference_width}x{reference_height}: their aspect ratios "
+            "differ. Give the map the image's aspect ratio."
+        )
+    if (height, width) != tuple(size):
+        shrinking = height >= size[0] and width >= size[1]
+        map = F.interpolate(map, size=size, mode="area") if shrinking else F.interpolate(map, size=size, mode="bilinear")
+        map = map.clamp(0, 1)
+    return 1 - map if invert_map else map
+
+
+def release_steps(keep_map: torch.Tensor, strength: float, num_inference_steps: int) -> torch.Tensor:
+    """The index of the first step that runs on each pixel: r = T - floor(T * s), with s = strength * (1 - keep_map).
+
+    This is the first step that stock img2img runs at `strength = s`. Pixels with r == T are never released.
+    """
+    steps_to_run = num_inference_steps * strength * (1 - keep_map.double())
+    nearest = steps_to_run.round()
+    steps_to_run = torch.where((steps_to_run - nearest).abs() <= STEP_TOLERANCE, nearest, steps_to_run.floor())
+    return num_inference_steps - steps_to_run.long()
+
+
+def stock_strength(steps_to_run: int, num_inference_steps: int) -> float:
+    """The `strength` at which stock img2img runs exactly the last `steps_to_run` steps.
+
+    Stock computes int(T * strength), and (k / T) * T falls just below k for many k and T: aim between two integers.
+    """
+    return min(1.0, (steps_to_run + 0.5) / num_inference_steps)
+
+
+def tile_to_batch(tensor: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Repeats a per-image tensor to the whole batch, as stock img2img repeats its images (whole batch, not items)."""
+    if tensor.shape[0] in (1, batch_size):
+        return tensor
+    return tensor.repeat(batch_size // tensor.shape[0], *(1,) * (tensor.ndim - 1))
+
+
+def exact_keep_weight(keep_map: torch.Tensor, strength: float, num_inference_steps: int) -> torch.Tensor:
+    """For `keep_exact`: how much of the model's output each pixel shows, clamp(T * s, 0, 1).
+
+    Pixels of strength 0 show only the original; those released on the last step or later blend linearly.
+    """
+    return (num_inference_steps * strength * (1 - keep_map)).clamp(0, 1)
+
+
+def composite_original(images: torch.Tensor, original: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`weight * images + (1 - weight) * original`, batch-tiled like stock: unchanged pixels keep the input's bytes."""
+    weight, original = tile_to_batch(weight, images.shape[0]), tile_to_batch(original, images.shape[0])
+    weight, original = weight.to(images.device, images.dtype), original.to(images.device, images.dtype)
+    return torch.where(weight == 0, original, weight * images + (1 - weight) * original)
+
+
+class FrozenPixels:
+    """Keeps every pixel on the noised original until its release step; a step-end callback for stock pipelines.
+
+    Stock img2img runs the schedule from the first released step on. Before each later step k, this sets the pixels
+    with k <= release_step to `add_noise(x0, noise, t_k)`, and after the last step, the pixels never released to
+    `x0`. `x0` and `noise` are the very tensors that stock img2img draws, recorded by `recording_add_noise`.
+    """
+
+    def __init__(self, release_step: torch.Tensor, num_inference_steps: int, callback=None, tensor_inputs=()):
+        self.release_step = release_step
+        self.num_inference_steps = num_inference_steps
+        self.first_step = int(release_step.min())
+        self.last_frozen_step = int(release_step.max())
+        self.callback, self.tensor_inputs = callback, list(tensor_inputs)
+        self.x0 = self.noise = None
+
+    @contextmanager
+    def recording_add_noise(self, scheduler):
+        """Records `x0` and `noise` as stock `prepare_latents` passes them to `scheduler.add_noise`."""
+        stock_add_noise = scheduler.add_noise
+
+        def add_noise(original_samples, noise, timesteps):
+            self.x0, self.noise = original_samples, noise
+            return stock_add_noise(original_samples, noise, timesteps)
+
+        scheduler.add_noise = add_noise
+        try:
+            yield
+        finally:
+            del scheduler.add_noise
+        self.release_step = tile_to_batch(self.release_step, self.x0.shape[0]).to(self.x0.device)
+
+    def blend(self, scheduler, i: int, latents: torch.Tensor) -> torch.Tensor:
+        """The latents to run loop iteration `i + 1` on, where iteration 0 is the first released step."""
+        order = scheduler.order
+        next_iteration = self.first_step * order + i + 1
+        if next_iteration == len(scheduler.timesteps):
+            return torch.where(self.release_step == self.num_inference_steps, self.x0.to(latents.dtype), latents)
+        if next_iteration > self.last_frozen_step * order:
+            return latents
+        timestep = scheduler.timesteps[next_iteration : next_iteration + 1].repeat(latents.shape[0])
+        noised_original = scheduler.add_noise(self.x0, self.noise, timestep).to(latents.dtype)
+        return torch.where(self.release_step * order >= next_iteration, noised_original, latents)
+
+    def __call__(self, pipe, i, t, callback_kwargs):
+        latents = self.blend(pipe.scheduler, i, callback_kwargs["latents"])
+        if self.callback is None:
+            return {"latents": latents}
+        user_kwargs = {name: callback_kwargs[name] for name in self.tensor_inputs}
+        if "latents" in user_kwargs:
+            user_kwargs["latents"] = latents
+        return {"latents": latents, **(self.callback(pipe, i, t, user_kwargs) or {})}
+
+
+def chain_step_end_callback(frozen: FrozenPixels, callback, tensor_inputs):
+    """Puts `frozen` before the user's own step-end callback, which then sees the blended latents."""
+    if isinstance(callback, (PipelineCallback, MultiPipelineCallbacks)):
+        tensor_inputs = callback.tensor_inputs
+    frozen.callback, frozen.tensor_inputs = callback, list(tensor_inputs or [])
+    return frozen, sorted(set(frozen.tensor_inputs) | {"latents"})
+
+
+# Copied from SD2/diff_pipe.py: differential core (end)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Copied from IF/diff_pipe_I.py: IF helpers (begin)
+#
+# What both IF stages add to the core: IF's batch order, its older step callback and its post-processing.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def check_strength_and_steps(strength, num_inference_steps):
+    # Stock IF checks neither: a strength above 1 would silently clip, and bad step counts fail deep in the loop.
+    if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not 0 <= strength <= 1:
+        raise ValueError(f"`strength` must be a number in [0, 1], not {strength!r}.")
+    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, numbers.Integral) or (
+        num_inference_steps < 1
+    ):
+        raise ValueError(f"`num_inference_steps` must be a positive integer, not {num_inference_steps!r}.")
+
+
+def prompt_batch_size(prompt, prompt_embeds) -> int:
+    """The number of prompts, counted as stock counts them; 0 when there are none (stock's check_inputs says so)."""
+    if isinstance(prompt, str):
+        return 1
+    if isinstance(prompt, list):
+        return len(prompt)
+    return prompt_embeds.shape[0] if prompt_embeds is not None else 0
+
+
+def keep_map_on_grid(map, pixels, invert_map):
+    """The keep-map on the pixel grid of `pixels` (B, 3, H, W), the stage's own: one map, or one per image."""
+    keep_map = prepare_keep_map(map, tuple(pixels.shape[-2:]), invert_map)
+    if keep_map.shape[0] not in (1, pixels.shape[0]):
+        raise ValueError(
+            f"Got {keep_map.shape[0]} maps for {pixels.shape[0]} images: pass one map, or one map per image."
+        )
+    return keep_map
+
+
+def per_output(tensor, num_images_per_prompt):
+    """One row per image that IF makes (or one for all). IF puts the copies of an image side by side
+    (repeat_interleave), where the core would tile per-image tensors to the batch."""
+    return tensor.repeat_interleave(num_images_per_prompt, dim=0) if tensor.shape[0] > 1 else tensor
+
+
+def blending_callback(pipe, frozen: FrozenPixels, callback=None, callback_steps: int = 1):
+    """IF's step callback `callback(i, t, intermediate_images)`, called with `callback_steps=1`.
+
+    Stock calls it after `scheduler.step` and then runs the next step on the same tensor, so the blend updates that
+    tensor in place. The user's own `callback` follows every `callback_steps` steps and sees the blended images.
+    """
+
+    def blend_in_place(i, t, intermediate_images):
+        blended = frozen.blend(pipe.scheduler, i, intermediate_images)
+        if blended is not intermediate_images:
+            intermediate_images.copy_(blended)
+        if callback is not None and i % callback_steps == 0:
+            callback(i, t, intermediate_images)
+
+    return blend_in_place
+
+
+def return_original(pipe, pixels, batch_size, num_images_per_prompt, generator, output_type, return_dict):
+    """The result when no pixel is released: x0 itself, as at every kept pixel of a run, and no step runs.
+
+    `x0` is recorded through stock `prepare_intermediate_images`, so it is batched exactly as in a run.
+    """
+    device, dtype = pipe._execution_device, pipe.unet.dtype
+    pipe.scheduler.set_timesteps(pipe._frozen.num_inference_steps, device=device)
+    timestep = pipe.scheduler.timesteps[-1:].repeat(batch_size * num_images_per_prompt)
+    pixels = pixels.to(device=device, dtype=dtype)
+    pipe.prepare_intermediate_images(pixels, timestep, batch_size, num_images_per_prompt, dtype, device, generator)
+    return postprocess_like_stock(pipe, pipe._frozen.x0, output_type, return_dict)
+
+
+def composite_kept_pixels(pipe, output, frozen, keep_map, strength, num_images_per_prompt, output_type, return_dict):
+    """`keep_exact`: the [-1, 1] `output` composited with x0 as the core composites with the input, then finished.
+
+    x0 is the original at the stage's resolution, as IF sees it, and pixels released at no step already end as x0:
+    in pixel space, without a VAE round trip, the composite changes at most the pixels within the core's step
+    tolerance of one step. Pass an `original_image` at the stage's size to get its own bytes back.
+    """
+    weight = exact_keep_weight(keep_map, strength, frozen.num_inference_steps)
+    images = composite_original(output.images, frozen.x0, per_output(weight, num_images_per_prompt))
+    return postprocess_like_stock(pipe, images, output_type, return_dict)
+
+
+def postprocess_like_stock(pipe, images, output_type, return_dict):
+    """Stock IF's ending: "pt" gives the [-1, 1] tensor; otherwise [0, 1] arrays pass the safety checker (if any),
+    and "pil" images get the watermark (if any)."""
+    nsfw_detected = watermark_detected = None
+    if output_type != "pt":
+        images = (images / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).float().numpy()
+        images, nsfw_detected, watermark_detected = pipe.run_safety_checker(
+            images, pipe._execution_device, pipe.unet.dtype
+        )
+        if output_type == "pil":
+            images = pipe.numpy_to_pil(images)
+            if pipe.watermarker is not None:
+                pipe.watermarker.apply_watermark(images, pipe.unet.config.sample_size)
+    pipe.maybe_free_model_hooks()
+    if not return_dict:
+        return images, nsfw_detected, watermark_detected
+    return IFPipelineOutput(images=images, nsfw_detected=nsfw_detected, watermark_detected=watermark_detected)
+
+
+# Copied from IF/diff_pipe_I.py: IF helpers (end)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class IFDiffImg2ImgPipeline(IFImg2ImgPipeline):
+    r"""
+    DeepFloyd IF stage I img2img where a map gives every pixel its own strength (Differential Diffusion).
+
+    It takes exactly the components of [`IFImg2ImgPipeline`], so `from_pretrained`, `from_pipe`, LoRA, model
+    offloading and the compatible schedulers work as they do there. A uniform map of strength `s` gives exactly what
+    stock IF img2img gives at `strength=s`. Also importable as `DiffIFImg2ImgPipeline`, the authors' name.
+    """
+
+    _frozen = None  # the FrozenPixels of the call in progress
+
+    @property
+    def num_timesteps(self) -> int:
+        """The number of denoising steps the last call ran (0 when the map released no pixel)."""
+        return self._num_timesteps
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt=None,
+        image=None,
+        map=None,
+        strength: float = 1.0,
+        invert_map: bool = False,
+        keep_exact: bool = False,
+        num_inference_steps: int = 80,
+        num_images_per_prompt: int = 1,
+        generator=None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback=None,
+        callback_steps: int = 1,
+        **kwargs,
+    ):
+        r"""
+        Args:
+            prompt (`str` or `list[str]`, *optional*):
+                The prompt(s) to guide the edit. Pass `prompt_embeds` (from `encode_prompt`) instead to skip the T5.
+            image (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor` or a list of them):
+                The image(s) to edit. PIL images are resized to stage I's size (`unet.config.sample_size` on the
+                short side); arrays and tensors are taken as they are, in [-1, 1], as stock IF takes them.
+            map (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor` or a list of them, values in [0, 1], white = keep):
+                How much each pixel may change. 1 (white) keeps the pixel, 0 (black) changes it fully: a pixel's
+                strength is `1 - map`. Grayscale PIL images of mode L or I;16 work as they are; float arrays must lie
+                in [0, 1]. One map for all images, or one per image; any size with the image's aspect ratio (it is
+                area-averaged down to stage I's pixel grid).
+            strength (`float`, *optional*, defaults to 1.0):
+                Scales every pixel's strength: `s = strength * (1 - map)`, in [0, 1]. With a uniform map this is
+                stock img2img's `strength`.
+            invert_map (`bool`, *optional*, defaults to `False`):
+                Read `map` the other way round, white = change, as inpainting masks and some UIs do.
+            keep_exact (`bool`, *optional*, defaults to `False`):
+                Composite the original back at the end: `clamp(T * s, 0, 1) * output + (1 - that) * original`, with
+                the original at stage I's size. IF works in pixels, so pixels of strength below 1/T already
+                end as that original, and this changes next to nothing; it is here so that every pipeline takes it.
+            num_inference_steps (`int`, *optional*, defaults to 80):
+                The length T of the full schedule. Only the steps from the first released pixel on are run:
+                `floor(T * max(s))` UNet steps.
+            num_images_per_prompt (`int`, *optional*, defaults to 1):
+                Images to make per prompt; maps follow their images.
+            generator (`torch.Generator` or `list[torch.Generator]`, *optional*):
+                Used in the same order as stock IF img2img, so a seed gives the same result.
+            output_type (`str`, *optional*, defaults to `"pil"`):
+                `"pil"`, `"np"` (both in [0, 1]) or `"pt"` (in [-1, 1], what stage II takes as `image`).
+            return_dict (`bool`, *optional*, defaults to `True`):
+                Return an [`IFPipelineOutput`] rather than a tuple.
+            callback (`Callable`, *optional*):
+                `callback(step, timestep, intermediate_images)`, called every `callback_steps` steps after the frozen
+                pixels have been reset, so it sees the images that the next step will run on.
+            callback_steps (`int`, *optional*, defaults to 1):
+                How often `callback` is called.
+            **kwargs:
+                Every other argument of [`IFImg2ImgPipeline.__call__`] (`guidance_scale`, `negative_prompt`,
+                `prompt_embeds`, `negative_prompt_embeds`, `timesteps`, `eta`, `clean_caption`,
+                `cross_attention_kwargs`).
+
+        Returns:
+            [`IFPipelineOutput`] or `tuple`, as stock. `pipe.num_timesteps` is the number of denoising steps
+            actually run.
+        """
+        if image is None or map is None:
+            raise ValueError("Pass both `image` and `map`.")
+        check_strength_and_steps(strength, num_inference_steps)
+        prompt_embeds = kwargs.get("prompt_embeds")
+        batch_size = prompt_batch_size(prompt, prompt_embeds)
+        self.check_inputs(
+            prompt, image, batch_size, callback_steps, kwargs.get("negative_prompt"), prompt_embeds,
+            kwargs.get("negative_prompt_embeds"),
+        )
+        if kwargs.get("timesteps") is not None:
+            num_inference_steps = len(kwargs["timesteps"])
+
+        pixels = self.preprocess_image(image)  # stage I's pixel grid, where the map works
+        keep_map = keep_map_on_grid(map, pixels, invert_map)
+        release_step = per_output(release_steps(keep_map, strength, num_inference_steps), num_images_per_prompt)
+        self._frozen = frozen = FrozenPixels(release_step, num_inference_steps)
+        self._num_timesteps = num_inference_steps - frozen.first_step
+        # keep_exact composites the [-1, 1] images, and then finishes them as stock would.
+        finish = dict(output_type="pt", return_dict=True) if keep_exact else dict(
+            output_type=output_type, return_dict=return_dict
+        )
+        try:
+            if self._num_timesteps == 0:
+                output = return_original(self, pixels, batch_size, num_images_per_prompt, generator, **finish)
+            else:
+                output = super().__call__(
+                    prompt=prompt,
+                    image=pixels,
+                    strength=stock_strength(self._num_timesteps, num_inference_steps),
+                    num_inference_steps=num_inference_steps,
+                    num_images_per_prompt=num_images_per_prompt,
+                    generator=generator,
+                    callback=blending_callback(self, frozen, callback, callback_steps),
+                    callback_steps=1,
+                    **finish,
+                    **kwargs,
+                )
+        finally:
+            self._frozen = None
+        if not keep_exact:
+            return output
+        return composite_kept_pixels(
+            self, output, frozen, keep_map, strength, num_images_per_prompt, output_type, return_dict
+        )
+
+    def prepare_intermediate_images(self, *args, **kwargs):
+        # Stock draws `noise` here and keeps only add_noise(x0, noise, t); every frozen pixel needs x0 and noise again.
+        if self._frozen is None:  # called outside a differential call
+            return super().prepare_intermediate_images(*args, **kwargs)
+        with self._frozen.recording_add_noise(self.scheduler):
+            return super().prepare_intermediate_images(*args, **kwargs)
+
+
+def __getattr__(name):
+    # The authors' name for the class. It is looked up here instead of bound in the module, because diffusers'
+    # custom_pipeline loader refuses a module in which two names hold pipeline classes.
+    if name == "DiffIFImg2ImgPipeline":
+        return IFDiffImg2ImgPipeline
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
