@@ -862,6 +862,16 @@ def test_offload(example, monkeypatch):
     assert pipe.placed == ("offload", "cuda")
 
 
+def test_offload_goes_to_the_current_gpu(example, monkeypatch):
+    # Under accelerate launch each process's current GPU is its own; offloading to a bare "cuda" would use GPU 0.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    pipe = cli.load_pipeline(FakePipeline, HUB_ID, torch_dtype=torch.float16, device="cuda", offload=True)
+    assert pipe.placed == ("offload", "cuda:3")
+    pipe = cli.load_pipeline(FakePipeline, HUB_ID, torch_dtype=torch.float16, device="cuda")
+    assert pipe.placed == ("to", "cuda")  # the current GPU already
+
+
 def test_failed_load_drops_the_library_logs(diffusers_log, capsys):
     code, out, err = run_main(load_and_report(FailingPipeline, HUB_ID), capsys)
     assert_one_error_line(code, out, err, 1, HUB_ID)

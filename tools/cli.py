@@ -65,9 +65,10 @@ default_map=EXAMPLE_MAP, default_prompt=EXAMPLE_PROMPT, default_negative_prompt=
     in image pixels.
 ``load_pipeline(pipeline_class, model, *, torch_dtype, device, offload=False, flag="--model", **kwargs)``
     ``pipeline_class.from_pretrained`` for a Hub id or a local folder, moved to ``device`` (or with model CPU
-    offload). Missing weights, no network, gated models and bad folders become one-line errors naming the model.
-    ``flag`` is the option that named the model, for models with several stages. On the CPU, the first successful
-    load warns in one line that the run takes minutes (after loading, so that a failed run prints one line).
+    offload onto the current GPU, each process's own under ``accelerate launch``). Missing weights, no network,
+    gated models and bad folders become one-line errors naming the model. ``flag`` is the option that named the
+    model, for models with several stages. On the CPU, the first successful load warns in one line that the run
+    takes minutes (after loading, so that a failed run prints one line).
 ``set_scheduler(pipe, name)``
     ``"default"`` keeps the model's scheduler; the other ``SCHEDULERS`` names swap in that scheduler, built from
     the current scheduler's config.
@@ -705,11 +706,23 @@ def load_pipeline(pipeline_class, model: str, *, torch_dtype, device: str, offlo
         message = _load_failure_message(error, model, flag, pipeline_class, local=folder is not None)
         raise CliError(message, EXIT_RUN_FAILED) from error
     if offload:
-        pipe.enable_model_cpu_offload(device=device)
+        pipe.enable_model_cpu_offload(device=_current_gpu(device))
     else:
         pipe.to(device)
     _warn_once_if_cpu(device)
     return pipe
+
+
+def _current_gpu(device: str) -> str:
+    """``"cuda"`` as the index of the current GPU, which ``accelerate launch`` sets to each process's own.
+
+    ``.to("cuda")`` already goes to the current GPU, but offloading reads a bare ``"cuda"`` as GPU 0.
+    """
+    import torch
+
+    if device == "cuda" and torch.cuda.is_available():
+        return f"cuda:{torch.cuda.current_device()}"
+    return device
 
 
 def _local_model_folder(model: str, flag: str) -> Path | None:
