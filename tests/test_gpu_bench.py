@@ -1,0 +1,188 @@
+"""benchmarks/gpu_bench.py: its --smoke run, which takes the GPU code path on tiny CPU models, and its errors.
+
+The smoke run is what keeps the GPU benchmark from rotting between GPU runs: it builds every family from the same
+config dicts (shrunk), runs stock and ours through the same measuring code, and writes the same JSON.
+"""
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import run_script
+
+from benchmarks import gpu_bench
+from tools.cli import CliError
+
+SCRIPT = "benchmarks/gpu_bench.py"
+STEPS = 20  # the default T
+PIPELINE_FILES = {
+    "sd2": "SD2/diff_pipe.py",
+    "sdxl": "SDXL/diff_pipe.py",
+    "kandinsky": "Kandinsky/diff_pipe.py",
+    "if1": "IF/diff_pipe_I.py",
+    "if2": "IF/diff_pipe_II.py",
+}
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """One smoke run with the defaults (every family, T = 20); returns (process, report)."""
+    report_path = tmp_path_factory.mktemp("gpu_bench") / "smoke.json"
+    process = run_script(SCRIPT, "--smoke", "--json", report_path)
+    assert process.returncode == 0, process.stderr
+    return process, json.loads(report_path.read_text())
+
+
+def test_the_script_knows_every_pipeline_file():
+    assert {name: family.pipeline_file for name, family in gpu_bench.FAMILIES.items()} == PIPELINE_FILES
+
+
+def test_smoke_reports_every_family_with_positive_times(smoke):
+    process, report = smoke
+    assert list(report["families"]) == list(PIPELINE_FILES)
+    assert report["smoke"] is True and report["dtype"] == "float32" and report["steps"] == STEPS
+    for name, family in report["families"].items():
+        eager = family["variants"]["eager"]
+        assert eager["status"] == "ok", name
+        assert set(eager["cases"]) == {"stock", "ours", "ours_weak"}
+        for case in eager["cases"].values():
+            assert case["seconds"] > 0 and case["steps_per_second"] > 0
+            assert case["peak_bytes"] >= 0 and case["total_peak_bytes"] > 0
+        assert eager["cases"]["stock"]["vs_stock"] == 1
+        assert family["parameters"]["unet"] > 0
+        assert f"{name} {family['size']}px" in process.stdout
+
+
+def test_smoke_counts_floor_of_03_t_unet_calls_against_t(smoke):
+    _, report = smoke
+    assert report["weak_steps"] == math.floor(STEPS * 0.3) == 6
+    for name, family in report["families"].items():
+        assert family["unet_calls"] == {"stock": STEPS, "ours": STEPS, "ours_weak": 6}, name
+        for case_name, case in family["variants"]["eager"]["cases"].items():
+            assert case["unet_calls"] == family["unet_calls"][case_name]
+
+
+def test_smoke_skips_offload_and_compile_and_says_so(smoke):
+    _, report = smoke
+    for family in report["families"].values():
+        assert family["variants"]["offload"] == {"status": "skipped (--smoke)"}
+        assert family["variants"]["compile"] == {"status": "skipped (--smoke)"}
+
+
+def test_smoke_builds_the_real_blocks_at_a_tiny_size():
+    # The smoke overrides change widths and depths only: the block types and conditioning stay the real ones.
+    for real, smoke_overrides in [
+        (gpu_bench.SD21_UNET, gpu_bench.SMOKE_SD21_UNET),
+        (gpu_bench.SDXL_UNET, gpu_bench.SMOKE_SDXL_UNET),
+        (gpu_bench.KANDINSKY22_UNET, gpu_bench.SMOKE_KANDINSKY22_UNET),
+        (gpu_bench.IF_I_XL_UNET, gpu_bench.SMOKE_IF_I_UNET),
+        (gpu_bench.IF_II_L_UNET, gpu_bench.SMOKE_IF_II_UNET),
+    ]:
+        assert set(smoke_overrides) <= set(real)
+        structure = {"down_block_types", "up_block_types", "mid_block_type", "addition_embed_type", "in_channels"}
+        assert not structure & set(smoke_overrides)
+        assert len(smoke_overrides["block_out_channels"]) == len(real["block_out_channels"])
+
+
+def test_real_configs_have_the_published_parameter_counts():
+    # Built on the meta device (no memory): the counts the model cards give, within 3 %.
+    published = [
+        (gpu_bench.UNet2DConditionModel, gpu_bench.SD21_UNET, 865.9e6),  # exact count of the released UNet
+        (gpu_bench.UNet2DConditionModel, gpu_bench.SDXL_UNET, 2.567e9),
+        (gpu_bench.UNet2DConditionModel, gpu_bench.KANDINSKY22_UNET, 1.22e9),
+        (gpu_bench.VQModel, gpu_bench.KANDINSKY22_MOVQ, 67e6),
+        (gpu_bench.UNet2DConditionModel, gpu_bench.IF_I_XL_UNET, 4.3e9),
+        (gpu_bench.UNet2DConditionModel, gpu_bench.IF_II_L_UNET, 1.2e9),
+    ]
+    for model_class, config, expected in published:
+        with torch.device("meta"):
+            model = model_class.from_config(gpu_bench.model_config(config, {}, smoke=False))
+        assert gpu_bench.parameter_count(model) == pytest.approx(expected, rel=0.03), config["_class_name"]
+
+
+def test_embeddings_have_the_shapes_the_real_text_encoders_give():
+    # The inputs read the embedding widths from the UNet config; for the real models these are the encoders' widths.
+    assert gpu_bench.SD21_UNET["cross_attention_dim"] == gpu_bench.SD21_TEXT_ENCODER["hidden_size"] == 1024
+    clip_l, clip_big_g = gpu_bench.SDXL_TEXT_ENCODERS.values()
+    assert gpu_bench.SDXL_UNET["cross_attention_dim"] == clip_l["hidden_size"] + clip_big_g["hidden_size"] == 2048
+    time_ids = gpu_bench.SDXL_TIME_IDS * gpu_bench.SDXL_UNET["addition_time_embed_dim"]
+    assert gpu_bench.SDXL_UNET["projection_class_embeddings_input_dim"] == time_ids + clip_big_g["projection_dim"]
+    assert gpu_bench.KANDINSKY22_UNET["encoder_hid_dim"] == gpu_bench.KANDINSKY22_IMAGE_ENCODER["projection_dim"]
+    for unet in (gpu_bench.IF_I_XL_UNET, gpu_bench.IF_II_L_UNET):
+        assert unet["encoder_hid_dim"] == gpu_bench.T5_XXL["d_model"] == 4096
+
+
+def test_weak_map_has_a_cell_of_full_weak_strength_on_every_grid():
+    # Area averaging onto the latent grid must keep the strongest cell at exactly 0.3, or fewer steps run.
+    weak = gpu_bench.keep_maps(64)["ours_weak"]
+    for grid in (64, 16, 8):
+        cells = torch.nn.functional.interpolate(torch.from_numpy(weak)[None, None], size=(grid, grid), mode="area")
+        assert 1 - cells.min().item() == pytest.approx(gpu_bench.WEAK_STRENGTH, abs=1e-6)
+        assert cells.max().item() == 1  # and pixels that never change
+
+
+def test_offload_variant_runs_and_hands_the_next_variant_plain_pipelines(monkeypatch):
+    # --smoke skips offload; the same code runs here on the CPU, where offloading moves nothing but installs the
+    # hooks all the same. The compile variant, next, must find the modules free of them.
+    seen = {}
+
+    def inspect_instead_of_compiling(unet, cases):
+        seen["hooked"] = []
+        for run in cases.values():  # a plain call must not offload again: both pipelines forgot their hooks
+            run()
+            seen["hooked"].append(any(hasattr(module, "_hf_hook") for module in unet.modules()))
+        return "did not compile: inspected instead"
+
+    monkeypatch.setattr(gpu_bench, "compile_unet", inspect_instead_of_compiling)
+    setup = gpu_bench.Setup(device="cpu", dtype=torch.float32, smoke=True, steps=5)
+    plan = {"eager": None, "offload": None, "compile": None}
+    record = gpu_bench.run_family(gpu_bench.FAMILIES["sd2"], setup, repeats=1, plan=plan)
+    offload = record["variants"]["offload"]
+    assert offload["status"] == "ok"
+    unet_calls = {name: case["unet_calls"] for name, case in offload["cases"].items()}
+    assert unet_calls == {"stock": 5, "ours": 5, "ours_weak": 1}
+    assert record["variants"]["compile"] == {"status": "did not compile: inspected instead"}
+    assert seen == {"hooked": [False, False, False]}
+
+
+def test_a_failed_compile_is_reported_in_one_line_and_undone():
+    module = torch.nn.Linear(2, 2)
+
+    def fails():
+        raise RuntimeError("backend exploded\nwith a long story")
+
+    assert gpu_bench.compile_unet(module, {"stock": fails}) == "did not compile: RuntimeError: backend exploded"
+    assert module._compiled_call_impl is None
+
+
+def test_missing_pipeline_file_is_an_error_naming_it():
+    family = gpu_bench.Family("sdxl", "SDXL", "SDXL/nowhere.py", "StableDiffusionXLDiffImg2ImgPipeline",
+                              "StableDiffusionXLImg2ImgPipeline", 1024, 64, None, None)
+    with pytest.raises(CliError, match=r"SDXL/nowhere\.py is missing: the sdxl benchmark needs "):
+        gpu_bench.load_pipeline_class(family)
+
+
+def test_families_option_names_the_choices():
+    assert gpu_bench.parse_families("if,sd2") == ["if1", "if2", "sd2"]
+    assert gpu_bench.parse_families("all") == list(PIPELINE_FILES)
+    with pytest.raises(CliError, match="unknown family 'sd3'; choose from sd2, sdxl, kandinsky, if1, if2, if, all"):
+        gpu_bench.parse_families("sd2,sd3")
+
+
+def test_json_is_never_overwritten_without_overwrite(tmp_path):
+    existing = tmp_path / "results.json"
+    existing.write_text("the user's file")
+    process = run_script(SCRIPT, "--smoke", "--families", "sd2", "--json", existing)
+    assert process.returncode == 2
+    assert process.stderr.strip().splitlines() == [
+        f"error: --json {existing} already exists; pass --overwrite to replace it, or another path."
+    ]
+    assert existing.read_text() == "the user's file"
+
+
+def test_without_a_gpu_it_points_to_smoke(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    args = gpu_bench.build_parser().parse_args(["--families", "sd2"])
+    with pytest.raises(CliError, match=r"no CUDA GPU here: .*--smoke"):
+        gpu_bench.check_args(args)
