@@ -707,3 +707,23 @@ def run_script(script, *args, cwd=None, timeout=300):
     command = [sys.executable, str(REPO_ROOT / script), *map(str, args)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.run(command, cwd=cwd or REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def count_unet_calls(pipe):
+    """A list that grows by one at every forward call of ``pipe.unet``."""
+    calls = []
+    pipe.unet.register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    """A 64 px test image and a map whose left half changes fully, saved as files for run.py."""
+    from tools.maps import save_map
+
+    image, map_path = tmp_path / "photo.png", tmp_path / "map.png"
+    test_image().save(image)
+    keep_map = np.ones((64, 64), np.float32)
+    keep_map[:, :32] = 0.0
+    save_map(keep_map, map_path)
+    return image, map_path

@@ -8,6 +8,7 @@ import torch
 from conftest import (
     KANDINSKY_SCHEDULE,
     build_pipeline,
+    count_unet_calls,
     kandinsky_decoder_components,
     kandinsky_prior_components,
     make_scheduler,
@@ -51,12 +52,6 @@ def three_band_map(height=SIZE, width=SIZE):
     keep_map[:, width // 3 : 2 * width // 3] = 0.5
     keep_map[:, 2 * width // 3 :] = 0.0
     return keep_map
-
-
-def count_unet_calls(pipe):
-    calls = []
-    pipe.unet.register_forward_hook(lambda *_: calls.append(1))
-    return calls
 
 
 def independent_x0_and_noise(pipe, image, height=SIZE, width=SIZE, seed=0):

@@ -39,7 +39,6 @@ from PIL import Image
 from IF import run as if_run
 from IF.diff_pipe_I import IFDiffImg2ImgPipeline
 from tools import cli
-from tools.maps import save_map
 
 SCRIPT = "IF/run.py"
 GATED_MODEL = "DeepFloyd/IF-I-XL-v1.0"
@@ -68,16 +67,6 @@ def upscaler_components():
 def upscaler_dir(tmp_path_factory):
     pipe = build_pipeline(StableDiffusionUpscalePipeline, upscaler_components())
     return save_pipeline(pipe, tmp_path_factory.mktemp("upscaler"))
-
-
-@pytest.fixture
-def inputs(tmp_path):
-    image, map_path = tmp_path / "photo.png", tmp_path / "map.png"
-    test_image().save(image)
-    keep_map = np.ones((64, 64), np.float32)
-    keep_map[:, :32] = 0.0  # the left half changes fully
-    save_map(keep_map, map_path)
-    return image, map_path
 
 
 @pytest.fixture

@@ -8,19 +8,8 @@ from PIL import Image
 
 from Kandinsky import run as kandinsky_run
 from tools import cli
-from tools.maps import save_map
 
 SCRIPT = "Kandinsky/run.py"
-
-
-@pytest.fixture
-def inputs(tmp_path):
-    image, map_path = tmp_path / "photo.png", tmp_path / "map.png"
-    test_image().save(image)
-    keep_map = np.ones((64, 64), np.float32)
-    keep_map[:, :32] = 0.0  # the left half changes fully
-    save_map(keep_map, map_path)
-    return image, map_path
 
 
 def models(prior_dir, decoder_dir):

@@ -2,22 +2,12 @@
 
 import numpy as np
 import pytest
-from conftest import run_script, test_image
+from conftest import run_script
 from PIL import Image
 
 from tools.maps import save_map
 
 SCRIPT = "SD2/run.py"
-
-
-@pytest.fixture
-def inputs(tmp_path):
-    image, map_path = tmp_path / "photo.png", tmp_path / "map.png"
-    test_image().save(image)
-    keep_map = np.ones((64, 64), np.float32)
-    keep_map[:, :32] = 0.0  # the left half changes fully
-    save_map(keep_map, map_path)
-    return image, map_path
 
 
 def test_run_writes_a_png_with_its_parameters(sd_dir, inputs, tmp_path):

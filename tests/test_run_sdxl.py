@@ -6,19 +6,8 @@ from conftest import run_script, test_image
 from PIL import Image
 
 from SDXL.run import output_size
-from tools.maps import save_map
 
 SCRIPT = "SDXL/run.py"
-
-
-@pytest.fixture
-def inputs(tmp_path):
-    image, map_path = tmp_path / "photo.png", tmp_path / "map.png"
-    test_image().save(image)
-    keep_map = np.ones((64, 64), np.float32)
-    keep_map[:, :32] = 0.0  # the left half changes fully
-    save_map(keep_map, map_path)
-    return image, map_path
 
 
 def test_base_and_refiner_write_a_png_with_their_parameters(sdxl_base_dir, sdxl_refiner_dir, inputs, tmp_path):

@@ -5,7 +5,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from conftest import build_pipeline, make_scheduler, sd_components, seeded_generator, test_image
+from conftest import build_pipeline, count_unet_calls, make_scheduler, sd_components, seeded_generator, test_image
 from diffusers import DiffusionPipeline, StableDiffusionImg2ImgPipeline
 from diffusers.callbacks import SDCFGCutoffCallback
 
@@ -33,12 +33,6 @@ def three_band_map(size=64):
     keep_map[:, size // 3 : 2 * size // 3] = 0.5
     keep_map[:, 2 * size // 3 :] = 0.0
     return keep_map
-
-
-def count_unet_calls(pipe):
-    calls = []
-    pipe.unet.register_forward_hook(lambda *_: calls.append(1))
-    return calls
 
 
 def independent_x0_and_noise(pipe, image, seed=0):

@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import (
     build_pipeline,
+    count_unet_calls,
     make_scheduler,
     sdxl_components,
     sdxl_refiner_components,
@@ -74,12 +75,6 @@ def noised(scheduler, x0, noise, step):
 def handoff_step(pipe):
     """The first step below the split's timestep, 350, on the scheduler's schedule of STEPS steps."""
     return int((reference_scheduler(pipe).timesteps >= 350).sum())
-
-
-def count_unet_calls(pipe):
-    calls = []
-    pipe.unet.register_forward_hook(lambda *_: calls.append(1))
-    return calls
 
 
 def recorder(seen, first_step):

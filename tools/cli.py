@@ -298,7 +298,7 @@ def _add_sampling_flags(parser: argparse.ArgumentParser, default_steps: int, def
     )
     group.add_argument(
         "--seed", type=_integer(0, MAX_SEED), default=0, metavar="N",
-        help=f"random seed, 0 to 2**64-1; the same seed gives the same result (default: 0)",
+        help="random seed, 0 to 2**64-1; the same seed gives the same result (default: 0)",
     )
     group.add_argument(
         "--scheduler", choices=["default", *SCHEDULERS], default="default",
