@@ -727,3 +727,32 @@ def inputs(tmp_path):
     keep_map[:, :32] = 0.0
     save_map(keep_map, map_path)
     return image, map_path
+
+
+# The bad command lines every run.py refuses in one line: (case, extra flags, text the error line must hold).
+# "{image}", "{map}" and "{tmp}" stand for the test's image, map and temporary folder.
+COMMON_BAD_INPUTS = [
+    ("missing image", ["--image", "nowhere.png"], "--image"),
+    ("missing map", ["--map", "nowhere.png"], "--map"),
+    ("output is the image", ["--output", "{image}", "--overwrite"], "--image"),
+    ("fp16 on the cpu", ["--dtype", "fp16"], "--dtype fp32"),
+    ("steps out of range", ["--steps", "0"], "--steps"),
+    ("strength out of range", ["--strength", "1.5"], "--strength"),
+]
+
+
+def assert_refused_in_one_line(script, base, extra, message, inputs, tmp_path):
+    """Runs ``script`` with ``base + extra``; checks one ``error:`` line holding ``message``, no traceback, the
+    inputs byte for byte as before and no output written."""
+    image, map_path = inputs
+    before = {path: path.read_bytes() for path in inputs}
+    extra = [value.format(image=image, map=map_path, tmp=tmp_path) for value in extra]
+    if "--output" not in extra:
+        extra += ["--output", tmp_path / "out.png"]
+    result = run_script(script, *base, *extra, cwd=tmp_path)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert {path: path.read_bytes() for path in inputs} == before
+    assert not (tmp_path / "out.png").exists()
