@@ -257,3 +257,18 @@ def test_keep_exact_refuses_latent_output(components):
     _, ours = pipelines(components)
     with pytest.raises(ValueError, match="keep_exact"):
         ours(PROMPT, image=test_image(), map=three_band_map(), keep_exact=True, output_type="latent")
+
+
+def test_maps_follow_their_images_through_num_images_per_prompt(components):
+    # Stock repeats the image batch as a whole for num_images_per_prompt (a, b, a, b) while it repeats each
+    # prompt in place (p0, p0, p1, p1): the maps must follow the images, not the prompts.
+    _, ours = pipelines(components)
+    images, maps = [test_image(seed=1), test_image(seed=2)], [three_band_map(), 1 - three_band_map()]
+    seeds = [3, 4, 5, 6]
+    for keep_exact in (False, True):
+        run = dict(num_inference_steps=6, output_type="np", keep_exact=keep_exact)
+        batch = ours(["a red apple", "a blue pear"], image=images, map=maps, num_images_per_prompt=2,
+                     generator=[seeded_generator(s) for s in seeds], **run).images
+        written_out = ours(["a red apple", "a red apple", "a blue pear", "a blue pear"], image=images * 2,
+                           map=maps * 2, generator=[seeded_generator(s) for s in seeds], **run).images
+        assert np.abs(batch - written_out).max() <= 1e-5
