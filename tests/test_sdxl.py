@@ -482,3 +482,16 @@ def test_maps_follow_their_images_through_num_images_per_prompt(components):
     # The text encoders run two prompts against four: float32 may round them apart in the last bits.
     assert torch.abs(latents - written_out_latents).max() <= 1e-5 * latents.abs().max()
     assert np.abs(batch - written_out).max() <= 1e-5
+
+
+def test_keep_exact_with_a_global_strength_below_one_blends_half_and_half(components):
+    # The weight is clamp(T * strength * (1 - map), 0, 1): keep 0.9 at strength 0.5 over 10 steps gives 0.5.
+    base = pipelines(components)[0]
+    run = dict(image=test_image(), map=bands(0.9, 0.0), strength=0.5, num_inference_steps=STEPS, output_type="pt")
+    exact = base(PROMPT, keep_exact=True, generator=seeded_generator(), **run).images
+    plain = base(PROMPT, generator=seeded_generator(), **run).images
+    original = base.image_processor.preprocess(test_image()) / 2 + 0.5
+    assert (plain[..., :32] - original[..., :32]).abs().max() > 0.1  # the VAE round trip is far from the input
+    # float32 keeps 1 - 0.9 as 0.10000002: the weight is 0.5000001.
+    assert torch.allclose(exact[..., :32], 0.5 * plain[..., :32] + 0.5 * original[..., :32], atol=1e-6)
+    assert torch.equal(exact[..., 32:], plain[..., 32:])
