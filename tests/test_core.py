@@ -151,3 +151,48 @@ def test_nan_anywhere_is_refused(nan_at):
     map[nan_at] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         map_to_tensor(map.reshape(4, 4))
+
+
+def test_shrinking_averages_every_block_of_the_map():
+    # At a 2x shrink bilinear interpolation and area averaging agree; at 8x only averaging sees every pixel.
+    fine = torch.rand(1, 1, 256, 192, generator=torch.Generator().manual_seed(0))
+    expected = torch.nn.functional.avg_pool2d(fine, 8)
+    assert torch.allclose(prepare_keep_map(fine, (32, 24)), expected, atol=1e-6)
+
+
+def interpolated_between_centres(map: torch.Tensor, size: tuple) -> torch.Tensor:
+    """Linear interpolation between pixel centres, one axis after the other, edges held (no averaging)."""
+    for axis, new_length in zip((-2, -1), size):
+        old_length = map.shape[axis]
+        position = ((torch.arange(new_length, dtype=torch.float64) + 0.5) * old_length / new_length - 0.5).clamp(0)
+        before = position.floor().long().clamp(max=old_length - 1)
+        after = (before + 1).clamp(max=old_length - 1)
+        weight = (position - before).view(-1, *(1,) * (-1 - axis))
+        map = map.index_select(axis, before) * (1 - weight) + map.index_select(axis, after) * weight
+    return map
+
+
+@pytest.mark.parametrize("map_size, grid", [((199, 200), (200, 200)), ((401, 399), (400, 400))])
+def test_a_map_not_larger_than_the_grid_on_both_axes_is_interpolated_not_averaged(map_size, grid):
+    # Nothing to average along an axis that grows: area averaging there would shift the map by half a pixel.
+    map = torch.rand(1, 1, *map_size, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    expected = interpolated_between_centres(map, grid).float()
+    # torch places the source positions in float32 (spacing 3e-5 near 400, so weights can be that far off, on
+    # each axis); averaging would be off by up to 0.5.
+    assert torch.allclose(prepare_keep_map(map.float(), grid), expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("height, width", [(63, 64), (64, 63), (65, 64), (62, 64)])
+def test_a_map_up_to_one_grid_cell_off_the_aspect_ratio_is_accepted(height, width):
+    # A 64 px map for a 32x32 latent grid: 62 rows are exactly one grid cell short, still within the tolerance.
+    keep_map = prepare_keep_map(np.ones((height, width), np.float32), (32, 32))
+    assert keep_map.shape == (1, 1, 32, 32) and torch.all(keep_map == 1)
+
+
+@pytest.mark.parametrize("height, width", [(48, 64), (64, 48), (61, 64)])
+def test_a_map_of_another_shape_is_refused_with_both_sizes(height, width):
+    message = (f"`map` is {width}x{height} but the image is 32x32: their aspect ratios differ. "
+               "Give the map the image's aspect ratio.")
+    with pytest.raises(ValueError) as refused:
+        prepare_keep_map(np.ones((height, width), np.float32), (32, 32))
+    assert str(refused.value) == message

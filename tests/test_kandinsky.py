@@ -406,3 +406,19 @@ def test_keep_exact_refuses_latent_output(components):
     _, ours = pipelines(components)
     with pytest.raises(ValueError, match="keep_exact"):
         ours(image=test_image(), map=three_band_map(), keep_exact=True, output_type="latent", **conditioning())
+
+
+def test_keep_exact_with_a_global_strength_below_one_blends_half_and_half(components):
+    # The weight is clamp(T * strength * (1 - map), 0, 1): keep 0.9 at strength 0.5 over 10 steps gives 0.5.
+    _, ours = pipelines(components)
+    keep_map = np.full((SIZE, SIZE), 0.9, np.float32)
+    keep_map[:, 32:] = 0.0  # strength 0.5 here: released at step 5, so steps run
+    run = dict(image=test_image(), map=keep_map, strength=0.5, num_inference_steps=10, output_type="pt",
+               **conditioning())
+    exact = ours(keep_exact=True, generator=seeded_generator(), **run).images
+    plain = ours(generator=seeded_generator(), **run).images
+    original = ours.image_processor.preprocess(test_image()) / 2 + 0.5
+    assert (plain[..., :32] - original[..., :32]).abs().max() > 0.1  # the MoVQ round trip is far from the input
+    # float32 keeps 1 - 0.9 as 0.10000002: the weight is 0.5000001.
+    assert torch.allclose(exact[..., :32], 0.5 * plain[..., :32] + 0.5 * original[..., :32], atol=1e-6)
+    assert torch.equal(exact[..., 32:], plain[..., 32:])

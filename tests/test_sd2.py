@@ -257,3 +257,67 @@ def test_keep_exact_refuses_latent_output(components):
     _, ours = pipelines(components)
     with pytest.raises(ValueError, match="keep_exact"):
         ours(PROMPT, image=test_image(), map=three_band_map(), keep_exact=True, output_type="latent")
+
+
+def test_maps_follow_their_images_through_num_images_per_prompt(components):
+    # Stock repeats the image batch as a whole for num_images_per_prompt (a, b, a, b) while it repeats each
+    # prompt in place (p0, p0, p1, p1): the maps must follow the images, not the prompts.
+    _, ours = pipelines(components)
+    images, maps = [test_image(seed=1), test_image(seed=2)], [three_band_map(), 1 - three_band_map()]
+    seeds = [3, 4, 5, 6]
+    for keep_exact in (False, True):
+        run = dict(num_inference_steps=6, output_type="np", keep_exact=keep_exact)
+        batch = ours(["a red apple", "a blue pear"], image=images, map=maps, num_images_per_prompt=2,
+                     generator=[seeded_generator(s) for s in seeds], **run).images
+        written_out = ours(["a red apple", "a red apple", "a blue pear", "a blue pear"], image=images * 2,
+                           map=maps * 2, generator=[seeded_generator(s) for s in seeds], **run).images
+        # The text encoder runs two prompts against four: float32 may round them apart in the last bits.
+        assert np.abs(batch - written_out).max() <= 1e-5
+
+
+def test_a_map_with_no_kept_region_freezes_until_release_and_ends_nothing_as_x0(components):
+    # Keep 0.5 on the left half, 0.0 on the right, no white: the last frozen step is 5, not T, and no pixel is
+    # left unreleased to be set to x0 at the end.
+    _, ours = pipelines(components)
+    image, steps = test_image(), 10
+    keep_map = np.full((64, 64), 0.5, np.float32)
+    keep_map[:, 32:] = 0.0
+    x0, noise = independent_x0_and_noise(ours, image)
+    reference_scheduler = copy.deepcopy(ours.scheduler)
+    reference_scheduler.set_timesteps(steps)
+    seen = []
+
+    def record(pipe, i, t, kwargs):
+        seen.append(kwargs["latents"].clone())
+        return kwargs
+
+    final = ours(PROMPT, image=image, map=keep_map, num_inference_steps=steps, generator=seeded_generator(),
+                 output_type="latent", callback_on_step_end=record).images
+
+    half, changed = slice(0, LATENT // 2), slice(LATENT // 2, None)
+    assert len(seen) == steps
+    for i, latents in enumerate(seen[:-1]):
+        next_step = i + 1
+        noised = reference_scheduler.add_noise(x0, noise, reference_scheduler.timesteps[next_step : next_step + 1])
+        if next_step <= 5:
+            assert torch.equal(latents[..., half], noised[..., half])
+        else:
+            assert not torch.allclose(latents[..., half], noised[..., half], atol=1e-3)
+        assert not torch.allclose(latents[..., changed], noised[..., changed], atol=1e-3)
+    # Every latent pixel, in both bands, ends as the model left it, well away from x0.
+    assert (final - x0).abs().amax(dim=1).min() > 1e-2
+
+
+def test_keep_exact_with_a_global_strength_below_one_blends_half_and_half(components):
+    # The weight is clamp(T * strength * (1 - map), 0, 1): keep 0.9 at strength 0.5 over 10 steps gives 0.5.
+    _, ours = pipelines(components)
+    keep_map = np.full((64, 64), 0.9, np.float32)
+    keep_map[:, 32:] = 0.0  # strength 0.5 here: released at step 5, so steps run
+    run = dict(image=test_image(), map=keep_map, strength=0.5, num_inference_steps=10, output_type="pt")
+    exact = ours(PROMPT, keep_exact=True, generator=seeded_generator(), **run).images
+    plain = ours(PROMPT, generator=seeded_generator(), **run).images
+    original = ours.image_processor.preprocess(test_image()) / 2 + 0.5
+    assert (plain[..., :32] - original[..., :32]).abs().max() > 0.1  # the VAE round trip is far from the input
+    # float32 keeps 1 - 0.9 as 0.10000002: the weight is 0.5000001.
+    assert torch.allclose(exact[..., :32], 0.5 * plain[..., :32] + 0.5 * original[..., :32], atol=1e-6)
+    assert torch.equal(exact[..., 32:], plain[..., 32:])

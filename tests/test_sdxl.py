@@ -460,3 +460,38 @@ def test_a_split_inside_a_second_order_step_is_refused(components):
     ours.scheduler = HeunDiscreteScheduler.from_config(ours.scheduler.config)
     with pytest.raises(ValueError, match="first-order scheduler"):
         ours(PROMPT, image=test_image(), map=FOUR_BANDS, num_inference_steps=4, denoising_end=0.8)
+
+
+def test_maps_follow_their_images_through_num_images_per_prompt(components):
+    # Stock repeats the image batch as a whole for num_images_per_prompt (a, b, a, b) while it repeats each
+    # prompt in place (p0, p0, p1, p1): the maps must follow the images, in both stages and in keep_exact.
+    base, refiner = pipelines(components)
+    images, maps = [test_image(seed=1), test_image(seed=2)], [FOUR_BANDS, np.ascontiguousarray(FOUR_BANDS[:, ::-1])]
+    prompts, seeds = ["a red apple", "a blue pear"], [3, 4, 5, 6]
+
+    def edit(prompts, images, maps, num_images_per_prompt):
+        common = dict(map=maps, num_images_per_prompt=num_images_per_prompt, num_inference_steps=STEPS)
+        latents = base(prompts, image=images, denoising_end=SPLIT, output_type="latent",
+                       generator=[seeded_generator(s) for s in seeds], **common).images
+        final = refiner(prompts, image=latents, original_image=images, denoising_start=SPLIT, keep_exact=True,
+                        output_type="np", generator=[seeded_generator(s) for s in seeds], **common).images
+        return latents, final
+
+    latents, batch = edit(prompts, images, maps, num_images_per_prompt=2)
+    written_out_latents, written_out = edit([p for p in prompts for _ in range(2)], images * 2, maps * 2, 1)
+    # The text encoders run two prompts against four: float32 may round them apart in the last bits.
+    assert torch.abs(latents - written_out_latents).max() <= 1e-5 * latents.abs().max()
+    assert np.abs(batch - written_out).max() <= 1e-5
+
+
+def test_keep_exact_with_a_global_strength_below_one_blends_half_and_half(components):
+    # The weight is clamp(T * strength * (1 - map), 0, 1): keep 0.9 at strength 0.5 over 10 steps gives 0.5.
+    base = pipelines(components)[0]
+    run = dict(image=test_image(), map=bands(0.9, 0.0), strength=0.5, num_inference_steps=STEPS, output_type="pt")
+    exact = base(PROMPT, keep_exact=True, generator=seeded_generator(), **run).images
+    plain = base(PROMPT, generator=seeded_generator(), **run).images
+    original = base.image_processor.preprocess(test_image()) / 2 + 0.5
+    assert (plain[..., :32] - original[..., :32]).abs().max() > 0.1  # the VAE round trip is far from the input
+    # float32 keeps 1 - 0.9 as 0.10000002: the weight is 0.5000001.
+    assert torch.allclose(exact[..., :32], 0.5 * plain[..., :32] + 0.5 * original[..., :32], atol=1e-6)
+    assert torch.equal(exact[..., 32:], plain[..., 32:])
