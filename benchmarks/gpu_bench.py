@@ -47,15 +47,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
-from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 import diffusers  # noqa: E402
-import transformers  # noqa: E402
 from diffusers import (  # noqa: E402
     AutoencoderKL,
     DDIMScheduler,
@@ -65,11 +62,18 @@ from diffusers import (  # noqa: E402
     VQModel,
 )
 
-from benchmarks.harness import UNetCalls, compare, mib  # noqa: E402
+from benchmarks.harness import (  # noqa: E402
+    SEED,
+    WEAK_STRENGTH,
+    Table,
+    embeddings,
+    img2img_cases,
+    quiet_libraries,
+    side_by_side,
+    unet_calls_per_case,
+)
+from tests.tiny_models import build_pipeline, test_image  # noqa: E402
 from tools.cli import CliError, main  # noqa: E402
-
-WEAK_STRENGTH = 0.3  # the strongest pixel of the "weak" map
-SEED = 0
 
 # ---------------------------------------------------------------------------------------------------------------
 # Configurations of the published checkpoints
@@ -502,18 +506,6 @@ class Family:
     notes: list = field(default_factory=list)
 
 
-def sample_image(size: int) -> Image.Image:
-    """A smooth RGB image; the content does not change the cost."""
-    y, x = np.mgrid[0:size, 0:size] / max(size - 1, 1)
-    rgb = np.stack([x, y, 0.5 * (x + y)], axis=-1)
-    return Image.fromarray((rgb * 255).round().astype(np.uint8))
-
-
-def embeddings(shape, setup) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(SEED)
-    return torch.randn(shape, generator=generator).to(setup.device, setup.dtype)
-
-
 def sd2_components(setup):
     return dict(
         unet=build_model(UNet2DConditionModel, SD21_UNET, SMOKE_SD21_UNET, setup),
@@ -530,8 +522,8 @@ def sd2_components(setup):
 
 def sd2_inputs(setup, components, size):
     width = components["unet"].config.cross_attention_dim  # OpenCLIP-H's hidden size for the real model
-    embeds = embeddings((1, TEXT_LENGTH, width), setup)
-    return dict(image=sample_image(size), prompt_embeds=embeds, negative_prompt_embeds=torch.zeros_like(embeds),
+    embeds = embeddings((1, TEXT_LENGTH, width), setup.device, setup.dtype)
+    return dict(image=test_image(size), prompt_embeds=embeds, negative_prompt_embeds=torch.zeros_like(embeds),
                 guidance_scale=7.5)
 
 
@@ -554,8 +546,9 @@ def sdxl_inputs(setup, components, size):
     unet = components["unet"].config
     width = unet.cross_attention_dim  # CLIP-L and OpenCLIP-bigG hidden states side by side
     pooled_width = unet.projection_class_embeddings_input_dim - SDXL_TIME_IDS * unet.addition_time_embed_dim
-    embeds, pooled = embeddings((1, TEXT_LENGTH, width), setup), embeddings((1, pooled_width), setup)
-    return dict(image=sample_image(size), prompt_embeds=embeds, negative_prompt_embeds=torch.zeros_like(embeds),
+    embeds = embeddings((1, TEXT_LENGTH, width), setup.device, setup.dtype)
+    pooled = embeddings((1, pooled_width), setup.device, setup.dtype)
+    return dict(image=test_image(size), prompt_embeds=embeds, negative_prompt_embeds=torch.zeros_like(embeds),
                 pooled_prompt_embeds=pooled, negative_pooled_prompt_embeds=torch.zeros_like(pooled),
                 guidance_scale=5.0)
 
@@ -570,8 +563,8 @@ def kandinsky_components(setup):
 
 def kandinsky_inputs(setup, components, size):
     width = components["unet"].config.encoder_hid_dim  # the prior's CLIP-bigG image embedding size
-    image_embeds = embeddings((1, width), setup)
-    return dict(image=sample_image(size), image_embeds=image_embeds,
+    image_embeds = embeddings((1, width), setup.device, setup.dtype)
+    return dict(image=test_image(size), image_embeds=image_embeds,
                 negative_image_embeds=torch.zeros_like(image_embeds), height=size, width=size, guidance_scale=4.0)
 
 
@@ -589,12 +582,12 @@ def if1_components(setup):
 
 def if_text_inputs(setup, components):
     width = components["unet"].config.encoder_hid_dim  # T5-XXL's d_model for the real models
-    embeds = embeddings((1, TEXT_LENGTH, width), setup)
+    embeds = embeddings((1, TEXT_LENGTH, width), setup.device, setup.dtype)
     return dict(prompt_embeds=embeds, negative_prompt_embeds=torch.zeros_like(embeds))
 
 
 def if1_inputs(setup, components, size):
-    return dict(image=sample_image(size), guidance_scale=7.0, **if_text_inputs(setup, components))
+    return dict(image=test_image(size), guidance_scale=7.0, **if_text_inputs(setup, components))
 
 
 def if2_components(setup):
@@ -608,7 +601,7 @@ def if2_components(setup):
 
 def if2_inputs(setup, components, size):
     # `image` is stage I's output (a quarter of the side), `original_image` the picture being edited.
-    return dict(image=sample_image(size // 4), original_image=sample_image(size), guidance_scale=4.0,
+    return dict(image=test_image(size // 4), original_image=test_image(size), guidance_scale=4.0,
                 **if_text_inputs(setup, components))
 
 
@@ -655,60 +648,16 @@ def load_pipeline_class(family: Family):
 # Measuring
 # ---------------------------------------------------------------------------------------------------------------
 
-CASES = {
-    "stock": "stock img2img, strength 1",
-    "ours": "ours, uniform map, strength 1",
-    "ours_weak": f"ours, strongest pixel {WEAK_STRENGTH}",
-}
-
-
-def keep_maps(size: int) -> dict:
-    """Keep-maps (white = keep) at the output size: all black (strength 1 everywhere), and a weak map.
-
-    The weak map has strength WEAK_STRENGTH on its left quarter, falls linearly to 0 across the middle half and keeps
-    the right quarter, so that pixels are released at every step from the first one run and some never are. The
-    plateau is wider than a latent cell: the map is area-averaged down to the latent grid, and a bare ramp would
-    leave no cell at the full WEAK_STRENGTH.
-    """
-    x = (np.arange(size) + 0.5) / size
-    strength = np.clip(WEAK_STRENGTH * (0.75 - x) / 0.5, 0, WEAK_STRENGTH).astype(np.float32)
-    weak = np.repeat((1 - strength)[None], size, axis=0)
-    return {"ours": np.zeros((size, size), np.float32), "ours_weak": weak}
+GPU_CASES = ("stock", "ours", "ours_weak")  # of harness.CASES
 
 
 def make_cases(stock, ours, inputs: dict, setup, size: int, offload: bool = False) -> dict:
-    """One function of no arguments per case. Each draws from a freshly seeded generator, so every run is the same."""
-    common = dict(num_inference_steps=setup.steps, output_type="pt", **inputs)
-    maps = keep_maps(size)
+    def enable_offload(pipe):
+        # The two pipelines share their modules; enabling offload first removes the other one's hooks.
+        pipe.enable_model_cpu_offload(device=setup.device)
 
-    def call(pipe, **kwargs):
-        def run():
-            if offload:
-                # The two pipelines share their modules; enabling offload first removes the other one's hooks.
-                pipe.enable_model_cpu_offload(device=setup.device)
-            return pipe(generator=torch.Generator().manual_seed(SEED), **common, **kwargs)
-
-        return run
-
-    return {
-        "stock": call(stock, strength=1.0),
-        "ours": call(ours, map=maps["ours"], strength=1.0),
-        "ours_weak": call(ours, map=maps["ours_weak"], strength=1.0),
-    }
-
-
-def count_unet_calls(unet, cases: dict) -> dict:
-    """Runs each case once (this is also the warm-up) and counts its UNet calls."""
-    calls = UNetCalls(unet)
-    counts = {}
-    try:
-        for name, run in cases.items():
-            calls.count = 0
-            run()
-            counts[name] = calls.count
-    finally:
-        calls.remove()
-    return counts
+    return img2img_cases(stock, ours, size, dict(num_inference_steps=setup.steps, output_type="pt", **inputs),
+                         names=GPU_CASES, before_call=enable_offload if offload else None)
 
 
 def first_line(error: BaseException, limit: int = 200) -> str:
@@ -746,19 +695,14 @@ def free_memory(setup):
 
 
 def measure(cases: dict, repeats: int, setup, unet_calls: dict) -> dict:
-    results = compare(cases, repeats=repeats, device=setup.device, warmup=0)
-    stock_seconds = results["stock"]["seconds"]
-    for name, result in results.items():
-        result["unet_calls"] = unet_calls[name]
-        result["steps_per_second"] = unet_calls[name] / result["seconds"]
-        result["vs_stock"] = result["seconds"] / stock_seconds
+    results = side_by_side(cases, unet_calls, repeats, setup.device)
     return {
         "status": "ok",
         "cases": results,
         # Same T steps: how much longer ours takes per step.
-        "overhead_per_step": results["ours"]["seconds"] / stock_seconds - 1,
+        "overhead_per_step": results["ours"]["step_vs_stock"] - 1,
         # The authors' code runs all T steps whatever the map: stock at strength 1 is a lower bound of its time.
-        "weak_time_vs_all_steps": results["ours_weak"]["seconds"] / stock_seconds,
+        "weak_time_vs_all_steps": results["ours_weak"]["vs_stock"],
     }
 
 
@@ -767,10 +711,8 @@ def run_family(family: Family, setup, repeats: int, plan: dict) -> dict:
     pipeline_class = load_pipeline_class(family)
     size = family.smoke_size if setup.smoke else family.size
     components = family.components(setup)
-    stock = getattr(diffusers, family.stock_class)(**components)
-    ours = pipeline_class(**components)
-    for pipe in (stock, ours):
-        pipe.set_progress_bar_config(disable=True)
+    stock = build_pipeline(getattr(diffusers, family.stock_class), components)
+    ours = build_pipeline(pipeline_class, components)
     inputs = family.inputs(setup, components, size)
     unet = components["unet"]
     cases = make_cases(stock, ours, inputs, setup, size)
@@ -782,7 +724,7 @@ def run_family(family: Family, setup, repeats: int, plan: dict) -> dict:
         "parameters": {name: parameter_count(module) for name, module in components.items()
                        if isinstance(module, torch.nn.Module)},
         "notes": family.notes,
-        "unet_calls": count_unet_calls(unet, cases),  # also the eager warm-up
+        "unet_calls": unet_calls_per_case(unet, cases),  # also the eager warm-up
         "variants": {},
     }
 
@@ -846,24 +788,16 @@ def guarded(measurement: Callable[[], dict]) -> dict:
 # Output
 # ---------------------------------------------------------------------------------------------------------------
 
-HEADER = f"{'family':22} {'variant':8} {'case':32} {'UNet calls':>10} {'seconds':>8} {'steps/s':>8} " \
-         f"{'vs stock':>8} {'peak rise':>10} {'peak total':>10}"
+TABLE = Table(("family", 22), ("variant", 8), ("case", 32))
 
 
 def print_variant(family: Family, record: dict, variant: str) -> None:
     label = f"{family.name} {record['size']}px"
     result = record["variants"][variant]
-    if result["status"] != "ok":
-        print(f"{label:22} {variant:8} {result['status']}", flush=True)
-        return
-    for name, case in result["cases"].items():
-        print(f"{label:22} {variant:8} {CASES[name]:32} {case['unet_calls']:>10} {case['seconds']:>8.3f} "
-              f"{case['steps_per_second']:>8.2f} {case['vs_stock']:>8.3f} {mib(case['peak_bytes']):>10} "
-              f"{mib(case['total_peak_bytes']):>10}", flush=True)
-    calls = record["unet_calls"]
-    print(f"{'':22} {variant:8} overhead per step {result['overhead_per_step']:+.1%}; strongest pixel "
-          f"{WEAK_STRENGTH}: {calls['ours_weak']} UNet calls instead of {calls['stock']}, "
-          f"{result['weak_time_vs_all_steps']:.2f} x the time of all steps", flush=True)
+    if result["status"] == "ok":
+        TABLE.print_results(result["cases"], label, variant)
+    else:
+        TABLE.print_row(label, variant, note=result["status"])
 
 
 def write_json(path: Path, report: dict) -> None:
@@ -923,13 +857,6 @@ def check_args(args) -> None:
         raise CliError("no CUDA GPU here: this benchmark needs one (or --smoke, which checks the script on the CPU).")
 
 
-def quiet_libraries() -> None:
-    """Random-weight models trip warnings meant for checkpoints ("modules that should be kept in float32: []"), and
-    loading the IF pipelines warns about torchvision; neither says anything about the measurement."""
-    diffusers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.set_verbosity_error()
-
-
 def run() -> None:
     args = build_parser().parse_args()
     quiet_libraries()
@@ -958,7 +885,7 @@ def run() -> None:
     print(f"{device_name}, {report['dtype']}, torch {torch.__version__}, diffusers {diffusers.__version__}, "
           f"T = {setup.steps}, median of {args.repeats} alternating rounds after a warm-up"
           f"{' (smoke: tiny configs)' if setup.smoke else ''}")
-    print(HEADER, flush=True)
+    TABLE.print_header()
     started = time.perf_counter()
     for family in families:
         report["families"][family.name] = run_family(family, setup, args.repeats, plan)

@@ -1,15 +1,53 @@
-"""Side-by-side measurement for the benchmarks: interleaved runs, medians, peak memory and UNet-call counts.
+"""What every benchmark shares: the cases, interleaved timing, UNet-call counts, the table, and the differential work.
 
 Absolute times on a shared machine are noisy, so every benchmark compares cases measured in the same process,
-alternating between them, and reports ratios.
+alternating between them, and reports ratios. The first case of a comparison is the baseline ("stock").
 """
 
+import argparse
 import os
 import statistics
 import threading
 import time
 
+import diffusers
+import numpy as np
 import torch
+import transformers
+
+SEED = 0
+WEAK_STRENGTH = 0.3  # the strongest pixel of the "weak" map
+
+CASES = {  # key (as in JSON reports): what is run
+    "stock": "stock img2img, strength 1",
+    "ours": "ours, uniform map, strength 1",
+    "ours_gradient": "ours, gradient map 0..1",
+    "ours_weak": f"ours, strongest pixel {WEAK_STRENGTH}",
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Counting and timing
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class UNetCalls(list):
+    """One entry per forward call of a UNet, from creation until `stop()`: `len(calls)` counts them.
+
+    A list, so that a test can assert `calls == []`.
+    """
+
+    def __init__(self, unet):
+        super().__init__()
+        self._hook = unet.register_forward_hook(lambda *_: self.append(1))
+
+    def stop(self):
+        self._hook.remove()
+
+
+def count_unet_calls(model) -> UNetCalls:
+    """Starts counting the UNet calls of a pipeline, or of `model` itself if it is the UNet."""
+    return UNetCalls(getattr(model, "unet", model))
 
 
 def resident_bytes() -> int:
@@ -59,23 +97,15 @@ class PeakMemory:
         self.peak = self.total_peak - self.start
 
 
-class UNetCalls:
-    """Counts forward calls of a denoiser module; `remove()` takes the counting hook off again."""
-
-    def __init__(self, module):
-        self.count = 0
-        self._hook = module.register_forward_hook(self._count)
-
-    def _count(self, *_):
-        self.count += 1
-
-    def remove(self):
-        self._hook.remove()
-
-
 def synchronize(device):
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
+
+
+def clock(device) -> str:
+    """The time that ratios compare: on a CPU the process's CPU time, which other processes on a shared machine
+    disturb far less than wall time; on a GPU wall time, since the CPU mostly waits."""
+    return "cpu_seconds" if torch.device(device).type == "cpu" else "seconds"
 
 
 def compare(cases: dict, repeats: int, device="cpu", warmup: int = 1) -> dict:
@@ -83,9 +113,8 @@ def compare(cases: dict, repeats: int, device="cpu", warmup: int = 1) -> dict:
 
     `cases` maps a name to a function of no arguments. Every other round runs the cases in reverse order, so that
     load that rises or falls during a round on a shared machine does not always land on the same case.
-    Each result holds "seconds" (wall clock), "cpu_seconds" (CPU time of this process, which other processes on a
-    shared CPU disturb far less), "peak_bytes" (the highest rise above the level at the start of a run) and
-    "total_peak_bytes" (the highest level itself).
+    Each result holds "seconds" (wall clock), "cpu_seconds" (CPU time of this process), "peak_bytes" (the highest
+    rise above the level at the start of a run) and "total_peak_bytes" (the highest level itself).
     """
     for run in cases.values():
         for _ in range(warmup):
@@ -113,5 +142,226 @@ def compare(cases: dict, repeats: int, device="cpu", warmup: int = 1) -> dict:
     }
 
 
+def unet_calls_per_case(unet, cases: dict) -> dict:
+    """Runs each case once, counting its UNet calls; this run also warms the case up."""
+    counts = {}
+    for name, run in cases.items():
+        calls = count_unet_calls(unet)
+        try:
+            run()
+        finally:
+            calls.stop()
+        counts[name] = len(calls)
+    return counts
+
+
+def side_by_side(cases: dict, unet_calls: dict, repeats: int, device) -> dict:
+    """`compare` after the warm-up that counting was, with per-case ratios to the first case on the device's clock:
+    "vs_stock" (whole runs) and "step_vs_stock" (time per UNet call)."""
+    results = compare(cases, repeats=repeats, device=device, warmup=0)
+    measured = clock(device)
+    baseline = next(iter(results.values()))[measured]
+    baseline_step = baseline / unet_calls[next(iter(results))]
+    for name, result in results.items():
+        result["unet_calls"] = unet_calls[name]
+        result["steps_per_second"] = unet_calls[name] / result[measured] if unet_calls[name] else 0.0
+        result["vs_stock"] = result[measured] / baseline
+        result["step_vs_stock"] = result[measured] / unet_calls[name] / baseline_step if unet_calls[name] else None
+    return results
+
+
+class Stopwatch:
+    """Adds up the time spent in the functions it wraps, on the device's clock."""
+
+    def __init__(self, device):
+        self.device, self.seconds, self.calls = device, 0.0, 0
+        self.now = time.process_time if clock(device) == "cpu_seconds" else time.perf_counter
+
+    def wrap(self, function):
+        def timed(*args, **kwargs):
+            synchronize(self.device)
+            started = self.now()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                synchronize(self.device)
+                self.seconds += self.now() - started
+                self.calls += 1
+
+        return timed
+
+
+def differential_work(module, run, device) -> tuple:
+    """Seconds of map preparation in `run()`, one call of a pipeline from `module` (a pipeline file), and seconds of
+    blending per step: the differential core's own work, timed where it runs. Whole-run ratios drown it in noise."""
+    preparation, blend = Stopwatch(device), Stopwatch(device)
+    saved = module.prepare_keep_map, module.release_steps, module.FrozenPixels.blend
+    module.prepare_keep_map, module.release_steps = preparation.wrap(saved[0]), preparation.wrap(saved[1])
+    module.FrozenPixels.blend = blend.wrap(saved[2])
+    try:
+        run()
+    finally:
+        module.prepare_keep_map, module.release_steps, module.FrozenPixels.blend = saved
+    return preparation.seconds, blend.seconds / max(blend.calls, 1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Inputs and cases
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def keep_maps(size: int) -> dict:
+    """Keep-maps (white = keep) at the output size, by case: all black (strength 1 everywhere), a gradient (strength 1
+    at the left edge to 0 at the right, so the blend has work at every step), and a weak map.
+
+    The weak map has strength WEAK_STRENGTH on its left quarter, falls linearly to 0 across the middle half and keeps
+    the right quarter, so that pixels are released at every step from the first one run and some never are. The
+    plateau is wider than a latent cell: the map is area-averaged down to the latent grid, and a bare ramp would
+    leave no cell at the full WEAK_STRENGTH.
+    """
+    x = (np.arange(size) + 0.5) / size
+    weak_strength = np.clip(WEAK_STRENGTH * (0.75 - x) / 0.5, 0, WEAK_STRENGTH)
+    row = {"ours": np.zeros(size), "ours_gradient": x, "ours_weak": 1 - weak_strength}
+    return {case: np.repeat(keep[None], size, axis=0).astype(np.float32) for case, keep in row.items()}
+
+
+def embeddings(shape, device, dtype=torch.float32) -> torch.Tensor:
+    """Random text or image embeddings, the same for every run: they stand in for an encoder that both pipelines
+    would run once per call, outside the denoising loop."""
+    return torch.randn(shape, generator=torch.Generator().manual_seed(SEED)).to(device, dtype)
+
+
+def img2img_cases(stock, ours, size: int, inputs: dict, names=tuple(CASES), before_call=None) -> dict:
+    """One function of no arguments per case named in `names` (keys of CASES). Each draws from a freshly seeded
+    generator, so that every run is the same; `before_call(pipe)`, if given, runs before each call."""
+    maps = keep_maps(size)
+
+    def call(pipe, **kwargs):
+        def run():
+            if before_call is not None:
+                before_call(pipe)
+            return pipe(generator=torch.Generator().manual_seed(SEED), **inputs, **kwargs)
+
+        return run
+
+    cases = {"stock": call(stock, strength=1.0)}
+    cases.update({name: call(ours, map=maps[name], strength=1.0) for name in CASES if name != "stock"})
+    return {name: cases[name] for name in names}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Output
+# ---------------------------------------------------------------------------------------------------------------
+
+
 def mib(size: int) -> str:
     return f"{size / 2**20:.0f} MiB"
+
+
+def percent_change(ratio) -> str:
+    return "-" if ratio is None else f"{ratio - 1:+.1%}"
+
+
+MEASURED_COLUMNS = [  # heading, width, text of a result
+    ("UNet calls", 10, lambda result: str(result["unet_calls"])),
+    ("wall s", 8, lambda result: f"{result['seconds']:.3f}"),
+    ("CPU s", 8, lambda result: f"{result['cpu_seconds']:.3f}"),
+    ("vs stock", 8, lambda result: f"{result['vs_stock']:.3f}"),
+    ("per step", 8, lambda result: percent_change(result["step_vs_stock"])),
+    ("peak rise", 10, lambda result: mib(result["peak_bytes"])),
+    ("peak total", 10, lambda result: mib(result["total_peak_bytes"])),
+]
+
+
+class Table:
+    """The benchmarks' table, printed a row at a time: label columns, then what `side_by_side` measured.
+
+    "vs stock" is the ratio of whole runs; "per step" the change in time per UNet call, which puts a run's fixed
+    costs (encoding, decoding) on fewer steps when fewer run.
+    """
+
+    def __init__(self, *labels):
+        self.labels = labels  # (heading, width) of each label column
+
+    def print_header(self):
+        headings = [f"{heading:{width}}" for heading, width in self.labels]
+        headings += [f"{heading:>{width}}" for heading, width, _ in MEASURED_COLUMNS]
+        print(" ".join(headings), flush=True)
+
+    def print_row(self, *labels, result=None, note=""):
+        """One case's result, or a note (a case or variant that did not run, and why) after the labels."""
+        cells = [f"{label:{width}}" for label, (_, width) in zip(labels, self.labels)]
+        if result is not None:
+            cells += [f"{text(result):>{width}}" for _, width, text in MEASURED_COLUMNS]
+        print(" ".join(cells + ([note] if note else [])).rstrip(), flush=True)
+
+    def print_results(self, results: dict, *labels):
+        for name, result in results.items():
+            self.print_row(*labels, CASES.get(name, name), result=result)
+
+
+def run_description(device, steps, repeats) -> str:
+    return (f"T = {steps}, CFG on, {device}, {torch.get_num_threads()} threads, median of {repeats} alternating "
+            f"rounds; ratios of {'CPU' if clock(device) == 'cpu_seconds' else 'wall'} time")
+
+
+def print_differential_work(module, run, stock: dict, device):
+    """Times `differential_work` and prints it beside the time of one stock step (`stock`: its `side_by_side` result)."""
+    preparation, blend = differential_work(module, run, device)
+    stock_step = stock[clock(device)] / stock["unet_calls"]
+    print(f"differential work, gradient map: map preparation {preparation * 1e3:.2f} ms per call, blend "
+          f"{blend * 1e3:.3f} ms per step = {blend / stock_step:.2%} of a stock step", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def measure_family(title: str, stock, ours, module, inputs: dict, map_size: int, repeats: int, device,
+                   extra_cases=None) -> dict:
+    """Times the cases of CASES (and `extra_cases`, by display name) for one pair of pipelines sharing a UNet, side by
+    side, then prints the table and the differential work of `module`, the pipeline file of `ours`."""
+    cases = {**img2img_cases(stock, ours, map_size, inputs), **(extra_cases or {})}
+    results = side_by_side(cases, unet_calls_per_case(stock.unet, cases), repeats, device)
+    print(f"\n{title}, {run_description(device, inputs['num_inference_steps'], repeats)}")
+    table = Table(("case", 36))
+    table.print_header()
+    table.print_results(results)
+    print_differential_work(module, cases["ours_gradient"], results["stock"], device)
+    return results
+
+
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {text!r}")
+    return int(text)
+
+
+def multiple_of(multiple: int):
+    def size(text: str) -> int:
+        value = positive_int(text)
+        if value % multiple:
+            raise argparse.ArgumentTypeError(f"must be a multiple of {multiple} for this model, not {value}")
+        return value
+
+    return size
+
+
+def bench_parser(description: str, size: int = 256, multiple: int = 32) -> argparse.ArgumentParser:
+    """The flags every family's benchmark takes; a family adds its own. `--size` must be a multiple of `multiple`
+    (the models' total downsampling: VAE factor times the UNet's)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=multiple_of(multiple), default=size,
+                        help=f"image side in pixels, a multiple of {multiple} (default {size})")
+    parser.add_argument("--steps", type=positive_int, default=20, help="num_inference_steps T (default 20)")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="alternating timed rounds per case (default 3)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    return parser
+
+
+def quiet_libraries() -> None:
+    """Random-weight models trip warnings meant for checkpoints ("modules that should be kept in float32: []"), and
+    loading the IF pipelines warns about torchvision; neither says anything about the measurement."""
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.set_verbosity_error()

@@ -447,17 +447,3 @@ def test_stage2_bad_arguments_are_refused_clearly(stage2_components, change, mes
     with pytest.raises(ValueError, match=message):
         ours(**run, **NO_CLEANING)
 
-
-# ---------------------------------------------------------------------------------------------------------------
-# The two files
-
-
-def test_both_stages_carry_the_same_if_helpers():
-    begin = "# Copied from IF/diff_pipe_I.py: IF helpers (begin)"
-    end = "# Copied from IF/diff_pipe_I.py: IF helpers (end)"
-    blocks = []
-    for name in ("diff_pipe_I.py", "diff_pipe_II.py"):
-        text = (REPO_ROOT / "IF" / name).read_text()
-        assert text.count(begin) == 1 and text.count(end) == 1, name
-        blocks.append(text[text.index(begin) : text.index(end)])
-    assert blocks[0] == blocks[1]
