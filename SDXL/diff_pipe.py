@@ -459,7 +459,7 @@ class StableDiffusionXLDiffImg2ImgPipeline(StableDiffusionXLImg2ImgPipeline):
             [`StableDiffusionXLPipelineOutput`] or `tuple`, as stock. `pipe.num_timesteps` is the number of denoising
             steps this call actually ran.
         """
-        self._check_differential_inputs(
+        num_inference_steps = self._check_differential_inputs(
             image, map, original_image, keep_exact, num_inference_steps, denoising_start, denoising_end, output_type
         )
         self.check_inputs(
@@ -715,6 +715,7 @@ class StableDiffusionXLDiffImg2ImgPipeline(StableDiffusionXLImg2ImgPipeline):
             )
         if keep_exact:
             self._check_keep_exact(image if original_image is None else original_image, denoising_end, output_type)
+        return int(num_inference_steps)
 
     def _check_keep_exact(self, original_image, denoising_end, output_type):
         if self._holds_latents(original_image) or output_type == "latent":
