@@ -43,44 +43,6 @@ from SD2.diff_pipe import StableDiffusionDiffImg2ImgPipeline
 from SDXL.diff_pipe import StableDiffusionXLDiffImg2ImgPipeline
 
 PROMPT = "a red apple on a table"
-PAIRS = [
-    (StableDiffusionDiffImg2ImgPipeline, StableDiffusionImg2ImgPipeline),
-    (StableDiffusionXLDiffImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline),
-    (KandinskyV22DiffImg2ImgPipeline, KandinskyV22Img2ImgPipeline),
-    (IFDiffImg2ImgPipeline, IFImg2ImgPipeline),
-    (IFDiffImg2ImgSuperResolutionPipeline, IFImg2ImgSuperResolutionPipeline),
-]
-PAIR_IDS = [ours.__name__ for ours, _ in PAIRS]
-OUR_DEFAULTS = {"strength": 1.0}  # documented: a map already says how much each pixel changes
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Signatures
-
-
-@pytest.mark.parametrize("ours, stock", PAIRS, ids=PAIR_IDS)
-def test_call_takes_every_stock_argument_in_stock_order_with_stock_defaults(ours, stock):
-    stock_parameters = list(inspect.signature(stock.__call__).parameters.values())
-    our_parameters = list(inspect.signature(ours.__call__).parameters.values())
-    stock_named = [p for p in stock_parameters if p.kind is not p.VAR_KEYWORD]
-    assert [p.name for p in our_parameters[: len(stock_named)]] == [p.name for p in stock_named]
-    for our, theirs in zip(our_parameters, stock_named):
-        assert our.kind == theirs.kind, our.name
-        assert our.default == OUR_DEFAULTS.get(our.name, theirs.default), our.name
-    # Our own arguments come after all of stock's and are keyword-only, so stock's positions keep their meaning.
-    extras = our_parameters[len(stock_named) :]
-    takes_var_keyword = any(p.kind is p.VAR_KEYWORD for p in stock_parameters)
-    if takes_var_keyword:
-        assert extras and extras[-1].kind is extras[-1].VAR_KEYWORD and extras[-1].name == "kwargs"
-        extras = extras[:-1]
-    assert {"map", "invert_map", "keep_exact"} <= {p.name for p in extras}
-    assert all(p.kind is p.KEYWORD_ONLY for p in extras), [(p.name, p.kind) for p in extras]
-    assert not any(p.kind is p.VAR_KEYWORD for p in our_parameters[:-1])
-    assert any(p.kind is p.VAR_KEYWORD for p in our_parameters) == takes_var_keyword
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The five families, run side by side with stock
 
 
 @dataclass
@@ -112,6 +74,38 @@ FAMILIES = {
                                      prompt=PROMPT, num_inference_steps=4, output_type="np", clean_caption=False)),
 }
 LATENT_FAMILIES = ["sd", "sdxl"]  # the families whose stock pipelines have IP-Adapter, `interrupt` and CFG callbacks
+
+OUR_DEFAULTS = {"strength": 1.0}  # documented: a map already says how much each pixel changes
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Signatures
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_call_takes_every_stock_argument_in_stock_order_with_stock_defaults(family):
+    ours, stock = FAMILIES[family].ours, FAMILIES[family].stock
+    stock_parameters = list(inspect.signature(stock.__call__).parameters.values())
+    our_parameters = list(inspect.signature(ours.__call__).parameters.values())
+    stock_named = [p for p in stock_parameters if p.kind is not p.VAR_KEYWORD]
+    assert [p.name for p in our_parameters[: len(stock_named)]] == [p.name for p in stock_named]
+    for our, theirs in zip(our_parameters, stock_named):
+        assert our.kind == theirs.kind, our.name
+        assert our.default == OUR_DEFAULTS.get(our.name, theirs.default), our.name
+    # Our own arguments come after all of stock's and are keyword-only, so stock's positions keep their meaning.
+    extras = our_parameters[len(stock_named) :]
+    takes_var_keyword = any(p.kind is p.VAR_KEYWORD for p in stock_parameters)
+    if takes_var_keyword:
+        assert extras and extras[-1].kind is extras[-1].VAR_KEYWORD and extras[-1].name == "kwargs"
+        extras = extras[:-1]
+    assert {"map", "invert_map", "keep_exact"} <= {p.name for p in extras}
+    assert all(p.kind is p.KEYWORD_ONLY for p in extras), [(p.name, p.kind) for p in extras]
+    assert not any(p.kind is p.VAR_KEYWORD for p in our_parameters[:-1])
+    assert any(p.kind is p.VAR_KEYWORD for p in our_parameters) == takes_var_keyword
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The five families, run side by side with stock
 
 HALF = np.full((64, 64), 0.5, np.float32)  # strength 0.5 everywhere: stock at strength=0.5
 WHITE = np.ones((64, 64), np.float32)  # nothing to change: no step runs
