@@ -184,7 +184,9 @@ class FrozenPixels:
 
     Stock img2img runs the schedule from the first released step on. Before each later step k, this sets the pixels
     with k <= release_step to `add_noise(x0, noise, t_k)`, and after the last step, the pixels never released to
-    `x0`. `x0` and `noise` are the very tensors that stock img2img draws, recorded by `recording_add_noise`.
+    `x0`. `x0` and `noise` are the very tensors that stock img2img draws, recorded by `recording_add_noise`. The
+    user's own step-end `callback` (a function, `PipelineCallback` or `MultiPipelineCallbacks`) runs after the blend
+    and sees its `tensor_inputs`; ask stock for `step_end_tensor_inputs`.
     """
 
     def __init__(self, release_step: torch.Tensor, num_inference_steps: int, callback=None, tensor_inputs=()):
@@ -192,8 +194,15 @@ class FrozenPixels:
         self.num_inference_steps = num_inference_steps
         self.first_step = int(release_step.min())
         self.last_frozen_step = int(release_step.max())
-        self.callback, self.tensor_inputs = callback, list(tensor_inputs)
+        if isinstance(callback, (PipelineCallback, MultiPipelineCallbacks)):
+            tensor_inputs = callback.tensor_inputs  # stock reads a callback object's own list, whatever is passed
+        self.callback, self.tensor_inputs = callback, list(tensor_inputs or [])
         self.x0 = self.noise = None
+
+    @property
+    def step_end_tensor_inputs(self) -> list:
+        """The tensors stock must hand this callback: the latents, and what the user's callback reads."""
+        return sorted(set(self.tensor_inputs) | {"latents"})
 
     @contextmanager
     def recording_add_noise(self, scheduler):
@@ -209,6 +218,13 @@ class FrozenPixels:
             yield
         finally:
             del scheduler.add_noise
+        (height, width), (encoded_height, encoded_width) = self.release_step.shape[-2:], self.x0.shape[-2:]
+        if (height, width) != (encoded_height, encoded_width):
+            raise ValueError(
+                f"The image was encoded to a {encoded_width}x{encoded_height} grid, but the map was sized to "
+                f"{width}x{height} from the VAE's scale factor: give the image a width and height that the VAE's "
+                "scale factor divides."
+            )
         self.release_step = tile_to_batch(self.release_step, self.x0.shape[0]).to(self.x0.device)
 
     def blend(self, scheduler, i: int, latents: torch.Tensor) -> torch.Tensor:
@@ -231,14 +247,6 @@ class FrozenPixels:
         if "latents" in user_kwargs:
             user_kwargs["latents"] = latents
         return {"latents": latents, **(self.callback(pipe, i, t, user_kwargs) or {})}
-
-
-def chain_step_end_callback(frozen: FrozenPixels, callback, tensor_inputs):
-    """Puts `frozen` before the user's own step-end callback, which then sees the blended latents."""
-    if isinstance(callback, (PipelineCallback, MultiPipelineCallbacks)):
-        tensor_inputs = callback.tensor_inputs
-    frozen.callback, frozen.tensor_inputs = callback, list(tensor_inputs or [])
-    return frozen, sorted(set(frozen.tensor_inputs) | {"latents"})
 
 
 # Copied from SD2/diff_pipe.py: differential core (end)
@@ -374,23 +382,35 @@ class IFDiffImg2ImgSuperResolutionPipeline(IFImg2ImgSuperResolutionPipeline):
     @torch.no_grad()
     def __call__(
         self,
-        image=None,
+        image,
         original_image=None,
-        map=None,
         strength: float = 1.0,
-        invert_map: bool = False,
-        keep_exact: bool = False,
         prompt=None,
         num_inference_steps: int = 50,
-        num_images_per_prompt: int = 1,
+        timesteps: list[int] | None = None,
+        guidance_scale: float = 4.0,
+        negative_prompt=None,
+        num_images_per_prompt: int | None = 1,
+        eta: float = 0.0,
         generator=None,
-        output_type: str = "pil",
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        output_type: str | None = "pil",
         return_dict: bool = True,
         callback=None,
         callback_steps: int = 1,
-        **kwargs,
+        cross_attention_kwargs: dict | None = None,
+        noise_level: int = 250,
+        clean_caption: bool = True,
+        *,
+        map=None,
+        invert_map: bool = False,
+        keep_exact: bool = False,
     ):
         r"""
+        Takes every argument of [`IFImg2ImgSuperResolutionPipeline.__call__`], in its order and with its defaults
+        (except `strength`), then `map`, `invert_map` and `keep_exact`, which must be passed by name.
+
         Args:
             image (`torch.Tensor`, `PIL.Image.Image`, `np.ndarray` or a list of them):
                 The stage I result(s), the conditioning that stage II upscales: tensors in [-1, 1] as stage I returns
@@ -398,30 +418,31 @@ class IFDiffImg2ImgSuperResolutionPipeline(IFImg2ImgSuperResolutionPipeline):
             original_image (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor` or a list of them):
                 The image(s) being edited. PIL images are resized to stage II's size (`unet.config.sample_size` on
                 the short side); arrays and tensors are taken as they are, in [-1, 1], as stock IF takes them.
-            map (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor` or a list of them, values in [0, 1], white = keep):
-                How much each pixel may change. 1 (white) keeps the pixel, 0 (black) changes it fully: a pixel's
-                strength is `1 - map`. Grayscale PIL images of mode L or I;16 work as they are; float arrays must lie
-                in [0, 1]. One map for all images, or one per image; any size with the image's aspect ratio (it is
-                area-averaged down to stage II's pixel grid). Use the map that stage I used.
-            strength (`float`, *optional*, defaults to 1.0):
+            strength (`float` in [0, 1], *optional*, defaults to 1.0):
                 Scales every pixel's strength: `s = strength * (1 - map)`, in [0, 1]. With a uniform map this is
                 the stock pipeline's `strength`.
-            invert_map (`bool`, *optional*, defaults to `False`):
-                Read `map` the other way round, white = change, as inpainting masks and some UIs do.
-            keep_exact (`bool`, *optional*, defaults to `False`):
-                Composite the original back at the end: `clamp(T * s, 0, 1) * output + (1 - that) * original`, with
-                the original at stage II's size. IF works in pixels, so pixels of strength below 1/T already
-                end as that original, and this changes next to nothing; it is here so that every pipeline takes it.
             prompt (`str` or `list[str]`, *optional*):
                 The prompt(s). Stage II is usually loaded with `text_encoder=None` and given stage I's
                 `prompt_embeds` and `negative_prompt_embeds` instead.
             num_inference_steps (`int`, *optional*, defaults to 50):
                 The length T of the full schedule. Only the steps from the first released pixel on are run:
                 `floor(T * max(s))` UNet steps.
+            timesteps (`list[int]`, *optional*):
+                A custom schedule, as in stock; T is then its length.
+            guidance_scale (`float`, *optional*, defaults to 4.0):
+                Classifier-free guidance scale, as in stock; 1 or less turns guidance off.
+            negative_prompt (`str` or `list[str]`, *optional*):
+                As in stock.
             num_images_per_prompt (`int`, *optional*, defaults to 1):
                 Images to make per prompt; maps follow their images.
+            eta (`float`, *optional*, defaults to 0.0):
+                DDIM's eta, as in stock.
             generator (`torch.Generator` or `list[torch.Generator]`, *optional*):
                 Used in the same order as the stock pipeline, so a seed gives the same result.
+            prompt_embeds (`torch.Tensor`, *optional*):
+                As in stock (from `encode_prompt`).
+            negative_prompt_embeds (`torch.Tensor`, *optional*):
+                As in stock.
             output_type (`str`, *optional*, defaults to `"pil"`):
                 `"pil"`, `"np"` (both in [0, 1]) or `"pt"` (in [-1, 1]).
             return_dict (`bool`, *optional*, defaults to `True`):
@@ -431,10 +452,23 @@ class IFDiffImg2ImgSuperResolutionPipeline(IFImg2ImgSuperResolutionPipeline):
                 pixels have been reset, so it sees the images that the next step will run on.
             callback_steps (`int`, *optional*, defaults to 1):
                 How often `callback` is called.
-            **kwargs:
-                Every other argument of [`IFImg2ImgSuperResolutionPipeline.__call__`] (`guidance_scale`,
-                `negative_prompt`, `prompt_embeds`, `negative_prompt_embeds`, `noise_level`, `timesteps`, `eta`,
-                `clean_caption`, `cross_attention_kwargs`).
+            cross_attention_kwargs (`dict`, *optional*):
+                Passed to the attention processors, as in stock.
+            noise_level (`int`, *optional*, defaults to 250):
+                How much noise is added to the upscaled `image` (the conditioning), as in stock.
+            clean_caption (`bool`, *optional*, defaults to `True`):
+                Clean the prompt before encoding it, as in stock (needs `bs4` and `ftfy`).
+            map (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor` or a list of them, values in [0, 1], white = keep):
+                How much each pixel may change. 1 (white) keeps the pixel, 0 (black) changes it fully: a pixel's
+                strength is `1 - map`. Grayscale PIL images of mode L or I;16 work as they are; float arrays must lie
+                in [0, 1]. One map for all images, or one per image; any size with the image's aspect ratio (it is
+                area-averaged down to stage II's pixel grid). Use the map that stage I used. Required.
+            invert_map (`bool`, *optional*, defaults to `False`):
+                Read `map` the other way round, white = change, as inpainting masks and some UIs do.
+            keep_exact (`bool`, *optional*, defaults to `False`):
+                Composite the original back at the end: `clamp(T * s, 0, 1) * output + (1 - that) * original`, with
+                the original at stage II's size. IF works in pixels, so pixels of strength below 1/T already
+                end as that original, and this changes next to nothing; it is here so that every pipeline takes it.
 
         Returns:
             [`IFPipelineOutput`] or `tuple`, as stock. `pipe.num_timesteps` is the number of denoising steps
@@ -443,14 +477,13 @@ class IFDiffImg2ImgSuperResolutionPipeline(IFImg2ImgSuperResolutionPipeline):
         if image is None or original_image is None or map is None:
             raise ValueError("Pass `image` (the stage I result), `original_image` (the image being edited) and `map`.")
         check_strength_and_steps(strength, num_inference_steps)
-        prompt_embeds = kwargs.get("prompt_embeds")
         batch_size = prompt_batch_size(prompt, prompt_embeds)
         self.check_inputs(
-            prompt, image, original_image, batch_size, callback_steps, kwargs.get("negative_prompt"), prompt_embeds,
-            kwargs.get("negative_prompt_embeds"),
+            prompt, image, original_image, batch_size, callback_steps, negative_prompt, prompt_embeds,
+            negative_prompt_embeds,
         )
-        if kwargs.get("timesteps") is not None:
-            num_inference_steps = len(kwargs["timesteps"])
+        if timesteps is not None:
+            num_inference_steps = len(timesteps)
 
         pixels = self.preprocess_original_image(original_image)  # stage II's pixel grid, where the map works
         keep_map = keep_map_on_grid(map, pixels, invert_map)
@@ -471,12 +504,20 @@ class IFDiffImg2ImgSuperResolutionPipeline(IFImg2ImgSuperResolutionPipeline):
                     strength=stock_strength(self._num_timesteps, num_inference_steps),
                     prompt=prompt,
                     num_inference_steps=num_inference_steps,
+                    timesteps=timesteps,
+                    guidance_scale=guidance_scale,
+                    negative_prompt=negative_prompt,
                     num_images_per_prompt=num_images_per_prompt,
+                    eta=eta,
                     generator=generator,
+                    prompt_embeds=prompt_embeds,
+                    negative_prompt_embeds=negative_prompt_embeds,
+                    **finish,
                     callback=blending_callback(self, frozen, callback, callback_steps),
                     callback_steps=1,
-                    **finish,
-                    **kwargs,
+                    cross_attention_kwargs=cross_attention_kwargs,
+                    noise_level=noise_level,
+                    clean_caption=clean_caption,
                 )
         finally:
             self._frozen = None

@@ -184,7 +184,9 @@ class FrozenPixels:
 
     Stock img2img runs the schedule from the first released step on. Before each later step k, this sets the pixels
     with k <= release_step to `add_noise(x0, noise, t_k)`, and after the last step, the pixels never released to
-    `x0`. `x0` and `noise` are the very tensors that stock img2img draws, recorded by `recording_add_noise`.
+    `x0`. `x0` and `noise` are the very tensors that stock img2img draws, recorded by `recording_add_noise`. The
+    user's own step-end `callback` (a function, `PipelineCallback` or `MultiPipelineCallbacks`) runs after the blend
+    and sees its `tensor_inputs`; ask stock for `step_end_tensor_inputs`.
     """
 
     def __init__(self, release_step: torch.Tensor, num_inference_steps: int, callback=None, tensor_inputs=()):
@@ -192,8 +194,15 @@ class FrozenPixels:
         self.num_inference_steps = num_inference_steps
         self.first_step = int(release_step.min())
         self.last_frozen_step = int(release_step.max())
-        self.callback, self.tensor_inputs = callback, list(tensor_inputs)
+        if isinstance(callback, (PipelineCallback, MultiPipelineCallbacks)):
+            tensor_inputs = callback.tensor_inputs  # stock reads a callback object's own list, whatever is passed
+        self.callback, self.tensor_inputs = callback, list(tensor_inputs or [])
         self.x0 = self.noise = None
+
+    @property
+    def step_end_tensor_inputs(self) -> list:
+        """The tensors stock must hand this callback: the latents, and what the user's callback reads."""
+        return sorted(set(self.tensor_inputs) | {"latents"})
 
     @contextmanager
     def recording_add_noise(self, scheduler):
@@ -209,6 +218,13 @@ class FrozenPixels:
             yield
         finally:
             del scheduler.add_noise
+        (height, width), (encoded_height, encoded_width) = self.release_step.shape[-2:], self.x0.shape[-2:]
+        if (height, width) != (encoded_height, encoded_width):
+            raise ValueError(
+                f"The image was encoded to a {encoded_width}x{encoded_height} grid, but the map was sized to "
+                f"{width}x{height} from the VAE's scale factor: give the image a width and height that the VAE's "
+                "scale factor divides."
+            )
         self.release_step = tile_to_batch(self.release_step, self.x0.shape[0]).to(self.x0.device)
 
     def blend(self, scheduler, i: int, latents: torch.Tensor) -> torch.Tensor:
@@ -233,14 +249,6 @@ class FrozenPixels:
         return {"latents": latents, **(self.callback(pipe, i, t, user_kwargs) or {})}
 
 
-def chain_step_end_callback(frozen: FrozenPixels, callback, tensor_inputs):
-    """Puts `frozen` before the user's own step-end callback, which then sees the blended latents."""
-    if isinstance(callback, (PipelineCallback, MultiPipelineCallbacks)):
-        tensor_inputs = callback.tensor_inputs
-    frozen.callback, frozen.tensor_inputs = callback, list(tensor_inputs or [])
-    return frozen, sorted(set(frozen.tensor_inputs) | {"latents"})
-
-
 # Copied from SD2/diff_pipe.py: differential core (end)
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -261,26 +269,30 @@ class KandinskyV22DiffImg2ImgPipeline(KandinskyV22Img2ImgPipeline):
     @torch.no_grad()
     def __call__(
         self,
-        image_embeds=None,
-        image=None,
-        negative_image_embeds=None,
-        map=None,
-        strength: float = 1.0,
-        invert_map: bool = False,
-        keep_exact: bool = False,
+        image_embeds: torch.Tensor | list[torch.Tensor],
+        image,
+        negative_image_embeds: torch.Tensor | list[torch.Tensor],
         height: int = 512,
         width: int = 512,
         num_inference_steps: int = 100,
         guidance_scale: float = 4.0,
+        strength: float = 1.0,
         num_images_per_prompt: int = 1,
         generator=None,
-        output_type: str = "pil",
+        output_type: str | None = "pil",
         return_dict: bool = True,
         callback_on_step_end=None,
-        callback_on_step_end_tensor_inputs=("latents",),
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+        *,
+        map=None,
+        invert_map: bool = False,
+        keep_exact: bool = False,
         **kwargs,
     ):
         r"""
+        Takes every argument of [`KandinskyV22Img2ImgPipeline.__call__`], in its order and with its defaults (except
+        `strength`), then `map`, `invert_map` and `keep_exact`, which must be passed by name.
+
         Args:
             image_embeds (`torch.Tensor` of shape `(batch_size, embedding_dim)`, or a list of them):
                 The CLIP image embeddings of the prompt(s), from [`KandinskyV22PriorPipeline`]: the edit's target.
@@ -290,22 +302,6 @@ class KandinskyV22DiffImg2ImgPipeline(KandinskyV22Img2ImgPipeline):
             negative_image_embeds (`torch.Tensor` of shape `(batch_size, embedding_dim)`, or a list of them):
                 The unconditional embeddings for classifier-free guidance, from the same prior run (its
                 `negative_image_embeds`: the embedding of the negative prompt, or of an empty image without one).
-            map (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor` or a list of them, values in [0, 1], white = keep):
-                How much each pixel may change. 1 (white) keeps the pixel, 0 (black) changes it fully: a pixel's
-                strength is `1 - map`. Grayscale PIL images of mode L or I;16 work as they are; float arrays must lie
-                in [0, 1]. One map for all images, or one per image. It is stretched to `height` x `width` with its
-                image and area-averaged down to the MoVQ latent grid (`height / 8` x `width / 8` for Kandinsky 2.2),
-                so it may have any size with the image's aspect ratio, or with the aspect ratio of `height` x `width`.
-            strength (`float`, *optional*, defaults to 1.0):
-                Scales every pixel's strength: `s = strength * (1 - map)`. With a uniform map this is stock
-                img2img's `strength` (whose default is 0.3).
-            invert_map (`bool`, *optional*, defaults to `False`):
-                Read `map` the other way round, white = change, as inpainting masks and some UIs do.
-            keep_exact (`bool`, *optional*, defaults to `False`):
-                Composite the input back after decoding: `clamp(T * s, 0, 1) * output + (1 - that) * input`, where
-                the input is the image resized to `height` x `width`. Pixels of strength 0 are then the input's own
-                values instead of its lossy MoVQ round trip, and pixels of strength below 1/T fade in linearly. Off
-                by default, as in the paper.
             height (`int`, *optional*, defaults to 512):
                 Height in pixels of the result, a multiple of `pipe.pixel_multiple` (64 for Kandinsky 2.2, whose UNet
                 needs latents in multiples of 8); `None` keeps the image's own height. Unlike stock diffusers 0.42,
@@ -318,6 +314,9 @@ class KandinskyV22DiffImg2ImgPipeline(KandinskyV22Img2ImgPipeline):
             guidance_scale (`float`, *optional*, defaults to 4.0):
                 Classifier-free guidance scale between `negative_image_embeds` and `image_embeds`; 1 or less turns it
                 off.
+            strength (`float` in [0, 1], *optional*, defaults to 1.0):
+                Scales every pixel's strength: `s = strength * (1 - map)`. With a uniform map this is stock
+                img2img's `strength` (whose default is 0.3).
             num_images_per_prompt (`int`, *optional*, defaults to 1):
                 Images to make per prompt; maps follow their images. As in stock, more than one needs
                 `guidance_scale` > 1.
@@ -331,9 +330,25 @@ class KandinskyV22DiffImg2ImgPipeline(KandinskyV22Img2ImgPipeline):
             callback_on_step_end (`Callable`, `PipelineCallback` or `MultiPipelineCallbacks`, *optional*):
                 Called at the end of every step, after the frozen pixels have been reset, so it sees the latents that
                 the next step will run on. It may return new `latents` or `image_embeds`, as in stock.
-            callback_on_step_end_tensor_inputs (`list[str]`, *optional*):
+            callback_on_step_end_tensor_inputs (`list[str]`, *optional*, defaults to `["latents"]`):
                 The tensors passed to `callback_on_step_end`, among `"latents"`, `"image_embeds"` and
                 `"negative_image_embeds"`, as in stock.
+            map (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor` or a list of them, values in [0, 1], white = keep):
+                How much each pixel may change. 1 (white) keeps the pixel, 0 (black) changes it fully: a pixel's
+                strength is `1 - map`. Grayscale PIL images of mode L or I;16 work as they are; float arrays must lie
+                in [0, 1]. One map for all images, or one per image. It is stretched to `height` x `width` with its
+                image and area-averaged down to the MoVQ latent grid (`height / 8` x `width / 8` for Kandinsky 2.2),
+                so it may have any size with the image's aspect ratio, or with the aspect ratio of `height` x `width`.
+                Required.
+            invert_map (`bool`, *optional*, defaults to `False`):
+                Read `map` the other way round, white = change, as inpainting masks and some UIs do.
+            keep_exact (`bool`, *optional*, defaults to `False`):
+                Composite the input back after decoding: `clamp(T * s, 0, 1) * output + (1 - that) * input`, where
+                the input is the image resized to `height` x `width`. Pixels of strength 0 are then the input's own
+                values instead of its lossy MoVQ round trip, and pixels of strength below 1/T fade in linearly. Off
+                by default, as in the paper.
+            **kwargs:
+                Passed to stock (its deprecated `callback` and `callback_steps`); anything else is refused.
 
         Returns:
             [`ImagePipelineOutput`] or `tuple`, as stock. `pipe.num_timesteps` is the number of denoising steps
@@ -362,8 +377,8 @@ class KandinskyV22DiffImg2ImgPipeline(KandinskyV22Img2ImgPipeline):
             )
         # Stock repeats each image's latents in place (a, a, b, b) for num_images_per_prompt: maps follow.
         release_step = _per_output(release_steps(keep_map, strength, num_inference_steps), num_images_per_prompt)
-        frozen, tensor_inputs = chain_step_end_callback(
-            FrozenPixels(release_step, num_inference_steps), callback_on_step_end, callback_on_step_end_tensor_inputs
+        frozen = FrozenPixels(
+            release_step, num_inference_steps, callback_on_step_end, callback_on_step_end_tensor_inputs
         )
         decoded_type = "pt" if keep_exact else output_type
         self._frozen = frozen
@@ -383,8 +398,9 @@ class KandinskyV22DiffImg2ImgPipeline(KandinskyV22Img2ImgPipeline):
                     num_images_per_prompt=num_images_per_prompt,
                     generator=generator,
                     output_type=decoded_type,
+                    return_dict=True,  # the tuple, if asked for, is made below
                     callback_on_step_end=frozen,
-                    callback_on_step_end_tensor_inputs=tensor_inputs,
+                    callback_on_step_end_tensor_inputs=frozen.step_end_tensor_inputs,
                     **kwargs,
                 )
         finally:

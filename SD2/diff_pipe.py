@@ -179,7 +179,9 @@ class FrozenPixels:
 
     Stock img2img runs the schedule from the first released step on. Before each later step k, this sets the pixels
     with k <= release_step to `add_noise(x0, noise, t_k)`, and after the last step, the pixels never released to
-    `x0`. `x0` and `noise` are the very tensors that stock img2img draws, recorded by `recording_add_noise`.
+    `x0`. `x0` and `noise` are the very tensors that stock img2img draws, recorded by `recording_add_noise`. The
+    user's own step-end `callback` (a function, `PipelineCallback` or `MultiPipelineCallbacks`) runs after the blend
+    and sees its `tensor_inputs`; ask stock for `step_end_tensor_inputs`.
     """
 
     def __init__(self, release_step: torch.Tensor, num_inference_steps: int, callback=None, tensor_inputs=()):
@@ -187,8 +189,15 @@ class FrozenPixels:
         self.num_inference_steps = num_inference_steps
         self.first_step = int(release_step.min())
         self.last_frozen_step = int(release_step.max())
-        self.callback, self.tensor_inputs = callback, list(tensor_inputs)
+        if isinstance(callback, (PipelineCallback, MultiPipelineCallbacks)):
+            tensor_inputs = callback.tensor_inputs  # stock reads a callback object's own list, whatever is passed
+        self.callback, self.tensor_inputs = callback, list(tensor_inputs or [])
         self.x0 = self.noise = None
+
+    @property
+    def step_end_tensor_inputs(self) -> list:
+        """The tensors stock must hand this callback: the latents, and what the user's callback reads."""
+        return sorted(set(self.tensor_inputs) | {"latents"})
 
     @contextmanager
     def recording_add_noise(self, scheduler):
@@ -204,6 +213,13 @@ class FrozenPixels:
             yield
         finally:
             del scheduler.add_noise
+        (height, width), (encoded_height, encoded_width) = self.release_step.shape[-2:], self.x0.shape[-2:]
+        if (height, width) != (encoded_height, encoded_width):
+            raise ValueError(
+                f"The image was encoded to a {encoded_width}x{encoded_height} grid, but the map was sized to "
+                f"{width}x{height} from the VAE's scale factor: give the image a width and height that the VAE's "
+                "scale factor divides."
+            )
         self.release_step = tile_to_batch(self.release_step, self.x0.shape[0]).to(self.x0.device)
 
     def blend(self, scheduler, i: int, latents: torch.Tensor) -> torch.Tensor:
@@ -228,14 +244,6 @@ class FrozenPixels:
         return {"latents": latents, **(self.callback(pipe, i, t, user_kwargs) or {})}
 
 
-def chain_step_end_callback(frozen: FrozenPixels, callback, tensor_inputs):
-    """Puts `frozen` before the user's own step-end callback, which then sees the blended latents."""
-    if isinstance(callback, (PipelineCallback, MultiPipelineCallbacks)):
-        tensor_inputs = callback.tensor_inputs
-    frozen.callback, frozen.tensor_inputs = callback, list(tensor_inputs or [])
-    return frozen, sorted(set(frozen.tensor_inputs) | {"latents"})
-
-
 # Copied from SD2/diff_pipe.py: differential core (end)
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -256,58 +264,96 @@ class StableDiffusionDiffImg2ImgPipeline(StableDiffusionImg2ImgPipeline):
         self,
         prompt=None,
         image=None,
-        map=None,
         strength: float = 1.0,
+        num_inference_steps: int | None = 50,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
+        guidance_scale: float | None = 7.5,
+        negative_prompt=None,
+        num_images_per_prompt: int | None = 1,
+        eta: float | None = 0.0,
+        generator=None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        ip_adapter_image=None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
+        output_type: str | None = "pil",
+        return_dict: bool = True,
+        cross_attention_kwargs: dict | None = None,
+        clip_skip: int | None = None,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+        *,
+        map=None,
         invert_map: bool = False,
         keep_exact: bool = False,
-        num_inference_steps: int = 50,
-        num_images_per_prompt: int = 1,
-        generator=None,
-        output_type: str = "pil",
-        return_dict: bool = True,
-        callback_on_step_end=None,
-        callback_on_step_end_tensor_inputs=("latents",),
         **kwargs,
     ):
         r"""
+        Takes every argument of [`StableDiffusionImg2ImgPipeline.__call__`], in its order and with its defaults
+        (except `strength`), then `map`, `invert_map` and `keep_exact`, which must be passed by name.
+
         Args:
             prompt (`str` or `list[str]`, *optional*):
                 The prompt(s) to guide the edit. Pass `prompt_embeds` instead to skip the text encoder.
             image (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor` or a list of them):
                 The image(s) to edit, in any form stock img2img takes (tensors in [0, 1], or 4-channel latents).
+            strength (`float` in [0, 1], *optional*, defaults to 1.0):
+                Scales every pixel's strength: `s = strength * (1 - map)`. With a uniform map this is stock
+                img2img's `strength` (whose default is 0.8); 0 changes nothing.
+            num_inference_steps (`int`, *optional*, defaults to 50):
+                The length T of the full schedule. Only the steps from the first released pixel on are run:
+                `floor(T * max(s))` UNet steps.
+            timesteps (`list[int]`, *optional*):
+                A custom schedule, as in stock; T is then its length.
+            sigmas (`list[float]`, *optional*):
+                A custom schedule of sigmas, as in stock; T is then its length.
+            guidance_scale (`float`, *optional*, defaults to 7.5):
+                Classifier-free guidance scale, as in stock; 1 or less turns guidance off.
+            negative_prompt (`str` or `list[str]`, *optional*):
+                As in stock.
+            num_images_per_prompt (`int`, *optional*, defaults to 1):
+                Images to make per prompt; maps follow their images.
+            eta (`float`, *optional*, defaults to 0.0):
+                DDIM's eta, as in stock.
+            generator (`torch.Generator` or `list[torch.Generator]`, *optional*):
+                Used in the same order as stock img2img (VAE sample, then noise), so a seed gives the same result.
+            prompt_embeds (`torch.Tensor`, *optional*):
+                As in stock.
+            negative_prompt_embeds (`torch.Tensor`, *optional*):
+                As in stock.
+            ip_adapter_image (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor` or a list of them, *optional*):
+                The IP-Adapter image(s), as in stock (after `load_ip_adapter`).
+            ip_adapter_image_embeds (`list[torch.Tensor]`, *optional*):
+                Precomputed IP-Adapter image embeddings, as in stock.
+            output_type (`str`, *optional*, defaults to `"pil"`):
+                `"pil"`, `"np"`, `"pt"` or `"latent"`.
+            return_dict (`bool`, *optional*, defaults to `True`):
+                Return a [`StableDiffusionPipelineOutput`] rather than a tuple.
+            cross_attention_kwargs (`dict`, *optional*):
+                Passed to the attention processors, as in stock (for example `{"scale": 0.5}` for a LoRA).
+            clip_skip (`int`, *optional*):
+                Layers of CLIP to skip, as in stock.
+            callback_on_step_end (`Callable`, `PipelineCallback` or `MultiPipelineCallbacks`, *optional*):
+                Called at the end of every step that runs, after the frozen pixels have been reset, so it sees the
+                latents that the next step will run on. It may set `pipe._interrupt` or change `pipe._guidance_scale`
+                as in stock.
+            callback_on_step_end_tensor_inputs (`list[str]`, *optional*, defaults to `["latents"]`):
+                The tensors passed to `callback_on_step_end`, as in stock.
             map (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor` or a list of them, values in [0, 1], white = keep):
                 How much each pixel may change. 1 (white) keeps the pixel, 0 (black) changes it fully: a pixel's
                 strength is `1 - map`. Grayscale PIL images of mode L or I;16 work as they are; float arrays must lie
                 in [0, 1]. One map for all images, or one per image; any size with the image's aspect ratio
-                (it is area-averaged down to the latent grid).
-            strength (`float`, *optional*, defaults to 1.0):
-                Scales every pixel's strength: `s = strength * (1 - map)`. With a uniform map this is stock
-                img2img's `strength`.
+                (it is area-averaged down to the latent grid). Required.
             invert_map (`bool`, *optional*, defaults to `False`):
                 Read `map` the other way round, white = change, as inpainting masks and some UIs do.
             keep_exact (`bool`, *optional*, defaults to `False`):
                 Composite the input back after decoding: `clamp(T * s, 0, 1) * output + (1 - that) * input`. Pixels
                 of strength 0 are then the input's own values instead of its lossy VAE round trip, and pixels of
-                strength below 1/T fade in linearly. Off by default, as in the paper.
-            num_inference_steps (`int`, *optional*, defaults to 50):
-                The length T of the full schedule. Only the steps from the first released pixel on are run:
-                `floor(T * max(s))` UNet steps.
-            num_images_per_prompt (`int`, *optional*, defaults to 1):
-                Images to make per prompt; maps follow their images.
-            generator (`torch.Generator` or `list[torch.Generator]`, *optional*):
-                Used in the same order as stock img2img (VAE sample, then noise), so a seed gives the same result.
-            output_type (`str`, *optional*, defaults to `"pil"`):
-                `"pil"`, `"np"`, `"pt"` or `"latent"`.
-            return_dict (`bool`, *optional*, defaults to `True`):
-                Return a [`StableDiffusionPipelineOutput`] rather than a tuple.
-            callback_on_step_end (`Callable`, `PipelineCallback` or `MultiPipelineCallbacks`, *optional*):
-                Called at the end of every step, after the frozen pixels have been reset, so it sees the latents that
-                the next step will run on.
-            callback_on_step_end_tensor_inputs (`list[str]`, *optional*):
-                The tensors passed to `callback_on_step_end`, as in stock.
+                strength below 1/T fade in linearly. Off by default, as in the paper. Needs pixels as `image` and an
+                `output_type` other than `"latent"`.
             **kwargs:
-                Every other argument of [`StableDiffusionImg2ImgPipeline.__call__`] (`guidance_scale`,
-                `negative_prompt`, `prompt_embeds`, `eta`, `ip_adapter_image`, `cross_attention_kwargs`, ...).
+                Passed to stock (its deprecated `callback` and `callback_steps`).
 
         Returns:
             [`StableDiffusionPipelineOutput`] or `tuple`, as stock. `pipe.num_timesteps` is the number of denoising
@@ -317,13 +363,10 @@ class StableDiffusionDiffImg2ImgPipeline(StableDiffusionImg2ImgPipeline):
             raise ValueError("Pass both `image` and `map`.")
         if not isinstance(num_inference_steps, numbers.Integral) or num_inference_steps < 1:
             raise ValueError(f"`num_inference_steps` must be a positive integer, not {num_inference_steps}.")
-        self.check_inputs(
-            prompt, strength, None, kwargs.get("negative_prompt"), kwargs.get("prompt_embeds"),
-            kwargs.get("negative_prompt_embeds"),
-        )
-        for schedule in ("timesteps", "sigmas"):
-            if kwargs.get(schedule) is not None:
-                num_inference_steps = len(kwargs[schedule])
+        self.check_inputs(prompt, strength, None, negative_prompt, prompt_embeds, negative_prompt_embeds)
+        for schedule in (timesteps, sigmas):
+            if schedule is not None:
+                num_inference_steps = len(schedule)
 
         pixels = self.image_processor.preprocess(image)
         image_is_latents = pixels.shape[1] == self.vae.config.latent_channels
@@ -333,32 +376,47 @@ class StableDiffusionDiffImg2ImgPipeline(StableDiffusionImg2ImgPipeline):
                 '`output_type` other than "latent".'
             )
         pixel_grid = tuple(pixels.shape[-2:])
-        latent_grid = pixel_grid if image_is_latents else tuple(n // self.vae_scale_factor for n in pixel_grid)
+        # `vae_scale_factor` is set at construction and goes stale when `pipe.vae` is swapped afterwards (for an
+        # AutoencoderTiny, say): the grid comes from the VAE attached now, and the core checks it against x0.
+        scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        latent_grid = pixel_grid if image_is_latents else tuple(n // scale for n in pixel_grid)
         keep_map = prepare_keep_map(map, latent_grid, invert_map)
         if keep_map.shape[0] not in (1, pixels.shape[0]):
             raise ValueError(
                 f"Got {keep_map.shape[0]} maps for {pixels.shape[0]} images: pass one map, or one map per image."
             )
         release_step = release_steps(keep_map, strength, num_inference_steps)
-        frozen, tensor_inputs = chain_step_end_callback(
-            FrozenPixels(release_step, num_inference_steps), callback_on_step_end, callback_on_step_end_tensor_inputs
+        frozen = FrozenPixels(
+            release_step, num_inference_steps, callback_on_step_end, callback_on_step_end_tensor_inputs
         )
         decoded_type = "pt" if keep_exact else output_type
         self._frozen = frozen
         try:
             if frozen.first_step == num_inference_steps:
-                output = self._unchanged(prompt, pixels, num_images_per_prompt, generator, decoded_type, kwargs)
+                output = self._unchanged(prompt, prompt_embeds, pixels, num_images_per_prompt, generator, decoded_type)
             else:
                 output = super().__call__(
                     prompt=prompt,
                     image=image,
                     strength=stock_strength(num_inference_steps - frozen.first_step, num_inference_steps),
                     num_inference_steps=num_inference_steps,
+                    timesteps=timesteps,
+                    sigmas=sigmas,
+                    guidance_scale=guidance_scale,
+                    negative_prompt=negative_prompt,
                     num_images_per_prompt=num_images_per_prompt,
+                    eta=eta,
                     generator=generator,
+                    prompt_embeds=prompt_embeds,
+                    negative_prompt_embeds=negative_prompt_embeds,
+                    ip_adapter_image=ip_adapter_image,
+                    ip_adapter_image_embeds=ip_adapter_image_embeds,
                     output_type=decoded_type,
+                    return_dict=True,  # the tuple, if asked for, is made below
+                    cross_attention_kwargs=cross_attention_kwargs,
+                    clip_skip=clip_skip,
                     callback_on_step_end=frozen,
-                    callback_on_step_end_tensor_inputs=tensor_inputs,
+                    callback_on_step_end_tensor_inputs=frozen.step_end_tensor_inputs,
                     **kwargs,
                 )
         finally:
@@ -378,10 +436,9 @@ class StableDiffusionDiffImg2ImgPipeline(StableDiffusionImg2ImgPipeline):
         with self._frozen.recording_add_noise(self.scheduler):
             return super().prepare_latents(*args, **kwargs)
 
-    def _unchanged(self, prompt, pixels, num_images_per_prompt, generator, output_type, kwargs):
+    def _unchanged(self, prompt, prompt_embeds, pixels, num_images_per_prompt, generator, output_type):
         # No pixel is released, so no step runs: the result is x0, as at every kept pixel of a run.
         device, dtype = self._execution_device, self.vae.dtype
-        prompt_embeds = kwargs.get("prompt_embeds")
         batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
         self.scheduler.set_timesteps(self._frozen.num_inference_steps, device=device)
         timestep = self.scheduler.timesteps[-1:].repeat(batch_size * num_images_per_prompt)

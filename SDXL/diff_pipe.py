@@ -193,7 +193,9 @@ class FrozenPixels:
 
     Stock img2img runs the schedule from the first released step on. Before each later step k, this sets the pixels
     with k <= release_step to `add_noise(x0, noise, t_k)`, and after the last step, the pixels never released to
-    `x0`. `x0` and `noise` are the very tensors that stock img2img draws, recorded by `recording_add_noise`.
+    `x0`. `x0` and `noise` are the very tensors that stock img2img draws, recorded by `recording_add_noise`. The
+    user's own step-end `callback` (a function, `PipelineCallback` or `MultiPipelineCallbacks`) runs after the blend
+    and sees its `tensor_inputs`; ask stock for `step_end_tensor_inputs`.
     """
 
     def __init__(self, release_step: torch.Tensor, num_inference_steps: int, callback=None, tensor_inputs=()):
@@ -201,8 +203,15 @@ class FrozenPixels:
         self.num_inference_steps = num_inference_steps
         self.first_step = int(release_step.min())
         self.last_frozen_step = int(release_step.max())
-        self.callback, self.tensor_inputs = callback, list(tensor_inputs)
+        if isinstance(callback, (PipelineCallback, MultiPipelineCallbacks)):
+            tensor_inputs = callback.tensor_inputs  # stock reads a callback object's own list, whatever is passed
+        self.callback, self.tensor_inputs = callback, list(tensor_inputs or [])
         self.x0 = self.noise = None
+
+    @property
+    def step_end_tensor_inputs(self) -> list:
+        """The tensors stock must hand this callback: the latents, and what the user's callback reads."""
+        return sorted(set(self.tensor_inputs) | {"latents"})
 
     @contextmanager
     def recording_add_noise(self, scheduler):
@@ -218,6 +227,13 @@ class FrozenPixels:
             yield
         finally:
             del scheduler.add_noise
+        (height, width), (encoded_height, encoded_width) = self.release_step.shape[-2:], self.x0.shape[-2:]
+        if (height, width) != (encoded_height, encoded_width):
+            raise ValueError(
+                f"The image was encoded to a {encoded_width}x{encoded_height} grid, but the map was sized to "
+                f"{width}x{height} from the VAE's scale factor: give the image a width and height that the VAE's "
+                "scale factor divides."
+            )
         self.release_step = tile_to_batch(self.release_step, self.x0.shape[0]).to(self.x0.device)
 
     def blend(self, scheduler, i: int, latents: torch.Tensor) -> torch.Tensor:
@@ -240,14 +256,6 @@ class FrozenPixels:
         if "latents" in user_kwargs:
             user_kwargs["latents"] = latents
         return {"latents": latents, **(self.callback(pipe, i, t, user_kwargs) or {})}
-
-
-def chain_step_end_callback(frozen: FrozenPixels, callback, tensor_inputs):
-    """Puts `frozen` before the user's own step-end callback, which then sees the blended latents."""
-    if isinstance(callback, (PipelineCallback, MultiPipelineCallbacks)):
-        tensor_inputs = callback.tensor_inputs
-    frozen.callback, frozen.tensor_inputs = callback, list(tensor_inputs or [])
-    return frozen, sorted(set(frozen.tensor_inputs) | {"latents"})
 
 
 # Copied from SD2/diff_pipe.py: differential core (end)
@@ -281,66 +289,95 @@ class StableDiffusionXLDiffImg2ImgPipeline(StableDiffusionXLImg2ImgPipeline):
     def __call__(
         self,
         prompt=None,
+        prompt_2=None,
         image=None,
-        map=None,
-        original_image=None,
         strength: float = 1.0,
-        invert_map: bool = False,
-        keep_exact: bool = False,
         num_inference_steps: int = 50,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
         denoising_start: float | None = None,
         denoising_end: float | None = None,
-        num_images_per_prompt: int = 1,
+        guidance_scale: float = 5.0,
+        negative_prompt=None,
+        negative_prompt_2=None,
+        num_images_per_prompt: int | None = 1,
+        eta: float = 0.0,
         generator=None,
         latents: torch.Tensor | None = None,
-        noise: torch.Tensor | None = None,
-        output_type: str = "pil",
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        ip_adapter_image=None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
+        output_type: str | None = "pil",
         return_dict: bool = True,
+        cross_attention_kwargs: dict | None = None,
+        guidance_rescale: float = 0.0,
+        original_size: tuple[int, int] = None,
+        crops_coords_top_left: tuple[int, int] = (0, 0),
+        target_size: tuple[int, int] = None,
+        negative_original_size: tuple[int, int] | None = None,
+        negative_crops_coords_top_left: tuple[int, int] = (0, 0),
+        negative_target_size: tuple[int, int] | None = None,
+        aesthetic_score: float = 6.0,
+        negative_aesthetic_score: float = 2.5,
+        clip_skip: int | None = None,
         callback_on_step_end=None,
-        callback_on_step_end_tensor_inputs=("latents",),
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+        *,
+        map=None,
+        invert_map: bool = False,
+        keep_exact: bool = False,
+        original_image=None,
+        noise: torch.Tensor | None = None,
         **kwargs,
     ):
         r"""
+        Takes every argument of [`StableDiffusionXLImg2ImgPipeline.__call__`], in its order and with its defaults
+        (except `strength`), then `map`, `invert_map`, `keep_exact`, `original_image` and `noise`, which must be
+        passed by name.
+
         Args:
             prompt (`str` or `list[str]`, *optional*):
                 The prompt(s) to guide the edit. Pass `prompt_embeds` and `pooled_prompt_embeds` instead to skip the
                 text encoders.
+            prompt_2 (`str` or `list[str]`, *optional*):
+                The prompt(s) for the second text encoder, as in stock.
             image (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor` or a list of them):
                 The image(s) to edit, in any form stock img2img takes (PIL images, arrays or tensors in [0, 1], or
                 4-channel latents). With `denoising_start` (the refiner): the latents to continue from, that is the
                 base's output with `output_type="latent"`.
-            map (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor` or a list of them, values in [0, 1], white = keep):
-                How much each pixel may change. 1 (white) keeps the pixel, 0 (black) changes it fully: a pixel's
-                strength is `1 - map`. Grayscale PIL images of mode L or I;16 work as they are; float arrays must lie
-                in [0, 1]. One map for all images, or one per image; any size with the image's aspect ratio
-                (it is area-averaged down to the latent grid). Give the refiner the base's map.
-            original_image (same types as `image`, *optional*, defaults to `image`):
-                The image being edited, whose encoding x0 the frozen pixels keep. Only needed with `denoising_start`,
-                where `image` holds latents; 4-channel latents are taken as x0 itself.
-            strength (`float`, *optional*, defaults to 1.0):
+            strength (`float` in [0, 1], *optional*, defaults to 1.0):
                 Scales every pixel's strength: `s = strength * (1 - map)`. With a uniform map this is stock
-                img2img's `strength`. Unlike stock, the refiner uses it too: give both stages the same value.
-            invert_map (`bool`, *optional*, defaults to `False`):
-                Read `map` the other way round, white = change, as inpainting masks and some UIs do.
-            keep_exact (`bool`, *optional*, defaults to `False`):
-                Composite the input back after decoding: `clamp(T * s, 0, 1) * output + (1 - that) * input`. Pixels
-                of strength 0 are then the input's own values instead of their lossy VAE round trip, and pixels of
-                strength below 1/T fade in linearly. Off by default, as in the paper. It applies to the call that
-                ends the schedule (the refiner, which composites `original_image`), not to one with `denoising_end`.
+                img2img's `strength` (whose default is 0.3). Unlike stock, the refiner uses it too: give both stages
+                the same value.
             num_inference_steps (`int`, *optional*, defaults to 50):
                 The length T of the full schedule, shared by base and refiner. A pixel of strength s is released at
                 step `T - floor(T * s)`; only the steps from the first released pixel on are run.
-            denoising_start (`float`, *optional*):
+            timesteps (`list[int]`, *optional*):
+                A custom schedule, as in stock; T is then its length.
+            sigmas (`list[float]`, *optional*):
+                A custom schedule of sigmas, as in stock; T is then its length.
+            denoising_start (`float` in (0, 1), *optional*):
                 Start this call at this fraction of the schedule, continuing from the latents in `image`, as stock
                 does (the refiner). Pixels released later than the start are frozen there on the noised original.
                 If no pixel is released by the start, the call starts afresh at the first release, from the
                 original, and `image` goes unused.
-            denoising_end (`float`, *optional*):
+            denoising_end (`float` in (0, 1), *optional*):
                 End this call at this fraction of the schedule, as stock does (the base, with
                 `output_type="latent"`). The latents returned are those before the next step: pixels still frozen
                 hold the noised original there, and kept pixels are not yet x0.
+            guidance_scale (`float`, *optional*, defaults to 5.0):
+                Classifier-free guidance scale, as in stock; 1 or less turns guidance off.
+            negative_prompt (`str` or `list[str]`, *optional*):
+                As in stock.
+            negative_prompt_2 (`str` or `list[str]`, *optional*):
+                As in stock.
             num_images_per_prompt (`int`, *optional*, defaults to 1):
                 Images to make per prompt; maps follow their images.
+            eta (`float`, *optional*, defaults to 0.0):
+                DDIM's eta, as in stock.
             generator (`torch.Generator` or `list[torch.Generator]`, *optional*):
                 Used in the same order as stock img2img: the VAE sample of x0, then the noise. The refiner draws both
                 again, so give it a generator seeded as the base's was (a new `torch.Generator().manual_seed(seed)`,
@@ -352,31 +389,86 @@ class StableDiffusionXLDiffImg2ImgPipeline(StableDiffusionXLImg2ImgPipeline):
                 take them: the others are frozen on `add_noise(x0, noise, t)`, with `noise` as below, and x0 and
                 `noise` are drawn just as without `latents`. With a uniform map, the result is stock's with the
                 same `latents`.
-            noise (`torch.Tensor`, same shape as `latents`, *optional*):
-                The noise of the noised original `add_noise(x0, noise, t)`. Defaults to the noise stock img2img draws
-                from `generator`. Pass the same tensor to base and refiner to tie them without a seed (give x0 as
-                4-channel `image` / `original_image` to fix it too).
+            prompt_embeds (`torch.Tensor`, *optional*):
+                As in stock.
+            negative_prompt_embeds (`torch.Tensor`, *optional*):
+                As in stock.
+            pooled_prompt_embeds (`torch.Tensor`, *optional*):
+                As in stock.
+            negative_pooled_prompt_embeds (`torch.Tensor`, *optional*):
+                As in stock.
+            ip_adapter_image (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor` or a list of them, *optional*):
+                The IP-Adapter image(s), as in stock (after `load_ip_adapter`).
+            ip_adapter_image_embeds (`list[torch.Tensor]`, *optional*):
+                Precomputed IP-Adapter image embeddings, as in stock.
             output_type (`str`, *optional*, defaults to `"pil"`):
                 `"pil"`, `"np"`, `"pt"` or `"latent"`.
             return_dict (`bool`, *optional*, defaults to `True`):
                 Return a [`StableDiffusionXLPipelineOutput`] rather than a tuple.
+            cross_attention_kwargs (`dict`, *optional*):
+                Passed to the attention processors, as in stock (for example `{"scale": 0.5}` for a LoRA).
+            guidance_rescale (`float`, *optional*, defaults to 0.0):
+                As in stock.
+            original_size (`tuple[int, int]`, *optional*):
+                SDXL's size conditioning, as in stock.
+            crops_coords_top_left (`tuple[int, int]`, *optional*, defaults to (0, 0)):
+                As in stock.
+            target_size (`tuple[int, int]`, *optional*):
+                As in stock.
+            negative_original_size (`tuple[int, int]`, *optional*):
+                As in stock.
+            negative_crops_coords_top_left (`tuple[int, int]`, *optional*, defaults to (0, 0)):
+                As in stock.
+            negative_target_size (`tuple[int, int]`, *optional*):
+                As in stock.
+            aesthetic_score (`float`, *optional*, defaults to 6.0):
+                The refiner's aesthetic conditioning, as in stock.
+            negative_aesthetic_score (`float`, *optional*, defaults to 2.5):
+                As in stock.
+            clip_skip (`int`, *optional*):
+                Layers of CLIP to skip, as in stock.
             callback_on_step_end (`Callable`, `PipelineCallback` or `MultiPipelineCallbacks`, *optional*):
-                Called at the end of every step, after the frozen pixels have been reset, so it sees the latents that
-                the next step will run on.
-            callback_on_step_end_tensor_inputs (`list[str]`, *optional*):
+                Called at the end of every step that runs, after the frozen pixels have been reset, so it sees the
+                latents that the next step will run on. It may set `pipe._interrupt` or change `pipe._guidance_scale`
+                as in stock.
+            callback_on_step_end_tensor_inputs (`list[str]`, *optional*, defaults to `["latents"]`):
                 The tensors passed to `callback_on_step_end`, as in stock.
+            map (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor` or a list of them, values in [0, 1], white = keep):
+                How much each pixel may change. 1 (white) keeps the pixel, 0 (black) changes it fully: a pixel's
+                strength is `1 - map`. Grayscale PIL images of mode L or I;16 work as they are; float arrays must lie
+                in [0, 1]. One map for all images, or one per image; any size with the image's aspect ratio
+                (it is area-averaged down to the latent grid). Give the refiner the base's map. Required.
+            invert_map (`bool`, *optional*, defaults to `False`):
+                Read `map` the other way round, white = change, as inpainting masks and some UIs do.
+            keep_exact (`bool`, *optional*, defaults to `False`):
+                Composite the input back after decoding: `clamp(T * s, 0, 1) * output + (1 - that) * input`. Pixels
+                of strength 0 are then the input's own values instead of their lossy VAE round trip, and pixels of
+                strength below 1/T fade in linearly. Off by default, as in the paper. It applies to the call that
+                ends the schedule (the refiner, which composites `original_image`), not to one with `denoising_end`.
+            original_image (same types as `image`, *optional*, defaults to `image`):
+                The image being edited, whose encoding x0 the frozen pixels keep. Only needed with `denoising_start`,
+                where `image` holds latents; 4-channel latents are taken as x0 itself.
+            noise (`torch.Tensor`, same shape as `latents`, *optional*):
+                The noise of the noised original `add_noise(x0, noise, t)`. Defaults to the noise stock img2img draws
+                from `generator`. Pass the same tensor to base and refiner to tie them without a seed (give x0 as
+                4-channel `image` / `original_image` to fix it too).
             **kwargs:
-                Every other argument of [`StableDiffusionXLImg2ImgPipeline.__call__`] (`guidance_scale`,
-                `negative_prompt`, `prompt_2`, `prompt_embeds`, `aesthetic_score`, `ip_adapter_image`, ...).
+                Passed to stock (its deprecated `callback` and `callback_steps`).
 
         Returns:
             [`StableDiffusionXLPipelineOutput`] or `tuple`, as stock. `pipe.num_timesteps` is the number of denoising
             steps this call actually ran.
         """
         num_inference_steps = self._check_differential_inputs(
-            prompt, image, map, original_image, strength, keep_exact, num_inference_steps, denoising_start,
-            denoising_end, output_type, kwargs,
+            image, map, original_image, keep_exact, num_inference_steps, denoising_start, denoising_end, output_type
         )
+        self.check_inputs(
+            prompt, prompt_2, strength, num_inference_steps, None, negative_prompt, negative_prompt_2, prompt_embeds,
+            negative_prompt_embeds, ip_adapter_image, ip_adapter_image_embeds,
+        )
+        for schedule in (timesteps, sigmas):
+            if schedule is not None:
+                num_inference_steps = len(schedule)
         continuing = is_fraction(denoising_start)
         if original_image is None:
             original_image = image
@@ -390,9 +482,10 @@ class StableDiffusionXLDiffImg2ImgPipeline(StableDiffusionXLImg2ImgPipeline):
                 f"Got {keep_map.shape[0]} maps for {original.shape[0]} images: pass one map, or one map per image."
             )
         release_step = release_steps(keep_map, strength, num_inference_steps)
-        stage_start, stage_end = self._stage_bounds(num_inference_steps, denoising_start, denoising_end, kwargs)
-        frozen, tensor_inputs = chain_step_end_callback(
-            FrozenPixels(release_step, num_inference_steps), callback_on_step_end, callback_on_step_end_tensor_inputs
+        stage_start, stage_end = self._stage_bounds(num_inference_steps, timesteps, sigmas, denoising_start,
+                                                    denoising_end)
+        frozen = FrozenPixels(
+            release_step, num_inference_steps, callback_on_step_end, callback_on_step_end_tensor_inputs
         )
         # After a handoff, `image` holds the base's work only if some pixel was released before it; if none was,
         # this call starts afresh at the first release, on the original, as the base would have.
@@ -409,21 +502,48 @@ class StableDiffusionXLDiffImg2ImgPipeline(StableDiffusionXLImg2ImgPipeline):
         try:
             if frozen.first_step >= stage_end:
                 output = self._without_steps(
-                    prompt, image, continuing, stage_end, num_images_per_prompt, generator, decoded_type, kwargs
+                    prompt, prompt_embeds, image, continuing, stage_end, num_images_per_prompt, generator,
+                    decoded_type,
                 )
             else:
                 output = super().__call__(
                     prompt=prompt,
+                    prompt_2=prompt_2,
                     **self._where_to_start(
                         image, original_image, continuing, strength, denoising_start, num_inference_steps
                     ),
                     num_inference_steps=num_inference_steps,
+                    timesteps=timesteps,
+                    sigmas=sigmas,
                     denoising_end=denoising_end,
+                    guidance_scale=guidance_scale,
+                    negative_prompt=negative_prompt,
+                    negative_prompt_2=negative_prompt_2,
                     num_images_per_prompt=num_images_per_prompt,
+                    eta=eta,
                     generator=generator,
+                    latents=None,  # stock would skip prepare_latents, where `latents` join the frozen pixels
+                    prompt_embeds=prompt_embeds,
+                    negative_prompt_embeds=negative_prompt_embeds,
+                    pooled_prompt_embeds=pooled_prompt_embeds,
+                    negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+                    ip_adapter_image=ip_adapter_image,
+                    ip_adapter_image_embeds=ip_adapter_image_embeds,
                     output_type=decoded_type,
+                    return_dict=True,  # the tuple, if asked for, is made below
+                    cross_attention_kwargs=cross_attention_kwargs,
+                    guidance_rescale=guidance_rescale,
+                    original_size=original_size,
+                    crops_coords_top_left=crops_coords_top_left,
+                    target_size=target_size,
+                    negative_original_size=negative_original_size,
+                    negative_crops_coords_top_left=negative_crops_coords_top_left,
+                    negative_target_size=negative_target_size,
+                    aesthetic_score=aesthetic_score,
+                    negative_aesthetic_score=negative_aesthetic_score,
+                    clip_skip=clip_skip,
                     callback_on_step_end=frozen,
-                    callback_on_step_end_tensor_inputs=tensor_inputs,
+                    callback_on_step_end_tensor_inputs=frozen.step_end_tensor_inputs,
                     **kwargs,
                 )
         finally:
@@ -500,14 +620,13 @@ class StableDiffusionXLDiffImg2ImgPipeline(StableDiffusionXLImg2ImgPipeline):
             )
         return tensor.to(device=x0.device, dtype=x0.dtype)
 
-    def _without_steps(self, prompt, image, continuing, stage_end, num_images_per_prompt, generator, output_type,
-                       kwargs):
+    def _without_steps(self, prompt, prompt_embeds, image, continuing, stage_end, num_images_per_prompt, generator,
+                       output_type):
         # No pixel is released within this call, so no step runs (stock cannot do that). The result is what the
         # latents are before step `stage_end`: frozen pixels hold the noised original, or x0 at the end of the
         # schedule, and pixels released earlier (by the base) keep `image` or `latents`.
         frozen = self._stage.frozen
         device, dtype = self._execution_device, self.unet.dtype
-        prompt_embeds = kwargs.get("prompt_embeds")
         batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
         schedule = self.scheduler.timesteps  # set by _stage_bounds
         at_the_end = stage_end == frozen.num_inference_steps
@@ -549,12 +668,14 @@ class StableDiffusionXLDiffImg2ImgPipeline(StableDiffusionXLImg2ImgPipeline):
     def _latent_grid(self, pixels) -> tuple:
         if pixels.shape[1] == self.vae.config.latent_channels:
             return tuple(pixels.shape[-2:])
-        return tuple(n // self.vae_scale_factor for n in pixels.shape[-2:])
+        # `vae_scale_factor` is set at construction and goes stale when `pipe.vae` is swapped afterwards (for an
+        # AutoencoderTiny, say): the grid comes from the VAE attached now, and the core checks it against x0.
+        scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return tuple(n // scale for n in pixels.shape[-2:])
 
-    def _stage_bounds(self, num_inference_steps, denoising_start, denoising_end, kwargs):
+    def _stage_bounds(self, num_inference_steps, timesteps, sigmas, denoising_start, denoising_end):
         """This call's first step and end step (exclusive) on the schedule of T steps, cut where stock cuts it."""
-        device = self._execution_device
-        retrieve_timesteps(self.scheduler, num_inference_steps, device, kwargs.get("timesteps"), kwargs.get("sigmas"))
+        retrieve_timesteps(self.scheduler, num_inference_steps, self._execution_device, timesteps, sigmas)
         schedule, train_steps = self.scheduler.timesteps, self.scheduler.config.num_train_timesteps
 
         def steps_before(fraction):
@@ -566,20 +687,12 @@ class StableDiffusionXLDiffImg2ImgPipeline(StableDiffusionXLImg2ImgPipeline):
         end = steps_before(denoising_end) if is_fraction(denoising_end) else num_inference_steps
         return start, end
 
-    def _check_differential_inputs(self, prompt, image, map, original_image, strength, keep_exact,
-                                   num_inference_steps, denoising_start, denoising_end, output_type, kwargs):
+    def _check_differential_inputs(self, image, map, original_image, keep_exact, num_inference_steps, denoising_start,
+                                   denoising_end, output_type):
         if image is None or map is None:
             raise ValueError("Pass both `image` and `map`.")
         if not isinstance(num_inference_steps, numbers.Integral) or num_inference_steps < 1:
             raise ValueError(f"`num_inference_steps` must be a positive integer, not {num_inference_steps}.")
-        self.check_inputs(
-            prompt, kwargs.get("prompt_2"), strength, int(num_inference_steps), None, kwargs.get("negative_prompt"),
-            kwargs.get("negative_prompt_2"), kwargs.get("prompt_embeds"), kwargs.get("negative_prompt_embeds"),
-            kwargs.get("ip_adapter_image"), kwargs.get("ip_adapter_image_embeds"),
-        )
-        for schedule in ("timesteps", "sigmas"):
-            if kwargs.get(schedule) is not None:
-                num_inference_steps = len(kwargs[schedule])
         if is_fraction(denoising_start) and is_fraction(denoising_end) and denoising_start >= denoising_end:
             raise ValueError(
                 f"`denoising_start` ({denoising_start}) must be smaller than `denoising_end` ({denoising_end})."

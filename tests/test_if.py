@@ -34,6 +34,17 @@ MAP_SIZE = 64
 NO_CLEANING = dict(clean_caption=False)  # caption cleaning needs bs4 and ftfy, which the tests do not need
 
 
+# Batched and single runs add the same float32 products in other orders (other kernel shapes). Sums of ~1e3 terms
+# then differ by up to ~1e3 * 2**-24, about 1e-4 of their magnitude, which is also far below what a map applied to
+# the wrong item would change.
+BATCH_RTOL = 1e-4
+
+
+def assert_close_to_single_run(batched, alone):
+    batched, alone = np.asarray(batched), np.asarray(alone)
+    np.testing.assert_allclose(batched, alone, rtol=BATCH_RTOL, atol=BATCH_RTOL * np.abs(alone).max())
+
+
 @pytest.fixture(scope="module")
 def stage1_components():
     return if_stage1_components()
@@ -102,7 +113,7 @@ def test_stage1_uniform_map_is_stock_img2img(stage1_components, scheduler, stren
         ours.scheduler = copy.deepcopy(stock.scheduler)
         keep_map = np.full((MAP_SIZE, MAP_SIZE), keep, np.float32)
         result = ours(PROMPT, map=keep_map, strength=global_strength, generator=seeded_generator(), **run).images
-        assert (result - expected).abs().max() <= 1e-6
+        assert torch.equal(result, expected)
         assert ours.num_timesteps == int(8 * strength)
 
 
@@ -115,7 +126,7 @@ def test_stage2_uniform_map_is_stock_super_resolution(stage2_components, strengt
     keep_map = np.full((MAP_SIZE, MAP_SIZE), 1 - strength, np.float32)
     result = ours(map=keep_map, generator=seeded_generator(), **run).images
     assert result.shape == (1, 3, IF_STAGE2_SIZE, IF_STAGE2_SIZE)
-    assert (result - expected).abs().max() <= 1e-6
+    assert torch.equal(result, expected)
     assert ours.num_timesteps == int(6 * strength)
 
 
@@ -292,7 +303,7 @@ def test_stage1_images_and_copies_each_equal_their_own_run(stage1_components):
         for j in range(2):
             alone = ours(prompts[i], image=images[i], map=maps[i], generator=seeded_generator(seeds[i][j]),
                          **run).images[0]
-            assert (batch[2 * i + j] - alone).abs().max() <= 1e-5
+            assert_close_to_single_run(batch[2 * i + j], alone)
 
 
 def test_one_map_is_shared_by_a_batch(stage1_components):
@@ -319,7 +330,7 @@ def test_stage2_images_and_copies_each_equal_their_own_run(stage2_components):
         for j in range(2):
             alone = ours(**inputs[i], map=maps[i], prompt=prompts[i], generator=seeded_generator(seeds[i][j]),
                          **run).images[0]
-            assert (batch[2 * i + j] - alone).abs().max() <= 1e-5
+            assert_close_to_single_run(batch[2 * i + j], alone)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -15,6 +15,17 @@ PROMPT = "a red apple on a table"
 LATENT = 32  # 64 px test images on a VAE with scale factor 2
 
 
+# Batched and single runs add the same float32 products in other orders (other kernel shapes). Sums of ~1e3 terms
+# then differ by up to ~1e3 * 2**-24, about 1e-4 of their magnitude, which is also far below what a map applied to
+# the wrong item would change.
+BATCH_RTOL = 1e-4
+
+
+def assert_close_to_single_run(batched, alone):
+    batched, alone = np.asarray(batched), np.asarray(alone)
+    np.testing.assert_allclose(batched, alone, rtol=BATCH_RTOL, atol=BATCH_RTOL * np.abs(alone).max())
+
+
 @pytest.fixture(scope="module")
 def components():
     return sd_components()
@@ -56,7 +67,7 @@ def test_uniform_map_is_stock_img2img(components, scheduler, strength):
         keep_map = np.full((64, 64), keep, np.float32)
         result = ours(PROMPT, image=image, map=keep_map, strength=global_strength, num_inference_steps=steps,
                       generator=seeded_generator(), output_type="np").images
-        assert np.abs(result - expected).max() <= 1e-6
+        assert np.array_equal(result, expected)
         assert ours.num_timesteps == int(steps * strength)
 
 
@@ -137,7 +148,7 @@ def test_num_images_per_prompt_items_equal_each_run_alone(components):
     batch = ours(PROMPT, num_images_per_prompt=2, generator=[seeded_generator(1), seeded_generator(2)], **run).images
     for item, seed in zip(batch, [1, 2]):
         alone = ours(PROMPT, generator=seeded_generator(seed), **run).images[0]
-        assert np.abs(item - alone).max() <= 1e-5
+        assert_close_to_single_run(item, alone)
     assert np.abs(batch[0] - batch[1]).max() > 1e-3
 
 
@@ -149,7 +160,7 @@ def test_batch_of_images_with_their_own_maps_equals_each_run_alone(components):
     batch = ours(prompts, image=images, map=maps, generator=[seeded_generator(s) for s in seeds], **run).images
     for i in range(2):
         alone = ours(prompts[i], image=images[i], map=maps[i], generator=seeded_generator(seeds[i]), **run).images[0]
-        assert np.abs(batch[i] - alone).max() <= 1e-5
+        assert_close_to_single_run(batch[i], alone)
 
 
 def test_one_map_is_shared_by_a_batch(components):
@@ -184,7 +195,7 @@ def test_pipeline_callback_objects_work(components):
     run = dict(image=test_image(), num_inference_steps=6, output_type="np", callback_on_step_end=cutoff)
     expected = stock(PROMPT, strength=1.0, generator=seeded_generator(), **run).images
     result = ours(PROMPT, map=np.zeros((64, 64), np.float32), generator=seeded_generator(), **run).images
-    assert np.abs(result - expected).max() <= 1e-6
+    assert np.array_equal(result, expected)
 
 
 def test_loading_from_a_folder_as_class_and_as_custom_pipeline(sd_dir, components):
@@ -250,7 +261,8 @@ def test_keep_exact_blends_strengths_below_one_step_linearly(components):
     plain = ours(PROMPT, generator=seeded_generator(), **run).images
     original = ours.image_processor.preprocess(test_image()) / 2 + 0.5
     expected = 0.5 * plain[..., :32] + 0.5 * original[..., :32]
-    assert torch.allclose(exact[..., :32], expected, atol=1e-6)
+    # The weight is T * (1 - float32(0.95)), one float32 rounding away from 0.5.
+    assert torch.allclose(exact[..., :32], expected, rtol=0, atol=1e-6)
 
 
 def test_keep_exact_refuses_latent_output(components):
