@@ -666,7 +666,7 @@ class FakePipeline:
 
 
 def test_load_pipeline_passes_dtype_places_the_pipeline_and_warns_once_on_the_cpu(monkeypatch, capsys):
-    monkeypatch.setattr(cli, "_warned_cpu", False)
+    cli._warn_once.cache_clear()
     pipe = cli.load_pipeline(FakePipeline, HUB_ID, torch_dtype=torch.float32, device="cpu", variant="fp16")
     assert pipe.placed == ("to", "cpu") and pipe.kwargs == {"dtype": torch.float32, "variant": "fp16"}
     cli.load_pipeline(FakePipeline, HUB_ID, torch_dtype=torch.float32, device="cpu")

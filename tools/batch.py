@@ -1,12 +1,10 @@
-"""Batch editing: one model, every row of a jobs file, on one device or many, resumable.
+"""Batch editing: one model, every row of a jobs file, on one device or many, resumable (docs/batch.md).
 
     python -m tools.batch --family sd2 jobs.csv --output-dir out/ --steps 50
     accelerate launch --num_processes 4 -m tools.batch --family sdxl jobs.jsonl --output-dir out/
 
-docs/batch.md explains the jobs file (CSV with a header, or JSON Lines), resuming and scaling. Every flag of the
-model's run.py sets a default for all rows. A model's run.py takes part through ``build_parser()``,
-``load_pipelines(args)`` and ``edit(pipelines, args, *, images, maps, prompts, negative_prompts, seeds)``, which
-returns ``(images, steps_run)``.
+A model's run.py takes part through ``build_parser()``, ``load_pipelines(args)`` and ``edit(pipelines, args, *,
+images, maps, prompts, negative_prompts, seeds) -> (images, steps_run)``; its flags set every row's defaults.
 """
 
 from __future__ import annotations
@@ -14,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import functools
 import io
 import json
 import os
@@ -82,8 +81,7 @@ def build_parser(module) -> argparse.ArgumentParser:
     add = parser.add_argument_group("batch").add_argument
     add("jobs", metavar="JOBS", help=f"jobs file: .csv with a header row, or .jsonl (one JSON object a line); "
         f"columns: {', '.join(COLUMNS)}")
-    add("--family", required=True, type=str.lower, choices=list(cli.families()),
-        help="the model folder whose run.py does the edits")
+    add("--family", required=True, type=str.lower, choices=list(cli.families()), help="the model folder to use")
     add("--output-dir", required=True, metavar="DIR", help="folder for the results and summary.json, created if "
         "missing; every output lies inside it")
     add("--batch-size", type=cli.whole_number(1, MAX_BATCH_SIZE), default=1, metavar="N", help="rows per pipeline "
@@ -131,32 +129,26 @@ def _shared(state, make):
     outcome = [None]
     if state.is_main_process:
         try:
-            outcome = [("plan", make())]
+            outcome = [make()]
         except cli.CliError as error:
-            outcome = [("error", (str(error), error.exit_code))]
-    kind, value = broadcast_object_list(outcome)[0]
-    if kind == "plan":
-        return value
-    if state.is_main_process:
-        raise cli.CliError(*value)
-    raise SystemExit(value[1])  # the main process says why
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Reading and checking the rows, and planning the work
+            outcome = [error]
+    value = broadcast_object_list(outcome)[0]
+    if isinstance(value, cli.CliError):
+        raise value if state.is_main_process else SystemExit(value.exit_code)  # the main process says why
+    return value
 
 
 def read_jobs(path: Path) -> list[tuple[int, dict[str, str] | None, list[str]]]:
     """``(line, cells, problems)`` for every row of a CSV or JSON Lines jobs file. Cells are stripped text, "" where
     empty or absent; they are None when the line could not be read at all (its problems say why)."""
-    shown = cli.display(path)
-    if path.suffix.lower() not in (".csv", ".jsonl", ".ndjson"):
+    shown, kind = cli.display(path), path.suffix.lower()
+    if kind not in (".csv", ".jsonl", ".ndjson"):
         raise cli.CliError(f"{shown}: a jobs file must be .csv or .jsonl, not {path.suffix or 'without a suffix'}")
     try:
         text = path.read_text(encoding="utf-8-sig")  # -sig: spreadsheets often start CSV with a byte-order mark
     except (OSError, UnicodeDecodeError) as error:
         raise cli.CliError(f"{shown}: cannot read it as UTF-8 text: {cli.one_line(error)}") from None
-    rows = _read_csv(text, shown) if path.suffix.lower() == ".csv" else _read_jsonl(text)
+    rows = _read_csv(text, shown) if kind == ".csv" else _read_jsonl(text)
     if not rows:
         raise cli.CliError(f"{shown}: holds no jobs")
     return rows
@@ -167,25 +159,23 @@ def _column(name: str) -> str:
 
 
 def _read_csv(text: str, shown: str) -> list:
-    reader, header, rows = csv.reader(io.StringIO(text, newline="")), None, []
-    while True:
-        line = reader.line_num + 1  # where this record starts; a quoted cell may span lines
-        try:
-            cells = next(reader)
-        except StopIteration:
-            return rows
-        except csv.Error as error:
-            raise cli.CliError(f"{shown}:{reader.line_num}: not valid CSV: {error}") from None
-        if header is None and any(cell.strip() for cell in cells):
-            header = [_column(cell) for cell in cells]
-            wrong = sorted({name for name in header if name not in COLUMNS or header.count(name) > 1})
-            if wrong:
-                raise cli.CliError(f"{shown}:{line}: unknown or repeated column {', '.join(map(repr, wrong))}; the "
-                                   f"columns are {', '.join(COLUMNS)}")
-        elif any(cell.strip() for cell in cells):
-            too_many = [f"has {len(cells)} cells, but the header names {len(header)} columns"]
-            rows.append((line, {name: cell.strip() for name, cell in zip(header, cells)},
-                         too_many if len(cells) > len(header) else []))
+    reader, header, rows, start = csv.reader(io.StringIO(text, newline="")), None, [], 1
+    try:
+        for cells in reader:
+            line, start = start, reader.line_num + 1  # where the record starts: a quoted cell may span lines
+            if header is None and any(cell.strip() for cell in cells):
+                header = [_column(cell) for cell in cells]
+                wrong = sorted({name for name in header if name not in COLUMNS or header.count(name) > 1})
+                if wrong:
+                    raise cli.CliError(f"{shown}:{line}: unknown or repeated column {', '.join(map(repr, wrong))}; "
+                                       f"the columns are {', '.join(COLUMNS)}")
+            elif any(cell.strip() for cell in cells):
+                too_many = [f"has {len(cells)} cells, but the header names {len(header)} columns"]
+                rows.append((line, {name: cell.strip() for name, cell in zip(header, cells)},
+                             too_many if len(cells) > len(header) else []))
+    except csv.Error as error:
+        raise cli.CliError(f"{shown}:{reader.line_num}: not valid CSV: {error}") from None
+    return rows
 
 
 def _read_jsonl(text: str) -> list:
@@ -210,19 +200,32 @@ def _read_jsonl(text: str) -> list:
 
 
 def make_plan(args: argparse.Namespace, held: contextlib.ExitStack) -> argparse.Namespace:
-    """Checks every row, takes the output folder's lock into ``held``, and finds the rows already done. Runs on the
-    main process only, before any model loads; prints the bad rows.
-
-    Returns ``jobs`` (one namespace of a row's values per good row), ``batches`` (lists of indexes into ``jobs``
-    to run), ``skipped`` (indexes of rows already done), ``bad`` ((line, problems) of rows left out) and ``rows``.
-    """
-    rows, headers = read_jobs(args.jobs), {}  # a map may serve many rows: its header is read once
-    header = lambda path, name: headers.get(path) or headers.setdefault(path, _header(path, name))  # noqa: E731
+    """Checks every row, takes the output folder's lock into ``held`` and finds the rows already done, on the main
+    process only, before any model loads: ``jobs`` (a namespace of values per good row), ``batches`` (lists of
+    indexes into ``jobs`` to run), ``skipped`` (indexes of rows done), ``bad`` ((line, problems) of rows left out)."""
+    rows, header = read_jobs(args.jobs), functools.cache(_header)  # a map may serve many rows: read it once
     jobs, bad = [], []
     for number, (line, cells, problems) in enumerate(rows, start=1):
         job = None if cells is None else make_job(args, line, number, cells, problems, header)
         (bad.append((line, problems)) if problems else jobs.append(job))
-    jobs = _drop_colliding_outputs(jobs, args, bad)
+    # No row may write another row's output, or an input of any row, or the jobs file.
+    inputs = {args.jobs.resolve(): "the jobs file"}
+    for job in jobs:
+        for what in ("image", "map", "mask"):
+            if getattr(job, what) is not None:
+                inputs.setdefault(getattr(job, what).resolve(), f"the {what} of line {job.line}")
+    written = {}
+    for job in list(jobs):
+        problems = []
+        for target in [job.output, cli.compare_path(job.output)] if args.compare else [job.output]:
+            if target in inputs:
+                problems.append(f"output {cli.display(target)} is {inputs[target]}; inputs are never overwritten")
+            if target in written:
+                problems.append(f"output {cli.display(target)} is also written by line {written[target]}")
+            written.setdefault(target, job.line)
+        if problems:
+            bad.append((job.line, problems))
+            jobs.remove(job)
     _refuse_bad_rows(bad, args)  # before the output folder is made: a bad file leaves no trace
     try:
         args.output_dir.mkdir(parents=True, exist_ok=True)
@@ -234,17 +237,18 @@ def make_plan(args: argparse.Namespace, held: contextlib.ExitStack) -> argparse.
         partial.unlink(missing_ok=True)
     pending, skipped, taken = [], [], []
     for index, job in enumerate(jobs):
-        mismatch = None if args.overwrite or not job.output.exists() else _mismatch(job.output, row_parameters(job, args))
-        if mismatch:
+        if args.overwrite or not job.output.exists():
+            pending.append(index)
+        elif not (mismatch := _mismatch(job.output, row_parameters(job, args))):
+            skipped.append(index)
+        else:
             taken.append((job.line, [f"{cli.display(job.output)} exists and {mismatch}; delete it, name another "
                                      "output, or pass --overwrite to redo every row"]))
-        else:
-            (pending if args.overwrite or not job.output.exists() else skipped).append(index)
     _refuse_bad_rows(taken, args)
-    batches: dict[tuple, list[int]] = {}  # rows that can share a pipeline call, in the order they first appear
+    groups: dict[tuple, list[int]] = {}  # rows that can share a pipeline call, in the order they first appear
     for index in pending:
-        batches.setdefault(jobs[index].batch_key, []).append(index)
-    batches = sorted((members[start:start + args.batch_size] for members in batches.values()
+        groups.setdefault(jobs[index].batch_key, []).append(index)
+    batches = sorted((members[start:start + args.batch_size] for members in groups.values()
                       for start in range(0, len(members), args.batch_size)), key=lambda batch: batch[0])
     return argparse.Namespace(jobs=jobs, batches=batches, skipped=skipped, bad=sorted(bad + taken), rows=len(rows))
 
@@ -285,8 +289,13 @@ def make_job(args, line: int, number: int, cells: dict[str, str], problems: list
     job.strength = value("strength", cli.real_number(0, 1), args.strength)
     job.steps = value("steps", cli.whole_number(1, cli.MAX_STEPS), args.steps)
     job.guidance_scale = value("guidance_scale", cli.real_number(0), args.guidance_scale)
-    job.output = _output(args, cells.get("output", ""), f"{number:04d}-{job.image.stem if job.image else 'row'}.png",
-                         problems)
+    folder, text = args.output_dir.resolve(), cells.get("output", "")
+    job.output = (folder / (text or f"{number:04d}-{job.image.stem if job.image else 'row'}.png")).resolve()
+    if job.output.suffix.lower() != ".png" or job.output.is_dir():
+        problems.append(f"output {text}: give a file name ending with .png (the parameters are stored as PNG text)")
+    elif folder not in job.output.parents:  # an absolute path, or ../, would lead out
+        problems.append(f"output {text}: lies outside --output-dir {cli.display(args.output_dir)}; name a file "
+                        "inside it")
     # One call runs every image from the earliest step that any of its maps releases, and multistep schedulers
     # (DPM-Solver++, PNDM, UniPC) carry what those steps saw into later ones: rows batch only with rows of the same
     # map, so that each starts where it would alone.
@@ -302,41 +311,6 @@ def _header(path: Path, name: str) -> tuple[tuple[int, int] | None, str | None]:
             return opened.size, None
     except cli.CliError as error:
         return None, str(error)
-
-
-def _output(args, text: str, default: str, problems: list[str]) -> Path:
-    folder = args.output_dir.resolve()
-    path = (folder / Path(text or default).expanduser()).resolve()  # an absolute text replaces the folder
-    if path.suffix.lower() != ".png" or path.is_dir():
-        problems.append(f"output {text}: give a file name ending with .png (the parameters are stored as PNG text)")
-    elif folder not in path.parents:
-        problems.append(f"output {text}: lies outside --output-dir {cli.display(args.output_dir)}; name a file "
-                        "inside it")
-    return path
-
-
-def _targets(job, args) -> list[Path]:
-    return [job.output, cli.compare_path(job.output)] if args.compare else [job.output]
-
-
-def _drop_colliding_outputs(jobs: list, args, bad: list) -> list:
-    """The jobs but those writing another row's output or an input (of any row, or the jobs file), added to ``bad``."""
-    inputs = {args.jobs.resolve(): "the jobs file"}
-    for job in jobs:
-        for what in ("image", "map", "mask"):
-            if getattr(job, what) is not None:
-                inputs.setdefault(getattr(job, what).resolve(), f"the {what} of line {job.line}")
-    written, kept = {}, []
-    for job in jobs:
-        problems = []
-        for target in _targets(job, args):
-            if target in inputs:
-                problems.append(f"output {cli.display(target)} is {inputs[target]}; inputs are never overwritten")
-            if target in written:
-                problems.append(f"output {cli.display(target)} is also written by line {written[target]}")
-            written.setdefault(target, job.line)
-        (bad.append((job.line, problems)) if problems else kept.append(job))
-    return kept
 
 
 def _refuse_bad_rows(bad: list[tuple[int, list[str]]], args) -> None:
@@ -393,36 +367,33 @@ def row_parameters(job, args: argparse.Namespace) -> dict[str, str]:
     return {key: value for key, value in params.items() if key not in HOW_MADE}
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Running
-
-
 def run_batches(state, module, args, jobs: list, batches: list[list[int]], results: list[dict]) -> None:
     """Runs this process's batches, adding one result per row to ``results``. A row that fails is reported, and the
     others go on; a batch that fails is run row by row, so that only the culprit fails."""
     if not batches:
         return
+    import gc
+
+    import diffusers
+    import torch
+    import transformers
     from tqdm.auto import tqdm
 
     if not state.is_main_process:  # one set of loading bars, the main process's, is enough
-        import diffusers
-        import transformers
-
         diffusers.utils.logging.disable_progress_bar()
         transformers.utils.logging.disable_progress_bar()
     pipelines = module.load_pipelines(args)
     for pipe in pipelines if isinstance(pipelines, tuple) else [pipelines]:
         if pipe is not None:
             pipe.set_progress_bar_config(disable=True)  # one bar for the whole batch, not one per call
-    where = f"[process {state.process_index + 1} of {state.num_processes}] " if state.num_processes > 1 else ""
-    bar = tqdm(total=sum(map(len, batches)), desc="rows" if state.num_processes == 1 else f"rows (process 1 of "
-               f"{state.num_processes})", unit="row", disable=not state.is_main_process, file=sys.stderr)
+    bar = tqdm(total=sum(map(len, batches)), desc="rows", unit="row", disable=not state.is_main_process,
+               file=sys.stderr)
 
     def record(job, output: Path, error: Exception | None = None) -> None:
         reason = "" if error is None else cli.one_line(
             error if isinstance(error, cli.CliError) else f"{type(error).__name__}: {error}")
         if error is not None:
-            tqdm.write(f"{where}{cli.display(args.jobs)}:{job.line}: failed: {reason}", file=sys.stderr)
+            tqdm.write(f"{cli.display(args.jobs)}:{job.line}: failed: {reason}", file=sys.stderr)
         results.append({"line": job.line, "status": "failed" if error else "done", "output": str(output),
                         "reason": reason, "process": state.process_index})
         bar.update(1)
@@ -434,27 +405,31 @@ def run_batches(state, module, args, jobs: list, batches: list[list[int]], resul
                 maps=[map_image for _, _, map_image in loaded], prompts=[job.prompt for job, _, _ in loaded],
                 negative_prompts=[job.negative_prompt for job, _, _ in loaded], seeds=[job.seed for job, _, _ in loaded])
         except Exception as error:  # noqa: BLE001 - one row's failure must not end the batch
-            import gc
-
-            import torch
-
-            gc.collect()  # a batch that ran out of memory may get through row by row
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
             if len(loaded) == 1:
-                record(loaded[0][0], loaded[0][0].output, error)
-            for item in loaded if len(loaded) > 1 else []:
+                return record(loaded[0][0], loaded[0][0].output, error)
+            images = None
+        if images is None:  # find the row at fault, or get through a batch too large for memory row by row
+            gc.collect()  # only now, outside the except clause, is the failed call's memory unreferenced
+            torch.cuda.empty_cache()
+            for item in loaded:
                 edit([item])
             return
         for (job, image, map_image), result in zip(loaded, images):
             try:
-                record(job, _write(job, args, result, image, map_image, steps_run))
+                info = cli.png_info(row_args(job, args), steps_run, {"family": args.family, **args.model_params,
+                                                                      "jobs": args.jobs, "line": job.line})
+                job.output.parent.mkdir(parents=True, exist_ok=True)
+                written = cli.write_png(result, job.output, info, overwrite=args.overwrite)
+                if args.compare:
+                    strip = cli.compare_strip(image, map_image, result, invert_map=args.invert_map)
+                    cli.write_png(strip, cli.compare_path(written), info, overwrite=args.overwrite)
+                record(job, written)
             except Exception as error:  # noqa: BLE001
                 record(job, job.output, error)
 
     with bar:
         for batch in batches:
-            by_size: dict[tuple, list] = {}  # the header's size may turn by the EXIF orientation
+            by_size: dict[tuple, list] = {}  # a photo's EXIF orientation may turn the size its header gave
             for job in (jobs[index] for index in batch):
                 try:
                     image, map_image = cli.load_inputs(row_args(job, args))
@@ -465,17 +440,6 @@ def run_batches(state, module, args, jobs: list, batches: list[list[int]], resul
                     record(job, job.output, error)
             for loaded in by_size.values():
                 edit(loaded)
-
-
-def _write(job, args, result: Image.Image, image: Image.Image, map_image: Image.Image, steps_run: int) -> Path:
-    extra = {"family": args.family, **args.model_params, "jobs": args.jobs, "line": job.line}
-    info = cli.png_info(row_args(job, args), steps_run, extra)
-    job.output.parent.mkdir(parents=True, exist_ok=True)
-    written = cli.write_png(result, job.output, info, overwrite=args.overwrite)
-    if args.compare:
-        strip = cli.compare_strip(image, map_image, result, invert_map=args.invert_map)
-        cli.write_png(strip, cli.compare_path(written), info, overwrite=args.overwrite)
-    return written
 
 
 def finish(state, args, plan, results: list[dict], seconds: float, interrupted: bool = False) -> int:
@@ -500,9 +464,6 @@ def finish(state, args, plan, results: list[dict], seconds: float, interrupted: 
     print(f"{count['done']} done, {count['skipped']} skipped (already done), {count['failed']} failed"
           + (f", {count['bad']} bad" if count["bad"] else "") + f" of {plan.rows} rows in {seconds:.1f}s"
           + ("; interrupted" if interrupted else "") + f"; summary: {cli.display(path)}")
-    for row in rows:
-        if row["status"] == "failed":
-            print(f"  failed: {cli.display(args.jobs)}:{row['line']}: {row['reason']}")
     return cli.EXIT_RUN_FAILED if count["failed"] else 0
 
 

@@ -1,8 +1,7 @@
 """What every run.py and tool shares: flags, input loading, model loading, one-line errors and atomic writes.
 
-README.md ("run.py flags") explains the flags, and each function below says what it promises. Exit status: 0 done,
-2 the command line or an input file is wrong, 1 the run failed (loading, memory, writing), 130 interrupted.
-Unexpected exceptions keep their traceback: they are bugs, and a bug report needs it.
+README.md explains the flags. Exit status: 0 done, 2 the command line or an input file is wrong, 1 the run failed
+(loading, memory, writing), 130 interrupted. Unexpected exceptions keep their traceback: they are bugs.
 """
 
 from __future__ import annotations
@@ -64,6 +63,9 @@ class CliError(Exception):
         super().__init__(message)
         self.exit_code = exit_code
 
+    def __reduce__(self):  # to pass between processes whole
+        return CliError, (str(self), self.exit_code)
+
 
 class Inputs(NamedTuple):
     image: Image.Image  # RGB, upright by its EXIF orientation
@@ -73,21 +75,17 @@ class Inputs(NamedTuple):
 def main(run: Callable[[], int | None]) -> None:
     """Runs ``run()`` and exits with its status; known failures end as one line on stderr, never a traceback."""
     try:
-        code = run()
+        sys.exit(run() or 0)
     except CliError as error:
-        code = _error(error, error.exit_code)
+        message, code = error, error.exit_code
     except KeyboardInterrupt:
-        code = _error("interrupted", EXIT_INTERRUPTED)
+        message, code = "interrupted", EXIT_INTERRUPTED
     except (MemoryError, RuntimeError) as error:  # torch.OutOfMemoryError is a RuntimeError
         if not isinstance(error, MemoryError) and "out of memory" not in str(error):
             raise
-        code = _error("out of memory: try a smaller image, or --offload or --dtype fp16 for a model", EXIT_RUN_FAILED)
-    sys.exit(code or 0)
-
-
-def _error(message: object, exit_code: int) -> int:
+        message, code = "out of memory: try a smaller image, --offload or --dtype fp16", EXIT_RUN_FAILED
     print(f"error: {one_line(message)}", file=sys.stderr)
-    return exit_code
+    sys.exit(code)
 
 
 def warn(message: str) -> None:
@@ -104,10 +102,6 @@ def display(path: PurePath | str) -> str:
         return str(Path(os.path.abspath(path)).relative_to(Path.cwd()))
     except ValueError:
         return str(path)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Arguments
 
 
 class Parser(argparse.ArgumentParser):
@@ -142,12 +136,9 @@ def build_parser(description: str, *, default_model: str, default_steps: int, de
                  default_image: str | PurePath = EXAMPLE_IMAGE, default_map: str | PurePath = EXAMPLE_MAP,
                  default_prompt: str | PurePath = EXAMPLE_PROMPT,
                  default_negative_prompt: str | PurePath = EXAMPLE_NEGATIVE_PROMPT) -> argparse.ArgumentParser:
-    """The flags every run.py shares; a model adds its own. Reads no file: ``--help`` must work without the example.
-
-    A prompt default given as a ``Path`` is a file, read only when the flag is not given. A model whose run writes
-    more files beside ``--output`` sets ``parser.extra_outputs = lambda args, output: [paths]``; they are checked
-    like ``--output``, and the default name is the first one free for all of them.
-    """
+    """The flags every run.py shares; a model adds its own. Reads no file: ``--help`` works without the example. A
+    prompt default given as a ``Path`` is a file, read when the flag is not given. A model that writes more files
+    beside ``--output`` sets ``parser.extra_outputs = lambda args, output: [paths]``, checked like ``--output``."""
     parser = Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
                     epilog="Map convention: white (1) keeps a pixel, black (0) changes it fully;\na pixel's strength "
                     "is --strength * (1 - map).\nExit status: 0 done, 1 the run failed, 2 bad arguments or input "
@@ -159,66 +150,57 @@ def build_parser(description: str, *, default_model: str, default_steps: int, de
         repr(default) if default else "none")
     add = parser.add_argument_group("inputs").add_argument
     add("--image", metavar="PATH", help=f"image to edit, any format Pillow reads (default: {display(default_image)})")
-    add("--map", metavar="PATH", help="grayscale map giving each pixel its strength: white keeps, black changes "
-        "fully; 8-bit, 16-bit and float images keep their precision; stretched to the image "
-        f"(default: {display(default_map)})")
-    add("--invert-map", action="store_true", help="read the map the other way round: white changes, black keeps, "
-        "as in inpainting masks (default: off, white keeps)")
-    add("--mask", metavar="PATH", help="soft inpainting, instead of --map: a mask whose white (half its range and "
-        "up) is the region to fill, feathered into a map by --feather and --grow (default: none, use --map)")
+    add("--map", metavar="PATH", help="grayscale map of each pixel's strength: white keeps, black changes fully; "
+        f"8-bit, 16-bit and float maps keep their precision (default: {display(default_map)})")
+    add("--invert-map", action="store_true", help="white changes, black keeps, as in inpainting masks (default: off)")
+    add("--mask", metavar="PATH", help="soft inpainting instead of --map: white (half its range and up) is the "
+        "region to fill, feathered into a map by --feather and --grow (default: none)")
     add("--feather", type=real_number(0, MAX_FEATHER_PX), default=0.0, metavar="PX", help="with --mask: width in "
         "image pixels of the band over which the strength fades from 1 to 0; 0 is a hard mask (default: 0)")
     add("--grow", type=real_number(0, MAX_FEATHER_PX), default=0.0, metavar="PX", help="with --mask: first grow the "
         "region by this many image pixels, so the fill covers its seam (default: 0)")
     add("--prompt", metavar="TEXT", help=f"what the edited image should show (default: {text(default_prompt)})")
-    add("--negative-prompt", metavar="TEXT", help=f"what it should not show (default: "
-        f"{text(default_negative_prompt)})")
+    add("--negative-prompt", metavar="TEXT", help=f"what it should not show (default: {text(default_negative_prompt)})")
     add = parser.add_argument_group("sampling").add_argument
-    add("--steps", type=whole_number(1, MAX_STEPS), default=default_steps, metavar="N", help="denoising steps of "
-        f"the schedule, 1 to {MAX_STEPS}; pixels with less strength run fewer of them (default: {default_steps})")
+    add("--steps", type=whole_number(1, MAX_STEPS), default=default_steps, metavar="N", help=f"denoising steps, 1 to "
+        f"{MAX_STEPS}; pixels of less strength run fewer of them (default: {default_steps})")
     add("--guidance-scale", type=real_number(0), default=default_guidance, metavar="G", help="classifier-free "
-        f"guidance scale, at least 0; 1 or less turns guidance off (default: {default_guidance:g})")
-    add("--strength", type=real_number(0, 1), default=1.0, metavar="S", help="global strength from 0 to 1 that "
-        "scales every pixel's strength; 0 returns the input (default: 1)")
-    add("--seed", type=whole_number(0, MAX_SEED), default=0, metavar="N", help="random seed, 0 to 2**64-1; the same "
-        "seed gives the same result (default: 0)")
+        f"guidance scale; 1 or less turns it off (default: {default_guidance:g})")
+    add("--strength", type=real_number(0, 1), default=1.0, metavar="S", help="scales every pixel's strength, 0 to 1; "
+        "0 returns the input (default: 1)")
+    add("--seed", type=whole_number(0, MAX_SEED), default=0, metavar="N", help="random seed, 0 to 2**64-1 (default: 0)")
     add("--scheduler", choices=["default", *SCHEDULERS], default="default", help="sampler: 'default' keeps the "
         "model's own; dpm++ is DPM-Solver++ multistep, euler-a Euler ancestral (default: default)")
-    add("--keep-exact", action="store_true", help="copy the input's own pixels back where the strength is 0, and "
-        "blend them in where it is below one step, instead of their lossy round trip (default: off, as the paper)")
+    add("--keep-exact", action="store_true", help="copy the input's own pixels back where the strength is 0 (and "
+        "blend them below one step) instead of their lossy round trip (default: off, as in the paper)")
     add = parser.add_argument_group("model and hardware").add_argument
     add("--model", default=default_model, metavar="ID_OR_PATH", help="Hugging Face Hub id, or a local diffusers "
         f"folder holding model_index.json (default: {default_model})")
-    add("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto", help="where to run: auto picks CUDA, "
-        "then Apple MPS, then the CPU (default: auto)")
-    add("--dtype", choices=["auto", *DTYPES], default="auto", help="weight precision: auto is fp16 on CUDA and MPS, "
-        "fp32 on the CPU, which runs only fp32 (default: auto)")
-    add("--offload", action="store_true", help="model CPU offload: keep each model on the CPU until it runs, for "
-        "GPUs with little memory; needs CUDA or MPS (default: off)")
+    add("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto", help="auto picks CUDA, then Apple MPS, "
+        "then the CPU (default: auto)")
+    add("--dtype", choices=["auto", *DTYPES], default="auto", help="auto is fp16 on CUDA and MPS, fp32 on the CPU, "
+        "which runs only fp32 (default: auto)")
+    add("--offload", action="store_true", help="keep each model on the CPU until it runs, for GPUs with little "
+        "memory; needs CUDA or MPS (default: off)")
     add = parser.add_argument_group("output").add_argument
-    add("--output", metavar="PATH.png", help="PNG file to write, holding the parameters as PNG text (default: "
-        "output.png in the current folder, or the first free output-1.png, output-2.png, ...)")
-    add("--overwrite", action="store_true", help="allow replacing an existing --output file; inputs are never "
-        "replaced (default: off, refuse)")
-    add("--compare", action="store_true", help="also write <output>-compare.png: input | map | output side by side "
-        "(default: off)")
+    add("--output", metavar="PATH.png", help="PNG to write, with the parameters as PNG text (default: the first "
+        "free output.png, output-1.png, ... here)")
+    add("--overwrite", action="store_true", help="replace an existing --output; inputs never (default: off)")
+    add("--compare", action="store_true", help="also write <output>-compare.png: input | map | output (default: off)")
     parser.common_flags = {action.dest for action in parser._actions}  # a model's own flags come after these
     return parser
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
-    """Parses ``argv`` (default: the command line) and checks everything that needs no model: numbers in range,
-    input files readable images, the output path, device and dtype. Raises ``CliError`` naming flag and fix.
-
-    Fills in ``args.prompt``/``args.negative_prompt`` (text), ``args.image``, ``args.map`` or ``args.mask``,
-    ``args.output`` (``Path``), ``args.device``, ``args.dtype`` (a name) and ``args.torch_dtype``.
-    """
+    """Parses ``argv`` (default: the command line) and checks all that needs no model; ``CliError`` names flag and
+    fix. Fills in the prompts (text), ``image``, ``map`` or ``mask``, ``output``, ``device``, ``dtype`` (a name) and
+    ``torch_dtype``."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args, example = parser.parse_args(argv), parser.example
+    if args.mask is None and (args.feather or args.grow):
+        raise CliError(f"--{'feather' if args.feather else 'grow'} shapes the map drawn from a --mask; pass --mask "
+                       "PATH too, or drop it")
     if args.mask is None:
-        for flag in ("feather", "grow"):
-            if getattr(args, flag):
-                raise CliError(f"--{flag} shapes the map drawn from a --mask; pass --mask PATH too, or drop --{flag}")
         args.map = input_path(args.map, example.map, "--map")
     elif args.map is not None:
         raise CliError("--map and --mask are alternatives: --map gives the strengths directly, --mask draws them "
@@ -263,24 +245,18 @@ def resolve_device(args: argparse.Namespace) -> None:
     """Resolves ``--device`` and ``--dtype``: auto picks CUDA in fp16, then Apple MPS in fp16, then the CPU, which
     runs only fp32. Adds ``args.torch_dtype``."""
     import torch
-
     if args.offload and args.device == "cpu":
         raise CliError("--offload moves each model onto the GPU only while it runs; it needs --device cuda or mps")
-    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
     if args.device == "auto":
-        args.device = "cuda" if cuda else "mps" if mps else "cpu"
-    elif not {"cuda": cuda, "mps": mps}.get(args.device, True):
-        raise CliError(f"--device {args.device}: {'CUDA' if args.device == 'cuda' else 'Apple MPS'} is not available "
-                       "here; use --device auto or cpu")
+        args.device = next(device for device, there in available.items() if there)
+    elif not available[args.device]:
+        raise CliError(f"--device {args.device}: not available here; use --device auto or cpu")
     if args.dtype == "auto":
         args.dtype = "fp32" if args.device == "cpu" else "fp16"
     if args.device == "cpu" and args.dtype != "fp32":
         raise CliError(f"--dtype {args.dtype} does not run on the CPU; use --dtype fp32 (or --dtype auto)")
     args.torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Output paths
 
 
 def compare_path(output: Path) -> Path:
@@ -324,10 +300,6 @@ def _output_path(args: argparse.Namespace, parser: argparse.ArgumentParser) -> P
     return output
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Inputs
-
-
 @contextlib.contextmanager
 def reading(path: Path, flag: str):
     """Turns the file system's and Pillow's failures while reading ``path`` into one-line errors naming ``flag``."""
@@ -354,7 +326,6 @@ def map_values(image: Image.Image, what: str = "the map") -> np.ndarray:
     """An image's gray values in [0, 1] (float32, height x width), read exactly as the pipelines read a map: by the
     ``map_to_tensor`` of the differential core, the same in every pipeline file. Colour counts by luminance."""
     from SD2.diff_pipe import map_to_tensor
-
     try:
         return map_to_tensor(image)[0, 0].numpy()
     except ValueError as error:
@@ -398,14 +369,10 @@ def stretch_map(map_image: Image.Image, size: tuple[int, int]) -> Image.Image:
 
 def mask_to_keep_map(mask: Image.Image, size: tuple[int, int], feather: float = 0.0, grow: float = 0.0, *,
                      shown: str = "the mask") -> Image.Image:
-    """The soft inpainting keep map (mode F, white = keep) of an inpainting mask (any image, white = fill).
-
-    The mask is stretched to ``size`` (the image's) first, so that ``feather`` and ``grow`` count image pixels.
-    Values of 0.5 and above (of any bit depth's range) are the region: 0 in the map (changed fully), grown by
-    ``grow`` pixels and faded to 1 over ``feather`` more by ``tools.maps.feathered_mask``.
-    """
+    """The soft inpainting keep map (mode F, white = keep) of an inpainting mask (any image, white = fill), stretched
+    to ``size`` first, so that ``feather`` and ``grow`` count image pixels. Values of 0.5 and up are the region:
+    0 in the map, grown by ``grow`` pixels and faded to 1 over ``feather`` more (``tools.maps.feathered_mask``)."""
     from tools.maps import feathered_mask
-
     values = Image.fromarray(map_values(mask, f"--mask {shown}"))
     region = np.asarray(values if values.size == tuple(size) else values.resize(size, Image.Resampling.BILINEAR)) >= 0.5
     if not region.any():
@@ -418,10 +385,6 @@ def check_image_size(image: Image.Image, cell: int, flag: str = "--image") -> No
     if min(image.size) < cell:
         raise CliError(f"{flag}: the image is {image.width}x{image.height} pixels, smaller than one {cell}x{cell} "
                        f"cell of the model's latent grid; give an image at least {cell} pixels on each side")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Models
 
 
 def load_pipeline(pipeline_class, model: str, *, torch_dtype, device: str, offload: bool = False,
@@ -446,14 +409,12 @@ def load_pipeline(pipeline_class, model: str, *, torch_dtype, device: str, offlo
         pipe.enable_model_cpu_offload(device=f"cuda:{torch.cuda.current_device()}" if device == "cuda" else device)
     else:
         pipe.to(device)
-    global _warned_cpu
-    if device == "cpu" and not _warned_cpu:  # said after loading, so that a failed load prints its error alone
-        warn("running on the CPU in fp32; this takes minutes")
-        _warned_cpu = True
+    if device == "cpu":  # said after loading, so that a failed load prints its error alone
+        _warn_once("running on the CPU in fp32; this takes minutes")
     return pipe
 
 
-_warned_cpu = False
+_warn_once = functools.cache(lambda message: warn(message))  # one warning however many models a run loads
 
 
 def family_of(class_name: str) -> str | None:
@@ -462,14 +423,10 @@ def family_of(class_name: str) -> str | None:
 
 
 def _check_family(pipeline_class, model: str, flag: str, local: bool, cache_dir: str | None) -> None:
-    if local:
-        index = Path(model).expanduser() / "model_index.json"
-    else:
-        from huggingface_hub import hf_hub_download
-
-        index = hf_hub_download(model, "model_index.json", cache_dir=cache_dir)
-    found = json.loads(Path(index).read_text()).get("_class_name", "?")
-    expected = family_of(pipeline_class.__name__)
+    from huggingface_hub import hf_hub_download
+    index = Path(model).expanduser() / "model_index.json" if local else hf_hub_download(model, "model_index.json",
+                                                                                        cache_dir=cache_dir)
+    found, expected = json.loads(Path(index).read_text()).get("_class_name", "?"), family_of(pipeline_class.__name__)
     if family_of(found) != expected:
         what, where = FAMILIES.get(family_of(found), ("a pipeline", "no run.py here"))
         raise CliError(f"{flag} {model}: {what} ({found}), for {where}; here {flag} takes {FAMILIES[expected][0]}")
@@ -490,7 +447,6 @@ def _load_failure(error: BaseException, model: str, flag: str, pipeline_class, l
         first = (str(error).strip() or type(error).__name__).splitlines()[0]
         return f"{flag} {model}: cannot load it as a {pipeline_class.__name__}: {one_line(first)}"
     from huggingface_hub import constants
-
     why = ("HF_HUB_OFFLINE=1 forbids downloading it; unset HF_HUB_OFFLINE to download it" if constants.HF_HUB_OFFLINE
            else "the Hugging Face Hub cannot be reached or has no such model (private ones need `hf auth login`)")
     return (f"cannot load model {model}: it is not fully cached locally and {why}, or pass {flag} PATH to load a "
@@ -502,7 +458,6 @@ def set_scheduler(pipe, name: str) -> None:
     if name == "default":
         return
     import diffusers
-
     try:
         pipe.scheduler = getattr(diffusers, SCHEDULERS[name]).from_config(pipe.scheduler.config)
     except (ValueError, TypeError, NotImplementedError) as error:
@@ -512,7 +467,6 @@ def set_scheduler(pipe, name: str) -> None:
 def make_generator(seed: int):
     """A CPU generator: diffusers draws the noise on it and moves it, so a seed means the same on every device."""
     import torch
-
     return torch.Generator("cpu").manual_seed(seed)
 
 
@@ -536,10 +490,6 @@ def _import(path: Path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Output
 
 
 def png_parameters(args: argparse.Namespace, steps_run: int, extra_params: dict | None = None) -> dict[str, str]:
@@ -585,11 +535,8 @@ def write_png(image: Image.Image, path: Path, info: PngImagePlugin.PngInfo | Non
 
 def write_atomically(path: Path, write: Callable, *, overwrite: bool = False) -> Path:
     """Calls ``write(file)`` on a temporary file beside ``path``, then renames it into place: readers see the old
-    file or the whole new one, never half of one, and a failure leaves ``path`` as it was.
-
-    Without ``overwrite`` an existing file is never replaced: if ``path`` was taken while the run worked, the file
-    goes to the first free ``<stem>-N`` name instead, with a warning, so that the work is not lost.
-    """
+    file or the whole new one, and a failure leaves ``path`` as it was. Without ``overwrite`` an existing file is
+    never replaced: if ``path`` was taken meanwhile, the first free ``<stem>-N`` name is used, with a warning."""
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
         with open(partial, "wb") as file:
