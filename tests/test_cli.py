@@ -569,7 +569,8 @@ def test_broken_pipeline_folder(img2img_class, example, capsys):
      ["an SDXL checkpoint (StableDiffusionXLImg2ImgPipeline), for SDXL/run.py", "takes an SD 1.x/2.x checkpoint"]),
     ("sd_dir", "SDXL.diff_pipe:StableDiffusionXLDiffImg2ImgPipeline",
      ["an SD 1.x/2.x checkpoint (StableDiffusionImg2ImgPipeline), for SD2/run.py"]),
-    ("kandinsky_decoder_dir", "IF.diff_pipe_I:IFDiffImg2ImgPipeline", ["a Kandinsky 2.2 checkpoint", "Kandinsky/run.py"]),
+    ("kandinsky_decoder_dir", "IF.diff_pipe_I:IFDiffImg2ImgPipeline",
+     ["a Kandinsky 2.2 checkpoint", "Kandinsky/run.py"]),
     ("if_stage2_dir", "diffusers:StableDiffusionUpscalePipeline", ["DeepFloyd IF", "IF/run.py", "an x4 upscaler"]),
 ])
 def test_a_checkpoint_of_another_family_is_refused_before_loading(request, capsys, folder, pipeline, fragments):

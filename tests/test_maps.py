@@ -487,7 +487,8 @@ def test_cli_regions_and_feather_in_16_bit(tmp_path):
     maps.run(["regions", *arguments, "--output", str(tmp_path / "regions.png"), "--bits", "16"])
     with Image.open(tmp_path / "regions.png") as image:
         np.testing.assert_array_equal(np.asarray(image), np.where(labels == 3, 32768, 65535))
-    maps.run(["feather", "--mask", str(tmp_path / "mask.png"), "--feather-px", "3", "--output", str(tmp_path / "s.png")])
+    maps.run(["feather", "--mask", str(tmp_path / "mask.png"), "--feather-px", "3", "--output",
+              str(tmp_path / "s.png")])
     with Image.open(tmp_path / "s.png") as image:
         expected = feathered_mask(labels == 3, 3)
         np.testing.assert_array_equal(np.asarray(image), np.rint(expected * 255).astype(np.uint8))

@@ -403,7 +403,8 @@ def run_batches(state, module, args, jobs: list, batches: list[list[int]], resul
             images, steps_run = module.edit(
                 pipelines, row_args(loaded[0][0], args), images=[image for _, image, _ in loaded],
                 maps=[map_image for _, _, map_image in loaded], prompts=[job.prompt for job, _, _ in loaded],
-                negative_prompts=[job.negative_prompt for job, _, _ in loaded], seeds=[job.seed for job, _, _ in loaded])
+                negative_prompts=[job.negative_prompt for job, _, _ in loaded],
+                seeds=[job.seed for job, _, _ in loaded])
         except Exception as error:  # noqa: BLE001 - one row's failure must not end the batch
             if len(loaded) == 1:
                 return record(loaded[0][0], loaded[0][0].output, error)

@@ -111,8 +111,9 @@ class Parser(argparse.ArgumentParser):
         raise CliError(f"{message} (see --help)")
 
 
-def real_number(low: float, high: float = math.inf, *, whole: bool = False) -> Callable[[str], float]:
-    """An argparse ``type`` for finite numbers (with ``whole``: ``int``s) from ``low`` to ``high``."""
+def real_number(low: float, high: float | None = None, *, whole: bool = False) -> Callable[[str], float]:
+    """An argparse ``type`` for finite numbers (with ``whole``: ``int``s) from ``low`` to ``high`` (None: no bound)."""
+    high = math.inf if high is None else high
     bounds = f"from {low:g} to {high:g}" if high < math.inf else f"of at least {low:g}"
     wanted = f"a whole number from {low} to {high}" if whole else f"a number {bounds}"
 
@@ -121,7 +122,7 @@ def real_number(low: float, high: float = math.inf, *, whole: bool = False) -> C
             value = int(text) if whole else float(text)
         except ValueError:
             value = math.nan
-        if not (math.isfinite(value) and low <= value <= high):
+        if not (low <= value <= high and math.isfinite(value)):  # in this order: a huge int has no float
             raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}")
         return value
 
@@ -212,11 +213,11 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -
         args.mask = input_path(args.mask, None, "--mask")
     args.image = input_path(args.image, example.image, "--image")
     given_prompt, args.prompt = args.prompt, text_argument(args.prompt, example.prompt, "--prompt")
-    if not args.prompt.strip() and given_prompt != "":  # `--prompt ""` is a choice; a blank prompt file is a slip
-        warn(f"the prompt{'' if given_prompt else ' file'} is blank, so the edit follows no text; pass --prompt TEXT")
     args.negative_prompt = text_argument(args.negative_prompt, example.negative_prompt, "--negative-prompt")
     args.output = _output_path(args, parser)
     resolve_device(args)
+    if not args.prompt.strip() and given_prompt != "":  # `--prompt ""` is a choice; a blank prompt file is a slip
+        warn(f"the prompt{'' if given_prompt else ' file'} is blank, so the edit follows no text; pass --prompt TEXT")
     args.command = shlex.join(["python", display(sys.argv[0]), *argv])
     return args
 
@@ -238,7 +239,7 @@ def text_argument(given: str | None, default: str | PurePath, flag: str) -> str:
     try:
         return Path(default).read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as error:
-        raise CliError(f"cannot read the example text {display(default)} ({one_line(error)}); pass {flag} TEXT") from None
+        raise CliError(f"cannot read {display(default)} ({one_line(error)}); pass {flag} TEXT") from None
 
 
 def resolve_device(args: argparse.Namespace) -> None:
@@ -472,7 +473,7 @@ def make_generator(seed: int):
 
 def families(root: Path = REPO_ROOT) -> dict[str, Path]:
     """``{"sd2": <repo>/SD2/run.py, ...}``: every folder of the repository that holds a run.py, by lower-case name."""
-    return {folder.name.lower(): folder / "run.py" for folder in sorted(root.iterdir()) if (folder / "run.py").is_file()}
+    return {path.parent.name.lower(): path for path in sorted(root.glob("*/run.py"))}
 
 
 def load_family(name: str, root: Path = REPO_ROOT):
