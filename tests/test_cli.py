@@ -698,10 +698,13 @@ def test_set_scheduler(name):
 # Every tool starts from any folder
 
 
-@pytest.mark.parametrize("tool, words", [("maps", "MAKER"), ("fan", "Strength Fan"), ("adherence", "--chart"),
-                                         ("batch", "--family")])
-def test_every_tool_starts_as_a_script_path_from_any_folder(tool, words, tmp_path):
+@pytest.mark.parametrize("tool, argv, words", [
+    ("maps", ["radial", "--width", "8", "--height", "8", "--output", "radial.png"], "radial.png"),
+    ("fan", ["--help"], "Strength Fan"), ("adherence", ["--help"], "--chart"), ("batch", ["--help"], "--family"),
+])
+def test_every_tool_starts_as_a_script_path_from_any_folder(tool, argv, words, tmp_path):
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    done = subprocess.run([sys.executable, str(REPO_ROOT / "tools" / f"{tool}.py"), "--help"], cwd=tmp_path, env=env,
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "tools" / f"{tool}.py"), *argv], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and words in done.stdout and done.stderr == "", done.stderr
+    assert tool != "maps" or (tmp_path / "radial.png").is_file()
