@@ -170,10 +170,10 @@ def _check_stage(pipe, model, flag, super_resolution):
     channels = pipe.unet.config.in_channels
     if super_resolution and channels != 6:
         raise cli.CliError(f"{flag} {model}: is not an IF super-resolution (stage II) model: its UNet reads "
-                           f"{channels} channels, not 6", cli.EXIT_RUN_FAILED)
+                           f"{channels} channels, not 6")
     if not super_resolution and channels != 3:
         raise cli.CliError(f"{flag} {model}: is not an IF stage I model: its UNet reads {channels} channels, not 3; "
-                           "a stage II model goes to --stage2-model", cli.EXIT_RUN_FAILED)
+                           "a stage II model goes to --stage2-model")
 
 
 def edit(pipelines, args, *, images, maps, prompts, negative_prompts, seeds, on_stage=None):

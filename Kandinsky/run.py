@@ -46,15 +46,15 @@ def build_parser():
         f"(default: {DEFAULT_PRIOR})",
     )
     group.add_argument(
-        "--prior-steps", type=cli._integer(2, cli.MAX_STEPS), default=25, metavar="N",
+        "--prior-steps", type=cli.whole_number(2, cli.MAX_STEPS), default=25, metavar="N",
         help=f"denoising steps of the prior, 2 to {cli.MAX_STEPS}: its UnCLIP scheduler needs two (default: 25)",
     )
     group.add_argument(
-        "--prior-guidance-scale", type=cli._real(0.0), default=4.0, metavar="G",
+        "--prior-guidance-scale", type=cli.real_number(0), default=4.0, metavar="G",
         help="classifier-free guidance scale of the prior, at least 0; 1 or less turns it off (default: 4)",
     )
     group.add_argument(
-        "--image-weight", type=cli._real(0.0, 1.0), default=0.0, metavar="W",
+        "--image-weight", type=cli.real_number(0, 1), default=0.0, metavar="W",
         help="condition on the input image as well as the prompt: the target embedding is W * CLIP(image) + "
         "(1 - W) * prior(prompt), as the prior's interpolate mixes them; 0.3 keeps more of the image's look "
         "(default: 0, the prompt alone)",
@@ -69,7 +69,7 @@ def build_parser():
 
 
 def _image_side(text: str) -> int:
-    value = cli._integer(SIZE_MULTIPLE, MAX_SIZE)(text)
+    value = cli.whole_number(SIZE_MULTIPLE, MAX_SIZE)(text)
     if value % SIZE_MULTIPLE:
         below = value // SIZE_MULTIPLE * SIZE_MULTIPLE
         raise argparse.ArgumentTypeError(

@@ -40,6 +40,8 @@ def load_pipelines(args):
 
 def edit(pipe, args, *, images, maps, prompts, negative_prompts, seeds):
     """Edits a batch (lists of equal length) with the sampling settings in `args`; returns (images, steps run)."""
+    for image in images:  # the pipeline rounds sizes down to whole latent cells: a smaller image has none
+        cli.check_image_size(image, pipe.vae_scale_factor)
     result = pipe(
         prompt=prompts,
         negative_prompt=[text or "" for text in negative_prompts],

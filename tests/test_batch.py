@@ -4,6 +4,8 @@ The reference run is a single process in a subprocess, one row per pipeline call
 row for row. Quick runs call ``batch.run`` in this process, where the tiny model loads in a fraction of a second.
 """
 
+import contextlib
+import errno
 import json
 import os
 import signal
@@ -121,7 +123,7 @@ def test_two_processes_give_the_same_images_row_for_row(reference, sd_dir, jobs,
 def recording_edits(monkeypatch, fail_on_prompt=None):
     """Makes ``batch`` record the rows of every pipeline call, and fail a call holding ``fail_on_prompt``."""
     calls = []
-    load_family = batch.load_family
+    load_family = cli.load_family
 
     def load(family):
         module = load_family(family)
@@ -130,13 +132,13 @@ def recording_edits(monkeypatch, fail_on_prompt=None):
         def recorded(pipe, args, **rows):
             calls.append(list(rows["prompts"]))
             if fail_on_prompt in rows["prompts"]:
-                raise RuntimeError("boom")
+                raise (KeyboardInterrupt() if fail_on_prompt == "stop" else RuntimeError("boom"))
             return edit(pipe, args, **rows)
 
         monkeypatch.setattr(module, "edit", recorded)
         return module
 
-    monkeypatch.setattr(batch, "load_family", load)
+    monkeypatch.setattr(cli, "load_family", load)
     return calls
 
 
@@ -206,10 +208,10 @@ def test_bad_rows_are_listed_by_line_and_nothing_runs(jobs, tmp_path, capsys):
         (6, "steps must be a whole number from 1 to 1000, got '0'"),
         (7, "no prompt"), (7, "seed must be a whole number"),
         (10, "is also written by line 8"),  # the quoted prompt spans lines 8 and 9
-        (11, "map.png is the map of line 2; inputs are never overwritten"),
-        (12, "not an image"), (12, "must end with .png"),
+        (11, "lies outside --output-dir"),
+        (12, "not an image"), (12, "ending with .png"),
     ]
-    prefix = f"{cli._display(jobs.parent / 'bad.csv')}:"
+    prefix = f"{cli.display(jobs.parent / 'bad.csv')}:"
     for line, fragment in expected:
         assert any(text.startswith(f"{prefix}{line}: ") and fragment in text for text in lines), (line, fragment)
     assert {int(text[len(prefix):].split(":")[0]) for text in lines} == {3, 5, 6, 7, 10, 11, 12}
@@ -250,7 +252,7 @@ def test_a_row_gives_what_run_py_gives(reference, sd_dir, jobs, tmp_path, monkey
     output = tmp_path / "run.png"
     monkeypatch.setattr(sys, "argv", ["SD2/run.py", "--model", str(sd_dir), "--device", "cpu", "--steps", str(STEPS),
                                       "--prompt", prompt, *flags, "--output", str(output)])
-    batch.load_family("sd2").run()
+    cli.load_family("sd2").run()
     assert np.array_equal(pixels(output), pixels(reference / row))
     with Image.open(output) as alone, Image.open(reference / row) as written:
         assert alone.text["negative_prompt"] == written.text["negative_prompt"] != ""  # the same default
@@ -264,7 +266,8 @@ def test_skip_bad_rows_runs_the_others(reference, sd_dir, jobs, tmp_path):
     assert batch.run(batch_args(sd_dir, jobs.parent / "some_bad.csv", tmp_path, "--skip-bad-rows")) == 0
     summary = summary_of(tmp_path)
     assert (summary["done"], summary["bad"]) == (1, 1)
-    assert summary["bad_rows"][0]["line"] == 3 and "no such file" in summary["bad_rows"][0]["problems"][0]
+    bad = [row for row in summary["results"] if row["status"] == "bad"]
+    assert [row["line"] for row in bad] == [3] and "no such file" in bad[0]["reason"]
     assert np.array_equal(pixels(tmp_path / "0001-photo0.png"), pixels(reference / "0001-photo0.png"))
 
 
@@ -285,9 +288,9 @@ def test_a_failing_row_is_reported_and_the_others_go_on(reference, sd_dir, jobs,
     assert batch.run(batch_args(sd_dir, folder / "failing.csv", tmp_path, "--batch-size", 4)) == cli.EXIT_RUN_FAILED
     summary = summary_of(tmp_path)
     assert (summary["done"], summary["failed"]) == (2, 3)
-    reasons = {failure["line"]: failure["reason"] for failure in summary["failures"]}
+    reasons = {row["line"]: row["reason"] for row in summary["results"] if row["status"] == "failed"}
     assert reasons[3] == "RuntimeError: boom"
-    assert "truncated.png" in reasons[4] and "must hold values in [0, 1]" in reasons[5]
+    assert "truncated.png" in reasons[4] and "too_bright.tiff" in reasons[5] and "[0, 1]" in reasons[5]
     output = capsys.readouterr()
     assert all(f"failing.csv:{line}: failed: " in output.err for line in (3, 4, 5))
     assert "2 done, 0 skipped (already done), 3 failed of 5 rows" in output.out
@@ -333,11 +336,11 @@ def test_a_mask_row_is_its_feathered_map_whatever_invert_map(sd_dir, jobs, tmp_p
 def test_an_unwritable_output_folder_is_one_clear_error(sd_dir, jobs, tmp_path, capsys, case):
     if case == "a file in the way":
         (tmp_path / "taken").write_text("")
-        output_dir, fragment = tmp_path / "taken" / "out", "is a file, not a folder"
+        output_dir, fragment = tmp_path / "taken" / "out", "cannot write into it"
     else:
         if os.geteuid() == 0:
             pytest.skip("permission bits do not stop root")
-        output_dir, fragment = tmp_path / "locked", "is not writable"
+        output_dir, fragment = tmp_path / "locked", "cannot write into it"
         output_dir.mkdir(mode=0o555)
     with pytest.raises(SystemExit) as exit_info:
         cli.main(lambda: batch.run(batch_args(sd_dir, jobs, output_dir)))
@@ -346,12 +349,15 @@ def test_an_unwritable_output_folder_is_one_clear_error(sd_dir, jobs, tmp_path, 
     assert len(errors) == 1 and errors[0].startswith("error: --output-dir ") and fragment in errors[0], errors
 
 
+def plan_of(family, *argv):
+    args = batch.parse_args(cli.load_family(family), ["--family", family, *map(str, argv), "--device", "cpu"])
+    with contextlib.ExitStack() as held:
+        return batch.make_plan(args, held)
+
+
 def test_the_example_jobs_file_is_clean(tmp_path):
-    module = batch.load_family("sd2")
     for example in ("batch_jobs.csv", "batch_jobs.jsonl"):
-        args = batch.parse_args(module, ["--family", "sd2", str(REPO_ROOT / "docs" / example), "--output-dir",
-                                         str(tmp_path / example), "--device", "cpu"])
-        plan = batch.make_plan(args)
+        plan = plan_of("sd2", REPO_ROOT / "docs" / example, "--output-dir", tmp_path / example)
         assert plan.bad == [] and sum(map(len, plan.batches)) == plan.rows >= 3
 
 
@@ -359,13 +365,13 @@ def test_family_errors_are_one_line(jobs, tmp_path):
     result = run_script(SCRIPT, jobs, "--output-dir", tmp_path)
     assert result.returncode == 2 and result.stderr.startswith("error: --family is required: one of ")
     assert "sd2" in result.stderr and len(result.stderr.splitlines()) == 1
-    result = run_script(SCRIPT, "--family", "sd3", jobs, "--output-dir", tmp_path)
-    assert result.returncode == 2 and "--family sd3: no model folder" in result.stderr
+    result = run_script(SCRIPT, "--family", "sd9", jobs, "--output-dir", tmp_path)
+    assert result.returncode == 2 and "--family sd9: no model folder" in result.stderr
     result = run_script(SCRIPT, "--family", "sd2", jobs, "--output-dir", tmp_path, "--output", "x.png")
     assert result.returncode == 2 and "--output-dir" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_a_photo_turned_by_its_exif_orientation_batches_by_its_upright_size(tmp_path):
+def test_a_photo_turned_by_its_exif_orientation_batches_by_its_upright_size(sd_dir, tmp_path, monkeypatch):
     test_image().resize((32, 64)).save(tmp_path / "upright.png")
     exif = Image.Exif()
     exif[0x0112] = 6  # stored lying on its side: loading turns it upright, 32 x 64
@@ -374,19 +380,20 @@ def test_a_photo_turned_by_its_exif_orientation_batches_by_its_upright_size(tmp_
     save_map(np.ones((64, 32), np.float32), tmp_path / "map.png")
     (tmp_path / "jobs.csv").write_text("image,map,prompt\nupright.png,map.png,x\nlying.png,map.png,x\n"
                                        "turned.jpg,map.png,x\n")
-    module = batch.load_family("sd2")
-    args = batch.parse_args(module, ["--family", "sd2", str(tmp_path / "jobs.csv"), "--output-dir",
-                                     str(tmp_path / "out"), "--device", "cpu", "--batch-size", "4"])
-    assert batch.make_plan(args).batches == [[0, 2], [1]]
+    sizes = []
+    module = cli.load_family("sd2")
+    monkeypatch.setattr(module, "edit", lambda pipe, args, **rows: (sizes.append([i.size for i in rows["images"]]),
+                                                                    (rows["images"], 0))[1])
+    assert batch.run(batch_args(sd_dir, tmp_path / "jobs.csv", tmp_path / "out", "--batch-size", "4")) == 0
+    assert sorted(sizes) == [[(32, 64)], [(32, 64)], [(64, 32)]]  # one call per upright size, never mixed
 
 
-@pytest.mark.parametrize("family", sorted(batch.families()))
+@pytest.mark.parametrize("family", sorted(cli.families()))
 def test_every_model_folder_takes_the_batch_flags(family, jobs, tmp_path):
-    module = batch.load_family(family)
-    args = batch.parse_args(module, ["--family", family, str(jobs), "--output-dir", str(tmp_path), "--device", "cpu",
-                                     "--batch-size", "2", "--seed", "5"])
+    args = batch.parse_args(cli.load_family(family), ["--family", family, str(jobs), "--output-dir", str(tmp_path),
+                                                      "--device", "cpu", "--batch-size", "2", "--seed", "5"])
     assert (args.family, args.batch_size, args.seed, args.output_dir) == (family, 2, 5, tmp_path)
-    plan = batch.make_plan(args)  # checks rows against this model's defaults; loads no model
+    plan = plan_of(family, jobs, "--output-dir", tmp_path, "--batch-size", 2)  # checks rows; loads no model
     assert plan.bad == [] and sum(map(len, plan.batches)) == 12
 
 
@@ -400,7 +407,7 @@ MODEL_FLAGS = {  # the tiny models of each family, as conftest saves them, and t
 }
 
 
-@pytest.mark.parametrize("family", sorted(set(MODEL_FLAGS) & set(batch.families())))
+@pytest.mark.parametrize("family", sorted(set(MODEL_FLAGS) & set(cli.families())))
 def test_every_model_edits_a_row_as_its_run_py_does(family, jobs, tmp_path, monkeypatch, request):
     models = [str(flag) for flag in MODEL_FLAGS[family](request.getfixturevalue)]
     folder = jobs.parent
@@ -413,6 +420,96 @@ def test_every_model_edits_a_row_as_its_run_py_does(family, jobs, tmp_path, monk
                                       "--image", str(folder / "photo1.png"), "--mask", str(folder / "mask.png"),
                                       "--feather", "3", "--prompt", "a blue sky", "--seed", "2",
                                       "--output", str(tmp_path / "run.png")])
-    batch.load_family(family).run()
+    cli.load_family(family).run()
     assert np.array_equal(pixels(tmp_path / "run.png"), pixels(tmp_path / "0002-photo1.png"))
     assert summary_of(tmp_path)["done"] == 2
+
+
+def test_an_output_is_inside_the_output_folder_and_never_an_input(jobs, tmp_path, capsys):
+    folder = jobs.parent
+    (folder / "places.csv").write_text(
+        "image,map,prompt,output\n"
+        "photo0.png,map.png,x,map.png\n"  # the output folder is the inputs' folder here
+        "photo0.png,map.png,x,../escaped.png\n"
+        f"photo0.png,map.png,x,{tmp_path / 'elsewhere.png'}\n"
+        "photo0.png,map.png,x,sub/../inside.png\n"
+    )
+    with pytest.raises(cli.CliError, match="3 bad rows"):
+        batch.run(batch_args("no/such/model", folder / "places.csv", folder))
+    errors = capsys.readouterr().err
+    assert "map.png is the map of line 2; inputs are never overwritten" in errors and ":2: output " in errors
+    assert ":3: output ../escaped.png: lies outside --output-dir" in errors and ":4: output /" in errors
+    assert ":5:" not in errors and not (folder.parent / "escaped.png").exists()
+
+
+def quick_jobs(folder, rows=3):
+    (folder / "quick.csv").write_text("image,map,prompt,seed\n" + "".join(
+        f"photo{n % 2}.png,map.png,{'stop' if n == 1 else 'a red apple'},{n}\n" for n in range(rows)))
+    return folder / "quick.csv"
+
+
+def test_a_second_batch_into_the_same_folder_is_refused_but_a_dead_ones_lock_is_not(sd_dir, jobs, tmp_path, capsys):
+    argv = batch_args(sd_dir, quick_jobs(jobs.parent, rows=1), tmp_path)
+    with batch.locked(tmp_path):  # a batch at work in this folder
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(lambda: batch.run(argv))
+    errors = capsys.readouterr().err.splitlines()
+    assert exit_info.value.code == 2 and len(errors) == 1
+    assert f"another batch (process {os.getpid()}) is writing into it" in errors[0]
+    assert not list(tmp_path.glob("*.png"))
+    killed = ("import os, pathlib, sys; from tools import batch; batch.locked(pathlib.Path(sys.argv[1])).__enter__(); "
+              "os.kill(os.getpid(), 9)")
+    subprocess.run([sys.executable, "-c", killed, str(tmp_path)], cwd=REPO_ROOT, timeout=120)
+    assert (tmp_path / batch.LOCK_NAME).read_text().strip() != str(os.getpid())  # the killed process's pid
+    assert batch.run(argv) == 0 and summary_of(tmp_path)["done"] == 1
+
+
+def test_after_ctrl_c_the_summary_holds_what_was_done_and_a_rerun_finishes(sd_dir, jobs, tmp_path, monkeypatch):
+    argv = batch_args(sd_dir, quick_jobs(jobs.parent), tmp_path)
+    recording_edits(monkeypatch, fail_on_prompt="stop")  # Ctrl-C during the second row
+    with pytest.raises(KeyboardInterrupt):
+        batch.run(argv)
+    summary = summary_of(tmp_path)
+    assert summary["interrupted"] and (summary["done"], summary["rows"]) == (1, 3)
+    assert [row["line"] for row in summary["results"] if row["status"] == "done"] == [2]
+    monkeypatch.undo()
+    assert batch.run(argv) == 0
+    summary = summary_of(tmp_path)
+    assert (summary["skipped"], summary["done"], summary["interrupted"]) == (1, 2, False)
+
+
+class DiskFullAfter:
+    """A file that takes ``room`` bytes and then fails as a full disk does."""
+
+    def __init__(self, file, room):
+        self.file, self.room = file, room
+
+    def write(self, data):
+        self.file.write(bytes(data[: self.room]))
+        self.room -= min(self.room, len(data))
+        if self.room == 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return len(data)
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+
+def test_a_write_that_fails_part_way_leaves_no_half_file_and_the_old_summary(sd_dir, jobs, tmp_path, monkeypatch):
+    folder = jobs.parent
+    (folder / "two.csv").write_text("image,map,prompt,seed\nphoto0.png,map.png,a,1\nphoto1.png,map.png,b,2\n")
+    assert batch.run(batch_args(sd_dir, folder / "two.csv", tmp_path)) == 0
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()}
+    (folder / "two.csv").write_text("image,map,prompt,seed\nphoto0.png,map.png,a,1\nphoto1.png,map.png,b,2\n"
+                                    "photo1.png,map.png,c,3\n")
+    monkeypatch.setattr(cli, "open", lambda path, mode: DiskFullAfter(open(path, mode), room=100), raising=False)
+    with pytest.raises(cli.CliError, match=r"cannot write .*summary.json: .*No space left on device"):
+        batch.run(batch_args(sd_dir, folder / "two.csv", tmp_path, "--overwrite"))
+    after = {path.name: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()}
+    assert after == before  # the two results and summary.json as they were; no third file, no .partial file

@@ -13,7 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from tools.maps import depth_map, feathered_mask, linear_gradient, main, radial, region_map, save_map
+from tools import maps
+from tools.maps import depth_map, feathered_mask, linear_gradient, radial, region_map, save_map
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -459,14 +460,22 @@ def test_save_map_rejects_bad_arguments(tmp_path, array, name, bits):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def run_main(argv, capsys):
+    """``python -m tools.maps ARGV`` in this process: (exit status, stdout, stderr)."""
+    with pytest.raises(SystemExit) as exit_info:
+        maps.main([str(arg) for arg in argv])
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err
+
+
 def test_cli_gradient_like_an_image(tmp_path, capsys):
     Image.new("RGB", (24, 10)).save(tmp_path / "photo.png")
     output = tmp_path / "gradient.png"
-    assert main(["gradient", "--like", str(tmp_path / "photo.png"), "--angle", "180", "--output", str(output)]) == 0
+    assert run_main(["gradient", "--like", tmp_path / "photo.png", "--angle", "180", "--output", output], capsys) == (
+        0, f"{output}\n", "")
     with Image.open(output) as image:
         expected = np.rint(linear_gradient(24, 10, 180) * 255).astype(np.uint8)
         np.testing.assert_array_equal(np.asarray(image), expected)
-    assert str(output) in capsys.readouterr().out
 
 
 def test_cli_regions_and_feather_in_16_bit(tmp_path):
@@ -475,27 +484,80 @@ def test_cli_regions_and_feather_in_16_bit(tmp_path):
     Image.fromarray(labels).save(tmp_path / "labels.png")
     Image.fromarray(labels * 85).save(tmp_path / "mask.png")  # 3 * 85 = 255: white = fill
     arguments = ["--labels", str(tmp_path / "labels.png"), "--strength", "0=0", "--strength", "3=0.5"]
-    assert main(["regions", *arguments, "--output", str(tmp_path / "regions.png"), "--bits", "16"]) == 0
+    maps.run(["regions", *arguments, "--output", str(tmp_path / "regions.png"), "--bits", "16"])
     with Image.open(tmp_path / "regions.png") as image:
         np.testing.assert_array_equal(np.asarray(image), np.where(labels == 3, 32768, 65535))
-    feather = ["feather", "--mask", str(tmp_path / "mask.png"), "--feather-px", "3"]
-    assert main([*feather, "--output", str(tmp_path / "soft.png")]) == 0
-    with Image.open(tmp_path / "soft.png") as image:
+    maps.run(["feather", "--mask", str(tmp_path / "mask.png"), "--feather-px", "3", "--output",
+              str(tmp_path / "s.png")])
+    with Image.open(tmp_path / "s.png") as image:
         expected = feathered_mask(labels == 3, 3)
         np.testing.assert_array_equal(np.asarray(image), np.rint(expected * 255).astype(np.uint8))
 
 
-def test_cli_errors_are_one_line(tmp_path, capsys):
+BAD_COMMANDS = {  # every one refused in one line, exit status 2, before anything is drawn or written
+    "the output is the --like image": (["gradient", "--like", "photo.png", "--output", "photo.png", "--overwrite"],
+                                       "--output photo.png is the --like file; inputs are never overwritten"),
+    "the output is the mask": (["feather", "--mask", "mask.png", "--feather-px", "2", "--output", "mask.png",
+                                "--overwrite"], "is the --mask file"),
+    "the output is the labels": (["regions", "--labels", "mask.png", "--strength", "0=1", "--output", "mask.png",
+                                  "--overwrite"], "is the --labels file"),
+    "the output is the photo": (["depth", "--image", "photo.png", "--output", "photo.png", "--overwrite"],
+                                "is the --image file"),
+    "an existing output": (["radial", "--width", "8", "--height", "8", "--output", "taken.png"],
+                           "taken.png already exists; pass --overwrite"),
+    "a huge map": (["gradient", "--width", "100000", "--height", "100000", "--output", "g.png"],
+                   "--width: must be a whole number from 1 to 8192, got '100000'"),
+    "a huge mask": (["feather", "--mask", "wide.png", "--feather-px", "3", "--output", "f.png"],
+                    "--mask wide.png: is 8193x1 pixels, more than 8192 on a side"),
+    "a typo of a feather": (["feather", "--mask", "mask.png", "--feather-px", "1e9", "--output", "f.png"],
+                            "--feather-px: must be a number from 0 to 100000, got '1e9'"),
+    "no size": (["fan", "--width", "8", "--output", "f.png"], "give either --like IMAGE or both --width and --height"),
+    "a missing mask": (["feather", "--mask", "nope.png", "--feather-px", "3", "--output", "f.png"],
+                       "--mask nope.png: no such file"),
+    "radii the wrong way round": (["radial", "--width", "8", "--height", "8", "--inner-radius", "5",
+                                   "--outer-radius", "4", "--output", "r.png"], "--outer-radius (4.0) must be >= "
+                                  "--inner-radius (5.0)"),
+    "a label without strength": (["regions", "--labels", "labels.png", "--strength", "0=1", "--output", "r.png"],
+                                 "Labels [3] appear in the label image but have no strength; --strength covers [0]"),
+    "a strength beyond 1": (["regions", "--labels", "labels.png", "--strength", "3=2", "--output", "r.png"],
+                            "--strength: must be LABEL=STRENGTH with a strength from 0 to 1"),
+    "no maker": ([], "required: MAKER"),
+    "not a png": (["fan", "--width", "8", "--height", "8", "--output", "fan.jpg"], "--output fan.jpg: give a .png"),
+}
+
+
+@pytest.mark.parametrize("argv, message", BAD_COMMANDS.values(), ids=BAD_COMMANDS.keys())
+def test_cli_errors_are_one_line_and_leave_every_file_alone(tmp_path, monkeypatch, capsys, argv, message):
+    monkeypatch.chdir(tmp_path)
+    Image.new("RGB", (24, 10), "red").save("photo.png")
+    Image.new("L", (24, 10), 255).save("mask.png")
+    Image.new("L", (8193, 1)).save("wide.png")
+    labels = np.zeros((4, 4), np.uint8)
+    labels[1:3, 1:3] = 3
+    Image.fromarray(labels).save("labels.png")
+    Path("taken.png").write_bytes(b"the user's file")
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    code, out, err = run_main(argv, capsys)
+    assert (code, out) == (2, "") and err.startswith("error: ") and len(err.splitlines()) == 1, err
+    assert message in err and "`" not in err, err
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
+
+
+def test_cli_overwrite_replaces_an_output(tmp_path, capsys):
     output = tmp_path / "taken.png"
     output.write_bytes(b"x")
-    assert main(["radial", "--width", "8", "--height", "8", "--output", str(output)]) == 1
-    assert main(["radial", "--width", "8", "--height", "8", "--output", str(output), "--overwrite"]) == 0
-    assert main(["gradient", "--width", "0", "--height", "8", "--output", str(tmp_path / "g.png")]) == 1
-    assert main(["regions", "--labels", str(tmp_path / "missing.png"), "--strength", "0=1",
-                 "--output", str(tmp_path / "r.png")]) == 1
-    errors = capsys.readouterr().err.strip().splitlines()
-    assert len(errors) == 3 and all(line.startswith("error: ") for line in errors)
-    assert "already exists" in errors[0] and "width" in errors[1] and "missing.png" in errors[2]
+    assert run_main(["radial", "--width", 8, "--height", 8, "--output", output, "--overwrite"], capsys)[0] == 0
+    with Image.open(output) as image:
+        np.testing.assert_array_equal(np.asarray(image), np.rint(radial(8, 8) * 255).astype(np.uint8))
+
+
+def test_cli_help_shows_defaults_and_every_flag(capsys):
+    for maker, flags in [("gradient", ["--angle", "--start", "--end", "--like"]), ("radial", ["--inner-radius"]),
+                         ("fan", ["--sectors"]), ("feather", ["--grow-px"]), ("regions", ["--labels"]),
+                         ("depth", ["--near", "--prediction", "--model"])]:
+        code, out, _ = run_main([maker, "--help"], capsys)
+        assert code == 0 and all(flag in out for flag in [*flags, "--output", "--bits", "--overwrite"]), maker
+        assert "bits per pixel of the PNG" in out and "(default: 8)" in " ".join(out.split())
 
 
 def test_cli_runs_as_a_module(tmp_path):

@@ -149,19 +149,20 @@ def run_main(argv, monkeypatch, capsys, cwd):
         ("stage II hub model offline", ["--stage2-model", "someone/not-cached-sr"], 1, "--stage2-model PATH"),
         ("stage III hub model offline", ["--stages", "3", "--stage3-model", "someone/not-cached-x4"], 1,
          "--stage3-model PATH"),
-        ("stage II model as stage I", ["--model", "{stage2}"], 1, "--model"),
+        ("stage II model as stage I", ["--model", "{stage2}"], 2, "--model"),
         ("stage I model as stage II", ["--stage2-model", "{stage1}"], 1, "--stage2-model"),
-        ("upscaler as stage II", ["--stage2-model", "{upscaler}"], 1, "--stage2-model"),
-        ("stage II as upscaler", ["--stages", "3", "--stage3-model", "{stage2}"], 1, "--stage3-model"),
-        ("a folder that is no pipeline", ["--model", "{stage1}/unet"], 2, "no model_index.json"),
+        ("upscaler as stage II", ["--stage2-model", "{upscaler}"], 2, "--stage2-model {upscaler}: an x4 upscaler"),
+        ("stage II as upscaler", ["--stages", "3", "--stage3-model", "{stage2}"], 2, "a DeepFloyd IF checkpoint"),
+        ("an SD checkpoint as stage I", ["--model", "{sd}"], 2, "an SD 1.x/2.x checkpoint"),
+        ("a folder that is no pipeline", ["--model", "{stage1}/unet"], 1, "model_index.json"),
     ],
 )
-def test_bad_input_gives_one_line_naming_the_flag(models, inputs, upscaler_dir, tmp_path, monkeypatch, capsys, case,
-                                                   extra, code, message):
+def test_bad_input_gives_one_line_naming_the_flag(models, inputs, upscaler_dir, sd_dir, tmp_path, monkeypatch, capsys,
+                                                   case, extra, code, message):
     image, map_path = inputs
     before = {path: path.read_bytes() for path in inputs}
-    folders = {"stage1": models[1], "stage2": models[3], "upscaler": upscaler_dir}
-    extra = [value.format(**folders) for value in extra]
+    folders = {"stage1": models[1], "stage2": models[3], "upscaler": upscaler_dir, "sd": sd_dir}
+    extra, message = [value.format(**folders) for value in extra], message.format(**folders)
     argv = [*short_run(models, inputs, "--stages", "2"), "--output", tmp_path / "out.png", *extra]
     exit_code, out, errors = run_main(argv, monkeypatch, capsys, tmp_path)
     assert exit_code == code and len(errors) == 1 and message in errors[0], errors

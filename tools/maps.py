@@ -10,7 +10,8 @@ the project's default convention:
 Pipelines read the opposite convention (white = change, as ComfyUI, A1111 soft inpainting and most inpainting masks
 do) only with `invert_map=True` / `--invert-map`.
 
-Command line (one maker per call, the result is written as a grayscale PNG):
+Command line (one maker per call, the result is written as a grayscale PNG), from the repository root with
+`python -m tools.maps ...`, or from anywhere with `python path/to/tools/maps.py ...`:
 
     python -m tools.maps gradient --like assets/input.jpg --angle 0 --output gradient.png
     python -m tools.maps radial --width 512 --height 512 --outer-radius 200 --output radial.png
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -32,6 +34,11 @@ from typing import Mapping
 
 import numpy as np
 from PIL import Image
+
+if __package__ in (None, ""):  # started as a script path (python tools/maps.py): make `tools` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tools import cli  # noqa: E402
 
 DEFAULT_DEPTH_MODEL = "depth-anything/Depth-Anything-V2-Small-hf"
 
@@ -303,16 +310,37 @@ def _distance_to_region(region: np.ndarray, max_distance: float) -> np.ndarray:
     """Exact Euclidean distance (float64, pixels) from each pixel centre to the nearest `True` pixel centre.
 
     Distances up to `max_distance` are exact; larger ones are returned as `inf` (as is everything when `region` is
-    empty). Two separable passes: the distance within each row, then, down each column, the minimum of
-    `row_distance[k]² + (i - k)²`. Only rows with `|i - k| <= max_distance` can reach a pixel that close, which keeps
-    the cost at O(height × width × max_distance).
+    empty). Two separable passes: the distance within each row, then, down each column, the lower envelope of one
+    parabola `row_distance[k]² + (i - k)²` per row k (Felzenszwalb & Huttenlocher, "Distance Transforms of Sampled
+    Functions", 2012), built for all columns at once. The cost is O(height × width), whatever `max_distance`.
     """
     squared = _distance_within_rows(region) ** 2
-    best = squared.copy()
-    for offset in range(1, int(min(max_distance, region.shape[0] - 1)) + 1):
-        shifted = squared + offset**2
-        np.minimum(best[offset:], shifted[:-offset], out=best[offset:])
-        np.minimum(best[:-offset], shifted[offset:], out=best[:-offset])
+    rows = np.flatnonzero(np.isfinite(squared[:, 0]))  # a row holds a region pixel in every column, or in none
+    if rows.size == 0:
+        return np.full(region.shape, np.inf)
+    columns = np.arange(region.shape[1])
+    apex = np.empty((rows.size, region.shape[1]), np.int64)  # per column, the rows of the envelope's parabolas...
+    begins = np.empty((rows.size, region.shape[1]))  # ...and where each becomes the lowest
+    top = np.zeros(region.shape[1], np.int64)  # the last parabola of each column's envelope
+    apex[0], begins[0] = rows[0], -np.inf
+
+    def crossing(k):  # where row k's parabola drops below the envelope's last one
+        last = apex[top, columns]
+        return (squared[k] - squared[last, columns] + k * k - last.astype(np.float64) ** 2) / (2.0 * (k - last))
+
+    for k in rows[1:]:
+        start = crossing(k)
+        while (hidden := start <= begins[top, columns]).any():  # parabolas that k's lies below from their start on
+            top -= hidden
+            start = crossing(k)
+        top += 1
+        apex[top, columns], begins[top, columns] = k, start
+    best, lowest = np.empty(region.shape), np.zeros(region.shape[1], np.int64)
+    for i in range(region.shape[0]):
+        while (later := (lowest < top) & (begins[np.minimum(lowest + 1, top), columns] < i)).any():
+            lowest += later
+        nearest = apex[lowest, columns]
+        best[i] = squared[nearest, columns] + (i - nearest.astype(np.float64)) ** 2
     distance = np.sqrt(best)
     distance[distance > max_distance] = np.inf
     return distance
@@ -478,7 +506,7 @@ def _normalise(values: np.ndarray) -> np.ndarray:
 
 
 def save_map(array, path: str | os.PathLike, bits: int = 8, overwrite: bool = False) -> Path:
-    """Write a map as a grayscale PNG, value for value (no change of convention).
+    """Write a map as a grayscale PNG, value for value (no change of convention), atomically.
 
     Args:
         array (`np.ndarray` or `torch.Tensor` of shape (height, width), values in [0, 1]): the map.
@@ -500,14 +528,9 @@ def save_map(array, path: str | os.PathLike, bits: int = 8, overwrite: bool = Fa
     if path.suffix.lower() != ".png":
         raise ValueError(f"Maps are saved as PNG; `path` must end in .png, got {str(path)!r}.")
     image = _map_image(array, bits)
-
-    # Mode "x" creates the file only if it does not exist, with no window between the check and the write.
-    try:
-        with open(path, "wb" if overwrite else "xb") as file:
-            image.save(file, format="PNG")
-    except FileExistsError:
-        raise FileExistsError(f"{path} already exists; pass overwrite=True (--overwrite) to replace it.") from None
-    return path
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; pass overwrite=True (--overwrite) to replace it.")
+    return cli.write_png(image, path, overwrite=overwrite)
 
 
 def _map_image(array, bits: int) -> Image.Image:
@@ -526,114 +549,123 @@ def _map_image(array, bits: int) -> Image.Image:
 # Command line
 # ----------------------------------------------------------------------------------------------------------------------
 
-
-def _size_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--width", type=int, help="map width in pixels")
-    parser.add_argument("--height", type=int, help="map height in pixels")
-    parser.add_argument("--like", type=Path, metavar="IMAGE", help="take width and height from this image")
+MAX_SIDE = 8192  # the largest side any model here works at; a map of 8192 x 8192 takes about 2 GB to draw
 
 
-def _map_size(args) -> tuple[int, int]:
-    if args.like is not None:
-        if args.width is not None or args.height is not None:
-            raise ValueError("Give either --like or --width/--height, not both.")
-        with Image.open(args.like) as image:
-            return image.size
-    if args.width is None or args.height is None:
-        raise ValueError("Give --width and --height, or --like IMAGE.")
-    return args.width, args.height
-
-
-def _label_strength(text: str) -> tuple[int, float]:
-    label, separator, strength = text.partition("=")
-    try:
-        if not separator:
-            raise ValueError
-        return int(label), float(strength)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected LABEL=STRENGTH such as 2=0.5, got {text!r}") from None
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli.Parser(
         prog="python -m tools.maps",
         description="Draw a keep map (1 = white = keep, 0 = black = change fully) and save it as a grayscale PNG.",
+        epilog="Exit status: 0 done, 1 the run failed, 2 bad arguments or input files. "
+        "'python -m tools.maps MAKER --help' lists a maker's flags.",
     )
     makers = parser.add_subparsers(dest="maker", required=True, metavar="MAKER")
+    unit, side = cli.real_number(0, 1), cli.whole_number(1, MAX_SIDE)
+    pixels, anywhere = cli.real_number(0, cli.MAX_FEATHER_PX), cli.real_number(-math.inf)
 
-    gradient = makers.add_parser("gradient", help="linear ramp at any angle")
-    _size_arguments(gradient)
-    gradient.add_argument("--angle", type=float, default=0.0, help="degrees, counterclockwise; 0 = left to right")
-    gradient.add_argument("--start", type=float, default=0.0, help="keep value where the ramp starts (default 0)")
-    gradient.add_argument("--end", type=float, default=1.0, help="keep value where the ramp ends (default 1)")
+    def maker(name, help, *, sized=True):
+        add = makers.add_parser(name, help=help, description=help).add_argument
+        if sized:
+            add("--width", type=side, help=f"map width in pixels, 1 to {MAX_SIDE} (or --like)")
+            add("--height", type=side, help=f"map height in pixels, 1 to {MAX_SIDE} (or --like)")
+            add("--like", type=Path, metavar="IMAGE", help="take width and height from this image")
+        return add
 
-    circle = makers.add_parser("radial", help="function of the distance from a centre")
-    _size_arguments(circle)
-    circle.add_argument("--center", type=float, nargs=2, metavar=("X", "Y"), help="default: image centre")
-    circle.add_argument("--inner-radius", type=float, default=0.0)
-    circle.add_argument("--outer-radius", type=float, help="default: half the shorter side")
-    circle.add_argument("--inside", type=float, default=0.0, help="keep value at the centre (default 0)")
-    circle.add_argument("--outside", type=float, default=1.0, help="keep value far away (default 1)")
-
-    fan = makers.add_parser("fan", help="Strength Fan: strength 0 to 1 by angle around the centre")
-    _size_arguments(fan)
-    fan.add_argument("--sectors", type=int, default=8, help="number of sectors, 2 to 100 (default 8)")
-
-    feather = makers.add_parser("feather", help="soft inpainting map from a mask (white = fill)")
-    feather.add_argument("--mask", type=Path, required=True, help="binary mask, white = region to fill")
-    feather.add_argument("--feather-px", type=float, required=True, help="width of the soft band in pixels")
-    feather.add_argument("--grow-px", type=float, default=0.0, help="grow the region first, in pixels")
-
-    regions = makers.add_parser("regions", help="one strength per label of a label image")
-    regions.add_argument("--labels", type=Path, required=True, help="single-channel label image (L, P or I;16)")
-    regions.add_argument(
-        "--strength", type=_label_strength, action="append", required=True, metavar="LABEL=S",
-        help="strength for a label, 0 = keep, 1 = change fully; repeat for every label",
-    )
-
-    depth = makers.add_parser("depth", help="keep or change by estimated depth")
-    depth.add_argument("--image", type=Path, required=True)
-    depth.add_argument("--model", default=DEFAULT_DEPTH_MODEL, help="Hub id or local folder")
-    depth.add_argument("--near", choices=("keep", "change"), default="keep")
-    depth.add_argument("--prediction", choices=("auto", "disparity", "depth"), default="auto")
-
-    for maker in makers.choices.values():
-        maker.add_argument("--output", type=Path, required=True, help="PNG to write")
-        maker.add_argument("--bits", type=int, choices=(8, 16), default=8)
-        maker.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    add = maker("gradient", "linear ramp at any angle")
+    add("--angle", type=anywhere, default=0.0, help="direction in degrees, counterclockwise; 0 runs left to right, "
+        "90 bottom to top (default: 0)")
+    add("--start", type=unit, default=0.0, help="keep value where the ramp starts, 0 to 1 (default: 0)")
+    add("--end", type=unit, default=1.0, help="keep value where the ramp ends, 0 to 1 (default: 1)")
+    add = maker("radial", "function of the distance from a centre")
+    add("--center", type=anywhere, nargs=2, metavar=("X", "Y"), help="centre in pixels (default: the image centre)")
+    add("--inner-radius", type=pixels, default=0.0, help="pixels this close get --inside (default: 0)")
+    add("--outer-radius", type=pixels, help="pixels this far get --outside (default: half the shorter side)")
+    add("--inside", type=unit, default=0.0, help="keep value at the centre, 0 to 1 (default: 0)")
+    add("--outside", type=unit, default=1.0, help="keep value far away, 0 to 1 (default: 1)")
+    add = maker("fan", "Strength Fan: strength 0 to 1 by angle around the centre")
+    add("--sectors", type=cli.whole_number(2, MAX_FAN_SECTORS), default=8, help=f"number of sectors, 2 to "
+        f"{MAX_FAN_SECTORS} (default: 8)")
+    add = maker("feather", "soft inpainting map from a mask (white = fill)", sized=False)
+    add("--mask", type=Path, required=True, help="inpainting mask, white (half its range and up) = region to fill")
+    add("--feather-px", type=pixels, required=True, help="width of the soft band around the region, in pixels")
+    add("--grow-px", type=pixels, default=0.0, help="grow the region first, in pixels (default: 0)")
+    add = maker("regions", "one strength per label of a label image", sized=False)
+    add("--labels", type=Path, required=True, help="single-channel label image (L, P or I;16)")
+    add("--strength", type=_label_strength, action="append", required=True, metavar="LABEL=S",
+        help="strength of a label, 0 = keep, 1 = change fully; repeat for every label")
+    add = maker("depth", "keep or change by estimated depth", sized=False)
+    add("--image", type=Path, required=True, help="the photo")
+    add("--model", default=DEFAULT_DEPTH_MODEL, help=f"Hub id or local folder (default: {DEFAULT_DEPTH_MODEL})")
+    add("--near", choices=("keep", "change"), default="keep", help="what near pixels do (default: keep)")
+    add("--prediction", choices=("auto", "disparity", "depth"), default="auto", help="what the model outputs: "
+        "disparity grows towards the camera, depth away from it; auto reads the model's config (default: auto)")
+    for subparser in makers.choices.values():
+        add = subparser.add_argument
+        add("--output", type=Path, required=True, metavar="PATH.png", help="PNG to write; never one of the inputs")
+        add("--bits", type=int, choices=(8, 16), default=8, help="bits per pixel of the PNG: 8 (255 levels) or 16 "
+            "(65535 levels) (default: 8)")
+        add("--overwrite", action="store_true", help="replace an existing --output (default: off, refuse)")
     return parser
 
 
-def _make(args) -> np.ndarray:
-    if args.maker == "gradient":
-        return linear_gradient(*_map_size(args), angle_degrees=args.angle, start=args.start, end=args.end)
-    if args.maker == "radial":
-        return radial(
-            *_map_size(args), center=args.center, inner_radius=args.inner_radius,
-            outer_radius=args.outer_radius, inside=args.inside, outside=args.outside,
-        )
-    if args.maker == "fan":
-        return strength_fan(*_map_size(args), sectors=args.sectors)
-    if args.maker == "feather":
-        with Image.open(args.mask) as mask:
-            return feathered_mask(mask, feather_px=args.feather_px, grow_px=args.grow_px)
-    if args.maker == "regions":
-        with Image.open(args.labels) as labels:
-            return region_map(labels, dict(args.strength))
-    with Image.open(args.image) as image:
-        return depth_map(image, model=args.model, near=args.near, prediction=args.prediction)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def _label_strength(text: str) -> tuple[int, float]:
+    label, _, strength = text.partition("=")
     try:
-        path = save_map(_make(args), args.output, bits=args.bits, overwrite=args.overwrite)
-    except (ValueError, OSError) as error:  # OSError covers missing files, unreadable images and FileExistsError
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(path)
-    return 0
+        return int(label), cli.real_number(0, 1)(strength)
+    except (ValueError, argparse.ArgumentTypeError):
+        raise argparse.ArgumentTypeError(f"must be LABEL=STRENGTH with a strength from 0 to 1, such as 2=0.5, got "
+                                         f"{text!r}") from None
+
+
+def _read(path: Path, flag: str) -> Image.Image:
+    image = cli.read_image(path, flag)
+    if max(image.size) > MAX_SIDE:
+        raise cli.CliError(f"{flag} {cli.display(path)}: is {image.width}x{image.height} pixels, more than {MAX_SIDE} "
+                           "on a side; scale it down first")
+    return image
+
+
+def _make(args) -> np.ndarray:
+    if args.maker in ("gradient", "radial", "fan"):
+        if (args.like is None) == (args.width is None or args.height is None):
+            raise cli.CliError("give either --like IMAGE or both --width and --height")
+        size = _read(args.like, "--like").size if args.like else (args.width, args.height)
+    if args.maker == "gradient":
+        return linear_gradient(*size, angle_degrees=args.angle, start=args.start, end=args.end)
+    if args.maker == "radial":
+        return radial(*size, center=args.center, inner_radius=args.inner_radius, outer_radius=args.outer_radius,
+                      inside=args.inside, outside=args.outside)
+    if args.maker == "fan":
+        return strength_fan(*size, sectors=args.sectors)
+    if args.maker == "feather":
+        return feathered_mask(_read(args.mask, "--mask"), feather_px=args.feather_px, grow_px=args.grow_px)
+    if args.maker == "regions":
+        return region_map(_read(args.labels, "--labels"), dict(args.strength))
+    try:
+        return depth_map(_read(args.image, "--image"), model=args.model, near=args.near, prediction=args.prediction)
+    except OSError as error:
+        raise cli.CliError(str(error), cli.EXIT_RUN_FAILED) from None
+
+
+def run(argv: list[str] | None = None) -> None:
+    """The command line: draws one map and writes it; errors raise ``cli.CliError``."""
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if args.output.suffix.lower() != ".png" or not args.output.parent.is_dir():
+        raise cli.CliError(f"--output {args.output}: give a .png file in an existing folder")
+    inputs = {flag: getattr(args, flag[2:], None) for flag in ("--like", "--mask", "--labels", "--image")}
+    cli.check_output(args.output, inputs, overwrite=args.overwrite)
+    try:
+        keep_map = _make(args)
+    except ValueError as error:  # the makers name their Python parameters (`inner_radius`): say the flags instead
+        flag = lambda match: "--" + {"angle_degrees": "angle", "strengths": "strength"}.get(  # noqa: E731
+            match[1], match[1]).replace("_", "-")
+        raise cli.CliError(re.sub(r"`(\w+)[^`]*`", flag, str(error))) from None
+    print(cli.display(save_map(keep_map, args.output, bits=args.bits, overwrite=args.overwrite)))
+
+
+def main(argv: list[str] | None = None) -> None:
+    cli.main(lambda: run(argv))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
