@@ -17,6 +17,8 @@ STEPS = 6
 # Kept; strength 0.3 (T*s = 1.8, so 2 steps: released at 4, where floor would say 5); 0.5 (released at 3); 1.
 FOUR_BANDS = bands(1.0, 0.7, 0.5, 0.0)
 RELEASE = [STEPS, 4, 3, 0]
+# At global strength 0.5 the bands' T*s are 0, 0.9, 1.5 and 3, and the run starts at step 3.
+HALF_STRENGTH_RELEASE = [STEPS, 5, 4, 3]
 BAND_COLUMNS = [slice(8 * b, 8 * b + 8) for b in range(4)]  # on the 32-column latent grid
 
 
@@ -59,33 +61,34 @@ def test_num_images_per_prompt_with_a_uniform_map_is_stock(components):
     assert np.array_equal(result, expected)
 
 
+@pytest.mark.parametrize("strength, release", [(1.0, RELEASE), (0.5, HALF_STRENGTH_RELEASE)])
 @pytest.mark.parametrize("scheduler", SCHEDULERS)
-def test_frozen_pixels_follow_the_noised_original_and_kept_pixels_end_as_x0(components, scheduler):
+def test_frozen_pixels_follow_the_noised_original_and_kept_pixels_end_as_x0(components, scheduler, strength, release):
     _, ours = pipelines(components, SCHEDULERS[scheduler])
     image = test_image()
     x0, noise = x0_and_noise(ours, ours.image_processor.preprocess(image))
     reference = copy.deepcopy(ours.scheduler)
     reference.set_timesteps(STEPS)
-    order = reference.order
+    order, first_iteration = reference.order, min(release) * reference.order
     seen = []
 
     def record(pipe, i, t, kwargs):
         seen.append(kwargs["latents"].clone())
         return kwargs
 
-    final = ours(PROMPT, image=image, map=FOUR_BANDS, num_inference_steps=STEPS, generator=seeded_generator(),
-                 output_type="latent", callback_on_step_end=record).images
+    final = ours(PROMPT, image=image, map=FOUR_BANDS, strength=strength, num_inference_steps=STEPS,
+                 generator=seeded_generator(), output_type="latent", callback_on_step_end=record).images
 
-    assert len(seen) == len(reference.timesteps)  # the last band releases at step 0, so every step runs
+    assert len(seen) == len(reference.timesteps) - first_iteration
     for i, latents in enumerate(seen[:-1]):
-        next_iteration = i + 1
+        next_iteration = first_iteration + i + 1  # the index into the whole schedule
         sigma = reference.sigmas[next_iteration]
         noised = sigma * noise + (1 - sigma) * x0
-        for columns, release in zip(BAND_COLUMNS, RELEASE):
-            if release * order >= next_iteration:
-                assert torch.equal(latents[..., columns], noised[..., columns]), (i, release)
+        for columns, band_release in zip(BAND_COLUMNS, release):
+            if band_release * order >= next_iteration:
+                assert torch.equal(latents[..., columns], noised[..., columns]), (i, band_release)
             else:
-                assert not torch.allclose(latents[..., columns], noised[..., columns], atol=1e-3), (i, release)
+                assert not torch.allclose(latents[..., columns], noised[..., columns], atol=1e-3), (i, band_release)
     kept, *released = BAND_COLUMNS
     assert torch.equal(final[..., kept], x0[..., kept])
     for columns in released:
