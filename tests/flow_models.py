@@ -7,8 +7,25 @@ area-averaged onto a smaller grid and Flux's 2x2 packing has channels to interle
 
 import numpy as np
 import torch
-from conftest import SEED, TEXT_HIDDEN_SIZE, clip_text_model, clip_tokenizer, seeded_generator, t5_encoder, t5_tokenizer
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel, SD3Transformer2DModel
+from conftest import (
+    SEED,
+    TEXT_HIDDEN_SIZE,
+    build_pipeline,
+    clip_text_model,
+    clip_tokenizer,
+    save_pipeline,
+    seeded_generator,
+    t5_encoder,
+    t5_tokenizer,
+)
+from diffusers import (
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    FluxImg2ImgPipeline,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Img2ImgPipeline,
+)
 
 FLOW_IMAGE_SIZE = 64
 LATENT_CHANNELS = 4
@@ -117,3 +134,14 @@ def x0_and_noise(pipe, pixels, seed=SEED):
     config = pipe.vae.config
     x0 = (pipe.vae.encode(pixels).latent_dist.sample(generator) - config.shift_factor) * config.scaling_factor
     return x0, torch.randn(x0.shape, generator=generator)
+
+
+
+def save_sd3(folder):
+    """A tiny stock SD3 img2img pipeline saved as a diffusers folder, for from_pretrained and run.py --model."""
+    return save_pipeline(build_pipeline(StableDiffusion3Img2ImgPipeline, sd3_components()), folder)
+
+
+def save_flux(folder):
+    """A tiny stock Flux img2img pipeline saved as a diffusers folder, for from_pretrained and run.py --model."""
+    return save_pipeline(build_pipeline(FluxImg2ImgPipeline, flux_components()), folder)
