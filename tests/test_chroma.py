@@ -1,8 +1,8 @@
 """ChromaDiffImg2ImgPipeline against stock diffusers, on a tiny random Chroma model.
 
 Chroma packs latents into 2x2 patches as Flux does, and guides with classifier-free guidance (two transformer
-calls per step at the default guidance_scale 5). The tests unpack them with stock's own `_unpack_latents` and check every pixel
-on the latent grid, with maps whose edges fall inside patches.
+calls per step at the default guidance_scale 5). The tests unpack the latents with stock's own `_unpack_latents` and
+check every pixel on the latent grid, with maps whose edges fall inside patches.
 """
 
 import copy

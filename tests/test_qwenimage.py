@@ -1,8 +1,8 @@
 """QwenImageDiffImg2ImgPipeline against stock diffusers, on a tiny random Qwen-Image model.
 
 Qwen-Image's VAE makes (B, C, 1, H, W) latents, which the pipeline packs into 2x2 patches; classifier-free guidance
-(`true_cfg_scale`, default 4) runs only with a negative prompt. The tests unpack them with stock's own `_unpack_latents` and check every pixel
-on the latent grid, with maps whose edges fall inside patches.
+(`true_cfg_scale`, default 4) runs only with a negative prompt. The tests unpack the latents with stock's own
+`_unpack_latents` and check every pixel on the latent grid, with maps whose edges fall inside patches.
 """
 
 import copy

@@ -21,8 +21,8 @@ def test_run_writes_a_png_with_its_parameters(chroma_dir, inputs, tmp_path):
     image, map_path = inputs
     output = tmp_path / "edit.png"
     result = run_script(
-        SCRIPT, "--model", chroma_dir, "--device", "cpu", "--image", image, "--map", map_path, "--prompt", "a red apple",
-        "--steps", "5", "--strength", "0.5", "--seed", "7", "--output", output, "--compare",
+        SCRIPT, "--model", chroma_dir, "--device", "cpu", "--image", image, "--map", map_path,
+        "--prompt", "a red apple", "--steps", "5", "--strength", "0.5", "--seed", "7", "--output", output, "--compare",
     )
     assert result.returncode == 0, result.stderr
     last_line = result.stdout.strip().splitlines()[-1]
