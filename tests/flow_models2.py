@@ -22,9 +22,11 @@ from diffusers import (
     FlowMatchEulerDiscreteScheduler,
     QwenImageImg2ImgPipeline,
     QwenImageTransformer2DModel,
+    ZImageImg2ImgPipeline,
+    ZImageTransformer2DModel,
 )
 from flow_models import LATENT_CHANNELS, flow_vae
-from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer, Qwen3Config, Qwen3Model
 
 
 def chroma_components(scheduler=None):
@@ -65,12 +67,20 @@ QWEN_MERGES = [("t", "h"), ("th", "e"), ("i", "n"), ("in", "g"), ("a", "n"), ("a
 QWEN_SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>"]  # the chat template that Qwen-Image wraps prompts in
 
 
+# Z-Image formats prompts with the tokenizer's chat template; this is the shape of Qwen3's, without the thinking part.
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
 def qwen_tokenizer():
     """A Qwen2 byte-level BPE tokenizer with a tiny vocabulary: every byte, a few merges and Qwen's special tokens."""
     merged = [a + b for a, b in QWEN_MERGES]
     vocab = {token: i for i, token in enumerate(byte_level_alphabet() + merged + ["<|endoftext|>"])}
     tokenizer = Qwen2Tokenizer(vocab=vocab, merges=QWEN_MERGES)
     tokenizer.add_special_tokens({"additional_special_tokens": QWEN_SPECIAL_TOKENS})
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
     return tokenizer
 
 
@@ -147,3 +157,54 @@ def qwen_x0_and_noise(pipe, pixels, seed=SEED):
 def save_qwenimage(folder):
     """A tiny stock Qwen-Image img2img pipeline saved as a diffusers folder, for from_pretrained and run.py --model."""
     return save_pipeline(build_pipeline(QwenImageImg2ImgPipeline, qwenimage_components()), folder)
+
+
+def qwen3_encoder(tokenizer):
+    """A 2-layer Qwen3 of width 16: Z-Image reads its second-to-last hidden states."""
+    torch.manual_seed(SEED)
+    end_of_text = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    config = Qwen3Config(
+        hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+        head_dim=8, vocab_size=len(tokenizer), max_position_embeddings=512, bos_token_id=end_of_text,
+        eos_token_id=end_of_text, pad_token_id=end_of_text,
+    )
+    return Qwen3Model(config).eval()
+
+
+def zimage_components(scheduler=None):
+    """Components for ``ZImageImg2ImgPipeline``: a tiny Qwen3 encoder and a 1+1-layer single-stream transformer.
+
+    Z-Image's transformer takes unpacked (B, C, H, W) latents and makes its own 2x2 patches.
+    """
+    tokenizer = qwen_tokenizer()
+    torch.manual_seed(SEED)
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,),
+        all_f_patch_size=(1,),
+        in_channels=LATENT_CHANNELS,
+        dim=32,
+        n_layers=1,
+        n_refiner_layers=1,
+        n_heads=2,
+        n_kv_heads=2,
+        norm_eps=1e-5,
+        qk_norm=True,
+        cap_feat_dim=16,  # the text encoder's width
+        rope_theta=256.0,
+        t_scale=1000.0,
+        axes_dims=[8, 4, 4],
+        axes_lens=[256, 32, 32],
+    ).eval()
+    return dict(
+        transformer=transformer,
+        vae=flow_vae(),
+        text_encoder=qwen3_encoder(tokenizer),
+        tokenizer=tokenizer,
+        # Z-Image-Turbo's schedule: a fixed shift of 3.
+        scheduler=scheduler or FlowMatchEulerDiscreteScheduler(shift=3.0),
+    )
+
+
+def save_zimage(folder):
+    """A tiny stock Z-Image img2img pipeline saved as a diffusers folder, for from_pretrained and run.py --model."""
+    return save_pipeline(build_pipeline(ZImageImg2ImgPipeline, zimage_components()), folder)

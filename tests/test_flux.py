@@ -332,6 +332,6 @@ def flow_block(path):
     return text[text.index(begin) : text.index(end)]
 
 
-@pytest.mark.parametrize("family", ["Flux", "Chroma", "QwenImage"])
+@pytest.mark.parametrize("family", ["Flux", "Chroma", "QwenImage", "ZImage"])
 def test_the_flow_matching_block_is_the_same_as_sd3s(family):
     assert flow_block(REPO_ROOT / family / "diff_pipe.py") == flow_block(REPO_ROOT / "SD3" / "diff_pipe.py")
