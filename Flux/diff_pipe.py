@@ -244,9 +244,9 @@ def chain_step_end_callback(frozen: FrozenPixels, callback, tensor_inputs):
 # ----------------------------------------------------------------------------------------------------------------
 # Copied from SD3/diff_pipe.py: flow matching (begin)
 #
-# Flow-matching img2img pipelines (SD3, Flux) differ from SD's in two places, and every flow file carries this block
-# unchanged: stock starts at step int(T - T * s), so it runs ceil(T * s) steps where SD runs floor(T * s); and the
-# noised original is scale_noise's sigma * noise + (1 - sigma) * x0, not add_noise.
+# Flow-matching img2img pipelines (SD3, Flux, Chroma, Qwen-Image, Z-Image) differ from SD's in two places, and every
+# flow file carries this block unchanged: stock starts at step int(T - T * s), so it runs ceil(T * s) steps where SD
+# runs floor(T * s); and the noised original is scale_noise's sigma * noise + (1 - sigma) * x0, not add_noise.
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -273,8 +273,9 @@ def flow_stock_strength(steps_to_run: int, num_inference_steps: int) -> float:
 class FlowFrozenPixels(FrozenPixels):
     """`FrozenPixels` for flow matching: before step k, frozen pixels take `sigma_k * noise + (1 - sigma_k) * x0`.
 
-    `pack`, if given, maps (B, C, H, W) latents to the layout that the transformer sees (Flux's 2x2 patches); `x0`,
-    `noise` and the release steps, expanded over channels, are then kept packed, like the pipeline's latents.
+    `pack`, if given, maps stock's unpacked latents to the layout that the transformer sees (2x2 patches in Flux, Chroma
+    and Qwen-Image); `x0`, `noise` and the release steps, expanded over channels, are then kept packed, like the
+    pipeline's latents. The release steps must broadcast to stock's x0: (B, 1, H, W), or (B, 1, 1, H, W) for Qwen-Image.
     """
 
     def __init__(self, *args, pack=None, **kwargs):
