@@ -373,9 +373,10 @@ class ZImageDiffImg2ImgPipeline(ZImageImg2ImgPipeline):
 
         Args:
             image (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor` or a list of them):
-                The image(s) to edit, in any form stock img2img takes (tensors in [0, 1], or latents with the
-                transformer's channels). As in stock, it is not resized: its size, rounded down to a multiple of 16
-                pixels (twice the VAE's scale factor), is the output size.
+                The image(s) to edit, in any form stock img2img takes (tensors in [0, 1]; latents only where stock's
+                image processor passes them through, i.e. with its `vae_latent_channels`, 4 by default). As in stock,
+                it is not resized: its size, rounded down to a multiple of 16 pixels (twice the VAE's scale factor),
+                is the output size.
             height (`int`, *optional*), width (`int`, *optional*):
                 As in stock, they default to the image's size and must equal it; other values are refused with a
                 clear error instead of stock's failure deep inside the noising.
