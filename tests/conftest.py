@@ -52,6 +52,7 @@ from tests.tiny_models import (  # noqa: F401
     SEED,
     TEXT_HIDDEN_SIZE,
     build_pipeline,
+    byte_level_alphabet,
     clip_text_model,
     clip_tokenizer,
     if_stage1_components,
@@ -63,6 +64,7 @@ from tests.tiny_models import (  # noqa: F401
     sdxl_components,
     sdxl_refiner_components,
     seeded_generator,
+    t5_encoder,
     t5_tokenizer,
     test_image,
 )

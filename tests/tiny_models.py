@@ -92,7 +92,7 @@ def build_pipeline(pipeline_class, components):
 CLIP_MERGES = [("t", "h"), ("th", "e</w>"), ("i", "n"), ("in", "g</w>"), ("a", "n"), ("an", "d</w>")]
 
 
-def _byte_level_alphabet():
+def byte_level_alphabet():
     """The 256 printable stand-ins that byte-level BPE uses for raw bytes (GPT-2's table)."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     # The other bytes take the code points from 256 upwards.
@@ -101,7 +101,7 @@ def _byte_level_alphabet():
 
 
 def _write_clip_vocab(folder):
-    alphabet = _byte_level_alphabet()
+    alphabet = byte_level_alphabet()
     tokens = alphabet + [c + "</w>" for c in alphabet] + [a + b for a, b in CLIP_MERGES]
     # Special tokens last, as in the real CLIP vocabulary.
     tokens += ["<|startoftext|>", "<|endoftext|>"]

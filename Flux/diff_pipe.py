@@ -1,0 +1,540 @@
+# Copyright 2026 The differential-diffusion authors. Licensed under the Apache License, Version 2.0.
+"""Differential img2img for FLUX.1: a grayscale map gives every pixel its own strength.
+
+Levin & Fried, "Differential Diffusion: Giving Each Pixel Its Strength", arXiv 2306.00950.
+
+This file stands alone (torch, diffusers, PIL, numpy): copy it into your own code, or load it as a diffusers
+community pipeline::
+
+    pipe = DiffusionPipeline.from_pretrained(
+        "black-forest-labs/FLUX.1-dev", custom_pipeline="Flux/diff_pipe.py", trust_remote_code=True
+    )
+"""
+
+import numbers
+from contextlib import contextmanager
+from typing import Any, Callable
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+from diffusers import FluxImg2ImgPipeline
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.image_processor import PipelineImageInput
+from diffusers.pipelines.flux import FluxPipelineOutput
+
+# ----------------------------------------------------------------------------------------------------------------
+# Copied from SD2/diff_pipe.py: differential core (begin)
+#
+# Every pipeline file of this project carries this block unchanged, so that each file can be copied alone;
+# tests/test_copies.py fails if two copies drift apart. The algorithm, in the paper's terms:
+#   map -> strength s per pixel -> release step r = T - floor(T * s) -> before step i, pixels with i <= r take the
+#   noised original add_noise(x0, noise, t_i); after the last step, pixels never released take x0 itself.
+# ----------------------------------------------------------------------------------------------------------------
+
+# A float32 map cannot hold 0.3 exactly, yet 1 - 0.3 must land on the step that stock img2img gives strength 0.7.
+STEP_TOLERANCE = 1e-4
+
+
+def map_to_tensor(map) -> torch.Tensor:
+    """Converts a map to a float32 tensor of shape (B, 1, H, W) with values in [0, 1], in the map's own polarity.
+
+    Accepts a PIL image (modes 1, L, I;16, I, F, or colour modes, which are converted to luminance), a numpy array
+    ((H, W), (B, H, W), (H, W, 1), (B, H, W, 1) or (B, 1, H, W)), a torch tensor ((H, W), (B, H, W) or
+    (B, 1, H, W)), or a list of these. uint8 values are divided by 255, uint16 (and PIL mode I) by 65535, bool maps
+    to 0 and 1, and floats must already lie in [0, 1].
+    """
+    if isinstance(map, (list, tuple)):
+        if len(map) == 0:
+            raise ValueError("`map` is an empty list: pass one map, or one map per image.")
+        maps = [map_to_tensor(m) for m in map]
+        if len({tuple(m.shape[-2:]) for m in maps}) > 1:
+            sizes = ", ".join(f"{m.shape[-1]}x{m.shape[-2]}" for m in maps)
+            raise ValueError(f"The maps in the `map` list differ in size ({sizes}); give them all the same size.")
+        return torch.cat(maps)
+    if isinstance(map, PIL.Image.Image):
+        return _pil_map_to_tensor(map)
+    if isinstance(map, np.ndarray):
+        if map.ndim == 3 and map.shape[-1] in (3, 4):
+            raise ValueError(
+                f"`map` has shape {map.shape}, which looks like a colour image; a map has one channel. "
+                "Pass a grayscale array, or the image as a PIL image, which is converted to luminance."
+            )
+        if map.ndim in (3, 4) and map.shape[-1] == 1:
+            map = map[..., 0]
+        return _unit_values(torch.from_numpy(np.ascontiguousarray(map)))
+    if isinstance(map, torch.Tensor):
+        return _unit_values(map.detach().cpu())
+    raise TypeError(f"`map` must be a PIL image, numpy array, torch tensor or a list of them, not {type(map).__name__}.")
+
+
+def _pil_map_to_tensor(image: PIL.Image.Image) -> torch.Tensor:
+    if image.mode == "I":  # 16-bit PNGs open as mode I with some Pillow versions
+        values = np.asarray(image, dtype=np.int64)
+        if values.min() < 0 or values.max() > 65535:
+            raise ValueError("A `map` of PIL mode I must hold 16-bit values in [0, 65535].")
+        return torch.from_numpy(values.astype(np.float32) / 65535)[None, None]
+    if not (image.mode in ("1", "L", "F") or image.mode.startswith("I;16")):
+        image = image.convert("L")
+    return _unit_values(torch.from_numpy(np.array(image)))
+
+
+def _unit_values(map: torch.Tensor) -> torch.Tensor:
+    if map.ndim == 4 and map.shape[1] == 1:
+        map = map[:, 0]
+    if map.ndim == 2:
+        map = map[None]
+    if map.ndim != 3:
+        raise ValueError(
+            f"`map` has shape {tuple(map.shape)}; expected (H, W), (B, H, W) or (B, 1, H, W): maps have one channel."
+        )
+    if map.numel() == 0:
+        raise ValueError(f"`map` is empty (shape {tuple(map.shape)}).")
+    if map.dtype == torch.bool:
+        map = map.float()
+    elif map.dtype == torch.uint8:
+        map = map.float() / 255
+    elif map.dtype == torch.uint16:
+        map = map.float() / 65535
+    elif map.is_floating_point():
+        map = map.float()
+        if not torch.isfinite(map).all():
+            raise ValueError("`map` contains NaN or infinite values.")
+        low, high = map.min().item(), map.max().item()
+        if low < 0 or high > 1:
+            raise ValueError(
+                f"`map` values must lie in [0, 1], but they span [{low:g}, {high:g}]. "
+                "Rescale it first, for example (m - m.min()) / (m.max() - m.min())."
+            )
+    else:
+        raise ValueError(
+            f"`map` has dtype {map.dtype}; use uint8 (0-255), uint16 (0-65535), bool, or floats in [0, 1]."
+        )
+    return map[:, None]
+
+
+def prepare_keep_map(map, size: tuple, invert_map: bool = False, aspect_of: tuple = None) -> torch.Tensor:
+    """Returns the keep-map (1 = keep, 0 = change fully) as float32 (B, 1, *size) on the CPU.
+
+    `size` is the grid the model works on (latents, or pixels for pixel-space models). Downsampling averages areas,
+    so a fine map does not alias. The map must have the aspect ratio of `aspect_of` (the image's height and width,
+    in pixels or grid cells; default `size`) to within one of its units or 1%, whichever is looser.
+    """
+    map = map_to_tensor(map)
+    (height, width), (reference_height, reference_width) = map.shape[-2:], aspect_of or size
+    if abs(height * reference_width / width - reference_height) > max(1, reference_height / 100):
+        raise ValueError(
+            f"`map` is {width}x{height} but the image is {reference_width}x{reference_height}: their aspect ratios "
+            "differ. Give the map the image's aspect ratio."
+        )
+    if (height, width) != tuple(size):
+        shrinking = height >= size[0] and width >= size[1]
+        map = F.interpolate(map, size=size, mode="area") if shrinking else F.interpolate(map, size=size, mode="bilinear")
+        map = map.clamp(0, 1)
+    return 1 - map if invert_map else map
+
+
+def release_steps(keep_map: torch.Tensor, strength: float, num_inference_steps: int) -> torch.Tensor:
+    """The index of the first step that runs on each pixel: r = T - floor(T * s), with s = strength * (1 - keep_map).
+
+    This is the first step that stock img2img runs at `strength = s`. Pixels with r == T are never released.
+    """
+    steps_to_run = num_inference_steps * strength * (1 - keep_map.double())
+    nearest = steps_to_run.round()
+    steps_to_run = torch.where((steps_to_run - nearest).abs() <= STEP_TOLERANCE, nearest, steps_to_run.floor())
+    return num_inference_steps - steps_to_run.long()
+
+
+def stock_strength(steps_to_run: int, num_inference_steps: int) -> float:
+    """The `strength` at which stock img2img runs exactly the last `steps_to_run` steps.
+
+    Stock computes int(T * strength), and (k / T) * T falls just below k for many k and T: aim between two integers.
+    """
+    return min(1.0, (steps_to_run + 0.5) / num_inference_steps)
+
+
+def tile_to_batch(tensor: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Repeats a per-image tensor to the whole batch, as stock img2img repeats its images (whole batch, not items)."""
+    if tensor.shape[0] in (1, batch_size):
+        return tensor
+    return tensor.repeat(batch_size // tensor.shape[0], *(1,) * (tensor.ndim - 1))
+
+
+def exact_keep_weight(keep_map: torch.Tensor, strength: float, num_inference_steps: int) -> torch.Tensor:
+    """For `keep_exact`: how much of the model's output each pixel shows, clamp(T * s, 0, 1).
+
+    Pixels of strength 0 show only the original; those released on the last step or later blend linearly.
+    """
+    return (num_inference_steps * strength * (1 - keep_map)).clamp(0, 1)
+
+
+def composite_original(images: torch.Tensor, original: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`weight * images + (1 - weight) * original`, batch-tiled like stock: unchanged pixels keep the input's bytes."""
+    weight, original = tile_to_batch(weight, images.shape[0]), tile_to_batch(original, images.shape[0])
+    weight, original = weight.to(images.device, images.dtype), original.to(images.device, images.dtype)
+    return torch.where(weight == 0, original, weight * images + (1 - weight) * original)
+
+
+class FrozenPixels:
+    """Keeps every pixel on the noised original until its release step; a step-end callback for stock pipelines.
+
+    Stock img2img runs the schedule from the first released step on. Before each later step k, this sets the pixels
+    with k <= release_step to `add_noise(x0, noise, t_k)`, and after the last step, the pixels never released to
+    `x0`. `x0` and `noise` are the very tensors that stock img2img draws, recorded by `recording_add_noise`.
+    """
+
+    def __init__(self, release_step: torch.Tensor, num_inference_steps: int, callback=None, tensor_inputs=()):
+        self.release_step = release_step
+        self.num_inference_steps = num_inference_steps
+        self.first_step = int(release_step.min())
+        self.last_frozen_step = int(release_step.max())
+        self.callback, self.tensor_inputs = callback, list(tensor_inputs)
+        self.x0 = self.noise = None
+
+    @contextmanager
+    def recording_add_noise(self, scheduler):
+        """Records `x0` and `noise` as stock `prepare_latents` passes them to `scheduler.add_noise`."""
+        stock_add_noise = scheduler.add_noise
+
+        def add_noise(original_samples, noise, timesteps):
+            self.x0, self.noise = original_samples, noise
+            return stock_add_noise(original_samples, noise, timesteps)
+
+        scheduler.add_noise = add_noise
+        try:
+            yield
+        finally:
+            del scheduler.add_noise
+        self.release_step = tile_to_batch(self.release_step, self.x0.shape[0]).to(self.x0.device)
+
+    def blend(self, scheduler, i: int, latents: torch.Tensor) -> torch.Tensor:
+        """The latents to run loop iteration `i + 1` on, where iteration 0 is the first released step."""
+        order = scheduler.order
+        next_iteration = self.first_step * order + i + 1
+        if next_iteration == len(scheduler.timesteps):
+            return torch.where(self.release_step == self.num_inference_steps, self.x0.to(latents.dtype), latents)
+        if next_iteration > self.last_frozen_step * order:
+            return latents
+        timestep = scheduler.timesteps[next_iteration : next_iteration + 1].repeat(latents.shape[0])
+        noised_original = scheduler.add_noise(self.x0, self.noise, timestep).to(latents.dtype)
+        return torch.where(self.release_step * order >= next_iteration, noised_original, latents)
+
+    def __call__(self, pipe, i, t, callback_kwargs):
+        latents = self.blend(pipe.scheduler, i, callback_kwargs["latents"])
+        if self.callback is None:
+            return {"latents": latents}
+        user_kwargs = {name: callback_kwargs[name] for name in self.tensor_inputs}
+        if "latents" in user_kwargs:
+            user_kwargs["latents"] = latents
+        return {"latents": latents, **(self.callback(pipe, i, t, user_kwargs) or {})}
+
+
+def chain_step_end_callback(frozen: FrozenPixels, callback, tensor_inputs):
+    """Puts `frozen` before the user's own step-end callback, which then sees the blended latents."""
+    if isinstance(callback, (PipelineCallback, MultiPipelineCallbacks)):
+        tensor_inputs = callback.tensor_inputs
+    frozen.callback, frozen.tensor_inputs = callback, list(tensor_inputs or [])
+    return frozen, sorted(set(frozen.tensor_inputs) | {"latents"})
+
+
+# Copied from SD2/diff_pipe.py: differential core (end)
+# ----------------------------------------------------------------------------------------------------------------
+
+# ----------------------------------------------------------------------------------------------------------------
+# Copied from SD3/diff_pipe.py: flow matching (begin)
+#
+# Flow-matching img2img pipelines (SD3, Flux, Chroma, Qwen-Image, Z-Image) differ from SD's in two places, and every
+# flow file carries this block unchanged: stock starts at step int(T - T * s), so it runs ceil(T * s) steps where SD
+# runs floor(T * s); and the noised original is scale_noise's sigma * noise + (1 - sigma) * x0, not add_noise.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def flow_release_steps(keep_map: torch.Tensor, strength: float, num_inference_steps: int) -> torch.Tensor:
+    """The index of the first step that runs on each pixel: r = T - ceil(T * s), with s = strength * (1 - keep_map).
+
+    This is the first step that stock flow-matching img2img runs at `strength = s`, int(T - T * s). Only pixels of
+    strength 0 have r == T, never released; any positive strength runs at least the last step.
+    """
+    steps_to_run = num_inference_steps * strength * (1 - keep_map.double())
+    nearest = steps_to_run.round()
+    steps_to_run = torch.where((steps_to_run - nearest).abs() <= STEP_TOLERANCE, nearest, steps_to_run.ceil())
+    return num_inference_steps - steps_to_run.long()
+
+
+def flow_stock_strength(steps_to_run: int, num_inference_steps: int) -> float:
+    """The `strength` at which stock flow-matching img2img runs exactly the last `steps_to_run` steps (at least 1).
+
+    Stock starts at int(T - T * strength), and T - (k / T) * T can fall just below T - k: aim between two integers.
+    """
+    return (steps_to_run - 0.5) / num_inference_steps
+
+
+class FlowFrozenPixels(FrozenPixels):
+    """`FrozenPixels` for flow matching: before step k, frozen pixels take `sigma_k * noise + (1 - sigma_k) * x0`.
+
+    `pack`, if given, maps stock's unpacked latents to the layout that the transformer sees (2x2 patches in Flux, Chroma
+    and Qwen-Image); `x0`, `noise` and the release steps, expanded over channels, are then kept packed, like the
+    pipeline's latents. The release steps must broadcast to stock's x0: (B, 1, H, W), or (B, 1, 1, H, W) for Qwen-Image.
+    """
+
+    def __init__(self, *args, pack=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.pack = pack
+
+    @contextmanager
+    def recording_scale_noise(self, scheduler, noising: bool = True):
+        """Records `x0` and `noise` as stock `prepare_latents` passes them to `scheduler.scale_noise`.
+
+        With `noising=False` the noising is skipped, for a call that runs no step and so sets no schedule.
+        """
+        stock_scale_noise = scheduler.scale_noise
+
+        def scale_noise(sample, timestep, noise=None):
+            self.x0, self.noise = sample, noise
+            return stock_scale_noise(sample, timestep, noise) if noising else sample
+
+        scheduler.scale_noise = scale_noise
+        try:
+            yield
+        finally:
+            del scheduler.scale_noise
+        # Full-sized, so that torch.where keeps the latents' memory layout: a channel-broadcast mask makes its output
+        # channels-last, and the VAE then decodes it differently in the last bits.
+        release_step = tile_to_batch(self.release_step, self.x0.shape[0]).to(self.x0.device)
+        self.release_step = release_step.expand_as(self.x0).contiguous()
+        if self.pack is not None:
+            self.release_step, self.x0, self.noise = (self.pack(t) for t in (self.release_step, self.x0, self.noise))
+
+    def blend(self, scheduler, i: int, latents: torch.Tensor) -> torch.Tensor:
+        """The latents to run loop iteration `i + 1` on, where iteration 0 is the first released step."""
+        order = scheduler.order
+        next_iteration = self.first_step * order + i + 1
+        if next_iteration == len(scheduler.timesteps):
+            return torch.where(self.release_step == self.num_inference_steps, self.x0.to(latents.dtype), latents)
+        if next_iteration > self.last_frozen_step * order:
+            return latents
+        # Not scheduler.scale_noise: once stock has set begin_index, it ignores the timestep it is given.
+        sigma = scheduler.sigmas[next_iteration].to(self.x0.device, self.x0.dtype)
+        noised_original = (sigma * self.noise + (1.0 - sigma) * self.x0).to(latents.dtype)
+        return torch.where(self.release_step * order >= next_iteration, noised_original, latents)
+
+
+# Copied from SD3/diff_pipe.py: flow matching (end)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class FluxDiffImg2ImgPipeline(FluxImg2ImgPipeline):
+    r"""
+    FLUX.1 img2img where a map gives every pixel its own strength (Differential Diffusion).
+
+    It takes exactly the components of [`FluxImg2ImgPipeline`], so `from_pretrained`, `from_pipe`, LoRA, IP-Adapter,
+    model offloading and any compatible flow-matching scheduler work as they do there. A uniform map of strength `s`
+    gives exactly what stock img2img gives at `strength=s`.
+
+    Flux hands its transformer latents packed in 2x2 patches, (B, H/2 * W/2, 4C). The map is applied on the unpacked
+    latent grid, at full latent resolution, and packed the same way; `output_type="latent"` and
+    `callback_on_step_end` see packed latents, as in stock.
+    """
+
+    _frozen = None  # the FlowFrozenPixels of the call in progress
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] = None,
+        prompt_2: str | list[str] | None = None,
+        negative_prompt: str | list[str] = None,
+        negative_prompt_2: str | list[str] | None = None,
+        true_cfg_scale: float = 1.0,
+        image: PipelineImageInput = None,
+        height: int | None = None,
+        width: int | None = None,
+        strength: float = 1.0,
+        num_inference_steps: int = 28,
+        sigmas: list[float] | None = None,
+        guidance_scale: float = 7.0,
+        num_images_per_prompt: int | None = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.FloatTensor | None = None,
+        prompt_embeds: torch.FloatTensor | None = None,
+        pooled_prompt_embeds: torch.FloatTensor | None = None,
+        ip_adapter_image: PipelineImageInput | None = None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
+        negative_ip_adapter_image: PipelineImageInput | None = None,
+        negative_ip_adapter_image_embeds: list[torch.Tensor] | None = None,
+        negative_prompt_embeds: torch.FloatTensor | None = None,
+        negative_pooled_prompt_embeds: torch.FloatTensor | None = None,
+        output_type: str | None = "pil",
+        return_dict: bool = True,
+        joint_attention_kwargs: dict[str, Any] | None = None,
+        callback_on_step_end: Callable[[int, int], None] | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+        max_sequence_length: int = 512,
+        *,
+        map=None,
+        invert_map: bool = False,
+        keep_exact: bool = False,
+    ):
+        r"""
+        Every argument of [`FluxImg2ImgPipeline.__call__`] works as there, in the same order; these differ:
+
+        Args:
+            image (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor` or a list of them):
+                The image(s) to edit, in any form stock img2img takes (tensors in [0, 1], or unpacked latents with the
+                VAE's channels). It is resized to `height` x `width`, as in stock, which default to 1024 x 1024.
+            map (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor` or a list of them, values in [0, 1], white = keep):
+                How much each pixel may change. 1 (white) keeps the pixel, 0 (black) changes it fully: a pixel's
+                strength is `1 - map`. Grayscale PIL images of mode L or I;16 work as they are; float arrays must lie
+                in [0, 1]. One map for all images, or one per image; any size with the aspect ratio of `height` x
+                `width` (it is area-averaged down to the unpacked latent grid). Keyword only.
+            strength (`float`, *optional*, defaults to 1.0):
+                Scales every pixel's strength: `s = strength * (1 - map)`. With a uniform map this is stock
+                img2img's `strength`. Stock's default is 0.6; here the map sets the strengths.
+            invert_map (`bool`, *optional*, defaults to `False`):
+                Read `map` the other way round, white = change, as inpainting masks and some UIs do.
+            keep_exact (`bool`, *optional*, defaults to `False`):
+                Composite the input back after decoding: `clamp(T * s, 0, 1) * output + (1 - that) * input`. Pixels
+                of strength 0 are then the input's own values instead of its lossy VAE round trip, and pixels of
+                strength below 1/T (which run only the last step) fade in linearly. Off by default, as in the paper.
+            num_inference_steps (`int`, *optional*, defaults to 28):
+                The length T of the full schedule (or `len(sigmas)`). A pixel of strength `s` runs from the step on
+                which stock img2img at `strength=s` starts, `int(T - T * s)`, so it runs `ceil(T * s)` steps; only
+                the steps from the first released pixel on are run at all.
+            generator (`torch.Generator` or `list[torch.Generator]`, *optional*):
+                Used in the same order as stock img2img (VAE sample, then noise), so a seed gives the same result.
+            latents (`torch.Tensor`, *optional*):
+                Not supported: the frozen pixels are made from the image and the noise that stock draws. Pass the
+                image, or its latents, as `image`.
+            callback_on_step_end (`Callable`, `PipelineCallback` or `MultiPipelineCallbacks`, *optional*):
+                Called at the end of every step, after the frozen pixels have been reset, so it sees the (packed)
+                latents that the next step will run on.
+
+        Returns:
+            [`FluxPipelineOutput`] or `tuple`, as stock. `pipe.num_timesteps` is the number of denoising loop
+            iterations actually run.
+        """
+        if image is None or map is None:
+            raise ValueError("Pass both `image` and `map`.")
+        if latents is not None:
+            raise ValueError(
+                "`latents` is not supported: the frozen pixels are made from the image and the noise that the "
+                "pipeline draws. Pass the image, or its latents, as `image`."
+            )
+        if not isinstance(num_inference_steps, numbers.Integral) or num_inference_steps < 1:
+            raise ValueError(f"`num_inference_steps` must be a positive integer, not {num_inference_steps}.")
+        height = height or self.default_sample_size * self.vae_scale_factor
+        width = width or self.default_sample_size * self.vae_scale_factor
+        self.check_inputs(
+            prompt, prompt_2, strength, height, width, negative_prompt=negative_prompt,
+            negative_prompt_2=negative_prompt_2, prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
+            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            max_sequence_length=max_sequence_length,
+        )
+        if sigmas is not None:
+            num_inference_steps = len(sigmas)
+
+        pixels = self.image_processor.preprocess(image, height=height, width=width)
+        image_is_latents = pixels.shape[1] == self.latent_channels
+        if keep_exact and (image_is_latents or output_type == "latent"):
+            raise ValueError(
+                "`keep_exact` copies the input's pixels into the output: pass `image` as pixels, not latents, and an "
+                '`output_type` other than "latent".'
+            )
+        # Stock's latent grid: even, so that 2x2 patches tile it.
+        latent_grid = tuple(2 * (int(n) // (self.vae_scale_factor * 2)) for n in (height, width))
+        if image_is_latents and tuple(pixels.shape[-2:]) != latent_grid:
+            raise ValueError(
+                f"`image` holds {pixels.shape[-1]}x{pixels.shape[-2]} latents, but `height` and `width` give "
+                f"{latent_grid[1]}x{latent_grid[0]}: pass height={pixels.shape[-2] * self.vae_scale_factor} and "
+                f"width={pixels.shape[-1] * self.vae_scale_factor}."
+            )
+        pixel_grid = tuple(pixels.shape[-2:])
+        keep_map = prepare_keep_map(map, latent_grid, invert_map)
+        if keep_map.shape[0] not in (1, pixels.shape[0]):
+            raise ValueError(
+                f"Got {keep_map.shape[0]} maps for {pixels.shape[0]} images: pass one map, or one map per image."
+            )
+        frozen, tensor_inputs = chain_step_end_callback(
+            FlowFrozenPixels(
+                flow_release_steps(keep_map, strength, num_inference_steps),
+                num_inference_steps,
+                pack=lambda latents: self._pack_latents(latents, *latents.shape),
+            ),
+            callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
+        )
+        decoded_type = "pt" if keep_exact else output_type
+        self._frozen = frozen
+        try:
+            if frozen.first_step == num_inference_steps:
+                batch_size = prompt_embeds.shape[0] if prompt is None else 1 if isinstance(prompt, str) else len(prompt)
+                images = self._unchanged(
+                    pixels, batch_size * num_images_per_prompt, height, width, generator, decoded_type
+                )
+            else:
+                images = super().__call__(
+                    prompt=prompt,
+                    prompt_2=prompt_2,
+                    negative_prompt=negative_prompt,
+                    negative_prompt_2=negative_prompt_2,
+                    true_cfg_scale=true_cfg_scale,
+                    image=image,
+                    height=height,
+                    width=width,
+                    strength=flow_stock_strength(num_inference_steps - frozen.first_step, num_inference_steps),
+                    num_inference_steps=num_inference_steps,
+                    sigmas=sigmas,
+                    guidance_scale=guidance_scale,
+                    num_images_per_prompt=num_images_per_prompt,
+                    generator=generator,
+                    latents=latents,
+                    prompt_embeds=prompt_embeds,
+                    pooled_prompt_embeds=pooled_prompt_embeds,
+                    ip_adapter_image=ip_adapter_image,
+                    ip_adapter_image_embeds=ip_adapter_image_embeds,
+                    negative_ip_adapter_image=negative_ip_adapter_image,
+                    negative_ip_adapter_image_embeds=negative_ip_adapter_image_embeds,
+                    negative_prompt_embeds=negative_prompt_embeds,
+                    negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+                    output_type=decoded_type,
+                    return_dict=True,
+                    joint_attention_kwargs=joint_attention_kwargs,
+                    callback_on_step_end=frozen,
+                    callback_on_step_end_tensor_inputs=tensor_inputs,
+                    max_sequence_length=max_sequence_length,
+                ).images
+        finally:
+            self._frozen = None
+        if keep_exact:
+            pixel_keep_map = prepare_keep_map(map, pixel_grid, invert_map, aspect_of=latent_grid)
+            weight = exact_keep_weight(pixel_keep_map, strength, num_inference_steps)
+            images = composite_original(images, pixels / 2 + 0.5, weight)
+            images = self.image_processor.postprocess(images, output_type, do_denormalize=[False] * len(images))
+        return FluxPipelineOutput(images=images) if return_dict else (images,)
+
+    def prepare_latents(self, *args, **kwargs):
+        # Stock draws `noise` here and keeps only scale_noise(x0, t, noise); frozen pixels need x0 and noise again.
+        if self._frozen is None:
+            return super().prepare_latents(*args, **kwargs)
+        with self._frozen.recording_scale_noise(self.scheduler):
+            return super().prepare_latents(*args, **kwargs)
+
+    def _unchanged(self, pixels, batch_size, height, width, generator, output_type):
+        # No pixel is released, so no step runs: the result is x0, as at every kept pixel of a run.
+        device, dtype = self._execution_device, self.vae.dtype
+        channels = self.transformer.config.in_channels // 4
+        with self._frozen.recording_scale_noise(self.scheduler, noising=False):
+            super().prepare_latents(pixels, None, batch_size, channels, height, width, dtype, device, generator)
+        self._num_timesteps = 0
+        latents = self._frozen.x0  # packed, as stock returns latents
+        if output_type == "latent":
+            images = latents
+        else:
+            latents = self._unpack_latents(latents, height, width, self.vae_scale_factor)
+            decoded = self.vae.decode(latents / self.vae.config.scaling_factor + self.vae.config.shift_factor)[0]
+            images = self.image_processor.postprocess(decoded, output_type=output_type)
+        self.maybe_free_model_hooks()
+        return images

@@ -1,0 +1,95 @@
+"""Edit an image with Stable Diffusion 3 or 3.5, giving each pixel its own strength through a map.
+
+    python SD3/run.py                      # the example in assets/, with the default model (gated: see --help)
+    python SD3/run.py --image photo.jpg --map map.png --prompt "a watercolour painting" --output edit.png
+
+`build_parser`, `load_pipelines` and `edit` are also what batch editing uses, so both run the same code.
+"""
+
+import sys
+import time
+from pathlib import Path
+
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tools import cli  # noqa: E402
+
+DEFAULT_MODEL = "stabilityai/stable-diffusion-3.5-medium"
+SIZE_MULTIPLE = 16  # the VAE's 8 times the transformer's 2x2 patches
+
+
+def build_parser():
+    return cli.build_parser(
+        "Differential img2img with Stable Diffusion 3/3.5: a grayscale map gives every pixel its own strength. "
+        "--model takes any SD3 or SD3.5 checkpoint, as a Hub id or a local diffusers folder. The default model is "
+        "gated: accept its licence on the Hugging Face Hub and log in with `hf auth login` first. SD3 samples with "
+        "flow matching, so --scheduler keeps the model's own.",
+        default_model=DEFAULT_MODEL,
+        default_steps=40,
+        default_guidance=4.5,
+    )
+
+
+def load_pipelines(args):
+    if args.scheduler != "default":
+        raise cli.CliError(
+            f"--scheduler {args.scheduler} is a sampler for SD 1.x/2.x and SDXL; SD3 samples with flow matching: "
+            "leave --scheduler default"
+        )
+    from SD3.diff_pipe import StableDiffusion3DiffImg2ImgPipeline  # by package, so that families never collide
+
+    return cli.load_pipeline(
+        StableDiffusion3DiffImg2ImgPipeline, args.model, torch_dtype=args.torch_dtype, device=args.device,
+        offload=args.offload,
+    )
+
+
+def working_size(image):
+    """(width, height): the image's own size rounded down to what the model takes (stock would use 1024 x 1024)."""
+    return tuple(max(SIZE_MULTIPLE, n - n % SIZE_MULTIPLE) for n in image.size)
+
+
+def fitted(map_image, size):
+    # The pipeline resizes the image to `size`; the map must follow it, or rounding can break their common aspect.
+    if map_image.size == size:
+        return map_image
+    shrinking = map_image.width >= size[0] and map_image.height >= size[1]
+    return map_image.resize(size, Image.BOX if shrinking else Image.BILINEAR)
+
+
+def edit(pipe, args, *, images, maps, prompts, negative_prompts, seeds):
+    """Edits a batch (lists of equal length) with the sampling settings in `args`; returns (images, steps run)."""
+    width, height = working_size(images[0])
+    result = pipe(
+        prompt=prompts,
+        negative_prompt=[text or "" for text in negative_prompts],
+        image=images,
+        map=[fitted(map_image, (width, height)) for map_image in maps],
+        height=height,
+        width=width,
+        invert_map=args.invert_map,
+        strength=args.strength,
+        keep_exact=args.keep_exact,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        generator=[cli.make_generator(seed) for seed in seeds],
+    )
+    return result.images, pipe.num_timesteps
+
+
+def run():
+    args = cli.parse_args(build_parser())
+    image, map_image = cli.load_inputs(args)
+    pipe = load_pipelines(args)
+    started = time.perf_counter()
+    (result,), steps_run = edit(
+        pipe, args, images=[image], maps=[map_image], prompts=[args.prompt],
+        negative_prompts=[args.negative_prompt], seeds=[args.seed],
+    )
+    cli.save_result(result, args, image=image, map_image=map_image, steps_run=steps_run,
+                    seconds=time.perf_counter() - started)
+
+
+if __name__ == "__main__":
+    cli.main(run)

@@ -1,0 +1,147 @@
+"""Tiny random-weight SD3 and Flux.1 models, so the flow-matching pipelines are tested offline in seconds.
+
+Sizes mirror diffusers' own fast tests, with a 2-level VAE (scale factor 2) and 4 latent channels, so that a map is
+area-averaged onto a smaller grid and Flux's 2x2 packing has channels to interleave: 64 px images give
+4 x 32 x 32 latents, which Flux packs into 256 tokens of 16 channels.
+"""
+
+import numpy as np
+import torch
+from conftest import (
+    SEED,
+    TEXT_HIDDEN_SIZE,
+    build_pipeline,
+    clip_text_model,
+    clip_tokenizer,
+    save_pipeline,
+    seeded_generator,
+    t5_encoder,
+    t5_tokenizer,
+)
+from diffusers import (
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    FluxImg2ImgPipeline,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Img2ImgPipeline,
+)
+
+FLOW_IMAGE_SIZE = 64
+LATENT_CHANNELS = 4
+
+
+def flow_vae():
+    """A 2-level VAE with the shift and scale that SD3 and Flux decode with (they subtract `shift_factor`)."""
+    torch.manual_seed(SEED)
+    return AutoencoderKL(
+        block_out_channels=(8, 16),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2,
+        layers_per_block=1,
+        latent_channels=LATENT_CHANNELS,
+        norm_num_groups=4,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.0609,
+        scaling_factor=1.5035,
+        sample_size=FLOW_IMAGE_SIZE,
+    ).eval()
+
+
+def sd3_components(scheduler=None):
+    """Components for ``StableDiffusion3Img2ImgPipeline``: two CLIP encoders and a T5, a 1-layer MMDiT."""
+    clip = clip_tokenizer()
+    t5 = t5_tokenizer()
+    torch.manual_seed(SEED)
+    transformer = SD3Transformer2DModel(
+        sample_size=FLOW_IMAGE_SIZE // 2,  # the pipeline's default size is this many latents
+        patch_size=2,
+        in_channels=LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=TEXT_HIDDEN_SIZE,  # T5's width; the two CLIPs' 2 x 32 are cut to it, as in SD3
+        caption_projection_dim=32,
+        pooled_projection_dim=2 * TEXT_HIDDEN_SIZE,  # both CLIPs' pooled projections side by side
+    ).eval()
+    return dict(
+        transformer=transformer,
+        vae=flow_vae(),
+        text_encoder=clip_text_model(clip, with_projection=True),
+        text_encoder_2=clip_text_model(clip, with_projection=True),
+        text_encoder_3=t5_encoder(t5),
+        tokenizer=clip,
+        tokenizer_2=clip,
+        tokenizer_3=t5,
+        scheduler=scheduler or FlowMatchEulerDiscreteScheduler(shift=3.0),
+    )
+
+
+def flux_components(scheduler=None):
+    """Components for ``FluxImg2ImgPipeline``: CLIP and T5 encoders, a guidance-distilled 1+1-layer transformer."""
+    clip = clip_tokenizer()
+    t5 = t5_tokenizer()
+    torch.manual_seed(SEED)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=4 * LATENT_CHANNELS,  # the pipeline packs 2x2 latent patches into one token
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=TEXT_HIDDEN_SIZE,
+        pooled_projection_dim=TEXT_HIDDEN_SIZE,
+        guidance_embeds=True,  # as FLUX.1-dev
+        axes_dims_rope=[4, 4, 8],
+    ).eval()
+    return dict(
+        transformer=transformer,
+        vae=flow_vae(),
+        text_encoder=clip_text_model(clip),
+        text_encoder_2=t5_encoder(t5),
+        tokenizer=clip,
+        tokenizer_2=t5,
+        # FLUX.1's schedule: its shift depends on the image's token count.
+        scheduler=scheduler or FlowMatchEulerDiscreteScheduler(
+            shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+            base_image_seq_len=256, max_image_seq_len=4096,
+        ),
+    )
+
+
+def count_transformer_calls(pipe):
+    """A list that grows by one at every forward call of ``pipe.transformer``."""
+    calls = []
+    pipe.transformer.register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
+def bands(*keeps, size=FLOW_IMAGE_SIZE):
+    """A keep map of vertical bands of equal width, left to right (`size` must be a multiple of their number)."""
+    return np.repeat(np.asarray(keeps, np.float32), size // len(keeps))[None].repeat(size, axis=0)
+
+
+def x0_and_noise(pipe, pixels, seed=SEED):
+    """x0 and noise drawn as stock flow img2img draws them: VAE sample first, then noise, from one generator.
+
+    `pixels` is a preprocessed batch in [-1, 1]; x0 is shifted and scaled as SD3 and Flux do.
+    """
+    generator = seeded_generator(seed)
+    config = pipe.vae.config
+    x0 = (pipe.vae.encode(pixels).latent_dist.sample(generator) - config.shift_factor) * config.scaling_factor
+    return x0, torch.randn(x0.shape, generator=generator)
+
+
+
+def save_sd3(folder):
+    """A tiny stock SD3 img2img pipeline saved as a diffusers folder, for from_pretrained and run.py --model."""
+    return save_pipeline(build_pipeline(StableDiffusion3Img2ImgPipeline, sd3_components()), folder)
+
+
+def save_flux(folder):
+    """A tiny stock Flux img2img pipeline saved as a diffusers folder, for from_pretrained and run.py --model."""
+    return save_pipeline(build_pipeline(FluxImg2ImgPipeline, flux_components()), folder)

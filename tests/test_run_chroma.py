@@ -1,0 +1,82 @@
+"""Chroma/run.py end to end, in a subprocess, on a tiny Chroma model saved to a folder."""
+
+import numpy as np
+import pytest
+from conftest import COMMON_BAD_INPUTS, assert_refused_in_one_line, run_script
+from flow_models2 import save_chroma
+from PIL import Image
+
+from tools.maps import save_map
+
+SCRIPT = "Chroma/run.py"
+
+
+
+@pytest.fixture(scope="module")
+def chroma_dir(tmp_path_factory):
+    return save_chroma(tmp_path_factory.mktemp("chroma"))
+
+
+def test_run_writes_a_png_with_its_parameters(chroma_dir, inputs, tmp_path):
+    image, map_path = inputs
+    output = tmp_path / "edit.png"
+    result = run_script(
+        SCRIPT, "--model", chroma_dir, "--device", "cpu", "--image", image, "--map", map_path,
+        "--prompt", "a red apple", "--steps", "5", "--strength", "0.5", "--seed", "7", "--output", output, "--compare",
+    )
+    assert result.returncode == 0, result.stderr
+    last_line = result.stdout.strip().splitlines()[-1]
+    # T * s = 2.5: flow-matching img2img runs ceil(2.5) steps, where SD runs int(2.5).
+    assert last_line.startswith(str(output)) and "3 denoising steps" in last_line
+    with Image.open(output) as written:
+        assert written.size == (64, 64) and written.format == "PNG"
+        text = written.text
+    assert text["prompt"] == "a red apple" and text["seed"] == "7" and text["strength"] == "0.5"
+    assert text["model"] == str(chroma_dir) and text["map"].endswith("map.png")
+    with Image.open(tmp_path / "edit-compare.png") as strip:
+        assert strip.width >= 3 * 64
+
+
+@pytest.mark.parametrize(
+    "case, extra, message",
+    COMMON_BAD_INPUTS + [
+        ("hub model offline", ["--model", "someone/not-cached-model"], "--model PATH"),
+        ("an SD sampler", ["--scheduler", "euler"], "leave --scheduler default"),
+    ],
+)
+def test_bad_input_gives_one_line_and_leaves_inputs_untouched(chroma_dir, inputs, tmp_path, case, extra, message):
+    image, map_path = inputs
+    base = ["--model", chroma_dir, "--device", "cpu", "--image", image, "--map", map_path, "--prompt", "x",
+            "--steps", "2"]
+    assert_refused_in_one_line(SCRIPT, base, extra, message, inputs, tmp_path)
+
+
+def test_keep_exact_writes_the_input_bytes_where_the_map_is_white(chroma_dir, inputs, tmp_path):
+    image, map_path = inputs  # the left half changes fully, the right half is kept
+    output = tmp_path / "exact.png"
+    result = run_script(SCRIPT, "--model", chroma_dir, "--device", "cpu", "--image", image, "--map", map_path,
+                        "--prompt", "a red apple", "--steps", "4", "--keep-exact", "--output", output)
+    assert result.returncode == 0, result.stderr
+    with Image.open(image) as source, Image.open(output) as written:
+        original, edited = np.asarray(source.convert("RGB")), np.asarray(written.convert("RGB"))
+    assert np.array_equal(edited[:, 32:], original[:, 32:])
+    assert np.abs(edited[:, :32].astype(int) - original[:, :32]).mean() > 5
+
+
+def test_a_size_off_the_model_grid_is_rounded_down_with_its_map(chroma_dir, tmp_path):
+    # 64 x 79 rounds to 64 x 64: the map must be resized with the image, or their aspects would differ by 2 latents.
+    image, map_path, output = tmp_path / "tall.png", tmp_path / "tall-map.png", tmp_path / "out.png"
+    Image.fromarray(np.full((79, 64, 3), 128, np.uint8)).save(image)
+    save_map(np.zeros((79, 64), np.float32), map_path)
+    result = run_script(SCRIPT, "--model", chroma_dir, "--device", "cpu", "--image", image, "--map", map_path,
+                        "--prompt", "x", "--steps", "2", "--output", output)
+    assert result.returncode == 0, result.stderr
+    with Image.open(output) as written:
+        assert written.size == (64, 64)
+
+
+def test_help_names_the_default_model_and_guidance():
+    result = run_script(SCRIPT, "--help")
+    assert result.returncode == 0
+    assert "lodestones/Chroma1-HD" in result.stdout and "--negative-prompt" in result.stdout
+    assert "--true-cfg-scale" not in result.stdout

@@ -1,0 +1,101 @@
+"""QwenImage/run.py end to end, in a subprocess, on a tiny Qwen-Image model saved to a folder."""
+
+import numpy as np
+import pytest
+from conftest import COMMON_BAD_INPUTS, assert_refused_in_one_line, build_pipeline, run_script
+from flow_models import count_transformer_calls
+from flow_models2 import qwenimage_components, save_qwenimage
+from PIL import Image
+
+import QwenImage.run as qwen_run
+from QwenImage.diff_pipe import QwenImageDiffImg2ImgPipeline
+from tools import cli
+from tools.maps import save_map
+
+SCRIPT = "QwenImage/run.py"
+
+
+@pytest.fixture(scope="module")
+def qwenimage_dir(tmp_path_factory):
+    return save_qwenimage(tmp_path_factory.mktemp("qwenimage"))
+
+
+def test_run_writes_a_png_with_its_parameters(qwenimage_dir, inputs, tmp_path):
+    image, map_path = inputs
+    output = tmp_path / "edit.png"
+    result = run_script(
+        SCRIPT, "--model", qwenimage_dir, "--device", "cpu", "--image", image, "--map", map_path,
+        "--prompt", "a red apple", "--steps", "5", "--strength", "0.5", "--seed", "7", "--output", output, "--compare",
+    )
+    assert result.returncode == 0, result.stderr
+    last_line = result.stdout.strip().splitlines()[-1]
+    # T * s = 2.5: flow-matching img2img runs ceil(2.5) steps, where SD runs int(2.5).
+    assert last_line.startswith(str(output)) and "3 denoising steps" in last_line
+    with Image.open(output) as written:
+        assert written.size == (64, 64) and written.format == "PNG"
+        text = written.text
+    assert text["prompt"] == "a red apple" and text["seed"] == "7" and text["strength"] == "0.5"
+    assert text["model"] == str(qwenimage_dir) and text["map"].endswith("map.png")
+    with Image.open(tmp_path / "edit-compare.png") as strip:
+        assert strip.width >= 3 * 64
+
+
+@pytest.mark.parametrize(
+    "case, extra, message",
+    COMMON_BAD_INPUTS + [
+        ("hub model offline", ["--model", "someone/not-cached-model"], "--model PATH"),
+        ("an SD sampler", ["--scheduler", "euler"], "leave --scheduler default"),
+    ],
+)
+def test_bad_input_gives_one_line_and_leaves_inputs_untouched(qwenimage_dir, inputs, tmp_path, case, extra, message):
+    image, map_path = inputs
+    base = ["--model", qwenimage_dir, "--device", "cpu", "--image", image, "--map", map_path, "--prompt", "x",
+            "--steps", "2"]
+    assert_refused_in_one_line(SCRIPT, base, extra, message, inputs, tmp_path)
+
+
+def test_keep_exact_writes_the_input_bytes_where_the_map_is_white(qwenimage_dir, inputs, tmp_path):
+    image, map_path = inputs  # the left half changes fully, the right half is kept
+    output = tmp_path / "exact.png"
+    result = run_script(SCRIPT, "--model", qwenimage_dir, "--device", "cpu", "--image", image, "--map", map_path,
+                        "--prompt", "a red apple", "--steps", "4", "--keep-exact", "--output", output)
+    assert result.returncode == 0, result.stderr
+    with Image.open(image) as source, Image.open(output) as written:
+        original, edited = np.asarray(source.convert("RGB")), np.asarray(written.convert("RGB"))
+    assert np.array_equal(edited[:, 32:], original[:, 32:])
+    assert np.abs(edited[:, :32].astype(int) - original[:, :32]).mean() > 5
+
+
+def test_a_size_off_the_model_grid_is_rounded_down_with_its_map(qwenimage_dir, tmp_path):
+    # 64 x 79 rounds to 64 x 64: the map must be resized with the image, or their aspects would differ by 2 latents.
+    image, map_path, output = tmp_path / "tall.png", tmp_path / "tall-map.png", tmp_path / "out.png"
+    Image.fromarray(np.full((79, 64, 3), 128, np.uint8)).save(image)
+    save_map(np.zeros((79, 64), np.float32), map_path)
+    result = run_script(SCRIPT, "--model", qwenimage_dir, "--device", "cpu", "--image", image, "--map", map_path,
+                        "--prompt", "x", "--steps", "2", "--output", output)
+    assert result.returncode == 0, result.stderr
+    with Image.open(output) as written:
+        assert written.size == (64, 64)
+
+
+def test_help_names_the_default_model_and_the_true_guidance():
+    result = run_script(SCRIPT, "--help")
+    assert result.returncode == 0
+    assert "Qwen/Qwen-Image" in result.stdout and "true_cfg_scale" in result.stdout
+
+
+@pytest.mark.parametrize("flags, calls_per_step", [([], 2), (["--guidance-scale", "1"], 1)])
+def test_guidance_is_true_cfg_and_on_by_default_without_a_negative_prompt(inputs, flags, calls_per_step):
+    # Stock runs true CFG only with a negative prompt; run.py always gives one (" " for none, as diffusers' example).
+    image, map_path = inputs
+    args = cli.parse_args(
+        qwen_run.build_parser(),
+        ["--image", str(image), "--map", str(map_path), "--prompt", "x", "--negative-prompt", "", "--steps", "3",
+         "--device", "cpu", *flags],
+    )
+    pipe = build_pipeline(QwenImageDiffImg2ImgPipeline, qwenimage_components())
+    calls = count_transformer_calls(pipe)
+    image_in, map_in = cli.load_inputs(args)
+    _, steps_run = qwen_run.edit(pipe, args, images=[image_in], maps=[map_in], prompts=["x"],
+                                 negative_prompts=[args.negative_prompt], seeds=[0])
+    assert steps_run == 3 and len(calls) == calls_per_step * 3
