@@ -181,7 +181,9 @@ class FrozenPixels:
 
     Stock img2img runs the schedule from the first released step on. Before each later step k, this sets the pixels
     with k <= release_step to `add_noise(x0, noise, t_k)`, and after the last step, the pixels never released to
-    `x0`. `x0` and `noise` are the very tensors that stock img2img draws, recorded by `recording_add_noise`.
+    `x0`. `x0` and `noise` are the very tensors that stock img2img draws, recorded by `recording_add_noise`. The
+    user's own step-end `callback` (a function, `PipelineCallback` or `MultiPipelineCallbacks`) runs after the blend
+    and sees its `tensor_inputs`; ask stock for `step_end_tensor_inputs`.
     """
 
     def __init__(self, release_step: torch.Tensor, num_inference_steps: int, callback=None, tensor_inputs=()):
@@ -189,8 +191,15 @@ class FrozenPixels:
         self.num_inference_steps = num_inference_steps
         self.first_step = int(release_step.min())
         self.last_frozen_step = int(release_step.max())
-        self.callback, self.tensor_inputs = callback, list(tensor_inputs)
+        if isinstance(callback, (PipelineCallback, MultiPipelineCallbacks)):
+            tensor_inputs = callback.tensor_inputs  # stock reads a callback object's own list, whatever is passed
+        self.callback, self.tensor_inputs = callback, list(tensor_inputs or [])
         self.x0 = self.noise = None
+
+    @property
+    def step_end_tensor_inputs(self) -> list:
+        """The tensors stock must hand this callback: the latents, and what the user's callback reads."""
+        return sorted(set(self.tensor_inputs) | {"latents"})
 
     @contextmanager
     def recording_add_noise(self, scheduler):
@@ -206,6 +215,13 @@ class FrozenPixels:
             yield
         finally:
             del scheduler.add_noise
+        (height, width), (encoded_height, encoded_width) = self.release_step.shape[-2:], self.x0.shape[-2:]
+        if (height, width) != (encoded_height, encoded_width):
+            raise ValueError(
+                f"The image was encoded to a {encoded_width}x{encoded_height} grid, but the map was sized to "
+                f"{width}x{height} from the VAE's scale factor: give the image a width and height that the VAE's "
+                "scale factor divides."
+            )
         self.release_step = tile_to_batch(self.release_step, self.x0.shape[0]).to(self.x0.device)
 
     def blend(self, scheduler, i: int, latents: torch.Tensor) -> torch.Tensor:
@@ -228,14 +244,6 @@ class FrozenPixels:
         if "latents" in user_kwargs:
             user_kwargs["latents"] = latents
         return {"latents": latents, **(self.callback(pipe, i, t, user_kwargs) or {})}
-
-
-def chain_step_end_callback(frozen: FrozenPixels, callback, tensor_inputs):
-    """Puts `frozen` before the user's own step-end callback, which then sees the blended latents."""
-    if isinstance(callback, (PipelineCallback, MultiPipelineCallbacks)):
-        tensor_inputs = callback.tensor_inputs
-    frozen.callback, frozen.tensor_inputs = callback, list(tensor_inputs or [])
-    return frozen, sorted(set(frozen.tensor_inputs) | {"latents"})
 
 
 # Copied from SD2/diff_pipe.py: differential core (end)
@@ -455,15 +463,13 @@ class QwenImageDiffImg2ImgPipeline(QwenImageImg2ImgPipeline):
             raise ValueError(
                 f"Got {keep_map.shape[0]} maps for {pixels.shape[0]} images: pass one map, or one map per image."
             )
-        frozen, tensor_inputs = chain_step_end_callback(
-            FlowFrozenPixels(
-                # (B, 1, 1, H, W): stock's x0 and noise are (B, 1, C, H, W), a frame axis before the channels.
-                flow_release_steps(keep_map, strength, num_inference_steps)[:, :, None],
-                num_inference_steps,
-                pack=lambda latents: self._pack_latents(latents, latents.shape[0], *latents.shape[2:]),
-            ),
+        frozen = FlowFrozenPixels(
+            # (B, 1, 1, H, W): stock's x0 and noise are (B, 1, C, H, W), a frame axis before the channels.
+            flow_release_steps(keep_map, strength, num_inference_steps)[:, :, None],
+            num_inference_steps,
             callback_on_step_end,
             callback_on_step_end_tensor_inputs,
+            pack=lambda latents: self._pack_latents(latents, latents.shape[0], *latents.shape[2:]),
         )
         decoded_type = "pt" if keep_exact else output_type
         self._frozen = frozen
@@ -496,7 +502,7 @@ class QwenImageDiffImg2ImgPipeline(QwenImageImg2ImgPipeline):
                     return_dict=True,
                     attention_kwargs=attention_kwargs,
                     callback_on_step_end=frozen,
-                    callback_on_step_end_tensor_inputs=tensor_inputs,
+                    callback_on_step_end_tensor_inputs=frozen.step_end_tensor_inputs,
                     max_sequence_length=max_sequence_length,
                 ).images
         finally:

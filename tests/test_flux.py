@@ -10,7 +10,7 @@ import inspect
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT, build_pipeline, seeded_generator, test_image
+from conftest import build_pipeline, seeded_generator, test_image
 from diffusers import DiffusionPipeline, FlowMatchLCMScheduler, FluxImg2ImgPipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from flow_models import bands, count_transformer_calls, flux_components, save_flux, x0_and_noise
@@ -323,15 +323,3 @@ def test_bad_arguments_are_refused_clearly(components, change, message):
     run = {**dict(image=test_image(), map=np.zeros((64, 64), np.float32), num_inference_steps=4, **RUN), **change}
     with pytest.raises(ValueError, match=message):
         ours(PROMPT, **run)
-
-
-def flow_block(path):
-    begin, end = (f"# Copied from SD3/diff_pipe.py: flow matching ({edge})" for edge in ("begin", "end"))
-    text = path.read_text()
-    assert text.count(begin) == 1 and text.count(end) == 1, path
-    return text[text.index(begin) : text.index(end)]
-
-
-@pytest.mark.parametrize("family", ["Flux", "Chroma", "QwenImage", "ZImage"])
-def test_the_flow_matching_block_is_the_same_as_sd3s(family):
-    assert flow_block(REPO_ROOT / family / "diff_pipe.py") == flow_block(REPO_ROOT / "SD3" / "diff_pipe.py")

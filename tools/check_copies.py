@@ -26,15 +26,20 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 class CopiedBlock:
     source: str  # the file that holds the original, relative to the repository root
     name: str
-    copies: str  # glob of the files that must carry it, the source included
+    copies: tuple  # globs of the files that must carry it, the source included
+
+    def files(self, root: Path) -> list:
+        return sorted({path for pattern in self.copies for path in root.glob(pattern)})
 
     def markers(self):
         return tuple(f"# Copied from {self.source}: {self.name} ({end})" for end in ("begin", "end"))
 
 
 BLOCKS = [
-    CopiedBlock("SD2/diff_pipe.py", "differential core", "*/diff_pipe*.py"),
-    CopiedBlock("IF/diff_pipe_I.py", "IF helpers", "IF/diff_pipe*.py"),
+    CopiedBlock("SD2/diff_pipe.py", "differential core", ("*/diff_pipe*.py",)),
+    CopiedBlock("IF/diff_pipe_I.py", "IF helpers", ("IF/diff_pipe*.py",)),
+    CopiedBlock("SD3/diff_pipe.py", "flow matching", tuple(
+        f"{family}/diff_pipe.py" for family in ("SD3", "Flux", "Chroma", "QwenImage", "ZImage"))),
 ]
 
 
@@ -72,7 +77,7 @@ def check(root: Path, fix: bool = False) -> tuple:
             problems.append(f"{block.source} (the source of the {block.name}) {span}")
             continue
         reference = source[span[0] : span[1]]
-        for path in sorted(root.glob(block.copies)):
+        for path in block.files(root):
             name = path.relative_to(root).as_posix()
             text = read(path)
             span = block_span(text, block)

@@ -51,6 +51,9 @@ FAMILIES = {
     "KandinskyV22": ("a Kandinsky 2.2 checkpoint", "Kandinsky/run.py"),
     "IF": ("a DeepFloyd IF checkpoint", "IF/run.py"),
     "Flux": ("a Flux checkpoint", "Flux/run.py"),
+    "Chroma": ("a Chroma checkpoint", "Chroma/run.py"),
+    "QwenImage": ("a Qwen-Image checkpoint", "QwenImage/run.py"),
+    "ZImage": ("a Z-Image checkpoint", "ZImage/run.py"),
 }
 
 EXIT_USAGE, EXIT_RUN_FAILED, EXIT_INTERRUPTED = 2, 1, 130
