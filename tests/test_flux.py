@@ -10,7 +10,7 @@ import inspect
 import numpy as np
 import pytest
 import torch
-from conftest import build_pipeline, seeded_generator, test_image
+from conftest import REPO_ROOT, build_pipeline, seeded_generator, test_image
 from diffusers import DiffusionPipeline, FlowMatchLCMScheduler, FluxImg2ImgPipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from flow_models import bands, count_transformer_calls, flux_components, save_flux, x0_and_noise
