@@ -23,7 +23,7 @@ SIZE_MULTIPLE = 16  # the VAE's 8 times the 2x2 patches that latents are packed 
 
 
 def build_parser():
-    return cli.build_parser(
+    parser = cli.build_parser(
         "Differential img2img with Qwen-Image: a grayscale map gives every pixel its own strength. --model takes any "
         "Qwen-Image checkpoint in diffusers format, as a Hub id or a local folder. --guidance-scale is Qwen-Image's "
         "true_cfg_scale: above 1 it runs the transformer twice per step, once with --negative-prompt (\" \" when "
@@ -32,6 +32,10 @@ def build_parser():
         default_steps=50,
         default_guidance=4.0,
     )
+    next(action for action in parser._actions if action.dest == "guidance_scale").help = (
+        "Qwen-Image's true_cfg_scale: above 1, true classifier-free guidance with --negative-prompt, two "
+        "transformer passes per step; 1 or less turns it off (default: %(default)g)")
+    return parser
 
 
 def load_pipelines(args):

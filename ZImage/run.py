@@ -23,7 +23,7 @@ SIZE_MULTIPLE = 16  # the VAE's 8 times the 2x2 patches that latents are packed 
 
 
 def build_parser():
-    return cli.build_parser(
+    parser = cli.build_parser(
         "Differential img2img with Z-Image: a grayscale map gives every pixel its own strength. --model takes any "
         "Z-Image checkpoint in diffusers format, as a Hub id or a local folder. Z-Image-Turbo is distilled to run "
         "without guidance (--guidance-scale 0); above 0, classifier-free guidance with --negative-prompt doubles the "
@@ -32,6 +32,10 @@ def build_parser():
         default_steps=8,
         default_guidance=0.0,
     )
+    next(action for action in parser._actions if action.dest == "guidance_scale").help = (
+        "classifier-free guidance scale: above 0 it doubles the transformer's batch with --negative-prompt; "
+        "0 turns it off, as Z-Image-Turbo is meant to run (default: %(default)g)")
+    return parser
 
 
 def load_pipelines(args):

@@ -79,3 +79,5 @@ def test_help_names_the_true_guidance_flag_and_the_licence():
     result = run_script(SCRIPT, "--help")
     assert result.returncode == 0
     assert "--true-cfg-scale" in result.stdout and "gated" in result.stdout
+    text = " ".join(result.stdout.split())  # argparse wraps lines
+    assert "distilled guidance, an input of the transformer" in text and "1 or less turns it off" not in text

@@ -82,6 +82,8 @@ def test_help_names_the_default_model_and_the_true_guidance():
     result = run_script(SCRIPT, "--help")
     assert result.returncode == 0
     assert "Qwen/Qwen-Image" in result.stdout and "true_cfg_scale" in result.stdout
+    text = " ".join(result.stdout.split())  # argparse wraps lines
+    assert "guidance with --negative-prompt, two transformer passes per step" in text
 
 
 @pytest.mark.parametrize("flags, calls_per_step", [([], 2), (["--guidance-scale", "1"], 1)])

@@ -80,3 +80,5 @@ def test_help_names_the_default_model_and_guidance():
     assert result.returncode == 0
     assert "Tongyi-MAI/Z-Image-Turbo" in "".join(result.stdout.split())  # argparse wraps lines at hyphens
     assert "(--guidance-scale 0)" in result.stdout and "(default: 8)" in result.stdout
+    text = " ".join(result.stdout.split())  # argparse wraps lines
+    assert "0 turns it off" in text and "1 or less turns it off" not in text
