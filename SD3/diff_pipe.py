@@ -443,6 +443,12 @@ class StableDiffusion3DiffImg2ImgPipeline(StableDiffusion3Img2ImgPipeline):
 
         pixels = self.image_processor.preprocess(image, height=height, width=width)
         image_is_latents = pixels.shape[1] == self.vae.config.latent_channels
+        if isinstance(generator, list) and len(generator) > pixels.shape[0] and not image_is_latents:
+            # Stock encodes image i with generator i, and fails deep inside the VAE when there are fewer images.
+            raise ValueError(
+                f"Got {len(generator)} generators for {pixels.shape[0]} image(s): stock SD3 img2img encodes each "
+                "image with its own generator. Repeat the image once per output, or pass a single generator."
+            )
         if keep_exact and (image_is_latents or output_type == "latent"):
             raise ValueError(
                 "`keep_exact` copies the input's pixels into the output: pass `image` as pixels, not latents, and an "

@@ -283,6 +283,10 @@ def test_keep_exact_with_nothing_to_change_is_the_input_itself(components):
         (dict(strength=1.5), "strength"),
         (dict(num_inference_steps=0), "num_inference_steps"),
         (dict(latents=torch.zeros(1, 4, 32, 32)), "`latents` is not supported"),
+        (
+            dict(num_images_per_prompt=2, generator=[seeded_generator(0), seeded_generator(1)]),
+            "2 generators for 1 image",
+        ),
         (dict(keep_exact=True, output_type="latent"), "keep_exact"),
     ],
 )

@@ -1,4 +1,4 @@
-"""ZImageDiffImg2ImgPipeline against stock diffusers, on a tiny random FLUX.1 model.
+"""ZImageDiffImg2ImgPipeline against stock diffusers, on a tiny random Z-Image model.
 
 Z-Image keeps latents unpacked, (B, C, H, W), and does not resize its input: the 64 px test image gives 32 x 32
 latents, checked pixel by pixel. Its classifier-free guidance (guidance_scale > 0, default 5) doubles the batch of one
