@@ -117,7 +117,8 @@ def parse_args(module, argv: list[str]) -> argparse.Namespace:
     for flag in ("image", "map", "mask"):
         if getattr(args, flag) is not None:
             setattr(args, flag, cli.input_path(getattr(args, flag), None, f"--{flag}").absolute())
-    args.model_params = {dest: getattr(args, dest) for dest in parser.model_flags}  # SDXL's refiner, say
+    # What the results record beyond run.py's own parameters: the family and its model's flags (SDXL's refiner, say)
+    args.extra_params = {"family": args.family, **{dest: getattr(args, dest) for dest in parser.model_flags}}
     args.command = shlex.join(["python", "-m", "tools.batch", *argv])
     return args
 
@@ -209,23 +210,18 @@ def make_plan(args: argparse.Namespace, held: contextlib.ExitStack) -> argparse.
         job = None if cells is None else make_job(args, line, number, cells, problems, header)
         (bad.append((line, problems)) if problems else jobs.append(job))
     # No row may write another row's output, or an input of any row, or the jobs file.
-    inputs = {args.jobs.resolve(): "the jobs file"}
+    claimed = {args.jobs.resolve(): "is the jobs file; inputs are never overwritten"}
     for job in jobs:
         for what in ("image", "map", "mask"):
             if getattr(job, what) is not None:
-                inputs.setdefault(getattr(job, what).resolve(), f"the {what} of line {job.line}")
-    written = {}
+                claimed.setdefault(getattr(job, what).resolve(), f"is the {what} of line {job.line}; inputs are never "
+                                   "overwritten")
     for job in list(jobs):
-        problems = []
-        for target in [job.output, cli.compare_path(job.output)] if args.compare else [job.output]:
-            if target in inputs:
-                problems.append(f"output {cli.display(target)} is {inputs[target]}; inputs are never overwritten")
-            if target in written:
-                problems.append(f"output {cli.display(target)} is also written by line {written[target]}")
-            written.setdefault(target, job.line)
-        if problems:
+        targets = [job.output, cli.compare_path(job.output)] if args.compare else [job.output]
+        if problems := [f"output {cli.display(target)} {claimed[target]}" for target in targets if target in claimed]:
             bad.append((job.line, problems))
             jobs.remove(job)
+        claimed.update({target: f"is also written by line {job.line}" for target in targets if target not in claimed})
     _refuse_bad_rows(bad, args)  # before the output folder is made: a bad file leaves no trace
     try:
         args.output_dir.mkdir(parents=True, exist_ok=True)
@@ -363,7 +359,7 @@ def row_args(job: argparse.Namespace, args: argparse.Namespace) -> argparse.Name
 
 def row_parameters(job, args: argparse.Namespace) -> dict[str, str]:
     """The PNG text of a row's result that says what it is (not ``HOW_MADE``); a rerun compares it to resume."""
-    params = cli.png_parameters(row_args(job, args), 0, {"family": args.family, **args.model_params})
+    params = cli.png_parameters(row_args(job, args), 0, args.extra_params)
     return {key: value for key, value in params.items() if key not in HOW_MADE}
 
 
@@ -417,13 +413,13 @@ def run_batches(state, module, args, jobs: list, batches: list[list[int]], resul
             return
         for (job, image, map_image), result in zip(loaded, images):
             try:
-                info = cli.png_info(row_args(job, args), steps_run, {"family": args.family, **args.model_params,
-                                                                      "jobs": args.jobs, "line": job.line})
+                text = cli.png_parameters(row_args(job, args), steps_run,
+                                          {**args.extra_params, "jobs": args.jobs, "line": job.line})
                 job.output.parent.mkdir(parents=True, exist_ok=True)
-                written = cli.write_png(result, job.output, info, overwrite=args.overwrite)
+                written = cli.write_png(result, job.output, text, overwrite=args.overwrite)
                 if args.compare:
                     strip = cli.compare_strip(image, map_image, result, invert_map=args.invert_map)
-                    cli.write_png(strip, cli.compare_path(written), info, overwrite=args.overwrite)
+                    cli.write_png(strip, cli.compare_path(written), text, overwrite=args.overwrite)
                 record(job, written)
             except Exception as error:  # noqa: BLE001
                 record(job, job.output, error)

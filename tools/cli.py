@@ -394,16 +394,23 @@ def load_pipeline(pipeline_class, model: str, *, torch_dtype, device: str, offlo
     onto the current GPU (each process's own under ``accelerate launch``). A checkpoint of another family (see
     ``FAMILIES``), missing weights, no network, a gated model or a broken folder end as one-line ``CliError``s
     naming ``flag`` and the model. On the CPU, the first load warns in one line that the run takes minutes."""
-    local = Path(model).expanduser().is_dir()
-    if not local and (Path(model).expanduser().exists() or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", model)):
+    path = Path(model).expanduser()
+    if not path.is_dir() and (path.exists() or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", model)):
         raise CliError(f"{flag} {model}: neither a diffusers folder (with model_index.json) nor a Hugging Face Hub id")
     try:
-        if family_of(pipeline_class.__name__):
-            _check_family(pipeline_class, model, flag, local, from_pretrained_kwargs.get("cache_dir"))
-        source = str(Path(model).expanduser()) if local else model
-        pipe = pipeline_class.from_pretrained(source, dtype=torch_dtype, **from_pretrained_kwargs)
+        if expected := family_of(pipeline_class.__name__):
+            from huggingface_hub import hf_hub_download
+            index = path / "model_index.json" if path.is_dir() else hf_hub_download(
+                model, "model_index.json", cache_dir=from_pretrained_kwargs.get("cache_dir"))
+            found = json.loads(Path(index).read_text()).get("_class_name", "?")
+            if family_of(found) != expected:
+                what, where = FAMILIES.get(family_of(found), ("a pipeline", "no run.py here"))
+                raise CliError(f"{flag} {model}: {what} ({found}), for {where}; here {flag} takes "
+                               f"{FAMILIES[expected][0]}")
+        pipe = pipeline_class.from_pretrained(str(path) if path.is_dir() else model, dtype=torch_dtype,
+                                              **from_pretrained_kwargs)
     except (OSError, ValueError, ImportError) as error:
-        raise CliError(_load_failure(error, model, flag, pipeline_class, local), EXIT_RUN_FAILED) from error
+        raise CliError(_load_failure(error, model, flag, pipeline_class, path.is_dir()), EXIT_RUN_FAILED) from error
     if offload:
         import torch  # for .to(), "cuda" is the current GPU; for offloading, it is GPU 0
 
@@ -421,16 +428,6 @@ _warn_once = functools.cache(lambda message: warn(message))  # one warning howev
 def family_of(class_name: str) -> str | None:
     """The ``FAMILIES`` key of a pipeline class name, or None."""
     return max((start for start in FAMILIES if class_name.startswith(start)), key=len, default=None)
-
-
-def _check_family(pipeline_class, model: str, flag: str, local: bool, cache_dir: str | None) -> None:
-    from huggingface_hub import hf_hub_download
-    index = Path(model).expanduser() / "model_index.json" if local else hf_hub_download(model, "model_index.json",
-                                                                                        cache_dir=cache_dir)
-    found, expected = json.loads(Path(index).read_text()).get("_class_name", "?"), family_of(pipeline_class.__name__)
-    if family_of(found) != expected:
-        what, where = FAMILIES.get(family_of(found), ("a pipeline", "no run.py here"))
-        raise CliError(f"{flag} {model}: {what} ({found}), for {where}; here {flag} takes {FAMILIES[expected][0]}")
 
 
 def _load_failure(error: BaseException, model: str, flag: str, pipeline_class, local: bool) -> str:
@@ -506,31 +503,25 @@ def png_parameters(args: argparse.Namespace, steps_run: int, extra_params: dict 
     return {key: str(value) for key, value in params.items()}
 
 
-def png_info(args: argparse.Namespace, steps_run: int, extra_params: dict | None = None) -> PngImagePlugin.PngInfo:
-    """``png_parameters`` as the text chunks of a PNG, for ``write_png``."""
-    info = PngImagePlugin.PngInfo()
-    for key, value in png_parameters(args, steps_run, extra_params).items():
-        info.add_text(key, value)  # falls back to an iTXt chunk for text latin-1 cannot hold
-    return info
-
-
 def save_result(result: Image.Image, args: argparse.Namespace, *, image: Image.Image, map_image: Image.Image,
                 steps_run: int, seconds: float, extra_params: dict | None = None) -> Path:
     """Writes the result with its parameters as PNG text (and the ``--compare`` strip), prints the one final line
     ``<path> (<seconds>s, <N> denoising steps)``, returns the path written."""
-    info = png_info(args, steps_run, extra_params)
-    output = write_png(result, args.output, info, overwrite=args.overwrite)
+    text = png_parameters(args, steps_run, extra_params)
+    output = write_png(result, args.output, text, overwrite=args.overwrite)
     line = f"{display(output)} ({seconds:.1f}s, {steps_run} denoising step{'' if steps_run == 1 else 's'})"
     if args.compare:
         strip = compare_strip(image, map_image, result, invert_map=args.invert_map)
-        line += f"; comparison: {display(write_png(strip, compare_path(output), info, overwrite=args.overwrite))}"
+        line += f"; comparison: {display(write_png(strip, compare_path(output), text, overwrite=args.overwrite))}"
     print(line)
     return output
 
 
-def write_png(image: Image.Image, path: Path, info: PngImagePlugin.PngInfo | None = None, *,
-              overwrite: bool = False) -> Path:
-    """Writes ``image`` as a PNG with ``write_atomically``; returns the path written."""
+def write_png(image: Image.Image, path: Path, text: dict[str, str] | None = None, *, overwrite: bool = False) -> Path:
+    """Writes ``image`` as a PNG (``text``: its text chunks) with ``write_atomically``; returns the path written."""
+    info = PngImagePlugin.PngInfo()
+    for key, value in (text or {}).items():
+        info.add_text(key, value)  # falls back to an iTXt chunk for text latin-1 cannot hold
     return write_atomically(Path(path), lambda file: image.save(file, format="PNG", pnginfo=info), overwrite=overwrite)
 
 
@@ -555,28 +546,22 @@ def write_atomically(path: Path, write: Callable, *, overwrite: bool = False) ->
 
 def compare_strip(image: Image.Image, map_image: Image.Image, result: Image.Image,
                   invert_map: bool = False) -> Image.Image:
-    """input | map | output side by side at the output's height, each labelled where the label fits."""
-    gray = Image.fromarray(np.round(map_values(map_image) * 255).astype(np.uint8))
-    panels = [(image, "input"), (gray, f"map (white = {'change' if invert_map else 'keep'})"), (result, "output")]
+    """input | map | output side by side at the output's height. Each panel's label is white on black at its top
+    left, as large as fits inside the panel (a 32nd of its height at most), and left out below 8-pixel text."""
+    panels = [(image, "input"), (as_rgb(map_image), f"map (white = {'change' if invert_map else 'keep'})"),
+              (result, "output")]
     panels = [(panel.convert("RGB").resize((max(1, round(panel.width * result.height / panel.height)), result.height),
                                            Image.Resampling.LANCZOS), label) for panel, label in panels]
     strip = Image.new("RGB", (sum(panel.width for panel, _ in panels), result.height))
-    left = 0
+    draw, left = ImageDraw.Draw(strip), 0
     for panel, label in panels:
         strip.paste(panel, (left, 0))
-        _label(strip, label, left, panel.width)
+        for size in range(max(10, strip.height // 32), 7, -1):
+            font = ImageFont.load_default(size=size)
+            x0, y0, x1, y1 = draw.textbbox((left + 4, 4), label, font=font)
+            if x1 + 3 < left + panel.width - 1 and y1 + 3 < strip.height - 1:
+                draw.rectangle((x0 - 3, y0 - 3, x1 + 3, y1 + 3), fill=(0, 0, 0))  # readable on any picture
+                draw.text((left + 4, 4), label, font=font, fill=(255, 255, 255))
+                break
         left += panel.width
     return strip
-
-
-def _label(strip: Image.Image, text: str, left: int, width: int) -> None:
-    """White on black at the panel's top left, as large as fits inside the panel (a 32nd of its height at most),
-    and left out when even 8-pixel text would not fit."""
-    draw = ImageDraw.Draw(strip)
-    for size in range(max(10, strip.height // 32), 7, -1):
-        font = ImageFont.load_default(size=size)
-        x0, y0, x1, y1 = draw.textbbox((left + 4, 4), text, font=font)
-        if x1 + 3 < left + width - 1 and y1 + 3 < strip.height - 1:
-            draw.rectangle((x0 - 3, y0 - 3, x1 + 3, y1 + 3), fill=(0, 0, 0))  # readable on any picture
-            draw.text((left + 4, 4), text, font=font, fill=(255, 255, 255))
-            return
