@@ -24,7 +24,6 @@ from pathlib import Path
 if __package__ in (None, ""):  # started as a script path (torchrun tools/batch.py): make `tools` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from tools import cli  # noqa: E402
@@ -119,6 +118,7 @@ def parse_args(module, argv: list[str]) -> argparse.Namespace:
             setattr(args, flag, cli.input_path(getattr(args, flag), None, f"--{flag}").absolute())
     # What the results record beyond run.py's own parameters: the family and its model's flags (SDXL's refiner, say)
     args.extra_params = {"family": args.family, **{dest: getattr(args, dest) for dest in parser.model_flags}}
+    args.number_types = {flag.dest: flag.type for flag in parser._actions if flag.dest in COLUMNS and flag.type}
     args.command = shlex.join(["python", "-m", "tools.batch", *argv])
     return args
 
@@ -213,9 +213,8 @@ def make_plan(args: argparse.Namespace, held: contextlib.ExitStack) -> argparse.
     claimed = {args.jobs.resolve(): "is the jobs file; inputs are never overwritten"}
     for job in jobs:
         for what in ("image", "map", "mask"):
-            if getattr(job, what) is not None:
-                claimed.setdefault(getattr(job, what).resolve(), f"is the {what} of line {job.line}; inputs are never "
-                                   "overwritten")
+            if (path := getattr(job, what)) is not None:
+                claimed.setdefault(path.resolve(), f"is the {what} of line {job.line}; inputs are never overwritten")
     for job in list(jobs):
         targets = [job.output, cli.compare_path(job.output)] if args.compare else [job.output]
         if problems := [f"output {cli.display(target)} {claimed[target]}" for target in targets if target in claimed]:
@@ -257,12 +256,6 @@ def make_job(args, line: int, number: int, cells: dict[str, str], problems: list
         given = Path(cells[name]).expanduser() if cells.get(name) else default
         return given if given is None or given.is_absolute() else (args.jobs.parent / given).absolute()
 
-    def value(name, parse, default):
-        try:
-            return parse(cells[name]) if cells.get(name) else default
-        except argparse.ArgumentTypeError as error:
-            problems.append(f"{name} {error}")
-
     job = argparse.Namespace(line=line, image=path("image", args.image))
     job.map, job.mask = ((path("map", None), path("mask", None)) if cells.get("map") or cells.get("mask")
                          else (args.map, args.mask))
@@ -273,18 +266,19 @@ def make_job(args, line: int, number: int, cells: dict[str, str], problems: list
                         "no map: fill the map column (or mask and feather), or pass --map")
     elif job.map and (cells.get("feather") or cells.get("grow")):
         problems.append("feather and grow apply to a mask, and this row has a map")
+    job.invert_map = args.invert_map and job.mask is None  # a mask is white = fill, whatever --invert-map
     problems += [header(path, name)[1] for name, path in vars(job).items() if isinstance(path, Path)
                  and header(path, name)[1]]
-    pixels = cli.real_number(0, cli.MAX_FEATHER_PX)
-    job.feather, job.grow = value("feather", pixels, args.feather), value("grow", pixels, args.grow)
+    for name, parse in args.number_types.items():  # each cell checked as run.py checks its flag
+        try:
+            setattr(job, name, parse(cells[name]) if cells.get(name) else getattr(args, name))
+        except argparse.ArgumentTypeError as error:
+            problems.append(f"{name} {error}")
+            setattr(job, name, None)
     job.prompt = cells.get("prompt") or args.prompt
     if not job.prompt:
         problems.append("no prompt: fill the prompt column, or pass --prompt")
     job.negative_prompt = cells.get("negative_prompt") or args.negative_prompt
-    job.seed = value("seed", cli.whole_number(0, cli.MAX_SEED), args.seed)
-    job.strength = value("strength", cli.real_number(0, 1), args.strength)
-    job.steps = value("steps", cli.whole_number(1, cli.MAX_STEPS), args.steps)
-    job.guidance_scale = value("guidance_scale", cli.real_number(0), args.guidance_scale)
     folder, text = args.output_dir.resolve(), cells.get("output", "")
     job.output = (folder / (text or f"{number:04d}-{job.image.stem if job.image else 'row'}.png")).resolve()
     if job.output.suffix.lower() != ".png" or job.output.is_dir():
@@ -418,7 +412,7 @@ def run_batches(state, module, args, jobs: list, batches: list[list[int]], resul
                 job.output.parent.mkdir(parents=True, exist_ok=True)
                 written = cli.write_png(result, job.output, text, overwrite=args.overwrite)
                 if args.compare:
-                    strip = cli.compare_strip(image, map_image, result, invert_map=args.invert_map)
+                    strip = cli.compare_strip(image, map_image, result, invert_map=job.invert_map)
                     cli.write_png(strip, cli.compare_path(written), text, overwrite=args.overwrite)
                 record(job, written)
             except Exception as error:  # noqa: BLE001
@@ -430,8 +424,6 @@ def run_batches(state, module, args, jobs: list, batches: list[list[int]], resul
             for job in (jobs[index] for index in batch):
                 try:
                     image, map_image = cli.load_inputs(row_args(job, args))
-                    if job.mask is not None and args.invert_map:  # the call inverts every map; a mask's must survive
-                        map_image = Image.fromarray(1.0 - np.asarray(map_image, dtype=np.float32))
                     by_size.setdefault(image.size, []).append((job, image, map_image))
                 except Exception as error:  # noqa: BLE001
                     record(job, job.output, error)

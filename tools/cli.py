@@ -18,7 +18,7 @@ import re
 import shlex
 import sys
 from pathlib import Path, PurePath
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps, PngImagePlugin, UnidentifiedImageError
@@ -38,7 +38,6 @@ SCHEDULERS = {  # --scheduler names and the diffusers classes they stand for
 MAX_STEPS = 1000  # every model here was trained on a 1000-step schedule; schedulers refuse more
 MAX_SEED = 2**64 - 1  # the largest seed torch.Generator.manual_seed takes
 MAX_FEATHER_PX = 100_000  # far beyond any image side; only guards against typos such as 1e9
-DTYPES = ("fp16", "bf16", "fp32")
 
 # Which run.py takes a checkpoint, by the start of its pipeline class name (model_index.json's "_class_name"); the
 # longest start that fits wins. A checkpoint of another family would load and then fail deep inside its first
@@ -65,11 +64,6 @@ class CliError(Exception):
 
     def __reduce__(self):  # to pass between processes whole
         return CliError, (str(self), self.exit_code)
-
-
-class Inputs(NamedTuple):
-    image: Image.Image  # RGB, upright by its EXIF orientation
-    map_image: Image.Image  # mode F, values in [0, 1], white = keep (or as --invert-map says)
 
 
 def main(run: Callable[[], int | None]) -> None:
@@ -111,9 +105,8 @@ class Parser(argparse.ArgumentParser):
         raise CliError(f"{message} (see --help)")
 
 
-def real_number(low: float, high: float | None = None, *, whole: bool = False) -> Callable[[str], float]:
-    """An argparse ``type`` for finite numbers (with ``whole``: ``int``s) from ``low`` to ``high`` (None: no bound)."""
-    high = math.inf if high is None else high
+def real_number(low: float, high: float = math.inf, *, whole: bool = False) -> Callable[[str], float]:
+    """An argparse ``type`` for finite numbers (with ``whole``: ``int``s) from ``low`` to ``high`` (default: none)."""
     bounds = f"from {low:g} to {high:g}" if high < math.inf else f"of at least {low:g}"
     wanted = f"a whole number from {low} to {high}" if whole else f"a number {bounds}"
 
@@ -179,8 +172,8 @@ def build_parser(description: str, *, default_model: str, default_steps: int, de
         f"folder holding model_index.json (default: {default_model})")
     add("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto", help="auto picks CUDA, then Apple MPS, "
         "then the CPU (default: auto)")
-    add("--dtype", choices=["auto", *DTYPES], default="auto", help="auto is fp16 on CUDA and MPS, fp32 on the CPU, "
-        "which runs only fp32 (default: auto)")
+    add("--dtype", choices=["auto", "fp16", "bf16", "fp32"], default="auto", help="auto is fp16 on CUDA and MPS, "
+        "fp32 on the CPU, which runs only fp32 (default: auto)")
     add("--offload", action="store_true", help="keep each model on the CPU until it runs, for GPUs with little "
         "memory; needs CUDA or MPS (default: off)")
     add = parser.add_argument_group("output").add_argument
@@ -344,8 +337,9 @@ def as_rgb(image: Image.Image, what: str = "the image") -> Image.Image:
     return image.convert("RGB")
 
 
-def load_inputs(args: argparse.Namespace) -> Inputs:
-    """Decodes ``args.image`` and the map: ``args.map``, or with ``--mask`` the soft inpainting keep map
+def load_inputs(args: argparse.Namespace) -> tuple[Image.Image, Image.Image]:
+    """``(image, map)``: ``args.image`` decoded, RGB and upright by its EXIF orientation, and the map (mode F, values
+    in [0, 1], white = keep or as --invert-map says): ``args.map``, or with ``--mask`` the soft inpainting keep map
     ``mask_to_keep_map`` makes. A map or mask of another shape is stretched to the image, with a warning."""
     image = as_rgb(read_image(args.image, "--image"), f"--image {display(args.image)}")
     what, source = ("mask", read_image(args.mask, "--mask")) if args.mask is not None else ("map", load_map(args.map))
@@ -353,8 +347,8 @@ def load_inputs(args: argparse.Namespace) -> Inputs:
         warn(f"the {what} ({source.width}x{source.height}) has another shape than the image ({image.width}x"
              f"{image.height}); it is stretched to fit")
     if args.mask is not None:
-        return Inputs(image, mask_to_keep_map(source, image.size, args.feather, args.grow, shown=display(args.mask)))
-    return Inputs(image, stretch_map(source, image.size) if aspect_differs(image.size, source.size) else source)
+        return image, mask_to_keep_map(source, image.size, args.feather, args.grow, shown=display(args.mask))
+    return image, stretch_map(source, image.size) if aspect_differs(image.size, source.size) else source
 
 
 def aspect_differs(a: tuple[int, int], b: tuple[int, int]) -> bool:
