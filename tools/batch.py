@@ -203,7 +203,7 @@ def _read_jsonl(text: str) -> list:
 def make_plan(args: argparse.Namespace, held: contextlib.ExitStack) -> argparse.Namespace:
     """Checks every row, takes the output folder's lock into ``held`` and finds the rows already done, on the main
     process only, before any model loads: ``jobs`` (a namespace of values per good row), ``batches`` (lists of
-    indexes into ``jobs`` to run), ``skipped`` (indexes of rows done), ``bad`` ((line, problems) of rows left out)."""
+    indexes into ``jobs`` to run), ``skipped`` (the jobs of rows done), ``bad`` ((line, problems) of rows left out)."""
     rows, header = read_jobs(args.jobs), functools.cache(_header)  # a map may serve many rows: read it once
     jobs, bad = [], []
     for number, (line, cells, problems) in enumerate(rows, start=1):
@@ -230,19 +230,17 @@ def make_plan(args: argparse.Namespace, held: contextlib.ExitStack) -> argparse.
                            f"{cli.one_line(error)}") from None
     for partial in args.output_dir.rglob(".*.partial"):  # what a killed batch left half-written
         partial.unlink(missing_ok=True)
-    pending, skipped, taken = [], [], []
+    groups: dict[tuple, list[int]] = {}  # rows that can share a pipeline call, in the order they first appear
+    skipped, taken = [], []
     for index, job in enumerate(jobs):
         if args.overwrite or not job.output.exists():
-            pending.append(index)
-        elif not (mismatch := _mismatch(job.output, row_parameters(job, args))):
-            skipped.append(index)
+            groups.setdefault(job.batch_key, []).append(index)
+        elif not (mismatch := _mismatch(job.output, cli.png_parameters(row_args(job, args), 0, args.extra_params))):
+            skipped.append(job)
         else:
             taken.append((job.line, [f"{cli.display(job.output)} exists and {mismatch}; delete it, name another "
                                      "output, or pass --overwrite to redo every row"]))
     _refuse_bad_rows(taken, args)
-    groups: dict[tuple, list[int]] = {}  # rows that can share a pipeline call, in the order they first appear
-    for index in pending:
-        groups.setdefault(jobs[index].batch_key, []).append(index)
     batches = sorted((members[start:start + args.batch_size] for members in groups.values()
                       for start in range(0, len(members), args.batch_size)), key=lambda batch: batch[0])
     return argparse.Namespace(jobs=jobs, batches=batches, skipped=skipped, bad=sorted(bad + taken), rows=len(rows))
@@ -333,7 +331,8 @@ def locked(folder: Path):
 
 
 def _mismatch(path: Path, expected: dict[str, str]) -> str | None:
-    """None when ``path`` is a readable PNG holding exactly the edit ``expected`` describes, else why not."""
+    """Why ``path`` is not a result of the edit that the PNG text ``expected`` describes (``HOW_MADE`` may differ);
+    None when it is one, so that a rerun can skip its row."""
     try:
         with Image.open(path) as opened:
             stored = {key: value for key, value in opened.info.items() if isinstance(value, str)}
@@ -342,19 +341,13 @@ def _mismatch(path: Path, expected: dict[str, str]) -> str | None:
         return "is not a readable PNG, so not this row's result"
     if stored.get("Software") != "differential-diffusion":
         return "was not written by this project"
-    wrong = next((key for key, value in expected.items() if stored.get(key) != value), None)
+    wrong = next((key for key, value in expected.items() if key not in HOW_MADE and stored.get(key) != value), None)
     return wrong and f"holds another edit (its {wrong} is {stored.get(wrong)!r}, this row's is {expected[wrong]!r})"
 
 
 def row_args(job: argparse.Namespace, args: argparse.Namespace) -> argparse.Namespace:
     """``args`` as run.py would have them for this row alone."""
     return argparse.Namespace(**{**vars(args), **vars(job)})
-
-
-def row_parameters(job, args: argparse.Namespace) -> dict[str, str]:
-    """The PNG text of a row's result that says what it is (not ``HOW_MADE``); a rerun compares it to resume."""
-    params = cli.png_parameters(row_args(job, args), 0, args.extra_params)
-    return {key: value for key, value in params.items() if key not in HOW_MADE}
 
 
 def run_batches(state, module, args, jobs: list, batches: list[list[int]], results: list[dict]) -> None:
@@ -440,8 +433,8 @@ def finish(state, args, plan, results: list[dict], seconds: float, interrupted: 
         results = gather_object(results)  # every process's rows
     if not state.is_main_process:
         return 0
-    rows = sorted([*results, *({"line": plan.jobs[index].line, "status": "skipped", "output": str(plan.jobs[index]
-                   .output), "reason": "its output already holds this edit", "process": 0} for index in plan.skipped),
+    rows = sorted([*results, *({"line": job.line, "status": "skipped", "output": str(job.output), "reason":
+                                "its output already holds this edit", "process": 0} for job in plan.skipped),
                    *({"line": line, "status": "bad", "output": "", "reason": "; ".join(problems), "process": 0}
                      for line, problems in plan.bad)], key=lambda row: row["line"])
     count = {status: sum(row["status"] == status for row in rows) for status in ("done", "skipped", "failed", "bad")}
