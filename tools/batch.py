@@ -70,13 +70,14 @@ def _family_name(argv: list[str]) -> str:
     return family
 
 
-def build_parser(module) -> argparse.ArgumentParser:
-    """The model's own parser, whose flags become every row's defaults, plus the batch flags."""
+def parse_args(module, argv: list[str]) -> argparse.Namespace:
+    """Parses the command line with the model's own parser, whose flags become every row's defaults, plus the batch
+    flags, and checks what needs neither the jobs file nor a model."""
     parser = module.build_parser()
     parser.prog = "python -m tools.batch"
     parser.description = (f"Edit every row of a jobs file with the model of {cli.display(module.__file__)}. The "
                           "model's flags below are the defaults for every row.")
-    parser.model_flags = [action.dest for action in parser._actions if action.dest not in parser.common_flags]
+    model_flags = [action.dest for action in parser._actions if action.dest not in parser.common_flags]
     add = parser.add_argument_group("batch").add_argument
     add("jobs", metavar="JOBS", help=f"jobs file: .csv with a header row, or .jsonl (one JSON object a line); "
         f"columns: {', '.join(COLUMNS)}")
@@ -96,12 +97,6 @@ def build_parser(module) -> argparse.ArgumentParser:
     }
     for action in parser._actions:
         action.help = for_rows.get(action.dest, action.help)
-    return parser
-
-
-def parse_args(module, argv: list[str]) -> argparse.Namespace:
-    """Parses the command line and checks what needs neither the jobs file nor a model."""
-    parser = build_parser(module)
     args = parser.parse_args(argv)
     if args.output is not None:
         raise cli.CliError("--output names one file, and a batch writes one per row: use --output-dir, and the "
@@ -117,7 +112,7 @@ def parse_args(module, argv: list[str]) -> argparse.Namespace:
         if getattr(args, flag) is not None:
             setattr(args, flag, cli.input_path(getattr(args, flag), None, f"--{flag}").absolute())
     # What the results record beyond run.py's own parameters: the family and its model's flags (SDXL's refiner, say)
-    args.extra_params = {"family": args.family, **{dest: getattr(args, dest) for dest in parser.model_flags}}
+    args.extra_params = {"family": args.family, **{dest: getattr(args, dest) for dest in model_flags}}
     args.number_types = {flag.dest: flag.type for flag in parser._actions if flag.dest in COLUMNS and flag.type}
     args.command = shlex.join(["python", "-m", "tools.batch", *argv])
     return args
@@ -250,9 +245,8 @@ def make_job(args, line: int, number: int, cells: dict[str, str], problems: list
     """The row's values, the command line filling in what it leaves out, every path absolute; adds what is wrong
     to ``problems``. ``header(path, name)`` is ``_header``'s answer."""
 
-    def path(name, default):
-        given = Path(cells[name]).expanduser() if cells.get(name) else default
-        return given if given is None or given.is_absolute() else (args.jobs.parent / given).absolute()
+    def path(name, default):  # a relative path is relative to the jobs file; args.jobs and default are absolute
+        return args.jobs.parent / Path(cells[name]).expanduser() if cells.get(name) else default
 
     job = argparse.Namespace(line=line, image=path("image", args.image))
     job.map, job.mask = ((path("map", None), path("mask", None)) if cells.get("map") or cells.get("mask")
@@ -325,8 +319,7 @@ def locked(folder: Path):
             raise cli.CliError(f"--output-dir {cli.display(folder)}: another batch (process {file.read().strip()}) is "
                                "writing into it; wait for it to end, or use another --output-dir") from None
         file.truncate(0)
-        file.write(f"{os.getpid()}\n")
-        file.flush()
+        print(os.getpid(), file=file, flush=True)
         yield
 
 
@@ -382,23 +375,22 @@ def run_batches(state, module, args, jobs: list, batches: list[list[int]], resul
         bar.update(1)
 
     def edit(loaded: list) -> None:
+        rows, images, maps = zip(*loaded)
         try:  # steps, strength and guidance are the same for every row of a batch
-            images, steps_run = module.edit(
-                pipelines, row_args(loaded[0][0], args), images=[image for _, image, _ in loaded],
-                maps=[map_image for _, _, map_image in loaded], prompts=[job.prompt for job, _, _ in loaded],
-                negative_prompts=[job.negative_prompt for job, _, _ in loaded],
-                seeds=[job.seed for job, _, _ in loaded])
+            edited, steps_run = module.edit(pipelines, row_args(rows[0], args), images=list(images), maps=list(maps),
+                                            prompts=[job.prompt for job in rows], seeds=[job.seed for job in rows],
+                                            negative_prompts=[job.negative_prompt for job in rows])
         except Exception as error:  # noqa: BLE001 - one row's failure must not end the batch
             if len(loaded) == 1:
-                return record(loaded[0][0], loaded[0][0].output, error)
-            images = None
-        if images is None:  # find the row at fault, or get through a batch too large for memory row by row
+                return record(rows[0], rows[0].output, error)
+            edited = None
+        if edited is None:  # find the row at fault, or get through a batch too large for memory row by row
             gc.collect()  # only now, outside the except clause, is the failed call's memory unreferenced
             torch.cuda.empty_cache()
             for item in loaded:
                 edit([item])
             return
-        for (job, image, map_image), result in zip(loaded, images):
+        for job, image, map_image, result in zip(rows, images, maps, edited):
             try:
                 text = cli.png_parameters(row_args(job, args), steps_run,
                                           {**args.extra_params, "jobs": args.jobs, "line": job.line})

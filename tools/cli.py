@@ -297,15 +297,13 @@ def _output_path(args: argparse.Namespace, parser: argparse.ArgumentParser) -> P
 @contextlib.contextmanager
 def reading(path: Path, flag: str):
     """Turns the file system's and Pillow's failures while reading ``path`` into one-line errors naming ``flag``."""
-    shown = f"{flag} {display(path)}"
-    if path.is_dir():
-        raise CliError(f"{shown}: is a folder, not an image file")
     try:
         yield
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:  # Pillow raises all of these
-        reason = {FileNotFoundError: "no such file", UnidentifiedImageError: "not an image (Pillow cannot read this "
-                  "file)", Image.DecompressionBombError: "too large to load safely"}.get(type(error))
-        raise CliError(f"{shown}: {reason or 'cannot read it: ' + one_line(error)}") from None
+        reason = {FileNotFoundError: "no such file", IsADirectoryError: "is a folder, not an image file",
+                  UnidentifiedImageError: "not an image (Pillow cannot read this file)",
+                  Image.DecompressionBombError: "too large to load safely"}.get(type(error))
+        raise CliError(f"{flag} {display(path)}: {reason or 'cannot read it: ' + one_line(error)}") from None
 
 
 def read_image(path: Path, flag: str) -> Image.Image:
@@ -405,9 +403,8 @@ def load_pipeline(pipeline_class, model: str, *, torch_dtype, device: str, offlo
                                               **from_pretrained_kwargs)
     except (OSError, ValueError, ImportError) as error:
         raise CliError(_load_failure(error, model, flag, pipeline_class, path.is_dir()), EXIT_RUN_FAILED) from error
-    if offload:
-        import torch  # for .to(), "cuda" is the current GPU; for offloading, it is GPU 0
-
+    if offload:  # for .to(), "cuda" is the current GPU; for offloading, it is GPU 0
+        import torch
         pipe.enable_model_cpu_offload(device=f"cuda:{torch.cuda.current_device()}" if device == "cuda" else device)
     else:
         pipe.to(device)
@@ -487,14 +484,13 @@ def _import(path: Path):
 def png_parameters(args: argparse.Namespace, steps_run: int, extra_params: dict | None = None) -> dict[str, str]:
     """The parameters a result is stored with, as PNG text: enough to run it again."""
     source = {"mask": args.mask, "feather": args.feather, "grow": args.grow} if args.mask else {"map": args.map}
-    params = {
+    return {key: str(value) for key, value in {
         "prompt": args.prompt, "negative_prompt": args.negative_prompt, "model": args.model, "image": args.image,
         **source, "invert_map": args.invert_map, "strength": args.strength, "keep_exact": args.keep_exact,
         "steps": args.steps, "steps_run": steps_run, "guidance_scale": args.guidance_scale, "seed": args.seed,
         "scheduler": args.scheduler, "device": args.device, "dtype": args.dtype, **(extra_params or {}),
         "command": args.command, "Software": "differential-diffusion",  # the PNG keyword for the creating program
-    }
-    return {key: str(value) for key, value in params.items()}
+    }.items()}
 
 
 def save_result(result: Image.Image, args: argparse.Namespace, *, image: Image.Image, map_image: Image.Image,
@@ -542,10 +538,9 @@ def compare_strip(image: Image.Image, map_image: Image.Image, result: Image.Imag
                   invert_map: bool = False) -> Image.Image:
     """input | map | output side by side at the output's height. Each panel's label is white on black at its top
     left, as large as fits inside the panel (a 32nd of its height at most), and left out below 8-pixel text."""
-    panels = [(image, "input"), (as_rgb(map_image), f"map (white = {'change' if invert_map else 'keep'})"),
-              (result, "output")]
-    panels = [(panel.convert("RGB").resize((max(1, round(panel.width * result.height / panel.height)), result.height),
-                                           Image.Resampling.LANCZOS), label) for panel, label in panels]
+    panels = [(image, "input"), (map_image, f"map (white = {'change' if invert_map else 'keep'})"), (result, "output")]
+    panels = [(as_rgb(panel).resize((max(1, round(panel.width * result.height / panel.height)), result.height),
+                                    Image.Resampling.LANCZOS), label) for panel, label in panels]
     strip = Image.new("RGB", (sum(panel.width for panel, _ in panels), result.height))
     draw, left = ImageDraw.Draw(strip), 0
     for panel, label in panels:
