@@ -51,7 +51,7 @@ def run(argv: list[str] | None = None) -> int:
         started, results = time.perf_counter(), []
         try:
             with state.split_between_processes(plan.batches) as my_batches:
-                run_batches(state, module, args, plan.jobs, my_batches, results)
+                run_batches(state, module, args, my_batches, results)
         except KeyboardInterrupt:  # what was done still goes into summary.json; then cli.main says "interrupted"
             finish(state, args, plan, results, time.perf_counter() - started, interrupted=True)
             raise
@@ -197,8 +197,8 @@ def _read_jsonl(text: str) -> list:
 
 def make_plan(args: argparse.Namespace, held: contextlib.ExitStack) -> argparse.Namespace:
     """Checks every row, takes the output folder's lock into ``held`` and finds the rows already done, on the main
-    process only, before any model loads: ``jobs`` (a namespace of values per good row), ``batches`` (lists of
-    indexes into ``jobs`` to run), ``skipped`` (the jobs of rows done), ``bad`` ((line, problems) of rows left out)."""
+    process only, before any model loads: ``batches`` (lists of jobs to run together; a job is a namespace of a
+    row's values), ``skipped`` (the jobs of rows done), ``bad`` ((line, problems) of rows left out)."""
     rows, header = read_jobs(args.jobs), functools.cache(_header)  # a map may serve many rows: read it once
     jobs, bad = [], []
     for number, (line, cells, problems) in enumerate(rows, start=1):
@@ -225,11 +225,11 @@ def make_plan(args: argparse.Namespace, held: contextlib.ExitStack) -> argparse.
                            f"{cli.one_line(error)}") from None
     for partial in args.output_dir.rglob(".*.partial"):  # what a killed batch left half-written
         partial.unlink(missing_ok=True)
-    groups: dict[tuple, list[int]] = {}  # rows that can share a pipeline call, in the order they first appear
+    groups: dict[tuple, list] = {}  # rows that can share a pipeline call, in the order they first appear
     skipped, taken = [], []
-    for index, job in enumerate(jobs):
+    for job in jobs:
         if args.overwrite or not job.output.exists():
-            groups.setdefault(job.batch_key, []).append(index)
+            groups.setdefault(job.batch_key, []).append(job)
         elif not (mismatch := _mismatch(job.output, cli.png_parameters(row_args(job, args), 0, args.extra_params))):
             skipped.append(job)
         else:
@@ -237,8 +237,8 @@ def make_plan(args: argparse.Namespace, held: contextlib.ExitStack) -> argparse.
                                      "output, or pass --overwrite to redo every row"]))
     _refuse_bad_rows(taken, args)
     batches = sorted((members[start:start + args.batch_size] for members in groups.values()
-                      for start in range(0, len(members), args.batch_size)), key=lambda batch: batch[0])
-    return argparse.Namespace(jobs=jobs, batches=batches, skipped=skipped, bad=sorted(bad + taken), rows=len(rows))
+                      for start in range(0, len(members), args.batch_size)), key=lambda batch: batch[0].line)
+    return argparse.Namespace(batches=batches, skipped=skipped, bad=sorted(bad + taken), rows=len(rows))
 
 
 def make_job(args, line: int, number: int, cells: dict[str, str], problems: list[str], header) -> argparse.Namespace:
@@ -343,7 +343,7 @@ def row_args(job: argparse.Namespace, args: argparse.Namespace) -> argparse.Name
     return argparse.Namespace(**{**vars(args), **vars(job)})
 
 
-def run_batches(state, module, args, jobs: list, batches: list[list[int]], results: list[dict]) -> None:
+def run_batches(state, module, args, batches: list[list], results: list[dict]) -> None:
     """Runs this process's batches, adding one result per row to ``results``. A row that fails is reported, and the
     others go on; a batch that fails is run row by row, so that only the culprit fails."""
     if not batches:
@@ -406,7 +406,7 @@ def run_batches(state, module, args, jobs: list, batches: list[list[int]], resul
     with bar:
         for batch in batches:
             by_size: dict[tuple, list] = {}  # a photo's EXIF orientation may turn the size its header gave
-            for job in (jobs[index] for index in batch):
+            for job in batch:
                 try:
                     image, map_image = cli.load_inputs(row_args(job, args))
                     by_size.setdefault(image.size, []).append((job, image, map_image))
