@@ -111,8 +111,8 @@ def parse_args(module, argv: list[str]) -> argparse.Namespace:
     for flag in ("image", "map", "mask"):
         if getattr(args, flag) is not None:
             setattr(args, flag, cli.input_path(getattr(args, flag), None, f"--{flag}").absolute())
-    # What the results record beyond run.py's own parameters: the family and its model's flags (SDXL's refiner, say)
-    args.extra_params = {"family": args.family, **{dest: getattr(args, dest) for dest in model_flags}}
+    # What the results record beyond run.py's parameters: the family, the jobs file and the model's own flags
+    args.extra_params = {"family": args.family, "jobs": args.jobs, **{dest: vars(args)[dest] for dest in model_flags}}
     args.number_types = {flag.dest: flag.type for flag in parser._actions if flag.dest in COLUMNS and flag.type}
     args.command = shlex.join(["python", "-m", "tools.batch", *argv])
     return args
@@ -392,8 +392,7 @@ def run_batches(state, module, args, batches: list[list], results: list[dict]) -
             return
         for job, image, map_image, result in zip(rows, images, maps, edited):
             try:
-                text = cli.png_parameters(row_args(job, args), steps_run,
-                                          {**args.extra_params, "jobs": args.jobs, "line": job.line})
+                text = cli.png_parameters(row_args(job, args), steps_run, {**args.extra_params, "line": job.line})
                 job.output.parent.mkdir(parents=True, exist_ok=True)
                 written = cli.write_png(result, job.output, text, overwrite=args.overwrite)
                 if args.compare:
