@@ -362,8 +362,6 @@ def run_batches(state, module, args, batches: list[list], results: list[dict]) -
     for pipe in pipelines if isinstance(pipelines, tuple) else [pipelines]:
         if pipe is not None:
             pipe.set_progress_bar_config(disable=True)  # one bar for the whole batch, not one per call
-    bar = tqdm(total=sum(map(len, batches)), desc="rows", unit="row", disable=not state.is_main_process,
-               file=sys.stderr)
 
     def record(job, output: Path, error: Exception | None = None) -> None:
         reason = "" if error is None else cli.one_line(
@@ -402,7 +400,8 @@ def run_batches(state, module, args, batches: list[list], results: list[dict]) -
             except Exception as error:  # noqa: BLE001
                 record(job, job.output, error)
 
-    with bar:
+    with tqdm(total=sum(map(len, batches)), desc="rows", unit="row", disable=not state.is_main_process,
+              file=sys.stderr) as bar:
         for batch in batches:
             by_size: dict[tuple, list] = {}  # a photo's EXIF orientation may turn the size its header gave
             for job in batch:

@@ -366,8 +366,8 @@ def mask_to_keep_map(mask: Image.Image, size: tuple[int, int], feather: float = 
     to ``size`` first, so that ``feather`` and ``grow`` count image pixels. Values of 0.5 and up are the region:
     0 in the map, grown by ``grow`` pixels and faded to 1 over ``feather`` more (``tools.maps.feathered_mask``)."""
     from tools.maps import feathered_mask
-    values = Image.fromarray(map_values(mask, f"--mask {shown}"))
-    region = np.asarray(values if values.size == tuple(size) else values.resize(size, Image.Resampling.BILINEAR)) >= 0.5
+    values = Image.fromarray(map_values(mask, f"--mask {shown}")).resize(size, Image.Resampling.BILINEAR)
+    region = np.asarray(values) >= 0.5
     if not region.any():
         warn(f"{shown} has no white pixel, so there is nothing to fill; the output is the input")
     return Image.fromarray(feathered_mask(region, feather_px=feather, grow_px=grow))
