@@ -232,8 +232,8 @@ def run():
     def save_stage(stage, images, steps_run):
         # Written at once: a later stage that fails (out of memory, say) leaves the earlier ones on disk.
         if stage in stage_files:
-            info = cli.png_info(args, steps_run, {**stage_parameters(args), "stage": stage})
-            print(f"stage {stage}: {cli.write_png(images[0], stage_files[stage], info, overwrite=args.overwrite)}")
+            text = cli.png_parameters(args, steps_run, {**stage_parameters(args), "stage": stage})
+            print(f"stage {stage}: {cli.write_png(images[0], stage_files[stage], text, overwrite=args.overwrite)}")
 
     (result,), steps_run = edit(
         pipelines, args, images=[image], maps=[map_image], prompts=[args.prompt],

@@ -24,7 +24,6 @@ from pathlib import Path
 if __package__ in (None, ""):  # started as a script path (torchrun tools/batch.py): make `tools` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from tools import cli  # noqa: E402
@@ -52,7 +51,7 @@ def run(argv: list[str] | None = None) -> int:
         started, results = time.perf_counter(), []
         try:
             with state.split_between_processes(plan.batches) as my_batches:
-                run_batches(state, module, args, plan.jobs, my_batches, results)
+                run_batches(state, module, args, my_batches, results)
         except KeyboardInterrupt:  # what was done still goes into summary.json; then cli.main says "interrupted"
             finish(state, args, plan, results, time.perf_counter() - started, interrupted=True)
             raise
@@ -71,13 +70,14 @@ def _family_name(argv: list[str]) -> str:
     return family
 
 
-def build_parser(module) -> argparse.ArgumentParser:
-    """The model's own parser, whose flags become every row's defaults, plus the batch flags."""
+def parse_args(module, argv: list[str]) -> argparse.Namespace:
+    """Parses the command line with the model's own parser, whose flags become every row's defaults, plus the batch
+    flags, and checks what needs neither the jobs file nor a model."""
     parser = module.build_parser()
     parser.prog = "python -m tools.batch"
     parser.description = (f"Edit every row of a jobs file with the model of {cli.display(module.__file__)}. The "
                           "model's flags below are the defaults for every row.")
-    parser.model_flags = [action.dest for action in parser._actions if action.dest not in parser.common_flags]
+    model_flags = [action.dest for action in parser._actions if action.dest not in parser.common_flags]
     add = parser.add_argument_group("batch").add_argument
     add("jobs", metavar="JOBS", help=f"jobs file: .csv with a header row, or .jsonl (one JSON object a line); "
         f"columns: {', '.join(COLUMNS)}")
@@ -97,12 +97,6 @@ def build_parser(module) -> argparse.ArgumentParser:
     }
     for action in parser._actions:
         action.help = for_rows.get(action.dest, action.help)
-    return parser
-
-
-def parse_args(module, argv: list[str]) -> argparse.Namespace:
-    """Parses the command line and checks what needs neither the jobs file nor a model."""
-    parser = build_parser(module)
     args = parser.parse_args(argv)
     if args.output is not None:
         raise cli.CliError("--output names one file, and a batch writes one per row: use --output-dir, and the "
@@ -117,7 +111,9 @@ def parse_args(module, argv: list[str]) -> argparse.Namespace:
     for flag in ("image", "map", "mask"):
         if getattr(args, flag) is not None:
             setattr(args, flag, cli.input_path(getattr(args, flag), None, f"--{flag}").absolute())
-    args.model_params = {dest: getattr(args, dest) for dest in parser.model_flags}  # SDXL's refiner, say
+    # What the results record beyond run.py's parameters: the family, the jobs file and the model's own flags
+    args.extra_params = {"family": args.family, "jobs": args.jobs, **{dest: vars(args)[dest] for dest in model_flags}}
+    args.number_types = {flag.dest: flag.type for flag in parser._actions if flag.dest in COLUMNS and flag.type}
     args.command = shlex.join(["python", "-m", "tools.batch", *argv])
     return args
 
@@ -201,31 +197,25 @@ def _read_jsonl(text: str) -> list:
 
 def make_plan(args: argparse.Namespace, held: contextlib.ExitStack) -> argparse.Namespace:
     """Checks every row, takes the output folder's lock into ``held`` and finds the rows already done, on the main
-    process only, before any model loads: ``jobs`` (a namespace of values per good row), ``batches`` (lists of
-    indexes into ``jobs`` to run), ``skipped`` (indexes of rows done), ``bad`` ((line, problems) of rows left out)."""
+    process only, before any model loads: ``batches`` (lists of jobs to run together; a job is a namespace of a
+    row's values), ``skipped`` (the jobs of rows done), ``bad`` ((line, problems) of rows left out)."""
     rows, header = read_jobs(args.jobs), functools.cache(_header)  # a map may serve many rows: read it once
     jobs, bad = [], []
     for number, (line, cells, problems) in enumerate(rows, start=1):
         job = None if cells is None else make_job(args, line, number, cells, problems, header)
         (bad.append((line, problems)) if problems else jobs.append(job))
     # No row may write another row's output, or an input of any row, or the jobs file.
-    inputs = {args.jobs.resolve(): "the jobs file"}
+    claimed = {args.jobs.resolve(): "is the jobs file; inputs are never overwritten"}
     for job in jobs:
         for what in ("image", "map", "mask"):
-            if getattr(job, what) is not None:
-                inputs.setdefault(getattr(job, what).resolve(), f"the {what} of line {job.line}")
-    written = {}
+            if (path := getattr(job, what)) is not None:
+                claimed.setdefault(path.resolve(), f"is the {what} of line {job.line}; inputs are never overwritten")
     for job in list(jobs):
-        problems = []
-        for target in [job.output, cli.compare_path(job.output)] if args.compare else [job.output]:
-            if target in inputs:
-                problems.append(f"output {cli.display(target)} is {inputs[target]}; inputs are never overwritten")
-            if target in written:
-                problems.append(f"output {cli.display(target)} is also written by line {written[target]}")
-            written.setdefault(target, job.line)
-        if problems:
+        targets = [job.output, cli.compare_path(job.output)] if args.compare else [job.output]
+        if problems := [f"output {cli.display(target)} {claimed[target]}" for target in targets if target in claimed]:
             bad.append((job.line, problems))
             jobs.remove(job)
+        claimed.update({target: f"is also written by line {job.line}" for target in targets if target not in claimed})
     _refuse_bad_rows(bad, args)  # before the output folder is made: a bad file leaves no trace
     try:
         args.output_dir.mkdir(parents=True, exist_ok=True)
@@ -235,37 +225,28 @@ def make_plan(args: argparse.Namespace, held: contextlib.ExitStack) -> argparse.
                            f"{cli.one_line(error)}") from None
     for partial in args.output_dir.rglob(".*.partial"):  # what a killed batch left half-written
         partial.unlink(missing_ok=True)
-    pending, skipped, taken = [], [], []
-    for index, job in enumerate(jobs):
+    groups: dict[tuple, list] = {}  # rows that can share a pipeline call, in the order they first appear
+    skipped, taken = [], []
+    for job in jobs:
         if args.overwrite or not job.output.exists():
-            pending.append(index)
-        elif not (mismatch := _mismatch(job.output, row_parameters(job, args))):
-            skipped.append(index)
+            groups.setdefault(job.batch_key, []).append(job)
+        elif not (mismatch := _mismatch(job.output, cli.png_parameters(row_args(job, args), 0, args.extra_params))):
+            skipped.append(job)
         else:
             taken.append((job.line, [f"{cli.display(job.output)} exists and {mismatch}; delete it, name another "
                                      "output, or pass --overwrite to redo every row"]))
     _refuse_bad_rows(taken, args)
-    groups: dict[tuple, list[int]] = {}  # rows that can share a pipeline call, in the order they first appear
-    for index in pending:
-        groups.setdefault(jobs[index].batch_key, []).append(index)
     batches = sorted((members[start:start + args.batch_size] for members in groups.values()
-                      for start in range(0, len(members), args.batch_size)), key=lambda batch: batch[0])
-    return argparse.Namespace(jobs=jobs, batches=batches, skipped=skipped, bad=sorted(bad + taken), rows=len(rows))
+                      for start in range(0, len(members), args.batch_size)), key=lambda batch: batch[0].line)
+    return argparse.Namespace(batches=batches, skipped=skipped, bad=sorted(bad + taken), rows=len(rows))
 
 
 def make_job(args, line: int, number: int, cells: dict[str, str], problems: list[str], header) -> argparse.Namespace:
     """The row's values, the command line filling in what it leaves out, every path absolute; adds what is wrong
     to ``problems``. ``header(path, name)`` is ``_header``'s answer."""
 
-    def path(name, default):
-        given = Path(cells[name]).expanduser() if cells.get(name) else default
-        return given if given is None or given.is_absolute() else (args.jobs.parent / given).absolute()
-
-    def value(name, parse, default):
-        try:
-            return parse(cells[name]) if cells.get(name) else default
-        except argparse.ArgumentTypeError as error:
-            problems.append(f"{name} {error}")
+    def path(name, default):  # a relative path is relative to the jobs file; args.jobs and default are absolute
+        return args.jobs.parent / Path(cells[name]).expanduser() if cells.get(name) else default
 
     job = argparse.Namespace(line=line, image=path("image", args.image))
     job.map, job.mask = ((path("map", None), path("mask", None)) if cells.get("map") or cells.get("mask")
@@ -277,18 +258,19 @@ def make_job(args, line: int, number: int, cells: dict[str, str], problems: list
                         "no map: fill the map column (or mask and feather), or pass --map")
     elif job.map and (cells.get("feather") or cells.get("grow")):
         problems.append("feather and grow apply to a mask, and this row has a map")
+    job.invert_map = args.invert_map and job.mask is None  # a mask is white = fill, whatever --invert-map
     problems += [header(path, name)[1] for name, path in vars(job).items() if isinstance(path, Path)
                  and header(path, name)[1]]
-    pixels = cli.real_number(0, cli.MAX_FEATHER_PX)
-    job.feather, job.grow = value("feather", pixels, args.feather), value("grow", pixels, args.grow)
+    for name, parse in args.number_types.items():  # each cell checked as run.py checks its flag
+        try:
+            setattr(job, name, parse(cells[name]) if cells.get(name) else getattr(args, name))
+        except argparse.ArgumentTypeError as error:
+            problems.append(f"{name} {error}")
+            setattr(job, name, None)
     job.prompt = cells.get("prompt") or args.prompt
     if not job.prompt:
         problems.append("no prompt: fill the prompt column, or pass --prompt")
     job.negative_prompt = cells.get("negative_prompt") or args.negative_prompt
-    job.seed = value("seed", cli.whole_number(0, cli.MAX_SEED), args.seed)
-    job.strength = value("strength", cli.real_number(0, 1), args.strength)
-    job.steps = value("steps", cli.whole_number(1, cli.MAX_STEPS), args.steps)
-    job.guidance_scale = value("guidance_scale", cli.real_number(0), args.guidance_scale)
     folder, text = args.output_dir.resolve(), cells.get("output", "")
     job.output = (folder / (text or f"{number:04d}-{job.image.stem if job.image else 'row'}.png")).resolve()
     if job.output.suffix.lower() != ".png" or job.output.is_dir():
@@ -337,13 +319,13 @@ def locked(folder: Path):
             raise cli.CliError(f"--output-dir {cli.display(folder)}: another batch (process {file.read().strip()}) is "
                                "writing into it; wait for it to end, or use another --output-dir") from None
         file.truncate(0)
-        file.write(f"{os.getpid()}\n")
-        file.flush()
+        print(os.getpid(), file=file, flush=True)
         yield
 
 
 def _mismatch(path: Path, expected: dict[str, str]) -> str | None:
-    """None when ``path`` is a readable PNG holding exactly the edit ``expected`` describes, else why not."""
+    """Why ``path`` is not a result of the edit that the PNG text ``expected`` describes (``HOW_MADE`` may differ);
+    None when it is one, so that a rerun can skip its row."""
     try:
         with Image.open(path) as opened:
             stored = {key: value for key, value in opened.info.items() if isinstance(value, str)}
@@ -352,7 +334,7 @@ def _mismatch(path: Path, expected: dict[str, str]) -> str | None:
         return "is not a readable PNG, so not this row's result"
     if stored.get("Software") != "differential-diffusion":
         return "was not written by this project"
-    wrong = next((key for key, value in expected.items() if stored.get(key) != value), None)
+    wrong = next((key for key, value in expected.items() if key not in HOW_MADE and stored.get(key) != value), None)
     return wrong and f"holds another edit (its {wrong} is {stored.get(wrong)!r}, this row's is {expected[wrong]!r})"
 
 
@@ -361,13 +343,7 @@ def row_args(job: argparse.Namespace, args: argparse.Namespace) -> argparse.Name
     return argparse.Namespace(**{**vars(args), **vars(job)})
 
 
-def row_parameters(job, args: argparse.Namespace) -> dict[str, str]:
-    """The PNG text of a row's result that says what it is (not ``HOW_MADE``); a rerun compares it to resume."""
-    params = cli.png_parameters(row_args(job, args), 0, {"family": args.family, **args.model_params})
-    return {key: value for key, value in params.items() if key not in HOW_MADE}
-
-
-def run_batches(state, module, args, jobs: list, batches: list[list[int]], results: list[dict]) -> None:
+def run_batches(state, module, args, batches: list[list], results: list[dict]) -> None:
     """Runs this process's batches, adding one result per row to ``results``. A row that fails is reported, and the
     others go on; a batch that fails is run row by row, so that only the culprit fails."""
     if not batches:
@@ -386,8 +362,6 @@ def run_batches(state, module, args, jobs: list, batches: list[list[int]], resul
     for pipe in pipelines if isinstance(pipelines, tuple) else [pipelines]:
         if pipe is not None:
             pipe.set_progress_bar_config(disable=True)  # one bar for the whole batch, not one per call
-    bar = tqdm(total=sum(map(len, batches)), desc="rows", unit="row", disable=not state.is_main_process,
-               file=sys.stderr)
 
     def record(job, output: Path, error: Exception | None = None) -> None:
         reason = "" if error is None else cli.one_line(
@@ -399,43 +373,40 @@ def run_batches(state, module, args, jobs: list, batches: list[list[int]], resul
         bar.update(1)
 
     def edit(loaded: list) -> None:
+        rows, images, maps = zip(*loaded)
         try:  # steps, strength and guidance are the same for every row of a batch
-            images, steps_run = module.edit(
-                pipelines, row_args(loaded[0][0], args), images=[image for _, image, _ in loaded],
-                maps=[map_image for _, _, map_image in loaded], prompts=[job.prompt for job, _, _ in loaded],
-                negative_prompts=[job.negative_prompt for job, _, _ in loaded],
-                seeds=[job.seed for job, _, _ in loaded])
+            edited, steps_run = module.edit(pipelines, row_args(rows[0], args), images=list(images), maps=list(maps),
+                                            prompts=[job.prompt for job in rows], seeds=[job.seed for job in rows],
+                                            negative_prompts=[job.negative_prompt for job in rows])
         except Exception as error:  # noqa: BLE001 - one row's failure must not end the batch
             if len(loaded) == 1:
-                return record(loaded[0][0], loaded[0][0].output, error)
-            images = None
-        if images is None:  # find the row at fault, or get through a batch too large for memory row by row
+                return record(rows[0], rows[0].output, error)
+            edited = None
+        if edited is None:  # find the row at fault, or get through a batch too large for memory row by row
             gc.collect()  # only now, outside the except clause, is the failed call's memory unreferenced
             torch.cuda.empty_cache()
             for item in loaded:
                 edit([item])
             return
-        for (job, image, map_image), result in zip(loaded, images):
+        for job, image, map_image, result in zip(rows, images, maps, edited):
             try:
-                info = cli.png_info(row_args(job, args), steps_run, {"family": args.family, **args.model_params,
-                                                                      "jobs": args.jobs, "line": job.line})
+                text = cli.png_parameters(row_args(job, args), steps_run, {**args.extra_params, "line": job.line})
                 job.output.parent.mkdir(parents=True, exist_ok=True)
-                written = cli.write_png(result, job.output, info, overwrite=args.overwrite)
+                written = cli.write_png(result, job.output, text, overwrite=args.overwrite)
                 if args.compare:
-                    strip = cli.compare_strip(image, map_image, result, invert_map=args.invert_map)
-                    cli.write_png(strip, cli.compare_path(written), info, overwrite=args.overwrite)
+                    strip = cli.compare_strip(image, map_image, result, invert_map=job.invert_map)
+                    cli.write_png(strip, cli.compare_path(written), text, overwrite=args.overwrite)
                 record(job, written)
             except Exception as error:  # noqa: BLE001
                 record(job, job.output, error)
 
-    with bar:
+    with tqdm(total=sum(map(len, batches)), desc="rows", unit="row", disable=not state.is_main_process,
+              file=sys.stderr) as bar:
         for batch in batches:
             by_size: dict[tuple, list] = {}  # a photo's EXIF orientation may turn the size its header gave
-            for job in (jobs[index] for index in batch):
+            for job in batch:
                 try:
                     image, map_image = cli.load_inputs(row_args(job, args))
-                    if job.mask is not None and args.invert_map:  # the call inverts every map; a mask's must survive
-                        map_image = Image.fromarray(1.0 - np.asarray(map_image, dtype=np.float32))
                     by_size.setdefault(image.size, []).append((job, image, map_image))
                 except Exception as error:  # noqa: BLE001
                     record(job, job.output, error)
@@ -452,8 +423,8 @@ def finish(state, args, plan, results: list[dict], seconds: float, interrupted: 
         results = gather_object(results)  # every process's rows
     if not state.is_main_process:
         return 0
-    rows = sorted([*results, *({"line": plan.jobs[index].line, "status": "skipped", "output": str(plan.jobs[index]
-                   .output), "reason": "its output already holds this edit", "process": 0} for index in plan.skipped),
+    rows = sorted([*results, *({"line": job.line, "status": "skipped", "output": str(job.output), "reason":
+                                "its output already holds this edit", "process": 0} for job in plan.skipped),
                    *({"line": line, "status": "bad", "output": "", "reason": "; ".join(problems), "process": 0}
                      for line, problems in plan.bad)], key=lambda row: row["line"])
     count = {status: sum(row["status"] == status for row in rows) for status in ("done", "skipped", "failed", "bad")}

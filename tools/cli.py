@@ -18,7 +18,7 @@ import re
 import shlex
 import sys
 from pathlib import Path, PurePath
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps, PngImagePlugin, UnidentifiedImageError
@@ -38,7 +38,6 @@ SCHEDULERS = {  # --scheduler names and the diffusers classes they stand for
 MAX_STEPS = 1000  # every model here was trained on a 1000-step schedule; schedulers refuse more
 MAX_SEED = 2**64 - 1  # the largest seed torch.Generator.manual_seed takes
 MAX_FEATHER_PX = 100_000  # far beyond any image side; only guards against typos such as 1e9
-DTYPES = ("fp16", "bf16", "fp32")
 
 # Which run.py takes a checkpoint, by the start of its pipeline class name (model_index.json's "_class_name"); the
 # longest start that fits wins. A checkpoint of another family would load and then fail deep inside its first
@@ -68,11 +67,6 @@ class CliError(Exception):
 
     def __reduce__(self):  # to pass between processes whole
         return CliError, (str(self), self.exit_code)
-
-
-class Inputs(NamedTuple):
-    image: Image.Image  # RGB, upright by its EXIF orientation
-    map_image: Image.Image  # mode F, values in [0, 1], white = keep (or as --invert-map says)
 
 
 def main(run: Callable[[], int | None]) -> None:
@@ -114,9 +108,8 @@ class Parser(argparse.ArgumentParser):
         raise CliError(f"{message} (see --help)")
 
 
-def real_number(low: float, high: float | None = None, *, whole: bool = False) -> Callable[[str], float]:
-    """An argparse ``type`` for finite numbers (with ``whole``: ``int``s) from ``low`` to ``high`` (None: no bound)."""
-    high = math.inf if high is None else high
+def real_number(low: float, high: float = math.inf, *, whole: bool = False) -> Callable[[str], float]:
+    """An argparse ``type`` for finite numbers (with ``whole``: ``int``s) from ``low`` to ``high`` (default: none)."""
     bounds = f"from {low:g} to {high:g}" if high < math.inf else f"of at least {low:g}"
     wanted = f"a whole number from {low} to {high}" if whole else f"a number {bounds}"
 
@@ -182,8 +175,8 @@ def build_parser(description: str, *, default_model: str, default_steps: int, de
         f"folder holding model_index.json (default: {default_model})")
     add("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto", help="auto picks CUDA, then Apple MPS, "
         "then the CPU (default: auto)")
-    add("--dtype", choices=["auto", *DTYPES], default="auto", help="auto is fp16 on CUDA and MPS, fp32 on the CPU, "
-        "which runs only fp32 (default: auto)")
+    add("--dtype", choices=["auto", "fp16", "bf16", "fp32"], default="auto", help="auto is fp16 on CUDA and MPS, "
+        "fp32 on the CPU, which runs only fp32 (default: auto)")
     add("--offload", action="store_true", help="keep each model on the CPU until it runs, for GPUs with little "
         "memory; needs CUDA or MPS (default: off)")
     add = parser.add_argument_group("output").add_argument
@@ -307,15 +300,13 @@ def _output_path(args: argparse.Namespace, parser: argparse.ArgumentParser) -> P
 @contextlib.contextmanager
 def reading(path: Path, flag: str):
     """Turns the file system's and Pillow's failures while reading ``path`` into one-line errors naming ``flag``."""
-    shown = f"{flag} {display(path)}"
-    if path.is_dir():
-        raise CliError(f"{shown}: is a folder, not an image file")
     try:
         yield
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:  # Pillow raises all of these
-        reason = {FileNotFoundError: "no such file", UnidentifiedImageError: "not an image (Pillow cannot read this "
-                  "file)", Image.DecompressionBombError: "too large to load safely"}.get(type(error))
-        raise CliError(f"{shown}: {reason or 'cannot read it: ' + one_line(error)}") from None
+        reason = {FileNotFoundError: "no such file", IsADirectoryError: "is a folder, not an image file",
+                  UnidentifiedImageError: "not an image (Pillow cannot read this file)",
+                  Image.DecompressionBombError: "too large to load safely"}.get(type(error))
+        raise CliError(f"{flag} {display(path)}: {reason or 'cannot read it: ' + one_line(error)}") from None
 
 
 def read_image(path: Path, flag: str) -> Image.Image:
@@ -347,8 +338,9 @@ def as_rgb(image: Image.Image, what: str = "the image") -> Image.Image:
     return image.convert("RGB")
 
 
-def load_inputs(args: argparse.Namespace) -> Inputs:
-    """Decodes ``args.image`` and the map: ``args.map``, or with ``--mask`` the soft inpainting keep map
+def load_inputs(args: argparse.Namespace) -> tuple[Image.Image, Image.Image]:
+    """``(image, map)``: ``args.image`` decoded, RGB and upright by its EXIF orientation, and the map (mode F, values
+    in [0, 1], white = keep or as --invert-map says): ``args.map``, or with ``--mask`` the soft inpainting keep map
     ``mask_to_keep_map`` makes. A map or mask of another shape is stretched to the image, with a warning."""
     image = as_rgb(read_image(args.image, "--image"), f"--image {display(args.image)}")
     what, source = ("mask", read_image(args.mask, "--mask")) if args.mask is not None else ("map", load_map(args.map))
@@ -356,8 +348,8 @@ def load_inputs(args: argparse.Namespace) -> Inputs:
         warn(f"the {what} ({source.width}x{source.height}) has another shape than the image ({image.width}x"
              f"{image.height}); it is stretched to fit")
     if args.mask is not None:
-        return Inputs(image, mask_to_keep_map(source, image.size, args.feather, args.grow, shown=display(args.mask)))
-    return Inputs(image, stretch_map(source, image.size) if aspect_differs(image.size, source.size) else source)
+        return image, mask_to_keep_map(source, image.size, args.feather, args.grow, shown=display(args.mask))
+    return image, stretch_map(source, image.size) if aspect_differs(image.size, source.size) else source
 
 
 def aspect_differs(a: tuple[int, int], b: tuple[int, int]) -> bool:
@@ -377,8 +369,8 @@ def mask_to_keep_map(mask: Image.Image, size: tuple[int, int], feather: float = 
     to ``size`` first, so that ``feather`` and ``grow`` count image pixels. Values of 0.5 and up are the region:
     0 in the map, grown by ``grow`` pixels and faded to 1 over ``feather`` more (``tools.maps.feathered_mask``)."""
     from tools.maps import feathered_mask
-    values = Image.fromarray(map_values(mask, f"--mask {shown}"))
-    region = np.asarray(values if values.size == tuple(size) else values.resize(size, Image.Resampling.BILINEAR)) >= 0.5
+    values = Image.fromarray(map_values(mask, f"--mask {shown}")).resize(size, Image.Resampling.BILINEAR)
+    region = np.asarray(values) >= 0.5
     if not region.any():
         warn(f"{shown} has no white pixel, so there is nothing to fill; the output is the input")
     return Image.fromarray(feathered_mask(region, feather_px=feather, grow_px=grow))
@@ -397,19 +389,25 @@ def load_pipeline(pipeline_class, model: str, *, torch_dtype, device: str, offlo
     onto the current GPU (each process's own under ``accelerate launch``). A checkpoint of another family (see
     ``FAMILIES``), missing weights, no network, a gated model or a broken folder end as one-line ``CliError``s
     naming ``flag`` and the model. On the CPU, the first load warns in one line that the run takes minutes."""
-    local = Path(model).expanduser().is_dir()
-    if not local and (Path(model).expanduser().exists() or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", model)):
+    path = Path(model).expanduser()
+    if not path.is_dir() and (path.exists() or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", model)):
         raise CliError(f"{flag} {model}: neither a diffusers folder (with model_index.json) nor a Hugging Face Hub id")
     try:
-        if family_of(pipeline_class.__name__):
-            _check_family(pipeline_class, model, flag, local, from_pretrained_kwargs.get("cache_dir"))
-        source = str(Path(model).expanduser()) if local else model
-        pipe = pipeline_class.from_pretrained(source, dtype=torch_dtype, **from_pretrained_kwargs)
+        if expected := family_of(pipeline_class.__name__):
+            from huggingface_hub import hf_hub_download
+            index = path / "model_index.json" if path.is_dir() else hf_hub_download(
+                model, "model_index.json", cache_dir=from_pretrained_kwargs.get("cache_dir"))
+            found = json.loads(Path(index).read_text()).get("_class_name", "?")
+            if family_of(found) != expected:
+                what, where = FAMILIES.get(family_of(found), ("a pipeline", "no run.py here"))
+                raise CliError(f"{flag} {model}: {what} ({found}), for {where}; here {flag} takes "
+                               f"{FAMILIES[expected][0]}")
+        pipe = pipeline_class.from_pretrained(str(path) if path.is_dir() else model, dtype=torch_dtype,
+                                              **from_pretrained_kwargs)
     except (OSError, ValueError, ImportError) as error:
-        raise CliError(_load_failure(error, model, flag, pipeline_class, local), EXIT_RUN_FAILED) from error
-    if offload:
-        import torch  # for .to(), "cuda" is the current GPU; for offloading, it is GPU 0
-
+        raise CliError(_load_failure(error, model, flag, pipeline_class, path.is_dir()), EXIT_RUN_FAILED) from error
+    if offload:  # for .to(), "cuda" is the current GPU; for offloading, it is GPU 0
+        import torch
         pipe.enable_model_cpu_offload(device=f"cuda:{torch.cuda.current_device()}" if device == "cuda" else device)
     else:
         pipe.to(device)
@@ -424,16 +422,6 @@ _warn_once = functools.cache(lambda message: warn(message))  # one warning howev
 def family_of(class_name: str) -> str | None:
     """The ``FAMILIES`` key of a pipeline class name, or None."""
     return max((start for start in FAMILIES if class_name.startswith(start)), key=len, default=None)
-
-
-def _check_family(pipeline_class, model: str, flag: str, local: bool, cache_dir: str | None) -> None:
-    from huggingface_hub import hf_hub_download
-    index = Path(model).expanduser() / "model_index.json" if local else hf_hub_download(model, "model_index.json",
-                                                                                        cache_dir=cache_dir)
-    found, expected = json.loads(Path(index).read_text()).get("_class_name", "?"), family_of(pipeline_class.__name__)
-    if family_of(found) != expected:
-        what, where = FAMILIES.get(family_of(found), ("a pipeline", "no run.py here"))
-        raise CliError(f"{flag} {model}: {what} ({found}), for {where}; here {flag} takes {FAMILIES[expected][0]}")
 
 
 def _load_failure(error: BaseException, model: str, flag: str, pipeline_class, local: bool) -> str:
@@ -499,41 +487,34 @@ def _import(path: Path):
 def png_parameters(args: argparse.Namespace, steps_run: int, extra_params: dict | None = None) -> dict[str, str]:
     """The parameters a result is stored with, as PNG text: enough to run it again."""
     source = {"mask": args.mask, "feather": args.feather, "grow": args.grow} if args.mask else {"map": args.map}
-    params = {
+    return {key: str(value) for key, value in {
         "prompt": args.prompt, "negative_prompt": args.negative_prompt, "model": args.model, "image": args.image,
         **source, "invert_map": args.invert_map, "strength": args.strength, "keep_exact": args.keep_exact,
         "steps": args.steps, "steps_run": steps_run, "guidance_scale": args.guidance_scale, "seed": args.seed,
         "scheduler": args.scheduler, "device": args.device, "dtype": args.dtype, **(extra_params or {}),
         "command": args.command, "Software": "differential-diffusion",  # the PNG keyword for the creating program
-    }
-    return {key: str(value) for key, value in params.items()}
-
-
-def png_info(args: argparse.Namespace, steps_run: int, extra_params: dict | None = None) -> PngImagePlugin.PngInfo:
-    """``png_parameters`` as the text chunks of a PNG, for ``write_png``."""
-    info = PngImagePlugin.PngInfo()
-    for key, value in png_parameters(args, steps_run, extra_params).items():
-        info.add_text(key, value)  # falls back to an iTXt chunk for text latin-1 cannot hold
-    return info
+    }.items()}
 
 
 def save_result(result: Image.Image, args: argparse.Namespace, *, image: Image.Image, map_image: Image.Image,
                 steps_run: int, seconds: float, extra_params: dict | None = None) -> Path:
     """Writes the result with its parameters as PNG text (and the ``--compare`` strip), prints the one final line
     ``<path> (<seconds>s, <N> denoising steps)``, returns the path written."""
-    info = png_info(args, steps_run, extra_params)
-    output = write_png(result, args.output, info, overwrite=args.overwrite)
+    text = png_parameters(args, steps_run, extra_params)
+    output = write_png(result, args.output, text, overwrite=args.overwrite)
     line = f"{display(output)} ({seconds:.1f}s, {steps_run} denoising step{'' if steps_run == 1 else 's'})"
     if args.compare:
         strip = compare_strip(image, map_image, result, invert_map=args.invert_map)
-        line += f"; comparison: {display(write_png(strip, compare_path(output), info, overwrite=args.overwrite))}"
+        line += f"; comparison: {display(write_png(strip, compare_path(output), text, overwrite=args.overwrite))}"
     print(line)
     return output
 
 
-def write_png(image: Image.Image, path: Path, info: PngImagePlugin.PngInfo | None = None, *,
-              overwrite: bool = False) -> Path:
-    """Writes ``image`` as a PNG with ``write_atomically``; returns the path written."""
+def write_png(image: Image.Image, path: Path, text: dict[str, str] | None = None, *, overwrite: bool = False) -> Path:
+    """Writes ``image`` as a PNG (``text``: its text chunks) with ``write_atomically``; returns the path written."""
+    info = PngImagePlugin.PngInfo()
+    for key, value in (text or {}).items():
+        info.add_text(key, value)  # falls back to an iTXt chunk for text latin-1 cannot hold
     return write_atomically(Path(path), lambda file: image.save(file, format="PNG", pnginfo=info), overwrite=overwrite)
 
 
@@ -558,28 +539,21 @@ def write_atomically(path: Path, write: Callable, *, overwrite: bool = False) ->
 
 def compare_strip(image: Image.Image, map_image: Image.Image, result: Image.Image,
                   invert_map: bool = False) -> Image.Image:
-    """input | map | output side by side at the output's height, each labelled where the label fits."""
-    gray = Image.fromarray(np.round(map_values(map_image) * 255).astype(np.uint8))
-    panels = [(image, "input"), (gray, f"map (white = {'change' if invert_map else 'keep'})"), (result, "output")]
-    panels = [(panel.convert("RGB").resize((max(1, round(panel.width * result.height / panel.height)), result.height),
-                                           Image.Resampling.LANCZOS), label) for panel, label in panels]
+    """input | map | output side by side at the output's height. Each panel's label is white on black at its top
+    left, as large as fits inside the panel (a 32nd of its height at most), and left out below 8-pixel text."""
+    panels = [(image, "input"), (map_image, f"map (white = {'change' if invert_map else 'keep'})"), (result, "output")]
+    panels = [(as_rgb(panel).resize((max(1, round(panel.width * result.height / panel.height)), result.height),
+                                    Image.Resampling.LANCZOS), label) for panel, label in panels]
     strip = Image.new("RGB", (sum(panel.width for panel, _ in panels), result.height))
-    left = 0
+    draw, left = ImageDraw.Draw(strip), 0
     for panel, label in panels:
         strip.paste(panel, (left, 0))
-        _label(strip, label, left, panel.width)
+        for size in range(max(10, strip.height // 32), 7, -1):
+            font = ImageFont.load_default(size=size)
+            x0, y0, x1, y1 = draw.textbbox((left + 4, 4), label, font=font)
+            if x1 + 3 < left + panel.width - 1 and y1 + 3 < strip.height - 1:
+                draw.rectangle((x0 - 3, y0 - 3, x1 + 3, y1 + 3), fill=(0, 0, 0))  # readable on any picture
+                draw.text((left + 4, 4), label, font=font, fill=(255, 255, 255))
+                break
         left += panel.width
     return strip
-
-
-def _label(strip: Image.Image, text: str, left: int, width: int) -> None:
-    """White on black at the panel's top left, as large as fits inside the panel (a 32nd of its height at most),
-    and left out when even 8-pixel text would not fit."""
-    draw = ImageDraw.Draw(strip)
-    for size in range(max(10, strip.height // 32), 7, -1):
-        font = ImageFont.load_default(size=size)
-        x0, y0, x1, y1 = draw.textbbox((left + 4, 4), text, font=font)
-        if x1 + 3 < left + width - 1 and y1 + 3 < strip.height - 1:
-            draw.rectangle((x0 - 3, y0 - 3, x1 + 3, y1 + 3), fill=(0, 0, 0))  # readable on any picture
-            draw.text((left + 4, 4), text, font=font, fill=(255, 255, 255))
-            return

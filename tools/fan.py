@@ -306,7 +306,7 @@ def run(argv: list[str] | None = None) -> None:
 
 
 def _write(picture: Image.Image, args, steps_run: int, extra: dict, path: Path) -> Path:
-    return cli.write_png(picture, path, cli.png_info(args, steps_run, extra), overwrite=args.overwrite)
+    return cli.write_png(picture, path, cli.png_parameters(args, steps_run, extra), overwrite=args.overwrite)
 
 
 def main(argv: list[str] | None = None) -> None:
