@@ -39,9 +39,8 @@ MAX_STEPS = 1000  # every model here was trained on a 1000-step schedule; schedu
 MAX_SEED = 2**64 - 1  # the largest seed torch.Generator.manual_seed takes
 MAX_FEATHER_PX = 100_000  # far beyond any image side; only guards against typos such as 1e9
 
-# Which run.py takes a checkpoint, by the start of its pipeline class name (model_index.json's "_class_name"); the
-# longest start that fits wins. A checkpoint of another family would load and then fail deep inside its first
-# step, so load_pipeline refuses it at once. A new family adds its line here.
+# Which run.py takes a checkpoint, by the longest start of its model_index.json "_class_name" that fits: another
+# family's checkpoint would load and then fail deep inside a step, so load_pipeline refuses it at once.
 FAMILIES = {
     "StableDiffusion": ("an SD 1.x/2.x checkpoint", "SD2/run.py"),
     "StableDiffusionXL": ("an SDXL checkpoint", "SDXL/run.py"),
@@ -125,8 +124,7 @@ def real_number(low: float, high: float = math.inf, *, whole: bool = False) -> C
     return parse
 
 
-def whole_number(low: int, high: int) -> Callable[[str], int]:
-    return real_number(low, high, whole=True)
+whole_number = functools.partial(real_number, whole=True)  # whole_number(low, high): the same for ints
 
 
 def build_parser(description: str, *, default_model: str, default_steps: int, default_guidance: float,
