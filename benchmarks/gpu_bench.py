@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_bench.py --json gpu_bench.json                   # CUDA, fp16, real architectures
     python benchmarks/gpu_bench.py --families sd2,sdxl --steps 10          # a shorter run
+    python benchmarks/gpu_bench.py --families flux,zimage --no-compile     # flow-matching families only
     python benchmarks/gpu_bench.py --smoke --json /tmp/smoke.json          # CPU, fp32, tiny configs, < 1 minute
 
 Each family is built from the configuration of its published checkpoint, written below as dicts, with random
@@ -13,21 +14,33 @@ weights (nothing is downloaded): time and memory depend on the shapes, not on th
   kandinsky  KandinskyV22DiffImg2ImgPipeline            Kandinsky 2.2 decoder + MoVQ   768 x 768
   if1        IFDiffImg2ImgPipeline                      IF-I-XL (stage I)              64 x 64
   if2        IFDiffImg2ImgSuperResolutionPipeline       IF-II-L (stage II)             64 -> 256 x 256
+  sd3        StableDiffusion3DiffImg2ImgPipeline        SD3.5-medium (MMDiT-X + VAE)   1024 x 1024
+  flux       FluxDiffImg2ImgPipeline                    FLUX.1-dev (transformer + VAE) 1024 x 1024
+  chroma     ChromaDiffImg2ImgPipeline                  Chroma1-HD (transformer + VAE) 1024 x 1024
+  qwenimage  QwenImageDiffImg2ImgPipeline               Qwen-Image (MMDiT + VAE)       1328 x 1328
+  zimage     ZImageDiffImg2ImgPipeline                  Z-Image-Turbo (S3-DiT + VAE)   1024 x 1024
+
+The UNet families run in fp16, the flow-matching ones (the last five) in bf16, as they are published.
 
 Text encoders are not built. Every pipeline gets the embeddings that its encoder would produce, with the encoder's
 real shape (SD 2.1: OpenCLIP-H, 77 x 1024; SDXL: CLIP-L + OpenCLIP-bigG, 77 x 2048 and a pooled 1280; Kandinsky:
-CLIP-bigG image embeddings of size 1280; IF: T5-XXL, 77 x 4096). Text encoding runs once per call, before the
-denoising loop, and is the same work for both pipelines; T5-XXL alone would take 9 GB.
+CLIP-bigG image embeddings of size 1280; IF: T5-XXL, 77 x 4096; SD3.5: 333 x 4096 and a pooled 2048; FLUX.1 and
+Chroma: T5-XXL, 512 x 4096, and FLUX.1's pooled CLIP-L 768; Qwen-Image: Qwen2.5-VL-7B, 128 x 3584; Z-Image:
+Qwen3-4B, 128 x 2560). Text encoding runs once per call, before the denoising loop, and is the same work for both
+pipelines; T5-XXL alone would take 9 GB.
 
 For each family, in one process, alternating between the cases after a warm-up run of each (with offload, the
 kernels are already warm, and the weights start on the CPU):
   * stock img2img at strength 1, and ours with a uniform map of strength 1: the same T denoising steps, so the
     ratio of their times is the cost of per-pixel strength;
-  * ours with a map whose strongest pixel has strength 0.3: floor(0.3 T) steps. The authors' code always runs all T
-    steps, at (at least) stock's cost per step, so its time is compared with stock at strength 1;
+  * ours with a map whose strongest pixel has strength 0.3: floor(0.3 T) steps, ceil(0.3 T) for the flow-matching
+    families (as their stock img2img rounds). The authors' code always runs all T steps, at (at least) stock's cost
+    per step, so its time is compared with stock at strength 1;
   * peak CUDA memory of every case;
-and all of it three times: plain ("eager"), with `enable_model_cpu_offload()` ("offload"), and with the UNet under
-`torch.compile` ("compile"; a failure is reported as "did not compile: <reason>").
+and all of it three times: plain ("eager"), with `enable_model_cpu_offload()` ("offload"), and with the UNet (or
+the transformer) under `torch.compile` ("compile"; a failure is reported as "did not compile: <reason>"). The JSON's
+"unet_calls" count calls of the UNet or transformer: two per step where CFG runs the negative prompt separately
+(Chroma, Qwen-Image).
 
 --smoke runs the same code on the CPU in fp32 with tiny versions of the same configs (same blocks, narrow and
 shallow), without offload or compile, so that the script is tested where no GPU is.
@@ -42,7 +55,7 @@ import platform
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -55,17 +68,25 @@ sys.path.insert(0, str(REPO_ROOT))
 import diffusers  # noqa: E402
 from diffusers import (  # noqa: E402
     AutoencoderKL,
+    AutoencoderKLQwenImage,
+    ChromaTransformer2DModel,
     DDIMScheduler,
     DDPMScheduler,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxTransformer2DModel,
+    QwenImageTransformer2DModel,
+    SD3Transformer2DModel,
     UNet2DConditionModel,
     VQModel,
+    ZImageTransformer2DModel,
 )
 
 from benchmarks.harness import (  # noqa: E402
     SEED,
     WEAK_STRENGTH,
     Table,
+    denoiser,
     embeddings,
     img2img_cases,
     quiet_libraries,
@@ -450,6 +471,234 @@ KANDINSKY22_IMAGE_ENCODER = {"architectures": ["CLIPVisionModelWithProjection"],
 T5_XXL = {"d_model": 4096, "num_layers": 24}
 
 # ---------------------------------------------------------------------------------------------------------------
+# Flow-matching families (transformers over a 16-channel VAE of factor 8, in bf16)
+#
+# How sure each config is: the transformer configs below agree with the config.json files that many public
+# repositories vendor for these checkpoints, and where a key is absent there, with the diffusers model class's
+# default; each comment says which. test_gpu_bench.py checks the parameter counts against the model cards.
+# ---------------------------------------------------------------------------------------------------------------
+
+# stabilityai/stable-diffusion-3.5-medium, transformer/config.json (gated; vendored copies agree). The MMDiT-X:
+# self-attention added to the first 13 blocks, RMS-normed q and k, positions up to 384 patches per side.
+SD35_MEDIUM_TRANSFORMER = {
+    "_class_name": "SD3Transformer2DModel",
+    "attention_head_dim": 64,
+    "caption_projection_dim": 1536,
+    "dual_attention_layers": list(range(13)),
+    "in_channels": 16,
+    "joint_attention_dim": 4096,  # T5-XXL's d_model; CLIP-L and -bigG states are padded to it
+    "num_attention_heads": 24,
+    "num_layers": 24,
+    "out_channels": 16,
+    "patch_size": 2,
+    "pooled_projection_dim": 2048,  # CLIP-L (768) and OpenCLIP-bigG (1280) pooled, side by side
+    "pos_embed_max_size": 384,
+    "qk_norm": "rms_norm",
+    "sample_size": 128,
+}
+SMOKE_SD35_TRANSFORMER = {
+    "attention_head_dim": 16,
+    "caption_projection_dim": 32,  # = heads x head dim, as in the real model
+    "dual_attention_layers": [0],
+    "joint_attention_dim": 32,
+    "num_attention_heads": 2,
+    "num_layers": 2,
+    "pooled_projection_dim": 32,
+    "pos_embed_max_size": 16,
+}
+
+# stabilityai/stable-diffusion-3.5-medium, vae/config.json: SD3's 16-channel VAE, without quant convolutions.
+SD35_VAE = {
+    "_class_name": "AutoencoderKL",
+    "act_fn": "silu",
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "in_channels": 3,
+    "latent_channels": 16,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "out_channels": 3,
+    "sample_size": 1024,
+    "scaling_factor": 1.5305,
+    "shift_factor": 0.0609,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "use_post_quant_conv": False,
+    "use_quant_conv": False,
+}
+# black-forest-labs/FLUX.1-dev, vae/config.json: the same network with FLUX.1's scale and shift. Chroma1-HD and
+# Z-Image-Turbo ship this autoencoder (FLUX.1's ae.safetensors) too.
+FLUX_VAE = {**SD35_VAE, "scaling_factor": 0.3611, "shift_factor": 0.1159}
+
+# stabilityai/stable-diffusion-3.5-medium, scheduler/scheduler_config.json.
+SD35_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
+
+# black-forest-labs/FLUX.1-dev, transformer/config.json (gated; vendored copies agree, and so do the class defaults
+# but for guidance_embeds): 19 double-stream and 38 single-stream blocks of width 3072, guidance as an input.
+FLUX_DEV_TRANSFORMER = {
+    "_class_name": "FluxTransformer2DModel",
+    "attention_head_dim": 128,
+    "axes_dims_rope": [16, 56, 56],
+    "guidance_embeds": True,
+    "in_channels": 64,  # 16 latent channels in 2x2 patches
+    "joint_attention_dim": 4096,  # T5-XXL's d_model
+    "num_attention_heads": 24,
+    "num_layers": 19,
+    "num_single_layers": 38,
+    "patch_size": 1,
+    "pooled_projection_dim": 768,  # CLIP-L's pooled output
+}
+SMOKE_FLUX_TRANSFORMER = {
+    "attention_head_dim": 16,
+    "axes_dims_rope": [4, 4, 8],
+    "joint_attention_dim": 32,
+    "num_attention_heads": 2,
+    "num_layers": 1,
+    "num_single_layers": 2,
+    "pooled_projection_dim": 32,
+}
+
+# black-forest-labs/FLUX.1-dev, scheduler/scheduler_config.json: the shift grows with the image's token count.
+FLUX_SCHEDULER = {
+    "_class_name": "FlowMatchEulerDiscreteScheduler",
+    "base_image_seq_len": 256,
+    "base_shift": 0.5,
+    "max_image_seq_len": 4096,
+    "max_shift": 1.15,
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+}
+
+# lodestones/Chroma1-HD, transformer/config.json, as diffusers' ChromaTransformer2DModel defaults give it (vendored
+# copies agree): FLUX.1-schnell's blocks without the CLIP input and with a 5-layer approximator that makes every
+# block's modulation from the timestep.
+CHROMA_HD_TRANSFORMER = {
+    "_class_name": "ChromaTransformer2DModel",
+    "approximator_hidden_dim": 5120,
+    "approximator_layers": 5,
+    "approximator_num_channels": 64,
+    "attention_head_dim": 128,
+    "axes_dims_rope": [16, 56, 56],
+    "in_channels": 64,
+    "joint_attention_dim": 4096,  # T5-XXL's d_model
+    "num_attention_heads": 24,
+    "num_layers": 19,
+    "num_single_layers": 38,
+    "patch_size": 1,
+}
+SMOKE_CHROMA_TRANSFORMER = {
+    "approximator_hidden_dim": 32,
+    "approximator_layers": 1,
+    "attention_head_dim": 16,
+    "axes_dims_rope": [4, 4, 8],
+    "joint_attention_dim": 32,
+    "num_attention_heads": 2,
+    "num_layers": 1,
+    "num_single_layers": 2,
+}
+# lodestones/Chroma1-HD, scheduler/scheduler_config.json, reconstructed: FLUX.1's dynamic shift, which the Chroma
+# pipelines compute their mu for. Less sure than the rest; it changes the sigmas, not the cost.
+CHROMA_SCHEDULER = FLUX_SCHEDULER
+
+# Qwen/Qwen-Image, transformer/config.json (vendored copies agree with the class defaults): 60 MMDiT blocks of
+# width 3072 reading Qwen2.5-VL-7B's hidden states.
+QWEN_IMAGE_TRANSFORMER = {
+    "_class_name": "QwenImageTransformer2DModel",
+    "attention_head_dim": 128,
+    "axes_dims_rope": [16, 56, 56],
+    "guidance_embeds": False,
+    "in_channels": 64,  # 16 latent channels in 2x2 patches
+    "joint_attention_dim": 3584,  # Qwen2.5-VL-7B's hidden size
+    "num_attention_heads": 24,
+    "num_layers": 60,
+    "out_channels": 16,
+    "patch_size": 2,
+}
+SMOKE_QWEN_IMAGE_TRANSFORMER = {
+    "attention_head_dim": 16,
+    "axes_dims_rope": [8, 4, 4],
+    "joint_attention_dim": 32,
+    "num_attention_heads": 2,
+    "num_layers": 2,
+}
+
+# Qwen/Qwen-Image, vae/config.json (the class defaults; vendored copies agree): a causal 3D VAE (Wan 2.1's) run on
+# one frame, factor 8, 16 channels normalised by per-channel mean and std.
+QWEN_IMAGE_VAE = {
+    "_class_name": "AutoencoderKLQwenImage",
+    "attn_scales": [],
+    "base_dim": 96,
+    "dim_mult": [1, 2, 4, 4],
+    "dropout": 0.0,
+    "latents_mean": [-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508, 0.4134, -0.0715, 0.5517,
+                     -0.3632, -0.1922, -0.9497, 0.2503, -0.2921],
+    "latents_std": [2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743, 3.2687, 2.1526, 2.8652, 1.5579,
+                    1.6382, 1.1253, 2.8251, 1.9160],
+    "num_res_blocks": 2,
+    "temperal_downsample": [False, True, True],
+    "z_dim": 16,
+}
+SMOKE_QWEN_IMAGE_VAE = {"base_dim": 8, "num_res_blocks": 1}
+
+# Qwen/Qwen-Image, scheduler/scheduler_config.json (vendored copies agree): exponential dynamic shift.
+QWEN_IMAGE_SCHEDULER = {
+    "_class_name": "FlowMatchEulerDiscreteScheduler",
+    "base_image_seq_len": 256,
+    "base_shift": 0.5,
+    "max_image_seq_len": 8192,
+    "max_shift": 0.9,
+    "num_train_timesteps": 1000,
+    "shift": 1.0,
+    "shift_terminal": 0.02,
+    "time_shift_type": "exponential",
+    "use_dynamic_shifting": True,
+}
+
+# Tongyi-MAI/Z-Image-Turbo, transformer/config.json (quoted verbatim by several public repositories; it differs
+# from the class defaults in axes_lens): 30 single-stream blocks of width 3840, after 2 refiner blocks each for
+# the image and for Qwen3-4B's hidden states.
+Z_IMAGE_TURBO_TRANSFORMER = {
+    "_class_name": "ZImageTransformer2DModel",
+    "all_f_patch_size": [1],
+    "all_patch_size": [2],
+    "axes_dims": [32, 48, 48],
+    "axes_lens": [1536, 512, 512],
+    "cap_feat_dim": 2560,  # Qwen3-4B's hidden size
+    "dim": 3840,
+    "in_channels": 16,
+    "n_heads": 30,
+    "n_kv_heads": 30,
+    "n_layers": 30,
+    "n_refiner_layers": 2,
+    "norm_eps": 1e-05,
+    "qk_norm": True,
+    "rope_theta": 256.0,
+    "t_scale": 1000.0,
+}
+SMOKE_Z_IMAGE_TRANSFORMER = {
+    "axes_dims": [8, 12, 12],  # = the head width, 64 / 2
+    "cap_feat_dim": 32,
+    "dim": 64,
+    "n_heads": 2,
+    "n_kv_heads": 2,
+    "n_layers": 1,
+    "n_refiner_layers": 1,
+}
+# Tongyi-MAI/Z-Image-Turbo, scheduler/scheduler_config.json: a fixed shift of 3.
+Z_IMAGE_TURBO_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000,
+                           "shift": 3.0, "use_dynamic_shifting": False}
+
+# Text encoders of the flow families, which set the shapes of the embeddings passed instead of text.
+# SD3.5: CLIP-L and OpenCLIP-bigG (77 tokens each, side by side) followed by T5-XXL's 256 (max_sequence_length).
+SD35_TEXT_LENGTH = 77 + 256
+# FLUX.1-dev and Chroma1-HD: T5-XXL at max_sequence_length 512 (the pipelines' default).
+T5_TEXT_LENGTH = 512
+# Qwen-Image and Z-Image: a prompt's own length, with the chat template dropped; a long prompt's worth.
+QWEN_TEXT_LENGTH = 128
+QWEN25_VL_7B = {"hidden_size": 3584}  # Qwen/Qwen-Image, text_encoder/config.json
+QWEN3_4B = {"hidden_size": 2560}  # Tongyi-MAI/Z-Image-Turbo, text_encoder/config.json
+
+# ---------------------------------------------------------------------------------------------------------------
 # Model building
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -504,6 +753,20 @@ class Family:
     components: Callable  # (setup) -> components of the stock pipeline, which ours takes unchanged
     inputs: Callable  # (setup, components, size) -> keyword arguments shared by both pipelines
     notes: list = field(default_factory=list)
+    flow_matching: bool = False  # stock runs ceil(T s) steps at strength s, not floor(T s); weights in bf16
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype on a GPU: the flow transformers are published and run in bf16 (fp16 overflows in FLUX.1)."""
+        return torch.bfloat16 if self.flow_matching else torch.float16
+
+    def steps_run(self, steps: int, strength: float) -> int:
+        """Denoising steps that stock img2img runs at `strength`, with the pipelines' 1e-4 tolerance."""
+        exact = steps * strength
+        if abs(exact - round(exact)) <= 1e-4:
+            return round(exact)
+        return math.ceil(exact) if self.flow_matching else math.floor(exact)
+
 
 
 def sd2_components(setup):
@@ -605,6 +868,98 @@ def if2_inputs(setup, components, size):
                 **if_text_inputs(setup, components))
 
 
+# Flow-matching families: no text encoders (see the module docstring), and the transformer in place of the UNet.
+_NO_TEXT_ENCODERS = dict(text_encoder=None, tokenizer=None)
+
+
+def sd3_components(setup):
+    return dict(
+        transformer=build_model(SD3Transformer2DModel, SD35_MEDIUM_TRANSFORMER, SMOKE_SD35_TRANSFORMER, setup),
+        vae=build_model(AutoencoderKL, SD35_VAE, SMOKE_VAE, setup),
+        scheduler=build_scheduler(FlowMatchEulerDiscreteScheduler, SD35_SCHEDULER),
+        text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None, **_NO_TEXT_ENCODERS,
+    )
+
+
+def sd3_inputs(setup, components, size):
+    transformer = components["transformer"].config
+    embeds = embeddings((1, SD35_TEXT_LENGTH, transformer.joint_attention_dim), setup.device, setup.dtype)
+    pooled = embeddings((1, transformer.pooled_projection_dim), setup.device, setup.dtype)
+    return dict(image=test_image(size), height=size, width=size, prompt_embeds=embeds,
+                negative_prompt_embeds=torch.zeros_like(embeds), pooled_prompt_embeds=pooled,
+                negative_pooled_prompt_embeds=torch.zeros_like(pooled), guidance_scale=4.5)
+
+
+def flux_components(setup):
+    return dict(
+        transformer=build_model(FluxTransformer2DModel, FLUX_DEV_TRANSFORMER, SMOKE_FLUX_TRANSFORMER, setup),
+        vae=build_model(AutoencoderKL, FLUX_VAE, SMOKE_VAE, setup),
+        scheduler=build_scheduler(FlowMatchEulerDiscreteScheduler, FLUX_SCHEDULER),
+        text_encoder_2=None, tokenizer_2=None, **_NO_TEXT_ENCODERS,
+    )
+
+
+def flux_inputs(setup, components, size):
+    transformer = components["transformer"].config
+    embeds = embeddings((1, T5_TEXT_LENGTH, transformer.joint_attention_dim), setup.device, setup.dtype)
+    pooled = embeddings((1, transformer.pooled_projection_dim), setup.device, setup.dtype)
+    # FLUX.1-dev is guidance-distilled: the guidance scale is an input of the transformer, with no CFG batch.
+    return dict(image=test_image(size), height=size, width=size, prompt_embeds=embeds, pooled_prompt_embeds=pooled,
+                guidance_scale=3.5)
+
+
+def chroma_components(setup):
+    return dict(
+        transformer=build_model(ChromaTransformer2DModel, CHROMA_HD_TRANSFORMER, SMOKE_CHROMA_TRANSFORMER, setup),
+        vae=build_model(AutoencoderKL, FLUX_VAE, SMOKE_VAE, setup),
+        scheduler=build_scheduler(FlowMatchEulerDiscreteScheduler, CHROMA_SCHEDULER),
+        **_NO_TEXT_ENCODERS,
+    )
+
+
+def chroma_inputs(setup, components, size):
+    embeds = embeddings((1, T5_TEXT_LENGTH, components["transformer"].config.joint_attention_dim), setup.device,
+                        setup.dtype)
+    mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=setup.device)
+    return dict(image=test_image(size), height=size, width=size, prompt_embeds=embeds, prompt_attention_mask=mask,
+                negative_prompt_embeds=torch.zeros_like(embeds), negative_prompt_attention_mask=mask,
+                guidance_scale=4.0)
+
+
+def qwenimage_components(setup):
+    return dict(
+        transformer=build_model(QwenImageTransformer2DModel, QWEN_IMAGE_TRANSFORMER, SMOKE_QWEN_IMAGE_TRANSFORMER,
+                                setup),
+        vae=build_model(AutoencoderKLQwenImage, QWEN_IMAGE_VAE, SMOKE_QWEN_IMAGE_VAE, setup),
+        scheduler=build_scheduler(FlowMatchEulerDiscreteScheduler, QWEN_IMAGE_SCHEDULER),
+        **_NO_TEXT_ENCODERS,
+    )
+
+
+def qwenimage_inputs(setup, components, size):
+    embeds = embeddings((1, QWEN_TEXT_LENGTH, components["transformer"].config.joint_attention_dim), setup.device,
+                        setup.dtype)
+    mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=setup.device)
+    # True CFG: a second transformer call per step for the negative prompt.
+    return dict(image=test_image(size), height=size, width=size, prompt_embeds=embeds, prompt_embeds_mask=mask,
+                negative_prompt_embeds=torch.zeros_like(embeds), negative_prompt_embeds_mask=mask, true_cfg_scale=4.0)
+
+
+def zimage_components(setup):
+    return dict(
+        transformer=build_model(ZImageTransformer2DModel, Z_IMAGE_TURBO_TRANSFORMER, SMOKE_Z_IMAGE_TRANSFORMER, setup),
+        vae=build_model(AutoencoderKL, FLUX_VAE, SMOKE_VAE, setup),
+        scheduler=build_scheduler(FlowMatchEulerDiscreteScheduler, Z_IMAGE_TURBO_SCHEDULER),
+        **_NO_TEXT_ENCODERS,
+    )
+
+
+def zimage_inputs(setup, components, size):
+    # One (tokens, width) tensor per prompt; Z-Image-Turbo runs without CFG (guidance_scale 0).
+    embeds = embeddings((QWEN_TEXT_LENGTH, components["transformer"].config.cap_feat_dim), setup.device, setup.dtype)
+    return dict(image=test_image(size), height=size, width=size, prompt_embeds=[embeds], guidance_scale=0.0)
+
+
 FAMILIES = {
     family.name: family
     for family in [
@@ -623,6 +978,26 @@ FAMILIES = {
         Family("if2", "IF-II-L (stage II)", "IF/diff_pipe_II.py", "IFDiffImg2ImgSuperResolutionPipeline",
                "IFImg2ImgSuperResolutionPipeline", 256, 64, if2_components, if2_inputs,
                ["T5-XXL embeddings given directly; the map is at the output size"]),
+        Family("sd3", "SD3.5-medium", "SD3/diff_pipe.py", "StableDiffusion3DiffImg2ImgPipeline",
+               "StableDiffusion3Img2ImgPipeline", 1024, 64, sd3_components, sd3_inputs,
+               ["CLIP-L, OpenCLIP-bigG and T5-XXL embeddings given directly (333 tokens of 4096)"],
+               flow_matching=True),
+        Family("flux", "FLUX.1-dev", "Flux/diff_pipe.py", "FluxDiffImg2ImgPipeline",
+               "FluxImg2ImgPipeline", 1024, 64, flux_components, flux_inputs,
+               ["T5-XXL (512 tokens) and CLIP-L pooled embeddings given directly; guidance-distilled, no CFG"],
+               flow_matching=True),
+        Family("chroma", "Chroma1-HD", "Chroma/diff_pipe.py", "ChromaDiffImg2ImgPipeline",
+               "ChromaImg2ImgPipeline", 1024, 64, chroma_components, chroma_inputs,
+               ["T5-XXL embeddings given directly (512 tokens); CFG as two transformer calls per step"],
+               flow_matching=True),
+        Family("qwenimage", "Qwen-Image", "QwenImage/diff_pipe.py", "QwenImageDiffImg2ImgPipeline",
+               "QwenImageImg2ImgPipeline", 1328, 64, qwenimage_components, qwenimage_inputs,
+               ["Qwen2.5-VL-7B embeddings given directly (128 tokens); true CFG: two transformer calls per step"],
+               flow_matching=True),
+        Family("zimage", "Z-Image-Turbo", "ZImage/diff_pipe.py", "ZImageDiffImg2ImgPipeline",
+               "ZImageImg2ImgPipeline", 1024, 64, zimage_components, zimage_inputs,
+               ["Qwen3-4B embeddings given directly (128 tokens); no CFG, as the Turbo model runs"],
+               flow_matching=True),
     ]
 }
 ALIASES = {"if": ["if1", "if2"], "all": list(FAMILIES)}
@@ -710,20 +1085,25 @@ def run_family(family: Family, setup, repeats: int, plan: dict) -> dict:
     """Builds one family and measures the variants that `plan` runs; returns its JSON record."""
     pipeline_class = load_pipeline_class(family)
     size = family.smoke_size if setup.smoke else family.size
+    if not setup.smoke:
+        setup = replace(setup, dtype=family.dtype)
     components = family.components(setup)
     stock = build_pipeline(getattr(diffusers, family.stock_class), components)
     ours = build_pipeline(pipeline_class, components)
     inputs = family.inputs(setup, components, size)
-    unet = components["unet"]
+    unet = denoiser(stock)  # the UNet, or a flow family's transformer: what runs once per step
     cases = make_cases(stock, ours, inputs, setup, size)
     record = {
         "title": family.title,
         "pipeline": f"{family.pipeline_file}: {family.pipeline_class}",
         "stock_pipeline": family.stock_class,
         "size": size,
+        "dtype": str(setup.dtype).removeprefix("torch."),
         "parameters": {name: parameter_count(module) for name, module in components.items()
                        if isinstance(module, torch.nn.Module)},
         "notes": family.notes,
+        "weak_steps": family.steps_run(setup.steps, WEAK_STRENGTH),
+        # Calls of the UNet or transformer: one per step, or two where CFG runs the negative prompt separately.
         "unet_calls": unet_calls_per_case(unet, cases),  # also the eager warm-up
         "variants": {},
     }
@@ -871,6 +1251,7 @@ def run() -> None:
     report = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "device": device_name,
+        # On a GPU each family's record says which it ran in: flow-matching families override this with bf16.
         "dtype": str(setup.dtype).removeprefix("torch."),
         "smoke": setup.smoke,
         "versions": dict(torch=torch.__version__, diffusers=diffusers.__version__, python=platform.python_version()),
@@ -878,11 +1259,11 @@ def run() -> None:
         "steps": setup.steps,
         "repeats": args.repeats,
         "weak_strength": WEAK_STRENGTH,
-        "weak_steps": math.floor(setup.steps * WEAK_STRENGTH + 1e-9),
         "families": {},
     }
     plan = plan_variants(args)
-    print(f"{device_name}, {report['dtype']}, torch {torch.__version__}, diffusers {diffusers.__version__}, "
+    dtypes = report["dtype"] + ("" if setup.smoke else " (bfloat16 for flow-matching families)")
+    print(f"{device_name}, {dtypes}, torch {torch.__version__}, diffusers {diffusers.__version__}, "
           f"T = {setup.steps}, median of {args.repeats} alternating rounds after a warm-up"
           f"{' (smoke: tiny configs)' if setup.smoke else ''}")
     TABLE.print_header()

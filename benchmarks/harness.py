@@ -1,4 +1,4 @@
-"""What every benchmark shares: the cases, interleaved timing, UNet-call counts, the table, and the differential work.
+"""What every benchmark shares: the cases, interleaved timing, model-call counts, the table, and the differential work.
 
 Absolute times on a shared machine are noisy, so every benchmark compares cases measured in the same process,
 alternating between them, and reports ratios. The first case of a comparison is the baseline ("stock").
@@ -32,7 +32,8 @@ CASES = {  # key (as in JSON reports): what is run
 
 
 class UNetCalls(list):
-    """One entry per forward call of a UNet, from creation until `stop()`: `len(calls)` counts them.
+    """One entry per forward call of a denoising model (a UNet, or a flow family's transformer), from creation until
+    `stop()`: `len(calls)` counts them.
 
     A list, so that a test can assert `calls == []`.
     """
@@ -45,9 +46,17 @@ class UNetCalls(list):
         self._hook.remove()
 
 
+def denoiser(model):
+    """The model that runs once per denoising step: a pipeline's UNet or transformer, or `model` itself."""
+    for name in ("unet", "transformer"):
+        if getattr(model, name, None) is not None:
+            return getattr(model, name)
+    return model
+
+
 def count_unet_calls(model) -> UNetCalls:
-    """Starts counting the UNet calls of a pipeline, or of `model` itself if it is the UNet."""
-    return UNetCalls(getattr(model, "unet", model))
+    """Starts counting the calls of a pipeline's denoiser (UNet or transformer), or of `model` itself."""
+    return UNetCalls(denoiser(model))
 
 
 def resident_bytes() -> int:
@@ -142,11 +151,12 @@ def compare(cases: dict, repeats: int, device="cpu", warmup: int = 1) -> dict:
     }
 
 
-def unet_calls_per_case(unet, cases: dict) -> dict:
-    """Runs each case once, counting its UNet calls; this run also warms the case up."""
+def unet_calls_per_case(model, cases: dict) -> dict:
+    """Runs each case once, counting the calls of `model` (a pipeline's denoiser, see `count_unet_calls`); this run
+    also warms the case up."""
     counts = {}
     for name, run in cases.items():
-        calls = count_unet_calls(unet)
+        calls = count_unet_calls(model)
         try:
             run()
         finally:
@@ -157,7 +167,7 @@ def unet_calls_per_case(unet, cases: dict) -> dict:
 
 def side_by_side(cases: dict, unet_calls: dict, repeats: int, device) -> dict:
     """`compare` after the warm-up that counting was, with per-case ratios to the first case on the device's clock:
-    "vs_stock" (whole runs) and "step_vs_stock" (time per UNet call)."""
+    "vs_stock" (whole runs) and "step_vs_stock" (time per call of the denoiser)."""
     results = compare(cases, repeats=repeats, device=device, warmup=0)
     measured = clock(device)
     baseline = next(iter(results.values()))[measured]
@@ -193,15 +203,23 @@ class Stopwatch:
 
 def differential_work(module, run, device) -> tuple:
     """Seconds of map preparation in `run()`, one call of a pipeline from `module` (a pipeline file), and seconds of
-    blending per step: the differential core's own work, timed where it runs. Whole-run ratios drown it in noise."""
+    blending per step: the differential core's own work, timed where it runs. Whole-run ratios drown it in noise.
+
+    Flow-matching files prepare with `flow_release_steps` and blend with `FlowFrozenPixels`; those are timed there.
+    """
     preparation, blend = Stopwatch(device), Stopwatch(device)
-    saved = module.prepare_keep_map, module.release_steps, module.FrozenPixels.blend
-    module.prepare_keep_map, module.release_steps = preparation.wrap(saved[0]), preparation.wrap(saved[1])
-    module.FrozenPixels.blend = blend.wrap(saved[2])
+    preparing = [name for name in ("prepare_keep_map", "release_steps", "flow_release_steps") if hasattr(module, name)]
+    frozen_pixels = getattr(module, "FlowFrozenPixels", module.FrozenPixels)
+    saved_functions, saved_blend = {name: getattr(module, name) for name in preparing}, frozen_pixels.blend
+    for name, function in saved_functions.items():
+        setattr(module, name, preparation.wrap(function))
+    frozen_pixels.blend = blend.wrap(saved_blend)
     try:
         run()
     finally:
-        module.prepare_keep_map, module.release_steps, module.FrozenPixels.blend = saved
+        for name, function in saved_functions.items():
+            setattr(module, name, function)
+        frozen_pixels.blend = saved_blend
     return preparation.seconds, blend.seconds / max(blend.calls, 1)
 
 
@@ -263,7 +281,7 @@ def percent_change(ratio) -> str:
 
 
 MEASURED_COLUMNS = [  # heading, width, text of a result
-    ("UNet calls", 10, lambda result: str(result["unet_calls"])),
+    ("model calls", 11, lambda result: str(result["unet_calls"])),
     ("wall s", 8, lambda result: f"{result['seconds']:.3f}"),
     ("CPU s", 8, lambda result: f"{result['cpu_seconds']:.3f}"),
     ("vs stock", 8, lambda result: f"{result['vs_stock']:.3f}"),
@@ -276,7 +294,8 @@ MEASURED_COLUMNS = [  # heading, width, text of a result
 class Table:
     """The benchmarks' table, printed a row at a time: label columns, then what `side_by_side` measured.
 
-    "vs stock" is the ratio of whole runs; "per step" the change in time per UNet call, which puts a run's fixed
+    "model calls" counts calls of the denoiser (UNet or transformer). "vs stock" is the ratio of whole runs; "per
+    step" the change in time per such call, which puts a run's fixed
     costs (encoding, decoding) on fewer steps when fewer run.
     """
 
@@ -300,8 +319,8 @@ class Table:
             self.print_row(*labels, CASES.get(name, name), result=result)
 
 
-def run_description(device, steps, repeats) -> str:
-    return (f"T = {steps}, CFG on, {device}, {torch.get_num_threads()} threads, median of {repeats} alternating "
+def run_description(device, steps, repeats, guidance="CFG on") -> str:
+    return (f"T = {steps}, {guidance}, {device}, {torch.get_num_threads()} threads, median of {repeats} alternating "
             f"rounds; ratios of {'CPU' if clock(device) == 'cpu_seconds' else 'wall'} time")
 
 
@@ -319,12 +338,13 @@ def print_differential_work(module, run, stock: dict, device):
 
 
 def measure_family(title: str, stock, ours, module, inputs: dict, map_size: int, repeats: int, device,
-                   extra_cases=None) -> dict:
-    """Times the cases of CASES (and `extra_cases`, by display name) for one pair of pipelines sharing a UNet, side by
-    side, then prints the table and the differential work of `module`, the pipeline file of `ours`."""
+                   extra_cases=None, guidance="CFG on") -> dict:
+    """Times the cases of CASES (and `extra_cases`, by display name) for one pair of pipelines sharing a denoiser (UNet
+    or transformer), side by side, then prints the table and the differential work of `module`, the pipeline file of
+    `ours`. `guidance` says in the heading how the family guides (CFG doubles the batch of every call)."""
     cases = {**img2img_cases(stock, ours, map_size, inputs), **(extra_cases or {})}
-    results = side_by_side(cases, unet_calls_per_case(stock.unet, cases), repeats, device)
-    print(f"\n{title}, {run_description(device, inputs['num_inference_steps'], repeats)}")
+    results = side_by_side(cases, unet_calls_per_case(stock, cases), repeats, device)
+    print(f"\n{title}, {run_description(device, inputs['num_inference_steps'], repeats, guidance)}")
     table = Table(("case", 36))
     table.print_header()
     table.print_results(results)

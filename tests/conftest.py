@@ -60,6 +60,7 @@ from tests.tiny_models import (  # noqa: F401
     kandinsky_decoder_components,
     kandinsky_prior_components,
     make_scheduler,
+    save_pipeline,
     sd_components,
     sdxl_components,
     sdxl_refiner_components,
@@ -78,12 +79,6 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # in case torch was i
 # ---------------------------------------------------------------------------------------------------------------
 # Saving and loading
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def save_pipeline(pipe, folder):
-    """Save ``pipe`` as a diffusers folder and return the folder's path."""
-    pipe.save_pretrained(folder)
-    return Path(folder)
 
 
 def saved_as_none(folder):

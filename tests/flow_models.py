@@ -3,11 +3,25 @@
 Sizes mirror diffusers' own fast tests, with a 2-level VAE (scale factor 2) and 4 latent channels, so that a map is
 area-averaged onto a smaller grid and Flux's 2x2 packing has channels to interleave: 64 px images give
 4 x 32 x 32 latents, which Flux packs into 256 tokens of 16 channels.
+
+The size parameters (``layers``, ``heads``, ``head_dim``: the transformer's depth and width; ``vae_widths``: channels
+per VAE level, whose number sets the VAE's factor) build the same blocks larger, for the benchmarks; the defaults
+are the tests' models. Tests import this module as ``flow_models``; benchmarks as ``tests.flow_models``.
 """
 
 import numpy as np
 import torch
-from conftest import (
+from diffusers import (
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    FluxImg2ImgPipeline,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Img2ImgPipeline,
+)
+
+from benchmarks.harness import count_unet_calls
+from tests.tiny_models import (
     SEED,
     TEXT_HIDDEN_SIZE,
     build_pipeline,
@@ -18,28 +32,21 @@ from conftest import (
     t5_encoder,
     t5_tokenizer,
 )
-from diffusers import (
-    AutoencoderKL,
-    FlowMatchEulerDiscreteScheduler,
-    FluxImg2ImgPipeline,
-    FluxTransformer2DModel,
-    SD3Transformer2DModel,
-    StableDiffusion3Img2ImgPipeline,
-)
 
 FLOW_IMAGE_SIZE = 64
 LATENT_CHANNELS = 4
 
 
-def flow_vae():
-    """A 2-level VAE with the shift and scale that SD3 and Flux decode with (they subtract `shift_factor`)."""
+def flow_vae(widths=(8, 16)):
+    """A VAE with the shift and scale that SD3 and Flux decode with (they subtract `shift_factor`); its factor is
+    2 ** (len(widths) - 1), 2 by default. Widths must be multiples of 4 (the group norm's groups)."""
     torch.manual_seed(SEED)
     return AutoencoderKL(
-        block_out_channels=(8, 16),
+        block_out_channels=tuple(widths),
         in_channels=3,
         out_channels=3,
-        down_block_types=["DownEncoderBlock2D"] * 2,
-        up_block_types=["UpDecoderBlock2D"] * 2,
+        down_block_types=["DownEncoderBlock2D"] * len(widths),
+        up_block_types=["UpDecoderBlock2D"] * len(widths),
         layers_per_block=1,
         latent_channels=LATENT_CHANNELS,
         norm_num_groups=4,
@@ -51,8 +58,8 @@ def flow_vae():
     ).eval()
 
 
-def sd3_components(scheduler=None):
-    """Components for ``StableDiffusion3Img2ImgPipeline``: two CLIP encoders and a T5, a 1-layer MMDiT."""
+def sd3_components(scheduler=None, layers=1, heads=4, head_dim=8, vae_widths=(8, 16)):
+    """Components for ``StableDiffusion3Img2ImgPipeline``: two CLIP encoders and a T5, an MMDiT (1 layer)."""
     clip = clip_tokenizer()
     t5 = t5_tokenizer()
     torch.manual_seed(SEED)
@@ -61,16 +68,16 @@ def sd3_components(scheduler=None):
         patch_size=2,
         in_channels=LATENT_CHANNELS,
         out_channels=LATENT_CHANNELS,
-        num_layers=1,
-        attention_head_dim=8,
-        num_attention_heads=4,
+        num_layers=layers,
+        attention_head_dim=head_dim,
+        num_attention_heads=heads,
         joint_attention_dim=TEXT_HIDDEN_SIZE,  # T5's width; the two CLIPs' 2 x 32 are cut to it, as in SD3
-        caption_projection_dim=32,
+        caption_projection_dim=heads * head_dim,  # the MMDiT's width, which the text stream shares
         pooled_projection_dim=2 * TEXT_HIDDEN_SIZE,  # both CLIPs' pooled projections side by side
     ).eval()
     return dict(
         transformer=transformer,
-        vae=flow_vae(),
+        vae=flow_vae(vae_widths),
         text_encoder=clip_text_model(clip, with_projection=True),
         text_encoder_2=clip_text_model(clip, with_projection=True),
         text_encoder_3=t5_encoder(t5),
@@ -81,26 +88,33 @@ def sd3_components(scheduler=None):
     )
 
 
-def flux_components(scheduler=None):
-    """Components for ``FluxImg2ImgPipeline``: CLIP and T5 encoders, a guidance-distilled 1+1-layer transformer."""
+def rope_axes(head_dim):
+    """Rotary embedding widths per axis (frame, row, column) that fill a head, in FLUX.1's proportions: [4, 4, 8]
+    for a head of 16 (FLUX.1: [16, 56, 56] for 128; at this size the last two get equal shares)."""
+    return [head_dim // 4, head_dim // 4, head_dim // 2]
+
+
+def flux_components(scheduler=None, layers=1, single_layers=1, heads=2, head_dim=16, vae_widths=(8, 16)):
+    """Components for ``FluxImg2ImgPipeline``: CLIP and T5 encoders, a guidance-distilled transformer of `layers`
+    double-stream and `single_layers` single-stream blocks (1 + 1)."""
     clip = clip_tokenizer()
     t5 = t5_tokenizer()
     torch.manual_seed(SEED)
     transformer = FluxTransformer2DModel(
         patch_size=1,
         in_channels=4 * LATENT_CHANNELS,  # the pipeline packs 2x2 latent patches into one token
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=16,
-        num_attention_heads=2,
+        num_layers=layers,
+        num_single_layers=single_layers,
+        attention_head_dim=head_dim,
+        num_attention_heads=heads,
         joint_attention_dim=TEXT_HIDDEN_SIZE,
         pooled_projection_dim=TEXT_HIDDEN_SIZE,
         guidance_embeds=True,  # as FLUX.1-dev
-        axes_dims_rope=[4, 4, 8],
+        axes_dims_rope=rope_axes(head_dim),
     ).eval()
     return dict(
         transformer=transformer,
-        vae=flow_vae(),
+        vae=flow_vae(vae_widths),
         text_encoder=clip_text_model(clip),
         text_encoder_2=t5_encoder(t5),
         tokenizer=clip,
@@ -114,10 +128,8 @@ def flux_components(scheduler=None):
 
 
 def count_transformer_calls(pipe):
-    """A list that grows by one at every forward call of ``pipe.transformer``."""
-    calls = []
-    pipe.transformer.register_forward_hook(lambda *_: calls.append(1))
-    return calls
+    """A list that grows by one at every forward call of ``pipe.transformer``: the benchmarks' counter."""
+    return count_unet_calls(pipe.transformer)
 
 
 def bands(*keeps, size=FLOW_IMAGE_SIZE):

@@ -1,20 +1,11 @@
 """Tiny random-weight Chroma, Qwen-Image and Z-Image models, for offline tests in seconds.
 
 They share flow_models' 2-level VAE (scale factor 2, 4 latent channels) where the family uses diffusers' plain
-`AutoencoderKL`: 64 px images give 4 x 32 x 32 latents.
+`AutoencoderKL`: 64 px images give 4 x 32 x 32 latents. The size parameters are flow_models' (``layers``, ``heads``,
+``head_dim``, ``vae_widths``); Qwen-Image's VAE takes ``vae_levels`` instead, and the defaults are the tests' models.
 """
 
 import torch
-from conftest import (
-    SEED,
-    TEXT_HIDDEN_SIZE,
-    byte_level_alphabet,
-    build_pipeline,
-    save_pipeline,
-    seeded_generator,
-    t5_encoder,
-    t5_tokenizer,
-)
 from diffusers import (
     AutoencoderKLQwenImage,
     ChromaImg2ImgPipeline,
@@ -25,30 +16,42 @@ from diffusers import (
     ZImageImg2ImgPipeline,
     ZImageTransformer2DModel,
 )
-from flow_models import LATENT_CHANNELS, flow_vae
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer, Qwen3Config, Qwen3Model
 
+from tests.flow_models import LATENT_CHANNELS, flow_vae, rope_axes
+from tests.tiny_models import (
+    SEED,
+    TEXT_HIDDEN_SIZE,
+    build_pipeline,
+    byte_level_alphabet,
+    save_pipeline,
+    seeded_generator,
+    t5_encoder,
+    t5_tokenizer,
+)
 
-def chroma_components(scheduler=None):
-    """Components for ``ChromaImg2ImgPipeline``: a T5 encoder and a 1+1-layer transformer with a tiny approximator."""
+
+def chroma_components(scheduler=None, layers=1, single_layers=1, heads=2, head_dim=16, vae_widths=(8, 16)):
+    """Components for ``ChromaImg2ImgPipeline``: a T5 encoder and a transformer of `layers` double-stream and
+    `single_layers` single-stream blocks (1 + 1) with a tiny approximator."""
     t5 = t5_tokenizer()
     torch.manual_seed(SEED)
     transformer = ChromaTransformer2DModel(
         patch_size=1,
         in_channels=4 * LATENT_CHANNELS,  # the pipeline packs 2x2 latent patches into one token
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=16,
-        num_attention_heads=2,
+        num_layers=layers,
+        num_single_layers=single_layers,
+        attention_head_dim=head_dim,
+        num_attention_heads=heads,
         joint_attention_dim=TEXT_HIDDEN_SIZE,
-        axes_dims_rope=[4, 4, 8],
+        axes_dims_rope=rope_axes(head_dim),
         approximator_num_channels=8,
         approximator_hidden_dim=32,
         approximator_layers=1,
     ).eval()
     return dict(
         transformer=transformer,
-        vae=flow_vae(),
+        vae=flow_vae(vae_widths),
         text_encoder=t5_encoder(t5),
         tokenizer=t5,
         scheduler=scheduler or FlowMatchEulerDiscreteScheduler(
@@ -102,34 +105,35 @@ def qwen2_5_vl_encoder(tokenizer):
     return Qwen2_5_VLForConditionalGeneration(config).eval()
 
 
-def qwen_vae():
-    """A 2-level Qwen-Image VAE (scale factor 2, 4 channels) whose latent mean and std are not 0 and 1, so that the
-    normalisation stock applies is tested too."""
+def qwen_vae(levels=2):
+    """A Qwen-Image VAE of `levels` levels (scale factor 2 ** (levels - 1), 4 channels) whose latent mean and std
+    are not 0 and 1, so that the normalisation stock applies is tested too."""
     torch.manual_seed(SEED)
     return AutoencoderKLQwenImage(
-        base_dim=8, z_dim=LATENT_CHANNELS, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False],
+        base_dim=8, z_dim=LATENT_CHANNELS, dim_mult=[1, 2, 4, 4][:levels], num_res_blocks=1,
+        temperal_downsample=[False] * (levels - 1),
         latents_mean=[0.1, -0.2, 0.0, 0.3], latents_std=[1.5, 0.8, 1.0, 1.2],
     ).eval()
 
 
-def qwenimage_components(scheduler=None):
-    """Components for ``QwenImageImg2ImgPipeline``: a tiny Qwen2.5-VL encoder and a 1-layer MMDiT."""
+def qwenimage_components(scheduler=None, layers=1, heads=2, head_dim=16, vae_levels=2):
+    """Components for ``QwenImageImg2ImgPipeline``: a tiny Qwen2.5-VL encoder and an MMDiT (1 layer)."""
     tokenizer = qwen_tokenizer()
     torch.manual_seed(SEED)
     transformer = QwenImageTransformer2DModel(
         patch_size=2,
         in_channels=4 * LATENT_CHANNELS,  # the pipeline packs 2x2 latent patches into one token
         out_channels=LATENT_CHANNELS,
-        num_layers=1,
-        attention_head_dim=16,
-        num_attention_heads=2,
+        num_layers=layers,
+        attention_head_dim=head_dim,
+        num_attention_heads=heads,
         joint_attention_dim=16,
         guidance_embeds=False,  # as Qwen-Image
-        axes_dims_rope=(8, 4, 4),
+        axes_dims_rope=tuple(rope_axes(head_dim)[::-1]),  # (8, 4, 4) for a head of 16
     ).eval()
     return dict(
         transformer=transformer,
-        vae=qwen_vae(),
+        vae=qwen_vae(vae_levels),
         text_encoder=qwen2_5_vl_encoder(tokenizer),
         tokenizer=tokenizer,
         scheduler=scheduler or FlowMatchEulerDiscreteScheduler(
@@ -171,8 +175,9 @@ def qwen3_encoder(tokenizer):
     return Qwen3Model(config).eval()
 
 
-def zimage_components(scheduler=None):
-    """Components for ``ZImageImg2ImgPipeline``: a tiny Qwen3 encoder and a 1+1-layer single-stream transformer.
+def zimage_components(scheduler=None, layers=1, refiner_layers=1, heads=2, head_dim=16, vae_widths=(8, 16)):
+    """Components for ``ZImageImg2ImgPipeline``: a tiny Qwen3 encoder and a single-stream transformer of `layers`
+    main and `refiner_layers` refiner blocks (1 + 1).
 
     Z-Image's transformer takes unpacked (B, C, H, W) latents and makes its own 2x2 patches.
     """
@@ -182,22 +187,22 @@ def zimage_components(scheduler=None):
         all_patch_size=(2,),
         all_f_patch_size=(1,),
         in_channels=LATENT_CHANNELS,
-        dim=32,
-        n_layers=1,
-        n_refiner_layers=1,
-        n_heads=2,
-        n_kv_heads=2,
+        dim=heads * head_dim,
+        n_layers=layers,
+        n_refiner_layers=refiner_layers,
+        n_heads=heads,
+        n_kv_heads=heads,
         norm_eps=1e-5,
         qk_norm=True,
         cap_feat_dim=16,  # the text encoder's width
         rope_theta=256.0,
         t_scale=1000.0,
-        axes_dims=[8, 4, 4],
+        axes_dims=rope_axes(head_dim)[::-1],  # [8, 4, 4] for a head of 16
         axes_lens=[256, 32, 32],
     ).eval()
     return dict(
         transformer=transformer,
-        vae=flow_vae(),
+        vae=flow_vae(vae_widths),
         text_encoder=qwen3_encoder(tokenizer),
         tokenizer=tokenizer,
         # Z-Image-Turbo's schedule: a fixed shift of 3.

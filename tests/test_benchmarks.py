@@ -1,4 +1,4 @@
-"""The CPU benchmarks (benchmarks/bench_*.py) run, on their smallest settings, and count the UNet calls they should.
+"""The CPU benchmarks (benchmarks/bench_*.py) run, on their smallest settings, and count the model calls they should.
 
 They are run by hand for their figures; this keeps them working in between, as --smoke does for gpu_bench.py.
 """
@@ -12,16 +12,20 @@ import torch
 from benchmarks import harness
 
 STEPS = 5
-SMALLEST = {
+SMALLEST = {  # "script [family]": arguments
     "bench_sd2": ["--size", "32"],
     "bench_sdxl": ["--size", "32"],
     "bench_kandinsky": ["--size", "32"],
     "bench_if": ["--size", "16", "--stage2-size", "32", "--stage2-steps", str(STEPS)],
+    **{f"bench_flow {family}": ["--family", family, "--size", "32"]
+       for family in ("sd3", "flux", "chroma", "qwenimage", "zimage")},
 }
+# Chroma's CFG and Qwen-Image's true CFG run the negative prompt as a second transformer call in every step.
+CALLS_PER_STEP = {"bench_flow chroma": 2, "bench_flow qwenimage": 2}
 
 
 def table_rows(output):
-    """(case, UNet calls) for every row of the tables in a benchmark's output."""
+    """(case, model calls) for every row of the tables in a benchmark's output."""
     return [
         (case, int(line[len(case) :].split()[0]))
         for line in output.splitlines()
@@ -30,16 +34,20 @@ def table_rows(output):
     ]
 
 
-@pytest.mark.parametrize("script", SMALLEST)
-def test_bench_runs_every_case_and_counts_its_unet_calls(script, monkeypatch, capsys):
+@pytest.mark.parametrize("bench", SMALLEST)
+def test_bench_runs_every_case_and_counts_its_model_calls(bench, monkeypatch, capsys):
     monkeypatch.setattr(harness, "quiet_libraries", lambda: None)  # leave the libraries' logging to the other tests
-    importlib.import_module(f"benchmarks.{script}").main([*SMALLEST[script], "--steps", str(STEPS), "--repeats", "1"])
+    script = bench.split()[0]
+    importlib.import_module(f"benchmarks.{script}").main([*SMALLEST[bench], "--steps", str(STEPS), "--repeats", "1"])
     output = capsys.readouterr().out
     rows = dict(table_rows(output))
     stages = 2 if script == "bench_if" else 1
+    calls_per_step = CALLS_PER_STEP.get(bench, 1)
+    # At strength 0.3 (T * s = 1.5) flow-matching img2img runs ceil(1.5) = 2 steps; SD, Kandinsky and IF floor(1.5).
+    weak_steps = math.ceil if script == "bench_flow" else math.floor
     assert len(table_rows(output)) == len(harness.CASES) * stages
-    assert rows[harness.CASES["stock"]] == rows[harness.CASES["ours"]] == STEPS
-    assert rows[harness.CASES["ours_weak"]] == math.floor(STEPS * harness.WEAK_STRENGTH)
+    assert rows[harness.CASES["stock"]] == rows[harness.CASES["ours"]] == STEPS * calls_per_step
+    assert rows[harness.CASES["ours_weak"]] == weak_steps(STEPS * harness.WEAK_STRENGTH) * calls_per_step
     assert output.count("differential work, gradient map: map preparation ") == stages
 
 
@@ -60,3 +68,17 @@ def test_unet_calls_count_forward_calls_until_stopped():
     calls.stop()
     unet(torch.zeros(2))
     assert len(calls) == 2
+
+
+def test_the_counter_counts_a_pipelines_unet_or_transformer():
+    class Pipeline:  # what the counter reads of a diffusers pipeline: its components as attributes
+        def __init__(self, **components):
+            self.__dict__.update(components)
+
+    unet, transformer = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    assert harness.denoiser(Pipeline(unet=unet, vae=None)) is unet
+    assert harness.denoiser(Pipeline(transformer=transformer, vae=None)) is transformer
+    calls = harness.count_unet_calls(Pipeline(transformer=transformer))
+    transformer(torch.zeros(2))
+    unet(torch.zeros(2))
+    assert len(calls) == 1

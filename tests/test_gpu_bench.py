@@ -22,7 +22,15 @@ PIPELINE_FILES = {
     "kandinsky": "Kandinsky/diff_pipe.py",
     "if1": "IF/diff_pipe_I.py",
     "if2": "IF/diff_pipe_II.py",
+    "sd3": "SD3/diff_pipe.py",
+    "flux": "Flux/diff_pipe.py",
+    "chroma": "Chroma/diff_pipe.py",
+    "qwenimage": "QwenImage/diff_pipe.py",
+    "zimage": "ZImage/diff_pipe.py",
 }
+FLOW_FAMILIES = ["sd3", "flux", "chroma", "qwenimage", "zimage"]
+# Chroma's CFG and Qwen-Image's true CFG run the negative prompt as a second transformer call in every step.
+CALLS_PER_STEP = {"chroma": 2, "qwenimage": 2}
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +51,7 @@ def test_smoke_reports_every_family_with_positive_times(smoke):
     assert list(report["families"]) == list(PIPELINE_FILES)
     assert report["smoke"] is True and report["dtype"] == "float32" and report["steps"] == STEPS
     for name, family in report["families"].items():
+        assert family["dtype"] == "float32"
         eager = family["variants"]["eager"]
         assert eager["status"] == "ok", name
         assert set(eager["cases"]) == {"stock", "ours", "ours_weak"}
@@ -50,17 +59,29 @@ def test_smoke_reports_every_family_with_positive_times(smoke):
             assert case["seconds"] > 0 and case["steps_per_second"] > 0
             assert case["peak_bytes"] >= 0 and case["total_peak_bytes"] > 0
         assert eager["cases"]["stock"]["vs_stock"] == 1
-        assert family["parameters"]["unet"] > 0
+        assert family["parameters"]["transformer" if name in FLOW_FAMILIES else "unet"] > 0
         assert f"{name} {family['size']}px" in process.stdout
 
 
-def test_smoke_counts_floor_of_03_t_unet_calls_against_t(smoke):
+def test_smoke_counts_03_t_steps_of_model_calls_against_t(smoke):
     _, report = smoke
-    assert report["weak_steps"] == math.floor(STEPS * 0.3) == 6
     for name, family in report["families"].items():
-        assert family["unet_calls"] == {"stock": STEPS, "ours": STEPS, "ours_weak": 6}, name
+        assert family["weak_steps"] == math.floor(STEPS * 0.3) == math.ceil(STEPS * 0.3 - 1e-9) == 6
+        calls = CALLS_PER_STEP.get(name, 1)
+        assert family["unet_calls"] == {"stock": STEPS * calls, "ours": STEPS * calls, "ours_weak": 6 * calls}, name
         for case_name, case in family["variants"]["eager"]["cases"].items():
             assert case["unet_calls"] == family["unet_calls"][case_name]
+
+
+def test_flow_families_round_weak_steps_up_and_the_others_down():
+    # At T = 25 the weak map's 0.3 T = 7.5: SD's img2img runs 7 steps, flow-matching img2img runs 8. A product within
+    # 1e-4 of an integer is that integer (0.3 x 20 is 6.000000000000001 in floats).
+    for name, family in gpu_bench.FAMILIES.items():
+        flow = name in FLOW_FAMILIES
+        assert family.flow_matching == flow
+        assert family.steps_run(25, 0.3) == (8 if flow else 7), name
+        assert family.steps_run(20, 0.3) == 6, name
+        assert family.dtype == (torch.bfloat16 if flow else torch.float16)
 
 
 def test_smoke_skips_offload_and_compile_and_says_so(smoke):
@@ -83,6 +104,18 @@ def test_smoke_builds_the_real_blocks_at_a_tiny_size():
         structure = {"down_block_types", "up_block_types", "mid_block_type", "addition_embed_type", "in_channels"}
         assert not structure & set(smoke_overrides)
         assert len(smoke_overrides["block_out_channels"]) == len(real["block_out_channels"])
+    for real, smoke_overrides in [
+        (gpu_bench.SD35_MEDIUM_TRANSFORMER, gpu_bench.SMOKE_SD35_TRANSFORMER),
+        (gpu_bench.FLUX_DEV_TRANSFORMER, gpu_bench.SMOKE_FLUX_TRANSFORMER),
+        (gpu_bench.CHROMA_HD_TRANSFORMER, gpu_bench.SMOKE_CHROMA_TRANSFORMER),
+        (gpu_bench.QWEN_IMAGE_TRANSFORMER, gpu_bench.SMOKE_QWEN_IMAGE_TRANSFORMER),
+        (gpu_bench.Z_IMAGE_TURBO_TRANSFORMER, gpu_bench.SMOKE_Z_IMAGE_TRANSFORMER),
+        (gpu_bench.QWEN_IMAGE_VAE, gpu_bench.SMOKE_QWEN_IMAGE_VAE),
+    ]:
+        assert set(smoke_overrides) <= set(real)
+        structure = {"patch_size", "all_patch_size", "in_channels", "out_channels", "z_dim", "dim_mult",
+                     "guidance_embeds", "qk_norm", "temperal_downsample"}
+        assert not structure & set(smoke_overrides)
 
 
 def test_real_configs_have_the_published_parameter_counts():
@@ -94,11 +127,18 @@ def test_real_configs_have_the_published_parameter_counts():
         (gpu_bench.VQModel, gpu_bench.KANDINSKY22_MOVQ, 67e6),
         (gpu_bench.UNet2DConditionModel, gpu_bench.IF_I_XL_UNET, 4.3e9),
         (gpu_bench.UNet2DConditionModel, gpu_bench.IF_II_L_UNET, 1.2e9),
+        # SD3.5-medium's card counts its position table (384 x 384 x 1536, a buffer) with the weights: 2.47 B.
+        (gpu_bench.SD3Transformer2DModel, gpu_bench.SD35_MEDIUM_TRANSFORMER, 2.5e9),
+        (gpu_bench.FluxTransformer2DModel, gpu_bench.FLUX_DEV_TRANSFORMER, 12e9),
+        (gpu_bench.ChromaTransformer2DModel, gpu_bench.CHROMA_HD_TRANSFORMER, 8.9e9),
+        (gpu_bench.QwenImageTransformer2DModel, gpu_bench.QWEN_IMAGE_TRANSFORMER, 20e9),
+        (gpu_bench.ZImageTransformer2DModel, gpu_bench.Z_IMAGE_TURBO_TRANSFORMER, 6e9),
     ]
     for model_class, config, expected in published:
         with torch.device("meta"):
             model = model_class.from_config(gpu_bench.model_config(config, {}, smoke=False))
-        assert gpu_bench.parameter_count(model) == pytest.approx(expected, rel=0.03), config["_class_name"]
+        count = gpu_bench.parameter_count(model) + sum(buffer.numel() for buffer in model.buffers())
+        assert count == pytest.approx(expected, rel=0.03), config["_class_name"]
 
 
 def test_embeddings_have_the_shapes_the_real_text_encoders_give():
@@ -111,6 +151,14 @@ def test_embeddings_have_the_shapes_the_real_text_encoders_give():
     assert gpu_bench.KANDINSKY22_UNET["encoder_hid_dim"] == gpu_bench.KANDINSKY22_IMAGE_ENCODER["projection_dim"]
     for unet in (gpu_bench.IF_I_XL_UNET, gpu_bench.IF_II_L_UNET):
         assert unet["encoder_hid_dim"] == gpu_bench.T5_XXL["d_model"] == 4096
+    for transformer in (gpu_bench.SD35_MEDIUM_TRANSFORMER, gpu_bench.FLUX_DEV_TRANSFORMER,
+                        gpu_bench.CHROMA_HD_TRANSFORMER):
+        assert transformer["joint_attention_dim"] == gpu_bench.T5_XXL["d_model"]
+    pooled_clips = clip_l["hidden_size"] + clip_big_g["projection_dim"]  # SD3.5 reads both pooled CLIP outputs
+    assert gpu_bench.SD35_MEDIUM_TRANSFORMER["pooled_projection_dim"] == pooled_clips == 2048
+    assert gpu_bench.FLUX_DEV_TRANSFORMER["pooled_projection_dim"] == clip_l["hidden_size"]
+    assert gpu_bench.QWEN_IMAGE_TRANSFORMER["joint_attention_dim"] == gpu_bench.QWEN25_VL_7B["hidden_size"] == 3584
+    assert gpu_bench.Z_IMAGE_TURBO_TRANSFORMER["cap_feat_dim"] == gpu_bench.QWEN3_4B["hidden_size"] == 2560
 
 
 def test_offload_variant_runs_and_hands_the_next_variant_plain_pipelines(monkeypatch):
@@ -157,8 +205,9 @@ def test_missing_pipeline_file_is_an_error_naming_it():
 def test_families_option_names_the_choices():
     assert gpu_bench.parse_families("if,sd2") == ["if1", "if2", "sd2"]
     assert gpu_bench.parse_families("all") == list(PIPELINE_FILES)
-    with pytest.raises(CliError, match="unknown family 'sd3'; choose from sd2, sdxl, kandinsky, if1, if2, if, all"):
-        gpu_bench.parse_families("sd2,sd3")
+    choices = "sd2, sdxl, kandinsky, if1, if2, sd3, flux, chroma, qwenimage, zimage, if, all"
+    with pytest.raises(CliError, match=f"unknown family 'sd4'; choose from {choices}"):
+        gpu_bench.parse_families("sd2,sd4")
 
 
 def test_json_is_never_overwritten_without_overwrite(tmp_path):

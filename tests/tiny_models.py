@@ -85,6 +85,12 @@ def build_pipeline(pipeline_class, components):
     return pipe
 
 
+def save_pipeline(pipe, folder):
+    """Save ``pipe`` as a diffusers folder and return the folder's path."""
+    pipe.save_pretrained(folder)
+    return Path(folder)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Tokenizers
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,100 @@
+"""Flow-matching families: the cost of per-pixel strength, measured side by side with stock img2img in one process.
+
+    python benchmarks/bench_flow.py --family {sd3,flux,chroma,qwenimage,zimage} [--size 256] [--steps 20]
+                                    [--repeats 3] [--device cpu]
+
+Each family's transformer keeps its real block types (SD3's MMDiT, FLUX.1's and Chroma's double- and single-stream
+blocks, Qwen-Image's MMDiT, Z-Image's single-stream blocks with refiners) at a small width, over a VAE of the real
+factor 8, with random weights: nothing is downloaded, and time per step depends on the shapes, not on the weights.
+The text encoders are the tests' tiny ones, run once per call by both pipelines, outside the loop. Each family
+guides as its published model does (FLUX.1-dev is guidance-distilled, Z-Image-Turbo runs without CFG; the others
+double the batch of every transformer call). The cases and the figures printed are those of every benchmark (see
+bench_sd2.py), except that a map whose strongest pixel is 0.3 costs ceil(0.3 T) transformer calls here: flow-matching
+img2img runs ceil(T s) steps at strength s, where SD runs floor(T s).
+"""
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from diffusers import (
+    ChromaImg2ImgPipeline,
+    FluxImg2ImgPipeline,
+    QwenImageImg2ImgPipeline,
+    StableDiffusion3Img2ImgPipeline,
+    ZImageImg2ImgPipeline,
+)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import harness  # noqa: E402
+from Chroma import diff_pipe as chroma_pipe  # noqa: E402
+from Flux import diff_pipe as flux_pipe  # noqa: E402
+from QwenImage import diff_pipe as qwenimage_pipe  # noqa: E402
+from SD3 import diff_pipe as sd3_pipe  # noqa: E402
+from tests.flow_models import flux_components, sd3_components  # noqa: E402
+from tests.flow_models2 import chroma_components, qwenimage_components, zimage_components  # noqa: E402
+from tests.tiny_models import build_pipeline, test_image  # noqa: E402
+from ZImage import diff_pipe as zimage_pipe  # noqa: E402
+
+HEADS, HEAD_DIM = 4, 64  # a width of 256; the published models have 1536 (SD3.5-medium) to 3840 (Z-Image)
+VAE_WIDTHS = (16, 32, 32, 32)  # 4 levels: factor 8, as every published flow VAE
+WIDTH = dict(heads=HEADS, head_dim=HEAD_DIM)
+PROMPT = "a red apple on a table"
+TEXT_LENGTH = 32  # max_sequence_length: T5 or Qwen tokens (SD3 adds CLIP's 77)
+CFG = "CFG on"
+
+
+@dataclass
+class FlowFamily:
+    title: str
+    stock_class: type
+    module: object  # the pipeline file
+    pipeline_class: str
+    components: Callable  # () -> the shared components
+    guidance: dict  # the family's guidance arguments
+    guidance_note: str  # how it guides, for the heading
+
+
+FAMILIES = {
+    "sd3": FlowFamily("SD3-shaped MMDiT, 2 layers", StableDiffusion3Img2ImgPipeline, sd3_pipe,
+                      "StableDiffusion3DiffImg2ImgPipeline",
+                      lambda: sd3_components(layers=2, vae_widths=VAE_WIDTHS, **WIDTH),
+                      dict(negative_prompt="", guidance_scale=7.0), CFG),
+    "flux": FlowFamily("FLUX.1-shaped transformer, 1 double + 2 single blocks", FluxImg2ImgPipeline, flux_pipe,
+                       "FluxDiffImg2ImgPipeline",
+                       lambda: flux_components(layers=1, single_layers=2, vae_widths=VAE_WIDTHS, **WIDTH),
+                       dict(guidance_scale=3.5), "guidance-distilled, no CFG"),
+    "chroma": FlowFamily("Chroma-shaped transformer, 1 double + 2 single blocks", ChromaImg2ImgPipeline, chroma_pipe,
+                         "ChromaDiffImg2ImgPipeline",
+                         lambda: chroma_components(layers=1, single_layers=2, vae_widths=VAE_WIDTHS, **WIDTH),
+                         dict(negative_prompt="", guidance_scale=5.0), CFG),
+    "qwenimage": FlowFamily("Qwen-Image-shaped MMDiT, 2 layers", QwenImageImg2ImgPipeline, qwenimage_pipe,
+                            "QwenImageDiffImg2ImgPipeline",
+                            lambda: qwenimage_components(layers=2, vae_levels=len(VAE_WIDTHS), **WIDTH),
+                            dict(negative_prompt=" ", true_cfg_scale=4.0), "true CFG on"),
+    "zimage": FlowFamily("Z-Image-shaped transformer, 2 + 1 refiner blocks", ZImageImg2ImgPipeline, zimage_pipe,
+                         "ZImageDiffImg2ImgPipeline",
+                         lambda: zimage_components(layers=2, refiner_layers=1, vae_widths=VAE_WIDTHS, **WIDTH),
+                         dict(guidance_scale=0.0), "no CFG (as Z-Image-Turbo)"),
+}
+
+
+def main(argv=None):
+    parser = harness.bench_parser(__doc__, multiple=16)
+    parser.add_argument("--family", required=True, choices=FAMILIES, help="which flow-matching family to measure")
+    args = parser.parse_args(argv)
+    harness.quiet_libraries()
+    family = FAMILIES[args.family]
+    components = family.components()
+    stock = build_pipeline(family.stock_class, components).to(args.device)
+    ours = build_pipeline(getattr(family.module, family.pipeline_class), components).to(args.device)
+    inputs = dict(prompt=PROMPT, image=test_image(args.size), height=args.size, width=args.size,
+                  max_sequence_length=TEXT_LENGTH, num_inference_steps=args.steps, output_type="np", **family.guidance)
+    harness.measure_family(f"{family.title}, width {HEADS * HEAD_DIM}, VAE factor 8, {args.size}x{args.size} px",
+                           stock, ours, family.module, inputs, args.size, args.repeats, args.device,
+                           guidance=family.guidance_note)
+
+
+if __name__ == "__main__":
+    main()
