@@ -30,6 +30,7 @@ from diffusers import (
     IFImg2ImgPipeline,
     IFImg2ImgSuperResolutionPipeline,
     KandinskyV22Img2ImgPipeline,
+    StableDiffusionControlNetImg2ImgPipeline,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionXLImg2ImgPipeline,
 )
@@ -40,7 +41,9 @@ from IF.diff_pipe_I import IFDiffImg2ImgPipeline
 from IF.diff_pipe_II import IFDiffImg2ImgSuperResolutionPipeline
 from Kandinsky.diff_pipe import KandinskyV22DiffImg2ImgPipeline
 from SD2.diff_pipe import StableDiffusionDiffImg2ImgPipeline
+from SD2.diff_pipe_controlnet import StableDiffusionControlNetDiffImg2ImgPipeline
 from SDXL.diff_pipe import StableDiffusionXLDiffImg2ImgPipeline
+from tests.tiny_models import sd_controlnet_components
 
 PROMPT = "a red apple on a table"
 
@@ -73,6 +76,12 @@ FAMILIES = {
                         lambda: dict(image=test_image(IF_STAGE1_SIZE, seed=10), original_image=test_image(),
                                      prompt=PROMPT, num_inference_steps=4, output_type="np", clean_caption=False)),
 }
+# ControlNet img2img and inpainting checkpoints (#15): the same drop-in checks.
+FAMILIES["sd_controlnet"] = Family(
+    StableDiffusionControlNetDiffImg2ImgPipeline, StableDiffusionControlNetImg2ImgPipeline, sd_controlnet_components,
+    lambda: dict(prompt=PROMPT, image=test_image(), control_image=test_image(seed=7), num_inference_steps=4,
+                 output_type="np"),
+)
 LATENT_FAMILIES = ["sd", "sdxl"]  # the families whose stock pipelines have IP-Adapter, `interrupt` and CFG callbacks
 
 OUR_DEFAULTS = {"strength": 1.0}  # documented: a map already says how much each pixel changes
