@@ -32,6 +32,7 @@ from diffusers import (
     KandinskyV22Img2ImgPipeline,
     StableDiffusionControlNetImg2ImgPipeline,
     StableDiffusionImg2ImgPipeline,
+    StableDiffusionXLControlNetImg2ImgPipeline,
     StableDiffusionXLImg2ImgPipeline,
 )
 from diffusers.callbacks import SDCFGCutoffCallback, SDXLCFGCutoffCallback
@@ -43,7 +44,8 @@ from Kandinsky.diff_pipe import KandinskyV22DiffImg2ImgPipeline
 from SD2.diff_pipe import StableDiffusionDiffImg2ImgPipeline
 from SD2.diff_pipe_controlnet import StableDiffusionControlNetDiffImg2ImgPipeline
 from SDXL.diff_pipe import StableDiffusionXLDiffImg2ImgPipeline
-from tests.tiny_models import sd_controlnet_components
+from SDXL.diff_pipe_controlnet import StableDiffusionXLControlNetDiffImg2ImgPipeline
+from tests.tiny_models import sd_controlnet_components, sdxl_controlnet_components
 
 PROMPT = "a red apple on a table"
 
@@ -81,6 +83,10 @@ FAMILIES["sd_controlnet"] = Family(
     StableDiffusionControlNetDiffImg2ImgPipeline, StableDiffusionControlNetImg2ImgPipeline, sd_controlnet_components,
     lambda: dict(prompt=PROMPT, image=test_image(), control_image=test_image(seed=7), num_inference_steps=4,
                  output_type="np"),
+)
+FAMILIES["sdxl_controlnet"] = Family(
+    StableDiffusionXLControlNetDiffImg2ImgPipeline, StableDiffusionXLControlNetImg2ImgPipeline,
+    sdxl_controlnet_components, FAMILIES["sd_controlnet"].inputs,
 )
 LATENT_FAMILIES = ["sd", "sdxl"]  # the families whose stock pipelines have IP-Adapter, `interrupt` and CFG callbacks
 

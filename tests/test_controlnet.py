@@ -6,25 +6,39 @@ import numpy as np
 import pytest
 import torch
 from conftest import build_pipeline, count_unet_calls, make_scheduler, seeded_generator, test_image
-from diffusers import StableDiffusionControlNetImg2ImgPipeline
+from diffusers import StableDiffusionControlNetImg2ImgPipeline, StableDiffusionXLControlNetImg2ImgPipeline
 
 from SD2.diff_pipe_controlnet import StableDiffusionControlNetDiffImg2ImgPipeline
-from tests.tiny_models import sd_controlnet_components
+from SDXL.diff_pipe_controlnet import StableDiffusionXLControlNetDiffImg2ImgPipeline
+from tests.tiny_models import sd_controlnet_components, sdxl_controlnet_components
 
 PROMPT = "a red apple on a table"
 LATENT = 32  # 64 px test images on a VAE with scale factor 2
 BATCH_RTOL = 1e-4  # batched vs single runs: float32 sums in another order (see tests/test_sd2.py)
 
 
+FAMILIES = {  # (stock, ours, components builder)
+    "sd": (StableDiffusionControlNetImg2ImgPipeline, StableDiffusionControlNetDiffImg2ImgPipeline,
+           sd_controlnet_components),
+    "sdxl": (StableDiffusionXLControlNetImg2ImgPipeline, StableDiffusionXLControlNetDiffImg2ImgPipeline,
+             sdxl_controlnet_components),
+}
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request):
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def components():
-    return sd_controlnet_components()
+def components(family):
+    return FAMILIES[family][2]()
 
 
-def pipelines(components, scheduler="ddim"):
+def pipelines(family, components, scheduler="ddim"):
+    stock, ours, _ = FAMILIES[family]
     components = {**components, "scheduler": make_scheduler(scheduler)}
-    return (build_pipeline(StableDiffusionControlNetImg2ImgPipeline, components),
-            build_pipeline(StableDiffusionControlNetDiffImg2ImgPipeline, components))
+    return build_pipeline(stock, components), build_pipeline(ours, components)
 
 
 def control_image(seed=7):
@@ -84,13 +98,13 @@ def frozen_latents_check(pipe, run, release, steps):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# SD 1.x / 2.x ControlNet img2img
+# SD 1.x / 2.x and SDXL ControlNet img2img, each test on both
 
 
 @pytest.mark.parametrize("scheduler, strength", [("ddim", 0.5), ("euler", 0.6), ("dpm++", 1.0), ("ddim", 0.35)])
-def test_uniform_map_is_stock_controlnet_img2img(components, scheduler, strength):
+def test_uniform_map_is_stock_controlnet_img2img(family, components, scheduler, strength):
     # T * s = 3, 3.6, 6 and 2.1 over 6 steps: integer and non-integer products.
-    stock, ours = pipelines(components, scheduler)
+    stock, ours = pipelines(family, components, scheduler)
     run = dict(image=test_image(), control_image=control_image(), num_inference_steps=6, output_type="np")
     expected = stock(PROMPT, strength=strength, generator=seeded_generator(), **run).images
     for keep, global_strength in [(0.0, strength), (1 - strength, 1.0)]:
@@ -101,8 +115,8 @@ def test_uniform_map_is_stock_controlnet_img2img(components, scheduler, strength
         assert ours.num_timesteps == int(6 * strength + 1e-9)
 
 
-def test_the_control_image_steers_the_result(components):
-    _, ours = pipelines(components)
+def test_the_control_image_steers_the_result(family, components):
+    _, ours = pipelines(family, components)
     run = dict(image=test_image(), map=three_band_map(), num_inference_steps=4, output_type="np")
     first = ours(PROMPT, control_image=control_image(7), generator=seeded_generator(), **run).images
     second = ours(PROMPT, control_image=control_image(8), generator=seeded_generator(), **run).images
@@ -110,15 +124,15 @@ def test_the_control_image_steers_the_result(components):
 
 
 @pytest.mark.parametrize("scheduler", ["ddim", "euler"])
-def test_frozen_pixels_follow_the_noised_original_and_kept_pixels_end_as_x0(components, scheduler):
-    _, ours = pipelines(components, scheduler)
+def test_frozen_pixels_follow_the_noised_original_and_kept_pixels_end_as_x0(family, components, scheduler):
+    _, ours = pipelines(family, components, scheduler)
     run = dict(prompt=PROMPT, image=test_image(), control_image=control_image())
     frozen_latents_check(ours, run, release=(6, 3, 0), steps=6)
 
 
 @pytest.mark.parametrize("max_strength, steps_run", [(0.5, 3), (0.35, 2), (0.2, 1)])
-def test_a_map_releasing_k_steps_calls_unet_and_controlnet_k_times(components, max_strength, steps_run):
-    _, ours = pipelines(components)
+def test_a_map_releasing_k_steps_calls_unet_and_controlnet_k_times(family, components, max_strength, steps_run):
+    _, ours = pipelines(family, components)
     unet_calls, controlnet_calls = count_unet_calls(ours), count_unet_calls(ours.controlnet)
     keep_map = np.ones((64, 64), np.float32)
     keep_map[:, 32:] = 1 - max_strength
@@ -128,8 +142,8 @@ def test_a_map_releasing_k_steps_calls_unet_and_controlnet_k_times(components, m
     unet_calls.stop(), controlnet_calls.stop()
 
 
-def test_a_white_map_runs_no_step_and_returns_x0(components):
-    _, ours = pipelines(components)
+def test_a_white_map_runs_no_step_and_returns_x0(family, components):
+    _, ours = pipelines(family, components)
     calls = count_unet_calls(ours.controlnet)
     x0, _ = independent_x0_and_noise(ours, test_image())
     result = ours(PROMPT, image=test_image(), control_image=control_image(), map=np.ones((64, 64), np.float32),
@@ -138,8 +152,8 @@ def test_a_white_map_runs_no_step_and_returns_x0(components):
     calls.stop()
 
 
-def test_multi_controlnet_acts_as_in_stock():
-    stock, ours = pipelines(sd_controlnet_components(controlnets=2))
+def test_multi_controlnet_acts_as_in_stock(family):
+    stock, ours = pipelines(family, FAMILIES[family][2](controlnets=2))
     run = dict(image=test_image(), control_image=[control_image(7), control_image(8)], num_inference_steps=6,
                controlnet_conditioning_scale=[0.8, 0.5], output_type="np")
     expected = stock(PROMPT, strength=0.5, generator=seeded_generator(), **run).images
@@ -153,8 +167,8 @@ def test_multi_controlnet_acts_as_in_stock():
     assert np.abs(swapped - plain).max() > 1e-3  # each ControlNet reads its own condition
 
 
-def test_given_latents_start_the_first_step_as_in_stock(components):
-    stock, ours = pipelines(components)
+def test_given_latents_start_the_first_step_as_in_stock(family, components):
+    stock, ours = pipelines(family, components)
     latents = torch.randn(1, 4, LATENT, LATENT, generator=seeded_generator(9))
     run = dict(image=test_image(), control_image=control_image(), num_inference_steps=6, output_type="latent")
     expected = stock(PROMPT, strength=0.5, latents=latents, **run).images
@@ -163,8 +177,8 @@ def test_given_latents_start_the_first_step_as_in_stock(components):
     assert torch.equal(result, expected)
 
 
-def test_batch_of_images_with_their_own_maps_equals_each_run_alone(components):
-    _, ours = pipelines(components)
+def test_batch_of_images_with_their_own_maps_equals_each_run_alone(family, components):
+    _, ours = pipelines(family, components)
     images, controls = [test_image(seed=1), test_image(seed=2)], [control_image(7), control_image(8)]
     maps, prompts, seeds = [three_band_map(), 1 - three_band_map()], ["a red apple", "a blue pear"], [3, 4]
     run = dict(num_inference_steps=4, output_type="np")
@@ -186,8 +200,8 @@ def test_batch_of_images_with_their_own_maps_equals_each_run_alone(components):
         (dict(latents=torch.zeros(1, 4, 8, 8)), "`latents` must be a tensor shaped like"),
     ],
 )
-def test_bad_arguments_are_refused_clearly(components, change, message):
-    _, ours = pipelines(components)
+def test_bad_arguments_are_refused_clearly(family, components, change, message):
+    _, ours = pipelines(family, components)
     run = {**dict(image=test_image(), control_image=control_image(), map=np.zeros((64, 64), np.float32),
                   num_inference_steps=4), **change}
     with pytest.raises(ValueError, match=message):

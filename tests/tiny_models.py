@@ -588,3 +588,10 @@ def sd_controlnet_components(controlnets=1, scheduler="ddim"):
     components = sd_components(scheduler)
     nets = [tiny_controlnet(components["unet"], seed) for seed in range(controlnets)]
     return {**components, "controlnet": nets[0] if controlnets == 1 else nets}
+
+
+def sdxl_controlnet_components(controlnets=1, scheduler="euler"):
+    """Components for ``StableDiffusionXLControlNetImg2ImgPipeline``: the SDXL base's, with one ControlNet or more."""
+    components = sdxl_components(scheduler=scheduler)
+    nets = [tiny_controlnet(components["unet"], seed) for seed in range(controlnets)]
+    return {**components, "controlnet": nets[0] if controlnets == 1 else nets}
