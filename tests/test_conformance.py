@@ -32,6 +32,7 @@ from diffusers import (
     KandinskyV22Img2ImgPipeline,
     StableDiffusionControlNetImg2ImgPipeline,
     StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline,
     StableDiffusionXLControlNetImg2ImgPipeline,
     StableDiffusionXLImg2ImgPipeline,
 )
@@ -43,6 +44,7 @@ from IF.diff_pipe_II import IFDiffImg2ImgSuperResolutionPipeline
 from Kandinsky.diff_pipe import KandinskyV22DiffImg2ImgPipeline
 from SD2.diff_pipe import StableDiffusionDiffImg2ImgPipeline
 from SD2.diff_pipe_controlnet import StableDiffusionControlNetDiffImg2ImgPipeline
+from SD2.diff_pipe_inpaint import StableDiffusionDiffInpaintPipeline
 from SDXL.diff_pipe import StableDiffusionXLDiffImg2ImgPipeline
 from SDXL.diff_pipe_controlnet import StableDiffusionXLControlNetDiffImg2ImgPipeline
 from tests.tiny_models import sd_controlnet_components, sdxl_controlnet_components
@@ -97,9 +99,16 @@ OUR_DEFAULTS = {"strength": 1.0}  # documented: a map already says how much each
 # Signatures
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+# Inpainting takes a map instead of stock's mask, so only its signature is compared here (tests/test_inpaint.py
+# runs it against stock).
+SIGNATURES = {name: (family.ours, family.stock) for name, family in FAMILIES.items()} | {
+    "sd_inpaint": (StableDiffusionDiffInpaintPipeline, StableDiffusionInpaintPipeline),
+}
+
+
+@pytest.mark.parametrize("family", SIGNATURES)
 def test_call_takes_every_stock_argument_in_stock_order_with_stock_defaults(family):
-    ours, stock = FAMILIES[family].ours, FAMILIES[family].stock
+    ours, stock = SIGNATURES[family]
     stock_parameters = list(inspect.signature(stock.__call__).parameters.values())
     our_parameters = list(inspect.signature(ours.__call__).parameters.values())
     stock_named = [p for p in stock_parameters if p.kind is not p.VAR_KEYWORD]

@@ -595,3 +595,12 @@ def sdxl_controlnet_components(controlnets=1, scheduler="euler"):
     components = sdxl_components(scheduler=scheduler)
     nets = [tiny_controlnet(components["unet"], seed) for seed in range(controlnets)]
     return {**components, "controlnet": nets[0] if controlnets == 1 else nets}
+
+
+def sd_inpaint_components(scheduler="ddim"):
+    """Components for ``StableDiffusionInpaintPipeline`` with an inpainting checkpoint's 9-channel UNet (latents, mask,
+    masked image latents)."""
+    components = sd_components(scheduler)
+    torch.manual_seed(SEED)
+    unet = UNet2DConditionModel.from_config({**components["unet"].config, "in_channels": 9}).eval()
+    return {**components, "unet": unet}
