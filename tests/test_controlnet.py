@@ -206,3 +206,18 @@ def test_bad_arguments_are_refused_clearly(family, components, change, message):
                   num_inference_steps=4), **change}
     with pytest.raises(ValueError, match=message):
         ours(PROMPT, **run)
+
+
+def test_maps_follow_their_images_through_num_images_per_prompt(family, components):
+    # Stock repeats the images as a whole batch (a, b, a, b), each prompt and control image in place (p0, p0, p1,
+    # p1): the maps must follow the images.
+    _, ours = pipelines(family, components)
+    images, controls = [test_image(seed=1), test_image(seed=2)], [control_image(7), control_image(8)]
+    maps, seeds = [three_band_map(), 1 - three_band_map()], [3, 4, 5, 6]
+    run = dict(num_inference_steps=4, output_type="np")
+    batch = ours(["a red apple", "a blue pear"], image=images, control_image=controls, map=maps,
+                 num_images_per_prompt=2, generator=[seeded_generator(s) for s in seeds], **run).images
+    written_out = ours(["a red apple", "a red apple", "a blue pear", "a blue pear"], image=images * 2,
+                       control_image=[controls[0], controls[0], controls[1], controls[1]], map=maps * 2,
+                       generator=[seeded_generator(s) for s in seeds], **run).images
+    assert_close_to_single_run(batch, written_out)

@@ -197,3 +197,21 @@ def test_a_four_channel_unet_is_refused_clearly():
     ours = build_pipeline(StableDiffusionDiffInpaintPipeline, sd_components())
     with pytest.raises(ValueError, match="9 channels; this one reads 4"):
         ours(PROMPT, image=test_image(), map=np.zeros((64, 64), np.float32), num_inference_steps=4)
+
+
+def test_masks_follow_their_images_through_num_images_per_prompt(components):
+    # Stock repeats images and masks as a whole batch (a, b, a, b) and each prompt in place (p0, p0, p1, p1). (With
+    # a list of generators stock encodes only the first two, so the batch is not the same as four images written
+    # out: the masks the UNet reads are checked instead.)
+    _, ours = pipelines(components)
+    inputs = UNetInputs(ours.unet)
+    images, maps = [test_image(seed=1), test_image(seed=2)], [band_map(), band_map()[:, ::-1].copy()]
+    ours(["a red apple", "a blue pear"], image=images, map=maps, num_images_per_prompt=2, num_inference_steps=STEPS,
+         generator=seeded_generator(), output_type="latent")
+    inputs.hook.remove()
+    assert len(inputs) == STEPS
+    for step, (_, mask, masked_image_latents) in enumerate(inputs):
+        released = released_on_the_latent_grid(step)
+        assert torch.equal(mask, torch.cat([released, released.flip(-1)] * 2)), step
+        assert torch.equal(masked_image_latents[:2], masked_image_latents[2:]), step
+    assert not torch.equal(inputs[3][2][0], inputs[3][2][1])
