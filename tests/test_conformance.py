@@ -35,6 +35,7 @@ from diffusers import (
     StableDiffusionInpaintPipeline,
     StableDiffusionXLControlNetImg2ImgPipeline,
     StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
 )
 from diffusers.callbacks import SDCFGCutoffCallback, SDXLCFGCutoffCallback
 from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModelWithProjection
@@ -47,6 +48,7 @@ from SD2.diff_pipe_controlnet import StableDiffusionControlNetDiffImg2ImgPipelin
 from SD2.diff_pipe_inpaint import StableDiffusionDiffInpaintPipeline
 from SDXL.diff_pipe import StableDiffusionXLDiffImg2ImgPipeline
 from SDXL.diff_pipe_controlnet import StableDiffusionXLControlNetDiffImg2ImgPipeline
+from SDXL.diff_pipe_inpaint import StableDiffusionXLDiffInpaintPipeline
 from tests.tiny_models import sd_controlnet_components, sdxl_controlnet_components
 
 PROMPT = "a red apple on a table"
@@ -103,6 +105,7 @@ OUR_DEFAULTS = {"strength": 1.0}  # documented: a map already says how much each
 # runs it against stock).
 SIGNATURES = {name: (family.ours, family.stock) for name, family in FAMILIES.items()} | {
     "sd_inpaint": (StableDiffusionDiffInpaintPipeline, StableDiffusionInpaintPipeline),
+    "sdxl_inpaint": (StableDiffusionXLDiffInpaintPipeline, StableDiffusionXLInpaintPipeline),
 }
 
 

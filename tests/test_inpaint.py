@@ -1,4 +1,5 @@
-"""StableDiffusionDiffInpaintPipeline against stock inpainting, on a tiny random SD model with a 9-channel UNet (#15)."""
+"""The inpainting-checkpoint pipelines against stock inpainting, on tiny random SD and SDXL models with 9-channel UNets
+(#15)."""
 
 import copy
 
@@ -6,11 +7,20 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import build_pipeline, count_unet_calls, make_scheduler, sd_components, seeded_generator, test_image
-from diffusers import StableDiffusionInpaintPipeline
+from conftest import (
+    build_pipeline,
+    count_unet_calls,
+    make_scheduler,
+    sd_components,
+    sdxl_components,
+    seeded_generator,
+    test_image,
+)
+from diffusers import StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline
 
 from SD2.diff_pipe_inpaint import StableDiffusionDiffInpaintPipeline
-from tests.tiny_models import sd_inpaint_components
+from SDXL.diff_pipe_inpaint import StableDiffusionXLDiffInpaintPipeline
+from tests.tiny_models import sd_inpaint_components, sdxl_inpaint_components
 
 PROMPT = "a red apple on a table"
 LATENT = 32  # 64 px test images on a VAE with scale factor 2
@@ -31,15 +41,28 @@ def band_map():
     return keep_map
 
 
+FAMILIES = {  # (stock, ours, components with a 9-channel UNet, components with a 4-channel one)
+    "sd": (StableDiffusionInpaintPipeline, StableDiffusionDiffInpaintPipeline, sd_inpaint_components, sd_components),
+    "sdxl": (StableDiffusionXLInpaintPipeline, StableDiffusionXLDiffInpaintPipeline, sdxl_inpaint_components,
+             sdxl_components),
+}
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request):
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def components():
-    return sd_inpaint_components()
+def components(family):
+    return FAMILIES[family][2]()
 
 
-def pipelines(components, scheduler="ddim"):
+def pipelines(family, components, scheduler="ddim"):
+    stock_class, ours_class, _, _ = FAMILIES[family]
     components = {**components, "scheduler": make_scheduler(scheduler)}
-    stock = build_pipeline(StableDiffusionInpaintPipeline, components)
-    ours = StableDiffusionDiffInpaintPipeline.from_pipe(stock)
+    stock = build_pipeline(stock_class, components)
+    ours = ours_class.from_pipe(stock)
     ours.set_progress_bar_config(disable=True)
     return stock, ours
 
@@ -74,8 +97,8 @@ class UNetInputs(list):
 
 
 @pytest.mark.parametrize("scheduler", ["ddim", "euler", "dpm++"])
-def test_a_map_releasing_everything_at_step_0_is_stock_inpainting_at_strength_1(components, scheduler):
-    stock, ours = pipelines(components, scheduler)
+def test_a_map_releasing_everything_at_step_0_is_stock_inpainting_at_strength_1(family, components, scheduler):
+    stock, ours = pipelines(family, components, scheduler)
     run = dict(image=test_image(), num_inference_steps=STEPS, output_type="np")
     expected = stock(PROMPT, mask_image=WHITE_MASK, strength=1.0, generator=seeded_generator(), **run).images
     result = ours(PROMPT, map=np.zeros((64, 64), np.float32), generator=seeded_generator(), **run).images
@@ -83,17 +106,17 @@ def test_a_map_releasing_everything_at_step_0_is_stock_inpainting_at_strength_1(
 
 
 @pytest.mark.parametrize("strength", [0.5, 0.35])
-def test_a_uniform_map_is_stock_inpainting_with_a_white_mask(components, strength):
+def test_a_uniform_map_is_stock_inpainting_with_a_white_mask(family, components, strength):
     # T * s = 3 and 2.1: an integer and a non-integer product.
-    stock, ours = pipelines(components, "euler")
+    stock, ours = pipelines(family, components, "euler")
     run = dict(image=test_image(), num_inference_steps=STEPS, output_type="np")
     expected = stock(PROMPT, mask_image=WHITE_MASK, strength=strength, generator=seeded_generator(), **run).images
     result = ours(PROMPT, map=np.full((64, 64), 1 - strength, np.float32), generator=seeded_generator(), **run).images
     assert np.array_equal(result, expected) and ours.num_timesteps == int(STEPS * strength)
 
 
-def test_the_unet_reads_the_released_mask_frozen_latents_and_the_masked_image_at_every_step(components):
-    _, ours = pipelines(components)
+def test_the_unet_reads_the_released_mask_frozen_latents_and_the_masked_image_at_every_step(family, components):
+    _, ours = pipelines(family, components)
     inputs, encoder_calls = UNetInputs(ours.unet), count_unet_calls(ours.vae.encoder)
     image = test_image()
     final = ours(PROMPT, image=image, map=band_map(), num_inference_steps=STEPS, generator=seeded_generator(),
@@ -127,8 +150,8 @@ def test_the_unet_reads_the_released_mask_frozen_latents_and_the_masked_image_at
     assert not torch.allclose(final[..., CHANGED], x0[..., CHANGED], atol=1e-2)
 
 
-def test_steps_before_the_first_release_never_run_and_the_mask_starts_there(components):
-    _, ours = pipelines(components)
+def test_steps_before_the_first_release_never_run_and_the_mask_starts_there(family, components):
+    _, ours = pipelines(family, components)
     inputs = UNetInputs(ours.unet)
     keep_map = band_map()
     keep_map[:, 2 * CHANGED.start :] = 0.5  # now the first release is step 3
@@ -140,8 +163,8 @@ def test_steps_before_the_first_release_never_run_and_the_mask_starts_there(comp
         assert torch.equal(mask, released_on_the_latent_grid(step)), step
 
 
-def test_a_white_map_runs_no_step_and_returns_x0(components):
-    _, ours = pipelines(components)
+def test_a_white_map_runs_no_step_and_returns_x0(family, components):
+    _, ours = pipelines(family, components)
     calls = count_unet_calls(ours)
     x0 = encode(ours.vae, ours.image_processor.preprocess(test_image()), seeded_generator())
     result = ours(PROMPT, image=test_image(), map=np.ones((64, 64), np.float32), generator=seeded_generator(),
@@ -150,8 +173,8 @@ def test_a_white_map_runs_no_step_and_returns_x0(components):
     calls.stop()
 
 
-def test_the_user_callback_sees_the_mask_of_the_next_step_and_can_replace_it(components):
-    _, ours = pipelines(components)
+def test_the_user_callback_sees_the_mask_of_the_next_step(family, components):
+    _, ours = pipelines(family, components)
     seen = []
 
     def record(pipe, i, t, kwargs):
@@ -164,8 +187,8 @@ def test_the_user_callback_sees_the_mask_of_the_next_step_and_can_replace_it(com
         assert torch.equal(mask, released_on_the_latent_grid(i + 1)), i
 
 
-def test_batch_of_images_with_their_own_maps_equals_each_run_alone(components):
-    _, ours = pipelines(components)
+def test_batch_of_images_with_their_own_maps_equals_each_run_alone(family, components):
+    _, ours = pipelines(family, components)
     images, maps = [test_image(seed=1), test_image(seed=2)], [band_map(), band_map()[:, ::-1].copy()]
     prompts, seeds = ["a red apple", "a blue pear"], [3, 4]
     run = dict(num_inference_steps=STEPS, output_type="np")
@@ -186,24 +209,31 @@ def test_batch_of_images_with_their_own_maps_equals_each_run_alone(components):
         (dict(map=None), "`map`"),
     ],
 )
-def test_bad_arguments_are_refused_clearly(components, change, message):
-    _, ours = pipelines(components)
+def test_bad_arguments_are_refused_clearly(family, components, change, message):
+    _, ours = pipelines(family, components)
     run = {**dict(image=test_image(), map=np.zeros((64, 64), np.float32), num_inference_steps=4), **change}
     with pytest.raises(ValueError, match=message):
         ours(PROMPT, **run)
 
 
-def test_a_four_channel_unet_is_refused_clearly():
-    ours = build_pipeline(StableDiffusionDiffInpaintPipeline, sd_components())
+def test_a_four_channel_unet_is_refused_clearly(family):
+    _, ours_class, _, four_channel_components = FAMILIES[family]
+    ours = build_pipeline(ours_class, four_channel_components())
     with pytest.raises(ValueError, match="9 channels; this one reads 4"):
         ours(PROMPT, image=test_image(), map=np.zeros((64, 64), np.float32), num_inference_steps=4)
 
 
-def test_masks_follow_their_images_through_num_images_per_prompt(components):
+def test_sdxl_refuses_the_base_refiner_split_clearly():
+    _, ours = pipelines("sdxl", sdxl_inpaint_components())
+    with pytest.raises(ValueError, match="`denoising_start` and `denoising_end`"):
+        ours(PROMPT, image=test_image(), map=np.zeros((64, 64), np.float32), num_inference_steps=4, denoising_end=0.5)
+
+
+def test_masks_follow_their_images_through_num_images_per_prompt(family, components):
     # Stock repeats images and masks as a whole batch (a, b, a, b) and each prompt in place (p0, p0, p1, p1). (With
     # a list of generators stock encodes only the first two, so the batch is not the same as four images written
     # out: the masks the UNet reads are checked instead.)
-    _, ours = pipelines(components)
+    _, ours = pipelines(family, components)
     inputs = UNetInputs(ours.unet)
     images, maps = [test_image(seed=1), test_image(seed=2)], [band_map(), band_map()[:, ::-1].copy()]
     ours(["a red apple", "a blue pear"], image=images, map=maps, num_images_per_prompt=2, num_inference_steps=STEPS,

@@ -604,3 +604,11 @@ def sd_inpaint_components(scheduler="ddim"):
     torch.manual_seed(SEED)
     unet = UNet2DConditionModel.from_config({**components["unet"].config, "in_channels": 9}).eval()
     return {**components, "unet": unet}
+
+
+def sdxl_inpaint_components(scheduler="euler"):
+    """Components for ``StableDiffusionXLInpaintPipeline`` with an inpainting checkpoint's 9-channel UNet."""
+    components = sdxl_components(scheduler=scheduler)
+    torch.manual_seed(SEED)
+    unet = UNet2DConditionModel.from_config({**components["unet"].config, "in_channels": 9}).eval()
+    return {**components, "unet": unet}
