@@ -6,7 +6,11 @@ import numpy as np
 import pytest
 import torch
 from conftest import build_pipeline, count_unet_calls, make_scheduler, seeded_generator, test_image
-from diffusers import StableDiffusionControlNetImg2ImgPipeline, StableDiffusionXLControlNetImg2ImgPipeline
+from diffusers import (
+    DiffusionPipeline,
+    StableDiffusionControlNetImg2ImgPipeline,
+    StableDiffusionXLControlNetImg2ImgPipeline,
+)
 
 from SD2.diff_pipe_controlnet import StableDiffusionControlNetDiffImg2ImgPipeline
 from SDXL.diff_pipe_controlnet import StableDiffusionXLControlNetDiffImg2ImgPipeline
@@ -221,3 +225,16 @@ def test_maps_follow_their_images_through_num_images_per_prompt(family, componen
                        control_image=[controls[0], controls[0], controls[1], controls[1]], map=maps * 2,
                        generator=[seeded_generator(s) for s in seeds], **run).images
     assert_close_to_single_run(batch, written_out)
+
+
+def test_the_file_loads_as_a_community_pipeline(family, components, tmp_path):
+    stock, ours = pipelines(family, components)
+    stock.save_pretrained(tmp_path)
+    file = {"sd": "SD2/diff_pipe_controlnet.py", "sdxl": "SDXL/diff_pipe_controlnet.py"}[family]
+    loaded = DiffusionPipeline.from_pretrained(tmp_path, custom_pipeline=file, trust_remote_code=True)
+    loaded.set_progress_bar_config(disable=True)
+    assert type(loaded).__name__ == FAMILIES[family][1].__name__
+    run = dict(image=test_image(), control_image=control_image(), map=three_band_map(), num_inference_steps=4,
+               output_type="np")
+    expected = ours(PROMPT, generator=seeded_generator(), **run).images
+    assert np.array_equal(loaded(PROMPT, generator=seeded_generator(), **run).images, expected)

@@ -16,7 +16,7 @@ from conftest import (
     seeded_generator,
     test_image,
 )
-from diffusers import StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline
+from diffusers import DiffusionPipeline, StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline
 
 from SD2.diff_pipe_inpaint import StableDiffusionDiffInpaintPipeline
 from SDXL.diff_pipe_inpaint import StableDiffusionXLDiffInpaintPipeline
@@ -245,3 +245,15 @@ def test_masks_follow_their_images_through_num_images_per_prompt(family, compone
         assert torch.equal(mask, torch.cat([released, released.flip(-1)] * 2)), step
         assert torch.equal(masked_image_latents[:2], masked_image_latents[2:]), step
     assert not torch.equal(inputs[3][2][0], inputs[3][2][1])
+
+
+def test_the_file_loads_as_a_community_pipeline(family, components, tmp_path):
+    stock, ours = pipelines(family, components)
+    stock.save_pretrained(tmp_path)
+    file = {"sd": "SD2/diff_pipe_inpaint.py", "sdxl": "SDXL/diff_pipe_inpaint.py"}[family]
+    loaded = DiffusionPipeline.from_pretrained(tmp_path, custom_pipeline=file, trust_remote_code=True)
+    loaded.set_progress_bar_config(disable=True)
+    assert type(loaded).__name__ == FAMILIES[family][1].__name__
+    run = dict(image=test_image(), map=band_map(), num_inference_steps=4, output_type="np")
+    expected = ours(PROMPT, generator=seeded_generator(), **run).images
+    assert np.array_equal(loaded(PROMPT, generator=seeded_generator(), **run).images, expected)
