@@ -30,8 +30,12 @@ from diffusers import (
     IFImg2ImgPipeline,
     IFImg2ImgSuperResolutionPipeline,
     KandinskyV22Img2ImgPipeline,
+    StableDiffusionControlNetImg2ImgPipeline,
     StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline,
+    StableDiffusionXLControlNetImg2ImgPipeline,
     StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
 )
 from diffusers.callbacks import SDCFGCutoffCallback, SDXLCFGCutoffCallback
 from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModelWithProjection
@@ -40,7 +44,12 @@ from IF.diff_pipe_I import IFDiffImg2ImgPipeline
 from IF.diff_pipe_II import IFDiffImg2ImgSuperResolutionPipeline
 from Kandinsky.diff_pipe import KandinskyV22DiffImg2ImgPipeline
 from SD2.diff_pipe import StableDiffusionDiffImg2ImgPipeline
+from SD2.diff_pipe_controlnet import StableDiffusionControlNetDiffImg2ImgPipeline
+from SD2.diff_pipe_inpaint import StableDiffusionDiffInpaintPipeline
 from SDXL.diff_pipe import StableDiffusionXLDiffImg2ImgPipeline
+from SDXL.diff_pipe_controlnet import StableDiffusionXLControlNetDiffImg2ImgPipeline
+from SDXL.diff_pipe_inpaint import StableDiffusionXLDiffInpaintPipeline
+from tests.tiny_models import sd_controlnet_components, sdxl_controlnet_components
 
 PROMPT = "a red apple on a table"
 
@@ -73,6 +82,16 @@ FAMILIES = {
                         lambda: dict(image=test_image(IF_STAGE1_SIZE, seed=10), original_image=test_image(),
                                      prompt=PROMPT, num_inference_steps=4, output_type="np", clean_caption=False)),
 }
+# ControlNet img2img and inpainting checkpoints (#15): the same drop-in checks.
+FAMILIES["sd_controlnet"] = Family(
+    StableDiffusionControlNetDiffImg2ImgPipeline, StableDiffusionControlNetImg2ImgPipeline, sd_controlnet_components,
+    lambda: dict(prompt=PROMPT, image=test_image(), control_image=test_image(seed=7), num_inference_steps=4,
+                 output_type="np"),
+)
+FAMILIES["sdxl_controlnet"] = Family(
+    StableDiffusionXLControlNetDiffImg2ImgPipeline, StableDiffusionXLControlNetImg2ImgPipeline,
+    sdxl_controlnet_components, FAMILIES["sd_controlnet"].inputs,
+)
 LATENT_FAMILIES = ["sd", "sdxl"]  # the families whose stock pipelines have IP-Adapter, `interrupt` and CFG callbacks
 
 OUR_DEFAULTS = {"strength": 1.0}  # documented: a map already says how much each pixel changes
@@ -82,9 +101,17 @@ OUR_DEFAULTS = {"strength": 1.0}  # documented: a map already says how much each
 # Signatures
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+# Inpainting takes a map instead of stock's mask, so only its signature is compared here (tests/test_inpaint.py
+# runs it against stock).
+SIGNATURES = {name: (family.ours, family.stock) for name, family in FAMILIES.items()} | {
+    "sd_inpaint": (StableDiffusionDiffInpaintPipeline, StableDiffusionInpaintPipeline),
+    "sdxl_inpaint": (StableDiffusionXLDiffInpaintPipeline, StableDiffusionXLInpaintPipeline),
+}
+
+
+@pytest.mark.parametrize("family", SIGNATURES)
 def test_call_takes_every_stock_argument_in_stock_order_with_stock_defaults(family):
-    ours, stock = FAMILIES[family].ours, FAMILIES[family].stock
+    ours, stock = SIGNATURES[family]
     stock_parameters = list(inspect.signature(stock.__call__).parameters.values())
     our_parameters = list(inspect.signature(ours.__call__).parameters.values())
     stock_named = [p for p in stock_parameters if p.kind is not p.VAR_KEYWORD]

@@ -564,3 +564,57 @@ def if_stage2_components(sample_size=IF_STAGE2_SIZE, text_width=TEXT_HIDDEN_SIZE
         image_noising_scheduler=DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2"),
         **_IF_NO_EXTRAS,
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ControlNet and inpainting checkpoints
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def tiny_controlnet(unet, seed=SEED):
+    """A ControlNet copied from `unet`, whose condition enters at the latent grid (2 px per latent, as the VAE).
+
+    A fresh ControlNet's output convolutions are zero, and it would change nothing: they get small random weights, a
+    different set for each `seed`, so that two ControlNets act differently.
+    """
+    from diffusers import ControlNetModel
+
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32))
+    generator = torch.Generator().manual_seed(seed)
+    zero_convolutions = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
+                         controlnet.controlnet_cond_embedding.conv_out]
+    with torch.no_grad():
+        for convolution in zero_convolutions:
+            convolution.weight.copy_(torch.randn(convolution.weight.shape, generator=generator) * 0.1)
+    return controlnet.eval()
+
+
+def sd_controlnet_components(controlnets=1, scheduler="ddim"):
+    """Components for ``StableDiffusionControlNetImg2ImgPipeline``: SD's, with one ControlNet or a list of them."""
+    components = sd_components(scheduler)
+    nets = [tiny_controlnet(components["unet"], seed) for seed in range(controlnets)]
+    return {**components, "controlnet": nets[0] if controlnets == 1 else nets}
+
+
+def sdxl_controlnet_components(controlnets=1, scheduler="euler"):
+    """Components for ``StableDiffusionXLControlNetImg2ImgPipeline``: the SDXL base's, with one ControlNet or more."""
+    components = sdxl_components(scheduler=scheduler)
+    nets = [tiny_controlnet(components["unet"], seed) for seed in range(controlnets)]
+    return {**components, "controlnet": nets[0] if controlnets == 1 else nets}
+
+
+def sd_inpaint_components(scheduler="ddim"):
+    """Components for ``StableDiffusionInpaintPipeline`` with an inpainting checkpoint's 9-channel UNet (latents, mask,
+    masked image latents)."""
+    components = sd_components(scheduler)
+    torch.manual_seed(SEED)
+    unet = UNet2DConditionModel.from_config({**components["unet"].config, "in_channels": 9}).eval()
+    return {**components, "unet": unet}
+
+
+def sdxl_inpaint_components(scheduler="euler"):
+    """Components for ``StableDiffusionXLInpaintPipeline`` with an inpainting checkpoint's 9-channel UNet."""
+    components = sdxl_components(scheduler=scheduler)
+    torch.manual_seed(SEED)
+    unet = UNet2DConditionModel.from_config({**components["unet"].config, "in_channels": 9}).eval()
+    return {**components, "unet": unet}

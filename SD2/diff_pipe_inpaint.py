@@ -1,0 +1,525 @@
+# Copyright 2026 The differential-diffusion authors. Licensed under the Apache License, Version 2.0.
+"""Differential Diffusion on Stable Diffusion 1.x/2.x inpainting checkpoints (9-channel UNets): a grayscale map gives
+every pixel its own strength, and the UNet's mask channel follows the pixels as they are released.
+
+Levin & Fried, "Differential Diffusion: Giving Each Pixel Its Strength", arXiv 2306.00950.
+
+This file stands alone (torch, diffusers, PIL, numpy): copy it into your own code, or load it as a diffusers
+community pipeline::
+
+    pipe = DiffusionPipeline.from_pretrained(
+        "sd2-community/stable-diffusion-2-inpainting", custom_pipeline="SD2/diff_pipe_inpaint.py",
+        trust_remote_code=True,
+    )
+    edited = pipe(prompt, image=image, map=map).images[0]
+"""
+
+import numbers
+from contextlib import contextmanager
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+from diffusers import StableDiffusionInpaintPipeline
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
+
+# ----------------------------------------------------------------------------------------------------------------
+# Copied from SD2/diff_pipe.py: differential core (begin)
+#
+# Every pipeline file of this project carries this block unchanged, so that each file can be copied alone;
+# tests/test_copies.py fails if two copies drift apart. The algorithm, in the paper's terms:
+#   map -> strength s per pixel -> release step r = T - floor(T * s) -> before step i, pixels with i <= r take the
+#   noised original add_noise(x0, noise, t_i); after the last step, pixels never released take x0 itself.
+# ----------------------------------------------------------------------------------------------------------------
+
+# A float32 map cannot hold 0.3 exactly, yet 1 - 0.3 must land on the step that stock img2img gives strength 0.7.
+STEP_TOLERANCE = 1e-4
+
+
+def map_to_tensor(map) -> torch.Tensor:
+    """Converts a map to a float32 tensor of shape (B, 1, H, W) with values in [0, 1], in the map's own polarity.
+
+    Accepts a PIL image (modes 1, L, I;16, I, F, or colour modes, which are converted to luminance), a numpy array
+    ((H, W), (B, H, W), (H, W, 1), (B, H, W, 1) or (B, 1, H, W)), a torch tensor ((H, W), (B, H, W) or
+    (B, 1, H, W)), or a list of these. uint8 values are divided by 255, uint16 (and PIL mode I) by 65535, bool maps
+    to 0 and 1, and floats must already lie in [0, 1].
+    """
+    if isinstance(map, (list, tuple)):
+        if len(map) == 0:
+            raise ValueError("`map` is an empty list: pass one map, or one map per image.")
+        maps = [map_to_tensor(m) for m in map]
+        if len({tuple(m.shape[-2:]) for m in maps}) > 1:
+            sizes = ", ".join(f"{m.shape[-1]}x{m.shape[-2]}" for m in maps)
+            raise ValueError(f"The maps in the `map` list differ in size ({sizes}); give them all the same size.")
+        return torch.cat(maps)
+    if isinstance(map, PIL.Image.Image):
+        return _pil_map_to_tensor(map)
+    if isinstance(map, np.ndarray):
+        if map.ndim == 3 and map.shape[-1] in (3, 4):
+            raise ValueError(
+                f"`map` has shape {map.shape}, which looks like a colour image; a map has one channel. "
+                "Pass a grayscale array, or the image as a PIL image, which is converted to luminance."
+            )
+        if map.ndim in (3, 4) and map.shape[-1] == 1:
+            map = map[..., 0]
+        return _unit_values(torch.from_numpy(np.ascontiguousarray(map)))
+    if isinstance(map, torch.Tensor):
+        return _unit_values(map.detach().cpu())
+    raise TypeError(f"`map` must be a PIL image, numpy array, torch tensor or a list of them, not {type(map).__name__}.")
+
+
+def _pil_map_to_tensor(image: PIL.Image.Image) -> torch.Tensor:
+    if image.mode == "I":  # 16-bit PNGs open as mode I with some Pillow versions
+        values = np.asarray(image, dtype=np.int64)
+        if values.min() < 0 or values.max() > 65535:
+            raise ValueError("A `map` of PIL mode I must hold 16-bit values in [0, 65535].")
+        return torch.from_numpy(values.astype(np.float32) / 65535)[None, None]
+    if not (image.mode in ("1", "L", "F") or image.mode.startswith("I;16")):
+        image = image.convert("L")
+    return _unit_values(torch.from_numpy(np.array(image)))
+
+
+def _unit_values(map: torch.Tensor) -> torch.Tensor:
+    if map.ndim == 4 and map.shape[1] == 1:
+        map = map[:, 0]
+    if map.ndim == 2:
+        map = map[None]
+    if map.ndim != 3:
+        raise ValueError(
+            f"`map` has shape {tuple(map.shape)}; expected (H, W), (B, H, W) or (B, 1, H, W): maps have one channel."
+        )
+    if map.numel() == 0:
+        raise ValueError(f"`map` is empty (shape {tuple(map.shape)}).")
+    if map.dtype == torch.bool:
+        map = map.float()
+    elif map.dtype == torch.uint8:
+        map = map.float() / 255
+    elif map.dtype == torch.uint16:
+        map = map.float() / 65535
+    elif map.is_floating_point():
+        map = map.float()
+        if not torch.isfinite(map).all():
+            raise ValueError("`map` contains NaN or infinite values.")
+        low, high = map.min().item(), map.max().item()
+        if low < 0 or high > 1:
+            raise ValueError(
+                f"`map` values must lie in [0, 1], but they span [{low:g}, {high:g}]. "
+                "Rescale it first, for example (m - m.min()) / (m.max() - m.min())."
+            )
+    else:
+        raise ValueError(
+            f"`map` has dtype {map.dtype}; use uint8 (0-255), uint16 (0-65535), bool, or floats in [0, 1]."
+        )
+    return map[:, None]
+
+
+def prepare_keep_map(map, size: tuple, invert_map: bool = False, aspect_of: tuple = None) -> torch.Tensor:
+    """Returns the keep-map (1 = keep, 0 = change fully) as float32 (B, 1, *size) on the CPU.
+
+    `size` is the grid the model works on (latents, or pixels for pixel-space models). Downsampling averages areas,
+    so a fine map does not alias. The map must have the aspect ratio of `aspect_of` (the image's height and width,
+    in pixels or grid cells; default `size`) to within one of its units or 1%, whichever is looser.
+    """
+    map = map_to_tensor(map)
+    (height, width), (reference_height, reference_width) = map.shape[-2:], aspect_of or size
+    if abs(height * reference_width / width - reference_height) > max(1, reference_height / 100):
+        raise ValueError(
+            f"`map` is {width}x{height} but the image is {reference_width}x{reference_height}: their aspect ratios "
+            "differ. Give the map the image's aspect ratio."
+        )
+    if (height, width) != tuple(size):
+        shrinking = height >= size[0] and width >= size[1]
+        map = F.interpolate(map, size=size, mode="area") if shrinking else F.interpolate(map, size=size, mode="bilinear")
+        map = map.clamp(0, 1)
+    return 1 - map if invert_map else map
+
+
+def release_steps(keep_map: torch.Tensor, strength: float, num_inference_steps: int) -> torch.Tensor:
+    """The index of the first step that runs on each pixel: r = T - floor(T * s), with s = strength * (1 - keep_map).
+
+    This is the first step that stock img2img runs at `strength = s`. Pixels with r == T are never released.
+    """
+    steps_to_run = num_inference_steps * strength * (1 - keep_map.double())
+    nearest = steps_to_run.round()
+    steps_to_run = torch.where((steps_to_run - nearest).abs() <= STEP_TOLERANCE, nearest, steps_to_run.floor())
+    return num_inference_steps - steps_to_run.long()
+
+
+def stock_strength(steps_to_run: int, num_inference_steps: int) -> float:
+    """The `strength` at which stock img2img runs exactly the last `steps_to_run` steps.
+
+    Stock computes int(T * strength), and (k / T) * T falls just below k for many k and T: aim between two integers.
+    """
+    return min(1.0, (steps_to_run + 0.5) / num_inference_steps)
+
+
+def tile_to_batch(tensor: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Repeats a per-image tensor to the whole batch, as stock img2img repeats its images (whole batch, not items)."""
+    if tensor.shape[0] in (1, batch_size):
+        return tensor
+    return tensor.repeat(batch_size // tensor.shape[0], *(1,) * (tensor.ndim - 1))
+
+
+def exact_keep_weight(keep_map: torch.Tensor, strength: float, num_inference_steps: int) -> torch.Tensor:
+    """For `keep_exact`: how much of the model's output each pixel shows, clamp(T * s, 0, 1).
+
+    Pixels of strength 0 show only the original; those released on the last step or later blend linearly.
+    """
+    return (num_inference_steps * strength * (1 - keep_map)).clamp(0, 1)
+
+
+def composite_original(images: torch.Tensor, original: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`weight * images + (1 - weight) * original`, batch-tiled like stock: unchanged pixels keep the input's bytes."""
+    weight, original = tile_to_batch(weight, images.shape[0]), tile_to_batch(original, images.shape[0])
+    weight, original = weight.to(images.device, images.dtype), original.to(images.device, images.dtype)
+    return torch.where(weight == 0, original, weight * images + (1 - weight) * original)
+
+
+class FrozenPixels:
+    """Keeps every pixel on the noised original until its release step; a step-end callback for stock pipelines.
+
+    Stock img2img runs the schedule from the first released step on. Before each later step k, this sets the pixels
+    with k <= release_step to `add_noise(x0, noise, t_k)`, and after the last step, the pixels never released to
+    `x0`. `x0` and `noise` are the very tensors that stock img2img draws, recorded by `recording_add_noise`. The
+    user's own step-end `callback` (a function, `PipelineCallback` or `MultiPipelineCallbacks`) runs after the blend
+    and sees its `tensor_inputs`; ask stock for `step_end_tensor_inputs`.
+    """
+
+    def __init__(self, release_step: torch.Tensor, num_inference_steps: int, callback=None, tensor_inputs=()):
+        self.release_step = release_step
+        self.num_inference_steps = num_inference_steps
+        self.first_step = int(release_step.min())
+        self.last_frozen_step = int(release_step.max())
+        if isinstance(callback, (PipelineCallback, MultiPipelineCallbacks)):
+            tensor_inputs = callback.tensor_inputs  # stock reads a callback object's own list, whatever is passed
+        self.callback, self.tensor_inputs = callback, list(tensor_inputs or [])
+        self.x0 = self.noise = None
+
+    @property
+    def step_end_tensor_inputs(self) -> list:
+        """The tensors stock must hand this callback: the latents, and what the user's callback reads."""
+        return sorted(set(self.tensor_inputs) | {"latents"})
+
+    @contextmanager
+    def recording_add_noise(self, scheduler):
+        """Records `x0` and `noise` as stock `prepare_latents` passes them to `scheduler.add_noise`."""
+        stock_add_noise = scheduler.add_noise
+
+        def add_noise(original_samples, noise, timesteps):
+            self.x0, self.noise = original_samples, noise
+            return stock_add_noise(original_samples, noise, timesteps)
+
+        scheduler.add_noise = add_noise
+        try:
+            yield
+        finally:
+            del scheduler.add_noise
+        (height, width), (encoded_height, encoded_width) = self.release_step.shape[-2:], self.x0.shape[-2:]
+        if (height, width) != (encoded_height, encoded_width):
+            raise ValueError(
+                f"The image was encoded to a {encoded_width}x{encoded_height} grid, but the map was sized to "
+                f"{width}x{height} from the VAE's scale factor: give the image a width and height that the VAE's "
+                "scale factor divides."
+            )
+        self.release_step = tile_to_batch(self.release_step, self.x0.shape[0]).to(self.x0.device)
+
+    def blend(self, scheduler, i: int, latents: torch.Tensor) -> torch.Tensor:
+        """The latents to run loop iteration `i + 1` on, where iteration 0 is the first released step."""
+        order = scheduler.order
+        next_iteration = self.first_step * order + i + 1
+        if next_iteration == len(scheduler.timesteps):
+            return torch.where(self.release_step == self.num_inference_steps, self.x0.to(latents.dtype), latents)
+        if next_iteration > self.last_frozen_step * order:
+            return latents
+        timestep = scheduler.timesteps[next_iteration : next_iteration + 1].repeat(latents.shape[0])
+        noised_original = scheduler.add_noise(self.x0, self.noise, timestep).to(latents.dtype)
+        return torch.where(self.release_step * order >= next_iteration, noised_original, latents)
+
+    def __call__(self, pipe, i, t, callback_kwargs):
+        latents = self.blend(pipe.scheduler, i, callback_kwargs["latents"])
+        if self.callback is None:
+            return {"latents": latents}
+        user_kwargs = {name: callback_kwargs[name] for name in self.tensor_inputs}
+        if "latents" in user_kwargs:
+            user_kwargs["latents"] = latents
+        return {"latents": latents, **(self.callback(pipe, i, t, user_kwargs) or {})}
+
+
+# Copied from SD2/diff_pipe.py: differential core (end)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class ReleasedMask(FrozenPixels):
+    """FrozenPixels for inpainting UNets, which also read a mask channel and the masked image's latents.
+
+    Before each step k, the mask is 1 where the pixel is released (k >= release_step: the UNet runs on it) and 0
+    where it is still frozen, and the masked image shows exactly the still-frozen pixels. Both change only at steps
+    where some pixel is released; the masked image is re-encoded then, and only then. Stock encodes the first masked
+    image with a VAE sample, as it always does; re-encodings take the VAE's mean, which draws nothing from the
+    generator, so that the scheduler's own draws stay stock's.
+    """
+
+    def __init__(self, release_step, num_inference_steps, pixels, callback=None, tensor_inputs=()):
+        super().__init__(release_step, num_inference_steps, callback, tensor_inputs)
+        self.image_release_step = release_step  # one per map, before the core tiles it to the batch
+        self.pixels = pixels  # the preprocessed image, in [-1, 1]
+
+    @property
+    def step_end_tensor_inputs(self) -> list:
+        return sorted(set(super().step_end_tensor_inputs) | {"mask", "masked_image_latents"})
+
+    def released_pixels(self, step: int) -> torch.Tensor:
+        """1 where a pixel is released by `step`, per map, at pixel resolution (each latent cell covers a block)."""
+        released = (self.image_release_step <= step).float()
+        return F.interpolate(released, size=self.pixels.shape[-2:], mode="nearest")
+
+    def __call__(self, pipe, i, t, callback_kwargs):
+        order = pipe.scheduler.order
+        next_iteration = self.first_step * order + i + 1
+        step = next_iteration // order
+        if next_iteration % order == 0 and step < self.num_inference_steps and (self.release_step == step).any():
+            callback_kwargs = {**callback_kwargs, **self.mask_inputs(pipe, step, callback_kwargs["mask"])}
+        outputs = super().__call__(pipe, i, t, callback_kwargs)
+        return {name: callback_kwargs[name] for name in ("mask", "masked_image_latents")} | outputs
+
+    def mask_inputs(self, pipe, step, stock_mask):
+        """The mask and masked image latents of `step`, batched as stock's (images, then the guidance copies)."""
+        batch_size = self.release_step.shape[0]
+        copies = stock_mask.shape[0] // batch_size
+        mask = (self.release_step <= step).to(stock_mask.dtype).repeat(copies, 1, 1, 1)
+        vae = pipe.vae
+        masked_image = self.pixels * (self.released_pixels(step) < 0.5)
+        encoded = vae.encode(masked_image.to(vae.device, vae.dtype))
+        latents = encoded.latent_dist.mode() if hasattr(encoded, "latent_dist") else encoded.latents
+        latents = tile_to_batch(latents * vae.config.scaling_factor, batch_size).to(stock_mask.dtype)
+        return {"mask": mask, "masked_image_latents": latents.repeat(copies, 1, 1, 1)}
+
+
+class StableDiffusionDiffInpaintPipeline(StableDiffusionInpaintPipeline):
+    r"""
+    Stable Diffusion 1.x/2.x inpainting checkpoints where a map gives every pixel its own strength (Differential
+    Diffusion).
+
+    It takes exactly the components of [`StableDiffusionInpaintPipeline`], with a 9-channel inpainting UNet, so
+    `from_pretrained`, `from_pipe`, LoRA, IP-Adapter, model offloading and any compatible scheduler work as they do
+    there. There is no `mask_image`: the map sets the UNet's mask at every step. A pixel of strength s is released at
+    step `T - floor(T * s)`, as in img2img; until then it is frozen on the noised original and the mask shows it as
+    known, and from then on the UNet repaints it. A uniform map of strength `s` gives stock inpainting at
+    `strength=s` with an all-white mask.
+    """
+
+    _frozen = None  # the ReleasedMask of the call in progress
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt=None,
+        image=None,
+        mask_image=None,
+        masked_image_latents: torch.Tensor = None,
+        height: int | None = None,
+        width: int | None = None,
+        padding_mask_crop: int | None = None,
+        strength: float = 1.0,
+        num_inference_steps: int = 50,
+        timesteps: list[int] = None,
+        sigmas: list[float] = None,
+        guidance_scale: float = 7.5,
+        negative_prompt=None,
+        num_images_per_prompt: int | None = 1,
+        eta: float = 0.0,
+        generator=None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        ip_adapter_image=None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
+        output_type: str | None = "pil",
+        return_dict: bool = True,
+        cross_attention_kwargs: dict | None = None,
+        clip_skip: int = None,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+        *,
+        map=None,
+        invert_map: bool = False,
+        keep_exact: bool = False,
+        **kwargs,
+    ):
+        r"""
+        Takes every argument of [`StableDiffusionInpaintPipeline.__call__`], in its order and with its defaults,
+        then `map`, `invert_map` and `keep_exact`, which must be passed by name. The map replaces `mask_image`,
+        `masked_image_latents` and `padding_mask_crop`, which must stay unset, and `latents`, which stock inpainting
+        takes as the noise itself, is not taken. Arguments not listed here act as in stock.
+
+        Args:
+            prompt (`str` or `list[str]`, *optional*):
+                The prompt(s) to guide the edit. Pass `prompt_embeds` instead to skip the text encoder.
+            image (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor` or a list of them):
+                The image(s) to edit, as stock takes them.
+            height (`int`, *optional*), width (`int`, *optional*):
+                Resize `image` to this size, as stock does (default: the UNet's sample size); the map follows.
+            strength (`float` in [0, 1], *optional*, defaults to 1.0):
+                Scales every pixel's strength: `s = strength * (1 - map)`.
+            num_inference_steps (`int`, *optional*, defaults to 50):
+                The length T of the full schedule. Only the steps from the first released pixel on are run.
+            generator (`torch.Generator` or `list[torch.Generator]`, *optional*):
+                Used in stock's order: the VAE sample of the image (x0), the noise, then the VAE sample of the first
+                masked image. Where some pixel is released at step 0, stock would draw no x0 (it starts from pure
+                noise); x0 is still drawn first when other pixels are frozen, and not at all when none is.
+            callback_on_step_end (`Callable`, `PipelineCallback` or `MultiPipelineCallbacks`, *optional*):
+                Called at the end of every step that runs, after the frozen pixels have been reset and the mask has
+                been updated, so it sees the `latents`, `mask` and `masked_image_latents` of the next step.
+            map (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor` or a list of them, values in [0, 1], white = keep):
+                How much each pixel may change. 1 (white) keeps the pixel, 0 (black) changes it fully: a pixel's
+                strength is `1 - map`. An inpainting mask (white = repaint) is `map=mask, invert_map=True`. One map
+                for all images, or one per image; any size with the image's aspect ratio (area-averaged down to the
+                latent grid). Required.
+            invert_map (`bool`, *optional*, defaults to `False`):
+                Read `map` the other way round, white = change, as inpainting masks do.
+            keep_exact (`bool`, *optional*, defaults to `False`):
+                Composite the input back after decoding: `clamp(T * s, 0, 1) * output + (1 - that) * input`, so that
+                pixels of strength 0 keep the input's own values. Needs an `output_type` other than `"latent"`.
+            **kwargs:
+                Passed to stock (its deprecated `callback` and `callback_steps`).
+
+        Returns:
+            [`StableDiffusionPipelineOutput`] or `tuple`, as stock. `pipe.num_timesteps` is the number of denoising
+            steps actually run.
+        """
+        self._check_differential_inputs(image, map, mask_image, masked_image_latents, padding_mask_crop, latents,
+                                        num_inference_steps, strength, keep_exact, output_type)
+        for schedule in (timesteps, sigmas):
+            if schedule is not None:
+                num_inference_steps = len(schedule)
+        # Stock's defaults: the UNet's sample size, and the image is resized to it.
+        height = height or self.unet.config.sample_size * self.vae_scale_factor
+        width = width or self.unet.config.sample_size * self.vae_scale_factor
+        pixels = self.image_processor.preprocess(image, height=height, width=width).to(torch.float32)
+        pixel_grid = tuple(pixels.shape[-2:])
+        scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        latent_grid = tuple(n // scale for n in pixel_grid)
+        keep_map = prepare_keep_map(map, latent_grid, invert_map)
+        if keep_map.shape[0] not in (1, pixels.shape[0]):
+            raise ValueError(
+                f"Got {keep_map.shape[0]} maps for {pixels.shape[0]} images: pass one map, or one map per image."
+            )
+        release_step = release_steps(keep_map, strength, num_inference_steps)
+        frozen = ReleasedMask(
+            release_step, num_inference_steps, pixels, callback_on_step_end, callback_on_step_end_tensor_inputs
+        )
+        decoded_type = "pt" if keep_exact else output_type
+        # With every pixel released at step 0 nothing is frozen: that is stock inpainting at strength 1.
+        differential = frozen.last_frozen_step > 0
+        self._frozen = frozen if differential else None
+        try:
+            if frozen.first_step == num_inference_steps:
+                output = self._unchanged(prompt, prompt_embeds, pixels, num_images_per_prompt, generator, decoded_type)
+            else:
+                output = super().__call__(
+                    prompt=prompt,
+                    image=image,
+                    mask_image=frozen.released_pixels(frozen.first_step),
+                    height=height,
+                    width=width,
+                    strength=stock_strength(num_inference_steps - frozen.first_step, num_inference_steps),
+                    num_inference_steps=num_inference_steps,
+                    timesteps=timesteps,
+                    sigmas=sigmas,
+                    guidance_scale=guidance_scale,
+                    negative_prompt=negative_prompt,
+                    num_images_per_prompt=num_images_per_prompt,
+                    eta=eta,
+                    generator=generator,
+                    prompt_embeds=prompt_embeds,
+                    negative_prompt_embeds=negative_prompt_embeds,
+                    ip_adapter_image=ip_adapter_image,
+                    ip_adapter_image_embeds=ip_adapter_image_embeds,
+                    output_type=decoded_type,
+                    return_dict=True,  # the tuple, if asked for, is made below
+                    cross_attention_kwargs=cross_attention_kwargs,
+                    clip_skip=clip_skip,
+                    callback_on_step_end=frozen if differential else callback_on_step_end,
+                    callback_on_step_end_tensor_inputs=(
+                        frozen.step_end_tensor_inputs if differential else callback_on_step_end_tensor_inputs
+                    ),
+                    **kwargs,
+                )
+        finally:
+            self._frozen = None
+        if keep_exact:
+            pixel_keep_map = prepare_keep_map(map, pixel_grid, invert_map, aspect_of=latent_grid)
+            weight = exact_keep_weight(pixel_keep_map, strength, num_inference_steps)
+            images = composite_original(output.images, pixels / 2 + 0.5, weight)
+            images = self.image_processor.postprocess(images, output_type, do_denormalize=[False] * len(images))
+            output = StableDiffusionPipelineOutput(images=images, nsfw_content_detected=output.nsfw_content_detected)
+        return output if return_dict else (output.images, output.nsfw_content_detected)
+
+    def prepare_latents(self, batch_size, num_channels_latents, height, width, dtype, device, generator, latents=None,
+                        image=None, timestep=None, is_strength_max=True, return_noise=False,
+                        return_image_latents=False):
+        # Stock draws x0 and the noise here and keeps only add_noise(x0, noise, t); frozen pixels need both again.
+        # From step 0 stock starts on pure noise and never encodes the image: x0 is then asked for, for the pixels
+        # still frozen, which start on add_noise(x0, noise, t_0) as everywhere else.
+        frozen = self._frozen
+        if frozen is None:
+            return super().prepare_latents(batch_size, num_channels_latents, height, width, dtype, device, generator,
+                                           latents, image, timestep, is_strength_max, return_noise,
+                                           return_image_latents)
+        with frozen.recording_add_noise(self.scheduler):
+            latents, noise, *image_latents = super().prepare_latents(
+                batch_size, num_channels_latents, height, width, dtype, device, generator, None, image, timestep,
+                is_strength_max, return_noise=True, return_image_latents=return_image_latents or is_strength_max,
+            )
+            if is_strength_max:
+                noised_original = self.scheduler.add_noise(image_latents[0], noise, timestep)
+        if is_strength_max:
+            latents = torch.where(frozen.release_step > 0, noised_original.to(latents.dtype), latents)
+        outputs = (latents, noise) if return_noise else (latents,)
+        return outputs + tuple(image_latents[:1]) if return_image_latents else outputs
+
+    def _unchanged(self, prompt, prompt_embeds, pixels, num_images_per_prompt, generator, output_type):
+        # No pixel is released, so no step runs: the result is x0, drawn as stock draws it.
+        device, dtype = self._execution_device, self.vae.dtype
+        batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
+        x0 = self._encode_vae_image(pixels.to(device, dtype), generator)
+        latents = tile_to_batch(x0, batch_size * num_images_per_prompt)
+        self._num_timesteps = 0
+        if output_type == "latent":
+            images = latents
+        else:
+            decoded = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False, generator=generator)
+            images = self.image_processor.postprocess(decoded[0], output_type=output_type)
+        self.maybe_free_model_hooks()
+        return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=None)
+
+    def _check_differential_inputs(self, image, map, mask_image, masked_image_latents, padding_mask_crop, latents,
+                                   num_inference_steps, strength, keep_exact, output_type):
+        if image is None or map is None:
+            raise ValueError("Pass both `image` and `map`.")
+        if mask_image is not None or masked_image_latents is not None or padding_mask_crop is not None:
+            raise ValueError(
+                "The map sets the inpainting mask at every step: leave `mask_image`, `masked_image_latents` and "
+                "`padding_mask_crop` unset, and pass an inpainting mask (white = repaint) as "
+                "`map=mask, invert_map=True`."
+            )
+        if latents is not None:
+            raise ValueError(
+                "`latents` is not taken: stock inpainting uses them as the noise and skips encoding the image, which "
+                "frozen pixels need. Pass a `generator` instead."
+            )
+        if self.unet.config.in_channels != 9:
+            raise ValueError(
+                f"This pipeline is for inpainting checkpoints, whose UNet reads 9 channels; this one reads "
+                f"{self.unet.config.in_channels}. For other checkpoints use StableDiffusionDiffImg2ImgPipeline "
+                "(SD2/diff_pipe.py)."
+            )
+        if not isinstance(num_inference_steps, numbers.Integral) or num_inference_steps < 1:
+            raise ValueError(f"`num_inference_steps` must be a positive integer, not {num_inference_steps}.")
+        if not 0 <= strength <= 1:
+            raise ValueError(f"`strength` must lie in [0, 1], not {strength}.")
+        if keep_exact and output_type == "latent":
+            raise ValueError('`keep_exact` copies the input\'s pixels into the output: pick an `output_type` other '
+                             'than "latent".')

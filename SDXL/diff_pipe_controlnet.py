@@ -1,0 +1,508 @@
+# Copyright 2026 The differential-diffusion authors. Licensed under the Apache License, Version 2.0.
+"""Differential img2img with ControlNet for Stable Diffusion XL: a map gives every pixel its own strength, and one or
+more ControlNets condition every step that runs.
+
+Levin & Fried, "Differential Diffusion: Giving Each Pixel Its Strength", arXiv 2306.00950.
+
+This file stands alone (torch, diffusers, PIL, numpy): copy it into your own code, or load it as a diffusers
+community pipeline::
+
+    controlnet = ControlNetModel.from_pretrained("diffusers/controlnet-canny-sdxl-1.0")
+    pipe = DiffusionPipeline.from_pretrained(
+        "stabilityai/stable-diffusion-xl-base-1.0", controlnet=controlnet,
+        custom_pipeline="SDXL/diff_pipe_controlnet.py", trust_remote_code=True,
+    )
+    edited = pipe(prompt, image=image, control_image=edges, map=map).images[0]
+"""
+
+import numbers
+from contextlib import contextmanager
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+from diffusers import StableDiffusionXLControlNetImg2ImgPipeline
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.pipelines.stable_diffusion_xl import StableDiffusionXLPipelineOutput
+
+# ----------------------------------------------------------------------------------------------------------------
+# Copied from SD2/diff_pipe.py: differential core (begin)
+#
+# Every pipeline file of this project carries this block unchanged, so that each file can be copied alone;
+# tests/test_copies.py fails if two copies drift apart. The algorithm, in the paper's terms:
+#   map -> strength s per pixel -> release step r = T - floor(T * s) -> before step i, pixels with i <= r take the
+#   noised original add_noise(x0, noise, t_i); after the last step, pixels never released take x0 itself.
+# ----------------------------------------------------------------------------------------------------------------
+
+# A float32 map cannot hold 0.3 exactly, yet 1 - 0.3 must land on the step that stock img2img gives strength 0.7.
+STEP_TOLERANCE = 1e-4
+
+
+def map_to_tensor(map) -> torch.Tensor:
+    """Converts a map to a float32 tensor of shape (B, 1, H, W) with values in [0, 1], in the map's own polarity.
+
+    Accepts a PIL image (modes 1, L, I;16, I, F, or colour modes, which are converted to luminance), a numpy array
+    ((H, W), (B, H, W), (H, W, 1), (B, H, W, 1) or (B, 1, H, W)), a torch tensor ((H, W), (B, H, W) or
+    (B, 1, H, W)), or a list of these. uint8 values are divided by 255, uint16 (and PIL mode I) by 65535, bool maps
+    to 0 and 1, and floats must already lie in [0, 1].
+    """
+    if isinstance(map, (list, tuple)):
+        if len(map) == 0:
+            raise ValueError("`map` is an empty list: pass one map, or one map per image.")
+        maps = [map_to_tensor(m) for m in map]
+        if len({tuple(m.shape[-2:]) for m in maps}) > 1:
+            sizes = ", ".join(f"{m.shape[-1]}x{m.shape[-2]}" for m in maps)
+            raise ValueError(f"The maps in the `map` list differ in size ({sizes}); give them all the same size.")
+        return torch.cat(maps)
+    if isinstance(map, PIL.Image.Image):
+        return _pil_map_to_tensor(map)
+    if isinstance(map, np.ndarray):
+        if map.ndim == 3 and map.shape[-1] in (3, 4):
+            raise ValueError(
+                f"`map` has shape {map.shape}, which looks like a colour image; a map has one channel. "
+                "Pass a grayscale array, or the image as a PIL image, which is converted to luminance."
+            )
+        if map.ndim in (3, 4) and map.shape[-1] == 1:
+            map = map[..., 0]
+        return _unit_values(torch.from_numpy(np.ascontiguousarray(map)))
+    if isinstance(map, torch.Tensor):
+        return _unit_values(map.detach().cpu())
+    raise TypeError(f"`map` must be a PIL image, numpy array, torch tensor or a list of them, not {type(map).__name__}.")
+
+
+def _pil_map_to_tensor(image: PIL.Image.Image) -> torch.Tensor:
+    if image.mode == "I":  # 16-bit PNGs open as mode I with some Pillow versions
+        values = np.asarray(image, dtype=np.int64)
+        if values.min() < 0 or values.max() > 65535:
+            raise ValueError("A `map` of PIL mode I must hold 16-bit values in [0, 65535].")
+        return torch.from_numpy(values.astype(np.float32) / 65535)[None, None]
+    if not (image.mode in ("1", "L", "F") or image.mode.startswith("I;16")):
+        image = image.convert("L")
+    return _unit_values(torch.from_numpy(np.array(image)))
+
+
+def _unit_values(map: torch.Tensor) -> torch.Tensor:
+    if map.ndim == 4 and map.shape[1] == 1:
+        map = map[:, 0]
+    if map.ndim == 2:
+        map = map[None]
+    if map.ndim != 3:
+        raise ValueError(
+            f"`map` has shape {tuple(map.shape)}; expected (H, W), (B, H, W) or (B, 1, H, W): maps have one channel."
+        )
+    if map.numel() == 0:
+        raise ValueError(f"`map` is empty (shape {tuple(map.shape)}).")
+    if map.dtype == torch.bool:
+        map = map.float()
+    elif map.dtype == torch.uint8:
+        map = map.float() / 255
+    elif map.dtype == torch.uint16:
+        map = map.float() / 65535
+    elif map.is_floating_point():
+        map = map.float()
+        if not torch.isfinite(map).all():
+            raise ValueError("`map` contains NaN or infinite values.")
+        low, high = map.min().item(), map.max().item()
+        if low < 0 or high > 1:
+            raise ValueError(
+                f"`map` values must lie in [0, 1], but they span [{low:g}, {high:g}]. "
+                "Rescale it first, for example (m - m.min()) / (m.max() - m.min())."
+            )
+    else:
+        raise ValueError(
+            f"`map` has dtype {map.dtype}; use uint8 (0-255), uint16 (0-65535), bool, or floats in [0, 1]."
+        )
+    return map[:, None]
+
+
+def prepare_keep_map(map, size: tuple, invert_map: bool = False, aspect_of: tuple = None) -> torch.Tensor:
+    """Returns the keep-map (1 = keep, 0 = change fully) as float32 (B, 1, *size) on the CPU.
+
+    `size` is the grid the model works on (latents, or pixels for pixel-space models). Downsampling averages areas,
+    so a fine map does not alias. The map must have the aspect ratio of `aspect_of` (the image's height and width,
+    in pixels or grid cells; default `size`) to within one of its units or 1%, whichever is looser.
+    """
+    map = map_to_tensor(map)
+    (height, width), (reference_height, reference_width) = map.shape[-2:], aspect_of or size
+    if abs(height * reference_width / width - reference_height) > max(1, reference_height / 100):
+        raise ValueError(
+            f"`map` is {width}x{height} but the image is {reference_width}x{reference_height}: their aspect ratios "
+            "differ. Give the map the image's aspect ratio."
+        )
+    if (height, width) != tuple(size):
+        shrinking = height >= size[0] and width >= size[1]
+        map = F.interpolate(map, size=size, mode="area") if shrinking else F.interpolate(map, size=size, mode="bilinear")
+        map = map.clamp(0, 1)
+    return 1 - map if invert_map else map
+
+
+def release_steps(keep_map: torch.Tensor, strength: float, num_inference_steps: int) -> torch.Tensor:
+    """The index of the first step that runs on each pixel: r = T - floor(T * s), with s = strength * (1 - keep_map).
+
+    This is the first step that stock img2img runs at `strength = s`. Pixels with r == T are never released.
+    """
+    steps_to_run = num_inference_steps * strength * (1 - keep_map.double())
+    nearest = steps_to_run.round()
+    steps_to_run = torch.where((steps_to_run - nearest).abs() <= STEP_TOLERANCE, nearest, steps_to_run.floor())
+    return num_inference_steps - steps_to_run.long()
+
+
+def stock_strength(steps_to_run: int, num_inference_steps: int) -> float:
+    """The `strength` at which stock img2img runs exactly the last `steps_to_run` steps.
+
+    Stock computes int(T * strength), and (k / T) * T falls just below k for many k and T: aim between two integers.
+    """
+    return min(1.0, (steps_to_run + 0.5) / num_inference_steps)
+
+
+def tile_to_batch(tensor: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Repeats a per-image tensor to the whole batch, as stock img2img repeats its images (whole batch, not items)."""
+    if tensor.shape[0] in (1, batch_size):
+        return tensor
+    return tensor.repeat(batch_size // tensor.shape[0], *(1,) * (tensor.ndim - 1))
+
+
+def exact_keep_weight(keep_map: torch.Tensor, strength: float, num_inference_steps: int) -> torch.Tensor:
+    """For `keep_exact`: how much of the model's output each pixel shows, clamp(T * s, 0, 1).
+
+    Pixels of strength 0 show only the original; those released on the last step or later blend linearly.
+    """
+    return (num_inference_steps * strength * (1 - keep_map)).clamp(0, 1)
+
+
+def composite_original(images: torch.Tensor, original: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`weight * images + (1 - weight) * original`, batch-tiled like stock: unchanged pixels keep the input's bytes."""
+    weight, original = tile_to_batch(weight, images.shape[0]), tile_to_batch(original, images.shape[0])
+    weight, original = weight.to(images.device, images.dtype), original.to(images.device, images.dtype)
+    return torch.where(weight == 0, original, weight * images + (1 - weight) * original)
+
+
+class FrozenPixels:
+    """Keeps every pixel on the noised original until its release step; a step-end callback for stock pipelines.
+
+    Stock img2img runs the schedule from the first released step on. Before each later step k, this sets the pixels
+    with k <= release_step to `add_noise(x0, noise, t_k)`, and after the last step, the pixels never released to
+    `x0`. `x0` and `noise` are the very tensors that stock img2img draws, recorded by `recording_add_noise`. The
+    user's own step-end `callback` (a function, `PipelineCallback` or `MultiPipelineCallbacks`) runs after the blend
+    and sees its `tensor_inputs`; ask stock for `step_end_tensor_inputs`.
+    """
+
+    def __init__(self, release_step: torch.Tensor, num_inference_steps: int, callback=None, tensor_inputs=()):
+        self.release_step = release_step
+        self.num_inference_steps = num_inference_steps
+        self.first_step = int(release_step.min())
+        self.last_frozen_step = int(release_step.max())
+        if isinstance(callback, (PipelineCallback, MultiPipelineCallbacks)):
+            tensor_inputs = callback.tensor_inputs  # stock reads a callback object's own list, whatever is passed
+        self.callback, self.tensor_inputs = callback, list(tensor_inputs or [])
+        self.x0 = self.noise = None
+
+    @property
+    def step_end_tensor_inputs(self) -> list:
+        """The tensors stock must hand this callback: the latents, and what the user's callback reads."""
+        return sorted(set(self.tensor_inputs) | {"latents"})
+
+    @contextmanager
+    def recording_add_noise(self, scheduler):
+        """Records `x0` and `noise` as stock `prepare_latents` passes them to `scheduler.add_noise`."""
+        stock_add_noise = scheduler.add_noise
+
+        def add_noise(original_samples, noise, timesteps):
+            self.x0, self.noise = original_samples, noise
+            return stock_add_noise(original_samples, noise, timesteps)
+
+        scheduler.add_noise = add_noise
+        try:
+            yield
+        finally:
+            del scheduler.add_noise
+        (height, width), (encoded_height, encoded_width) = self.release_step.shape[-2:], self.x0.shape[-2:]
+        if (height, width) != (encoded_height, encoded_width):
+            raise ValueError(
+                f"The image was encoded to a {encoded_width}x{encoded_height} grid, but the map was sized to "
+                f"{width}x{height} from the VAE's scale factor: give the image a width and height that the VAE's "
+                "scale factor divides."
+            )
+        self.release_step = tile_to_batch(self.release_step, self.x0.shape[0]).to(self.x0.device)
+
+    def blend(self, scheduler, i: int, latents: torch.Tensor) -> torch.Tensor:
+        """The latents to run loop iteration `i + 1` on, where iteration 0 is the first released step."""
+        order = scheduler.order
+        next_iteration = self.first_step * order + i + 1
+        if next_iteration == len(scheduler.timesteps):
+            return torch.where(self.release_step == self.num_inference_steps, self.x0.to(latents.dtype), latents)
+        if next_iteration > self.last_frozen_step * order:
+            return latents
+        timestep = scheduler.timesteps[next_iteration : next_iteration + 1].repeat(latents.shape[0])
+        noised_original = scheduler.add_noise(self.x0, self.noise, timestep).to(latents.dtype)
+        return torch.where(self.release_step * order >= next_iteration, noised_original, latents)
+
+    def __call__(self, pipe, i, t, callback_kwargs):
+        latents = self.blend(pipe.scheduler, i, callback_kwargs["latents"])
+        if self.callback is None:
+            return {"latents": latents}
+        user_kwargs = {name: callback_kwargs[name] for name in self.tensor_inputs}
+        if "latents" in user_kwargs:
+            user_kwargs["latents"] = latents
+        return {"latents": latents, **(self.callback(pipe, i, t, user_kwargs) or {})}
+
+
+# Copied from SD2/diff_pipe.py: differential core (end)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class StableDiffusionXLControlNetDiffImg2ImgPipeline(StableDiffusionXLControlNetImg2ImgPipeline):
+    r"""
+    Stable Diffusion XL ControlNet img2img where a map gives every pixel its own strength (Differential Diffusion).
+
+    It takes exactly the components of [`StableDiffusionXLControlNetImg2ImgPipeline`] (one ControlNet, or a list of
+    them), so `from_pretrained`, `from_pipe`, LoRA, IP-Adapter, model offloading and any compatible scheduler work as
+    they do there. The control image conditions every step that runs. A uniform map of strength `s` gives exactly
+    what stock SDXL ControlNet img2img gives at `strength=s`.
+    """
+
+    _frozen = None  # the FrozenPixels of the call in progress
+    _start_latents = None  # the user's `latents`, for the pixels released at the first step
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt=None,
+        prompt_2=None,
+        image=None,
+        control_image=None,
+        height: int | None = None,
+        width: int | None = None,
+        strength: float = 1.0,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 5.0,
+        negative_prompt=None,
+        negative_prompt_2=None,
+        num_images_per_prompt: int | None = 1,
+        eta: float = 0.0,
+        generator=None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        ip_adapter_image=None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
+        output_type: str | None = "pil",
+        return_dict: bool = True,
+        cross_attention_kwargs: dict | None = None,
+        controlnet_conditioning_scale: float | list[float] = 0.8,
+        guess_mode: bool = False,
+        control_guidance_start: float | list[float] = 0.0,
+        control_guidance_end: float | list[float] = 1.0,
+        original_size: tuple[int, int] = None,
+        crops_coords_top_left: tuple[int, int] = (0, 0),
+        target_size: tuple[int, int] = None,
+        negative_original_size: tuple[int, int] | None = None,
+        negative_crops_coords_top_left: tuple[int, int] = (0, 0),
+        negative_target_size: tuple[int, int] | None = None,
+        aesthetic_score: float = 6.0,
+        negative_aesthetic_score: float = 2.5,
+        clip_skip: int | None = None,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+        *,
+        map=None,
+        invert_map: bool = False,
+        keep_exact: bool = False,
+        **kwargs,
+    ):
+        r"""
+        Takes every argument of [`StableDiffusionXLControlNetImg2ImgPipeline.__call__`], in its order and with its
+        defaults (except `strength`), then `map`, `invert_map` and `keep_exact`, which must be passed by name.
+        Arguments not listed here act as in stock.
+
+        Args:
+            prompt (`str` or `list[str]`, *optional*):
+                The prompt(s) to guide the edit. Pass `prompt_embeds` and `pooled_prompt_embeds` instead to skip the
+                text encoders.
+            image (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor` or a list of them):
+                The image(s) to edit, in any form stock takes (tensors in [0, 1], or 4-channel latents).
+            control_image (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor` or a list of them):
+                The ControlNet condition (edges, depth, pose...), as in stock; with several ControlNets, a list with
+                one condition per ControlNet. It conditions every step that runs, frozen pixels included (they are
+                reset after each step).
+            height (`int`, *optional*), width (`int`, *optional*):
+                Resize `image` and `control_image` to this size, as stock does; the map follows.
+            strength (`float` in [0, 1], *optional*, defaults to 1.0):
+                Scales every pixel's strength: `s = strength * (1 - map)`. With a uniform map this is stock's
+                `strength` (whose default is 0.8); 0 changes nothing.
+            num_inference_steps (`int`, *optional*, defaults to 50):
+                The length T of the full schedule. Only the steps from the first released pixel on are run:
+                `floor(T * max(s))` UNet and ControlNet steps.
+            generator (`torch.Generator` or `list[torch.Generator]`, *optional*):
+                Used in the same order as stock (VAE sample, then noise), so a seed gives the same result.
+            latents (`torch.Tensor` of shape (batch * num_images_per_prompt, 4, height / 8, width / 8), *optional*):
+                The latents the first step that runs starts from, as stock's `latents`. Only the pixels released at
+                that step take them: the others are frozen on `add_noise(x0, noise, t)`, and x0 and `noise` are
+                drawn from `generator` just as without `latents`.
+            control_guidance_start, control_guidance_end (`float` or `list[float]`, *optional*):
+                As in stock: fractions of the steps that run, which start at the first released pixel.
+            callback_on_step_end (`Callable`, `PipelineCallback` or `MultiPipelineCallbacks`, *optional*):
+                Called at the end of every step that runs, after the frozen pixels have been reset, so it sees the
+                latents that the next step will run on. It may set `pipe._interrupt` or change `pipe._guidance_scale`
+                as in stock.
+            map (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor` or a list of them, values in [0, 1], white = keep):
+                How much each pixel may change. 1 (white) keeps the pixel, 0 (black) changes it fully: a pixel's
+                strength is `1 - map`. One map for all images, or one per image; any size with the image's aspect
+                ratio (it is area-averaged down to the latent grid). Required.
+            invert_map (`bool`, *optional*, defaults to `False`):
+                Read `map` the other way round, white = change, as inpainting masks and some UIs do.
+            keep_exact (`bool`, *optional*, defaults to `False`):
+                Composite the input back after decoding: `clamp(T * s, 0, 1) * output + (1 - that) * input`. Pixels
+                of strength 0 are then the input's own values instead of its lossy VAE round trip. Needs pixels as
+                `image` and an `output_type` other than `"latent"`.
+            **kwargs:
+                Passed to stock (its deprecated `callback` and `callback_steps`).
+
+        Returns:
+            [`StableDiffusionXLPipelineOutput`] or `tuple`, as stock. `pipe.num_timesteps` is the number of denoising
+            steps actually run.
+        """
+        if image is None or control_image is None or map is None:
+            raise ValueError("Pass `image`, `control_image` and `map`.")
+        if not isinstance(num_inference_steps, numbers.Integral) or num_inference_steps < 1:
+            raise ValueError(f"`num_inference_steps` must be a positive integer, not {num_inference_steps}.")
+        if not 0 <= strength <= 1:
+            raise ValueError(f"`strength` must lie in [0, 1], not {strength}.")
+
+        pixels = self.image_processor.preprocess(image, height=height, width=width)
+        image_is_latents = pixels.shape[1] == self.vae.config.latent_channels
+        if keep_exact and (image_is_latents or output_type == "latent"):
+            raise ValueError(
+                "`keep_exact` copies the input's pixels into the output: pass `image` as pixels, not latents, and an "
+                '`output_type` other than "latent".'
+            )
+        pixel_grid = tuple(pixels.shape[-2:])
+        # `vae_scale_factor` is set at construction and goes stale when `pipe.vae` is swapped afterwards: the grid
+        # comes from the VAE attached now, and the core checks it against x0.
+        scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        latent_grid = pixel_grid if image_is_latents else tuple(n // scale for n in pixel_grid)
+        keep_map = prepare_keep_map(map, latent_grid, invert_map)
+        if keep_map.shape[0] not in (1, pixels.shape[0]):
+            raise ValueError(
+                f"Got {keep_map.shape[0]} maps for {pixels.shape[0]} images: pass one map, or one map per image."
+            )
+        release_step = release_steps(keep_map, strength, num_inference_steps)
+        frozen = FrozenPixels(
+            release_step, num_inference_steps, callback_on_step_end, callback_on_step_end_tensor_inputs
+        )
+        decoded_type = "pt" if keep_exact else output_type
+        self._frozen, self._start_latents = frozen, latents
+        try:
+            if frozen.first_step == num_inference_steps:
+                output = self._unchanged(prompt, prompt_embeds, pixels, num_images_per_prompt, generator, decoded_type)
+            else:
+                output = super().__call__(
+                    prompt=prompt,
+                    prompt_2=prompt_2,
+                    image=image,
+                    control_image=control_image,
+                    height=height,
+                    width=width,
+                    strength=stock_strength(num_inference_steps - frozen.first_step, num_inference_steps),
+                    num_inference_steps=num_inference_steps,
+                    guidance_scale=guidance_scale,
+                    negative_prompt=negative_prompt,
+                    negative_prompt_2=negative_prompt_2,
+                    num_images_per_prompt=num_images_per_prompt,
+                    eta=eta,
+                    generator=generator,
+                    latents=None,  # stock would skip prepare_latents, where `latents` join the frozen pixels
+                    prompt_embeds=prompt_embeds,
+                    negative_prompt_embeds=negative_prompt_embeds,
+                    pooled_prompt_embeds=pooled_prompt_embeds,
+                    negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+                    ip_adapter_image=ip_adapter_image,
+                    ip_adapter_image_embeds=ip_adapter_image_embeds,
+                    output_type=decoded_type,
+                    return_dict=True,  # the tuple, if asked for, is made below
+                    cross_attention_kwargs=cross_attention_kwargs,
+                    controlnet_conditioning_scale=controlnet_conditioning_scale,
+                    guess_mode=guess_mode,
+                    control_guidance_start=control_guidance_start,
+                    control_guidance_end=control_guidance_end,
+                    original_size=original_size,
+                    crops_coords_top_left=crops_coords_top_left,
+                    target_size=target_size,
+                    negative_original_size=negative_original_size,
+                    negative_crops_coords_top_left=negative_crops_coords_top_left,
+                    negative_target_size=negative_target_size,
+                    aesthetic_score=aesthetic_score,
+                    negative_aesthetic_score=negative_aesthetic_score,
+                    clip_skip=clip_skip,
+                    callback_on_step_end=frozen,
+                    callback_on_step_end_tensor_inputs=frozen.step_end_tensor_inputs,
+                    **kwargs,
+                )
+        finally:
+            self._frozen = self._start_latents = None
+        if keep_exact:
+            pixel_keep_map = prepare_keep_map(map, pixel_grid, invert_map, aspect_of=latent_grid)
+            weight = exact_keep_weight(pixel_keep_map, strength, num_inference_steps)
+            images = composite_original(output.images, pixels / 2 + 0.5, weight)
+            images = self.image_processor.postprocess(images, output_type, do_denormalize=[False] * len(images))
+            output = StableDiffusionXLPipelineOutput(images=images)
+        return output if return_dict else (output.images,)
+
+    def prepare_latents(self, *args, **kwargs):
+        # Stock draws x0 and noise here and keeps only add_noise(x0, noise, t); every frozen pixel needs both again.
+        frozen = self._frozen
+        if frozen is None:
+            return super().prepare_latents(*args, **kwargs)
+        with frozen.recording_add_noise(self.scheduler):
+            noised_original = super().prepare_latents(*args, **kwargs)
+        if self._start_latents is None:
+            return noised_original
+        start = self._start_latents
+        if not isinstance(start, torch.Tensor) or start.shape != noised_original.shape:
+            shape = tuple(start.shape) if isinstance(start, torch.Tensor) else type(start).__name__
+            raise ValueError(
+                f"`latents` must be a tensor shaped like the latents, {tuple(noised_original.shape)} (images x "
+                f"num_images_per_prompt, channels, height / vae_scale_factor, width / vae_scale_factor), not {shape}."
+            )
+        start = start.to(noised_original.device, noised_original.dtype)
+        # The loop runs on `start`'s memory layout, as stock's would: the UNet rounds differently on channels-last
+        # tensors, which is what the VAE's x0 often is.
+        still_frozen = frozen.release_step > frozen.first_step
+        return torch.where(still_frozen, noised_original, start, out=torch.empty_like(start))
+
+    def _unchanged(self, prompt, prompt_embeds, pixels, num_images_per_prompt, generator, output_type):
+        # No pixel is released, so no step runs: the result is x0, as at every kept pixel of a run.
+        device, dtype = self._execution_device, self.unet.dtype
+        batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
+        self.scheduler.set_timesteps(self._frozen.num_inference_steps, device=device)
+        timestep = self.scheduler.timesteps[-1:].repeat(batch_size * num_images_per_prompt)
+        self._start_latents = None  # no step runs to start from them
+        self.prepare_latents(pixels, timestep, batch_size, num_images_per_prompt, dtype, device, generator)
+        self._num_timesteps = 0
+        images = self._decode(self._frozen.x0, output_type)
+        self.maybe_free_model_hooks()
+        return StableDiffusionXLPipelineOutput(images=images)
+
+    def _decode(self, latents, output_type):
+        """Latents to `output_type` as stock's last lines do (VAE upcast, latent statistics, watermark)."""
+        if output_type == "latent":
+            return latents
+        needs_upcasting = self.vae.dtype == torch.float16 and self.vae.config.force_upcast
+        if needs_upcasting:
+            self.vae.to(dtype=torch.float32)
+        latents = latents.to(self.vae.dtype)
+        mean, std = getattr(self.vae.config, "latents_mean", None), getattr(self.vae.config, "latents_std", None)
+        if mean is not None and std is not None:
+            mean, std = (torch.tensor(v).view(1, -1, 1, 1).to(latents.device, latents.dtype) for v in (mean, std))
+            latents = latents * std / self.vae.config.scaling_factor + mean
+        else:
+            latents = latents / self.vae.config.scaling_factor
+        image = self.vae.decode(latents, return_dict=False)[0]
+        if needs_upcasting:
+            self.vae.to(dtype=torch.float16)
+        if self.watermark is not None:
+            image = self.watermark.apply_watermark(image)
+        return self.image_processor.postprocess(image, output_type=output_type)
