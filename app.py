@@ -31,7 +31,8 @@ from tools import maps as map_makers  # noqa: E402
 
 DEFAULT_FAMILY = "sd2"
 # Brush colours and the strength each paints (white = keep); labelled on the page.
-BRUSH_LEVELS = {"#000000": 1.0, "#404040": 0.75, "#808080": 0.5, "#bfbfbf": 0.25, "#ffffff": 0.0}
+BRUSH_LEVELS = {"#000000": ("black", 1.0), "#404040": ("dark grey", 0.75), "#808080": ("grey", 0.5),
+                "#bfbfbf": ("light grey", 0.25), "#ffffff": ("white", 0.0)}
 MAP_SOURCES = ("paint", "upload", "gradient", "radial", "feather")
 OVERLAY_COLOUR = np.array([255, 40, 40], dtype=np.float32)  # where the map changes the image, in the preview
 
@@ -217,23 +218,27 @@ def build_app(models: Models, output_dir: Path) -> gr.Blocks:
                 image_file = gr.File(label="Image (any format Pillow reads)", file_types=["image"], type="filepath",
                                      elem_id="image-file")
                 max_side = gr.Slider(0, 2048, value=768, step=64, label="Working size: longer side in pixels "
-                                     "(0 keeps the upload's size)")
+                                     "(0 keeps the upload's size)", elem_id="max-side")
                 source = gr.Radio(list(MAP_SOURCES), value="paint", label="Map from", elem_id="map-source")
-                gr.Markdown("**Brush:** black = strength 1 (change fully) · dark grey = 0.75 · grey = 0.5 · "
-                            "light grey = 0.25 · white = 0 (keep). Unpainted pixels keep. With *feather*, paint "
-                            "the region to fill in any colour.")
-                editor = gr.ImageEditor(
-                    label="Paint the map", type="pil", image_mode="RGBA", format="png", sources=(), layers=False,
-                    transforms=(), brush=gr.Brush(colors=list(BRUSH_LEVELS), default_color="#000000",
-                                                  color_mode="fixed"),
-                    elem_id="map-editor")
+                with gr.Group(visible=True) as paint_group:
+                    gr.Markdown("**Brush:** " + " · ".join(f"{name} = strength {strength:g}" for name, strength
+                                                           in BRUSH_LEVELS.values())
+                                + ". Unpainted pixels keep. For *feather*, paint the region to fill in any colour.")
+                    editor = gr.ImageEditor(
+                        label="Paint the map", type="pil", image_mode="RGBA", format="png", sources=(), layers=False,
+                        transforms=(), brush=gr.Brush(colors=list(BRUSH_LEVELS), default_color="#000000",
+                                                      color_mode="fixed"),
+                        elem_id="map-editor")
                 map_file = gr.File(label="Map to upload (grayscale; 16-bit keeps its precision)", file_types=["image"],
-                                   type="filepath", elem_id="map-file")
-                with gr.Row():
-                    angle = gr.Slider(0, 360, value=0, step=1, label="Gradient angle (0: change left, keep right)")
-                    inner = gr.Slider(0, 2, value=0, step=0.05, label="Radial: inner radius (changed fully)")
-                    outer = gr.Slider(0, 2, value=1, step=0.05, label="Radial: outer radius (kept beyond)")
-                with gr.Row():
+                                   type="filepath", elem_id="map-file", visible=False)
+                with gr.Row(visible=False) as gradient_row:
+                    angle = gr.Slider(0, 360, value=0, step=1, label="Gradient angle, counterclockwise (0: change "
+                                      "left, keep right)")
+                with gr.Row(visible=False) as radial_row:
+                    inner = gr.Slider(0, 2, value=0, step=0.05, label="Inner radius, in half the shorter side "
+                                      "(changed fully within)")
+                    outer = gr.Slider(0, 2, value=1, step=0.05, label="Outer radius (kept beyond)")
+                with gr.Row(visible=False) as feather_row:
                     feather = gr.Slider(0, 256, value=32, step=1, label="Feather (px)")
                     grow = gr.Slider(0, 64, value=0, step=1, label="Grow (px)")
                 invert = gr.Checkbox(False, label="Invert map (white = change, as inpainting masks)",
@@ -327,6 +332,7 @@ def build_app(models: Models, output_dir: Path) -> gr.Blocks:
 
         def edit(family_name, model_id, path, side, source_name, editor_value, map_path, angle_value, inner_value,
                  outer_value, feather_value, grow_value, *settings, progress=gr.Progress(track_tqdm=True)):
+            *settings, count = settings
             with page_errors():
                 image = load_image(path, side)
                 args = run_args(family_name, model_id, path, *settings)
@@ -345,10 +351,11 @@ def build_app(models: Models, output_dir: Path) -> gr.Blocks:
                 extra_params = {"family": family_name, "tool": "app", "size": f"{image.width}x{image.height}"}
                 written = save(output, args, steps_run, extra_params, "edit.png")
                 grey, _ = map_preview(image, keep_map, args.invert_map)
-                return ((image, output), None, grey, summary(steps_run, seconds), written)
+                return (image, output), None, grey, summary(count + 1, steps_run, seconds), written, count + 1
 
         def fan_or_sweep(mode, family_name, model_id, path, side, sector_count, strengths_text, *settings,
                          progress=gr.Progress(track_tqdm=True)):
+            *settings, count = settings
             with page_errors():
                 image = load_image(path, side)
                 args = run_args(family_name, model_id, path, *settings)
@@ -364,7 +371,8 @@ def build_app(models: Models, output_dir: Path) -> gr.Blocks:
                     output, fan_map, steps_run = fan.fan_edit(family_module, pipelines, args, image, int(sector_count))
                     args.map = f"strength fan, {int(sector_count)} sectors"
                     extra_params = {"family": family_name, "tool": "fan", "sectors": int(sector_count)}
-                    pair, shown, grey = (image, output), fan.label_fan(output, int(sector_count)), fan_map
+                    pair, shown = (image, output), fan.label_fan(output, int(sector_count))
+                    grey, _ = map_preview(image, fan_map, invert=False)
                 else:
                     values = parse_strengths(strengths_text)
                     outputs, steps_run = fan.sweep_edit(family_module, pipelines, args, image, values)
@@ -375,7 +383,13 @@ def build_app(models: Models, output_dir: Path) -> gr.Blocks:
                     pair, grey = (image, outputs[-1]), None
                 seconds = time.perf_counter() - started
                 written = save(output, args, steps_run, extra_params, f"{mode}.png")
-                return pair, shown, grey, summary(steps_run, seconds), written
+                return pair, shown, grey, summary(count + 1, steps_run, seconds), written, count + 1
+
+        def run_fan(*values, progress=gr.Progress(track_tqdm=True)):  # Gradio passes progress by signature
+            return fan_or_sweep("fan", *values, progress=progress)
+
+        def run_sweep(*values, progress=gr.Progress(track_tqdm=True)):
+            return fan_or_sweep("sweep", *values, progress=progress)
 
         def parse_strengths(text):
             items = [item.strip() for item in (text or "").split(",") if item.strip()]
@@ -387,27 +401,31 @@ def build_app(models: Models, output_dir: Path) -> gr.Blocks:
             except argparse.ArgumentTypeError as error:
                 raise cli.CliError(f"sweep strengths: each {error}") from None
 
-        settings = [prompt, negative, strength, steps, guidance, seed, scheduler, keep_exact, invert]
-        outputs = [result, extra, map_grey, info, download]
+        results_shown = gr.State(0)  # numbers each result, so that a repeated one still reads as new
+        settings = [prompt, negative, strength, steps, guidance, seed, scheduler, keep_exact, invert, results_shown]
+        outputs = [result, extra, map_grey, info, download, results_shown]
         # Queued (an error shows only on queued events) but unlimited: they never wait for an edit.
         image_file.change(new_image, [image_file, max_side], editor, concurrency_limit=None)
         for component in [*map_inputs, invert]:
             component.change(preview, [*map_inputs, invert], [map_grey, map_over], concurrency_limit=None,
                              show_progress="hidden")
+        source.change(lambda name: [gr.update(visible=name in shows) for shows in
+                                    (("paint", "feather"), ("upload",), ("gradient",), ("radial",), ("feather",))],
+                      source, [paint_group, map_file, gradient_row, radial_row, feather_row], queue=False)
         family.change(new_family, family, [model, steps, guidance, scheduler], concurrency_limit=None)
         edit_button.click(edit, [family, model, *map_inputs, *settings], outputs, concurrency_id="model")
-        fan_button.click(lambda *values: fan_or_sweep("fan", *values),
+        fan_button.click(run_fan,
                          [family, model, image_file, max_side, sectors, strengths, *settings], outputs,
                          concurrency_id="model")
-        sweep_button.click(lambda *values: fan_or_sweep("sweep", *values),
+        sweep_button.click(run_sweep,
                            [family, model, image_file, max_side, sectors, strengths, *settings], outputs,
                            concurrency_id="model")
     demo.queue(default_concurrency_limit=1)
     return demo
 
 
-def summary(steps_run: int, seconds: float) -> str:
-    return f"**{steps_run} denoising step{'' if steps_run == 1 else 's'} run in {seconds:.1f} s**"
+def summary(number: int, steps_run: int, seconds: float) -> str:
+    return f"**Result {number}:** {steps_run} denoising step{'' if steps_run == 1 else 's'} run in {seconds:.1f} s"
 
 
 def run(argv: list[str] | None = None) -> None:

@@ -9,8 +9,8 @@ from PIL import Image
 
 from tools import make_app_screenshot as browser
 
-pytestmark = pytest.mark.skipif(browser.browser_missing() is not None, reason=f"browser tests: "
-                                f"{browser.browser_missing()}")
+needs_browser = pytest.mark.skipif(browser.browser_missing() is not None, reason=f"browser tests: "
+                                   f"{browser.browser_missing()}")
 
 SEED, STEPS = 7, 4
 
@@ -66,6 +66,7 @@ def paint_and_edit(page, image_path):
     return browser.click_edit(page)
 
 
+@needs_browser
 def test_edit_in_the_browser(page, tmp_path):
     image_path = tmp_path / "input.png"
     smooth_image().save(image_path)
@@ -104,6 +105,7 @@ def test_edit_in_the_browser(page, tmp_path):
     assert (tmp_path / "app.png").stat().st_size > 10_000
 
 
+@needs_browser
 def test_bad_upload_shows_an_error_and_the_app_goes_on(page, tmp_path):
     text_file = tmp_path / "notes.txt"
     text_file.write_text("not an image\n")
@@ -120,3 +122,35 @@ def test_bad_upload_shows_an_error_and_the_app_goes_on(page, tmp_path):
     browser.set_field(page, "steps", STEPS)
     assert f"{STEPS} denoising steps" in paint_and_edit(page, image_path)
     assert download(page, tmp_path, "after-error.png").text["steps_run"] == str(STEPS)
+
+    # The fan button runs tools.fan's Strength Fan: every strength from 0 to 1 in one edit.
+    assert f"{STEPS} denoising steps" in browser.click_edit(page, "fan")
+    fan_png = download(page, tmp_path, "fan.png")
+    assert (fan_png.text["tool"], fan_png.text["sectors"], fan_png.text["map"]) == ("fan", "8",
+                                                                                   "strength fan, 8 sectors")
+    assert page.locator("#extra img").count() == 1  # the labelled fan
+
+
+def test_messages_instead_of_tracebacks():
+    app = pytest.importorskip("app")
+    for error, shown in ((RuntimeError("CUDA out of memory. Tried to allocate 2 GiB"), "out of memory: try"),
+                         (app.cli.CliError("no image: upload the image to edit first"), "no image: upload"),
+                         (ValueError("`map` must have values in [0, 1]"), "`map` must have values")):
+        with pytest.raises(app.gr.Error, match=shown), app.page_errors():
+            raise error
+    with pytest.raises(RuntimeError, match="a bug"), app.page_errors():  # anything else is a bug: it stays one
+        raise RuntimeError("a bug")
+
+
+def test_painted_layers_make_a_keep_map():
+    app = pytest.importorskip("app")
+    layer = np.zeros((4, 6, 4), dtype=np.uint8)
+    layer[1, 2] = (0, 0, 0, 255)  # black: change fully
+    layer[2, 3] = (128, 128, 128, 255)  # grey
+    layer[3, 4] = (0, 0, 0, 128)  # half-covered black, as at a stroke's soft edge
+    keep = np.asarray(app.painted_map([Image.fromarray(layer, "RGBA")], (6, 4)))
+    expected = np.ones((4, 6), dtype=np.float32)
+    expected[1, 2], expected[2, 3], expected[3, 4] = 0, 128 / 255, 1 - 128 / 255
+    np.testing.assert_allclose(keep, expected, atol=1e-6)
+    mask = np.asarray(app.painted_mask([Image.fromarray(layer, "RGBA")], (6, 4)))
+    np.testing.assert_allclose(mask, layer[..., 3] / 255, atol=1e-6)

@@ -3,7 +3,7 @@
     python -m tools.make_app_screenshot --model path/to/folder [--output docs/images/app.png]
 
 It starts ``app.py --model MODEL --device cpu`` on a free port, uploads assets/input.jpg, paints a stroke on the map,
-edits, and saves the finished page. Without weights on this machine the committed screenshot comes from the tiny
+edits at a small working size, and saves the finished page. Without weights on this machine the committed screenshot comes from the tiny
 random-weight SD model the tests build (``--tiny``), so its result shows the page, not the method; pass a real
 ``--model`` to make one that shows both. tests/test_app.py drives the page through the same functions.
 
@@ -134,12 +134,12 @@ def set_field(page, elem_id: str, value) -> None:
 
 
 def click_edit(page, button: str = "edit", timeout_ms: float = 60_000) -> str:
-    """Clicks Edit (or fan, sweep) and waits for the new result's summary line; returns it."""
-    before = page.locator("#info").inner_text()
+    """Clicks Edit (or fan, sweep), waits for the next numbered result, and returns its summary line."""
+    summary = "() => (document.querySelector('#info').innerText.match(/Result (\\d+):.*/) || ['', '0'])"
+    number = int(page.evaluate(summary)[1])
     page.locator(f"#{button}").click()
-    page.wait_for_function("before => { const t = document.querySelector('#info').innerText;"
-                           " return t !== before && /denoising step/.test(t); }", arg=before, timeout=timeout_ms)
-    return page.locator("#info").inner_text()
+    page.wait_for_function(f"number => Number(({summary})()[1]) > number", arg=number, timeout=timeout_ms)
+    return page.evaluate(summary)[0]
 
 
 def build_tiny_model(folder: Path) -> Path:
@@ -152,15 +152,17 @@ def build_tiny_model(folder: Path) -> Path:
     return folder
 
 
-def make_screenshot(model: Path | str, output: Path) -> Path:
+def make_screenshot(model: Path | str, output: Path, working_size: int) -> Path:
     with tempfile.TemporaryDirectory() as scratch, running_app(model, log=Path(scratch) / "app.log") as url, \
             browser_page() as page:
         page.goto(url)
+        set_field(page, "max-side", working_size)
         upload_image(page, cli.EXAMPLE_IMAGE)
         wait_for_editor_image(page)
         paint_stroke(page, (0.35, 0.3), (0.65, 0.45))
         set_field(page, "prompt", cli.EXAMPLE_PROMPT.read_text().strip())
-        set_field(page, "steps", 10)
+        set_field(page, "steps", 20)
+        page.locator("#keep-exact input").check()
         click_edit(page, timeout_ms=300_000)
         page.wait_for_timeout(1000)
         output.parent.mkdir(parents=True, exist_ok=True)
@@ -173,6 +175,8 @@ def run(argv: list[str] | None = None) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="Hub id or local diffusers folder of an SD 1.x/2.x model")
     source.add_argument("--tiny", action="store_true", help="the tests' tiny random-weight model (no weights needed)")
+    parser.add_argument("--working-size", type=cli.whole_number(0, 2048), help="the longer side the image is "
+                        "edited at (default: 512 with --model, 192 with --tiny: its attention is slow at large sizes)")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="PNG to write (default: "
                         f"{cli.display(DEFAULT_OUTPUT)})")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
@@ -180,7 +184,8 @@ def run(argv: list[str] | None = None) -> None:
         raise cli.CliError(why)
     with tempfile.TemporaryDirectory() as scratch:
         model = build_tiny_model(Path(scratch) / "sd") if args.tiny else args.model
-        print(cli.display(make_screenshot(model, args.output)))
+        size = args.working_size if args.working_size is not None else 192 if args.tiny else 512
+        print(cli.display(make_screenshot(model, args.output, size)))
 
 
 if __name__ == "__main__":
