@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import os
 import shutil
 import socket
@@ -28,13 +29,16 @@ from pathlib import Path
 if __package__ in (None, ""):  # started as a script path: make `tools` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from PIL import Image  # noqa: E402
+
 from tools import cli  # noqa: E402
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 # Without the networking flags Chromium keeps dialling out, which a closed network refuses slowly.
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
-DEFAULT_OUTPUT = cli.REPO_ROOT / "docs" / "images" / "app.png"
+# Not docs/images, which holds only what tools.make_doc_images draws (tests/test_doc_images.py).
+DEFAULT_OUTPUT = cli.REPO_ROOT / "docs" / "screenshots" / "app.png"
 
 
 def browser_missing() -> str | None:
@@ -166,8 +170,9 @@ def make_screenshot(model: Path | str, output: Path, working_size: int) -> Path:
         click_edit(page, timeout_ms=300_000)
         page.wait_for_timeout(1000)
         output.parent.mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(output), full_page=True)
-    return output
+        shot = Image.open(io.BytesIO(page.screenshot(full_page=True))).convert("RGB")
+    # 256 colours keep the page legible at a third of the size, and the repository small.
+    return cli.write_png(shot.quantize(256, method=Image.Quantize.MEDIANCUT), output, overwrite=True)
 
 
 def run(argv: list[str] | None = None) -> None:
