@@ -5,8 +5,9 @@
     python app.py --model path/to/folder --device cpu --port 8000
 
 The page drives the families' own run.py (``build_parser``, ``load_pipelines``, ``edit``), tools.maps and tools.fan,
-so an edit here is the edit run.py makes with the same settings; the PNG it offers holds the same parameters. One
-edit runs at a time; further requests wait in a queue that shows their position.
+so an edit here is the edit run.py makes with the same settings on the image at the page's working size; the PNG it
+offers holds the same parameters (its command names the map as map.png: the map's own download button saves it).
+One edit runs at a time; further requests wait in a queue that shows their position.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import math
 import shlex
 import sys
 import tempfile
@@ -68,7 +68,8 @@ def family_args(name: str, argv: list[str]) -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Models: one set of pipelines held at a time, reused until another family, model or scheduler is asked for
+# Models: one set of pipelines held at a time (two may not fit on a GPU), reused until another family, model or
+# scheduler is asked for. Each family's load_pipelines sets the scheduler, so a new scheduler loads the model again.
 
 
 class Models:

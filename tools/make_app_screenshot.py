@@ -1,11 +1,13 @@
 """Screenshot of the web app for the README, made by driving app.py in a headless Chromium.
 
-    python -m tools.make_app_screenshot --model path/to/folder [--output docs/images/app.png]
+    python -m tools.make_app_screenshot --tiny          # writes docs/screenshots/app.png
+    python -m tools.make_app_screenshot --model path/to/folder --output app.png
 
 It starts ``app.py --model MODEL --device cpu`` on a free port, uploads assets/input.jpg, paints a stroke on the map,
-edits at a small working size, and saves the finished page. Without weights on this machine the committed screenshot comes from the tiny
-random-weight SD model the tests build (``--tiny``), so its result shows the page, not the method; pass a real
-``--model`` to make one that shows both. tests/test_app.py drives the page through the same functions.
+edits at a small working size with keep exact on, and saves the finished page. No weights are at hand here, so the
+committed screenshot comes from the tiny random-weight SD model the tests build (``--tiny``): its result shows the
+page, not the method; a real ``--model`` makes one that shows both. tests/test_app.py drives the page through the
+same functions.
 
 Needs Playwright for Python and a Chromium (Debian's ``chromium`` package: Playwright's own browser download is not
 used).
@@ -13,7 +15,6 @@ used).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import os
