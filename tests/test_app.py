@@ -1,8 +1,5 @@
 """app.py in a real browser: headless Chromium, driven by Playwright, against the tiny SD model on the CPU."""
 
-import io
-import urllib.request
-
 import numpy as np
 import pytest
 from PIL import Image
@@ -35,12 +32,6 @@ def smooth_image(width=128, height=96):
     return Image.fromarray(rgb.astype(np.uint8))
 
 
-def fetch_image(page, selector):
-    source = page.locator(selector).first.get_attribute("src")
-    with urllib.request.urlopen(source) as response:
-        return Image.open(io.BytesIO(response.read()))
-
-
 def download(page, tmp_path, name):
     with page.expect_download() as started:
         page.locator("#download a").first.click()
@@ -61,8 +52,7 @@ def far_from(changed, margin):
 def paint_and_edit(page, image_path):
     browser.upload_image(page, image_path)
     browser.wait_for_editor_image(page)
-    browser.paint_stroke(page, (0.45, 0.45), (0.55, 0.5), moves=6)
-    page.wait_for_timeout(500)
+    browser.paint_map(page, (0.45, 0.45), (0.55, 0.5))
     return browser.click_edit(page)
 
 
@@ -80,7 +70,7 @@ def test_edit_in_the_browser(page, tmp_path):
     assert page.locator("#result img").count() >= 1  # the before/after slider holds the result
 
     # Pixels the stroke did not reach are the input's own bytes (keep exact); the stroke itself changed.
-    keep_map = np.asarray(fetch_image(page, "#map-grey img").convert("L"))
+    keep_map = np.asarray(browser.fetch_image(page, "#map-grey img").convert("L"))
     painted = keep_map < 255
     assert 0 < painted.mean() < 0.8, "the stroke should cover part of the map, not all of it"
     result = download(page, tmp_path, "first.png")

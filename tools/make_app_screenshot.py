@@ -16,6 +16,7 @@ used).
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import os
 import shutil
@@ -30,6 +31,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # started as a script path: make `tools` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from tools import cli  # noqa: E402
@@ -43,11 +45,10 @@ DEFAULT_OUTPUT = cli.REPO_ROOT / "docs" / "screenshots" / "app.png"
 
 
 def browser_missing() -> str | None:
-    """Why the browser cannot run here, or None when Playwright and Chromium are both installed."""
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        return "Playwright for Python is not installed (pip install -r requirements-app.txt)"
+    """Why the app cannot be driven in a browser here, or None when gradio, Playwright and Chromium are installed."""
+    for module, name in (("gradio", "gradio"), ("playwright", "Playwright for Python")):
+        if importlib.util.find_spec(module) is None:  # found, not imported: importing gradio takes seconds
+            return f"{name} is not installed (pip install -r requirements-app.txt)"
     if not (shutil.which(CHROMIUM) or Path(CHROMIUM).is_file()):
         return f"no Chromium at {CHROMIUM} (apt-get install chromium, or set CHROMIUM to its path)"
     return None
@@ -116,9 +117,29 @@ def upload_image(page, path: Path) -> None:
 
 
 def wait_for_editor_image(page) -> None:
-    page.wait_for_function("() => { const c = document.querySelector('#map-editor canvas');"
-                           " return c && c.width > 0; }")
-    page.wait_for_timeout(1000)  # the editor draws the background a moment after its canvas appears
+    """Waits until the map preview of a new upload arrives, and the editor has had a moment to draw it."""
+    page.locator("#map-over img").wait_for()
+    page.wait_for_timeout(1000)
+
+
+def fetch_image(page, selector: str) -> Image.Image:
+    """The image an ``<img>`` of the page shows, as the server sent it."""
+    with urllib.request.urlopen(page.locator(selector).first.get_attribute("src")) as response:
+        return Image.open(io.BytesIO(response.read()))
+
+
+def paint_map(page, start: tuple[float, float], end: tuple[float, float], attempts: int = 3) -> np.ndarray:
+    """Paints a stroke (see ``paint_stroke``) and returns the keep map the page previews once it shows the stroke.
+    A stroke drawn while the editor still loads its image is lost with the empty canvas; it is drawn again."""
+    for _ in range(attempts):
+        paint_stroke(page, start, end)
+        for _ in range(20):
+            page.wait_for_timeout(500)
+            if page.locator("#map-grey img").count():
+                keep_map = np.asarray(fetch_image(page, "#map-grey img").convert("L"))
+                if (keep_map < 255).any():
+                    return keep_map
+    raise RuntimeError("the painted stroke never reached the map preview")
 
 
 def paint_stroke(page, start: tuple[float, float], end: tuple[float, float], moves: int = 12) -> None:
@@ -164,7 +185,7 @@ def make_screenshot(model: Path | str, output: Path, working_size: int) -> Path:
         set_field(page, "max-side", working_size)
         upload_image(page, cli.EXAMPLE_IMAGE)
         wait_for_editor_image(page)
-        paint_stroke(page, (0.35, 0.3), (0.65, 0.45))
+        paint_map(page, (0.35, 0.3), (0.65, 0.45))
         set_field(page, "prompt", cli.EXAMPLE_PROMPT.read_text().strip())
         set_field(page, "steps", 20)
         page.locator("#keep-exact input").check()
