@@ -1,0 +1,146 @@
+"""app.py in a real browser: headless Chromium, driven by Playwright, against the tiny SD model on the CPU."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tools import make_app_screenshot as browser
+
+needs_browser = pytest.mark.skipif(browser.browser_missing() is not None, reason=f"browser tests: "
+                                   f"{browser.browser_missing()}")
+
+SEED, STEPS = 7, 4
+
+
+@pytest.fixture(scope="module")
+def app_url(sd_dir, tmp_path_factory):
+    log = tmp_path_factory.mktemp("app") / "app.log"
+    with browser.running_app(sd_dir, log=log) as url:
+        yield url
+
+
+@pytest.fixture
+def page(app_url):
+    with browser.browser_page() as page:
+        page.goto(app_url)
+        yield page
+
+
+def smooth_image(width=128, height=96):
+    y, x = np.mgrid[0:height, 0:width]
+    rgb = np.stack([x * 255 // (width - 1), y * 255 // (height - 1), (x + y) * 255 // (width + height - 2)], -1)
+    return Image.fromarray(rgb.astype(np.uint8))
+
+
+def download(page, tmp_path, name):
+    with page.expect_download() as started:
+        page.locator("#download a").first.click()
+    path = tmp_path / name
+    started.value.save_as(path)
+    return Image.open(path)
+
+
+def far_from(changed, margin):
+    """Pixels more than ``margin`` pixels (in x and y) from every ``changed`` pixel."""
+    near = changed.copy()
+    for dy in range(-margin, margin + 1):
+        for dx in range(-margin, margin + 1):
+            near |= np.roll(changed, (dy, dx), axis=(0, 1))
+    return ~near
+
+
+def paint_and_edit(page, image_path):
+    browser.upload_image(page, image_path)
+    browser.wait_for_editor_image(page)
+    browser.paint_map(page, (0.45, 0.45), (0.55, 0.5))
+    return browser.click_edit(page)
+
+
+@needs_browser
+def test_edit_in_the_browser(page, tmp_path):
+    image_path = tmp_path / "input.png"
+    smooth_image().save(image_path)
+    browser.set_field(page, "steps", STEPS)
+    browser.set_field(page, "seed", SEED)
+    browser.set_field(page, "prompt", "a red square")
+    page.locator("#keep-exact input").check()
+
+    summary = paint_and_edit(page, image_path)
+    assert f"{STEPS} denoising steps" in summary
+    assert page.locator("#result img").count() >= 1  # the before/after slider holds the result
+
+    # Pixels the stroke did not reach are the input's own bytes (keep exact); the stroke itself changed.
+    keep_map = np.asarray(browser.fetch_image(page, "#map-grey img").convert("L"))
+    painted = keep_map < 255
+    assert 0 < painted.mean() < 0.8, "the stroke should cover part of the map, not all of it"
+    result = download(page, tmp_path, "first.png")
+    original, edited = np.asarray(Image.open(image_path)), np.asarray(result.convert("RGB"))
+    assert edited.shape == original.shape
+    far = far_from(painted, 2)
+    assert far.sum() > 500
+    np.testing.assert_array_equal(edited[far], original[far])
+    assert np.abs(edited[keep_map == 0].astype(int) - original[keep_map == 0]).max() > 0
+
+    # The PNG holds the parameters, as run.py writes them.
+    text = result.text
+    assert (text["steps"], text["seed"], text["keep_exact"], text["prompt"]) == (str(STEPS), str(SEED), "True",
+                                                                                  "a red square")
+    assert (text["steps_run"], text["family"], text["tool"], text["map"]) == (str(STEPS), "sd2", "app", "painted")
+    assert text["command"].startswith("python SD2/run.py --image input.png --map map.png")
+
+    # The same seed gives the same image.
+    browser.click_edit(page)
+    np.testing.assert_array_equal(np.asarray(download(page, tmp_path, "second.png").convert("RGB")), edited)
+    page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
+    assert (tmp_path / "app.png").stat().st_size > 10_000
+
+
+@needs_browser
+def test_bad_upload_shows_an_error_and_the_app_goes_on(page, tmp_path):
+    text_file = tmp_path / "notes.txt"
+    text_file.write_text("not an image\n")
+    browser.upload_image(page, text_file)
+    page.get_by_text("Invalid file type: notes.txt").wait_for()  # Gradio refuses it by its name
+    disguised = tmp_path / "notes.png"
+    disguised.write_text("not an image either\n")
+    browser.upload_image(page, disguised)
+    page.get_by_text("image notes.png: not an image (Pillow cannot read this file)").wait_for()
+    assert "Traceback" not in page.content()
+
+    image_path = tmp_path / "input.png"
+    smooth_image().save(image_path)
+    browser.set_field(page, "steps", STEPS)
+    assert f"{STEPS} denoising steps" in paint_and_edit(page, image_path)
+    assert download(page, tmp_path, "after-error.png").text["steps_run"] == str(STEPS)
+
+    # The fan button runs tools.fan's Strength Fan: every strength from 0 to 1 in one edit.
+    assert f"{STEPS} denoising steps" in browser.click_edit(page, "fan")
+    fan_png = download(page, tmp_path, "fan.png")
+    assert (fan_png.text["tool"], fan_png.text["sectors"], fan_png.text["map"]) == ("fan", "8",
+                                                                                   "strength fan, 8 sectors")
+    assert page.locator("#extra img").count() == 1  # the labelled fan
+
+
+def test_messages_instead_of_tracebacks():
+    app = pytest.importorskip("app")
+    for error, shown in ((RuntimeError("CUDA out of memory. Tried to allocate 2 GiB"), "out of memory: try"),
+                         (app.cli.CliError("no image: upload the image to edit first"), "no image: upload"),
+                         (ValueError("`map` must have values in [0, 1]"), "`map` must have values")):
+        with pytest.raises(app.gr.Error, match=shown), app.page_errors():
+            raise error
+    with pytest.raises(RuntimeError, match="a bug"), app.page_errors():  # anything else is a bug: it stays one
+        raise RuntimeError("a bug")
+
+
+def test_painted_layers_make_a_keep_map():
+    app = pytest.importorskip("app")
+    layer = np.zeros((4, 6, 4), dtype=np.uint8)
+    layer[1, 2] = (0, 0, 0, 255)  # black: change fully
+    layer[2, 3] = (128, 128, 128, 255)  # grey
+    layer[3, 4] = (0, 0, 0, 128)  # half-covered black, as at a stroke's soft edge
+    keep = np.asarray(app.painted_map([Image.fromarray(layer, "RGBA")], (6, 4)))
+    expected = np.ones((4, 6), dtype=np.float32)
+    expected[1, 2], expected[2, 3], expected[3, 4] = 0, 128 / 255, 1 - 128 / 255
+    np.testing.assert_allclose(keep, expected, atol=1e-6)
+    mask = np.asarray(app.painted_mask([Image.fromarray(layer, "RGBA")], (6, 4)))
+    np.testing.assert_allclose(mask, layer[..., 3] / 255, atol=1e-6)
