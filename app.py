@@ -329,7 +329,7 @@ def build_app(models: Models, output_dir: Path) -> gr.Blocks:
 
         def save(picture, args, steps_run, extra_params, name):
             folder = Path(tempfile.mkdtemp(dir=output_dir))
-            return str(cli.write_png(picture, folder / name, cli.png_info(args, steps_run, extra_params)))
+            return str(cli.write_png(picture, folder / name, cli.png_parameters(args, steps_run, extra_params)))
 
         def edit(family_name, model_id, path, side, source_name, editor_value, map_path, angle_value, inner_value,
                  outer_value, feather_value, grow_value, *settings, progress=gr.Progress(track_tqdm=True)):
