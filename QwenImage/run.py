@@ -57,14 +57,6 @@ def working_size(image):
     return tuple(max(SIZE_MULTIPLE, n - n % SIZE_MULTIPLE) for n in image.size)
 
 
-def fitted(map_image, size):
-    # The pipeline resizes the image to `size`; the map must follow it, or rounding can break their common aspect.
-    if map_image.size == size:
-        return map_image
-    shrinking = map_image.width >= size[0] and map_image.height >= size[1]
-    return map_image.resize(size, Image.BOX if shrinking else Image.BILINEAR)
-
-
 def edit(pipe, args, *, images, maps, prompts, negative_prompts, seeds):
     """Edits a batch (lists of equal length) with the sampling settings in `args`; returns (images, steps run)."""
     width, height = working_size(images[0])
@@ -73,7 +65,8 @@ def edit(pipe, args, *, images, maps, prompts, negative_prompts, seeds):
         # Stock runs true CFG whenever a negative prompt is given; " " is what diffusers' example gives for none.
         negative_prompt=[text or " " for text in negative_prompts],
         image=images,
-        map=[fitted(map_image, (width, height)) for map_image in maps],
+        # Stock resizes the image to (width, height): the map follows, or rounding could break their aspect.
+        map=[cli.stretch_map(map_image, (width, height)) for map_image in maps],
         height=height,
         width=width,
         invert_map=args.invert_map,
