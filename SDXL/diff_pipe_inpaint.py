@@ -247,6 +247,97 @@ class FrozenPixels:
         return {"latents": latents, **(self.callback(pipe, i, t, user_kwargs) or {})}
 
 
+def change_box(release_step: torch.Tensor, num_inference_steps: int, margin: int, unit: int):
+    """The crop that holds every pixel released in any item, as (top, left, bottom, right) in grid cells.
+
+    The bounding box of the released pixels grows by `margin` cells on each side, then evenly to whole `unit`s of
+    cells, and moves inside the grid where it would leave it; a side that reaches the grid's takes the grid's
+    (which the pipeline accepts as it is). None when no pixel is released.
+    """
+    released = (release_step < num_inference_steps).reshape(-1, *release_step.shape[-2:]).any(0)
+    if not released.any():
+        return None
+    box = []
+    for lines, size in ((released.any(1), released.shape[0]), (released.any(0), released.shape[1])):
+        indices = lines.nonzero()[:, 0]
+        start, stop = max(0, int(indices[0]) - margin), min(size, int(indices[-1]) + 1 + margin)
+        length = min(size, -(-(stop - start) // unit) * unit)
+        start = min(max(0, start - (length - (stop - start)) // 2), size - length)
+        box.append((start, start + length))
+    (top, bottom), (left, right) = box
+    return top, left, bottom, right
+
+
+def upscaled_size(height: int, width: int, native_size: int, unit: int) -> tuple:
+    """The size a crop is edited at by `crop_upscale`: its aspect ratio, about `native_size`**2 pixels in area (never
+    smaller than the crop), in whole `unit`s of pixels."""
+    factor = max(1.0, native_size / (height * width) ** 0.5)
+    return tuple(max(unit, round(side * factor / unit) * unit) for side in (height, width))
+
+
+def edit_on_crop(
+    pipe, arguments: dict, pixels, latent_grid, num_inference_steps: int, unit: int, native_size: int, also_crop=()
+):
+    """`crop_to_change`: runs the call in `arguments` (its `locals()` on entry) on the smallest crop that holds every
+    released pixel and the context around it, and pastes the result into the input. Returns (images in [0, 1], the
+    crop call's output).
+
+    `pixels` is the input on the working pixel grid in [-1, 1], `unit` the model's size unit in pixels, and
+    `native_size` the side of the model's native resolution. Pixels outside the crop are the input's own. Inside,
+    the edit is the same algorithm on the cropped image and map (the map sized to the working pixel grid first);
+    `crop_upscale` runs it at about the native resolution instead and scales the result back down. `also_crop`
+    names the arguments that the call must get cropped alike: the caller has put them in `arguments` as tensors
+    (or lists of tensors) in [0, 1] on the working pixel grid, as a ControlNet's control image.
+    """
+    if arguments["output_type"] == "latent":
+        raise ValueError(
+            "`crop_to_change` pastes the edited crop into the input's pixels: pass an `output_type` other than "
+            '"latent".'
+        )
+    arguments = {name: value for name, value in arguments.items() if name not in ("self", "__class__", "kwargs")}
+    arguments.update(arguments.pop("kwargs", None) or {})
+    margin, strength, keep_exact = arguments["crop_margin"], arguments["strength"], arguments["keep_exact"]
+    if isinstance(margin, bool) or not isinstance(margin, (int, np.integer)) or margin < 0:
+        raise ValueError(f"`crop_margin` must be a whole number of pixels, 0 or more, not {margin!r}.")
+    if pixels.shape[1] != 3:
+        raise ValueError("`crop_to_change` crops the image's pixels: pass `image` as pixels, not latents.")
+    pixel_grid = tuple(pixels.shape[-2:])
+    scale = pixel_grid[0] // latent_grid[0]
+    keep_map = prepare_keep_map(arguments["map"], pixel_grid, arguments["invert_map"], aspect_of=latent_grid)
+    release_step = release_steps(prepare_keep_map(keep_map, latent_grid), strength, num_inference_steps)
+    box = change_box(release_step, num_inference_steps, -(-margin // scale), max(1, unit // scale))
+    call = {**arguments, "crop_to_change": False, "output_type": "pt", "return_dict": True}
+    if box is None:  # no step runs; under keep_exact the result is the input itself, as outside every crop
+        output = pipe(**{**call, "keep_exact": True})
+        return output.images, output
+    top, left, bottom, right = (side * scale for side in box)
+    size = (bottom - top, right - left)
+    edit_size = upscaled_size(*size, native_size, unit) if arguments["crop_upscale"] else size
+
+    def cut(tensor, mode="bicubic"):
+        if isinstance(tensor, (list, tuple)):
+            return [cut(item, mode) for item in tensor]
+        tensor = tensor[..., top:bottom, left:right]
+        return tensor if edit_size == size else F.interpolate(tensor, edit_size, mode=mode, antialias=True).clamp(0, 1)
+
+    original = pixels / 2 + 0.5
+    call.update({name: cut(arguments[name]) for name in also_crop})
+    call.update(image=cut(original), map=cut(keep_map, "bilinear"), invert_map=False)
+    call.update(keep_exact=keep_exact and edit_size == size)
+    if "height" in call:
+        call.update(height=edit_size[0], width=edit_size[1])
+    output = pipe(**call)
+    edited = output.images
+    if edit_size != size:
+        edited = F.interpolate(edited, size, mode="bicubic", antialias=True).clamp(0, 1)
+        if keep_exact:
+            weight = exact_keep_weight(keep_map[..., top:bottom, left:right], strength, num_inference_steps)
+            edited = composite_original(edited, original[..., top:bottom, left:right], weight)
+    images = tile_to_batch(original, edited.shape[0]).to(edited.device, edited.dtype, copy=True)
+    images[..., top:bottom, left:right] = edited
+    return images, output
+
+
 # Copied from SD2/diff_pipe.py: differential core (end)
 # ----------------------------------------------------------------------------------------------------------------
 

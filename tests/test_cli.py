@@ -185,6 +185,8 @@ ARGUMENT_ERRORS = {
     "seed negative": (["--seed", "-1"], ["--seed"]),
     "seed too large": (["--seed", str(2**64)], ["--seed"]),
     "unknown scheduler": (["--scheduler", "lms"], ["--scheduler", "invalid choice"]),
+    "crop margin negative": (["--crop-margin", "-8"], ["--crop-margin", "'-8'"]),
+    "crop upscale without a crop": (["--crop-upscale"], ["--crop-upscale", "--crop-margin PX"]),
     "unknown flag": (["--colour", "red"], ["unrecognized arguments", "--colour"]),
     "output not png": (["--output", "out.jpg"], ["--output", "out.jpg", ".png"]),
     "output folder missing": (["--output", "no/such/out.png"], ["--output", "does not exist"]),

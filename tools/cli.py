@@ -38,6 +38,7 @@ SCHEDULERS = {  # --scheduler names and the diffusers classes they stand for
 MAX_STEPS = 1000  # every model here was trained on a 1000-step schedule; schedulers refuse more
 MAX_SEED = 2**64 - 1  # the largest seed torch.Generator.manual_seed takes
 MAX_FEATHER_PX = 100_000  # far beyond any image side; only guards against typos such as 1e9
+MAX_SIDE = 8192  # the largest image side any model here works at
 
 # Which run.py takes a checkpoint, by the longest start of its model_index.json "_class_name" that fits: another
 # family's checkpoint would load and then fail deep inside a step, so load_pipeline refuses it at once.
@@ -168,6 +169,11 @@ def build_parser(description: str, *, default_model: str, default_steps: int, de
         "model's own; dpm++ is DPM-Solver++ multistep, euler-a Euler ancestral (default: default)")
     add("--keep-exact", action="store_true", help="copy the input's own pixels back where the strength is 0 (and "
         "blend them below one step) instead of their lossy round trip (default: off, as in the paper)")
+    add("--crop-margin", type=whole_number(0, MAX_SIDE), metavar="PX", help="edit only the box around the pixels "
+        "the map changes, grown by PX pixels of context, and paste it into the input: a small change costs a small "
+        "crop; best with --keep-exact (default: off, the whole frame)")
+    add("--crop-upscale", action="store_true", help="with --crop-margin: edit the crop at the model's native size "
+        "for more detail, then scale it back down (default: off)")
     add = parser.add_argument_group("model and hardware").add_argument
     add("--model", default=default_model, metavar="ID_OR_PATH", help="Hugging Face Hub id, or a local diffusers "
         f"folder holding model_index.json (default: {default_model})")
@@ -192,6 +198,8 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -
     ``torch_dtype``."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args, example = parser.parse_args(argv), parser.example
+    if args.crop_upscale and args.crop_margin is None:
+        raise CliError("--crop-upscale scales the crop that --crop-margin makes; pass --crop-margin PX too, or drop it")
     if args.mask is None and (args.feather or args.grow):
         raise CliError(f"--{'feather' if args.feather else 'grow'} shapes the map drawn from a --mask; pass --mask "
                        "PATH too, or drop it")
@@ -485,13 +493,21 @@ def _import(path: Path):
 def png_parameters(args: argparse.Namespace, steps_run: int, extra_params: dict | None = None) -> dict[str, str]:
     """The parameters a result is stored with, as PNG text: enough to run it again."""
     source = {"mask": args.mask, "feather": args.feather, "grow": args.grow} if args.mask else {"map": args.map}
+    crop = {} if args.crop_margin is None else {"crop_margin": args.crop_margin, "crop_upscale": args.crop_upscale}
     return {key: str(value) for key, value in {
         "prompt": args.prompt, "negative_prompt": args.negative_prompt, "model": args.model, "image": args.image,
         **source, "invert_map": args.invert_map, "strength": args.strength, "keep_exact": args.keep_exact,
         "steps": args.steps, "steps_run": steps_run, "guidance_scale": args.guidance_scale, "seed": args.seed,
-        "scheduler": args.scheduler, "device": args.device, "dtype": args.dtype, **(extra_params or {}),
+        "scheduler": args.scheduler, "device": args.device, "dtype": args.dtype, **crop, **(extra_params or {}),
         "command": args.command, "Software": "differential-diffusion",  # the PNG keyword for the creating program
     }.items()}
+
+
+def crop_options(args: argparse.Namespace) -> dict:
+    """The pipelines' crop arguments, from --crop-margin and --crop-upscale."""
+    if args.crop_margin is None:
+        return {"crop_to_change": False}
+    return {"crop_to_change": True, "crop_margin": args.crop_margin, "crop_upscale": args.crop_upscale}
 
 
 def save_result(result: Image.Image, args: argparse.Namespace, *, image: Image.Image, map_image: Image.Image,
