@@ -82,3 +82,23 @@ def test_the_counter_counts_a_pipelines_unet_or_transformer():
     transformer(torch.zeros(2))
     unet(torch.zeros(2))
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("area", [0.05, 0.10, 0.25])
+def test_the_crop_benchmark_maps_change_the_share_of_the_frame_they_name(area):
+    from benchmarks.bench_crop import soft_inpainting_map
+
+    assert (soft_inpainting_map(512, area) < 1).mean() == pytest.approx(area, rel=0.02)
+
+
+def test_the_crop_benchmark_runs_both_cases_with_the_same_calls_and_fewer_flops_in_the_crop(monkeypatch, capsys):
+    from benchmarks import bench_crop
+
+    monkeypatch.setattr(harness, "quiet_libraries", lambda: None)
+    bench_crop.main(["--size", "128", "--steps", "2", "--repeats", "1"])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.strip().endswith(tuple("0123456789"))
+            and "%" in line]
+    assert len(rows) == len(bench_crop.AREAS)
+    for changed, crop, whole_calls, _, crop_calls, _, flops, _, _ in rows:
+        assert whole_calls == crop_calls == "2"
+        assert float(changed[:-1]) < float(crop[:-1]) < 100 and float(flops) < 1

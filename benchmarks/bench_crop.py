@@ -1,0 +1,119 @@
+"""Crop to change: what a small change costs with `crop_to_change`, against the same edit on the whole frame.
+
+    python benchmarks/bench_crop.py [--family sd2|sdxl] [--size 512] [--steps 10] [--repeats 3] [--device cpu]
+
+The maps are soft inpainting: a disc that changes fully, feathered by a quarter of its radius, whose changed pixels
+(strength above 0) cover 5%, 10% and 25% of the frame. For each, the whole-frame run and the cropped run (32 px of
+margin) are timed side by side, alternating, in one process; the denoiser's FLOPs are counted by torch's
+FlopCounterMode in a separate pass. The crop's area is the box the rule gives (released cells, margin, size unit).
+"Vs proportional" divides the cropped run's cost per step by the crop's share of the frame: 1.0 would be a cost
+exactly proportional to the crop's area, and the target is at most 1.2.
+
+The models have SD's and SDXL's layouts at a small width, with random weights, as in bench_sd2.py and
+bench_sdxl.py: time per step depends on the shapes, not on the weights. `gpu_bench.py --crop` runs SDXL at 1024 px
+with the real UNet's configuration.
+"""
+
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import harness  # noqa: E402
+from tests.tiny_models import build_pipeline, sd_components, sdxl_components, test_image  # noqa: E402
+from tools.maps import feathered_mask  # noqa: E402
+
+AREAS = (0.05, 0.10, 0.25)  # the share of the frame whose strength is above 0
+MARGIN = 32  # pixels of context around the change
+WIDTHS = (64, 128, 256)
+TEXT_WIDTH = 128
+TARGET = 1.2  # at most this much above a cost proportional to the crop's area
+
+
+def soft_inpainting_map(size: int, area: float) -> np.ndarray:
+    """A keep map: a disc that changes fully, feathered by a quarter of its radius, off the frame's centre; the
+    feathered disc (strength above 0) covers `area` of the frame."""
+    outer = math.sqrt(area * size * size / math.pi)  # radius + feather
+    radius = outer / 1.25
+    y, x = np.mgrid[:size, :size] + 0.5
+    disc = np.hypot(x - 0.4 * size, y - 0.45 * size) <= radius
+    return feathered_mask(disc, feather_px=outer - radius)
+
+
+def family_pipeline(family: str, device):
+    """Ours, on a small model with the family's layout, and the text arguments that stand in for its encoders."""
+    if family == "sd2":
+        from SD2 import diff_pipe
+
+        components = sd_components(widths=WIDTHS, down_block_types=("CrossAttnDownBlock2D",) * 2 + ("DownBlock2D",),
+                                   vae_widths=(32, 64, 64, 64), text_width=TEXT_WIDTH)
+        pipe = build_pipeline(diff_pipe.StableDiffusionDiffImg2ImgPipeline, components)
+        embeds = harness.embeddings((1, 77, TEXT_WIDTH), device)
+        text = dict(prompt_embeds=embeds, negative_prompt_embeds=torch.zeros_like(embeds))
+    else:
+        from SDXL import diff_pipe
+
+        components = sdxl_components(widths=WIDTHS, vae_widths=(32, 64, 64, 64), text_width=TEXT_WIDTH)
+        pipe = build_pipeline(diff_pipe.StableDiffusionXLDiffImg2ImgPipeline, components)
+        embeds, pooled = harness.embeddings((1, 77, 2 * TEXT_WIDTH), device), harness.embeddings((1, TEXT_WIDTH), device)
+        text = dict(prompt_embeds=embeds, negative_prompt_embeds=torch.zeros_like(embeds),
+                    pooled_prompt_embeds=pooled, negative_pooled_prompt_embeds=torch.zeros_like(pooled))
+    return diff_pipe, pipe.to(device), text
+
+
+def crop_share(module, pipe, keep_map, steps: int) -> float:
+    """The share of the frame that the crop rule gives for `keep_map` (the model's unit: its VAE factor)."""
+    scale = pipe.vae_scale_factor
+    grid = tuple(side // scale for side in keep_map.shape)
+    release = module.release_steps(module.prepare_keep_map(keep_map, grid), 1.0, steps)
+    top, left, bottom, right = module.change_box(release, steps, -(-MARGIN // scale), 1)
+    return (bottom - top) * (right - left) / (grid[0] * grid[1])
+
+
+def denoiser_flops(pipe, run) -> float:
+    """FLOPs of the denoiser over one run of `run()`."""
+    with FlopCounterMode(display=False) as counter:
+        run()
+    return sum(counter.get_flop_counts()[type(harness.denoiser(pipe)).__name__].values())
+
+
+def main(argv=None):
+    parser = harness.bench_parser(__doc__, size=512, multiple=64)
+    parser.add_argument("--family", choices=["sd2", "sdxl"], default="sd2")
+    args = parser.parse_args(argv)
+    harness.quiet_libraries()
+    module, pipe, text = family_pipeline(args.family, args.device)
+    image = test_image(args.size)
+
+    def edit(keep_map, **crop):
+        return lambda: pipe(image=image, map=keep_map, num_inference_steps=args.steps, guidance_scale=7.5,
+                            output_type="np", generator=torch.Generator().manual_seed(harness.SEED), **text, **crop)
+
+    print(f"{args.family.upper()}-shaped UNet {WIDTHS}, {args.size}x{args.size} px, "
+          f"{harness.run_description(args.device, args.steps, args.repeats)}")
+    print(f"{'changed':>8} {'crop':>6} {'calls':>11} {'time/step':>10} {'FLOPs/step':>11} "
+          f"{'time vs prop.':>14} {'FLOPs vs prop.':>15}")
+    worst = 0.0
+    for area in AREAS:
+        keep_map = soft_inpainting_map(args.size, area)
+        cases = {"whole frame": edit(keep_map), "crop": edit(keep_map, crop_to_change=True, crop_margin=MARGIN)}
+        calls = harness.unet_calls_per_case(pipe, cases)
+        flops = {name: denoiser_flops(pipe, run) for name, run in cases.items()}
+        results = harness.side_by_side(cases, calls, args.repeats, args.device)
+        share = crop_share(module, pipe, keep_map, args.steps)
+        changed = float((keep_map < 1).mean())
+        step_ratio = results["crop"]["step_vs_stock"]
+        flop_ratio = (flops["crop"] / calls["crop"]) / (flops["whole frame"] / calls["whole frame"])
+        worst = max(worst, step_ratio / share)
+        print(f"{changed:8.1%} {share:6.1%} {calls['whole frame']:>5} / {calls['crop']:<3} {step_ratio:10.3f} "
+              f"{flop_ratio:11.3f} {step_ratio / share:14.2f} {flop_ratio / share:15.2f}")
+    print(f"worst time per step against a cost proportional to the crop: {worst:.2f}x "
+          f"({'within' if worst <= TARGET else 'above'} the {TARGET}x target)")
+
+
+if __name__ == "__main__":
+    main()
