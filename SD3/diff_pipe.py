@@ -275,7 +275,8 @@ def upscaled_size(height: int, width: int, native_size: int, unit: int) -> tuple
 
 
 def edit_on_crop(
-    pipe, arguments: dict, pixels, latent_grid, num_inference_steps: int, unit: int, native_size: int, also_crop=()
+    pipe, arguments: dict, pixels, latent_grid, num_inference_steps: int, unit: int, native_size: int, also_crop=(),
+    release_rule=release_steps,
 ):
     """`crop_to_change`: runs the call in `arguments` (its `locals()` on entry) on the smallest crop that holds every
     released pixel and the context around it, and pastes the result into the input. Returns (images in [0, 1], the
@@ -286,7 +287,8 @@ def edit_on_crop(
     the edit is the same algorithm on the cropped image and map (the map sized to the working pixel grid first);
     `crop_upscale` runs it at about the native resolution instead and scales the result back down. `also_crop`
     names the arguments that the call must get cropped alike: the caller has put them in `arguments` as tensors
-    (or lists of tensors) in [0, 1] on the working pixel grid, as a ControlNet's control image.
+    (or lists of tensors) in [0, 1] on the working pixel grid, as a ControlNet's control image. `release_rule` is
+    the family's `release_steps` (flow-matching models release every pixel of strength above 0).
     """
     if arguments["output_type"] == "latent":
         raise ValueError(
@@ -303,7 +305,7 @@ def edit_on_crop(
     pixel_grid = tuple(pixels.shape[-2:])
     scale = pixel_grid[0] // latent_grid[0]
     keep_map = prepare_keep_map(arguments["map"], pixel_grid, arguments["invert_map"], aspect_of=latent_grid)
-    release_step = release_steps(prepare_keep_map(keep_map, latent_grid), strength, num_inference_steps)
+    release_step = release_rule(prepare_keep_map(keep_map, latent_grid), strength, num_inference_steps)
     box = change_box(release_step, num_inference_steps, -(-margin // scale), max(1, unit // scale))
     call = {**arguments, "crop_to_change": False, "output_type": "pt", "return_dict": True}
     if box is None:  # no step runs; under keep_exact the result is the input itself, as outside every crop

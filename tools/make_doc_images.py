@@ -4,7 +4,7 @@
     python -m tools.make_doc_images --out DIR     # writes into another folder
 
 Every picture is a map (or a set of maps) drawn by the same code the tools run, at the size of assets/input.jpg and
-shrunk to a small preview; none needs a model, so none shows a model's output.
+shrunk to a small preview, or the crop rule drawn on the photo; none needs a model, so none shows a model's output.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from tools import cli
 from tools.fan import draw_label, label_fan, sweep_grid, uniform_map
@@ -25,6 +25,7 @@ DOC_IMAGES = cli.REPO_ROOT / "docs" / "images"
 PREVIEW = 256  # pixels per side of each map's preview
 SWEEP_TILE = 96
 ADHERENCE_BINS = 10
+CROP_STEPS, CROP_MARGIN, CROP_SCALE = 50, 32, 8  # a 50-step SD run, 32 px of margin, 8 px per latent cell
 
 
 def _preview(keep_map: np.ndarray | Image.Image) -> Image.Image:
@@ -42,9 +43,30 @@ def _side_by_side(left: Image.Image, right: Image.Image, labels: tuple[str, str]
     return pair
 
 
-def doc_images(size: tuple[int, int]) -> dict[str, Image.Image]:
-    """The pictures by file name, for a photo of ``size`` (width, height)."""
-    width, height = size
+def crop_picture(photo: Image.Image, soft_map) -> Image.Image:
+    """The crop rule on the soft-inpainting map: the box of the released cells, grown by the margin; beside it the
+    photo, dimmed where the result is the input's own pixels."""
+    from SD2.diff_pipe import change_box, prepare_keep_map, release_steps  # the rule itself, as the pipelines run it
+
+    grid = (photo.height // CROP_SCALE, photo.width // CROP_SCALE)
+    release = release_steps(prepare_keep_map(soft_map, grid), 1.0, CROP_STEPS)
+    boxes = [change_box(release, CROP_STEPS, margin // CROP_SCALE, 1) for margin in (0, CROP_MARGIN)]
+    panels = [_preview(np.asarray(soft_map)).convert("RGB"), _preview(photo.convert("RGB"))]
+    to_preview = panels[0].width / grid[1]
+    released, crop = ([round(side * to_preview) for side in (left, top, right, bottom)]
+                      for top, left, bottom, right in boxes)
+    inside = panels[1].crop(crop)
+    panels[1] = panels[1].point(lambda value: value * 2 // 5)
+    panels[1].paste(inside, crop[:2])
+    for panel in panels:
+        ImageDraw.Draw(panel).rectangle(crop, outline=(0, 200, 255), width=2)
+    ImageDraw.Draw(panels[0]).rectangle(released, outline=(255, 140, 0), width=2)
+    return _side_by_side(*panels, ("released cells (orange), crop (blue)", f"--crop-margin {CROP_MARGIN}: edited inside"))
+
+
+def doc_images(photo: Image.Image) -> dict[str, Image.Image]:
+    """The pictures by file name, for the example photo."""
+    size = width, height = photo.size
     mask = Image.fromarray(inpaint_mask(size))
     soft_map = cli.mask_to_keep_map(mask, size, INPAINT_FEATHER_PX, INPAINT_GROW_PX)
     gradient = linear_gradient(width, height)
@@ -65,6 +87,7 @@ def doc_images(size: tuple[int, int]) -> dict[str, Image.Image]:
             strengths, columns=6,
         ),
         "adherence_bins.png": _preview(binned),
+        "crop_to_change.png": crop_picture(photo, soft_map),
     }
 
 
@@ -74,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     with Image.open(cli.EXAMPLE_IMAGE) as photo:
-        size = photo.size
-    for name, picture in doc_images(size).items():
+        pictures = doc_images(photo)
+    for name, picture in pictures.items():
         picture.save(args.out / name, optimize=True)
         print(args.out / name)
     return 0
