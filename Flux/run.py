@@ -72,6 +72,7 @@ def edit(pipe, args, *, images, maps, prompts, negative_prompts, seeds):
         invert_map=args.invert_map,
         strength=args.strength,
         keep_exact=args.keep_exact,
+        **cli.crop_options(args),
         num_inference_steps=args.steps,
         guidance_scale=args.guidance_scale,
         true_cfg_scale=args.true_cfg_scale,

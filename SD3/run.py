@@ -62,6 +62,7 @@ def edit(pipe, args, *, images, maps, prompts, negative_prompts, seeds):
         invert_map=args.invert_map,
         strength=args.strength,
         keep_exact=args.keep_exact,
+        **cli.crop_options(args),
         num_inference_steps=args.steps,
         guidance_scale=args.guidance_scale,
         generator=[cli.make_generator(seed) for seed in seeds],

@@ -421,6 +421,15 @@ class FlowFrozenPixels(FrozenPixels):
         return torch.where(self.release_step * order >= next_iteration, noised_original, latents)
 
 
+def flow_edit_on_crop(pipe, arguments: dict, pixels, latent_grid, num_inference_steps: int, unit: int):
+    """`crop_to_change` for a flow pipeline: `edit_on_crop`, with the native size `default_sample_size` latents a side,
+    and its result returned as the call in `arguments` asked (`output_type`, `return_dict`, the family's output)."""
+    native_size = pipe.default_sample_size * pipe.vae_scale_factor
+    images, output = edit_on_crop(pipe, arguments, pixels, latent_grid, num_inference_steps, unit, native_size)
+    images = pipe.image_processor.postprocess(images, arguments["output_type"], do_denormalize=[False] * len(images))
+    return type(output)(images=images) if arguments["return_dict"] else (images,)
+
+
 # Copied from SD3/diff_pipe.py: flow matching (end)
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -438,6 +447,9 @@ class ZImageDiffImg2ImgPipeline(ZImageImg2ImgPipeline):
     """
 
     _frozen = None  # the FlowFrozenPixels of the call in progress
+    # Z-Image's native 1024 x 1024 in latents, named as the other pipelines name theirs (stock has none: it does not
+    # resize); `crop_upscale` edits a crop at about this size.
+    default_sample_size = 128
 
     @torch.no_grad()
     def __call__(
@@ -468,6 +480,9 @@ class ZImageDiffImg2ImgPipeline(ZImageImg2ImgPipeline):
         map=None,
         invert_map: bool = False,
         keep_exact: bool = False,
+        crop_to_change: bool = False,
+        crop_margin: int = 32,
+        crop_upscale: bool = False,
     ):
         r"""
         Every argument of [`ZImageImg2ImgPipeline.__call__`] works as there, in the same order; these differ:
@@ -495,6 +510,19 @@ class ZImageDiffImg2ImgPipeline(ZImageImg2ImgPipeline):
                 Composite the input back after decoding: `clamp(T * s, 0, 1) * output + (1 - that) * input`. Pixels
                 of strength 0 are then the input's own values instead of its lossy VAE round trip, and pixels of
                 strength below 1/T (which run only the last step) fade in linearly. Off by default, as in the paper.
+            crop_to_change (`bool`, *optional*, defaults to `False`):
+                Edit only the smallest crop that holds every released pixel (any strength above 0) plus `crop_margin`
+                pixels of context, and paste it into the input: a small change costs a small crop. Pixels outside the
+                crop are the input's own; inside, the edit is the same algorithm on the cropped image and map, run at
+                the crop's size. Several images share one crop, the union of their changes. Needs pixels as `image`
+                and an `output_type` other than `"latent"`.
+            crop_margin (`int`, *optional*, defaults to 32):
+                Context around the released pixels, in pixels, before the crop is rounded to whole multiples of
+                twice the VAE's scale factor (16 px for Z-Image), as stock rounds sizes.
+            crop_upscale (`bool`, *optional*, defaults to `False`):
+                Edit the crop at about the model's native resolution (`pipe.default_sample_size` latents a side,
+                1024 px for Z-Image) and scale the result back down: slower, but with the detail
+                of a full-size generation.
             num_inference_steps (`int`, *optional*, defaults to 50):
                 The length T of the full schedule (or `len(sigmas)`). A pixel of strength `s` runs from the step on
                 which stock img2img at `strength=s` starts, `int(T - T * s)`, so it runs `ceil(T * s)` steps; only
@@ -515,6 +543,7 @@ class ZImageDiffImg2ImgPipeline(ZImageImg2ImgPipeline):
             [`ZImagePipelineOutput`] or `tuple`, as stock. `pipe.num_timesteps` is the number of denoising loop
             iterations actually run.
         """
+        arguments = dict(locals())
         if image is None or map is None:
             raise ValueError("Pass both `image` and `map`.")
         if latents is not None:
@@ -552,6 +581,9 @@ class ZImageDiffImg2ImgPipeline(ZImageImg2ImgPipeline):
             raise ValueError(
                 f"Got {keep_map.shape[0]} maps for {pixels.shape[0]} images: pass one map, or one map per image."
             )
+        if crop_to_change:  # stock rounds sizes to whole 2x2 patches of latents
+            unit = self.vae_scale_factor * 2
+            return flow_edit_on_crop(self, arguments, pixels, latent_grid, num_inference_steps, unit)
         frozen = FlowFrozenPixels(
             flow_release_steps(keep_map, strength, num_inference_steps),
             num_inference_steps,

@@ -6,6 +6,7 @@ family below is checked for the same contract: pixels outside the crop are the i
 the crop, and the result inside equals running the pipeline by hand on the cropped image and map.
 """
 
+import inspect
 from dataclasses import dataclass
 from typing import Callable
 
@@ -13,9 +14,16 @@ import numpy as np
 import pytest
 import torch
 from conftest import build_pipeline, sd_components, seeded_generator, test_image
+from flow_models import flux_components, sd3_components
+from flow_models2 import chroma_components, qwenimage_components, zimage_components
 
 from benchmarks.harness import denoiser
+from Chroma.diff_pipe import ChromaDiffImg2ImgPipeline
+from Flux.diff_pipe import FluxDiffImg2ImgPipeline
+from QwenImage.diff_pipe import QwenImageDiffImg2ImgPipeline
 from SD2.diff_pipe import StableDiffusionDiffImg2ImgPipeline, change_box, upscaled_size
+from SD3.diff_pipe import StableDiffusion3DiffImg2ImgPipeline
+from ZImage.diff_pipe import ZImageDiffImg2ImgPipeline
 
 PROMPT = "a red apple on a table"
 STEPS = 3
@@ -30,6 +38,7 @@ class Family:
     grid_of: Callable  # the denoiser's input tensor -> (rows, columns) of working-grid cells it covers
     call_arguments: dict  # what every call of the tests passes besides image, map and generator
     native_grid: int  # the side of the model's native size, in working-grid cells
+    grid_input: str = None  # the denoiser's keyword input that grid_of reads (default: its first input)
 
     def working_image(self, pipe, image):
         """The input as the pipeline sees it: the working pixel grid, in [0, 1]."""
@@ -43,6 +52,48 @@ FAMILIES = {
         call_arguments=dict(prompt=PROMPT), native_grid=32,  # sample_size: 64 px, well above the 16 px crop
     ),
 }
+
+
+def flow_pipeline(pipeline_class, components):
+    """A tiny flow pipeline whose native size is 64 px, 32 latents a side, as its tests' images (stock's 128 latents
+    are the real models' 1024 px: 256 px at this VAE's factor of 2)."""
+    pipe = build_pipeline(pipeline_class, components)
+    pipe.default_sample_size = 32
+    return pipe
+
+
+def packed_grid(image_ids):
+    """The latent grid of Flux and Chroma tokens from their (row, column) ids: each token is a 2x2 patch."""
+    return tuple(2 * (int(image_ids[:, axis].max()) + 1) for axis in (1, 2))
+
+
+# The flow families' tiny models share the VAE factor 2, and each rounds sizes to 4 px: 2x2 patches of latents.
+FLOW_CALL = dict(prompt=PROMPT, max_sequence_length=32)
+FAMILIES.update(
+    sd3=Family(
+        build=lambda: build_pipeline(StableDiffusion3DiffImg2ImgPipeline, sd3_components()),
+        scale=2, unit=4, grid_of=lambda latents: tuple(latents.shape[-2:]),
+        call_arguments=FLOW_CALL, native_grid=32,  # the transformer's sample_size
+    ),
+    flux=Family(
+        build=lambda: flow_pipeline(FluxDiffImg2ImgPipeline, flux_components()),
+        scale=2, unit=4, grid_of=packed_grid, grid_input="img_ids", call_arguments=FLOW_CALL, native_grid=32,
+    ),
+    chroma=Family(
+        build=lambda: flow_pipeline(ChromaDiffImg2ImgPipeline, chroma_components()),
+        scale=2, unit=4, grid_of=packed_grid, grid_input="img_ids", call_arguments=FLOW_CALL, native_grid=32,
+    ),
+    qwenimage=Family(
+        build=lambda: flow_pipeline(QwenImageDiffImg2ImgPipeline, qwenimage_components()),
+        scale=2, unit=4, grid_of=lambda shapes: (2 * shapes[0][0][1], 2 * shapes[0][0][2]), grid_input="img_shapes",
+        call_arguments=FLOW_CALL, native_grid=32,
+    ),
+    zimage=Family(  # its transformer takes a list of (C, 1, H, W) latents
+        build=lambda: flow_pipeline(ZImageDiffImg2ImgPipeline, zimage_components()),
+        scale=2, unit=4, grid_of=lambda latents: tuple(latents[0].shape[-2:]), call_arguments=FLOW_CALL,
+        native_grid=32,
+    ),
+)
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -69,7 +120,8 @@ def run(pipe, family, image, map, seed=0, **options):
     if count > 1:
         arguments.update(prompt=[arguments["prompt"]] * count,
                          generator=[seeded_generator(seed + k) for k in range(count)])
-    return pipe(**arguments, image=image, map=map, num_inference_steps=STEPS, **options).images
+    arguments.update(options)
+    return pipe(**arguments, image=image, map=map, num_inference_steps=STEPS).images
 
 
 class DenoiserGrids(list):
@@ -77,13 +129,14 @@ class DenoiserGrids(list):
 
     def __init__(self, pipe, family):
         super().__init__()
-        self.model, self.grid_of = denoiser(pipe), FAMILIES[family].grid_of
+        self.model, self.spec = denoiser(pipe), FAMILIES[family]
 
     def __enter__(self):
-        self.hook = self.model.register_forward_pre_hook(
-            lambda module, args, kwargs: self.append(self.grid_of((args or list(kwargs.values()))[0])),
-            with_kwargs=True,
-        )
+        def record(module, args, kwargs):
+            grid_input = kwargs[self.spec.grid_input] if self.spec.grid_input else (args or list(kwargs.values()))[0]
+            self.append(self.spec.grid_of(grid_input))
+
+        self.hook = self.model.register_forward_pre_hook(record, with_kwargs=True)
         return self
 
     def __exit__(self, *error):
@@ -103,6 +156,8 @@ def by_hand(pipe, family, working, keep_map, box, seed=0, **options):
     top, left, bottom, right = box
     crop = working[..., top:bottom, left:right]
     crop_map = torch.as_tensor(keep_map)[..., top:bottom, left:right]
+    if "height" in inspect.signature(pipe.__call__).parameters:  # the crop's own size, not the pipeline's default
+        options = dict(options, height=bottom - top, width=right - left)
     return run(pipe, family, crop, crop_map, seed=seed, output_type="np", **options)
 
 
@@ -169,21 +224,28 @@ def test_a_corner_change_is_edited_on_its_crop_alone_and_pasted_into_the_input(p
     np.testing.assert_array_equal(inside[top:bottom, left:right], expected)
 
 
-def test_a_batch_is_edited_on_the_union_of_its_changes(pipe, family):
+@pytest.mark.parametrize("images_per_prompt", [1, 2])
+def test_a_batch_is_edited_on_the_union_of_its_changes(pipe, family, images_per_prompt):
     spec = FAMILIES[family]
     images = [test_image(seed=1), test_image(seed=2)]
     keep_maps = np.stack([block_map(8, 8, 16, 16), block_map(40, 24, 48, 32)])
     box = (8, 8, 48, 32)  # margin 0, and both blocks lie on whole units
+
+    def options():  # several images per prompt come out as the image batch repeated whole: a, b, a, b
+        return {} if images_per_prompt == 1 else dict(num_images_per_prompt=2, generator=seeded_generator())
+
     with DenoiserGrids(pipe, family) as grids:
-        batched = run(pipe, family, images, keep_maps, crop_to_change=True, crop_margin=0, output_type="np")
+        batched = run(pipe, family, images, keep_maps, crop_to_change=True, crop_margin=0, output_type="np",
+                      **options())
     assert set(grids) == {(40 // spec.scale, 24 // spec.scale)}
     working = torch.cat([spec.working_image(pipe, image) for image in images])
-    expected = by_hand(pipe, family, working, keep_maps, box)
+    expected = by_hand(pipe, family, working, keep_maps, box, **options())
+    assert len(batched) == len(expected) == 2 * images_per_prompt
     np.testing.assert_array_equal(batched[:, 8:48, 8:32], expected)
-    for item, image in enumerate(images):
+    for item, output in enumerate(batched):
         outside = np.ones((SIZE, SIZE), bool)
         outside[8:48, 8:32] = False
-        np.testing.assert_allclose(batched[item][outside], np.asarray(image)[outside] / 255, atol=1e-6)
+        np.testing.assert_allclose(output[outside], np.asarray(images[item % 2])[outside] / 255, atol=1e-6)
 
 
 def test_a_map_that_releases_nothing_returns_the_input_without_a_step(pipe, family):

@@ -228,12 +228,13 @@ def test_user_step_end_callback_sees_every_step_and_can_change_the_latents(compo
 def test_signature_is_stock_then_ours():
     stock = inspect.signature(ZImageImg2ImgPipeline.__call__).parameters
     ours = inspect.signature(ZImageDiffImg2ImgPipeline.__call__).parameters
-    assert list(ours) == list(stock) + ["map", "invert_map", "keep_exact"]
+    ours_only = ["map", "invert_map", "keep_exact", "crop_to_change", "crop_margin", "crop_upscale"]
+    assert list(ours) == list(stock) + ours_only
     for name, parameter in stock.items():
         assert ours[name].kind == parameter.kind, name
         assert ours[name].default == (1.0 if name == "strength" else parameter.default), name
-    assert [ours[name].kind for name in ("map", "invert_map", "keep_exact")] == [inspect.Parameter.KEYWORD_ONLY] * 3
-    assert (ours["map"].default, ours["invert_map"].default, ours["keep_exact"].default) == (None, False, False)
+    assert [ours[name].kind for name in ours_only] == [inspect.Parameter.KEYWORD_ONLY] * 6
+    assert [ours[name].default for name in ours_only] == [None, False, False, False, 32, False]
 
 
 def test_every_stock_argument_is_passed_through(components, monkeypatch):
