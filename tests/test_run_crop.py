@@ -1,0 +1,52 @@
+"""--crop-margin end to end through every family's run.py, on its tiny model saved to a folder.
+
+Each run.py runs in this process (`run()` under a patched command line): a subprocess per family would cost more
+than the edit, and the one-line errors and subprocess behaviour of run.py are tested in tests/test_run_*.py.
+tests/test_crop.py checks the pipelines' crop contract itself.
+"""
+
+import sys
+
+import numpy as np
+import pytest
+from flow_models import save_flux, save_sd3
+from flow_models2 import save_chroma, save_qwenimage, save_zimage
+from PIL import Image
+
+from tools import cli
+from tools.maps import save_map
+
+SAVED_MODELS = {  # family: a fixture's name, or a function that saves the tiny model into a folder
+    "sd2": "sd_dir", "sd3": save_sd3, "flux": save_flux, "chroma": save_chroma, "qwenimage": save_qwenimage,
+    "zimage": save_zimage,
+}
+FAMILY_FLAGS = {}  # family: the flags it needs besides the common ones
+
+
+@pytest.mark.parametrize("family", SAVED_MODELS)
+def test_crop_margin_edits_the_box_around_the_change_and_keeps_the_rest_byte_for_byte(
+    family, inputs, tmp_path, request, monkeypatch, capsys
+):
+    saved = SAVED_MODELS[family]
+    model_dir = request.getfixturevalue(saved) if isinstance(saved, str) else saved(tmp_path / "model")
+    image, _ = inputs
+    keep_map = np.ones((64, 64), np.float32)
+    # The pixels that change. The tiny models' size units (2 px for SD, 4 px for 2x2 latent patches at a VAE factor
+    # of 2) divide the box, so with 4 px of margin the crop is rows 36-59, columns 4-27 in every family.
+    keep_map[40:56, 8:24] = 0.0
+    map_path, output = tmp_path / "block.png", tmp_path / "cropped.png"
+    save_map(keep_map, map_path)
+    monkeypatch.setattr(sys, "argv", [
+        "run.py", "--model", str(model_dir), "--device", "cpu", "--image", str(image), "--map", str(map_path),
+        "--prompt", "a red apple", "--steps", "3", "--crop-margin", "4", "--output", str(output),
+        *FAMILY_FLAGS.get(family, []),
+    ])
+    cli.load_family(family).run()
+    assert capsys.readouterr().out.startswith(f"{output} (")
+    with Image.open(image) as source, Image.open(output) as written:
+        original, edited = np.asarray(source.convert("RGB")), np.asarray(written.convert("RGB"))
+        assert written.text["crop_margin"] == "4" and written.text["crop_upscale"] == "False"
+    outside = np.ones((64, 64), bool)
+    outside[36:60, 4:28] = False
+    assert np.array_equal(edited[outside], original[outside])
+    assert np.abs(edited[40:56, 8:24].astype(int) - original[40:56, 8:24]).mean() > 5
