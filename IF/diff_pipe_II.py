@@ -349,7 +349,8 @@ def edit_on_crop(
 # ----------------------------------------------------------------------------------------------------------------
 # Copied from IF/diff_pipe_I.py: IF helpers (begin)
 #
-# What both IF stages add to the core: IF's batch order, its older step callback and its post-processing.
+# What both IF stages add to the core: IF's batch order, its older step callback, its post-processing and the
+# wiring of `crop_to_change`.
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -430,12 +431,15 @@ def composite_kept_pixels(pipe, output, frozen, keep_map, strength, num_images_p
     return postprocess_like_stock(pipe, images, output_type, return_dict)
 
 
-def postprocess_like_stock(pipe, images, output_type, return_dict):
-    """Stock IF's ending: "pt" gives the [-1, 1] tensor; otherwise [0, 1] arrays pass the safety checker (if any),
-    and "pil" images get the watermark (if any)."""
+def postprocess_like_stock(pipe, images, output_type, return_dict, in_unit_range=False):
+    """Stock IF's ending for `images` in [-1, 1] (in [0, 1] with `in_unit_range`): "pt" gives a [-1, 1] tensor;
+    otherwise [0, 1] arrays pass the safety checker (if any), and "pil" images get the watermark (if any)."""
     nsfw_detected = watermark_detected = None
-    if output_type != "pt":
-        images = (images / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).float().numpy()
+    if output_type == "pt" and in_unit_range:
+        images = images * 2 - 1
+    elif output_type != "pt":
+        images = images if in_unit_range else (images / 2 + 0.5).clamp(0, 1)
+        images = images.cpu().permute(0, 2, 3, 1).float().numpy()
         images, nsfw_detected, watermark_detected = pipe.run_safety_checker(
             images, pipe._execution_device, pipe.unet.dtype
         )
@@ -447,6 +451,61 @@ def postprocess_like_stock(pipe, images, output_type, return_dict):
     if not return_dict:
         return images, nsfw_detected, watermark_detected
     return IFPipelineOutput(images=images, nsfw_detected=nsfw_detected, watermark_detected=watermark_detected)
+
+
+def crop_unit(unet) -> int:
+    """The side of a crop is a multiple of this many pixels: 8, the multiple that stock IF resizes images to, or
+    more where the UNet halves the image more often, so that the crop passes every level of the UNet whole."""
+    return max(8, 2 ** (len(unet.config.down_block_types) - 1))
+
+
+def edit_on_crop_in_pixels(pipe, arguments, pixels, keep_map, num_inference_steps, conditioning=None):
+    """`crop_to_change` for IF: the core's `edit_on_crop` on the stage's pixel grid (one grid cell is one pixel).
+    Sets `pipe.crop_box` and returns the finished output.
+
+    Stock IF resizes only PIL images (to `unet.config.sample_size` on the short side) and takes tensors at their own
+    size, so the crop, handed over as a tensor, is edited at its own size, in whole `crop_unit`s; `crop_upscale`
+    edits it at about the stage's native size, `sample_size` pixels a side. The core hands over and expects images
+    in [0, 1] and pastes into whole-batch tiles of the input; IF reads and returns [-1, 1] and puts the copies of
+    an image next to each other. So the crop call gets one row per output image (the prompts encoded first), and
+    its images are converted on the way in and out. Stage II's `conditioning`, the stage I result already upscaled
+    to the stage's grid as stock upscales it, is cut from the same box as the image, and is all the crop call reads
+    of it.
+    """
+    copies = arguments["num_images_per_prompt"]
+    if copies > 1:
+        prompt_embeds, negative_prompt_embeds = pipe.encode_prompt(
+            arguments["prompt"], arguments["guidance_scale"] > 1.0, copies, pipe._execution_device,
+            arguments["negative_prompt"], arguments["prompt_embeds"], arguments["negative_prompt_embeds"],
+            clean_caption=arguments["clean_caption"],
+        )
+        arguments = dict(arguments, prompt=None, negative_prompt=None, prompt_embeds=prompt_embeds,
+                         negative_prompt_embeds=negative_prompt_embeds, num_images_per_prompt=1,
+                         map=per_output(map_to_tensor(arguments["map"]), copies))
+        pixels = pixels.repeat_interleave(copies, dim=0)
+        conditioning = None if conditioning is None else conditioning.repeat_interleave(copies, dim=0)
+    # Also read when no pixel is released, by the uncropped call that returns the original: [0, 1] there too.
+    arguments = dict(arguments, image=pixels / 2 + 0.5)
+    also_crop = ()
+    if conditioning is not None:
+        arguments["conditioning"], also_crop = conditioning / 2 + 0.5, ("conditioning",)
+
+    def call_in_unit_range(image, conditioning=None, original_image=None, **call):
+        stage_images = dict(image=image * 2 - 1) if conditioning is None else dict(
+            image=conditioning * 2 - 1, original_image=image * 2 - 1
+        )
+        output = pipe(**call, **stage_images)
+        return IFPipelineOutput(images=(output.images / 2 + 0.5).clamp(0, 1), nsfw_detected=None,
+                                watermark_detected=None)
+
+    grid, unit, strength = tuple(pixels.shape[-2:]), crop_unit(pipe.unet), arguments["strength"]
+    images, _ = edit_on_crop(call_in_unit_range, arguments, pixels, grid, num_inference_steps, unit,
+                             pipe.unet.config.sample_size, also_crop)
+    release_step = release_steps(keep_map, strength, num_inference_steps)
+    # The box that edit_on_crop cut: the core's rule on the same release steps.
+    pipe.crop_box = change_box(release_step, num_inference_steps, arguments["crop_margin"], unit)
+    return postprocess_like_stock(pipe, images, arguments["output_type"], arguments["return_dict"],
+                                  in_unit_range=True)
 
 
 # Copied from IF/diff_pipe_I.py: IF helpers (end)
@@ -466,6 +525,7 @@ class IFDiffImg2ImgSuperResolutionPipeline(IFImg2ImgSuperResolutionPipeline):
     _optional_components = [*IFImg2ImgSuperResolutionPipeline._optional_components, "watermarker"]
 
     _frozen = None  # the FrozenPixels of the call in progress
+    crop_box = None  # (top, left, bottom, right) of the last call's crop, in the stage's pixels
 
     @property
     def num_timesteps(self) -> int:
@@ -499,10 +559,14 @@ class IFDiffImg2ImgSuperResolutionPipeline(IFImg2ImgSuperResolutionPipeline):
         map=None,
         invert_map: bool = False,
         keep_exact: bool = False,
+        crop_to_change: bool = False,
+        crop_margin: int = 32,
+        crop_upscale: bool = False,
     ):
         r"""
         Takes every argument of [`IFImg2ImgSuperResolutionPipeline.__call__`], in its order and with its defaults
-        (except `strength`), then `map`, `invert_map` and `keep_exact`, which must be passed by name.
+        (except `strength`), then `map`, `invert_map`, `keep_exact` and the `crop_*` arguments, which must be passed
+        by name.
 
         Args:
             image (`torch.Tensor`, `PIL.Image.Image`, `np.ndarray` or a list of them):
@@ -562,11 +626,29 @@ class IFDiffImg2ImgSuperResolutionPipeline(IFImg2ImgSuperResolutionPipeline):
                 Composite the original back at the end: `clamp(T * s, 0, 1) * output + (1 - that) * original`, with
                 the original at stage II's size. IF works in pixels, so pixels of strength below 1/T already
                 end as that original, and this changes next to nothing; it is here so that every pipeline takes it.
+            crop_to_change (`bool`, *optional*, defaults to `False`):
+                Edit only the smallest crop that holds every released pixel (strength of at least 1/T) plus
+                `crop_margin` pixels of context, and paste it into `original_image` at stage II's size: a small change
+                costs a small crop. Pixels outside the crop are the original's own (at stage II's size, as IF resizes
+                it); inside, the edit is the same algorithm on the cropped original and map, conditioned on the same
+                crop of `image` upscaled to stage II's size as stock upscales it (bilinear), at the crop's own size
+                (IF takes the crop as a tensor, which it does not resize). Several images share one crop, the union of
+                their changes. Its sides are whole multiples of 8 pixels (more for a UNet that halves the image more
+                than 3 times). `pipe.crop_box` is then the crop, `(top, left, bottom, right)` in stage II's pixels,
+                or `None` when no pixel is released and the original comes back without a step.
+            crop_margin (`int`, *optional*, defaults to 32):
+                Context around the released pixels, in stage II's pixels, before the crop is rounded to whole units.
+            crop_upscale (`bool`, *optional*, defaults to `False`):
+                Edit the crop at about stage II's native resolution (`unet.config.sample_size` pixels a side, the
+                crop's aspect ratio kept) and scale the result back down: IF then sees the crop as it sees a whole
+                image.
 
         Returns:
             [`IFPipelineOutput`] or `tuple`, as stock. `pipe.num_timesteps` is the number of denoising steps
             actually run.
         """
+        arguments = dict(locals())
+        self.crop_box = None
         if image is None or original_image is None or map is None:
             raise ValueError("Pass `image` (the stage I result), `original_image` (the image being edited) and `map`.")
         check_strength_and_steps(strength, num_inference_steps)
@@ -580,6 +662,10 @@ class IFDiffImg2ImgSuperResolutionPipeline(IFImg2ImgSuperResolutionPipeline):
 
         pixels = self.preprocess_original_image(original_image)  # stage II's pixel grid, where the map works
         keep_map = keep_map_on_grid(map, pixels, invert_map)
+        if crop_to_change:
+            stage1_result = self.preprocess_image(image, 1, pixels.device).float()
+            conditioning = F.interpolate(stage1_result, pixels.shape[-2:], mode="bilinear", align_corners=True)
+            return edit_on_crop_in_pixels(self, arguments, pixels, keep_map, num_inference_steps, conditioning)
         release_step = per_output(release_steps(keep_map, strength, num_inference_steps), num_images_per_prompt)
         self._frozen = frozen = FrozenPixels(release_step, num_inference_steps)
         self._num_timesteps = num_inference_steps - frozen.first_step

@@ -13,13 +13,24 @@ from typing import Callable
 import numpy as np
 import pytest
 import torch
-from conftest import build_pipeline, sd_components, seeded_generator, test_image
+import torch.nn.functional as F
+from conftest import (
+    IF_STAGE1_SIZE,
+    build_pipeline,
+    if_stage1_components,
+    if_stage2_components,
+    sd_components,
+    seeded_generator,
+    test_image,
+)
 from flow_models import flux_components, sd3_components
 from flow_models2 import chroma_components, qwenimage_components, zimage_components
 
 from benchmarks.harness import denoiser
 from Chroma.diff_pipe import ChromaDiffImg2ImgPipeline
 from Flux.diff_pipe import FluxDiffImg2ImgPipeline
+from IF.diff_pipe_I import IFDiffImg2ImgPipeline
+from IF.diff_pipe_II import IFDiffImg2ImgSuperResolutionPipeline
 from QwenImage.diff_pipe import QwenImageDiffImg2ImgPipeline
 from SD2.diff_pipe import StableDiffusionDiffImg2ImgPipeline, change_box, upscaled_size
 from SD3.diff_pipe import StableDiffusion3DiffImg2ImgPipeline
@@ -39,10 +50,35 @@ class Family:
     call_arguments: dict  # what every call of the tests passes besides image, map and generator
     native_grid: int  # the side of the model's native size, in working-grid cells
     grid_input: str = None  # the denoiser's keyword input that grid_of reads (default: its first input)
+    preprocess: Callable = lambda pipe, image: pipe.image_processor.preprocess(image)  # -> [-1, 1] working pixels
+    image_argument: str = "image"  # the argument that takes the image being edited
+    to_input: Callable = lambda crop: crop  # a [0, 1] crop of the working image -> what `image_argument` takes
+    # IF stage II: (count, box) -> its `image` argument, the stage I results; cut by hand for `box` when given.
+    conditioning: Callable = None
+    copies_adjacent: bool = False  # num_images_per_prompt copies come out as a, a, b, b (IF) rather than a, b, a, b
 
     def working_image(self, pipe, image):
         """The input as the pipeline sees it: the working pixel grid, in [0, 1]."""
-        return pipe.image_processor.preprocess(image) / 2 + 0.5
+        return self.preprocess(pipe, image) / 2 + 0.5
+
+
+def stage1_results(count, box=None):
+    """Stage II's `image`: `count` stage I results of 32 px. For `box`, cut as a user cuts the working image: on
+    stage II's grid (upscaled as stock upscales it), in [0, 1], then handed over in [-1, 1] as IF takes tensors."""
+    low_res = torch.stack([torch.from_numpy(np.asarray(test_image(IF_STAGE1_SIZE, seed=10 + k), np.float32))
+                           for k in range(count)]).permute(0, 3, 1, 2) / 127.5 - 1
+    if box is None:
+        return low_res
+    top, left, bottom, right = box
+    upscaled = F.interpolate(low_res, (SIZE, SIZE), mode="bilinear", align_corners=True) / 2 + 0.5
+    return upscaled[..., top:bottom, left:right] * 2 - 1
+
+
+# IF works in pixels: one working-grid cell is one pixel. The tiny UNets halve the image once: the unit is 8 px,
+# the multiple stock IF resizes to. Both stages are built at 64 px, so the 64 px test image is their working grid.
+IF_ARGUMENTS = dict(prompt=PROMPT, clean_caption=False)  # caption cleaning needs bs4 and ftfy
+IF_INPUT = dict(scale=1, unit=8, grid_of=lambda images: tuple(images.shape[-2:]), native_grid=64,
+                to_input=lambda crop: crop * 2 - 1)
 
 
 FAMILIES = {
@@ -50,6 +86,16 @@ FAMILIES = {
         build=lambda: build_pipeline(StableDiffusionDiffImg2ImgPipeline, sd_components()),
         scale=2, unit=2, grid_of=lambda latents: tuple(latents.shape[-2:]),
         call_arguments=dict(prompt=PROMPT), native_grid=32,  # sample_size: 64 px, well above the 16 px crop
+    ),
+    "if_stage1": Family(
+        build=lambda: build_pipeline(IFDiffImg2ImgPipeline, if_stage1_components(sample_size=SIZE)),
+        call_arguments=IF_ARGUMENTS, preprocess=lambda pipe, image: pipe.preprocess_image(image), **IF_INPUT,
+        copies_adjacent=True,
+    ),
+    "if_stage2": Family(
+        build=lambda: build_pipeline(IFDiffImg2ImgSuperResolutionPipeline, if_stage2_components(sample_size=SIZE)),
+        call_arguments=IF_ARGUMENTS, preprocess=lambda pipe, image: pipe.preprocess_original_image(image),
+        image_argument="original_image", conditioning=stage1_results, copies_adjacent=True, **IF_INPUT,
     ),
 }
 
@@ -113,15 +159,19 @@ def block_map(top, left, bottom, right, size=SIZE):
     return keep_map
 
 
-def run(pipe, family, image, map, seed=0, **options):
-    """One image, or a batch (a list, or a 4-D tensor) with a prompt and a generator per image."""
-    arguments = dict(FAMILIES[family].call_arguments, generator=seeded_generator(seed))
+def run(pipe, family, image, map, seed=0, box=None, **options):
+    """One image, or a batch (a list, or a 4-D tensor) with a prompt and a generator per image. `box`: the crop
+    that `image` was cut by hand from the working image."""
+    spec = FAMILIES[family]
+    arguments = dict(spec.call_arguments, generator=seeded_generator(seed))
     count = len(image) if isinstance(image, list) else len(image) if isinstance(image, torch.Tensor) else 1
     if count > 1:
         arguments.update(prompt=[arguments["prompt"]] * count,
                          generator=[seeded_generator(seed + k) for k in range(count)])
-    arguments.update(options)
-    return pipe(**arguments, image=image, map=map, num_inference_steps=STEPS).images
+    if spec.conditioning is not None:
+        arguments["image"] = spec.conditioning(count, box)
+    arguments[spec.image_argument] = image
+    return pipe(**{**arguments, **options}, map=map, num_inference_steps=STEPS).images
 
 
 class DenoiserGrids(list):
@@ -154,11 +204,11 @@ def expected_box(first, last, margin, unit, size):
 def by_hand(pipe, family, working, keep_map, box, seed=0, **options):
     """The pipeline run on the cropped working image and map, as a user would crop them."""
     top, left, bottom, right = box
-    crop = working[..., top:bottom, left:right]
+    crop = FAMILIES[family].to_input(working[..., top:bottom, left:right])
     crop_map = torch.as_tensor(keep_map)[..., top:bottom, left:right]
     if "height" in inspect.signature(pipe.__call__).parameters:  # the crop's own size, not the pipeline's default
         options = dict(options, height=bottom - top, width=right - left)
-    return run(pipe, family, crop, crop_map, seed=seed, output_type="np", **options)
+    return run(pipe, family, crop, crop_map, seed=seed, box=box, output_type="np", **options)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -231,7 +281,7 @@ def test_a_batch_is_edited_on_the_union_of_its_changes(pipe, family, images_per_
     keep_maps = np.stack([block_map(8, 8, 16, 16), block_map(40, 24, 48, 32)])
     box = (8, 8, 48, 32)  # margin 0, and both blocks lie on whole units
 
-    def options():  # several images per prompt come out as the image batch repeated whole: a, b, a, b
+    def options():  # several images per prompt: a, b, a, b (the batch repeated whole), or a, a, b, b (IF)
         return {} if images_per_prompt == 1 else dict(num_images_per_prompt=2, generator=seeded_generator())
 
     with DenoiserGrids(pipe, family) as grids:
@@ -245,7 +295,8 @@ def test_a_batch_is_edited_on_the_union_of_its_changes(pipe, family, images_per_
     for item, output in enumerate(batched):
         outside = np.ones((SIZE, SIZE), bool)
         outside[8:48, 8:32] = False
-        np.testing.assert_allclose(output[outside], np.asarray(images[item % 2])[outside] / 255, atol=1e-6)
+        source = images[item // images_per_prompt if spec.copies_adjacent else item % 2]
+        np.testing.assert_allclose(output[outside], np.asarray(source)[outside] / 255, atol=1e-6)
 
 
 def test_a_map_that_releases_nothing_returns_the_input_without_a_step(pipe, family):
@@ -268,6 +319,26 @@ def test_crop_upscale_edits_the_crop_at_the_native_size_and_keeps_the_rest_exact
     outside[24:40, 24:40] = False
     np.testing.assert_array_equal(np.asarray(result)[outside], np.asarray(image)[outside])
     assert not np.array_equal(np.asarray(result)[24:40, 24:40], np.asarray(image)[24:40, 24:40])
+
+
+@pytest.mark.parametrize("family", ["if_stage1", "if_stage2"], indirect=True)
+def test_if_pastes_the_copies_of_an_image_into_that_image_and_reports_the_crop(pipe, family):
+    spec = FAMILIES[family]
+    images = [test_image(seed=1), test_image(seed=2)]
+    keep_maps = np.stack([block_map(8, 8, 16, 16), block_map(40, 24, 48, 32)])
+    box = (8, 8, 48, 32)
+    copies = dict(num_images_per_prompt=2, generator=[seeded_generator(k) for k in range(4)])
+    batched = run(pipe, family, images, keep_maps, crop_to_change=True, crop_margin=0, output_type="np", **copies)
+    assert pipe.crop_box == box
+    working = torch.cat([spec.working_image(pipe, image) for image in images])
+    copies["generator"] = [seeded_generator(k) for k in range(4)]
+    np.testing.assert_array_equal(batched[:, 8:48, 8:32], by_hand(pipe, family, working, keep_maps, box, **copies))
+    outside = np.ones((SIZE, SIZE), bool)
+    outside[8:48, 8:32] = False
+    for row, image in zip(batched, [images[0], images[0], images[1], images[1]]):  # IF's order: copies side by side
+        np.testing.assert_allclose(row[outside], np.asarray(image)[outside] / 255, atol=1e-6)
+    run(pipe, family, images[0], np.ones((SIZE, SIZE), np.float32), crop_to_change=True)
+    assert pipe.crop_box is None and pipe.num_timesteps == 0
 
 
 @pytest.mark.parametrize(

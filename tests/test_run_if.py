@@ -39,6 +39,7 @@ from PIL import Image
 from IF import run as if_run
 from IF.diff_pipe_I import IFDiffImg2ImgPipeline
 from tools import cli
+from tools.maps import save_map
 
 SCRIPT = "IF/run.py"
 GATED_MODEL = "DeepFloyd/IF-I-XL-v1.0"
@@ -119,6 +120,43 @@ def test_each_stage_writes_its_image_and_edit_gives_the_same_in_process(models, 
     assert steps_run == 9 and [steps for _, steps in stages.values()] == [5, 7, 9]
     assert np.array_equal(stages[1][0], stage1) and np.array_equal(stages[2][0], stage2)
     assert np.array_equal(np.asarray(images[0]), final) and np.array_equal(stages[3][0], final)
+
+
+def test_crop_margin_edits_stage_twos_box_and_keeps_the_resized_input_around_it(models, inputs, upscaler_dir,
+                                                                               tmp_path, monkeypatch, capsys):
+    image, _ = inputs
+    keep_map = np.ones((64, 64), np.float32)
+    keep_map[40:56, 8:24] = 0.0  # stage II works at the input's 64 px: with 4 px of margin its box is 36-59, 4-27
+    map_path = tmp_path / "block.png"
+    save_map(keep_map, map_path)
+    output = tmp_path / "cropped.png"
+    argv = [*models, "--stage3-model", upscaler_dir, "--device", "cpu", "--image", image, "--map", map_path,
+            "--prompt", "a red apple", "--steps", "3", "--stage2-steps", "2", "--stage3-steps", "2",
+            "--crop-margin", "4", "--output", output]
+    monkeypatch.setattr(sys, "argv", [SCRIPT, *map(str, argv)])  # in this process: a subprocess costs more than the run
+    if_run.run()
+    assert "7 denoising steps" in capsys.readouterr().out.strip().splitlines()[-1]  # 3 + 2, and the upscaler's 2
+    with Image.open(image) as source:
+        original = np.asarray(source.convert("RGB"))
+        resized = np.asarray(source.convert("RGB").resize((256, 256), Image.Resampling.BICUBIC))  # x4 of stage II
+    stage2, _ = written(tmp_path / "cropped-stage2.png")
+    final, text = written(output)
+    assert (text["crop_margin"], text["crop_upscale"], final.shape) == ("4", "False", (256, 256, 3))
+    for edited, source, (top, left, bottom, right) in [(stage2, original, (36, 4, 60, 28)),
+                                                      (final, resized, (144, 16, 240, 112))]:
+        outside = np.ones(source.shape[:2], bool)
+        outside[top:bottom, left:right] = False
+        assert np.array_equal(edited[outside], source[outside])
+        assert np.abs(edited[~outside].astype(int) - source[~outside]).mean() > 5
+
+    # A map that releases nothing at stage II runs no upscaling: the output is the resized input.
+    args = cli.parse_args(if_run.build_parser(), [str(a) for a in argv] + ["--overwrite"])
+    pipelines = if_run.load_pipelines(args)
+    white = Image.fromarray(np.full((64, 64), 255, np.uint8))
+    with Image.open(image) as source:
+        (unchanged,), steps_run = if_run.edit(pipelines, args, images=[source.convert("RGB")], maps=[white],
+                                              prompts=["a red apple"], negative_prompts=[""], seeds=[0])
+    assert steps_run == 0 and pipelines.stage2.crop_box is None and np.array_equal(np.asarray(unchanged), resized)
 
 
 # ---------------------------------------------------------------------------------------------------------------
