@@ -12,10 +12,17 @@ from typing import Callable
 import numpy as np
 import pytest
 import torch
-from conftest import build_pipeline, sd_components, seeded_generator, test_image
+from conftest import (
+    build_pipeline,
+    sd_components,
+    sdxl_components,
+    seeded_generator,
+    test_image,
+)
 
 from benchmarks.harness import denoiser
 from SD2.diff_pipe import StableDiffusionDiffImg2ImgPipeline, change_box, upscaled_size
+from SDXL.diff_pipe import StableDiffusionXLDiffImg2ImgPipeline
 
 PROMPT = "a red apple on a table"
 STEPS = 3
@@ -30,6 +37,8 @@ class Family:
     grid_of: Callable  # the denoiser's input tensor -> (rows, columns) of working-grid cells it covers
     call_arguments: dict  # what every call of the tests passes besides image, map and generator
     native_grid: int  # the side of the model's native size, in working-grid cells
+    # what a call of `count` images passes besides images, maps and generators: by default a prompt per image
+    batched: Callable = lambda arguments, count: dict(arguments, prompt=[arguments["prompt"]] * count)
 
     def working_image(self, pipe, image):
         """The input as the pipeline sees it: the working pixel grid, in [0, 1]."""
@@ -41,6 +50,11 @@ FAMILIES = {
         build=lambda: build_pipeline(StableDiffusionDiffImg2ImgPipeline, sd_components()),
         scale=2, unit=2, grid_of=lambda latents: tuple(latents.shape[-2:]),
         call_arguments=dict(prompt=PROMPT), native_grid=32,  # sample_size: 64 px, well above the 16 px crop
+    ),
+    "sdxl": Family(
+        build=lambda: build_pipeline(StableDiffusionXLDiffImg2ImgPipeline, sdxl_components()),
+        scale=2, unit=2, grid_of=lambda latents: tuple(latents.shape[-2:]),
+        call_arguments=dict(prompt=PROMPT), native_grid=32,
     ),
 }
 
@@ -67,7 +81,7 @@ def run(pipe, family, image, map, seed=0, **options):
     arguments = dict(FAMILIES[family].call_arguments, generator=seeded_generator(seed))
     count = len(image) if isinstance(image, list) else len(image) if isinstance(image, torch.Tensor) else 1
     if count > 1:
-        arguments.update(prompt=[arguments["prompt"]] * count,
+        arguments = dict(FAMILIES[family].batched(arguments, count),
                          generator=[seeded_generator(seed + k) for k in range(count)])
     return pipe(**arguments, image=image, map=map, num_inference_steps=STEPS, **options).images
 
@@ -219,3 +233,42 @@ def test_crop_upscale_edits_the_crop_at_the_native_size_and_keeps_the_rest_exact
 def test_bad_crop_arguments_are_refused_clearly(pipe, family, options, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         run(pipe, family, test_image(), block_map(0, 0, 8, 8), crop_to_change=True, **options)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What one family does differently
+
+
+@pytest.fixture(scope="module")
+def sdxl_pipe():
+    return FAMILIES["sdxl"].build()
+
+
+@pytest.mark.parametrize(
+    "options, named",
+    [
+        (dict(denoising_end=0.8, output_type="latent"), "`denoising_end`"),
+        (dict(denoising_start=0.8), "`denoising_start`, latents as `image`"),
+        (dict(latents=torch.zeros(1, 4, 32, 32)), "`latents`"),
+        (dict(noise=torch.zeros(1, 4, 32, 32)), "`noise`"),
+    ],
+)
+def test_sdxl_refuses_to_crop_one_stage_of_base_and_refiner(sdxl_pipe, options, named):
+    image = torch.zeros(1, 4, 32, 32) if "denoising_start" in options else test_image()
+    with pytest.raises(ValueError, match=f"`crop_to_change` runs the whole schedule .* takes no {named}: .*"
+                                         "`base.crop_and_paste`"):
+        run(sdxl_pipe, "sdxl", image, block_map(0, 0, 8, 8), crop_to_change=True, **options)
+
+
+def test_sdxl_conditions_the_crop_on_its_own_size(sdxl_pipe):
+    time_ids = []
+    hook = sdxl_pipe.unet.register_forward_pre_hook(
+        lambda module, args, kwargs: time_ids.append(kwargs["added_cond_kwargs"]["time_ids"]), with_kwargs=True
+    )
+    try:
+        run(sdxl_pipe, "sdxl", test_image(), block_map(4, 40, 20, 60), crop_to_change=True, crop_margin=0)
+    finally:
+        hook.remove()
+    # (original size, crop coordinates, target size) of a 16 x 20 image given alone, as by hand; twice for guidance
+    assert all(ids.tolist() == [[16, 20, 0, 0, 16, 20]] * 2 for ids in time_ids) and len(time_ids) == STEPS
+
