@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import (
     build_pipeline,
+    kandinsky_decoder_components,
     sd_components,
     sdxl_components,
     seeded_generator,
@@ -21,6 +22,7 @@ from conftest import (
 )
 
 from benchmarks.harness import denoiser
+from Kandinsky.diff_pipe import KandinskyV22DiffImg2ImgPipeline
 from SD2.diff_pipe import StableDiffusionDiffImg2ImgPipeline, change_box, upscaled_size
 from SDXL.diff_pipe import StableDiffusionXLDiffImg2ImgPipeline
 
@@ -55,6 +57,19 @@ FAMILIES = {
         build=lambda: build_pipeline(StableDiffusionXLDiffImg2ImgPipeline, sdxl_components()),
         scale=2, unit=2, grid_of=lambda latents: tuple(latents.shape[-2:]),
         call_arguments=dict(prompt=PROMPT), native_grid=32,
+    ),
+    "kandinsky": Family(
+        build=lambda: build_pipeline(KandinskyV22DiffImg2ImgPipeline, kandinsky_decoder_components()),
+        scale=2, unit=4,  # pixel_multiple: 2 px per MoVQ latent, and one halving in the UNet
+        grid_of=lambda latents: tuple(latents.shape[-2:]),
+        # No text: stand-ins for the prior's image embeddings. height=width=None keeps each image's own size, so
+        # that a crop run by hand is edited as it is.
+        call_arguments=dict(image_embeds=torch.randn(1, 32, generator=seeded_generator(1)),
+                            negative_image_embeds=torch.randn(1, 32, generator=seeded_generator(2)),
+                            height=None, width=None),
+        native_grid=32,
+        batched=lambda arguments, count: dict(arguments, **{
+            name: arguments[name].repeat(count, 1) for name in ("image_embeds", "negative_image_embeds")}),
     ),
 }
 
@@ -272,3 +287,17 @@ def test_sdxl_conditions_the_crop_on_its_own_size(sdxl_pipe):
     # (original size, crop coordinates, target size) of a 16 x 20 image given alone, as by hand; twice for guidance
     assert all(ids.tolist() == [[16, 20, 0, 0, 16, 20]] * 2 for ids in time_ids) and len(time_ids) == STEPS
 
+
+def test_kandinsky_pastes_each_output_into_its_own_image_in_stock_order():
+    pipe, spec = FAMILIES["kandinsky"].build(), FAMILIES["kandinsky"]
+    images = [test_image(seed=1), test_image(seed=2)]
+    arguments = spec.batched(spec.call_arguments, 2)
+    # Stock orders outputs a, a, b, b for two images and num_images_per_prompt=2.
+    result = pipe(**arguments, image=images, map=block_map(8, 8, 16, 16), num_images_per_prompt=2,
+                  num_inference_steps=STEPS, generator=[seeded_generator(k) for k in range(4)], crop_to_change=True,
+                  crop_margin=0, output_type="np").images
+    outside = np.ones((SIZE, SIZE), bool)
+    outside[8:16, 8:16] = False
+    for output, image in zip(result, [images[0], images[0], images[1], images[1]]):
+        np.testing.assert_allclose(output[outside], np.asarray(image)[outside] / 255, atol=1e-6)
+    assert not np.array_equal(result[0][8:16, 8:16], result[1][8:16, 8:16])  # two draws of one image
