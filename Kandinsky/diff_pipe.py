@@ -380,11 +380,15 @@ class KandinskyV22DiffImg2ImgPipeline(KandinskyV22Img2ImgPipeline):
         map=None,
         invert_map: bool = False,
         keep_exact: bool = False,
+        crop_to_change: bool = False,
+        crop_margin: int = 32,
+        crop_upscale: bool = False,
         **kwargs,
     ):
         r"""
         Takes every argument of [`KandinskyV22Img2ImgPipeline.__call__`], in its order and with its defaults (except
-        `strength`), then `map`, `invert_map` and `keep_exact`, which must be passed by name.
+        `strength`), then `map`, `invert_map`, `keep_exact` and the `crop_*` arguments, which must be passed by
+        name.
 
         Args:
             image_embeds (`torch.Tensor` of shape `(batch_size, embedding_dim)`, or a list of them):
@@ -440,6 +444,19 @@ class KandinskyV22DiffImg2ImgPipeline(KandinskyV22Img2ImgPipeline):
                 the input is the image resized to `height` x `width`. Pixels of strength 0 are then the input's own
                 values instead of its lossy MoVQ round trip, and pixels of strength below 1/T fade in linearly. Off
                 by default, as in the paper.
+            crop_to_change (`bool`, *optional*, defaults to `False`):
+                Edit only the smallest crop of the resized image that holds every released pixel (strength of at
+                least 1/T) plus `crop_margin` pixels of context, and paste it into the resized image: a small change
+                costs a small crop. Pixels outside the crop are the input's own (resized to `height` x `width`);
+                inside, the edit is the same algorithm on the cropped image and map, with `height` and `width` the
+                crop's. The crop's sides are multiples of `pipe.pixel_multiple`. Several images share one crop, the
+                union of their changes. Needs an `output_type` other than `"latent"`.
+            crop_margin (`int`, *optional*, defaults to 32):
+                Context around the released pixels, in pixels, before the crop is rounded to whole multiples of
+                `pipe.pixel_multiple`.
+            crop_upscale (`bool`, *optional*, defaults to `False`):
+                Edit the crop at about the decoder's native resolution (`unet.config.sample_size` latents a side)
+                and scale the result back down: slower, but with the detail of a full-size generation.
             **kwargs:
                 Passed to stock (its deprecated `callback` and `callback_steps`); anything else is refused.
 
@@ -447,6 +464,7 @@ class KandinskyV22DiffImg2ImgPipeline(KandinskyV22Img2ImgPipeline):
             [`ImagePipelineOutput`] or `tuple`, as stock. `pipe.num_timesteps` is the number of denoising steps
             actually run.
         """
+        arguments = dict(locals())
         self._check_differential_inputs(image_embeds, negative_image_embeds, image, map, strength,
                                         num_inference_steps, kwargs)
         if num_images_per_prompt > 1 and guidance_scale <= 1:
@@ -468,6 +486,10 @@ class KandinskyV22DiffImg2ImgPipeline(KandinskyV22Img2ImgPipeline):
             raise ValueError(
                 f"Got {keep_map.shape[0]} maps for {pixels.shape[0]} images: pass one map, or one map per image."
             )
+        if crop_to_change:
+            pixel_keep_map = self._keep_map_on(pixel_grid, map, image, invert_map)
+            output = self._crop_and_paste(arguments, pixels, latent_grid, pixel_keep_map)
+            return output if return_dict else (output.images,)
         # Stock repeats each image's latents in place (a, a, b, b) for num_images_per_prompt: maps follow.
         release_step = _per_output(release_steps(keep_map, strength, num_inference_steps), num_images_per_prompt)
         frozen = FrozenPixels(
@@ -507,6 +529,28 @@ class KandinskyV22DiffImg2ImgPipeline(KandinskyV22Img2ImgPipeline):
             images = self.image_processor.postprocess(images, output_type, do_denormalize=[False] * len(images))
             output = ImagePipelineOutput(images=images)
         return output if return_dict else (output.images,)
+
+    def _crop_and_paste(self, arguments, pixels, latent_grid, pixel_keep_map) -> ImagePipelineOutput:
+        # The core pastes the crop's outputs into the inputs tiled whole (a, b, a, b), but stock puts each image's
+        # outputs side by side (a, a, b, b): the crop call gets every output's own image, map and embeddings, in
+        # stock's order, with num_images_per_prompt=1, which makes the outputs that stock's repeats make.
+        repeats = arguments["num_images_per_prompt"]
+        embeddings = {name: (torch.cat(value) if isinstance(value, list) else value).repeat_interleave(repeats, 0)
+                      for name, value in arguments.items() if name in ("image_embeds", "negative_image_embeds")}
+        if repeats > 1:  # (a copy changes the images' memory layout, and with it how the MoVQ rounds)
+            pixels = pixels.repeat_interleave(repeats, dim=0)
+        if len(pixels) == 1:  # one image under several embeddings: stock broadcasts it
+            pixels = pixels.expand(len(embeddings["image_embeds"]), -1, -1, -1)
+        arguments = dict(arguments, **embeddings, num_images_per_prompt=1, image=pixels / 2 + 0.5,
+                         map=_per_output(pixel_keep_map, repeats), invert_map=False, height=pixels.shape[-2],
+                         width=pixels.shape[-1])
+        native_size = self.unet.config.sample_size * self.image_processor.config.vae_scale_factor
+        images, _ = edit_on_crop(self, arguments, pixels, latent_grid, arguments["num_inference_steps"],
+                                 self.pixel_multiple, native_size)
+        images = self.image_processor.postprocess(
+            images, arguments["output_type"], do_denormalize=[False] * len(images)
+        )
+        return ImagePipelineOutput(images=images)
 
     @property
     def pixel_multiple(self) -> int:

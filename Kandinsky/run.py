@@ -113,6 +113,7 @@ def edit(pipelines, args, *, images, maps, prompts, negative_prompts, seeds):
         map=maps,
         invert_map=args.invert_map,
         keep_exact=args.keep_exact,
+        **cli.crop_options(args),
         strength=args.strength,
         height=args.height,
         width=args.width,

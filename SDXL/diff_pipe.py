@@ -424,12 +424,15 @@ class StableDiffusionXLDiffImg2ImgPipeline(StableDiffusionXLImg2ImgPipeline):
         keep_exact: bool = False,
         original_image=None,
         noise: torch.Tensor | None = None,
+        crop_to_change: bool = False,
+        crop_margin: int = 32,
+        crop_upscale: bool = False,
         **kwargs,
     ):
         r"""
         Takes every argument of [`StableDiffusionXLImg2ImgPipeline.__call__`], in its order and with its defaults
-        (except `strength`), then `map`, `invert_map`, `keep_exact`, `original_image` and `noise`, which must be
-        passed by name.
+        (except `strength`), then `map`, `invert_map`, `keep_exact`, `original_image`, `noise` and the `crop_*`
+        arguments, which must be passed by name.
 
         Args:
             prompt (`str` or `list[str]`, *optional*):
@@ -545,6 +548,21 @@ class StableDiffusionXLDiffImg2ImgPipeline(StableDiffusionXLImg2ImgPipeline):
                 The noise of the noised original `add_noise(x0, noise, t)`. Defaults to the noise stock img2img draws
                 from `generator`. Pass the same tensor to base and refiner to tie them without a seed (give x0 as
                 4-channel `image` / `original_image` to fix it too).
+            crop_to_change (`bool`, *optional*, defaults to `False`):
+                Edit only the smallest crop that holds every released pixel (strength of at least 1/T) plus
+                `crop_margin` pixels of context, and paste it into the input: a small change costs a small crop.
+                Pixels outside the crop are the input's own; inside, the edit is the same algorithm on the cropped
+                image and map. Several images share one crop, the union of their changes. SDXL's size conditioning
+                is the crop's own, as for any image: `original_size` and `target_size` default to the size the crop
+                is edited at, and values passed are passed on unchanged. Needs pixels as `image`, an `output_type`
+                other than `"latent"`, and the whole schedule in this call (no `denoising_start`/`denoising_end`,
+                `latents` or `noise`): to run base and refiner on one crop, see `crop_and_paste`.
+            crop_margin (`int`, *optional*, defaults to 32):
+                Context around the released pixels, in pixels, before the crop is rounded to whole latent cells.
+            crop_upscale (`bool`, *optional*, defaults to `False`):
+                Edit the crop at about the model's native resolution (`unet.config.sample_size` latents a side,
+                1024 pixels for SDXL) and scale the result back down: slower, but with the detail of a full-size
+                generation.
             **kwargs:
                 Passed to stock (its deprecated `callback` and `callback_steps`).
 
@@ -552,6 +570,9 @@ class StableDiffusionXLDiffImg2ImgPipeline(StableDiffusionXLImg2ImgPipeline):
             [`StableDiffusionXLPipelineOutput`] or `tuple`, as stock. `pipe.num_timesteps` is the number of denoising
             steps this call actually ran.
         """
+        arguments = dict(locals())
+        if crop_to_change:
+            self._check_whole_schedule(image, denoising_start, denoising_end, latents, noise)
         num_inference_steps = self._check_differential_inputs(
             image, map, original_image, keep_exact, num_inference_steps, denoising_start, denoising_end, output_type
         )
@@ -574,6 +595,9 @@ class StableDiffusionXLDiffImg2ImgPipeline(StableDiffusionXLImg2ImgPipeline):
             raise ValueError(
                 f"Got {keep_map.shape[0]} maps for {original.shape[0]} images: pass one map, or one map per image."
             )
+        if crop_to_change:
+            output = self.crop_and_paste(self, arguments, num_inference_steps)
+            return output if return_dict else (output.images,)
         release_step = release_steps(keep_map, strength, num_inference_steps)
         stage_start, stage_end = self._stage_bounds(num_inference_steps, timesteps, sigmas, denoising_start,
                                                     denoising_end)
@@ -648,6 +672,39 @@ class StableDiffusionXLDiffImg2ImgPipeline(StableDiffusionXLImg2ImgPipeline):
             images = self.image_processor.postprocess(images, output_type, do_denormalize=[False] * len(images))
             output = StableDiffusionXLPipelineOutput(images=images)
         return output if return_dict else (output.images,)
+
+    def crop_and_paste(self, edit, arguments: dict, num_inference_steps: int) -> StableDiffusionXLPipelineOutput:
+        """`crop_to_change` for the call `edit(**arguments)`: runs it on the crop of the changed pixels and pastes the
+        result into `arguments["image"]`, with images of `arguments["output_type"]`.
+
+        `edit` is this pipeline, or a function that takes its arguments and returns what it returns, such as base
+        and refiner run one after the other: SDXL/run.py crops both stages alike this way. `arguments` holds at
+        least `image`, `map`, `invert_map`, `strength`, `keep_exact`, `output_type` and the `crop_*` arguments;
+        `edit` gets them all, with the cropped image (pixels in [0, 1]) and map, `output_type="pt"` and
+        `crop_to_change=False`. `num_inference_steps` is T, the length of the schedule that the map's release steps
+        are counted on.
+        """
+        pixels = self.image_processor.preprocess(arguments["image"])
+        latent_grid = self._latent_grid(pixels)
+        scale = pixels.shape[-1] // latent_grid[-1]
+        native_size = self.unet.config.sample_size * scale
+        images, _ = edit_on_crop(edit, arguments, pixels, latent_grid, num_inference_steps, scale, native_size)
+        output_type = arguments["output_type"]
+        images = self.image_processor.postprocess(images, output_type, do_denormalize=[False] * len(images))
+        return StableDiffusionXLPipelineOutput(images=images)
+
+    def _check_whole_schedule(self, image, denoising_start, denoising_end, latents, noise):
+        staged = [name for name, given in [
+            ("`denoising_start`", is_fraction(denoising_start)), ("`denoising_end`", is_fraction(denoising_end)),
+            ("latents as `image`", self._holds_latents(image)), ("`latents`", latents is not None),
+            ("`noise`", noise is not None),
+        ] if given]
+        if staged:
+            raise ValueError(
+                f"`crop_to_change` runs the whole schedule on the crop's pixels in one call, so it takes no "
+                f"{', '.join(staged)}: these carry the whole frame's latents between stages. To run base and "
+                "refiner on one crop, pass a function that runs both to `base.crop_and_paste`, as SDXL/run.py does."
+            )
 
     def _where_to_start(self, image, original_image, continuing, strength, denoising_start, num_inference_steps):
         """The arguments that make stock start where this call starts."""

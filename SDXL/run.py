@@ -149,15 +149,24 @@ def edit(pipelines, args, *, images, maps, prompts, negative_prompts, seeds):
     generators = lambda: [cli.make_generator(seed) for seed in seeds]  # noqa: E731
     base, refiner = pipelines
     if refiner is None:
-        result = base(image=images, generator=generators(), keep_exact=args.keep_exact, **common)
+        result = base(image=images, generator=generators(), keep_exact=args.keep_exact, **cli.crop_options(args),
+                      **common)
         return result.images, base.num_timesteps
-    latents = base(
-        image=images, generator=generators(), denoising_end=args.refiner_start, output_type="latent", **common
-    ).images
-    result = refiner(
-        image=latents, original_image=images, generator=generators(), denoising_start=args.refiner_start,
-        keep_exact=args.keep_exact, **common,
-    )
+
+    def base_then_refiner(image, keep_exact, output_type="pil", **call):
+        latents = base(
+            image=image, generator=generators(), denoising_end=args.refiner_start, output_type="latent", **call
+        ).images
+        return refiner(
+            image=latents, original_image=image, generator=generators(), denoising_start=args.refiner_start,
+            keep_exact=keep_exact, output_type=output_type, **call,
+        )
+
+    if args.crop_margin is None:
+        result = base_then_refiner(images, args.keep_exact, **common)
+    else:  # both stages run on the one crop, and only its pixels are pasted into the input
+        arguments = dict(common, image=images, keep_exact=args.keep_exact, output_type="pil", **cli.crop_options(args))
+        result = base.crop_and_paste(base_then_refiner, arguments, args.steps)
     return result.images, base.num_timesteps + refiner.num_timesteps
 
 

@@ -5,7 +5,10 @@ import pytest
 from conftest import COMMON_BAD_INPUTS, assert_refused_in_one_line, run_script, test_image
 from PIL import Image
 
+from SDXL import run as sdxl_run
 from SDXL.run import output_size
+from tools import cli
+from tools.maps import save_map
 
 SCRIPT = "SDXL/run.py"
 
@@ -97,3 +100,40 @@ def test_help_documents_every_flag():
     assert result.returncode == 0
     assert all(flag in result.stdout for flag in flags)
     assert "default: 17.5" in result.stdout and "default: 100" in result.stdout
+
+
+def test_crop_margin_runs_base_and_refiner_on_the_crop_alone_and_keeps_the_rest_byte_for_byte(
+    sdxl_base_dir, sdxl_refiner_dir, inputs, tmp_path
+):
+    image, _ = inputs
+    keep_map = np.ones((64, 64), np.float32)
+    keep_map[40:56, 8:24] = 0.0  # the pixels that change; with 4 px of margin the crop is rows 36-59, columns 4-27
+    map_path, output = tmp_path / "block.png", tmp_path / "cropped.png"
+    save_map(keep_map, map_path)
+    models = ["--model", sdxl_base_dir, "--refiner", sdxl_refiner_dir, "--device", "cpu", "--width", "64",
+              "--height", "64"]
+    result = run_script(SCRIPT, *models, "--image", image, "--map", map_path, "--prompt", "a red apple",
+                        "--steps", "4", "--seed", "3", "--crop-margin", "4", "--output", output)
+    assert result.returncode == 0, result.stderr
+    assert "4 denoising steps" in result.stdout  # 3 in the base, the last one in the refiner, which starts at 0.8
+    with Image.open(image) as source, Image.open(output) as written:
+        original, edited = np.asarray(source.convert("RGB")), np.asarray(written.convert("RGB"))
+        assert written.text["crop_margin"] == "4" and written.text["crop_upscale"] == "False"
+        negative_prompt = written.text["negative_prompt"]
+    outside = np.ones((64, 64), bool)
+    outside[36:60, 4:28] = False
+    assert np.array_equal(edited[outside], original[outside])
+
+    # Inside: base and refiner run by hand on the cropped working image and map, as run.py runs them uncropped.
+    base, refiner = sdxl_run.load_pipelines(cli.parse_args(sdxl_run.build_parser(), [str(arg) for arg in models]))
+    with Image.open(image) as source:
+        working = base.image_processor.preprocess(source) / 2 + 0.5
+    crop, crop_map = working[..., 36:60, 4:28], keep_map[36:60, 4:28]
+    common = dict(prompt=["a red apple"], negative_prompt=[negative_prompt], map=[crop_map], num_inference_steps=4,
+                  guidance_scale=17.5)
+    latents = base(image=crop, generator=[cli.make_generator(3)], denoising_end=0.8, output_type="latent",
+                   **common).images
+    by_hand = refiner(image=latents, original_image=crop, generator=[cli.make_generator(3)], denoising_start=0.8,
+                      **common).images[0]
+    assert np.array_equal(edited[36:60, 4:28], np.asarray(by_hand))
+    assert np.abs(edited[40:56, 8:24].astype(int) - original[40:56, 8:24]).mean() > 5
