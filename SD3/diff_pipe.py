@@ -334,7 +334,8 @@ def edit_on_crop(
         if keep_exact:
             weight = exact_keep_weight(keep_map[..., top:bottom, left:right], strength, num_inference_steps)
             edited = composite_original(edited, original[..., top:bottom, left:right], weight)
-    images = tile_to_batch(original, edited.shape[0]).to(edited.device, edited.dtype, copy=True)
+    # Whole-batch repeats, as stock repeats images for num_images_per_prompt (a, b, a, b); a copy, to paste into.
+    images = original.to(edited.device, edited.dtype).repeat(edited.shape[0] // original.shape[0], 1, 1, 1)
     images[..., top:bottom, left:right] = edited
     return images, output
 

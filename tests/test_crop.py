@@ -331,6 +331,17 @@ def test_a_batch_is_edited_on_the_union_of_its_changes(pipe, family, images_per_
         np.testing.assert_allclose(output[outside], np.asarray(source)[outside] / 255, atol=1e-6)
 
 
+def test_copies_of_one_image_are_each_pasted_into_it(pipe, family):
+    image, keep_map = test_image(), block_map(8, 8, 24, 24)
+    copies = run(pipe, family, image, keep_map, crop_to_change=True, crop_margin=0, num_images_per_prompt=2,
+                 output_type="np")
+    assert len(copies) == 2 and not np.array_equal(copies[0], copies[1])  # two draws of the noise
+    outside = np.ones((SIZE, SIZE), bool)
+    outside[8:24, 8:24] = False
+    for copy in copies:
+        np.testing.assert_allclose(copy[outside], np.asarray(image)[outside] / 255, atol=1e-6)
+
+
 def test_a_map_that_releases_nothing_returns_the_input_without_a_step(pipe, family):
     image = test_image()
     with DenoiserGrids(pipe, family) as grids:
