@@ -345,6 +345,9 @@ def edit_on_crop(
 # ----------------------------------------------------------------------------------------------------------------
 
 
+# Copied from SD2/diff_pipe_inpaint.py: released mask (begin)
+
+
 class ReleasedMask(FrozenPixels):
     """FrozenPixels for inpainting UNets, which also read a mask channel and the masked image's latents.
 
@@ -352,7 +355,7 @@ class ReleasedMask(FrozenPixels):
     where it is still frozen, and the masked image shows exactly the still-frozen pixels. Both change only at steps
     where some pixel is released; the masked image is re-encoded then, and only then. Stock encodes the first masked
     image with a VAE sample, as it always does; re-encodings take the VAE's mean, which draws nothing from the
-    generator, so that the scheduler's own draws stay stock's.
+    generator, so that the scheduler's own draws stay stock's: the pipeline's `encode_mean` does it.
     """
 
     def __init__(self, release_step, num_inference_steps, pixels, callback=None, tensor_inputs=()):
@@ -383,12 +386,12 @@ class ReleasedMask(FrozenPixels):
         batch_size = self.release_step.shape[0]
         copies = stock_mask.shape[0] // batch_size
         mask = (self.release_step <= step).to(stock_mask.dtype).repeat(copies, 1, 1, 1)
-        vae = pipe.vae
         masked_image = self.pixels * (self.released_pixels(step) < 0.5)
-        encoded = vae.encode(masked_image.to(vae.device, vae.dtype))
-        latents = encoded.latent_dist.mode() if hasattr(encoded, "latent_dist") else encoded.latents
-        latents = tile_to_batch(latents * vae.config.scaling_factor, batch_size).to(stock_mask.dtype)
+        latents = tile_to_batch(pipe.encode_mean(masked_image), batch_size).to(stock_mask.dtype)
         return {"mask": mask, "masked_image_latents": latents.repeat(copies, 1, 1, 1)}
+
+
+# Copied from SD2/diff_pipe_inpaint.py: released mask (end)
 
 
 class StableDiffusionDiffInpaintPipeline(StableDiffusionInpaintPipeline):
@@ -573,6 +576,13 @@ class StableDiffusionDiffInpaintPipeline(StableDiffusionInpaintPipeline):
             latents = torch.where(frozen.release_step > 0, noised_original.to(latents.dtype), latents)
         outputs = (latents, noise) if return_noise else (latents,)
         return outputs + tuple(image_latents[:1]) if return_image_latents else outputs
+
+    def encode_mean(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The scaled latents of `pixels` (in [-1, 1]) from the VAE's mean: an encoding that draws no random numbers."""
+        vae = self.vae
+        encoded = vae.encode(pixels.to(vae.device, vae.dtype))
+        latents = encoded.latent_dist.mode() if hasattr(encoded, "latent_dist") else encoded.latents
+        return latents * vae.config.scaling_factor
 
     def _unchanged(self, prompt, prompt_embeds, pixels, num_images_per_prompt, generator, output_type):
         # No pixel is released, so no step runs: the result is x0, drawn as stock draws it.

@@ -4,10 +4,13 @@
     python SDXL/run.py --image photo.jpg --map map.png --prompt "a watercolour painting" --output edit.png
     python SDXL/run.py --no-refiner         # the base alone, over the whole schedule
     python SDXL/run.py --image photo.jpg --mask hole.png --feather 32 --prompt "a brick wall"   # soft inpainting
+    python SDXL/run.py --controlnet diffusers/controlnet-canny-sdxl-1.0 --control canny   # ControlNet on the base
+    python SDXL/run.py --inpaint-model diffusers/stable-diffusion-xl-1.0-inpainting-0.1   # an inpainting checkpoint
 
 The image is scaled to SDXL's working size first: by default it keeps its aspect ratio at about 1024 x 1024 pixels
 in area (a square image becomes 1024 x 1024, a 3:2 photo 1256 x 840); --width and --height fix either side or both.
-The map is stretched to the same size.
+The map is stretched to the same size. With --controlnet or --inpaint-model the base runs the whole schedule alone:
+diffusers' SDXL ControlNet and inpainting pipelines have no handoff to the refiner.
 
 `build_parser`, `load_pipelines` and `edit` are also what batch editing uses, so both run the same code.
 """
@@ -22,7 +25,7 @@ from typing import NamedTuple
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tools import cli  # noqa: E402
+from tools import cli, conditioning  # noqa: E402
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 DEFAULT_REFINER = "stabilityai/stable-diffusion-xl-refiner-1.0"
@@ -54,7 +57,8 @@ def build_parser():
     )
     group.add_argument(
         "--no-refiner", action="store_true",
-        help="run the base model alone, over the whole schedule (default: off, base then refiner)",
+        help="run the base model alone, over the whole schedule; --controlnet and --inpaint-model imply it (default: "
+        "off, base then refiner)",
     )
     group.add_argument(
         "--refiner-start", type=_fraction, default=DEFAULT_REFINER_START, metavar="F",
@@ -71,7 +75,18 @@ def build_parser():
         help=f"output height in pixels, a multiple of {SIZE_MULTIPLE} (default: from --width and the image's "
         f"aspect ratio, or about {NATIVE_SIZE}x{NATIVE_SIZE} pixels in area)",
     )
+    conditioning.add_arguments(parser)
+    parser.checks.append(_base_alone_for_variants)
     return parser
+
+
+def _base_alone_for_variants(args):
+    if conditioning.variant(args) and not args.no_refiner:
+        if args.refiner != DEFAULT_REFINER or args.refiner_start != DEFAULT_REFINER_START:
+            raise cli.CliError(f"--{'controlnet' if args.controlnet else 'inpaint-model'} runs the base alone over "
+                               "the whole schedule (its diffusers pipeline has no handoff to a refiner): drop "
+                               "--refiner and --refiner-start")
+        args.no_refiner = True
 
 
 def _fraction(text):
@@ -114,8 +129,14 @@ def output_size(image_size, width=None, height=None):
 def load_pipelines(args):
     from SDXL.diff_pipe import StableDiffusionXLDiffImg2ImgPipeline
 
+    if conditioning.variant(args) == "controlnet":
+        from SDXL.diff_pipe_controlnet import StableDiffusionXLControlNetDiffImg2ImgPipeline as base_class
+    elif conditioning.variant(args) == "inpaint":
+        from SDXL.diff_pipe_inpaint import StableDiffusionXLDiffInpaintPipeline as base_class
+    else:
+        base_class = StableDiffusionXLDiffImg2ImgPipeline
     options = dict(torch_dtype=args.torch_dtype, device=args.device, offload=args.offload)
-    base = cli.load_pipeline(StableDiffusionXLDiffImg2ImgPipeline, args.model, **options)
+    base = conditioning.load_pipeline(base_class, args)
     cli.set_scheduler(base, args.scheduler)
     if args.no_refiner:
         return Pipelines(base, None)
@@ -150,7 +171,7 @@ def edit(pipelines, args, *, images, maps, prompts, negative_prompts, seeds):
     base, refiner = pipelines
     if refiner is None:
         result = base(image=images, generator=generators(), keep_exact=args.keep_exact, **cli.crop_options(args),
-                      **common)
+                      **common, **conditioning.pipeline_arguments(args, images))
         return result.images, base.num_timesteps
 
     def base_then_refiner(image, keep_exact, output_type="pil", **call):
@@ -173,6 +194,7 @@ def edit(pipelines, args, *, images, maps, prompts, negative_prompts, seeds):
 def run():
     args = cli.parse_args(build_parser())
     image, map_image = cli.load_inputs(args)
+    conditioning.check_control_images(args, image)
     size = output_size(image.size, args.width, args.height)
     stretched = abs(size[0] * image.height - size[1] * image.width) > 0.01 * size[0] * image.height
     if args.width and args.height and stretched:
@@ -187,7 +209,8 @@ def run():
     refiner = {"refiner": "none"} if args.no_refiner else {"refiner": args.refiner, "refiner_start": args.refiner_start}
     cli.save_result(result, args, image=image, map_image=map_image, steps_run=steps_run,
                     seconds=time.perf_counter() - started,
-                    extra_params={**refiner, "width": size[0], "height": size[1]})
+                    extra_params={**refiner, "width": size[0], "height": size[1],
+                                  **conditioning.png_parameters(args)})
 
 
 if __name__ == "__main__":

@@ -19,8 +19,14 @@ weights (nothing is downloaded): time and memory depend on the shapes, not on th
   chroma     ChromaDiffImg2ImgPipeline                  Chroma1-HD (transformer + VAE) 1024 x 1024
   qwenimage  QwenImageDiffImg2ImgPipeline               Qwen-Image (MMDiT + VAE)       1328 x 1328
   zimage     ZImageDiffImg2ImgPipeline                  Z-Image-Turbo (S3-DiT + VAE)   1024 x 1024
+  sd15-controlnet  StableDiffusionControlNetDiffImg2ImgPipeline    SD 1.5 + ControlNet       512 x 512
+  sdxl-controlnet  StableDiffusionXLControlNetDiffImg2ImgPipeline  SDXL base + ControlNet    1024 x 1024
+  sd2-inpaint      StableDiffusionDiffInpaintPipeline              SD 2 inpainting           512 x 512
+  sdxl-inpaint     StableDiffusionXLDiffInpaintPipeline            SDXL 1.0 inpainting       1024 x 1024
 
-The UNet families run in fp16, the flow-matching ones (the last five) in bf16, as they are published.
+The UNet families run in fp16, the flow-matching ones (SD3 to Z-Image) in bf16, as they are published. The last four
+are the conditioned variants, each timed against its own stock pipeline: ControlNet img2img with a condition image,
+and inpainting with an all-white mask (which repaints everything, as ours with a uniform map does).
 
 Text encoders are not built. Every pipeline gets the embeddings that its encoder would produce, with the encoder's
 real shape (SD 2.1: OpenCLIP-H, 77 x 1024; SDXL: CLIP-L + OpenCLIP-bigG, 77 x 2048 and a pooled 1280; Kandinsky:
@@ -61,6 +67,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
@@ -70,6 +77,7 @@ from diffusers import (  # noqa: E402
     AutoencoderKL,
     AutoencoderKLQwenImage,
     ChromaTransformer2DModel,
+    ControlNetModel,
     DDIMScheduler,
     DDPMScheduler,
     EulerDiscreteScheduler,
@@ -271,6 +279,26 @@ SDXL_SCHEDULER = {
     "trained_betas": None,
     "use_karras_sigmas": False,
 }
+
+# stable-diffusion-v1-5/stable-diffusion-v1-5, unet/config.json: SD 2.1-base's layout with CLIP-L's 768-wide text
+# states, 8 heads at every level and convolutional projections. Its VAE has SD 2.1's shapes, and its scheduler config
+# is SD 2.1's.
+SD15_UNET = {
+    **SD21_UNET,
+    "attention_head_dim": 8,
+    "cross_attention_dim": 768,
+    "use_linear_projection": False,
+}
+
+# lllyasviel/control_v11p_sd15_canny and diffusers/controlnet-canny-sdxl-1.0, config.json: each ControlNet is a copy of
+# its UNet's down blocks and middle block (what ControlNetModel.from_unet builds), fed by a condition embedding of
+# these widths, which brings the condition image down to the latent grid (8 px per latent).
+CONTROLNET_CONDITIONING_WIDTHS = [16, 32, 96, 256]
+
+# sd2-community/stable-diffusion-2-inpainting and diffusers/stable-diffusion-xl-1.0-inpainting-0.1, unet/config.json:
+# the base UNets, reading 9 channels (the latents, the mask, the masked image's latents).
+SD2_INPAINT_UNET = {**SD21_UNET, "in_channels": 9}
+SDXL_INPAINT_UNET = {**SDXL_UNET, "in_channels": 9}
 
 # kandinsky-community/kandinsky-2-2-decoder, unet/config.json, reconstructed: no copy of that file was at hand.
 # diffusers' scripts/convert_kandinsky_to_diffusers.py holds the Kandinsky 2.1 decoder UNet (UNET_CONFIG, 1.23 B
@@ -754,6 +782,7 @@ class Family:
     inputs: Callable  # (setup, components, size) -> keyword arguments shared by both pipelines
     notes: list = field(default_factory=list)
     flow_matching: bool = False  # stock runs ceil(T s) steps at strength s, not floor(T s); weights in bf16
+    stock_inputs: Callable = None  # (setup, size) -> what stock alone takes (an inpainting mask)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -960,6 +989,57 @@ def zimage_inputs(setup, components, size):
     return dict(image=test_image(size), height=size, width=size, prompt_embeds=[embeds], guidance_scale=0.0)
 
 
+def controlnet_for(unet, setup) -> ControlNetModel:
+    """The ControlNet of `unet`'s family: its encoder copied, as the published ones were made (random weights)."""
+    torch.manual_seed(SEED)
+    with torch.device(setup.device):
+        controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=CONTROLNET_CONDITIONING_WIDTHS)
+    return controlnet.to(dtype=setup.dtype).eval().requires_grad_(False)
+
+
+def sd15_controlnet_components(setup):
+    components = sd2_components(setup)
+    unet = build_model(UNet2DConditionModel, SD15_UNET, SMOKE_SD21_UNET, setup)
+    return {**components, "unet": unet, "controlnet": controlnet_for(unet, setup)}
+
+
+def sdxl_controlnet_components(setup):
+    components = sdxl_components(setup)
+    return {**components, "controlnet": controlnet_for(components["unet"], setup)}
+
+
+def controlnet_inputs(family_inputs):
+    """The family's inputs, plus a condition image of the output size for the ControlNet."""
+    def inputs(setup, components, size):
+        return dict(family_inputs(setup, components, size), control_image=test_image(size, seed=1),
+                    controlnet_conditioning_scale=1.0)
+
+    return inputs
+
+
+def sd2_inpaint_components(setup):
+    return {**sd2_components(setup), "unet": build_model(UNet2DConditionModel, SD2_INPAINT_UNET, SMOKE_SD21_UNET,
+                                                         setup)}
+
+
+def sdxl_inpaint_components(setup):
+    return {**sdxl_components(setup), "unet": build_model(UNet2DConditionModel, SDXL_INPAINT_UNET, SMOKE_SDXL_UNET,
+                                                          setup)}
+
+
+def inpaint_inputs(family_inputs):
+    """The family's inputs at the output size (stock inpainting would take the UNet's own)."""
+    def inputs(setup, components, size):
+        return dict(family_inputs(setup, components, size), height=size, width=size)
+
+    return inputs
+
+
+def stock_inpaint_inputs(setup, size):
+    """Stock inpainting at strength 1 repaints what its mask says: all of it, as ours with a uniform map."""
+    return dict(mask_image=Image.new("L", (size, size), 255))
+
+
 FAMILIES = {
     family.name: family
     for family in [
@@ -998,6 +1078,21 @@ FAMILIES = {
                "ZImageImg2ImgPipeline", 1024, 64, zimage_components, zimage_inputs,
                ["Qwen3-4B embeddings given directly (128 tokens); no CFG, as the Turbo model runs"],
                flow_matching=True),
+        Family("sd15-controlnet", "SD 1.5 + ControlNet", "SD2/diff_pipe_controlnet.py",
+               "StableDiffusionControlNetDiffImg2ImgPipeline", "StableDiffusionControlNetImg2ImgPipeline", 512, 64,
+               sd15_controlnet_components, controlnet_inputs(sd2_inputs),
+               ["SD 1.5 UNet and a ControlNet of its shape (lllyasviel/control_v11p_sd15_canny); DDIM"]),
+        Family("sdxl-controlnet", "SDXL base + ControlNet", "SDXL/diff_pipe_controlnet.py",
+               "StableDiffusionXLControlNetDiffImg2ImgPipeline", "StableDiffusionXLControlNetImg2ImgPipeline", 1024,
+               64, sdxl_controlnet_components, controlnet_inputs(sdxl_inputs),
+               ["a ControlNet of the base's shape (diffusers/controlnet-canny-sdxl-1.0); VAE in fp32"]),
+        Family("sd2-inpaint", "SD 2 inpainting", "SD2/diff_pipe_inpaint.py", "StableDiffusionDiffInpaintPipeline",
+               "StableDiffusionInpaintPipeline", 512, 64, sd2_inpaint_components, inpaint_inputs(sd2_inputs),
+               ["9-channel UNet; stock repaints an all-white mask; the weak map re-encodes the masked image at "
+                "every step it releases pixels"], stock_inputs=stock_inpaint_inputs),
+        Family("sdxl-inpaint", "SDXL inpainting", "SDXL/diff_pipe_inpaint.py", "StableDiffusionXLDiffInpaintPipeline",
+               "StableDiffusionXLInpaintPipeline", 1024, 64, sdxl_inpaint_components, inpaint_inputs(sdxl_inputs),
+               ["9-channel UNet; stock repaints an all-white mask; VAE in fp32"], stock_inputs=stock_inpaint_inputs),
     ]
 }
 ALIASES = {"if": ["if1", "if2"], "all": list(FAMILIES)}
@@ -1026,13 +1121,13 @@ def load_pipeline_class(family: Family):
 GPU_CASES = ("stock", "ours", "ours_weak")  # of harness.CASES
 
 
-def make_cases(stock, ours, inputs: dict, setup, size: int, offload: bool = False) -> dict:
+def make_cases(stock, ours, inputs: dict, setup, size: int, offload: bool = False, stock_inputs=None) -> dict:
     def enable_offload(pipe):
         # The two pipelines share their modules; enabling offload first removes the other one's hooks.
         pipe.enable_model_cpu_offload(device=setup.device)
 
     return img2img_cases(stock, ours, size, dict(num_inference_steps=setup.steps, output_type="pt", **inputs),
-                         names=GPU_CASES, before_call=enable_offload if offload else None)
+                         names=GPU_CASES, before_call=enable_offload if offload else None, stock_inputs=stock_inputs)
 
 
 def first_line(error: BaseException, limit: int = 200) -> str:
@@ -1091,8 +1186,9 @@ def run_family(family: Family, setup, repeats: int, plan: dict) -> dict:
     stock = build_pipeline(getattr(diffusers, family.stock_class), components)
     ours = build_pipeline(pipeline_class, components)
     inputs = family.inputs(setup, components, size)
+    stock_inputs = family.stock_inputs(setup, size) if family.stock_inputs else None
     unet = denoiser(stock)  # the UNet, or a flow family's transformer: what runs once per step
-    cases = make_cases(stock, ours, inputs, setup, size)
+    cases = make_cases(stock, ours, inputs, setup, size, stock_inputs=stock_inputs)
     record = {
         "title": family.title,
         "pipeline": f"{family.pipeline_file}: {family.pipeline_class}",
@@ -1112,7 +1208,7 @@ def run_family(family: Family, setup, repeats: int, plan: dict) -> dict:
         return measure(cases, repeats, setup, record["unet_calls"])
 
     def offload():
-        offload_cases = make_cases(stock, ours, inputs, setup, size, offload=True)
+        offload_cases = make_cases(stock, ours, inputs, setup, size, offload=True, stock_inputs=stock_inputs)
         try:
             # Move the weights to the CPU before timing. No warm-up run: the kernels are warm from the plain runs,
             # and an offloaded call costs little more than its transfers.

@@ -249,9 +249,11 @@ def embeddings(shape, device, dtype=torch.float32) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(SEED)).to(device, dtype)
 
 
-def img2img_cases(stock, ours, size: int, inputs: dict, names=tuple(CASES), before_call=None) -> dict:
+def img2img_cases(stock, ours, size: int, inputs: dict, names=tuple(CASES), before_call=None,
+                  stock_inputs: dict | None = None) -> dict:
     """One function of no arguments per case named in `names` (keys of CASES). Each draws from a freshly seeded
-    generator, so that every run is the same; `before_call(pipe)`, if given, runs before each call."""
+    generator, so that every run is the same; `before_call(pipe)`, if given, runs before each call. `stock_inputs`
+    go to stock alone (an inpainting pipeline's mask, which ours replaces by the map)."""
     maps = keep_maps(size)
 
     def call(pipe, **kwargs):
@@ -262,7 +264,7 @@ def img2img_cases(stock, ours, size: int, inputs: dict, names=tuple(CASES), befo
 
         return run
 
-    cases = {"stock": call(stock, strength=1.0)}
+    cases = {"stock": call(stock, strength=1.0, **(stock_inputs or {}))}
     cases.update({name: call(ours, map=maps[name], strength=1.0) for name in CASES if name != "stock"})
     return {name: cases[name] for name in names}
 

@@ -17,7 +17,7 @@ from tools import check_copies
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PIPELINE_FILES = sorted(REPO_ROOT.glob("*/diff_pipe*.py"))
 ALLOWED_IMPORTS = {"torch", "diffusers", "transformers", "PIL", "numpy"}
-CORE, IF_HELPERS, FLOW = check_copies.BLOCKS
+CORE, IF_HELPERS, FLOW, RELEASED_MASK = check_copies.BLOCKS
 
 
 def block_text(path, block):
@@ -34,6 +34,9 @@ def test_the_blocks_cover_every_pipeline_file_and_both_if_stages():
     flow_files = [path for path in PIPELINE_FILES if "def flow_release_steps" in path.read_text()]
     assert FLOW.files(REPO_ROOT) == flow_files and len(flow_files) == 5
     assert "class FrozenPixels" in block_text(REPO_ROOT / CORE.source, CORE)
+    inpaint_files = [REPO_ROOT / "SD2" / "diff_pipe_inpaint.py", REPO_ROOT / "SDXL" / "diff_pipe_inpaint.py"]
+    assert RELEASED_MASK.files(REPO_ROOT) == inpaint_files
+    assert "class ReleasedMask" in block_text(REPO_ROOT / RELEASED_MASK.source, RELEASED_MASK)
 
 
 def test_every_copy_is_identical_to_its_source():

@@ -27,6 +27,10 @@ PIPELINE_FILES = {
     "chroma": "Chroma/diff_pipe.py",
     "qwenimage": "QwenImage/diff_pipe.py",
     "zimage": "ZImage/diff_pipe.py",
+    "sd15-controlnet": "SD2/diff_pipe_controlnet.py",
+    "sdxl-controlnet": "SDXL/diff_pipe_controlnet.py",
+    "sd2-inpaint": "SD2/diff_pipe_inpaint.py",
+    "sdxl-inpaint": "SDXL/diff_pipe_inpaint.py",
 }
 FLOW_FAMILIES = ["sd3", "flux", "chroma", "qwenimage", "zimage"]
 # Chroma's CFG and Qwen-Image's true CFG run the negative prompt as a second transformer call in every step.
@@ -96,6 +100,9 @@ def test_smoke_builds_the_real_blocks_at_a_tiny_size():
     for real, smoke_overrides in [
         (gpu_bench.SD21_UNET, gpu_bench.SMOKE_SD21_UNET),
         (gpu_bench.SDXL_UNET, gpu_bench.SMOKE_SDXL_UNET),
+        (gpu_bench.SD15_UNET, gpu_bench.SMOKE_SD21_UNET),
+        (gpu_bench.SD2_INPAINT_UNET, gpu_bench.SMOKE_SD21_UNET),
+        (gpu_bench.SDXL_INPAINT_UNET, gpu_bench.SMOKE_SDXL_UNET),
         (gpu_bench.KANDINSKY22_UNET, gpu_bench.SMOKE_KANDINSKY22_UNET),
         (gpu_bench.IF_I_XL_UNET, gpu_bench.SMOKE_IF_I_UNET),
         (gpu_bench.IF_II_L_UNET, gpu_bench.SMOKE_IF_II_UNET),
@@ -127,6 +134,7 @@ def test_real_configs_have_the_published_parameter_counts():
         (gpu_bench.VQModel, gpu_bench.KANDINSKY22_MOVQ, 67e6),
         (gpu_bench.UNet2DConditionModel, gpu_bench.IF_I_XL_UNET, 4.3e9),
         (gpu_bench.UNet2DConditionModel, gpu_bench.IF_II_L_UNET, 1.2e9),
+        (gpu_bench.UNet2DConditionModel, gpu_bench.SD15_UNET, 859.5e6),  # exact count of the released UNet
         # SD3.5-medium's card counts its position table (384 x 384 x 1536, a buffer) with the weights: 2.47 B.
         (gpu_bench.SD3Transformer2DModel, gpu_bench.SD35_MEDIUM_TRANSFORMER, 2.5e9),
         (gpu_bench.FluxTransformer2DModel, gpu_bench.FLUX_DEV_TRANSFORMER, 12e9),
@@ -139,6 +147,21 @@ def test_real_configs_have_the_published_parameter_counts():
             model = model_class.from_config(gpu_bench.model_config(config, {}, smoke=False))
         count = gpu_bench.parameter_count(model) + sum(buffer.numel() for buffer in model.buffers())
         assert count == pytest.approx(expected, rel=0.03), config["_class_name"]
+
+
+def test_controlnets_and_inpainting_unets_have_the_published_sizes():
+    # SD 1.5's canny ControlNet has 361 M parameters, SDXL's 1.25 B (2.5 GB in fp16); an inpainting UNet is its
+    # base with a 9-channel input.
+    for unet_config, expected in [(gpu_bench.SD15_UNET, 361e6), (gpu_bench.SDXL_UNET, 1.251e9)]:
+        with torch.device("meta"):
+            unet = gpu_bench.UNet2DConditionModel.from_config(gpu_bench.model_config(unet_config, {}, smoke=False))
+            controlnet = gpu_bench.ControlNetModel.from_unet(
+                unet, conditioning_embedding_out_channels=gpu_bench.CONTROLNET_CONDITIONING_WIDTHS,
+                load_weights_from_unet=False)
+        assert gpu_bench.parameter_count(controlnet) == pytest.approx(expected, rel=0.01)
+    for inpaint, base in [(gpu_bench.SD2_INPAINT_UNET, gpu_bench.SD21_UNET),
+                          (gpu_bench.SDXL_INPAINT_UNET, gpu_bench.SDXL_UNET)]:
+        assert inpaint == {**base, "in_channels": 9}
 
 
 def test_embeddings_have_the_shapes_the_real_text_encoders_give():
@@ -205,7 +228,8 @@ def test_missing_pipeline_file_is_an_error_naming_it():
 def test_families_option_names_the_choices():
     assert gpu_bench.parse_families("if,sd2") == ["if1", "if2", "sd2"]
     assert gpu_bench.parse_families("all") == list(PIPELINE_FILES)
-    choices = "sd2, sdxl, kandinsky, if1, if2, sd3, flux, chroma, qwenimage, zimage, if, all"
+    choices = ("sd2, sdxl, kandinsky, if1, if2, sd3, flux, chroma, qwenimage, zimage, sd15-controlnet, "
+               "sdxl-controlnet, sd2-inpaint, sdxl-inpaint, if, all")
     with pytest.raises(CliError, match=f"unknown family 'sd4'; choose from {choices}"):
         gpu_bench.parse_families("sd2,sd4")
 

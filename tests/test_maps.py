@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from tests.tiny_models import save_depth_model
 from tools import maps
 from tools.maps import depth_map, feathered_mask, linear_gradient, radial, region_map, save_map
 
@@ -304,22 +305,7 @@ def test_region_map_rejects_bad_arguments(labels, strengths):
 @pytest.fixture(scope="module")
 def tiny_depth_model(tmp_path_factory):
     """A Depth Anything model with random weights and tiny sizes, saved like a Hub checkpoint."""
-    import torch
-    from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config, DPTImageProcessor
-
-    torch.manual_seed(0)
-    backbone = Dinov2Config(
-        hidden_size=16, num_hidden_layers=4, num_attention_heads=2, mlp_ratio=2, image_size=28, patch_size=14,
-        out_indices=[1, 2, 3, 4], reshape_hidden_states=False,
-    )
-    config = DepthAnythingConfig(
-        backbone_config=backbone, patch_size=14, reassemble_hidden_size=16, neck_hidden_sizes=[8, 8, 8, 8],
-        fusion_hidden_size=8, head_hidden_size=8,
-    )
-    folder = tmp_path_factory.mktemp("tiny-depth-anything")
-    DepthAnythingForDepthEstimation(config).eval().save_pretrained(folder)
-    DPTImageProcessor(size={"height": 28, "width": 28}, keep_aspect_ratio=False, do_pad=False).save_pretrained(folder)
-    return folder
+    return save_depth_model(tmp_path_factory.mktemp("tiny-depth-anything"))
 
 
 @pytest.fixture(scope="module")

@@ -84,7 +84,8 @@ def test_help_documents_every_flag():
     result = run_script(SCRIPT, "--help")
     flags = ["--model", "--image", "--map", "--invert-map", "--prompt", "--negative-prompt", "--steps",
              "--guidance-scale", "--strength", "--seed", "--output", "--device", "--dtype", "--offload",
-             "--scheduler", "--compare"]
+             "--scheduler", "--compare", "--controlnet", "--control-image", "--control", "--controlnet-scale",
+             "--depth-model", "--inpaint-model"]
     assert result.returncode == 0
     assert all(flag in result.stdout for flag in flags)
 

@@ -98,7 +98,8 @@ def test_help_documents_every_flag():
     result = run_script(SCRIPT, "--help")
     flags = ["--model", "--image", "--map", "--invert-map", "--prompt", "--negative-prompt", "--steps",
              "--guidance-scale", "--strength", "--seed", "--output", "--device", "--dtype", "--offload",
-             "--scheduler", "--compare", "--refiner", "--no-refiner", "--refiner-start", "--width", "--height"]
+             "--scheduler", "--compare", "--controlnet", "--control-image", "--control", "--controlnet-scale",
+             "--depth-model", "--inpaint-model", "--refiner", "--no-refiner", "--refiner-start", "--width", "--height"]
     assert result.returncode == 0
     assert all(flag in result.stdout for flag in flags)
     assert "default: 17.5" in result.stdout and "default: 100" in result.stdout

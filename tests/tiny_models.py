@@ -618,3 +618,27 @@ def sdxl_inpaint_components(scheduler="euler"):
     torch.manual_seed(SEED)
     unet = UNet2DConditionModel.from_config({**components["unet"].config, "in_channels": 9}).eval()
     return {**components, "unet": unet}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Depth estimation (tools.maps.depth_map, --control depth)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def save_depth_model(folder):
+    """Saves a Depth Anything model with random weights and tiny sizes, and its image processor, like a Hub checkpoint;
+    returns the folder."""
+    from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config, DPTImageProcessor
+
+    torch.manual_seed(SEED)
+    backbone = Dinov2Config(
+        hidden_size=16, num_hidden_layers=4, num_attention_heads=2, mlp_ratio=2, image_size=28, patch_size=14,
+        out_indices=[1, 2, 3, 4], reshape_hidden_states=False,
+    )
+    config = DepthAnythingConfig(
+        backbone_config=backbone, patch_size=14, reassemble_hidden_size=16, neck_hidden_sizes=[8, 8, 8, 8],
+        fusion_hidden_size=8, head_hidden_size=8,
+    )
+    DepthAnythingForDepthEstimation(config).eval().save_pretrained(folder)
+    DPTImageProcessor(size={"height": 28, "width": 28}, keep_aspect_ratio=False, do_pad=False).save_pretrained(folder)
+    return Path(folder)

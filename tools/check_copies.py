@@ -40,6 +40,7 @@ BLOCKS = [
     CopiedBlock("IF/diff_pipe_I.py", "IF helpers", ("IF/diff_pipe*.py",)),
     CopiedBlock("SD3/diff_pipe.py", "flow matching", tuple(
         f"{family}/diff_pipe.py" for family in ("SD3", "Flux", "Chroma", "QwenImage", "ZImage"))),
+    CopiedBlock("SD2/diff_pipe_inpaint.py", "released mask", ("*/diff_pipe_inpaint.py",)),
 ]
 
 

@@ -102,10 +102,22 @@ def display(path: PurePath | str) -> str:
 
 
 class Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are ``CliError``s (one line through ``main``) instead of usage text."""
+    """An ArgumentParser whose errors are ``CliError``s (one line through ``main``) instead of usage text. After
+    parsing it calls each function in ``checks`` on the result: a model's checks of flags that go together, which
+    run.py and tools.batch thus both make before anything loads."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.checks = []
 
     def error(self, message: str):
         raise CliError(f"{message} (see --help)")
+
+    def parse_known_args(self, args=None, namespace=None):
+        parsed, rest = super().parse_known_args(args, namespace)
+        for check in self.checks:
+            check(parsed)
+        return parsed, rest
 
 
 def real_number(low: float, high: float = math.inf, *, whole: bool = False) -> Callable[[str], float]:
@@ -395,9 +407,7 @@ def load_pipeline(pipeline_class, model: str, *, torch_dtype, device: str, offlo
     onto the current GPU (each process's own under ``accelerate launch``). A checkpoint of another family (see
     ``FAMILIES``), missing weights, no network, a gated model or a broken folder end as one-line ``CliError``s
     naming ``flag`` and the model. On the CPU, the first load warns in one line that the run takes minutes."""
-    path = Path(model).expanduser()
-    if not path.is_dir() and (path.exists() or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", model)):
-        raise CliError(f"{flag} {model}: neither a diffusers folder (with model_index.json) nor a Hugging Face Hub id")
+    path = model_path(model, flag)
     try:
         if expected := family_of(pipeline_class.__name__):
             from huggingface_hub import hf_hub_download
@@ -411,7 +421,7 @@ def load_pipeline(pipeline_class, model: str, *, torch_dtype, device: str, offlo
         pipe = pipeline_class.from_pretrained(str(path) if path.is_dir() else model, dtype=torch_dtype,
                                               **from_pretrained_kwargs)
     except (OSError, ValueError, ImportError) as error:
-        raise CliError(_load_failure(error, model, flag, pipeline_class, path.is_dir()), EXIT_RUN_FAILED) from error
+        raise CliError(load_failure(error, model, flag, pipeline_class, path.is_dir()), EXIT_RUN_FAILED) from error
     if offload:  # for .to(), "cuda" is the current GPU; for offloading, it is GPU 0
         import torch
         pipe.enable_model_cpu_offload(device=f"cuda:{torch.cuda.current_device()}" if device == "cuda" else device)
@@ -422,6 +432,14 @@ def load_pipeline(pipeline_class, model: str, *, torch_dtype, device: str, offlo
     return pipe
 
 
+def model_path(model: str, flag: str = "--model") -> Path:
+    """``model`` as a path, checked to be a folder or to look like a Hub id (``CliError`` naming ``flag`` if not)."""
+    path = Path(model).expanduser()
+    if not path.is_dir() and (path.exists() or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", model)):
+        raise CliError(f"{flag} {model}: neither a diffusers folder (with model_index.json) nor a Hugging Face Hub id")
+    return path
+
+
 _warn_once = functools.cache(lambda message: warn(message))  # one warning however many models a run loads
 
 
@@ -430,7 +448,8 @@ def family_of(class_name: str) -> str | None:
     return max((start for start in FAMILIES if class_name.startswith(start)), key=len, default=None)
 
 
-def _load_failure(error: BaseException, model: str, flag: str, pipeline_class, local: bool) -> str:
+def load_failure(error: BaseException, model: str, flag: str, pipeline_class, local: bool) -> str:
+    """The one line that says why ``pipeline_class`` (a pipeline or model class) could not load ``model``."""
     causes = [error]  # diffusers wraps the Hub's errors in OSError
     while (cause := causes[-1].__cause__ or causes[-1].__context__) is not None and cause not in causes:
         causes.append(cause)

@@ -442,7 +442,7 @@ def depth_map(
     if prediction not in ("auto", "disparity", "depth"):
         raise ValueError(f'`prediction` must be "auto", "disparity" or "depth", got {prediction!r}.')
     image = _rgb_image(image)
-    estimator = _depth_estimator(model, device)
+    estimator = depth_estimator(model, device)
     if prediction == "auto":
         prediction = _prediction_kind(estimator.model.config)
 
@@ -463,7 +463,9 @@ def _rgb_image(image) -> Image.Image:
     return Image.fromarray(array)
 
 
-def _depth_estimator(model, device):
+def depth_estimator(model=DEFAULT_DEPTH_MODEL, device: str | int | None = None):
+    """A transformers depth-estimation pipeline for `model` (a Hub id or folder), or `model` itself if it is one
+    already; an `OSError` that names the model if it cannot be loaded."""
     if not isinstance(model, (str, os.PathLike)):
         return model
     from transformers import pipeline  # imported here: only depth maps need transformers
