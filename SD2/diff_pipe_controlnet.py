@@ -23,6 +23,7 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 from diffusers import StableDiffusionControlNetImg2ImgPipeline
+from diffusers.models.controlnets import MultiControlNetModel
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 
@@ -395,11 +396,14 @@ class StableDiffusionControlNetDiffImg2ImgPipeline(StableDiffusionControlNetImg2
         map=None,
         invert_map: bool = False,
         keep_exact: bool = False,
+        crop_to_change: bool = False,
+        crop_margin: int = 32,
+        crop_upscale: bool = False,
         **kwargs,
     ):
         r"""
         Takes every argument of [`StableDiffusionControlNetImg2ImgPipeline.__call__`], in its order and with its
-        defaults (except `strength`), then `map`, `invert_map` and `keep_exact`, which must be passed by name.
+        defaults (except `strength`), then `map`, `invert_map`, `keep_exact` and the `crop_*` arguments, which must be passed by name.
         Arguments not listed here act as in stock.
 
         Args:
@@ -441,6 +445,17 @@ class StableDiffusionControlNetDiffImg2ImgPipeline(StableDiffusionControlNetImg2
                 Composite the input back after decoding: `clamp(T * s, 0, 1) * output + (1 - that) * input`. Pixels
                 of strength 0 are then the input's own values instead of its lossy VAE round trip. Needs pixels as
                 `image` and an `output_type` other than `"latent"`.
+            crop_to_change (`bool`, *optional*, defaults to `False`):
+                Edit only the smallest crop that holds every released pixel (strength of at least 1/T) plus
+                `crop_margin` pixels of context, and paste it into the input: a small change costs a small crop.
+                Pixels outside the crop are the input's own; inside, the edit is the same algorithm on the cropped
+                image and control image and map. Several images share one crop, the union of their changes. Needs pixels as
+                `image`, no `latents`, and an `output_type` other than `"latent"`.
+            crop_margin (`int`, *optional*, defaults to 32):
+                Context around the released pixels, in pixels, before the crop is rounded to whole latent cells.
+            crop_upscale (`bool`, *optional*, defaults to `False`):
+                Edit the crop at about the model's native resolution (`unet.config.sample_size` latents a side)
+                and scale the result back down: slower, but with the detail of a full-size generation.
             **kwargs:
                 Passed to stock (its deprecated `callback` and `callback_steps`).
 
@@ -448,6 +463,7 @@ class StableDiffusionControlNetDiffImg2ImgPipeline(StableDiffusionControlNetImg2
             [`StableDiffusionPipelineOutput`] or `tuple`, as stock. `pipe.num_timesteps` is the number of denoising
             steps actually run.
         """
+        arguments = dict(locals())
         if image is None or control_image is None or map is None:
             raise ValueError("Pass `image`, `control_image` and `map`.")
         if not isinstance(num_inference_steps, numbers.Integral) or num_inference_steps < 1:
@@ -472,6 +488,13 @@ class StableDiffusionControlNetDiffImg2ImgPipeline(StableDiffusionControlNetImg2
             raise ValueError(
                 f"Got {keep_map.shape[0]} maps for {pixels.shape[0]} images: pass one map, or one map per image."
             )
+        if crop_to_change:
+            if latents is not None:
+                raise ValueError("`crop_to_change` cannot crop `latents` given for the whole frame: leave them out.")
+            arguments["control_image"] = self._control_pixels(control_image, pixel_grid)
+            images, output = edit_on_crop(self, arguments, pixels, latent_grid, num_inference_steps, scale,
+                                          self.unet.config.sample_size * scale, also_crop=("control_image",))
+            return self._finish(images, output_type, output.nsfw_content_detected, return_dict)
         release_step = release_steps(keep_map, strength, num_inference_steps)
         frozen = FrozenPixels(
             release_step, num_inference_steps, callback_on_step_end, callback_on_step_end_tensor_inputs
@@ -518,9 +541,24 @@ class StableDiffusionControlNetDiffImg2ImgPipeline(StableDiffusionControlNetImg2
             pixel_keep_map = prepare_keep_map(map, pixel_grid, invert_map, aspect_of=latent_grid)
             weight = exact_keep_weight(pixel_keep_map, strength, num_inference_steps)
             images = composite_original(output.images, pixels / 2 + 0.5, weight)
-            images = self.image_processor.postprocess(images, output_type, do_denormalize=[False] * len(images))
-            output = StableDiffusionPipelineOutput(images=images, nsfw_content_detected=output.nsfw_content_detected)
+            return self._finish(images, output_type, output.nsfw_content_detected, return_dict)
         return output if return_dict else (output.images, output.nsfw_content_detected)
+
+    def _finish(self, images, output_type, nsfw_content_detected, return_dict):
+        # From pixels in [0, 1] that we composited ourselves to what the caller asked for.
+        images = self.image_processor.postprocess(images, output_type, do_denormalize=[False] * len(images))
+        output = StableDiffusionPipelineOutput(images=images, nsfw_content_detected=nsfw_content_detected)
+        return output if return_dict else (output.images, output.nsfw_content_detected)
+
+    def _control_pixels(self, control_image, pixel_grid):
+        """The control image(s) on the working pixel grid, in [0, 1], as stock prepares them: what a crop cuts."""
+        height, width = pixel_grid
+
+        def prepare(image):
+            return self.control_image_processor.preprocess(image, height=height, width=width).to(torch.float32)
+
+        several = isinstance(self.controlnet, MultiControlNetModel)
+        return [prepare(image) for image in control_image] if several else prepare(control_image)
 
     def prepare_latents(self, *args, **kwargs):
         # Stock draws `noise` here and keeps only add_noise(x0, noise, t); every frozen pixel needs x0 and noise again.

@@ -443,13 +443,16 @@ class StableDiffusionDiffInpaintPipeline(StableDiffusionInpaintPipeline):
         map=None,
         invert_map: bool = False,
         keep_exact: bool = False,
+        crop_to_change: bool = False,
+        crop_margin: int = 32,
+        crop_upscale: bool = False,
         **kwargs,
     ):
         r"""
         Takes every argument of [`StableDiffusionInpaintPipeline.__call__`], in its order and with its defaults,
-        then `map`, `invert_map` and `keep_exact`, which must be passed by name. The map replaces `mask_image`,
-        `masked_image_latents` and `padding_mask_crop`, which must stay unset, and `latents`, which stock inpainting
-        takes as the noise itself, is not taken. Arguments not listed here act as in stock.
+        then `map`, `invert_map`, `keep_exact` and the `crop_*` arguments, which must be passed by name. The map
+        replaces `mask_image`, `masked_image_latents` and `padding_mask_crop`, which must stay unset, and `latents`,
+        which stock inpainting takes as the noise itself, is not taken. Arguments not listed here act as in stock.
 
         Args:
             prompt (`str` or `list[str]`, *optional*):
@@ -479,6 +482,17 @@ class StableDiffusionDiffInpaintPipeline(StableDiffusionInpaintPipeline):
             keep_exact (`bool`, *optional*, defaults to `False`):
                 Composite the input back after decoding: `clamp(T * s, 0, 1) * output + (1 - that) * input`, so that
                 pixels of strength 0 keep the input's own values. Needs an `output_type` other than `"latent"`.
+            crop_to_change (`bool`, *optional*, defaults to `False`):
+                Edit only the smallest crop that holds every released pixel (strength of at least 1/T) plus
+                `crop_margin` pixels of context, and paste it into the input: a small change costs a small crop.
+                Pixels outside the crop are the input's own; inside, the edit is the same algorithm on the cropped
+                image and map. Several images share one crop, the union of their changes. Needs pixels as
+                `image`, no `latents`, and an `output_type` other than `"latent"`.
+            crop_margin (`int`, *optional*, defaults to 32):
+                Context around the released pixels, in pixels, before the crop is rounded to whole latent cells.
+            crop_upscale (`bool`, *optional*, defaults to `False`):
+                Edit the crop at about the model's native resolution (`unet.config.sample_size` latents a side)
+                and scale the result back down: slower, but with the detail of a full-size generation.
             **kwargs:
                 Passed to stock (its deprecated `callback` and `callback_steps`).
 
@@ -486,6 +500,7 @@ class StableDiffusionDiffInpaintPipeline(StableDiffusionInpaintPipeline):
             [`StableDiffusionPipelineOutput`] or `tuple`, as stock. `pipe.num_timesteps` is the number of denoising
             steps actually run.
         """
+        arguments = dict(locals())
         self._check_differential_inputs(image, map, mask_image, masked_image_latents, padding_mask_crop, latents,
                                         num_inference_steps, strength, keep_exact, output_type)
         for schedule in (timesteps, sigmas):
@@ -503,6 +518,11 @@ class StableDiffusionDiffInpaintPipeline(StableDiffusionInpaintPipeline):
             raise ValueError(
                 f"Got {keep_map.shape[0]} maps for {pixels.shape[0]} images: pass one map, or one map per image."
             )
+        if crop_to_change:
+            unit = max(8, scale)  # stock inpainting wants a height and width that 8 divides, whatever the VAE's
+            images, output = edit_on_crop(self, arguments, pixels, latent_grid, num_inference_steps, unit,
+                                          self.unet.config.sample_size * scale)
+            return self._finish(images, output_type, output.nsfw_content_detected, return_dict)
         release_step = release_steps(keep_map, strength, num_inference_steps)
         frozen = ReleasedMask(
             release_step, num_inference_steps, pixels, callback_on_step_end, callback_on_step_end_tensor_inputs
@@ -550,8 +570,13 @@ class StableDiffusionDiffInpaintPipeline(StableDiffusionInpaintPipeline):
             pixel_keep_map = prepare_keep_map(map, pixel_grid, invert_map, aspect_of=latent_grid)
             weight = exact_keep_weight(pixel_keep_map, strength, num_inference_steps)
             images = composite_original(output.images, pixels / 2 + 0.5, weight)
-            images = self.image_processor.postprocess(images, output_type, do_denormalize=[False] * len(images))
-            output = StableDiffusionPipelineOutput(images=images, nsfw_content_detected=output.nsfw_content_detected)
+            return self._finish(images, output_type, output.nsfw_content_detected, return_dict)
+        return output if return_dict else (output.images, output.nsfw_content_detected)
+
+    def _finish(self, images, output_type, nsfw_content_detected, return_dict):
+        # From pixels in [0, 1] that we composited ourselves to what the caller asked for.
+        images = self.image_processor.postprocess(images, output_type, do_denormalize=[False] * len(images))
+        output = StableDiffusionPipelineOutput(images=images, nsfw_content_detected=nsfw_content_detected)
         return output if return_dict else (output.images, output.nsfw_content_detected)
 
     def prepare_latents(self, batch_size, num_channels_latents, height, width, dtype, device, generator, latents=None,

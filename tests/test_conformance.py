@@ -125,7 +125,8 @@ def test_call_takes_every_stock_argument_in_stock_order_with_stock_defaults(fami
     if takes_var_keyword:
         assert extras and extras[-1].kind is extras[-1].VAR_KEYWORD and extras[-1].name == "kwargs"
         extras = extras[:-1]
-    assert {"map", "invert_map", "keep_exact"} <= {p.name for p in extras}
+    assert {"map", "invert_map", "keep_exact", "crop_to_change", "crop_margin", "crop_upscale"} <= {
+        p.name for p in extras}
     assert all(p.kind is p.KEYWORD_ONLY for p in extras), [(p.name, p.kind) for p in extras]
     assert not any(p.kind is p.VAR_KEYWORD for p in our_parameters[:-1])
     assert any(p.kind is p.VAR_KEYWORD for p in our_parameters) == takes_var_keyword

@@ -37,7 +37,17 @@ from Kandinsky.diff_pipe import KandinskyV22DiffImg2ImgPipeline
 from QwenImage.diff_pipe import QwenImageDiffImg2ImgPipeline
 from SD2.diff_pipe import StableDiffusionDiffImg2ImgPipeline, change_box, upscaled_size
 from SD3.diff_pipe import StableDiffusion3DiffImg2ImgPipeline
+from SD2.diff_pipe_controlnet import StableDiffusionControlNetDiffImg2ImgPipeline
+from SD2.diff_pipe_inpaint import StableDiffusionDiffInpaintPipeline
 from SDXL.diff_pipe import StableDiffusionXLDiffImg2ImgPipeline
+from SDXL.diff_pipe_controlnet import StableDiffusionXLControlNetDiffImg2ImgPipeline
+from SDXL.diff_pipe_inpaint import StableDiffusionXLDiffInpaintPipeline
+from tests.tiny_models import (
+    sd_controlnet_components,
+    sd_inpaint_components,
+    sdxl_controlnet_components,
+    sdxl_inpaint_components,
+)
 from ZImage.diff_pipe import ZImageDiffImg2ImgPipeline
 
 PROMPT = "a red apple on a table"
@@ -64,6 +74,8 @@ class Family:
     # Kandinsky's crop call runs each copy as an image of its own (see its pipeline): the same items in another
     # batch layout, so they match a by-hand call with num_images_per_prompt only to float32 batch tolerance.
     regroups_copies: bool = False
+    # box -> arguments that crop mode cuts alike (a ControlNet's control image): cut by hand for `box` when given.
+    cut_arguments: Callable = None
     # what a call of `count` images passes besides images, maps and generators: by default a prompt per image
     batched: Callable = lambda arguments, count: dict(arguments, prompt=[arguments["prompt"]] * count)
 
@@ -91,6 +103,17 @@ IF_INPUT = dict(scale=1, unit=8, grid_of=lambda images: tuple(images.shape[-2:])
                 to_input=lambda crop: crop * 2 - 1)
 
 
+
+def control_image(box):
+    """A condition unlike the image, whole or as its cut for a crop made by hand (pixels in [0, 1])."""
+    condition = test_image(seed=7).transpose(0)
+    if box is None:
+        return dict(control_image=condition)
+    top, left, bottom, right = box
+    pixels = torch.from_numpy(np.asarray(condition, np.float32) / 255).permute(2, 0, 1)[None]
+    return dict(control_image=pixels[..., top:bottom, left:right])
+
+
 FAMILIES = {
     "sd2": Family(
         build=lambda: build_pipeline(StableDiffusionDiffImg2ImgPipeline, sd_components()),
@@ -106,6 +129,26 @@ FAMILIES = {
         build=lambda: build_pipeline(IFDiffImg2ImgSuperResolutionPipeline, if_stage2_components(sample_size=SIZE)),
         call_arguments=IF_ARGUMENTS, preprocess=lambda pipe, image: pipe.preprocess_original_image(image),
         image_argument="original_image", conditioning=stage1_results, copies_adjacent=True, **IF_INPUT,
+    ),
+    "sd2_controlnet": Family(
+        build=lambda: build_pipeline(StableDiffusionControlNetDiffImg2ImgPipeline, sd_controlnet_components()),
+        scale=2, unit=2, grid_of=lambda latents: tuple(latents.shape[-2:]),
+        call_arguments=dict(prompt=PROMPT), native_grid=32, cut_arguments=control_image,
+    ),
+    "sdxl_controlnet": Family(
+        build=lambda: build_pipeline(StableDiffusionXLControlNetDiffImg2ImgPipeline, sdxl_controlnet_components()),
+        scale=2, unit=2, grid_of=lambda latents: tuple(latents.shape[-2:]),
+        call_arguments=dict(prompt=PROMPT), native_grid=32, cut_arguments=control_image,
+    ),
+    "sd2_inpaint": Family(
+        build=lambda: build_pipeline(StableDiffusionDiffInpaintPipeline, sd_inpaint_components()),
+        scale=2, unit=8, grid_of=lambda latents: tuple(latents.shape[-2:]),
+        call_arguments=dict(prompt=PROMPT), native_grid=32,
+    ),
+    "sdxl_inpaint": Family(
+        build=lambda: build_pipeline(StableDiffusionXLDiffInpaintPipeline, sdxl_inpaint_components()),
+        scale=2, unit=8, grid_of=lambda latents: tuple(latents.shape[-2:]),
+        call_arguments=dict(prompt=PROMPT), native_grid=32,
     ),
     "sdxl": Family(
         build=lambda: build_pipeline(StableDiffusionXLDiffImg2ImgPipeline, sdxl_components()),
@@ -199,6 +242,8 @@ def run(pipe, family, image, map, seed=0, box=None, **options):
                          generator=[seeded_generator(seed + k) for k in range(count)])
     if spec.conditioning is not None:
         arguments["image"] = spec.conditioning(count, box)
+    if spec.cut_arguments is not None:
+        arguments.update(spec.cut_arguments(box))
     arguments[spec.image_argument] = image
     return pipe(**{**arguments, **options}, map=map, num_inference_steps=STEPS).images
 

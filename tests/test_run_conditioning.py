@@ -279,3 +279,21 @@ def test_batch_edits_rows_with_a_controlnet_as_the_pipeline_does(models, tmp_pat
         difference = np.abs(result.astype(int) - np.asarray(expected))
         assert difference.max() <= 1 and np.count_nonzero(difference) <= 8
         assert "controlnet" in text and text["prompt"] == prompt
+
+
+@pytest.mark.parametrize("variant", ["controlnet", "inpaint"])
+def test_crop_margin_reaches_the_controlnet_and_inpaint_variants(models, inputs, tmp_path, capsys, monkeypatch,
+                                                                 variant):
+    # The map changes the left half; with 4 px of margin the crop ends by column 40 (a multiple of 8, which stock
+    # inpainting asks for), and the pixels right of it are the input's own.
+    output = tmp_path / "edit.png"
+    flags = (["--model", models["sd"], "--controlnet", models["sd_cn0"], "--control", "canny"] if variant == "controlnet"
+             else ["--inpaint-model", models["sd_inpaint"]])
+    status, _, err = run_in_process(sd2_run, [*flags, "--crop-margin", "4", *common_flags(inputs, output)], capsys,
+                                    monkeypatch)
+    assert status == 0, err
+    result, text = written(output)
+    original = np.asarray(Image.open(inputs[0]).convert("RGB"))
+    assert text["crop_margin"] == "4"
+    assert np.array_equal(result[:, 40:], original[:, 40:])
+    assert np.abs(result[:, :32].astype(int) - original[:, :32]).mean() > 5
