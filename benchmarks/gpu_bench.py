@@ -101,6 +101,7 @@ from benchmarks.harness import (  # noqa: E402
     side_by_side,
     unet_calls_per_case,
 )
+from benchmarks.bench_crop import crop_share, soft_inpainting_map  # noqa: E402
 from tests.tiny_models import build_pipeline, test_image  # noqa: E402
 from tools.cli import CliError, main  # noqa: E402
 
@@ -783,6 +784,7 @@ class Family:
     notes: list = field(default_factory=list)
     flow_matching: bool = False  # stock runs ceil(T s) steps at strength s, not floor(T s); weights in bf16
     stock_inputs: Callable = None  # (setup, size) -> what stock alone takes (an inpainting mask)
+    crop: bool = False  # also measure crop_to_change against the whole frame (the "crop" variant)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -1045,10 +1047,10 @@ FAMILIES = {
     for family in [
         Family("sd2", "SD 2.1-base", "SD2/diff_pipe.py", "StableDiffusionDiffImg2ImgPipeline",
                "StableDiffusionImg2ImgPipeline", 512, 64, sd2_components, sd2_inputs,
-               ["DDIM on the model's schedule (it ships PNDM, which adds one UNet call per run)"]),
+               ["DDIM on the model's schedule (it ships PNDM, which adds one UNet call per run)"], crop=True),
         Family("sdxl", "SDXL 1.0 base", "SDXL/diff_pipe.py", "StableDiffusionXLDiffImg2ImgPipeline",
                "StableDiffusionXLImg2ImgPipeline", 1024, 64, sdxl_components, sdxl_inputs,
-               ["VAE in fp32 (force_upcast), as stock SDXL does with the original VAE"]),
+               ["VAE in fp32 (force_upcast), as stock SDXL does with the original VAE"], crop=True),
         Family("kandinsky", "Kandinsky 2.2 decoder", "Kandinsky/diff_pipe.py", "KandinskyV22DiffImg2ImgPipeline",
                "KandinskyV22Img2ImgPipeline", 768, 64, kandinsky_components, kandinsky_inputs,
                ["image embeddings given directly: the prior is not part of the img2img loop"]),
@@ -1108,6 +1110,7 @@ def load_pipeline_class(family: Family):
         )
     spec = importlib.util.spec_from_file_location(f"gpu_bench_{family.name}_pipeline", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # so that the crop variant finds the file's functions from the class
     spec.loader.exec_module(module)
     if not hasattr(module, family.pipeline_class):
         raise CliError(f"{family.pipeline_file} has no class {family.pipeline_class}.")
@@ -1232,7 +1235,11 @@ def run_family(family: Family, setup, repeats: int, plan: dict) -> dict:
         finally:
             torch._dynamo.reset()  # compiled code holds on to the UNet; let the next family have the memory
 
-    for variant, measurement in {"eager": eager, "offload": offload, "compile": compiled}.items():
+    def cropped():
+        return measure_crop(ours, inputs, setup, size, repeats)
+
+    variants = {"eager": eager, "offload": offload, "compile": compiled, **({"crop": cropped} if family.crop else {})}
+    for variant, measurement in variants.items():
         if plan[variant] is None:
             free_memory(setup)
             record["variants"][variant] = guarded(measurement)
@@ -1242,6 +1249,31 @@ def run_family(family: Family, setup, repeats: int, plan: dict) -> dict:
     return record
 
 
+CROP_AREAS = (0.05, 0.10, 0.25)  # shares of the frame that the soft-inpainting maps change
+CROP_MARGIN = 32
+
+
+def measure_crop(ours, inputs: dict, setup, size: int, repeats: int) -> dict:
+    """crop_to_change against the same edit on the whole frame, for soft-inpainting maps that change each share of
+    CROP_AREAS: time per step of the crop relative to the whole frame, and that divided by the crop's share of the
+    frame ("vs_proportional": 1.0 is a cost exactly proportional to the crop's area)."""
+    module = sys.modules[type(ours).__module__]
+    areas = {}
+    for area in CROP_AREAS:
+        keep_map = soft_inpainting_map(size, area)
+
+        def edit(**crop):
+            return lambda: ours(map=keep_map, strength=1.0, num_inference_steps=setup.steps, output_type="pt",
+                                generator=torch.Generator().manual_seed(SEED), **inputs, **crop)
+
+        cases = {"whole frame": edit(), "crop": edit(crop_to_change=True, crop_margin=CROP_MARGIN)}
+        results = side_by_side(cases, unet_calls_per_case(denoiser(ours), cases), repeats, setup.device)
+        share, step_ratio = crop_share(module, ours, keep_map, setup.steps), results["crop"]["step_vs_stock"]
+        areas[f"{area:.0%}"] = {"cases": results, "crop_share": share, "time_per_step_vs_whole_frame": step_ratio,
+                                "vs_proportional": step_ratio / share}
+    return {"status": "ok", "margin": CROP_MARGIN, "areas": areas}
+
+
 def plan_variants(args) -> dict:
     """For each variant, None if it runs, or why it does not."""
 
@@ -1249,7 +1281,7 @@ def plan_variants(args) -> dict:
         return "skipped (--smoke)" if args.smoke else f"skipped ({flag})" if flag_given else None
 
     return {"eager": None, "offload": unless(args.no_offload, "--no-offload"),
-            "compile": unless(args.no_compile, "--no-compile")}
+            "compile": unless(args.no_compile, "--no-compile"), "crop": "skipped (--no-crop)" if args.no_crop else None}
 
 
 def guarded(measurement: Callable[[], dict]) -> dict:
@@ -1270,7 +1302,13 @@ TABLE = Table(("family", 22), ("variant", 8), ("case", 32))
 def print_variant(family: Family, record: dict, variant: str) -> None:
     label = f"{family.name} {record['size']}px"
     result = record["variants"][variant]
-    if result["status"] == "ok":
+    if result["status"] == "ok" and variant == "crop":
+        for area, measured in result["areas"].items():
+            TABLE.print_results(measured["cases"], label, f"crop {area}")
+            print(f"  crop {area} of the frame changed: the crop is {measured['crop_share']:.1%} of it, a step "
+                  f"costs {measured['time_per_step_vs_whole_frame']:.3f} of the whole frame's, "
+                  f"{measured['vs_proportional']:.2f}x proportional", flush=True)
+    elif result["status"] == "ok":
         TABLE.print_results(result["cases"], label, variant)
     else:
         TABLE.print_row(label, variant, note=result["status"])
@@ -1296,6 +1334,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, help="alternating timed rounds per case (default 3; 1 with --smoke)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
     parser.add_argument("--no-offload", action="store_true", help="skip the enable_model_cpu_offload() variant")
+    parser.add_argument("--no-crop", action="store_true",
+                        help="skip the crop_to_change variant (SD 2.1 and SDXL: 5, 10 and 25%% of the frame changed)")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     parser.add_argument("--overwrite", action="store_true", help="let --json replace an existing file")
     parser.add_argument("--smoke", action="store_true",

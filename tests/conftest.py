@@ -245,15 +245,39 @@ COMMON_BAD_INPUTS = [
 ]
 
 
+def run_in_process(script, *args, cwd=None):
+    """Runs a model's run.py (``"SD2/run.py"``) through ``cli.main`` in this process, in ``cwd``, as the command line
+    would, and returns a finished process as ``run_script`` does. A subprocess costs seconds of imports that tell
+    nothing about the run; the tests that look at a real process's stderr keep ``run_script``."""
+    import contextlib
+    import io
+    import subprocess
+
+    from tools import cli
+
+    module = cli.load_family(Path(script).parent.name)
+    out, err, saved_argv = io.StringIO(), io.StringIO(), sys.argv
+    sys.argv = [str(REPO_ROOT / script), *map(str, args)]
+    try:
+        with contextlib.chdir(cwd or REPO_ROOT), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                cli.main(module.run)
+            except SystemExit as exit:
+                status = exit.code
+    finally:
+        sys.argv = saved_argv
+    return subprocess.CompletedProcess(sys.argv, status, out.getvalue(), err.getvalue())
+
+
 def assert_refused_in_one_line(script, base, extra, message, inputs, tmp_path):
-    """Runs ``script`` with ``base + extra``; checks one ``error:`` line holding ``message``, no traceback, the
-    inputs byte for byte as before and no output written."""
+    """Runs ``script`` with ``base + extra`` (in this process: ``run_in_process``); checks one ``error:`` line holding
+    ``message``, no traceback, the inputs byte for byte as before and no output written."""
     image, map_path = inputs
     before = {path: path.read_bytes() for path in inputs}
     extra = [value.format(image=image, map=map_path, tmp=tmp_path) for value in extra]
     if "--output" not in extra:
         extra += ["--output", tmp_path / "out.png"]
-    result = run_script(script, *base, *extra, cwd=tmp_path)
+    result = run_in_process(script, *base, *extra, cwd=tmp_path)
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], result.stderr

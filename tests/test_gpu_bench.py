@@ -95,6 +95,23 @@ def test_smoke_skips_offload_and_compile_and_says_so(smoke):
         assert family["variants"]["compile"] == {"status": "skipped (--smoke)"}
 
 
+def test_smoke_measures_crop_to_change_for_sd2_and_sdxl_on_each_share_of_the_frame(smoke):
+    process, report = smoke
+    for name, family in report["families"].items():
+        if name not in gpu_bench.FAMILIES or not gpu_bench.FAMILIES[name].crop:
+            assert "crop" not in family["variants"], name
+            continue
+        crop = family["variants"]["crop"]
+        assert crop["status"] == "ok" and list(crop["areas"]) == ["5%", "10%", "25%"]
+        for area in crop["areas"].values():
+            whole, cropped = area["cases"]["whole frame"], area["cases"]["crop"]
+            assert whole["unet_calls"] == cropped["unet_calls"] > 0
+            assert 0 < area["crop_share"] <= 1
+            assert area["vs_proportional"] == pytest.approx(cropped["step_vs_stock"] / area["crop_share"])
+        assert f"{name} {family['size']}px" in process.stdout and "x proportional" in process.stdout
+    assert {name for name, family in gpu_bench.FAMILIES.items() if family.crop} == {"sd2", "sdxl"}
+
+
 def test_smoke_builds_the_real_blocks_at_a_tiny_size():
     # The smoke overrides change widths and depths only: the block types and conditioning stay the real ones.
     for real, smoke_overrides in [
@@ -198,7 +215,7 @@ def test_offload_variant_runs_and_hands_the_next_variant_plain_pipelines(monkeyp
 
     monkeypatch.setattr(gpu_bench, "compile_unet", inspect_instead_of_compiling)
     setup = gpu_bench.Setup(device="cpu", dtype=torch.float32, smoke=True, steps=5)
-    plan = {"eager": None, "offload": None, "compile": None}
+    plan = {"eager": None, "offload": None, "compile": None, "crop": "skipped (--no-crop)"}
     record = gpu_bench.run_family(gpu_bench.FAMILIES["sd2"], setup, repeats=1, plan=plan)
     offload = record["variants"]["offload"]
     assert offload["status"] == "ok"

@@ -287,8 +287,8 @@ def test_crop_margin_reaches_the_controlnet_and_inpaint_variants(models, inputs,
     # The map changes the left half; with 4 px of margin the crop ends by column 40 (a multiple of 8, which stock
     # inpainting asks for), and the pixels right of it are the input's own.
     output = tmp_path / "edit.png"
-    flags = (["--model", models["sd"], "--controlnet", models["sd_cn0"], "--control", "canny"] if variant == "controlnet"
-             else ["--inpaint-model", models["sd_inpaint"]])
+    flags = {"controlnet": ["--model", models["sd"], "--controlnet", models["sd_cn0"], "--control", "canny"],
+             "inpaint": ["--inpaint-model", models["sd_inpaint"]]}[variant]
     status, _, err = run_in_process(sd2_run, [*flags, "--crop-margin", "4", *common_flags(inputs, output)], capsys,
                                     monkeypatch)
     assert status == 0, err

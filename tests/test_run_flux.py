@@ -1,8 +1,9 @@
-"""Flux/run.py end to end, in a subprocess, on a tiny FLUX.1 model saved to a folder."""
+"""Flux/run.py end to end on a tiny FLUX.1 model saved to a folder: the runs that look at a real process's stderr in a
+subprocess, the others in this process."""
 
 import numpy as np
 import pytest
-from conftest import COMMON_BAD_INPUTS, assert_refused_in_one_line, run_script
+from conftest import COMMON_BAD_INPUTS, assert_refused_in_one_line, run_in_process, run_script
 from flow_models import save_flux
 from PIL import Image
 
@@ -54,7 +55,7 @@ def test_bad_input_gives_one_line_and_leaves_inputs_untouched(flux_dir, inputs, 
 def test_keep_exact_writes_the_input_bytes_where_the_map_is_white(flux_dir, inputs, tmp_path):
     image, map_path = inputs  # the left half changes fully, the right half is kept
     output = tmp_path / "exact.png"
-    result = run_script(SCRIPT, "--model", flux_dir, "--device", "cpu", "--image", image, "--map", map_path,
+    result = run_in_process(SCRIPT, "--model", flux_dir, "--device", "cpu", "--image", image, "--map", map_path,
                         "--prompt", "a red apple", "--steps", "4", "--keep-exact", "--output", output)
     assert result.returncode == 0, result.stderr
     with Image.open(image) as source, Image.open(output) as written:
@@ -68,7 +69,7 @@ def test_a_size_off_the_model_grid_is_rounded_down_with_its_map(flux_dir, tmp_pa
     image, map_path, output = tmp_path / "tall.png", tmp_path / "tall-map.png", tmp_path / "out.png"
     Image.fromarray(np.full((79, 64, 3), 128, np.uint8)).save(image)
     save_map(np.zeros((79, 64), np.float32), map_path)
-    result = run_script(SCRIPT, "--model", flux_dir, "--device", "cpu", "--image", image, "--map", map_path,
+    result = run_in_process(SCRIPT, "--model", flux_dir, "--device", "cpu", "--image", image, "--map", map_path,
                         "--prompt", "x", "--steps", "2", "--output", output)
     assert result.returncode == 0, result.stderr
     with Image.open(output) as written:
@@ -76,7 +77,7 @@ def test_a_size_off_the_model_grid_is_rounded_down_with_its_map(flux_dir, tmp_pa
 
 
 def test_help_names_the_true_guidance_flag_and_the_licence():
-    result = run_script(SCRIPT, "--help")
+    result = run_in_process(SCRIPT, "--help")
     assert result.returncode == 0
     assert "--true-cfg-scale" in result.stdout and "gated" in result.stdout
     text = " ".join(result.stdout.split())  # argparse wraps lines

@@ -1,10 +1,11 @@
-"""SD2/run.py end to end, in a subprocess, on a tiny model saved to a folder."""
+"""SD2/run.py end to end on a tiny model saved to a folder: the runs that look at a real process's stderr in a
+subprocess, the others in this process."""
 
 import re
 
 import numpy as np
 import pytest
-from conftest import COMMON_BAD_INPUTS, assert_refused_in_one_line, run_script
+from conftest import COMMON_BAD_INPUTS, assert_refused_in_one_line, run_in_process, run_script
 from PIL import Image
 
 from tools.maps import save_map
@@ -72,7 +73,7 @@ def test_an_error_is_the_only_line_on_stderr(sd_dir, sdxl_base_dir, inputs, tmp_
 def test_an_image_smaller_than_a_latent_cell_is_refused_in_one_line(sd_dir, inputs, tmp_path):
     _, map_path = inputs
     Image.new("RGB", (1, 1)).save(tmp_path / "dot.png")
-    result = run_script(SCRIPT, "--model", sd_dir, "--device", "cpu", "--image", tmp_path / "dot.png", "--map",
+    result = run_in_process(SCRIPT, "--model", sd_dir, "--device", "cpu", "--image", tmp_path / "dot.png", "--map",
                         map_path, "--prompt", "x", "--steps", "2", "--output", tmp_path / "out.png")
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert result.returncode == 2 and "Traceback" not in result.stderr and len(errors) == 1
@@ -95,7 +96,7 @@ def test_existing_output_is_never_overwritten(sd_dir, inputs, tmp_path):
     taken = tmp_path / "edit.png"
     Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(taken)
     before = taken.read_bytes()
-    result = run_script(SCRIPT, "--model", sd_dir, "--device", "cpu", "--image", image, "--map", map_path,
+    result = run_in_process(SCRIPT, "--model", sd_dir, "--device", "cpu", "--image", image, "--map", map_path,
                         "--prompt", "x", "--steps", "2", "--output", taken)
     assert result.returncode == 2 and "--overwrite" in result.stderr
     assert taken.read_bytes() == before
@@ -104,7 +105,7 @@ def test_existing_output_is_never_overwritten(sd_dir, inputs, tmp_path):
 def test_keep_exact_writes_the_input_bytes_where_the_map_is_white(sd_dir, inputs, tmp_path):
     image, map_path = inputs  # the left half changes fully, the right half is kept
     output = tmp_path / "exact.png"
-    result = run_script(SCRIPT, "--model", sd_dir, "--device", "cpu", "--image", image, "--map", map_path,
+    result = run_in_process(SCRIPT, "--model", sd_dir, "--device", "cpu", "--image", image, "--map", map_path,
                         "--prompt", "a red apple", "--steps", "4", "--keep-exact", "--output", output)
     assert result.returncode == 0, result.stderr
     with Image.open(image) as source, Image.open(output) as written:
@@ -126,7 +127,7 @@ def square_mask(path, box=(16, 16, 40, 40)):
 def test_mask_fills_its_region_and_keeps_everything_beyond_the_feather(sd_dir, inputs, tmp_path):
     image, _ = inputs
     mask, output = square_mask(tmp_path / "hole.png"), tmp_path / "filled.png"
-    result = run_script(SCRIPT, "--model", sd_dir, "--device", "cpu", "--image", image, "--mask", mask,
+    result = run_in_process(SCRIPT, "--model", sd_dir, "--device", "cpu", "--image", image, "--mask", mask,
                         "--feather", "8", "--grow", "2", "--keep-exact", "--prompt", "a red apple", "--steps", "4",
                         "--output", output, "--compare")
     assert result.returncode == 0, result.stderr
@@ -148,7 +149,7 @@ def test_a_map_of_another_shape_is_stretched_to_the_image_with_a_warning(sd_dir,
     image, _ = inputs
     wide_map = tmp_path / "wide.png"
     save_map(np.zeros((32, 64), np.float32), wide_map)
-    result = run_script(SCRIPT, "--model", sd_dir, "--device", "cpu", "--image", image, "--map", wide_map,
+    result = run_in_process(SCRIPT, "--model", sd_dir, "--device", "cpu", "--image", image, "--map", wide_map,
                         "--prompt", "x", "--steps", "2", "--output", tmp_path / "out.png")
     assert result.returncode == 0, result.stderr
     assert "stretched to fit" in result.stderr and (tmp_path / "out.png").is_file()

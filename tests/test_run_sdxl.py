@@ -1,10 +1,11 @@
-"""SDXL/run.py end to end, in a subprocess, on a tiny base and refiner saved to folders."""
+"""SDXL/run.py end to end on a tiny base and refiner saved to folders: the runs that look at a real process's stderr in
+a subprocess, the others in this process."""
 
 import sys
 
 import numpy as np
 import pytest
-from conftest import COMMON_BAD_INPUTS, assert_refused_in_one_line, run_script, test_image
+from conftest import COMMON_BAD_INPUTS, assert_refused_in_one_line, run_in_process, run_script, test_image
 from PIL import Image
 
 from SDXL import run as sdxl_run
@@ -48,7 +49,7 @@ def test_base_alone_keeps_the_aspect_ratio_from_one_side_and_takes_a_mask(sdxl_b
     hole = np.zeros((64, 96), np.uint8)
     hole[16:48, 24:72] = 255  # soft inpainting: white is the region to fill
     Image.fromarray(hole).save(mask)
-    result = run_script(
+    result = run_in_process(
         SCRIPT, "--model", sdxl_base_dir, "--no-refiner", "--device", "cpu", "--image", image, "--mask", mask,
         "--feather", "8", "--prompt", "x", "--steps", "4", "--width", "64", "--output", output,
     )
