@@ -425,8 +425,11 @@ class FlowFrozenPixels(FrozenPixels):
 def flow_edit_on_crop(pipe, arguments: dict, pixels, latent_grid, num_inference_steps: int, unit: int):
     """`crop_to_change` for a flow pipeline: `edit_on_crop`, with the native size `default_sample_size` latents a side,
     and its result returned as the call in `arguments` asked (`output_type`, `return_dict`, the family's output)."""
+    if arguments.get("latents") is not None:
+        raise ValueError("`crop_to_change` cannot crop `latents` given for the whole frame: leave them out.")
     native_size = pipe.default_sample_size * pipe.vae_scale_factor
-    images, output = edit_on_crop(pipe, arguments, pixels, latent_grid, num_inference_steps, unit, native_size)
+    images, output = edit_on_crop(pipe, arguments, pixels, latent_grid, num_inference_steps, unit, native_size,
+                                  release_rule=flow_release_steps)  # any strength above 0 runs the last step
     images = pipe.image_processor.postprocess(images, arguments["output_type"], do_denormalize=[False] * len(images))
     return type(output)(images=images) if arguments["return_dict"] else (images,)
 

@@ -387,6 +387,18 @@ def test_copies_of_one_image_are_each_pasted_into_it(pipe, family):
         np.testing.assert_allclose(copy[outside], np.asarray(image)[outside] / 255, atol=1e-6)
 
 
+def test_the_crop_holds_every_pixel_the_family_releases(pipe, family):
+    # Strength 0.4 / T in one corner: flow-matching img2img runs ceil(0.4) = 1 step there, SD and the others none.
+    spec = FAMILIES[family]
+    keep_map = block_map(0, 0, 16, 16)
+    keep_map[48:64, 48:64] = 1 - 0.4 / STEPS
+    with DenoiserGrids(pipe, family) as grids:
+        run(pipe, family, test_image(), keep_map, crop_to_change=True, crop_margin=0, output_type="np")
+    flow = family in ("sd3", "flux", "chroma", "qwenimage", "zimage")
+    side = SIZE if flow else max(16, spec.unit)
+    assert set(grids) == {(side // spec.scale, side // spec.scale)}
+
+
 def test_a_map_that_releases_nothing_returns_the_input_without_a_step(pipe, family):
     image = test_image()
     with DenoiserGrids(pipe, family) as grids:
