@@ -16,31 +16,35 @@ from PIL import Image
 from tools import cli
 from tools.maps import save_map
 
-SAVED_MODELS = {  # family: a fixture's name, or a function that saves the tiny model into a folder
-    "sd2": "sd_dir", "sd3": save_sd3, "flux": save_flux, "chroma": save_chroma, "qwenimage": save_qwenimage,
-    "zimage": save_zimage,
+def saved(save):
+    return lambda request, folder: ["--model", save(folder)]
+
+
+MODELS = {  # family: (the test's request, a free folder) -> the flags that load its tiny saved model(s)
+    "sd2": lambda request, folder: ["--model", request.getfixturevalue("sd_dir")],
+    "kandinsky": lambda request, folder: [
+        "--prior", request.getfixturevalue("kandinsky_prior_dir"), "--prior-steps", "2",
+        "--model", request.getfixturevalue("kandinsky_decoder_dir"), "--height", "64", "--width", "64"],
+    "sd3": saved(save_sd3), "flux": saved(save_flux), "chroma": saved(save_chroma),
+    "qwenimage": saved(save_qwenimage), "zimage": saved(save_zimage),
 }
-FAMILY_FLAGS = {}  # family: the flags it needs besides the common ones
 
 
-@pytest.mark.parametrize("family", SAVED_MODELS)
+@pytest.mark.parametrize("family", MODELS)
 def test_crop_margin_edits_the_box_around_the_change_and_keeps_the_rest_byte_for_byte(
     family, inputs, tmp_path, request, monkeypatch, capsys
 ):
-    saved = SAVED_MODELS[family]
-    model_dir = request.getfixturevalue(saved) if isinstance(saved, str) else saved(tmp_path / "model")
     image, _ = inputs
     keep_map = np.ones((64, 64), np.float32)
-    # The pixels that change. The tiny models' size units (2 px for SD, 4 px for 2x2 latent patches at a VAE factor
-    # of 2) divide the box, so with 4 px of margin the crop is rows 36-59, columns 4-27 in every family.
+    # The pixels that change. The tiny models' size units (2 px for SD, 4 px for Kandinsky and for 2x2 latent patches
+    # at a VAE factor of 2) divide the box, so with 4 px of margin the crop is rows 36-59, columns 4-27 in every
+    # family.
     keep_map[40:56, 8:24] = 0.0
     map_path, output = tmp_path / "block.png", tmp_path / "cropped.png"
     save_map(keep_map, map_path)
-    monkeypatch.setattr(sys, "argv", [
-        "run.py", "--model", str(model_dir), "--device", "cpu", "--image", str(image), "--map", str(map_path),
-        "--prompt", "a red apple", "--steps", "3", "--crop-margin", "4", "--output", str(output),
-        *FAMILY_FLAGS.get(family, []),
-    ])
+    flags = [*MODELS[family](request, tmp_path / "model"), "--device", "cpu", "--image", image, "--map", map_path,
+             "--prompt", "a red apple", "--steps", "3", "--crop-margin", "4", "--output", output]
+    monkeypatch.setattr(sys, "argv", ["run.py", *map(str, flags)])
     cli.load_family(family).run()
     assert capsys.readouterr().out.startswith(f"{output} (")
     with Image.open(image) as source, Image.open(output) as written:
