@@ -13,8 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-from PIL import Image
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tools import cli  # noqa: E402
 

@@ -69,7 +69,9 @@ def map_to_tensor(map) -> torch.Tensor:
         return _unit_values(torch.from_numpy(np.ascontiguousarray(map)))
     if isinstance(map, torch.Tensor):
         return _unit_values(map.detach().cpu())
-    raise TypeError(f"`map` must be a PIL image, numpy array, torch tensor or a list of them, not {type(map).__name__}.")
+    raise TypeError(
+        f"`map` must be a PIL image, numpy array, torch tensor or a list of them, not {type(map).__name__}."
+    )
 
 
 def _pil_map_to_tensor(image: PIL.Image.Image) -> torch.Tensor:
@@ -133,7 +135,7 @@ def prepare_keep_map(map, size: tuple, invert_map: bool = False, aspect_of: tupl
         )
     if (height, width) != tuple(size):
         shrinking = height >= size[0] and width >= size[1]
-        map = F.interpolate(map, size=size, mode="area") if shrinking else F.interpolate(map, size=size, mode="bilinear")
+        map = F.interpolate(map, size=size, mode="area" if shrinking else "bilinear")
         map = map.clamp(0, 1)
     return 1 - map if invert_map else map
 
@@ -403,8 +405,8 @@ class StableDiffusionControlNetDiffImg2ImgPipeline(StableDiffusionControlNetImg2
     ):
         r"""
         Takes every argument of [`StableDiffusionControlNetImg2ImgPipeline.__call__`], in its order and with its
-        defaults (except `strength`), then `map`, `invert_map`, `keep_exact` and the `crop_*` arguments, which must be passed by name.
-        Arguments not listed here act as in stock.
+        defaults (except `strength`), then `map`, `invert_map`, `keep_exact` and the `crop_*` arguments, which must
+        be passed by name. Arguments not listed here act as in stock.
 
         Args:
             prompt (`str` or `list[str]`, *optional*):
@@ -447,9 +449,9 @@ class StableDiffusionControlNetDiffImg2ImgPipeline(StableDiffusionControlNetImg2
                 `image` and an `output_type` other than `"latent"`.
             crop_to_change (`bool`, *optional*, defaults to `False`):
                 Edit only the smallest crop that holds every released pixel (strength of at least 1/T) plus
-                `crop_margin` pixels of context, and paste it into the input: a small change costs a small crop.
-                Pixels outside the crop are the input's own; inside, the edit is the same algorithm on the cropped
-                image and control image and map. Several images share one crop, the union of their changes. Needs pixels as
+                `crop_margin` pixels of context, and paste it into the input: a small change costs a small crop. Pixels
+                outside the crop are the input's own; inside, the edit is the same algorithm on the cropped image and
+                control image and map. Several images share one crop, the union of their changes. Needs pixels as
                 `image`, no `latents`, and an `output_type` other than `"latent"`.
             crop_margin (`int`, *optional*, defaults to 32):
                 Context around the released pixels, in pixels, before the crop is rounded to whole latent cells.

@@ -66,7 +66,9 @@ def map_to_tensor(map) -> torch.Tensor:
         return _unit_values(torch.from_numpy(np.ascontiguousarray(map)))
     if isinstance(map, torch.Tensor):
         return _unit_values(map.detach().cpu())
-    raise TypeError(f"`map` must be a PIL image, numpy array, torch tensor or a list of them, not {type(map).__name__}.")
+    raise TypeError(
+        f"`map` must be a PIL image, numpy array, torch tensor or a list of them, not {type(map).__name__}."
+    )
 
 
 def _pil_map_to_tensor(image: PIL.Image.Image) -> torch.Tensor:
@@ -130,7 +132,7 @@ def prepare_keep_map(map, size: tuple, invert_map: bool = False, aspect_of: tupl
         )
     if (height, width) != tuple(size):
         shrinking = height >= size[0] and width >= size[1]
-        map = F.interpolate(map, size=size, mode="area") if shrinking else F.interpolate(map, size=size, mode="bilinear")
+        map = F.interpolate(map, size=size, mode="area" if shrinking else "bilinear")
         map = map.clamp(0, 1)
     return 1 - map if invert_map else map
 

@@ -67,7 +67,9 @@ def map_to_tensor(map) -> torch.Tensor:
         return _unit_values(torch.from_numpy(np.ascontiguousarray(map)))
     if isinstance(map, torch.Tensor):
         return _unit_values(map.detach().cpu())
-    raise TypeError(f"`map` must be a PIL image, numpy array, torch tensor or a list of them, not {type(map).__name__}.")
+    raise TypeError(
+        f"`map` must be a PIL image, numpy array, torch tensor or a list of them, not {type(map).__name__}."
+    )
 
 
 def _pil_map_to_tensor(image: PIL.Image.Image) -> torch.Tensor:
@@ -131,7 +133,7 @@ def prepare_keep_map(map, size: tuple, invert_map: bool = False, aspect_of: tupl
         )
     if (height, width) != tuple(size):
         shrinking = height >= size[0] and width >= size[1]
-        map = F.interpolate(map, size=size, mode="area") if shrinking else F.interpolate(map, size=size, mode="bilinear")
+        map = F.interpolate(map, size=size, mode="area" if shrinking else "bilinear")
         map = map.clamp(0, 1)
     return 1 - map if invert_map else map
 
@@ -466,9 +468,9 @@ class StableDiffusionXLDiffInpaintPipeline(StableDiffusionXLInpaintPipeline):
         r"""
         Takes every argument of [`StableDiffusionXLInpaintPipeline.__call__`], in its order and with its defaults
         (except `strength`, whose stock default is 0.9999), then `map`, `invert_map`, `keep_exact` and the `crop_*`
-        arguments, which must be passed by name. The map replaces `mask_image`, `masked_image_latents` and `padding_mask_crop`, which must stay
-        unset; `latents` (which stock inpainting takes as the noise itself), `denoising_start` and `denoising_end`
-        are not taken. Arguments not listed here act as in stock.
+        arguments, which must be passed by name. The map replaces `mask_image`, `masked_image_latents` and
+        `padding_mask_crop`, which must stay unset; `latents` (which stock inpainting takes as the noise itself),
+        `denoising_start` and `denoising_end` are not taken. Arguments not listed here act as in stock.
 
         Args:
             prompt (`str` or `list[str]`, *optional*):

@@ -59,7 +59,8 @@ def family_pipeline(family: str, device):
 
         components = sdxl_components(widths=WIDTHS, vae_widths=(32, 64, 64, 64), text_width=TEXT_WIDTH)
         pipe = build_pipeline(diff_pipe.StableDiffusionXLDiffImg2ImgPipeline, components)
-        embeds, pooled = harness.embeddings((1, 77, 2 * TEXT_WIDTH), device), harness.embeddings((1, TEXT_WIDTH), device)
+        embeds = harness.embeddings((1, 77, 2 * TEXT_WIDTH), device)
+        pooled = harness.embeddings((1, TEXT_WIDTH), device)
         text = dict(prompt_embeds=embeds, negative_prompt_embeds=torch.zeros_like(embeds),
                     pooled_prompt_embeds=pooled, negative_pooled_prompt_embeds=torch.zeros_like(pooled))
     return diff_pipe, pipe.to(device), text

@@ -327,7 +327,8 @@ def run_description(device, steps, repeats, guidance="CFG on") -> str:
 
 
 def print_differential_work(module, run, stock: dict, device):
-    """Times `differential_work` and prints it beside the time of one stock step (`stock`: its `side_by_side` result)."""
+    """Times `differential_work` and prints it beside the time of one stock step (`stock`: its `side_by_side`
+    result)."""
     preparation, blend = differential_work(module, run, device)
     stock_step = stock[clock(device)] / stock["unet_calls"]
     print(f"differential work, gradient map: map preparation {preparation * 1e3:.2f} ms per call, blend "

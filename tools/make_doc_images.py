@@ -61,7 +61,8 @@ def crop_picture(photo: Image.Image, soft_map) -> Image.Image:
     for panel in panels:
         ImageDraw.Draw(panel).rectangle(crop, outline=(0, 200, 255), width=2)
     ImageDraw.Draw(panels[0]).rectangle(released, outline=(255, 140, 0), width=2)
-    return _side_by_side(*panels, ("released cells (orange), crop (blue)", f"--crop-margin {CROP_MARGIN}: edited inside"))
+    labels = ("released cells (orange), crop (blue)", f"--crop-margin {CROP_MARGIN}: edited inside")
+    return _side_by_side(*panels, labels)
 
 
 def doc_images(photo: Image.Image) -> dict[str, Image.Image]:
