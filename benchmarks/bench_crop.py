@@ -10,8 +10,14 @@ FlopCounterMode in a separate pass. The crop's area is the box the rule gives (r
 exactly proportional to the crop's area, and the target is at most 1.2.
 
 The models have SD's and SDXL's layouts at a small width, with random weights, as in bench_sd2.py and
-bench_sdxl.py: time per step depends on the shapes, not on the weights. `gpu_bench.py --crop` runs SDXL at 1024 px
-with the real UNet's configuration.
+bench_sdxl.py: time per step depends on the shapes, not on the weights. At this width a step has fixed costs (the
+time and text embeddings, the cross-attention keys and values, each kernel's launch) that the published models'
+spatial work dwarfs, so:
+
+    python benchmarks/bench_crop.py --real-flops
+
+counts the published SD 2.1-base (512 px) and SDXL base (1024 px) UNets' FLOPs per step on the crop, on meta tensors
+(shapes only: nothing is allocated or computed), in seconds. `gpu_bench.py` times them on a GPU (its "crop" variant).
 """
 
 import math
@@ -66,13 +72,66 @@ def family_pipeline(family: str, device):
     return diff_pipe, pipe.to(device), text
 
 
-def crop_share(module, pipe, keep_map, steps: int) -> float:
-    """The share of the frame that the crop rule gives for `keep_map` (the model's unit: its VAE factor)."""
-    scale = pipe.vae_scale_factor
+def crop_cells(module, keep_map, scale: int, steps: int) -> tuple:
+    """(rows, columns) of the crop that the rule gives for `keep_map`, and of the whole latent grid, in cells of
+    `scale` pixels (the model's size unit: one cell, as for SD and SDXL)."""
     grid = tuple(side // scale for side in keep_map.shape)
     release = module.release_steps(module.prepare_keep_map(keep_map, grid), 1.0, steps)
     top, left, bottom, right = module.change_box(release, steps, -(-MARGIN // scale), 1)
-    return (bottom - top) * (right - left) / (grid[0] * grid[1])
+    return (bottom - top, right - left), grid
+
+
+def crop_share(module, pipe, keep_map, steps: int) -> float:
+    """The share of the frame that the crop rule gives for `keep_map`."""
+    (rows, columns), grid = crop_cells(module, keep_map, pipe.vae_scale_factor, steps)
+    return rows * columns / (grid[0] * grid[1])
+
+
+def real_unet_flops(families=("sd2", "sdxl"), steps: int = 10) -> dict:
+    """The published SD 2.1-base (512 px) and SDXL base (1024 px) UNets' FLOPs per step on the crop, as a share of
+    the whole frame's, for each map: counted on meta tensors, which carry shapes and nothing else, so nothing is
+    allocated or computed. Returns {family: {area: (FLOPs share, crop share)}}."""
+    from diffusers import UNet2DConditionModel
+
+    from benchmarks import gpu_bench  # it imports this file
+    from SD2 import diff_pipe
+
+    configs = {"sd2": (gpu_bench.SD21_UNET, 512), "sdxl": (gpu_bench.SDXL_UNET, 1024)}
+    shares = {}
+    for family in families:
+        config, size = configs[family]
+        with torch.device("meta"):
+            unet = UNet2DConditionModel(**config)
+
+        def flops(rows, columns):
+            with torch.device("meta"):
+                inputs = dict(sample=torch.empty(2, 4, rows, columns), timestep=torch.tensor([500, 500]),
+                              encoder_hidden_states=torch.empty(2, 77, unet.config.cross_attention_dim))
+                if unet.config.addition_embed_type == "text_time":  # SDXL: pooled text and six size numbers
+                    time_ids, config = gpu_bench.SDXL_TIME_IDS, unet.config
+                    pooled = config.projection_class_embeddings_input_dim - time_ids * config.addition_time_embed_dim
+                    inputs["added_cond_kwargs"] = dict(text_embeds=torch.empty(2, pooled),
+                                                       time_ids=torch.empty(2, time_ids))
+            with FlopCounterMode(display=False) as counter:
+                unet(**inputs)
+            return counter.get_total_flops()
+
+        whole = flops(size // 8, size // 8)
+        shares[family] = {}
+        for area in AREAS:
+            (rows, columns), grid = crop_cells(diff_pipe, soft_inpainting_map(size, area), 8, steps)
+            shares[family][area] = (flops(rows, columns) / whole, rows * columns / (grid[0] * grid[1]))
+    return shares
+
+
+def print_real_unet_flops(steps: int) -> None:
+    print(f"the published UNets, FLOPs per step on the crop ({MARGIN} px of margin) against the whole frame, counted "
+          "on meta tensors")
+    print(f"{'model':>22} {'changed':>8} {'crop':>6} {'FLOPs/step':>11} {'FLOPs vs prop.':>15}")
+    names = {"sd2": "SD 2.1-base, 512 px", "sdxl": "SDXL base, 1024 px"}
+    for family, areas in real_unet_flops(steps=steps).items():
+        for area, (flops, share) in areas.items():
+            print(f"{names[family]:>22} {area:8.0%} {share:6.1%} {flops:11.3f} {flops / share:15.2f}")
 
 
 def denoiser_flops(pipe, run) -> float:
@@ -85,8 +144,12 @@ def denoiser_flops(pipe, run) -> float:
 def main(argv=None):
     parser = harness.bench_parser(__doc__, size=512, multiple=64)
     parser.add_argument("--family", choices=["sd2", "sdxl"], default="sd2")
+    parser.add_argument("--real-flops", action="store_true",
+                        help="instead of timing, count the published SD 2.1 and SDXL UNets' FLOPs per step (seconds)")
     args = parser.parse_args(argv)
     harness.quiet_libraries()
+    if args.real_flops:
+        return print_real_unet_flops(args.steps)
     module, pipe, text = family_pipeline(args.family, args.device)
     image = test_image(args.size)
 

@@ -102,3 +102,12 @@ def test_the_crop_benchmark_runs_both_cases_with_the_same_calls_and_fewer_flops_
     for changed, crop, whole_calls, _, crop_calls, _, flops, _, _ in rows:
         assert whole_calls == crop_calls == "2"
         assert float(changed[:-1]) < float(crop[:-1]) < 100 and float(flops) < 1
+
+
+def test_the_published_sd_unet_costs_about_the_crops_share_of_the_frame_per_step():
+    from benchmarks.bench_crop import AREAS, real_unet_flops
+
+    shares = real_unet_flops(("sd2",))["sd2"]
+    assert list(shares) == list(AREAS)
+    for area, (flops, crop) in shares.items():
+        assert area < crop < 1 and 0.8 < flops / crop < 1.2
