@@ -103,7 +103,6 @@ IF_INPUT = dict(scale=1, unit=8, grid_of=lambda images: tuple(images.shape[-2:])
                 to_input=lambda crop: crop * 2 - 1)
 
 
-
 def control_image(box):
     """A condition unlike the image, whole or as its cut for a crop made by hand (pixels in [0, 1])."""
     condition = test_image(seed=7).transpose(0)
