@@ -20,6 +20,7 @@ counts the published SD 2.1-base (512 px) and SDXL base (1024 px) UNets' FLOPs p
 (shapes only: nothing is allocated or computed), in seconds. `gpu_bench.py` times them on a GPU (its "crop" variant).
 """
 
+import argparse
 import math
 import sys
 from pathlib import Path
@@ -50,12 +51,12 @@ def soft_inpainting_map(size: int, area: float) -> np.ndarray:
     return feathered_mask(disc, feather_px=outer - radius)
 
 
-def family_pipeline(family: str, device):
+def family_pipeline(family: str, device, widths=WIDTHS):
     """Ours, on a small model with the family's layout, and the text arguments that stand in for its encoders."""
     if family == "sd2":
         from SD2 import diff_pipe
 
-        components = sd_components(widths=WIDTHS, down_block_types=("CrossAttnDownBlock2D",) * 2 + ("DownBlock2D",),
+        components = sd_components(widths=widths, down_block_types=("CrossAttnDownBlock2D",) * 2 + ("DownBlock2D",),
                                    vae_widths=(32, 64, 64, 64), text_width=TEXT_WIDTH)
         pipe = build_pipeline(diff_pipe.StableDiffusionDiffImg2ImgPipeline, components)
         embeds = harness.embeddings((1, 77, TEXT_WIDTH), device)
@@ -63,7 +64,7 @@ def family_pipeline(family: str, device):
     else:
         from SDXL import diff_pipe
 
-        components = sdxl_components(widths=WIDTHS, vae_widths=(32, 64, 64, 64), text_width=TEXT_WIDTH)
+        components = sdxl_components(widths=widths, vae_widths=(32, 64, 64, 64), text_width=TEXT_WIDTH)
         pipe = build_pipeline(diff_pipe.StableDiffusionXLDiffImg2ImgPipeline, components)
         embeds = harness.embeddings((1, 77, 2 * TEXT_WIDTH), device)
         pooled = harness.embeddings((1, TEXT_WIDTH), device)
@@ -141,23 +142,32 @@ def denoiser_flops(pipe, run) -> float:
     return sum(counter.get_flop_counts()[type(harness.denoiser(pipe)).__name__].values())
 
 
+def widths_list(text: str) -> tuple:
+    widths = tuple(harness.positive_int(width.strip()) for width in text.split(","))
+    if len(widths) != len(WIDTHS) or any(width % 32 for width in widths):
+        raise argparse.ArgumentTypeError(f"give {len(WIDTHS)} multiples of 32, one per level, not {text!r}")
+    return widths
+
+
 def main(argv=None):
     parser = harness.bench_parser(__doc__, size=512, multiple=64)
     parser.add_argument("--family", choices=["sd2", "sdxl"], default="sd2")
+    parser.add_argument("--widths", type=widths_list, default=WIDTHS, metavar="W,W,W",
+                        help=f"the UNet's channels per level (default: {','.join(map(str, WIDTHS))})")
     parser.add_argument("--real-flops", action="store_true",
                         help="instead of timing, count the published SD 2.1 and SDXL UNets' FLOPs per step (seconds)")
     args = parser.parse_args(argv)
     harness.quiet_libraries()
     if args.real_flops:
         return print_real_unet_flops(args.steps)
-    module, pipe, text = family_pipeline(args.family, args.device)
+    module, pipe, text = family_pipeline(args.family, args.device, args.widths)
     image = test_image(args.size)
 
     def edit(keep_map, **crop):
         return lambda: pipe(image=image, map=keep_map, num_inference_steps=args.steps, guidance_scale=7.5,
                             output_type="np", generator=torch.Generator().manual_seed(harness.SEED), **text, **crop)
 
-    print(f"{args.family.upper()}-shaped UNet {WIDTHS}, {args.size}x{args.size} px, "
+    print(f"{args.family.upper()}-shaped UNet {args.widths}, {args.size}x{args.size} px, "
           f"{harness.run_description(args.device, args.steps, args.repeats)}")
     print(f"{'changed':>8} {'crop':>6} {'calls':>11} {'time/step':>10} {'FLOPs/step':>11} "
           f"{'time vs prop.':>14} {'FLOPs vs prop.':>15}")
