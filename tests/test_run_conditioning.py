@@ -5,13 +5,12 @@ pipeline gives when called directly with the same settings and seed.
 """
 
 import json
-import sys
 
 import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import load_pipeline, test_image
+from conftest import load_pipeline, run_in_process, test_image
 from diffusers import (
     ControlNetModel,
     StableDiffusionInpaintPipeline,
@@ -20,8 +19,6 @@ from diffusers import (
 )
 from PIL import Image
 
-import SD2.run as sd2_run
-import SDXL.run as sdxl_run
 from SD2.diff_pipe_controlnet import StableDiffusionControlNetDiffImg2ImgPipeline
 from SD2.diff_pipe_inpaint import StableDiffusionDiffInpaintPipeline
 from SDXL.diff_pipe_controlnet import StableDiffusionXLControlNetDiffImg2ImgPipeline
@@ -54,15 +51,6 @@ def models(tmp_path_factory, sd_dir, sdxl_base_dir):
         folders[f"{family}_inpaint"] = root / f"{family}_inpaint"
         build_pipeline(stock, components()).save_pretrained(folders[f"{family}_inpaint"])
     return folders
-
-
-def run_in_process(module, flags, capsys, monkeypatch):
-    """``python <module>.py flags`` in this process: (exit status, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", [module.__file__, *map(str, flags)])
-    with pytest.raises(SystemExit) as exit:
-        cli.main(module.run)
-    out, err = capsys.readouterr()
-    return exit.value.code, out, err
 
 
 def common_flags(inputs, output):
@@ -99,15 +87,16 @@ def canny(path):
 # Results
 
 
-def test_sd_controlnet_with_a_control_image_is_the_controlnet_pipeline(models, inputs, tmp_path, capsys,
-                                                                        monkeypatch):
+def test_sd_controlnet_with_a_control_image_is_the_controlnet_pipeline(models, inputs, tmp_path):
     condition, output = tmp_path / "pose.png", tmp_path / "edit.png"
     test_image(seed=5).transpose(Image.Transpose.ROTATE_90).save(condition)
-    status, out, err = run_in_process(sd2_run, [
+    ran = run_in_process(
+        "SD2/run.py",
         "--model", models["sd"], "--controlnet", models["sd_cn0"], "--control-image", condition,
-        "--controlnet-scale", "0.7", *common_flags(inputs, output)], capsys, monkeypatch)
-    assert status == 0, err
-    assert out.startswith(f"{cli.display(output)} (") and "4 denoising steps" in out  # the left half changes fully
+        "--controlnet-scale", "0.7", *common_flags(inputs, output))
+    assert ran.returncode == 0, ran.stderr
+    # the left half changes fully
+    assert ran.stdout.startswith(f"{cli.display(output)} (") and "4 denoising steps" in ran.stdout
     pipe = load_pipeline(models["sd"], StableDiffusionControlNetDiffImg2ImgPipeline,
                          controlnet=ControlNetModel.from_pretrained(models["sd_cn0"]))
     expected = direct_call(pipe, inputs, control_image=Image.open(condition).convert("RGB"),
@@ -119,13 +108,14 @@ def test_sd_controlnet_with_a_control_image_is_the_controlnet_pipeline(models, i
     assert "inpaint_model" not in text and "depth_model" not in text
 
 
-def test_two_controlnets_on_canny_and_depth_made_from_the_image(models, inputs, tmp_path, capsys, monkeypatch):
+def test_two_controlnets_on_canny_and_depth_made_from_the_image(models, inputs, tmp_path):
     output = tmp_path / "edit.png"
-    status, _, err = run_in_process(sd2_run, [
+    ran = run_in_process(
+        "SD2/run.py",
         "--model", models["sd"], "--controlnet", models["sd_cn0"], "--controlnet", models["sd_cn1"], "--control",
         "canny", "--control", "depth", "--depth-model", models["depth"], "--controlnet-scale", "0.5",
-        "--controlnet-scale", "1.5", *common_flags(inputs, output)], capsys, monkeypatch)
-    assert status == 0, err
+        "--controlnet-scale", "1.5", *common_flags(inputs, output))
+    assert ran.returncode == 0, ran.stderr
     image = Image.open(inputs[0]).convert("RGB")
     edges = canny(inputs[0])
     assert set(np.unique(np.asarray(edges))) == {0, 255}  # edges are white on black
@@ -141,11 +131,11 @@ def test_two_controlnets_on_canny_and_depth_made_from_the_image(models, inputs, 
     assert json.loads(text["controlnet_scale"]) == [0.5, 1.5] and len(json.loads(text["controlnet"])) == 2
 
 
-def test_sd_inpaint_model_is_the_inpaint_pipeline(models, inputs, tmp_path, capsys, monkeypatch):
+def test_sd_inpaint_model_is_the_inpaint_pipeline(models, inputs, tmp_path):
     output = tmp_path / "edit.png"
-    status, _, err = run_in_process(sd2_run, ["--inpaint-model", models["sd_inpaint"], "--keep-exact",
-                                              *common_flags(inputs, output)], capsys, monkeypatch)
-    assert status == 0, err
+    ran = run_in_process("SD2/run.py", "--inpaint-model", models["sd_inpaint"], "--keep-exact",
+                         *common_flags(inputs, output))
+    assert ran.returncode == 0, ran.stderr
     pipe = load_pipeline(models["sd_inpaint"], StableDiffusionDiffInpaintPipeline)
     expected = direct_call(pipe, inputs, height=64, width=64, guidance_scale=7.0, keep_exact=True)
     result, text = written(output)
@@ -154,13 +144,14 @@ def test_sd_inpaint_model_is_the_inpaint_pipeline(models, inputs, tmp_path, caps
     assert text["inpaint_model"] == text["model"] == str(models["sd_inpaint"]) and "controlnet" not in text
 
 
-def test_sdxl_controlnet_runs_on_the_base_alone(models, inputs, tmp_path, capsys, monkeypatch):
+def test_sdxl_controlnet_runs_on_the_base_alone(models, inputs, tmp_path):
     output = tmp_path / "edit.png"
-    status, out, err = run_in_process(sdxl_run, [
+    ran = run_in_process(
+        "SDXL/run.py",
         "--model", models["sdxl"], "--controlnet", models["sdxl_cn0"], "--control", "canny",
-        *sdxl_flags(inputs, output)], capsys, monkeypatch)
-    assert status == 0, err
-    assert "4 denoising steps" in out  # the base alone runs the whole schedule; the refiner is implied off
+        *sdxl_flags(inputs, output))
+    assert ran.returncode == 0, ran.stderr
+    assert "4 denoising steps" in ran.stdout  # the base alone runs the whole schedule; the refiner is implied off
     pipe = load_pipeline(models["sdxl"], StableDiffusionXLControlNetDiffImg2ImgPipeline,
                          controlnet=ControlNetModel.from_pretrained(models["sdxl_cn0"]))
     expected = direct_call(pipe, inputs, control_image=canny(inputs[0]), controlnet_conditioning_scale=1.0,
@@ -170,11 +161,10 @@ def test_sdxl_controlnet_runs_on_the_base_alone(models, inputs, tmp_path, capsys
     assert text["refiner"] == "none" and json.loads(text["control"]) == ["canny"]
 
 
-def test_sdxl_inpaint_model_is_the_inpaint_pipeline(models, inputs, tmp_path, capsys, monkeypatch):
+def test_sdxl_inpaint_model_is_the_inpaint_pipeline(models, inputs, tmp_path):
     output = tmp_path / "edit.png"
-    status, _, err = run_in_process(sdxl_run, ["--inpaint-model", models["sdxl_inpaint"],
-                                               *sdxl_flags(inputs, output)], capsys, monkeypatch)
-    assert status == 0, err
+    ran = run_in_process("SDXL/run.py", "--inpaint-model", models["sdxl_inpaint"], *sdxl_flags(inputs, output))
+    assert ran.returncode == 0, ran.stderr
     pipe = load_pipeline(models["sdxl_inpaint"], StableDiffusionXLDiffInpaintPipeline)
     expected = direct_call(pipe, inputs, height=64, width=64, guidance_scale=17.5)
     result, text = written(output)
@@ -186,11 +176,11 @@ def test_sdxl_inpaint_model_is_the_inpaint_pipeline(models, inputs, tmp_path, ca
 # Refusals: one line, an exit status, no output
 
 
-def assert_refused(module, flags, status, message, capsys, monkeypatch, output):
-    code, out, err = run_in_process(module, flags, capsys, monkeypatch)
-    errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert (code, len(errors)) == (status, 1) and message in errors[0], err
-    assert "Traceback" not in err and out == "" and not output.exists()
+def assert_refused(script, flags, status, message, output):
+    ran = run_in_process(script, *flags)
+    errors = [line for line in ran.stderr.splitlines() if line.startswith("error:")]
+    assert (ran.returncode, len(errors)) == (status, 1) and message in errors[0], ran.stderr
+    assert "Traceback" not in ran.stderr and ran.stdout == "" and not output.exists()
 
 
 @pytest.mark.parametrize("case, extra, status, message", [
@@ -228,13 +218,13 @@ def assert_refused(module, flags, status, message, capsys, monkeypatch, output):
     ("missing depth model", ["--controlnet", "{sd_cn0}", "--control", "depth", "--depth-model",
                              "{tmp}/no-depth-model"], 1, "no-depth-model: cannot load it as a depth-estimation model"),
 ])
-def test_sd_refuses_in_one_line(models, inputs, tmp_path, capsys, monkeypatch, case, extra, status, message):
+def test_sd_refuses_in_one_line(models, inputs, tmp_path, case, extra, status, message):
     Image.new("RGB", (64, 32)).save(tmp_path / "wide.png")
     names = {**{name: str(path) for name, path in models.items()}, "image": inputs[0], "tmp": tmp_path,
              "wide": tmp_path / "wide.png"}
     output = tmp_path / "out.png"
     flags = ["--model", models["sd"], *common_flags(inputs, output), *(flag.format(**names) for flag in extra)]
-    assert_refused(sd2_run, flags, status, message, capsys, monkeypatch, output)
+    assert_refused("SD2/run.py", flags, status, message, output)
 
 
 @pytest.mark.parametrize("case, extra, message", [
@@ -245,12 +235,12 @@ def test_sd_refuses_in_one_line(models, inputs, tmp_path, capsys, monkeypatch, c
     ("inpaint model with a refiner start", ["--inpaint-model", "{sdxl_inpaint}", "--refiner-start", "0.5"],
      "--inpaint-model runs the base alone over the whole schedule"),
 ])
-def test_sdxl_refuses_in_one_line(models, inputs, tmp_path, capsys, monkeypatch, case, extra, message):
+def test_sdxl_refuses_in_one_line(models, inputs, tmp_path, case, extra, message):
     names = {name: str(path) for name, path in models.items()}
     output = tmp_path / "out.png"
     model = [] if "--inpaint-model" in extra else ["--model", models["sdxl"]]
     flags = [*model, *sdxl_flags(inputs, output), *(flag.format(**names) for flag in extra)]
-    assert_refused(sdxl_run, flags, 2, message, capsys, monkeypatch, output)
+    assert_refused("SDXL/run.py", flags, 2, message, output)
 
 
 def test_batch_edits_rows_with_a_controlnet_as_the_pipeline_does(models, tmp_path):
@@ -282,16 +272,15 @@ def test_batch_edits_rows_with_a_controlnet_as_the_pipeline_does(models, tmp_pat
 
 
 @pytest.mark.parametrize("variant", ["controlnet", "inpaint"])
-def test_crop_margin_reaches_the_controlnet_and_inpaint_variants(models, inputs, tmp_path, capsys, monkeypatch,
+def test_crop_margin_reaches_the_controlnet_and_inpaint_variants(models, inputs, tmp_path,
                                                                  variant):
     # The map changes the left half; with 4 px of margin the crop ends by column 40 (a multiple of 8, which stock
     # inpainting asks for), and the pixels right of it are the input's own.
     output = tmp_path / "edit.png"
     flags = {"controlnet": ["--model", models["sd"], "--controlnet", models["sd_cn0"], "--control", "canny"],
              "inpaint": ["--inpaint-model", models["sd_inpaint"]]}[variant]
-    status, _, err = run_in_process(sd2_run, [*flags, "--crop-margin", "4", *common_flags(inputs, output)], capsys,
-                                    monkeypatch)
-    assert status == 0, err
+    ran = run_in_process("SD2/run.py", *flags, "--crop-margin", "4", *common_flags(inputs, output))
+    assert ran.returncode == 0, ran.stderr
     result, text = written(output)
     original = np.asarray(Image.open(inputs[0]).convert("RGB"))
     assert text["crop_margin"] == "4"

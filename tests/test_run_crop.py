@@ -1,20 +1,20 @@
 """--crop-margin end to end through every family's run.py, on its tiny model saved to a folder.
 
-Each run.py runs in this process (`run()` under a patched command line): a subprocess per family would cost more
-than the edit, and the one-line errors and subprocess behaviour of run.py are tested in tests/test_run_*.py.
+Each run.py runs in this process (conftest's `run_in_process`): a subprocess per family would cost more than the
+edit, and the one-line errors and subprocess behaviour of run.py are tested in tests/test_run_*.py.
 tests/test_crop.py checks the pipelines' crop contract itself.
 """
 
-import sys
-
 import numpy as np
 import pytest
+from conftest import run_in_process
 from flow_models import save_flux, save_sd3
 from flow_models2 import save_chroma, save_qwenimage, save_zimage
 from PIL import Image
 
 from tools import cli
 from tools.maps import save_map
+
 
 def saved(save):
     return lambda request, folder: ["--model", save(folder)]
@@ -32,7 +32,7 @@ MODELS = {  # family: (the test's request, a free folder) -> the flags that load
 
 @pytest.mark.parametrize("family", MODELS)
 def test_crop_margin_edits_the_box_around_the_change_and_keeps_the_rest_byte_for_byte(
-    family, inputs, tmp_path, request, monkeypatch, capsys
+    family, inputs, tmp_path, request
 ):
     image, _ = inputs
     keep_map = np.ones((64, 64), np.float32)
@@ -44,9 +44,9 @@ def test_crop_margin_edits_the_box_around_the_change_and_keeps_the_rest_byte_for
     save_map(keep_map, map_path)
     flags = [*MODELS[family](request, tmp_path / "model"), "--device", "cpu", "--image", image, "--map", map_path,
              "--prompt", "a red apple", "--steps", "3", "--crop-margin", "4", "--output", output]
-    monkeypatch.setattr(sys, "argv", ["run.py", *map(str, flags)])
-    cli.load_family(family).run()
-    assert capsys.readouterr().out.startswith(f"{output} (")
+    ran = run_in_process(cli.families()[family].relative_to(cli.REPO_ROOT), *flags)
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.startswith(f"{output} (")
     with Image.open(image) as source, Image.open(output) as written:
         original, edited = np.asarray(source.convert("RGB")), np.asarray(written.convert("RGB"))
         assert written.text["crop_margin"] == "4" and written.text["crop_upscale"] == "False"

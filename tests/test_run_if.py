@@ -22,6 +22,7 @@ from conftest import (
     clip_text_model,
     clip_tokenizer,
     if_stage1_components,
+    run_in_process,
     run_script,
     save_pipeline,
     test_image,
@@ -123,7 +124,7 @@ def test_each_stage_writes_its_image_and_edit_gives_the_same_in_process(models, 
 
 
 def test_crop_margin_edits_stage_twos_box_and_keeps_the_resized_input_around_it(models, inputs, upscaler_dir,
-                                                                               tmp_path, monkeypatch, capsys):
+                                                                               tmp_path):
     image, _ = inputs
     keep_map = np.ones((64, 64), np.float32)
     keep_map[40:56, 8:24] = 0.0  # stage II works at the input's 64 px: with 4 px of margin its box is 36-59, 4-27
@@ -133,9 +134,9 @@ def test_crop_margin_edits_stage_twos_box_and_keeps_the_resized_input_around_it(
     argv = [*models, "--stage3-model", upscaler_dir, "--device", "cpu", "--image", image, "--map", map_path,
             "--prompt", "a red apple", "--steps", "3", "--stage2-steps", "2", "--stage3-steps", "2",
             "--crop-margin", "4", "--output", output]
-    monkeypatch.setattr(sys, "argv", [SCRIPT, *map(str, argv)])  # in this process: a subprocess costs more than the run
-    if_run.run()
-    assert "7 denoising steps" in capsys.readouterr().out.strip().splitlines()[-1]  # 3 + 2, and the upscaler's 2
+    ran = run_in_process(SCRIPT, *argv)  # a subprocess would cost more than the run
+    assert ran.returncode == 0, ran.stderr
+    assert "7 denoising steps" in ran.stdout.strip().splitlines()[-1]  # 3 + 2, and the upscaler's 2
     with Image.open(image) as source:
         original = np.asarray(source.convert("RGB"))
         resized = np.asarray(source.convert("RGB").resize((256, 256), Image.Resampling.BICUBIC))  # x4 of stage II
@@ -163,14 +164,10 @@ def test_crop_margin_edits_stage_twos_box_and_keeps_the_resized_input_around_it(
 # Errors, in this process
 
 
-def run_main(argv, monkeypatch, capsys, cwd):
-    monkeypatch.chdir(cwd)
-    monkeypatch.setattr(sys, "argv", [SCRIPT, *map(str, argv)])
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(if_run.run)
-    out, err = capsys.readouterr()
-    errors = [line for line in err.splitlines() if line.startswith("error:")]
-    return exit_info.value.code, out, errors
+def run_main(argv, cwd):
+    """IF/run.py in this process, in `cwd`: (exit status, stdout, its error lines)."""
+    ran = run_in_process(SCRIPT, *argv, cwd=cwd)
+    return ran.returncode, ran.stdout, [line for line in ran.stderr.splitlines() if line.startswith("error:")]
 
 
 @pytest.mark.parametrize(
@@ -195,27 +192,28 @@ def run_main(argv, monkeypatch, capsys, cwd):
         ("a folder that is no pipeline", ["--model", "{stage1}/unet"], 1, "model_index.json"),
     ],
 )
-def test_bad_input_gives_one_line_naming_the_flag(models, inputs, upscaler_dir, sd_dir, tmp_path, monkeypatch, capsys,
+def test_bad_input_gives_one_line_naming_the_flag(models, inputs, upscaler_dir, sd_dir, tmp_path,
                                                    case, extra, code, message):
     image, map_path = inputs
     before = {path: path.read_bytes() for path in inputs}
     folders = {"stage1": models[1], "stage2": models[3], "upscaler": upscaler_dir, "sd": sd_dir}
     extra, message = [value.format(**folders) for value in extra], message.format(**folders)
     argv = [*short_run(models, inputs, "--stages", "2"), "--output", tmp_path / "out.png", *extra]
-    exit_code, out, errors = run_main(argv, monkeypatch, capsys, tmp_path)
+    exit_code, out, errors = run_main(argv, tmp_path)
     assert exit_code == code and len(errors) == 1 and message in errors[0], errors
     assert {path: path.read_bytes() for path in inputs} == before
     assert not list(tmp_path.glob("out*.png"))
 
 
-def test_a_stage_file_that_exists_is_never_overwritten(models, inputs, tmp_path, monkeypatch, capsys):
+def test_a_stage_file_that_exists_is_never_overwritten(models, inputs, tmp_path, monkeypatch):
     taken = tmp_path / "edit-stage1.png"
     taken.write_bytes(b"the user's picture")
     argv = [*short_run(models, inputs, "--stages", "2"), "--output", tmp_path / "edit.png"]
-    exit_code, _, errors = run_main(argv, monkeypatch, capsys, tmp_path)
+    exit_code, _, errors = run_main(argv, tmp_path)
     assert exit_code == 2 and "edit-stage1.png already exists" in errors[0] and "--overwrite" in errors[0]
     assert taken.read_bytes() == b"the user's picture"
-    # Without --output, the first name whose stage files are free too.
+    # Without --output, the first name whose stage files are free too (default names are in the working folder).
+    monkeypatch.chdir(tmp_path)
     args = cli.parse_args(if_run.build_parser(), [str(a) for a in short_run(models, inputs)])
     (tmp_path / "output-stage2.png").write_bytes(b"an earlier run")
     assert args.output.name == "output.png"
@@ -226,16 +224,16 @@ def test_a_stage_file_that_exists_is_never_overwritten(models, inputs, tmp_path,
                           ).output.name == "output.png"
 
 
-def test_one_stage_writes_only_the_output(models, inputs, tmp_path, monkeypatch, capsys):
+def test_one_stage_writes_only_the_output(models, inputs, tmp_path):
     argv = [*short_run(models, inputs, "--stages", "1"), "--output", tmp_path / "edit.png"]
-    exit_code, out, errors = run_main(argv, monkeypatch, capsys, tmp_path)
+    exit_code, out, errors = run_main(argv, tmp_path)
     assert exit_code == 0 and errors == []
     assert sorted(p.name for p in tmp_path.glob("edit*")) == ["edit.png"]
     assert written(tmp_path / "edit.png")[0].shape == (32, 32, 3)
     assert "10 denoising steps" in out.strip().splitlines()[-1]
 
 
-def test_mask_and_keep_exact_reach_the_pipelines(models, tmp_path, monkeypatch, capsys):
+def test_mask_and_keep_exact_reach_the_pipelines(models, tmp_path):
     """Soft inpainting at stage I's own size: beyond the feathered region, the input's bytes come back."""
     image, mask = tmp_path / "small.png", tmp_path / "hole.png"
     test_image(32).save(image)
@@ -244,7 +242,7 @@ def test_mask_and_keep_exact_reach_the_pipelines(models, tmp_path, monkeypatch, 
     Image.fromarray(hole).save(mask)
     argv = [*models, "--device", "cpu", "--image", image, "--mask", mask, "--feather", "4", "--keep-exact",
             "--prompt", "a red apple", "--steps", "10", "--stages", "1", "--output", tmp_path / "edit.png"]
-    exit_code, out, errors = run_main(argv, monkeypatch, capsys, tmp_path)
+    exit_code, out, errors = run_main(argv, tmp_path)
     assert exit_code == 0 and errors == []
     result, text = written(tmp_path / "edit.png")
     original = np.asarray(Image.open(image))

@@ -1,8 +1,6 @@
 """SDXL/run.py end to end on a tiny base and refiner saved to folders: the runs that look at a real process's stderr in
 a subprocess, the others in this process."""
 
-import sys
-
 import numpy as np
 import pytest
 from conftest import COMMON_BAD_INPUTS, assert_refused_in_one_line, run_in_process, run_script, test_image
@@ -107,7 +105,7 @@ def test_help_documents_every_flag():
 
 
 def test_crop_margin_runs_base_and_refiner_on_the_crop_alone_and_keeps_the_rest_byte_for_byte(
-    sdxl_base_dir, sdxl_refiner_dir, inputs, tmp_path, monkeypatch, capsys
+    sdxl_base_dir, sdxl_refiner_dir, inputs, tmp_path
 ):
     image, _ = inputs
     keep_map = np.ones((64, 64), np.float32)
@@ -118,9 +116,9 @@ def test_crop_margin_runs_base_and_refiner_on_the_crop_alone_and_keeps_the_rest_
               "--height", "64"]
     argv = [*models, "--image", image, "--map", map_path, "--prompt", "a red apple", "--steps", "4", "--seed", "3",
             "--crop-margin", "4", "--output", output]
-    monkeypatch.setattr(sys, "argv", [SCRIPT, *map(str, argv)])  # in this process: a subprocess costs more than the run
-    sdxl_run.run()
-    assert "4 denoising steps" in capsys.readouterr().out  # 3 in the base, the last in the refiner, which starts at 0.8
+    ran = run_in_process(SCRIPT, *argv)  # a subprocess would cost more than the run
+    assert ran.returncode == 0, ran.stderr
+    assert "4 denoising steps" in ran.stdout  # 3 in the base, the last in the refiner, which starts at 0.8
     with Image.open(image) as source, Image.open(output) as written:
         original, edited = np.asarray(source.convert("RGB")), np.asarray(written.convert("RGB"))
         assert written.text["crop_margin"] == "4" and written.text["crop_upscale"] == "False"
