@@ -135,6 +135,16 @@ def print_real_unet_flops(steps: int) -> None:
             print(f"{names[family]:>22} {area:8.0%} {share:6.1%} {flops:11.3f} {flops / share:15.2f}")
 
 
+def crop_cases(pipe, keep_map, **call) -> dict:
+    """The whole-frame edit with `keep_map` and the cropped one (MARGIN px of context), as functions of no arguments
+    that draw from a freshly seeded generator: "whole frame" first, the baseline of `harness.side_by_side`."""
+
+    def edit(**crop):
+        return lambda: pipe(map=keep_map, generator=torch.Generator().manual_seed(harness.SEED), **call, **crop)
+
+    return {"whole frame": edit(), "crop": edit(crop_to_change=True, crop_margin=MARGIN)}
+
+
 def denoiser_flops(pipe, run) -> float:
     """FLOPs of the denoiser over one run of `run()`."""
     with FlopCounterMode(display=False) as counter:
@@ -161,11 +171,8 @@ def main(argv=None):
     if args.real_flops:
         return print_real_unet_flops(args.steps)
     module, pipe, text = family_pipeline(args.family, args.device, args.widths)
-    image = test_image(args.size)
-
-    def edit(keep_map, **crop):
-        return lambda: pipe(image=image, map=keep_map, num_inference_steps=args.steps, guidance_scale=7.5,
-                            output_type="np", generator=torch.Generator().manual_seed(harness.SEED), **text, **crop)
+    call = dict(image=test_image(args.size), num_inference_steps=args.steps, guidance_scale=7.5, output_type="np",
+                **text)
 
     print(f"{args.family.upper()}-shaped UNet {args.widths}, {args.size}x{args.size} px, "
           f"{harness.run_description(args.device, args.steps, args.repeats)}")
@@ -174,7 +181,7 @@ def main(argv=None):
     worst = 0.0
     for area in AREAS:
         keep_map = soft_inpainting_map(args.size, area)
-        cases = {"whole frame": edit(keep_map), "crop": edit(keep_map, crop_to_change=True, crop_margin=MARGIN)}
+        cases = crop_cases(pipe, keep_map, **call)
         calls = harness.unet_calls_per_case(pipe, cases)
         flops = {name: denoiser_flops(pipe, run) for name, run in cases.items()}
         results = harness.side_by_side(cases, calls, args.repeats, args.device)

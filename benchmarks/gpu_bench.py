@@ -101,7 +101,9 @@ from benchmarks.harness import (  # noqa: E402
     side_by_side,
     unet_calls_per_case,
 )
-from benchmarks.bench_crop import crop_share, soft_inpainting_map  # noqa: E402
+from benchmarks.bench_crop import AREAS as CROP_AREAS  # noqa: E402
+from benchmarks.bench_crop import MARGIN as CROP_MARGIN  # noqa: E402
+from benchmarks.bench_crop import crop_cases, crop_share, soft_inpainting_map  # noqa: E402
 from tests.tiny_models import build_pipeline, test_image  # noqa: E402
 from tools.cli import CliError, main  # noqa: E402
 
@@ -1249,10 +1251,6 @@ def run_family(family: Family, setup, repeats: int, plan: dict) -> dict:
     return record
 
 
-CROP_AREAS = (0.05, 0.10, 0.25)  # shares of the frame that the soft-inpainting maps change
-CROP_MARGIN = 32
-
-
 def measure_crop(ours, inputs: dict, setup, size: int, repeats: int) -> dict:
     """crop_to_change against the same edit on the whole frame, for soft-inpainting maps that change each share of
     CROP_AREAS: time per step of the crop relative to the whole frame, and that divided by the crop's share of the
@@ -1261,12 +1259,7 @@ def measure_crop(ours, inputs: dict, setup, size: int, repeats: int) -> dict:
     areas = {}
     for area in CROP_AREAS:
         keep_map = soft_inpainting_map(size, area)
-
-        def edit(**crop):
-            return lambda: ours(map=keep_map, strength=1.0, num_inference_steps=setup.steps, output_type="pt",
-                                generator=torch.Generator().manual_seed(SEED), **inputs, **crop)
-
-        cases = {"whole frame": edit(), "crop": edit(crop_to_change=True, crop_margin=CROP_MARGIN)}
+        cases = crop_cases(ours, keep_map, strength=1.0, num_inference_steps=setup.steps, output_type="pt", **inputs)
         results = side_by_side(cases, unet_calls_per_case(denoiser(ours), cases), repeats, setup.device)
         share, step_ratio = crop_share(module, ours, keep_map, setup.steps), results["crop"]["step_vs_stock"]
         areas[f"{area:.0%}"] = {"cases": results, "crop_share": share, "time_per_step_vs_whole_frame": step_ratio,
