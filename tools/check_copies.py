@@ -35,11 +35,16 @@ class CopiedBlock:
         return tuple(f"# Copied from {self.source}: {self.name} ({end})" for end in ("begin", "end"))
 
 
+FLOW_FILES = tuple(f"{family}/diff_pipe.py" for family in ("SD3", "Flux", "Chroma", "QwenImage", "ZImage"))
 BLOCKS = [
+    CopiedBlock("SD2/diff_pipe.py", "release rule", ("SD2/diff_pipe*.py", "SDXL/diff_pipe*.py", "Kandinsky/diff_pipe*.py",
+                                                     "IF/diff_pipe*.py")),
+    CopiedBlock("SD3/diff_pipe.py", "flow release rule", FLOW_FILES),
     CopiedBlock("SD2/diff_pipe.py", "differential core", ("*/diff_pipe*.py",)),
+    CopiedBlock("SD2/diff_pipe.py", "crop to change", ("*/diff_pipe*.py",)),
+    CopiedBlock("SD2/diff_pipe.py", "map parsing", ("*/diff_pipe*.py",)),
+    CopiedBlock("SD3/diff_pipe.py", "flow crop", FLOW_FILES),
     CopiedBlock("IF/diff_pipe_I.py", "IF helpers", ("IF/diff_pipe*.py",)),
-    CopiedBlock("SD3/diff_pipe.py", "flow matching", tuple(
-        f"{family}/diff_pipe.py" for family in ("SD3", "Flux", "Chroma", "QwenImage", "ZImage"))),
     CopiedBlock("SD2/diff_pipe_inpaint.py", "released mask", ("*/diff_pipe_inpaint.py",)),
 ]
 
