@@ -283,6 +283,7 @@ class StableDiffusion3DiffImg2ImgPipeline(StableDiffusion3Img2ImgPipeline):
             loop iterations actually run.
         """
         arguments = dict(locals())
+        # 1. Check inputs
         if image is None or map is None:
             raise ValueError("Pass both `image` and `map`.")
         if latents is not None:
@@ -318,6 +319,8 @@ class StableDiffusion3DiffImg2ImgPipeline(StableDiffusion3Img2ImgPipeline):
                 "`keep_exact` copies the input's pixels into the output: pass `image` as pixels, not latents, and an "
                 '`output_type` other than "latent".'
             )
+
+        # 2. Grid
         pixel_grid = tuple(pixels.shape[-2:])
         latent_grid = pixel_grid if image_is_latents else tuple(n // self.vae_scale_factor for n in pixel_grid)
         if crop_to_change:  # stock takes sizes in whole patches of latents
@@ -333,6 +336,8 @@ class StableDiffusion3DiffImg2ImgPipeline(StableDiffusion3Img2ImgPipeline):
             callback_on_step_end,
             callback_on_step_end_tensor_inputs,
         )
+
+        # 4. Stock's call at the strongest pixel's strength, which starts on the first released step
         decoded_type = "pt" if keep_exact else output_type
         self._frozen = frozen
         try:
@@ -374,6 +379,8 @@ class StableDiffusion3DiffImg2ImgPipeline(StableDiffusion3Img2ImgPipeline):
                 ).images
         finally:
             self._frozen = None
+
+        # 5. Keep exact
         if keep_exact:
             strengths = strength_map(map, pixel_grid, strength, invert_map, aspect_of=latent_grid)
             images = composite_original(images, pixels / 2 + 0.5, strengths, num_inference_steps)
