@@ -1,45 +1,80 @@
-"""The differential core on its own: map preparation, release steps and the strength handed to stock img2img."""
+"""The differential core on its own: map parsing, strengths and each family's release rule against stock's own."""
+
+import types
 
 import numpy as np
 import PIL.Image
 import pytest
 import torch
+from diffusers import FluxImg2ImgPipeline, StableDiffusionImg2ImgPipeline
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from SD2.diff_pipe import map_to_tensor, prepare_keep_map, release_steps, stock_strength
+import SD2.diff_pipe as sd_rule
+import SD3.diff_pipe as flow_rule
+from SD2.diff_pipe import map_on_grid, map_to_tensor, strength_map
+
+RULES = {"sd": (sd_rule.release_steps, StableDiffusionImg2ImgPipeline),
+         "flow": (flow_rule.release_steps, FluxImg2ImgPipeline)}
 
 
-def stock_first_step(num_inference_steps, strength):
-    """The first step that stock img2img runs, as diffusers' `get_timesteps` computes it."""
-    return num_inference_steps - min(int(num_inference_steps * strength), num_inference_steps)
+def stock_first_steps(stock, num_inference_steps, strengths):
+    """The first step that stock img2img runs at each strength: its own `get_timesteps`, on a bare schedule."""
+    pipe = types.SimpleNamespace(scheduler=types.SimpleNamespace(timesteps=range(num_inference_steps), order=1))
+    return [num_inference_steps - stock.get_timesteps(pipe, num_inference_steps, s, None)[1] for s in strengths]
 
 
-@pytest.mark.parametrize("steps", [1, 7, 10, 20, 22, 50, 100, 999])
-def test_stock_strength_runs_exactly_the_asked_steps(steps):
-    for steps_to_run in range(1, steps + 1):
-        assert stock_first_step(steps, stock_strength(steps_to_run, steps)) == steps - steps_to_run
+@pytest.mark.parametrize("family", RULES)
+def test_the_release_rule_is_stock_get_timesteps_at_every_steps_and_strength(family):
+    release_steps, stock = RULES[family]
+    strengths = [k / 1000 for k in range(1001)]  # 0.29 and 0.56 among them, where stock's product falls off an integer
+    for num_inference_steps in range(1, 201):
+        expected = stock_first_steps(stock, num_inference_steps, strengths)
+        assert release_steps(torch.tensor(strengths, dtype=torch.float64), num_inference_steps).tolist() == expected
 
 
-@pytest.mark.parametrize("steps", [10, 20, 50, 100])
-@pytest.mark.parametrize("keep", [0.0, 0.1, 0.3, 0.5, 0.7, 0.75, 0.9, 1.0])
-def test_release_step_is_stock_first_step(steps, keep):
-    # The map arrives as float32: 1 - float32(0.3) is not 0.7, yet it must give stock's step for strength 0.7.
-    keep_map = torch.full((1, 1, 2, 2), keep, dtype=torch.float32)
-    expected = stock_first_step(steps, round(1 - keep, 10))
-    assert release_steps(keep_map, 1.0, steps).unique().tolist() == [expected]
+@pytest.mark.parametrize("family", RULES)
+@pytest.mark.parametrize("invert_map", [False, True])
+@pytest.mark.parametrize("global_strength", [1.0, 0.7])
+def test_maps_release_where_stock_starts_at_the_strength_their_values_stand_for(family, invert_map, global_strength):
+    # An 8-bit value k stands for k/255, a float32 value for its decimal: 0.3 is 0.3, not 0.30000001192092896.
+    release_steps, stock = RULES[family]
+    maps = {"8-bit": (np.arange(256, dtype=np.uint8), [k / 255 for k in range(256)]),
+            "float32": (np.arange(1001, dtype=np.float32) / 1000, [k / 1000 for k in range(1001)])}
+    for values, meanings in maps.values():
+        strengths = strength_map(values[None], (1, len(values)), global_strength, invert_map)
+        stock_strengths = [global_strength * (m if invert_map else 1 - m) for m in meanings]
+        for num_inference_steps in (10, 25, 28, 50, 100):
+            expected = stock_first_steps(stock, num_inference_steps, stock_strengths)
+            assert release_steps(strengths, num_inference_steps).flatten().tolist() == expected
+
+
+def test_the_rules_differ_where_stock_rounds_differently():
+    strengths = torch.tensor([0.29, 0.56, 0.5, 0.01], dtype=torch.float64)
+    assert sd_rule.release_steps(strengths, 100).tolist() == [72, 44, 50, 99]  # int(28.999999999999996) = 28
+    assert flow_rule.release_steps(strengths[1:2], 25).tolist() == [10]  # int(25 - 14.000000000000002): 15 steps
+    assert flow_rule.release_steps(strengths, 100).tolist() == [71, 43, 50, 99]  # 100 - 56.00000000000001
 
 
 def test_release_step_scales_with_global_strength():
-    keep_map = torch.tensor([0.0, 0.5, 1.0]).view(1, 1, 1, 3)
-    assert release_steps(keep_map, 0.6, 10).flatten().tolist() == [4, 7, 10]
-    assert release_steps(keep_map, 0.0, 10).flatten().tolist() == [10, 10, 10]
+    strengths = strength_map(torch.tensor([0.0, 0.5, 1.0]).view(1, 1, 1, 3), (1, 3), 0.6)
+    assert sd_rule.release_steps(strengths, 10).flatten().tolist() == [4, 7, 10]
+    assert sd_rule.release_steps(strengths * 0, 10).flatten().tolist() == [10, 10, 10]
 
 
-def test_release_step_of_strength_below_one_step_is_never():
-    keep_map = torch.tensor([1 - 0.049, 1 - 0.05]).view(1, 1, 1, 2)
-    assert release_steps(keep_map, 1.0, 20).flatten().tolist() == [20, 19]
+def test_release_step_of_strength_below_one_step_is_never_under_sd_and_the_last_step_under_flow():
+    strengths = strength_map(torch.tensor([1 - 0.049, 1 - 0.05, 1.0]).view(1, 1, 1, 3), (1, 3), 1.0)
+    assert sd_rule.release_steps(strengths, 20).flatten().tolist() == [20, 19, 20]
+    assert flow_rule.release_steps(strengths, 20).flatten().tolist() == [19, 19, 20]
+
+
+def test_a_uniform_region_keeps_its_exact_value_through_averaging_and_interpolation():
+    # 0.3 averaged over 64 cells in floating point is not 0.3; a cell of equal values must keep it, or a uniform map
+    # lands one step off stock.
+    for map_size, grid in (((64, 64), (8, 8)), ((57, 57), (7, 7)), ((5, 5), (16, 16)), ((7, 7), (8, 8))):
+        assert torch.all(map_on_grid(np.full(map_size, 0.3, np.float32), grid) == 0.3)
+        assert torch.all(map_on_grid(np.full(map_size, 77, np.uint8), grid) == 77 / 255)
 
 
 @pytest.mark.parametrize(
@@ -56,14 +91,14 @@ def test_release_step_of_strength_below_one_step_is_never():
 )
 def test_pil_maps_of_every_mode(image, expected):
     tensor = map_to_tensor(image)
-    assert tensor.shape == (1, 1, 2, 4)
-    assert torch.allclose(tensor, torch.tensor(expected, dtype=torch.float32))
+    assert tensor.shape == (1, 1, 2, 4) and tensor.dtype == torch.float64
+    assert torch.all(tensor == expected)
 
 
 def test_sixteen_bit_maps_keep_their_precision():
     values = np.arange(0, 65536, 257, dtype=np.uint16).reshape(16, 16)
     tensor = map_to_tensor(PIL.Image.fromarray(values))
-    assert torch.equal(tensor[0, 0], torch.from_numpy(values.astype(np.float32) / 65535))
+    assert torch.equal(tensor[0, 0], torch.from_numpy(values.astype(np.float64) / 65535))
 
 
 @pytest.mark.parametrize(
@@ -100,25 +135,26 @@ def test_bad_maps_are_refused_with_the_reason(bad, message):
 
 def test_a_map_of_another_aspect_ratio_is_refused():
     with pytest.raises(ValueError, match="aspect ratio"):
-        prepare_keep_map(np.zeros((32, 64), np.float32), (32, 32))
+        map_on_grid(np.zeros((32, 64), np.float32), (32, 32))
 
 
 def test_aspect_ratio_is_checked_against_the_image_when_the_grid_is_stretched():
     # Pixel-space stages stretch every image to a square; the map must match the image, not the square.
-    assert prepare_keep_map(np.zeros((384, 512), np.float32), (64, 64), aspect_of=(384, 512)).shape == (1, 1, 64, 64)
-    assert prepare_keep_map(np.zeros((383, 512), np.float32), (64, 64), aspect_of=(386, 512)).shape == (1, 1, 64, 64)
+    assert map_on_grid(np.zeros((384, 512), np.float32), (64, 64), aspect_of=(384, 512)).shape == (1, 1, 64, 64)
+    assert map_on_grid(np.zeros((383, 512), np.float32), (64, 64), aspect_of=(386, 512)).shape == (1, 1, 64, 64)
     with pytest.raises(ValueError, match="512x384"):
-        prepare_keep_map(np.zeros((512, 512), np.float32), (64, 64), aspect_of=(384, 512))
+        map_on_grid(np.zeros((512, 512), np.float32), (64, 64), aspect_of=(384, 512))
 
 
 def test_downsampling_averages_areas():
     fine = np.indices((64, 64)).sum(0) % 2  # a checkerboard that point sampling would alias to all 0 or all 1
-    assert torch.allclose(prepare_keep_map(fine.astype(np.float32), (8, 8)), torch.tensor(0.5))
+    assert torch.all(map_on_grid(fine.astype(np.float32), (8, 8)) == 0.5)
 
 
-def test_invert_map_mirrors_the_map():
+def test_invert_map_mirrors_the_strengths():
     ramp = np.linspace(0, 1, 64, dtype=np.float32)[None].repeat(64, 0)
-    assert torch.equal(prepare_keep_map(ramp, (8, 8), invert_map=True), 1 - prepare_keep_map(ramp, (8, 8)))
+    assert torch.equal(strength_map(ramp, (8, 8), 0.5, invert_map=True), 0.5 * map_on_grid(ramp, (8, 8)))
+    assert torch.equal(strength_map(ramp, (8, 8), 0.5), 0.5 * (1 - map_on_grid(ramp, (8, 8))))
 
 
 map_dtypes = st.sampled_from([np.uint8, np.uint16, np.int32, np.float16, np.float32, np.float64, np.bool_])
@@ -137,11 +173,11 @@ map_dtypes = st.sampled_from([np.uint8, np.uint16, np.int32, np.float16, np.floa
 )
 def test_prepared_maps_are_in_range_or_refused(map, grid):
     try:
-        keep_map = prepare_keep_map(map, grid)
+        keep_map = map_on_grid(map, grid)
     except ValueError as error:
         assert str(error)
         return
-    assert keep_map.dtype == torch.float32 and keep_map.shape[1:] == (1, *grid)
+    assert keep_map.dtype == torch.float64 and keep_map.shape[1:] == (1, *grid)
     assert 0 <= keep_map.min() and keep_map.max() <= 1
 
 
@@ -156,8 +192,8 @@ def test_nan_anywhere_is_refused(nan_at):
 def test_shrinking_averages_every_block_of_the_map():
     # At a 2x shrink bilinear interpolation and area averaging agree; at 8x only averaging sees every pixel.
     fine = torch.rand(1, 1, 256, 192, generator=torch.Generator().manual_seed(0))
-    expected = torch.nn.functional.avg_pool2d(fine, 8)
-    assert torch.allclose(prepare_keep_map(fine, (32, 24)), expected, atol=1e-6)
+    expected = torch.nn.functional.avg_pool2d(fine.double(), 8)
+    assert torch.allclose(map_on_grid(fine.double(), (32, 24)), expected, rtol=0, atol=1e-12)
 
 
 def interpolated_between_centres(map: torch.Tensor, size: tuple) -> torch.Tensor:
@@ -176,16 +212,16 @@ def interpolated_between_centres(map: torch.Tensor, size: tuple) -> torch.Tensor
 def test_a_map_not_larger_than_the_grid_on_both_axes_is_interpolated_not_averaged(map_size, grid):
     # Nothing to average along an axis that grows: area averaging there would shift the map by half a pixel.
     map = torch.rand(1, 1, *map_size, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    expected = interpolated_between_centres(map, grid).float()
+    expected = interpolated_between_centres(map, grid)
     # torch places the source positions in float32 (spacing 3e-5 near 400, so weights can be that far off, on
     # each axis); averaging would be off by up to 0.5.
-    assert torch.allclose(prepare_keep_map(map.float(), grid), expected, atol=1e-4)
+    assert torch.allclose(map_on_grid(map, grid), expected, atol=1e-4)
 
 
 @pytest.mark.parametrize("height, width", [(63, 64), (64, 63), (65, 64), (62, 64)])
 def test_a_map_up_to_one_grid_cell_off_the_aspect_ratio_is_accepted(height, width):
     # A 64 px map for a 32x32 latent grid: 62 rows are exactly one grid cell short, still within the tolerance.
-    keep_map = prepare_keep_map(np.ones((height, width), np.float32), (32, 32))
+    keep_map = map_on_grid(np.ones((height, width), np.float32), (32, 32))
     assert keep_map.shape == (1, 1, 32, 32) and torch.all(keep_map == 1)
 
 
@@ -194,5 +230,5 @@ def test_a_map_of_another_shape_is_refused_with_both_sizes(height, width):
     message = (f"`map` is {width}x{height} but the image is 32x32: their aspect ratios differ. "
                "Give the map the image's aspect ratio.")
     with pytest.raises(ValueError) as refused:
-        prepare_keep_map(np.ones((height, width), np.float32), (32, 32))
+        map_on_grid(np.ones((height, width), np.float32), (32, 32))
     assert str(refused.value) == message
