@@ -71,6 +71,17 @@ def test_uniform_map_is_stock_img2img(components, scheduler, strength):
         assert ours.num_timesteps == int(steps * strength)
 
 
+def test_a_black_map_where_stock_product_falls_just_off_an_integer_runs_stock_steps(components):
+    # Stock runs int(100 * 0.29) = int(28.999999999999996) = 28 steps; so must a black map at strength 0.29.
+    stock, ours = pipelines(components)
+    run = dict(image=test_image(), strength=0.29, num_inference_steps=100, output_type="np")
+    expected = stock(PROMPT, generator=seeded_generator(), **run).images
+    calls = count_unet_calls(ours)
+    result = ours(PROMPT, map=np.zeros((64, 64), np.uint8), generator=seeded_generator(), **run).images
+    assert len(calls) == ours.num_timesteps == stock.num_timesteps == 28
+    assert np.array_equal(result, expected)
+
+
 @pytest.mark.parametrize("scheduler", ["ddim", "euler"])
 def test_frozen_pixels_follow_the_noised_original_and_kept_pixels_end_as_x0(components, scheduler):
     _, ours = pipelines(components, scheduler)
