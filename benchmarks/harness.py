@@ -204,12 +204,9 @@ class Stopwatch:
 def differential_work(module, run, device) -> tuple:
     """Seconds of map preparation in `run()`, one call of a pipeline from `module` (a pipeline file), and seconds of
     blending per step: the differential core's own work, timed where it runs. Whole-run ratios drown it in noise.
-
-    Flow-matching files prepare with `flow_release_steps` and blend with `FlowFrozenPixels`; those are timed there.
     """
     preparation, blend = Stopwatch(device), Stopwatch(device)
-    preparing = [name for name in ("prepare_keep_map", "release_steps", "flow_release_steps") if hasattr(module, name)]
-    frozen_pixels = getattr(module, "FlowFrozenPixels", module.FrozenPixels)
+    preparing, frozen_pixels = ("strength_map", "release_steps"), module.FrozenPixels
     saved_functions, saved_blend = {name: getattr(module, name) for name in preparing}, frozen_pixels.blend
     for name, function in saved_functions.items():
         setattr(module, name, preparation.wrap(function))
