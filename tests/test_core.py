@@ -40,11 +40,12 @@ def test_the_release_rule_is_stock_get_timesteps_at_every_steps_and_strength(fam
 def test_maps_release_where_stock_starts_at_the_strength_their_values_stand_for(family, invert_map, global_strength):
     # An 8-bit value k stands for k/255, a float32 value for its decimal: 0.3 is 0.3, not 0.30000001192092896.
     release_steps, stock = RULES[family]
-    maps = {"8-bit": (np.arange(256, dtype=np.uint8), [k / 255 for k in range(256)]),
-            "float32": (np.arange(1001, dtype=np.float32) / 1000, [k / 1000 for k in range(1001)])}
-    for values, meanings in maps.values():
+    # So 1 - 0.8 stands for 0.2, not for float64's 0.19999999999999996.
+    maps = {"8-bit": (np.arange(256, dtype=np.uint8), 255), "float32": (np.arange(1001, dtype=np.float32) / 1000, 1000)}
+    for values, unit in maps.values():
         strengths = strength_map(values[None], (1, len(values)), global_strength, invert_map)
-        stock_strengths = [global_strength * (m if invert_map else 1 - m) for m in meanings]
+        meanings = [(k if invert_map else unit - k) / unit for k in range(len(values))]
+        stock_strengths = [global_strength * meaning for meaning in meanings]
         for num_inference_steps in (10, 25, 28, 50, 100):
             expected = stock_first_steps(stock, num_inference_steps, stock_strengths)
             assert release_steps(strengths, num_inference_steps).flatten().tolist() == expected
@@ -64,7 +65,7 @@ def test_release_step_scales_with_global_strength():
 
 
 def test_release_step_of_strength_below_one_step_is_never_under_sd_and_the_last_step_under_flow():
-    strengths = strength_map(torch.tensor([1 - 0.049, 1 - 0.05, 1.0]).view(1, 1, 1, 3), (1, 3), 1.0)
+    strengths = strength_map(torch.tensor([0.951, 0.95, 1.0]).view(1, 1, 1, 3), (1, 3), 1.0)
     assert sd_rule.release_steps(strengths, 20).flatten().tolist() == [20, 19, 20]
     assert flow_rule.release_steps(strengths, 20).flatten().tolist() == [19, 19, 20]
 
@@ -154,7 +155,9 @@ def test_downsampling_averages_areas():
 def test_invert_map_mirrors_the_strengths():
     ramp = np.linspace(0, 1, 64, dtype=np.float32)[None].repeat(64, 0)
     assert torch.equal(strength_map(ramp, (8, 8), 0.5, invert_map=True), 0.5 * map_on_grid(ramp, (8, 8)))
-    assert torch.equal(strength_map(ramp, (8, 8), 0.5), 0.5 * (1 - map_on_grid(ramp, (8, 8))))
+    complement = map_on_grid(map_to_tensor(ramp, complement=True), (8, 8))
+    assert torch.equal(strength_map(ramp, (8, 8), 0.5), 0.5 * complement)
+    assert torch.allclose(complement, 1 - map_on_grid(ramp, (8, 8)), rtol=0, atol=1e-15)
 
 
 map_dtypes = st.sampled_from([np.uint8, np.uint16, np.int32, np.float16, np.float32, np.float64, np.bool_])
