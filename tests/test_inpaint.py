@@ -115,6 +115,18 @@ def test_a_uniform_map_is_stock_inpainting_with_a_white_mask(family, components,
     assert np.array_equal(result, expected) and ours.num_timesteps == int(STEPS * strength)
 
 
+def test_a_black_map_where_stock_product_falls_just_off_an_integer_runs_stock_steps(family, components):
+    # Stock runs int(100 * 0.29) = int(28.999999999999996) = 28 steps; so must a black map at strength 0.29.
+    stock, ours = pipelines(family, components, "euler")
+    run = dict(image=test_image(), strength=0.29, num_inference_steps=100, output_type="np")
+    expected = stock(PROMPT, mask_image=WHITE_MASK, generator=seeded_generator(), **run).images
+    calls = count_unet_calls(ours)
+    result = ours(PROMPT, map=np.zeros((64, 64), np.uint8), generator=seeded_generator(), **run).images
+    calls.stop()
+    assert len(calls) == ours.num_timesteps == stock.num_timesteps == 28
+    assert np.array_equal(result, expected)
+
+
 def test_the_unet_reads_the_released_mask_frozen_latents_and_the_masked_image_at_every_step(family, components):
     _, ours = pipelines(family, components)
     inputs, encoder_calls = UNetInputs(ours.unet), count_unet_calls(ours.vae.encoder)
