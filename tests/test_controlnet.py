@@ -119,6 +119,18 @@ def test_uniform_map_is_stock_controlnet_img2img(family, components, scheduler, 
         assert ours.num_timesteps == int(6 * strength + 1e-9)
 
 
+def test_a_strength_just_below_whole_steps_runs_as_many_steps_as_stock(family, components):
+    # In float64, 50 * 0.58 is 28.999999999999996: stock runs int() of it, 28 steps, and so does a map of that
+    # strength (no snapping to 29).
+    stock, ours = pipelines(family, components)
+    run = dict(image=test_image(), control_image=control_image(), num_inference_steps=50, output_type="latent")
+    expected = stock(PROMPT, strength=0.58, generator=seeded_generator(), **run).images
+    ours.scheduler = copy.deepcopy(stock.scheduler)
+    result = ours(PROMPT, map=np.zeros((64, 64), np.float32), strength=0.58, generator=seeded_generator(),
+                  **run).images
+    assert torch.equal(result, expected) and ours.num_timesteps == stock.num_timesteps == 28
+
+
 def test_the_control_image_steers_the_result(family, components):
     _, ours = pipelines(family, components)
     run = dict(image=test_image(), map=three_band_map(), num_inference_steps=4, output_type="np")
