@@ -25,174 +25,86 @@ from diffusers.image_processor import PipelineImageInput
 from diffusers.pipelines.flux import FluxPipelineOutput
 
 # ----------------------------------------------------------------------------------------------------------------
-# Copied from SD2/diff_pipe.py: differential core (begin)
+# Copied from SD3/diff_pipe.py: flow release rule (begin)
 #
-# Every pipeline file of this project carries this block unchanged, so that each file can be copied alone;
-# tests/test_copies.py fails if two copies drift apart. The algorithm, in the paper's terms:
-#   map -> strength s per pixel -> release step r = T - floor(T * s) -> before step i, pixels with i <= r take the
-#   noised original add_noise(x0, noise, t_i); after the last step, pixels never released take x0 itself.
+# The rule of stock flow-matching img2img (SD3, FLUX.1, Chroma, Qwen-Image, Z-Image), which starts at step
+# int(T - T * strength) and noises with scheduler.scale_noise. Every file of those families carries this block.
 # ----------------------------------------------------------------------------------------------------------------
 
-# A float32 map cannot hold 0.3 exactly, yet 1 - 0.3 must land on the step that stock img2img gives strength 0.7.
-STEP_TOLERANCE = 1e-4
 
+def release_steps(strengths: torch.Tensor, num_inference_steps: int) -> torch.Tensor:
+    """The first step that runs on each pixel of strength s: r = int(T - T * s).
 
-def map_to_tensor(map) -> torch.Tensor:
-    """Converts a map to a float32 tensor of shape (B, 1, H, W) with values in [0, 1], in the map's own polarity.
-
-    Accepts a PIL image (modes 1, L, I;16, I, F, or colour modes, which are converted to luminance), a numpy array
-    ((H, W), (B, H, W), (H, W, 1), (B, H, W, 1) or (B, 1, H, W)), a torch tensor ((H, W), (B, H, W) or
-    (B, 1, H, W)), or a list of these. uint8 values are divided by 255, uint16 (and PIL mode I) by 65535, bool maps
-    to 0 and 1, and floats must already lie in [0, 1].
+    This is stock flow-matching img2img's own expression for its first step at `strength=s`, in float64 as stock
+    computes it, so a uniform map runs exactly stock's steps at every T and s: ceil(T * s) steps where T * s is not
+    whole. Only pixels of strength 0 have r == T, never released.
     """
-    if isinstance(map, (list, tuple)):
-        if len(map) == 0:
-            raise ValueError("`map` is an empty list: pass one map, or one map per image.")
-        maps = [map_to_tensor(m) for m in map]
-        if len({tuple(m.shape[-2:]) for m in maps}) > 1:
-            sizes = ", ".join(f"{m.shape[-1]}x{m.shape[-2]}" for m in maps)
-            raise ValueError(f"The maps in the `map` list differ in size ({sizes}); give them all the same size.")
-        return torch.cat(maps)
-    if isinstance(map, PIL.Image.Image):
-        return _pil_map_to_tensor(map)
-    if isinstance(map, np.ndarray):
-        if map.ndim == 3 and map.shape[-1] in (3, 4):
-            raise ValueError(
-                f"`map` has shape {map.shape}, which looks like a colour image; a map has one channel. "
-                "Pass a grayscale array, or the image as a PIL image, which is converted to luminance."
-            )
-        if map.ndim in (3, 4) and map.shape[-1] == 1:
-            map = map[..., 0]
-        return _unit_values(torch.from_numpy(np.ascontiguousarray(map)))
-    if isinstance(map, torch.Tensor):
-        return _unit_values(map.detach().cpu())
-    raise TypeError(
-        f"`map` must be a PIL image, numpy array, torch tensor or a list of them, not {type(map).__name__}."
-    )
+    return (num_inference_steps - num_inference_steps * strengths.double()).floor().long()
 
 
-def _pil_map_to_tensor(image: PIL.Image.Image) -> torch.Tensor:
-    if image.mode == "I":  # 16-bit PNGs open as mode I with some Pillow versions
-        values = np.asarray(image, dtype=np.int64)
-        if values.min() < 0 or values.max() > 65535:
-            raise ValueError("A `map` of PIL mode I must hold 16-bit values in [0, 65535].")
-        return torch.from_numpy(values.astype(np.float32) / 65535)[None, None]
-    if not (image.mode in ("1", "L", "F") or image.mode.startswith("I;16")):
-        image = image.convert("L")
-    return _unit_values(torch.from_numpy(np.array(image)))
+def noised_original(scheduler, x0: torch.Tensor, noise: torch.Tensor, index: int) -> torch.Tensor:
+    """What a frozen pixel holds before loop iteration `index`: `sigma * noise + (1 - sigma) * x0` at that step.
 
-
-def _unit_values(map: torch.Tensor) -> torch.Tensor:
-    if map.ndim == 4 and map.shape[1] == 1:
-        map = map[:, 0]
-    if map.ndim == 2:
-        map = map[None]
-    if map.ndim != 3:
-        raise ValueError(
-            f"`map` has shape {tuple(map.shape)}; expected (H, W), (B, H, W) or (B, 1, H, W): maps have one channel."
-        )
-    if map.numel() == 0:
-        raise ValueError(f"`map` is empty (shape {tuple(map.shape)}).")
-    if map.dtype == torch.bool:
-        map = map.float()
-    elif map.dtype == torch.uint8:
-        map = map.float() / 255
-    elif map.dtype == torch.uint16:
-        map = map.float() / 65535
-    elif map.is_floating_point():
-        map = map.float()
-        if not torch.isfinite(map).all():
-            raise ValueError("`map` contains NaN or infinite values.")
-        low, high = map.min().item(), map.max().item()
-        if low < 0 or high > 1:
-            raise ValueError(
-                f"`map` values must lie in [0, 1], but they span [{low:g}, {high:g}]. "
-                "Rescale it first, for example (m - m.min()) / (m.max() - m.min())."
-            )
-    else:
-        raise ValueError(
-            f"`map` has dtype {map.dtype}; use uint8 (0-255), uint16 (0-65535), bool, or floats in [0, 1]."
-        )
-    return map[:, None]
-
-
-def prepare_keep_map(map, size: tuple, invert_map: bool = False, aspect_of: tuple = None) -> torch.Tensor:
-    """Returns the keep-map (1 = keep, 0 = change fully) as float32 (B, 1, *size) on the CPU.
-
-    `size` is the grid the model works on (latents, or pixels for pixel-space models). Downsampling averages areas,
-    so a fine map does not alias. The map must have the aspect ratio of `aspect_of` (the image's height and width,
-    in pixels or grid cells; default `size`) to within one of its units or 1%, whichever is looser.
+    Not `scheduler.scale_noise`: once stock has set the scheduler's begin index, it ignores the timestep it is given.
     """
-    map = map_to_tensor(map)
-    (height, width), (reference_height, reference_width) = map.shape[-2:], aspect_of or size
-    if abs(height * reference_width / width - reference_height) > max(1, reference_height / 100):
-        raise ValueError(
-            f"`map` is {width}x{height} but the image is {reference_width}x{reference_height}: their aspect ratios "
-            "differ. Give the map the image's aspect ratio."
-        )
-    if (height, width) != tuple(size):
-        shrinking = height >= size[0] and width >= size[1]
-        map = F.interpolate(map, size=size, mode="area" if shrinking else "bilinear")
-        map = map.clamp(0, 1)
-    return 1 - map if invert_map else map
+    sigma = scheduler.sigmas[index].to(x0.device, x0.dtype)
+    return sigma * noise + (1.0 - sigma) * x0
 
 
-def release_steps(keep_map: torch.Tensor, strength: float, num_inference_steps: int) -> torch.Tensor:
-    """The index of the first step that runs on each pixel: r = T - floor(T * s), with s = strength * (1 - keep_map).
+@contextmanager
+def recording_noise(scheduler, frozen, noising: bool = True):
+    """Hands `frozen` the x0 and noise that stock `prepare_latents` passes to `scheduler.scale_noise`.
 
-    This is the first step that stock img2img runs at `strength = s`. Pixels with r == T are never released.
+    With `noising=False` the noising is skipped, for a call that runs no step and so sets no schedule.
     """
-    steps_to_run = num_inference_steps * strength * (1 - keep_map.double())
-    nearest = steps_to_run.round()
-    steps_to_run = torch.where((steps_to_run - nearest).abs() <= STEP_TOLERANCE, nearest, steps_to_run.floor())
-    return num_inference_steps - steps_to_run.long()
+    stock_scale_noise = scheduler.scale_noise
+
+    def scale_noise(sample, timestep, noise=None):
+        frozen.record(sample, noise)
+        return stock_scale_noise(sample, timestep, noise) if noising else sample
+
+    scheduler.scale_noise = scale_noise
+    try:
+        yield
+    finally:
+        del scheduler.scale_noise
 
 
-def stock_strength(steps_to_run: int, num_inference_steps: int) -> float:
-    """The `strength` at which stock img2img runs exactly the last `steps_to_run` steps.
+# Copied from SD3/diff_pipe.py: flow release rule (end)
+# ----------------------------------------------------------------------------------------------------------------
 
-    Stock computes int(T * strength), and (k / T) * T falls just below k for many k and T: aim between two integers.
+
+# ----------------------------------------------------------------------------------------------------------------
+# Copied from SD2/diff_pipe.py: differential core (begin)
+#
+# Every pipeline file carries this block unchanged; tests/test_copies.py fails if two copies drift apart. In the
+# paper's terms: map -> strength s per pixel -> release step r (the family's rule above) -> before step k, pixels
+# with k <= r take noised_original(x0, noise, k); after the last step, pixels never released take x0 itself.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def strength_map(map, size: tuple, strength: float, invert_map: bool = False, aspect_of: tuple = None):
+    """Each cell's strength, `s = strength * (1 - map)` (`strength * map` with `invert_map`), float64 (B, 1, *size).
+
+    White (1) keeps a pixel, black (0) changes it fully. See `map_on_grid` for the sizes and values accepted.
     """
-    return min(1.0, (steps_to_run + 0.5) / num_inference_steps)
-
-
-def tile_to_batch(tensor: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Repeats a per-image tensor to the whole batch, as stock img2img repeats its images (whole batch, not items)."""
-    if tensor.shape[0] in (1, batch_size):
-        return tensor
-    return tensor.repeat(batch_size // tensor.shape[0], *(1,) * (tensor.ndim - 1))
-
-
-def exact_keep_weight(keep_map: torch.Tensor, strength: float, num_inference_steps: int) -> torch.Tensor:
-    """For `keep_exact`: how much of the model's output each pixel shows, clamp(T * s, 0, 1).
-
-    Pixels of strength 0 show only the original; those released on the last step or later blend linearly.
-    """
-    return (num_inference_steps * strength * (1 - keep_map)).clamp(0, 1)
-
-
-def composite_original(images: torch.Tensor, original: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """`weight * images + (1 - weight) * original`, batch-tiled like stock: unchanged pixels keep the input's bytes."""
-    weight, original = tile_to_batch(weight, images.shape[0]), tile_to_batch(original, images.shape[0])
-    weight, original = weight.to(images.device, images.dtype), original.to(images.device, images.dtype)
-    return torch.where(weight == 0, original, weight * images + (1 - weight) * original)
+    map = map_on_grid(map, size, aspect_of)
+    return strength * (map if invert_map else 1 - map)
 
 
 class FrozenPixels:
-    """Keeps every pixel on the noised original until its release step; a step-end callback for stock pipelines.
+    """Keeps every pixel on the noised original until its release step: a step-end callback for stock's loop.
 
-    Stock img2img runs the schedule from the first released step on. Before each later step k, this sets the pixels
-    with k <= release_step to `add_noise(x0, noise, t_k)`, and after the last step, the pixels never released to
-    `x0`. `x0` and `noise` are the very tensors that stock img2img draws, recorded by `recording_add_noise`. The
-    user's own step-end `callback` (a function, `PipelineCallback` or `MultiPipelineCallbacks`) runs after the blend
-    and sees its `tensor_inputs`; ask stock for `step_end_tensor_inputs`.
+    Stock runs the schedule from the first released step on. Before each later iteration k, the pixels with
+    k <= release_step take `noised_original(x0, noise, k)`, and after the last one, the pixels never released take
+    `x0`. `x0` and `noise` are the very tensors that stock draws, handed over by `recording_noise`; `pack` lays a
+    tensor out as stock's loop holds its latents. The user's own step-end `callback` (a function,
+    `PipelineCallback` or `MultiPipelineCallbacks`) runs after the blend and sees its `tensor_inputs`.
     """
 
-    def __init__(self, release_step: torch.Tensor, num_inference_steps: int, callback=None, tensor_inputs=()):
-        self.release_step = release_step
-        self.num_inference_steps = num_inference_steps
-        self.first_step = int(release_step.min())
-        self.last_frozen_step = int(release_step.max())
+    def __init__(self, release_step, num_inference_steps: int, callback=None, tensor_inputs=(), pack=None):
+        self.release_step, self.num_inference_steps, self.pack = release_step, num_inference_steps, pack
+        self.first_step, self.last_frozen_step = int(release_step.min()), int(release_step.max())
         if isinstance(callback, (PipelineCallback, MultiPipelineCallbacks)):
             tensor_inputs = callback.tensor_inputs  # stock reads a callback object's own list, whatever is passed
         self.callback, self.tensor_inputs = callback, list(tensor_inputs or [])
@@ -203,40 +115,31 @@ class FrozenPixels:
         """The tensors stock must hand this callback: the latents, and what the user's callback reads."""
         return sorted(set(self.tensor_inputs) | {"latents"})
 
-    @contextmanager
-    def recording_add_noise(self, scheduler):
-        """Records `x0` and `noise` as stock `prepare_latents` passes them to `scheduler.add_noise`."""
-        stock_add_noise = scheduler.add_noise
-
-        def add_noise(original_samples, noise, timesteps):
-            self.x0, self.noise = original_samples, noise
-            return stock_add_noise(original_samples, noise, timesteps)
-
-        scheduler.add_noise = add_noise
-        try:
-            yield
-        finally:
-            del scheduler.add_noise
-        (height, width), (encoded_height, encoded_width) = self.release_step.shape[-2:], self.x0.shape[-2:]
-        if (height, width) != (encoded_height, encoded_width):
+    def record(self, x0: torch.Tensor, noise: torch.Tensor):
+        """Keeps stock's `x0` and `noise`, and lays the release steps out as they are laid out."""
+        grid, encoded = tuple(self.release_step.shape[-2:]), tuple(x0.shape[-2:])
+        if grid != encoded:
             raise ValueError(
-                f"The image was encoded to a {encoded_width}x{encoded_height} grid, but the map was sized to "
-                f"{width}x{height} from the VAE's scale factor: give the image a width and height that the VAE's "
-                "scale factor divides."
+                f"The image was encoded to a {encoded[1]}x{encoded[0]} grid, but the map was sized to "
+                f"{grid[1]}x{grid[0]} from the VAE's scale factor: give the image a width and height that the "
+                "VAE's scale factor divides."
             )
-        self.release_step = tile_to_batch(self.release_step, self.x0.shape[0]).to(self.x0.device)
+        release_step = tile_to_batch(self.release_step, x0.shape[0]).to(x0.device)
+        release_step = release_step.view(release_step.shape[0], 1, *[1] * (x0.ndim - 4), *grid)
+        if self.pack is not None:  # packing mixes channels into tokens: pack one release step per latent value
+            release_step, x0, noise = (self.pack(t) for t in (release_step.expand_as(x0).contiguous(), x0, noise))
+        self.release_step, self.x0, self.noise = release_step, x0, noise
 
     def blend(self, scheduler, i: int, latents: torch.Tensor) -> torch.Tensor:
         """The latents to run loop iteration `i + 1` on, where iteration 0 is the first released step."""
         order = scheduler.order
         next_iteration = self.first_step * order + i + 1
         if next_iteration == len(scheduler.timesteps):
-            return torch.where(self.release_step == self.num_inference_steps, self.x0.to(latents.dtype), latents)
+            return where(self.release_step == self.num_inference_steps, self.x0, latents)
         if next_iteration > self.last_frozen_step * order:
             return latents
-        timestep = scheduler.timesteps[next_iteration : next_iteration + 1].repeat(latents.shape[0])
-        noised_original = scheduler.add_noise(self.x0, self.noise, timestep).to(latents.dtype)
-        return torch.where(self.release_step * order >= next_iteration, noised_original, latents)
+        frozen = noised_original(scheduler, self.x0, self.noise, next_iteration)
+        return where(self.release_step * order >= next_iteration, frozen, latents)
 
     def __call__(self, pipe, i, t, callback_kwargs):
         latents = self.blend(pipe.scheduler, i, callback_kwargs["latents"])
@@ -248,195 +151,31 @@ class FrozenPixels:
         return {"latents": latents, **(self.callback(pipe, i, t, user_kwargs) or {})}
 
 
-def change_box(release_step: torch.Tensor, num_inference_steps: int, margin: int, unit: int):
-    """The crop that holds every pixel released in any item, as (top, left, bottom, right) in grid cells.
+def where(condition: torch.Tensor, frozen: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+    """`torch.where` into the latents' own dtype and memory layout, which a broadcast condition could change (and
+    the VAE decodes a channels-last tensor differently in the last bits)."""
+    return torch.where(condition, frozen.to(latents.dtype), latents, out=torch.empty_like(latents))
 
-    The bounding box of the released pixels grows by `margin` cells on each side, then evenly to whole `unit`s of
-    cells, and moves inside the grid where it would leave it; a side that reaches the grid's takes the grid's
-    (which the pipeline accepts as it is). None when no pixel is released.
+
+def composite_original(images: torch.Tensor, original: torch.Tensor, strengths, num_inference_steps: int):
+    """`w * images + (1 - w) * original` with `w = clamp(T * s, 0, 1)` (design, section 2.6), batch-tiled like stock.
+
+    Pixels of strength 0 keep the input's bytes; those below 1/T, which no step runs on, fade in linearly.
     """
-    released = (release_step < num_inference_steps).reshape(-1, *release_step.shape[-2:]).any(0)
-    if not released.any():
-        return None
-    box = []
-    for lines, size in ((released.any(1), released.shape[0]), (released.any(0), released.shape[1])):
-        indices = lines.nonzero()[:, 0]
-        start, stop = max(0, int(indices[0]) - margin), min(size, int(indices[-1]) + 1 + margin)
-        length = min(size, -(-(stop - start) // unit) * unit)
-        start = min(max(0, start - (length - (stop - start)) // 2), size - length)
-        box.append((start, start + length))
-    (top, bottom), (left, right) = box
-    return top, left, bottom, right
+    weight = tile_to_batch((num_inference_steps * strengths).clamp(0, 1), images.shape[0])
+    weight, original = weight.to(images.device, images.dtype), tile_to_batch(original, images.shape[0])
+    original = original.to(images.device, images.dtype)
+    return torch.where(weight == 0, original, weight * images + (1 - weight) * original)
 
 
-def upscaled_size(height: int, width: int, native_size: int, unit: int) -> tuple:
-    """The size a crop is edited at by `crop_upscale`: its aspect ratio, about `native_size`**2 pixels in area (never
-    smaller than the crop), in whole `unit`s of pixels."""
-    factor = max(1.0, native_size / (height * width) ** 0.5)
-    return tuple(max(unit, round(side * factor / unit) * unit) for side in (height, width))
-
-
-def edit_on_crop(
-    pipe, arguments: dict, pixels, latent_grid, num_inference_steps: int, unit: int, native_size: int, also_crop=(),
-    release_rule=release_steps,
-):
-    """`crop_to_change`: runs the call in `arguments` (its `locals()` on entry) on the smallest crop that holds every
-    released pixel and the context around it, and pastes the result into the input. Returns (images in [0, 1], the
-    crop call's output).
-
-    `pixels` is the input on the working pixel grid in [-1, 1], `unit` the model's size unit in pixels, and
-    `native_size` the side of the model's native resolution. Pixels outside the crop are the input's own. Inside,
-    the edit is the same algorithm on the cropped image and map (the map sized to the working pixel grid first);
-    `crop_upscale` runs it at about the native resolution instead and scales the result back down. `also_crop`
-    names the arguments that the call must get cropped alike: the caller has put them in `arguments` as tensors
-    (or lists of tensors) in [0, 1] on the working pixel grid, as a ControlNet's control image. `release_rule` is
-    the family's `release_steps` (flow-matching models release every pixel of strength above 0).
-    """
-    if arguments["output_type"] == "latent":
-        raise ValueError(
-            "`crop_to_change` pastes the edited crop into the input's pixels: pass an `output_type` other than "
-            '"latent".'
-        )
-    arguments = {name: value for name, value in arguments.items() if name not in ("self", "__class__", "kwargs")}
-    arguments.update(arguments.pop("kwargs", None) or {})
-    margin, strength, keep_exact = arguments["crop_margin"], arguments["strength"], arguments["keep_exact"]
-    if isinstance(margin, bool) or not isinstance(margin, (int, np.integer)) or margin < 0:
-        raise ValueError(f"`crop_margin` must be a whole number of pixels, 0 or more, not {margin!r}.")
-    if pixels.shape[1] != 3:
-        raise ValueError("`crop_to_change` crops the image's pixels: pass `image` as pixels, not latents.")
-    pixel_grid = tuple(pixels.shape[-2:])
-    scale = pixel_grid[0] // latent_grid[0]
-    keep_map = prepare_keep_map(arguments["map"], pixel_grid, arguments["invert_map"], aspect_of=latent_grid)
-    release_step = release_rule(prepare_keep_map(keep_map, latent_grid), strength, num_inference_steps)
-    box = change_box(release_step, num_inference_steps, -(-margin // scale), max(1, unit // scale))
-    call = {**arguments, "crop_to_change": False, "output_type": "pt", "return_dict": True}
-    if box is None:  # no step runs; under keep_exact the result is the input itself, as outside every crop
-        output = pipe(**{**call, "keep_exact": True})
-        return output.images, output
-    top, left, bottom, right = (side * scale for side in box)
-    size = (bottom - top, right - left)
-    edit_size = upscaled_size(*size, native_size, unit) if arguments["crop_upscale"] else size
-
-    def cut(tensor, mode="bicubic"):
-        if isinstance(tensor, (list, tuple)):
-            return [cut(item, mode) for item in tensor]
-        tensor = tensor[..., top:bottom, left:right]
-        return tensor if edit_size == size else F.interpolate(tensor, edit_size, mode=mode, antialias=True).clamp(0, 1)
-
-    original = pixels / 2 + 0.5
-    call.update({name: cut(arguments[name]) for name in also_crop})
-    call.update(image=cut(original), map=cut(keep_map, "bilinear"), invert_map=False)
-    call.update(keep_exact=keep_exact and edit_size == size)
-    if "height" in call:
-        call.update(height=edit_size[0], width=edit_size[1])
-    output = pipe(**call)
-    edited = output.images
-    if edit_size != size:
-        edited = F.interpolate(edited, size, mode="bicubic", antialias=True).clamp(0, 1)
-        if keep_exact:
-            weight = exact_keep_weight(keep_map[..., top:bottom, left:right], strength, num_inference_steps)
-            edited = composite_original(edited, original[..., top:bottom, left:right], weight)
-    # Whole-batch repeats, as stock repeats images for num_images_per_prompt (a, b, a, b); a copy, to paste into.
-    images = original.to(edited.device, edited.dtype).repeat(edited.shape[0] // original.shape[0], 1, 1, 1)
-    images[..., top:bottom, left:right] = edited
-    return images, output
+def tile_to_batch(tensor: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Repeats a per-image tensor to the whole batch, as stock img2img repeats its images (whole batch, not items)."""
+    if tensor.shape[0] in (1, batch_size):
+        return tensor
+    return tensor.repeat(batch_size // tensor.shape[0], *(1,) * (tensor.ndim - 1))
 
 
 # Copied from SD2/diff_pipe.py: differential core (end)
-# ----------------------------------------------------------------------------------------------------------------
-
-# ----------------------------------------------------------------------------------------------------------------
-# Copied from SD3/diff_pipe.py: flow matching (begin)
-#
-# Flow-matching img2img pipelines (SD3, Flux, Chroma, Qwen-Image, Z-Image) differ from SD's in two places, and every
-# flow file carries this block unchanged: stock starts at step int(T - T * s), so it runs ceil(T * s) steps where SD
-# runs floor(T * s); and the noised original is scale_noise's sigma * noise + (1 - sigma) * x0, not add_noise.
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def flow_release_steps(keep_map: torch.Tensor, strength: float, num_inference_steps: int) -> torch.Tensor:
-    """The index of the first step that runs on each pixel: r = T - ceil(T * s), with s = strength * (1 - keep_map).
-
-    This is the first step that stock flow-matching img2img runs at `strength = s`, int(T - T * s). Only pixels of
-    strength 0 have r == T, never released; any positive strength runs at least the last step.
-    """
-    steps_to_run = num_inference_steps * strength * (1 - keep_map.double())
-    nearest = steps_to_run.round()
-    steps_to_run = torch.where((steps_to_run - nearest).abs() <= STEP_TOLERANCE, nearest, steps_to_run.ceil())
-    return num_inference_steps - steps_to_run.long()
-
-
-def flow_stock_strength(steps_to_run: int, num_inference_steps: int) -> float:
-    """The `strength` at which stock flow-matching img2img runs exactly the last `steps_to_run` steps (at least 1).
-
-    Stock starts at int(T - T * strength), and T - (k / T) * T can fall just below T - k: aim between two integers.
-    """
-    return (steps_to_run - 0.5) / num_inference_steps
-
-
-class FlowFrozenPixels(FrozenPixels):
-    """`FrozenPixels` for flow matching: before step k, frozen pixels take `sigma_k * noise + (1 - sigma_k) * x0`.
-
-    `pack`, if given, maps stock's unpacked latents to the layout that the transformer sees (2x2 patches in Flux, Chroma
-    and Qwen-Image); `x0`, `noise` and the release steps, expanded over channels, are then kept packed, like the
-    pipeline's latents. The release steps must broadcast to stock's x0: (B, 1, H, W), or (B, 1, 1, H, W) for Qwen-Image.
-    """
-
-    def __init__(self, *args, pack=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.pack = pack
-
-    @contextmanager
-    def recording_scale_noise(self, scheduler, noising: bool = True):
-        """Records `x0` and `noise` as stock `prepare_latents` passes them to `scheduler.scale_noise`.
-
-        With `noising=False` the noising is skipped, for a call that runs no step and so sets no schedule.
-        """
-        stock_scale_noise = scheduler.scale_noise
-
-        def scale_noise(sample, timestep, noise=None):
-            self.x0, self.noise = sample, noise
-            return stock_scale_noise(sample, timestep, noise) if noising else sample
-
-        scheduler.scale_noise = scale_noise
-        try:
-            yield
-        finally:
-            del scheduler.scale_noise
-        # Full-sized, so that torch.where keeps the latents' memory layout: a channel-broadcast mask makes its output
-        # channels-last, and the VAE then decodes it differently in the last bits.
-        release_step = tile_to_batch(self.release_step, self.x0.shape[0]).to(self.x0.device)
-        self.release_step = release_step.expand_as(self.x0).contiguous()
-        if self.pack is not None:
-            self.release_step, self.x0, self.noise = (self.pack(t) for t in (self.release_step, self.x0, self.noise))
-
-    def blend(self, scheduler, i: int, latents: torch.Tensor) -> torch.Tensor:
-        """The latents to run loop iteration `i + 1` on, where iteration 0 is the first released step."""
-        order = scheduler.order
-        next_iteration = self.first_step * order + i + 1
-        if next_iteration == len(scheduler.timesteps):
-            return torch.where(self.release_step == self.num_inference_steps, self.x0.to(latents.dtype), latents)
-        if next_iteration > self.last_frozen_step * order:
-            return latents
-        # Not scheduler.scale_noise: once stock has set begin_index, it ignores the timestep it is given.
-        sigma = scheduler.sigmas[next_iteration].to(self.x0.device, self.x0.dtype)
-        noised_original = (sigma * self.noise + (1.0 - sigma) * self.x0).to(latents.dtype)
-        return torch.where(self.release_step * order >= next_iteration, noised_original, latents)
-
-
-def flow_edit_on_crop(pipe, arguments: dict, pixels, latent_grid, num_inference_steps: int, unit: int):
-    """`crop_to_change` for a flow pipeline: `edit_on_crop`, with the native size `default_sample_size` latents a side,
-    and its result returned as the call in `arguments` asked (`output_type`, `return_dict`, the family's output)."""
-    if arguments.get("latents") is not None:
-        raise ValueError("`crop_to_change` cannot crop `latents` given for the whole frame: leave them out.")
-    native_size = pipe.default_sample_size * pipe.vae_scale_factor
-    images, output = edit_on_crop(pipe, arguments, pixels, latent_grid, num_inference_steps, unit, native_size,
-                                  release_rule=flow_release_steps)  # any strength above 0 runs the last step
-    images = pipe.image_processor.postprocess(images, arguments["output_type"], do_denormalize=[False] * len(images))
-    return type(output)(images=images) if arguments["return_dict"] else (images,)
-
-
-# Copied from SD3/diff_pipe.py: flow matching (end)
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -453,7 +192,7 @@ class FluxDiffImg2ImgPipeline(FluxImg2ImgPipeline):
     `callback_on_step_end` see packed latents, as in stock.
     """
 
-    _frozen = None  # the FlowFrozenPixels of the call in progress
+    _frozen = None  # the FrozenPixels of the call in progress
 
     @torch.no_grad()
     def __call__(
@@ -547,6 +286,7 @@ class FluxDiffImg2ImgPipeline(FluxImg2ImgPipeline):
             iterations actually run.
         """
         arguments = dict(locals())
+        # 1. Check inputs
         if image is None or map is None:
             raise ValueError("Pass both `image` and `map`.")
         if latents is not None:
@@ -576,6 +316,9 @@ class FluxDiffImg2ImgPipeline(FluxImg2ImgPipeline):
                 "`keep_exact` copies the input's pixels into the output: pass `image` as pixels, not latents, and an "
                 '`output_type` other than "latent".'
             )
+
+        # 2. Grid
+        pixel_grid = tuple(pixels.shape[-2:])
         # Stock's latent grid: even, so that 2x2 patches tile it.
         latent_grid = tuple(2 * (int(n) // (self.vae_scale_factor * 2)) for n in (height, width))
         if image_is_latents and tuple(pixels.shape[-2:]) != latent_grid:
@@ -584,22 +327,22 @@ class FluxDiffImg2ImgPipeline(FluxImg2ImgPipeline):
                 f"{latent_grid[1]}x{latent_grid[0]}: pass height={pixels.shape[-2] * self.vae_scale_factor} and "
                 f"width={pixels.shape[-1] * self.vae_scale_factor}."
             )
-        pixel_grid = tuple(pixels.shape[-2:])
-        keep_map = prepare_keep_map(map, latent_grid, invert_map)
-        if keep_map.shape[0] not in (1, pixels.shape[0]):
-            raise ValueError(
-                f"Got {keep_map.shape[0]} maps for {pixels.shape[0]} images: pass one map, or one map per image."
-            )
         if crop_to_change:  # stock rounds sizes to whole 2x2 patches of latents
             unit = self.vae_scale_factor * 2
             return flow_edit_on_crop(self, arguments, pixels, latent_grid, num_inference_steps, unit)
-        frozen = FlowFrozenPixels(
-            flow_release_steps(keep_map, strength, num_inference_steps),
+
+        # 3. Strength map and release steps
+        strengths = strength_map(map, latent_grid, strength, invert_map)
+        check_map_count(strengths, pixels)
+        frozen = FrozenPixels(
+            release_steps(strengths, num_inference_steps),
             num_inference_steps,
             callback_on_step_end,
             callback_on_step_end_tensor_inputs,
             pack=lambda latents: self._pack_latents(latents, *latents.shape),
         )
+
+        # 4. Stock's call at the strongest pixel's strength, which starts on the first released step
         decoded_type = "pt" if keep_exact else output_type
         self._frozen = frozen
         try:
@@ -618,7 +361,7 @@ class FluxDiffImg2ImgPipeline(FluxImg2ImgPipeline):
                     image=image,
                     height=height,
                     width=width,
-                    strength=flow_stock_strength(num_inference_steps - frozen.first_step, num_inference_steps),
+                    strength=strengths.max().item(),
                     num_inference_steps=num_inference_steps,
                     sigmas=sigmas,
                     guidance_scale=guidance_scale,
@@ -642,10 +385,11 @@ class FluxDiffImg2ImgPipeline(FluxImg2ImgPipeline):
                 ).images
         finally:
             self._frozen = None
+
+        # 5. Keep exact
         if keep_exact:
-            pixel_keep_map = prepare_keep_map(map, pixel_grid, invert_map, aspect_of=latent_grid)
-            weight = exact_keep_weight(pixel_keep_map, strength, num_inference_steps)
-            images = composite_original(images, pixels / 2 + 0.5, weight)
+            strengths = strength_map(map, pixel_grid, strength, invert_map, aspect_of=latent_grid)
+            images = composite_original(images, pixels / 2 + 0.5, strengths, num_inference_steps)
             images = self.image_processor.postprocess(images, output_type, do_denormalize=[False] * len(images))
         return FluxPipelineOutput(images=images) if return_dict else (images,)
 
@@ -653,14 +397,14 @@ class FluxDiffImg2ImgPipeline(FluxImg2ImgPipeline):
         # Stock draws `noise` here and keeps only scale_noise(x0, t, noise); frozen pixels need x0 and noise again.
         if self._frozen is None:
             return super().prepare_latents(*args, **kwargs)
-        with self._frozen.recording_scale_noise(self.scheduler):
+        with recording_noise(self.scheduler, self._frozen):
             return super().prepare_latents(*args, **kwargs)
 
     def _unchanged(self, pixels, batch_size, height, width, generator, output_type):
         # No pixel is released, so no step runs: the result is x0, as at every kept pixel of a run.
         device, dtype = self._execution_device, self.vae.dtype
         channels = self.transformer.config.in_channels // 4
-        with self._frozen.recording_scale_noise(self.scheduler, noising=False):
+        with recording_noise(self.scheduler, self._frozen, noising=False):
             super().prepare_latents(pixels, None, batch_size, channels, height, width, dtype, device, generator)
         self._num_timesteps = 0
         latents = self._frozen.x0  # packed, as stock returns latents
@@ -672,3 +416,230 @@ class FluxDiffImg2ImgPipeline(FluxImg2ImgPipeline):
             images = self.image_processor.postprocess(decoded, output_type=output_type)
         self.maybe_free_model_hooks()
         return images
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Copied from SD2/diff_pipe.py: crop to change (begin)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def change_box(release_step: torch.Tensor, num_inference_steps: int, margin: int, unit: int):
+    """The crop that holds every pixel released in any item, as (top, left, bottom, right) in grid cells.
+
+    The bounding box of the released pixels grows by `margin` cells on each side, then evenly to whole `unit`s of
+    cells, and moves inside the grid where it would leave it; a side that reaches the grid's takes the grid's
+    (which the pipeline accepts as it is). None when no pixel is released.
+    """
+    released = (release_step < num_inference_steps).reshape(-1, *release_step.shape[-2:]).any(0)
+    if not released.any():
+        return None
+    box = []
+    for lines, size in ((released.any(1), released.shape[0]), (released.any(0), released.shape[1])):
+        indices = lines.nonzero()[:, 0]
+        start, stop = max(0, int(indices[0]) - margin), min(size, int(indices[-1]) + 1 + margin)
+        length = min(size, -(-(stop - start) // unit) * unit)
+        start = min(max(0, start - (length - (stop - start)) // 2), size - length)
+        box.append((start, start + length))
+    (top, bottom), (left, right) = box
+    return top, left, bottom, right
+
+
+def upscaled_size(height: int, width: int, native_size: int, unit: int) -> tuple:
+    """The size a crop is edited at by `crop_upscale`: its aspect ratio, about `native_size`**2 pixels in area (never
+    smaller than the crop), in whole `unit`s of pixels."""
+    factor = max(1.0, native_size / (height * width) ** 0.5)
+    return tuple(max(unit, round(side * factor / unit) * unit) for side in (height, width))
+
+
+def edit_on_crop(
+    pipe, arguments: dict, pixels, latent_grid, num_inference_steps: int, unit: int, native_size: int, also_crop=(),
+    release_rule=release_steps,
+):
+    """`crop_to_change`: runs the call in `arguments` (its `locals()` on entry) on the smallest crop that holds every
+    released pixel and the context around it, and pastes the result into the input. Returns (images in [0, 1], the
+    crop call's output).
+
+    `pixels` is the input on the working pixel grid in [-1, 1], `unit` the model's size unit in pixels, and
+    `native_size` the side of the model's native resolution. Pixels outside the crop are the input's own. Inside,
+    the edit is the same algorithm on the cropped image and map (the map sized to the working pixel grid first);
+    `crop_upscale` runs it at about the native resolution instead and scales the result back down. `also_crop`
+    names the arguments that the call must get cropped alike: the caller has put them in `arguments` as tensors
+    (or lists of tensors) in [0, 1] on the working pixel grid, as a ControlNet's control image.
+    """
+    if arguments["output_type"] == "latent":
+        raise ValueError(
+            "`crop_to_change` pastes the edited crop into the input's pixels: pass an `output_type` other than "
+            '"latent".'
+        )
+    arguments = {name: value for name, value in arguments.items() if name not in ("self", "__class__", "kwargs")}
+    arguments.update(arguments.pop("kwargs", None) or {})
+    margin, strength, keep_exact = arguments["crop_margin"], arguments["strength"], arguments["keep_exact"]
+    if isinstance(margin, bool) or not isinstance(margin, (int, np.integer)) or margin < 0:
+        raise ValueError(f"`crop_margin` must be a whole number of pixels, 0 or more, not {margin!r}.")
+    if pixels.shape[1] != 3:
+        raise ValueError("`crop_to_change` crops the image's pixels: pass `image` as pixels, not latents.")
+    pixel_grid = tuple(pixels.shape[-2:])
+    scale = pixel_grid[0] // latent_grid[0]
+    map_pixels = map_on_grid(arguments["map"], pixel_grid, aspect_of=latent_grid)
+    release_step = release_steps(strength_map(map_pixels, latent_grid, strength, arguments["invert_map"]),
+                                 num_inference_steps)
+    box = change_box(release_step, num_inference_steps, -(-margin // scale), max(1, unit // scale))
+    call = {**arguments, "crop_to_change": False, "output_type": "pt", "return_dict": True}
+    if box is None:  # no step runs; under keep_exact the result is the input itself, as outside every crop
+        output = pipe(**{**call, "keep_exact": True})
+        return output.images, output
+    top, left, bottom, right = (side * scale for side in box)
+    size = (bottom - top, right - left)
+    edit_size = upscaled_size(*size, native_size, unit) if arguments["crop_upscale"] else size
+
+    def cut(tensor, mode="bicubic"):
+        if isinstance(tensor, (list, tuple)):
+            return [cut(item, mode) for item in tensor]
+        tensor = tensor[..., top:bottom, left:right]
+        return tensor if edit_size == size else F.interpolate(tensor, edit_size, mode=mode, antialias=True).clamp(0, 1)
+
+    original = pixels / 2 + 0.5
+    call.update({name: cut(arguments[name]) for name in also_crop})
+    call.update(image=cut(original), map=cut(map_pixels, "bilinear"))
+    call.update(keep_exact=keep_exact and edit_size == size)
+    if "height" in call:
+        call.update(height=edit_size[0], width=edit_size[1])
+    output = pipe(**call)
+    edited = output.images
+    if edit_size != size:
+        edited = F.interpolate(edited, size, mode="bicubic", antialias=True).clamp(0, 1)
+        if keep_exact:
+            strengths = strength_map(map_pixels[..., top:bottom, left:right], size, strength, arguments["invert_map"])
+            edited = composite_original(edited, original[..., top:bottom, left:right], strengths, num_inference_steps)
+    # Whole-batch repeats, as stock repeats images for num_images_per_prompt (a, b, a, b); a copy, to paste into.
+    images = original.to(edited.device, edited.dtype).repeat(edited.shape[0] // original.shape[0], 1, 1, 1)
+    images[..., top:bottom, left:right] = edited
+    return images, output
+
+
+# Copied from SD2/diff_pipe.py: crop to change (end)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Copied from SD3/diff_pipe.py: flow crop (begin)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def flow_edit_on_crop(pipe, arguments: dict, pixels, latent_grid, num_inference_steps: int, unit: int):
+    """`crop_to_change` for a flow pipeline: `edit_on_crop`, with the native size `default_sample_size` latents a side,
+    and its result returned as the call in `arguments` asked (`output_type`, `return_dict`, the family's output)."""
+    if arguments.get("latents") is not None:
+        raise ValueError("`crop_to_change` cannot crop `latents` given for the whole frame: leave them out.")
+    native_size = pipe.default_sample_size * pipe.vae_scale_factor
+    images, output = edit_on_crop(pipe, arguments, pixels, latent_grid, num_inference_steps, unit, native_size)
+    images = pipe.image_processor.postprocess(images, arguments["output_type"], do_denormalize=[False] * len(images))
+    return type(output)(images=images) if arguments["return_dict"] else (images,)
+
+
+# Copied from SD3/diff_pipe.py: flow crop (end)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Copied from SD2/diff_pipe.py: map parsing (begin)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def map_on_grid(map, size: tuple, aspect_of: tuple = None) -> torch.Tensor:
+    """The map in its own polarity, float64 (B, 1, *size), on the grid the model works on (latents, or pixels).
+
+    Shrinking averages areas, so that a fine map does not alias; growing is bilinear. A cell whose source values are
+    all equal keeps that value exactly. The map must have the aspect ratio of `aspect_of` (the image's height and
+    width, in pixels or grid cells; default `size`) to within one of its units or 1%, whichever is looser.
+    """
+    map = map_to_tensor(map)
+    (height, width), (reference_height, reference_width) = map.shape[-2:], aspect_of or size
+    if abs(height * reference_width / width - reference_height) > max(1, reference_height / 100):
+        raise ValueError(
+            f"`map` is {width}x{height} but the image is {reference_width}x{reference_height}: their aspect ratios "
+            "differ. Give the map the image's aspect ratio."
+        )
+    size = tuple(size)
+    if (height, width) == size:
+        return map
+    if height >= size[0] and width >= size[1]:
+        mean, high = F.adaptive_avg_pool2d(map, size), F.adaptive_max_pool2d(map, size)
+        low = -F.adaptive_max_pool2d(-map, size)
+    else:  # each bilinear sample lies within the 3x3 neighbourhood of its nearest source value
+        mean, padded = F.interpolate(map, size, mode="bilinear"), F.pad(map, (1, 1, 1, 1), mode="replicate")
+        high = F.interpolate(F.max_pool2d(padded, 3, stride=1), size, mode="nearest-exact")
+        low = F.interpolate(-F.max_pool2d(-padded, 3, stride=1), size, mode="nearest-exact")
+    return mean.clamp(low, high)
+
+
+def check_map_count(maps: torch.Tensor, images: torch.Tensor):
+    if maps.shape[0] not in (1, images.shape[0]):
+        raise ValueError(f"Got {maps.shape[0]} maps for {images.shape[0]} images: pass one map, or one map per image.")
+
+
+def map_to_tensor(map) -> torch.Tensor:
+    """A map as float64 (B, 1, H, W) in [0, 1], in its own polarity, each value at its exact meaning.
+
+    Accepts a PIL image (modes 1, L, I;16, I, F, or colour modes, converted to luminance), a numpy array ((H, W),
+    (B, H, W), (H, W, 1), (B, H, W, 1) or (B, 1, H, W)), a torch tensor ((H, W), (B, H, W) or (B, 1, H, W)), or a
+    list of these. uint8 value k means k/255, uint16 (and PIL mode I) k/65535, bool 0 and 1; floats must lie in
+    [0, 1] and mean the decimal they stand for, so a float32 0.3 is 0.3, not 0.30000001.
+    """
+    if isinstance(map, (list, tuple)):
+        if len(map) == 0:
+            raise ValueError("`map` is an empty list: pass one map, or one map per image.")
+        maps = [map_to_tensor(m) for m in map]
+        if len({tuple(m.shape[-2:]) for m in maps}) > 1:
+            sizes = ", ".join(f"{m.shape[-1]}x{m.shape[-2]}" for m in maps)
+            raise ValueError(f"The maps in the `map` list differ in size ({sizes}); give them all the same size.")
+        return torch.cat(maps)
+    if isinstance(map, PIL.Image.Image):
+        if map.mode == "I":  # 16-bit PNGs open as mode I with some Pillow versions
+            map = np.asarray(map, dtype=np.int64)
+            if map.min() < 0 or map.max() > 65535:
+                raise ValueError("A `map` of PIL mode I must hold 16-bit values in [0, 65535].")
+            map = map.astype(np.uint16)
+        else:
+            map = np.array(map if map.mode in ("1", "L", "F") or map.mode.startswith("I;16") else map.convert("L"))
+    if isinstance(map, np.ndarray):
+        if map.ndim == 3 and map.shape[-1] in (3, 4):
+            raise ValueError(
+                f"`map` has shape {map.shape}, which looks like a colour image; a map has one channel. "
+                "Pass a grayscale array, or the image as a PIL image, which is converted to luminance."
+            )
+        map = torch.from_numpy(np.ascontiguousarray(map[..., 0] if map.ndim in (3, 4) and map.shape[-1] == 1 else map))
+    if not isinstance(map, torch.Tensor):
+        raise TypeError(
+            f"`map` must be a PIL image, numpy array, torch tensor or a list of them, not {type(map).__name__}."
+        )
+    map = map.detach().cpu()
+    map = map[:, 0] if map.ndim == 4 and map.shape[1] == 1 else map[None] if map.ndim == 2 else map
+    if map.ndim != 3:
+        raise ValueError(
+            f"`map` has shape {tuple(map.shape)}; expected (H, W), (B, H, W) or (B, 1, H, W): maps have one channel."
+        )
+    if map.numel() == 0:
+        raise ValueError(f"`map` is empty (shape {tuple(map.shape)}).")
+    if map.dtype in (torch.bool, torch.uint8, torch.uint16):
+        return (map.double() / {torch.bool: 1, torch.uint8: 255, torch.uint16: 65535}[map.dtype])[:, None]
+    if not map.is_floating_point():
+        raise ValueError(
+            f"`map` has dtype {map.dtype}; use uint8 (0-255), uint16 (0-65535), bool, or floats in [0, 1]."
+        )
+    if not torch.isfinite(map).all():
+        raise ValueError("`map` contains NaN or infinite values.")
+    low, high = map.min().item(), map.max().item()
+    if low < 0 or high > 1:
+        raise ValueError(
+            f"`map` values must lie in [0, 1], but they span [{low:g}, {high:g}]. "
+            "Rescale it first, for example (m - m.min()) / (m.max() - m.min())."
+        )
+    if map.dtype != torch.float64:  # the decimals that this precision tells apart in [0, 1]: 7 for float32
+        decimals = 10.0 ** int(-np.log10(torch.finfo(map.dtype).eps / 2))
+        map = (map.double() * decimals).round() / decimals
+    return map[:, None]
+
+
+# Copied from SD2/diff_pipe.py: map parsing (end)
+# ----------------------------------------------------------------------------------------------------------------
