@@ -1,7 +1,8 @@
 """Every pipeline file carries the same copied blocks and stands alone, so that it can be copied by itself.
 
-The blocks and their sources are listed in tools/check_copies.py, which checks them and with --fix rewrites the
-copies; the --fix tests run on copies of the pipeline files in a temporary folder.
+The blocks and their sources are listed in tools/check_copies.py, which checks them, and the objects (defs and
+classes) marked as copies, and with --fix rewrites the copies; the --fix tests run on copies of the pipeline files in
+a temporary folder.
 """
 
 import ast
@@ -17,7 +18,10 @@ from tools import check_copies
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PIPELINE_FILES = sorted(REPO_ROOT.glob("*/diff_pipe*.py"))
 ALLOWED_IMPORTS = {"torch", "diffusers", "transformers", "PIL", "numpy"}
-CORE, IF_HELPERS, FLOW, RELEASED_MASK = check_copies.BLOCKS
+BLOCKS = {block.name: block for block in check_copies.BLOCKS}
+CORE, IF_HELPERS, RELEASED_MASK = BLOCKS["differential core"], BLOCKS["IF helpers"], BLOCKS["released mask"]
+FLOW_RULE = BLOCKS["flow release rule"]
+FLOW_FAMILIES = ("SD3", "Flux", "Chroma", "QwenImage", "ZImage")
 
 
 def block_text(path, block):
@@ -31,8 +35,9 @@ def test_the_blocks_cover_every_pipeline_file_and_both_if_stages():
     assert CORE.files(REPO_ROOT) == PIPELINE_FILES
     if_files = [REPO_ROOT / "IF" / "diff_pipe_I.py", REPO_ROOT / "IF" / "diff_pipe_II.py"]
     assert IF_HELPERS.files(REPO_ROOT) == if_files
-    flow_files = [path for path in PIPELINE_FILES if "def flow_release_steps" in path.read_text()]
-    assert FLOW.files(REPO_ROOT) == flow_files and len(flow_files) == 5
+    flow_files = [path for path in PIPELINE_FILES if "stock_scale_noise = scheduler.scale_noise" in path.read_text()]
+    assert FLOW_RULE.files(REPO_ROOT) == flow_files
+    assert {path.parent.name for path in flow_files} >= set(FLOW_FAMILIES)
     assert "class FrozenPixels" in block_text(REPO_ROOT / CORE.source, CORE)
     inpaint_files = [REPO_ROOT / "SD2" / "diff_pipe_inpaint.py", REPO_ROOT / "SDXL" / "diff_pipe_inpaint.py"]
     assert RELEASED_MASK.files(REPO_ROOT) == inpaint_files
@@ -47,7 +52,7 @@ def test_every_copy_is_identical_to_its_source():
 def test_the_command_runs_from_any_folder(tmp_path):
     done = subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "check_copies.py")], cwd=tmp_path,
                           capture_output=True, text=True, timeout=60)
-    assert (done.returncode, done.stdout, done.stderr) == (0, "every copied block matches its source\n", "")
+    assert (done.returncode, done.stdout, done.stderr) == (0, "every copy matches its source\n", "")
 
 
 @pytest.mark.parametrize("path", PIPELINE_FILES, ids=lambda path: str(path.relative_to(REPO_ROOT)))
@@ -156,8 +161,211 @@ def test_main_exits_1_naming_the_drift_and_0_once_fixed(tree, monkeypatch, capsy
     assert [line.split(" (")[0] for line in err[:-1]] == [
         f"error: {path}: its differential core differs from SD2/diff_pipe.py's" for path in drifted
     ]
-    assert err[-1] == "Edit a block in its source file, then run: python -m tools.check_copies --fix"
+    assert err[-1] == "Edit the code in its source file, then run: python -m tools.check_copies --fix"
 
     assert check_copies.main(["--fix"]) == 0
     assert capsys.readouterr().out.splitlines() == [f"rewrote {path}: differential core" for path in drifted]
     assert check_copies.main([]) == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Copied objects: `# Copied from Folder/file.py:Class.method with Old->New` above a def or class
+
+
+def object_markers(path):
+    """{line number: marker text} of the object markers in `path`."""
+    lines = path.read_text().splitlines()
+    return {number: line.strip() for number, line in enumerate(lines, 1) if check_copies.OBJECT_MARKER.fullmatch(line)}
+
+
+def test_the_flow_files_copy_the_stock_hooks_they_share_as_marked_objects():
+    copies = {family: sorted(object_markers(REPO_ROOT / family / "diff_pipe.py").values()) for family in FLOW_FAMILIES}
+    prepare_latents = "# Copied from SD3/diff_pipe.py:StableDiffusion3DiffImg2ImgPipeline.prepare_latents"
+    assert copies == {
+        "SD3": [],
+        "Flux": [prepare_latents],
+        "Chroma": ["# Copied from Flux/diff_pipe.py:FluxDiffImg2ImgPipeline._unchanged", prepare_latents],
+        "QwenImage": [prepare_latents],
+        "ZImage": [prepare_latents],
+    }
+
+
+def replace_once(path, old, new):
+    text = path.read_text()
+    assert text.count(old) == 1, f"{old!r} is not in {path.name} once"
+    path.write_text(text.replace(old, new))
+
+
+def marker_line(path, source_object):
+    (number,) = [number for number, marker in object_markers(path).items() if marker.endswith(source_object)]
+    return number
+
+
+def test_a_drifted_object_copy_is_reported_and_fix_mends_only_it(tree):
+    chroma = tree / "Chroma" / "diff_pipe.py"
+    original = snapshot(tree)
+    kept = "        # No pixel is released, so no step runs: the result is x0, as at every kept pixel of a run."
+    replace_once(chroma, kept, kept.replace("# No pixel", "# drifted: no pixel"))
+    chroma.write_text(chroma.read_text() + "# outside the object: stays\n")
+    drifted = snapshot(tree)
+
+    problems, fixed = check_copies.check_objects(tree)
+    assert fixed == [] and snapshot(tree) == drifted
+    line = marker_line(chroma, "Flux/diff_pipe.py:FluxDiffImg2ImgPipeline._unchanged")
+    assert problems == [
+        f"Chroma/diff_pipe.py:{line}: ChromaDiffImg2ImgPipeline._unchanged differs from "
+        f"Flux/diff_pipe.py:FluxDiffImg2ImgPipeline._unchanged (line 2 of the object: "
+        f"{kept.replace('# No pixel', '# drifted: no pixel')!r} instead of {kept!r})"
+    ]
+
+    problems, fixed = check_copies.check_objects(tree, fix=True)
+    assert problems == [] and fixed == ["Chroma/diff_pipe.py: ChromaDiffImg2ImgPipeline._unchanged"]
+    assert snapshot(tree) == {**original, chroma: original[chroma] + b"# outside the object: stays\n"}
+    assert check_copies.check_objects(tree) == ([], [])
+
+
+def test_fix_spreads_an_edit_of_a_source_object_to_its_copies(tree):
+    comment = "        # Stock draws `noise` here"
+    replace_once(tree / "SD3" / "diff_pipe.py", comment, comment + " (edited in the source)")
+    problems, fixed = check_copies.check_objects(tree, fix=True)
+    assert problems == [] and fixed == [
+        f"{family}/diff_pipe.py: {family}DiffImg2ImgPipeline.prepare_latents" for family in sorted(FLOW_FAMILIES[1:])
+    ]
+    for family in FLOW_FAMILIES:
+        assert (tree / family / "diff_pipe.py").read_text().count(comment + " (edited in the source)") == 1
+
+
+SOURCE = '''
+class FluxThing:
+    def helper(self, flux_value):
+        """Makes a FluxOutput."""
+        return FluxOutput(flux_value, "FluxThing")  # flux stays lower-case
+
+    @staticmethod
+    @torch.no_grad()
+    def decorated(x):
+        return x + 1
+        # a comment at the end of the body belongs to it
+
+
+def flux_alone():
+    return 1
+'''
+
+COPY = '''
+class ChromaThing:
+    # Copied from Flux/diff_pipe.py:FluxThing.helper with Flux->Chroma, flux->chroma
+    def helper(self, chroma_value):
+        """Makes a ChromaOutput."""
+        return ChromaOutput(chroma_value, "ChromaThing")  # chroma stays lower-case
+
+    # Copied from Flux/diff_pipe.py:FluxThing.decorated
+    @staticmethod
+    @torch.no_grad()
+    def decorated(x):
+        return x + 1
+        # a comment at the end of the body belongs to it
+
+    @staticmethod
+    # Copied from Flux/diff_pipe.py:FluxThing.decorated with decorated->decorated_again
+    @torch.no_grad()
+    def decorated_again(x):
+        return x + 1
+        # a comment at the end of the body belongs to it
+
+
+# Copied from Flux/diff_pipe.py:flux_alone with flux->chroma, 1->2
+def chroma_alone():
+    return 2
+'''
+
+
+@pytest.fixture
+def small_tree(tmp_path, monkeypatch):
+    """Two pipeline files of made-up code, the second copying objects of the first; no blocks."""
+    for folder, text in (("Flux", SOURCE), ("Chroma", COPY)):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "diff_pipe.py").write_text(text)
+    monkeypatch.setattr(check_copies, "REPO_ROOT", tmp_path)
+    monkeypatch.setattr(check_copies, "BLOCKS", [])
+    return tmp_path
+
+
+def test_renames_apply_to_the_source_text_all_at_once(small_tree):
+    copy = small_tree / "Chroma" / "diff_pipe.py"
+    assert check_copies.check(small_tree) == ([], [])  # decorators count, above the marker or below it
+
+    replace_once(copy, "flux->chroma, 1->2", "flux->chroma")
+    replace_once(copy, "Flux->Chroma, flux->chroma", "Flux->Chroma")
+    problems, _ = check_copies.check(small_tree)
+    assert [problem.split(" (")[0] for problem in problems] == [
+        "Chroma/diff_pipe.py:3: ChromaThing.helper differs from Flux/diff_pipe.py:FluxThing.helper with Flux->Chroma",
+        "Chroma/diff_pipe.py:23: chroma_alone differs from Flux/diff_pipe.py:flux_alone with flux->chroma",
+    ]
+    assert "'    def helper(self, chroma_value):' instead of '    def helper(self, flux_value):'" in problems[0]
+
+    problems, fixed = check_copies.check(small_tree, fix=True)
+    assert problems == [] and fixed == ["Chroma/diff_pipe.py: ChromaThing.helper", "Chroma/diff_pipe.py: chroma_alone"]
+    text = copy.read_text()
+    assert 'return ChromaOutput(flux_value, "ChromaThing")  # flux stays lower-case' in text
+    assert "def chroma_alone():\n    return 1\n" in text  # the source's text, renamed: the def's name too
+
+
+def test_fix_keeps_a_marker_between_the_decorators_and_the_def_where_it_is(small_tree):
+    copy, source = small_tree / "Chroma" / "diff_pipe.py", small_tree / "Flux" / "diff_pipe.py"
+    replace_once(source, "return x + 1", "return x + 2")
+    problems, fixed = check_copies.check(small_tree, fix=True)
+    assert problems == [] and fixed == ["Chroma/diff_pipe.py: ChromaThing.decorated",
+                                        "Chroma/diff_pipe.py: ChromaThing.decorated_again"]
+    assert copy.read_text() == COPY.replace("return x + 1", "return x + 2")
+
+
+def test_a_missing_source_or_object_and_an_unreadable_marker_are_one_line_each_and_fix_leaves_them(small_tree):
+    copy = small_tree / "Chroma" / "diff_pipe.py"
+    replace_once(copy, "Flux/diff_pipe.py:FluxThing.helper", "Flux/diff_pipe.py:FluxThing.gone")
+    replace_once(copy, "# Copied from Flux/diff_pipe.py:FluxThing.decorated\n    @staticmethod",
+                 "# Copied from Lost/diff_pipe.py:FluxThing.decorated\n    @staticmethod")
+    replace_once(copy, "with flux->chroma, 1->2", "with flux=>chroma")
+    copy.write_text(copy.read_text() + "\n# Copied from Flux/diff_pipe.py:flux_alone\nVALUE = 1\n"
+                    "# Copied from Flux/diff_pipe.py:flux_alone, and more\n")
+    before = copy.read_bytes()
+
+    problems, fixed = check_copies.check(small_tree, fix=True)
+    assert fixed == [] and copy.read_bytes() == before
+    assert problems == [
+        "Chroma/diff_pipe.py:3: ChromaThing.helper is copied from Flux/diff_pipe.py:FluxThing.gone with Flux->Chroma, "
+        "flux->chroma, but Flux/diff_pipe.py has no FluxThing.gone",
+        "Chroma/diff_pipe.py:8: ChromaThing.decorated is copied from Lost/diff_pipe.py:FluxThing.decorated, but there "
+        "is no Lost/diff_pipe.py",
+        "Chroma/diff_pipe.py:23: cannot read the renames 'flux=>chroma': write `with Old->New, A->B`",
+        "Chroma/diff_pipe.py:27: the marker for Flux/diff_pipe.py:flux_alone stands directly above no def or class",
+        "Chroma/diff_pipe.py:29: cannot read the marker '# Copied from Flux/diff_pipe.py:flux_alone, and more': "
+        "write `# Copied from Folder/file.py:Class.method with Old->New`",
+    ]
+    assert all("\n" not in problem for problem in problems)
+
+
+def test_main_reports_a_drifted_object_and_exits_0_once_fixed(small_tree, capsys):
+    replace_once(small_tree / "Chroma" / "diff_pipe.py", "    return 2\n", "    return 3\n")
+    assert check_copies.main([]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert [line.split(" (")[0] for line in err] == [
+        "error: Chroma/diff_pipe.py:23: chroma_alone differs from Flux/diff_pipe.py:flux_alone with flux->chroma, 1->2",
+        "Edit the code in its source file, then run: python -m tools.check_copies --fix",
+    ]
+    assert check_copies.main(["--fix"]) == 0
+    assert capsys.readouterr().out == "rewrote Chroma/diff_pipe.py: chroma_alone\n"
+    assert check_copies.main([]) == 0 and capsys.readouterr().out == "every copy matches its source\n"
+
+
+def test_a_copy_at_another_indentation_and_with_crlf_endings_is_compared_and_fixed_in_its_own_layout(small_tree):
+    copy = small_tree / "Chroma" / "diff_pipe.py"
+    copy.write_bytes(b"x = 1\r\n# Copied from Flux/diff_pipe.py:FluxThing.decorated\r\n@staticmethod\r\n"
+                     b"@torch.no_grad()\r\ndef decorated(x):\r\n    return x + 2\r\n\r\ny = 2\r\n")
+    problems, _ = check_copies.check(small_tree)
+    assert problems == ["Chroma/diff_pipe.py:2: decorated differs from Flux/diff_pipe.py:FluxThing.decorated (line 4 "
+                        "of the object: '    return x + 2' instead of '    return x + 1')"]
+    assert check_copies.check(small_tree, fix=True) == ([], ["Chroma/diff_pipe.py: decorated"])
+    assert copy.read_bytes() == (b"x = 1\r\n# Copied from Flux/diff_pipe.py:FluxThing.decorated\r\n@staticmethod\r\n"
+                                 b"@torch.no_grad()\r\ndef decorated(x):\r\n    return x + 1\r\n"
+                                 b"    # a comment at the end of the body belongs to it\r\n\r\ny = 2\r\n")

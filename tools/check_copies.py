@@ -1,20 +1,35 @@
-"""Checks that the blocks copied between pipeline files are identical to their source; `--fix` rewrites the copies.
+"""Checks that the code copied between pipeline files is identical to its source; `--fix` rewrites the copies.
 
     python -m tools.check_copies          # from the repository root; or python tools/check_copies.py from anywhere
-    python -m tools.check_copies --fix    # after editing a block in its source file: copy it everywhere
+    python -m tools.check_copies --fix    # after editing a block or an object in its source file: copy it everywhere
 
-Each pipeline file stands alone, so shared code is copied into it between two marker lines:
+Each pipeline file stands alone, so shared code is copied into it, marked in one of two ways.
+
+A block: the lines between two marker lines, which the source file carries too.
 
     # Copied from SD2/diff_pipe.py: differential core (begin)
     ...
     # Copied from SD2/diff_pipe.py: differential core (end)
 
-The source file carries the same markers. A block is edited in its source only; `--fix` replaces each copy's text
-between the markers by the source's. It touches nothing else: files outside a block's set, text outside the markers,
-and files whose markers are missing, repeated or out of order (those are reported, to be mended by hand).
+An object, as diffusers marks them: one comment directly above a def or class (above its decorators, or between
+them and the def), which names the source file and the object's dotted name there, and optionally renames:
+
+    # Copied from Flux/diff_pipe.py:FluxDiffImg2ImgPipeline._unchanged with Flux->Chroma, flux->chroma
+    def _unchanged(self, ...):
+
+The copy is the def or class with its decorators and body, up to the next line at the same or a lower indentation;
+it must equal the source object's text after the renames (applied all at once, to every occurrence, also inside
+longer names) and after moving it to the copy's indentation. Only the copy carries the marker.
+
+Code is edited in its source only; `--fix` replaces each copy's text by the source's. It touches nothing else: files
+outside a block's set, text outside a block's markers or a copied object, and copies whose markers are missing,
+repeated, out of order, stand over no def, or name a source that is not there (those are reported, to be mended by
+hand).
 """
 
 import argparse
+import ast
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,8 +52,8 @@ class CopiedBlock:
 
 FLOW_FILES = tuple(f"{family}/diff_pipe.py" for family in ("SD3", "Flux", "Chroma", "QwenImage", "ZImage"))
 BLOCKS = [
-    CopiedBlock("SD2/diff_pipe.py", "release rule", ("SD2/diff_pipe*.py", "SDXL/diff_pipe*.py", "Kandinsky/diff_pipe*.py",
-                                                     "IF/diff_pipe*.py")),
+    CopiedBlock("SD2/diff_pipe.py", "release rule",
+                ("SD2/diff_pipe*.py", "SDXL/diff_pipe*.py", "Kandinsky/diff_pipe*.py", "IF/diff_pipe*.py")),
     CopiedBlock("SD3/diff_pipe.py", "flow release rule", FLOW_FILES),
     CopiedBlock("SD2/diff_pipe.py", "differential core", ("*/diff_pipe*.py",)),
     CopiedBlock("SD2/diff_pipe.py", "crop to change", ("*/diff_pipe*.py",)),
@@ -58,19 +73,19 @@ def block_span(text: str, block: CopiedBlock):
     return (start, stop) if start < stop else f"has {end!r} before {begin!r}"
 
 
-def first_difference(reference: str, copy: str) -> str:
+def first_difference(reference: str, copy: str, what: str = "block") -> str:
     for number, (expected, found) in enumerate(zip(reference.splitlines(), copy.splitlines()), 1):
         if expected != found:
-            return f"line {number} of the block: {found!r} instead of {expected!r}"
-    return f"the block has {len(copy.splitlines())} lines instead of {len(reference.splitlines())}"
+            return f"line {number} of the {what}: {found!r} instead of {expected!r}"
+    return f"the {what} has {len(copy.splitlines())} lines instead of {len(reference.splitlines())}"
 
 
 def read(path: Path) -> str:
     return path.read_bytes().decode("utf-8")  # bytes, so that line endings come back exactly as they were
 
 
-def check(root: Path, fix: bool = False) -> tuple:
-    """Compares every copy with its source; with `fix`, rewrites the copies that differ.
+def check_blocks(root: Path, fix: bool = False) -> tuple:
+    """Compares every copied block with its source; with `fix`, rewrites the copies that differ.
 
     Returns (problems, fixed): one line per copy that differs or whose markers are wrong (after fixing, only the
     latter), and one line per block rewritten.
@@ -99,19 +114,219 @@ def check(root: Path, fix: bool = False) -> tuple:
     return problems, fixed
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Copied objects
+
+OBJECT_COPIES = ("*/diff_pipe*.py",)  # the files whose object markers are checked
+OBJECT_MARKER = re.compile(
+    r"(?P<indent>[ \t]*)# Copied from (?P<source>[^\s:]+):(?P<object>[A-Za-z_][\w.]*)(?: with (?P<renames>.*?))?\s*"
+)
+LOOKS_LIKE_A_MARKER = re.compile(r"\s*# Copied from [^\s:]+\.py:\S.*")  # an object marker, read or not
+DEFINITIONS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+
+
+def definitions(node, prefix: str = ""):
+    """(dotted name, node) of every def and class inside `node`, each before the ones it holds."""
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, DEFINITIONS):
+            yield prefix + child.name, child
+            yield from definitions(child, f"{prefix}{child.name}.")
+        elif isinstance(child, ast.stmt):  # a def under an `if` or a `try` keeps its enclosing name
+            yield from definitions(child, prefix)
+
+
+def indentation(line: str) -> str:
+    return line[: len(line) - len(line.lstrip())]
+
+
+def object_span(lines: list, node) -> tuple:
+    """(first, stop): the lines of `node`, its decorators first, up to the next line at its indentation or lower."""
+    first = min([node.lineno, *(decorator.lineno for decorator in node.decorator_list)]) - 1
+    depth = len(indentation(lines[node.lineno - 1]))
+    stop = node.end_lineno
+    while stop < len(lines) and (not lines[stop].strip() or len(indentation(lines[stop])) > depth):
+        stop += 1
+    while not lines[stop - 1].strip():
+        stop -= 1
+    return first, stop
+
+
+def is_marker(line: str) -> bool:
+    return OBJECT_MARKER.fullmatch(line) is not None
+
+
+def object_text(lines: list, node) -> list:
+    """The lines of `node` without line endings, less the markers between its decorators and its def."""
+    first, stop = object_span(lines, node)
+    text = [line.rstrip("\r") for line in lines[first:stop]]
+    return [line for number, line in enumerate(text, first) if number >= node.lineno - 1 or not is_marker(line)]
+
+
+def parse_renames(text: str):
+    """{old: new} from "A->B, C->D"; None where an item does not read old->new."""
+    renames = {}
+    for item in text.split(","):
+        rename = re.fullmatch(r"\s*(\S+?)->(\S+)\s*", item)
+        if rename is None or "->" in rename[2]:
+            return None
+        renames[rename[1]] = rename[2]
+    return renames
+
+
+def renamed(lines: list, renames: dict) -> list:
+    """`lines` with every occurrence of each old name replaced, all at once (so A->B, B->A swaps them)."""
+    if not renames:
+        return lines
+    pattern = re.compile("|".join(re.escape(old) for old in sorted(renames, key=len, reverse=True)))
+    return [pattern.sub(lambda found: renames[found[0]], line) for line in lines]
+
+
+def reindented(lines: list, old: str, new: str) -> list:
+    if old == new:
+        return lines
+    return ["" if not line.strip() else new + line[len(old) :] if line.startswith(old) else line for line in lines]
+
+
+class Sources:
+    """The files that copies name, each read and parsed once: (lines, {dotted name: node}) or why not."""
+
+    def __init__(self, root: Path):
+        self.root, self.files = root, {}
+
+    def get(self, source: str):
+        if source not in self.files:
+            path = self.root / source
+            if not path.is_file():
+                self.files[source] = f"there is no {source}"
+            else:
+                text = read(path)
+                try:
+                    tree = ast.parse(text)
+                except SyntaxError as error:
+                    self.files[source] = f"{source} does not parse ({error.msg}, line {error.lineno})"
+                else:
+                    named = {}
+                    for name, node in definitions(tree):
+                        named.setdefault(name, node)
+                    self.files[source] = (text.split("\n"), named)
+        return self.files[source]
+
+
+def check_objects_once(root: Path, fix: bool = False) -> tuple:
+    """One pass over the object markers of the files in OBJECT_COPIES: (problems, fixed), as `check` returns them.
+
+    A copy whose source is itself a copy fixed in the same pass may need a second pass.
+    """
+    problems, fixed, sources = [], [], Sources(root)
+    for path in sorted({path for pattern in OBJECT_COPIES for path in root.glob(pattern)}):
+        name, text = path.relative_to(root).as_posix(), read(path)
+        lines = text.split("\n")
+        markers = [(number, OBJECT_MARKER.fullmatch(line.rstrip("\r"))) for number, line in enumerate(lines)
+                   if LOOKS_LIKE_A_MARKER.fullmatch(line.rstrip("\r"))]
+        if not markers:
+            continue
+        try:
+            tree = ast.parse(text)
+        except SyntaxError as error:
+            problems.append(f"{name} does not parse ({error.msg}, line {error.lineno}): its copies were not checked")
+            continue
+        owners = {}  # a marker's line -> the object it stands over: directly, or among its decorators
+        for qualified, node in definitions(tree):
+            first = object_span(lines, node)[0]
+            for number in [first - 1, *range(first, node.lineno - 1)]:
+                owners.setdefault(number, (qualified, node))
+        edits = []
+        for number, marker in markers:
+            if marker is None:
+                problems.append(f"{name}:{number + 1}: cannot read the marker {lines[number].strip()!r}: write "
+                                "`# Copied from Folder/file.py:Class.method with Old->New`")
+                continue
+            where, source, wanted = f"{name}:{number + 1}", marker["source"], marker["object"]
+            of = f"{source}:{wanted}" + ("" if marker["renames"] is None else f" with {marker['renames']}")
+            renames = {} if marker["renames"] is None else parse_renames(marker["renames"])
+            if renames is None:
+                problems.append(f"{where}: cannot read the renames {marker['renames']!r}: write `with Old->New, A->B`")
+                continue
+            if number not in owners:
+                problems.append(f"{where}: the marker for {of} stands directly above no def or class")
+                continue
+            qualified, node = owners[number]
+            found = sources.get(source)
+            if isinstance(found, str):
+                problems.append(f"{where}: {qualified} is copied from {of}, but {found}")
+                continue
+            source_lines, named = found
+            if wanted not in named:
+                problems.append(f"{where}: {qualified} is copied from {of}, but {source} has no {wanted}")
+                continue
+            original = named[wanted]
+            expected = renamed(object_text(source_lines, original), renames)
+            expected = reindented(expected, indentation(source_lines[original.lineno - 1]),
+                                  indentation(lines[node.lineno - 1]))
+            copy = object_text(lines, node)
+            if copy == expected:
+                continue
+            if not fix:
+                difference = first_difference("\n".join(expected), "\n".join(copy), "object")
+                problems.append(f"{where}: {qualified} differs from {of} ({difference})")
+                continue
+            first, stop = object_span(lines, node)
+            if first <= number:  # the marker stands among the decorators: it stays after as many lines
+                above = sum(not is_marker(line.rstrip("\r")) for line in lines[first:number])
+                definition = next(index for index, line in enumerate(expected)
+                                  if line.lstrip().startswith(("def ", "async def ", "class ")))
+                at = min(above, definition)
+                expected = expected[:at] + [lines[number].rstrip("\r")] + expected[at:]
+            ending = "\r" if lines[number].endswith("\r") else ""
+            edits.append((first, stop, [line + ending for line in expected], f"{name}: {qualified}"))
+        applied = []  # a copy inside another copy waits for the next pass
+        for edit in sorted(edits):
+            if not applied or edit[0] >= applied[-1][1]:
+                applied.append(edit)
+        for first, stop, replacement, _ in reversed(applied):
+            lines[first:stop] = replacement
+        if applied:
+            path.write_bytes("\n".join(lines).encode("utf-8"))
+            fixed += [copy for *_, copy in applied]
+    return problems, fixed
+
+
+def check_objects(root: Path, fix: bool = False) -> tuple:
+    """Compares every copied object with its source; with `fix`, rewrites the copies that differ (a copy of a copy
+    once its source has been fixed). Returns (problems, fixed), as `check` does."""
+    fixed = []
+    for _ in range(10 if fix else 0):
+        done = check_objects_once(root, fix=True)[1]
+        if not done:
+            break
+        fixed += [copy for copy in done if copy not in fixed]
+    return check_objects_once(root)[0], fixed
+
+
+def check(root: Path, fix: bool = False) -> tuple:
+    """Compares every copied block and object with its source; with `fix`, rewrites the copies that differ.
+
+    Returns (problems, fixed): one line per copy that differs or whose marker is wrong (after fixing, only the
+    latter), and one line per copy rewritten.
+    """
+    block_problems, block_fixed = check_blocks(root, fix)
+    object_problems, object_fixed = check_objects(root, fix)
+    return block_problems + object_problems, block_fixed + object_fixed
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fix", action="store_true", help="rewrite every copy that differs from its source")
     args = parser.parse_args(argv)
     problems, fixed = check(REPO_ROOT, fix=args.fix)
-    for block in fixed:
-        print(f"rewrote {block}")
+    for copy in fixed:
+        print(f"rewrote {copy}")
     for problem in problems:
         print(f"error: {problem}", file=sys.stderr)
     if problems and not args.fix:
-        print("Edit a block in its source file, then run: python -m tools.check_copies --fix", file=sys.stderr)
+        print("Edit the code in its source file, then run: python -m tools.check_copies --fix", file=sys.stderr)
     if not problems and not fixed:
-        print("every copied block matches its source")
+        print("every copy matches its source")
     return 1 if problems else 0
 
 
