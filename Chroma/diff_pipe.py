@@ -389,6 +389,7 @@ class ChromaDiffImg2ImgPipeline(ChromaImg2ImgPipeline):
             images = self.image_processor.postprocess(images, output_type, do_denormalize=[False] * len(images))
         return ChromaPipelineOutput(images=images) if return_dict else (images,)
 
+    # Copied from SD3/diff_pipe.py:StableDiffusion3DiffImg2ImgPipeline.prepare_latents
     def prepare_latents(self, *args, **kwargs):
         # Stock draws `noise` here and keeps only scale_noise(x0, t, noise); frozen pixels need x0 and noise again.
         if self._frozen is None:
@@ -396,6 +397,7 @@ class ChromaDiffImg2ImgPipeline(ChromaImg2ImgPipeline):
         with recording_noise(self.scheduler, self._frozen):
             return super().prepare_latents(*args, **kwargs)
 
+    # Copied from Flux/diff_pipe.py:FluxDiffImg2ImgPipeline._unchanged
     def _unchanged(self, pixels, batch_size, height, width, generator, output_type):
         # No pixel is released, so no step runs: the result is x0, as at every kept pixel of a run.
         device, dtype = self._execution_device, self.vae.dtype

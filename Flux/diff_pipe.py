@@ -393,6 +393,7 @@ class FluxDiffImg2ImgPipeline(FluxImg2ImgPipeline):
             images = self.image_processor.postprocess(images, output_type, do_denormalize=[False] * len(images))
         return FluxPipelineOutput(images=images) if return_dict else (images,)
 
+    # Copied from SD3/diff_pipe.py:StableDiffusion3DiffImg2ImgPipeline.prepare_latents
     def prepare_latents(self, *args, **kwargs):
         # Stock draws `noise` here and keeps only scale_noise(x0, t, noise); frozen pixels need x0 and noise again.
         if self._frozen is None:

@@ -383,6 +383,7 @@ class ZImageDiffImg2ImgPipeline(ZImageImg2ImgPipeline):
             images = self.image_processor.postprocess(images, output_type, do_denormalize=[False] * len(images))
         return ZImagePipelineOutput(images=images) if return_dict else (images,)
 
+    # Copied from SD3/diff_pipe.py:StableDiffusion3DiffImg2ImgPipeline.prepare_latents
     def prepare_latents(self, *args, **kwargs):
         # Stock draws `noise` here and keeps only scale_noise(x0, t, noise); frozen pixels need x0 and noise again.
         if self._frozen is None:
