@@ -73,6 +73,17 @@ def test_uniform_map_is_stock_img2img(components, scheduler, strength, steps):
         assert ours.num_timesteps == stock.num_timesteps
 
 
+def test_a_strength_whose_product_with_t_falls_just_above_whole_steps_runs_as_many_as_stock(components):
+    # Stock starts at int(25 - 25 * 0.56) = int(10.999999999999998) = 10, so it runs 15 steps; so must a black map.
+    stock, ours = pipelines(components)
+    run = dict(image=test_image(), strength=0.56, num_inference_steps=25, output_type="np", **RUN)
+    expected = stock(PROMPT, generator=seeded_generator(), **run).images
+    calls = count_transformer_calls(ours)
+    result = ours(PROMPT, map=np.zeros((64, 64), np.uint8), generator=seeded_generator(), **run).images
+    assert len(calls) == ours.num_timesteps == stock.num_timesteps == 15
+    assert np.array_equal(result, expected)
+
+
 def test_num_images_per_prompt_with_a_uniform_map_is_stock(components):
     stock, ours = pipelines(components)
     run = dict(image=test_image(), num_inference_steps=5, num_images_per_prompt=2, output_type="latent", **RUN)
