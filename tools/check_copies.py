@@ -119,7 +119,7 @@ def check_blocks(root: Path, fix: bool = False) -> tuple:
 
 OBJECT_COPIES = ("*/diff_pipe*.py",)  # the files whose object markers are checked
 OBJECT_MARKER = re.compile(
-    r"(?P<indent>[ \t]*)# Copied from (?P<source>[^\s:]+):(?P<object>[A-Za-z_][\w.]*)(?: with (?P<renames>.*?))?\s*"
+    r"[ \t]*# Copied from (?P<source>[^\s:]+):(?P<object>[A-Za-z_][\w.]*)(?: with (?P<renames>.*?))?\s*"
 )
 LOOKS_LIKE_A_MARKER = re.compile(r"\s*# Copied from [^\s:]+\.py:\S.*")  # an object marker, read or not
 DEFINITIONS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
