@@ -86,10 +86,10 @@ def recording_noise(scheduler, frozen, noising: bool = True):
 def strength_map(map, size: tuple, strength: float, invert_map: bool = False, aspect_of: tuple = None):
     """Each cell's strength, `s = strength * (1 - map)` (`strength * map` with `invert_map`), float64 (B, 1, *size).
 
-    White (1) keeps a pixel, black (0) changes it fully. See `map_on_grid` for the sizes and values accepted.
+    White (1) keeps a pixel, black (0) changes it fully; `1 - map` is taken at the decimal it stands for (1 - 0.8 is
+    0.2, not 0.19999999999999996). See `map_on_grid` for the sizes and values accepted.
     """
-    map = map_on_grid(map, size, aspect_of)
-    return strength * (map if invert_map else 1 - map)
+    return strength * map_on_grid(map_to_tensor(map, complement=not invert_map), size, aspect_of)
 
 
 class FrozenPixels:
@@ -451,7 +451,6 @@ def upscaled_size(height: int, width: int, native_size: int, unit: int) -> tuple
 
 def edit_on_crop(
     pipe, arguments: dict, pixels, latent_grid, num_inference_steps: int, unit: int, native_size: int, also_crop=(),
-    release_rule=release_steps,
 ):
     """`crop_to_change`: runs the call in `arguments` (its `locals()` on entry) on the smallest crop that holds every
     released pixel and the context around it, and pastes the result into the input. Returns (images in [0, 1], the
@@ -478,9 +477,10 @@ def edit_on_crop(
         raise ValueError("`crop_to_change` crops the image's pixels: pass `image` as pixels, not latents.")
     pixel_grid = tuple(pixels.shape[-2:])
     scale = pixel_grid[0] // latent_grid[0]
-    map_pixels = map_on_grid(arguments["map"], pixel_grid, aspect_of=latent_grid)
-    release_step = release_steps(strength_map(map_pixels, latent_grid, strength, arguments["invert_map"]),
-                                 num_inference_steps)
+    # The change map (1 = change fully) on the working pixel grid; the crop hands it on with invert_map=True.
+    change = map_on_grid(map_to_tensor(arguments["map"], complement=not arguments["invert_map"]), pixel_grid,
+                         aspect_of=latent_grid)
+    release_step = release_steps(strength_map(change, latent_grid, strength, invert_map=True), num_inference_steps)
     box = change_box(release_step, num_inference_steps, -(-margin // scale), max(1, unit // scale))
     call = {**arguments, "crop_to_change": False, "output_type": "pt", "return_dict": True}
     if box is None:  # no step runs; under keep_exact the result is the input itself, as outside every crop
@@ -498,7 +498,7 @@ def edit_on_crop(
 
     original = pixels / 2 + 0.5
     call.update({name: cut(arguments[name]) for name in also_crop})
-    call.update(image=cut(original), map=cut(map_pixels, "bilinear"))
+    call.update(image=cut(original), map=cut(change, "bilinear"), invert_map=True)
     call.update(keep_exact=keep_exact and edit_size == size)
     if "height" in call:
         call.update(height=edit_size[0], width=edit_size[1])
@@ -507,7 +507,7 @@ def edit_on_crop(
     if edit_size != size:
         edited = F.interpolate(edited, size, mode="bicubic", antialias=True).clamp(0, 1)
         if keep_exact:
-            strengths = strength_map(map_pixels[..., top:bottom, left:right], size, strength, arguments["invert_map"])
+            strengths = strength_map(change[..., top:bottom, left:right], size, strength, invert_map=True)
             edited = composite_original(edited, original[..., top:bottom, left:right], strengths, num_inference_steps)
     # Whole-batch repeats, as stock repeats images for num_images_per_prompt (a, b, a, b); a copy, to paste into.
     images = original.to(edited.device, edited.dtype).repeat(edited.shape[0] // original.shape[0], 1, 1, 1)
@@ -551,7 +551,7 @@ def map_on_grid(map, size: tuple, aspect_of: tuple = None) -> torch.Tensor:
     all equal keeps that value exactly. The map must have the aspect ratio of `aspect_of` (the image's height and
     width, in pixels or grid cells; default `size`) to within one of its units or 1%, whichever is looser.
     """
-    map = map_to_tensor(map)
+    map = map_to_tensor(map)  # a float64 tensor passes as it is
     (height, width), (reference_height, reference_width) = map.shape[-2:], aspect_of or size
     if abs(height * reference_width / width - reference_height) > max(1, reference_height / 100):
         raise ValueError(
@@ -576,18 +576,20 @@ def check_map_count(maps: torch.Tensor, images: torch.Tensor):
         raise ValueError(f"Got {maps.shape[0]} maps for {images.shape[0]} images: pass one map, or one map per image.")
 
 
-def map_to_tensor(map) -> torch.Tensor:
-    """A map as float64 (B, 1, H, W) in [0, 1], in its own polarity, each value at its exact meaning.
+def map_to_tensor(map, complement: bool = False) -> torch.Tensor:
+    """A map as float64 (B, 1, H, W) in [0, 1], in its own polarity (`1 - map` with `complement`), each value at its
+    exact meaning.
 
     Accepts a PIL image (modes 1, L, I;16, I, F, or colour modes, converted to luminance), a numpy array ((H, W),
     (B, H, W), (H, W, 1), (B, H, W, 1) or (B, 1, H, W)), a torch tensor ((H, W), (B, H, W) or (B, 1, H, W)), or a
     list of these. uint8 value k means k/255, uint16 (and PIL mode I) k/65535, bool 0 and 1; floats must lie in
-    [0, 1] and mean the decimal they stand for, so a float32 0.3 is 0.3, not 0.30000001.
+    [0, 1] and mean the decimal they stand for, so a float32 0.3 is 0.3, not 0.30000001. The complement is taken
+    in those units, so it too is the nearest float64 to its exact value.
     """
     if isinstance(map, (list, tuple)):
         if len(map) == 0:
             raise ValueError("`map` is an empty list: pass one map, or one map per image.")
-        maps = [map_to_tensor(m) for m in map]
+        maps = [map_to_tensor(m, complement) for m in map]
         if len({tuple(m.shape[-2:]) for m in maps}) > 1:
             sizes = ", ".join(f"{m.shape[-1]}x{m.shape[-2]}" for m in maps)
             raise ValueError(f"The maps in the `map` list differ in size ({sizes}); give them all the same size.")
@@ -620,7 +622,8 @@ def map_to_tensor(map) -> torch.Tensor:
     if map.numel() == 0:
         raise ValueError(f"`map` is empty (shape {tuple(map.shape)}).")
     if map.dtype in (torch.bool, torch.uint8, torch.uint16):
-        return (map.double() / {torch.bool: 1, torch.uint8: 255, torch.uint16: 65535}[map.dtype])[:, None]
+        unit = {torch.bool: 1, torch.uint8: 255, torch.uint16: 65535}[map.dtype]
+        return ((unit - map.double() if complement else map.double()) / unit)[:, None]
     if not map.is_floating_point():
         raise ValueError(
             f"`map` has dtype {map.dtype}; use uint8 (0-255), uint16 (0-65535), bool, or floats in [0, 1]."
@@ -633,10 +636,11 @@ def map_to_tensor(map) -> torch.Tensor:
             f"`map` values must lie in [0, 1], but they span [{low:g}, {high:g}]. "
             "Rescale it first, for example (m - m.min()) / (m.max() - m.min())."
         )
-    if map.dtype != torch.float64:  # the decimals that this precision tells apart in [0, 1]: 7 for float32
-        decimals = 10.0 ** int(-np.log10(torch.finfo(map.dtype).eps / 2))
-        map = (map.double() * decimals).round() / decimals
-    return map[:, None]
+    if map.dtype == torch.float64:
+        return (1 - map if complement else map)[:, None]
+    unit = 10.0 ** int(-np.log10(torch.finfo(map.dtype).eps / 2))  # the decimals it tells apart in [0, 1]: 7 for float32
+    map = (map.double() * unit).round()
+    return ((unit - map if complement else map) / unit)[:, None]
 
 
 # Copied from SD2/diff_pipe.py: map parsing (end)
