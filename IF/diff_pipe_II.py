@@ -743,7 +743,7 @@ def map_to_tensor(map, complement: bool = False) -> torch.Tensor:
         )
     if map.dtype == torch.float64:
         return (1 - map if complement else map)[:, None]
-    unit = 10.0 ** int(-np.log10(torch.finfo(map.dtype).eps / 2))  # the decimals it tells apart in [0, 1]: 7 for float32
+    unit = 10.0 ** int(-np.log10(torch.finfo(map.dtype).eps / 2))  # the decimals it tells apart: 7 for float32
     map = (map.double() * unit).round()
     return ((unit - map if complement else map) / unit)[:, None]
 
