@@ -443,10 +443,12 @@ def change_box(release_step: torch.Tensor, num_inference_steps: int, margin: int
 
 
 def upscaled_size(height: int, width: int, native_size: int, unit: int) -> tuple:
-    """The size a crop is edited at by `crop_upscale`: its aspect ratio, about `native_size`**2 pixels in area (never
-    smaller than the crop), in whole `unit`s of pixels."""
-    factor = max(1.0, native_size / (height * width) ** 0.5)
-    return tuple(max(unit, round(side * factor / unit) * unit) for side in (height, width))
+    """The size a crop is edited at by `crop_upscale`: its aspect ratio, about `native_size`**2 pixels in area, in
+    whole `unit`s of pixels, and never smaller than the crop. A crop of at least the native area keeps its size."""
+    factor = native_size / (height * width) ** 0.5
+    if factor <= 1:
+        return height, width
+    return tuple(max(-(-side // unit) * unit, round(side * factor / unit) * unit) for side in (height, width))
 
 
 def edit_on_crop(

@@ -316,6 +316,13 @@ def test_the_upscaled_size_keeps_the_aspect_ratio_at_the_native_area_and_never_s
     assert upscaled_size(1024, 1024, 512, 8) == (1024, 1024)
 
 
+def test_the_upscaled_size_of_sides_that_are_not_whole_units():
+    # A side that reaches the grid's edge keeps the grid's length, which need not be a whole unit.
+    assert upscaled_size(30, 50, 512, 8) == (400, 664)
+    assert upscaled_size(97, 97, 98, 8) == (104, 104)  # 98 px rounds to 96, smaller than the crop: the next unit up
+    assert upscaled_size(1001, 1003, 512, 8) == (1001, 1003)  # at least native already: edited as it is
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The contract, per family
 
@@ -418,6 +425,20 @@ def test_crop_upscale_edits_the_crop_at_the_native_size_and_keeps_the_rest_exact
     outside[24:40, 24:40] = False
     np.testing.assert_array_equal(np.asarray(result)[outside], np.asarray(image)[outside])
     assert not np.array_equal(np.asarray(result)[24:40, 24:40], np.asarray(image)[24:40, 24:40])
+
+
+@pytest.mark.parametrize("family", ["sd2"], indirect=True)
+def test_keep_exact_on_a_crop_at_its_own_size_keeps_the_input_bytes_inside_the_crop_too(pipe, family):
+    # The crop's margin holds kept pixels that the model saw: keep_exact must reach the crop call for them.
+    image, keep_map = test_image(), block_map(24, 24, 40, 40)
+    result = np.asarray(run(pipe, family, image, keep_map, crop_to_change=True, crop_margin=8, keep_exact=True)[0])
+    kept = keep_map == 1
+    np.testing.assert_array_equal(result[kept], np.asarray(image)[kept])
+    plain = np.asarray(run(pipe, family, image, keep_map, crop_to_change=True, crop_margin=8)[0])
+    margin = kept.copy()
+    margin[:16, :], margin[48:, :], margin[:, :16], margin[:, 48:] = False, False, False, False
+    assert not np.array_equal(plain[margin], np.asarray(image)[margin])  # without it, the VAE's round trip shows
+    np.testing.assert_array_equal(result[~kept], plain[~kept])
 
 
 @pytest.mark.parametrize("family", ["if_stage1", "if_stage2"], indirect=True)
