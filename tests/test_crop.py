@@ -372,7 +372,10 @@ def test_a_batch_is_edited_on_the_union_of_its_changes(pipe, family, images_per_
     expected = by_hand(pipe, family, working, keep_maps, box, **options())
     assert len(batched) == len(expected) == 2 * images_per_prompt
     if spec.regroups_copies and images_per_prompt > 1:
-        np.testing.assert_allclose(batched[:, 8:48, 8:32], expected, rtol=BATCH_RTOL, atol=BATCH_RTOL)
+        # Another batch layout sums in another order at every layer of three UNet steps and the MoVQ decoder, and
+        # the differences grow through them (1.4e-4 seen on torch 2.14.1): hold them to a quarter of an 8-bit level,
+        # invisible in a saved image, where a map applied to the wrong copy changes pixels by tenths.
+        np.testing.assert_allclose(batched[:, 8:48, 8:32], expected, rtol=0, atol=0.25 / 255)
     else:
         np.testing.assert_array_equal(batched[:, 8:48, 8:32], expected)
     for item, output in enumerate(batched):
