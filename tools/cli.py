@@ -23,6 +23,8 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps, PngImagePlugin, UnidentifiedImageError
 
+from tools.feather import feathered_mask
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ASSETS = REPO_ROOT / "assets"
 EXAMPLE_IMAGE = ASSETS / "input.jpg"
@@ -385,8 +387,7 @@ def mask_to_keep_map(mask: Image.Image, size: tuple[int, int], feather: float = 
                      shown: str = "the mask") -> Image.Image:
     """The soft inpainting keep map (mode F, white = keep) of an inpainting mask (any image, white = fill), stretched
     to ``size`` first, so that ``feather`` and ``grow`` count image pixels. Values of 0.5 and up are the region:
-    0 in the map, grown by ``grow`` pixels and faded to 1 over ``feather`` more (``tools.maps.feathered_mask``)."""
-    from tools.maps import feathered_mask
+    0 in the map, grown by ``grow`` pixels and faded to 1 over ``feather`` more (``tools.feather.feathered_mask``)."""
     values = Image.fromarray(map_values(mask, f"--mask {shown}")).resize(size, Image.Resampling.BILINEAR)
     region = np.asarray(values) >= 0.5
     if not region.any():
