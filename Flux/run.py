@@ -48,7 +48,7 @@ def load_pipelines(args):
     from Flux.diff_pipe import FluxDiffImg2ImgPipeline  # by package, so that families never collide
 
     return cli.load_pipeline(
-        FluxDiffImg2ImgPipeline, args.model, torch_dtype=args.torch_dtype, device=args.device,
+        FluxDiffImg2ImgPipeline, args.model, torch_dtype=cli.torch_dtype(args.dtype), device=args.device,
         offload=args.offload,
     )
 

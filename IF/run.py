@@ -151,19 +151,17 @@ def load_pipelines(args) -> IFPipelines:
         from diffusers import StableDiffusionUpscalePipeline
 
         stage3 = cli.load_pipeline(
-            StableDiffusionUpscalePipeline, args.stage3_model, torch_dtype=args.torch_dtype, device=args.device,
-            offload=offload, flag="--stage3-model", **NO_SAFETY_CHECKER_OR_WATERMARK,
+            StableDiffusionUpscalePipeline, args.stage3_model, torch_dtype=cli.torch_dtype(args.dtype),
+            device=args.device, offload=offload, flag="--stage3-model", **NO_SAFETY_CHECKER_OR_WATERMARK,
         )
     return IFPipelines(stage1, stage2, stage3)
 
 
 def _load_if_stage(pipeline_class, model, flag, args, offload, *, super_resolution, **components):
-    import torch
-
-    load = dict(torch_dtype=args.torch_dtype, device=args.device, offload=offload, flag=flag,
+    load = dict(torch_dtype=cli.torch_dtype(args.dtype), device=args.device, offload=offload, flag=flag,
                 requires_safety_checker=False, **NO_SAFETY_CHECKER_OR_WATERMARK, **components)
     pipe = None
-    if args.torch_dtype == torch.float16:  # the IF repositories hold fp16 copies: half the download
+    if args.dtype == "fp16":  # the IF repositories hold fp16 copies: half the download
         try:
             pipe = cli.load_pipeline(pipeline_class, model, variant="fp16", **load)
         except cli.CliError as error:

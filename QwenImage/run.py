@@ -45,7 +45,7 @@ def load_pipelines(args):
     from QwenImage.diff_pipe import QwenImageDiffImg2ImgPipeline  # by package, so that families never collide
 
     return cli.load_pipeline(
-        QwenImageDiffImg2ImgPipeline, args.model, torch_dtype=args.torch_dtype, device=args.device,
+        QwenImageDiffImg2ImgPipeline, args.model, torch_dtype=cli.torch_dtype(args.dtype), device=args.device,
         offload=args.offload,
     )
 

@@ -47,7 +47,7 @@ def load_pipelines(args):
     from ZImage.diff_pipe import ZImageDiffImg2ImgPipeline  # by package, so that families never collide
 
     return cli.load_pipeline(
-        ZImageDiffImg2ImgPipeline, args.model, torch_dtype=args.torch_dtype, device=args.device,
+        ZImageDiffImg2ImgPipeline, args.model, torch_dtype=cli.torch_dtype(args.dtype), device=args.device,
         offload=args.offload,
     )
 

@@ -107,7 +107,8 @@ def test_defaults(parser, example):
     assert args.image == example / "input.png" and args.map == example / "map.png" and args.mask is None
     assert (args.prompt, args.negative_prompt) == ("a watercolour painting", "")  # the file's text, stripped
     assert args.output == Path("output.png")
-    assert (args.device, args.dtype, args.torch_dtype, args.scheduler) == ("cpu", "fp32", torch.float32, "default")
+    assert (args.device, args.dtype, args.scheduler) == ("cpu", "fp32", "default")
+    assert cli.torch_dtype(args.dtype) == torch.float32
     assert not any([args.invert_map, args.offload, args.compare, args.overwrite, args.keep_exact])
     assert cli.parse_args(make_parser(example, default_negative_prompt="low quality"), []).negative_prompt == \
         "low quality"
@@ -301,7 +302,7 @@ def test_device_and_dtype(monkeypatch, cuda, mps, device, dtype, expected):
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
     args = argparse.Namespace(device=device, dtype=dtype, offload=False)
     cli.resolve_device(args)
-    assert (args.device, args.dtype, args.torch_dtype) == expected
+    assert (args.device, args.dtype, cli.torch_dtype(args.dtype)) == expected
 
 
 def test_generator_repeats_for_a_seed():

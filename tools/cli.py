@@ -208,8 +208,7 @@ def build_parser(description: str, *, default_model: str, default_steps: int, de
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
     """Parses ``argv`` (default: the command line) and checks all that needs no model; ``CliError`` names flag and
-    fix. Fills in the prompts (text), ``image``, ``map`` or ``mask``, ``output``, ``device``, ``dtype`` (a name) and
-    ``torch_dtype``."""
+    fix. Fills in the prompts (text), ``image``, ``map`` or ``mask``, ``output``, ``device`` and ``dtype`` (a name)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args, example = parser.parse_args(argv), parser.example
     if args.crop_upscale and args.crop_margin is None:
@@ -260,7 +259,7 @@ def text_argument(given: str | None, default: str | PurePath, flag: str) -> str:
 
 def resolve_device(args: argparse.Namespace) -> None:
     """Resolves ``--device`` and ``--dtype``: auto picks CUDA in fp16, then Apple MPS in fp16, then the CPU, which
-    runs only fp32. Adds ``args.torch_dtype``."""
+    runs only fp32."""
     import torch
     if args.offload and args.device == "cpu":
         raise CliError("--offload moves each model onto the GPU only while it runs; it needs --device cuda or mps")
@@ -273,7 +272,12 @@ def resolve_device(args: argparse.Namespace) -> None:
         args.dtype = "fp32" if args.device == "cpu" else "fp16"
     if args.device == "cpu" and args.dtype != "fp32":
         raise CliError(f"--dtype {args.dtype} does not run on the CPU; use --dtype fp32 (or --dtype auto)")
-    args.torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+
+
+def torch_dtype(name: str):
+    """The torch dtype of a ``--dtype`` that ``resolve_device`` resolved: fp16, bf16 or fp32."""
+    import torch
+    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
 
 
 def compare_path(output: Path) -> Path:
