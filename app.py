@@ -63,7 +63,7 @@ def family_args(name: str, argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     cli.resolve_device(args)
     args.default_steps, args.default_guidance = parser.get_default("steps"), parser.get_default("guidance_scale")
-    args.scheduler_choices = list(parser._option_string_actions["--scheduler"].choices)
+    args.scheduler_choices = list(parser.common_flags["scheduler"].choices)
     return args
 
 
@@ -301,16 +301,14 @@ def build_app(models: Models, output_dir: Path) -> gr.Blocks:
         def run_args(family_name, model_id, path, prompt_text, negative_text, strength_value, steps_value,
                      guidance_value, seed_value, scheduler_name, keep_exact_value, invert_value):
             args = models.args_for(family_name)
-            parser = cli.load_family(family_name).build_parser()
-            for flag, value in (("--steps", steps_value), ("--guidance-scale", guidance_value),
-                                ("--seed", seed_value), ("--strength", strength_value)):
+            for dest, value in (("steps", steps_value), ("guidance_scale", guidance_value), ("seed", seed_value),
+                                ("strength", strength_value)):
                 if value is None:
-                    raise cli.CliError(f"{flag[2:].replace('-', ' ')} is empty: give a number")
-                # the parser's own types check the ranges, with run.py's messages
-                try:
-                    setattr(args, flag[2:].replace("-", "_"), parser._option_string_actions[flag].type(str(value)))
+                    raise cli.CliError(f"{dest.replace('_', ' ')} is empty: give a number")
+                try:  # the flags' own types check the ranges, with run.py's messages
+                    setattr(args, dest, cli.NUMBER_TYPES[dest](str(value)))
                 except argparse.ArgumentTypeError as error:
-                    raise cli.CliError(f"{flag[2:].replace('-', ' ')} {error}") from None
+                    raise cli.CliError(f"{dest.replace('_', ' ')} {error}") from None
             args.model, args.scheduler = model_id.strip() or args.model, scheduler_name
             args.prompt, args.negative_prompt = prompt_text or "", negative_text or ""
             args.keep_exact, args.invert_map = bool(keep_exact_value), bool(invert_value)

@@ -30,7 +30,7 @@ def build_parser():
         default_steps=50,
         default_guidance=4.0,
     )
-    next(action for action in parser._actions if action.dest == "guidance_scale").help = (
+    parser.common_flags["guidance_scale"].help = (
         "Qwen-Image's true_cfg_scale: above 1, true classifier-free guidance with --negative-prompt, two "
         "transformer passes per step; 1 or less turns it off (default: %(default)g)")
     return parser

@@ -32,7 +32,7 @@ def build_parser():
         default_steps=8,
         default_guidance=0.0,
     )
-    next(action for action in parser._actions if action.dest == "guidance_scale").help = (
+    parser.common_flags["guidance_scale"].help = (
         "classifier-free guidance scale: above 0 it doubles the transformer's batch with --negative-prompt; "
         "0 turns it off, as Z-Image-Turbo is meant to run (default: %(default)g)")
     return parser

@@ -139,7 +139,9 @@ def test_help_documents_every_flag_and_its_default(parser, capsys):
         cli.parse_args(parser, ["--help"])
     help_text = capsys.readouterr().out
     assert exit_info.value.code == 0 and all(flag in help_text for flag in ALL_FLAGS)
-    assert all("default" in action.help for action in parser._actions if action.dest != "help")
+    flags = parser.common_flags.values()  # every flag of this parser but --help
+    assert {name for action in flags for name in action.option_strings} >= set(ALL_FLAGS)
+    assert all("default" in action.help for action in flags)
 
 
 def test_building_the_parser_reads_no_file_and_a_prompt_file_only_when_needed(tmp_path, monkeypatch):

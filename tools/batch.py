@@ -77,16 +77,17 @@ def parse_args(module, argv: list[str]) -> argparse.Namespace:
     parser.prog = "python -m tools.batch"
     parser.description = (f"Edit every row of a jobs file with the model of {cli.display(module.__file__)}. The "
                           "model's flags below are the defaults for every row.")
-    model_flags = [action.dest for action in parser._actions if action.dest not in parser.common_flags]
     add = parser.add_argument_group("batch").add_argument
-    add("jobs", metavar="JOBS", help=f"jobs file: .csv with a header row, or .jsonl (one JSON object a line); "
-        f"columns: {', '.join(COLUMNS)}")
-    add("--family", required=True, type=str.lower, choices=list(cli.families()), help="the model folder to use")
-    add("--output-dir", required=True, metavar="DIR", help="folder for the results and summary.json, created if "
-        "missing; every output lies inside it")
-    add("--batch-size", type=cli.whole_number(1, MAX_BATCH_SIZE), default=1, metavar="N", help="rows per pipeline "
-        "call, among rows of equal image size, map (or mask), steps, strength and guidance (default: 1)")
-    add("--skip-bad-rows", action="store_true", help="run the good rows even if others are bad (default: off)")
+    batch_flags = [
+        add("jobs", metavar="JOBS", help=f"jobs file: .csv with a header row, or .jsonl (one JSON object a line); "
+            f"columns: {', '.join(COLUMNS)}"),
+        add("--family", required=True, type=str.lower, choices=list(cli.families()), help="the model folder to use"),
+        add("--output-dir", required=True, metavar="DIR", help="folder for the results and summary.json, created if "
+            "missing; every output lies inside it"),
+        add("--batch-size", type=cli.whole_number(1, MAX_BATCH_SIZE), default=1, metavar="N", help="rows per "
+            "pipeline call, among rows of equal image size, map (or mask), steps, strength and guidance (default: 1)"),
+        add("--skip-bad-rows", action="store_true", help="run the good rows even if others are bad (default: off)"),
+    ]
     for_rows = {  # the run.py flags that mean something else in a batch say so
         "image": "default image, for rows without one", "prompt": "default prompt, for rows without one",
         "map": "default keep map (white = keep), for rows with neither map nor mask",
@@ -95,9 +96,11 @@ def parse_args(module, argv: list[str]) -> argparse.Namespace:
         "overwrite": "redo rows whose output already holds their result, and replace it (default: off, skip them)",
         "output": argparse.SUPPRESS,  # one file per row: --output-dir and the output column name them
     }
-    for action in parser._actions:
-        action.help = for_rows.get(action.dest, action.help)
+    for dest, help in for_rows.items():
+        parser.common_flags[dest].help = help
     args = parser.parse_args(argv)
+    model_flags = [dest for dest in vars(args)  # in the parser's order
+                   if dest not in parser.common_flags and dest not in {action.dest for action in batch_flags}]
     if args.output is not None:
         raise cli.CliError("--output names one file, and a batch writes one per row: use --output-dir, and the "
                            "jobs file's output column to name them")
@@ -113,7 +116,6 @@ def parse_args(module, argv: list[str]) -> argparse.Namespace:
             setattr(args, flag, cli.input_path(getattr(args, flag), None, f"--{flag}").absolute())
     # What the results record beyond run.py's parameters: the family, the jobs file and the model's own flags
     args.extra_params = {"family": args.family, "jobs": args.jobs, **{dest: vars(args)[dest] for dest in model_flags}}
-    args.number_types = {flag.dest: flag.type for flag in parser._actions if flag.dest in COLUMNS and flag.type}
     args.command = shlex.join(["python", "-m", "tools.batch", *argv])
     return args
 
@@ -261,7 +263,7 @@ def make_job(args, line: int, number: int, cells: dict[str, str], problems: list
     job.invert_map = args.invert_map and job.mask is None  # a mask is white = fill, whatever --invert-map
     problems += [header(path, name)[1] for name, path in vars(job).items() if isinstance(path, Path)
                  and header(path, name)[1]]
-    for name, parse in args.number_types.items():  # each cell checked as run.py checks its flag
+    for name, parse in cli.NUMBER_TYPES.items():  # each cell checked as run.py checks its flag
         try:
             setattr(job, name, parse(cells[name]) if cells.get(name) else getattr(args, name))
         except argparse.ArgumentTypeError as error:

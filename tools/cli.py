@@ -18,7 +18,7 @@ import re
 import shlex
 import sys
 from pathlib import Path, PurePath
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps, PngImagePlugin, UnidentifiedImageError
@@ -103,14 +103,30 @@ def display(path: PurePath | str) -> str:
         return str(path)
 
 
-class Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are ``CliError``s (one line through ``main``) instead of usage text. After
-    parsing it calls each function in ``checks`` on the result: a model's checks of flags that go together, which
-    run.py and tools.batch thus both make before anything loads."""
+class Example(NamedTuple):
+    """The inputs a run.py takes when their flags are not given: paths, and a prompt's text or a file holding it."""
+    image: Path
+    map: Path
+    prompt: str | PurePath
+    negative_prompt: str | PurePath
 
-    def __init__(self, *args, **kwargs):
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are ``CliError``s (one line through ``main``) instead of usage text, and which
+    holds what ``parse_args`` needs beyond the flags. After parsing it calls each function in ``checks`` on the
+    result: a model's checks of flags that go together, which run.py and tools.batch thus both make before anything
+    loads."""
+
+    def __init__(self, *args, example: Example | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.checks = []
+        self.checks: list[Callable[[argparse.Namespace], None]] = []
+        self.example = example  # the inputs that a run.py takes when their flags are not given
+        self.default_output = Path("output.png")  # taken, or the first free name like it, when --output is not given
+        self.extra_outputs = lambda args, output: []  # the files that a model writes beside the output: [paths]
+        # The action of each flag that every run.py shares, by dest, and their groups, by title (build_parser's): a
+        # model rewords their help and adds a flag to a group; its own flags are the others.
+        self.common_flags: dict[str, argparse.Action] = {}
+        self.groups = {}
 
     def error(self, message: str):
         raise CliError(f"{message} (see --help)")
@@ -141,44 +157,56 @@ def real_number(low: float, high: float = math.inf, *, whole: bool = False) -> C
 
 whole_number = functools.partial(real_number, whole=True)  # whole_number(low, high): the same for ints
 
+# The types of the shared flags that take a number, by dest: tools.batch checks a jobs file's cells with them.
+NUMBER_TYPES = {"feather": real_number(0, MAX_FEATHER_PX), "grow": real_number(0, MAX_FEATHER_PX),
+                "steps": whole_number(1, MAX_STEPS), "guidance_scale": real_number(0), "strength": real_number(0, 1),
+                "seed": whole_number(0, MAX_SEED)}
+
 
 def build_parser(description: str, *, default_model: str, default_steps: int, default_guidance: float,
                  default_image: str | PurePath = EXAMPLE_IMAGE, default_map: str | PurePath = EXAMPLE_MAP,
                  default_prompt: str | PurePath = EXAMPLE_PROMPT,
-                 default_negative_prompt: str | PurePath = EXAMPLE_NEGATIVE_PROMPT) -> argparse.ArgumentParser:
+                 default_negative_prompt: str | PurePath = EXAMPLE_NEGATIVE_PROMPT) -> Parser:
     """The flags every run.py shares; a model adds its own. Reads no file: ``--help`` works without the example. A
-    prompt default given as a ``Path`` is a file, read when the flag is not given. A model that writes more files
-    beside ``--output`` sets ``parser.extra_outputs = lambda args, output: [paths]``, checked like ``--output``."""
+    prompt default given as a ``Path`` is a file, read when the flag is not given."""
     parser = Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
                     epilog="Map convention: white (1) keeps a pixel, black (0) changes it fully;\na pixel's strength "
                     "is --strength * (1 - map).\nExit status: 0 done, 1 the run failed, 2 bad arguments or input "
-                    "files, 130 interrupted.")
-    parser.example = argparse.Namespace(image=Path(default_image), map=Path(default_map), prompt=default_prompt,
-                                        negative_prompt=default_negative_prompt)
-    parser.extra_outputs, parser.default_output = (lambda args, output: []), Path("output.png")
+                    "files, 130 interrupted.", example=Example(Path(default_image), Path(default_map), default_prompt,
+                                                               default_negative_prompt))
+
+    def group(title: str):  # add_argument of a new group; the parser keeps the group and every action it adds
+        parser.groups[title] = parser.add_argument_group(title)
+
+        def add(*names, **options) -> None:
+            action = parser.groups[title].add_argument(*names, **options)
+            parser.common_flags[action.dest] = action
+
+        return add
+
     text = lambda default: f"the text in {display(default)}" if isinstance(default, PurePath) else (  # noqa: E731
         repr(default) if default else "none")
-    add = parser.add_argument_group("inputs").add_argument
+    add = group("inputs")
     add("--image", metavar="PATH", help=f"image to edit, any format Pillow reads (default: {display(default_image)})")
     add("--map", metavar="PATH", help="grayscale map of each pixel's strength: white keeps, black changes fully; "
         f"8-bit, 16-bit and float maps keep their precision (default: {display(default_map)})")
     add("--invert-map", action="store_true", help="white changes, black keeps, as in inpainting masks (default: off)")
     add("--mask", metavar="PATH", help="soft inpainting instead of --map: white (half its range and up) is the "
         "region to fill, feathered into a map by --feather and --grow (default: none)")
-    add("--feather", type=real_number(0, MAX_FEATHER_PX), default=0.0, metavar="PX", help="with --mask: width in "
-        "image pixels of the band over which the strength fades from 1 to 0; 0 is a hard mask (default: 0)")
-    add("--grow", type=real_number(0, MAX_FEATHER_PX), default=0.0, metavar="PX", help="with --mask: first grow the "
-        "region by this many image pixels, so the fill covers its seam (default: 0)")
+    add("--feather", type=NUMBER_TYPES["feather"], default=0.0, metavar="PX", help="with --mask: width in image "
+        "pixels of the band over which the strength fades from 1 to 0; 0 is a hard mask (default: 0)")
+    add("--grow", type=NUMBER_TYPES["grow"], default=0.0, metavar="PX", help="with --mask: first grow the region by "
+        "this many image pixels, so the fill covers its seam (default: 0)")
     add("--prompt", metavar="TEXT", help=f"what the edited image should show (default: {text(default_prompt)})")
     add("--negative-prompt", metavar="TEXT", help=f"what it should not show (default: {text(default_negative_prompt)})")
-    add = parser.add_argument_group("sampling").add_argument
-    add("--steps", type=whole_number(1, MAX_STEPS), default=default_steps, metavar="N", help=f"denoising steps, 1 to "
+    add = group("sampling")
+    add("--steps", type=NUMBER_TYPES["steps"], default=default_steps, metavar="N", help=f"denoising steps, 1 to "
         f"{MAX_STEPS}; pixels of less strength run fewer of them (default: {default_steps})")
-    add("--guidance-scale", type=real_number(0), default=default_guidance, metavar="G", help="classifier-free "
-        f"guidance scale; 1 or less turns it off (default: {default_guidance:g})")
-    add("--strength", type=real_number(0, 1), default=1.0, metavar="S", help="scales every pixel's strength, 0 to 1; "
-        "0 returns the input (default: 1)")
-    add("--seed", type=whole_number(0, MAX_SEED), default=0, metavar="N", help="random seed, 0 to 2**64-1 (default: 0)")
+    add("--guidance-scale", type=NUMBER_TYPES["guidance_scale"], default=default_guidance, metavar="G",
+        help=f"classifier-free guidance scale; 1 or less turns it off (default: {default_guidance:g})")
+    add("--strength", type=NUMBER_TYPES["strength"], default=1.0, metavar="S", help="scales every pixel's strength, "
+        "0 to 1; 0 returns the input (default: 1)")
+    add("--seed", type=NUMBER_TYPES["seed"], default=0, metavar="N", help="random seed, 0 to 2**64-1 (default: 0)")
     add("--scheduler", choices=["default", *SCHEDULERS], default="default", help="sampler: 'default' keeps the "
         "model's own; dpm++ is DPM-Solver++ multistep, euler-a Euler ancestral (default: default)")
     add("--keep-exact", action="store_true", help="copy the input's own pixels back where the strength is 0 (and "
@@ -188,7 +216,7 @@ def build_parser(description: str, *, default_model: str, default_steps: int, de
         "crop; best with --keep-exact (default: off, the whole frame)")
     add("--crop-upscale", action="store_true", help="with --crop-margin: edit the crop at the model's native size "
         "for more detail, then scale it back down (default: off)")
-    add = parser.add_argument_group("model and hardware").add_argument
+    add = group("model and hardware")
     add("--model", default=default_model, metavar="ID_OR_PATH", help="Hugging Face Hub id, or a local diffusers "
         f"folder holding model_index.json (default: {default_model})")
     add("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto", help="auto picks CUDA, then Apple MPS, "
@@ -197,12 +225,11 @@ def build_parser(description: str, *, default_model: str, default_steps: int, de
         "fp32 on the CPU, which runs only fp32 (default: auto)")
     add("--offload", action="store_true", help="keep each model on the CPU until it runs, for GPUs with little "
         "memory; needs CUDA or MPS (default: off)")
-    add = parser.add_argument_group("output").add_argument
+    add = group("output")
     add("--output", metavar="PATH.png", help="PNG to write, with the parameters as PNG text (default: the first "
         "free output.png, output-1.png, ... here)")
     add("--overwrite", action="store_true", help="replace an existing --output; inputs never (default: off)")
     add("--compare", action="store_true", help="also write <output>-compare.png: input | map | output (default: off)")
-    parser.common_flags = {action.dest for action in parser._actions}  # a model's own flags come after these
     return parser
 
 
