@@ -138,6 +138,12 @@ class Parser(argparse.ArgumentParser):
         return parsed, rest
 
 
+class Args(argparse.Namespace):
+    """A parsed command line: the parser's flags, and ``command``, the command line that the PNG text records."""
+
+    command: str
+
+
 def real_number(low: float, high: float = math.inf, *, whole: bool = False) -> Callable[[str], float]:
     """An argparse ``type`` for finite numbers (with ``whole``: ``int``s) from ``low`` to ``high`` (default: none)."""
     bounds = f"from {low:g} to {high:g}" if high < math.inf else f"of at least {low:g}"
@@ -233,11 +239,13 @@ def build_parser(description: str, *, default_model: str, default_steps: int, de
     return parser
 
 
-def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(parser: Parser, argv: list[str] | None = None, *, command: str | None = None) -> Args:
     """Parses ``argv`` (default: the command line) and checks all that needs no model; ``CliError`` names flag and
-    fix. Fills in the prompts (text), ``image``, ``map`` or ``mask``, ``output``, ``device`` and ``dtype`` (a name)."""
+    fix. Fills in the prompts (text), ``image``, ``map`` or ``mask``, ``output``, ``device`` and ``dtype`` (a name).
+    ``command`` (default: ``python <script> <argv>``) is the command line that the results record."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    args, example = parser.parse_args(argv), parser.example
+    command = shlex.join(["python", display(sys.argv[0]), *argv]) if command is None else command
+    args, example = parser.parse_args(argv, Args(command=command)), parser.example
     if args.crop_upscale and args.crop_margin is None:
         raise CliError("--crop-upscale scales the crop that --crop-margin makes; pass --crop-margin PX too, or drop it")
     if args.mask is None and (args.feather or args.grow):
@@ -260,7 +268,6 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -
     resolve_device(args)
     if not args.prompt.strip() and given_prompt != "":  # `--prompt ""` is a choice; a blank prompt file is a slip
         warn(f"the prompt{'' if given_prompt else ' file'} is blank, so the edit follows no text; pass --prompt TEXT")
-    args.command = shlex.join(["python", display(sys.argv[0]), *argv])
     return args
 
 
