@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import gc
 import shlex
 import sys
@@ -57,14 +58,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def family_args(name: str, argv: list[str]) -> argparse.Namespace:
+def family_args(name: str, argv: list[str]) -> cli.Args:
     """The family's run.py flags from ``argv``, checked as run.py checks what needs no model or input file."""
-    parser = cli.load_family(name).build_parser()
-    args = parser.parse_args(argv)
+    args = cli.load_family(name).build_parser().parse_args(argv, cli.Args())
     cli.resolve_device(args)
-    args.default_steps, args.default_guidance = parser.get_default("steps"), parser.get_default("guidance_scale")
-    args.scheduler_choices = list(parser._option_string_actions["--scheduler"].choices)
     return args
+
+
+def family_defaults(name: str) -> tuple[int, float, list[str]]:
+    """The family's default steps and guidance scale, and the samplers that its --scheduler offers."""
+    parser = cli.load_family(name).build_parser()
+    return (parser.get_default("steps"), parser.get_default("guidance_scale"),
+            list(parser.common_flags["scheduler"].choices))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -73,14 +78,14 @@ def family_args(name: str, argv: list[str]) -> argparse.Namespace:
 
 
 class Models:
-    def __init__(self, start_family: str, start_args: argparse.Namespace):
+    def __init__(self, start_family: str, start_args: cli.Args):
         self.start_family, self.start_args = start_family, start_args
         self.key, self.pipelines = None, None
 
-    def args_for(self, family: str) -> argparse.Namespace:
+    def args_for(self, family: str) -> cli.Args:
         """The start family's flags as given; another family's defaults, on the same device and dtype."""
         if family == self.start_family:
-            return argparse.Namespace(**vars(self.start_args))
+            return copy.copy(self.start_args)
         hardware = ["--device", self.start_args.device, "--dtype", self.start_args.dtype]
         if self.start_args.offload:
             hardware.append("--offload")
@@ -209,6 +214,7 @@ def load_image(path: str | None, max_side: int) -> Image.Image:
 
 def build_app(models: Models, output_dir: Path) -> gr.Blocks:
     start = models.start_args
+    start_steps, start_guidance, start_schedulers = family_defaults(models.start_family)
     families = list(cli.families())
 
     with gr.Blocks(title="Differential Diffusion") as demo:
@@ -256,13 +262,13 @@ def build_app(models: Models, output_dir: Path) -> gr.Blocks:
                 negative = gr.Textbox(label="Negative prompt", elem_id="negative-prompt")
                 with gr.Row():
                     strength = gr.Slider(0, 1, value=1, step=0.01, label="Strength (scales every pixel's)")
-                    steps = gr.Number(start.default_steps, label="Steps", precision=0, minimum=1,
+                    steps = gr.Number(start_steps, label="Steps", precision=0, minimum=1,
                                       maximum=cli.MAX_STEPS, elem_id="steps")
                 with gr.Row():
-                    guidance = gr.Number(start.default_guidance, label="Guidance scale", minimum=0,
+                    guidance = gr.Number(start_guidance, label="Guidance scale", minimum=0,
                                          elem_id="guidance")
                     seed = gr.Number(0, label="Seed", precision=0, minimum=0, elem_id="seed")
-                    scheduler = gr.Dropdown(start.scheduler_choices, value=start.scheduler, label="Scheduler")
+                    scheduler = gr.Dropdown(start_schedulers, value=start.scheduler, label="Scheduler")
                 keep_exact = gr.Checkbox(False, label="Keep exact: strength-0 pixels are the input's own bytes",
                                          elem_id="keep-exact")
                 with gr.Row():
@@ -295,22 +301,20 @@ def build_app(models: Models, output_dir: Path) -> gr.Blocks:
 
         def new_family(name):
             args = models.args_for(name)
-            return (args.model, args.default_steps, args.default_guidance,
-                    gr.Dropdown(choices=args.scheduler_choices, value=args.scheduler))
+            steps_default, guidance_default, schedulers = family_defaults(name)
+            return args.model, steps_default, guidance_default, gr.Dropdown(choices=schedulers, value=args.scheduler)
 
         def run_args(family_name, model_id, path, prompt_text, negative_text, strength_value, steps_value,
                      guidance_value, seed_value, scheduler_name, keep_exact_value, invert_value):
             args = models.args_for(family_name)
-            parser = cli.load_family(family_name).build_parser()
-            for flag, value in (("--steps", steps_value), ("--guidance-scale", guidance_value),
-                                ("--seed", seed_value), ("--strength", strength_value)):
+            for dest, value in (("steps", steps_value), ("guidance_scale", guidance_value), ("seed", seed_value),
+                                ("strength", strength_value)):
                 if value is None:
-                    raise cli.CliError(f"{flag[2:].replace('-', ' ')} is empty: give a number")
-                # the parser's own types check the ranges, with run.py's messages
-                try:
-                    setattr(args, flag[2:].replace("-", "_"), parser._option_string_actions[flag].type(str(value)))
+                    raise cli.CliError(f"{dest.replace('_', ' ')} is empty: give a number")
+                try:  # the flags' own types check the ranges, with run.py's messages
+                    setattr(args, dest, cli.NUMBER_TYPES[dest](str(value)))
                 except argparse.ArgumentTypeError as error:
-                    raise cli.CliError(f"{flag[2:].replace('-', ' ')} {error}") from None
+                    raise cli.CliError(f"{dest.replace('_', ' ')} {error}") from None
             args.model, args.scheduler = model_id.strip() or args.model, scheduler_name
             args.prompt, args.negative_prompt = prompt_text or "", negative_text or ""
             args.keep_exact, args.invert_map = bool(keep_exact_value), bool(invert_value)

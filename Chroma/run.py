@@ -40,7 +40,7 @@ def load_pipelines(args):
     from Chroma.diff_pipe import ChromaDiffImg2ImgPipeline  # by package, so that families never collide
 
     return cli.load_pipeline(
-        ChromaDiffImg2ImgPipeline, args.model, torch_dtype=args.torch_dtype, device=args.device,
+        ChromaDiffImg2ImgPipeline, args.model, torch_dtype=cli.torch_dtype(args.dtype), device=args.device,
         offload=args.offload,
     )
 

@@ -28,7 +28,7 @@ def build_parser():
         default_steps=28,
         default_guidance=3.5,
     )
-    next(action for action in parser._actions if action.dest == "guidance_scale").help = (
+    parser.common_flags["guidance_scale"].help = (
         "FLUX.1-dev's distilled guidance, an input of the transformer (one pass per step, not classifier-free "
         "guidance); FLUX.1-schnell ignores it (default: %(default)g)")
     parser.add_argument(
@@ -48,7 +48,7 @@ def load_pipelines(args):
     from Flux.diff_pipe import FluxDiffImg2ImgPipeline  # by package, so that families never collide
 
     return cli.load_pipeline(
-        FluxDiffImg2ImgPipeline, args.model, torch_dtype=args.torch_dtype, device=args.device,
+        FluxDiffImg2ImgPipeline, args.model, torch_dtype=cli.torch_dtype(args.dtype), device=args.device,
         offload=args.offload,
     )
 

@@ -65,24 +65,24 @@ def build_parser():
         default_steps=STAGE1_STEPS,
         default_guidance=STAGE1_GUIDANCE,
     )
-    flags = parser._option_string_actions  # the common flags, whose help and choices IF words its own way
-    flags["--model"].help = f"stage I model: Hub id or local diffusers folder (default: {DEFAULT_MODEL})"
-    flags["--steps"].help = f"stage I denoising steps, 1 to {cli.MAX_STEPS} (default: {STAGE1_STEPS})"
-    flags["--guidance-scale"].help = ("stage I classifier-free guidance scale, at least 0; 1 or less turns guidance "
-                                     f"off (default: {STAGE1_GUIDANCE:g})")
-    flags["--scheduler"].choices = IF_SCHEDULERS
-    flags["--scheduler"].help = ("sampler of stages I and II: 'default' keeps IF's DDPM; dpm++ is DPM-Solver++ "
-                                 "multistep; IF's learned variance rules out the others (default: default)")
-    flags["--offload"].help = "model CPU offload, for GPUs with little memory (default: on with CUDA)"
+    flags = parser.common_flags  # the common flags, whose help and choices IF words its own way
+    flags["model"].help = f"stage I model: Hub id or local diffusers folder (default: {DEFAULT_MODEL})"
+    flags["steps"].help = f"stage I denoising steps, 1 to {cli.MAX_STEPS} (default: {STAGE1_STEPS})"
+    flags["guidance_scale"].help = ("stage I classifier-free guidance scale, at least 0; 1 or less turns guidance "
+                                    f"off (default: {STAGE1_GUIDANCE:g})")
+    flags["scheduler"].choices = IF_SCHEDULERS
+    flags["scheduler"].help = ("sampler of stages I and II: 'default' keeps IF's DDPM; dpm++ is DPM-Solver++ "
+                               "multistep; IF's learned variance rules out the others (default: default)")
+    flags["offload"].help = "model CPU offload, for GPUs with little memory (default: on with CUDA)"
     parser.set_defaults(offload=None)  # None: on with CUDA, as in the authors' script
-    flags["--offload"].container.add_argument(
+    parser.groups["model and hardware"].add_argument(
         "--no-offload", dest="offload", action="store_false",
         help="keep every model on the GPU: faster, but the three stages then hold about 22 GB of fp16 weights there",
     )
-    flags["--crop-margin"].help = ("stages I and II edit only the box around the pixels the map changes, grown by PX "
-                                   "of the input's pixels (scaled to each stage's size), and paste it into the input; "
-                                   "stage III upscales only stage II's box, into the input resized to the output's "
-                                   "size (default: off, the whole frame)")
+    flags["crop_margin"].help = ("stages I and II edit only the box around the pixels the map changes, grown by PX "
+                                 "of the input's pixels (scaled to each stage's size), and paste it into the input; "
+                                 "stage III upscales only stage II's box, into the input resized to the output's "
+                                 "size (default: off, the whole frame)")
     _add_stage_flags(parser)
     parser.extra_outputs = lambda args, output: stage_paths(output, args.stages)
     return parser
@@ -151,19 +151,17 @@ def load_pipelines(args) -> IFPipelines:
         from diffusers import StableDiffusionUpscalePipeline
 
         stage3 = cli.load_pipeline(
-            StableDiffusionUpscalePipeline, args.stage3_model, torch_dtype=args.torch_dtype, device=args.device,
-            offload=offload, flag="--stage3-model", **NO_SAFETY_CHECKER_OR_WATERMARK,
+            StableDiffusionUpscalePipeline, args.stage3_model, torch_dtype=cli.torch_dtype(args.dtype),
+            device=args.device, offload=offload, flag="--stage3-model", **NO_SAFETY_CHECKER_OR_WATERMARK,
         )
     return IFPipelines(stage1, stage2, stage3)
 
 
 def _load_if_stage(pipeline_class, model, flag, args, offload, *, super_resolution, **components):
-    import torch
-
-    load = dict(torch_dtype=args.torch_dtype, device=args.device, offload=offload, flag=flag,
+    load = dict(torch_dtype=cli.torch_dtype(args.dtype), device=args.device, offload=offload, flag=flag,
                 requires_safety_checker=False, **NO_SAFETY_CHECKER_OR_WATERMARK, **components)
     pipe = None
-    if args.torch_dtype == torch.float16:  # the IF repositories hold fp16 copies: half the download
+    if args.dtype == "fp16":  # the IF repositories hold fp16 copies: half the download
         try:
             pipe = cli.load_pipeline(pipeline_class, model, variant="fp16", **load)
         except cli.CliError as error:

@@ -84,7 +84,7 @@ def load_pipelines(args):
 
     from Kandinsky.diff_pipe import KandinskyV22DiffImg2ImgPipeline
 
-    load = dict(torch_dtype=args.torch_dtype, device=args.device, offload=args.offload)
+    load = dict(torch_dtype=cli.torch_dtype(args.dtype), device=args.device, offload=args.offload)
     prior = cli.load_pipeline(KandinskyV22PriorPipeline, args.prior, flag="--prior", **load)
     decoder = cli.load_pipeline(KandinskyV22DiffImg2ImgPipeline, args.model, **load)
     cli.set_scheduler(decoder, args.scheduler)

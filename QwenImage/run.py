@@ -30,7 +30,7 @@ def build_parser():
         default_steps=50,
         default_guidance=4.0,
     )
-    next(action for action in parser._actions if action.dest == "guidance_scale").help = (
+    parser.common_flags["guidance_scale"].help = (
         "Qwen-Image's true_cfg_scale: above 1, true classifier-free guidance with --negative-prompt, two "
         "transformer passes per step; 1 or less turns it off (default: %(default)g)")
     return parser
@@ -45,7 +45,7 @@ def load_pipelines(args):
     from QwenImage.diff_pipe import QwenImageDiffImg2ImgPipeline  # by package, so that families never collide
 
     return cli.load_pipeline(
-        QwenImageDiffImg2ImgPipeline, args.model, torch_dtype=args.torch_dtype, device=args.device,
+        QwenImageDiffImg2ImgPipeline, args.model, torch_dtype=cli.torch_dtype(args.dtype), device=args.device,
         offload=args.offload,
     )
 

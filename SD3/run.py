@@ -38,7 +38,7 @@ def load_pipelines(args):
     from SD3.diff_pipe import StableDiffusion3DiffImg2ImgPipeline  # by package, so that families never collide
 
     return cli.load_pipeline(
-        StableDiffusion3DiffImg2ImgPipeline, args.model, torch_dtype=args.torch_dtype, device=args.device,
+        StableDiffusion3DiffImg2ImgPipeline, args.model, torch_dtype=cli.torch_dtype(args.dtype), device=args.device,
         offload=args.offload,
     )
 

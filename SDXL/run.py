@@ -135,7 +135,7 @@ def load_pipelines(args):
         from SDXL.diff_pipe_inpaint import StableDiffusionXLDiffInpaintPipeline as base_class
     else:
         base_class = StableDiffusionXLDiffImg2ImgPipeline
-    options = dict(torch_dtype=args.torch_dtype, device=args.device, offload=args.offload)
+    options = dict(torch_dtype=cli.torch_dtype(args.dtype), device=args.device, offload=args.offload)
     base = conditioning.load_pipeline(base_class, args)
     cli.set_scheduler(base, args.scheduler)
     if args.no_refiner:

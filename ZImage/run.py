@@ -32,7 +32,7 @@ def build_parser():
         default_steps=8,
         default_guidance=0.0,
     )
-    next(action for action in parser._actions if action.dest == "guidance_scale").help = (
+    parser.common_flags["guidance_scale"].help = (
         "classifier-free guidance scale: above 0 it doubles the transformer's batch with --negative-prompt; "
         "0 turns it off, as Z-Image-Turbo is meant to run (default: %(default)g)")
     return parser
@@ -47,7 +47,7 @@ def load_pipelines(args):
     from ZImage.diff_pipe import ZImageDiffImg2ImgPipeline  # by package, so that families never collide
 
     return cli.load_pipeline(
-        ZImageDiffImg2ImgPipeline, args.model, torch_dtype=args.torch_dtype, device=args.device,
+        ZImageDiffImg2ImgPipeline, args.model, torch_dtype=cli.torch_dtype(args.dtype), device=args.device,
         offload=args.offload,
     )
 

@@ -21,34 +21,20 @@ counts the published SD 2.1-base (512 px) and SDXL base (1024 px) UNets' FLOPs p
 """
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import harness  # noqa: E402
+from benchmarks.crop_cases import AREAS, MARGIN, crop_cases, crop_cells, crop_share, soft_inpainting_map  # noqa: E402
 from tests.tiny_models import build_pipeline, sd_components, sdxl_components, test_image  # noqa: E402
-from tools.maps import feathered_mask  # noqa: E402
 
-AREAS = (0.05, 0.10, 0.25)  # the share of the frame whose strength is above 0
-MARGIN = 32  # pixels of context around the change
 WIDTHS = (64, 128, 256)
 TEXT_WIDTH = 128
 TARGET = 1.2  # at most this much above a cost proportional to the crop's area
-
-
-def soft_inpainting_map(size: int, area: float) -> np.ndarray:
-    """A keep map: a disc that changes fully, feathered by a quarter of its radius, off the frame's centre; the
-    feathered disc (strength above 0) covers `area` of the frame."""
-    outer = math.sqrt(area * size * size / math.pi)  # radius + feather
-    radius = outer / 1.25
-    y, x = np.mgrid[:size, :size] + 0.5
-    disc = np.hypot(x - 0.4 * size, y - 0.45 * size) <= radius
-    return feathered_mask(disc, feather_px=outer - radius)
 
 
 def family_pipeline(family: str, device, widths=WIDTHS):
@@ -73,28 +59,13 @@ def family_pipeline(family: str, device, widths=WIDTHS):
     return diff_pipe, pipe.to(device), text
 
 
-def crop_cells(module, keep_map, scale: int, steps: int) -> tuple:
-    """(rows, columns) of the crop that the rule gives for `keep_map`, and of the whole latent grid, in cells of
-    `scale` pixels (the model's size unit: one cell, as for SD and SDXL)."""
-    grid = tuple(side // scale for side in keep_map.shape)
-    release = module.release_steps(module.prepare_keep_map(keep_map, grid), 1.0, steps)
-    top, left, bottom, right = module.change_box(release, steps, -(-MARGIN // scale), 1)
-    return (bottom - top, right - left), grid
-
-
-def crop_share(module, pipe, keep_map, steps: int) -> float:
-    """The share of the frame that the crop rule gives for `keep_map`."""
-    (rows, columns), grid = crop_cells(module, keep_map, pipe.vae_scale_factor, steps)
-    return rows * columns / (grid[0] * grid[1])
-
-
 def real_unet_flops(families=("sd2", "sdxl"), steps: int = 10) -> dict:
     """The published SD 2.1-base (512 px) and SDXL base (1024 px) UNets' FLOPs per step on the crop, as a share of
     the whole frame's, for each map: counted on meta tensors, which carry shapes and nothing else, so nothing is
     allocated or computed. Returns {family: {area: (FLOPs share, crop share)}}."""
     from diffusers import UNet2DConditionModel
 
-    from benchmarks import gpu_bench  # it imports this file
+    from benchmarks import gpu_bench  # imported here: only --real-flops needs the published configurations
     from SD2 import diff_pipe
 
     configs = {"sd2": (gpu_bench.SD21_UNET, 512), "sdxl": (gpu_bench.SDXL_UNET, 1024)}
@@ -133,16 +104,6 @@ def print_real_unet_flops(steps: int) -> None:
     for family, areas in real_unet_flops(steps=steps).items():
         for area, (flops, share) in areas.items():
             print(f"{names[family]:>22} {area:8.0%} {share:6.1%} {flops:11.3f} {flops / share:15.2f}")
-
-
-def crop_cases(pipe, keep_map, **call) -> dict:
-    """The whole-frame edit with `keep_map` and the cropped one (MARGIN px of context), as functions of no arguments
-    that draw from a freshly seeded generator: "whole frame" first, the baseline of `harness.side_by_side`."""
-
-    def edit(**crop):
-        return lambda: pipe(map=keep_map, generator=torch.Generator().manual_seed(harness.SEED), **call, **crop)
-
-    return {"whole frame": edit(), "crop": edit(crop_to_change=True, crop_margin=MARGIN)}
 
 
 def denoiser_flops(pipe, run) -> float:

@@ -101,9 +101,9 @@ from benchmarks.harness import (  # noqa: E402
     side_by_side,
     unet_calls_per_case,
 )
-from benchmarks.bench_crop import AREAS as CROP_AREAS  # noqa: E402
-from benchmarks.bench_crop import MARGIN as CROP_MARGIN  # noqa: E402
-from benchmarks.bench_crop import crop_cases, crop_share, soft_inpainting_map  # noqa: E402
+from benchmarks.crop_cases import AREAS as CROP_AREAS  # noqa: E402
+from benchmarks.crop_cases import MARGIN as CROP_MARGIN  # noqa: E402
+from benchmarks.crop_cases import crop_cases, crop_share, soft_inpainting_map  # noqa: E402
 from tests.tiny_models import build_pipeline, test_image  # noqa: E402
 from tools.cli import CliError, main  # noqa: E402
 

@@ -107,7 +107,8 @@ def test_defaults(parser, example):
     assert args.image == example / "input.png" and args.map == example / "map.png" and args.mask is None
     assert (args.prompt, args.negative_prompt) == ("a watercolour painting", "")  # the file's text, stripped
     assert args.output == Path("output.png")
-    assert (args.device, args.dtype, args.torch_dtype, args.scheduler) == ("cpu", "fp32", torch.float32, "default")
+    assert (args.device, args.dtype, args.scheduler) == ("cpu", "fp32", "default")
+    assert cli.torch_dtype(args.dtype) == torch.float32
     assert not any([args.invert_map, args.offload, args.compare, args.overwrite, args.keep_exact])
     assert cli.parse_args(make_parser(example, default_negative_prompt="low quality"), []).negative_prompt == \
         "low quality"
@@ -138,7 +139,9 @@ def test_help_documents_every_flag_and_its_default(parser, capsys):
         cli.parse_args(parser, ["--help"])
     help_text = capsys.readouterr().out
     assert exit_info.value.code == 0 and all(flag in help_text for flag in ALL_FLAGS)
-    assert all("default" in action.help for action in parser._actions if action.dest != "help")
+    flags = parser.common_flags.values()  # every flag of this parser but --help
+    assert {name for action in flags for name in action.option_strings} >= set(ALL_FLAGS)
+    assert all("default" in action.help for action in flags)
 
 
 def test_building_the_parser_reads_no_file_and_a_prompt_file_only_when_needed(tmp_path, monkeypatch):
@@ -301,7 +304,7 @@ def test_device_and_dtype(monkeypatch, cuda, mps, device, dtype, expected):
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
     args = argparse.Namespace(device=device, dtype=dtype, offload=False)
     cli.resolve_device(args)
-    assert (args.device, args.dtype, args.torch_dtype) == expected
+    assert (args.device, args.dtype, cli.torch_dtype(args.dtype)) == expected
 
 
 def test_generator_repeats_for_a_seed():

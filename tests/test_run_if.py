@@ -252,7 +252,7 @@ def test_mask_and_keep_exact_reach_the_pipelines(models, tmp_path):
 
 
 def test_fp16_loads_the_fp16_files_where_a_model_has_them(tmp_path):
-    args = SimpleNamespace(torch_dtype=torch.float16, device="cpu", scheduler="default")
+    args = SimpleNamespace(dtype="fp16", device="cpu", scheduler="default")
     only_fp16 = tmp_path / "only-fp16"
     build_pipeline(IFImg2ImgPipeline, if_stage1_components()).to(torch.float16).save_pretrained(
         only_fp16, variant="fp16"

@@ -20,6 +20,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 if __package__ in (None, ""):  # started as a script path (torchrun tools/batch.py): make `tools` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -34,6 +35,29 @@ SUMMARY_NAME, LOCK_NAME = "summary.json", ".batch.lock"
 MAX_BATCH_SIZE = 4096
 # PNG text that records how a result was made, not what it is: a resumed row may differ in these.
 HOW_MADE = ("steps_run", "command", "device", "dtype", "jobs", "line")
+
+
+class Args(cli.Args):
+    """The command line: the model's flags, which are every row's defaults, and the batch's."""
+
+    extra_params: dict  # what the results record beyond run.py's parameters: family, jobs file, the model's own flags
+
+
+class Job(Args):
+    """A row to run: ``Args`` as run.py would have them for this row alone, its line in the jobs file, and the key
+    of the rows it may share a pipeline call with."""
+
+    line: int
+    batch_key: tuple
+
+
+class Plan(NamedTuple):
+    """What ``make_plan`` found: ``batches`` (lists of jobs to run together), ``skipped`` (the jobs of rows done),
+    ``bad`` ((line, problems) of rows left out) and ``rows``, how many the jobs file holds."""
+    batches: list[list[Job]]
+    skipped: list[Job]
+    bad: list[tuple[int, list[str]]]
+    rows: int
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -70,23 +94,24 @@ def _family_name(argv: list[str]) -> str:
     return family
 
 
-def parse_args(module, argv: list[str]) -> argparse.Namespace:
+def parse_args(module, argv: list[str]) -> Args:
     """Parses the command line with the model's own parser, whose flags become every row's defaults, plus the batch
     flags, and checks what needs neither the jobs file nor a model."""
     parser = module.build_parser()
     parser.prog = "python -m tools.batch"
     parser.description = (f"Edit every row of a jobs file with the model of {cli.display(module.__file__)}. The "
                           "model's flags below are the defaults for every row.")
-    model_flags = [action.dest for action in parser._actions if action.dest not in parser.common_flags]
     add = parser.add_argument_group("batch").add_argument
-    add("jobs", metavar="JOBS", help=f"jobs file: .csv with a header row, or .jsonl (one JSON object a line); "
-        f"columns: {', '.join(COLUMNS)}")
-    add("--family", required=True, type=str.lower, choices=list(cli.families()), help="the model folder to use")
-    add("--output-dir", required=True, metavar="DIR", help="folder for the results and summary.json, created if "
-        "missing; every output lies inside it")
-    add("--batch-size", type=cli.whole_number(1, MAX_BATCH_SIZE), default=1, metavar="N", help="rows per pipeline "
-        "call, among rows of equal image size, map (or mask), steps, strength and guidance (default: 1)")
-    add("--skip-bad-rows", action="store_true", help="run the good rows even if others are bad (default: off)")
+    batch_flags = [
+        add("jobs", metavar="JOBS", help=f"jobs file: .csv with a header row, or .jsonl (one JSON object a line); "
+            f"columns: {', '.join(COLUMNS)}"),
+        add("--family", required=True, type=str.lower, choices=list(cli.families()), help="the model folder to use"),
+        add("--output-dir", required=True, metavar="DIR", help="folder for the results and summary.json, created if "
+            "missing; every output lies inside it"),
+        add("--batch-size", type=cli.whole_number(1, MAX_BATCH_SIZE), default=1, metavar="N", help="rows per "
+            "pipeline call, among rows of equal image size, map (or mask), steps, strength and guidance (default: 1)"),
+        add("--skip-bad-rows", action="store_true", help="run the good rows even if others are bad (default: off)"),
+    ]
     for_rows = {  # the run.py flags that mean something else in a batch say so
         "image": "default image, for rows without one", "prompt": "default prompt, for rows without one",
         "map": "default keep map (white = keep), for rows with neither map nor mask",
@@ -95,9 +120,11 @@ def parse_args(module, argv: list[str]) -> argparse.Namespace:
         "overwrite": "redo rows whose output already holds their result, and replace it (default: off, skip them)",
         "output": argparse.SUPPRESS,  # one file per row: --output-dir and the output column name them
     }
-    for action in parser._actions:
-        action.help = for_rows.get(action.dest, action.help)
-    args = parser.parse_args(argv)
+    for dest, help in for_rows.items():
+        parser.common_flags[dest].help = help
+    args = parser.parse_args(argv, Args())
+    model_flags = [dest for dest in vars(args)  # in the parser's order
+                   if dest not in parser.common_flags and dest not in {action.dest for action in batch_flags}]
     if args.output is not None:
         raise cli.CliError("--output names one file, and a batch writes one per row: use --output-dir, and the "
                            "jobs file's output column to name them")
@@ -113,7 +140,6 @@ def parse_args(module, argv: list[str]) -> argparse.Namespace:
             setattr(args, flag, cli.input_path(getattr(args, flag), None, f"--{flag}").absolute())
     # What the results record beyond run.py's parameters: the family, the jobs file and the model's own flags
     args.extra_params = {"family": args.family, "jobs": args.jobs, **{dest: vars(args)[dest] for dest in model_flags}}
-    args.number_types = {flag.dest: flag.type for flag in parser._actions if flag.dest in COLUMNS and flag.type}
     args.command = shlex.join(["python", "-m", "tools.batch", *argv])
     return args
 
@@ -195,10 +221,9 @@ def _read_jsonl(text: str) -> list:
     return rows
 
 
-def make_plan(args: argparse.Namespace, held: contextlib.ExitStack) -> argparse.Namespace:
+def make_plan(args: Args, held: contextlib.ExitStack) -> Plan:
     """Checks every row, takes the output folder's lock into ``held`` and finds the rows already done, on the main
-    process only, before any model loads: ``batches`` (lists of jobs to run together; a job is a namespace of a
-    row's values), ``skipped`` (the jobs of rows done), ``bad`` ((line, problems) of rows left out)."""
+    process only, before any model loads."""
     rows, header = read_jobs(args.jobs), functools.cache(_header)  # a map may serve many rows: read it once
     jobs, bad = [], []
     for number, (line, cells, problems) in enumerate(rows, start=1):
@@ -230,7 +255,7 @@ def make_plan(args: argparse.Namespace, held: contextlib.ExitStack) -> argparse.
     for job in jobs:
         if args.overwrite or not job.output.exists():
             groups.setdefault(job.batch_key, []).append(job)
-        elif not (mismatch := _mismatch(job.output, cli.png_parameters(row_args(job, args), 0, args.extra_params))):
+        elif not (mismatch := _mismatch(job.output, cli.png_parameters(job, 0, args.extra_params))):
             skipped.append(job)
         else:
             taken.append((job.line, [f"{cli.display(job.output)} exists and {mismatch}; delete it, name another "
@@ -238,17 +263,17 @@ def make_plan(args: argparse.Namespace, held: contextlib.ExitStack) -> argparse.
     _refuse_bad_rows(taken, args)
     batches = sorted((members[start:start + args.batch_size] for members in groups.values()
                       for start in range(0, len(members), args.batch_size)), key=lambda batch: batch[0].line)
-    return argparse.Namespace(batches=batches, skipped=skipped, bad=sorted(bad + taken), rows=len(rows))
+    return Plan(batches, skipped, sorted(bad + taken), len(rows))
 
 
-def make_job(args, line: int, number: int, cells: dict[str, str], problems: list[str], header) -> argparse.Namespace:
-    """The row's values, the command line filling in what it leaves out, every path absolute; adds what is wrong
-    to ``problems``. ``header(path, name)`` is ``_header``'s answer."""
+def make_job(args: Args, line: int, number: int, cells: dict[str, str], problems: list[str], header) -> Job:
+    """The row's job: its values, the command line filling in what it leaves out, every path absolute; adds what is
+    wrong to ``problems``. ``header(path, name)`` is ``_header``'s answer."""
 
     def path(name, default):  # a relative path is relative to the jobs file; args.jobs and default are absolute
         return args.jobs.parent / Path(cells[name]).expanduser() if cells.get(name) else default
 
-    job = argparse.Namespace(line=line, image=path("image", args.image))
+    job = Job(**{**vars(args), "line": line, "image": path("image", args.image)})
     job.map, job.mask = ((path("map", None), path("mask", None)) if cells.get("map") or cells.get("mask")
                          else (args.map, args.mask))
     if job.image is None:
@@ -259,14 +284,14 @@ def make_job(args, line: int, number: int, cells: dict[str, str], problems: list
     elif job.map and (cells.get("feather") or cells.get("grow")):
         problems.append("feather and grow apply to a mask, and this row has a map")
     job.invert_map = args.invert_map and job.mask is None  # a mask is white = fill, whatever --invert-map
-    problems += [header(path, name)[1] for name, path in vars(job).items() if isinstance(path, Path)
-                 and header(path, name)[1]]
-    for name, parse in args.number_types.items():  # each cell checked as run.py checks its flag
+    problems += [header(path, name)[1] for name, path in [("image", job.image), ("map", job.map), ("mask", job.mask)]
+                 if path is not None and header(path, name)[1]]
+    for name, parse in cli.NUMBER_TYPES.items():  # each cell checked as run.py checks its flag; a bad row is dropped
         try:
-            setattr(job, name, parse(cells[name]) if cells.get(name) else getattr(args, name))
+            if cells.get(name):
+                setattr(job, name, parse(cells[name]))
         except argparse.ArgumentTypeError as error:
             problems.append(f"{name} {error}")
-            setattr(job, name, None)
     job.prompt = cells.get("prompt") or args.prompt
     if not job.prompt:
         problems.append("no prompt: fill the prompt column, or pass --prompt")
@@ -338,11 +363,6 @@ def _mismatch(path: Path, expected: dict[str, str]) -> str | None:
     return wrong and f"holds another edit (its {wrong} is {stored.get(wrong)!r}, this row's is {expected[wrong]!r})"
 
 
-def row_args(job: argparse.Namespace, args: argparse.Namespace) -> argparse.Namespace:
-    """``args`` as run.py would have them for this row alone."""
-    return argparse.Namespace(**{**vars(args), **vars(job)})
-
-
 def run_batches(state, module, args, batches: list[list], results: list[dict]) -> None:
     """Runs this process's batches, adding one result per row to ``results``. A row that fails is reported, and the
     others go on; a batch that fails is run row by row, so that only the culprit fails."""
@@ -375,7 +395,7 @@ def run_batches(state, module, args, batches: list[list], results: list[dict]) -
     def edit(loaded: list) -> None:
         rows, images, maps = zip(*loaded)
         try:  # steps, strength and guidance are the same for every row of a batch
-            edited, steps_run = module.edit(pipelines, row_args(rows[0], args), images=list(images), maps=list(maps),
+            edited, steps_run = module.edit(pipelines, rows[0], images=list(images), maps=list(maps),
                                             prompts=[job.prompt for job in rows], seeds=[job.seed for job in rows],
                                             negative_prompts=[job.negative_prompt for job in rows])
         except Exception as error:  # noqa: BLE001 - one row's failure must not end the batch
@@ -390,7 +410,7 @@ def run_batches(state, module, args, batches: list[list], results: list[dict]) -
             return
         for job, image, map_image, result in zip(rows, images, maps, edited):
             try:
-                text = cli.png_parameters(row_args(job, args), steps_run, {**args.extra_params, "line": job.line})
+                text = cli.png_parameters(job, steps_run, {**args.extra_params, "line": job.line})
                 job.output.parent.mkdir(parents=True, exist_ok=True)
                 written = cli.write_png(result, job.output, text, overwrite=args.overwrite)
                 if args.compare:
@@ -406,7 +426,7 @@ def run_batches(state, module, args, batches: list[list], results: list[dict]) -
             by_size: dict[tuple, list] = {}  # a photo's EXIF orientation may turn the size its header gave
             for job in batch:
                 try:
-                    image, map_image = cli.load_inputs(row_args(job, args))
+                    image, map_image = cli.load_inputs(job)
                     by_size.setdefault(image.size, []).append((job, image, map_image))
                 except Exception as error:  # noqa: BLE001
                     record(job, job.output, error)

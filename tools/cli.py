@@ -18,10 +18,12 @@ import re
 import shlex
 import sys
 from pathlib import Path, PurePath
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps, PngImagePlugin, UnidentifiedImageError
+
+from tools.feather import feathered_mask
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ASSETS = REPO_ROOT / "assets"
@@ -101,14 +103,30 @@ def display(path: PurePath | str) -> str:
         return str(path)
 
 
-class Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are ``CliError``s (one line through ``main``) instead of usage text. After
-    parsing it calls each function in ``checks`` on the result: a model's checks of flags that go together, which
-    run.py and tools.batch thus both make before anything loads."""
+class Example(NamedTuple):
+    """The inputs a run.py takes when their flags are not given: paths, and a prompt's text or a file holding it."""
+    image: Path
+    map: Path
+    prompt: str | PurePath
+    negative_prompt: str | PurePath
 
-    def __init__(self, *args, **kwargs):
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are ``CliError``s (one line through ``main``) instead of usage text, and which
+    holds what ``parse_args`` needs beyond the flags. After parsing it calls each function in ``checks`` on the
+    result: a model's checks of flags that go together, which run.py and tools.batch thus both make before anything
+    loads."""
+
+    def __init__(self, *args, example: Example | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.checks = []
+        self.checks: list[Callable[[argparse.Namespace], None]] = []
+        self.example = example  # the inputs that a run.py takes when their flags are not given
+        self.default_output = Path("output.png")  # taken, or the first free name like it, when --output is not given
+        self.extra_outputs = lambda args, output: []  # the files that a model writes beside the output: [paths]
+        # The action of each flag that every run.py shares, by dest, and their groups, by title (build_parser's): a
+        # model rewords their help and adds a flag to a group; its own flags are the others.
+        self.common_flags: dict[str, argparse.Action] = {}
+        self.groups = {}
 
     def error(self, message: str):
         raise CliError(f"{message} (see --help)")
@@ -118,6 +136,12 @@ class Parser(argparse.ArgumentParser):
         for check in self.checks:
             check(parsed)
         return parsed, rest
+
+
+class Args(argparse.Namespace):
+    """A parsed command line: the parser's flags, and ``command``, the command line that the PNG text records."""
+
+    command: str
 
 
 def real_number(low: float, high: float = math.inf, *, whole: bool = False) -> Callable[[str], float]:
@@ -139,44 +163,56 @@ def real_number(low: float, high: float = math.inf, *, whole: bool = False) -> C
 
 whole_number = functools.partial(real_number, whole=True)  # whole_number(low, high): the same for ints
 
+# The types of the shared flags that take a number, by dest: tools.batch checks a jobs file's cells with them.
+NUMBER_TYPES = {"feather": real_number(0, MAX_FEATHER_PX), "grow": real_number(0, MAX_FEATHER_PX),
+                "steps": whole_number(1, MAX_STEPS), "guidance_scale": real_number(0), "strength": real_number(0, 1),
+                "seed": whole_number(0, MAX_SEED)}
+
 
 def build_parser(description: str, *, default_model: str, default_steps: int, default_guidance: float,
                  default_image: str | PurePath = EXAMPLE_IMAGE, default_map: str | PurePath = EXAMPLE_MAP,
                  default_prompt: str | PurePath = EXAMPLE_PROMPT,
-                 default_negative_prompt: str | PurePath = EXAMPLE_NEGATIVE_PROMPT) -> argparse.ArgumentParser:
+                 default_negative_prompt: str | PurePath = EXAMPLE_NEGATIVE_PROMPT) -> Parser:
     """The flags every run.py shares; a model adds its own. Reads no file: ``--help`` works without the example. A
-    prompt default given as a ``Path`` is a file, read when the flag is not given. A model that writes more files
-    beside ``--output`` sets ``parser.extra_outputs = lambda args, output: [paths]``, checked like ``--output``."""
+    prompt default given as a ``Path`` is a file, read when the flag is not given."""
     parser = Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
                     epilog="Map convention: white (1) keeps a pixel, black (0) changes it fully;\na pixel's strength "
                     "is --strength * (1 - map).\nExit status: 0 done, 1 the run failed, 2 bad arguments or input "
-                    "files, 130 interrupted.")
-    parser.example = argparse.Namespace(image=Path(default_image), map=Path(default_map), prompt=default_prompt,
-                                        negative_prompt=default_negative_prompt)
-    parser.extra_outputs, parser.default_output = (lambda args, output: []), Path("output.png")
+                    "files, 130 interrupted.", example=Example(Path(default_image), Path(default_map), default_prompt,
+                                                               default_negative_prompt))
+
+    def group(title: str):  # add_argument of a new group; the parser keeps the group and every action it adds
+        parser.groups[title] = parser.add_argument_group(title)
+
+        def add(*names, **options) -> None:
+            action = parser.groups[title].add_argument(*names, **options)
+            parser.common_flags[action.dest] = action
+
+        return add
+
     text = lambda default: f"the text in {display(default)}" if isinstance(default, PurePath) else (  # noqa: E731
         repr(default) if default else "none")
-    add = parser.add_argument_group("inputs").add_argument
+    add = group("inputs")
     add("--image", metavar="PATH", help=f"image to edit, any format Pillow reads (default: {display(default_image)})")
     add("--map", metavar="PATH", help="grayscale map of each pixel's strength: white keeps, black changes fully; "
         f"8-bit, 16-bit and float maps keep their precision (default: {display(default_map)})")
     add("--invert-map", action="store_true", help="white changes, black keeps, as in inpainting masks (default: off)")
     add("--mask", metavar="PATH", help="soft inpainting instead of --map: white (half its range and up) is the "
         "region to fill, feathered into a map by --feather and --grow (default: none)")
-    add("--feather", type=real_number(0, MAX_FEATHER_PX), default=0.0, metavar="PX", help="with --mask: width in "
-        "image pixels of the band over which the strength fades from 1 to 0; 0 is a hard mask (default: 0)")
-    add("--grow", type=real_number(0, MAX_FEATHER_PX), default=0.0, metavar="PX", help="with --mask: first grow the "
-        "region by this many image pixels, so the fill covers its seam (default: 0)")
+    add("--feather", type=NUMBER_TYPES["feather"], default=0.0, metavar="PX", help="with --mask: width in image "
+        "pixels of the band over which the strength fades from 1 to 0; 0 is a hard mask (default: 0)")
+    add("--grow", type=NUMBER_TYPES["grow"], default=0.0, metavar="PX", help="with --mask: first grow the region by "
+        "this many image pixels, so the fill covers its seam (default: 0)")
     add("--prompt", metavar="TEXT", help=f"what the edited image should show (default: {text(default_prompt)})")
     add("--negative-prompt", metavar="TEXT", help=f"what it should not show (default: {text(default_negative_prompt)})")
-    add = parser.add_argument_group("sampling").add_argument
-    add("--steps", type=whole_number(1, MAX_STEPS), default=default_steps, metavar="N", help=f"denoising steps, 1 to "
+    add = group("sampling")
+    add("--steps", type=NUMBER_TYPES["steps"], default=default_steps, metavar="N", help=f"denoising steps, 1 to "
         f"{MAX_STEPS}; pixels of less strength run fewer of them (default: {default_steps})")
-    add("--guidance-scale", type=real_number(0), default=default_guidance, metavar="G", help="classifier-free "
-        f"guidance scale; 1 or less turns it off (default: {default_guidance:g})")
-    add("--strength", type=real_number(0, 1), default=1.0, metavar="S", help="scales every pixel's strength, 0 to 1; "
-        "0 returns the input (default: 1)")
-    add("--seed", type=whole_number(0, MAX_SEED), default=0, metavar="N", help="random seed, 0 to 2**64-1 (default: 0)")
+    add("--guidance-scale", type=NUMBER_TYPES["guidance_scale"], default=default_guidance, metavar="G",
+        help=f"classifier-free guidance scale; 1 or less turns it off (default: {default_guidance:g})")
+    add("--strength", type=NUMBER_TYPES["strength"], default=1.0, metavar="S", help="scales every pixel's strength, "
+        "0 to 1; 0 returns the input (default: 1)")
+    add("--seed", type=NUMBER_TYPES["seed"], default=0, metavar="N", help="random seed, 0 to 2**64-1 (default: 0)")
     add("--scheduler", choices=["default", *SCHEDULERS], default="default", help="sampler: 'default' keeps the "
         "model's own; dpm++ is DPM-Solver++ multistep, euler-a Euler ancestral (default: default)")
     add("--keep-exact", action="store_true", help="copy the input's own pixels back where the strength is 0 (and "
@@ -186,7 +222,7 @@ def build_parser(description: str, *, default_model: str, default_steps: int, de
         "crop; best with --keep-exact (default: off, the whole frame)")
     add("--crop-upscale", action="store_true", help="with --crop-margin: edit the crop at the model's native size "
         "for more detail, then scale it back down (default: off)")
-    add = parser.add_argument_group("model and hardware").add_argument
+    add = group("model and hardware")
     add("--model", default=default_model, metavar="ID_OR_PATH", help="Hugging Face Hub id, or a local diffusers "
         f"folder holding model_index.json (default: {default_model})")
     add("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto", help="auto picks CUDA, then Apple MPS, "
@@ -195,21 +231,21 @@ def build_parser(description: str, *, default_model: str, default_steps: int, de
         "fp32 on the CPU, which runs only fp32 (default: auto)")
     add("--offload", action="store_true", help="keep each model on the CPU until it runs, for GPUs with little "
         "memory; needs CUDA or MPS (default: off)")
-    add = parser.add_argument_group("output").add_argument
+    add = group("output")
     add("--output", metavar="PATH.png", help="PNG to write, with the parameters as PNG text (default: the first "
         "free output.png, output-1.png, ... here)")
     add("--overwrite", action="store_true", help="replace an existing --output; inputs never (default: off)")
     add("--compare", action="store_true", help="also write <output>-compare.png: input | map | output (default: off)")
-    parser.common_flags = {action.dest for action in parser._actions}  # a model's own flags come after these
     return parser
 
 
-def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(parser: Parser, argv: list[str] | None = None, *, command: str | None = None) -> Args:
     """Parses ``argv`` (default: the command line) and checks all that needs no model; ``CliError`` names flag and
-    fix. Fills in the prompts (text), ``image``, ``map`` or ``mask``, ``output``, ``device``, ``dtype`` (a name) and
-    ``torch_dtype``."""
+    fix. Fills in the prompts (text), ``image``, ``map`` or ``mask``, ``output``, ``device`` and ``dtype`` (a name).
+    ``command`` (default: ``python <script> <argv>``) is the command line that the results record."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    args, example = parser.parse_args(argv), parser.example
+    command = shlex.join(["python", display(sys.argv[0]), *argv]) if command is None else command
+    args, example = parser.parse_args(argv, Args(command=command)), parser.example
     if args.crop_upscale and args.crop_margin is None:
         raise CliError("--crop-upscale scales the crop that --crop-margin makes; pass --crop-margin PX too, or drop it")
     if args.mask is None and (args.feather or args.grow):
@@ -232,7 +268,6 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -
     resolve_device(args)
     if not args.prompt.strip() and given_prompt != "":  # `--prompt ""` is a choice; a blank prompt file is a slip
         warn(f"the prompt{'' if given_prompt else ' file'} is blank, so the edit follows no text; pass --prompt TEXT")
-    args.command = shlex.join(["python", display(sys.argv[0]), *argv])
     return args
 
 
@@ -258,7 +293,7 @@ def text_argument(given: str | None, default: str | PurePath, flag: str) -> str:
 
 def resolve_device(args: argparse.Namespace) -> None:
     """Resolves ``--device`` and ``--dtype``: auto picks CUDA in fp16, then Apple MPS in fp16, then the CPU, which
-    runs only fp32. Adds ``args.torch_dtype``."""
+    runs only fp32."""
     import torch
     if args.offload and args.device == "cpu":
         raise CliError("--offload moves each model onto the GPU only while it runs; it needs --device cuda or mps")
@@ -271,7 +306,12 @@ def resolve_device(args: argparse.Namespace) -> None:
         args.dtype = "fp32" if args.device == "cpu" else "fp16"
     if args.device == "cpu" and args.dtype != "fp32":
         raise CliError(f"--dtype {args.dtype} does not run on the CPU; use --dtype fp32 (or --dtype auto)")
-    args.torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+
+
+def torch_dtype(name: str):
+    """The torch dtype of a ``--dtype`` that ``resolve_device`` resolved: fp16, bf16 or fp32."""
+    import torch
+    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
 
 
 def compare_path(output: Path) -> Path:
@@ -385,8 +425,7 @@ def mask_to_keep_map(mask: Image.Image, size: tuple[int, int], feather: float = 
                      shown: str = "the mask") -> Image.Image:
     """The soft inpainting keep map (mode F, white = keep) of an inpainting mask (any image, white = fill), stretched
     to ``size`` first, so that ``feather`` and ``grow`` count image pixels. Values of 0.5 and up are the region:
-    0 in the map, grown by ``grow`` pixels and faded to 1 over ``feather`` more (``tools.maps.feathered_mask``)."""
-    from tools.maps import feathered_mask
+    0 in the map, grown by ``grow`` pixels and faded to 1 over ``feather`` more (``tools.feather.feathered_mask``)."""
     values = Image.fromarray(map_values(mask, f"--mask {shown}")).resize(size, Image.Resampling.BILINEAR)
     region = np.asarray(values) >= 0.5
     if not region.any():

@@ -88,7 +88,7 @@ def load_pipeline(pipeline_class, args: argparse.Namespace, **from_pretrained_kw
     if nets:
         from_pretrained_kwargs["controlnet"] = nets if len(nets) > 1 else nets[0]
     flag = "--inpaint-model" if args.inpaint_model else "--model"
-    pipe = cli.load_pipeline(pipeline_class, args.model, torch_dtype=args.torch_dtype, device=args.device,
+    pipe = cli.load_pipeline(pipeline_class, args.model, torch_dtype=cli.torch_dtype(args.dtype), device=args.device,
                              offload=args.offload, flag=flag, **from_pretrained_kwargs)
     channels = pipe.unet.config.in_channels
     if args.inpaint_model and channels != INPAINT_CHANNELS:
@@ -108,11 +108,11 @@ def load_controlnets(args: argparse.Namespace) -> list:
     """``--controlnet`` models, in the pipeline's dtype; a failure is one line naming the ControlNet."""
     from diffusers import ControlNetModel
 
-    nets = []
+    nets, dtype = [], cli.torch_dtype(args.dtype)
     for name in args.controlnet:
         path = cli.model_path(name, "--controlnet")
         try:
-            nets.append(ControlNetModel.from_pretrained(str(path) if path.is_dir() else name, dtype=args.torch_dtype))
+            nets.append(ControlNetModel.from_pretrained(str(path) if path.is_dir() else name, dtype=dtype))
         except (OSError, ValueError) as error:
             raise cli.CliError(cli.load_failure(error, name, "--controlnet", ControlNetModel, path.is_dir()),
                                cli.EXIT_RUN_FAILED) from error

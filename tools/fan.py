@@ -155,9 +155,7 @@ def parse_args(argv: list[str] | None = None):
     family = cli.load_family(family_name)
     parser = build_parser(family, family_name.lower(), mode)
     _refuse_map_flags(parser.parse_args(rest), mode)  # only to see which flags were given
-    args = cli.parse_args(parser, rest)
-    args.command = shlex.join(["python", "-m", "tools.fan", *argv])
-    return family, mode, args
+    return family, mode, cli.parse_args(parser, rest, command=shlex.join(["python", "-m", "tools.fan", *argv]))
 
 
 def _refuse_map_flags(raw: argparse.Namespace, mode: str) -> None:
