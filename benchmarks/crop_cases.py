@@ -29,7 +29,7 @@ def crop_cells(module, keep_map, scale: int, steps: int) -> tuple:
     """(rows, columns) of the crop that the rule gives for `keep_map`, and of the whole latent grid, in cells of
     `scale` pixels (the model's size unit: one cell, as for SD and SDXL)."""
     grid = tuple(side // scale for side in keep_map.shape)
-    release = module.release_steps(module.prepare_keep_map(keep_map, grid), 1.0, steps)
+    release = module.release_steps(module.strength_map(keep_map, grid, 1.0), steps)
     top, left, bottom, right = module.change_box(release, steps, -(-MARGIN // scale), 1)
     return (bottom - top, right - left), grid
 
