@@ -875,8 +875,8 @@ def map_to_tensor(map, complement: bool = False) -> torch.Tensor:
     Accepts a PIL image (modes 1, L, I;16, I, F, or colour modes, converted to luminance), a numpy array ((H, W),
     (B, H, W), (H, W, 1), (B, H, W, 1) or (B, 1, H, W)), a torch tensor ((H, W), (B, H, W) or (B, 1, H, W)), or a
     list of these. uint8 value k means k/255, uint16 (and PIL mode I) k/65535, bool 0 and 1; floats must lie in
-    [0, 1] and mean the decimal they stand for, so a float32 0.3 is 0.3, not 0.30000001. The complement is taken
-    in those units, so it too is the nearest float64 to its exact value.
+    [0, 1] and mean the shortest decimal that rounds back to them, so a float32 0.3 is 0.3, not 0.30000001192092896.
+    The complement is taken in those units, so it too is the nearest float64 to its exact value.
     """
     if isinstance(map, (list, tuple)):
         if len(map) == 0:
@@ -930,9 +930,19 @@ def map_to_tensor(map, complement: bool = False) -> torch.Tensor:
         )
     if map.dtype == torch.float64:
         return (1 - map if complement else map)[:, None]
-    unit = 10.0 ** int(-np.log10(torch.finfo(map.dtype).eps / 2))  # the decimals it tells apart: 7 for float32
-    map = (map.double() * unit).round()
-    return ((unit - map if complement else map) / unit)[:, None]
+    # Each value as the shortest decimal that rounds back to it, kept as count / units to take the complement exactly.
+    values, positions = map.unique(return_inverse=True)
+    exact = values.double()
+    count, units, found = exact.clone(), torch.ones_like(exact), values == 0
+    exponent = exact.clamp(min=1e-30).log10().floor()
+    for digits in range(1, 10):
+        scale = 10.0 ** (digits - 1 - exponent)
+        rounded = (exact * scale).round()
+        hit = ~found & ((rounded / scale).to(map.dtype) == values)
+        count, units, found = torch.where(hit, rounded, count), torch.where(hit, scale, units), found | hit
+        if found.all():
+            break
+    return ((units - count if complement else count) / units)[positions][:, None]
 
 
 # Copied from SD2/diff_pipe.py: map parsing (end)

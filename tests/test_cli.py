@@ -317,17 +317,20 @@ def test_generator_repeats_for_a_seed():
 # Inputs
 
 
-def test_maps_keep_their_precision_as_float_maps(parser, example):
+def test_maps_keep_their_exact_values(parser, example):
+    from SD2.diff_pipe import map_to_tensor
+
     ramp = np.arange(0, 65536, 16, dtype=np.uint16)[: 48 * 64].reshape(48, 64)  # the image's shape: no stretch
     save_png(ramp, example / "map16.png")
     gray = np.tile(np.arange(64, dtype=np.uint8) * 4, (48, 1))
     save_png(np.stack([gray] * 3, axis=-1), example / "rgb-map.png")
     values = np.tile(np.linspace(0, 1, 64, dtype=np.float32), (48, 1))
     Image.fromarray(values).save(example / "float-map.tiff")
-    for name, expected in [("map16.png", ramp / np.float32(65535)), ("rgb-map.png", gray / np.float32(255)),
-                           ("float-map.tiff", values)]:
+    # 16-bit levels k/65535 and 8-bit k/255 in float64, and float32 values at the decimals they stand for.
+    for name, expected in [("map16.png", ramp / 65535), ("rgb-map.png", gray / 255),
+                           ("float-map.tiff", [[float(str(value)) for value in row] for row in values])]:
         image, map_image = cli.load_inputs(cli.parse_args(parser, ["--map", name]))
-        assert map_image.mode == "F" and np.array_equal(np.asarray(map_image), expected.astype(np.float32)), name
+        assert torch.equal(map_to_tensor(map_image)[0, 0], torch.tensor(expected, dtype=torch.float64)), name
     assert image.mode == "RGB" and image.size == (64, 48)
 
 

@@ -380,14 +380,17 @@ def map_values(image: Image.Image, what: str = "the map") -> np.ndarray:
     ``map_to_tensor`` of the differential core, the same in every pipeline file. Colour counts by luminance."""
     from SD2.diff_pipe import map_to_tensor
     try:
-        return map_to_tensor(image)[0, 0].numpy()
+        return map_to_tensor(image)[0, 0].numpy().astype(np.float32)
     except ValueError as error:
         raise CliError(f"{what}: {one_line(error).replace('`', '')}") from None
 
 
 def load_map(path: Path, flag: str = "--map") -> Image.Image:
-    """The map at ``path`` as a float image (mode F) in [0, 1]: 16-bit and float maps keep their precision."""
-    return Image.fromarray(map_values(read_image(path, flag), f"{flag} {display(path)}"))
+    """The map at ``path``, checked, as an image that the pipelines read at the values of the file itself: a gray
+    image as it is (8- and 16-bit levels and float values keep their exact meaning), colour as its luminance."""
+    image = read_image(path, flag)
+    map_values(image, f"{flag} {display(path)}")
+    return image if image.mode in ("1", "L", "I", "F") or image.mode.startswith("I;16") else image.convert("L")
 
 
 def as_rgb(image: Image.Image, what: str = "the image") -> Image.Image:
