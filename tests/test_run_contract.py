@@ -197,6 +197,13 @@ def filled(values, folders, **names):
         fill(value) for value in values]
 
 
+@pytest.fixture
+def run(folders, tmp_path):
+    """``run(family, *flags)``: its run.py on its tiny model(s), on the CPU, in this process and ``tmp_path``."""
+    return lambda family, *flags: run_in_process(family.script, *filled(family.models, folders), "--device", "cpu",
+                                                 *flags, cwd=tmp_path)
+
+
 def written(path):
     with Image.open(path) as image:
         return np.asarray(image.convert("RGB")), dict(image.text), image.format
@@ -215,16 +222,14 @@ def test_every_run_py_has_an_entry():
 
 
 @pytest.mark.parametrize("family", FAMILIES, ids=IDS)
-def test_run_writes_a_png_with_its_parameters_and_keeps_exact_where_the_map_is_white(family, folders, inputs,
+def test_run_writes_a_png_with_its_parameters_and_keeps_exact_where_the_map_is_white(family, run, folders, inputs,
                                                                                      tmp_path):
     image, map_path = inputs  # the left half changes, the right half is kept
     output = tmp_path / "edit.png"
     steps, steps_run = family.half
-    models = filled(family.models, folders)
-    argv = [*models, "--device", "cpu", "--image", image, "--map", map_path, "--prompt", PROMPT,
-            "--negative-prompt", "blurry", "--steps", steps, "--strength", "0.5", "--seed", "7", "--keep-exact",
-            *family.run_flags, "--output", output, "--compare"]
-    ran = run_in_process(family.script, *argv, cwd=tmp_path)
+    flags = ["--image", image, "--map", map_path, "--prompt", PROMPT, "--negative-prompt", "blurry", "--steps", steps,
+             "--strength", "0.5", "--seed", "7", "--keep-exact", *family.run_flags, "--output", output, "--compare"]
+    ran = run(family, *flags)
     assert ran.returncode == 0, ran.stderr
     stage_files = [tmp_path / f"edit-{name}.png" for name in family.stage_files]
     lines = ran.stdout.splitlines()  # paths as given, and the last line's relative to the working folder
@@ -240,12 +245,13 @@ def test_run_writes_a_png_with_its_parameters_and_keeps_exact_where_the_map_is_w
     # --keep-exact: the kept right half is the input's own bytes; the left half (strength 0.5) changed.
     assert np.array_equal(edited[:, 32:], original[:, 32:])
     assert np.abs(edited[:, :32].astype(int) - original[:, :32]).mean() > 5
+    models = filled(family.models, folders)
     expected = {"prompt": PROMPT, "negative_prompt": "blurry", "model": models[models.index("--model") + 1],
                 "image": str(image), "map": str(map_path), "invert_map": "False", "strength": "0.5",
                 "keep_exact": "True", "steps": steps, "steps_run": str(steps_run), "seed": "7", "device": "cpu",
                 "dtype": "fp32", "Software": "differential-diffusion", **filled(family.text, folders)}
     assert {key: text.get(key) for key in expected} == expected
-    assert shlex.split(text["command"])[2:] == [str(arg) for arg in argv]  # enough to run it again
+    assert shlex.split(text["command"])[2:] == [*models, "--device", "cpu", *map(str, flags)]  # enough to run again
     with Image.open(tmp_path / "edit-compare.png") as strip:
         assert strip.size == (3 * 64, 64)
 
@@ -279,12 +285,11 @@ def square_mask(path, box=(16, 16, 40, 40)):
 
 
 @pytest.mark.parametrize("family", FAMILIES, ids=IDS)
-def test_mask_fills_its_region_and_keeps_everything_beyond_the_feather(family, folders, inputs, tmp_path):
+def test_mask_fills_its_region_and_keeps_everything_beyond_the_feather(family, run, inputs, tmp_path):
     image, _ = inputs
     mask, output = square_mask(tmp_path / "hole.png"), tmp_path / "filled.png"
-    ran = run_in_process(family.script, *filled(family.models, folders), "--device", "cpu", "--image", image,
-                         "--mask", mask, "--feather", "8", "--grow", "2", "--keep-exact", "--prompt", PROMPT,
-                         "--steps", "4", "--output", output, cwd=tmp_path)
+    ran = run(family, "--image", image, "--mask", mask, "--feather", "8", "--grow", "2", "--keep-exact", "--prompt",
+              PROMPT, "--steps", "4", "--output", output)
     assert ran.returncode == 0, ran.stderr
     # the region is changed fully: the whole schedule runs
     assert f" {family.full_steps} denoising steps)" in ran.stdout.splitlines()[-1]
@@ -303,12 +308,11 @@ def test_mask_fills_its_region_and_keeps_everything_beyond_the_feather(family, f
 
 
 @pytest.mark.parametrize("family", FAMILIES, ids=IDS)
-def test_a_map_of_another_shape_is_stretched_to_the_image_with_a_warning(family, folders, inputs, tmp_path):
+def test_a_map_of_another_shape_is_stretched_to_the_image_with_a_warning(family, run, inputs, tmp_path):
     image, _ = inputs
     wide_map, output = tmp_path / "wide.png", tmp_path / "out.png"
     save_map(np.zeros((32, 64), np.float32), wide_map)
-    ran = run_in_process(family.script, *filled(family.models, folders), "--device", "cpu", "--image", image,
-                         "--map", wide_map, "--prompt", "x", "--steps", "2", "--output", output, cwd=tmp_path)
+    ran = run(family, "--image", image, "--map", wide_map, "--prompt", "x", "--steps", "2", "--output", output)
     assert ran.returncode == 0, ran.stderr
     warnings = [line for line in ran.stderr.splitlines() if "stretched to fit" in line]
     assert warnings == ["warning: the map (64x32) has another shape than the image (64x64); it is stretched to fit"]
@@ -316,14 +320,13 @@ def test_a_map_of_another_shape_is_stretched_to_the_image_with_a_warning(family,
 
 
 @pytest.mark.parametrize("family", [family for family in FAMILIES if family.grid], ids=lambda family: family.name)
-def test_a_size_off_the_model_grid_is_rounded_down_with_its_map(family, folders, tmp_path):
+def test_a_size_off_the_model_grid_is_rounded_down_with_its_map(family, run, tmp_path):
     # 64 x 79 rounds to 64 x 64: the map must be resized with the image, or their aspects would differ by 2 latents
     # (Z-Image does not resize to a size it is given, so its run.py resizes image and map itself).
     image, map_path, output = tmp_path / "tall.png", tmp_path / "tall-map.png", tmp_path / "out.png"
     Image.fromarray(np.full((79, 64, 3), 128, np.uint8)).save(image)
     save_map(np.zeros((79, 64), np.float32), map_path)
-    ran = run_in_process(family.script, *filled(family.models, folders), "--device", "cpu", "--image", image,
-                         "--map", map_path, "--prompt", "x", "--steps", "2", "--output", output, cwd=tmp_path)
+    ran = run(family, "--image", image, "--map", map_path, "--prompt", "x", "--steps", "2", "--output", output)
     assert ran.returncode == 0, ran.stderr
     assert written(output)[0].shape == (79 // family.grid * family.grid, 64, 3)
 
@@ -336,15 +339,14 @@ def test_a_size_off_the_model_grid_is_rounded_down_with_its_map(family, folders,
     pytest.param(family, *case, id=f"{family.name}-{case[0]}")
     for family in FAMILIES for case in [*COMMON_BAD_INPUTS, *family.bad_inputs]
 ])
-def test_bad_input_gives_one_line_and_leaves_inputs_untouched(family, case, extra, status, message, folders, inputs,
-                                                              tmp_path):
+def test_bad_input_gives_one_line_and_leaves_inputs_untouched(family, case, extra, status, message, run, folders,
+                                                              inputs, tmp_path):
     image, map_path = inputs
     before = {path: path.read_bytes() for path in inputs}
     extra = filled(extra, folders, image=image, map=map_path, tmp=tmp_path)
     if "--output" not in extra:
         extra += ["--output", tmp_path / "out.png"]
-    ran = run_in_process(family.script, *filled(family.models, folders), "--device", "cpu", "--image", image,
-                         "--map", map_path, "--prompt", "x", "--steps", "2", *extra, cwd=tmp_path)
+    ran = run(family, "--image", image, "--map", map_path, "--prompt", "x", "--steps", "2", *extra)
     assert (ran.returncode, ran.stdout) == (status, ""), ran.stderr
     assert len(error_lines(ran)) == 1 and message in error_lines(ran)[0], ran.stderr
     assert set(ran.stderr.splitlines()) - set(error_lines(ran)) <= {CPU_WARNING}, ran.stderr
@@ -353,12 +355,11 @@ def test_bad_input_gives_one_line_and_leaves_inputs_untouched(family, case, extr
 
 
 @pytest.mark.parametrize("family", FAMILIES, ids=IDS)
-def test_a_checkpoint_of_another_family_is_refused_in_one_line(family, folders, inputs, tmp_path):
+def test_a_checkpoint_of_another_family_is_refused_in_one_line(family, run, folders, inputs, tmp_path):
     image, map_path = inputs
     other = folders(family.other_checkpoint)
-    ran = run_in_process(family.script, *filled(family.models, folders), "--model", other, "--device", "cpu",
-                         "--image", image, "--map", map_path, "--prompt", "x", "--steps", "2", "--output",
-                         tmp_path / "out.png", cwd=tmp_path)
+    ran = run(family, "--model", other, "--image", image, "--map", map_path, "--prompt", "x", "--steps", "2",
+              "--output", tmp_path / "out.png")
     what, where = {"sd_dir": ("an SD 1.x/2.x checkpoint (StableDiffusionImg2ImgPipeline)", "SD2/run.py"),
                    "sdxl_base_dir": ("an SDXL checkpoint (StableDiffusionXLImg2ImgPipeline)", "SDXL/run.py")}[
         family.other_checkpoint]
@@ -378,25 +379,23 @@ def test_an_error_is_the_only_line_on_the_real_stderr(sd_dir, inputs, tmp_path):
 
 
 @pytest.mark.parametrize("family", FAMILIES, ids=IDS)
-def test_an_existing_output_is_never_overwritten(family, folders, inputs, tmp_path):
+def test_an_existing_output_is_never_overwritten(family, run, inputs, tmp_path):
     image, map_path = inputs
     taken = tmp_path / "edit.png"
     Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(taken)
     before = taken.read_bytes()
-    ran = run_in_process(family.script, *filled(family.models, folders), "--device", "cpu", "--image", image,
-                         "--map", map_path, "--prompt", "x", "--steps", "2", "--output", taken, cwd=tmp_path)
+    ran = run(family, "--image", image, "--map", map_path, "--prompt", "x", "--steps", "2", "--output", taken)
     assert ran.returncode == 2 and error_lines(ran) == [
         "error: edit.png already exists; pass --overwrite to replace it, or another --output"]
     assert taken.read_bytes() == before and sorted(tmp_path.glob("edit*")) == [taken]
 
 
 @pytest.mark.parametrize("family", FAMILIES, ids=IDS)
-def test_a_one_pixel_image_gives_an_output_or_one_line(family, folders, inputs, tmp_path):
+def test_a_one_pixel_image_gives_an_output_or_one_line(family, run, inputs, tmp_path):
     _, map_path = inputs
     Image.new("RGB", (1, 1)).save(tmp_path / "dot.png")
-    ran = run_in_process(family.script, *filled(family.models, folders), "--device", "cpu", "--image",
-                         tmp_path / "dot.png", "--map", map_path, "--prompt", "x", "--steps", "2", "--output",
-                         tmp_path / "out.png", cwd=tmp_path)
+    ran = run(family, "--image", tmp_path / "dot.png", "--map", map_path, "--prompt", "x", "--steps", "2", "--output",
+              tmp_path / "out.png")
     assert "Traceback" not in ran.stderr
     if isinstance(family.from_one_pixel, str):  # refused: it cannot encode an image smaller than one latent cell
         assert ran.returncode == 2 and error_lines(ran) == [f"error: {family.from_one_pixel}"]
