@@ -233,18 +233,6 @@ def inputs(tmp_path):
     return image, map_path
 
 
-# The bad command lines every run.py refuses in one line: (case, extra flags, text the error line must hold).
-# "{image}", "{map}" and "{tmp}" stand for the test's image, map and temporary folder.
-COMMON_BAD_INPUTS = [
-    ("missing image", ["--image", "nowhere.png"], "--image"),
-    ("missing map", ["--map", "nowhere.png"], "--map"),
-    ("output is the image", ["--output", "{image}", "--overwrite"], "--image"),
-    ("fp16 on the cpu", ["--dtype", "fp16"], "--dtype fp32"),
-    ("steps out of range", ["--steps", "0"], "--steps"),
-    ("strength out of range", ["--strength", "1.5"], "--strength"),
-]
-
-
 def run_in_process(script, *args, cwd=None):
     """Runs a model's run.py (``"SD2/run.py"``) through ``cli.main`` in this process, in ``cwd``, as the command line
     would, and returns a finished process as ``run_script`` does. A subprocess costs seconds of imports that tell
@@ -267,20 +255,3 @@ def run_in_process(script, *args, cwd=None):
     finally:
         sys.argv = saved_argv
     return subprocess.CompletedProcess(sys.argv, status, out.getvalue(), err.getvalue())
-
-
-def assert_refused_in_one_line(script, base, extra, message, inputs, tmp_path):
-    """Runs ``script`` with ``base + extra`` (in this process: ``run_in_process``); checks one ``error:`` line holding
-    ``message``, no traceback, the inputs byte for byte as before and no output written."""
-    image, map_path = inputs
-    before = {path: path.read_bytes() for path in inputs}
-    extra = [value.format(image=image, map=map_path, tmp=tmp_path) for value in extra]
-    if "--output" not in extra:
-        extra += ["--output", tmp_path / "out.png"]
-    result = run_in_process(script, *base, *extra, cwd=tmp_path)
-    assert result.returncode != 0
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and message in errors[0], result.stderr
-    assert "Traceback" not in result.stderr
-    assert {path: path.read_bytes() for path in inputs} == before
-    assert not (tmp_path / "out.png").exists()

@@ -1,10 +1,14 @@
 """app.py in a real browser: headless Chromium, driven by Playwright, against the tiny SD model on the CPU."""
 
+import shlex
+
 import numpy as np
 import pytest
+from conftest import run_in_process
 from PIL import Image
 
 from tools import make_app_screenshot as browser
+from tools.maps import linear_gradient
 
 needs_browser = pytest.mark.skipif(browser.browser_missing() is not None, reason=f"browser tests: "
                                    f"{browser.browser_missing()}")
@@ -93,6 +97,32 @@ def test_edit_in_the_browser(page, tmp_path):
     np.testing.assert_array_equal(np.asarray(download(page, tmp_path, "second.png").convert("RGB")), edited)
     page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
     assert (tmp_path / "app.png").stat().st_size > 10_000
+
+
+@needs_browser
+def test_the_seed_typed_reaches_the_pipeline_and_the_png_text(page, tmp_path):
+    image_path, map_path = tmp_path / "input.png", tmp_path / "gradient.tiff"
+    smooth_image().save(image_path)
+    Image.fromarray(linear_gradient(*smooth_image().size)).save(map_path)  # the page's gradient map, in float32
+    page.locator("#map-source input[value=gradient]").check()
+    browser.set_field(page, "steps", STEPS)
+    browser.set_field(page, "seed", SEED)
+    browser.upload_image(page, image_path)
+    browser.wait_for_editor_image(page)
+    browser.click_edit(page)
+    result = download(page, tmp_path, "seeded.png")
+    edited, text = np.asarray(result.convert("RGB")), result.text
+    assert text["seed"] == str(SEED) and text["map"] == "gradient 0°"
+
+    # The PNG's command, on these files, gives the page's image with the seed typed, and another without it.
+    flags = shlex.split(text["command"])[2:]
+    assert flags[flags.index("--seed") + 1] == str(SEED)
+    flags[flags.index("--image") + 1], flags[flags.index("--map") + 1] = str(image_path), str(map_path)
+    for seed, same in ((SEED, True), (0, False)):
+        flags[flags.index("--seed") + 1], output = str(seed), tmp_path / f"run-{seed}.png"
+        ran = run_in_process("SD2/run.py", *flags, "--device", "cpu", "--output", output)
+        assert ran.returncode == 0, ran.stderr
+        assert np.array_equal(np.asarray(Image.open(output).convert("RGB")), edited) == same, seed
 
 
 @needs_browser

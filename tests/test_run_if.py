@@ -1,7 +1,9 @@
-"""IF/run.py end to end on tiny saved IF stage I/II folders and a tiny x4 upscaler.
+"""What only IF/run.py does, on tiny saved IF stage I/II folders and a tiny x4 upscaler: three stages and their
+files, the crop through them, one stage alone, models put at the wrong stage, fp16 files, offload and the licence
+gate. tests/test_run_contract.py checks what every run.py does, IF's first two stages among them.
 
-Whole runs go through a subprocess, as a user runs them. Errors that need no second process run in this one,
-through the same `cli.main`, which keeps the file fast.
+Runs go through `cli.main` in this process (conftest's `run_in_process`), as the command line runs them; only the
+licence gate needs a process of its own, whose Hub address is set before huggingface_hub is imported.
 """
 
 import http.server
@@ -23,7 +25,6 @@ from conftest import (
     clip_tokenizer,
     if_stage1_components,
     run_in_process,
-    run_script,
     save_pipeline,
     test_image,
 )
@@ -91,11 +92,11 @@ def test_each_stage_writes_its_image_and_edit_gives_the_same_in_process(models, 
     output = tmp_path / "edit.png"
     argv = short_run(models, inputs, "--stage3-model", upscaler_dir, "--stage3-steps", "2", "--stage3-noise-level",
                      "20", "--strength", "0.5", "--seed", "7", "--output", output, "--compare")
-    result = run_script(SCRIPT, *argv)
+    result = run_in_process(SCRIPT, *argv)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
-    assert lines[-3:-1] == [f"stage 1: {tmp_path / 'edit-stage1.png'}", f"stage 2: {tmp_path / 'edit-stage2.png'}"]
-    assert lines[-1].startswith(str(output)) and "9 denoising steps" in lines[-1]  # 10 * 0.5 + 4 * 0.5 + 2
+    assert lines[:-1] == [f"stage 1: {tmp_path / 'edit-stage1.png'}", f"stage 2: {tmp_path / 'edit-stage2.png'}"]
+    assert lines[-1].startswith(f"{output} (") and "9 denoising steps" in lines[-1]  # 10 * 0.5 + 4 * 0.5 + 2
     files = ["edit-compare.png", "edit-stage1.png", "edit-stage2.png", "edit.png"]
     assert sorted(path.name for path in tmp_path.glob("edit*")) == files
     (stage1, text1), (stage2, text2) = written(tmp_path / "edit-stage1.png"), written(tmp_path / "edit-stage2.png")
@@ -173,30 +174,18 @@ def run_main(argv, cwd):
 @pytest.mark.parametrize(
     "case, extra, code, message",
     [
-        ("missing image", ["--image", "nowhere.png"], 2, "--image nowhere.png: no such file"),
-        ("stage II steps", ["--stage2-steps", "0"], 2, "--stage2-steps"),
-        ("stage II guidance", ["--stage2-guidance-scale", "-1"], 2, "--stage2-guidance-scale"),
-        ("stage III noise level", ["--stage3-noise-level", "351"], 2, "--stage3-noise-level"),
-        ("stages", ["--stages", "4"], 2, "--stages"),
-        ("sampler IF cannot use", ["--scheduler", "euler"], 2, "--scheduler"),
-        ("offload on the cpu", ["--offload"], 2, "--offload"),
-        ("stage I hub model offline", ["--model", "someone/not-cached-if"], 1, "--model PATH"),
-        ("stage II hub model offline", ["--stage2-model", "someone/not-cached-sr"], 1, "--stage2-model PATH"),
-        ("stage III hub model offline", ["--stages", "3", "--stage3-model", "someone/not-cached-x4"], 1,
-         "--stage3-model PATH"),
         ("stage II model as stage I", ["--model", "{stage2}"], 2, "--model"),
         ("stage I model as stage II", ["--stage2-model", "{stage1}"], 1, "--stage2-model"),
         ("upscaler as stage II", ["--stage2-model", "{upscaler}"], 2, "--stage2-model {upscaler}: an x4 upscaler"),
         ("stage II as upscaler", ["--stages", "3", "--stage3-model", "{stage2}"], 2, "a DeepFloyd IF checkpoint"),
-        ("an SD checkpoint as stage I", ["--model", "{sd}"], 2, "an SD 1.x/2.x checkpoint"),
         ("a folder that is no pipeline", ["--model", "{stage1}/unet"], 1, "model_index.json"),
     ],
 )
-def test_bad_input_gives_one_line_naming_the_flag(models, inputs, upscaler_dir, sd_dir, tmp_path,
-                                                   case, extra, code, message):
+def test_a_wrong_model_folder_gives_one_line_naming_the_flag(models, inputs, upscaler_dir, tmp_path,
+                                                              case, extra, code, message):
     image, map_path = inputs
     before = {path: path.read_bytes() for path in inputs}
-    folders = {"stage1": models[1], "stage2": models[3], "upscaler": upscaler_dir, "sd": sd_dir}
+    folders = {"stage1": models[1], "stage2": models[3], "upscaler": upscaler_dir}
     extra, message = [value.format(**folders) for value in extra], message.format(**folders)
     argv = [*short_run(models, inputs, "--stages", "2"), "--output", tmp_path / "out.png", *extra]
     exit_code, out, errors = run_main(argv, tmp_path)
@@ -271,17 +260,6 @@ def test_offload_is_on_with_cuda_unless_turned_off():
     for argv, expected in [([], None), (["--no-offload"], False), (["--offload"], True),
                            (["--offload", "--no-offload"], False)]:
         assert parser.parse_args(argv).offload is expected
-
-
-def test_help_documents_every_flag():
-    text = if_run.build_parser().format_help()
-    flags = ["--model", "--image", "--map", "--invert-map", "--prompt", "--negative-prompt", "--steps",
-             "--guidance-scale", "--strength", "--seed", "--output", "--device", "--dtype", "--offload", "--no-offload",
-             "--scheduler", "--compare", "--stages", "--stage2-model", "--stage2-steps", "--stage2-guidance-scale",
-             "--stage2-noise-level", "--stage3-model", "--stage3-steps", "--stage3-guidance-scale",
-             "--stage3-noise-level", "--mask", "--feather", "--grow", "--keep-exact"]
-    assert all(flag in text for flag in flags)
-    assert "accept the licence" in text.replace("\n", " ")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,75 +1,17 @@
-"""Kandinsky/run.py end to end in a subprocess, and its prior and batch plumbing in-process, on tiny saved models."""
+"""What only Kandinsky/run.py does: its prior's flags and embeddings, and a batch through prior and decoder, in this
+process on tiny saved models. tests/test_run_contract.py checks what every run.py does, Kandinsky's among them."""
 
 import numpy as np
 import pytest
 import torch
-from conftest import COMMON_BAD_INPUTS, assert_refused_in_one_line, run_script, test_image
-from PIL import Image
+from conftest import test_image
 
 from Kandinsky import run as kandinsky_run
 from tools import cli
 
-SCRIPT = "Kandinsky/run.py"
-
 
 def models(prior_dir, decoder_dir):
     return ["--prior", prior_dir, "--model", decoder_dir, "--device", "cpu", "--height", "64", "--width", "64"]
-
-
-def test_run_writes_a_png_with_its_parameters(kandinsky_prior_dir, kandinsky_decoder_dir, inputs, tmp_path):
-    image, map_path = inputs
-    output = tmp_path / "edit.png"
-    result = run_script(
-        SCRIPT, *models(kandinsky_prior_dir, kandinsky_decoder_dir), "--image", image, "--map", map_path,
-        "--prompt", "a red apple", "--steps", "10", "--strength", "0.5", "--seed", "7", "--prior-steps", "2",
-        "--image-weight", "0.3", "--keep-exact", "--output", output, "--compare",
-    )
-    assert result.returncode == 0, result.stderr
-    last_line = result.stdout.strip().splitlines()[-1]
-    assert last_line.startswith(str(output)) and "5 denoising steps" in last_line
-    with Image.open(output) as written, Image.open(image) as source:
-        assert written.size == (64, 64) and written.format == "PNG"
-        text = dict(written.text)
-        original, edited = np.asarray(source.convert("RGB")), np.asarray(written.convert("RGB"))
-    # --keep-exact: the kept right half is the input's own bytes, the left half (strength 0.5) changed.
-    assert np.array_equal(edited[:, 32:], original[:, 32:]) and text["keep_exact"] == "True"
-    assert np.abs(edited[:, :32].astype(int) - original[:, :32]).mean() > 5
-    assert text["prompt"] == "a red apple" and text["seed"] == "7" and text["strength"] == "0.5"
-    assert text["model"] == str(kandinsky_decoder_dir) and text["prior"] == str(kandinsky_prior_dir)
-    assert text["prior_steps"] == "2" and text["image_weight"] == "0.3" and text["height"] == "64"
-    with Image.open(tmp_path / "edit-compare.png") as strip:
-        assert strip.width >= 3 * 64
-
-
-@pytest.mark.parametrize(
-    "case, extra, message",
-    COMMON_BAD_INPUTS + [
-        ("missing prior folder", ["--prior", "{tmp}/no/prior/here"], "--prior"),
-        ("hub prior offline", ["--prior", "someone/not-cached-prior"], "--prior PATH"),
-        ("height off the grid", ["--height", "100"], "--height"),
-    ],
-)
-def test_bad_input_gives_one_line_and_leaves_inputs_untouched(
-    kandinsky_prior_dir, kandinsky_decoder_dir, inputs, tmp_path, case, extra, message
-):
-    image, map_path = inputs
-    base = [*models(kandinsky_prior_dir, kandinsky_decoder_dir), "--image", image, "--map", map_path,
-            "--prompt", "x", "--steps", "2", "--prior-steps", "2"]
-    assert_refused_in_one_line(SCRIPT, base, extra, message, inputs, tmp_path)
-
-
-def test_help_documents_every_flag():
-    result = run_script(SCRIPT, "--help")
-    flags = ["--model", "--image", "--map", "--invert-map", "--prompt", "--negative-prompt", "--steps",
-             "--guidance-scale", "--strength", "--seed", "--output", "--device", "--dtype", "--offload",
-             "--scheduler", "--compare", "--prior", "--prior-steps", "--prior-guidance-scale", "--image-weight",
-             "--height", "--width", "--keep-exact", "--mask", "--feather", "--grow"]
-    assert result.returncode == 0
-    assert all(flag in result.stdout for flag in flags)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# In-process: what batch editing imports
 
 
 def parse(*argv):

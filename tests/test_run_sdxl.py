@@ -1,9 +1,10 @@
-"""SDXL/run.py end to end on a tiny base and refiner saved to folders: the runs that look at a real process's stderr in
-a subprocess, the others in this process."""
+"""What only SDXL/run.py does, on a tiny base and refiner saved to folders: its working size, the base alone, and
+the crop through both stages. tests/test_run_contract.py checks what every run.py does, SDXL's base and refiner
+among them."""
 
 import numpy as np
 import pytest
-from conftest import COMMON_BAD_INPUTS, assert_refused_in_one_line, run_in_process, run_script, test_image
+from conftest import run_in_process, test_image
 from PIL import Image
 
 from SDXL import run as sdxl_run
@@ -12,33 +13,6 @@ from tools import cli
 from tools.maps import save_map
 
 SCRIPT = "SDXL/run.py"
-
-
-def test_base_and_refiner_write_a_png_with_their_parameters(sdxl_base_dir, sdxl_refiner_dir, inputs, tmp_path):
-    image, map_path = inputs
-    output = tmp_path / "edit.png"
-    result = run_script(
-        SCRIPT, "--model", sdxl_base_dir, "--refiner", sdxl_refiner_dir, "--device", "cpu", "--image", image,
-        "--map", map_path, "--prompt", "a red apple", "--steps", "10", "--strength", "0.5", "--seed", "7",
-        "--width", "64", "--height", "64", "--keep-exact", "--output", output, "--compare",
-    )
-    assert result.returncode == 0, result.stderr
-    last_line = result.stdout.strip().splitlines()[-1]
-    # Strength 0.5 of 10 steps: steps 5 to 7 in the base, 8 and 9 in the refiner, which starts at 0.8.
-    assert last_line.startswith(str(output)) and "5 denoising steps" in last_line
-    with Image.open(output) as written, Image.open(image) as source:
-        assert written.size == (64, 64) and written.format == "PNG"
-        text = written.text
-        edited, original = np.asarray(written.convert("RGB")), np.asarray(source.convert("RGB"))
-    # --keep-exact in the refiner, which ends the schedule: the kept right half is the input's own bytes
-    assert np.array_equal(edited[:, 32:], original[:, 32:]) and text["keep_exact"] == "True"
-    assert np.abs(edited[:, :32].astype(int) - original[:, :32]).mean() > 5
-    assert text["prompt"] == "a red apple" and text["seed"] == "7" and text["strength"] == "0.5"
-    assert text["model"] == str(sdxl_base_dir) and text["refiner"] == str(sdxl_refiner_dir)
-    assert text["refiner_start"] == "0.8" and (text["width"], text["height"]) == ("64", "64")
-    assert text["guidance_scale"] == "17.5"
-    with Image.open(tmp_path / "edit-compare.png") as strip:
-        assert strip.width >= 3 * 64
 
 
 def test_base_alone_keeps_the_aspect_ratio_from_one_side_and_takes_a_mask(sdxl_base_dir, tmp_path):
@@ -74,34 +48,8 @@ def test_output_size(image_size, width, height, expected):
     assert output_size(image_size, width, height) == expected
 
 
-@pytest.mark.parametrize(
-    "case, extra, message",
-    COMMON_BAD_INPUTS + [
-        ("hub model offline", ["--model", "someone/not-cached-model"], "--model PATH"),
-        ("missing refiner folder", ["--refiner", "{tmp}/no-refiner-here"], "--refiner"),
-        ("height not a multiple of 8", ["--height", "100"], "--height: must be a multiple of 8"),
-        ("width not a number", ["--width", "wide"], "--width: must be a multiple of 8"),
-        ("refiner start out of range", ["--refiner-start", "1"], "--refiner-start"),
-        ("map and mask", ["--mask", "{map}"], "--map and --mask"),
-        ("feather without a mask", ["--feather", "8"], "--mask PATH"),
-    ],
-)
-def test_bad_input_gives_one_line_and_leaves_inputs_untouched(sdxl_base_dir, inputs, tmp_path, case, extra, message):
-    image, map_path = inputs
-    base = ["--model", sdxl_base_dir, "--device", "cpu", "--image", image, "--map", map_path, "--prompt", "x",
-            "--steps", "2", "--width", "64", "--height", "64"]
-    assert_refused_in_one_line(SCRIPT, base, extra, message, inputs, tmp_path)
 
 
-def test_help_documents_every_flag():
-    result = run_script(SCRIPT, "--help")
-    flags = ["--model", "--image", "--map", "--invert-map", "--prompt", "--negative-prompt", "--steps",
-             "--guidance-scale", "--strength", "--seed", "--output", "--device", "--dtype", "--offload",
-             "--scheduler", "--compare", "--controlnet", "--control-image", "--control", "--controlnet-scale",
-             "--depth-model", "--inpaint-model", "--refiner", "--no-refiner", "--refiner-start", "--width", "--height"]
-    assert result.returncode == 0
-    assert all(flag in result.stdout for flag in flags)
-    assert "default: 17.5" in result.stdout and "default: 100" in result.stdout
 
 
 def test_crop_margin_runs_base_and_refiner_on_the_crop_alone_and_keeps_the_rest_byte_for_byte(

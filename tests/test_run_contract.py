@@ -1,0 +1,430 @@
+"""What every model folder's run.py promises, checked for each one on its tiny model saved to a folder.
+
+``FAMILIES`` holds one entry per run.py: the flags that load its tiny model(s) and keep runs short, the step counts
+its schedule gives, and its particular flags, PNG text, help text and refusals. A new family's run.py is checked by
+adding one entry. What only one family does stays in its own file (tests/test_run_sdxl.py, ...).
+
+The runs go through ``cli.main`` in this process (conftest's ``run_in_process``): a subprocess costs seconds of
+imports and tells nothing more, except where a test looks at a real process's stdout and stderr, or starts run.py
+as a script.
+"""
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+from conftest import REPO_ROOT, run_in_process, run_script
+from flow_models import save_flux, save_sd3
+from flow_models2 import save_chroma, save_qwenimage, save_zimage
+from PIL import Image
+
+from tools import cli
+from tools.maps import save_map
+
+PROMPT = "a red apple"
+CPU_WARNING = "warning: running on the CPU in fp32; this takes minutes"  # said once in a process, so maybe here
+
+
+@dataclass(frozen=True)
+class Family:
+    folder: str  # the model folder that holds run.py
+    models: list  # flags that load its tiny model(s) and keep runs short; "{name}" is the saved folder of that name
+    takes: str  # what its --model takes, as cli.FAMILIES words it
+    other_checkpoint: str = "sd_dir"  # a saved folder of another family, which --model must refuse
+    half: tuple = ("10", 5)  # --steps given, and the denoising steps that run at --strength 0.5
+    full_steps: int = 4  # the denoising steps of a run at --steps 4 and --strength 1
+    run_flags: list = field(default_factory=list)  # its particular flags, given in the run that checks the PNG text
+    text: dict = field(default_factory=dict)  # the PNG text those flags and `models` give; "{name}" as in models
+    stage_files: tuple = ()  # what it writes beside --output: <output stem>-<name>.png
+    grid: int | None = None  # the multiple of pixels its working size is rounded down to, where it rounds
+    from_one_pixel: tuple | str = (64, 64)  # what a 1x1 image gives: the output's (width, height), or its refusal
+    flags: tuple = ()  # its own flags, which --help must document
+    help_says: tuple = ()  # what its --help must say (argparse's line breaks ignored)
+    help_never_says: tuple = ()
+    bad_inputs: list = field(default_factory=list)  # its own refusals: (case, extra flags, exit status, message)
+
+    @property
+    def name(self):
+        return self.folder.lower()
+
+    @property
+    def script(self):
+        return f"{self.folder}/run.py"
+
+
+CONDITIONING_FLAGS = ("--controlnet", "--control-image", "--control", "--controlnet-scale", "--depth-model",
+                      "--inpaint-model")
+FLOW_SAMPLER = ("an SD sampler", ["--scheduler", "euler"], 2, "leave --scheduler default")
+
+
+def flow(folder, takes, **particular):
+    """A flow-matching family: one saved folder, `ceil(T * s)` steps (5 * 0.5 gives 3, where SD runs 2), a working
+    size rounded down to 16 pixels (the VAE's 8 times 2x2 patches), and only its own sampler."""
+    return Family(folder, ["--model", f"{{{folder.lower()}_dir}}"], takes, half=("5", 3), grid=16,
+                  from_one_pixel=(16, 16), bad_inputs=[FLOW_SAMPLER], **particular)
+
+
+FAMILIES = [
+    Family(
+        "SD2", ["--model", "{sd_dir}"], "an SD 1.x/2.x checkpoint", other_checkpoint="sdxl_base_dir",
+        from_one_pixel="--image: the image is 1x1 pixels, smaller than one 2x2 cell of the model's latent grid; "
+        "give an image at least 2 pixels on each side",
+        flags=CONDITIONING_FLAGS,
+    ),
+    Family(
+        "SDXL", ["--model", "{sdxl_base_dir}", "--refiner", "{sdxl_refiner_dir}", "--width", "64", "--height", "64"],
+        "an SDXL checkpoint",
+        # 10 steps at strength 0.5: steps 5 to 7 in the base, 8 and 9 in the refiner, which starts at 0.8.
+        text={"refiner": "{sdxl_refiner_dir}", "refiner_start": "0.8", "width": "64", "height": "64",
+              "guidance_scale": "17.5"},
+        flags=(*CONDITIONING_FLAGS, "--refiner", "--no-refiner", "--refiner-start", "--width", "--height"),
+        help_says=("default: 17.5", "default: 100"),
+        bad_inputs=[
+            ("missing refiner folder", ["--refiner", "{tmp}/no-refiner-here"], 2, "--refiner"),
+            ("hub refiner offline", ["--refiner", "someone/not-cached-refiner"], 1, "--refiner PATH"),
+            ("height not a multiple of 8", ["--height", "100"], 2, "--height: must be a multiple of 8"),
+            ("width not a number", ["--width", "wide"], 2, "--width: must be a multiple of 8"),
+            ("refiner start out of range", ["--refiner-start", "1"], 2, "--refiner-start"),
+        ],
+    ),
+    Family(
+        "Kandinsky", ["--prior", "{kandinsky_prior_dir}", "--prior-steps", "2", "--model", "{kandinsky_decoder_dir}",
+                      "--height", "64", "--width", "64"],
+        "a Kandinsky 2.2 checkpoint",
+        run_flags=["--image-weight", "0.3"],
+        text={"prior": "{kandinsky_prior_dir}", "prior_steps": "2", "image_weight": "0.3", "height": "64",
+              "width": "64"},
+        flags=("--prior", "--prior-steps", "--prior-guidance-scale", "--image-weight", "--height", "--width"),
+        bad_inputs=[
+            ("missing prior folder", ["--prior", "{tmp}/no/prior/here"], 2, "--prior"),
+            ("hub prior offline", ["--prior", "someone/not-cached-prior"], 1, "--prior PATH"),
+            ("height off the grid", ["--height", "100"], 2, "--height"),
+        ],
+    ),
+    Family(
+        "IF", ["--model", "{if_stage1_dir}", "--stage2-model", "{if_stage2_dir}", "--stages", "2",
+               "--stage2-steps", "4"],
+        "a DeepFloyd IF checkpoint",
+        half=("10", 7),  # stage I 10 * 0.5, stage II 4 * 0.5
+        full_steps=8,  # stage I 4, stage II 4
+        text={"stages": "2", "stage2_model": "{if_stage2_dir}", "stage2_steps": "4"},
+        stage_files=("stage1",),
+        flags=("--no-offload", "--stages", "--stage2-model", "--stage2-steps", "--stage2-guidance-scale",
+               "--stage2-noise-level", "--stage3-model", "--stage3-steps", "--stage3-guidance-scale",
+               "--stage3-noise-level"),
+        help_says=("accept the licence",),
+        bad_inputs=[
+            ("stage II steps", ["--stage2-steps", "0"], 2, "--stage2-steps"),
+            ("stage II guidance", ["--stage2-guidance-scale", "-1"], 2, "--stage2-guidance-scale"),
+            ("stage III noise level", ["--stage3-noise-level", "351"], 2, "--stage3-noise-level"),
+            ("stages", ["--stages", "4"], 2, "--stages"),
+            ("sampler IF cannot use", ["--scheduler", "euler"], 2, "--scheduler"),
+            ("offload on the cpu", ["--offload"], 2, "--offload"),
+            ("stage II hub model offline", ["--stage2-model", "someone/not-cached-sr"], 1, "--stage2-model PATH"),
+            ("stage III hub model offline", ["--stages", "3", "--stage3-model", "someone/not-cached-x4"], 1,
+             "--stage3-model PATH"),
+        ],
+    ),
+    flow("SD3", "an SD3 checkpoint"),
+    flow("Flux", "a Flux checkpoint", flags=("--true-cfg-scale",),
+         help_says=("gated", "distilled guidance, an input of the transformer"),
+         help_never_says=("1 or less turns it off",)),
+    flow("Chroma", "a Chroma checkpoint", help_says=("lodestones/Chroma1-HD",), help_never_says=("--true-cfg-scale",)),
+    flow("QwenImage", "a Qwen-Image checkpoint",
+         help_says=("Qwen/Qwen-Image", "true_cfg_scale", "guidance with --negative-prompt, two transformer passes "
+                    "per step")),
+    flow("ZImage", "a Z-Image checkpoint",
+         help_says=("Tongyi-MAI/Z-Image-Turbo", "(--guidance-scale 0)", "(default: 8)", "0 turns it off"),
+         help_never_says=("1 or less turns it off",)),
+]
+IDS = [family.name for family in FAMILIES]
+
+# What every run.py refuses in one line: (case, extra flags, exit status, message). "{image}", "{map}" and "{tmp}"
+# stand for the test's image, map and temporary folder, "{other}" for another family's saved model.
+COMMON_BAD_INPUTS = [
+    ("missing image", ["--image", "nowhere.png"], 2, "--image nowhere.png: no such file"),
+    ("missing map", ["--map", "nowhere.png"], 2, "--map nowhere.png: no such file"),
+    ("output is the image", ["--output", "{image}", "--overwrite"], 2, "is the --image file"),
+    ("fp16 on the cpu", ["--dtype", "fp16"], 2, "--dtype fp32"),
+    ("steps out of range", ["--steps", "0"], 2, "--steps"),
+    ("strength out of range", ["--strength", "1.5"], 2, "--strength"),
+    ("map and mask", ["--mask", "{map}"], 2, "--map and --mask"),
+    ("feather without a mask", ["--feather", "8"], 2, "--mask PATH"),
+    ("hub model offline", ["--model", "someone/not-cached-model"], 1, "--model PATH"),
+]
+
+COMMON_FLAGS = ("--model", "--image", "--map", "--invert-map", "--mask", "--feather", "--grow", "--prompt",
+                "--negative-prompt", "--steps", "--guidance-scale", "--strength", "--seed", "--scheduler",
+                "--keep-exact", "--crop-margin", "--crop-upscale", "--device", "--dtype", "--offload", "--output",
+                "--overwrite", "--compare")
+
+SAVERS = {"sd3_dir": save_sd3, "flux_dir": save_flux, "chroma_dir": save_chroma, "qwenimage_dir": save_qwenimage,
+          "zimage_dir": save_zimage}
+
+
+@pytest.fixture(scope="module")
+def saved_flow_models(tmp_path_factory):
+    """The flow families' tiny models, each saved the first time a test asks for it."""
+    folders = {}
+
+    def folder(name):
+        if name not in folders:
+            folders[name] = SAVERS[name](tmp_path_factory.mktemp(name))
+        return folders[name]
+
+    return folder
+
+
+@pytest.fixture
+def folders(request, saved_flow_models):
+    """``folders(name)``: the saved model folder of that name (a conftest fixture, or a flow model)."""
+    return lambda name: saved_flow_models(name) if name in SAVERS else request.getfixturevalue(name)
+
+
+def filled(values, folders, **names):
+    """``values`` with every "{name}" replaced: by ``names``, else by the saved model folder of that name."""
+    names = {key: str(value) for key, value in names.items()}
+
+    def fill(text):
+        return re.sub(r"\{(\w+)\}", lambda match: names.get(match[1]) or str(folders(match[1])), str(text))
+
+    return {key: fill(value) for key, value in values.items()} if isinstance(values, dict) else [
+        fill(value) for value in values]
+
+
+@pytest.fixture
+def run(folders, tmp_path):
+    """``run(family, *flags)``: its run.py on its tiny model(s), on the CPU, in this process and ``tmp_path``."""
+    return lambda family, *flags: run_in_process(family.script, *filled(family.models, folders), "--device", "cpu",
+                                                 *flags, cwd=tmp_path)
+
+
+def written(path):
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB")), dict(image.text), image.format
+
+
+def error_lines(ran):
+    return [line for line in ran.stderr.splitlines() if line.startswith("error:")]
+
+
+def test_every_run_py_has_an_entry():
+    assert sorted(family.name for family in FAMILIES) == sorted(cli.families())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A whole run
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=IDS)
+def test_run_writes_a_png_with_its_parameters_and_keeps_exact_where_the_map_is_white(family, run, folders, inputs,
+                                                                                     tmp_path):
+    image, map_path = inputs  # the left half changes, the right half is kept
+    output = tmp_path / "edit.png"
+    steps, steps_run = family.half
+    flags = ["--image", image, "--map", map_path, "--prompt", PROMPT, "--negative-prompt", "blurry", "--steps", steps,
+             "--strength", "0.5", "--seed", "7", "--keep-exact", *family.run_flags, "--output", output, "--compare"]
+    ran = run(family, *flags)
+    assert ran.returncode == 0, ran.stderr
+    stage_files = [tmp_path / f"edit-{name}.png" for name in family.stage_files]
+    lines = ran.stdout.splitlines()  # paths as given, and the last line's relative to the working folder
+    assert lines[:-1] == [f"stage {n}: {path}" for n, path in enumerate(stage_files, start=1)], ran.stdout
+    assert re.fullmatch(rf"edit\.png \(\d+\.\ds, {steps_run} denoising steps\); comparison: edit-compare\.png",
+                        lines[-1]), ran.stdout
+    assert set(not_progress_bars(ran.stderr)) <= {CPU_WARNING}, ran.stderr
+    assert sorted(tmp_path.glob("edit*.png")) == sorted([output, tmp_path / "edit-compare.png", *stage_files])
+
+    edited, text, kind = written(output)
+    original = np.asarray(Image.open(image).convert("RGB"))
+    assert kind == "PNG" and edited.shape == (64, 64, 3)
+    # --keep-exact: the kept right half is the input's own bytes; the left half (strength 0.5) changed.
+    assert np.array_equal(edited[:, 32:], original[:, 32:])
+    assert np.abs(edited[:, :32].astype(int) - original[:, :32]).mean() > 5
+    models = filled(family.models, folders)
+    expected = {"prompt": PROMPT, "negative_prompt": "blurry", "model": models[models.index("--model") + 1],
+                "image": str(image), "map": str(map_path), "invert_map": "False", "strength": "0.5",
+                "keep_exact": "True", "steps": steps, "steps_run": str(steps_run), "seed": "7", "device": "cpu",
+                "dtype": "fp32", "Software": "differential-diffusion", **filled(family.text, folders)}
+    assert {key: text.get(key) for key in expected} == expected
+    assert shlex.split(text["command"])[2:] == [*models, "--device", "cpu", *map(str, flags)]  # enough to run again
+    with Image.open(tmp_path / "edit-compare.png") as strip:
+        assert strip.size == (3 * 64, 64)
+
+
+def test_a_run_as_a_script_prints_one_line_and_no_library_warning(sd_dir, inputs, tmp_path):
+    """The one run in a real process, whose stdout and stderr nothing in this process stands between."""
+    image, map_path = inputs
+    output = tmp_path / "edit.png"
+    result = run_script("SD2/run.py", "--model", sd_dir, "--device", "cpu", "--image", image, "--map", map_path,
+                        "--prompt", PROMPT, "--steps", "4", "--output", output)
+    assert result.returncode == 0, result.stderr
+    assert re.fullmatch(rf"{re.escape(str(output))} \(\d+\.\ds, 4 denoising steps\)\n", result.stdout)
+    # stderr: diffusers' progress bars, and the one line the design asks for on the CPU; no library warning (#11)
+    assert not_progress_bars(result.stderr) == [CPU_WARNING]
+    assert written(output)[0].shape == (64, 64, 3)
+
+
+def not_progress_bars(stderr):
+    """The pieces of ``stderr`` that are not tqdm progress bars (``Loading weights: 100%|...| 36/36 [...]``)."""
+    pieces = re.split(r"[\r\n]", re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", stderr))  # bars redraw with \r and ANSI codes
+    return [piece for piece in pieces if piece.strip() and not re.match(r"^[\w .]*:?\s*\d+%\|.*\| \d+/\d+ \[", piece)]
+
+
+def square_mask(path, box=(16, 16, 40, 40)):
+    """An inpainting mask, white = the region to fill, in ``box`` (left, top, right, bottom) of a 64 x 64 image."""
+    mask = np.zeros((64, 64), np.uint8)
+    left, top, right, bottom = box
+    mask[top:bottom, left:right] = 255
+    Image.fromarray(mask).save(path)
+    return path
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=IDS)
+def test_mask_fills_its_region_and_keeps_everything_beyond_the_feather(family, run, inputs, tmp_path):
+    image, _ = inputs
+    mask, output = square_mask(tmp_path / "hole.png"), tmp_path / "filled.png"
+    ran = run(family, "--image", image, "--mask", mask, "--feather", "8", "--grow", "2", "--keep-exact", "--prompt",
+              PROMPT, "--steps", "4", "--output", output)
+    assert ran.returncode == 0, ran.stderr
+    # the region is changed fully: the whole schedule runs
+    assert f" {family.full_steps} denoising steps)" in ran.stdout.splitlines()[-1]
+    edited, text, _ = written(output)
+    original = np.asarray(Image.open(image).convert("RGB"))
+    assert (text["mask"], text["feather"], text["grow"], "map" in text) == (str(mask), "8.0", "2.0", False)
+    # The region grown by 2 px and feathered over 8 px ends 10 px from the square: beyond it, the input's bytes.
+    beyond = np.ones((64, 64), bool)
+    beyond[16 - 10 : 40 + 10, 16 - 10 : 40 + 10] = False
+    assert np.array_equal(edited[beyond], original[beyond])
+    assert np.abs(edited[16:40, 16:40].astype(int) - original[16:40, 16:40]).mean() > 5
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sizes
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=IDS)
+def test_a_map_of_another_shape_is_stretched_to_the_image_with_a_warning(family, run, inputs, tmp_path):
+    image, _ = inputs
+    wide_map, output = tmp_path / "wide.png", tmp_path / "out.png"
+    save_map(np.zeros((32, 64), np.float32), wide_map)
+    ran = run(family, "--image", image, "--map", wide_map, "--prompt", "x", "--steps", "2", "--output", output)
+    assert ran.returncode == 0, ran.stderr
+    warnings = [line for line in ran.stderr.splitlines() if "stretched to fit" in line]
+    assert warnings == ["warning: the map (64x32) has another shape than the image (64x64); it is stretched to fit"]
+    assert written(output)[0].shape == (64, 64, 3)
+
+
+@pytest.mark.parametrize("family", [family for family in FAMILIES if family.grid], ids=lambda family: family.name)
+def test_a_size_off_the_model_grid_is_rounded_down_with_its_map(family, run, tmp_path):
+    # 64 x 79 rounds to 64 x 64: the map must be resized with the image, or their aspects would differ by 2 latents
+    # (Z-Image does not resize to a size it is given, so its run.py resizes image and map itself).
+    image, map_path, output = tmp_path / "tall.png", tmp_path / "tall-map.png", tmp_path / "out.png"
+    Image.fromarray(np.full((79, 64, 3), 128, np.uint8)).save(image)
+    save_map(np.zeros((79, 64), np.float32), map_path)
+    ran = run(family, "--image", image, "--map", map_path, "--prompt", "x", "--steps", "2", "--output", output)
+    assert ran.returncode == 0, ran.stderr
+    assert written(output)[0].shape == (79 // family.grid * family.grid, 64, 3)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Refusals
+
+
+@pytest.mark.parametrize("family, case, extra, status, message", [
+    pytest.param(family, *case, id=f"{family.name}-{case[0]}")
+    for family in FAMILIES for case in [*COMMON_BAD_INPUTS, *family.bad_inputs]
+])
+def test_bad_input_gives_one_line_and_leaves_inputs_untouched(family, case, extra, status, message, run, folders,
+                                                              inputs, tmp_path):
+    image, map_path = inputs
+    before = {path: path.read_bytes() for path in inputs}
+    extra = filled(extra, folders, image=image, map=map_path, tmp=tmp_path)
+    if "--output" not in extra:
+        extra += ["--output", tmp_path / "out.png"]
+    ran = run(family, "--image", image, "--map", map_path, "--prompt", "x", "--steps", "2", *extra)
+    assert (ran.returncode, ran.stdout) == (status, ""), ran.stderr
+    assert len(error_lines(ran)) == 1 and message in error_lines(ran)[0], ran.stderr
+    assert set(ran.stderr.splitlines()) - set(error_lines(ran)) <= {CPU_WARNING}, ran.stderr
+    assert {path: path.read_bytes() for path in inputs} == before
+    assert not list(tmp_path.glob("out*.png"))
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=IDS)
+def test_a_checkpoint_of_another_family_is_refused_in_one_line(family, run, folders, inputs, tmp_path):
+    image, map_path = inputs
+    other = folders(family.other_checkpoint)
+    ran = run(family, "--model", other, "--image", image, "--map", map_path, "--prompt", "x", "--steps", "2",
+              "--output", tmp_path / "out.png")
+    what, where = {"sd_dir": ("an SD 1.x/2.x checkpoint (StableDiffusionImg2ImgPipeline)", "SD2/run.py"),
+                   "sdxl_base_dir": ("an SDXL checkpoint (StableDiffusionXLImg2ImgPipeline)", "SDXL/run.py")}[
+        family.other_checkpoint]
+    assert (ran.returncode, ran.stdout) == (2, ""), ran.stderr
+    assert ran.stderr.splitlines() == [f"error: --model {other}: {what}, for {where}; here --model takes "
+                                       f"{family.takes}"]
+    assert not list(tmp_path.glob("out*.png"))
+
+
+def test_an_error_is_the_only_line_on_the_real_stderr(sd_dir, inputs, tmp_path):
+    image, map_path = inputs
+    result = run_script("SD2/run.py", "--model", sd_dir, "--device", "cpu", "--image", tmp_path / "nowhere.png",
+                        "--map", map_path, "--prompt", "x", "--output", tmp_path / "out.png")
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == f"error: --image {tmp_path / 'nowhere.png'}: no such file\n"
+    assert not (tmp_path / "out.png").exists()
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=IDS)
+def test_an_existing_output_is_never_overwritten(family, run, inputs, tmp_path):
+    image, map_path = inputs
+    taken = tmp_path / "edit.png"
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(taken)
+    before = taken.read_bytes()
+    ran = run(family, "--image", image, "--map", map_path, "--prompt", "x", "--steps", "2", "--output", taken)
+    assert ran.returncode == 2 and error_lines(ran) == [
+        "error: edit.png already exists; pass --overwrite to replace it, or another --output"]
+    assert taken.read_bytes() == before and sorted(tmp_path.glob("edit*")) == [taken]
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=IDS)
+def test_a_one_pixel_image_gives_an_output_or_one_line(family, run, inputs, tmp_path):
+    _, map_path = inputs
+    Image.new("RGB", (1, 1)).save(tmp_path / "dot.png")
+    ran = run(family, "--image", tmp_path / "dot.png", "--map", map_path, "--prompt", "x", "--steps", "2", "--output",
+              tmp_path / "out.png")
+    assert "Traceback" not in ran.stderr
+    if isinstance(family.from_one_pixel, str):  # refused: it cannot encode an image smaller than one latent cell
+        assert ran.returncode == 2 and error_lines(ran) == [f"error: {family.from_one_pixel}"]
+        assert not (tmp_path / "out.png").exists()
+    else:  # scaled up to a size the model works at
+        assert ran.returncode == 0 and error_lines(ran) == [], ran.stderr
+        assert written(tmp_path / "out.png")[0].shape == (*family.from_one_pixel[::-1], 3)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Help
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=IDS)
+def test_help_documents_every_flag_and_starts_as_a_script_from_any_folder(family, tmp_path):
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, str(REPO_ROOT / family.script), "--help"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    words = done.stdout.split()
+    spaced, joined = " ".join(words), "".join(words)  # argparse wraps lines, at spaces and at hyphens
+    parser = cli.load_family(family.name).build_parser()
+    every_flag = {flag for action in parser._actions for flag in action.option_strings if flag.startswith("--")}
+    assert {*COMMON_FLAGS, *family.flags} <= every_flag  # none went missing
+    assert all(re.search(rf"{flag}\b", done.stdout) for flag in every_flag), sorted(every_flag)
+    assert all(action.help for action in parser._actions), [action.dest for action in parser._actions
+                                                            if not action.help]
+    assert "white (1) keeps a pixel" in spaced  # the map convention
+    for text in family.help_says:
+        assert " ".join(text.split()) in spaced or "".join(text.split()) in joined, text
+    for text in family.help_never_says:
+        assert text not in spaced, text
