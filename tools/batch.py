@@ -359,8 +359,10 @@ def _mismatch(path: Path, expected: dict[str, str]) -> str | None:
         return "is not a readable PNG, so not this row's result"
     if stored.get("Software") != "differential-diffusion":
         return "was not written by this project"
-    wrong = next((key for key, value in expected.items() if key not in HOW_MADE and stored.get(key) != value), None)
-    return wrong and f"holds another edit (its {wrong} is {stored.get(wrong)!r}, this row's is {expected[wrong]!r})"
+    # Both sides' keys: a flag that one edit records and the other does not (a crop margin, say) is a difference too.
+    keys = [key for key in {**stored, **expected} if key not in HOW_MADE]
+    wrong = next((key for key in keys if stored.get(key) != expected.get(key)), None)
+    return wrong and f"holds another edit (its {wrong} is {stored.get(wrong)!r}, this row's is {expected.get(wrong)!r})"
 
 
 def run_batches(state, module, args, batches: list[list], results: list[dict]) -> None:
