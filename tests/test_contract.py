@@ -1,0 +1,517 @@
+"""The contract that every pipeline class keeps, checked on every family of the registry (tests/families.py).
+
+Each check runs a family's pipeline on tiny random models and compares it with stock's own result, or with x0 and
+noise recomputed here as stock draws them (design notes, section 2): a uniform map is stock bit for bit; frozen
+pixels hold the noised original before every step and kept pixels end as x0; k released steps make k denoiser
+calls; a batch is its items run alone, and maps follow their images; the signature is stock's, then ours; bad
+inputs are refused clearly; `invert_map` mirrors; `keep_exact` keeps the input's bytes. What is particular to one
+family (SDXL's refiner, IF's stages, Kandinsky's prior, ...) is tested in that family's own file.
+"""
+
+import copy
+import inspect
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+import torch
+from conftest import build_pipeline, count_unet_calls, seeded_generator
+from families import (
+    FAMILIES,
+    FLOOR,
+    FLOW,
+    FOUR_EDGES,
+    MAP_SIZE,
+    OUR_ARGUMENTS,
+    band_columns,
+    band_map,
+    batched,
+    steps_run,
+)
+
+FOUR_STRENGTHS = (0.0, 0.3, 0.5, 1.0)  # kept; T*s not whole (1.8 at T = 6); half; released at step 0
+FOUR_BANDS = band_map(*(1 - s for s in FOUR_STRENGTHS), edges=FOUR_EDGES)
+WHITE = np.ones((MAP_SIZE, MAP_SIZE), np.float32)
+HALVES = [0, MAP_SIZE // 2, MAP_SIZE]
+
+# Batched and single runs add the same float32 products in other orders (other kernel shapes). Sums of ~1e3 terms
+# then differ by up to ~1e3 * 2**-24, about 1e-4 of their magnitude, which is also far below what a map applied to
+# the wrong item would change.
+BATCH_RTOL = 1e-4
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def components(family):
+    """Built once per family; tests build pipelines on them with a fresh scheduler, and take off any hook they add."""
+    return FAMILIES[family].components()
+
+
+def pipelines(family, components, scheduler_class=None):
+    """Stock and ours on the same components, each with its own copy of the scheduler (of `scheduler_class`,
+    configured as the components' scheduler, if given)."""
+    entry, scheduler = FAMILIES[family], components["scheduler"]
+    if scheduler_class is not None:
+        scheduler = scheduler_class.from_config(scheduler.config)
+    return tuple(build_pipeline(cls, {**components, "scheduler": copy.deepcopy(scheduler)})
+                 for cls in (entry.stock, entry.ours))
+
+
+def edit(pipe, family, item=0, seed=0, **changes):
+    """`pipe` called on the family's inputs for batch item `item`, with `changes`; returns its images.
+
+    Torch's global generator is reseeded too, for the schedulers that draw from it (FlowMatchLCMScheduler).
+    """
+    torch.manual_seed(0)
+    return pipe(**{**FAMILIES[family].inputs(item), "generator": seeded_generator(seed), **changes}).images
+
+
+def two_images(family):
+    """Batch items 0 and 1 as the inputs of one call, afresh for every call: stock Z-Image writes its formatted
+    prompts into the list it is given."""
+    return batched([FAMILIES[family].inputs(0), FAMILIES[family].inputs(1)])
+
+
+def latent_output(family):
+    """The output type that hands back the loop's own tensor: latents, or IF's pixels in [-1, 1]."""
+    return "pt" if "latent output" in FAMILIES[family].skip else "latent"
+
+
+def on_grid(family, pipe, latents):
+    """Latents as the loop holds them, on the latent grid (unpacked where the family packs them)."""
+    unpack = FAMILIES[family].on_grid
+    return latents if unpack is None else unpack(pipe, latents)
+
+
+def skip_unless_it_can(family, check, request=None):
+    """Skips `check` where the registry says the family cannot do it; marks it expected to fail (strictly) where
+    the registry names a known bug."""
+    if check in FAMILIES[family].skip:
+        pytest.skip(f"{family}: {FAMILIES[family].skip[check]}")
+    if check in FAMILIES[family].known_bugs:
+        request.applymarker(pytest.mark.xfail(reason=f"{family}: {FAMILIES[family].known_bugs[check]}", strict=True))
+
+
+def in_stock_order(family, per_image, copies):
+    """Per-image tensors repeated as stock repeats images for `copies` images per prompt."""
+    if FAMILIES[family].repeats == "each":
+        return per_image.repeat_interleave(copies, dim=0)
+    return per_image.repeat(copies, *(1,) * (per_image.ndim - 1))
+
+
+def image_index(family, k, images, copies):
+    """Which input image output `k` of a batch of `images` images with `copies` copies each is made from."""
+    return k // copies if FAMILIES[family].repeats == "each" else k % images
+
+
+@contextmanager
+def denoiser_calls(pipe, family):
+    """Counts the calls of each model that runs once per step (the registry's `denoisers`) within the block."""
+    counters = [count_unet_calls(model) for model in FAMILIES[family].denoisers(pipe)]
+    try:
+        yield counters
+    finally:
+        for counter in counters:
+            counter.stop()
+
+
+def each_made(counters, calls):
+    return [len(counter) for counter in counters] == [calls] * len(counters)
+
+
+def assert_close_to_single_run(batched, alone):
+    np.testing.assert_allclose(batched, alone, rtol=BATCH_RTOL, atol=BATCH_RTOL * alone.abs().max().item())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The signature is stock's, then ours
+
+
+def test_signature_is_stocks_then_ours(family):
+    entry = FAMILIES[family]
+    stock = list(inspect.signature(entry.stock.__call__).parameters.values())
+    ours = list(inspect.signature(entry.ours.__call__).parameters.values())
+    named = [p for p in stock if p.kind is not p.VAR_KEYWORD]
+    assert [p.name for p in ours[: len(named)]] == [p.name for p in named]
+    for our, theirs in zip(ours, named):
+        assert our.kind == theirs.kind, our.name
+        # A map already says how much each pixel changes: `strength` only scales it, so it defaults to 1.
+        assert our.default == (1.0 if our.name == "strength" else theirs.default), our.name
+    extras = ours[len(named) :]
+    if any(p.kind is p.VAR_KEYWORD for p in stock):  # stock's **kwargs (deprecated callbacks) stays last
+        var_keyword = extras.pop()
+        assert var_keyword.kind is var_keyword.VAR_KEYWORD and var_keyword.name == "kwargs"
+    # Ours come after all of stock's and are keyword-only, so stock's positions keep their meaning.
+    assert all(p.kind is p.KEYWORD_ONLY for p in extras), [(p.name, p.kind) for p in extras]
+    assert {p.name: p.default for p in extras} == {**OUR_ARGUMENTS, **entry.extra_arguments}
+    assert [p.name for p in extras if p.name in OUR_ARGUMENTS] == list(OUR_ARGUMENTS)
+
+
+def test_every_stock_argument_reaches_stock(family, components, monkeypatch):
+    entry = FAMILIES[family]
+    _, ours = pipelines(family, components)
+    received, stock_call = {}, entry.stock.__call__
+
+    def spy(self, *args, **kwargs):
+        assert not args  # by name, so that a shift in stock's positions cannot mix them up
+        received.update(kwargs)
+        return stock_call(self, **kwargs)
+
+    monkeypatch.setattr(entry.stock, "__call__", spy)
+    edit(ours, family, map=FOUR_BANDS, num_inference_steps=2, output_type=latent_output(family), **entry.passed_through)
+    parameters = inspect.signature(stock_call).parameters.items()
+    named = {name for name, p in parameters if name != "self" and p.kind is not p.VAR_KEYWORD}
+    assert set(received) == named - entry.withheld
+    assert {name: received[name] for name in entry.passed_through} == entry.passed_through
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A uniform map is stock bit for bit
+
+UNIFORM = {  # case: (strength, T), or by release rule
+    "full": (1.0, 3),
+    # 10 * 0.3 is 3 (3 steps); a float32 gray map of 0.7 holds 0.69999999, which read as it is would make a flow
+    # family run 4.
+    "whole steps": (0.3, 10),
+    "fractional": (0.5, 3),  # T*s = 1.5: stock SD runs 1 step, flow img2img 2
+    # In float64, 100 * 0.29 is 28.999999999999996 (stock SD runs 28 steps, not 29), and 25 - 25 * 0.56 is
+    # 10.999999999999998 (flow img2img starts at step 10 and runs 15, not 14): a map of that strength does the same.
+    "just off whole steps": {FLOOR: (0.29, 100), FLOW: (0.56, 25)},
+}
+
+
+def uniform_case(family, case):
+    strength_and_steps = UNIFORM[case]
+    return strength_and_steps[FAMILIES[family].rule] if isinstance(strength_and_steps, dict) else strength_and_steps
+
+
+@pytest.mark.parametrize("case", UNIFORM)
+def test_a_uniform_map_is_stock(family, components, case):
+    entry = FAMILIES[family]
+    strength, steps = uniform_case(family, case)
+    stock, ours = pipelines(family, components)
+    k = steps_run(entry.rule, steps, strength)
+    # The family's own inputs; in the fractional case, every run of the registry's calls (with and without
+    # guidance, where they differ); the 28 steps just off whole steps without guidance, which plays no part in the
+    # count.
+    if case == "just off whole steps":
+        variants = [(dict(output_type=latent_output(family), **entry.no_guidance), 1)]
+    else:
+        variants = [(dict(changes, output_type="np"), per_step) for changes, per_step in entry.calls.values()
+                    if case == "fractional" or not changes]
+    for changes, calls_per_step in variants:
+        run = dict(num_inference_steps=steps, **changes)
+        expected = edit(stock, family, strength=strength, **entry.stock_inputs, **run)
+        # A black map at global strength s, and (below 1) a gray map 1 - s at strength 1: both are s everywhere.
+        forms = [(np.zeros((MAP_SIZE, MAP_SIZE), np.uint8), strength)]
+        if strength < 1 and case != "just off whole steps":
+            forms.append((np.full((MAP_SIZE, MAP_SIZE), 1 - strength, np.float32), 1.0))
+        for keep_map, global_strength in forms:
+            with denoiser_calls(ours, family) as calls:
+                result = edit(ours, family, map=keep_map, strength=global_strength, **run)
+            assert (np.array_equal if run["output_type"] == "np" else torch.equal)(result, expected), changes
+            assert ours.num_timesteps == k and each_made(calls, calls_per_step * k)
+        assert getattr(stock, "num_timesteps", k) == k
+
+
+def test_a_uniform_map_is_stock_with_other_schedulers(family, components):
+    entry = FAMILIES[family]
+    if not entry.schedulers:
+        pytest.skip(f"{family}: the registry lists no other scheduler")
+    for scheduler_class in entry.schedulers:
+        stock, ours = pipelines(family, components, scheduler_class)
+        for case in ("full", "fractional"):
+            strength, steps = uniform_case(family, case)
+            run = dict(num_inference_steps=steps, output_type=latent_output(family))
+            expected = edit(stock, family, strength=strength, **entry.stock_inputs, **run)
+            result = edit(ours, family, map=np.zeros((MAP_SIZE, MAP_SIZE), np.float32), strength=strength, **run)
+            assert torch.equal(result, expected), (scheduler_class.__name__, case)
+            # Loop iterations: a second-order scheduler (SD3's Heun) makes two of most steps.
+            k = getattr(stock, "num_timesteps", steps_run(entry.rule, steps, strength))
+            assert ours.num_timesteps == k, (scheduler_class.__name__, case)
+
+
+@pytest.mark.parametrize("one_generator", [True, False], ids=["one generator", "a generator per image"])
+def test_a_batch_under_a_uniform_map_is_stock(family, components, one_generator):
+    if not one_generator:
+        skip_unless_it_can(family, "a generator per image")
+    entry = FAMILIES[family]
+    stock, ours = pipelines(family, components)
+    run = dict(num_images_per_prompt=2, num_inference_steps=3, output_type=latent_output(family))
+    results = []
+    for pipe, changes in [(stock, dict(strength=0.5, **entry.stock_inputs)),
+                          (ours, dict(map=np.full((MAP_SIZE, MAP_SIZE), 0.5, np.float32)))]:
+        # A generator for each image: schedulers that draw at every step (DDPM) draw from each image's own.
+        generator = seeded_generator() if one_generator else [seeded_generator(s) for s in range(4)]
+        torch.manual_seed(0)
+        results.append(pipe(**two_images(family), **run, **changes, generator=generator).images)
+    assert results[1].shape[0] == 4 and torch.equal(results[1], results[0])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Frozen pixels hold the noised original; kept pixels end as x0
+
+FROZEN = {  # case: (strengths of the four bands, global strength, T)
+    "four bands": (FOUR_STRENGTHS, 1.0, 6),
+    # Strengths 0.15, 0.25, 0.35 and 0.5: the run starts at step 5, no band is ever kept, and none ends as x0.
+    "nothing kept": ((0.3, 0.5, 0.7, 1.0), 0.5, 10),
+}
+
+
+def noised_original(family, reference, x0, noise, iteration):
+    """What stock's noising gives at loop iteration `iteration` of `reference`'s schedule."""
+    if FAMILIES[family].rule == FLOOR:
+        return reference.add_noise(x0, noise, reference.timesteps[iteration : iteration + 1])
+    sigma = reference.sigmas[iteration]
+    return sigma * noise + (1 - sigma) * x0
+
+
+def recording_step_inputs(pipe, family):
+    """The latents that every loop iteration runs on (on the latent grid), as `scheduler.step` receives them."""
+    seen, step = [], pipe.scheduler.step
+
+    def recording_step(model_output, timestep, sample, *args, **kwargs):
+        seen.append(on_grid(family, pipe, sample).clone())
+        return step(model_output, timestep, sample, *args, **kwargs)
+
+    pipe.scheduler.step = recording_step
+    return seen
+
+
+@pytest.mark.parametrize("case", FROZEN)
+def test_frozen_pixels_hold_the_noised_original_and_kept_pixels_end_as_x0(family, components, case):
+    entry = FAMILIES[family]
+    band_strengths, strength, steps = FROZEN[case]
+    keep_map = band_map(*(1 - s for s in band_strengths), edges=FOUR_EDGES)
+    release = [steps - steps_run(entry.rule, steps, strength * s) for s in band_strengths]
+    for scheduler_class in [None, *entry.schedulers]:
+        _, ours = pipelines(family, components, scheduler_class)
+        x0, noise = entry.x0_and_noise(ours, entry.inputs(0))
+        reference = entry.schedule(ours.scheduler, steps)
+        seen = recording_step_inputs(ours, family)
+        final = on_grid(family, ours, edit(ours, family, map=keep_map, strength=strength, num_inference_steps=steps,
+                                             output_type=latent_output(family)))
+
+        order, columns = reference.order, band_columns(FOUR_EDGES, x0.shape[-1])
+        first = min(release) * order
+        assert len(seen) == len(reference.timesteps) - first
+        for iteration, latents in enumerate(seen, start=first):
+            noised = noised_original(family, reference, x0, noise, iteration)
+            for band, band_release in zip(columns, release):
+                where = (scheduler_class, iteration, band_release)
+                if band_release * order < iteration:  # released: the model's own latents
+                    assert not torch.allclose(latents[..., band], noised[..., band], atol=1e-3), where
+                elif not (entry.starts_from_noise and band_release == iteration == 0):
+                    assert torch.equal(latents[..., band], noised[..., band]), where
+        for band, band_release in zip(columns, release):
+            if band_release == steps:
+                assert torch.equal(final[..., band], x0[..., band])
+            else:
+                assert not torch.allclose(final[..., band], x0[..., band], atol=1e-2)
+        if steps not in release:  # no pixel is left unreleased to be set to x0: every one ends as the model left it
+            # (IF's pixels may end within 1e-2 of x0 after one weak step, but never on it.)
+            margin = 0 if "latent output" in entry.skip else 1e-2
+            assert (final - x0).abs().amax(dim=1).min() > margin
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Steps that run, and the map that changes nothing
+
+
+@pytest.mark.parametrize("strength", [0.5, 0.35, 0.15, 0.05])  # at T = 10: 5, 3, 1, 0 SD steps; 5, 4, 2, 1 flow
+def test_k_released_steps_make_k_denoiser_calls(family, components, strength):
+    entry = FAMILIES[family]
+    _, ours = pipelines(family, components)
+    k = steps_run(entry.rule, 10, strength)
+    for variant, (changes, calls_per_step) in entry.calls.items():
+        with denoiser_calls(ours, family) as calls:
+            edit(ours, family, map=band_map(1.0, 1 - strength), num_inference_steps=10,
+                 output_type=latent_output(family), **changes)
+        assert each_made(calls, calls_per_step * k) and ours.num_timesteps == k, variant
+
+
+def test_a_white_map_runs_no_step_and_returns_the_original(family, components):
+    entry = FAMILIES[family]
+    _, ours = pipelines(family, components)
+    output_type = latent_output(family)
+    x0, _ = entry.x0_and_noise(ours, entry.inputs(0))
+    with denoiser_calls(ours, family) as calls:
+        for keep_map, strength in [(WHITE, 1.0), (FOUR_BANDS, 0.0)]:
+            result = edit(ours, family, map=keep_map, strength=strength, output_type=output_type)
+            assert torch.equal(on_grid(family, ours, result), x0) and ours.num_timesteps == 0
+        images = edit(ours, family, map=WHITE, output_type="np")
+        assert np.array_equal(images, entry.decode(ours, x0).permute(0, 2, 3, 1).numpy())
+        # A batch: one x0 for each output image, in stock's order.
+        result = ours(**two_images(family), map=WHITE, num_images_per_prompt=2, generator=seeded_generator(),
+                      output_type=output_type).images
+        x0 = in_stock_order(family, entry.x0_and_noise(ours, two_images(family))[0], 2)
+        assert torch.equal(on_grid(family, ours, result), x0) and ours.num_timesteps == 0
+    assert each_made(calls, 0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Batches
+
+
+def test_images_with_their_own_maps_in_one_batch_are_each_run_alone(family, components):
+    entry = FAMILIES[family]
+    _, ours = pipelines(family, components)
+    maps, seeds = [FOUR_BANDS, np.ascontiguousarray(FOUR_BANDS[:, ::-1])], [3, 4]
+    run = dict(num_inference_steps=4, output_type=latent_output(family), **entry.batch_inputs)
+    torch.manual_seed(0)
+    batch = ours(**two_images(family), map=maps, generator=[seeded_generator(s) for s in seeds], **run).images
+    batch = on_grid(family, ours, batch)
+    for i in range(2):
+        alone = on_grid(family, ours, edit(ours, family, item=i, seed=seeds[i], map=maps[i], **run))
+        assert_close_to_single_run(batch[i : i + 1], alone)
+    assert not torch.allclose(batch[0], batch[1], atol=1e-2)
+
+
+def test_copies_of_an_image_are_each_run_alone(family, components):
+    skip_unless_it_can(family, "copies alone")
+    entry = FAMILIES[family]
+    _, ours = pipelines(family, components)
+    changes = dict(map=FOUR_BANDS, num_inference_steps=4, output_type=latent_output(family), **entry.batch_inputs)
+    if entry.image_as_latents is not None:  # stock encodes the image once, with the first generator only
+        changes["image"] = entry.image_as_latents(entry.x0_and_noise(ours, entry.inputs(0))[0])
+    torch.manual_seed(0)
+    batch = ours(**{**entry.inputs(0), **changes}, num_images_per_prompt=2,
+                 generator=[seeded_generator(1), seeded_generator(2)]).images
+    batch = on_grid(family, ours, batch)
+    for item, seed in zip(batch, [1, 2]):
+        assert_close_to_single_run(item[None], on_grid(family, ours, edit(ours, family, seed=seed, **changes)))
+    assert not torch.allclose(batch[0], batch[1], atol=1e-2)
+
+
+def test_maps_follow_their_images(family, components):
+    # Stock repeats the image batch for num_images_per_prompt as a whole (a, b, a, b) or image by image (a, a, b, b),
+    # and prompts item by item: each output must keep its own image's map, whatever the order.
+    entry = FAMILIES[family]
+    _, ours = pipelines(family, components)
+    inputs = two_images(family)
+    run = dict(map=[band_map(1.0, 0.0), band_map(0.0, 1.0)], num_images_per_prompt=2, num_inference_steps=2)
+    latents = ours(**inputs, **run, generator=seeded_generator(), output_type=latent_output(family)).images
+    latents = on_grid(family, ours, latents)
+    x0 = in_stock_order(family, entry.x0_and_noise(ours, two_images(family))[0], 2)
+    halves = band_columns(HALVES, x0.shape[-1])
+    for k, item in enumerate(latents):
+        kept, changed = halves if image_index(family, k, 2, 2) == 0 else halves[::-1]
+        assert torch.equal(item[..., kept], x0[k][..., kept]), k
+        assert not torch.allclose(item[..., changed], x0[k][..., changed], atol=1e-2), k
+    # keep_exact composites each output with its own input.
+    images = ours(**two_images(family), **run, generator=seeded_generator(), keep_exact=True).images
+    for k, image in enumerate(images):
+        i = image_index(family, k, 2, 2)
+        kept = band_columns(HALVES, image.width)[i]
+        assert np.array_equal(np.asarray(image)[:, kept], np.asarray(inputs[entry.edited][i])[:, kept]), k
+
+
+def test_one_map_for_a_batch_is_that_map_for_each_image(family, components, request):
+    skip_unless_it_can(family, "one map for a batch", request)
+    entry = FAMILIES[family]
+    _, ours = pipelines(family, components)
+    generators = lambda: [seeded_generator(5), seeded_generator(6)]  # noqa: E731
+    run = dict(num_inference_steps=3, output_type=latent_output(family))
+    shared = ours(**two_images(family), **run, map=FOUR_BANDS, generator=generators()).images
+    assert torch.equal(ours(**two_images(family), **run, map=[FOUR_BANDS] * 2, generator=generators()).images, shared)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Map polarity, callbacks and bad inputs
+
+
+def test_invert_map_is_the_exact_mirror(family, components):
+    _, ours = pipelines(family, components)
+    run = dict(num_inference_steps=4, output_type=latent_output(family))
+    plain = edit(ours, family, map=FOUR_BANDS, **run)
+    assert torch.equal(edit(ours, family, map=1 - FOUR_BANDS, invert_map=True, **run), plain)
+    assert not torch.allclose(edit(ours, family, map=FOUR_BANDS, invert_map=True, **run), plain, atol=1e-3)
+
+
+def test_a_step_end_callback_sees_every_step_and_can_change_the_latents(family, components):
+    skip_unless_it_can(family, "step-end callback")
+    _, ours = pipelines(family, components)
+    steps_seen = []
+
+    def zero_latents_at_the_end(pipe, i, t, kwargs):
+        steps_seen.append(i)
+        if i == pipe.num_timesteps - 1:
+            return {"latents": torch.zeros_like(kwargs["latents"])}
+        return kwargs
+
+    result = edit(ours, family, map=FOUR_BANDS, num_inference_steps=4, output_type="latent",
+                  callback_on_step_end=zero_latents_at_the_end)
+    assert steps_seen == list(range(4)) and torch.equal(result, torch.zeros_like(result))
+
+
+REFUSALS = [  # (changes, message): what every family refuses, before it runs a step
+    (dict(map=[np.zeros((MAP_SIZE, MAP_SIZE))] * 3), "3 maps for 1 images"),
+    (dict(map=np.zeros((MAP_SIZE, MAP_SIZE // 2))), "aspect ratio"),
+    (dict(map=None), "`map`"),
+    (dict(map=np.full((MAP_SIZE, MAP_SIZE), 2.0)), r"\[0, 1\]"),
+    (dict(strength=1.5), "strength"),
+    (dict(num_inference_steps=0), "num_inference_steps"),
+]
+
+
+def test_bad_inputs_are_refused_clearly(family, components):
+    entry = FAMILIES[family]
+    _, ours = pipelines(family, components)
+    refusals = [*REFUSALS, *entry.refusals]
+    if "latent output" not in entry.skip:  # keep_exact needs the decoded pixels
+        refusals.append((dict(keep_exact=True, output_type="latent"), "keep_exact"))
+    with denoiser_calls(ours, family) as calls:
+        for changes, message, *error in refusals:
+            with pytest.raises(*error or [ValueError], match=message):
+                edit(ours, family, **{"map": np.zeros((MAP_SIZE, MAP_SIZE), np.float32), "num_inference_steps": 4,
+                                      **changes})
+    assert each_made(calls, 0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# keep_exact
+
+
+def test_keep_exact_keeps_the_input_bytes_where_strength_is_zero_and_the_model_output_elsewhere(family, components):
+    entry = FAMILIES[family]
+    _, ours = pipelines(family, components)
+    edited = np.asarray(entry.inputs(0)[entry.edited])
+    run = dict(map=FOUR_BANDS, num_inference_steps=4)  # every band but the kept one has T * s >= 1
+    exact = np.asarray(edit(ours, family, keep_exact=True, **run)[0])
+    kept, *released = band_columns(FOUR_EDGES, exact.shape[1])
+    released = slice(released[0].start, None)
+    assert np.array_equal(exact[:, kept], edited[:, kept])
+    assert not np.array_equal(exact[:, released], edited[:, released])
+    plain = edit(ours, family, output_type="np", **run)
+    exact = edit(ours, family, output_type="np", keep_exact=True, **run)
+    assert np.array_equal(exact[..., released, :], plain[..., released, :])
+
+
+@pytest.mark.parametrize("keep, strength", [(0.9, 1.0), (0.8, 0.5)])  # both s = 0.1 on the left: T * s = 0.5
+def test_keep_exact_blends_strengths_below_one_step_linearly(family, components, keep, strength):
+    skip_unless_it_can(family, "keep_exact blend")
+    entry = FAMILIES[family]
+    _, ours = pipelines(family, components)
+    inputs = entry.inputs(0)
+    run = dict(map=band_map(keep, 0.0), strength=strength, num_inference_steps=5, output_type="pt")
+    exact = edit(ours, family, keep_exact=True, **run)
+    plain = edit(ours, family, **run)
+    original = ours.image_processor.preprocess(inputs["image"], height=inputs.get("height"),
+                                               width=inputs.get("width")) / 2 + 0.5
+    left, right = band_columns(HALVES, exact.shape[-1])
+    assert (plain[..., left] - original[..., left]).abs().max() > 0.1  # the round trip is far from the input
+    # The weight is clamp(T * s, 0, 1) = 0.5, to float32 rounding.
+    assert torch.allclose(exact[..., left], 0.5 * plain[..., left] + 0.5 * original[..., left], atol=1e-6)
+    assert torch.equal(exact[..., right], plain[..., right])
+
+
+def test_keep_exact_with_nothing_to_change_is_the_input_itself(family, components):
+    entry = FAMILIES[family]
+    _, ours = pipelines(family, components)
+    with denoiser_calls(ours, family) as calls:
+        result = edit(ours, family, map=WHITE, keep_exact=True)[0]
+    assert np.array_equal(np.asarray(result), np.asarray(entry.inputs(0)[entry.edited])) and each_made(calls, 0)
