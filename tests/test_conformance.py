@@ -1,174 +1,69 @@
-"""Drop-in conformance with the stock diffusers pipelines that each of ours subclasses (#11).
+"""Drop-in conformance with the stock diffusers pipelines that each of ours subclasses (#11), on the registry of
+tests/families.py: the second half of the contract (tests/test_contract.py).
 
-Every check runs against the installed diffusers: the signatures are compared with stock's as they are today, and
-every feature is run on stock and ours side by side, where a uniform map must give stock's result bit for bit.
+Every feature is run on stock and ours side by side against the installed diffusers, where a uniform map must give
+stock's result bit for bit: `from_pipe` both ways, saving and loading (as our class and as a community pipeline),
+model offloading, and the stock features that a family's registry entry lists (IP-Adapter, LoRA, step-end callbacks
+that steer stock's loop, a VAE swapped in after construction).
 """
 
 import inspect
 import itertools
 import json
-from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import pytest
 import torch
-from conftest import (
-    IF_STAGE1_SIZE,
-    build_pipeline,
-    count_unet_calls,
-    if_stage1_components,
-    if_stage2_components,
-    kandinsky_decoder_components,
-    sd_components,
-    sdxl_components,
-    seeded_generator,
-    test_image,
-)
-from diffusers import (
-    AutoencoderTiny,
-    IFImg2ImgPipeline,
-    IFImg2ImgSuperResolutionPipeline,
-    KandinskyV22Img2ImgPipeline,
-    StableDiffusionControlNetImg2ImgPipeline,
-    StableDiffusionImg2ImgPipeline,
-    StableDiffusionInpaintPipeline,
-    StableDiffusionXLControlNetImg2ImgPipeline,
-    StableDiffusionXLImg2ImgPipeline,
-    StableDiffusionXLInpaintPipeline,
-)
+from conftest import build_pipeline, count_unet_calls, seeded_generator, test_image
+from diffusers import AutoencoderTiny, DiffusionPipeline
 from diffusers.callbacks import SDCFGCutoffCallback, SDXLCFGCutoffCallback
+from families import FAMILIES, FOUR_EDGES, MAP_SIZE, band_map
 from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from IF.diff_pipe_I import IFDiffImg2ImgPipeline
-from IF.diff_pipe_II import IFDiffImg2ImgSuperResolutionPipeline
-from Kandinsky.diff_pipe import KandinskyV22DiffImg2ImgPipeline
-from SD2.diff_pipe import StableDiffusionDiffImg2ImgPipeline
-from SD2.diff_pipe_controlnet import StableDiffusionControlNetDiffImg2ImgPipeline
-from SD2.diff_pipe_inpaint import StableDiffusionDiffInpaintPipeline
-from SDXL.diff_pipe import StableDiffusionXLDiffImg2ImgPipeline
-from SDXL.diff_pipe_controlnet import StableDiffusionXLControlNetDiffImg2ImgPipeline
-from SDXL.diff_pipe_inpaint import StableDiffusionXLDiffInpaintPipeline
-from tests.tiny_models import sd_controlnet_components, sdxl_controlnet_components
-
-PROMPT = "a red apple on a table"
+HALF = np.full((MAP_SIZE, MAP_SIZE), 0.5, np.float32)  # strength 0.5 everywhere: stock at strength=0.5
+WHITE = np.ones((MAP_SIZE, MAP_SIZE), np.float32)  # nothing to change: no step runs
+BANDS = band_map(1.0, 0.7, 0.5, 0.0, edges=FOUR_EDGES)
 
 
-@dataclass
-class Family:
-    ours: type
-    stock: type
-    components: Callable[[], dict]
-    inputs: Callable[[], dict]  # everything but the strength, the map and the generator
+def families_with(feature):
+    return [name for name, entry in FAMILIES.items() if feature in entry.features]
 
 
-def kandinsky_inputs():
-    return dict(image_embeds=torch.randn(1, 32, generator=seeded_generator(1)), image=test_image(),
-                negative_image_embeds=torch.randn(1, 32, generator=seeded_generator(2)), height=64, width=64,
-                num_inference_steps=4, output_type="np")
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request):
+    return request.param
 
 
-FAMILIES = {
-    "sd": Family(StableDiffusionDiffImg2ImgPipeline, StableDiffusionImg2ImgPipeline, sd_components,
-                 lambda: dict(prompt=PROMPT, image=test_image(), num_inference_steps=4, output_type="np")),
-    "sdxl": Family(StableDiffusionXLDiffImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline, sdxl_components,
-                   lambda: dict(prompt=PROMPT, image=test_image(), num_inference_steps=4, output_type="np")),
-    "kandinsky": Family(KandinskyV22DiffImg2ImgPipeline, KandinskyV22Img2ImgPipeline, kandinsky_decoder_components,
-                        kandinsky_inputs),
-    "if_stage1": Family(IFDiffImg2ImgPipeline, IFImg2ImgPipeline, if_stage1_components,
-                        lambda: dict(prompt=PROMPT, image=test_image(), num_inference_steps=4, output_type="np",
-                                     clean_caption=False)),
-    "if_stage2": Family(IFDiffImg2ImgSuperResolutionPipeline, IFImg2ImgSuperResolutionPipeline, if_stage2_components,
-                        lambda: dict(image=test_image(IF_STAGE1_SIZE, seed=10), original_image=test_image(),
-                                     prompt=PROMPT, num_inference_steps=4, output_type="np", clean_caption=False)),
-}
-# ControlNet img2img and inpainting checkpoints (#15): the same drop-in checks.
-FAMILIES["sd_controlnet"] = Family(
-    StableDiffusionControlNetDiffImg2ImgPipeline, StableDiffusionControlNetImg2ImgPipeline, sd_controlnet_components,
-    lambda: dict(prompt=PROMPT, image=test_image(), control_image=test_image(seed=7), num_inference_steps=4,
-                 output_type="np"),
-)
-FAMILIES["sdxl_controlnet"] = Family(
-    StableDiffusionXLControlNetDiffImg2ImgPipeline, StableDiffusionXLControlNetImg2ImgPipeline,
-    sdxl_controlnet_components, FAMILIES["sd_controlnet"].inputs,
-)
-LATENT_FAMILIES = ["sd", "sdxl"]  # the families whose stock pipelines have IP-Adapter, `interrupt` and CFG callbacks
-
-OUR_DEFAULTS = {"strength": 1.0}  # documented: a map already says how much each pixel changes
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Signatures
-
-
-# Inpainting takes a map instead of stock's mask, so only its signature is compared here (tests/test_inpaint.py
-# runs it against stock).
-SIGNATURES = {name: (family.ours, family.stock) for name, family in FAMILIES.items()} | {
-    "sd_inpaint": (StableDiffusionDiffInpaintPipeline, StableDiffusionInpaintPipeline),
-    "sdxl_inpaint": (StableDiffusionXLDiffInpaintPipeline, StableDiffusionXLInpaintPipeline),
-}
-
-
-@pytest.mark.parametrize("family", SIGNATURES)
-def test_call_takes_every_stock_argument_in_stock_order_with_stock_defaults(family):
-    ours, stock = SIGNATURES[family]
-    stock_parameters = list(inspect.signature(stock.__call__).parameters.values())
-    our_parameters = list(inspect.signature(ours.__call__).parameters.values())
-    stock_named = [p for p in stock_parameters if p.kind is not p.VAR_KEYWORD]
-    assert [p.name for p in our_parameters[: len(stock_named)]] == [p.name for p in stock_named]
-    for our, theirs in zip(our_parameters, stock_named):
-        assert our.kind == theirs.kind, our.name
-        assert our.default == OUR_DEFAULTS.get(our.name, theirs.default), our.name
-    # Our own arguments come after all of stock's and are keyword-only, so stock's positions keep their meaning.
-    extras = our_parameters[len(stock_named) :]
-    takes_var_keyword = any(p.kind is p.VAR_KEYWORD for p in stock_parameters)
-    if takes_var_keyword:
-        assert extras and extras[-1].kind is extras[-1].VAR_KEYWORD and extras[-1].name == "kwargs"
-        extras = extras[:-1]
-    assert {"map", "invert_map", "keep_exact", "crop_to_change", "crop_margin", "crop_upscale"} <= {
-        p.name for p in extras}
-    assert all(p.kind is p.KEYWORD_ONLY for p in extras), [(p.name, p.kind) for p in extras]
-    assert not any(p.kind is p.VAR_KEYWORD for p in our_parameters[:-1])
-    assert any(p.kind is p.VAR_KEYWORD for p in our_parameters) == takes_var_keyword
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The five families, run side by side with stock
-
-HALF = np.full((64, 64), 0.5, np.float32)  # strength 0.5 everywhere: stock at strength=0.5
-WHITE = np.ones((64, 64), np.float32)  # nothing to change: no step runs
-
-
-def three_band_map(size=64):
-    """Left third kept, middle third at strength 0.5, right third changed fully."""
-    keep_map = np.ones((size, size), np.float32)
-    keep_map[:, size // 3 : 2 * size // 3] = 0.5
-    keep_map[:, 2 * size // 3 :] = 0.0
-    return keep_map
+@pytest.fixture(scope="module")
+def components(family):
+    """Shared by the tests that leave the models as they are; the others build their own."""
+    return FAMILIES[family].components()
 
 
 def stock_and_ours(family, components=None):
     """A stock pipeline and ours on the very same components."""
-    components = FAMILIES[family].components() if components is None else components
-    return build_pipeline(FAMILIES[family].stock, components), build_pipeline(FAMILIES[family].ours, components)
+    entry = FAMILIES[family]
+    components = entry.components() if components is None else components
+    return build_pipeline(entry.stock, components), build_pipeline(entry.ours, components)
 
 
 def run_stock(pipe, family, **changes):
-    run = {**FAMILIES[family].inputs(), "strength": 0.5, "generator": seeded_generator(), **changes}
-    return pipe(**run).images
+    entry = FAMILIES[family]
+    run = {**entry.inputs(0), **entry.stock_inputs, "strength": 0.5, "num_inference_steps": 4, "output_type": "np"}
+    return pipe(**{**run, "generator": seeded_generator(), **changes}).images
 
 
 def run_ours(pipe, family, map=HALF, **changes):
-    run = {**FAMILIES[family].inputs(), "map": map, "generator": seeded_generator(), **changes}
-    return pipe(**run).images
+    run = {**FAMILIES[family].inputs(0), "map": map, "num_inference_steps": 4, "output_type": "np"}
+    return pipe(**{**run, "generator": seeded_generator(), **changes}).images
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_from_pipe_works_both_ways_and_shares_every_component(family):
-    stock = build_pipeline(FAMILIES[family].stock, FAMILIES[family].components())
-    ours = FAMILIES[family].ours.from_pipe(stock)
-    back = FAMILIES[family].stock.from_pipe(ours)
-    assert type(ours) is FAMILIES[family].ours and type(back) is FAMILIES[family].stock
+def test_from_pipe_works_both_ways_and_shares_every_component(family, components):
+    entry = FAMILIES[family]
+    stock = build_pipeline(entry.stock, components)
+    ours = entry.ours.from_pipe(stock)
+    back = entry.stock.from_pipe(ours)
+    assert type(ours) is entry.ours and type(back) is entry.stock
     for name, component in stock.components.items():
         assert ours.components[name] is component and back.components[name] is component, name
     expected = run_stock(stock, family)
@@ -176,22 +71,32 @@ def test_from_pipe_works_both_ways_and_shares_every_component(family):
     assert np.array_equal(run_stock(back, family), expected)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_save_pretrained_and_from_pretrained_round_trip(family, tmp_path):
-    ours = build_pipeline(FAMILIES[family].ours, FAMILIES[family].components())
-    ours.save_pretrained(tmp_path)
-    assert json.loads((tmp_path / "model_index.json").read_text())["_class_name"] == FAMILIES[family].ours.__name__
-    reloaded = FAMILIES[family].ours.from_pretrained(tmp_path)  # no component to pass by hand, IF stage II included
-    reloaded.set_progress_bar_config(disable=True)
-    assert type(reloaded) is FAMILIES[family].ours
-    assert np.array_equal(run_ours(reloaded, family, three_band_map()), run_ours(ours, family, three_band_map()))
+def test_loads_from_a_folder_as_our_class_and_as_a_community_pipeline(family, components, tmp_path):
+    entry = FAMILIES[family]
+    stock, ours = stock_and_ours(family, components)
+    stock.save_pretrained(tmp_path / "stock")
+    by_class = entry.ours.from_pretrained(tmp_path / "stock")  # IF stage II: no absent watermarker to name
+    by_class.save_pretrained(tmp_path / "ours")
+    assert json.loads((tmp_path / "ours" / "model_index.json").read_text())["_class_name"] == entry.ours.__name__
+    loaded = [
+        by_class,
+        entry.ours.from_pretrained(tmp_path / "ours"),  # no component to pass by hand
+        DiffusionPipeline.from_pretrained(tmp_path / "stock", custom_pipeline=inspect.getfile(entry.ours),
+                                          trust_remote_code=True),
+    ]
+    results = []
+    for pipe in loaded:
+        pipe.set_progress_bar_config(disable=True)
+        assert type(pipe).__name__ == entry.ours.__name__
+        results.append(run_ours(pipe, family, BANDS))
+    in_memory = [] if "in memory as loaded" in entry.skip else [run_ours(ours, family, BANDS)]
+    assert all(np.array_equal(result, results[0]) for result in results[1:] + in_memory)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
 def test_model_cpu_offload_runs_as_stock_and_frees_its_hooks(family):
     # diffusers 0.42 refuses offload without an accelerator unless the device is named; on a CPU it still installs
     # accelerate's hooks and runs through them, which is what the pipeline has to get along with.
-    stock, ours = stock_and_ours(family)
+    stock, ours = stock_and_ours(family)  # components of their own: offloading hooks every model
     expected = run_stock(stock, family)
     ours.enable_model_cpu_offload(device="cpu")
     for keep_map in (HALF, WHITE):  # a run of stock's loop, and the run without steps that ours adds
@@ -217,12 +122,12 @@ def tiny_autoencoder():
     ).eval()
 
 
-@pytest.mark.parametrize("family", LATENT_FAMILIES)
+@pytest.mark.parametrize("family", families_with("vae_swap"))
 def test_a_vae_swapped_in_after_construction_sets_the_latent_grid(family):
     stock, ours = stock_and_ours(family)
     stock.vae = ours.vae = tiny_autoencoder()  # leaves both pipelines' vae_scale_factor at 2
-    expected = run_stock(stock, family)
-    result = run_ours(ours, family)
+    expected = run_stock(stock, family, image=test_image())
+    result = run_ours(ours, family, image=test_image())
     assert result.shape == (1, 64, 64, 3) and np.array_equal(result, expected)
 
     pixels = ours.image_processor.preprocess(test_image())
@@ -230,16 +135,17 @@ def test_a_vae_swapped_in_after_construction_sets_the_latent_grid(family):
     assert x0.shape[-2:] == (16, 16)
     keep_map = np.ones((64, 64), np.float32)
     keep_map[:, 32:] = 0.0
-    final = run_ours(ours, family, keep_map, output_type="latent")
+    final = run_ours(ours, family, keep_map, image=test_image(), output_type="latent")
     assert torch.equal(final[..., :8], x0[..., :8])
     assert not torch.allclose(final[..., 8:], x0[..., 8:], atol=1e-2)
 
 
-def test_an_image_the_swapped_vae_does_not_divide_is_refused_clearly():
-    _, ours = stock_and_ours("sd")
+@pytest.mark.parametrize("family", families_with("vae_swap"))
+def test_an_image_the_swapped_vae_does_not_divide_is_refused_clearly(family):
+    _, ours = stock_and_ours(family)
     ours.vae = tiny_autoencoder()  # 62 px: 15.5 latents, which this encoder rounds up and the scale factor down
     with pytest.raises(ValueError, match="encoded to a 16x16 grid, but the map was sized to 15x15"):
-        run_ours(ours, "sd", np.zeros((62, 62), np.float32), image=test_image(62))
+        run_ours(ours, family, np.zeros((62, 62), np.float32), image=test_image(62))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -280,7 +186,7 @@ def ip_adapter_state_dict(unet, tokens=4):
     return {"image_proj": image_proj, "ip_adapter": ip_adapter}
 
 
-@pytest.mark.parametrize("family", LATENT_FAMILIES)
+@pytest.mark.parametrize("family", families_with("ip_adapter"))
 def test_ip_adapter_loads_into_ours_and_its_image_acts_as_in_stock(family):
     components = {**FAMILIES[family].components(), "image_encoder": clip_image_encoder(),
                   "feature_extractor": clip_image_processor()}
@@ -306,7 +212,7 @@ def lora_state_dict(unet, rank=2):
     return weights
 
 
-@pytest.mark.parametrize("family", LATENT_FAMILIES)
+@pytest.mark.parametrize("family", families_with("lora"))
 def test_lora_loads_into_ours_and_acts_as_in_stock(family):
     pytest.importorskip("peft", reason="diffusers loads LoRA weights through peft, which is not installed")
     stock, ours = stock_and_ours(family)
@@ -333,7 +239,7 @@ def interrupt_at(step):
     return interrupt
 
 
-@pytest.mark.parametrize("family", LATENT_FAMILIES)
+@pytest.mark.parametrize("family", families_with("interrupt"))
 def test_interrupt_from_a_callback_stops_the_run_as_in_stock(family):
     stock, ours = stock_and_ours(family)
     calls = count_unet_calls(ours)  # the UNet that both pipelines share
@@ -343,15 +249,21 @@ def test_interrupt_from_a_callback_stops_the_run_as_in_stock(family):
     calls.clear()
     assert np.array_equal(run_ours(ours, family, **run), expected) and len(calls) == 2
     calls.clear()
-    run_ours(ours, family, three_band_map(), **run)
+    run_ours(ours, family, BANDS, **run)
     assert len(calls) == 2 and ours.interrupt
 
 
-@pytest.mark.parametrize("family, cutoff", [("sd", SDCFGCutoffCallback), ("sdxl", SDXLCFGCutoffCallback)])
-def test_a_guidance_cutoff_callback_acts_as_in_stock(family, cutoff):
+CUTOFFS = {"sd": SDCFGCutoffCallback, "sdxl": SDXLCFGCutoffCallback}
+
+
+@pytest.mark.parametrize("family", families_with("cfg_cutoff"))
+def test_a_guidance_cutoff_callback_acts_as_in_stock(family):
     stock, ours = stock_and_ours(family)
-    run = dict(num_inference_steps=8, callback_on_step_end=cutoff(cutoff_step_ratio=0.5))
-    expected = run_stock(stock, family, **run)
-    assert np.array_equal(run_ours(ours, family, **run), expected)
+    cutoff = dict(callback_on_step_end=CUTOFFS[family](cutoff_step_ratio=0.5), num_inference_steps=8)
+    expected = run_stock(stock, family, **cutoff)
+    assert np.array_equal(run_ours(ours, family, **cutoff), expected)
     assert ours.guidance_scale == 0.0  # the callback turned guidance off halfway
     assert np.abs(run_ours(ours, family, num_inference_steps=8) - expected).max() > 1e-3
+    # A black map runs every step under the cutoff, as stock at strength 1.
+    expected = run_stock(stock, family, strength=1.0, **cutoff)
+    assert np.array_equal(run_ours(ours, family, np.zeros_like(HALF), **cutoff), expected)
