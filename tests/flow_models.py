@@ -9,7 +9,6 @@ per VAE level, whose number sets the VAE's factor) build the same blocks larger,
 are the tests' models. Tests import this module as ``flow_models``; benchmarks as ``tests.flow_models``.
 """
 
-import numpy as np
 import torch
 from diffusers import (
     AutoencoderKL,
@@ -130,11 +129,6 @@ def flux_components(scheduler=None, layers=1, single_layers=1, heads=2, head_dim
 def count_transformer_calls(pipe):
     """A list that grows by one at every forward call of ``pipe.transformer``: the benchmarks' counter."""
     return count_unet_calls(pipe.transformer)
-
-
-def bands(*keeps, size=FLOW_IMAGE_SIZE):
-    """A keep map of vertical bands of equal width, left to right (`size` must be a multiple of their number)."""
-    return np.repeat(np.asarray(keeps, np.float32), size // len(keeps))[None].repeat(size, axis=0)
 
 
 def x0_and_noise(pipe, pixels, seed=SEED):
