@@ -540,9 +540,10 @@ class ReleasedMask(FrozenPixels):
 
     def mask_inputs(self, pipe, step, stock_mask):
         """The mask and masked image latents of `step`, batched as stock's (images, then the guidance copies)."""
-        batch_size = self.release_step.shape[0]
+        batch_size = self.x0.shape[0]  # the images' batch: one map may serve them all
         copies = stock_mask.shape[0] // batch_size
-        mask = (self.release_step <= step).to(stock_mask.dtype).repeat(copies, 1, 1, 1)
+        mask = tile_to_batch((self.release_step <= step).to(stock_mask.dtype), batch_size)
+        mask = mask.expand(batch_size, -1, -1, -1).repeat(copies, 1, 1, 1)
         masked_image = self.pixels * (self.released_pixels(step) < 0.5)
         latents = tile_to_batch(pipe.encode_mean(masked_image), batch_size).to(stock_mask.dtype)
         return {"mask": mask, "masked_image_latents": latents.repeat(copies, 1, 1, 1)}

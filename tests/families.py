@@ -370,9 +370,6 @@ FAMILIES = {
                   (dict(latents=LATENTS), "`latents` is not taken")),
         skip={"copies alone": "stock inpainting encodes only the first images with a list of generators, so a copy "
                               "is not its own run; tests/test_inpaint.py checks the masks each copy's UNet reads"},
-        known_bugs={"one map for a batch": "a map shared by several images re-encodes the masked images to a batch "
-                                           "of 0 when a release step changes the mask (ReleasedMask.mask_inputs "
-                                           "tiles the latents to the map's batch, not the images')"},
     ),
     "sdxl_inpaint": Family(
         StableDiffusionXLDiffInpaintPipeline, StableDiffusionXLInpaintPipeline, sdxl_inpaint_components,
@@ -386,9 +383,6 @@ FAMILIES = {
                             "denoising_end"}),
         skip={"copies alone": "stock inpainting encodes only the first images with a list of generators, so a copy "
                               "is not its own run; tests/test_inpaint.py checks the masks each copy's UNet reads"},
-        known_bugs={"one map for a batch": "a map shared by several images re-encodes the masked images to a batch "
-                                           "of 0 when a release step changes the mask (ReleasedMask.mask_inputs "
-                                           "tiles the latents to the map's batch, not the images')"},
     ),
     "kandinsky": Family(
         # DDPM first: it draws from the generators at every step, so batches show whose generator each item takes.
