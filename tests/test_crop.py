@@ -51,7 +51,7 @@ from tests.tiny_models import (
 from ZImage.diff_pipe import ZImageDiffImg2ImgPipeline
 
 PROMPT = "a red apple on a table"
-BATCH_RTOL = 1e-4  # the same items in another batch layout: float32 sums in another order (see tests/test_sd2.py)
+BATCH_RTOL = 1e-4  # the same items in another batch layout: float32 sums in another order (see tests/test_contract.py)
 STEPS = 3
 SIZE = 64  # test images are 64 x 64 pixels
 
