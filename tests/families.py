@@ -323,6 +323,15 @@ LATENTS_NOT_TAKEN = "`latents` is not supported"
 FLOW_SCHEDULERS = (FlowMatchLCMScheduler,)  # draws fresh noise from torch's global generator: runs reseed it
 SD_FEATURES = frozenset({"ip_adapter", "lora", "interrupt", "cfg_cutoff", "vae_swap"})
 
+# What the two ControlNet and the two inpainting entries share.
+CONTROLNET_REFUSALS = ((dict(control_image=None), "control_image"),
+                       (dict(latents=torch.zeros(1, 4, 8, 8)), "`latents` must be a tensor shaped like"))
+INPAINT_REFUSALS = ((dict(mask_image=WHITE_MASK), "map=mask, invert_map=True"),
+                    (dict(latents=LATENTS), "`latents` is not taken"))
+INPAINT_SKIPS = {"copies alone": "stock inpainting encodes only the first images with a list of generators, so a copy "
+                                 "is not its own run; tests/test_inpaint.py checks the masks each copy's UNet reads"}
+
+
 FAMILIES = {
     "sd": Family(
         StableDiffusionDiffImg2ImgPipeline, StableDiffusionImg2ImgPipeline, sd_components, prompt_inputs,
@@ -350,39 +359,32 @@ FAMILIES = {
         sd_controlnet_components, control_inputs, schedulers=(EulerDiscreteScheduler, DPMSolverMultistepScheduler),
         denoisers=lambda pipe: [pipe.unet, pipe.controlnet],
         passed_through=dict(controlnet_conditioning_scale=0.5, guess_mode=True, control_guidance_end=0.5),
-        refusals=((dict(control_image=None), "control_image"),
-                  (dict(latents=torch.zeros(1, 4, 8, 8)), "`latents` must be a tensor shaped like")),
+        refusals=CONTROLNET_REFUSALS,
     ),
     "sdxl_controlnet": Family(
         StableDiffusionXLControlNetDiffImg2ImgPipeline, StableDiffusionXLControlNetImg2ImgPipeline,
         sdxl_controlnet_components, control_inputs, schedulers=(DDIMScheduler, DPMSolverMultistepScheduler),
         denoisers=lambda pipe: [pipe.unet, pipe.controlnet],
         passed_through=dict(controlnet_conditioning_scale=0.5, guess_mode=True, aesthetic_score=5.0),
-        refusals=((dict(control_image=None), "control_image"),
-                  (dict(latents=torch.zeros(1, 4, 8, 8)), "`latents` must be a tensor shaped like")),
+        refusals=CONTROLNET_REFUSALS,
     ),
     "sd_inpaint": Family(
         StableDiffusionDiffInpaintPipeline, StableDiffusionInpaintPipeline, sd_inpaint_components, sized_inputs,
         schedulers=(EulerDiscreteScheduler, DPMSolverMultistepScheduler), stock_inputs={"mask_image": WHITE_MASK},
         starts_from_noise=True, passed_through=dict(negative_prompt="blurry", guidance_scale=2.5, eta=0.5),
         withheld=frozenset({"masked_image_latents", "padding_mask_crop", "latents"}),
-        refusals=((dict(mask_image=WHITE_MASK), "map=mask, invert_map=True"),
-                  (dict(latents=LATENTS), "`latents` is not taken")),
-        skip={"copies alone": "stock inpainting encodes only the first images with a list of generators, so a copy "
-                              "is not its own run; tests/test_inpaint.py checks the masks each copy's UNet reads"},
+        refusals=INPAINT_REFUSALS,
+        skip=INPAINT_SKIPS,
     ),
     "sdxl_inpaint": Family(
         StableDiffusionXLDiffInpaintPipeline, StableDiffusionXLInpaintPipeline, sdxl_inpaint_components,
         sized_inputs, schedulers=(DDIMScheduler, DPMSolverMultistepScheduler),
         stock_inputs={"mask_image": WHITE_MASK}, starts_from_noise=True,
         passed_through=dict(prompt_2="a pear", negative_prompt="blurry", guidance_scale=2.5, aesthetic_score=5.0),
-        refusals=((dict(mask_image=WHITE_MASK), "map=mask, invert_map=True"),
-                  (dict(latents=LATENTS), "`latents` is not taken"),
-                  (dict(denoising_end=0.5), "`denoising_start` and `denoising_end`")),
+        refusals=INPAINT_REFUSALS + ((dict(denoising_end=0.5), "`denoising_start` and `denoising_end`"),),
         withheld=frozenset({"masked_image_latents", "padding_mask_crop", "latents", "denoising_start",
                             "denoising_end"}),
-        skip={"copies alone": "stock inpainting encodes only the first images with a list of generators, so a copy "
-                              "is not its own run; tests/test_inpaint.py checks the masks each copy's UNet reads"},
+        skip=INPAINT_SKIPS,
     ),
     "kandinsky": Family(
         # DDPM first: it draws from the generators at every step, so batches show whose generator each item takes.
