@@ -61,7 +61,9 @@ def working_size(image):
 def edit(pipe, args, *, images, maps, prompts, negative_prompts, seeds):
     """Edits a batch (lists of equal length) with the sampling settings in `args`; returns (images, steps run)."""
     width, height = working_size(images[0])
-    result = pipe(
+    images = cli.edit_images(
+        pipe,
+        args,
         prompt=prompts,
         negative_prompt=[text or "" for text in negative_prompts],
         image=images,
@@ -72,13 +74,12 @@ def edit(pipe, args, *, images, maps, prompts, negative_prompts, seeds):
         invert_map=args.invert_map,
         strength=args.strength,
         keep_exact=args.keep_exact,
-        **cli.crop_options(args),
         num_inference_steps=args.steps,
         guidance_scale=args.guidance_scale,
         true_cfg_scale=args.true_cfg_scale,
         generator=[cli.make_generator(seed) for seed in seeds],
     )
-    return result.images, pipe.num_timesteps
+    return images, pipe.num_timesteps
 
 
 def run():

@@ -187,7 +187,26 @@ class IFDiffImg2ImgPipeline(IFImg2ImgPipeline):
     """
 
     _frozen = None  # the FrozenPixels of the call in progress
-    crop_box = None  # (top, left, bottom, right) of the last call's crop, in the stage's pixels
+
+    # What tools/crop.py needs to edit a call on the crop of its changes (docs/crop.md).
+    copies_adjacent = True  # IF puts the num_images_per_prompt copies of an image next to each other: a, a, b, b
+    pixel_range = (-1, 1)  # of the image tensors that IF takes and returns
+
+    @property
+    def crop_unit(self) -> int:
+        """8 px, the multiple that stock IF resizes images to, or more where the UNet halves the image more often, so
+        that a crop passes every level of the UNet whole."""
+        return max(8, 2 ** (len(self.unet.config.down_block_types) - 1))
+
+    @property
+    def native_size(self) -> int:
+        return self.unet.config.sample_size
+
+    def working_grid(self, image, map, invert_map=False, **call):
+        """The image in [0, 1] on stage I's pixel grid, the map there (1 = change), and pixels per cell: one."""
+        pixels = self.preprocess_image(image)
+        change = map_on_grid(map_to_tensor(map, complement=not invert_map), tuple(pixels.shape[-2:]))
+        return {"image": pixels / 2 + 0.5}, change, 1
 
     @property
     def num_timesteps(self) -> int:
@@ -219,13 +238,11 @@ class IFDiffImg2ImgPipeline(IFImg2ImgPipeline):
         map=None,
         invert_map: bool = False,
         keep_exact: bool = False,
-        crop_to_change: bool = False,
-        crop_margin: int = 32,
-        crop_upscale: bool = False,
+        **kwargs,
     ):
         r"""
         Takes every argument of [`IFImg2ImgPipeline.__call__`], in its order and with its defaults
-        (except `strength`), then `map`, `invert_map`, `keep_exact` and the `crop_*` arguments, which must be passed
+        (except `strength`), then `map`, `invert_map` and `keep_exact`, which must be passed
         by name.
 
         Args:
@@ -280,29 +297,13 @@ class IFDiffImg2ImgPipeline(IFImg2ImgPipeline):
                 Composite the original back at the end: `clamp(T * s, 0, 1) * output + (1 - that) * original`, with
                 the original at stage I's size. IF works in pixels, so pixels of strength below 1/T already
                 end as that original, and this changes next to nothing; it is here so that every pipeline takes it.
-            crop_to_change (`bool`, *optional*, defaults to `False`):
-                Edit only the smallest crop that holds every released pixel (strength of at least 1/T) plus
-                `crop_margin` pixels of context, and paste it into the input at stage I's size: a small change costs
-                a small crop. Pixels outside the crop are the input's own (at stage I's size, as IF resizes it);
-                inside, the edit is the same algorithm on the cropped image and map, at the crop's own size (IF takes
-                the crop as a tensor, which it does not resize). Several images share one crop, the union of their
-                changes. Its sides are whole multiples of 8 pixels (more for a UNet that halves the image more than
-                3 times). `pipe.crop_box` is then the crop, `(top, left, bottom, right)` in stage I's pixels, or
-                `None` when no pixel is released and the input comes back without a step.
-            crop_margin (`int`, *optional*, defaults to 32):
-                Context around the released pixels, in stage I's pixels, before the crop is rounded to whole units.
-            crop_upscale (`bool`, *optional*, defaults to `False`):
-                Edit the crop at about stage I's native resolution (`unet.config.sample_size` pixels a side, the
-                crop's aspect ratio kept) and scale the result back down: IF then sees the crop as it sees a whole
-                image.
 
         Returns:
             [`IFPipelineOutput`] or `tuple`, as stock. `pipe.num_timesteps` is the number of denoising steps
             actually run.
         """
-        arguments = dict(locals())
-        self.crop_box = None
         # 1. Check inputs
+        check_moved_arguments(kwargs, stock_takes_kwargs=False)
         if image is None or map is None:
             raise ValueError("Pass both `image` and `map`.")
         check_strength_and_steps(strength, num_inference_steps)
@@ -317,10 +318,8 @@ class IFDiffImg2ImgPipeline(IFImg2ImgPipeline):
         pixels = self.preprocess_image(image)
 
         # 3. Strength map and release steps, one row per output image (IF puts an image's copies side by side)
-        strengths = strength_map(map, tuple(pixels.shape[-2:]), strength, invert_map)
+        strengths = strength * map_on_grid(map_to_tensor(map, complement=not invert_map), tuple(pixels.shape[-2:]))
         check_map_count(strengths, pixels)
-        if crop_to_change:
-            return edit_on_crop_in_pixels(self, arguments, pixels, strengths, num_inference_steps)
         release_step = per_output(release_steps(strengths, num_inference_steps), num_images_per_prompt)
         self._frozen = frozen = FrozenPixels(release_step, num_inference_steps)
         self._num_timesteps = num_inference_steps - frozen.first_step
@@ -380,8 +379,7 @@ def __getattr__(name):
 # ----------------------------------------------------------------------------------------------------------------
 # Copied from IF/diff_pipe_I.py: IF helpers (begin)
 #
-# What both IF stages add to the core: IF's batch order, its older step callback, its post-processing and the
-# wiring of `crop_to_change`.
+# What both IF stages add to the core: IF's batch order, its older step callback and its post-processing.
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -452,14 +450,12 @@ def composite_kept_pixels(pipe, output, frozen, strengths, num_images_per_prompt
     return postprocess_like_stock(pipe, images, output_type, return_dict)
 
 
-def postprocess_like_stock(pipe, images, output_type, return_dict, in_unit_range=False):
-    """Stock IF's ending for `images` in [-1, 1] (in [0, 1] with `in_unit_range`): "pt" gives a [-1, 1] tensor;
-    otherwise [0, 1] arrays pass the safety checker (if any), and "pil" images get the watermark (if any)."""
+def postprocess_like_stock(pipe, images, output_type, return_dict):
+    """Stock IF's ending for `images` in [-1, 1]: "pt" gives them as they are; otherwise [0, 1] arrays pass the
+    safety checker (if any), and "pil" images get the watermark (if any)."""
     nsfw_detected = watermark_detected = None
-    if output_type == "pt" and in_unit_range:
-        images = images * 2 - 1
-    elif output_type != "pt":
-        images = images if in_unit_range else (images / 2 + 0.5).clamp(0, 1)
+    if output_type != "pt":
+        images = (images / 2 + 0.5).clamp(0, 1)
         images = images.cpu().permute(0, 2, 3, 1).float().numpy()
         images, nsfw_detected, watermark_detected = pipe.run_safety_checker(
             images, pipe._execution_device, pipe.unet.dtype
@@ -474,168 +470,23 @@ def postprocess_like_stock(pipe, images, output_type, return_dict, in_unit_range
     return IFPipelineOutput(images=images, nsfw_detected=nsfw_detected, watermark_detected=watermark_detected)
 
 
-def crop_unit(unet) -> int:
-    """The side of a crop is a multiple of this many pixels: 8, the multiple that stock IF resizes images to, or
-    more where the UNet halves the image more often, so that the crop passes every level of the UNet whole."""
-    return max(8, 2 ** (len(unet.config.down_block_types) - 1))
-
-
-def edit_on_crop_in_pixels(pipe, arguments, pixels, strengths, num_inference_steps, conditioning=None):
-    """`crop_to_change` for IF: the core's `edit_on_crop` on the stage's pixel grid (one grid cell is one pixel).
-    Sets `pipe.crop_box` and returns the finished output.
-
-    Stock IF resizes only PIL images (to `unet.config.sample_size` on the short side) and takes tensors at their own
-    size, so the crop, handed over as a tensor, is edited at its own size, in whole `crop_unit`s; `crop_upscale`
-    edits it at about the stage's native size, `sample_size` pixels a side. The core hands over and expects images
-    in [0, 1] and pastes into whole-batch tiles of the input; IF reads and returns [-1, 1] and puts the copies of
-    an image next to each other. So the crop call gets one row per output image (the prompts encoded first), and
-    its images are converted on the way in and out. Stage II's `conditioning`, the stage I result already upscaled
-    to the stage's grid as stock upscales it, is cut from the same box as the image, and is all the crop call reads
-    of it.
-    """
-    copies = arguments["num_images_per_prompt"]
-    if copies > 1:
-        prompt_embeds, negative_prompt_embeds = pipe.encode_prompt(
-            arguments["prompt"], arguments["guidance_scale"] > 1.0, copies, pipe._execution_device,
-            arguments["negative_prompt"], arguments["prompt_embeds"], arguments["negative_prompt_embeds"],
-            clean_caption=arguments["clean_caption"],
-        )
-        arguments = dict(arguments, prompt=None, negative_prompt=None, prompt_embeds=prompt_embeds,
-                         negative_prompt_embeds=negative_prompt_embeds, num_images_per_prompt=1,
-                         map=per_output(map_to_tensor(arguments["map"]), copies))
-        pixels = pixels.repeat_interleave(copies, dim=0)
-        conditioning = None if conditioning is None else conditioning.repeat_interleave(copies, dim=0)
-    # Also read when no pixel is released, by the uncropped call that returns the original: [0, 1] there too.
-    arguments = dict(arguments, image=pixels / 2 + 0.5)
-    also_crop = ()
-    if conditioning is not None:
-        arguments["conditioning"], also_crop = conditioning / 2 + 0.5, ("conditioning",)
-
-    def call_in_unit_range(image, conditioning=None, original_image=None, **call):
-        stage_images = dict(image=image * 2 - 1) if conditioning is None else dict(
-            image=conditioning * 2 - 1, original_image=image * 2 - 1
-        )
-        output = pipe(**call, **stage_images)
-        return IFPipelineOutput(images=(output.images / 2 + 0.5).clamp(0, 1), nsfw_detected=None,
-                                watermark_detected=None)
-
-    grid, unit = tuple(pixels.shape[-2:]), crop_unit(pipe.unet)
-    images, _ = edit_on_crop(call_in_unit_range, arguments, pixels, grid, num_inference_steps, unit,
-                             pipe.unet.config.sample_size, also_crop)
-    # The box that edit_on_crop cut: the same rule on the same strengths.
-    release_step = release_steps(strengths, num_inference_steps)
-    pipe.crop_box = change_box(release_step, num_inference_steps, arguments["crop_margin"], unit)
-    return postprocess_like_stock(pipe, images, arguments["output_type"], arguments["return_dict"],
-                                  in_unit_range=True)
-
-
 # Copied from IF/diff_pipe_I.py: IF helpers (end)
 # ----------------------------------------------------------------------------------------------------------------
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Copied from SD2/diff_pipe.py: crop to change (begin)
-# ----------------------------------------------------------------------------------------------------------------
 
-
-def change_box(release_step: torch.Tensor, num_inference_steps: int, margin: int, unit: int):
-    """The crop that holds every pixel released in any item, as (top, left, bottom, right) in grid cells.
-
-    The bounding box of the released pixels grows by `margin` cells on each side, then evenly to whole `unit`s of
-    cells, and moves inside the grid where it would leave it; a side that reaches the grid's takes the grid's
-    (which the pipeline accepts as it is). None when no pixel is released.
-    """
-    released = (release_step < num_inference_steps).reshape(-1, *release_step.shape[-2:]).any(0)
-    if not released.any():
-        return None
-    box = []
-    for lines, size in ((released.any(1), released.shape[0]), (released.any(0), released.shape[1])):
-        indices = lines.nonzero()[:, 0]
-        start, stop = max(0, int(indices[0]) - margin), min(size, int(indices[-1]) + 1 + margin)
-        length = min(size, -(-(stop - start) // unit) * unit)
-        start = min(max(0, start - (length - (stop - start)) // 2), size - length)
-        box.append((start, start + length))
-    (top, bottom), (left, right) = box
-    return top, left, bottom, right
-
-
-def upscaled_size(height: int, width: int, native_size: int, unit: int) -> tuple:
-    """The size a crop is edited at by `crop_upscale`: its aspect ratio, about `native_size`**2 pixels in area, in
-    whole `unit`s of pixels, and never smaller than the crop. A crop of at least the native area keeps its size."""
-    factor = native_size / (height * width) ** 0.5
-    if factor <= 1:
-        return height, width
-    return tuple(max(-(-side // unit) * unit, round(side * factor / unit) * unit) for side in (height, width))
-
-
-def edit_on_crop(
-    pipe, arguments: dict, pixels, latent_grid, num_inference_steps: int, unit: int, native_size: int, also_crop=(),
-):
-    """`crop_to_change`: runs the call in `arguments` (its `locals()` on entry) on the smallest crop that holds every
-    released pixel and the context around it, and pastes the result into the input. Returns (images in [0, 1], the
-    crop call's output).
-
-    `pixels` is the input on the working pixel grid in [-1, 1], `unit` the model's size unit in pixels, and
-    `native_size` the side of the model's native resolution. Pixels outside the crop are the input's own. Inside,
-    the edit is the same algorithm on the cropped image and map (the map sized to the working pixel grid first);
-    `crop_upscale` runs it at about the native resolution instead and scales the result back down. `also_crop`
-    names the arguments that the call must get cropped alike: the caller has put them in `arguments` as tensors
-    (or lists of tensors) in [0, 1] on the working pixel grid, as a ControlNet's control image.
-    """
-    if arguments["output_type"] == "latent":
-        raise ValueError(
-            "`crop_to_change` pastes the edited crop into the input's pixels: pass an `output_type` other than "
-            '"latent".'
-        )
-    arguments = {name: value for name, value in arguments.items() if name not in ("self", "__class__", "kwargs")}
-    arguments.update(arguments.pop("kwargs", None) or {})
-    margin, strength, keep_exact = arguments["crop_margin"], arguments["strength"], arguments["keep_exact"]
-    if isinstance(margin, bool) or not isinstance(margin, (int, np.integer)) or margin < 0:
-        raise ValueError(f"`crop_margin` must be a whole number of pixels, 0 or more, not {margin!r}.")
-    if pixels.shape[1] != 3:
-        raise ValueError("`crop_to_change` crops the image's pixels: pass `image` as pixels, not latents.")
-    pixel_grid = tuple(pixels.shape[-2:])
-    scale = pixel_grid[0] // latent_grid[0]
-    # The change map (1 = change fully) on the working pixel grid; the crop hands it on with invert_map=True.
-    change = map_on_grid(map_to_tensor(arguments["map"], complement=not arguments["invert_map"]), pixel_grid,
-                         aspect_of=latent_grid)
-    release_step = release_steps(strength_map(change, latent_grid, strength, invert_map=True), num_inference_steps)
-    box = change_box(release_step, num_inference_steps, -(-margin // scale), max(1, unit // scale))
-    call = {**arguments, "crop_to_change": False, "output_type": "pt", "return_dict": True}
-    if box is None:  # no step runs; under keep_exact the result is the input itself, as outside every crop
-        output = pipe(**{**call, "keep_exact": True})
-        return output.images, output
-    top, left, bottom, right = (side * scale for side in box)
-    size = (bottom - top, right - left)
-    edit_size = upscaled_size(*size, native_size, unit) if arguments["crop_upscale"] else size
-
-    def cut(tensor, mode="bicubic"):
-        if isinstance(tensor, (list, tuple)):
-            return [cut(item, mode) for item in tensor]
-        tensor = tensor[..., top:bottom, left:right]
-        return tensor if edit_size == size else F.interpolate(tensor, edit_size, mode=mode, antialias=True).clamp(0, 1)
-
-    original = pixels / 2 + 0.5
-    call.update({name: cut(arguments[name]) for name in also_crop})
-    call.update(image=cut(original), map=cut(change, "bilinear"), invert_map=True)
-    call.update(keep_exact=keep_exact and edit_size == size)
-    if "height" in call:
-        call.update(height=edit_size[0], width=edit_size[1])
-    output = pipe(**call)
-    edited = output.images
-    if edit_size != size:
-        edited = F.interpolate(edited, size, mode="bicubic", antialias=True).clamp(0, 1)
-        if keep_exact:
-            strengths = strength_map(change[..., top:bottom, left:right], size, strength, invert_map=True)
-            edited = composite_original(edited, original[..., top:bottom, left:right], strengths, num_inference_steps)
-    # Whole-batch repeats, as stock repeats images for num_images_per_prompt (a, b, a, b); a copy, to paste into.
-    images = original.to(edited.device, edited.dtype).repeat(edited.shape[0] // original.shape[0], 1, 1, 1)
-    images[..., top:bottom, left:right] = edited
-    return images, output
-
-
-# Copied from SD2/diff_pipe.py: crop to change (end)
-# ----------------------------------------------------------------------------------------------------------------
+# Copied from SD2/diff_pipe.py:check_moved_arguments
+def check_moved_arguments(kwargs: dict, stock_takes_kwargs: bool = True):
+    """Refuses the arguments that left the pipeline, saying where they went; and, where stock takes no `**kwargs`,
+    any keyword that neither knows."""
+    for name in ("crop_to_change", "crop_margin", "crop_upscale"):
+        if name in kwargs:
+            raise TypeError(
+                f"`{name}` is no longer an argument of the pipeline: crop with tools.crop.edit_on_crop(pipe, "
+                "margin=..., upscale=..., **arguments) (docs/crop.md)."
+            )
+    if kwargs and not stock_takes_kwargs:
+        raise TypeError(f"Unexpected keyword argument {next(iter(kwargs))!r}.")
 
 
 # ----------------------------------------------------------------------------------------------------------------

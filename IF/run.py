@@ -31,6 +31,7 @@ from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tools import cli  # noqa: E402
+from tools.crop import edit_on_crop  # noqa: E402
 
 DEFAULT_MODEL = "DeepFloyd/IF-I-XL-v1.0"
 DEFAULT_STAGE2_MODEL = "DeepFloyd/IF-II-L-v1.0"
@@ -205,21 +206,24 @@ def edit(pipelines, args, *, images, maps, prompts, negative_prompts, seeds, on_
                     prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds, output_type="pt")
     report = on_stage or (lambda stage, pil_images, steps_run: None)
 
-    def crop_options(stage):
+    def run_stage(stage, **call):
+        """The stage's images in [-1, 1], as IF hands them on, and the box it edited (None for the whole frame, or
+        when the map releases no pixel)."""
+        if args.crop_margin is None:
+            return stage(**call, **with_map).images, None
         # IF resizes the input's short side to the stage's sample size: the margin is scaled alike, rounded up.
-        options = cli.crop_options(args)
-        if options["crop_to_change"]:
-            options["crop_margin"] = math.ceil(args.crop_margin * stage.unet.config.sample_size / min(images[0].size))
-        return options
+        margin = math.ceil(args.crop_margin * stage.unet.config.sample_size / min(images[0].size))
+        pixels, box = edit_on_crop(stage, margin, args.crop_upscale, **call, **with_map)
+        return pixels * 2 - 1, box
 
-    edited = stage1(image=images, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
-                    generator=generators(), **with_map, **crop_options(stage1)).images  # in [-1, 1], for stage II
+    edited, box = run_stage(stage1, image=images, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
+                            generator=generators())
     steps_run = stage1.num_timesteps
     report(1, pt_to_pil(edited), steps_run)
     if stage2 is not None:
-        edited = stage2(image=edited, original_image=images, num_inference_steps=args.stage2_steps,
-                        guidance_scale=args.stage2_guidance_scale, noise_level=args.stage2_noise_level,
-                        generator=generators(), **with_map, **crop_options(stage2)).images
+        edited, box = run_stage(stage2, image=edited, original_image=images, num_inference_steps=args.stage2_steps,
+                                guidance_scale=args.stage2_guidance_scale, noise_level=args.stage2_noise_level,
+                                generator=generators())
         steps_run += stage2.num_timesteps
         report(2, pt_to_pil(edited), steps_run)
     if stage3 is None:
@@ -237,8 +241,8 @@ def edit(pipelines, args, *, images, maps, prompts, negative_prompts, seeds, on_
         factor, (height, width) = stage3.vae_scale_factor, edited.shape[-2:]
         upscaled = [image.convert("RGB").resize((width * factor, height * factor), Image.Resampling.BICUBIC)
                     for image in images]
-        if stage2.crop_box is not None:
-            top, left, bottom, right = stage2.crop_box
+        if box is not None:
+            top, left, bottom, right = box
             for output, crop in zip(upscaled, upscale(edited[..., top:bottom, left:right])):
                 output.paste(crop, (left * factor, top * factor))
             steps_run += args.stage3_steps

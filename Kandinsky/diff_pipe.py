@@ -188,6 +188,24 @@ class KandinskyV22DiffImg2ImgPipeline(KandinskyV22Img2ImgPipeline):
 
     _frozen = None  # the FrozenPixels of the call in progress
 
+    # What tools/crop.py needs to edit a call on the crop of its changes (docs/crop.md).
+    copies_adjacent = True  # stock puts the num_images_per_prompt copies of an image next to each other: a, a, b, b
+
+    @property
+    def crop_unit(self) -> int:
+        return self.pixel_multiple
+
+    @property
+    def native_size(self) -> int:
+        return self.unet.config.sample_size * self.image_processor.config.vae_scale_factor
+
+    def working_grid(self, image, map, invert_map=False, height=512, width=512, **call):
+        """The images in [0, 1] resized to `height` x `width` as stock resizes them, the map stretched with them
+        (1 = change), and pixels per cell."""
+        pixels = self._pixels(self._resize_images(image, height, width))
+        change = self._map_on(tuple(pixels.shape[-2:]), map_to_tensor(map, complement=not invert_map), image)
+        return {"image": pixels / 2 + 0.5}, change, self.image_processor.config.vae_scale_factor
+
     @torch.no_grad()
     def __call__(
         self,
@@ -209,14 +227,11 @@ class KandinskyV22DiffImg2ImgPipeline(KandinskyV22Img2ImgPipeline):
         map=None,
         invert_map: bool = False,
         keep_exact: bool = False,
-        crop_to_change: bool = False,
-        crop_margin: int = 32,
-        crop_upscale: bool = False,
         **kwargs,
     ):
         r"""
         Takes every argument of [`KandinskyV22Img2ImgPipeline.__call__`], in its order and with its defaults (except
-        `strength`), then `map`, `invert_map`, `keep_exact` and the `crop_*` arguments, which must be passed by
+        `strength`), then `map`, `invert_map` and `keep_exact`, which must be passed by
         name.
 
         Args:
@@ -273,19 +288,6 @@ class KandinskyV22DiffImg2ImgPipeline(KandinskyV22Img2ImgPipeline):
                 the input is the image resized to `height` x `width`. Pixels of strength 0 are then the input's own
                 values instead of its lossy MoVQ round trip, and pixels of strength below 1/T fade in linearly. Off
                 by default, as in the paper.
-            crop_to_change (`bool`, *optional*, defaults to `False`):
-                Edit only the smallest crop of the resized image that holds every released pixel (strength of at
-                least 1/T) plus `crop_margin` pixels of context, and paste it into the resized image: a small change
-                costs a small crop. Pixels outside the crop are the input's own (resized to `height` x `width`);
-                inside, the edit is the same algorithm on the cropped image and map, with `height` and `width` the
-                crop's. The crop's sides are multiples of `pipe.pixel_multiple`. Several images share one crop, the
-                union of their changes. Needs an `output_type` other than `"latent"`.
-            crop_margin (`int`, *optional*, defaults to 32):
-                Context around the released pixels, in pixels, before the crop is rounded to whole multiples of
-                `pipe.pixel_multiple`.
-            crop_upscale (`bool`, *optional*, defaults to `False`):
-                Edit the crop at about the decoder's native resolution (`unet.config.sample_size` latents a side)
-                and scale the result back down: slower, but with the detail of a full-size generation.
             **kwargs:
                 Passed to stock (its deprecated `callback` and `callback_steps`); anything else is refused.
 
@@ -293,8 +295,8 @@ class KandinskyV22DiffImg2ImgPipeline(KandinskyV22Img2ImgPipeline):
             [`ImagePipelineOutput`] or `tuple`, as stock. `pipe.num_timesteps` is the number of denoising steps
             actually run.
         """
-        arguments = dict(locals())
         # 1. Check inputs
+        check_moved_arguments(kwargs)
         self._check_differential_inputs(image_embeds, negative_image_embeds, image, map, strength,
                                         num_inference_steps, kwargs)
         if num_images_per_prompt > 1 and guidance_scale <= 1:
@@ -313,15 +315,11 @@ class KandinskyV22DiffImg2ImgPipeline(KandinskyV22Img2ImgPipeline):
         self._check_size(pixel_grid)
         factor = self.image_processor.config.vae_scale_factor
         latent_grid = (pixel_grid[0] // factor, pixel_grid[1] // factor)
-        if crop_to_change:
-            pixel_map = self._map_on(pixel_grid, map, image)
-            check_map_count(pixel_map, pixels)
-            output = self._crop_and_paste(arguments, pixels, latent_grid, pixel_map)
-            return output if return_dict else (output.images,)
 
         # 3. Strength map and release steps; stock repeats each image's latents in place (a, a, b, b) for
         # num_images_per_prompt, and the release steps follow.
-        strengths = strength_map(self._map_on(latent_grid, map, image), latent_grid, strength, invert_map)
+        change = map_to_tensor(map, complement=not invert_map)  # parsed once, sized to each grid that needs it
+        strengths = strength * self._map_on(latent_grid, change, image)
         check_map_count(strengths, pixels)
         frozen = FrozenPixels(
             _per_output(release_steps(strengths, num_inference_steps), num_images_per_prompt), num_inference_steps,
@@ -357,33 +355,13 @@ class KandinskyV22DiffImg2ImgPipeline(KandinskyV22Img2ImgPipeline):
 
         # 5. Keep exact, in stock's output order (a, a, b, b); the core would tile a per-image tensor as a, b, a, b.
         if keep_exact:
-            strengths = strength_map(self._map_on(pixel_grid, map, image), pixel_grid, strength, invert_map)
+            strengths = strength * self._map_on(pixel_grid, change, image)
             strengths, original = (_per_output(t, num_images_per_prompt) for t in (strengths, pixels / 2 + 0.5))
             images = composite_original(output.images, original, strengths, num_inference_steps)
             images = self.image_processor.postprocess(images, output_type, do_denormalize=[False] * len(images))
             output = ImagePipelineOutput(images=images)
         return output if return_dict else (output.images,)
 
-    def _crop_and_paste(self, arguments, pixels, latent_grid, pixel_map) -> ImagePipelineOutput:
-        # The core pastes the crop's outputs into the inputs tiled whole (a, b, a, b), but stock puts each image's
-        # outputs side by side (a, a, b, b): the crop call gets every output's own image, map and embeddings, in
-        # stock's order, with num_images_per_prompt=1, which makes the outputs that stock's repeats make.
-        repeats = arguments["num_images_per_prompt"]
-        embeddings = {name: (torch.cat(value) if isinstance(value, list) else value).repeat_interleave(repeats, 0)
-                      for name, value in arguments.items() if name in ("image_embeds", "negative_image_embeds")}
-        if repeats > 1:  # (a copy changes the images' memory layout, and with it how the MoVQ rounds)
-            pixels = pixels.repeat_interleave(repeats, dim=0)
-        if len(pixels) == 1:  # one image under several embeddings: stock broadcasts it
-            pixels = pixels.expand(len(embeddings["image_embeds"]), -1, -1, -1)
-        arguments = dict(arguments, **embeddings, num_images_per_prompt=1, image=pixels / 2 + 0.5,
-                         map=_per_output(pixel_map, repeats), height=pixels.shape[-2], width=pixels.shape[-1])
-        native_size = self.unet.config.sample_size * self.image_processor.config.vae_scale_factor
-        images, _ = edit_on_crop(self, arguments, pixels, latent_grid, arguments["num_inference_steps"],
-                                 self.pixel_multiple, native_size)
-        images = self.image_processor.postprocess(
-            images, arguments["output_type"], do_denormalize=[False] * len(images)
-        )
-        return ImagePipelineOutput(images=images)
 
     @property
     def pixel_multiple(self) -> int:
@@ -509,109 +487,19 @@ def _per_output(per_image: torch.Tensor, num_images_per_prompt: int) -> torch.Te
     return per_image if per_image.shape[0] == 1 else per_image.repeat_interleave(num_images_per_prompt, dim=0)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Copied from SD2/diff_pipe.py: crop to change (begin)
-# ----------------------------------------------------------------------------------------------------------------
 
-
-def change_box(release_step: torch.Tensor, num_inference_steps: int, margin: int, unit: int):
-    """The crop that holds every pixel released in any item, as (top, left, bottom, right) in grid cells.
-
-    The bounding box of the released pixels grows by `margin` cells on each side, then evenly to whole `unit`s of
-    cells, and moves inside the grid where it would leave it; a side that reaches the grid's takes the grid's
-    (which the pipeline accepts as it is). None when no pixel is released.
-    """
-    released = (release_step < num_inference_steps).reshape(-1, *release_step.shape[-2:]).any(0)
-    if not released.any():
-        return None
-    box = []
-    for lines, size in ((released.any(1), released.shape[0]), (released.any(0), released.shape[1])):
-        indices = lines.nonzero()[:, 0]
-        start, stop = max(0, int(indices[0]) - margin), min(size, int(indices[-1]) + 1 + margin)
-        length = min(size, -(-(stop - start) // unit) * unit)
-        start = min(max(0, start - (length - (stop - start)) // 2), size - length)
-        box.append((start, start + length))
-    (top, bottom), (left, right) = box
-    return top, left, bottom, right
-
-
-def upscaled_size(height: int, width: int, native_size: int, unit: int) -> tuple:
-    """The size a crop is edited at by `crop_upscale`: its aspect ratio, about `native_size`**2 pixels in area, in
-    whole `unit`s of pixels, and never smaller than the crop. A crop of at least the native area keeps its size."""
-    factor = native_size / (height * width) ** 0.5
-    if factor <= 1:
-        return height, width
-    return tuple(max(-(-side // unit) * unit, round(side * factor / unit) * unit) for side in (height, width))
-
-
-def edit_on_crop(
-    pipe, arguments: dict, pixels, latent_grid, num_inference_steps: int, unit: int, native_size: int, also_crop=(),
-):
-    """`crop_to_change`: runs the call in `arguments` (its `locals()` on entry) on the smallest crop that holds every
-    released pixel and the context around it, and pastes the result into the input. Returns (images in [0, 1], the
-    crop call's output).
-
-    `pixels` is the input on the working pixel grid in [-1, 1], `unit` the model's size unit in pixels, and
-    `native_size` the side of the model's native resolution. Pixels outside the crop are the input's own. Inside,
-    the edit is the same algorithm on the cropped image and map (the map sized to the working pixel grid first);
-    `crop_upscale` runs it at about the native resolution instead and scales the result back down. `also_crop`
-    names the arguments that the call must get cropped alike: the caller has put them in `arguments` as tensors
-    (or lists of tensors) in [0, 1] on the working pixel grid, as a ControlNet's control image.
-    """
-    if arguments["output_type"] == "latent":
-        raise ValueError(
-            "`crop_to_change` pastes the edited crop into the input's pixels: pass an `output_type` other than "
-            '"latent".'
-        )
-    arguments = {name: value for name, value in arguments.items() if name not in ("self", "__class__", "kwargs")}
-    arguments.update(arguments.pop("kwargs", None) or {})
-    margin, strength, keep_exact = arguments["crop_margin"], arguments["strength"], arguments["keep_exact"]
-    if isinstance(margin, bool) or not isinstance(margin, (int, np.integer)) or margin < 0:
-        raise ValueError(f"`crop_margin` must be a whole number of pixels, 0 or more, not {margin!r}.")
-    if pixels.shape[1] != 3:
-        raise ValueError("`crop_to_change` crops the image's pixels: pass `image` as pixels, not latents.")
-    pixel_grid = tuple(pixels.shape[-2:])
-    scale = pixel_grid[0] // latent_grid[0]
-    # The change map (1 = change fully) on the working pixel grid; the crop hands it on with invert_map=True.
-    change = map_on_grid(map_to_tensor(arguments["map"], complement=not arguments["invert_map"]), pixel_grid,
-                         aspect_of=latent_grid)
-    release_step = release_steps(strength_map(change, latent_grid, strength, invert_map=True), num_inference_steps)
-    box = change_box(release_step, num_inference_steps, -(-margin // scale), max(1, unit // scale))
-    call = {**arguments, "crop_to_change": False, "output_type": "pt", "return_dict": True}
-    if box is None:  # no step runs; under keep_exact the result is the input itself, as outside every crop
-        output = pipe(**{**call, "keep_exact": True})
-        return output.images, output
-    top, left, bottom, right = (side * scale for side in box)
-    size = (bottom - top, right - left)
-    edit_size = upscaled_size(*size, native_size, unit) if arguments["crop_upscale"] else size
-
-    def cut(tensor, mode="bicubic"):
-        if isinstance(tensor, (list, tuple)):
-            return [cut(item, mode) for item in tensor]
-        tensor = tensor[..., top:bottom, left:right]
-        return tensor if edit_size == size else F.interpolate(tensor, edit_size, mode=mode, antialias=True).clamp(0, 1)
-
-    original = pixels / 2 + 0.5
-    call.update({name: cut(arguments[name]) for name in also_crop})
-    call.update(image=cut(original), map=cut(change, "bilinear"), invert_map=True)
-    call.update(keep_exact=keep_exact and edit_size == size)
-    if "height" in call:
-        call.update(height=edit_size[0], width=edit_size[1])
-    output = pipe(**call)
-    edited = output.images
-    if edit_size != size:
-        edited = F.interpolate(edited, size, mode="bicubic", antialias=True).clamp(0, 1)
-        if keep_exact:
-            strengths = strength_map(change[..., top:bottom, left:right], size, strength, invert_map=True)
-            edited = composite_original(edited, original[..., top:bottom, left:right], strengths, num_inference_steps)
-    # Whole-batch repeats, as stock repeats images for num_images_per_prompt (a, b, a, b); a copy, to paste into.
-    images = original.to(edited.device, edited.dtype).repeat(edited.shape[0] // original.shape[0], 1, 1, 1)
-    images[..., top:bottom, left:right] = edited
-    return images, output
-
-
-# Copied from SD2/diff_pipe.py: crop to change (end)
-# ----------------------------------------------------------------------------------------------------------------
+# Copied from SD2/diff_pipe.py:check_moved_arguments
+def check_moved_arguments(kwargs: dict, stock_takes_kwargs: bool = True):
+    """Refuses the arguments that left the pipeline, saying where they went; and, where stock takes no `**kwargs`,
+    any keyword that neither knows."""
+    for name in ("crop_to_change", "crop_margin", "crop_upscale"):
+        if name in kwargs:
+            raise TypeError(
+                f"`{name}` is no longer an argument of the pipeline: crop with tools.crop.edit_on_crop(pipe, "
+                "margin=..., upscale=..., **arguments) (docs/crop.md)."
+            )
+    if kwargs and not stock_takes_kwargs:
+        raise TypeError(f"Unexpected keyword argument {next(iter(kwargs))!r}.")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -106,14 +106,15 @@ def edit(pipelines, args, *, images, maps, prompts, negative_prompts, seeds):
         image_embeddings(pipelines.prior, args, image, prompt, negative_prompt, seed)
         for image, prompt, negative_prompt, seed in zip(images, prompts, negative_prompts, seeds)
     ]
-    result = pipelines.decoder(
+    images = cli.edit_images(
+        pipelines.decoder,
+        args,
         image_embeds=torch.cat([positive for positive, _ in embeddings]),
         negative_image_embeds=torch.cat([negative for _, negative in embeddings]),
         image=images,
         map=maps,
         invert_map=args.invert_map,
         keep_exact=args.keep_exact,
-        **cli.crop_options(args),
         strength=args.strength,
         height=args.height,
         width=args.width,
@@ -121,7 +122,7 @@ def edit(pipelines, args, *, images, maps, prompts, negative_prompts, seeds):
         guidance_scale=args.guidance_scale,
         generator=[cli.make_generator(seed) for seed in seeds],
     )
-    return result.images, pipelines.decoder.num_timesteps
+    return images, pipelines.decoder.num_timesteps
 
 
 def image_embeddings(prior, args, image, prompt, negative_prompt, seed):

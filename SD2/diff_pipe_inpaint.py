@@ -188,6 +188,29 @@ class StableDiffusionDiffInpaintPipeline(StableDiffusionInpaintPipeline):
 
     _frozen = None  # the ReleasedMask of the call in progress
 
+    # What tools/crop.py needs to edit a call on the crop of its changes (docs/crop.md).
+    copies_adjacent = False  # stock repeats the whole batch for num_images_per_prompt: a, b, a, b
+
+    @property
+    def crop_unit(self) -> int:
+        """Whole latent cells, in multiples of 8 pixels, which stock inpainting checks whatever the VAE's factor."""
+        return max(8, 2 ** (len(self.vae.config.block_out_channels) - 1))
+
+    # Copied from SD2/diff_pipe.py:StableDiffusionDiffImg2ImgPipeline.native_size
+    @property
+    def native_size(self) -> int:
+        return self.unet.config.sample_size * 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def working_grid(self, image, map, invert_map=False, height=None, width=None, **call):
+        """The image in [0, 1] on the pixel grid it is edited on (stock's default size is the UNet's sample size),
+        the map there (1 = change), and pixels per cell."""
+        height = height or self.unet.config.sample_size * self.vae_scale_factor
+        width = width or self.unet.config.sample_size * self.vae_scale_factor
+        pixels = self.image_processor.preprocess(image, height=height, width=width).to(torch.float32)
+        pixel_grid, cell = tuple(pixels.shape[-2:]), 2 ** (len(self.vae.config.block_out_channels) - 1)
+        change = map_on_grid(map_to_tensor(map, complement=not invert_map), pixel_grid, [n // cell for n in pixel_grid])
+        return {"image": pixels / 2 + 0.5}, change, cell
+
     @torch.no_grad()
     def __call__(
         self,
@@ -222,14 +245,11 @@ class StableDiffusionDiffInpaintPipeline(StableDiffusionInpaintPipeline):
         map=None,
         invert_map: bool = False,
         keep_exact: bool = False,
-        crop_to_change: bool = False,
-        crop_margin: int = 32,
-        crop_upscale: bool = False,
         **kwargs,
     ):
         r"""
         Takes every argument of [`StableDiffusionInpaintPipeline.__call__`], in its order and with its defaults,
-        then `map`, `invert_map`, `keep_exact` and the `crop_*` arguments, which must be passed by name. The map
+        then `map`, `invert_map` and `keep_exact`, which must be passed by name. The map
         replaces `mask_image`, `masked_image_latents` and `padding_mask_crop`, which must stay unset, and `latents`,
         which stock inpainting takes as the noise itself, is not taken. Arguments not listed here act as in stock.
 
@@ -262,17 +282,6 @@ class StableDiffusionDiffInpaintPipeline(StableDiffusionInpaintPipeline):
             keep_exact (`bool`, *optional*, defaults to `False`):
                 Composite the input back after decoding: `clamp(T * s, 0, 1) * output + (1 - that) * input`, so that
                 pixels of strength 0 keep the input's own values. Needs an `output_type` other than `"latent"`.
-            crop_to_change (`bool`, *optional*, defaults to `False`):
-                Edit only the smallest crop that holds every released pixel (strength of at least 1/T) plus
-                `crop_margin` pixels of context, and paste it into the input: a small change costs a small crop.
-                Pixels outside the crop are the input's own; inside, the edit is the same algorithm on the cropped
-                image and map. Several images share one crop, the union of their changes. Needs pixels as
-                `image`, no `latents`, and an `output_type` other than `"latent"`.
-            crop_margin (`int`, *optional*, defaults to 32):
-                Context around the released pixels, in pixels, before the crop is rounded to whole latent cells.
-            crop_upscale (`bool`, *optional*, defaults to `False`):
-                Edit the crop at about the model's native resolution (`unet.config.sample_size` latents a side)
-                and scale the result back down: slower, but with the detail of a full-size generation.
             **kwargs:
                 Passed to stock (its deprecated `callback` and `callback_steps`).
 
@@ -280,8 +289,8 @@ class StableDiffusionDiffInpaintPipeline(StableDiffusionInpaintPipeline):
             [`StableDiffusionPipelineOutput`] or `tuple`, as stock. `pipe.num_timesteps` is the number of denoising
             steps actually run.
         """
-        arguments = dict(locals())
         # 1. Check inputs
+        check_moved_arguments(kwargs)
         self._check_differential_inputs(image, map, mask_image, masked_image_latents, padding_mask_crop, latents,
                                         num_inference_steps, strength, keep_exact, output_type)
         for schedule in (timesteps, sigmas):
@@ -295,14 +304,10 @@ class StableDiffusionDiffInpaintPipeline(StableDiffusionInpaintPipeline):
         pixels = self.image_processor.preprocess(image, height=height, width=width).to(torch.float32)
         pixel_grid, scale = tuple(pixels.shape[-2:]), 2 ** (len(self.vae.config.block_out_channels) - 1)
         latent_grid = tuple(n // scale for n in pixel_grid)
-        if crop_to_change:
-            unit = max(8, scale)  # stock inpainting wants a height and width that 8 divides, whatever the VAE's
-            images, output = edit_on_crop(self, arguments, pixels, latent_grid, num_inference_steps, unit,
-                                          native_size=self.unet.config.sample_size * scale)
-            return self._finish(images, output_type, output.nsfw_content_detected, return_dict)
 
         # 3. Strength map and release steps
-        strengths = strength_map(map, latent_grid, strength, invert_map)
+        change = map_to_tensor(map, complement=not invert_map)  # parsed once, sized to each grid that needs it
+        strengths = strength * map_on_grid(change, latent_grid)
         check_map_count(strengths, pixels)
         frozen = ReleasedMask(
             release_steps(strengths, num_inference_steps), num_inference_steps, pixels, callback_on_step_end,
@@ -353,7 +358,7 @@ class StableDiffusionDiffInpaintPipeline(StableDiffusionInpaintPipeline):
 
         # 5. Keep exact
         if keep_exact:
-            strengths = strength_map(map, pixel_grid, strength, invert_map, aspect_of=latent_grid)
+            strengths = strength * map_on_grid(change, pixel_grid, aspect_of=latent_grid)
             images = composite_original(output.images, pixels / 2 + 0.5, strengths, num_inference_steps)
             return self._finish(images, output_type, output.nsfw_content_detected, return_dict)
         return output if return_dict else (output.images, output.nsfw_content_detected)
@@ -491,109 +496,19 @@ class ReleasedMask(FrozenPixels):
 # Copied from SD2/diff_pipe_inpaint.py: released mask (end)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Copied from SD2/diff_pipe.py: crop to change (begin)
-# ----------------------------------------------------------------------------------------------------------------
 
-
-def change_box(release_step: torch.Tensor, num_inference_steps: int, margin: int, unit: int):
-    """The crop that holds every pixel released in any item, as (top, left, bottom, right) in grid cells.
-
-    The bounding box of the released pixels grows by `margin` cells on each side, then evenly to whole `unit`s of
-    cells, and moves inside the grid where it would leave it; a side that reaches the grid's takes the grid's
-    (which the pipeline accepts as it is). None when no pixel is released.
-    """
-    released = (release_step < num_inference_steps).reshape(-1, *release_step.shape[-2:]).any(0)
-    if not released.any():
-        return None
-    box = []
-    for lines, size in ((released.any(1), released.shape[0]), (released.any(0), released.shape[1])):
-        indices = lines.nonzero()[:, 0]
-        start, stop = max(0, int(indices[0]) - margin), min(size, int(indices[-1]) + 1 + margin)
-        length = min(size, -(-(stop - start) // unit) * unit)
-        start = min(max(0, start - (length - (stop - start)) // 2), size - length)
-        box.append((start, start + length))
-    (top, bottom), (left, right) = box
-    return top, left, bottom, right
-
-
-def upscaled_size(height: int, width: int, native_size: int, unit: int) -> tuple:
-    """The size a crop is edited at by `crop_upscale`: its aspect ratio, about `native_size`**2 pixels in area, in
-    whole `unit`s of pixels, and never smaller than the crop. A crop of at least the native area keeps its size."""
-    factor = native_size / (height * width) ** 0.5
-    if factor <= 1:
-        return height, width
-    return tuple(max(-(-side // unit) * unit, round(side * factor / unit) * unit) for side in (height, width))
-
-
-def edit_on_crop(
-    pipe, arguments: dict, pixels, latent_grid, num_inference_steps: int, unit: int, native_size: int, also_crop=(),
-):
-    """`crop_to_change`: runs the call in `arguments` (its `locals()` on entry) on the smallest crop that holds every
-    released pixel and the context around it, and pastes the result into the input. Returns (images in [0, 1], the
-    crop call's output).
-
-    `pixels` is the input on the working pixel grid in [-1, 1], `unit` the model's size unit in pixels, and
-    `native_size` the side of the model's native resolution. Pixels outside the crop are the input's own. Inside,
-    the edit is the same algorithm on the cropped image and map (the map sized to the working pixel grid first);
-    `crop_upscale` runs it at about the native resolution instead and scales the result back down. `also_crop`
-    names the arguments that the call must get cropped alike: the caller has put them in `arguments` as tensors
-    (or lists of tensors) in [0, 1] on the working pixel grid, as a ControlNet's control image.
-    """
-    if arguments["output_type"] == "latent":
-        raise ValueError(
-            "`crop_to_change` pastes the edited crop into the input's pixels: pass an `output_type` other than "
-            '"latent".'
-        )
-    arguments = {name: value for name, value in arguments.items() if name not in ("self", "__class__", "kwargs")}
-    arguments.update(arguments.pop("kwargs", None) or {})
-    margin, strength, keep_exact = arguments["crop_margin"], arguments["strength"], arguments["keep_exact"]
-    if isinstance(margin, bool) or not isinstance(margin, (int, np.integer)) or margin < 0:
-        raise ValueError(f"`crop_margin` must be a whole number of pixels, 0 or more, not {margin!r}.")
-    if pixels.shape[1] != 3:
-        raise ValueError("`crop_to_change` crops the image's pixels: pass `image` as pixels, not latents.")
-    pixel_grid = tuple(pixels.shape[-2:])
-    scale = pixel_grid[0] // latent_grid[0]
-    # The change map (1 = change fully) on the working pixel grid; the crop hands it on with invert_map=True.
-    change = map_on_grid(map_to_tensor(arguments["map"], complement=not arguments["invert_map"]), pixel_grid,
-                         aspect_of=latent_grid)
-    release_step = release_steps(strength_map(change, latent_grid, strength, invert_map=True), num_inference_steps)
-    box = change_box(release_step, num_inference_steps, -(-margin // scale), max(1, unit // scale))
-    call = {**arguments, "crop_to_change": False, "output_type": "pt", "return_dict": True}
-    if box is None:  # no step runs; under keep_exact the result is the input itself, as outside every crop
-        output = pipe(**{**call, "keep_exact": True})
-        return output.images, output
-    top, left, bottom, right = (side * scale for side in box)
-    size = (bottom - top, right - left)
-    edit_size = upscaled_size(*size, native_size, unit) if arguments["crop_upscale"] else size
-
-    def cut(tensor, mode="bicubic"):
-        if isinstance(tensor, (list, tuple)):
-            return [cut(item, mode) for item in tensor]
-        tensor = tensor[..., top:bottom, left:right]
-        return tensor if edit_size == size else F.interpolate(tensor, edit_size, mode=mode, antialias=True).clamp(0, 1)
-
-    original = pixels / 2 + 0.5
-    call.update({name: cut(arguments[name]) for name in also_crop})
-    call.update(image=cut(original), map=cut(change, "bilinear"), invert_map=True)
-    call.update(keep_exact=keep_exact and edit_size == size)
-    if "height" in call:
-        call.update(height=edit_size[0], width=edit_size[1])
-    output = pipe(**call)
-    edited = output.images
-    if edit_size != size:
-        edited = F.interpolate(edited, size, mode="bicubic", antialias=True).clamp(0, 1)
-        if keep_exact:
-            strengths = strength_map(change[..., top:bottom, left:right], size, strength, invert_map=True)
-            edited = composite_original(edited, original[..., top:bottom, left:right], strengths, num_inference_steps)
-    # Whole-batch repeats, as stock repeats images for num_images_per_prompt (a, b, a, b); a copy, to paste into.
-    images = original.to(edited.device, edited.dtype).repeat(edited.shape[0] // original.shape[0], 1, 1, 1)
-    images[..., top:bottom, left:right] = edited
-    return images, output
-
-
-# Copied from SD2/diff_pipe.py: crop to change (end)
-# ----------------------------------------------------------------------------------------------------------------
+# Copied from SD2/diff_pipe.py:check_moved_arguments
+def check_moved_arguments(kwargs: dict, stock_takes_kwargs: bool = True):
+    """Refuses the arguments that left the pipeline, saying where they went; and, where stock takes no `**kwargs`,
+    any keyword that neither knows."""
+    for name in ("crop_to_change", "crop_margin", "crop_upscale"):
+        if name in kwargs:
+            raise TypeError(
+                f"`{name}` is no longer an argument of the pipeline: crop with tools.crop.edit_on_crop(pipe, "
+                "margin=..., upscale=..., **arguments) (docs/crop.md)."
+            )
+    if kwargs and not stock_takes_kwargs:
+        raise TypeError(f"Unexpected keyword argument {next(iter(kwargs))!r}.")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -49,7 +49,9 @@ def edit(pipe, args, *, images, maps, prompts, negative_prompts, seeds):
     """Edits a batch (lists of equal length) with the sampling settings in `args`; returns (images, steps run)."""
     for image in images:  # the pipeline rounds sizes down to whole latent cells: a smaller image has none
         cli.check_image_size(image, pipe.vae_scale_factor)
-    result = pipe(
+    images = cli.edit_images(
+        pipe,
+        args,
         prompt=prompts,
         negative_prompt=[text or "" for text in negative_prompts],
         image=images,
@@ -57,13 +59,12 @@ def edit(pipe, args, *, images, maps, prompts, negative_prompts, seeds):
         invert_map=args.invert_map,
         strength=args.strength,
         keep_exact=args.keep_exact,
-        **cli.crop_options(args),
         num_inference_steps=args.steps,
         guidance_scale=args.guidance_scale,
         generator=[cli.make_generator(seed) for seed in seeds],
         **conditioning.pipeline_arguments(args, images),
     )
-    return result.images, pipe.num_timesteps
+    return images, pipe.num_timesteps
 
 
 def run():

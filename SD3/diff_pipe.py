@@ -190,6 +190,27 @@ class StableDiffusion3DiffImg2ImgPipeline(StableDiffusion3Img2ImgPipeline):
 
     _frozen = None  # the FrozenPixels of the call in progress
 
+    # What tools/crop.py needs to edit a call on the crop of its changes (docs/crop.md).
+    copies_adjacent = False  # stock repeats the whole batch for num_images_per_prompt: a, b, a, b
+
+    @property
+    def crop_unit(self) -> int:
+        """Sizes are whole patches of latents, as stock takes them."""
+        return self.vae_scale_factor * self.patch_size
+
+    @property
+    def native_size(self) -> int:
+        return self.default_sample_size * self.vae_scale_factor
+
+    def working_grid(self, image, map, invert_map=False, height=None, width=None, **call):
+        """The image in [0, 1] on the pixel grid it is edited on, the map there (1 = change), and pixels per cell."""
+        height = height or self.default_sample_size * self.vae_scale_factor
+        width = width or self.default_sample_size * self.vae_scale_factor
+        pixels, cell = self.image_processor.preprocess(image, height=height, width=width), self.vae_scale_factor
+        change = map_to_tensor(map, complement=not invert_map)
+        latent_grid = tuple(side // cell for side in pixels.shape[-2:])
+        return {"image": pixels / 2 + 0.5}, map_on_grid(change, tuple(pixels.shape[-2:]), latent_grid), cell
+
     @torch.no_grad()
     def __call__(
         self,
@@ -227,9 +248,7 @@ class StableDiffusion3DiffImg2ImgPipeline(StableDiffusion3Img2ImgPipeline):
         map=None,
         invert_map: bool = False,
         keep_exact: bool = False,
-        crop_to_change: bool = False,
-        crop_margin: int = 32,
-        crop_upscale: bool = False,
+        **kwargs,
     ):
         r"""
         Every argument of [`StableDiffusion3Img2ImgPipeline.__call__`] works as there, in the same order; these differ:
@@ -252,19 +271,6 @@ class StableDiffusion3DiffImg2ImgPipeline(StableDiffusion3Img2ImgPipeline):
                 Composite the input back after decoding: `clamp(T * s, 0, 1) * output + (1 - that) * input`. Pixels
                 of strength 0 are then the input's own values instead of its lossy VAE round trip, and pixels of
                 strength below 1/T (which run only the last step) fade in linearly. Off by default, as in the paper.
-            crop_to_change (`bool`, *optional*, defaults to `False`):
-                Edit only the smallest crop that holds every released pixel (any strength above 0) plus `crop_margin`
-                pixels of context, and paste it into the input: a small change costs a small crop. Pixels outside the
-                crop are the input's own; inside, the edit is the same algorithm on the cropped image and map, run at
-                the crop's size. Several images share one crop, the union of their changes. Needs pixels as `image`
-                and an `output_type` other than `"latent"`.
-            crop_margin (`int`, *optional*, defaults to 32):
-                Context around the released pixels, in pixels, before the crop is rounded to whole multiples of
-                the VAE's scale factor times the transformer's patch size (16 px for SD3).
-            crop_upscale (`bool`, *optional*, defaults to `False`):
-                Edit the crop at about the model's native resolution (`pipe.default_sample_size` latents a side,
-                1024 px for SD3.5) and scale the result back down: slower, but with the detail
-                of a full-size generation.
             num_inference_steps (`int`, *optional*, defaults to 50):
                 The length T of the full schedule (or `len(sigmas)`). A pixel of strength `s` runs from the step on
                 which stock img2img at `strength=s` starts, `int(T - T * s)`, so it runs `ceil(T * s)` steps; only
@@ -282,8 +288,8 @@ class StableDiffusion3DiffImg2ImgPipeline(StableDiffusion3Img2ImgPipeline):
             [`StableDiffusion3PipelineOutput`] or `tuple`, as stock. `pipe.num_timesteps` is the number of denoising
             loop iterations actually run.
         """
-        arguments = dict(locals())
         # 1. Check inputs
+        check_moved_arguments(kwargs, stock_takes_kwargs=False)
         if image is None or map is None:
             raise ValueError("Pass both `image` and `map`.")
         if latents is not None:
@@ -323,12 +329,10 @@ class StableDiffusion3DiffImg2ImgPipeline(StableDiffusion3Img2ImgPipeline):
         # 2. Grid
         pixel_grid = tuple(pixels.shape[-2:])
         latent_grid = pixel_grid if image_is_latents else tuple(n // self.vae_scale_factor for n in pixel_grid)
-        if crop_to_change:  # stock takes sizes in whole patches of latents
-            unit = self.vae_scale_factor * self.patch_size
-            return flow_edit_on_crop(self, arguments, pixels, latent_grid, num_inference_steps, unit)
 
         # 3. Strength map and release steps
-        strengths = strength_map(map, latent_grid, strength, invert_map)
+        change = map_to_tensor(map, complement=not invert_map)  # parsed once, sized to each grid that needs it
+        strengths = strength * map_on_grid(change, latent_grid)
         check_map_count(strengths, pixels)
         frozen = FrozenPixels(
             release_steps(strengths, num_inference_steps),
@@ -382,7 +386,7 @@ class StableDiffusion3DiffImg2ImgPipeline(StableDiffusion3Img2ImgPipeline):
 
         # 5. Keep exact
         if keep_exact:
-            strengths = strength_map(map, pixel_grid, strength, invert_map, aspect_of=latent_grid)
+            strengths = strength * map_on_grid(change, pixel_grid, aspect_of=latent_grid)
             images = composite_original(images, pixels / 2 + 0.5, strengths, num_inference_steps)
             images = self.image_processor.postprocess(images, output_type, do_denormalize=[False] * len(images))
         return StableDiffusion3PipelineOutput(images=images) if return_dict else (images,)
@@ -410,129 +414,20 @@ class StableDiffusion3DiffImg2ImgPipeline(StableDiffusion3Img2ImgPipeline):
         return images
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Copied from SD2/diff_pipe.py: crop to change (begin)
-# ----------------------------------------------------------------------------------------------------------------
 
 
-def change_box(release_step: torch.Tensor, num_inference_steps: int, margin: int, unit: int):
-    """The crop that holds every pixel released in any item, as (top, left, bottom, right) in grid cells.
-
-    The bounding box of the released pixels grows by `margin` cells on each side, then evenly to whole `unit`s of
-    cells, and moves inside the grid where it would leave it; a side that reaches the grid's takes the grid's
-    (which the pipeline accepts as it is). None when no pixel is released.
-    """
-    released = (release_step < num_inference_steps).reshape(-1, *release_step.shape[-2:]).any(0)
-    if not released.any():
-        return None
-    box = []
-    for lines, size in ((released.any(1), released.shape[0]), (released.any(0), released.shape[1])):
-        indices = lines.nonzero()[:, 0]
-        start, stop = max(0, int(indices[0]) - margin), min(size, int(indices[-1]) + 1 + margin)
-        length = min(size, -(-(stop - start) // unit) * unit)
-        start = min(max(0, start - (length - (stop - start)) // 2), size - length)
-        box.append((start, start + length))
-    (top, bottom), (left, right) = box
-    return top, left, bottom, right
-
-
-def upscaled_size(height: int, width: int, native_size: int, unit: int) -> tuple:
-    """The size a crop is edited at by `crop_upscale`: its aspect ratio, about `native_size`**2 pixels in area, in
-    whole `unit`s of pixels, and never smaller than the crop. A crop of at least the native area keeps its size."""
-    factor = native_size / (height * width) ** 0.5
-    if factor <= 1:
-        return height, width
-    return tuple(max(-(-side // unit) * unit, round(side * factor / unit) * unit) for side in (height, width))
-
-
-def edit_on_crop(
-    pipe, arguments: dict, pixels, latent_grid, num_inference_steps: int, unit: int, native_size: int, also_crop=(),
-):
-    """`crop_to_change`: runs the call in `arguments` (its `locals()` on entry) on the smallest crop that holds every
-    released pixel and the context around it, and pastes the result into the input. Returns (images in [0, 1], the
-    crop call's output).
-
-    `pixels` is the input on the working pixel grid in [-1, 1], `unit` the model's size unit in pixels, and
-    `native_size` the side of the model's native resolution. Pixels outside the crop are the input's own. Inside,
-    the edit is the same algorithm on the cropped image and map (the map sized to the working pixel grid first);
-    `crop_upscale` runs it at about the native resolution instead and scales the result back down. `also_crop`
-    names the arguments that the call must get cropped alike: the caller has put them in `arguments` as tensors
-    (or lists of tensors) in [0, 1] on the working pixel grid, as a ControlNet's control image.
-    """
-    if arguments["output_type"] == "latent":
-        raise ValueError(
-            "`crop_to_change` pastes the edited crop into the input's pixels: pass an `output_type` other than "
-            '"latent".'
-        )
-    arguments = {name: value for name, value in arguments.items() if name not in ("self", "__class__", "kwargs")}
-    arguments.update(arguments.pop("kwargs", None) or {})
-    margin, strength, keep_exact = arguments["crop_margin"], arguments["strength"], arguments["keep_exact"]
-    if isinstance(margin, bool) or not isinstance(margin, (int, np.integer)) or margin < 0:
-        raise ValueError(f"`crop_margin` must be a whole number of pixels, 0 or more, not {margin!r}.")
-    if pixels.shape[1] != 3:
-        raise ValueError("`crop_to_change` crops the image's pixels: pass `image` as pixels, not latents.")
-    pixel_grid = tuple(pixels.shape[-2:])
-    scale = pixel_grid[0] // latent_grid[0]
-    # The change map (1 = change fully) on the working pixel grid; the crop hands it on with invert_map=True.
-    change = map_on_grid(map_to_tensor(arguments["map"], complement=not arguments["invert_map"]), pixel_grid,
-                         aspect_of=latent_grid)
-    release_step = release_steps(strength_map(change, latent_grid, strength, invert_map=True), num_inference_steps)
-    box = change_box(release_step, num_inference_steps, -(-margin // scale), max(1, unit // scale))
-    call = {**arguments, "crop_to_change": False, "output_type": "pt", "return_dict": True}
-    if box is None:  # no step runs; under keep_exact the result is the input itself, as outside every crop
-        output = pipe(**{**call, "keep_exact": True})
-        return output.images, output
-    top, left, bottom, right = (side * scale for side in box)
-    size = (bottom - top, right - left)
-    edit_size = upscaled_size(*size, native_size, unit) if arguments["crop_upscale"] else size
-
-    def cut(tensor, mode="bicubic"):
-        if isinstance(tensor, (list, tuple)):
-            return [cut(item, mode) for item in tensor]
-        tensor = tensor[..., top:bottom, left:right]
-        return tensor if edit_size == size else F.interpolate(tensor, edit_size, mode=mode, antialias=True).clamp(0, 1)
-
-    original = pixels / 2 + 0.5
-    call.update({name: cut(arguments[name]) for name in also_crop})
-    call.update(image=cut(original), map=cut(change, "bilinear"), invert_map=True)
-    call.update(keep_exact=keep_exact and edit_size == size)
-    if "height" in call:
-        call.update(height=edit_size[0], width=edit_size[1])
-    output = pipe(**call)
-    edited = output.images
-    if edit_size != size:
-        edited = F.interpolate(edited, size, mode="bicubic", antialias=True).clamp(0, 1)
-        if keep_exact:
-            strengths = strength_map(change[..., top:bottom, left:right], size, strength, invert_map=True)
-            edited = composite_original(edited, original[..., top:bottom, left:right], strengths, num_inference_steps)
-    # Whole-batch repeats, as stock repeats images for num_images_per_prompt (a, b, a, b); a copy, to paste into.
-    images = original.to(edited.device, edited.dtype).repeat(edited.shape[0] // original.shape[0], 1, 1, 1)
-    images[..., top:bottom, left:right] = edited
-    return images, output
-
-
-# Copied from SD2/diff_pipe.py: crop to change (end)
-# ----------------------------------------------------------------------------------------------------------------
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Copied from SD3/diff_pipe.py: flow crop (begin)
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def flow_edit_on_crop(pipe, arguments: dict, pixels, latent_grid, num_inference_steps: int, unit: int):
-    """`crop_to_change` for a flow pipeline: `edit_on_crop`, with the native size `default_sample_size` latents a side,
-    and its result returned as the call in `arguments` asked (`output_type`, `return_dict`, the family's output)."""
-    if arguments.get("latents") is not None:
-        raise ValueError("`crop_to_change` cannot crop `latents` given for the whole frame: leave them out.")
-    native_size = pipe.default_sample_size * pipe.vae_scale_factor
-    images, output = edit_on_crop(pipe, arguments, pixels, latent_grid, num_inference_steps, unit, native_size)
-    images = pipe.image_processor.postprocess(images, arguments["output_type"], do_denormalize=[False] * len(images))
-    return type(output)(images=images) if arguments["return_dict"] else (images,)
-
-
-# Copied from SD3/diff_pipe.py: flow crop (end)
-# ----------------------------------------------------------------------------------------------------------------
+# Copied from SD2/diff_pipe.py:check_moved_arguments
+def check_moved_arguments(kwargs: dict, stock_takes_kwargs: bool = True):
+    """Refuses the arguments that left the pipeline, saying where they went; and, where stock takes no `**kwargs`,
+    any keyword that neither knows."""
+    for name in ("crop_to_change", "crop_margin", "crop_upscale"):
+        if name in kwargs:
+            raise TypeError(
+                f"`{name}` is no longer an argument of the pipeline: crop with tools.crop.edit_on_crop(pipe, "
+                "margin=..., upscale=..., **arguments) (docs/crop.md)."
+            )
+    if kwargs and not stock_takes_kwargs:
+        raise TypeError(f"Unexpected keyword argument {next(iter(kwargs))!r}.")
 
 
 # ----------------------------------------------------------------------------------------------------------------

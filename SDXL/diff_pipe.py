@@ -202,6 +202,28 @@ class StableDiffusionXLDiffImg2ImgPipeline(StableDiffusionXLImg2ImgPipeline):
 
     _stage = None  # what prepare_latents needs while __call__ runs
 
+    # What tools/crop.py needs to edit a call on the crop of its changes (docs/crop.md).
+    copies_adjacent = False  # stock repeats the whole batch for num_images_per_prompt: a, b, a, b
+
+    # Copied from SD2/diff_pipe.py:StableDiffusionDiffImg2ImgPipeline.crop_unit
+    @property
+    def crop_unit(self) -> int:
+        """Crops are whole latent cells: the pixels per cell of the VAE attached now."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    # Copied from SD2/diff_pipe.py:StableDiffusionDiffImg2ImgPipeline.native_size
+    @property
+    def native_size(self) -> int:
+        return self.unet.config.sample_size * 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    # Copied from SD2/diff_pipe.py:StableDiffusionDiffImg2ImgPipeline.working_grid
+    def working_grid(self, image, map, invert_map=False, **call):
+        """The image in [0, 1] on the pixel grid it is edited on, the map there (1 = change), and pixels per cell."""
+        pixels, cell = self.image_processor.preprocess(image), 2 ** (len(self.vae.config.block_out_channels) - 1)
+        change = map_to_tensor(map, complement=not invert_map)
+        latent_grid = tuple(side // cell for side in pixels.shape[-2:])
+        return {"image": pixels / 2 + 0.5}, map_on_grid(change, tuple(pixels.shape[-2:]), latent_grid), cell
+
     @torch.no_grad()
     def __call__(
         self,
@@ -248,15 +270,11 @@ class StableDiffusionXLDiffImg2ImgPipeline(StableDiffusionXLImg2ImgPipeline):
         keep_exact: bool = False,
         original_image=None,
         noise: torch.Tensor | None = None,
-        crop_to_change: bool = False,
-        crop_margin: int = 32,
-        crop_upscale: bool = False,
         **kwargs,
     ):
         r"""
         Takes every argument of [`StableDiffusionXLImg2ImgPipeline.__call__`], in its order and with its defaults
-        (except `strength`), then `map`, `invert_map`, `keep_exact`, `original_image`, `noise` and the `crop_*`
-        arguments, which must be passed by name.
+        (except `strength`), then `map`, `invert_map`, `keep_exact`, `original_image` and `noise`, which must be passed by name.
 
         Args:
             prompt (`str` or `list[str]`, *optional*):
@@ -373,21 +391,6 @@ class StableDiffusionXLDiffImg2ImgPipeline(StableDiffusionXLImg2ImgPipeline):
                 The noise of the noised original `add_noise(x0, noise, t)`. Defaults to the noise stock img2img draws
                 from `generator`. Pass the same tensor to base and refiner to tie them without a seed (give x0 as
                 4-channel `image` / `original_image` to fix it too).
-            crop_to_change (`bool`, *optional*, defaults to `False`):
-                Edit only the smallest crop that holds every released pixel (strength of at least 1/T) plus
-                `crop_margin` pixels of context, and paste it into the input: a small change costs a small crop.
-                Pixels outside the crop are the input's own; inside, the edit is the same algorithm on the cropped
-                image and map. Several images share one crop, the union of their changes. SDXL's size conditioning
-                is the crop's own, as for any image: `original_size` and `target_size` default to the size the crop
-                is edited at, and values passed are passed on unchanged. Needs pixels as `image`, an `output_type`
-                other than `"latent"`, and the whole schedule in this call (no `denoising_start`/`denoising_end`,
-                `latents` or `noise`): to run base and refiner on one crop, see `crop_and_paste`.
-            crop_margin (`int`, *optional*, defaults to 32):
-                Context around the released pixels, in pixels, before the crop is rounded to whole latent cells.
-            crop_upscale (`bool`, *optional*, defaults to `False`):
-                Edit the crop at about the model's native resolution (`unet.config.sample_size` latents a side,
-                1024 pixels for SDXL) and scale the result back down: slower, but with the detail of a full-size
-                generation.
             **kwargs:
                 Passed to stock (its deprecated `callback` and `callback_steps`).
 
@@ -395,10 +398,8 @@ class StableDiffusionXLDiffImg2ImgPipeline(StableDiffusionXLImg2ImgPipeline):
             [`StableDiffusionXLPipelineOutput`] or `tuple`, as stock. `pipe.num_timesteps` is the number of denoising
             steps this call actually ran.
         """
-        arguments = dict(locals())
         # 1. Check inputs
-        if crop_to_change:
-            self._check_whole_schedule(image, denoising_start, denoising_end, latents, noise)
+        check_moved_arguments(kwargs)
         num_inference_steps = self._check_differential_inputs(
             image, map, original_image, keep_exact, num_inference_steps, denoising_start, denoising_end, output_type
         )
@@ -418,12 +419,10 @@ class StableDiffusionXLDiffImg2ImgPipeline(StableDiffusionXLImg2ImgPipeline):
         latent_grid = self._latent_grid(original)
         if continuing:
             self._check_continued_latents(image, latent_grid)
-        if crop_to_change:
-            output = self.crop_and_paste(self, arguments, num_inference_steps)
-            return output if return_dict else (output.images,)
 
         # 3. Strength map and release steps, on the one schedule that base and refiner share
-        strengths = strength_map(map, latent_grid, strength, invert_map)
+        change = map_to_tensor(map, complement=not invert_map)  # parsed once, sized to each grid that needs it
+        strengths = strength * map_on_grid(change, latent_grid)
         check_map_count(strengths, original)
         stage_start, stage_end = self._stage_bounds(num_inference_steps, timesteps, sigmas, denoising_start,
                                                     denoising_end)
@@ -498,44 +497,13 @@ class StableDiffusionXLDiffImg2ImgPipeline(StableDiffusionXLImg2ImgPipeline):
 
         # 5. Keep exact
         if keep_exact:
-            strengths = strength_map(map, tuple(original.shape[-2:]), strength, invert_map, aspect_of=latent_grid)
+            strengths = strength * map_on_grid(change, tuple(original.shape[-2:]), aspect_of=latent_grid)
             images = composite_original(output.images, original / 2 + 0.5, strengths, num_inference_steps)
             images = self.image_processor.postprocess(images, output_type, do_denormalize=[False] * len(images))
             output = StableDiffusionXLPipelineOutput(images=images)
         return output if return_dict else (output.images,)
 
-    def crop_and_paste(self, edit, arguments: dict, num_inference_steps: int) -> StableDiffusionXLPipelineOutput:
-        """`crop_to_change` for the call `edit(**arguments)`: runs it on the crop of the changed pixels and pastes the
-        result into `arguments["image"]`, with images of `arguments["output_type"]`.
 
-        `edit` is this pipeline, or a function that takes its arguments and returns what it returns, such as base
-        and refiner run one after the other: SDXL/run.py crops both stages alike this way. `arguments` holds at
-        least `image`, `map`, `invert_map`, `strength`, `keep_exact`, `output_type` and the `crop_*` arguments;
-        `edit` gets them all, with the cropped image (pixels in [0, 1]) and map, `output_type="pt"` and
-        `crop_to_change=False`. `num_inference_steps` is T, the length of the schedule that the map's release steps
-        are counted on.
-        """
-        pixels = self.image_processor.preprocess(arguments["image"])
-        latent_grid = self._latent_grid(pixels)
-        scale = pixels.shape[-1] // latent_grid[-1]
-        native_size = self.unet.config.sample_size * scale
-        images, _ = edit_on_crop(edit, arguments, pixels, latent_grid, num_inference_steps, scale, native_size)
-        output_type = arguments["output_type"]
-        images = self.image_processor.postprocess(images, output_type, do_denormalize=[False] * len(images))
-        return StableDiffusionXLPipelineOutput(images=images)
-
-    def _check_whole_schedule(self, image, denoising_start, denoising_end, latents, noise):
-        staged = [name for name, given in [
-            ("`denoising_start`", is_fraction(denoising_start)), ("`denoising_end`", is_fraction(denoising_end)),
-            ("latents as `image`", self._holds_latents(image)), ("`latents`", latents is not None),
-            ("`noise`", noise is not None),
-        ] if given]
-        if staged:
-            raise ValueError(
-                f"`crop_to_change` runs the whole schedule on the crop's pixels in one call, so it takes no "
-                f"{', '.join(staged)}: these carry the whole frame's latents between stages. To run base and "
-                "refiner on one crop, pass a function that runs both to `base.crop_and_paste`, as SDXL/run.py does."
-            )
 
     def prepare_latents(self, image, timestep, batch_size, num_images_per_prompt, dtype, device, generator=None,
                         add_noise=True):
@@ -726,109 +694,19 @@ def is_fraction(value) -> bool:
     return isinstance(value, float) and 0 < value < 1
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Copied from SD2/diff_pipe.py: crop to change (begin)
-# ----------------------------------------------------------------------------------------------------------------
 
-
-def change_box(release_step: torch.Tensor, num_inference_steps: int, margin: int, unit: int):
-    """The crop that holds every pixel released in any item, as (top, left, bottom, right) in grid cells.
-
-    The bounding box of the released pixels grows by `margin` cells on each side, then evenly to whole `unit`s of
-    cells, and moves inside the grid where it would leave it; a side that reaches the grid's takes the grid's
-    (which the pipeline accepts as it is). None when no pixel is released.
-    """
-    released = (release_step < num_inference_steps).reshape(-1, *release_step.shape[-2:]).any(0)
-    if not released.any():
-        return None
-    box = []
-    for lines, size in ((released.any(1), released.shape[0]), (released.any(0), released.shape[1])):
-        indices = lines.nonzero()[:, 0]
-        start, stop = max(0, int(indices[0]) - margin), min(size, int(indices[-1]) + 1 + margin)
-        length = min(size, -(-(stop - start) // unit) * unit)
-        start = min(max(0, start - (length - (stop - start)) // 2), size - length)
-        box.append((start, start + length))
-    (top, bottom), (left, right) = box
-    return top, left, bottom, right
-
-
-def upscaled_size(height: int, width: int, native_size: int, unit: int) -> tuple:
-    """The size a crop is edited at by `crop_upscale`: its aspect ratio, about `native_size`**2 pixels in area, in
-    whole `unit`s of pixels, and never smaller than the crop. A crop of at least the native area keeps its size."""
-    factor = native_size / (height * width) ** 0.5
-    if factor <= 1:
-        return height, width
-    return tuple(max(-(-side // unit) * unit, round(side * factor / unit) * unit) for side in (height, width))
-
-
-def edit_on_crop(
-    pipe, arguments: dict, pixels, latent_grid, num_inference_steps: int, unit: int, native_size: int, also_crop=(),
-):
-    """`crop_to_change`: runs the call in `arguments` (its `locals()` on entry) on the smallest crop that holds every
-    released pixel and the context around it, and pastes the result into the input. Returns (images in [0, 1], the
-    crop call's output).
-
-    `pixels` is the input on the working pixel grid in [-1, 1], `unit` the model's size unit in pixels, and
-    `native_size` the side of the model's native resolution. Pixels outside the crop are the input's own. Inside,
-    the edit is the same algorithm on the cropped image and map (the map sized to the working pixel grid first);
-    `crop_upscale` runs it at about the native resolution instead and scales the result back down. `also_crop`
-    names the arguments that the call must get cropped alike: the caller has put them in `arguments` as tensors
-    (or lists of tensors) in [0, 1] on the working pixel grid, as a ControlNet's control image.
-    """
-    if arguments["output_type"] == "latent":
-        raise ValueError(
-            "`crop_to_change` pastes the edited crop into the input's pixels: pass an `output_type` other than "
-            '"latent".'
-        )
-    arguments = {name: value for name, value in arguments.items() if name not in ("self", "__class__", "kwargs")}
-    arguments.update(arguments.pop("kwargs", None) or {})
-    margin, strength, keep_exact = arguments["crop_margin"], arguments["strength"], arguments["keep_exact"]
-    if isinstance(margin, bool) or not isinstance(margin, (int, np.integer)) or margin < 0:
-        raise ValueError(f"`crop_margin` must be a whole number of pixels, 0 or more, not {margin!r}.")
-    if pixels.shape[1] != 3:
-        raise ValueError("`crop_to_change` crops the image's pixels: pass `image` as pixels, not latents.")
-    pixel_grid = tuple(pixels.shape[-2:])
-    scale = pixel_grid[0] // latent_grid[0]
-    # The change map (1 = change fully) on the working pixel grid; the crop hands it on with invert_map=True.
-    change = map_on_grid(map_to_tensor(arguments["map"], complement=not arguments["invert_map"]), pixel_grid,
-                         aspect_of=latent_grid)
-    release_step = release_steps(strength_map(change, latent_grid, strength, invert_map=True), num_inference_steps)
-    box = change_box(release_step, num_inference_steps, -(-margin // scale), max(1, unit // scale))
-    call = {**arguments, "crop_to_change": False, "output_type": "pt", "return_dict": True}
-    if box is None:  # no step runs; under keep_exact the result is the input itself, as outside every crop
-        output = pipe(**{**call, "keep_exact": True})
-        return output.images, output
-    top, left, bottom, right = (side * scale for side in box)
-    size = (bottom - top, right - left)
-    edit_size = upscaled_size(*size, native_size, unit) if arguments["crop_upscale"] else size
-
-    def cut(tensor, mode="bicubic"):
-        if isinstance(tensor, (list, tuple)):
-            return [cut(item, mode) for item in tensor]
-        tensor = tensor[..., top:bottom, left:right]
-        return tensor if edit_size == size else F.interpolate(tensor, edit_size, mode=mode, antialias=True).clamp(0, 1)
-
-    original = pixels / 2 + 0.5
-    call.update({name: cut(arguments[name]) for name in also_crop})
-    call.update(image=cut(original), map=cut(change, "bilinear"), invert_map=True)
-    call.update(keep_exact=keep_exact and edit_size == size)
-    if "height" in call:
-        call.update(height=edit_size[0], width=edit_size[1])
-    output = pipe(**call)
-    edited = output.images
-    if edit_size != size:
-        edited = F.interpolate(edited, size, mode="bicubic", antialias=True).clamp(0, 1)
-        if keep_exact:
-            strengths = strength_map(change[..., top:bottom, left:right], size, strength, invert_map=True)
-            edited = composite_original(edited, original[..., top:bottom, left:right], strengths, num_inference_steps)
-    # Whole-batch repeats, as stock repeats images for num_images_per_prompt (a, b, a, b); a copy, to paste into.
-    images = original.to(edited.device, edited.dtype).repeat(edited.shape[0] // original.shape[0], 1, 1, 1)
-    images[..., top:bottom, left:right] = edited
-    return images, output
-
-
-# Copied from SD2/diff_pipe.py: crop to change (end)
-# ----------------------------------------------------------------------------------------------------------------
+# Copied from SD2/diff_pipe.py:check_moved_arguments
+def check_moved_arguments(kwargs: dict, stock_takes_kwargs: bool = True):
+    """Refuses the arguments that left the pipeline, saying where they went; and, where stock takes no `**kwargs`,
+    any keyword that neither knows."""
+    for name in ("crop_to_change", "crop_margin", "crop_upscale"):
+        if name in kwargs:
+            raise TypeError(
+                f"`{name}` is no longer an argument of the pipeline: crop with tools.crop.edit_on_crop(pipe, "
+                "margin=..., upscale=..., **arguments) (docs/crop.md)."
+            )
+    if kwargs and not stock_takes_kwargs:
+        raise TypeError(f"Unexpected keyword argument {next(iter(kwargs))!r}.")
 
 
 # ----------------------------------------------------------------------------------------------------------------

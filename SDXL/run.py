@@ -170,9 +170,9 @@ def edit(pipelines, args, *, images, maps, prompts, negative_prompts, seeds):
     generators = lambda: [cli.make_generator(seed) for seed in seeds]  # noqa: E731
     base, refiner = pipelines
     if refiner is None:
-        result = base(image=images, generator=generators(), keep_exact=args.keep_exact, **cli.crop_options(args),
-                      **common, **conditioning.pipeline_arguments(args, images))
-        return result.images, base.num_timesteps
+        images = cli.edit_images(base, args, image=images, generator=generators(), keep_exact=args.keep_exact,
+                                 **common, **conditioning.pipeline_arguments(args, images))
+        return images, base.num_timesteps
 
     def base_then_refiner(image, keep_exact, output_type="pil", **call):
         latents = base(
@@ -183,12 +183,9 @@ def edit(pipelines, args, *, images, maps, prompts, negative_prompts, seeds):
             keep_exact=keep_exact, output_type=output_type, **call,
         )
 
-    if args.crop_margin is None:
-        result = base_then_refiner(images, args.keep_exact, **common)
-    else:  # both stages run on the one crop, and only its pixels are pasted into the input
-        arguments = dict(common, image=images, keep_exact=args.keep_exact, output_type="pil", **cli.crop_options(args))
-        result = base.crop_and_paste(base_then_refiner, arguments, args.steps)
-    return result.images, base.num_timesteps + refiner.num_timesteps
+    # With --crop-margin both stages run on the one crop, and only its pixels are pasted into the input.
+    images = cli.edit_images(base, args, base_then_refiner, image=images, keep_exact=args.keep_exact, **common)
+    return images, base.num_timesteps + refiner.num_timesteps
 
 
 def run():

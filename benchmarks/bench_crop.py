@@ -1,4 +1,4 @@
-"""Crop to change: what a small change costs with `crop_to_change`, against the same edit on the whole frame.
+"""Crop to change: what a small change costs with `tools.crop`, against the same edit on the whole frame.
 
     python benchmarks/bench_crop.py [--family sd2|sdxl] [--size 512] [--steps 10] [--repeats 3] [--device cpu]
 

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from benchmarks import harness
+from tools.crop import change_box, edit_on_crop
 from tools.feather import feathered_mask
 
 AREAS = (0.05, 0.10, 0.25)  # the share of the frame whose strength is above 0
@@ -29,8 +30,8 @@ def crop_cells(module, keep_map, scale: int, steps: int) -> tuple:
     """(rows, columns) of the crop that the rule gives for `keep_map`, and of the whole latent grid, in cells of
     `scale` pixels (the model's size unit: one cell, as for SD and SDXL)."""
     grid = tuple(side // scale for side in keep_map.shape)
-    release = module.release_steps(module.strength_map(keep_map, grid, 1.0), steps)
-    top, left, bottom, right = module.change_box(release, steps, -(-MARGIN // scale), 1)
+    release = module.release_steps(module.map_on_grid(module.map_to_tensor(keep_map, complement=True), grid), steps)
+    top, left, bottom, right = change_box(release, steps, -(-MARGIN // scale), 1)
     return (bottom - top, right - left), grid
 
 
@@ -44,7 +45,10 @@ def crop_cases(pipe, keep_map, **call) -> dict:
     """The whole-frame edit with `keep_map` and the cropped one (MARGIN px of context), as functions of no arguments
     that draw from a freshly seeded generator: "whole frame" first, the baseline of `harness.side_by_side`."""
 
-    def edit(**crop):
-        return lambda: pipe(map=keep_map, generator=torch.Generator().manual_seed(harness.SEED), **call, **crop)
+    def whole_frame():
+        return pipe(map=keep_map, generator=torch.Generator().manual_seed(harness.SEED), **call)
 
-    return {"whole frame": edit(), "crop": edit(crop_to_change=True, crop_margin=MARGIN)}
+    def crop():
+        return edit_on_crop(pipe, MARGIN, map=keep_map, generator=torch.Generator().manual_seed(harness.SEED), **call)
+
+    return {"whole frame": whole_frame, "crop": crop}

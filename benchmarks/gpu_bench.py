@@ -786,7 +786,7 @@ class Family:
     notes: list = field(default_factory=list)
     flow_matching: bool = False  # stock runs ceil(T s) steps at strength s, not floor(T s); weights in bf16
     stock_inputs: Callable = None  # (setup, size) -> what stock alone takes (an inpainting mask)
-    crop: bool = False  # also measure crop_to_change against the whole frame (the "crop" variant)
+    crop: bool = False  # also measure tools.crop against the whole frame (the "crop" variant)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -1252,7 +1252,7 @@ def run_family(family: Family, setup, repeats: int, plan: dict) -> dict:
 
 
 def measure_crop(ours, inputs: dict, setup, size: int, repeats: int) -> dict:
-    """crop_to_change against the same edit on the whole frame, for soft-inpainting maps that change each share of
+    """tools.crop against the same edit on the whole frame, for soft-inpainting maps that change each share of
     CROP_AREAS: time per step of the crop relative to the whole frame, and that divided by the crop's share of the
     frame ("vs_proportional": 1.0 is a cost exactly proportional to the crop's area)."""
     module = sys.modules[type(ours).__module__]
@@ -1328,7 +1328,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
     parser.add_argument("--no-offload", action="store_true", help="skip the enable_model_cpu_offload() variant")
     parser.add_argument("--no-crop", action="store_true",
-                        help="skip the crop_to_change variant (SD 2.1 and SDXL: 5, 10 and 25%% of the frame changed)")
+                        help="skip the crop variant (SD 2.1 and SDXL: 5, 10 and 25%% of the frame changed)")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     parser.add_argument("--overwrite", action="store_true", help="let --json replace an existing file")
     parser.add_argument("--smoke", action="store_true",

@@ -184,19 +184,22 @@ class Stopwatch:
     """Adds up the time spent in the functions it wraps, on the device's clock."""
 
     def __init__(self, device):
-        self.device, self.seconds, self.calls = device, 0.0, 0
+        self.device, self.seconds, self.calls, self.running = device, 0.0, 0, False
         self.now = time.process_time if clock(device) == "cpu_seconds" else time.perf_counter
 
     def wrap(self, function):
         def timed(*args, **kwargs):
+            if self.running:  # called by another wrapped function, whose time already holds this call's
+                return function(*args, **kwargs)
             synchronize(self.device)
-            started = self.now()
+            started, self.running = self.now(), True
             try:
                 return function(*args, **kwargs)
             finally:
                 synchronize(self.device)
                 self.seconds += self.now() - started
                 self.calls += 1
+                self.running = False
 
         return timed
 
@@ -206,7 +209,7 @@ def differential_work(module, run, device) -> tuple:
     blending per step: the differential core's own work, timed where it runs. Whole-run ratios drown it in noise.
     """
     preparation, blend = Stopwatch(device), Stopwatch(device)
-    preparing, frozen_pixels = ("strength_map", "release_steps"), module.FrozenPixels
+    preparing, frozen_pixels = ("map_to_tensor", "map_on_grid", "release_steps"), module.FrozenPixels
     saved_functions, saved_blend = {name: getattr(module, name) for name in preparing}, frozen_pixels.blend
     for name, function in saved_functions.items():
         setattr(module, name, preparation.wrap(function))

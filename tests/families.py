@@ -76,8 +76,7 @@ SIZE = 32
 MAP_SIZE = 64
 
 # Our keyword-only arguments, with their defaults, in their order after stock's: every family takes them.
-OUR_ARGUMENTS = {"map": None, "invert_map": False, "keep_exact": False, "crop_to_change": False, "crop_margin": 32,
-                 "crop_upscale": False}
+OUR_ARGUMENTS = {"map": None, "invert_map": False, "keep_exact": False}
 
 # Stock's release rules: SD, SDXL, Kandinsky and IF run int(T * s) steps; flow-matching img2img starts at
 # int(T - T * s), which runs ceil(T * s) steps where T * s is not whole. Both in float64, as stock computes them.

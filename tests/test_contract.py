@@ -142,9 +142,10 @@ def test_signature_is_stocks_then_ours(family):
         # A map already says how much each pixel changes: `strength` only scales it, so it defaults to 1.
         assert our.default == (1.0 if our.name == "strength" else theirs.default), our.name
     extras = ours[len(named) :]
-    if any(p.kind is p.VAR_KEYWORD for p in stock):  # stock's **kwargs (deprecated callbacks) stays last
-        var_keyword = extras.pop()
-        assert var_keyword.kind is var_keyword.VAR_KEYWORD and var_keyword.name == "kwargs"
+    # Last, **kwargs: stock's own where it has one (deprecated callbacks), and in every class a way to tell the crop's
+    # old keywords where the crop went (tests/test_crop.py).
+    var_keyword = extras.pop()
+    assert var_keyword.kind is var_keyword.VAR_KEYWORD and var_keyword.name == "kwargs"
     # Ours come after all of stock's and are keyword-only, so stock's positions keep their meaning.
     assert all(p.kind is p.KEYWORD_ONLY for p in extras), [(p.name, p.kind) for p in extras]
     assert {p.name: p.default for p in extras} == {**OUR_ARGUMENTS, **entry.extra_arguments}

@@ -56,9 +56,7 @@ BLOCKS = [
                 ("SD2/diff_pipe*.py", "SDXL/diff_pipe*.py", "Kandinsky/diff_pipe*.py", "IF/diff_pipe*.py")),
     CopiedBlock("SD3/diff_pipe.py", "flow release rule", FLOW_FILES),
     CopiedBlock("SD2/diff_pipe.py", "differential core", ("*/diff_pipe*.py",)),
-    CopiedBlock("SD2/diff_pipe.py", "crop to change", ("*/diff_pipe*.py",)),
     CopiedBlock("SD2/diff_pipe.py", "map parsing", ("*/diff_pipe*.py",)),
-    CopiedBlock("SD3/diff_pipe.py", "flow crop", FLOW_FILES),
     CopiedBlock("IF/diff_pipe_I.py", "IF helpers", ("IF/diff_pipe*.py",)),
     CopiedBlock("SD2/diff_pipe_inpaint.py", "released mask", ("*/diff_pipe_inpaint.py",)),
 ]

@@ -23,6 +23,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps, PngImagePlugin, UnidentifiedImageError
 
+from tools.crop import edit_on_crop
 from tools.feather import feathered_mask
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -564,11 +565,12 @@ def png_parameters(args: argparse.Namespace, steps_run: int, extra_params: dict 
     }.items()}
 
 
-def crop_options(args: argparse.Namespace) -> dict:
-    """The pipelines' crop arguments, from --crop-margin and --crop-upscale."""
+def edit_images(pipe, args: argparse.Namespace, edit=None, **call) -> list:
+    """`pipe(**call)`'s images (or `edit`'s, which calls it); with --crop-margin, only the box around the pixels
+    that the map releases is edited, and pasted into the input (tools/crop.py)."""
     if args.crop_margin is None:
-        return {"crop_to_change": False}
-    return {"crop_to_change": True, "crop_margin": args.crop_margin, "crop_upscale": args.crop_upscale}
+        return (edit or pipe)(**call).images
+    return edit_on_crop(pipe, args.crop_margin, args.crop_upscale, edit, **call)[0]
 
 
 def save_result(result: Image.Image, args: argparse.Namespace, *, image: Image.Image, map_image: Image.Image,

@@ -46,10 +46,11 @@ def _side_by_side(left: Image.Image, right: Image.Image, labels: tuple[str, str]
 def crop_picture(photo: Image.Image, soft_map) -> Image.Image:
     """The crop rule on the soft-inpainting map: the box of the released cells, grown by the margin; beside it the
     photo, dimmed where the result is the input's own pixels."""
-    from SD2.diff_pipe import change_box, release_steps, strength_map  # the rule itself, as the pipelines run it
+    from SD2.diff_pipe import map_on_grid, map_to_tensor, release_steps  # the rule itself, as the pipelines run it
+    from tools.crop import change_box
 
     grid = (photo.height // CROP_SCALE, photo.width // CROP_SCALE)
-    release = release_steps(strength_map(soft_map, grid, 1.0), CROP_STEPS)
+    release = release_steps(map_on_grid(map_to_tensor(soft_map, complement=True), grid), CROP_STEPS)
     boxes = [change_box(release, CROP_STEPS, margin // CROP_SCALE, 1) for margin in (0, CROP_MARGIN)]
     panels = [_preview(np.asarray(soft_map)).convert("RGB"), _preview(photo.convert("RGB"))]
     to_preview = panels[0].width / grid[1]
