@@ -330,22 +330,30 @@ def kandinsky_prior_components():
     # A fresh prior has clip_std = 0, which multiplies every output to zero.
     prior.clip_std = nn.Parameter(torch.ones(prior.clip_std.shape))
     prior.eval()
-    torch.manual_seed(SEED)
     # The pipeline encodes a black image of this size for the unconditional embedding, so keep it small.
-    image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
-        hidden_size=TEXT_HIDDEN_SIZE, projection_dim=TEXT_HIDDEN_SIZE, image_size=KANDINSKY_CLIP_IMAGE_SIZE,
-        patch_size=8, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-    )).eval()
     return dict(
-        prior=prior, image_encoder=image_encoder, text_encoder=clip_text_model(tokenizer, with_projection=True),
+        prior=prior, image_encoder=clip_image_encoder(), text_encoder=clip_text_model(tokenizer, with_projection=True),
         tokenizer=tokenizer,
         scheduler=UnCLIPScheduler(variance_type="fixed_small_log", prediction_type="sample", num_train_timesteps=1000,
                                   clip_sample=True, clip_sample_range=10.0),
-        image_processor=CLIPImageProcessorPil(
-            size=KANDINSKY_CLIP_IMAGE_SIZE, crop_size=KANDINSKY_CLIP_IMAGE_SIZE, do_center_crop=True,
-            do_normalize=True, do_resize=True, image_mean=[0.48145466, 0.4578275, 0.40821073],
-            image_std=[0.26862954, 0.26130258, 0.27577711], resample=3,
-        ),
+        image_processor=clip_image_processor(),
+    )
+
+
+def clip_image_encoder():
+    """A CLIP image encoder of 32 px images, with image embeddings of size 32 (Kandinsky's prior, IP-Adapters)."""
+    torch.manual_seed(SEED)
+    return CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=TEXT_HIDDEN_SIZE, projection_dim=TEXT_HIDDEN_SIZE, image_size=KANDINSKY_CLIP_IMAGE_SIZE,
+        patch_size=8, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+    )).eval()
+
+
+def clip_image_processor():
+    return CLIPImageProcessorPil(
+        size=KANDINSKY_CLIP_IMAGE_SIZE, crop_size=KANDINSKY_CLIP_IMAGE_SIZE, do_center_crop=True, do_normalize=True,
+        do_resize=True, image_mean=[0.48145466, 0.4578275, 0.40821073],
+        image_std=[0.26862954, 0.26130258, 0.27577711], resample=3,
     )
 
 
