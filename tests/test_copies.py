@@ -42,12 +42,9 @@ def test_the_blocks_cover_every_pipeline_file_and_both_if_stages():
     assert "class ReleasedMask" in block_text(REPO_ROOT / RELEASED_MASK.source, RELEASED_MASK)
 
 
-def test_every_copy_is_identical_to_its_source():
+def test_every_copy_is_identical_to_its_source_and_the_command_says_so_from_any_folder(tmp_path):
     problems, fixed = check_copies.check(REPO_ROOT)
     assert problems == [] and fixed == [], "\n".join(problems) + "\nfix with: python -m tools.check_copies --fix"
-
-
-def test_the_command_runs_from_any_folder(tmp_path):
     done = subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "check_copies.py")], cwd=tmp_path,
                           capture_output=True, text=True, timeout=60)
     assert (done.returncode, done.stdout, done.stderr) == (0, "every copy matches its source\n", "")

@@ -150,13 +150,10 @@ map_dtypes = st.sampled_from([np.uint8, np.uint16, np.int32, np.float16, np.floa
 
 @settings(max_examples=200, deadline=None)
 @given(
-    map=map_dtypes.flatmap(
-        lambda dtype: hnp.arrays(
-            dtype,
-            hnp.array_shapes(min_dims=1, max_dims=5, min_side=0, max_side=12),
-            elements=None if dtype in (np.uint8, np.uint16, np.int32, np.bool_) else st.floats(-2, 3, width=16),
-        )
-    ),
+    map=map_dtypes.flatmap(lambda dtype: hnp.arrays(
+        dtype, hnp.array_shapes(min_dims=1, max_dims=5, min_side=0, max_side=12),
+        elements=None if dtype in (np.uint8, np.uint16, np.int32, np.bool_) else st.floats(-2, 3, width=16),
+    )),
     grid=st.tuples(st.integers(1, 8), st.integers(1, 8)),
 )
 def test_prepared_maps_are_in_range_or_refused(map, grid):

@@ -20,15 +20,8 @@ STEPS = 4
 
 
 def latent_inputs(**overrides):
-    inputs = dict(
-        prompt=PROMPT,
-        image=test_image(),
-        strength=0.75,
-        num_inference_steps=STEPS,
-        guidance_scale=5.0,
-        output_type="np",
-        generator=seeded_generator(),
-    )
+    inputs = dict(prompt=PROMPT, image=test_image(), strength=0.75, num_inference_steps=STEPS, guidance_scale=5.0,
+                  output_type="np", generator=seeded_generator())
     return {**inputs, **overrides}
 
 

@@ -64,11 +64,7 @@ def test_gradient_start_and_end():
 
 
 @settings(max_examples=60, deadline=None)
-@given(
-    angle=st.floats(-720, 720, allow_nan=False),
-    width=st.integers(2, 30),
-    height=st.integers(2, 30),
-)
+@given(angle=st.floats(-720, 720, allow_nan=False), width=st.integers(2, 30), height=st.integers(2, 30))
 def test_gradient_is_monotone_along_its_angle(angle, width, height):
     keep_map = linear_gradient(width, height, angle)
     assert keep_map.min() == 0.0 and keep_map.max() == 1.0
@@ -143,12 +139,8 @@ def test_feather_profile_around_a_single_pixel():
 
 
 @settings(max_examples=25, deadline=None)
-@given(
-    seed=st.integers(0, 2**32 - 1),
-    density=st.floats(0.0, 0.1),
-    feather_px=st.floats(0.0, 20.0),
-    grow_px=st.floats(0.0, 6.0),
-)
+@given(seed=st.integers(0, 2**32 - 1), density=st.floats(0.0, 0.1), feather_px=st.floats(0.0, 20.0),
+       grow_px=st.floats(0.0, 6.0))
 def test_feather_is_monotone_in_distance_from_the_region(seed, density, feather_px, grow_px):
     fill = np.random.default_rng(seed).random((24, 37)) < density
     keep_map = feathered_mask(fill, feather_px=feather_px, grow_px=grow_px)
@@ -388,17 +380,10 @@ def test_save_map_refuses_to_overwrite(tmp_path):
         assert np.all(np.asarray(image) == 255)
 
 
-@pytest.mark.parametrize(
-    "array, name, bits",
-    [
-        (np.zeros((2, 2, 3)), "map.png", 8),
-        (np.full((2, 2), 1.01), "map.png", 8),
-        (np.full((2, 2), -0.01), "map.png", 8),
-        (np.full((2, 2), np.nan), "map.png", 8),
-        (np.zeros((2, 2)), "map.png", 12),
-        (np.zeros((2, 2)), "map.jpg", 8),
-    ],
-)
+@pytest.mark.parametrize("array, name, bits", [
+    (np.zeros((2, 2, 3)), "map.png", 8), (np.full((2, 2), 1.01), "map.png", 8), (np.full((2, 2), -0.01), "map.png", 8),
+    (np.full((2, 2), np.nan), "map.png", 8), (np.zeros((2, 2)), "map.png", 12), (np.zeros((2, 2)), "map.jpg", 8),
+])
 def test_save_map_rejects_bad_arguments(tmp_path, array, name, bits):
     with pytest.raises(ValueError):
         save_map(array, tmp_path / name, bits=bits)
