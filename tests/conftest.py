@@ -17,7 +17,10 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 # The variable also reaches subprocesses (run.py tests), so both sides compute in the same order.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import contextlib
+import io
 import json
+import subprocess
 import sys
 import tempfile
 
@@ -43,31 +46,11 @@ from diffusers import (
 )
 
 from benchmarks.harness import count_unet_calls  # noqa: F401 - one counter for tests and benchmarks
-from tests.tiny_models import (  # noqa: F401
-    IF_STAGE1_SIZE,
-    IF_STAGE2_SIZE,
-    IMAGE_SIZE,
-    KANDINSKY_SCHEDULE,
-    SCHEDULERS,
-    SEED,
-    TEXT_HIDDEN_SIZE,
-    build_pipeline,
-    byte_level_alphabet,
-    clip_text_model,
-    clip_tokenizer,
-    if_stage1_components,
-    if_stage2_components,
-    kandinsky_decoder_components,
-    kandinsky_prior_components,
-    make_scheduler,
-    save_pipeline,
-    sd_components,
-    sdxl_components,
-    sdxl_refiner_components,
-    seeded_generator,
-    t5_encoder,
-    t5_tokenizer,
-    test_image,
+from tests.tiny_models import (  # noqa: F401 - tests import the builders from here
+    IF_STAGE1_SIZE, IF_STAGE2_SIZE, IMAGE_SIZE, SCHEDULERS, SEED, TEXT_HIDDEN_SIZE, build_pipeline, clip_text_model,
+    clip_tokenizer, if_stage1_components, if_stage2_components, kandinsky_decoder_components,
+    kandinsky_prior_components, make_scheduler, save_pipeline, sd_components, sdxl_components,
+    sdxl_refiner_components, seeded_generator, t5_tokenizer, test_image,
 )
 
 # Loading bars ("Loading pipeline components...") only clutter failure reports.
@@ -126,15 +109,24 @@ def image():
     return test_image()
 
 
-# Fresh components for each test, since tests may swap schedulers or move models.
-@pytest.fixture(name="sd_components")
-def _sd_components():
-    return sd_components()
+def _fresh(builder):
+    """A fixture of the builder's name giving fresh components for each test, since tests may swap schedulers or move
+    models."""
+    return pytest.fixture(name=builder.__name__)(lambda: builder())
 
 
-@pytest.fixture(name="sdxl_components")
-def _sdxl_components():
-    return sdxl_components()
+def _saved(name, pipeline_class, builder):
+    """A session fixture ``<name>_dir``: the stock pipeline on the builder's components, saved once to a folder."""
+
+    def saved(tmp_path_factory):
+        return save_pipeline(build_pipeline(pipeline_class, builder()), tmp_path_factory.mktemp(name))
+
+    return pytest.fixture(scope="session", name=f"{name}_dir")(saved)
+
+
+for _builder in (sd_components, sdxl_components, kandinsky_prior_components, kandinsky_decoder_components,
+                 if_stage1_components, if_stage2_components):
+    globals()[f"_{_builder.__name__}"] = _fresh(_builder)
 
 
 @pytest.fixture(name="sdxl_refiner_components")
@@ -143,64 +135,16 @@ def _sdxl_refiner_components(sdxl_components):
     return sdxl_refiner_components(sdxl_components)
 
 
-@pytest.fixture(name="kandinsky_prior_components")
-def _kandinsky_prior_components():
-    return kandinsky_prior_components()
-
-
-@pytest.fixture(name="kandinsky_decoder_components")
-def _kandinsky_decoder_components():
-    return kandinsky_decoder_components()
-
-
-@pytest.fixture(name="if_stage1_components")
-def _if_stage1_components():
-    return if_stage1_components()
-
-
-@pytest.fixture(name="if_stage2_components")
-def _if_stage2_components():
-    return if_stage2_components()
-
-
-def _saved(tmp_path_factory, name, pipeline_class, components):
-    folder = tmp_path_factory.mktemp(name)
-    return save_pipeline(build_pipeline(pipeline_class, components), folder)
-
-
-@pytest.fixture(scope="session")
-def sd_dir(tmp_path_factory):
-    return _saved(tmp_path_factory, "sd", StableDiffusionImg2ImgPipeline, sd_components())
-
-
-@pytest.fixture(scope="session")
-def sdxl_base_dir(tmp_path_factory):
-    return _saved(tmp_path_factory, "sdxl_base", StableDiffusionXLImg2ImgPipeline, sdxl_components())
-
-
-@pytest.fixture(scope="session")
-def sdxl_refiner_dir(tmp_path_factory):
-    return _saved(tmp_path_factory, "sdxl_refiner", StableDiffusionXLImg2ImgPipeline, sdxl_refiner_components())
-
-
-@pytest.fixture(scope="session")
-def kandinsky_prior_dir(tmp_path_factory):
-    return _saved(tmp_path_factory, "kandinsky_prior", KandinskyV22PriorPipeline, kandinsky_prior_components())
-
-
-@pytest.fixture(scope="session")
-def kandinsky_decoder_dir(tmp_path_factory):
-    return _saved(tmp_path_factory, "kandinsky_decoder", KandinskyV22Img2ImgPipeline, kandinsky_decoder_components())
-
-
-@pytest.fixture(scope="session")
-def if_stage1_dir(tmp_path_factory):
-    return _saved(tmp_path_factory, "if_stage1", IFImg2ImgPipeline, if_stage1_components())
-
-
-@pytest.fixture(scope="session")
-def if_stage2_dir(tmp_path_factory):
-    return _saved(tmp_path_factory, "if_stage2", IFImg2ImgSuperResolutionPipeline, if_stage2_components())
+for _name, _class, _builder in [
+    ("sd", StableDiffusionImg2ImgPipeline, sd_components),
+    ("sdxl_base", StableDiffusionXLImg2ImgPipeline, sdxl_components),
+    ("sdxl_refiner", StableDiffusionXLImg2ImgPipeline, sdxl_refiner_components),
+    ("kandinsky_prior", KandinskyV22PriorPipeline, kandinsky_prior_components),
+    ("kandinsky_decoder", KandinskyV22Img2ImgPipeline, kandinsky_decoder_components),
+    ("if_stage1", IFImg2ImgPipeline, if_stage1_components),
+    ("if_stage2", IFImg2ImgSuperResolutionPipeline, if_stage2_components),
+]:
+    globals()[f"_{_name}_dir"] = _saved(_name, _class, _builder)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -212,9 +156,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 def run_script(script, *args, cwd=None, timeout=300):
     """Runs a repository script (``"SD2/run.py"``) in a fresh Python, offline, and returns the finished process."""
-    import subprocess
-    import sys
-
     command = [sys.executable, str(REPO_ROOT / script), *map(str, args)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.run(command, cwd=cwd or REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
@@ -237,10 +178,6 @@ def run_in_process(script, *args, cwd=None):
     """Runs a model's run.py (``"SD2/run.py"``) through ``cli.main`` in this process, in ``cwd``, as the command line
     would, and returns a finished process as ``run_script`` does. A subprocess costs seconds of imports that tell
     nothing about the run; the tests that look at a real process's stderr keep ``run_script``."""
-    import contextlib
-    import io
-    import subprocess
-
     from tools import cli
 
     module = cli.load_family(Path(script).parent.name)

@@ -41,49 +41,29 @@ def flow_vae(widths=(8, 16)):
     2 ** (len(widths) - 1), 2 by default. Widths must be multiples of 4 (the group norm's groups)."""
     torch.manual_seed(SEED)
     return AutoencoderKL(
-        block_out_channels=tuple(widths),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D"] * len(widths),
-        up_block_types=["UpDecoderBlock2D"] * len(widths),
-        layers_per_block=1,
-        latent_channels=LATENT_CHANNELS,
-        norm_num_groups=4,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        shift_factor=0.0609,
-        scaling_factor=1.5035,
-        sample_size=FLOW_IMAGE_SIZE,
+        block_out_channels=tuple(widths), in_channels=3, out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * len(widths), up_block_types=["UpDecoderBlock2D"] * len(widths),
+        layers_per_block=1, latent_channels=LATENT_CHANNELS, norm_num_groups=4, use_quant_conv=False,
+        use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035, sample_size=FLOW_IMAGE_SIZE,
     ).eval()
 
 
 def sd3_components(scheduler=None, layers=1, heads=4, head_dim=8, vae_widths=(8, 16)):
     """Components for ``StableDiffusion3Img2ImgPipeline``: two CLIP encoders and a T5, an MMDiT (1 layer)."""
-    clip = clip_tokenizer()
-    t5 = t5_tokenizer()
+    clip, t5 = clip_tokenizer(), t5_tokenizer()
     torch.manual_seed(SEED)
     transformer = SD3Transformer2DModel(
         sample_size=FLOW_IMAGE_SIZE // 2,  # the pipeline's default size is this many latents
-        patch_size=2,
-        in_channels=LATENT_CHANNELS,
-        out_channels=LATENT_CHANNELS,
-        num_layers=layers,
-        attention_head_dim=head_dim,
-        num_attention_heads=heads,
+        patch_size=2, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS, num_layers=layers,
+        attention_head_dim=head_dim, num_attention_heads=heads,
         joint_attention_dim=TEXT_HIDDEN_SIZE,  # T5's width; the two CLIPs' 2 x 32 are cut to it, as in SD3
         caption_projection_dim=heads * head_dim,  # the MMDiT's width, which the text stream shares
         pooled_projection_dim=2 * TEXT_HIDDEN_SIZE,  # both CLIPs' pooled projections side by side
     ).eval()
     return dict(
-        transformer=transformer,
-        vae=flow_vae(vae_widths),
-        text_encoder=clip_text_model(clip, with_projection=True),
-        text_encoder_2=clip_text_model(clip, with_projection=True),
-        text_encoder_3=t5_encoder(t5),
-        tokenizer=clip,
-        tokenizer_2=clip,
-        tokenizer_3=t5,
-        scheduler=scheduler or FlowMatchEulerDiscreteScheduler(shift=3.0),
+        transformer=transformer, vae=flow_vae(vae_widths), text_encoder=clip_text_model(clip, with_projection=True),
+        text_encoder_2=clip_text_model(clip, with_projection=True), text_encoder_3=t5_encoder(t5), tokenizer=clip,
+        tokenizer_2=clip, tokenizer_3=t5, scheduler=scheduler or FlowMatchEulerDiscreteScheduler(shift=3.0),
     )
 
 
@@ -96,34 +76,25 @@ def rope_axes(head_dim):
 def flux_components(scheduler=None, layers=1, single_layers=1, heads=2, head_dim=16, vae_widths=(8, 16)):
     """Components for ``FluxImg2ImgPipeline``: CLIP and T5 encoders, a guidance-distilled transformer of `layers`
     double-stream and `single_layers` single-stream blocks (1 + 1)."""
-    clip = clip_tokenizer()
-    t5 = t5_tokenizer()
+    clip, t5 = clip_tokenizer(), t5_tokenizer()
     torch.manual_seed(SEED)
     transformer = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=4 * LATENT_CHANNELS,  # the pipeline packs 2x2 latent patches into one token
-        num_layers=layers,
-        num_single_layers=single_layers,
-        attention_head_dim=head_dim,
-        num_attention_heads=heads,
-        joint_attention_dim=TEXT_HIDDEN_SIZE,
-        pooled_projection_dim=TEXT_HIDDEN_SIZE,
-        guidance_embeds=True,  # as FLUX.1-dev
-        axes_dims_rope=rope_axes(head_dim),
+        patch_size=1, in_channels=4 * LATENT_CHANNELS,  # the pipeline packs 2x2 latent patches into one token
+        num_layers=layers, num_single_layers=single_layers, attention_head_dim=head_dim, num_attention_heads=heads,
+        joint_attention_dim=TEXT_HIDDEN_SIZE, pooled_projection_dim=TEXT_HIDDEN_SIZE,
+        guidance_embeds=True, axes_dims_rope=rope_axes(head_dim),  # guidance-distilled, as FLUX.1-dev
     ).eval()
     return dict(
-        transformer=transformer,
-        vae=flow_vae(vae_widths),
-        text_encoder=clip_text_model(clip),
-        text_encoder_2=t5_encoder(t5),
-        tokenizer=clip,
-        tokenizer_2=t5,
-        # FLUX.1's schedule: its shift depends on the image's token count.
-        scheduler=scheduler or FlowMatchEulerDiscreteScheduler(
-            shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-            base_image_seq_len=256, max_image_seq_len=4096,
-        ),
+        transformer=transformer, vae=flow_vae(vae_widths), text_encoder=clip_text_model(clip),
+        text_encoder_2=t5_encoder(t5), tokenizer=clip, tokenizer_2=t5,
+        scheduler=scheduler or flux_scheduler(),
     )
+
+
+def flux_scheduler():
+    """FLUX.1's schedule: its shift depends on the image's token count."""
+    return FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                           base_image_seq_len=256, max_image_seq_len=4096)
 
 
 def count_transformer_calls(pipe):
@@ -142,8 +113,8 @@ def x0_and_noise(pipe, pixels, seed=SEED):
     return x0, torch.randn(x0.shape, generator=generator)
 
 
-
 def save_sd3(folder):
+
     """A tiny stock SD3 img2img pipeline saved as a diffusers folder, for from_pretrained and run.py --model."""
     return save_pipeline(build_pipeline(StableDiffusion3Img2ImgPipeline, sd3_components()), folder)
 

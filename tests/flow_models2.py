@@ -18,7 +18,7 @@ from diffusers import (
 )
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer, Qwen3Config, Qwen3Model
 
-from tests.flow_models import LATENT_CHANNELS, flow_vae, rope_axes
+from tests.flow_models import LATENT_CHANNELS, flow_vae, flux_scheduler, rope_axes
 from tests.tiny_models import (
     SEED,
     TEXT_HIDDEN_SIZE,
@@ -37,28 +37,13 @@ def chroma_components(scheduler=None, layers=1, single_layers=1, heads=2, head_d
     t5 = t5_tokenizer()
     torch.manual_seed(SEED)
     transformer = ChromaTransformer2DModel(
-        patch_size=1,
-        in_channels=4 * LATENT_CHANNELS,  # the pipeline packs 2x2 latent patches into one token
-        num_layers=layers,
-        num_single_layers=single_layers,
-        attention_head_dim=head_dim,
-        num_attention_heads=heads,
-        joint_attention_dim=TEXT_HIDDEN_SIZE,
-        axes_dims_rope=rope_axes(head_dim),
-        approximator_num_channels=8,
-        approximator_hidden_dim=32,
-        approximator_layers=1,
+        patch_size=1, in_channels=4 * LATENT_CHANNELS,  # the pipeline packs 2x2 latent patches into one token
+        num_layers=layers, num_single_layers=single_layers, attention_head_dim=head_dim, num_attention_heads=heads,
+        joint_attention_dim=TEXT_HIDDEN_SIZE, axes_dims_rope=rope_axes(head_dim), approximator_num_channels=8,
+        approximator_hidden_dim=32, approximator_layers=1,
     ).eval()
-    return dict(
-        transformer=transformer,
-        vae=flow_vae(vae_widths),
-        text_encoder=t5_encoder(t5),
-        tokenizer=t5,
-        scheduler=scheduler or FlowMatchEulerDiscreteScheduler(
-            shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-            base_image_seq_len=256, max_image_seq_len=4096,
-        ),
-    )
+    return dict(transformer=transformer, vae=flow_vae(vae_widths), text_encoder=t5_encoder(t5), tokenizer=t5,
+                scheduler=scheduler or flux_scheduler())  # Flux's schedule
 
 
 def save_chroma(folder):
@@ -95,12 +80,10 @@ def qwen2_5_vl_encoder(tokenizer):
         text_config=dict(
             hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
             rope_scaling=dict(mrope_section=[1, 1, 2], rope_type="default", type="default"), rope_theta=1e6,
-            vocab_size=len(tokenizer), bos_token_id=end_of_text, eos_token_id=end_of_text,
-            pad_token_id=end_of_text,
+            vocab_size=len(tokenizer), bos_token_id=end_of_text, eos_token_id=end_of_text, pad_token_id=end_of_text,
         ),
         vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=16),
-        hidden_size=16,
-        vocab_size=len(tokenizer),
+        hidden_size=16, vocab_size=len(tokenizer),
     )
     return Qwen2_5_VLForConditionalGeneration(config).eval()
 
@@ -121,25 +104,17 @@ def qwenimage_components(scheduler=None, layers=1, heads=2, head_dim=16, vae_lev
     tokenizer = qwen_tokenizer()
     torch.manual_seed(SEED)
     transformer = QwenImageTransformer2DModel(
-        patch_size=2,
-        in_channels=4 * LATENT_CHANNELS,  # the pipeline packs 2x2 latent patches into one token
-        out_channels=LATENT_CHANNELS,
-        num_layers=layers,
-        attention_head_dim=head_dim,
-        num_attention_heads=heads,
-        joint_attention_dim=16,
-        guidance_embeds=False,  # as Qwen-Image
+        patch_size=2, in_channels=4 * LATENT_CHANNELS,  # the pipeline packs 2x2 latent patches into one token
+        out_channels=LATENT_CHANNELS, num_layers=layers, attention_head_dim=head_dim, num_attention_heads=heads,
+        joint_attention_dim=16, guidance_embeds=False,  # as Qwen-Image
         axes_dims_rope=tuple(rope_axes(head_dim)[::-1]),  # (8, 4, 4) for a head of 16
     ).eval()
     return dict(
-        transformer=transformer,
-        vae=qwen_vae(vae_levels),
-        text_encoder=qwen2_5_vl_encoder(tokenizer),
+        transformer=transformer, vae=qwen_vae(vae_levels), text_encoder=qwen2_5_vl_encoder(tokenizer),
         tokenizer=tokenizer,
         scheduler=scheduler or FlowMatchEulerDiscreteScheduler(
-            shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
-            base_image_seq_len=256, max_image_seq_len=8192,
-        ),
+            shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9, base_image_seq_len=256,
+            max_image_seq_len=8192),
     )
 
 
@@ -184,30 +159,16 @@ def zimage_components(scheduler=None, layers=1, refiner_layers=1, heads=2, head_
     tokenizer = qwen_tokenizer()
     torch.manual_seed(SEED)
     transformer = ZImageTransformer2DModel(
-        all_patch_size=(2,),
-        all_f_patch_size=(1,),
-        in_channels=LATENT_CHANNELS,
-        dim=heads * head_dim,
-        n_layers=layers,
-        n_refiner_layers=refiner_layers,
-        n_heads=heads,
-        n_kv_heads=heads,
-        norm_eps=1e-5,
-        qk_norm=True,
-        cap_feat_dim=16,  # the text encoder's width
-        rope_theta=256.0,
-        t_scale=1000.0,
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=LATENT_CHANNELS, dim=heads * head_dim,
+        n_layers=layers, n_refiner_layers=refiner_layers, n_heads=heads, n_kv_heads=heads, norm_eps=1e-5,
+        qk_norm=True, cap_feat_dim=16,  # the text encoder's width
+        rope_theta=256.0, t_scale=1000.0, axes_lens=[256, 32, 32],
         axes_dims=rope_axes(head_dim)[::-1],  # [8, 4, 4] for a head of 16
-        axes_lens=[256, 32, 32],
     ).eval()
-    return dict(
-        transformer=transformer,
-        vae=flow_vae(vae_widths),
-        text_encoder=qwen3_encoder(tokenizer),
-        tokenizer=tokenizer,
-        # Z-Image-Turbo's schedule: a fixed shift of 3.
-        scheduler=scheduler or FlowMatchEulerDiscreteScheduler(shift=3.0),
-    )
+    return dict(transformer=transformer, vae=flow_vae(vae_widths), text_encoder=qwen3_encoder(tokenizer),
+                tokenizer=tokenizer,
+                scheduler=scheduler or FlowMatchEulerDiscreteScheduler(shift=3.0))  # Z-Image-Turbo's fixed shift
+
 
 
 def save_zimage(folder):

@@ -152,18 +152,14 @@ def test_chart_skips_empty_bins_and_survives_no_change():
 # Sizes and bad input
 
 
-def test_input_of_the_same_shape_is_resized_to_the_output(tmp_path, capsys, monkeypatch):
+def test_input_of_the_same_shape_is_resized_and_a_map_of_another_shape_stretched_with_warnings(tmp_path, capsys,
+                                                                                              monkeypatch):
     monkeypatch.setitem(sys.modules, "lpips", None)
     image, map_path, output = band_inputs(tmp_path)
     Image.open(image).resize((128, 96)).save(tmp_path / "large.png")
     adherence.run(["--image", str(tmp_path / "large.png"), "--map", str(map_path), "--output", str(output)])
     err = capsys.readouterr().err
     assert err.startswith("warning: the input (128x96) is resized to the output's size (64x48)")
-
-
-def test_map_of_another_shape_is_stretched_with_a_warning(tmp_path, capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, "lpips", None)
-    image, map_path, output = band_inputs(tmp_path)
     Image.open(map_path).resize((32, 32), Image.Resampling.NEAREST).save(tmp_path / "square.png")
     adherence.run(["--image", str(image), "--map", str(tmp_path / "square.png"), "--output", str(output)])
     assert "the map (32x32) has another shape than the output (64x48)" in capsys.readouterr().err

@@ -18,7 +18,8 @@ from conftest import build_pipeline, count_unet_calls, seeded_generator, test_im
 from diffusers import AutoencoderTiny, DiffusionPipeline
 from diffusers.callbacks import SDCFGCutoffCallback, SDXLCFGCutoffCallback
 from families import FAMILIES, FOUR_EDGES, MAP_SIZE, band_map
-from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+from tests.tiny_models import clip_image_encoder, clip_image_processor
 
 HALF = np.full((MAP_SIZE, MAP_SIZE), 0.5, np.float32)  # strength 0.5 everywhere: stock at strength=0.5
 WHITE = np.ones((MAP_SIZE, MAP_SIZE), np.float32)  # nothing to change: no step runs
@@ -151,32 +152,16 @@ def test_an_image_the_swapped_vae_does_not_divide_is_refused_clearly(family):
 # ---------------------------------------------------------------------------------------------------------------
 # Loaders: IP-Adapter and LoRA
 
-IMAGE_EMBEDDING_SIZE = 32
-
-
-def clip_image_encoder():
-    torch.manual_seed(0)
-    config = CLIPVisionConfig(hidden_size=32, projection_dim=IMAGE_EMBEDDING_SIZE, image_size=32, patch_size=8,
-                              intermediate_size=37, num_attention_heads=4, num_hidden_layers=2)
-    return CLIPVisionModelWithProjection(config).eval()
-
-
-def clip_image_processor():
-    return CLIPImageProcessorPil(size=32, crop_size=32, do_center_crop=True, do_normalize=True, do_resize=True,
-                                 image_mean=[0.48145466, 0.4578275, 0.40821073],
-                                 image_std=[0.26862954, 0.26130258, 0.27577711], resample=3)
+IMAGE_EMBEDDING_SIZE = 32  # clip_image_encoder's
 
 
 def ip_adapter_state_dict(unet, tokens=4):
     """A random IP-Adapter in the layout `load_ip_adapter` reads: an image projection to `tokens` text tokens, and
     key/value projections for every cross-attention, numbered 1, 3, 5, ... in the order of `unet.attn_processors`."""
     generator, width = seeded_generator(1), unet.config.cross_attention_dim
-    image_proj = {
-        "proj.weight": torch.randn(width * tokens, IMAGE_EMBEDDING_SIZE, generator=generator) * 0.1,
-        "proj.bias": torch.zeros(width * tokens),
-        "norm.weight": torch.ones(width),
-        "norm.bias": torch.zeros(width),
-    }
+    image_proj = {"proj.weight": torch.randn(width * tokens, IMAGE_EMBEDDING_SIZE, generator=generator) * 0.1,
+                  "proj.bias": torch.zeros(width * tokens), "norm.weight": torch.ones(width),
+                  "norm.bias": torch.zeros(width)}
     cross_attentions = [name.removesuffix(".processor") for name in unet.attn_processors if "attn2" in name]
     ip_adapter = {}
     for number, name in zip(itertools.count(1, 2), cross_attentions):

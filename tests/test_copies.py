@@ -1,23 +1,21 @@
-"""Every pipeline file carries the same copied blocks and stands alone, so that it can be copied by itself.
+"""Every pipeline file carries the same copied blocks, so that it can be copied by itself (that it stands alone is
+tests/test_pipeline_files.py's).
 
 The blocks and their sources are listed in tools/check_copies.py, which checks them, and the objects (defs and
 classes) marked as copies, and with --fix rewrites the copies; the --fix tests run on copies of the pipeline files in
 a temporary folder.
 """
 
-import ast
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from conftest import REPO_ROOT
 
 from tools import check_copies
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 PIPELINE_FILES = sorted(REPO_ROOT.glob("*/diff_pipe*.py"))
-ALLOWED_IMPORTS = {"torch", "diffusers", "transformers", "PIL", "numpy"}
 BLOCKS = {block.name: block for block in check_copies.BLOCKS}
 CORE, IF_HELPERS, RELEASED_MASK = BLOCKS["differential core"], BLOCKS["IF helpers"], BLOCKS["released mask"]
 FLOW_RULE = BLOCKS["flow release rule"]
@@ -44,28 +42,12 @@ def test_the_blocks_cover_every_pipeline_file_and_both_if_stages():
     assert "class ReleasedMask" in block_text(REPO_ROOT / RELEASED_MASK.source, RELEASED_MASK)
 
 
-def test_every_copy_is_identical_to_its_source():
+def test_every_copy_is_identical_to_its_source_and_the_command_says_so_from_any_folder(tmp_path):
     problems, fixed = check_copies.check(REPO_ROOT)
     assert problems == [] and fixed == [], "\n".join(problems) + "\nfix with: python -m tools.check_copies --fix"
-
-
-def test_the_command_runs_from_any_folder(tmp_path):
     done = subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "check_copies.py")], cwd=tmp_path,
                           capture_output=True, text=True, timeout=60)
     assert (done.returncode, done.stdout, done.stderr) == (0, "every copy matches its source\n", "")
-
-
-@pytest.mark.parametrize("path", PIPELINE_FILES, ids=lambda path: str(path.relative_to(REPO_ROOT)))
-def test_pipeline_file_imports_only_the_stack(path):
-    imported = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            imported.update(alias.name.split(".")[0] for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            assert node.level == 0, f"{path.name} has a relative import"
-            imported.add(node.module.split(".")[0])
-    outside = imported - ALLOWED_IMPORTS - set(sys.stdlib_module_names)
-    assert not outside, f"{path.name} imports {sorted(outside)}: a pipeline file must stand alone"
 
 
 # ---------------------------------------------------------------------------------------------------------------

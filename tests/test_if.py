@@ -12,12 +12,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import (
-    IF_STAGE1_SIZE,
-    IF_STAGE2_SIZE,
-    build_pipeline,
-    if_stage1_components,
-    if_stage2_components,
-    seeded_generator,
+    IF_STAGE1_SIZE, IF_STAGE2_SIZE, build_pipeline, if_stage1_components, if_stage2_components, seeded_generator,
     test_image,
 )
 from diffusers import IFImg2ImgPipeline, IFImg2ImgSuperResolutionPipeline

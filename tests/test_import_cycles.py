@@ -68,44 +68,23 @@ def import_graph(root: Path = REPO_ROOT) -> dict[str, set[str]]:
     return graph
 
 
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    """The nodes that some path of one edge or more leads to from ``start``."""
+    seen, todo = set(), [start]
+    while todo:
+        for successor in graph[todo.pop()] - seen:
+            seen.add(successor)
+            todo.append(successor)
+    return seen
+
+
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
-    """The strongly connected components of ``graph`` that hold a cycle (Tarjan's algorithm, without recursion)."""
-    index, low, on_stack, stack, found, counter = {}, {}, set(), [], [], 0
-    for start in sorted(graph):
-        if start in index:
-            continue
-        work = [(start, iter(sorted(graph[start])))]
-        index[start] = low[start] = counter
-        counter += 1
-        stack.append(start)
-        on_stack.add(start)
-        while work:
-            node, successors = work[-1]
-            for successor in successors:
-                if successor not in index:
-                    index[successor] = low[successor] = counter
-                    counter += 1
-                    stack.append(successor)
-                    on_stack.add(successor)
-                    work.append((successor, iter(sorted(graph[successor]))))
-                    break
-                if successor in on_stack:
-                    low[node] = min(low[node], index[successor])
-            else:
-                work.pop()
-                if work:
-                    low[work[-1][0]] = min(low[work[-1][0]], low[node])
-                if low[node] == index[node]:
-                    component = []
-                    while True:
-                        member = stack.pop()
-                        on_stack.discard(member)
-                        component.append(member)
-                        if member == node:
-                            break
-                    if len(component) > 1 or node in graph[node]:
-                        found.append(sorted(component))
-    return found
+    """The strongly connected components of ``graph`` that hold a cycle: the nodes that reach a node on a cycle and
+    that it reaches back."""
+    reach = {node: reachable(graph, node) for node in graph}
+    on_cycles = [node for node in graph if node in reach[node]]
+    found = {tuple(sorted(other for other in reach[node] if node in reach[other])) for node in on_cycles}
+    return sorted(list(component) for component in found)
 
 
 def in_the_house(path: str) -> bool:

@@ -9,13 +9,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import (
-    build_pipeline,
-    count_unet_calls,
-    make_scheduler,
-    sd_components,
-    sdxl_components,
-    seeded_generator,
-    test_image,
+    build_pipeline, count_unet_calls, make_scheduler, sd_components, sdxl_components, seeded_generator, test_image,
 )
 from families import FAMILIES
 

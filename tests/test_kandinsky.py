@@ -7,11 +7,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import (
-    build_pipeline,
-    kandinsky_decoder_components,
-    kandinsky_prior_components,
-    seeded_generator,
-    test_image,
+    build_pipeline, kandinsky_decoder_components, kandinsky_prior_components, seeded_generator, test_image,
 )
 from diffusers import KandinskyV22Img2ImgPipeline, KandinskyV22PriorPipeline
 from diffusers.callbacks import PipelineCallback

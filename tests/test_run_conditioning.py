@@ -12,10 +12,7 @@ import pytest
 import torch
 from conftest import load_pipeline, run_in_process, test_image
 from diffusers import (
-    ControlNetModel,
-    StableDiffusionInpaintPipeline,
-    StableDiffusionXLInpaintPipeline,
-    UNet2DConditionModel,
+    ControlNetModel, StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline, UNet2DConditionModel,
 )
 from PIL import Image
 
@@ -24,11 +21,7 @@ from SD2.diff_pipe_inpaint import StableDiffusionDiffInpaintPipeline
 from SDXL.diff_pipe_controlnet import StableDiffusionXLControlNetDiffImg2ImgPipeline
 from SDXL.diff_pipe_inpaint import StableDiffusionXLDiffInpaintPipeline
 from tests.tiny_models import (
-    build_pipeline,
-    save_depth_model,
-    sd_inpaint_components,
-    sdxl_inpaint_components,
-    tiny_controlnet,
+    build_pipeline, save_depth_model, sd_inpaint_components, sdxl_inpaint_components, tiny_controlnet,
 )
 from tools import cli
 from tools.maps import depth_map

@@ -18,22 +18,11 @@ import numpy as np
 import pytest
 import torch
 from conftest import (
-    REPO_ROOT,
-    SEED,
-    build_pipeline,
-    clip_text_model,
-    clip_tokenizer,
-    if_stage1_components,
-    run_in_process,
-    save_pipeline,
-    test_image,
+    REPO_ROOT, SEED, build_pipeline, clip_text_model, clip_tokenizer, if_stage1_components, run_in_process,
+    save_pipeline, test_image,
 )
 from diffusers import (
-    AutoencoderKL,
-    DDIMScheduler,
-    DDPMScheduler,
-    IFImg2ImgPipeline,
-    StableDiffusionUpscalePipeline,
+    AutoencoderKL, DDIMScheduler, DDPMScheduler, IFImg2ImgPipeline, StableDiffusionUpscalePipeline,
     UNet2DConditionModel,
 )
 from PIL import Image
@@ -213,16 +202,7 @@ def test_a_stage_file_that_exists_is_never_overwritten(models, inputs, tmp_path,
                           ).output.name == "output.png"
 
 
-def test_one_stage_writes_only_the_output(models, inputs, tmp_path):
-    argv = [*short_run(models, inputs, "--stages", "1"), "--output", tmp_path / "edit.png"]
-    exit_code, out, errors = run_main(argv, tmp_path)
-    assert exit_code == 0 and errors == []
-    assert sorted(p.name for p in tmp_path.glob("edit*")) == ["edit.png"]
-    assert written(tmp_path / "edit.png")[0].shape == (32, 32, 3)
-    assert "10 denoising steps" in out.strip().splitlines()[-1]
-
-
-def test_mask_and_keep_exact_reach_the_pipelines(models, tmp_path):
+def test_one_stage_writes_only_the_output_and_mask_and_keep_exact_reach_the_pipeline(models, tmp_path):
     """Soft inpainting at stage I's own size: beyond the feathered region, the input's bytes come back."""
     image, mask = tmp_path / "small.png", tmp_path / "hole.png"
     test_image(32).save(image)
@@ -233,7 +213,10 @@ def test_mask_and_keep_exact_reach_the_pipelines(models, tmp_path):
             "--prompt", "a red apple", "--steps", "10", "--stages", "1", "--output", tmp_path / "edit.png"]
     exit_code, out, errors = run_main(argv, tmp_path)
     assert exit_code == 0 and errors == []
+    assert sorted(p.name for p in tmp_path.glob("edit*")) == ["edit.png"]
+    assert "10 denoising steps" in out.strip().splitlines()[-1]  # the hole changes fully
     result, text = written(tmp_path / "edit.png")
+    assert result.shape == (32, 32, 3)
     original = np.asarray(Image.open(image))
     assert text["keep_exact"] == "True" and text["mask"].endswith("hole.png")
     assert np.array_equal(result[24:], original[24:]) and np.array_equal(result[:, 24:], original[:, 24:])

@@ -27,16 +27,11 @@ def pipelines(kandinsky_prior_dir, kandinsky_decoder_dir):
     return loaded
 
 
-@pytest.mark.parametrize(
-    "argv, message",
-    [
-        (["--height", "100"], "--height: must be a multiple of 64"),
-        (["--width", "0"], "--width"),
-        (["--image-weight", "1.5"], "--image-weight"),
-        (["--prior-steps", "1"], "--prior-steps: must be a whole number from 2"),  # UnCLIP divides by steps - 1
-        (["--prior-guidance-scale", "-1"], "--prior-guidance-scale"),
-    ],
-)
+@pytest.mark.parametrize("argv, message", [
+    (["--height", "100"], "--height: must be a multiple of 64"), (["--width", "0"], "--width"),
+    (["--image-weight", "1.5"], "--image-weight"), (["--prior-guidance-scale", "-1"], "--prior-guidance-scale"),
+    (["--prior-steps", "1"], "--prior-steps: must be a whole number from 2"),  # UnCLIP divides by steps - 1
+])
 def test_flags_of_kandinsky_are_checked_before_loading(argv, message):
     with pytest.raises(cli.CliError, match=message):
         parse("--device", "cpu", *argv)

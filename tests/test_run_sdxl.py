@@ -34,16 +34,11 @@ def test_base_alone_keeps_the_aspect_ratio_from_one_side_and_takes_a_mask(sdxl_b
     assert text["mask"].endswith("hole.png") and text["feather"] == "8.0"
 
 
-@pytest.mark.parametrize(
-    "image_size, width, height, expected",
-    [
-        ((512, 512), None, None, (1024, 1024)),  # about one megapixel, as SDXL was trained
-        ((3000, 2000), None, None, (1256, 840)),
-        ((3000, 2000), 1024, None, (1024, 680)),
-        ((3000, 2000), None, 512, (768, 512)),
-        ((3000, 2000), 640, 640, (640, 640)),  # both given: exactly that, stretched
-    ],
-)
+@pytest.mark.parametrize("image_size, width, height, expected", [
+    ((512, 512), None, None, (1024, 1024)),  # about one megapixel, as SDXL was trained
+    ((3000, 2000), None, None, (1256, 840)), ((3000, 2000), 1024, None, (1024, 680)),
+    ((3000, 2000), None, 512, (768, 512)), ((3000, 2000), 640, 640, (640, 640)),  # both given: exactly, stretched
+])
 def test_output_size(image_size, width, height, expected):
     assert output_size(image_size, width, height) == expected
 

@@ -7,12 +7,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import (
-    build_pipeline,
-    count_unet_calls,
-    make_scheduler,
-    sdxl_components,
-    sdxl_refiner_components,
-    seeded_generator,
+    build_pipeline, count_unet_calls, make_scheduler, sdxl_components, sdxl_refiner_components, seeded_generator,
     test_image,
 )
 from diffusers import HeunDiscreteScheduler, StableDiffusionXLImg2ImgPipeline

@@ -132,30 +132,18 @@ def clip_tokenizer(folder=None):
 
 
 T5_CORPUS = [
-    "a photo of a cat sitting on a red chair",
-    "a painting of a mountain lake at sunset",
-    "an astronaut riding a horse on the moon",
-    "a bowl of fruit on a wooden table",
-    "a dog running through a field of flowers",
-    "a city street at night with neon lights",
-    "a portrait of a woman in a blue dress",
-    "a small boat on a calm sea under clouds",
+    "a photo of a cat sitting on a red chair", "a painting of a mountain lake at sunset",
+    "an astronaut riding a horse on the moon", "a bowl of fruit on a wooden table",
+    "a dog running through a field of flowers", "a city street at night with neon lights",
+    "a portrait of a woman in a blue dress", "a small boat on a calm sea under clouds",
 ]
 
 
 def _train_unigram_model():
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(T5_CORPUS * 4),
-        model_writer=model,
-        model_type="unigram",
-        vocab_size=64,
-        hard_vocab_limit=False,
-        pad_id=0,  # T5's layout: pad, eos, unk, and no bos
-        eos_id=1,
-        unk_id=2,
-        bos_id=-1,
-        minloglevel=2,
+        sentence_iterator=iter(T5_CORPUS * 4), model_writer=model, model_type="unigram", vocab_size=64,
+        hard_vocab_limit=False, pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2,  # T5's layout: no bos
     )
     return spm.SentencePieceProcessor(model_proto=model.getvalue())
 
@@ -173,27 +161,13 @@ def t5_tokenizer():
 # Schedulers
 # ---------------------------------------------------------------------------------------------------------------
 
-SCHEDULERS = {
-    "ddim": DDIMScheduler,
-    "ddpm": DDPMScheduler,
-    "euler": EulerDiscreteScheduler,
-    "euler_a": EulerAncestralDiscreteScheduler,
-    "dpm++": DPMSolverMultistepScheduler,
-    "pndm": PNDMScheduler,
-}
+SCHEDULERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler, "euler": EulerDiscreteScheduler,
+              "euler_a": EulerAncestralDiscreteScheduler, "dpm++": DPMSolverMultistepScheduler, "pndm": PNDMScheduler}
 
 # The noise schedule that SD 1.x/2.x and SDXL ship with; each scheduler class ignores keys it lacks.
-LATENT_SCHEDULE = dict(
-    num_train_timesteps=1000,
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    steps_offset=1,
-    timestep_spacing="leading",
-    clip_sample=False,
-    set_alpha_to_one=False,
-    skip_prk_steps=True,
-)
+LATENT_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                       steps_offset=1, timestep_spacing="leading", clip_sample=False, set_alpha_to_one=False,
+                       skip_prk_steps=True)
 
 # Kandinsky 2.2's decoder uses a linear schedule.
 KANDINSKY_SCHEDULE = {**LATENT_SCHEDULE, "beta_schedule": "linear"}
@@ -203,21 +177,14 @@ def make_scheduler(name, schedule=LATENT_SCHEDULE):
     """A scheduler by short name (see ``SCHEDULERS``) on the given noise schedule."""
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; choose one of {sorted(SCHEDULERS)}")
-    cls = SCHEDULERS[name]
-    return cls.from_config(schedule)
+    return SCHEDULERS[name].from_config(schedule)
 
 
 def if_scheduler():
     """IF's DDPM setup: cosine schedule, learned variance and dynamic thresholding."""
-    return DDPMScheduler(
-        num_train_timesteps=1000,
-        beta_schedule="squaredcos_cap_v2",
-        thresholding=True,
-        dynamic_thresholding_ratio=0.95,
-        sample_max_value=1.0,
-        prediction_type="epsilon",
-        variance_type="learned_range",
-    )
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", thresholding=True,
+                         dynamic_thresholding_ratio=0.95, sample_max_value=1.0, prediction_type="epsilon",
+                         variance_type="learned_range")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -233,16 +200,9 @@ def up_blocks(down_block_types):
 def clip_text_config(tokenizer, hidden_size=TEXT_HIDDEN_SIZE):
     # Ids come from the tokenizer: the pooled output is read at the first eos token.
     return CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        hidden_size=hidden_size,
-        intermediate_size=37,
-        num_attention_heads=4,
-        num_hidden_layers=2,
-        projection_dim=hidden_size,
-        hidden_act="gelu",
+        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, hidden_size=hidden_size, intermediate_size=37, num_attention_heads=4,
+        num_hidden_layers=2, projection_dim=hidden_size, hidden_act="gelu",
     )
 
 
@@ -256,13 +216,8 @@ def tiny_vae(widths=(32, 64)):
     """An SD-style VAE; its scale factor is 2 ** (levels - 1): 2 by default, 8 (the real one's) with 4 widths."""
     torch.manual_seed(SEED)
     return AutoencoderKL(
-        block_out_channels=list(widths),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D"] * len(widths),
-        up_block_types=["UpDecoderBlock2D"] * len(widths),
-        latent_channels=4,
-        sample_size=IMAGE_SIZE,
+        block_out_channels=list(widths), in_channels=3, out_channels=3, latent_channels=4, sample_size=IMAGE_SIZE,
+        down_block_types=["DownEncoderBlock2D"] * len(widths), up_block_types=["UpDecoderBlock2D"] * len(widths),
     ).eval()
 
 
@@ -270,15 +225,9 @@ def latent_unet(cross_attention_dim, widths=(32, 64), down_block_types=("DownBlo
                 **sdxl_kwargs):
     torch.manual_seed(SEED)
     return UNet2DConditionModel(
-        block_out_channels=tuple(widths),
-        layers_per_block=2,
-        sample_size=IMAGE_SIZE // 2,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=tuple(down_block_types),
-        up_block_types=up_blocks(down_block_types),
-        cross_attention_dim=cross_attention_dim,
-        **sdxl_kwargs,
+        block_out_channels=tuple(widths), layers_per_block=2, sample_size=IMAGE_SIZE // 2, in_channels=4,
+        out_channels=4, down_block_types=tuple(down_block_types), up_block_types=up_blocks(down_block_types),
+        cross_attention_dim=cross_attention_dim, **sdxl_kwargs,
     ).eval()
 
 
@@ -296,14 +245,9 @@ def sd_components(scheduler="ddim", widths=(32, 64), down_block_types=("DownBloc
     """
     tokenizer = clip_tokenizer()
     return dict(
-        unet=latent_unet(text_width, widths, down_block_types),
-        vae=tiny_vae(vae_widths),
-        text_encoder=clip_text_model(tokenizer, hidden_size=text_width),
-        tokenizer=tokenizer,
-        scheduler=make_scheduler(scheduler),
-        safety_checker=None,
-        feature_extractor=None,
-        image_encoder=None,
+        unet=latent_unet(text_width, widths, down_block_types), vae=tiny_vae(vae_widths),
+        text_encoder=clip_text_model(tokenizer, hidden_size=text_width), tokenizer=tokenizer,
+        scheduler=make_scheduler(scheduler), safety_checker=None, feature_extractor=None, image_encoder=None,
         requires_safety_checker=False,
     )
 
@@ -346,16 +290,11 @@ def sdxl_components(refiner=False, scheduler="euler", widths=(32, 64), vae_width
         return sdxl_refiner_components(None, scheduler, widths, vae_widths, text_width)
     tokenizer = clip_tokenizer()
     return dict(
-        unet=sdxl_unet(False, widths, text_width),
-        vae=tiny_vae(vae_widths),
+        unet=sdxl_unet(False, widths, text_width), vae=tiny_vae(vae_widths),
         text_encoder=clip_text_model(tokenizer, hidden_size=text_width),
         text_encoder_2=clip_text_model(tokenizer, with_projection=True, hidden_size=text_width),
-        tokenizer=tokenizer,
-        tokenizer_2=tokenizer,
-        scheduler=make_scheduler(scheduler),
-        image_encoder=None,
-        feature_extractor=None,
-        requires_aesthetics_score=False,
+        tokenizer=tokenizer, tokenizer_2=tokenizer, scheduler=make_scheduler(scheduler), image_encoder=None,
+        feature_extractor=None, requires_aesthetics_score=False,
     )
 
 
@@ -370,16 +309,9 @@ def sdxl_refiner_components(base=None, scheduler="euler", widths=(32, 64), vae_w
         tokenizer_2, text_encoder_2, vae = base["tokenizer_2"], base["text_encoder_2"], base["vae"]
         text_width = text_encoder_2.config.hidden_size
     return dict(
-        unet=sdxl_unet(True, widths, text_width),
-        vae=vae,
-        text_encoder=None,
-        text_encoder_2=text_encoder_2,
-        tokenizer=None,
-        tokenizer_2=tokenizer_2,
-        scheduler=make_scheduler(scheduler),
-        image_encoder=None,
-        feature_extractor=None,
-        requires_aesthetics_score=True,
+        unet=sdxl_unet(True, widths, text_width), vae=vae, text_encoder=None, text_encoder_2=text_encoder_2,
+        tokenizer=None, tokenizer_2=tokenizer_2, scheduler=make_scheduler(scheduler), image_encoder=None,
+        feature_extractor=None, requires_aesthetics_score=True,
     )
 
 
@@ -398,41 +330,30 @@ def kandinsky_prior_components():
     # A fresh prior has clip_std = 0, which multiplies every output to zero.
     prior.clip_std = nn.Parameter(torch.ones(prior.clip_std.shape))
     prior.eval()
-    torch.manual_seed(SEED)
     # The pipeline encodes a black image of this size for the unconditional embedding, so keep it small.
-    image_encoder = CLIPVisionModelWithProjection(
-        CLIPVisionConfig(
-            hidden_size=TEXT_HIDDEN_SIZE,
-            projection_dim=TEXT_HIDDEN_SIZE,
-            image_size=KANDINSKY_CLIP_IMAGE_SIZE,
-            patch_size=8,
-            intermediate_size=37,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-        )
-    ).eval()
     return dict(
-        prior=prior,
-        image_encoder=image_encoder,
-        text_encoder=clip_text_model(tokenizer, with_projection=True),
+        prior=prior, image_encoder=clip_image_encoder(), text_encoder=clip_text_model(tokenizer, with_projection=True),
         tokenizer=tokenizer,
-        scheduler=UnCLIPScheduler(
-            variance_type="fixed_small_log",
-            prediction_type="sample",
-            num_train_timesteps=1000,
-            clip_sample=True,
-            clip_sample_range=10.0,
-        ),
-        image_processor=CLIPImageProcessorPil(
-            size=KANDINSKY_CLIP_IMAGE_SIZE,
-            crop_size=KANDINSKY_CLIP_IMAGE_SIZE,
-            do_center_crop=True,
-            do_normalize=True,
-            do_resize=True,
-            image_mean=[0.48145466, 0.4578275, 0.40821073],
-            image_std=[0.26862954, 0.26130258, 0.27577711],
-            resample=3,
-        ),
+        scheduler=UnCLIPScheduler(variance_type="fixed_small_log", prediction_type="sample", num_train_timesteps=1000,
+                                  clip_sample=True, clip_sample_range=10.0),
+        image_processor=clip_image_processor(),
+    )
+
+
+def clip_image_encoder():
+    """A CLIP image encoder of 32 px images, with image embeddings of size 32 (Kandinsky's prior, IP-Adapters)."""
+    torch.manual_seed(SEED)
+    return CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=TEXT_HIDDEN_SIZE, projection_dim=TEXT_HIDDEN_SIZE, image_size=KANDINSKY_CLIP_IMAGE_SIZE,
+        patch_size=8, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+    )).eval()
+
+
+def clip_image_processor():
+    return CLIPImageProcessorPil(
+        size=KANDINSKY_CLIP_IMAGE_SIZE, crop_size=KANDINSKY_CLIP_IMAGE_SIZE, do_center_crop=True, do_normalize=True,
+        do_resize=True, image_mean=[0.48145466, 0.4578275, 0.40821073],
+        image_std=[0.26862954, 0.26130258, 0.27577711], resample=3,
     )
 
 
@@ -446,36 +367,20 @@ def kandinsky_decoder_components(scheduler="ddim", widths=(32, 64), layers_per_b
     down_block_types = ("ResnetDownsampleBlock2D",) + ("SimpleCrossAttnDownBlock2D",) * (len(widths) - 1)
     torch.manual_seed(SEED)
     unet = UNet2DConditionModel(
-        in_channels=4,
-        out_channels=8,  # mean and variance, as in the real decoder
-        addition_embed_type="image",
-        down_block_types=down_block_types,
-        up_block_types=up_blocks(down_block_types),
-        mid_block_type="UNetMidBlock2DSimpleCrossAttn",
-        block_out_channels=tuple(widths),
-        layers_per_block=layers_per_block,
-        encoder_hid_dim=embedding_width,
-        encoder_hid_dim_type="image_proj",
-        cross_attention_dim=embedding_width,
-        attention_head_dim=attention_head_dim,
-        resnet_time_scale_shift="scale_shift",
-        class_embed_type=None,
-        sample_size=IMAGE_SIZE // 2,
+        in_channels=4, out_channels=8,  # mean and variance, as in the real decoder
+        addition_embed_type="image", down_block_types=down_block_types, up_block_types=up_blocks(down_block_types),
+        mid_block_type="UNetMidBlock2DSimpleCrossAttn", block_out_channels=tuple(widths),
+        layers_per_block=layers_per_block, encoder_hid_dim=embedding_width, encoder_hid_dim_type="image_proj",
+        cross_attention_dim=embedding_width, attention_head_dim=attention_head_dim,
+        resnet_time_scale_shift="scale_shift", class_embed_type=None, sample_size=IMAGE_SIZE // 2,
     ).eval()
     movq_blocks = ["DownEncoderBlock2D"] * (len(movq_widths) - 1) + ["AttnDownEncoderBlock2D"]
     torch.manual_seed(SEED)
     movq = VQModel(
-        block_out_channels=list(movq_widths),
-        down_block_types=movq_blocks,
+        block_out_channels=list(movq_widths), down_block_types=movq_blocks,
         up_block_types=[block.replace("DownEncoder", "UpDecoder") for block in reversed(movq_blocks)],
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=8,
-        norm_type="spatial",
-        num_vq_embeddings=12,
-        vq_embed_dim=4,
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8, norm_type="spatial",
+        num_vq_embeddings=12, vq_embed_dim=4,
     ).eval()
     return dict(unet=unet, scheduler=make_scheduler(scheduler, KANDINSKY_SCHEDULE), movq=movq)
 
@@ -488,15 +393,9 @@ def kandinsky_decoder_components(scheduler="ddim", widths=(32, 64), layers_per_b
 def t5_encoder(tokenizer, d_model=TEXT_HIDDEN_SIZE):
     torch.manual_seed(SEED)
     config = T5Config(
-        vocab_size=len(tokenizer),
-        d_model=d_model,
-        d_kv=8,
-        d_ff=37,
-        num_layers=2,
-        num_heads=4,
+        vocab_size=len(tokenizer), d_model=d_model, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
         dropout_rate=0.0,  # a fresh model is in train mode; dropout would make embeddings random
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
     )
     return T5EncoderModel(config).eval()
 
@@ -507,30 +406,16 @@ def if_unet(sample_size, super_resolution, widths=(32, 64), layers_per_block=1, 
     down_block_types = ["ResnetDownsampleBlock2D"] + ["SimpleCrossAttnDownBlock2D"] * (len(widths) - 1)
     torch.manual_seed(SEED)
     # Stage II sees the noisy image and the upscaled stage I image side by side, and a noise-level class label.
-    stage2 = dict(
-        class_embed_type="timestep",
-        mid_block_scale_factor=1.414,
-        time_embedding_act_fn="gelu",
-        time_embedding_dim=widths[0],
-    )
+    stage2 = dict(class_embed_type="timestep", mid_block_scale_factor=1.414, time_embedding_act_fn="gelu",
+                  time_embedding_dim=widths[0])
     return UNet2DConditionModel(
         sample_size=sample_size,  # the pipelines resize their input to this: it is the stage's output size
-        layers_per_block=layers_per_block,
-        block_out_channels=list(widths),
-        down_block_types=down_block_types,
-        mid_block_type="UNetMidBlock2DSimpleCrossAttn",
-        up_block_types=list(up_blocks(down_block_types)),
-        in_channels=6 if super_resolution else 3,
-        out_channels=6,  # mean and learned variance
-        cross_attention_dim=text_width,
-        encoder_hid_dim=text_width,
-        attention_head_dim=attention_head_dim,
-        addition_embed_type="text",
-        addition_embed_type_num_heads=2,
-        cross_attention_norm="group_norm",
-        resnet_time_scale_shift="scale_shift",
-        act_fn="gelu",
-        **(stage2 if super_resolution else {}),
+        layers_per_block=layers_per_block, block_out_channels=list(widths), down_block_types=down_block_types,
+        mid_block_type="UNetMidBlock2DSimpleCrossAttn", up_block_types=list(up_blocks(down_block_types)),
+        in_channels=6 if super_resolution else 3, out_channels=6,  # mean and learned variance
+        cross_attention_dim=text_width, encoder_hid_dim=text_width, attention_head_dim=attention_head_dim,
+        addition_embed_type="text", addition_embed_type_num_heads=2, cross_attention_norm="group_norm",
+        resnet_time_scale_shift="scale_shift", act_fn="gelu", **(stage2 if super_resolution else {}),
     ).eval()
 
 
@@ -547,23 +432,15 @@ def if_stage1_components(sample_size=IF_STAGE1_SIZE, text_width=TEXT_HIDDEN_SIZE
 
     ``unet_sizes``: ``widths``, ``layers_per_block`` and ``attention_head_dim`` of ``if_unet``.
     """
-    return dict(
-        **_if_text_components(text_width),
-        unet=if_unet(sample_size, super_resolution=False, text_width=text_width, **unet_sizes),
-        scheduler=if_scheduler(),
-        **_IF_NO_EXTRAS,
-    )
+    return dict(**_if_text_components(text_width), scheduler=if_scheduler(), **_IF_NO_EXTRAS,
+                unet=if_unet(sample_size, super_resolution=False, text_width=text_width, **unet_sizes))
 
 
 def if_stage2_components(sample_size=IF_STAGE2_SIZE, text_width=TEXT_HIDDEN_SIZE, **unet_sizes):
     """Components for ``IFImg2ImgSuperResolutionPipeline``, producing ``sample_size`` px images (see stage I)."""
-    return dict(
-        **_if_text_components(text_width),
-        unet=if_unet(sample_size, super_resolution=True, text_width=text_width, **unet_sizes),
-        scheduler=if_scheduler(),
-        image_noising_scheduler=DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2"),
-        **_IF_NO_EXTRAS,
-    )
+    return dict(**_if_text_components(text_width), scheduler=if_scheduler(), **_IF_NO_EXTRAS,
+                unet=if_unet(sample_size, super_resolution=True, text_width=text_width, **unet_sizes),
+                image_noising_scheduler=DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -589,35 +466,37 @@ def tiny_controlnet(unet, seed=SEED):
     return controlnet.eval()
 
 
-def sd_controlnet_components(controlnets=1, scheduler="ddim"):
-    """Components for ``StableDiffusionControlNetImg2ImgPipeline``: SD's, with one ControlNet or a list of them."""
-    components = sd_components(scheduler)
+def _with_controlnets(components, controlnets):
     nets = [tiny_controlnet(components["unet"], seed) for seed in range(controlnets)]
     return {**components, "controlnet": nets[0] if controlnets == 1 else nets}
+
+
+def sd_controlnet_components(controlnets=1, scheduler="ddim"):
+    """Components for ``StableDiffusionControlNetImg2ImgPipeline``: SD's, with one ControlNet or a list of them."""
+    return _with_controlnets(sd_components(scheduler), controlnets)
 
 
 def sdxl_controlnet_components(controlnets=1, scheduler="euler"):
     """Components for ``StableDiffusionXLControlNetImg2ImgPipeline``: the SDXL base's, with one ControlNet or more."""
-    components = sdxl_components(scheduler=scheduler)
-    nets = [tiny_controlnet(components["unet"], seed) for seed in range(controlnets)]
-    return {**components, "controlnet": nets[0] if controlnets == 1 else nets}
+    return _with_controlnets(sdxl_components(scheduler=scheduler), controlnets)
 
 
-def sd_inpaint_components(scheduler="ddim"):
-    """Components for ``StableDiffusionInpaintPipeline`` with an inpainting checkpoint's 9-channel UNet (latents, mask,
-    masked image latents)."""
-    components = sd_components(scheduler)
+def _with_inpaint_unet(components):
+    """An inpainting checkpoint's 9-channel UNet (latents, mask, masked image latents) in place of the 4-channel one."""
     torch.manual_seed(SEED)
     unet = UNet2DConditionModel.from_config({**components["unet"].config, "in_channels": 9}).eval()
     return {**components, "unet": unet}
+
+
+
+def sd_inpaint_components(scheduler="ddim"):
+    """Components for ``StableDiffusionInpaintPipeline`` with an inpainting checkpoint's 9-channel UNet."""
+    return _with_inpaint_unet(sd_components(scheduler))
 
 
 def sdxl_inpaint_components(scheduler="euler"):
     """Components for ``StableDiffusionXLInpaintPipeline`` with an inpainting checkpoint's 9-channel UNet."""
-    components = sdxl_components(scheduler=scheduler)
-    torch.manual_seed(SEED)
-    unet = UNet2DConditionModel.from_config({**components["unet"].config, "in_channels": 9}).eval()
-    return {**components, "unet": unet}
+    return _with_inpaint_unet(sdxl_components(scheduler=scheduler))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -631,14 +510,11 @@ def save_depth_model(folder):
     from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config, DPTImageProcessor
 
     torch.manual_seed(SEED)
-    backbone = Dinov2Config(
-        hidden_size=16, num_hidden_layers=4, num_attention_heads=2, mlp_ratio=2, image_size=28, patch_size=14,
-        out_indices=[1, 2, 3, 4], reshape_hidden_states=False,
-    )
-    config = DepthAnythingConfig(
-        backbone_config=backbone, patch_size=14, reassemble_hidden_size=16, neck_hidden_sizes=[8, 8, 8, 8],
-        fusion_hidden_size=8, head_hidden_size=8,
-    )
+    backbone = Dinov2Config(hidden_size=16, num_hidden_layers=4, num_attention_heads=2, mlp_ratio=2, image_size=28,
+                            patch_size=14, out_indices=[1, 2, 3, 4], reshape_hidden_states=False)
+    config = DepthAnythingConfig(backbone_config=backbone, patch_size=14, reassemble_hidden_size=16,
+                                 neck_hidden_sizes=[8, 8, 8, 8], fusion_hidden_size=8, head_hidden_size=8)
+
     DepthAnythingForDepthEstimation(config).eval().save_pretrained(folder)
     DPTImageProcessor(size={"height": 28, "width": 28}, keep_aspect_ratio=False, do_pad=False).save_pretrained(folder)
     return Path(folder)
