@@ -44,20 +44,18 @@ class Args(cli.Args):
 
 
 class Job(Args):
-    """A row to run: ``Args`` as run.py would have them for this row alone, its line in the jobs file, and the key
-    of the rows it may share a pipeline call with."""
+    """A row: ``Args`` as run.py would have them for it alone, and the key of the rows it may share a call with."""
 
     line: int
     batch_key: tuple
 
 
 class Plan(NamedTuple):
-    """What ``make_plan`` found: ``batches`` (lists of jobs to run together), ``skipped`` (the jobs of rows done),
-    ``bad`` ((line, problems) of rows left out) and ``rows``, how many the jobs file holds."""
-    batches: list[list[Job]]
-    skipped: list[Job]
-    bad: list[tuple[int, list[str]]]
-    rows: int
+    """What ``make_plan`` found."""
+    batches: list[list[Job]]  # jobs to run together
+    skipped: list[Job]  # rows whose output already holds their result
+    bad: list[tuple[int, list[str]]]  # (line, problems) of rows left out
+    rows: int  # how many the jobs file holds
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -95,8 +93,7 @@ def _family_name(argv: list[str]) -> str:
 
 
 def parse_args(module, argv: list[str]) -> Args:
-    """Parses the command line with the model's own parser, whose flags become every row's defaults, plus the batch
-    flags, and checks what needs neither the jobs file nor a model."""
+    """The command line, parsed by the model's parser (its flags are every row's defaults) plus the batch flags."""
     parser = module.build_parser()
     parser.prog = "python -m tools.batch"
     parser.description = (f"Edit every row of a jobs file with the model of {cli.display(module.__file__)}. The "
@@ -138,7 +135,6 @@ def parse_args(module, argv: list[str]) -> Args:
     for flag in ("image", "map", "mask"):
         if getattr(args, flag) is not None:
             setattr(args, flag, cli.input_path(getattr(args, flag), None, f"--{flag}").absolute())
-    # What the results record beyond run.py's parameters: the family, the jobs file and the model's own flags
     args.extra_params = {"family": args.family, "jobs": args.jobs, **{dest: vars(args)[dest] for dest in model_flags}}
     args.command = shlex.join(["python", "-m", "tools.batch", *argv])
     return args
@@ -161,8 +157,7 @@ def _shared(state, make):
 
 
 def read_jobs(path: Path) -> list[tuple[int, dict[str, str] | None, list[str]]]:
-    """``(line, cells, problems)`` for every row of a CSV or JSON Lines jobs file. Cells are stripped text, "" where
-    empty or absent; they are None when the line could not be read at all (its problems say why)."""
+    """``(line, cells, problems)`` for every row of a .csv or .jsonl jobs file; cells are None if it is unreadable."""
     shown, kind = cli.display(path), path.suffix.lower()
     if kind not in (".csv", ".jsonl", ".ndjson"):
         raise cli.CliError(f"{shown}: a jobs file must be .csv or .jsonl, not {path.suffix or 'without a suffix'}")
@@ -222,8 +217,7 @@ def _read_jsonl(text: str) -> list:
 
 
 def make_plan(args: Args, held: contextlib.ExitStack) -> Plan:
-    """Checks every row, takes the output folder's lock into ``held`` and finds the rows already done, on the main
-    process only, before any model loads."""
+    """Checks every row, takes the output folder's lock into ``held`` and finds the rows already done."""
     rows, header = read_jobs(args.jobs), functools.cache(_header)  # a map may serve many rows: read it once
     jobs, bad = [], []
     for number, (line, cells, problems) in enumerate(rows, start=1):
@@ -267,8 +261,8 @@ def make_plan(args: Args, held: contextlib.ExitStack) -> Plan:
 
 
 def make_job(args: Args, line: int, number: int, cells: dict[str, str], problems: list[str], header) -> Job:
-    """The row's job: its values, the command line filling in what it leaves out, every path absolute; adds what is
-    wrong to ``problems``. ``header(path, name)`` is ``_header``'s answer."""
+    """The row's job, the command line filling in what it leaves out, every path absolute; adds what is wrong to
+    ``problems``."""
 
     def path(name, default):  # a relative path is relative to the jobs file; args.jobs and default are absolute
         return args.jobs.parent / Path(cells[name]).expanduser() if cells.get(name) else default
@@ -332,8 +326,7 @@ def _refuse_bad_rows(bad: list[tuple[int, list[str]]], args) -> None:
 
 @contextlib.contextmanager
 def locked(folder: Path):
-    """Holds ``folder``'s batch lock, so that a second batch into it is refused in one line. The operating system
-    drops the lock when this process ends, however it ends: a killed batch blocks nothing."""
+    """Holds ``folder``'s batch lock; the operating system drops it when this process ends, however it ends."""
     import fcntl
 
     with open(folder / LOCK_NAME, "a+") as file:
@@ -349,8 +342,7 @@ def locked(folder: Path):
 
 
 def _mismatch(path: Path, expected: dict[str, str]) -> str | None:
-    """Why ``path`` is not a result of the edit that the PNG text ``expected`` describes (``HOW_MADE`` may differ);
-    None when it is one, so that a rerun can skip its row."""
+    """Why ``path`` is not the result of the edit the PNG text ``expected`` describes; None when it is."""
     try:
         with Image.open(path) as opened:
             stored = {key: value for key, value in opened.info.items() if isinstance(value, str)}
@@ -366,8 +358,7 @@ def _mismatch(path: Path, expected: dict[str, str]) -> str | None:
 
 
 def run_batches(state, module, args, batches: list[list], results: list[dict]) -> None:
-    """Runs this process's batches, adding one result per row to ``results``. A row that fails is reported, and the
-    others go on; a batch that fails is run row by row, so that only the culprit fails."""
+    """Runs this process's batches, adding one result per row to ``results``; a row that fails ends nothing else."""
     if not batches:
         return
     import gc
@@ -437,8 +428,7 @@ def run_batches(state, module, args, batches: list[list], results: list[dict]) -
 
 
 def finish(state, args, plan, results: list[dict], seconds: float, interrupted: bool = False) -> int:
-    """Writes summary.json (every row: done, skipped, failed or bad) and prints its line, on the main process.
-    After Ctrl-C the processes are not gathered: the summary holds the main process's rows."""
+    """Writes summary.json and prints its line; after Ctrl-C it holds only the main process's rows."""
     if not interrupted:
         from accelerate.utils import gather_object
 

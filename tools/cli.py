@@ -1,8 +1,7 @@
-"""What every run.py and tool shares: flags, input loading, model loading, one-line errors and atomic writes.
+"""What every run.py and tool shares: flags (README.md), input and model loading, one-line errors, atomic writes.
 
-README.md explains the flags. Exit status: 0 done, 2 the command line or an input file is wrong, 1 the run failed
-(loading, memory, writing), 130 interrupted. Unexpected exceptions keep their traceback: they are bugs.
-"""
+Exit status: 0 done, 2 the command line or an input file is wrong, 1 the run failed (loading, memory, writing), 130
+interrupted. Unexpected exceptions keep their traceback: they are bugs."""
 
 from __future__ import annotations
 
@@ -112,15 +111,13 @@ class Example(NamedTuple):
 
 
 class Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are ``CliError``s (one line through ``main``) instead of usage text, and which
-    holds what ``parse_args`` needs beyond the flags. After parsing it calls each function in ``checks`` on the
-    result: a model's checks of flags that go together, which run.py and tools.batch thus both make before anything
-    loads."""
+    """An ArgumentParser whose errors are one-line ``CliError``s, holding what ``parse_args`` needs beyond the flags.
+    ``checks`` are a model's checks of flags that go together: every parse runs them, in run.py and tools.batch."""
 
     def __init__(self, *args, example: Example | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.checks: list[Callable[[argparse.Namespace], None]] = []
-        self.example = example  # the inputs that a run.py takes when their flags are not given
+        self.example = example
         self.default_output = Path("output.png")  # taken, or the first free name like it, when --output is not given
         self.extra_outputs = lambda args, output: []  # the files that a model writes beside the output: [paths]
         # The action of each flag that every run.py shares, by dest, and their groups, by title (build_parser's): a
@@ -173,8 +170,8 @@ def build_parser(description: str, *, default_model: str, default_steps: int, de
                  default_image: str | PurePath = EXAMPLE_IMAGE, default_map: str | PurePath = EXAMPLE_MAP,
                  default_prompt: str | PurePath = EXAMPLE_PROMPT,
                  default_negative_prompt: str | PurePath = EXAMPLE_NEGATIVE_PROMPT) -> Parser:
-    """The flags every run.py shares; a model adds its own. Reads no file: ``--help`` works without the example. A
-    prompt default given as a ``Path`` is a file, read when the flag is not given."""
+    """The flags every run.py shares; a model adds its own. Reads no file, so ``--help`` works without the example: a
+    prompt default given as a ``Path`` is read when the flag is not given."""
     parser = Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
                     epilog="Map convention: white (1) keeps a pixel, black (0) changes it fully;\na pixel's strength "
                     "is --strength * (1 - map).\nExit status: 0 done, 1 the run failed, 2 bad arguments or input "
@@ -292,8 +289,7 @@ def text_argument(given: str | None, default: str | PurePath, flag: str) -> str:
 
 
 def resolve_device(args: argparse.Namespace) -> None:
-    """Resolves ``--device`` and ``--dtype``: auto picks CUDA in fp16, then Apple MPS in fp16, then the CPU, which
-    runs only fp32."""
+    """Resolves ``--device`` and ``--dtype``: auto picks CUDA, then Apple MPS, in fp16, then the CPU in fp32."""
     import torch
     if args.offload and args.device == "cpu":
         raise CliError("--offload moves each model onto the GPU only while it runs; it needs --device cuda or mps")
@@ -328,8 +324,7 @@ def first_free(path: Path, companions: Callable[[Path], list[Path]] = lambda pat
 
 
 def check_output(path: Path, inputs: dict[str, Path | None], *, overwrite: bool, flag: str = "--output") -> None:
-    """Refuses ``path`` when it is one of ``inputs`` ({flag: path}), even with ``overwrite``, or when it exists and
-    ``overwrite`` is off. ``samefile`` sees through relative paths, symbolic and hard links alike."""
+    """Refuses ``path`` when it is one of ``inputs`` ({flag: path}), or exists and ``overwrite`` is off."""
     for input_flag, source in inputs.items():
         if source is not None and path.exists() and Path(source).exists() and os.path.samefile(path, source):
             raise CliError(f"{flag} {display(path)} is the {input_flag} file; inputs are never overwritten")
@@ -368,16 +363,14 @@ def reading(path: Path, flag: str):
 
 
 def read_image(path: Path, flag: str) -> Image.Image:
-    """The image at ``path``, decoded and turned upright by its EXIF orientation (a map is drawn on the photo as
-    it is displayed); failures are one-line errors naming ``flag``."""
+    """The image at ``path``, decoded and upright by its EXIF orientation: a map is drawn on the photo as shown."""
     with reading(path, flag), Image.open(path) as opened:
         opened.load()  # a truncated file fails here, while we can still name it
         return ImageOps.exif_transpose(opened)
 
 
 def map_values(image: Image.Image, what: str = "the map") -> np.ndarray:
-    """An image's gray values in [0, 1] (float32, height x width), read exactly as the pipelines read a map: by the
-    ``map_to_tensor`` of the differential core, the same in every pipeline file. Colour counts by luminance."""
+    """An image's gray values in [0, 1] (float32, height x width), exactly as every pipeline's ``map_to_tensor``."""
     from SD2.diff_pipe import map_to_tensor
     try:
         return map_to_tensor(image)[0, 0].numpy().astype(np.float32)
@@ -386,8 +379,7 @@ def map_values(image: Image.Image, what: str = "the map") -> np.ndarray:
 
 
 def load_map(path: Path, flag: str = "--map") -> Image.Image:
-    """The map at ``path``, checked, as an image that the pipelines read at the values of the file itself: a gray
-    image as it is (8- and 16-bit levels and float values keep their exact meaning), colour as its luminance."""
+    """The map at ``path``, checked; gray as it is (16-bit and float maps keep their precision), colour as luminance."""
     image = read_image(path, flag)
     map_values(image, f"{flag} {display(path)}")
     return image if image.mode in ("1", "L", "I", "F") or image.mode.startswith("I;16") else image.convert("L")
@@ -400,9 +392,8 @@ def as_rgb(image: Image.Image, what: str = "the image") -> Image.Image:
 
 
 def load_inputs(args: argparse.Namespace) -> tuple[Image.Image, Image.Image]:
-    """``(image, map)``: ``args.image`` decoded, RGB and upright by its EXIF orientation, and the map (mode F, values
-    in [0, 1], white = keep or as --invert-map says): ``args.map``, or with ``--mask`` the soft inpainting keep map
-    ``mask_to_keep_map`` makes. A map or mask of another shape is stretched to the image, with a warning."""
+    """``(image, map)``: ``args.image`` as upright RGB, and ``args.map`` or the keep map of ``args.mask``. A map or
+    mask of another shape is stretched to the image, with a warning."""
     image = as_rgb(read_image(args.image, "--image"), f"--image {display(args.image)}")
     what, source = ("mask", read_image(args.mask, "--mask")) if args.mask is not None else ("map", load_map(args.map))
     if aspect_differs(image.size, source.size):
@@ -426,9 +417,8 @@ def stretch_map(map_image: Image.Image, size: tuple[int, int]) -> Image.Image:
 
 def mask_to_keep_map(mask: Image.Image, size: tuple[int, int], feather: float = 0.0, grow: float = 0.0, *,
                      shown: str = "the mask") -> Image.Image:
-    """The soft inpainting keep map (mode F, white = keep) of an inpainting mask (any image, white = fill), stretched
-    to ``size`` first, so that ``feather`` and ``grow`` count image pixels. Values of 0.5 and up are the region:
-    0 in the map, grown by ``grow`` pixels and faded to 1 over ``feather`` more (``tools.feather.feathered_mask``)."""
+    """The keep map (mode F) of an inpainting mask (white, 0.5 and up, = fill), stretched to ``size`` first so that
+    ``feather`` and ``grow`` count image pixels (see ``tools.feather.feathered_mask``)."""
     values = Image.fromarray(map_values(mask, f"--mask {shown}")).resize(size, Image.Resampling.BILINEAR)
     region = np.asarray(values) >= 0.5
     if not region.any():
@@ -445,10 +435,8 @@ def check_image_size(image: Image.Image, cell: int, flag: str = "--image") -> No
 
 def load_pipeline(pipeline_class, model: str, *, torch_dtype, device: str, offload: bool = False,
                   flag: str = "--model", **from_pretrained_kwargs):
-    """``pipeline_class.from_pretrained(model)`` (a Hub id or a local folder) on ``device``, or with model CPU offload
-    onto the current GPU (each process's own under ``accelerate launch``). A checkpoint of another family (see
-    ``FAMILIES``), missing weights, no network, a gated model or a broken folder end as one-line ``CliError``s
-    naming ``flag`` and the model. On the CPU, the first load warns in one line that the run takes minutes."""
+    """``pipeline_class.from_pretrained(model)`` (a Hub id or a local folder) on ``device``, or offloaded onto the
+    current GPU. Another family's checkpoint and every failure to load end as one-line ``CliError``s."""
     path = model_path(model, flag)
     try:
         if expected := family_of(pipeline_class.__name__):
@@ -573,8 +561,7 @@ def crop_options(args: argparse.Namespace) -> dict:
 
 def save_result(result: Image.Image, args: argparse.Namespace, *, image: Image.Image, map_image: Image.Image,
                 steps_run: int, seconds: float, extra_params: dict | None = None) -> Path:
-    """Writes the result with its parameters as PNG text (and the ``--compare`` strip), prints the one final line
-    ``<path> (<seconds>s, <N> denoising steps)``, returns the path written."""
+    """Writes the result with its parameters as PNG text (and the ``--compare`` strip); prints its path and time."""
     text = png_parameters(args, steps_run, extra_params)
     output = write_png(result, args.output, text, overwrite=args.overwrite)
     line = f"{display(output)} ({seconds:.1f}s, {steps_run} denoising step{'' if steps_run == 1 else 's'})"
@@ -594,9 +581,8 @@ def write_png(image: Image.Image, path: Path, text: dict[str, str] | None = None
 
 
 def write_atomically(path: Path, write: Callable, *, overwrite: bool = False) -> Path:
-    """Calls ``write(file)`` on a temporary file beside ``path``, then renames it into place: readers see the old
-    file or the whole new one, and a failure leaves ``path`` as it was. Without ``overwrite`` an existing file is
-    never replaced: if ``path`` was taken meanwhile, the first free ``<stem>-N`` name is used, with a warning."""
+    """Calls ``write(file)`` on a temporary file, then renames it to ``path``: readers never see half a file. Without
+    ``overwrite``, a ``path`` taken meanwhile is kept, and the first free ``<stem>-N`` name is used instead."""
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
         with open(partial, "wb") as file:
@@ -614,8 +600,7 @@ def write_atomically(path: Path, write: Callable, *, overwrite: bool = False) ->
 
 def compare_strip(image: Image.Image, map_image: Image.Image, result: Image.Image,
                   invert_map: bool = False) -> Image.Image:
-    """input | map | output side by side at the output's height. Each panel's label is white on black at its top
-    left, as large as fits inside the panel (a 32nd of its height at most), and left out below 8-pixel text."""
+    """input | map | output side by side at the output's height, each labelled as large as fits (at most 1/32)."""
     panels = [(image, "input"), (map_image, f"map (white = {'change' if invert_map else 'keep'})"), (result, "output")]
     panels = [(as_rgb(panel).resize((max(1, round(panel.width * result.height / panel.height)), result.height),
                                     Image.Resampling.LANCZOS), label) for panel, label in panels]
