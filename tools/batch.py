@@ -61,12 +61,10 @@ class Plan(NamedTuple):
 def run(argv: list[str] | None = None) -> int:
     """The whole batch; returns the exit status (0 all done, 1 some rows failed). Errors raise ``cli.CliError``."""
     from accelerate import PartialState
-
     argv = sys.argv[1:] if argv is None else list(argv)
     module = cli.load_family(_family_name(argv))
     args = parse_args(module, argv)
-    # Without cpu=True, CPU processes would each be rank 0 of 1. On GPUs, PartialState makes this process's own GPU
-    # the current one, which is where "cuda" (model loading, cli.load_pipeline's offload) then puts the model.
+    # Without cpu=True, CPU processes would each be rank 0 of 1; on GPUs, this makes the process's own GPU "cuda".
     state = PartialState(cpu=args.device == "cpu")
     with contextlib.ExitStack() as held:  # the output folder's lock, on the main process
         plan = _shared(state, lambda: make_plan(args, held))
@@ -83,13 +81,12 @@ def run(argv: list[str] | None = None) -> int:
 def _family_name(argv: list[str]) -> str:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--family", type=str.lower)
-    family = pre.parse_known_args(argv)[0].family
-    if family is None and {"-h", "--help"} & set(argv):
+    if (family := pre.parse_known_args(argv)[0].family) is not None:
+        return family
+    if {"-h", "--help"} & set(argv):
         print(__doc__.strip() + f"\n\nPass --family ({', '.join(cli.families())}) with --help to list every flag.")
         raise SystemExit(0)
-    if family is None:
-        raise cli.CliError(f"--family is required: one of {', '.join(cli.families())} (see --help)")
-    return family
+    raise cli.CliError(f"--family is required: one of {', '.join(cli.families())} (see --help)")
 
 
 def parse_args(module, argv: list[str]) -> Args:
@@ -125,8 +122,7 @@ def parse_args(module, argv: list[str]) -> Args:
     if args.output is not None:
         raise cli.CliError("--output names one file, and a batch writes one per row: use --output-dir, and the "
                            "jobs file's output column to name them")
-    # Rows fall back on run.py's generic negative prompt, so that a row gives what run.py gives; not on its example
-    # prompt: a row without a prompt is an error.
+    # A row falls back on run.py's negative prompt, to give what run.py gives, but a row without a prompt is an error
     args.negative_prompt = cli.text_argument(args.negative_prompt, parser.example.negative_prompt, "--negative-prompt")
     cli.resolve_device(args)
     args.jobs, args.output_dir = Path(args.jobs).expanduser().absolute(), Path(args.output_dir).expanduser()
@@ -143,7 +139,6 @@ def parse_args(module, argv: list[str]) -> Args:
 def _shared(state, make):
     """``make()`` on the main process, handed to every process; a ``CliError`` there ends them all."""
     from accelerate.utils import broadcast_object_list
-
     outcome = [None]
     if state.is_main_process:
         try:
@@ -165,7 +160,7 @@ def read_jobs(path: Path) -> list[tuple[int, dict[str, str] | None, list[str]]]:
         text = path.read_text(encoding="utf-8-sig")  # -sig: spreadsheets often start CSV with a byte-order mark
     except (OSError, UnicodeDecodeError) as error:
         raise cli.CliError(f"{shown}: cannot read it as UTF-8 text: {cli.one_line(error)}") from None
-    rows = _read_csv(text, shown) if kind == ".csv" else _read_jsonl(text)
+    rows = list(_read_csv(text, shown) if kind == ".csv" else _read_jsonl(text))
     if not rows:
         raise cli.CliError(f"{shown}: holds no jobs")
     return rows
@@ -175,8 +170,8 @@ def _column(name: str) -> str:
     return name.strip().lower().replace("-", "_").replace(" ", "_")
 
 
-def _read_csv(text: str, shown: str) -> list:
-    reader, header, rows, start = csv.reader(io.StringIO(text, newline="")), None, [], 1
+def _read_csv(text: str, shown: str):
+    reader, header, start = csv.reader(io.StringIO(text, newline="")), None, 1
     try:
         for cells in reader:
             line, start = start, reader.line_num + 1  # where the record starts: a quoted cell may span lines
@@ -188,32 +183,29 @@ def _read_csv(text: str, shown: str) -> list:
                                        f"the columns are {', '.join(COLUMNS)}")
             elif any(cell.strip() for cell in cells):
                 too_many = [f"has {len(cells)} cells, but the header names {len(header)} columns"]
-                rows.append((line, {name: cell.strip() for name, cell in zip(header, cells)},
-                             too_many if len(cells) > len(header) else []))
+                yield line, {name: cell.strip() for name, cell in zip(header, cells)}, (
+                    too_many if len(cells) > len(header) else [])
     except csv.Error as error:
         raise cli.CliError(f"{shown}:{reader.line_num}: not valid CSV: {error}") from None
-    return rows
 
 
-def _read_jsonl(text: str) -> list:
-    rows = []
+def _read_jsonl(text: str):
     # split("\n"), not splitlines(): JSON strings may hold U+2028 and other characters splitlines breaks at
     for line, content in enumerate(text.split("\n"), start=1):
         try:
             value = json.loads(content) if content.strip() else {}
         except json.JSONDecodeError as error:
-            rows.append((line, None, [f"not valid JSON: {error.msg} (column {error.colno})"]))
+            yield line, None, [f"not valid JSON: {error.msg} (column {error.colno})"]
             continue
         if not isinstance(value, dict):
-            rows.append((line, None, ['must be a JSON object, {"image": ..., "prompt": ...}']))
+            yield line, None, ['must be a JSON object, {"image": ..., "prompt": ...}']
         elif value:
             cells = {_column(key): "" if cell is None else str(cell).strip() for key, cell in value.items()}
             problems = [f"unknown key {key!r}; the keys are {', '.join(COLUMNS)}" for key in value
                         if _column(key) not in COLUMNS]
             problems += [f"{_column(key)} must be text or a number, not {json.dumps(cell)}" for key, cell in
                          value.items() if isinstance(cell, bool) or not isinstance(cell, (str, int, float, type(None)))]
-            rows.append((line, cells, problems))
-    return rows
+            yield line, cells, problems
 
 
 def make_plan(args: Args, held: contextlib.ExitStack) -> Plan:
@@ -261,8 +253,7 @@ def make_plan(args: Args, held: contextlib.ExitStack) -> Plan:
 
 
 def make_job(args: Args, line: int, number: int, cells: dict[str, str], problems: list[str], header) -> Job:
-    """The row's job, the command line filling in what it leaves out, every path absolute; adds what is wrong to
-    ``problems``."""
+    """The row's job, the command line filling in what it leaves out; adds what is wrong to ``problems``."""
 
     def path(name, default):  # a relative path is relative to the jobs file; args.jobs and default are absolute
         return args.jobs.parent / Path(cells[name]).expanduser() if cells.get(name) else default
@@ -297,9 +288,8 @@ def make_job(args: Args, line: int, number: int, cells: dict[str, str], problems
     elif folder not in job.output.parents:  # an absolute path, or ../, would lead out
         problems.append(f"output {text}: lies outside --output-dir {cli.display(args.output_dir)}; name a file "
                         "inside it")
-    # One call runs every image from the earliest step that any of its maps releases, and multistep schedulers
-    # (DPM-Solver++, PNDM, UniPC) carry what those steps saw into later ones: rows batch only with rows of the same
-    # map, so that each starts where it would alone.
+    # A call runs from the earliest step any of its maps releases, and multistep schedulers carry what those steps saw
+    # into later ones: rows batch only with rows of the same map, so that each starts where it would alone.
     source = ("map", job.map) if job.mask is None else ("mask", job.mask, job.feather, job.grow)
     job.batch_key = (header(job.image, "image")[0], source, job.steps, job.strength, job.guidance_scale)
     return job
@@ -328,7 +318,6 @@ def _refuse_bad_rows(bad: list[tuple[int, list[str]]], args) -> None:
 def locked(folder: Path):
     """Holds ``folder``'s batch lock; the operating system drops it when this process ends, however it ends."""
     import fcntl
-
     with open(folder / LOCK_NAME, "a+") as file:
         try:
             fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -362,12 +351,10 @@ def run_batches(state, module, args, batches: list[list], results: list[dict]) -
     if not batches:
         return
     import gc
-
     import diffusers
     import torch
     import transformers
     from tqdm.auto import tqdm
-
     if not state.is_main_process:  # one set of loading bars, the main process's, is enough
         diffusers.utils.logging.disable_progress_bar()
         transformers.utils.logging.disable_progress_bar()
@@ -431,7 +418,6 @@ def finish(state, args, plan, results: list[dict], seconds: float, interrupted: 
     """Writes summary.json and prints its line; after Ctrl-C it holds only the main process's rows."""
     if not interrupted:
         from accelerate.utils import gather_object
-
         results = gather_object(results)  # every process's rows
     if not state.is_main_process:
         return 0

@@ -31,11 +31,9 @@ EXAMPLE_MAP = ASSETS / "map_gradient.png"
 EXAMPLE_PROMPT = ASSETS / "prompt.txt"
 EXAMPLE_NEGATIVE_PROMPT = ASSETS / "negative_prompt.txt"
 
-SCHEDULERS = {  # --scheduler names and the diffusers classes they stand for
-    "ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler", "euler-a": "EulerAncestralDiscreteScheduler",
-    "dpm++": "DPMSolverMultistepScheduler", "unipc": "UniPCMultistepScheduler", "pndm": "PNDMScheduler",
-    "ddpm": "DDPMScheduler",
-}
+SCHEDULERS = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler", "euler-a": "EulerAncestralDiscreteScheduler",
+              "dpm++": "DPMSolverMultistepScheduler", "unipc": "UniPCMultistepScheduler", "pndm": "PNDMScheduler",
+              "ddpm": "DDPMScheduler"}  # --scheduler names and the diffusers classes they stand for
 MAX_STEPS = 1000  # every model here was trained on a 1000-step schedule; schedulers refuse more
 MAX_SEED = 2**64 - 1  # the largest seed torch.Generator.manual_seed takes
 MAX_FEATHER_PX = 100_000  # far beyond any image side; only guards against typos such as 1e9
@@ -120,8 +118,7 @@ class Parser(argparse.ArgumentParser):
         self.example = example
         self.default_output = Path("output.png")  # taken, or the first free name like it, when --output is not given
         self.extra_outputs = lambda args, output: []  # the files that a model writes beside the output: [paths]
-        # The action of each flag that every run.py shares, by dest, and their groups, by title (build_parser's): a
-        # model rewords their help and adds a flag to a group; its own flags are the others.
+        # build_parser's flags by dest, and groups by title, for a model to reword their help and add flags to them
         self.common_flags: dict[str, argparse.Action] = {}
         self.groups = {}
 
@@ -237,9 +234,8 @@ def build_parser(description: str, *, default_model: str, default_steps: int, de
 
 
 def parse_args(parser: Parser, argv: list[str] | None = None, *, command: str | None = None) -> Args:
-    """Parses ``argv`` (default: the command line) and checks all that needs no model; ``CliError`` names flag and
-    fix. Fills in the prompts (text), ``image``, ``map`` or ``mask``, ``output``, ``device`` and ``dtype`` (a name).
-    ``command`` (default: ``python <script> <argv>``) is the command line that the results record."""
+    """Parses ``argv`` (default: the command line), checks all that needs no model and fills in what defaults stand
+    for: prompt texts, input and output paths, device and dtype. The results record ``command`` as the command line."""
     argv = sys.argv[1:] if argv is None else list(argv)
     command = shlex.join(["python", display(sys.argv[0]), *argv]) if command is None else command
     args, example = parser.parse_args(argv, Args(command=command)), parser.example
@@ -345,8 +341,7 @@ def _output_path(args: argparse.Namespace, parser: argparse.ArgumentParser) -> P
     if not os.access(output.parent, os.W_OK):
         raise CliError(f"--output: the folder {display(output.parent)} does not exist or is not writable")
     for target in [output, *companions(output)]:
-        check_output(target, {"--image": args.image, "--map": args.map, "--mask": args.mask},
-                     overwrite=args.overwrite)
+        check_output(target, {"--image": args.image, "--map": args.map, "--mask": args.mask}, overwrite=args.overwrite)
     return output
 
 
@@ -426,10 +421,10 @@ def mask_to_keep_map(mask: Image.Image, size: tuple[int, int], feather: float = 
     return Image.fromarray(feathered_mask(region, feather_px=feather, grow_px=grow))
 
 
-def check_image_size(image: Image.Image, cell: int, flag: str = "--image") -> None:
+def check_image_size(image: Image.Image, cell: int) -> None:
     """Refuses an image smaller than one ``cell`` x ``cell`` cell of a model's latent grid: it cannot encode it."""
     if min(image.size) < cell:
-        raise CliError(f"{flag}: the image is {image.width}x{image.height} pixels, smaller than one {cell}x{cell} "
+        raise CliError(f"--image: the image is {image.width}x{image.height} pixels, smaller than one {cell}x{cell} "
                        f"cell of the model's latent grid; give an image at least {cell} pixels on each side")
 
 
@@ -470,7 +465,7 @@ def model_path(model: str, flag: str = "--model") -> Path:
     return path
 
 
-_warn_once = functools.cache(lambda message: warn(message))  # one warning however many models a run loads
+_warn_once = functools.cache(warn)  # one warning however many models a run loads
 
 
 def family_of(class_name: str) -> str | None:
