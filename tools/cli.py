@@ -62,10 +62,7 @@ class CliError(Exception):
 
     def __init__(self, message: str, exit_code: int = EXIT_USAGE):
         super().__init__(message)
-        self.exit_code = exit_code
-
-    def __reduce__(self):  # to pass between processes whole
-        return CliError, (str(self), self.exit_code)
+        self.exit_code = exit_code  # pickled with the message: tools.batch passes the error between processes
 
 
 def main(run: Callable[[], int | None]) -> None:
