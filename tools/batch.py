@@ -39,13 +39,11 @@ HOW_MADE = ("steps_run", "command", "device", "dtype", "jobs", "line")
 
 class Args(cli.Args):
     """The command line: the model's flags, which are every row's defaults, and the batch's."""
-
     extra_params: dict  # what the results record beyond run.py's parameters: family, jobs file, the model's own flags
 
 
 class Job(Args):
     """A row: ``Args`` as run.py would have them for it alone, and the key of the rows it may share a call with."""
-
     line: int
     batch_key: tuple
 
@@ -257,7 +255,6 @@ def make_job(args: Args, line: int, number: int, cells: dict[str, str], problems
 
     def path(name, default):  # a relative path is relative to the jobs file; args.jobs and default are absolute
         return args.jobs.parent / Path(cells[name]).expanduser() if cells.get(name) else default
-
     job = Job(**{**vars(args), "line": line, "image": path("image", args.image)})
     job.map, job.mask = ((path("map", None), path("mask", None)) if cells.get("map") or cells.get("mask")
                          else (args.map, args.mask))
@@ -381,24 +378,23 @@ def run_batches(state, module, args, batches: list[list], results: list[dict]) -
         except Exception as error:  # noqa: BLE001 - one row's failure must not end the batch
             if len(loaded) == 1:
                 return record(rows[0], rows[0].output, error)
-            edited = None
-        if edited is None:  # find the row at fault, or get through a batch too large for memory row by row
-            gc.collect()  # only now, outside the except clause, is the failed call's memory unreferenced
-            torch.cuda.empty_cache()
-            for item in loaded:
-                edit([item])
+        else:
+            for job, image, map_image, result in zip(rows, images, maps, edited):
+                try:
+                    text = cli.png_parameters(job, steps_run, {**args.extra_params, "line": job.line})
+                    job.output.parent.mkdir(parents=True, exist_ok=True)
+                    written = cli.write_png(result, job.output, text, overwrite=args.overwrite)
+                    if args.compare:
+                        strip = cli.compare_strip(image, map_image, result, invert_map=job.invert_map)
+                        cli.write_png(strip, cli.compare_path(written), text, overwrite=args.overwrite)
+                    record(job, written)
+                except Exception as error:  # noqa: BLE001
+                    record(job, job.output, error)
             return
-        for job, image, map_image, result in zip(rows, images, maps, edited):
-            try:
-                text = cli.png_parameters(job, steps_run, {**args.extra_params, "line": job.line})
-                job.output.parent.mkdir(parents=True, exist_ok=True)
-                written = cli.write_png(result, job.output, text, overwrite=args.overwrite)
-                if args.compare:
-                    strip = cli.compare_strip(image, map_image, result, invert_map=job.invert_map)
-                    cli.write_png(strip, cli.compare_path(written), text, overwrite=args.overwrite)
-                record(job, written)
-            except Exception as error:  # noqa: BLE001
-                record(job, job.output, error)
+        gc.collect()  # only now, outside the except clause, is the failed call's memory unreferenced
+        torch.cuda.empty_cache()
+        for item in loaded:  # to find the row at fault, or get through a batch too large for memory
+            edit([item])
 
     with tqdm(total=sum(map(len, batches)), desc="rows", unit="row", disable=not state.is_main_process,
               file=sys.stderr) as bar:

@@ -131,7 +131,6 @@ class Parser(argparse.ArgumentParser):
 
 class Args(argparse.Namespace):
     """A parsed command line: the parser's flags, and ``command``, the command line that the PNG text records."""
-
     command: str
 
 
@@ -148,7 +147,6 @@ def real_number(low: float, high: float = math.inf, *, whole: bool = False) -> C
         if not (low <= value <= high and math.isfinite(value)):  # in this order: a huge int has no float
             raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}")
         return value
-
     return parse
 
 
@@ -178,7 +176,6 @@ def build_parser(description: str, *, default_model: str, default_steps: int, de
         def add(*names, **options) -> None:
             action = parser.groups[title].add_argument(*names, **options)
             parser.common_flags[action.dest] = action
-
         return add
 
     text = lambda default: f"the text in {display(default)}" if isinstance(default, PurePath) else (  # noqa: E731
@@ -328,7 +325,6 @@ def check_output(path: Path, inputs: dict[str, Path | None], *, overwrite: bool,
 def _output_path(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path:
     def companions(output: Path) -> list[Path]:
         return ([compare_path(output)] if args.compare else []) + list(parser.extra_outputs(args, output))
-
     if args.output is None:
         return first_free(parser.default_output, companions)
     output = Path(args.output).expanduser()
