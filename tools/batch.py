@@ -39,36 +39,30 @@ HOW_MADE = ("steps_run", "command", "device", "dtype", "jobs", "line")
 
 class Args(cli.Args):
     """The command line: the model's flags, which are every row's defaults, and the batch's."""
-
     extra_params: dict  # what the results record beyond run.py's parameters: family, jobs file, the model's own flags
 
 
 class Job(Args):
-    """A row to run: ``Args`` as run.py would have them for this row alone, its line in the jobs file, and the key
-    of the rows it may share a pipeline call with."""
-
+    """A row: ``Args`` as run.py would have them for it alone, and the key of the rows it may share a call with."""
     line: int
     batch_key: tuple
 
 
 class Plan(NamedTuple):
-    """What ``make_plan`` found: ``batches`` (lists of jobs to run together), ``skipped`` (the jobs of rows done),
-    ``bad`` ((line, problems) of rows left out) and ``rows``, how many the jobs file holds."""
-    batches: list[list[Job]]
-    skipped: list[Job]
-    bad: list[tuple[int, list[str]]]
-    rows: int
+    """What ``make_plan`` found."""
+    batches: list[list[Job]]  # jobs to run together
+    skipped: list[Job]  # rows whose output already holds their result
+    bad: list[tuple[int, list[str]]]  # (line, problems) of rows left out
+    rows: int  # how many the jobs file holds
 
 
 def run(argv: list[str] | None = None) -> int:
     """The whole batch; returns the exit status (0 all done, 1 some rows failed). Errors raise ``cli.CliError``."""
     from accelerate import PartialState
-
     argv = sys.argv[1:] if argv is None else list(argv)
     module = cli.load_family(_family_name(argv))
     args = parse_args(module, argv)
-    # Without cpu=True, CPU processes would each be rank 0 of 1. On GPUs, PartialState makes this process's own GPU
-    # the current one, which is where "cuda" (model loading, cli.load_pipeline's offload) then puts the model.
+    # Without cpu=True, CPU processes would each be rank 0 of 1; on GPUs, this makes the process's own GPU "cuda".
     state = PartialState(cpu=args.device == "cpu")
     with contextlib.ExitStack() as held:  # the output folder's lock, on the main process
         plan = _shared(state, lambda: make_plan(args, held))
@@ -85,18 +79,16 @@ def run(argv: list[str] | None = None) -> int:
 def _family_name(argv: list[str]) -> str:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--family", type=str.lower)
-    family = pre.parse_known_args(argv)[0].family
-    if family is None and {"-h", "--help"} & set(argv):
+    if (family := pre.parse_known_args(argv)[0].family) is not None:
+        return family
+    if {"-h", "--help"} & set(argv):
         print(__doc__.strip() + f"\n\nPass --family ({', '.join(cli.families())}) with --help to list every flag.")
         raise SystemExit(0)
-    if family is None:
-        raise cli.CliError(f"--family is required: one of {', '.join(cli.families())} (see --help)")
-    return family
+    raise cli.CliError(f"--family is required: one of {', '.join(cli.families())} (see --help)")
 
 
 def parse_args(module, argv: list[str]) -> Args:
-    """Parses the command line with the model's own parser, whose flags become every row's defaults, plus the batch
-    flags, and checks what needs neither the jobs file nor a model."""
+    """The command line, parsed by the model's parser (its flags are every row's defaults) plus the batch flags."""
     parser = module.build_parser()
     parser.prog = "python -m tools.batch"
     parser.description = (f"Edit every row of a jobs file with the model of {cli.display(module.__file__)}. The "
@@ -128,8 +120,7 @@ def parse_args(module, argv: list[str]) -> Args:
     if args.output is not None:
         raise cli.CliError("--output names one file, and a batch writes one per row: use --output-dir, and the "
                            "jobs file's output column to name them")
-    # Rows fall back on run.py's generic negative prompt, so that a row gives what run.py gives; not on its example
-    # prompt: a row without a prompt is an error.
+    # A row falls back on run.py's negative prompt, to give what run.py gives, but a row without a prompt is an error
     args.negative_prompt = cli.text_argument(args.negative_prompt, parser.example.negative_prompt, "--negative-prompt")
     cli.resolve_device(args)
     args.jobs, args.output_dir = Path(args.jobs).expanduser().absolute(), Path(args.output_dir).expanduser()
@@ -138,7 +129,6 @@ def parse_args(module, argv: list[str]) -> Args:
     for flag in ("image", "map", "mask"):
         if getattr(args, flag) is not None:
             setattr(args, flag, cli.input_path(getattr(args, flag), None, f"--{flag}").absolute())
-    # What the results record beyond run.py's parameters: the family, the jobs file and the model's own flags
     args.extra_params = {"family": args.family, "jobs": args.jobs, **{dest: vars(args)[dest] for dest in model_flags}}
     args.command = shlex.join(["python", "-m", "tools.batch", *argv])
     return args
@@ -147,7 +137,6 @@ def parse_args(module, argv: list[str]) -> Args:
 def _shared(state, make):
     """``make()`` on the main process, handed to every process; a ``CliError`` there ends them all."""
     from accelerate.utils import broadcast_object_list
-
     outcome = [None]
     if state.is_main_process:
         try:
@@ -161,8 +150,7 @@ def _shared(state, make):
 
 
 def read_jobs(path: Path) -> list[tuple[int, dict[str, str] | None, list[str]]]:
-    """``(line, cells, problems)`` for every row of a CSV or JSON Lines jobs file. Cells are stripped text, "" where
-    empty or absent; they are None when the line could not be read at all (its problems say why)."""
+    """``(line, cells, problems)`` for every row of a .csv or .jsonl jobs file; cells are None if it is unreadable."""
     shown, kind = cli.display(path), path.suffix.lower()
     if kind not in (".csv", ".jsonl", ".ndjson"):
         raise cli.CliError(f"{shown}: a jobs file must be .csv or .jsonl, not {path.suffix or 'without a suffix'}")
@@ -170,7 +158,7 @@ def read_jobs(path: Path) -> list[tuple[int, dict[str, str] | None, list[str]]]:
         text = path.read_text(encoding="utf-8-sig")  # -sig: spreadsheets often start CSV with a byte-order mark
     except (OSError, UnicodeDecodeError) as error:
         raise cli.CliError(f"{shown}: cannot read it as UTF-8 text: {cli.one_line(error)}") from None
-    rows = _read_csv(text, shown) if kind == ".csv" else _read_jsonl(text)
+    rows = list(_read_csv(text, shown) if kind == ".csv" else _read_jsonl(text))
     if not rows:
         raise cli.CliError(f"{shown}: holds no jobs")
     return rows
@@ -180,8 +168,8 @@ def _column(name: str) -> str:
     return name.strip().lower().replace("-", "_").replace(" ", "_")
 
 
-def _read_csv(text: str, shown: str) -> list:
-    reader, header, rows, start = csv.reader(io.StringIO(text, newline="")), None, [], 1
+def _read_csv(text: str, shown: str):
+    reader, header, start = csv.reader(io.StringIO(text, newline="")), None, 1
     try:
         for cells in reader:
             line, start = start, reader.line_num + 1  # where the record starts: a quoted cell may span lines
@@ -193,37 +181,33 @@ def _read_csv(text: str, shown: str) -> list:
                                        f"the columns are {', '.join(COLUMNS)}")
             elif any(cell.strip() for cell in cells):
                 too_many = [f"has {len(cells)} cells, but the header names {len(header)} columns"]
-                rows.append((line, {name: cell.strip() for name, cell in zip(header, cells)},
-                             too_many if len(cells) > len(header) else []))
+                yield line, {name: cell.strip() for name, cell in zip(header, cells)}, (
+                    too_many if len(cells) > len(header) else [])
     except csv.Error as error:
         raise cli.CliError(f"{shown}:{reader.line_num}: not valid CSV: {error}") from None
-    return rows
 
 
-def _read_jsonl(text: str) -> list:
-    rows = []
+def _read_jsonl(text: str):
     # split("\n"), not splitlines(): JSON strings may hold U+2028 and other characters splitlines breaks at
     for line, content in enumerate(text.split("\n"), start=1):
         try:
             value = json.loads(content) if content.strip() else {}
         except json.JSONDecodeError as error:
-            rows.append((line, None, [f"not valid JSON: {error.msg} (column {error.colno})"]))
+            yield line, None, [f"not valid JSON: {error.msg} (column {error.colno})"]
             continue
         if not isinstance(value, dict):
-            rows.append((line, None, ['must be a JSON object, {"image": ..., "prompt": ...}']))
+            yield line, None, ['must be a JSON object, {"image": ..., "prompt": ...}']
         elif value:
             cells = {_column(key): "" if cell is None else str(cell).strip() for key, cell in value.items()}
             problems = [f"unknown key {key!r}; the keys are {', '.join(COLUMNS)}" for key in value
                         if _column(key) not in COLUMNS]
             problems += [f"{_column(key)} must be text or a number, not {json.dumps(cell)}" for key, cell in
                          value.items() if isinstance(cell, bool) or not isinstance(cell, (str, int, float, type(None)))]
-            rows.append((line, cells, problems))
-    return rows
+            yield line, cells, problems
 
 
 def make_plan(args: Args, held: contextlib.ExitStack) -> Plan:
-    """Checks every row, takes the output folder's lock into ``held`` and finds the rows already done, on the main
-    process only, before any model loads."""
+    """Checks every row, takes the output folder's lock into ``held`` and finds the rows already done."""
     rows, header = read_jobs(args.jobs), functools.cache(_header)  # a map may serve many rows: read it once
     jobs, bad = [], []
     for number, (line, cells, problems) in enumerate(rows, start=1):
@@ -267,12 +251,10 @@ def make_plan(args: Args, held: contextlib.ExitStack) -> Plan:
 
 
 def make_job(args: Args, line: int, number: int, cells: dict[str, str], problems: list[str], header) -> Job:
-    """The row's job: its values, the command line filling in what it leaves out, every path absolute; adds what is
-    wrong to ``problems``. ``header(path, name)`` is ``_header``'s answer."""
+    """The row's job, the command line filling in what it leaves out; adds what is wrong to ``problems``."""
 
     def path(name, default):  # a relative path is relative to the jobs file; args.jobs and default are absolute
         return args.jobs.parent / Path(cells[name]).expanduser() if cells.get(name) else default
-
     job = Job(**{**vars(args), "line": line, "image": path("image", args.image)})
     job.map, job.mask = ((path("map", None), path("mask", None)) if cells.get("map") or cells.get("mask")
                          else (args.map, args.mask))
@@ -303,9 +285,8 @@ def make_job(args: Args, line: int, number: int, cells: dict[str, str], problems
     elif folder not in job.output.parents:  # an absolute path, or ../, would lead out
         problems.append(f"output {text}: lies outside --output-dir {cli.display(args.output_dir)}; name a file "
                         "inside it")
-    # One call runs every image from the earliest step that any of its maps releases, and multistep schedulers
-    # (DPM-Solver++, PNDM, UniPC) carry what those steps saw into later ones: rows batch only with rows of the same
-    # map, so that each starts where it would alone.
+    # A call runs from the earliest step any of its maps releases, and multistep schedulers carry what those steps saw
+    # into later ones: rows batch only with rows of the same map, so that each starts where it would alone.
     source = ("map", job.map) if job.mask is None else ("mask", job.mask, job.feather, job.grow)
     job.batch_key = (header(job.image, "image")[0], source, job.steps, job.strength, job.guidance_scale)
     return job
@@ -332,10 +313,8 @@ def _refuse_bad_rows(bad: list[tuple[int, list[str]]], args) -> None:
 
 @contextlib.contextmanager
 def locked(folder: Path):
-    """Holds ``folder``'s batch lock, so that a second batch into it is refused in one line. The operating system
-    drops the lock when this process ends, however it ends: a killed batch blocks nothing."""
+    """Holds ``folder``'s batch lock; the operating system drops it when this process ends, however it ends."""
     import fcntl
-
     with open(folder / LOCK_NAME, "a+") as file:
         try:
             fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -349,8 +328,7 @@ def locked(folder: Path):
 
 
 def _mismatch(path: Path, expected: dict[str, str]) -> str | None:
-    """Why ``path`` is not a result of the edit that the PNG text ``expected`` describes (``HOW_MADE`` may differ);
-    None when it is one, so that a rerun can skip its row."""
+    """Why ``path`` is not the result of the edit the PNG text ``expected`` describes; None when it is."""
     try:
         with Image.open(path) as opened:
             stored = {key: value for key, value in opened.info.items() if isinstance(value, str)}
@@ -366,17 +344,14 @@ def _mismatch(path: Path, expected: dict[str, str]) -> str | None:
 
 
 def run_batches(state, module, args, batches: list[list], results: list[dict]) -> None:
-    """Runs this process's batches, adding one result per row to ``results``. A row that fails is reported, and the
-    others go on; a batch that fails is run row by row, so that only the culprit fails."""
+    """Runs this process's batches, adding one result per row to ``results``; a row that fails ends nothing else."""
     if not batches:
         return
     import gc
-
     import diffusers
     import torch
     import transformers
     from tqdm.auto import tqdm
-
     if not state.is_main_process:  # one set of loading bars, the main process's, is enough
         diffusers.utils.logging.disable_progress_bar()
         transformers.utils.logging.disable_progress_bar()
@@ -403,24 +378,23 @@ def run_batches(state, module, args, batches: list[list], results: list[dict]) -
         except Exception as error:  # noqa: BLE001 - one row's failure must not end the batch
             if len(loaded) == 1:
                 return record(rows[0], rows[0].output, error)
-            edited = None
-        if edited is None:  # find the row at fault, or get through a batch too large for memory row by row
-            gc.collect()  # only now, outside the except clause, is the failed call's memory unreferenced
-            torch.cuda.empty_cache()
-            for item in loaded:
-                edit([item])
+        else:
+            for job, image, map_image, result in zip(rows, images, maps, edited):
+                try:
+                    text = cli.png_parameters(job, steps_run, {**args.extra_params, "line": job.line})
+                    job.output.parent.mkdir(parents=True, exist_ok=True)
+                    written = cli.write_png(result, job.output, text, overwrite=args.overwrite)
+                    if args.compare:
+                        strip = cli.compare_strip(image, map_image, result, invert_map=job.invert_map)
+                        cli.write_png(strip, cli.compare_path(written), text, overwrite=args.overwrite)
+                    record(job, written)
+                except Exception as error:  # noqa: BLE001
+                    record(job, job.output, error)
             return
-        for job, image, map_image, result in zip(rows, images, maps, edited):
-            try:
-                text = cli.png_parameters(job, steps_run, {**args.extra_params, "line": job.line})
-                job.output.parent.mkdir(parents=True, exist_ok=True)
-                written = cli.write_png(result, job.output, text, overwrite=args.overwrite)
-                if args.compare:
-                    strip = cli.compare_strip(image, map_image, result, invert_map=job.invert_map)
-                    cli.write_png(strip, cli.compare_path(written), text, overwrite=args.overwrite)
-                record(job, written)
-            except Exception as error:  # noqa: BLE001
-                record(job, job.output, error)
+        gc.collect()  # only now, outside the except clause, is the failed call's memory unreferenced
+        torch.cuda.empty_cache()
+        for item in loaded:  # to find the row at fault, or get through a batch too large for memory
+            edit([item])
 
     with tqdm(total=sum(map(len, batches)), desc="rows", unit="row", disable=not state.is_main_process,
               file=sys.stderr) as bar:
@@ -437,11 +411,9 @@ def run_batches(state, module, args, batches: list[list], results: list[dict]) -
 
 
 def finish(state, args, plan, results: list[dict], seconds: float, interrupted: bool = False) -> int:
-    """Writes summary.json (every row: done, skipped, failed or bad) and prints its line, on the main process.
-    After Ctrl-C the processes are not gathered: the summary holds the main process's rows."""
+    """Writes summary.json and prints its line; after Ctrl-C it holds only the main process's rows."""
     if not interrupted:
         from accelerate.utils import gather_object
-
         results = gather_object(results)  # every process's rows
     if not state.is_main_process:
         return 0

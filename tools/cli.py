@@ -1,8 +1,7 @@
-"""What every run.py and tool shares: flags, input loading, model loading, one-line errors and atomic writes.
+"""What every run.py and tool shares: flags (README.md), input and model loading, one-line errors, atomic writes.
 
-README.md explains the flags. Exit status: 0 done, 2 the command line or an input file is wrong, 1 the run failed
-(loading, memory, writing), 130 interrupted. Unexpected exceptions keep their traceback: they are bugs.
-"""
+Exit status: 0 done, 2 the command line or an input file is wrong, 1 the run failed (loading, memory, writing), 130
+interrupted. Unexpected exceptions keep their traceback: they are bugs."""
 
 from __future__ import annotations
 
@@ -33,11 +32,9 @@ EXAMPLE_MAP = ASSETS / "map_gradient.png"
 EXAMPLE_PROMPT = ASSETS / "prompt.txt"
 EXAMPLE_NEGATIVE_PROMPT = ASSETS / "negative_prompt.txt"
 
-SCHEDULERS = {  # --scheduler names and the diffusers classes they stand for
-    "ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler", "euler-a": "EulerAncestralDiscreteScheduler",
-    "dpm++": "DPMSolverMultistepScheduler", "unipc": "UniPCMultistepScheduler", "pndm": "PNDMScheduler",
-    "ddpm": "DDPMScheduler",
-}
+SCHEDULERS = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler", "euler-a": "EulerAncestralDiscreteScheduler",
+              "dpm++": "DPMSolverMultistepScheduler", "unipc": "UniPCMultistepScheduler", "pndm": "PNDMScheduler",
+              "ddpm": "DDPMScheduler"}  # --scheduler names and the diffusers classes they stand for
 MAX_STEPS = 1000  # every model here was trained on a 1000-step schedule; schedulers refuse more
 MAX_SEED = 2**64 - 1  # the largest seed torch.Generator.manual_seed takes
 MAX_FEATHER_PX = 100_000  # far beyond any image side; only guards against typos such as 1e9
@@ -66,10 +63,7 @@ class CliError(Exception):
 
     def __init__(self, message: str, exit_code: int = EXIT_USAGE):
         super().__init__(message)
-        self.exit_code = exit_code
-
-    def __reduce__(self):  # to pass between processes whole
-        return CliError, (str(self), self.exit_code)
+        self.exit_code = exit_code  # pickled with the message: tools.batch passes the error between processes
 
 
 def main(run: Callable[[], int | None]) -> None:
@@ -113,19 +107,16 @@ class Example(NamedTuple):
 
 
 class Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are ``CliError``s (one line through ``main``) instead of usage text, and which
-    holds what ``parse_args`` needs beyond the flags. After parsing it calls each function in ``checks`` on the
-    result: a model's checks of flags that go together, which run.py and tools.batch thus both make before anything
-    loads."""
+    """An ArgumentParser whose errors are one-line ``CliError``s, holding what ``parse_args`` needs beyond the flags.
+    ``checks`` are a model's checks of flags that go together: every parse runs them, in run.py and tools.batch."""
 
     def __init__(self, *args, example: Example | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.checks: list[Callable[[argparse.Namespace], None]] = []
-        self.example = example  # the inputs that a run.py takes when their flags are not given
+        self.example = example
         self.default_output = Path("output.png")  # taken, or the first free name like it, when --output is not given
         self.extra_outputs = lambda args, output: []  # the files that a model writes beside the output: [paths]
-        # The action of each flag that every run.py shares, by dest, and their groups, by title (build_parser's): a
-        # model rewords their help and adds a flag to a group; its own flags are the others.
+        # build_parser's flags by dest, and groups by title, for a model to reword their help and add flags to them
         self.common_flags: dict[str, argparse.Action] = {}
         self.groups = {}
 
@@ -141,7 +132,6 @@ class Parser(argparse.ArgumentParser):
 
 class Args(argparse.Namespace):
     """A parsed command line: the parser's flags, and ``command``, the command line that the PNG text records."""
-
     command: str
 
 
@@ -158,7 +148,6 @@ def real_number(low: float, high: float = math.inf, *, whole: bool = False) -> C
         if not (low <= value <= high and math.isfinite(value)):  # in this order: a huge int has no float
             raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}")
         return value
-
     return parse
 
 
@@ -174,8 +163,8 @@ def build_parser(description: str, *, default_model: str, default_steps: int, de
                  default_image: str | PurePath = EXAMPLE_IMAGE, default_map: str | PurePath = EXAMPLE_MAP,
                  default_prompt: str | PurePath = EXAMPLE_PROMPT,
                  default_negative_prompt: str | PurePath = EXAMPLE_NEGATIVE_PROMPT) -> Parser:
-    """The flags every run.py shares; a model adds its own. Reads no file: ``--help`` works without the example. A
-    prompt default given as a ``Path`` is a file, read when the flag is not given."""
+    """The flags every run.py shares; a model adds its own. Reads no file, so ``--help`` works without the example: a
+    prompt default given as a ``Path`` is read when the flag is not given."""
     parser = Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
                     epilog="Map convention: white (1) keeps a pixel, black (0) changes it fully;\na pixel's strength "
                     "is --strength * (1 - map).\nExit status: 0 done, 1 the run failed, 2 bad arguments or input "
@@ -188,7 +177,6 @@ def build_parser(description: str, *, default_model: str, default_steps: int, de
         def add(*names, **options) -> None:
             action = parser.groups[title].add_argument(*names, **options)
             parser.common_flags[action.dest] = action
-
         return add
 
     text = lambda default: f"the text in {display(default)}" if isinstance(default, PurePath) else (  # noqa: E731
@@ -241,9 +229,8 @@ def build_parser(description: str, *, default_model: str, default_steps: int, de
 
 
 def parse_args(parser: Parser, argv: list[str] | None = None, *, command: str | None = None) -> Args:
-    """Parses ``argv`` (default: the command line) and checks all that needs no model; ``CliError`` names flag and
-    fix. Fills in the prompts (text), ``image``, ``map`` or ``mask``, ``output``, ``device`` and ``dtype`` (a name).
-    ``command`` (default: ``python <script> <argv>``) is the command line that the results record."""
+    """Parses ``argv`` (default: the command line), checks all that needs no model and fills in what defaults stand
+    for: prompt texts, input and output paths, device and dtype. The results record ``command`` as the command line."""
     argv = sys.argv[1:] if argv is None else list(argv)
     command = shlex.join(["python", display(sys.argv[0]), *argv]) if command is None else command
     args, example = parser.parse_args(argv, Args(command=command)), parser.example
@@ -293,8 +280,7 @@ def text_argument(given: str | None, default: str | PurePath, flag: str) -> str:
 
 
 def resolve_device(args: argparse.Namespace) -> None:
-    """Resolves ``--device`` and ``--dtype``: auto picks CUDA in fp16, then Apple MPS in fp16, then the CPU, which
-    runs only fp32."""
+    """Resolves ``--device`` and ``--dtype``: auto picks CUDA, then Apple MPS, in fp16, then the CPU in fp32."""
     import torch
     if args.offload and args.device == "cpu":
         raise CliError("--offload moves each model onto the GPU only while it runs; it needs --device cuda or mps")
@@ -329,8 +315,7 @@ def first_free(path: Path, companions: Callable[[Path], list[Path]] = lambda pat
 
 
 def check_output(path: Path, inputs: dict[str, Path | None], *, overwrite: bool, flag: str = "--output") -> None:
-    """Refuses ``path`` when it is one of ``inputs`` ({flag: path}), even with ``overwrite``, or when it exists and
-    ``overwrite`` is off. ``samefile`` sees through relative paths, symbolic and hard links alike."""
+    """Refuses ``path`` when it is one of ``inputs`` ({flag: path}), or exists and ``overwrite`` is off."""
     for input_flag, source in inputs.items():
         if source is not None and path.exists() and Path(source).exists() and os.path.samefile(path, source):
             raise CliError(f"{flag} {display(path)} is the {input_flag} file; inputs are never overwritten")
@@ -341,7 +326,6 @@ def check_output(path: Path, inputs: dict[str, Path | None], *, overwrite: bool,
 def _output_path(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path:
     def companions(output: Path) -> list[Path]:
         return ([compare_path(output)] if args.compare else []) + list(parser.extra_outputs(args, output))
-
     if args.output is None:
         return first_free(parser.default_output, companions)
     output = Path(args.output).expanduser()
@@ -351,8 +335,7 @@ def _output_path(args: argparse.Namespace, parser: argparse.ArgumentParser) -> P
     if not os.access(output.parent, os.W_OK):
         raise CliError(f"--output: the folder {display(output.parent)} does not exist or is not writable")
     for target in [output, *companions(output)]:
-        check_output(target, {"--image": args.image, "--map": args.map, "--mask": args.mask},
-                     overwrite=args.overwrite)
+        check_output(target, {"--image": args.image, "--map": args.map, "--mask": args.mask}, overwrite=args.overwrite)
     return output
 
 
@@ -369,16 +352,14 @@ def reading(path: Path, flag: str):
 
 
 def read_image(path: Path, flag: str) -> Image.Image:
-    """The image at ``path``, decoded and turned upright by its EXIF orientation (a map is drawn on the photo as
-    it is displayed); failures are one-line errors naming ``flag``."""
+    """The image at ``path``, decoded and upright by its EXIF orientation: a map is drawn on the photo as shown."""
     with reading(path, flag), Image.open(path) as opened:
         opened.load()  # a truncated file fails here, while we can still name it
         return ImageOps.exif_transpose(opened)
 
 
 def map_values(image: Image.Image, what: str = "the map") -> np.ndarray:
-    """An image's gray values in [0, 1] (float32, height x width), read exactly as the pipelines read a map: by the
-    ``map_to_tensor`` of the differential core, the same in every pipeline file. Colour counts by luminance."""
+    """An image's gray values in [0, 1] (float32, height x width), exactly as every pipeline's ``map_to_tensor``."""
     from SD2.diff_pipe import map_to_tensor
     try:
         return map_to_tensor(image)[0, 0].numpy().astype(np.float32)
@@ -387,8 +368,7 @@ def map_values(image: Image.Image, what: str = "the map") -> np.ndarray:
 
 
 def load_map(path: Path, flag: str = "--map") -> Image.Image:
-    """The map at ``path``, checked, as an image that the pipelines read at the values of the file itself: a gray
-    image as it is (8- and 16-bit levels and float values keep their exact meaning), colour as its luminance."""
+    """The map at ``path``, checked; gray as it is (16-bit and float maps keep their precision), colour as luminance."""
     image = read_image(path, flag)
     map_values(image, f"{flag} {display(path)}")
     return image if image.mode in ("1", "L", "I", "F") or image.mode.startswith("I;16") else image.convert("L")
@@ -401,9 +381,8 @@ def as_rgb(image: Image.Image, what: str = "the image") -> Image.Image:
 
 
 def load_inputs(args: argparse.Namespace) -> tuple[Image.Image, Image.Image]:
-    """``(image, map)``: ``args.image`` decoded, RGB and upright by its EXIF orientation, and the map (mode F, values
-    in [0, 1], white = keep or as --invert-map says): ``args.map``, or with ``--mask`` the soft inpainting keep map
-    ``mask_to_keep_map`` makes. A map or mask of another shape is stretched to the image, with a warning."""
+    """``(image, map)``: ``args.image`` as upright RGB, and ``args.map`` or the keep map of ``args.mask``. A map or
+    mask of another shape is stretched to the image, with a warning."""
     image = as_rgb(read_image(args.image, "--image"), f"--image {display(args.image)}")
     what, source = ("mask", read_image(args.mask, "--mask")) if args.mask is not None else ("map", load_map(args.map))
     if aspect_differs(image.size, source.size):
@@ -427,9 +406,8 @@ def stretch_map(map_image: Image.Image, size: tuple[int, int]) -> Image.Image:
 
 def mask_to_keep_map(mask: Image.Image, size: tuple[int, int], feather: float = 0.0, grow: float = 0.0, *,
                      shown: str = "the mask") -> Image.Image:
-    """The soft inpainting keep map (mode F, white = keep) of an inpainting mask (any image, white = fill), stretched
-    to ``size`` first, so that ``feather`` and ``grow`` count image pixels. Values of 0.5 and up are the region:
-    0 in the map, grown by ``grow`` pixels and faded to 1 over ``feather`` more (``tools.feather.feathered_mask``)."""
+    """The keep map (mode F) of an inpainting mask (white, 0.5 and up, = fill), stretched to ``size`` first so that
+    ``feather`` and ``grow`` count image pixels (see ``tools.feather.feathered_mask``)."""
     values = Image.fromarray(map_values(mask, f"--mask {shown}")).resize(size, Image.Resampling.BILINEAR)
     region = np.asarray(values) >= 0.5
     if not region.any():
@@ -437,19 +415,17 @@ def mask_to_keep_map(mask: Image.Image, size: tuple[int, int], feather: float = 
     return Image.fromarray(feathered_mask(region, feather_px=feather, grow_px=grow))
 
 
-def check_image_size(image: Image.Image, cell: int, flag: str = "--image") -> None:
+def check_image_size(image: Image.Image, cell: int) -> None:
     """Refuses an image smaller than one ``cell`` x ``cell`` cell of a model's latent grid: it cannot encode it."""
     if min(image.size) < cell:
-        raise CliError(f"{flag}: the image is {image.width}x{image.height} pixels, smaller than one {cell}x{cell} "
+        raise CliError(f"--image: the image is {image.width}x{image.height} pixels, smaller than one {cell}x{cell} "
                        f"cell of the model's latent grid; give an image at least {cell} pixels on each side")
 
 
 def load_pipeline(pipeline_class, model: str, *, torch_dtype, device: str, offload: bool = False,
                   flag: str = "--model", **from_pretrained_kwargs):
-    """``pipeline_class.from_pretrained(model)`` (a Hub id or a local folder) on ``device``, or with model CPU offload
-    onto the current GPU (each process's own under ``accelerate launch``). A checkpoint of another family (see
-    ``FAMILIES``), missing weights, no network, a gated model or a broken folder end as one-line ``CliError``s
-    naming ``flag`` and the model. On the CPU, the first load warns in one line that the run takes minutes."""
+    """``pipeline_class.from_pretrained(model)`` (a Hub id or a local folder) on ``device``, or offloaded onto the
+    current GPU. Another family's checkpoint and every failure to load end as one-line ``CliError``s."""
     path = model_path(model, flag)
     try:
         if expected := family_of(pipeline_class.__name__):
@@ -483,7 +459,7 @@ def model_path(model: str, flag: str = "--model") -> Path:
     return path
 
 
-_warn_once = functools.cache(lambda message: warn(message))  # one warning however many models a run loads
+_warn_once = functools.cache(warn)  # one warning however many models a run loads
 
 
 def family_of(class_name: str) -> str | None:
@@ -575,8 +551,7 @@ def edit_images(pipe, args: argparse.Namespace, edit=None, **call) -> list:
 
 def save_result(result: Image.Image, args: argparse.Namespace, *, image: Image.Image, map_image: Image.Image,
                 steps_run: int, seconds: float, extra_params: dict | None = None) -> Path:
-    """Writes the result with its parameters as PNG text (and the ``--compare`` strip), prints the one final line
-    ``<path> (<seconds>s, <N> denoising steps)``, returns the path written."""
+    """Writes the result with its parameters as PNG text (and the ``--compare`` strip); prints its path and time."""
     text = png_parameters(args, steps_run, extra_params)
     output = write_png(result, args.output, text, overwrite=args.overwrite)
     line = f"{display(output)} ({seconds:.1f}s, {steps_run} denoising step{'' if steps_run == 1 else 's'})"
@@ -596,9 +571,8 @@ def write_png(image: Image.Image, path: Path, text: dict[str, str] | None = None
 
 
 def write_atomically(path: Path, write: Callable, *, overwrite: bool = False) -> Path:
-    """Calls ``write(file)`` on a temporary file beside ``path``, then renames it into place: readers see the old
-    file or the whole new one, and a failure leaves ``path`` as it was. Without ``overwrite`` an existing file is
-    never replaced: if ``path`` was taken meanwhile, the first free ``<stem>-N`` name is used, with a warning."""
+    """Calls ``write(file)`` on a temporary file, then renames it to ``path``: readers never see half a file. Without
+    ``overwrite``, a ``path`` taken meanwhile is kept, and the first free ``<stem>-N`` name is used instead."""
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
         with open(partial, "wb") as file:
@@ -616,8 +590,7 @@ def write_atomically(path: Path, write: Callable, *, overwrite: bool = False) ->
 
 def compare_strip(image: Image.Image, map_image: Image.Image, result: Image.Image,
                   invert_map: bool = False) -> Image.Image:
-    """input | map | output side by side at the output's height. Each panel's label is white on black at its top
-    left, as large as fits inside the panel (a 32nd of its height at most), and left out below 8-pixel text."""
+    """input | map | output side by side at the output's height, each labelled as large as fits (at most 1/32)."""
     panels = [(image, "input"), (map_image, f"map (white = {'change' if invert_map else 'keep'})"), (result, "output")]
     panels = [(as_rgb(panel).resize((max(1, round(panel.width * result.height / panel.height)), result.height),
                                     Image.Resampling.LANCZOS), label) for panel, label in panels]
