@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tools import cli  # noqa: E402
+from tools import cli, loading  # noqa: E402
 
 DEFAULT_MODEL = "black-forest-labs/FLUX.1-dev"
 SIZE_MULTIPLE = 16  # the VAE's 8 times the 2x2 patches that latents are packed in
@@ -47,7 +47,7 @@ def load_pipelines(args):
         )
     from Flux.diff_pipe import FluxDiffImg2ImgPipeline  # by package, so that families never collide
 
-    return cli.load_pipeline(
+    return loading.load_pipeline(
         FluxDiffImg2ImgPipeline, args.model, torch_dtype=cli.torch_dtype(args.dtype), device=args.device,
         offload=args.offload,
     )

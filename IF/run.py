@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tools import cli  # noqa: E402
+from tools import cli, loading  # noqa: E402
 from tools.crop import edit_on_crop  # noqa: E402
 
 DEFAULT_MODEL = "DeepFloyd/IF-I-XL-v1.0"
@@ -151,7 +151,7 @@ def load_pipelines(args) -> IFPipelines:
     if args.stages == 3:
         from diffusers import StableDiffusionUpscalePipeline
 
-        stage3 = cli.load_pipeline(
+        stage3 = loading.load_pipeline(
             StableDiffusionUpscalePipeline, args.stage3_model, torch_dtype=cli.torch_dtype(args.dtype),
             device=args.device, offload=offload, flag="--stage3-model", **NO_SAFETY_CHECKER_OR_WATERMARK,
         )
@@ -164,12 +164,12 @@ def _load_if_stage(pipeline_class, model, flag, args, offload, *, super_resoluti
     pipe = None
     if args.dtype == "fp16":  # the IF repositories hold fp16 copies: half the download
         try:
-            pipe = cli.load_pipeline(pipeline_class, model, variant="fp16", **load)
+            pipe = loading.load_pipeline(pipeline_class, model, variant="fp16", **load)
         except cli.CliError as error:
             if "variant" not in str(error):  # diffusers names the variant when a model has no fp16 files
                 raise
     if pipe is None:
-        pipe = cli.load_pipeline(pipeline_class, model, **load)
+        pipe = loading.load_pipeline(pipeline_class, model, **load)
     _check_stage(pipe, model, flag, super_resolution)
     cli.set_scheduler(pipe, args.scheduler)
     return pipe

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tools import cli  # noqa: E402
+from tools import cli, loading  # noqa: E402
 
 DEFAULT_MODEL = "kandinsky-community/kandinsky-2-2-decoder"
 DEFAULT_PRIOR = "kandinsky-community/kandinsky-2-2-prior"
@@ -85,8 +85,8 @@ def load_pipelines(args):
     from Kandinsky.diff_pipe import KandinskyV22DiffImg2ImgPipeline
 
     load = dict(torch_dtype=cli.torch_dtype(args.dtype), device=args.device, offload=args.offload)
-    prior = cli.load_pipeline(KandinskyV22PriorPipeline, args.prior, flag="--prior", **load)
-    decoder = cli.load_pipeline(KandinskyV22DiffImg2ImgPipeline, args.model, **load)
+    prior = loading.load_pipeline(KandinskyV22PriorPipeline, args.prior, flag="--prior", **load)
+    decoder = loading.load_pipeline(KandinskyV22DiffImg2ImgPipeline, args.model, **load)
     cli.set_scheduler(decoder, args.scheduler)
     for flag, value in (("--height", args.height), ("--width", args.width)):
         if value % decoder.pixel_multiple:  # only a decoder of another architecture than Kandinsky 2.2's

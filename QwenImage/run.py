@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tools import cli  # noqa: E402
+from tools import cli, loading  # noqa: E402
 
 DEFAULT_MODEL = "Qwen/Qwen-Image"
 SIZE_MULTIPLE = 16  # the VAE's 8 times the 2x2 patches that latents are packed in
@@ -44,7 +44,7 @@ def load_pipelines(args):
         )
     from QwenImage.diff_pipe import QwenImageDiffImg2ImgPipeline  # by package, so that families never collide
 
-    return cli.load_pipeline(
+    return loading.load_pipeline(
         QwenImageDiffImg2ImgPipeline, args.model, torch_dtype=cli.torch_dtype(args.dtype), device=args.device,
         offload=args.offload,
     )

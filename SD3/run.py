@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tools import cli  # noqa: E402
+from tools import cli, loading  # noqa: E402
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-3.5-medium"
 SIZE_MULTIPLE = 16  # the VAE's 8 times the transformer's 2x2 patches
@@ -37,7 +37,7 @@ def load_pipelines(args):
         )
     from SD3.diff_pipe import StableDiffusion3DiffImg2ImgPipeline  # by package, so that families never collide
 
-    return cli.load_pipeline(
+    return loading.load_pipeline(
         StableDiffusion3DiffImg2ImgPipeline, args.model, torch_dtype=cli.torch_dtype(args.dtype), device=args.device,
         offload=args.offload,
     )

@@ -25,7 +25,7 @@ from typing import NamedTuple
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tools import cli, conditioning  # noqa: E402
+from tools import cli, conditioning, loading  # noqa: E402
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 DEFAULT_REFINER = "stabilityai/stable-diffusion-xl-refiner-1.0"
@@ -141,7 +141,7 @@ def load_pipelines(args):
     if args.no_refiner:
         return Pipelines(base, None)
     # The refiner was trained with the base's VAE and second text encoder: share them rather than load them twice.
-    refiner = cli.load_pipeline(
+    refiner = loading.load_pipeline(
         StableDiffusionXLDiffImg2ImgPipeline, args.refiner, flag="--refiner", **options,
         text_encoder_2=base.text_encoder_2, vae=base.vae,
     )

@@ -16,7 +16,7 @@ from pathlib import Path
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tools import cli  # noqa: E402
+from tools import cli, loading  # noqa: E402
 
 DEFAULT_MODEL = "Tongyi-MAI/Z-Image-Turbo"
 SIZE_MULTIPLE = 16  # the VAE's 8 times the 2x2 patches that latents are packed in
@@ -46,7 +46,7 @@ def load_pipelines(args):
         )
     from ZImage.diff_pipe import ZImageDiffImg2ImgPipeline  # by package, so that families never collide
 
-    return cli.load_pipeline(
+    return loading.load_pipeline(
         ZImageDiffImg2ImgPipeline, args.model, torch_dtype=cli.torch_dtype(args.dtype), device=args.device,
         offload=args.offload,
     )

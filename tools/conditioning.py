@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tools import cli
+from tools import cli, loading
 
 CONTROLS = ("canny", "depth")  # --control: conditions made from --image itself
 CANNY_THRESHOLDS = (100, 200)  # the low and high thresholds of the common Canny ControlNet recipe
@@ -82,13 +82,13 @@ def variant(args: argparse.Namespace) -> str | None:
 
 
 def load_pipeline(pipeline_class, args: argparse.Namespace, **from_pretrained_kwargs):
-    """``cli.load_pipeline`` for the variant the flags ask for, with its ControlNets (and depth model) loaded too;
+    """``loading.load_pipeline`` for the variant the flags ask for, with its ControlNets (and depth model) loaded too;
     refuses a checkpoint given to the wrong flag and a ControlNet made for another model family."""
     nets = load_controlnets(args) if args.controlnet else []
     if nets:
         from_pretrained_kwargs["controlnet"] = nets if len(nets) > 1 else nets[0]
     flag = "--inpaint-model" if args.inpaint_model else "--model"
-    pipe = cli.load_pipeline(pipeline_class, args.model, torch_dtype=cli.torch_dtype(args.dtype), device=args.device,
+    pipe = loading.load_pipeline(pipeline_class, args.model, torch_dtype=cli.torch_dtype(args.dtype), device=args.device,
                              offload=args.offload, flag=flag, **from_pretrained_kwargs)
     channels = pipe.unet.config.in_channels
     if args.inpaint_model and channels != INPAINT_CHANNELS:
@@ -110,11 +110,11 @@ def load_controlnets(args: argparse.Namespace) -> list:
 
     nets, dtype = [], cli.torch_dtype(args.dtype)
     for name in args.controlnet:
-        path = cli.model_path(name, "--controlnet")
+        path = loading.model_path(name, "--controlnet")
         try:
             nets.append(ControlNetModel.from_pretrained(str(path) if path.is_dir() else name, dtype=dtype))
         except (OSError, ValueError) as error:
-            raise cli.CliError(cli.load_failure(error, name, "--controlnet", ControlNetModel, path.is_dir()),
+            raise cli.CliError(loading.load_failure(error, name, "--controlnet", ControlNetModel, path.is_dir()),
                                cli.EXIT_RUN_FAILED) from error
     return nets
 

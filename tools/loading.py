@@ -1,0 +1,93 @@
+"""Loading a family's pipeline for the command line: `from_pretrained` on a Hub id or a local folder, with another
+family's checkpoint, a gated model and every other failure to load told in one line."""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from pathlib import Path
+
+from tools.cli import EXIT_RUN_FAILED, CliError, one_line, warn
+
+# Which run.py takes a checkpoint, by the longest start of its model_index.json "_class_name" that fits: another
+# family's checkpoint would load and then fail deep inside a step, so load_pipeline refuses it at once.
+FAMILIES = {
+    "StableDiffusion": ("an SD 1.x/2.x checkpoint", "SD2/run.py"),
+    "StableDiffusionXL": ("an SDXL checkpoint", "SDXL/run.py"),
+    "StableDiffusion3": ("an SD3 checkpoint", "SD3/run.py"),
+    "StableDiffusionUpscale": ("an x4 upscaler", "IF/run.py --stage3-model"),
+    "KandinskyV22": ("a Kandinsky 2.2 checkpoint", "Kandinsky/run.py"),
+    "IF": ("a DeepFloyd IF checkpoint", "IF/run.py"),
+    "Flux": ("a Flux checkpoint", "Flux/run.py"),
+    "Chroma": ("a Chroma checkpoint", "Chroma/run.py"),
+    "QwenImage": ("a Qwen-Image checkpoint", "QwenImage/run.py"),
+    "ZImage": ("a Z-Image checkpoint", "ZImage/run.py"),
+}
+
+
+def load_pipeline(pipeline_class, model: str, *, torch_dtype, device: str, offload: bool = False,
+                  flag: str = "--model", **from_pretrained_kwargs):
+    """``pipeline_class.from_pretrained(model)`` (a Hub id or a local folder) on ``device``, or offloaded onto the
+    current GPU. Another family's checkpoint and every failure to load end as one-line ``CliError``s."""
+    path = model_path(model, flag)
+    try:
+        if expected := family_of(pipeline_class.__name__):
+            from huggingface_hub import hf_hub_download
+            index = path / "model_index.json" if path.is_dir() else hf_hub_download(
+                model, "model_index.json", cache_dir=from_pretrained_kwargs.get("cache_dir"))
+            found = json.loads(Path(index).read_text()).get("_class_name", "?")
+            if family_of(found) != expected:
+                what, where = FAMILIES.get(family_of(found), ("a pipeline", "no run.py here"))
+                raise CliError(f"{flag} {model}: {what} ({found}), for {where}; here {flag} takes "
+                               f"{FAMILIES[expected][0]}")
+        pipe = pipeline_class.from_pretrained(str(path) if path.is_dir() else model, dtype=torch_dtype,
+                                              **from_pretrained_kwargs)
+    except (OSError, ValueError, ImportError) as error:
+        raise CliError(load_failure(error, model, flag, pipeline_class, path.is_dir()), EXIT_RUN_FAILED) from error
+    if offload:  # for .to(), "cuda" is the current GPU; for offloading, it is GPU 0
+        import torch
+        pipe.enable_model_cpu_offload(device=f"cuda:{torch.cuda.current_device()}" if device == "cuda" else device)
+    else:
+        pipe.to(device)
+    if device == "cpu":  # said after loading, so that a failed load prints its error alone
+        warn_once("running on the CPU in fp32; this takes minutes")
+    return pipe
+
+
+def model_path(model: str, flag: str = "--model") -> Path:
+    """``model`` as a path, checked to be a folder or to look like a Hub id (``CliError`` naming ``flag`` if not)."""
+    path = Path(model).expanduser()
+    if not path.is_dir() and (path.exists() or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", model)):
+        raise CliError(f"{flag} {model}: neither a diffusers folder (with model_index.json) nor a Hugging Face Hub id")
+    return path
+
+
+warn_once = functools.cache(warn)  # one warning however many models a run loads
+
+
+def family_of(class_name: str) -> str | None:
+    """The ``FAMILIES`` key of a pipeline class name, or None."""
+    return max((start for start in FAMILIES if class_name.startswith(start)), key=len, default=None)
+
+
+def load_failure(error: BaseException, model: str, flag: str, pipeline_class, local: bool) -> str:
+    """The one line that says why ``pipeline_class`` (a pipeline or model class) could not load ``model``."""
+    causes = [error]  # diffusers wraps the Hub's errors in OSError
+    while (cause := causes[-1].__cause__ or causes[-1].__context__) is not None and cause not in causes:
+        causes.append(cause)
+    # Not the bare word "gated": a missing repo's message says "private or gated".
+    if any(type(cause).__name__ == "GatedRepoError" or re.search(r"access (a )?gated repo", str(cause), re.I)
+           for cause in causes):
+        return (f"{model} is a gated model: accept its licence at https://huggingface.co/{model} and log in with "
+                "`hf auth login`, then run again")
+    if isinstance(error, ImportError):
+        return f"loading {model} needs a package that is not installed: {one_line(error)}"
+    if local or isinstance(error, ValueError):
+        first = (str(error).strip() or type(error).__name__).splitlines()[0]
+        return f"{flag} {model}: cannot load it as a {pipeline_class.__name__}: {one_line(first)}"
+    from huggingface_hub import constants
+    why = ("HF_HUB_OFFLINE=1 forbids downloading it; unset HF_HUB_OFFLINE to download it" if constants.HF_HUB_OFFLINE
+           else "the Hugging Face Hub cannot be reached or has no such model (private ones need `hf auth login`)")
+    return (f"cannot load model {model}: it is not fully cached locally and {why}, or pass {flag} PATH to load a "
+            "local diffusers folder")
