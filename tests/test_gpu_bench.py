@@ -217,7 +217,7 @@ def test_offload_variant_runs_and_hands_the_next_variant_plain_pipelines(monkeyp
 
     monkeypatch.setattr(gpu_bench, "compile_unet", inspect_instead_of_compiling)
     setup = gpu_bench.Setup(device="cpu", dtype=torch.float32, smoke=True, steps=5)
-    plan = {"eager": None, "offload": None, "compile": None, "crop": "skipped (--no-crop)"}
+    plan = {"eager": "skipped (not under test)", "offload": None, "compile": None, "crop": "skipped (--no-crop)"}
     record = gpu_bench.run_family(gpu_bench.FAMILIES["sd2"], setup, repeats=1, plan=plan)
     offload = record["variants"]["offload"]
     assert offload["status"] == "ok"
@@ -254,7 +254,6 @@ def test_families_option_names_the_choices():
 
 
 def test_json_is_never_overwritten_without_overwrite(tmp_path, monkeypatch, capsys):
-    # In this process, as the smoke fixture's subprocess already shows the script running as one.
     existing = tmp_path / "results.json"
     existing.write_text("the user's file")
     monkeypatch.setattr(gpu_bench, "quiet_libraries", lambda: None)
