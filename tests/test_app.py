@@ -23,11 +23,16 @@ def app_url(sd_dir, tmp_path_factory):
         yield url
 
 
-@pytest.fixture
-def page(app_url):
-    with browser.browser_page() as page:
-        page.goto(app_url)
+@pytest.fixture(scope="module")
+def browser_tab(app_url):
+    with browser.browser_page() as page:  # one Chromium for the module: starting one costs seconds
         yield page
+
+
+@pytest.fixture
+def page(browser_tab, app_url):
+    browser_tab.goto(app_url)  # a fresh load is a fresh Gradio session
+    return browser_tab
 
 
 def smooth_image(width=128, height=96):
@@ -61,7 +66,18 @@ def paint_and_edit(page, image_path):
 
 
 @needs_browser
-def test_edit_in_the_browser(page, tmp_path):
+def test_bad_uploads_show_errors_then_edit_and_fan_in_the_browser(page, tmp_path):
+    text_file = tmp_path / "notes.txt"
+    text_file.write_text("not an image\n")
+    browser.upload_image(page, text_file)
+    page.get_by_text("Invalid file type: notes.txt").wait_for()  # Gradio refuses it by its name
+    disguised = tmp_path / "notes.png"
+    disguised.write_text("not an image either\n")
+    browser.upload_image(page, disguised)
+    page.get_by_text("image notes.png: not an image (Pillow cannot read this file)").wait_for()
+    assert "Traceback" not in page.content()
+
+    # The app goes on: the same page edits what is uploaded next.
     image_path = tmp_path / "input.png"
     smooth_image().save(image_path)
     browser.set_field(page, "steps", STEPS)
@@ -98,6 +114,13 @@ def test_edit_in_the_browser(page, tmp_path):
     page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
     assert (tmp_path / "app.png").stat().st_size > 10_000
 
+    # The fan button runs tools.fan's Strength Fan: every strength from 0 to 1 in one edit.
+    assert f"{STEPS} denoising steps" in browser.click_edit(page, "fan")
+    fan_png = download(page, tmp_path, "fan.png")
+    assert (fan_png.text["tool"], fan_png.text["sectors"], fan_png.text["map"]) == ("fan", "8",
+                                                                                   "strength fan, 8 sectors")
+    assert page.locator("#extra img").count() == 1  # the labelled fan
+
 
 @needs_browser
 def test_the_seed_typed_reaches_the_pipeline_and_the_png_text(page, tmp_path):
@@ -123,32 +146,6 @@ def test_the_seed_typed_reaches_the_pipeline_and_the_png_text(page, tmp_path):
         ran = run_in_process("SD2/run.py", *flags, "--device", "cpu", "--output", output)
         assert ran.returncode == 0, ran.stderr
         assert np.array_equal(np.asarray(Image.open(output).convert("RGB")), edited) == same, seed
-
-
-@needs_browser
-def test_bad_upload_shows_an_error_and_the_app_goes_on(page, tmp_path):
-    text_file = tmp_path / "notes.txt"
-    text_file.write_text("not an image\n")
-    browser.upload_image(page, text_file)
-    page.get_by_text("Invalid file type: notes.txt").wait_for()  # Gradio refuses it by its name
-    disguised = tmp_path / "notes.png"
-    disguised.write_text("not an image either\n")
-    browser.upload_image(page, disguised)
-    page.get_by_text("image notes.png: not an image (Pillow cannot read this file)").wait_for()
-    assert "Traceback" not in page.content()
-
-    image_path = tmp_path / "input.png"
-    smooth_image().save(image_path)
-    browser.set_field(page, "steps", STEPS)
-    assert f"{STEPS} denoising steps" in paint_and_edit(page, image_path)
-    assert download(page, tmp_path, "after-error.png").text["steps_run"] == str(STEPS)
-
-    # The fan button runs tools.fan's Strength Fan: every strength from 0 to 1 in one edit.
-    assert f"{STEPS} denoising steps" in browser.click_edit(page, "fan")
-    fan_png = download(page, tmp_path, "fan.png")
-    assert (fan_png.text["tool"], fan_png.text["sectors"], fan_png.text["map"]) == ("fan", "8",
-                                                                                   "strength fan, 8 sectors")
-    assert page.locator("#extra img").count() == 1  # the labelled fan
 
 
 def test_messages_instead_of_tracebacks():

@@ -15,7 +15,8 @@ from benchmarks import gpu_bench
 from tools.cli import CliError
 
 SCRIPT = "benchmarks/gpu_bench.py"
-STEPS = 20  # the default T
+# T = 5 makes the weak map's 0.3 T = 1.5: the flow-matching families must run ceil(1.5) = 2 steps, the others 1.
+STEPS = 5
 PIPELINE_FILES = {
     "sd2": "SD2/diff_pipe.py",
     "sdxl": "SDXL/diff_pipe.py",
@@ -39,9 +40,9 @@ CALLS_PER_STEP = {"chroma": 2, "qwenimage": 2}
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    """One smoke run with the defaults (every family, T = 20); returns (process, report)."""
+    """One smoke run of every family (the default) at T = STEPS; returns (process, report)."""
     report_path = tmp_path_factory.mktemp("gpu_bench") / "smoke.json"
-    process = run_script(SCRIPT, "--smoke", "--json", report_path)
+    process = run_script(SCRIPT, "--smoke", "--steps", STEPS, "--json", report_path)
     assert process.returncode == 0, process.stderr
     return process, json.loads(report_path.read_text())
 
@@ -70,9 +71,10 @@ def test_smoke_reports_every_family_with_positive_times(smoke):
 def test_smoke_counts_03_t_steps_of_model_calls_against_t(smoke):
     _, report = smoke
     for name, family in report["families"].items():
-        assert family["weak_steps"] == math.floor(STEPS * 0.3) == math.ceil(STEPS * 0.3 - 1e-9) == 6
+        weak = (math.ceil if name in FLOW_FAMILIES else math.floor)(STEPS * 0.3)
+        assert family["weak_steps"] == weak == (2 if name in FLOW_FAMILIES else 1), name
         calls = CALLS_PER_STEP.get(name, 1)
-        assert family["unet_calls"] == {"stock": STEPS * calls, "ours": STEPS * calls, "ours_weak": 6 * calls}, name
+        assert family["unet_calls"] == {"stock": STEPS * calls, "ours": STEPS * calls, "ours_weak": weak * calls}, name
         for case_name, case in family["variants"]["eager"]["cases"].items():
             assert case["unet_calls"] == family["unet_calls"][case_name]
 
@@ -215,7 +217,7 @@ def test_offload_variant_runs_and_hands_the_next_variant_plain_pipelines(monkeyp
 
     monkeypatch.setattr(gpu_bench, "compile_unet", inspect_instead_of_compiling)
     setup = gpu_bench.Setup(device="cpu", dtype=torch.float32, smoke=True, steps=5)
-    plan = {"eager": None, "offload": None, "compile": None, "crop": "skipped (--no-crop)"}
+    plan = {"eager": "skipped (not under test)", "offload": None, "compile": None, "crop": "skipped (--no-crop)"}
     record = gpu_bench.run_family(gpu_bench.FAMILIES["sd2"], setup, repeats=1, plan=plan)
     offload = record["variants"]["offload"]
     assert offload["status"] == "ok"
@@ -251,12 +253,15 @@ def test_families_option_names_the_choices():
         gpu_bench.parse_families("sd2,sd4")
 
 
-def test_json_is_never_overwritten_without_overwrite(tmp_path):
+def test_json_is_never_overwritten_without_overwrite(tmp_path, monkeypatch, capsys):
     existing = tmp_path / "results.json"
     existing.write_text("the user's file")
-    process = run_script(SCRIPT, "--smoke", "--families", "sd2", "--json", existing)
-    assert process.returncode == 2
-    assert process.stderr.strip().splitlines() == [
+    monkeypatch.setattr(gpu_bench, "quiet_libraries", lambda: None)
+    monkeypatch.setattr("sys.argv", [SCRIPT, "--smoke", "--families", "sd2", "--json", str(existing)])
+    with pytest.raises(SystemExit) as exit:
+        gpu_bench.main(gpu_bench.run)
+    assert exit.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
         f"error: --json {existing} already exists; pass --overwrite to replace it, or another path."
     ]
     assert existing.read_text() == "the user's file"
@@ -265,5 +270,6 @@ def test_json_is_never_overwritten_without_overwrite(tmp_path):
 def test_without_a_gpu_it_points_to_smoke(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     args = gpu_bench.build_parser().parse_args(["--families", "sd2"])
+    assert args.steps == 20 and not args.smoke  # the defaults; the smoke fixture passes its own T
     with pytest.raises(CliError, match=r"no CUDA GPU here: .*--smoke"):
         gpu_bench.check_args(args)
