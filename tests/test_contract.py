@@ -87,13 +87,10 @@ def on_grid(family, pipe, latents):
     return latents if unpack is None else unpack(pipe, latents)
 
 
-def skip_unless_it_can(family, check, request=None):
-    """Skips `check` where the registry says the family cannot do it; marks it expected to fail (strictly) where
-    the registry names a known bug."""
+def skip_unless_it_can(family, check):
+    """Skips `check` where the registry says the family cannot do it."""
     if check in FAMILIES[family].skip:
         pytest.skip(f"{family}: {FAMILIES[family].skip[check]}")
-    if check in FAMILIES[family].known_bugs:
-        request.applymarker(pytest.mark.xfail(reason=f"{family}: {FAMILIES[family].known_bugs[check]}", strict=True))
 
 
 def in_stock_order(family, per_image, copies):
@@ -101,11 +98,6 @@ def in_stock_order(family, per_image, copies):
     if FAMILIES[family].repeats == "each":
         return per_image.repeat_interleave(copies, dim=0)
     return per_image.repeat(copies, *(1,) * (per_image.ndim - 1))
-
-
-def image_index(family, k, images, copies):
-    """Which input image output `k` of a batch of `images` images with `copies` copies each is made from."""
-    return k // copies if FAMILIES[family].repeats == "each" else k % images
 
 
 @contextmanager
@@ -351,6 +343,9 @@ def test_a_white_map_runs_no_step_and_returns_the_original(family, components):
                       output_type=output_type).images
         x0 = in_stock_order(family, entry.x0_and_noise(ours, two_images(family))[0], 2)
         assert torch.equal(on_grid(family, ours, result), x0) and ours.num_timesteps == 0
+        # keep_exact with nothing to change: the input itself.
+        result = edit(ours, family, map=WHITE, keep_exact=True)[0]
+        assert np.array_equal(np.asarray(result), np.asarray(entry.inputs(0)[entry.edited]))
     assert each_made(calls, 0)
 
 
@@ -370,6 +365,10 @@ def test_images_with_their_own_maps_in_one_batch_are_each_run_alone(family, comp
         alone = on_grid(family, ours, edit(ours, family, item=i, seed=seeds[i], map=maps[i], **run))
         assert_close_to_single_run(batch[i : i + 1], alone)
     assert not torch.allclose(batch[0], batch[1], atol=1e-2)
+    # One map for the batch is that map for each image.
+    generators = lambda: [seeded_generator(5), seeded_generator(6)]  # noqa: E731
+    shared = ours(**two_images(family), **run, map=FOUR_BANDS, generator=generators()).images
+    assert torch.equal(ours(**two_images(family), **run, map=[FOUR_BANDS] * 2, generator=generators()).images, shared)
 
 
 def test_copies_of_an_image_are_each_run_alone(family, components):
@@ -398,27 +397,17 @@ def test_maps_follow_their_images(family, components):
     latents = ours(**inputs, **run, generator=seeded_generator(), output_type=latent_output(family)).images
     latents = on_grid(family, ours, latents)
     x0 = in_stock_order(family, entry.x0_and_noise(ours, two_images(family))[0], 2)
+    image_of = in_stock_order(family, torch.arange(2), 2).tolist()  # the input image of each output
     halves = band_columns(HALVES, x0.shape[-1])
     for k, item in enumerate(latents):
-        kept, changed = halves if image_index(family, k, 2, 2) == 0 else halves[::-1]
+        kept, changed = halves if image_of[k] == 0 else halves[::-1]
         assert torch.equal(item[..., kept], x0[k][..., kept]), k
         assert not torch.allclose(item[..., changed], x0[k][..., changed], atol=1e-2), k
     # keep_exact composites each output with its own input.
     images = ours(**two_images(family), **run, generator=seeded_generator(), keep_exact=True).images
-    for k, image in enumerate(images):
-        i = image_index(family, k, 2, 2)
+    for k, (image, i) in enumerate(zip(images, image_of)):
         kept = band_columns(HALVES, image.width)[i]
         assert np.array_equal(np.asarray(image)[:, kept], np.asarray(inputs[entry.edited][i])[:, kept]), k
-
-
-def test_one_map_for_a_batch_is_that_map_for_each_image(family, components, request):
-    skip_unless_it_can(family, "one map for a batch", request)
-    entry = FAMILIES[family]
-    _, ours = pipelines(family, components)
-    generators = lambda: [seeded_generator(5), seeded_generator(6)]  # noqa: E731
-    run = dict(num_inference_steps=3, output_type=latent_output(family))
-    shared = ours(**two_images(family), **run, map=FOUR_BANDS, generator=generators()).images
-    assert torch.equal(ours(**two_images(family), **run, map=[FOUR_BANDS] * 2, generator=generators()).images, shared)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -509,10 +498,3 @@ def test_keep_exact_blends_strengths_below_one_step_linearly(family, components,
     assert torch.allclose(exact[..., left], 0.5 * plain[..., left] + 0.5 * original[..., left], atol=1e-6)
     assert torch.equal(exact[..., right], plain[..., right])
 
-
-def test_keep_exact_with_nothing_to_change_is_the_input_itself(family, components):
-    entry = FAMILIES[family]
-    _, ours = pipelines(family, components)
-    with denoiser_calls(ours, family) as calls:
-        result = edit(ours, family, map=WHITE, keep_exact=True)[0]
-    assert np.array_equal(np.asarray(result), np.asarray(entry.inputs(0)[entry.edited])) and each_made(calls, 0)
