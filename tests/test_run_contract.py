@@ -145,7 +145,7 @@ FAMILIES = [
 IDS = [family.name for family in FAMILIES]
 
 # What every run.py refuses in one line: (case, extra flags, exit status, message). "{image}", "{map}" and "{tmp}"
-# stand for the test's image, map and temporary folder, "{other}" for another family's saved model.
+# stand for the test's image, map and temporary folder.
 COMMON_BAD_INPUTS = [
     ("missing image", ["--image", "nowhere.png"], 2, "--image nowhere.png: no such file"),
     ("missing map", ["--map", "nowhere.png"], 2, "--map nowhere.png: no such file"),
@@ -256,8 +256,8 @@ def test_run_writes_a_png_with_its_parameters_and_keeps_exact_where_the_map_is_w
         assert strip.size == (3 * 64, 64)
 
 
-def test_a_run_as_a_script_prints_one_line_and_no_library_warning(sd_dir, inputs, tmp_path):
-    """The one run in a real process, whose stdout and stderr nothing in this process stands between."""
+def test_a_run_as_a_script_prints_one_line_and_no_library_warning_and_an_error_alone(sd_dir, inputs, tmp_path):
+    """The runs in a real process, whose stdout and stderr nothing in this process stands between."""
     image, map_path = inputs
     output = tmp_path / "edit.png"
     result = run_script("SD2/run.py", "--model", sd_dir, "--device", "cpu", "--image", image, "--map", map_path,
@@ -267,6 +267,12 @@ def test_a_run_as_a_script_prints_one_line_and_no_library_warning(sd_dir, inputs
     # stderr: diffusers' progress bars, and the one line the design asks for on the CPU; no library warning (#11)
     assert not_progress_bars(result.stderr) == [CPU_WARNING]
     assert written(output)[0].shape == (64, 64, 3)
+    # An error is the only line on the real stderr.
+    result = run_script("SD2/run.py", "--model", sd_dir, "--device", "cpu", "--image", tmp_path / "nowhere.png",
+                        "--map", map_path, "--prompt", "x", "--output", tmp_path / "out.png")
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == f"error: --image {tmp_path / 'nowhere.png'}: no such file\n"
+    assert not (tmp_path / "out.png").exists()
 
 
 def not_progress_bars(stderr):
@@ -275,19 +281,12 @@ def not_progress_bars(stderr):
     return [piece for piece in pieces if piece.strip() and not re.match(r"^[\w .]*:?\s*\d+%\|.*\| \d+/\d+ \[", piece)]
 
 
-def square_mask(path, box=(16, 16, 40, 40)):
-    """An inpainting mask, white = the region to fill, in ``box`` (left, top, right, bottom) of a 64 x 64 image."""
-    mask = np.zeros((64, 64), np.uint8)
-    left, top, right, bottom = box
-    mask[top:bottom, left:right] = 255
-    Image.fromarray(mask).save(path)
-    return path
-
-
 @pytest.mark.parametrize("family", FAMILIES, ids=IDS)
 def test_mask_fills_its_region_and_keeps_everything_beyond_the_feather(family, run, inputs, tmp_path):
     image, _ = inputs
-    mask, output = square_mask(tmp_path / "hole.png"), tmp_path / "filled.png"
+    mask, output, hole = tmp_path / "hole.png", tmp_path / "filled.png", np.zeros((64, 64), np.uint8)
+    hole[16:40, 16:40] = 255  # the inpainting mask: white is the region to fill
+    Image.fromarray(hole).save(mask)
     ran = run(family, "--image", image, "--mask", mask, "--feather", "8", "--grow", "2", "--keep-exact", "--prompt",
               PROMPT, "--steps", "4", "--output", output)
     assert ran.returncode == 0, ran.stderr
@@ -367,15 +366,6 @@ def test_a_checkpoint_of_another_family_is_refused_in_one_line(family, run, fold
     assert ran.stderr.splitlines() == [f"error: --model {other}: {what}, for {where}; here --model takes "
                                        f"{family.takes}"]
     assert not list(tmp_path.glob("out*.png"))
-
-
-def test_an_error_is_the_only_line_on_the_real_stderr(sd_dir, inputs, tmp_path):
-    image, map_path = inputs
-    result = run_script("SD2/run.py", "--model", sd_dir, "--device", "cpu", "--image", tmp_path / "nowhere.png",
-                        "--map", map_path, "--prompt", "x", "--output", tmp_path / "out.png")
-    assert (result.returncode, result.stdout) == (2, "")
-    assert result.stderr == f"error: --image {tmp_path / 'nowhere.png'}: no such file\n"
-    assert not (tmp_path / "out.png").exists()
 
 
 @pytest.mark.parametrize("family", FAMILIES, ids=IDS)
