@@ -18,13 +18,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import (
-    IF_STAGE1_SIZE,
-    build_pipeline,
-    if_stage1_components,
-    if_stage2_components,
-    kandinsky_decoder_components,
-    seeded_generator,
-    test_image,
+    IF_STAGE1_SIZE, build_pipeline, if_stage1_components, if_stage2_components, kandinsky_decoder_components,
+    seeded_generator, test_image
 )
 from families import FAMILIES as CONTRACT
 from families import FLOW
@@ -47,11 +42,9 @@ class Family:
     native_grid: int = 32  # the side of the model's native size, in working-grid cells (SD: 64 px, above the crops)
     components: Callable = None  # () -> components, where the contract's are not of the test images' size
     sample_size: int = None  # a flow pipeline's default_sample_size: its native size, as its tests' images
-    # the denoiser's input tensor -> (rows, columns) of working-grid cells it covers
-    grid_of: Callable = lambda latents: tuple(latents.shape[-2:])
+    grid_of: Callable = lambda latents: tuple(latents.shape[-2:])  # the denoiser's input -> its grid's (rows, columns)
     grid_input: str = None  # the denoiser's keyword input that grid_of reads (default: its first input)
-    # what every call of the tests passes besides image, map and generator
-    call_arguments: dict = field(default_factory=lambda: dict(prompt=PROMPT))
+    call_arguments: dict = field(default_factory=lambda: dict(prompt=PROMPT))  # besides image, map and generator
     preprocess: Callable = lambda pipe, image: pipe.image_processor.preprocess(image)  # -> [-1, 1] working pixels
     to_input: Callable = lambda crop: crop  # a [0, 1] crop of the working image -> what the edited argument takes
     # IF stage II: (count, box) -> its `image` argument, the stage I results; cut by hand for `box` when given.
@@ -278,15 +271,12 @@ def test_a_corner_change_is_edited_on_its_crop_alone_and_pasted_into_the_input(p
     assert (pipe.crop_unit, pipe.native_size) == (spec.unit, spec.native_grid * spec.scale)
     with denoiser_grids(pipe, family) as grids:
         results, box = cropped(pipe, family, image, keep_map, margin)
-    assert box == (top, left, bottom, right)
-    result = results[0]
+    assert box == (top, left, bottom, right) and results[0].size == image.size
     crop_grid = ((bottom - top) // spec.scale, (right - left) // spec.scale)
-    assert grids and set(grids) == {crop_grid}
-    assert len(grids) % STEPS == 0
-    kept = outside(*box)
-    assert result.size == image.size
-    np.testing.assert_array_equal(np.asarray(result)[kept], np.asarray(image)[kept])
-    assert not np.array_equal(np.asarray(result)[~kept], np.asarray(image)[~kept])
+    assert grids and set(grids) == {crop_grid} and len(grids) % STEPS == 0
+    result, kept = np.asarray(results[0]), outside(*box)
+    np.testing.assert_array_equal(result[kept], np.asarray(image)[kept])
+    assert not np.array_equal(result[~kept], np.asarray(image)[~kept])
 
     working = spec.working_image(pipe, image)
     inside = cropped(pipe, family, image, keep_map, margin, output_type="np")[0][0]
@@ -392,15 +382,12 @@ def test_the_crop_arguments_that_left_the_pipeline_say_where_they_went(pipe, fam
 # What one family does differently
 
 
-@pytest.mark.parametrize(
-    "options, named",
-    [
-        (dict(denoising_end=0.8, output_type="latent"), "`denoising_end`"),
-        (dict(denoising_start=0.8), "`denoising_start`"),
-        (dict(latents=torch.zeros(1, 4, 32, 32)), "`latents`"),
-        (dict(noise=torch.zeros(1, 4, 32, 32)), "`noise`"),
-    ],
-)
+@pytest.mark.parametrize("options, named", [
+    (dict(denoising_end=0.8, output_type="latent"), "`denoising_end`"),
+    (dict(denoising_start=0.8), "`denoising_start`"),
+    (dict(latents=torch.zeros(1, 4, 32, 32)), "`latents`"),
+    (dict(noise=torch.zeros(1, 4, 32, 32)), "`noise`"),
+])
 @pytest.mark.parametrize("family", ["sdxl"], indirect=True)
 def test_sdxl_refuses_to_crop_one_stage_of_base_and_refiner(pipe, family, options, named):
     image = torch.zeros(1, 4, 32, 32) if "denoising_start" in options else test_image()
@@ -412,8 +399,7 @@ def test_sdxl_refuses_to_crop_one_stage_of_base_and_refiner(pipe, family, option
 def test_sdxl_conditions_the_crop_on_its_own_size(pipe, family):
     time_ids = []
     hook = pipe.unet.register_forward_pre_hook(
-        lambda module, args, kwargs: time_ids.append(kwargs["added_cond_kwargs"]["time_ids"]), with_kwargs=True
-    )
+        lambda module, args, kwargs: time_ids.append(kwargs["added_cond_kwargs"]["time_ids"]), with_kwargs=True)
     try:
         cropped(pipe, family, test_image(), block_map(4, 40, 20, 60))
     finally:
