@@ -210,13 +210,10 @@ def test_lora_loads_into_ours_and_acts_as_in_stock(family):
 # Step-end callbacks that steer stock's loop
 
 
-def interrupt_at(step):
-    def interrupt(pipe, i, t, callback_kwargs):
-        if i == step:
-            pipe._interrupt = True
-        return {}
-
-    return interrupt
+def interrupt_at_step_1(pipe, i, t, callback_kwargs):
+    if i == 1:
+        pipe._interrupt = True
+    return {}
 
 
 CUTOFFS = {"sd": SDCFGCutoffCallback, "sdxl": SDXLCFGCutoffCallback}
@@ -226,7 +223,7 @@ CUTOFFS = {"sd": SDCFGCutoffCallback, "sdxl": SDXLCFGCutoffCallback}
 def test_an_interrupt_or_a_guidance_cutoff_from_a_callback_acts_as_in_stock(family):
     stock, ours = stock_and_ours(family)
     calls = count_unet_calls(ours)  # the UNet that both pipelines share
-    run = dict(num_inference_steps=8, callback_on_step_end=interrupt_at(1), guidance_scale=1.0)
+    run = dict(num_inference_steps=8, callback_on_step_end=interrupt_at_step_1, guidance_scale=1.0)
     expected = run_stock(stock, family, **run)
     assert len(calls) == 2  # steps 0 and 1 of the 4 that strength 0.5 runs
     calls.clear()
