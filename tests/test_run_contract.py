@@ -52,10 +52,6 @@ class Family:
     def name(self):
         return self.folder.lower()
 
-    @property
-    def script(self):
-        return f"{self.folder}/run.py"
-
 
 CONDITIONING_FLAGS = ("--controlnet", "--control-image", "--control", "--controlnet-scale", "--depth-model",
                       "--inpaint-model")
@@ -200,8 +196,8 @@ def filled(values, folders, **names):
 @pytest.fixture
 def run(folders, tmp_path):
     """``run(family, *flags)``: its run.py on its tiny model(s), on the CPU, in this process and ``tmp_path``."""
-    return lambda family, *flags: run_in_process(family.script, *filled(family.models, folders), "--device", "cpu",
-                                                 *flags, cwd=tmp_path)
+    return lambda family, *flags: run_in_process(f"{family.folder}/run.py", *filled(family.models, folders),
+                                                 "--device", "cpu", *flags, cwd=tmp_path)
 
 
 def written(path):
@@ -307,8 +303,9 @@ def test_mask_fills_its_region_and_keeps_everything_beyond_the_feather(family, r
 
 
 @pytest.mark.parametrize("family", FAMILIES, ids=IDS)
-def test_a_map_of_another_shape_is_stretched_to_the_image_with_a_warning(family, run, inputs, tmp_path):
-    image, _ = inputs
+def test_a_map_of_another_shape_is_stretched_and_a_one_pixel_image_gives_an_output_or_one_line(family, run, inputs,
+                                                                                               tmp_path):
+    image, map_path = inputs
     wide_map, output = tmp_path / "wide.png", tmp_path / "out.png"
     save_map(np.zeros((32, 64), np.float32), wide_map)
     ran = run(family, "--image", image, "--map", wide_map, "--prompt", "x", "--steps", "2", "--output", output)
@@ -316,6 +313,18 @@ def test_a_map_of_another_shape_is_stretched_to_the_image_with_a_warning(family,
     warnings = [line for line in ran.stderr.splitlines() if "stretched to fit" in line]
     assert warnings == ["warning: the map (64x32) has another shape than the image (64x64); it is stretched to fit"]
     assert written(output)[0].shape == (64, 64, 3)
+    # A one-pixel image: refused where the model cannot encode an image smaller than one latent cell, else scaled up
+    # to a size the model works at.
+    Image.new("RGB", (1, 1)).save(tmp_path / "dot.png")
+    ran = run(family, "--image", tmp_path / "dot.png", "--map", map_path, "--prompt", "x", "--steps", "2", "--output",
+              tmp_path / "dot-out.png")
+    assert "Traceback" not in ran.stderr
+    if isinstance(family.from_one_pixel, str):
+        assert ran.returncode == 2 and error_lines(ran) == [f"error: {family.from_one_pixel}"]
+        assert not (tmp_path / "dot-out.png").exists()
+    else:
+        assert ran.returncode == 0 and error_lines(ran) == [], ran.stderr
+        assert written(tmp_path / "dot-out.png")[0].shape == (*family.from_one_pixel[::-1], 3)
 
 
 @pytest.mark.parametrize("family", [family for family in FAMILIES if family.grid], ids=lambda family: family.name)
@@ -354,9 +363,10 @@ def test_bad_input_gives_one_line_and_leaves_inputs_untouched(family, case, extr
 
 
 @pytest.mark.parametrize("family", FAMILIES, ids=IDS)
-def test_a_checkpoint_of_another_family_is_refused_in_one_line(family, run, folders, inputs, tmp_path):
+def test_another_familys_checkpoint_and_an_existing_output_are_refused_in_one_line(family, run, folders, inputs,
+                                                                                   tmp_path):
     image, map_path = inputs
-    other = folders(family.other_checkpoint)
+    other, taken = folders(family.other_checkpoint), tmp_path / "edit.png"
     ran = run(family, "--model", other, "--image", image, "--map", map_path, "--prompt", "x", "--steps", "2",
               "--output", tmp_path / "out.png")
     what, where = {"sd_dir": ("an SD 1.x/2.x checkpoint (StableDiffusionImg2ImgPipeline)", "SD2/run.py"),
@@ -366,33 +376,13 @@ def test_a_checkpoint_of_another_family_is_refused_in_one_line(family, run, fold
     assert ran.stderr.splitlines() == [f"error: --model {other}: {what}, for {where}; here --model takes "
                                        f"{family.takes}"]
     assert not list(tmp_path.glob("out*.png"))
-
-
-@pytest.mark.parametrize("family", FAMILIES, ids=IDS)
-def test_an_existing_output_is_never_overwritten(family, run, inputs, tmp_path):
-    image, map_path = inputs
-    taken = tmp_path / "edit.png"
+    # An existing output is never overwritten.
     Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(taken)
     before = taken.read_bytes()
     ran = run(family, "--image", image, "--map", map_path, "--prompt", "x", "--steps", "2", "--output", taken)
     assert ran.returncode == 2 and error_lines(ran) == [
         "error: edit.png already exists; pass --overwrite to replace it, or another --output"]
     assert taken.read_bytes() == before and sorted(tmp_path.glob("edit*")) == [taken]
-
-
-@pytest.mark.parametrize("family", FAMILIES, ids=IDS)
-def test_a_one_pixel_image_gives_an_output_or_one_line(family, run, inputs, tmp_path):
-    _, map_path = inputs
-    Image.new("RGB", (1, 1)).save(tmp_path / "dot.png")
-    ran = run(family, "--image", tmp_path / "dot.png", "--map", map_path, "--prompt", "x", "--steps", "2", "--output",
-              tmp_path / "out.png")
-    assert "Traceback" not in ran.stderr
-    if isinstance(family.from_one_pixel, str):  # refused: it cannot encode an image smaller than one latent cell
-        assert ran.returncode == 2 and error_lines(ran) == [f"error: {family.from_one_pixel}"]
-        assert not (tmp_path / "out.png").exists()
-    else:  # scaled up to a size the model works at
-        assert ran.returncode == 0 and error_lines(ran) == [], ran.stderr
-        assert written(tmp_path / "out.png")[0].shape == (*family.from_one_pixel[::-1], 3)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -402,7 +392,7 @@ def test_a_one_pixel_image_gives_an_output_or_one_line(family, run, inputs, tmp_
 @pytest.mark.parametrize("family", FAMILIES, ids=IDS)
 def test_help_documents_every_flag_and_starts_as_a_script_from_any_folder(family, tmp_path):
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    done = subprocess.run([sys.executable, str(REPO_ROOT / family.script), "--help"], cwd=tmp_path, env=env,
+    done = subprocess.run([sys.executable, str(REPO_ROOT / family.folder / "run.py"), "--help"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stderr == "", done.stderr
     words = done.stdout.split()
