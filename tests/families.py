@@ -16,25 +16,12 @@ import numpy as np
 import PIL.Image
 import torch
 from diffusers import (
-    ChromaImg2ImgPipeline,
-    DDIMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerDiscreteScheduler,
-    FlowMatchHeunDiscreteScheduler,
-    FlowMatchLCMScheduler,
-    FluxImg2ImgPipeline,
-    IFImg2ImgPipeline,
-    IFImg2ImgSuperResolutionPipeline,
-    KandinskyV22Img2ImgPipeline,
-    QwenImageImg2ImgPipeline,
-    StableDiffusion3Img2ImgPipeline,
-    StableDiffusionControlNetImg2ImgPipeline,
-    StableDiffusionImg2ImgPipeline,
-    StableDiffusionInpaintPipeline,
-    StableDiffusionXLControlNetImg2ImgPipeline,
-    StableDiffusionXLImg2ImgPipeline,
-    StableDiffusionXLInpaintPipeline,
-    ZImageImg2ImgPipeline,
+    ChromaImg2ImgPipeline, DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
+    FlowMatchHeunDiscreteScheduler, FlowMatchLCMScheduler, FluxImg2ImgPipeline, IFImg2ImgPipeline,
+    IFImg2ImgSuperResolutionPipeline, KandinskyV22Img2ImgPipeline, QwenImageImg2ImgPipeline,
+    StableDiffusion3Img2ImgPipeline, StableDiffusionControlNetImg2ImgPipeline, StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline, StableDiffusionXLControlNetImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline, ZImageImg2ImgPipeline
 )
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
@@ -56,17 +43,9 @@ from ZImage.diff_pipe import ZImageDiffImg2ImgPipeline
 from tests.flow_models import flux_components, sd3_components, x0_and_noise
 from tests.flow_models2 import chroma_components, qwen_x0_and_noise, qwenimage_components, zimage_components
 from tests.tiny_models import (
-    if_stage1_components,
-    if_stage2_components,
-    kandinsky_decoder_components,
-    sd_components,
-    sd_controlnet_components,
-    sd_inpaint_components,
-    sdxl_components,
-    sdxl_controlnet_components,
-    sdxl_inpaint_components,
-    seeded_generator,
-    test_image,
+    if_stage1_components, if_stage2_components, kandinsky_decoder_components, sd_components, sd_controlnet_components,
+    sd_inpaint_components, sdxl_components, sdxl_controlnet_components, sdxl_inpaint_components, seeded_generator,
+    test_image
 )
 
 PROMPTS = ["a red apple on a table", "a blue pear"]  # one per batch item
@@ -182,10 +161,6 @@ def vae_decode(pipe, x0):
 @torch.no_grad()
 def movq_decode(pipe, x0):
     return unit_range(pipe.movq.decode(x0, force_not_quantize=True).sample)
-
-
-def if_decode(pipe, x0):
-    return unit_range(x0)
 
 
 @torch.no_grad()
@@ -322,8 +297,9 @@ FLOW_SCHEDULERS = (FlowMatchLCMScheduler,)  # draws fresh noise from torch's glo
 SD_FEATURES = frozenset({"ip_adapter", "lora", "step_end_steering", "vae_swap"})
 
 # What the two ControlNet and the two inpainting entries share.
-CONTROLNET_REFUSALS = ((dict(control_image=None), "control_image"),
-                       (dict(latents=torch.zeros(1, 4, 8, 8)), "`latents` must be a tensor shaped like"))
+CONTROLNET = dict(denoisers=lambda pipe: [pipe.unet, pipe.controlnet],
+                  refusals=((dict(control_image=None), "control_image"),
+                            (dict(latents=torch.zeros(1, 4, 8, 8)), "`latents` must be a tensor shaped like")))
 INPAINT_REFUSALS = ((dict(mask_image=WHITE_MASK), "map=mask, invert_map=True"),
                     (dict(latents=LATENTS), "`latents` is not taken"))
 INPAINT_SKIPS = {"copies alone": "stock inpainting encodes only the first images with a list of generators, so a copy "
@@ -331,8 +307,8 @@ INPAINT_SKIPS = {"copies alone": "stock inpainting encodes only the first images
 INPAINT = dict(stock_inputs={"mask_image": WHITE_MASK}, starts_from_noise=True, skip=INPAINT_SKIPS)
 # What the two IF stages share. A batched UNet rounds apart from a single one in the last bits, and IF's guidance of 7
 # magnifies that to 1e-3 in stock IF too; without guidance the batch is the single runs to float32 rounding.
-IF = dict(x0_and_noise=if_x0_and_noise, decode=if_decode, schedulers=(DPMSolverMultistepScheduler,), repeats="each",
-          batch_inputs={"guidance_scale": 1.0}, skip={
+IF = dict(x0_and_noise=if_x0_and_noise, decode=lambda pipe, x0: unit_range(x0), repeats="each",
+          schedulers=(DPMSolverMultistepScheduler,), batch_inputs={"guidance_scale": 1.0}, skip={
               "step-end callback": "stock IF takes the older callback(i, t, images); tests/test_if.py checks it",
               "latent output": "IF denoises pixels: it has no latent output",
               "keep_exact blend": "IF denoises pixels: pixels that no step runs on already end as x0, so the blend "
@@ -370,16 +346,13 @@ FAMILIES = {
     "sd_controlnet": Family(
         StableDiffusionControlNetDiffImg2ImgPipeline, StableDiffusionControlNetImg2ImgPipeline,
         sd_controlnet_components, control_inputs, schedulers=(EulerDiscreteScheduler, DPMSolverMultistepScheduler),
-        denoisers=lambda pipe: [pipe.unet, pipe.controlnet],
         passed_through=dict(controlnet_conditioning_scale=0.5, guess_mode=True, control_guidance_end=0.5),
-        refusals=CONTROLNET_REFUSALS,
+        **CONTROLNET,
     ),
     "sdxl_controlnet": Family(
         StableDiffusionXLControlNetDiffImg2ImgPipeline, StableDiffusionXLControlNetImg2ImgPipeline,
         sdxl_controlnet_components, control_inputs, schedulers=(DDIMScheduler, DPMSolverMultistepScheduler),
-        denoisers=lambda pipe: [pipe.unet, pipe.controlnet],
-        passed_through=dict(controlnet_conditioning_scale=0.5, guess_mode=True, aesthetic_score=5.0),
-        refusals=CONTROLNET_REFUSALS,
+        passed_through=dict(controlnet_conditioning_scale=0.5, guess_mode=True, aesthetic_score=5.0), **CONTROLNET,
     ),
     "sd_inpaint": Family(
         StableDiffusionDiffInpaintPipeline, StableDiffusionInpaintPipeline, sd_inpaint_components, sized_inputs,

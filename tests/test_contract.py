@@ -17,16 +17,7 @@ import pytest
 import torch
 from conftest import build_pipeline, count_unet_calls, seeded_generator
 from families import (
-    FAMILIES,
-    FLOOR,
-    FLOW,
-    FOUR_EDGES,
-    MAP_SIZE,
-    OUR_ARGUMENTS,
-    band_columns,
-    band_map,
-    batched,
-    steps_run,
+    FAMILIES, FLOOR, FLOW, FOUR_EDGES, MAP_SIZE, OUR_ARGUMENTS, band_columns, band_map, batched, steps_run
 )
 
 FOUR_STRENGTHS = (0.0, 0.3, 0.5, 1.0)  # kept; T*s not whole (1.8 at T = 6); half; released at step 0
@@ -123,7 +114,7 @@ def assert_close_to_single_run(batched, alone):
 # The signature is stock's, then ours
 
 
-def test_signature_is_stocks_then_ours(family):
+def test_signature_is_stocks_then_ours_and_every_stock_argument_reaches_stock(family, components, monkeypatch):
     entry = FAMILIES[family]
     stock = list(inspect.signature(entry.stock.__call__).parameters.values())
     ours = list(inspect.signature(entry.ours.__call__).parameters.values())
@@ -143,9 +134,7 @@ def test_signature_is_stocks_then_ours(family):
     assert {p.name: p.default for p in extras} == {**OUR_ARGUMENTS, **entry.extra_arguments}
     assert [p.name for p in extras if p.name in OUR_ARGUMENTS] == list(OUR_ARGUMENTS)
 
-
-def test_every_stock_argument_reaches_stock(family, components, monkeypatch):
-    entry = FAMILIES[family]
+    # Every stock argument reaches stock.
     _, ours = pipelines(family, components)
     received, stock_call = {}, entry.stock.__call__
 
@@ -177,15 +166,10 @@ UNIFORM = {  # case: (strength, T), or by release rule
 }
 
 
-def uniform_case(family, case):
-    strength_and_steps = UNIFORM[case]
-    return strength_and_steps[FAMILIES[family].rule] if isinstance(strength_and_steps, dict) else strength_and_steps
-
-
 @pytest.mark.parametrize("case", UNIFORM)
 def test_a_uniform_map_is_stock(family, components, case):
     entry = FAMILIES[family]
-    strength, steps = uniform_case(family, case)
+    strength, steps = UNIFORM[case][entry.rule] if isinstance(UNIFORM[case], dict) else UNIFORM[case]
     stock, ours = pipelines(family, components)
     k = steps_run(entry.rule, steps, strength)
     # The family's own inputs; in the fractional case, every run of the registry's calls (with and without
@@ -209,23 +193,15 @@ def test_a_uniform_map_is_stock(family, components, case):
             assert (np.array_equal if run["output_type"] == "np" else torch.equal)(result, expected), changes
             assert ours.num_timesteps == k and each_made(calls, calls_per_step * k)
         assert getattr(stock, "num_timesteps", k) == k
-
-
-def test_a_uniform_map_is_stock_with_other_schedulers(family, components):
-    entry = FAMILIES[family]
-    if not entry.schedulers:
-        pytest.skip(f"{family}: the registry lists no other scheduler")
-    for scheduler_class in entry.schedulers:
+    # The registry's other schedulers, in the full and fractional cases.
+    for scheduler_class in entry.schedulers if case in ("full", "fractional") else ():
         stock, ours = pipelines(family, components, scheduler_class)
-        for case in ("full", "fractional"):
-            strength, steps = uniform_case(family, case)
-            run = dict(num_inference_steps=steps, output_type=latent_output(family))
-            expected = edit(stock, family, strength=strength, **entry.stock_inputs, **run)
-            result = edit(ours, family, map=np.zeros((MAP_SIZE, MAP_SIZE), np.float32), strength=strength, **run)
-            assert torch.equal(result, expected), (scheduler_class.__name__, case)
-            # Loop iterations: a second-order scheduler (SD3's Heun) makes two of most steps.
-            k = getattr(stock, "num_timesteps", steps_run(entry.rule, steps, strength))
-            assert ours.num_timesteps == k, (scheduler_class.__name__, case)
+        run = dict(num_inference_steps=steps, output_type=latent_output(family))
+        expected = edit(stock, family, strength=strength, **entry.stock_inputs, **run)
+        result = edit(ours, family, map=np.zeros((MAP_SIZE, MAP_SIZE), np.float32), strength=strength, **run)
+        assert torch.equal(result, expected), scheduler_class.__name__
+        # Loop iterations: a second-order scheduler (SD3's Heun) makes two of most steps.
+        assert ours.num_timesteps == getattr(stock, "num_timesteps", k), scheduler_class.__name__
 
 
 @pytest.mark.parametrize("one_generator", [True, False], ids=["one generator", "a generator per image"])
@@ -255,26 +231,6 @@ FROZEN = {  # case: (strengths of the four bands, global strength, T)
 }
 
 
-def noised_original(family, reference, x0, noise, iteration):
-    """What stock's noising gives at loop iteration `iteration` of `reference`'s schedule."""
-    if FAMILIES[family].rule == FLOOR:
-        return reference.add_noise(x0, noise, reference.timesteps[iteration : iteration + 1])
-    sigma = reference.sigmas[iteration]
-    return sigma * noise + (1 - sigma) * x0
-
-
-def recording_step_inputs(pipe, family):
-    """The latents that every loop iteration runs on (on the latent grid), as `scheduler.step` receives them."""
-    seen, step = [], pipe.scheduler.step
-
-    def recording_step(model_output, timestep, sample, *args, **kwargs):
-        seen.append(on_grid(family, pipe, sample).clone())
-        return step(model_output, timestep, sample, *args, **kwargs)
-
-    pipe.scheduler.step = recording_step
-    return seen
-
-
 @pytest.mark.parametrize("case", FROZEN)
 def test_frozen_pixels_hold_the_noised_original_and_kept_pixels_end_as_x0(family, components, case):
     entry = FAMILIES[family]
@@ -285,7 +241,13 @@ def test_frozen_pixels_hold_the_noised_original_and_kept_pixels_end_as_x0(family
         _, ours = pipelines(family, components, scheduler_class)
         x0, noise = entry.x0_and_noise(ours, entry.inputs(0))
         reference = entry.schedule(ours.scheduler, steps)
-        seen = recording_step_inputs(ours, family)
+        seen, step = [], ours.scheduler.step  # the latents of every loop iteration (on the latent grid)
+
+        def recording_step(model_output, timestep, sample, *args, **kwargs):
+            seen.append(on_grid(family, ours, sample).clone())
+            return step(model_output, timestep, sample, *args, **kwargs)
+
+        ours.scheduler.step = recording_step
         final = on_grid(family, ours, edit(ours, family, map=keep_map, strength=strength, num_inference_steps=steps,
                                              output_type=latent_output(family)))
 
@@ -293,7 +255,10 @@ def test_frozen_pixels_hold_the_noised_original_and_kept_pixels_end_as_x0(family
         first = min(release) * order
         assert len(seen) == len(reference.timesteps) - first
         for iteration, latents in enumerate(seen, start=first):
-            noised = noised_original(family, reference, x0, noise, iteration)
+            if entry.rule == FLOOR:  # what stock's noising gives at this iteration
+                noised = reference.add_noise(x0, noise, reference.timesteps[iteration : iteration + 1])
+            else:
+                noised = reference.sigmas[iteration] * noise + (1 - reference.sigmas[iteration]) * x0
             for band, band_release in zip(columns, release):
                 where = (scheduler_class, iteration, band_release)
                 if band_release * order < iteration:  # released: the model's own latents
