@@ -16,25 +16,12 @@ import numpy as np
 import PIL.Image
 import torch
 from diffusers import (
-    ChromaImg2ImgPipeline,
-    DDIMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerDiscreteScheduler,
-    FlowMatchHeunDiscreteScheduler,
-    FlowMatchLCMScheduler,
-    FluxImg2ImgPipeline,
-    IFImg2ImgPipeline,
-    IFImg2ImgSuperResolutionPipeline,
-    KandinskyV22Img2ImgPipeline,
-    QwenImageImg2ImgPipeline,
-    StableDiffusion3Img2ImgPipeline,
-    StableDiffusionControlNetImg2ImgPipeline,
-    StableDiffusionImg2ImgPipeline,
-    StableDiffusionInpaintPipeline,
-    StableDiffusionXLControlNetImg2ImgPipeline,
-    StableDiffusionXLImg2ImgPipeline,
-    StableDiffusionXLInpaintPipeline,
-    ZImageImg2ImgPipeline,
+    ChromaImg2ImgPipeline, DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
+    FlowMatchHeunDiscreteScheduler, FlowMatchLCMScheduler, FluxImg2ImgPipeline, IFImg2ImgPipeline,
+    IFImg2ImgSuperResolutionPipeline, KandinskyV22Img2ImgPipeline, QwenImageImg2ImgPipeline,
+    StableDiffusion3Img2ImgPipeline, StableDiffusionControlNetImg2ImgPipeline, StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline, StableDiffusionXLControlNetImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline, ZImageImg2ImgPipeline
 )
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
@@ -56,17 +43,9 @@ from ZImage.diff_pipe import ZImageDiffImg2ImgPipeline
 from tests.flow_models import flux_components, sd3_components, x0_and_noise
 from tests.flow_models2 import chroma_components, qwen_x0_and_noise, qwenimage_components, zimage_components
 from tests.tiny_models import (
-    if_stage1_components,
-    if_stage2_components,
-    kandinsky_decoder_components,
-    sd_components,
-    sd_controlnet_components,
-    sd_inpaint_components,
-    sdxl_components,
-    sdxl_controlnet_components,
-    sdxl_inpaint_components,
-    seeded_generator,
-    test_image,
+    if_stage1_components, if_stage2_components, kandinsky_decoder_components, sd_components, sd_controlnet_components,
+    sd_inpaint_components, sdxl_components, sdxl_controlnet_components, sdxl_inpaint_components, seeded_generator,
+    test_image
 )
 
 PROMPTS = ["a red apple on a table", "a blue pear"]  # one per batch item
@@ -184,10 +163,6 @@ def movq_decode(pipe, x0):
     return unit_range(pipe.movq.decode(x0, force_not_quantize=True).sample)
 
 
-def if_decode(pipe, x0):
-    return unit_range(x0)
-
-
 @torch.no_grad()
 def flow_decode(pipe, x0):
     config = pipe.vae.config
@@ -274,7 +249,6 @@ class Family:
     refusals: tuple = ()  # the family's own bad inputs: (changes, message[, error type]), beside the contract's
     features: frozenset = frozenset()  # stock features run side by side in tests/test_conformance.py
     skip: dict = field(default_factory=dict)  # contract check -> why this family cannot do it
-    known_bugs: dict = field(default_factory=dict)  # contract check -> the bug that fails it, expected to fail
 
 
 def prompt_inputs(item=0):
@@ -320,15 +294,31 @@ LATENTS = torch.zeros(1, 4, SIZE // 2, SIZE // 2)
 WHITE_MASK = PIL.Image.new("L", (SIZE, SIZE), 255)  # stock inpainting's mask that repaints everything
 LATENTS_NOT_TAKEN = "`latents` is not supported"
 FLOW_SCHEDULERS = (FlowMatchLCMScheduler,)  # draws fresh noise from torch's global generator: runs reseed it
-SD_FEATURES = frozenset({"ip_adapter", "lora", "interrupt", "cfg_cutoff", "vae_swap"})
+SD_FEATURES = frozenset({"ip_adapter", "lora", "step_end_steering", "vae_swap"})
 
 # What the two ControlNet and the two inpainting entries share.
-CONTROLNET_REFUSALS = ((dict(control_image=None), "control_image"),
-                       (dict(latents=torch.zeros(1, 4, 8, 8)), "`latents` must be a tensor shaped like"))
+CONTROLNET = dict(denoisers=lambda pipe: [pipe.unet, pipe.controlnet],
+                  refusals=((dict(control_image=None), "control_image"),
+                            (dict(latents=torch.zeros(1, 4, 8, 8)), "`latents` must be a tensor shaped like")))
 INPAINT_REFUSALS = ((dict(mask_image=WHITE_MASK), "map=mask, invert_map=True"),
                     (dict(latents=LATENTS), "`latents` is not taken"))
 INPAINT_SKIPS = {"copies alone": "stock inpainting encodes only the first images with a list of generators, so a copy "
                                  "is not its own run; tests/test_inpaint.py checks the masks each copy's UNet reads"}
+INPAINT = dict(stock_inputs={"mask_image": WHITE_MASK}, starts_from_noise=True, skip=INPAINT_SKIPS)
+# What the two IF stages share. A batched UNet rounds apart from a single one in the last bits, and IF's guidance of 7
+# magnifies that to 1e-3 in stock IF too; without guidance the batch is the single runs to float32 rounding.
+IF = dict(x0_and_noise=if_x0_and_noise, decode=lambda pipe, x0: unit_range(x0), repeats="each",
+          schedulers=(DPMSolverMultistepScheduler,), batch_inputs={"guidance_scale": 1.0}, skip={
+              "step-end callback": "stock IF takes the older callback(i, t, images); tests/test_if.py checks it",
+              "latent output": "IF denoises pixels: it has no latent output",
+              "keep_exact blend": "IF denoises pixels: pixels that no step runs on already end as x0, so the blend "
+                                  "changes nothing; tests/test_if.py checks that",
+          })
+# Flux, Chroma and Qwen-Image each take x0 as `image` for copies (`image_as_latents`): stock encodes one image with
+# the first generator only.
+PACKED = dict(rule=FLOW, schedule=shifted_schedule, on_grid=unpack, schedulers=FLOW_SCHEDULERS,
+              refusals=((dict(latents=torch.zeros(1, 256, 16)), LATENTS_NOT_TAKEN),
+                        (dict(image=torch.zeros(1, 4, 8, 8)), "height=16 and width=16")))
 
 
 FAMILIES = {
@@ -356,34 +346,27 @@ FAMILIES = {
     "sd_controlnet": Family(
         StableDiffusionControlNetDiffImg2ImgPipeline, StableDiffusionControlNetImg2ImgPipeline,
         sd_controlnet_components, control_inputs, schedulers=(EulerDiscreteScheduler, DPMSolverMultistepScheduler),
-        denoisers=lambda pipe: [pipe.unet, pipe.controlnet],
         passed_through=dict(controlnet_conditioning_scale=0.5, guess_mode=True, control_guidance_end=0.5),
-        refusals=CONTROLNET_REFUSALS,
+        **CONTROLNET,
     ),
     "sdxl_controlnet": Family(
         StableDiffusionXLControlNetDiffImg2ImgPipeline, StableDiffusionXLControlNetImg2ImgPipeline,
         sdxl_controlnet_components, control_inputs, schedulers=(DDIMScheduler, DPMSolverMultistepScheduler),
-        denoisers=lambda pipe: [pipe.unet, pipe.controlnet],
-        passed_through=dict(controlnet_conditioning_scale=0.5, guess_mode=True, aesthetic_score=5.0),
-        refusals=CONTROLNET_REFUSALS,
+        passed_through=dict(controlnet_conditioning_scale=0.5, guess_mode=True, aesthetic_score=5.0), **CONTROLNET,
     ),
     "sd_inpaint": Family(
         StableDiffusionDiffInpaintPipeline, StableDiffusionInpaintPipeline, sd_inpaint_components, sized_inputs,
-        schedulers=(EulerDiscreteScheduler, DPMSolverMultistepScheduler), stock_inputs={"mask_image": WHITE_MASK},
-        starts_from_noise=True, passed_through=dict(negative_prompt="blurry", guidance_scale=2.5, eta=0.5),
+        schedulers=(EulerDiscreteScheduler, DPMSolverMultistepScheduler), refusals=INPAINT_REFUSALS, **INPAINT,
+        passed_through=dict(negative_prompt="blurry", guidance_scale=2.5, eta=0.5),
         withheld=frozenset({"masked_image_latents", "padding_mask_crop", "latents"}),
-        refusals=INPAINT_REFUSALS,
-        skip=INPAINT_SKIPS,
     ),
     "sdxl_inpaint": Family(
         StableDiffusionXLDiffInpaintPipeline, StableDiffusionXLInpaintPipeline, sdxl_inpaint_components,
-        sized_inputs, schedulers=(DDIMScheduler, DPMSolverMultistepScheduler),
-        stock_inputs={"mask_image": WHITE_MASK}, starts_from_noise=True,
+        sized_inputs, schedulers=(DDIMScheduler, DPMSolverMultistepScheduler), **INPAINT,
         passed_through=dict(prompt_2="a pear", negative_prompt="blurry", guidance_scale=2.5, aesthetic_score=5.0),
         refusals=INPAINT_REFUSALS + ((dict(denoising_end=0.5), "`denoising_start` and `denoising_end`"),),
         withheld=frozenset({"masked_image_latents", "padding_mask_crop", "latents", "denoising_start",
                             "denoising_end"}),
-        skip=INPAINT_SKIPS,
     ),
     "kandinsky": Family(
         # DDPM first: it draws from the generators at every step, so batches show whose generator each item takes.
@@ -401,34 +384,16 @@ FAMILIES = {
     ),
     "if_stage1": Family(
         IFDiffImg2ImgPipeline, IFImg2ImgPipeline, lambda: if_stage1_components(sample_size=SIZE // 2), if_stage1_inputs,
-        x0_and_noise=if_x0_and_noise, decode=if_decode, schedulers=(DPMSolverMultistepScheduler,), repeats="each",
-        # A batched UNet rounds apart from a single one in the last bits, and IF's guidance of 7 magnifies that
-        # to 1e-3 in stock IF too; without guidance the batch is the single runs to float32 rounding.
-        batch_inputs={"guidance_scale": 1.0},
-        passed_through=dict(negative_prompt="blurry", guidance_scale=2.5, eta=0.5),
+        passed_through=dict(negative_prompt="blurry", guidance_scale=2.5, eta=0.5), **IF,
         refusals=((dict(strength=-0.1), "strength"), (dict(callback_steps=0), "callback_steps")),
-        skip={
-            "step-end callback": "stock IF takes the older callback(i, t, images); tests/test_if.py checks it",
-            "latent output": "IF denoises pixels: it has no latent output",
-            "keep_exact blend": "IF denoises pixels: pixels that no step runs on already end as x0, so the blend "
-                                "changes nothing; tests/test_if.py checks that",
-        },
     ),
     "if_stage2": Family(
         IFDiffImg2ImgSuperResolutionPipeline, IFImg2ImgSuperResolutionPipeline,
-        lambda: if_stage2_components(sample_size=SIZE), if_stage2_inputs, x0_and_noise=if_x0_and_noise,
-        decode=if_decode, edited="original_image", repeats="each", schedulers=(DPMSolverMultistepScheduler,),
-        batch_inputs={"guidance_scale": 1.0},  # as stage I
+        lambda: if_stage2_components(sample_size=SIZE), if_stage2_inputs, edited="original_image", **IF,
         calls={"guidance": ({}, 1), "no guidance": ({"guidance_scale": 1.0}, 1)},
         passed_through=dict(negative_prompt="blurry", guidance_scale=2.5, noise_level=100),
         refusals=((dict(original_image=None), "original_image"), (dict(image=None), "stage I result"),
                   (dict(prompt=None), "prompt")),
-        skip={
-            "step-end callback": "stock IF takes the older callback(i, t, images); tests/test_if.py checks it",
-            "latent output": "IF denoises pixels: it has no latent output",
-            "keep_exact blend": "IF denoises pixels: pixels that no step runs on already end as x0, so the blend "
-                                "changes nothing; tests/test_if.py checks that",
-        },
     ),
     "sd3": Family(
         StableDiffusion3DiffImg2ImgPipeline, StableDiffusion3Img2ImgPipeline, sd3_components, sized_inputs,
@@ -446,37 +411,25 @@ FAMILIES = {
                                        "one generator per image, not one per output"},
     ),
     "flux": Family(
-        FluxDiffImg2ImgPipeline, FluxImg2ImgPipeline, flux_components, packed_flow_inputs, rule=FLOW,
-        x0_and_noise=flow_x0_and_noise, decode=unpacked_flow_decode, schedule=shifted_schedule, on_grid=unpack,
-        schedulers=FLOW_SCHEDULERS,
-        image_as_latents=lambda x0: x0,  # stock encodes one image with the first generator only
+        FluxDiffImg2ImgPipeline, FluxImg2ImgPipeline, flux_components, packed_flow_inputs,
+        x0_and_noise=flow_x0_and_noise, decode=unpacked_flow_decode, image_as_latents=lambda x0: x0, **PACKED,
         passed_through=dict(prompt_2="a pear", negative_prompt="blurry", true_cfg_scale=1.5, guidance_scale=3.5,
                             joint_attention_kwargs={}),
         skip={"in memory as loaded": "diffusers' FluxTransformer2DModel loaded from a folder computes a last bit "
                                      "apart from the one built in memory with the same weights, in stock too"},
-        refusals=((dict(latents=torch.zeros(1, 256, 16)), LATENTS_NOT_TAKEN),
-                  (dict(image=torch.zeros(1, 4, 8, 8)), "height=16 and width=16")),
     ),
     "chroma": Family(
-        ChromaDiffImg2ImgPipeline, ChromaImg2ImgPipeline, chroma_components, packed_flow_inputs, rule=FLOW,
-        x0_and_noise=flow_x0_and_noise, decode=unpacked_flow_decode, schedule=shifted_schedule, on_grid=unpack,
-        schedulers=FLOW_SCHEDULERS,
+        ChromaDiffImg2ImgPipeline, ChromaImg2ImgPipeline, chroma_components, packed_flow_inputs,
+        x0_and_noise=flow_x0_and_noise, decode=unpacked_flow_decode, image_as_latents=lambda x0: x0, **PACKED,
         calls={"guidance": ({}, 2), "no guidance": ({"guidance_scale": 1.0}, 1)},  # CFG as two calls a step
-        image_as_latents=lambda x0: x0,  # stock encodes one image with the first generator only
         passed_through=dict(negative_prompt="blurry", guidance_scale=3.5, joint_attention_kwargs={}),
-        refusals=((dict(latents=torch.zeros(1, 256, 16)), LATENTS_NOT_TAKEN),
-                  (dict(image=torch.zeros(1, 4, 8, 8)), "height=16 and width=16")),
     ),
     "qwenimage": Family(
-        QwenImageDiffImg2ImgPipeline, QwenImageImg2ImgPipeline, qwenimage_components, packed_flow_inputs, rule=FLOW,
-        x0_and_noise=qwen_latents_x0_and_noise, decode=qwen_decode, schedule=shifted_schedule, on_grid=unpack,
-        schedulers=FLOW_SCHEDULERS,
+        QwenImageDiffImg2ImgPipeline, QwenImageImg2ImgPipeline, qwenimage_components, packed_flow_inputs,
+        x0_and_noise=qwen_latents_x0_and_noise, decode=qwen_decode, image_as_latents=lambda x0: x0[:, :, 0], **PACKED,
         # True CFG runs only with a negative prompt, as two calls a step.
         calls={"no guidance": ({}, 1), "guidance": ({"negative_prompt": "blurry"}, 2)}, no_guidance={},
-        image_as_latents=lambda x0: x0[:, :, 0],  # stock encodes one image with the first generator only
         passed_through=dict(negative_prompt="blurry", true_cfg_scale=1.5, attention_kwargs={}),
-        refusals=((dict(latents=torch.zeros(1, 256, 16)), LATENTS_NOT_TAKEN),
-                  (dict(image=torch.zeros(1, 4, 8, 8)), "height=16 and width=16")),
     ),
     "zimage": Family(
         ZImageDiffImg2ImgPipeline, ZImageImg2ImgPipeline, zimage_components,
@@ -485,7 +438,7 @@ FAMILIES = {
         schedulers=FLOW_SCHEDULERS,
         calls={"guidance": ({}, 1), "no guidance": ({"guidance_scale": 0.0}, 1)},  # CFG batched into one call
         no_guidance={"guidance_scale": 0.0},
-        image_as_latents=lambda x0: x0,  # stock encodes one image with the first generator only
+        image_as_latents=lambda x0: x0,  # as the packing families
         passed_through=dict(negative_prompt="blurry", guidance_scale=3.5, cfg_normalization=True, cfg_truncation=0.9,
                             joint_attention_kwargs={}),
         refusals=((dict(latents=LATENTS), LATENTS_NOT_TAKEN), (dict(height=16, width=16), "does not resize"),

@@ -17,16 +17,7 @@ import pytest
 import torch
 from conftest import build_pipeline, count_unet_calls, seeded_generator
 from families import (
-    FAMILIES,
-    FLOOR,
-    FLOW,
-    FOUR_EDGES,
-    MAP_SIZE,
-    OUR_ARGUMENTS,
-    band_columns,
-    band_map,
-    batched,
-    steps_run,
+    FAMILIES, FLOOR, FLOW, FOUR_EDGES, MAP_SIZE, OUR_ARGUMENTS, band_columns, band_map, batched, steps_run
 )
 
 FOUR_STRENGTHS = (0.0, 0.3, 0.5, 1.0)  # kept; T*s not whole (1.8 at T = 6); half; released at step 0
@@ -87,13 +78,10 @@ def on_grid(family, pipe, latents):
     return latents if unpack is None else unpack(pipe, latents)
 
 
-def skip_unless_it_can(family, check, request=None):
-    """Skips `check` where the registry says the family cannot do it; marks it expected to fail (strictly) where
-    the registry names a known bug."""
+def skip_unless_it_can(family, check):
+    """Skips `check` where the registry says the family cannot do it."""
     if check in FAMILIES[family].skip:
         pytest.skip(f"{family}: {FAMILIES[family].skip[check]}")
-    if check in FAMILIES[family].known_bugs:
-        request.applymarker(pytest.mark.xfail(reason=f"{family}: {FAMILIES[family].known_bugs[check]}", strict=True))
 
 
 def in_stock_order(family, per_image, copies):
@@ -101,11 +89,6 @@ def in_stock_order(family, per_image, copies):
     if FAMILIES[family].repeats == "each":
         return per_image.repeat_interleave(copies, dim=0)
     return per_image.repeat(copies, *(1,) * (per_image.ndim - 1))
-
-
-def image_index(family, k, images, copies):
-    """Which input image output `k` of a batch of `images` images with `copies` copies each is made from."""
-    return k // copies if FAMILIES[family].repeats == "each" else k % images
 
 
 @contextmanager
@@ -131,7 +114,7 @@ def assert_close_to_single_run(batched, alone):
 # The signature is stock's, then ours
 
 
-def test_signature_is_stocks_then_ours(family):
+def test_signature_is_stocks_then_ours_and_every_stock_argument_reaches_stock(family, components, monkeypatch):
     entry = FAMILIES[family]
     stock = list(inspect.signature(entry.stock.__call__).parameters.values())
     ours = list(inspect.signature(entry.ours.__call__).parameters.values())
@@ -151,9 +134,7 @@ def test_signature_is_stocks_then_ours(family):
     assert {p.name: p.default for p in extras} == {**OUR_ARGUMENTS, **entry.extra_arguments}
     assert [p.name for p in extras if p.name in OUR_ARGUMENTS] == list(OUR_ARGUMENTS)
 
-
-def test_every_stock_argument_reaches_stock(family, components, monkeypatch):
-    entry = FAMILIES[family]
+    # Every stock argument reaches stock.
     _, ours = pipelines(family, components)
     received, stock_call = {}, entry.stock.__call__
 
@@ -185,15 +166,10 @@ UNIFORM = {  # case: (strength, T), or by release rule
 }
 
 
-def uniform_case(family, case):
-    strength_and_steps = UNIFORM[case]
-    return strength_and_steps[FAMILIES[family].rule] if isinstance(strength_and_steps, dict) else strength_and_steps
-
-
 @pytest.mark.parametrize("case", UNIFORM)
 def test_a_uniform_map_is_stock(family, components, case):
     entry = FAMILIES[family]
-    strength, steps = uniform_case(family, case)
+    strength, steps = UNIFORM[case][entry.rule] if isinstance(UNIFORM[case], dict) else UNIFORM[case]
     stock, ours = pipelines(family, components)
     k = steps_run(entry.rule, steps, strength)
     # The family's own inputs; in the fractional case, every run of the registry's calls (with and without
@@ -217,23 +193,15 @@ def test_a_uniform_map_is_stock(family, components, case):
             assert (np.array_equal if run["output_type"] == "np" else torch.equal)(result, expected), changes
             assert ours.num_timesteps == k and each_made(calls, calls_per_step * k)
         assert getattr(stock, "num_timesteps", k) == k
-
-
-def test_a_uniform_map_is_stock_with_other_schedulers(family, components):
-    entry = FAMILIES[family]
-    if not entry.schedulers:
-        pytest.skip(f"{family}: the registry lists no other scheduler")
-    for scheduler_class in entry.schedulers:
+    # The registry's other schedulers, in the full and fractional cases.
+    for scheduler_class in entry.schedulers if case in ("full", "fractional") else ():
         stock, ours = pipelines(family, components, scheduler_class)
-        for case in ("full", "fractional"):
-            strength, steps = uniform_case(family, case)
-            run = dict(num_inference_steps=steps, output_type=latent_output(family))
-            expected = edit(stock, family, strength=strength, **entry.stock_inputs, **run)
-            result = edit(ours, family, map=np.zeros((MAP_SIZE, MAP_SIZE), np.float32), strength=strength, **run)
-            assert torch.equal(result, expected), (scheduler_class.__name__, case)
-            # Loop iterations: a second-order scheduler (SD3's Heun) makes two of most steps.
-            k = getattr(stock, "num_timesteps", steps_run(entry.rule, steps, strength))
-            assert ours.num_timesteps == k, (scheduler_class.__name__, case)
+        run = dict(num_inference_steps=steps, output_type=latent_output(family))
+        expected = edit(stock, family, strength=strength, **entry.stock_inputs, **run)
+        result = edit(ours, family, map=np.zeros((MAP_SIZE, MAP_SIZE), np.float32), strength=strength, **run)
+        assert torch.equal(result, expected), scheduler_class.__name__
+        # Loop iterations: a second-order scheduler (SD3's Heun) makes two of most steps.
+        assert ours.num_timesteps == getattr(stock, "num_timesteps", k), scheduler_class.__name__
 
 
 @pytest.mark.parametrize("one_generator", [True, False], ids=["one generator", "a generator per image"])
@@ -263,26 +231,6 @@ FROZEN = {  # case: (strengths of the four bands, global strength, T)
 }
 
 
-def noised_original(family, reference, x0, noise, iteration):
-    """What stock's noising gives at loop iteration `iteration` of `reference`'s schedule."""
-    if FAMILIES[family].rule == FLOOR:
-        return reference.add_noise(x0, noise, reference.timesteps[iteration : iteration + 1])
-    sigma = reference.sigmas[iteration]
-    return sigma * noise + (1 - sigma) * x0
-
-
-def recording_step_inputs(pipe, family):
-    """The latents that every loop iteration runs on (on the latent grid), as `scheduler.step` receives them."""
-    seen, step = [], pipe.scheduler.step
-
-    def recording_step(model_output, timestep, sample, *args, **kwargs):
-        seen.append(on_grid(family, pipe, sample).clone())
-        return step(model_output, timestep, sample, *args, **kwargs)
-
-    pipe.scheduler.step = recording_step
-    return seen
-
-
 @pytest.mark.parametrize("case", FROZEN)
 def test_frozen_pixels_hold_the_noised_original_and_kept_pixels_end_as_x0(family, components, case):
     entry = FAMILIES[family]
@@ -293,7 +241,13 @@ def test_frozen_pixels_hold_the_noised_original_and_kept_pixels_end_as_x0(family
         _, ours = pipelines(family, components, scheduler_class)
         x0, noise = entry.x0_and_noise(ours, entry.inputs(0))
         reference = entry.schedule(ours.scheduler, steps)
-        seen = recording_step_inputs(ours, family)
+        seen, step = [], ours.scheduler.step  # the latents of every loop iteration (on the latent grid)
+
+        def recording_step(model_output, timestep, sample, *args, **kwargs):
+            seen.append(on_grid(family, ours, sample).clone())
+            return step(model_output, timestep, sample, *args, **kwargs)
+
+        ours.scheduler.step = recording_step
         final = on_grid(family, ours, edit(ours, family, map=keep_map, strength=strength, num_inference_steps=steps,
                                              output_type=latent_output(family)))
 
@@ -301,7 +255,10 @@ def test_frozen_pixels_hold_the_noised_original_and_kept_pixels_end_as_x0(family
         first = min(release) * order
         assert len(seen) == len(reference.timesteps) - first
         for iteration, latents in enumerate(seen, start=first):
-            noised = noised_original(family, reference, x0, noise, iteration)
+            if entry.rule == FLOOR:  # what stock's noising gives at this iteration
+                noised = reference.add_noise(x0, noise, reference.timesteps[iteration : iteration + 1])
+            else:
+                noised = reference.sigmas[iteration] * noise + (1 - reference.sigmas[iteration]) * x0
             for band, band_release in zip(columns, release):
                 where = (scheduler_class, iteration, band_release)
                 if band_release * order < iteration:  # released: the model's own latents
@@ -351,6 +308,9 @@ def test_a_white_map_runs_no_step_and_returns_the_original(family, components):
                       output_type=output_type).images
         x0 = in_stock_order(family, entry.x0_and_noise(ours, two_images(family))[0], 2)
         assert torch.equal(on_grid(family, ours, result), x0) and ours.num_timesteps == 0
+        # keep_exact with nothing to change: the input itself.
+        result = edit(ours, family, map=WHITE, keep_exact=True)[0]
+        assert np.array_equal(np.asarray(result), np.asarray(entry.inputs(0)[entry.edited]))
     assert each_made(calls, 0)
 
 
@@ -370,6 +330,10 @@ def test_images_with_their_own_maps_in_one_batch_are_each_run_alone(family, comp
         alone = on_grid(family, ours, edit(ours, family, item=i, seed=seeds[i], map=maps[i], **run))
         assert_close_to_single_run(batch[i : i + 1], alone)
     assert not torch.allclose(batch[0], batch[1], atol=1e-2)
+    # One map for the batch is that map for each image.
+    generators = lambda: [seeded_generator(5), seeded_generator(6)]  # noqa: E731
+    shared = ours(**two_images(family), **run, map=FOUR_BANDS, generator=generators()).images
+    assert torch.equal(ours(**two_images(family), **run, map=[FOUR_BANDS] * 2, generator=generators()).images, shared)
 
 
 def test_copies_of_an_image_are_each_run_alone(family, components):
@@ -398,27 +362,17 @@ def test_maps_follow_their_images(family, components):
     latents = ours(**inputs, **run, generator=seeded_generator(), output_type=latent_output(family)).images
     latents = on_grid(family, ours, latents)
     x0 = in_stock_order(family, entry.x0_and_noise(ours, two_images(family))[0], 2)
+    image_of = in_stock_order(family, torch.arange(2), 2).tolist()  # the input image of each output
     halves = band_columns(HALVES, x0.shape[-1])
     for k, item in enumerate(latents):
-        kept, changed = halves if image_index(family, k, 2, 2) == 0 else halves[::-1]
+        kept, changed = halves if image_of[k] == 0 else halves[::-1]
         assert torch.equal(item[..., kept], x0[k][..., kept]), k
         assert not torch.allclose(item[..., changed], x0[k][..., changed], atol=1e-2), k
     # keep_exact composites each output with its own input.
     images = ours(**two_images(family), **run, generator=seeded_generator(), keep_exact=True).images
-    for k, image in enumerate(images):
-        i = image_index(family, k, 2, 2)
+    for k, (image, i) in enumerate(zip(images, image_of)):
         kept = band_columns(HALVES, image.width)[i]
         assert np.array_equal(np.asarray(image)[:, kept], np.asarray(inputs[entry.edited][i])[:, kept]), k
-
-
-def test_one_map_for_a_batch_is_that_map_for_each_image(family, components, request):
-    skip_unless_it_can(family, "one map for a batch", request)
-    entry = FAMILIES[family]
-    _, ours = pipelines(family, components)
-    generators = lambda: [seeded_generator(5), seeded_generator(6)]  # noqa: E731
-    run = dict(num_inference_steps=3, output_type=latent_output(family))
-    shared = ours(**two_images(family), **run, map=FOUR_BANDS, generator=generators()).images
-    assert torch.equal(ours(**two_images(family), **run, map=[FOUR_BANDS] * 2, generator=generators()).images, shared)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -509,10 +463,3 @@ def test_keep_exact_blends_strengths_below_one_step_linearly(family, components,
     assert torch.allclose(exact[..., left], 0.5 * plain[..., left] + 0.5 * original[..., left], atol=1e-6)
     assert torch.equal(exact[..., right], plain[..., right])
 
-
-def test_keep_exact_with_nothing_to_change_is_the_input_itself(family, components):
-    entry = FAMILIES[family]
-    _, ours = pipelines(family, components)
-    with denoiser_calls(ours, family) as calls:
-        result = edit(ours, family, map=WHITE, keep_exact=True)[0]
-    assert np.array_equal(np.asarray(result), np.asarray(entry.inputs(0)[entry.edited])) and each_made(calls, 0)

@@ -52,10 +52,6 @@ class Family:
     def name(self):
         return self.folder.lower()
 
-    @property
-    def script(self):
-        return f"{self.folder}/run.py"
-
 
 CONDITIONING_FLAGS = ("--controlnet", "--control-image", "--control", "--controlnet-scale", "--depth-model",
                       "--inpaint-model")
@@ -145,7 +141,7 @@ FAMILIES = [
 IDS = [family.name for family in FAMILIES]
 
 # What every run.py refuses in one line: (case, extra flags, exit status, message). "{image}", "{map}" and "{tmp}"
-# stand for the test's image, map and temporary folder, "{other}" for another family's saved model.
+# stand for the test's image, map and temporary folder.
 COMMON_BAD_INPUTS = [
     ("missing image", ["--image", "nowhere.png"], 2, "--image nowhere.png: no such file"),
     ("missing map", ["--map", "nowhere.png"], 2, "--map nowhere.png: no such file"),
@@ -200,8 +196,8 @@ def filled(values, folders, **names):
 @pytest.fixture
 def run(folders, tmp_path):
     """``run(family, *flags)``: its run.py on its tiny model(s), on the CPU, in this process and ``tmp_path``."""
-    return lambda family, *flags: run_in_process(family.script, *filled(family.models, folders), "--device", "cpu",
-                                                 *flags, cwd=tmp_path)
+    return lambda family, *flags: run_in_process(f"{family.folder}/run.py", *filled(family.models, folders),
+                                                 "--device", "cpu", *flags, cwd=tmp_path)
 
 
 def written(path):
@@ -256,8 +252,8 @@ def test_run_writes_a_png_with_its_parameters_and_keeps_exact_where_the_map_is_w
         assert strip.size == (3 * 64, 64)
 
 
-def test_a_run_as_a_script_prints_one_line_and_no_library_warning(sd_dir, inputs, tmp_path):
-    """The one run in a real process, whose stdout and stderr nothing in this process stands between."""
+def test_a_run_as_a_script_prints_one_line_and_no_library_warning_and_an_error_alone(sd_dir, inputs, tmp_path):
+    """The runs in a real process, whose stdout and stderr nothing in this process stands between."""
     image, map_path = inputs
     output = tmp_path / "edit.png"
     result = run_script("SD2/run.py", "--model", sd_dir, "--device", "cpu", "--image", image, "--map", map_path,
@@ -267,6 +263,12 @@ def test_a_run_as_a_script_prints_one_line_and_no_library_warning(sd_dir, inputs
     # stderr: diffusers' progress bars, and the one line the design asks for on the CPU; no library warning (#11)
     assert not_progress_bars(result.stderr) == [CPU_WARNING]
     assert written(output)[0].shape == (64, 64, 3)
+    # An error is the only line on the real stderr.
+    result = run_script("SD2/run.py", "--model", sd_dir, "--device", "cpu", "--image", tmp_path / "nowhere.png",
+                        "--map", map_path, "--prompt", "x", "--output", tmp_path / "out.png")
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == f"error: --image {tmp_path / 'nowhere.png'}: no such file\n"
+    assert not (tmp_path / "out.png").exists()
 
 
 def not_progress_bars(stderr):
@@ -275,19 +277,12 @@ def not_progress_bars(stderr):
     return [piece for piece in pieces if piece.strip() and not re.match(r"^[\w .]*:?\s*\d+%\|.*\| \d+/\d+ \[", piece)]
 
 
-def square_mask(path, box=(16, 16, 40, 40)):
-    """An inpainting mask, white = the region to fill, in ``box`` (left, top, right, bottom) of a 64 x 64 image."""
-    mask = np.zeros((64, 64), np.uint8)
-    left, top, right, bottom = box
-    mask[top:bottom, left:right] = 255
-    Image.fromarray(mask).save(path)
-    return path
-
-
 @pytest.mark.parametrize("family", FAMILIES, ids=IDS)
 def test_mask_fills_its_region_and_keeps_everything_beyond_the_feather(family, run, inputs, tmp_path):
     image, _ = inputs
-    mask, output = square_mask(tmp_path / "hole.png"), tmp_path / "filled.png"
+    mask, output, hole = tmp_path / "hole.png", tmp_path / "filled.png", np.zeros((64, 64), np.uint8)
+    hole[16:40, 16:40] = 255  # the inpainting mask: white is the region to fill
+    Image.fromarray(hole).save(mask)
     ran = run(family, "--image", image, "--mask", mask, "--feather", "8", "--grow", "2", "--keep-exact", "--prompt",
               PROMPT, "--steps", "4", "--output", output)
     assert ran.returncode == 0, ran.stderr
@@ -308,8 +303,9 @@ def test_mask_fills_its_region_and_keeps_everything_beyond_the_feather(family, r
 
 
 @pytest.mark.parametrize("family", FAMILIES, ids=IDS)
-def test_a_map_of_another_shape_is_stretched_to_the_image_with_a_warning(family, run, inputs, tmp_path):
-    image, _ = inputs
+def test_a_map_of_another_shape_is_stretched_and_a_one_pixel_image_gives_an_output_or_one_line(family, run, inputs,
+                                                                                               tmp_path):
+    image, map_path = inputs
     wide_map, output = tmp_path / "wide.png", tmp_path / "out.png"
     save_map(np.zeros((32, 64), np.float32), wide_map)
     ran = run(family, "--image", image, "--map", wide_map, "--prompt", "x", "--steps", "2", "--output", output)
@@ -317,6 +313,18 @@ def test_a_map_of_another_shape_is_stretched_to_the_image_with_a_warning(family,
     warnings = [line for line in ran.stderr.splitlines() if "stretched to fit" in line]
     assert warnings == ["warning: the map (64x32) has another shape than the image (64x64); it is stretched to fit"]
     assert written(output)[0].shape == (64, 64, 3)
+    # A one-pixel image: refused where the model cannot encode an image smaller than one latent cell, else scaled up
+    # to a size the model works at.
+    Image.new("RGB", (1, 1)).save(tmp_path / "dot.png")
+    ran = run(family, "--image", tmp_path / "dot.png", "--map", map_path, "--prompt", "x", "--steps", "2", "--output",
+              tmp_path / "dot-out.png")
+    assert "Traceback" not in ran.stderr
+    if isinstance(family.from_one_pixel, str):
+        assert ran.returncode == 2 and error_lines(ran) == [f"error: {family.from_one_pixel}"]
+        assert not (tmp_path / "dot-out.png").exists()
+    else:
+        assert ran.returncode == 0 and error_lines(ran) == [], ran.stderr
+        assert written(tmp_path / "dot-out.png")[0].shape == (*family.from_one_pixel[::-1], 3)
 
 
 @pytest.mark.parametrize("family", [family for family in FAMILIES if family.grid], ids=lambda family: family.name)
@@ -355,9 +363,10 @@ def test_bad_input_gives_one_line_and_leaves_inputs_untouched(family, case, extr
 
 
 @pytest.mark.parametrize("family", FAMILIES, ids=IDS)
-def test_a_checkpoint_of_another_family_is_refused_in_one_line(family, run, folders, inputs, tmp_path):
+def test_another_familys_checkpoint_and_an_existing_output_are_refused_in_one_line(family, run, folders, inputs,
+                                                                                   tmp_path):
     image, map_path = inputs
-    other = folders(family.other_checkpoint)
+    other, taken = folders(family.other_checkpoint), tmp_path / "edit.png"
     ran = run(family, "--model", other, "--image", image, "--map", map_path, "--prompt", "x", "--steps", "2",
               "--output", tmp_path / "out.png")
     what, where = {"sd_dir": ("an SD 1.x/2.x checkpoint (StableDiffusionImg2ImgPipeline)", "SD2/run.py"),
@@ -367,42 +376,13 @@ def test_a_checkpoint_of_another_family_is_refused_in_one_line(family, run, fold
     assert ran.stderr.splitlines() == [f"error: --model {other}: {what}, for {where}; here --model takes "
                                        f"{family.takes}"]
     assert not list(tmp_path.glob("out*.png"))
-
-
-def test_an_error_is_the_only_line_on_the_real_stderr(sd_dir, inputs, tmp_path):
-    image, map_path = inputs
-    result = run_script("SD2/run.py", "--model", sd_dir, "--device", "cpu", "--image", tmp_path / "nowhere.png",
-                        "--map", map_path, "--prompt", "x", "--output", tmp_path / "out.png")
-    assert (result.returncode, result.stdout) == (2, "")
-    assert result.stderr == f"error: --image {tmp_path / 'nowhere.png'}: no such file\n"
-    assert not (tmp_path / "out.png").exists()
-
-
-@pytest.mark.parametrize("family", FAMILIES, ids=IDS)
-def test_an_existing_output_is_never_overwritten(family, run, inputs, tmp_path):
-    image, map_path = inputs
-    taken = tmp_path / "edit.png"
+    # An existing output is never overwritten.
     Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(taken)
     before = taken.read_bytes()
     ran = run(family, "--image", image, "--map", map_path, "--prompt", "x", "--steps", "2", "--output", taken)
     assert ran.returncode == 2 and error_lines(ran) == [
         "error: edit.png already exists; pass --overwrite to replace it, or another --output"]
     assert taken.read_bytes() == before and sorted(tmp_path.glob("edit*")) == [taken]
-
-
-@pytest.mark.parametrize("family", FAMILIES, ids=IDS)
-def test_a_one_pixel_image_gives_an_output_or_one_line(family, run, inputs, tmp_path):
-    _, map_path = inputs
-    Image.new("RGB", (1, 1)).save(tmp_path / "dot.png")
-    ran = run(family, "--image", tmp_path / "dot.png", "--map", map_path, "--prompt", "x", "--steps", "2", "--output",
-              tmp_path / "out.png")
-    assert "Traceback" not in ran.stderr
-    if isinstance(family.from_one_pixel, str):  # refused: it cannot encode an image smaller than one latent cell
-        assert ran.returncode == 2 and error_lines(ran) == [f"error: {family.from_one_pixel}"]
-        assert not (tmp_path / "out.png").exists()
-    else:  # scaled up to a size the model works at
-        assert ran.returncode == 0 and error_lines(ran) == [], ran.stderr
-        assert written(tmp_path / "out.png")[0].shape == (*family.from_one_pixel[::-1], 3)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -412,7 +392,7 @@ def test_a_one_pixel_image_gives_an_output_or_one_line(family, run, inputs, tmp_
 @pytest.mark.parametrize("family", FAMILIES, ids=IDS)
 def test_help_documents_every_flag_and_starts_as_a_script_from_any_folder(family, tmp_path):
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    done = subprocess.run([sys.executable, str(REPO_ROOT / family.script), "--help"], cwd=tmp_path, env=env,
+    done = subprocess.run([sys.executable, str(REPO_ROOT / family.folder / "run.py"), "--help"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stderr == "", done.stderr
     words = done.stdout.split()
