@@ -26,43 +26,32 @@ from diffusers.pipelines.flux import FluxPipelineOutput
 
 # ----------------------------------------------------------------------------------------------------------------
 # Copied from SD3/diff_pipe.py: flow release rule (begin)
-#
-# The rule of stock flow-matching img2img (SD3, FLUX.1, Chroma, Qwen-Image, Z-Image), which starts at step
-# int(T - T * strength) and noises with scheduler.scale_noise. Every file of those families carries this block.
-# ----------------------------------------------------------------------------------------------------------------
+# Stock flow-matching img2img's rule (SD3, FLUX.1, Chroma, Qwen-Image, Z-Image): int(T - T * strength), scale_noise.
 
 
 def release_steps(strengths: torch.Tensor, num_inference_steps: int) -> torch.Tensor:
-    """The first step that runs on each pixel of strength s: r = int(T - T * s).
-
-    This is stock flow-matching img2img's own expression for its first step at `strength=s`, in float64 as stock
-    computes it, so a uniform map runs exactly stock's steps at every T and s: ceil(T * s) steps where T * s is not
-    whole. Only pixels of strength 0 have r == T, never released.
-    """
+    """Each pixel's first step, r = int(T - T * s): stock's own expression for its first step at `strength=s`, in
+    float64 as stock computes it, so a uniform map runs stock's steps: ceil(T * s) where T * s is not whole. Only
+    strength 0 gives r == T, never released."""
     return (num_inference_steps - num_inference_steps * strengths.double()).floor().long()
 
 
 def noised_original(scheduler, x0: torch.Tensor, noise: torch.Tensor, index: int) -> torch.Tensor:
-    """What a frozen pixel holds before loop iteration `index`: `sigma * noise + (1 - sigma) * x0` at that step.
-
-    Not `scheduler.scale_noise`: once stock has set the scheduler's begin index, it ignores the timestep it is given.
-    """
+    """What a frozen pixel holds before loop iteration `index`. Not `scheduler.scale_noise`, which ignores the
+    timestep once stock has set the scheduler's begin index."""
     sigma = scheduler.sigmas[index].to(x0.device, x0.dtype)
     return sigma * noise + (1.0 - sigma) * x0
 
 
 @contextmanager
 def recording_noise(scheduler, frozen, noising: bool = True):
-    """Hands `frozen` the x0 and noise that stock `prepare_latents` passes to `scheduler.scale_noise`.
-
-    With `noising=False` the noising is skipped, for a call that runs no step and so sets no schedule.
-    """
-    stock_scale_noise = scheduler.scale_noise
-
+    """Hands `frozen` the x0 and noise that stock `prepare_latents` passes to `scheduler.scale_noise`; without
+    `noising`, skips the noising, for a call that runs no step and so sets no schedule."""
     def scale_noise(sample, timestep, noise=None):
         frozen.record(sample, noise)
         return stock_scale_noise(sample, timestep, noise) if noising else sample
 
+    stock_scale_noise = scheduler.scale_noise
     scheduler.scale_noise = scale_noise
     try:
         yield

@@ -27,37 +27,28 @@ from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 
 # ----------------------------------------------------------------------------------------------------------------
 # Copied from SD2/diff_pipe.py: release rule (begin)
-#
-# The rule of stock img2img for SD, SDXL, Kandinsky and DeepFloyd IF, which run int(T * strength) steps and noise
-# with scheduler.add_noise. Every file of those families carries this block unchanged.
-# ----------------------------------------------------------------------------------------------------------------
+# Stock img2img's rule for SD, SDXL, Kandinsky and DeepFloyd IF: int(T * strength) steps, noised by add_noise.
 
 
 def release_steps(strengths: torch.Tensor, num_inference_steps: int) -> torch.Tensor:
-    """The first step that runs on each pixel of strength s: r = T - int(T * s).
-
-    This is stock img2img's own expression for its first step at `strength=s`, in float64 as stock computes it, so a
-    uniform map runs exactly stock's steps at every T and s. Pixels with r == T (s below 1/T) are never released.
-    """
+    """Each pixel's first step, r = T - int(T * s): stock's own expression for its first step at `strength=s`, in
+    float64 as stock computes it, so a uniform map runs stock's steps. r == T (s below 1/T): never released."""
     return num_inference_steps - (num_inference_steps * strengths.double()).floor().long()
 
 
 def noised_original(scheduler, x0: torch.Tensor, noise: torch.Tensor, index: int) -> torch.Tensor:
     """What a frozen pixel holds before loop iteration `index`: the original noised to that step's timestep."""
-    timestep = scheduler.timesteps[index : index + 1].repeat(x0.shape[0])
-    return scheduler.add_noise(x0, noise, timestep)
+    return scheduler.add_noise(x0, noise, scheduler.timesteps[index : index + 1].repeat(x0.shape[0]))
 
 
 @contextmanager
 def recording_noise(scheduler, frozen):
     """Hands `frozen` the x0 and noise that stock `prepare_latents` passes to `scheduler.add_noise`."""
-    stock_add_noise = scheduler.add_noise
-
     def add_noise(original_samples, noise, timesteps):
         frozen.record(original_samples, noise)
         return stock_add_noise(original_samples, noise, timesteps)
 
-    scheduler.add_noise = add_noise
+    stock_add_noise, scheduler.add_noise = scheduler.add_noise, add_noise
     try:
         yield
     finally:
