@@ -63,31 +63,19 @@ def recording_noise(scheduler, frozen):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Copied from SD2/diff_pipe.py: differential core (begin)
-#
-# Every pipeline file carries this block unchanged; tests/test_copies.py fails if two copies drift apart. In the
-# paper's terms: map -> strength s per pixel -> release step r (the family's rule above) -> before step k, pixels
-# with k <= r take noised_original(x0, noise, k); after the last step, pixels never released take x0 itself.
-# ----------------------------------------------------------------------------------------------------------------
+# In the paper's terms: map -> strength s per pixel -> release step r (the rule above) -> before step k, pixels with
+# k <= r take noised_original(x0, noise, k); after the last step, pixels never released take x0 itself.
 
 
 def strength_map(map, size: tuple, strength: float, invert_map: bool = False, aspect_of: tuple = None):
-    """Each cell's strength, `s = strength * (1 - map)` (`strength * map` with `invert_map`), float64 (B, 1, *size).
-
-    White (1) keeps a pixel, black (0) changes it fully; `1 - map` is taken at the decimal it stands for (1 - 0.8 is
-    0.2, not 0.19999999999999996). See `map_on_grid` for the sizes and values accepted.
-    """
+    """Each cell's strength, float64 (B, 1, *size): `strength * (1 - map)`, or `strength * map` with `invert_map`."""
     return strength * map_on_grid(map_to_tensor(map, complement=not invert_map), size, aspect_of)
 
 
 class FrozenPixels:
-    """Keeps every pixel on the noised original until its release step: a step-end callback for stock's loop.
-
-    Stock runs the schedule from the first released step on. Before each later iteration k, the pixels with
-    k <= release_step take `noised_original(x0, noise, k)`, and after the last one, the pixels never released take
-    `x0`. `x0` and `noise` are the very tensors that stock draws, handed over by `recording_noise`; `pack` lays a
-    tensor out as stock's loop holds its latents. The user's own step-end `callback` (a function,
-    `PipelineCallback` or `MultiPipelineCallbacks`) runs after the blend and sees its `tensor_inputs`.
-    """
+    """Runs the rule above as a step-end callback in stock's loop, which starts on the first released step, on the
+    `x0` and `noise` that stock draws. `pack` lays a tensor out as stock's loop holds its latents. The user's own
+    `callback` (function or callback object) runs after the blend and sees it, with its `tensor_inputs`."""
 
     def __init__(self, release_step, num_inference_steps: int, callback=None, tensor_inputs=(), pack=None):
         self.release_step, self.num_inference_steps, self.pack = release_step, num_inference_steps, pack
@@ -95,32 +83,28 @@ class FrozenPixels:
         if isinstance(callback, (PipelineCallback, MultiPipelineCallbacks)):
             tensor_inputs = callback.tensor_inputs  # stock reads a callback object's own list, whatever is passed
         self.callback, self.tensor_inputs = callback, list(tensor_inputs or [])
-        self.x0 = self.noise = None
+        self.x0 = self.noise = None  # stock's own, handed over by `recording_noise`
 
     @property
     def step_end_tensor_inputs(self) -> list:
-        """The tensors stock must hand this callback: the latents, and what the user's callback reads."""
-        return sorted(set(self.tensor_inputs) | {"latents"})
+        return sorted(set(self.tensor_inputs) | {"latents"})  # what stock must hand this callback
 
     def record(self, x0: torch.Tensor, noise: torch.Tensor):
         """Keeps stock's `x0` and `noise`, and lays the release steps out as they are laid out."""
-        grid, encoded = tuple(self.release_step.shape[-2:]), tuple(x0.shape[-2:])
-        if grid != encoded:
-            raise ValueError(
-                f"The image was encoded to a {encoded[1]}x{encoded[0]} grid, but the map was sized to "
-                f"{grid[1]}x{grid[0]} from the VAE's scale factor: give the image a width and height that the "
-                "VAE's scale factor divides."
-            )
+        (height, width), (encoded_height, encoded_width) = self.release_step.shape[-2:], x0.shape[-2:]
+        if (height, width) != (encoded_height, encoded_width):
+            raise ValueError(f"The image was encoded to a {encoded_width}x{encoded_height} grid, but the map was sized "
+                             f"to {width}x{height} from the VAE's scale factor: give the image a width and height "
+                             "that the VAE's scale factor divides.")
         release_step = tile_to_batch(self.release_step, x0.shape[0]).to(x0.device)
-        release_step = release_step.view(release_step.shape[0], 1, *[1] * (x0.ndim - 4), *grid)
+        release_step = release_step.view(release_step.shape[0], 1, *[1] * (x0.ndim - 4), height, width)
         if self.pack is not None:  # packing mixes channels into tokens: pack one release step per latent value
             release_step, x0, noise = (self.pack(t) for t in (release_step.expand_as(x0).contiguous(), x0, noise))
         self.release_step, self.x0, self.noise = release_step, x0, noise
 
     def blend(self, scheduler, i: int, latents: torch.Tensor) -> torch.Tensor:
         """The latents to run loop iteration `i + 1` on, where iteration 0 is the first released step."""
-        order = scheduler.order
-        next_iteration = self.first_step * order + i + 1
+        order, next_iteration = scheduler.order, self.first_step * scheduler.order + i + 1
         if next_iteration == len(scheduler.timesteps):
             return where(self.release_step == self.num_inference_steps, self.x0, latents)
         if next_iteration > self.last_frozen_step * order:
@@ -132,9 +116,7 @@ class FrozenPixels:
         latents = self.blend(pipe.scheduler, i, callback_kwargs["latents"])
         if self.callback is None:
             return {"latents": latents}
-        user_kwargs = {name: callback_kwargs[name] for name in self.tensor_inputs}
-        if "latents" in user_kwargs:
-            user_kwargs["latents"] = latents
+        user_kwargs = {name: latents if name == "latents" else callback_kwargs[name] for name in self.tensor_inputs}
         return {"latents": latents, **(self.callback(pipe, i, t, user_kwargs) or {})}
 
 
@@ -145,18 +127,15 @@ def where(condition: torch.Tensor, frozen: torch.Tensor, latents: torch.Tensor) 
 
 
 def composite_original(images: torch.Tensor, original: torch.Tensor, strengths, num_inference_steps: int):
-    """`w * images + (1 - w) * original` with `w = clamp(T * s, 0, 1)` (design, section 2.6), batch-tiled like stock.
-
-    Pixels of strength 0 keep the input's bytes; those below 1/T, which no step runs on, fade in linearly.
-    """
-    weight = tile_to_batch((num_inference_steps * strengths).clamp(0, 1), images.shape[0])
-    weight, original = weight.to(images.device, images.dtype), tile_to_batch(original, images.shape[0])
-    original = original.to(images.device, images.dtype)
+    """`w * images + (1 - w) * original`, `w = clamp(T * s, 0, 1)`, batch-tiled like stock: strength 0 keeps the
+    input's bytes, and strengths below 1/T, which no step runs on, fade in linearly."""
+    weight, original = (tile_to_batch(tensor, images.shape[0]).to(images.device, images.dtype)
+                        for tensor in ((num_inference_steps * strengths).clamp(0, 1), original))
     return torch.where(weight == 0, original, weight * images + (1 - weight) * original)
 
 
 def tile_to_batch(tensor: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Repeats a per-image tensor to the whole batch, as stock img2img repeats its images (whole batch, not items)."""
+    """Repeats a per-image tensor to the whole batch as stock repeats its images: (a, b, a, b), not (a, a, b, b)."""
     if tensor.shape[0] in (1, batch_size):
         return tensor
     return tensor.repeat(batch_size // tensor.shape[0], *(1,) * (tensor.ndim - 1))
