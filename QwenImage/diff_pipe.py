@@ -510,24 +510,17 @@ def flow_edit_on_crop(pipe, arguments: dict, pixels, latent_grid, num_inference_
 
 # ----------------------------------------------------------------------------------------------------------------
 # Copied from SD2/diff_pipe.py: map parsing (begin)
-# ----------------------------------------------------------------------------------------------------------------
 
 
 def map_on_grid(map, size: tuple, aspect_of: tuple = None) -> torch.Tensor:
-    """The map in its own polarity, float64 (B, 1, *size), on the grid the model works on (latents, or pixels).
-
-    Shrinking averages areas, so that a fine map does not alias; growing is bilinear. A cell whose source values are
-    all equal keeps that value exactly. The map must have the aspect ratio of `aspect_of` (the image's height and
-    width, in pixels or grid cells; default `size`) to within one of its units or 1%, whichever is looser.
-    """
-    map = map_to_tensor(map)  # a float64 tensor passes as it is
-    (height, width), (reference_height, reference_width) = map.shape[-2:], aspect_of or size
-    if abs(height * reference_width / width - reference_height) > max(1, reference_height / 100):
-        raise ValueError(
-            f"`map` is {width}x{height} but the image is {reference_width}x{reference_height}: their aspect ratios "
-            "differ. Give the map the image's aspect ratio."
-        )
-    size = tuple(size)
+    """The map in its own polarity, float64 (B, 1, *size), on the model's grid. Shrinking averages areas, so that a
+    fine map does not alias; growing is bilinear; a cell whose sources are all equal keeps their value exactly. The
+    map needs the aspect ratio of `aspect_of` (the image's; default `size`) to within one of its units or 1%."""
+    map, size = map_to_tensor(map), tuple(size)  # a float64 tensor passes as it is
+    (height, width), (image_height, image_width) = map.shape[-2:], aspect_of or size
+    if abs(height * image_width / width - image_height) > max(1, image_height / 100):
+        raise ValueError(f"`map` is {width}x{height} but the image is {image_width}x{image_height}: their aspect "
+                         "ratios differ. Give the map the image's aspect ratio.")
     if (height, width) == size:
         return map
     if height >= size[0] and width >= size[1]:
@@ -546,79 +539,61 @@ def check_map_count(maps: torch.Tensor, images: torch.Tensor):
 
 
 def map_to_tensor(map, complement: bool = False) -> torch.Tensor:
-    """A map as float64 (B, 1, H, W) in [0, 1], in its own polarity (`1 - map` with `complement`), each value at its
-    exact meaning.
-
-    Accepts a PIL image (modes 1, L, I;16, I, F, or colour modes, converted to luminance), a numpy array ((H, W),
-    (B, H, W), (H, W, 1), (B, H, W, 1) or (B, 1, H, W)), a torch tensor ((H, W), (B, H, W) or (B, 1, H, W)), or a
-    list of these. uint8 value k means k/255, uint16 (and PIL mode I) k/65535, bool 0 and 1; floats must lie in
-    [0, 1] and mean the shortest decimal that rounds back to them, so a float32 0.3 is 0.3, not 0.30000001192092896.
-    The complement is taken in those units, so it too is the nearest float64 to its exact value.
-    """
+    """A map as float64 (B, 1, H, W) in [0, 1], or `1 - map` with `complement`: a PIL image (colour as luminance), an
+    array or tensor of (H, W), (B, H, W) or (B, 1, H, W) (arrays also (H, W, 1), (B, H, W, 1)), or a list of them. Each
+    value, and its complement, is the float64 nearest its exact meaning: uint8 k is k/255, uint16 (and PIL mode I)
+    k/65535, and a float its shortest decimal that rounds back (float32 0.3 is 0.3, not 0.30000001192092896)."""
     if isinstance(map, (list, tuple)):
-        if len(map) == 0:
+        if not map:
             raise ValueError("`map` is an empty list: pass one map, or one map per image.")
         maps = [map_to_tensor(m, complement) for m in map]
         if len({tuple(m.shape[-2:]) for m in maps}) > 1:
             sizes = ", ".join(f"{m.shape[-1]}x{m.shape[-2]}" for m in maps)
             raise ValueError(f"The maps in the `map` list differ in size ({sizes}); give them all the same size.")
         return torch.cat(maps)
-    if isinstance(map, PIL.Image.Image):
-        if map.mode == "I":  # 16-bit PNGs open as mode I with some Pillow versions
-            map = np.asarray(map, dtype=np.int64)
-            if map.min() < 0 or map.max() > 65535:
-                raise ValueError("A `map` of PIL mode I must hold 16-bit values in [0, 65535].")
-            map = map.astype(np.uint16)
-        else:
-            map = np.array(map if map.mode in ("1", "L", "F") or map.mode.startswith("I;16") else map.convert("L"))
+    if isinstance(map, PIL.Image.Image):  # 16-bit PNGs open as mode I with some Pillow versions
+        mode_i = map.mode == "I"
+        map = np.array(map if map.mode in ("1", "L", "F", "I") or map.mode.startswith("I;16") else map.convert("L"))
+        if mode_i and (map.min() < 0 or map.max() > 65535):
+            raise ValueError("A `map` of PIL mode I must hold 16-bit values in [0, 65535].")
+        map = map.astype(np.uint16) if mode_i else map
     if isinstance(map, np.ndarray):
         if map.ndim == 3 and map.shape[-1] in (3, 4):
-            raise ValueError(
-                f"`map` has shape {map.shape}, which looks like a colour image; a map has one channel. "
-                "Pass a grayscale array, or the image as a PIL image, which is converted to luminance."
-            )
+            raise ValueError(f"`map` has shape {map.shape}, which looks like a colour image; a map has one channel. "
+                             "Pass a grayscale array, or the image as a PIL image, which is converted to luminance.")
         map = torch.from_numpy(np.ascontiguousarray(map[..., 0] if map.ndim in (3, 4) and map.shape[-1] == 1 else map))
     if not isinstance(map, torch.Tensor):
-        raise TypeError(
-            f"`map` must be a PIL image, numpy array, torch tensor or a list of them, not {type(map).__name__}."
-        )
-    map = map.detach().cpu()
-    map = map[:, 0] if map.ndim == 4 and map.shape[1] == 1 else map[None] if map.ndim == 2 else map
+        raise TypeError(f"`map` must be a PIL image, numpy array, torch tensor or a list of them, not "
+                        f"{type(map).__name__}.")
+    map = (map[:, 0] if map.ndim == 4 and map.shape[1] == 1 else map[None] if map.ndim == 2 else map).detach().cpu()
     if map.ndim != 3:
-        raise ValueError(
-            f"`map` has shape {tuple(map.shape)}; expected (H, W), (B, H, W) or (B, 1, H, W): maps have one channel."
-        )
+        raise ValueError(f"`map` has shape {tuple(map.shape)}; expected (H, W), (B, H, W) or (B, 1, H, W): maps have "
+                         "one channel.")
     if map.numel() == 0:
         raise ValueError(f"`map` is empty (shape {tuple(map.shape)}).")
-    if map.dtype in (torch.bool, torch.uint8, torch.uint16):
-        unit = {torch.bool: 1, torch.uint8: 255, torch.uint16: 65535}[map.dtype]
+    unit = {torch.bool: 1, torch.uint8: 255, torch.uint16: 65535}.get(map.dtype)
+    if unit is not None:
         return ((unit - map.double() if complement else map.double()) / unit)[:, None]
     if not map.is_floating_point():
-        raise ValueError(
-            f"`map` has dtype {map.dtype}; use uint8 (0-255), uint16 (0-65535), bool, or floats in [0, 1]."
-        )
+        raise ValueError(f"`map` has dtype {map.dtype}; use uint8 (0-255), uint16 (0-65535), bool, or floats in "
+                         "[0, 1].")
     if not torch.isfinite(map).all():
         raise ValueError("`map` contains NaN or infinite values.")
     low, high = map.min().item(), map.max().item()
     if low < 0 or high > 1:
-        raise ValueError(
-            f"`map` values must lie in [0, 1], but they span [{low:g}, {high:g}]. "
-            "Rescale it first, for example (m - m.min()) / (m.max() - m.min())."
-        )
+        raise ValueError(f"`map` values must lie in [0, 1], but they span [{low:g}, {high:g}]. "
+                         "Rescale it first, for example (m - m.min()) / (m.max() - m.min()).")
     if map.dtype == torch.float64:
         return (1 - map if complement else map)[:, None]
-    # Each value as the shortest decimal that rounds back to it, kept as count / units to take the complement exactly.
+    # Each distinct value as its decimal, count / units, so that the complement is exact too.
     values, positions = map.unique(return_inverse=True)
     exact = values.double()
-    count, units, found = exact.clone(), torch.ones_like(exact), values == 0
-    exponent = exact.clamp(min=1e-30).log10().floor()
-    for digits in range(1, 10):
+    exponent, count, units = exact.clamp(min=1e-30).log10().floor(), exact, torch.ones_like(exact)
+    for digits in range(9, 0, -1):  # the fewest digits that round back win; a value none do stands for itself
         scale = 10.0 ** (digits - 1 - exponent)
         rounded = (exact * scale).round()
-        hit = ~found & ((rounded / scale).to(map.dtype) == values)
-        count, units, found = torch.where(hit, rounded, count), torch.where(hit, scale, units), found | hit
-        if found.all():
-            break
+        hit = (rounded / scale).to(map.dtype) == values
+        count, units = torch.where(hit, rounded, count), torch.where(hit, scale, units)
     return ((units - count if complement else count) / units)[positions][:, None]
 
 
