@@ -26,43 +26,32 @@ from diffusers.pipelines.qwenimage import QwenImagePipelineOutput
 
 # ----------------------------------------------------------------------------------------------------------------
 # Copied from SD3/diff_pipe.py: flow release rule (begin)
-#
-# The rule of stock flow-matching img2img (SD3, FLUX.1, Chroma, Qwen-Image, Z-Image), which starts at step
-# int(T - T * strength) and noises with scheduler.scale_noise. Every file of those families carries this block.
-# ----------------------------------------------------------------------------------------------------------------
+# Stock flow-matching img2img's rule (SD3, FLUX.1, Chroma, Qwen-Image, Z-Image): int(T - T * strength), scale_noise.
 
 
 def release_steps(strengths: torch.Tensor, num_inference_steps: int) -> torch.Tensor:
-    """The first step that runs on each pixel of strength s: r = int(T - T * s).
-
-    This is stock flow-matching img2img's own expression for its first step at `strength=s`, in float64 as stock
-    computes it, so a uniform map runs exactly stock's steps at every T and s: ceil(T * s) steps where T * s is not
-    whole. Only pixels of strength 0 have r == T, never released.
-    """
+    """Each pixel's first step, r = int(T - T * s): stock's own expression for its first step at `strength=s`, in
+    float64 as stock computes it, so a uniform map runs stock's steps: ceil(T * s) where T * s is not whole. Only
+    strength 0 gives r == T, never released."""
     return (num_inference_steps - num_inference_steps * strengths.double()).floor().long()
 
 
 def noised_original(scheduler, x0: torch.Tensor, noise: torch.Tensor, index: int) -> torch.Tensor:
-    """What a frozen pixel holds before loop iteration `index`: `sigma * noise + (1 - sigma) * x0` at that step.
-
-    Not `scheduler.scale_noise`: once stock has set the scheduler's begin index, it ignores the timestep it is given.
-    """
+    """What a frozen pixel holds before loop iteration `index`. Not `scheduler.scale_noise`, which ignores the
+    timestep once stock has set the scheduler's begin index."""
     sigma = scheduler.sigmas[index].to(x0.device, x0.dtype)
     return sigma * noise + (1.0 - sigma) * x0
 
 
 @contextmanager
 def recording_noise(scheduler, frozen, noising: bool = True):
-    """Hands `frozen` the x0 and noise that stock `prepare_latents` passes to `scheduler.scale_noise`.
-
-    With `noising=False` the noising is skipped, for a call that runs no step and so sets no schedule.
-    """
-    stock_scale_noise = scheduler.scale_noise
-
+    """Hands `frozen` the x0 and noise that stock `prepare_latents` passes to `scheduler.scale_noise`; without
+    `noising`, skips the noising, for a call that runs no step and so sets no schedule."""
     def scale_noise(sample, timestep, noise=None):
         frozen.record(sample, noise)
         return stock_scale_noise(sample, timestep, noise) if noising else sample
 
+    stock_scale_noise = scheduler.scale_noise
     scheduler.scale_noise = scale_noise
     try:
         yield
@@ -76,31 +65,19 @@ def recording_noise(scheduler, frozen, noising: bool = True):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Copied from SD2/diff_pipe.py: differential core (begin)
-#
-# Every pipeline file carries this block unchanged; tests/test_copies.py fails if two copies drift apart. In the
-# paper's terms: map -> strength s per pixel -> release step r (the family's rule above) -> before step k, pixels
-# with k <= r take noised_original(x0, noise, k); after the last step, pixels never released take x0 itself.
-# ----------------------------------------------------------------------------------------------------------------
+# In the paper's terms: map -> strength s per pixel -> release step r (the rule above) -> before step k, pixels with
+# k <= r take noised_original(x0, noise, k); after the last step, pixels never released take x0 itself.
 
 
 def strength_map(map, size: tuple, strength: float, invert_map: bool = False, aspect_of: tuple = None):
-    """Each cell's strength, `s = strength * (1 - map)` (`strength * map` with `invert_map`), float64 (B, 1, *size).
-
-    White (1) keeps a pixel, black (0) changes it fully; `1 - map` is taken at the decimal it stands for (1 - 0.8 is
-    0.2, not 0.19999999999999996). See `map_on_grid` for the sizes and values accepted.
-    """
+    """Each cell's strength, float64 (B, 1, *size): `strength * (1 - map)`, or `strength * map` with `invert_map`."""
     return strength * map_on_grid(map_to_tensor(map, complement=not invert_map), size, aspect_of)
 
 
 class FrozenPixels:
-    """Keeps every pixel on the noised original until its release step: a step-end callback for stock's loop.
-
-    Stock runs the schedule from the first released step on. Before each later iteration k, the pixels with
-    k <= release_step take `noised_original(x0, noise, k)`, and after the last one, the pixels never released take
-    `x0`. `x0` and `noise` are the very tensors that stock draws, handed over by `recording_noise`; `pack` lays a
-    tensor out as stock's loop holds its latents. The user's own step-end `callback` (a function,
-    `PipelineCallback` or `MultiPipelineCallbacks`) runs after the blend and sees its `tensor_inputs`.
-    """
+    """Runs the rule above as a step-end callback in stock's loop, which starts on the first released step, on the
+    `x0` and `noise` that stock draws. `pack` lays a tensor out as stock's loop holds its latents. The user's own
+    `callback` (function or callback object) runs after the blend and sees it, with its `tensor_inputs`."""
 
     def __init__(self, release_step, num_inference_steps: int, callback=None, tensor_inputs=(), pack=None):
         self.release_step, self.num_inference_steps, self.pack = release_step, num_inference_steps, pack
@@ -108,32 +85,28 @@ class FrozenPixels:
         if isinstance(callback, (PipelineCallback, MultiPipelineCallbacks)):
             tensor_inputs = callback.tensor_inputs  # stock reads a callback object's own list, whatever is passed
         self.callback, self.tensor_inputs = callback, list(tensor_inputs or [])
-        self.x0 = self.noise = None
+        self.x0 = self.noise = None  # stock's own, handed over by `recording_noise`
 
     @property
     def step_end_tensor_inputs(self) -> list:
-        """The tensors stock must hand this callback: the latents, and what the user's callback reads."""
-        return sorted(set(self.tensor_inputs) | {"latents"})
+        return sorted(set(self.tensor_inputs) | {"latents"})  # what stock must hand this callback
 
     def record(self, x0: torch.Tensor, noise: torch.Tensor):
         """Keeps stock's `x0` and `noise`, and lays the release steps out as they are laid out."""
-        grid, encoded = tuple(self.release_step.shape[-2:]), tuple(x0.shape[-2:])
-        if grid != encoded:
-            raise ValueError(
-                f"The image was encoded to a {encoded[1]}x{encoded[0]} grid, but the map was sized to "
-                f"{grid[1]}x{grid[0]} from the VAE's scale factor: give the image a width and height that the "
-                "VAE's scale factor divides."
-            )
+        (height, width), (encoded_height, encoded_width) = self.release_step.shape[-2:], x0.shape[-2:]
+        if (height, width) != (encoded_height, encoded_width):
+            raise ValueError(f"The image was encoded to a {encoded_width}x{encoded_height} grid, but the map was sized "
+                             f"to {width}x{height} from the VAE's scale factor: give the image a width and height "
+                             "that the VAE's scale factor divides.")
         release_step = tile_to_batch(self.release_step, x0.shape[0]).to(x0.device)
-        release_step = release_step.view(release_step.shape[0], 1, *[1] * (x0.ndim - 4), *grid)
+        release_step = release_step.view(release_step.shape[0], 1, *[1] * (x0.ndim - 4), height, width)
         if self.pack is not None:  # packing mixes channels into tokens: pack one release step per latent value
             release_step, x0, noise = (self.pack(t) for t in (release_step.expand_as(x0).contiguous(), x0, noise))
         self.release_step, self.x0, self.noise = release_step, x0, noise
 
     def blend(self, scheduler, i: int, latents: torch.Tensor) -> torch.Tensor:
         """The latents to run loop iteration `i + 1` on, where iteration 0 is the first released step."""
-        order = scheduler.order
-        next_iteration = self.first_step * order + i + 1
+        order, next_iteration = scheduler.order, self.first_step * scheduler.order + i + 1
         if next_iteration == len(scheduler.timesteps):
             return where(self.release_step == self.num_inference_steps, self.x0, latents)
         if next_iteration > self.last_frozen_step * order:
@@ -145,9 +118,7 @@ class FrozenPixels:
         latents = self.blend(pipe.scheduler, i, callback_kwargs["latents"])
         if self.callback is None:
             return {"latents": latents}
-        user_kwargs = {name: callback_kwargs[name] for name in self.tensor_inputs}
-        if "latents" in user_kwargs:
-            user_kwargs["latents"] = latents
+        user_kwargs = {name: latents if name == "latents" else callback_kwargs[name] for name in self.tensor_inputs}
         return {"latents": latents, **(self.callback(pipe, i, t, user_kwargs) or {})}
 
 
@@ -158,18 +129,15 @@ def where(condition: torch.Tensor, frozen: torch.Tensor, latents: torch.Tensor) 
 
 
 def composite_original(images: torch.Tensor, original: torch.Tensor, strengths, num_inference_steps: int):
-    """`w * images + (1 - w) * original` with `w = clamp(T * s, 0, 1)` (design, section 2.6), batch-tiled like stock.
-
-    Pixels of strength 0 keep the input's bytes; those below 1/T, which no step runs on, fade in linearly.
-    """
-    weight = tile_to_batch((num_inference_steps * strengths).clamp(0, 1), images.shape[0])
-    weight, original = weight.to(images.device, images.dtype), tile_to_batch(original, images.shape[0])
-    original = original.to(images.device, images.dtype)
+    """`w * images + (1 - w) * original`, `w = clamp(T * s, 0, 1)`, batch-tiled like stock: strength 0 keeps the
+    input's bytes, and strengths below 1/T, which no step runs on, fade in linearly."""
+    weight, original = (tile_to_batch(tensor, images.shape[0]).to(images.device, images.dtype)
+                        for tensor in ((num_inference_steps * strengths).clamp(0, 1), original))
     return torch.where(weight == 0, original, weight * images + (1 - weight) * original)
 
 
 def tile_to_batch(tensor: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Repeats a per-image tensor to the whole batch, as stock img2img repeats its images (whole batch, not items)."""
+    """Repeats a per-image tensor to the whole batch as stock repeats its images: (a, b, a, b), not (a, a, b, b)."""
     if tensor.shape[0] in (1, batch_size):
         return tensor
     return tensor.repeat(batch_size // tensor.shape[0], *(1,) * (tensor.ndim - 1))
@@ -440,24 +408,17 @@ def check_moved_arguments(kwargs: dict, stock_takes_kwargs: bool = True):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Copied from SD2/diff_pipe.py: map parsing (begin)
-# ----------------------------------------------------------------------------------------------------------------
 
 
 def map_on_grid(map, size: tuple, aspect_of: tuple = None) -> torch.Tensor:
-    """The map in its own polarity, float64 (B, 1, *size), on the grid the model works on (latents, or pixels).
-
-    Shrinking averages areas, so that a fine map does not alias; growing is bilinear. A cell whose source values are
-    all equal keeps that value exactly. The map must have the aspect ratio of `aspect_of` (the image's height and
-    width, in pixels or grid cells; default `size`) to within one of its units or 1%, whichever is looser.
-    """
-    map = map_to_tensor(map)  # a float64 tensor passes as it is
-    (height, width), (reference_height, reference_width) = map.shape[-2:], aspect_of or size
-    if abs(height * reference_width / width - reference_height) > max(1, reference_height / 100):
-        raise ValueError(
-            f"`map` is {width}x{height} but the image is {reference_width}x{reference_height}: their aspect ratios "
-            "differ. Give the map the image's aspect ratio."
-        )
-    size = tuple(size)
+    """The map in its own polarity, float64 (B, 1, *size), on the model's grid. Shrinking averages areas, so that a
+    fine map does not alias; growing is bilinear; a cell whose sources are all equal keeps their value exactly. The
+    map needs the aspect ratio of `aspect_of` (the image's; default `size`) to within one of its units or 1%."""
+    map, size = map_to_tensor(map), tuple(size)  # a float64 tensor passes as it is
+    (height, width), (image_height, image_width) = map.shape[-2:], aspect_of or size
+    if abs(height * image_width / width - image_height) > max(1, image_height / 100):
+        raise ValueError(f"`map` is {width}x{height} but the image is {image_width}x{image_height}: their aspect "
+                         "ratios differ. Give the map the image's aspect ratio.")
     if (height, width) == size:
         return map
     if height >= size[0] and width >= size[1]:
@@ -476,79 +437,61 @@ def check_map_count(maps: torch.Tensor, images: torch.Tensor):
 
 
 def map_to_tensor(map, complement: bool = False) -> torch.Tensor:
-    """A map as float64 (B, 1, H, W) in [0, 1], in its own polarity (`1 - map` with `complement`), each value at its
-    exact meaning.
-
-    Accepts a PIL image (modes 1, L, I;16, I, F, or colour modes, converted to luminance), a numpy array ((H, W),
-    (B, H, W), (H, W, 1), (B, H, W, 1) or (B, 1, H, W)), a torch tensor ((H, W), (B, H, W) or (B, 1, H, W)), or a
-    list of these. uint8 value k means k/255, uint16 (and PIL mode I) k/65535, bool 0 and 1; floats must lie in
-    [0, 1] and mean the shortest decimal that rounds back to them, so a float32 0.3 is 0.3, not 0.30000001192092896.
-    The complement is taken in those units, so it too is the nearest float64 to its exact value.
-    """
+    """A map as float64 (B, 1, H, W) in [0, 1], or `1 - map` with `complement`: a PIL image (colour as luminance), an
+    array or tensor of (H, W), (B, H, W) or (B, 1, H, W) (arrays also (H, W, 1), (B, H, W, 1)), or a list of them. Each
+    value, and its complement, is the float64 nearest its exact meaning: uint8 k is k/255, uint16 (and PIL mode I)
+    k/65535, and a float its shortest decimal that rounds back (float32 0.3 is 0.3, not 0.30000001192092896)."""
     if isinstance(map, (list, tuple)):
-        if len(map) == 0:
+        if not map:
             raise ValueError("`map` is an empty list: pass one map, or one map per image.")
         maps = [map_to_tensor(m, complement) for m in map]
         if len({tuple(m.shape[-2:]) for m in maps}) > 1:
             sizes = ", ".join(f"{m.shape[-1]}x{m.shape[-2]}" for m in maps)
             raise ValueError(f"The maps in the `map` list differ in size ({sizes}); give them all the same size.")
         return torch.cat(maps)
-    if isinstance(map, PIL.Image.Image):
-        if map.mode == "I":  # 16-bit PNGs open as mode I with some Pillow versions
-            map = np.asarray(map, dtype=np.int64)
-            if map.min() < 0 or map.max() > 65535:
-                raise ValueError("A `map` of PIL mode I must hold 16-bit values in [0, 65535].")
-            map = map.astype(np.uint16)
-        else:
-            map = np.array(map if map.mode in ("1", "L", "F") or map.mode.startswith("I;16") else map.convert("L"))
+    if isinstance(map, PIL.Image.Image):  # 16-bit PNGs open as mode I with some Pillow versions
+        mode_i = map.mode == "I"
+        map = np.array(map if map.mode in ("1", "L", "F", "I") or map.mode.startswith("I;16") else map.convert("L"))
+        if mode_i and (map.min() < 0 or map.max() > 65535):
+            raise ValueError("A `map` of PIL mode I must hold 16-bit values in [0, 65535].")
+        map = map.astype(np.uint16) if mode_i else map
     if isinstance(map, np.ndarray):
         if map.ndim == 3 and map.shape[-1] in (3, 4):
-            raise ValueError(
-                f"`map` has shape {map.shape}, which looks like a colour image; a map has one channel. "
-                "Pass a grayscale array, or the image as a PIL image, which is converted to luminance."
-            )
+            raise ValueError(f"`map` has shape {map.shape}, which looks like a colour image; a map has one channel. "
+                             "Pass a grayscale array, or the image as a PIL image, which is converted to luminance.")
         map = torch.from_numpy(np.ascontiguousarray(map[..., 0] if map.ndim in (3, 4) and map.shape[-1] == 1 else map))
     if not isinstance(map, torch.Tensor):
-        raise TypeError(
-            f"`map` must be a PIL image, numpy array, torch tensor or a list of them, not {type(map).__name__}."
-        )
-    map = map.detach().cpu()
-    map = map[:, 0] if map.ndim == 4 and map.shape[1] == 1 else map[None] if map.ndim == 2 else map
+        raise TypeError(f"`map` must be a PIL image, numpy array, torch tensor or a list of them, not "
+                        f"{type(map).__name__}.")
+    map = (map[:, 0] if map.ndim == 4 and map.shape[1] == 1 else map[None] if map.ndim == 2 else map).detach().cpu()
     if map.ndim != 3:
-        raise ValueError(
-            f"`map` has shape {tuple(map.shape)}; expected (H, W), (B, H, W) or (B, 1, H, W): maps have one channel."
-        )
+        raise ValueError(f"`map` has shape {tuple(map.shape)}; expected (H, W), (B, H, W) or (B, 1, H, W): maps have "
+                         "one channel.")
     if map.numel() == 0:
         raise ValueError(f"`map` is empty (shape {tuple(map.shape)}).")
-    if map.dtype in (torch.bool, torch.uint8, torch.uint16):
-        unit = {torch.bool: 1, torch.uint8: 255, torch.uint16: 65535}[map.dtype]
+    unit = {torch.bool: 1, torch.uint8: 255, torch.uint16: 65535}.get(map.dtype)
+    if unit is not None:
         return ((unit - map.double() if complement else map.double()) / unit)[:, None]
     if not map.is_floating_point():
-        raise ValueError(
-            f"`map` has dtype {map.dtype}; use uint8 (0-255), uint16 (0-65535), bool, or floats in [0, 1]."
-        )
+        raise ValueError(f"`map` has dtype {map.dtype}; use uint8 (0-255), uint16 (0-65535), bool, or floats in "
+                         "[0, 1].")
     if not torch.isfinite(map).all():
         raise ValueError("`map` contains NaN or infinite values.")
     low, high = map.min().item(), map.max().item()
     if low < 0 or high > 1:
-        raise ValueError(
-            f"`map` values must lie in [0, 1], but they span [{low:g}, {high:g}]. "
-            "Rescale it first, for example (m - m.min()) / (m.max() - m.min())."
-        )
+        raise ValueError(f"`map` values must lie in [0, 1], but they span [{low:g}, {high:g}]. "
+                         "Rescale it first, for example (m - m.min()) / (m.max() - m.min()).")
     if map.dtype == torch.float64:
         return (1 - map if complement else map)[:, None]
-    # Each value as the shortest decimal that rounds back to it, kept as count / units to take the complement exactly.
+    # Each distinct value as its decimal, count / units, so that the complement is exact too.
     values, positions = map.unique(return_inverse=True)
     exact = values.double()
-    count, units, found = exact.clone(), torch.ones_like(exact), values == 0
-    exponent = exact.clamp(min=1e-30).log10().floor()
-    for digits in range(1, 10):
+    exponent, count, units = exact.clamp(min=1e-30).log10().floor(), exact, torch.ones_like(exact)
+    for digits in range(9, 0, -1):  # the fewest digits that round back win; a value none do stands for itself
         scale = 10.0 ** (digits - 1 - exponent)
         rounded = (exact * scale).round()
-        hit = ~found & ((rounded / scale).to(map.dtype) == values)
-        count, units, found = torch.where(hit, rounded, count), torch.where(hit, scale, units), found | hit
-        if found.all():
-            break
+        hit = (rounded / scale).to(map.dtype) == values
+        count, units = torch.where(hit, rounded, count), torch.where(hit, scale, units)
     return ((units - count if complement else count) / units)[positions][:, None]
 
 
