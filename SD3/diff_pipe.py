@@ -69,11 +69,6 @@ def recording_noise(scheduler, frozen, noising: bool = True):
 # k <= r take noised_original(x0, noise, k); after the last step, pixels never released take x0 itself.
 
 
-def strength_map(map, size: tuple, strength: float, invert_map: bool = False, aspect_of: tuple = None):
-    """Each cell's strength, float64 (B, 1, *size): `strength * (1 - map)`, or `strength * map` with `invert_map`."""
-    return strength * map_on_grid(map_to_tensor(map, complement=not invert_map), size, aspect_of)
-
-
 class FrozenPixels:
     """Runs the rule above as a step-end callback in stock's loop, which starts on the first released step, on the
     `x0` and `noise` that stock draws. `pack` lays a tensor out as stock's loop holds its latents. The user's own

@@ -162,13 +162,16 @@ def object_markers(path):
 
 def test_the_flow_files_copy_the_stock_hooks_they_share_as_marked_objects():
     copies = {family: sorted(object_markers(REPO_ROOT / family / "diff_pipe.py").values()) for family in FLOW_FAMILIES}
-    prepare_latents = "# Copied from SD3/diff_pipe.py:StableDiffusion3DiffImg2ImgPipeline.prepare_latents"
+    sd3 = "# Copied from SD3/diff_pipe.py:StableDiffusion3DiffImg2ImgPipeline"
+    flux = "# Copied from Flux/diff_pipe.py:FluxDiffImg2ImgPipeline"
+    moved = "# Copied from SD2/diff_pipe.py:check_moved_arguments"
+    crop = [f"{flux}.crop_unit", f"{sd3}.native_size", f"{sd3}.working_grid"]  # what tools/crop.py reads
     assert copies == {
-        "SD3": [],
-        "Flux": [prepare_latents],
-        "Chroma": ["# Copied from Flux/diff_pipe.py:FluxDiffImg2ImgPipeline._unchanged", prepare_latents],
-        "QwenImage": [prepare_latents],
-        "ZImage": [prepare_latents],
+        "SD3": [moved],
+        "Flux": sorted([moved, f"{sd3}.native_size", f"{sd3}.working_grid", f"{sd3}.prepare_latents"]),
+        "Chroma": sorted([moved, *crop, f"{sd3}.prepare_latents", f"{flux}._unchanged"]),
+        "QwenImage": sorted([moved, *crop, f"{sd3}.prepare_latents"]),
+        "ZImage": sorted([moved, f"{flux}.crop_unit", f"{sd3}.native_size", f"{sd3}.prepare_latents"]),
     }
 
 

@@ -13,7 +13,12 @@ from hypothesis.extra import numpy as hnp
 
 import SD2.diff_pipe as sd_rule
 import SD3.diff_pipe as flow_rule
-from SD2.diff_pipe import map_on_grid, map_to_tensor, strength_map
+from SD2.diff_pipe import map_on_grid, map_to_tensor
+
+def strength_map(map, size, strength, invert_map=False):
+    """Each cell's strength as every pipeline's phase 3 computes it: the map parsed once, in change polarity."""
+    return strength * map_on_grid(map_to_tensor(map, complement=not invert_map), size)
+
 
 RULES = {"sd": (sd_rule.release_steps, StableDiffusionImg2ImgPipeline),
          "flow": (flow_rule.release_steps, FluxImg2ImgPipeline)}
