@@ -9,11 +9,13 @@ imports and tells nothing more, except where a test looks at a real process's st
 as a script.
 """
 
+import logging
 import os
 import re
 import shlex
 import subprocess
 import sys
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -131,7 +133,7 @@ FAMILIES = [
          help_says=("gated", "distilled guidance, an input of the transformer"),
          help_never_says=("1 or less turns it off",)),
     flow("Chroma", "a Chroma checkpoint", help_says=("lodestones/Chroma1-HD",), help_never_says=("--true-cfg-scale",)),
-    flow("QwenImage", "a Qwen-Image checkpoint",
+    flow("QwenImage", "a Qwen-Image checkpoint", run_flags=["--guidance-scale", "0"], text={"guidance_scale": "0.0"},
          help_says=("Qwen/Qwen-Image", "true_cfg_scale", "guidance with --negative-prompt, two transformer passes "
                     "per step")),
     flow("ZImage", "a Z-Image checkpoint",
@@ -195,9 +197,27 @@ def filled(values, folders, **names):
 
 @pytest.fixture
 def run(folders, tmp_path):
-    """``run(family, *flags)``: its run.py on its tiny model(s), on the CPU, in this process and ``tmp_path``."""
-    return lambda family, *flags: run_in_process(f"{family.folder}/run.py", *filled(family.models, folders),
-                                                 "--device", "cpu", *flags, cwd=tmp_path)
+    """``run(family, *flags)``: its run.py on its tiny model(s), on the CPU, in this process and ``tmp_path``; no
+    library warning or log line may reach stderr (README), where only progress bars and our lines belong."""
+    def run(family, *flags):
+        models, said, handler = filled(family.models, folders), [], logging.Handler()
+        handler.emit = lambda record: said.append(record.getMessage())
+        loggers = [logging.getLogger(name) for name in ("diffusers", "transformers")]
+        with warnings.catch_warnings(record=True) as warned:
+            warnings.simplefilter("always")  # but for what Python hides outside __main__:
+            for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+                warnings.filterwarnings("ignore", category=category)
+            for logger in loggers:
+                logger.addHandler(handler)
+            try:
+                ran = run_in_process(f"{family.folder}/run.py", *models, "--device", "cpu", *flags, cwd=tmp_path)
+            finally:
+                for logger in loggers:
+                    logger.removeHandler(handler)
+        said += [f"{warning.category.__name__}: {warning.message}" for warning in warned]
+        assert [text for text in said if "CLIPImageProcessorPil" not in text] == []  # the tiny prior's own processor
+        return ran
+    return run
 
 
 def written(path):

@@ -10,10 +10,13 @@ import contextlib
 import functools
 import importlib.util
 import itertools
+import logging
 import math
 import os
+import re
 import shlex
 import sys
+import warnings
 from pathlib import Path, PurePath
 from typing import Callable, NamedTuple
 
@@ -49,10 +52,43 @@ class CliError(Exception):
         self.exit_code = exit_code  # pickled with the message: tools.batch passes the error between processes
 
 
+# Library messages about what our code has in hand, which would break the README's promise that stderr holds only
+# progress bars and our own lines: by logger, and by warning category, each with the start of its text.
+QUIET_LOGS = {
+    # stock SDXL casts its VAE with `.to(dtype=)`; diffusers then warns even when no module is to stay in float32
+    "diffusers.models.modeling_utils": "There are modules in AutoencoderKL that should be kept in float32: [].",
+    # Qwen-Image/run.py's help says that --guidance-scale 1 or less turns guidance, and so the negative prompt, off
+    "diffusers.pipelines.qwenimage.pipeline_qwenimage_img2img": " negative_prompt is passed but classifier-free",
+}
+QUIET_WARNINGS = [
+    (FutureWarning, "`FluxPosEmbed` is deprecated"),  # stock Chroma's transformer still imports it the old way
+    # Pillow's bomb guard: past twice its limit `reading` refuses the file in one line; below, the run goes on as asked
+    (Image.DecompressionBombWarning, ""),
+]
+
+
+@contextlib.contextmanager
+def quiet_library_messages():
+    """Silences exactly ``QUIET_LOGS`` and ``QUIET_WARNINGS`` while the block runs."""
+    quiet = {name: (logging.getLogger(name), lambda record, start=start: not record.getMessage().startswith(start))
+             for name, start in QUIET_LOGS.items()}
+    with warnings.catch_warnings():
+        for category, start in QUIET_WARNINGS:
+            warnings.filterwarnings("ignore", f"{re.escape(start)}", category)
+        for logger, keep in quiet.values():
+            logger.addFilter(keep)
+        try:
+            yield
+        finally:
+            for logger, keep in quiet.values():
+                logger.removeFilter(keep)
+
+
 def main(run: Callable[[], int | None]) -> None:
     """Runs ``run()`` and exits with its status; known failures end as one line on stderr, never a traceback."""
     try:
-        sys.exit(run() or 0)
+        with quiet_library_messages():
+            sys.exit(run() or 0)
     except CliError as error:
         message, code = error, error.exit_code
     except KeyboardInterrupt:
