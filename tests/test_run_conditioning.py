@@ -210,6 +210,10 @@ def assert_refused(script, flags, status, message, output):
      "cannot load model someone/not-cached-controlnet: it is not fully cached locally"),
     ("missing depth model", ["--controlnet", "{sd_cn0}", "--control", "depth", "--depth-model",
                              "{tmp}/no-depth-model"], 1, "no-depth-model: cannot load it as a depth-estimation model"),
+    ("pipeline as controlnet", ["--controlnet", "{sd}", "--control", "canny"], 2, "an SD 1.x/2.x checkpoint "
+     "(StableDiffusionImg2ImgPipeline), for SD2/run.py; here --controlnet takes a ControlNet model"),
+    ("pipeline as depth model", ["--controlnet", "{sd_cn0}", "--control", "depth", "--depth-model", "{sd}"], 2,
+     "for SD2/run.py; here --depth-model takes a transformers depth-estimation model"),
 ])
 def test_sd_refuses_in_one_line(models, inputs, tmp_path, case, extra, status, message):
     Image.new("RGB", (64, 32)).save(tmp_path / "wide.png")

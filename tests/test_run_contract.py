@@ -101,6 +101,9 @@ FAMILIES = [
         bad_inputs=[
             ("missing prior folder", ["--prior", "{tmp}/no/prior/here"], 2, "--prior"),
             ("hub prior offline", ["--prior", "someone/not-cached-prior"], 1, "--prior PATH"),
+            ("prior and decoder swapped", ["--prior", "{kandinsky_decoder_dir}", "--model", "{kandinsky_prior_dir}"], 2,
+             "a Kandinsky 2.2 checkpoint (KandinskyV22Img2ImgPipeline), for Kandinsky/run.py; here --prior takes a "
+             "Kandinsky 2.2 prior"),
             ("height off the grid", ["--height", "100"], 2, "--height"),
         ],
     ),

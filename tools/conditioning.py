@@ -111,6 +111,9 @@ def load_controlnets(args: argparse.Namespace) -> list:
     nets, dtype = [], cli.torch_dtype(args.dtype)
     for name in args.controlnet:
         path = loading.model_path(name, "--controlnet")
+        if pipeline := loading.pipeline_folder(name):
+            raise cli.CliError(f"--controlnet {name}: {pipeline}; here --controlnet takes a ControlNet model (a "
+                               "ControlNetModel folder or Hub id) made for --model's family")
         try:
             nets.append(ControlNetModel.from_pretrained(str(path) if path.is_dir() else name, dtype=dtype))
         except (OSError, ValueError) as error:
@@ -135,12 +138,17 @@ def depth_estimator(model: str | None, device: str):
     from tools import maps
 
     model = model or maps.DEFAULT_DEPTH_MODEL
+    if pipeline := loading.pipeline_folder(model):
+        raise cli.CliError(f"--depth-model {model}: {pipeline}; here --depth-model takes a transformers "
+                           f"depth-estimation model, such as {maps.DEFAULT_DEPTH_MODEL}")
     try:
         return maps.depth_estimator(model, device)
     except (OSError, ValueError) as error:
         why = (str(error.__cause__ or error).strip() or type(error).__name__).splitlines()[0]
+        fix = "give a folder of a transformers depth-estimation model" if Path(model).is_dir() else (
+            "pass --depth-model PATH for a local folder")  # a Hub id that is not cached, or a folder not there
         raise cli.CliError(f"--depth-model {model}: cannot load it as a depth-estimation model: {cli.one_line(why)}; "
-                           "pass --depth-model PATH for a local folder", cli.EXIT_RUN_FAILED) from error
+                           f"{fix}", cli.EXIT_RUN_FAILED) from error
 
 
 def canny_edges(image: Image.Image) -> Image.Image:

@@ -18,6 +18,7 @@ FAMILIES = {
     "StableDiffusion3": ("an SD3 checkpoint", "SD3/run.py"),
     "StableDiffusionUpscale": ("an x4 upscaler", "IF/run.py --stage3-model"),
     "KandinskyV22": ("a Kandinsky 2.2 checkpoint", "Kandinsky/run.py"),
+    "KandinskyV22Prior": ("a Kandinsky 2.2 prior", "Kandinsky/run.py --prior"),
     "IF": ("a DeepFloyd IF checkpoint", "IF/run.py"),
     "Flux": ("a Flux checkpoint", "Flux/run.py"),
     "Chroma": ("a Chroma checkpoint", "Chroma/run.py"),
@@ -38,9 +39,7 @@ def load_pipeline(pipeline_class, model: str, *, torch_dtype, device: str, offlo
                 model, "model_index.json", cache_dir=from_pretrained_kwargs.get("cache_dir"))
             found = json.loads(Path(index).read_text()).get("_class_name", "?")
             if family_of(found) != expected:
-                what, where = FAMILIES.get(family_of(found), ("a pipeline", "no run.py here"))
-                raise CliError(f"{flag} {model}: {what} ({found}), for {where}; here {flag} takes "
-                               f"{FAMILIES[expected][0]}")
+                raise CliError(f"{flag} {model}: {described(found)}; here {flag} takes {FAMILIES[expected][0]}")
         pipe = pipeline_class.from_pretrained(str(path) if path.is_dir() else model, dtype=torch_dtype,
                                               **from_pretrained_kwargs)
     except (OSError, ValueError, ImportError) as error:
@@ -64,6 +63,21 @@ def model_path(model: str, flag: str = "--model") -> Path:
 
 
 warn_once = functools.cache(warn)  # one warning however many models a run loads
+
+
+def described(class_name: str) -> str:
+    """What a pipeline of ``class_name`` is, and which run.py takes it: "an SDXL checkpoint (...), for SDXL/run.py"."""
+    what, where = FAMILIES.get(family_of(class_name), ("a pipeline", "no run.py here"))
+    return f"{what} ({class_name}), for {where}"
+
+
+def pipeline_folder(model: str) -> str | None:
+    """``described`` for a local folder that holds a whole pipeline (model_index.json), else None: a flag that takes
+    one model (a ControlNet, a depth model) says what such a folder is instead of what file it lacks."""
+    try:
+        return described(json.loads((Path(model).expanduser() / "model_index.json").read_text()).get("_class_name"))
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def family_of(class_name: str) -> str | None:
