@@ -1,6 +1,7 @@
 import math
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -501,3 +502,20 @@ def test_cli_runs_as_a_module(tmp_path):
     subprocess.run(command, cwd=REPO_ROOT, check=True, capture_output=True)
     with Image.open(output) as image:
         np.testing.assert_array_equal(np.asarray(image), np.rint(radial(16, 12) * 255).astype(np.uint8))
+
+
+def test_cli_depth_names_a_wrong_model_folder_and_a_huge_image_gives_only_our_line(tmp_path, capsys):
+    Image.new("RGB", (8, 8)).save(tmp_path / "photo.png")
+    Image.new("1", (9500, 9500)).save(tmp_path / "huge.png")  # past Pillow's 89M-pixel warning, below its error
+    for folder, index in [("pipe", "model_index.json"), ("other", "config.json")]:
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / index).write_text('{"_class_name": "StableDiffusionPipeline"}')
+    for argv, status, message in [(["--model", tmp_path / "pipe"], 2, "here --model takes a transformers depth"),
+                                  (["--model", tmp_path / "other"], 1, "Cannot load the depth model"),
+                                  (["--image", tmp_path / "huge.png"], 2, "is 9500x9500 pixels, more than 8192")]:
+        with warnings.catch_warnings(record=True) as warned:
+            warnings.simplefilter("always")
+            code, out, err = run_main(["depth", "--image", tmp_path / "photo.png", *argv, "--output",
+                                       tmp_path / "d.png"], capsys)
+        assert (code, out, len(err.splitlines()), warned) == (status, "", 1, []) and message in err, err
+        assert "--model-type" not in err

@@ -60,11 +60,7 @@ QUIET_LOGS = {
     # Qwen-Image/run.py's help says that --guidance-scale 1 or less turns guidance, and so the negative prompt, off
     "diffusers.pipelines.qwenimage.pipeline_qwenimage_img2img": " negative_prompt is passed but classifier-free",
 }
-QUIET_WARNINGS = [
-    (FutureWarning, "`FluxPosEmbed` is deprecated"),  # stock Chroma's transformer still imports it the old way
-    # Pillow's bomb guard: past twice its limit `reading` refuses the file in one line; below, the run goes on as asked
-    (Image.DecompressionBombWarning, ""),
-]
+QUIET_WARNINGS = [(FutureWarning, "`FluxPosEmbed` is deprecated")]  # stock Chroma's transformer imports it the old way
 
 
 @contextlib.contextmanager

@@ -38,7 +38,7 @@ from PIL import Image
 if __package__ in (None, ""):  # started as a script path (python tools/maps.py): make `tools` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tools import cli  # noqa: E402
+from tools import cli, loading  # noqa: E402
 from tools.feather import feathered_mask  # noqa: E402  (one of the makers, in a module of its own)
 
 DEFAULT_DEPTH_MODEL = "depth-anything/Depth-Anything-V2-Small-hf"
@@ -349,11 +349,11 @@ def depth_estimator(model=DEFAULT_DEPTH_MODEL, device: str | int | None = None):
 
     try:
         return pipeline("depth-estimation", model=str(model), device=device)
-    except OSError as error:
-        raise OSError(
-            f"Cannot load the depth model {str(model)!r}: {error}\nDownload it once with network access, "
-            "or pass the path of a local folder that holds the model and its image processor."
-        ) from error
+    except (OSError, ValueError) as error:  # ValueError: a folder of another kind of model
+        fix = "Give a folder that holds a depth-estimation model and its image processor." if Path(model).is_dir() \
+            else "Download it once with network access, or pass the path of a local folder that holds the model and " \
+            "its image processor."
+        raise OSError(f"Cannot load the depth model {str(model)!r}: {str(error).replace('`', '')}\n{fix}") from error
 
 
 def _prediction_kind(config) -> str:
@@ -497,7 +497,9 @@ def _label_strength(text: str) -> tuple[int, float]:
 
 
 def _read(path: Path, flag: str) -> Image.Image:
-    image = cli.read_image(path, flag)
+    with warnings.catch_warnings():  # Pillow warns of any image past 89M pixels; such an image is refused just below
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        image = cli.read_image(path, flag)
     if max(image.size) > MAX_SIDE:
         raise cli.CliError(f"{flag} {cli.display(path)}: is {image.width}x{image.height} pixels, more than {MAX_SIDE} "
                            "on a side; scale it down first")
@@ -520,6 +522,9 @@ def _make(args) -> np.ndarray:
         return feathered_mask(_read(args.mask, "--mask"), feather_px=args.feather_px, grow_px=args.grow_px)
     if args.maker == "regions":
         return region_map(_read(args.labels, "--labels"), dict(args.strength))
+    if pipeline := loading.pipeline_folder(args.model):
+        raise cli.CliError(f"--model {args.model}: {pipeline}; here --model takes a transformers depth-estimation "
+                           f"model, such as {DEFAULT_DEPTH_MODEL}")
     try:
         return depth_map(_read(args.image, "--image"), model=args.model, near=args.near, prediction=args.prediction)
     except OSError as error:
