@@ -431,3 +431,15 @@ def test_help_documents_every_flag_and_starts_as_a_script_from_any_folder(family
         assert " ".join(text.split()) in spaced or "".join(text.split()) in joined, text
     for text in family.help_never_says:
         assert text not in spaced, text
+
+
+def test_a_sweep_on_a_flow_family_recommends_no_scheduler_it_refuses(saved_flow_models, inputs, tmp_path, capsys):
+    from tools import fan
+
+    with pytest.raises(SystemExit) as done:
+        fan.main(["--family", "sd3", "sweep", "--model", str(saved_flow_models("sd3_dir")), "--device", "cpu",
+                  "--image", str(inputs[0]), "--prompt", "x", "--steps", "2", "--strengths", "0,1", "--output",
+                  str(tmp_path / "sweep.png")])
+    err = capsys.readouterr().err
+    assert done.value.code == 0 and "flow-matching sampler, the only one it takes" in err, err
+    assert "--scheduler ddim" not in err

@@ -96,8 +96,9 @@ def build_parser(family, family_name: str, mode: str) -> argparse.ArgumentParser
     parser = family.build_parser()
     parser.prog = f"python -m tools.fan --family {family_name} {mode}"
     note = (
-        "\n\nSchedulers: items and sectors equal stock img2img at their strength only with --scheduler ddim or euler;"
-        "\nmultistep (dpm++, unipc, pndm) and stochastic (euler-a, ddpm) ones differ a little (see docs/tools.md)."
+        "\n\nSchedulers: items and sectors equal stock img2img at their strength with --scheduler ddim or euler, where"
+        "\nthe family takes them (the flow-matching families take only their own); multistep (dpm++, unipc, pndm) and"
+        "\nstochastic (euler-a, ddpm) ones differ a little (see docs/tools.md)."
     )
     if mode == "fan":
         parser.description = (
@@ -212,6 +213,16 @@ def stateful_schedulers(pipelines) -> list[str]:
     return sorted(names - STATELESS_SCHEDULERS)
 
 
+def scheduler_warning(name: str) -> str:
+    """What a fan or sweep says of a scheduler that ``stateful_schedulers`` names: a flow-matching family refuses
+    --scheduler ddim and euler, so it is not told to pass them."""
+    if name.startswith("FlowMatch"):
+        return (f"{name} is this family's own flow-matching sampler, the only one it takes; equality with stock "
+                "img2img at each strength is shown for DDIM and Euler only, so each strength may differ a little")
+    return (f"{name} is not stateless from step to step (it keeps a history of steps, or draws fresh noise), so each "
+            "strength differs a little from stock img2img at that strength; --scheduler ddim or euler match it exactly")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Pictures
 
@@ -280,9 +291,7 @@ def run(argv: list[str] | None = None) -> None:
     image, _ = cli.load_inputs(args)
     pipelines = family.load_pipelines(args)
     for name in stateful_schedulers(pipelines):
-        print(f"warning: {name} is not stateless from step to step (it keeps a history of steps, or draws fresh "
-              "noise), so each strength differs a little from stock img2img at that strength; --scheduler ddim or "
-              "euler match it exactly", file=sys.stderr)
+        cli.warn(scheduler_warning(name))
     started = time.perf_counter()
     if mode == "fan":
         output, fan_map, steps_run = fan_edit(family, pipelines, args, image, args.sectors)
