@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import warnings
@@ -443,3 +444,31 @@ def test_a_sweep_on_a_flow_family_recommends_no_scheduler_it_refuses(saved_flow_
     err = capsys.readouterr().err
     assert done.value.code == 0 and "flow-matching sampler, the only one it takes" in err, err
     assert "--scheduler ddim" not in err
+
+
+@pytest.mark.parametrize("family, presses", [(family, 1) for family in FAMILIES if family.name != "if"]
+                         + [(FAMILIES[0], 2)], ids=lambda value: getattr(value, "name", f"{value}x"))
+def test_ctrl_c_stops_after_the_step_it_came_in_and_writes_nothing(family, presses, run, inputs, tmp_path,
+                                                                   monkeypatch):
+    from diffusers import DiffusionPipeline
+
+    steps, progress_bar = [], DiffusionPipeline.progress_bar
+
+    def pressing(pipe, *args, **kwargs):  # Ctrl-C at the end of the first step that runs with run.py's handler
+        bar = progress_bar(pipe, *args, **kwargs)
+        update = bar.update
+
+        def step_done(*args):
+            if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+                steps.append(pipe)
+                for _ in range(presses if len(steps) == 1 else 0):
+                    signal.raise_signal(signal.SIGINT)
+            return update(*args)
+        bar.update = step_done
+        return bar
+
+    monkeypatch.setattr(DiffusionPipeline, "progress_bar", pressing)
+    ran = run(family, "--image", inputs[0], "--map", inputs[1], "--prompt", "x", "--steps", "8", "--output",
+              tmp_path / "out.png")
+    assert (ran.returncode, error_lines(ran)) == (130, ["error: interrupted"]), ran.stderr
+    assert len(steps) == 1 and list(tmp_path.glob("out*")) == [] and list(tmp_path.glob(".*partial")) == []
