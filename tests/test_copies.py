@@ -102,6 +102,16 @@ def test_fix_rewrites_drifted_copies_and_nothing_else(tree):
     assert check_copies.check(tree) == ([], [])
 
 
+@pytest.mark.parametrize("reference, copy, difference", [
+    ("a\nb\n", "a\r\nb\r\n", r"line 1 of the block: 'a\r' instead of 'a'"),
+    ("a\nb\n", "a\nb\n\n", "line 4 of the block: '' instead of the end of the block"),
+    ("a\n" + "x" * 150, "a\n" + "x" * 70 + "y" * 80,
+     f"line 2 of the block: ...{'x' * 20 + 'y' * 40!r}... instead of ...{'x' * 60!r}..."),
+], ids=["CR", "one line more", "long lines"])
+def test_a_difference_names_the_first_differing_line_and_shortens_long_ones(reference, copy, difference):
+    assert check_copies.first_difference(reference, copy) == difference
+
+
 def test_fix_spreads_an_edit_of_the_source(tree):
     drift(tree / CORE.source, CORE, "class FrozenPixels:", "class FrozenPixels:  # edited in the source")
     problems, fixed = check_copies.check(tree, fix=True)
@@ -197,7 +207,7 @@ def test_a_drifted_object_copy_is_reported_and_fix_mends_only_it(tree):
     assert problems == [
         f"Chroma/diff_pipe.py:{line}: ChromaDiffImg2ImgPipeline._unchanged differs from "
         f"Flux/diff_pipe.py:FluxDiffImg2ImgPipeline._unchanged (line 2 of the object: "
-        f"{kept.replace('# No pixel', '# drifted: no pixel')!r} instead of {kept!r})"
+        f"{kept.replace('# No pixel', '# drifted: no pixel')[:60]!r}... instead of {kept[:60]!r}...)"
     ]
 
     problems, fixed = check_copies.check_objects(tree, fix=True)

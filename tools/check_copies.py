@@ -29,6 +29,8 @@ hand).
 
 import argparse
 import ast
+import itertools
+import os
 import re
 import sys
 from dataclasses import dataclass
@@ -71,11 +73,22 @@ def block_span(text: str, block: CopiedBlock):
     return (start, stop) if start < stop else f"has {end!r} before {begin!r}"
 
 
-def first_difference(reference: str, copy: str, what: str = "block") -> str:
-    for number, (expected, found) in enumerate(zip(reference.splitlines(), copy.splitlines()), 1):
-        if expected != found:
-            return f"line {number} of the {what}: {found!r} instead of {expected!r}"
-    return f"the {what} has {len(copy.splitlines())} lines instead of {len(reference.splitlines())}"
+def first_difference(reference: str, copy: str, what: str = "block", width: int = 60) -> str:
+    """The first line where `copy` differs from `reference`, both texts shown around where they part."""
+    # split on "\n" alone, so that a difference in "\r" or any other line break shows
+    lines = itertools.zip_longest(reference.split("\n"), copy.split("\n"))
+    number, expected, found = next((number, *pair) for number, pair in enumerate(lines, 1) if pair[0] != pair[1])
+    column = len(os.path.commonprefix([expected or "", found or ""]))
+    longest = max(len(expected or ""), len(found or ""))
+    start = 0 if longest <= width else max(0, column - width // 3)  # both from one column, so that they line up
+
+    def shown(line):
+        if line is None:
+            return f"the end of the {what}"
+        piece = repr(line[start : start + width])
+        return ("..." if start else "") + piece + ("..." if start + width < len(line) else "")
+
+    return f"line {number} of the {what}: {shown(found)} instead of {shown(expected)}"
 
 
 def read(path: Path) -> str:
