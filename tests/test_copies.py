@@ -102,6 +102,19 @@ def test_fix_rewrites_drifted_copies_and_nothing_else(tree):
     assert check_copies.check(tree) == ([], [])
 
 
+def test_a_crlf_copy_of_a_block_is_compared_and_fixed_in_its_own_line_endings(tree):
+    kandinsky = tree / "Kandinsky" / "diff_pipe.py"
+    crlf = kandinsky.read_bytes().replace(b"\n", b"\r\n")
+    kandinsky.write_bytes(crlf)
+    assert check_copies.check(tree) == ([], [])  # the same code in other line endings: a fix would change nothing
+    assert crlf.count(b"class FrozenPixels:\r\n") == 1
+    kandinsky.write_bytes(crlf.replace(b"class FrozenPixels:\r\n", b"class FrozenPixels:  # drifted\r\n"))
+    problems, _ = check_copies.check(tree)
+    assert len(problems) == 1 and "'class FrozenPixels:  # drifted' instead of 'class FrozenPixels:'" in problems[0]
+    assert check_copies.check(tree, fix=True) == ([], ["Kandinsky/diff_pipe.py: differential core"])
+    assert kandinsky.read_bytes() == crlf
+
+
 @pytest.mark.parametrize("reference, copy, difference", [
     ("a\nb\n", "a\r\nb\r\n", r"line 1 of the block: 'a\r' instead of 'a'"),
     ("a\nb\n", "a\nb\n\n", "line 4 of the block: '' instead of the end of the block"),
@@ -361,3 +374,25 @@ def test_a_copy_at_another_indentation_and_with_crlf_endings_is_compared_and_fix
     assert copy.read_bytes() == (b"x = 1\r\n# Copied from Flux/diff_pipe.py:FluxThing.decorated\r\n@staticmethod\r\n"
                                  b"@torch.no_grad()\r\ndef decorated(x):\r\n    return x + 1\r\n"
                                  b"    # a comment at the end of the body belongs to it\r\n\r\ny = 2\r\n")
+
+
+@pytest.mark.parametrize("damage, error", [
+    ("not UTF-8", "Chroma/diff_pipe.py:2: byte 0xe9 is not UTF-8: save the file as UTF-8"),
+    ("mixed endings", "Chroma/diff_pipe.py mixes CRLF and LF line endings: give it one (e.g. dos2unix "
+                      "Chroma/diff_pipe.py or unix2dos), then run the check again"),
+    ("no block source", "there is no Lost/diff_pipe.py, the source of the lost block: restore it, or name the "
+                        "block's source in tools/check_copies.py"),
+])
+def test_a_file_that_cannot_be_read_is_one_line_and_fix_leaves_it(small_tree, monkeypatch, capsys, damage, error):
+    copy = small_tree / "Chroma" / "diff_pipe.py"
+    text = copy.read_bytes()
+    if damage == "not UTF-8":
+        copy.write_bytes(text.replace(b"class ChromaThing:", b"class ChromaThing:  # caf\xe9"))
+    elif damage == "mixed endings":
+        copy.write_bytes(text.replace(b"\n", b"\r\n", 1))
+    else:
+        monkeypatch.setattr(check_copies, "BLOCKS", [check_copies.CopiedBlock("Lost/diff_pipe.py", "lost block", ())])
+    before = snapshot(small_tree)
+    assert check_copies.main(["--fix"]) == 1
+    assert capsys.readouterr().err.splitlines()[0] == f"error: {error}"
+    assert snapshot(small_tree) == before

@@ -21,10 +21,11 @@ The copy is the def or class with its decorators and body, up to the next line a
 it must equal the source object's text after the renames (applied all at once, to every occurrence, also inside
 longer names) and after moving it to the copy's indentation. Only the copy carries the marker.
 
-Code is edited in its source only; `--fix` replaces each copy's text by the source's. It touches nothing else: files
-outside a block's set, text outside a block's markers or a copied object, and copies whose markers are missing,
-repeated, out of order, stand over no def, or name a source that is not there (those are reported, to be mended by
-hand).
+Code is edited in its source only; `--fix` replaces each copy's text by the source's, in the copy's line endings
+(copies are compared regardless of them). It touches nothing else: files outside a block's set, text outside a
+block's markers or a copied object, and copies whose markers are missing, repeated, out of order, stand over no def,
+or name a source that is not there, and files that are not UTF-8 or mix CRLF and LF endings (those are reported, to
+be mended by hand).
 """
 
 import argparse
@@ -91,8 +92,30 @@ def first_difference(reference: str, copy: str, what: str = "block", width: int 
     return f"line {number} of the {what}: {shown(found)} instead of {shown(expected)}"
 
 
-def read(path: Path) -> str:
-    return path.read_bytes().decode("utf-8")  # bytes, so that line endings come back exactly as they were
+class FileProblem(Exception):
+    """A file that cannot be read; the message is one line that names it and what to do."""
+
+
+def read(path: Path, name: str) -> str:
+    try:
+        data = path.read_bytes()  # bytes, so that line endings come back exactly as they were
+    except FileNotFoundError:
+        raise FileProblem(f"there is no {name}") from None
+    except OSError as error:
+        raise FileProblem(f"cannot read {name} ({error.strerror}): make it readable") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line, byte = data.count(b"\n", 0, error.start) + 1, data[error.start]
+        raise FileProblem(f"{name}:{line}: byte 0x{byte:02x} is not UTF-8: save the file as UTF-8") from None
+    if "\r\n" in text and "\n" in text.replace("\r\n", ""):  # a fix could write neither ending without a guess
+        raise FileProblem(f"{name} mixes CRLF and LF line endings: give it one (e.g. dos2unix {name} or unix2dos), "
+                          "then run the check again")
+    return text
+
+
+def lf(text: str) -> str:
+    return text.replace("\r\n", "\n")
 
 
 def check_blocks(root: Path, fix: bool = False) -> tuple:
@@ -103,25 +126,41 @@ def check_blocks(root: Path, fix: bool = False) -> tuple:
     """
     problems, fixed = [], []
     for block in BLOCKS:
-        source = read(root / block.source)
+        if not (root / block.source).exists():
+            problems.append(f"there is no {block.source}, the source of the {block.name}: restore it, or name the "
+                            "block's source in tools/check_copies.py")
+            continue
+        try:
+            source = read(root / block.source, block.source)
+        except FileProblem as problem:
+            problems.append(str(problem))
+            continue
         span = block_span(source, block)
         if isinstance(span, str):
             problems.append(f"{block.source} (the source of the {block.name}) {span}")
             continue
-        reference = source[span[0] : span[1]]
+        reference = lf(source[span[0] : span[1]])
         for path in block.files(root):
             name = path.relative_to(root).as_posix()
-            text = read(path)
+            try:
+                text = read(path, name)
+            except FileProblem as problem:
+                problems.append(str(problem))
+                continue
             span = block_span(text, block)
             if isinstance(span, str):
                 problems.append(f"{name} {span}")
-            elif text[span[0] : span[1]] != reference:
-                if fix:
-                    path.write_bytes((text[: span[0]] + reference + text[span[1] :]).encode("utf-8"))
-                    fixed.append(f"{name}: {block.name}")
-                else:
-                    difference = first_difference(reference, text[span[0] : span[1]])
-                    problems.append(f"{name}: its {block.name} differs from {block.source}'s ({difference})")
+                continue
+            copy = lf(text[span[0] : span[1]])
+            if copy == reference:
+                continue
+            if fix:
+                ending = "\r\n" if "\r\n" in text else "\n"
+                path.write_bytes((text[: span[0]] + reference.replace("\n", ending) + text[span[1] :]).encode("utf-8"))
+                fixed.append(f"{name}: {block.name}")
+                continue
+            difference = first_difference(reference, copy)
+            problems.append(f"{name}: its {block.name} differs from {block.source}'s ({difference})")
     return problems, fixed
 
 
@@ -210,9 +249,11 @@ class Sources:
             if not path.is_file():
                 self.files[source] = f"there is no {source}"
             else:
-                text = read(path)
                 try:
+                    text = read(path, source)
                     tree = ast.parse(text)
+                except FileProblem as problem:
+                    self.files[source] = str(problem)
                 except SyntaxError as error:
                     self.files[source] = f"{source} does not parse ({error.msg}, line {error.lineno})"
                 else:
@@ -230,7 +271,12 @@ def check_objects_once(root: Path, fix: bool = False) -> tuple:
     """
     problems, fixed, sources = [], [], Sources(root)
     for path in sorted({path for pattern in OBJECT_COPIES for path in root.glob(pattern)}):
-        name, text = path.relative_to(root).as_posix(), read(path)
+        name = path.relative_to(root).as_posix()
+        try:
+            text = read(path, name)
+        except FileProblem as problem:
+            problems.append(str(problem))
+            continue
         lines = text.split("\n")
         markers = [(number, OBJECT_MARKER.fullmatch(line.rstrip("\r"))) for number, line in enumerate(lines)
                    if LOOKS_LIKE_A_MARKER.fullmatch(line.rstrip("\r"))]
@@ -322,7 +368,7 @@ def check(root: Path, fix: bool = False) -> tuple:
     """
     block_problems, block_fixed = check_blocks(root, fix)
     object_problems, object_fixed = check_objects(root, fix)
-    return block_problems + object_problems, block_fixed + object_fixed
+    return list(dict.fromkeys(block_problems + object_problems)), block_fixed + object_fixed  # a file read twice
 
 
 def main(argv=None) -> int:
