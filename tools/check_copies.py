@@ -24,8 +24,8 @@ longer names) and after moving it to the copy's indentation. Only the copy carri
 Code is edited in its source only; `--fix` replaces each copy's text by the source's, in the copy's line endings
 (copies are compared regardless of them). It touches nothing else: files outside a block's set, text outside a
 block's markers or a copied object, and copies whose markers are missing, repeated, out of order, stand over no def,
-or name a source that is not there, and files that are not UTF-8 or mix CRLF and LF endings (those are reported, to
-be mended by hand).
+or name a source that is not there, and files that are not UTF-8, mix CRLF and LF endings, or are read-only (those are
+reported, to be mended by hand). A file is rewritten all at once: written beside it, then renamed over it.
 """
 
 import argparse
@@ -33,7 +33,9 @@ import ast
 import itertools
 import os
 import re
+import stat
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,7 +95,7 @@ def first_difference(reference: str, copy: str, what: str = "block", width: int 
 
 
 class FileProblem(Exception):
-    """A file that cannot be read; the message is one line that names it and what to do."""
+    """A file that cannot be read or rewritten; the message is one line that names it and what to do."""
 
 
 def read(path: Path, name: str) -> str:
@@ -114,6 +116,29 @@ def read(path: Path, name: str) -> str:
     return text
 
 
+def write(path: Path, name: str, text: str):
+    """Replaces the file's text all at once, keeping its permissions, so that it is never found half-written."""
+    mode = path.stat().st_mode
+    if not os.access(path, os.W_OK) or not mode & 0o222:  # the mode bits too: root may write to anything
+        raise FileProblem(f"{name} is read-only: make it writable (e.g. chmod u+w {name}), then run --fix again")
+    target = path.resolve()  # through a link, so that the link stays one
+    temporary = None
+    try:
+        handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
+        with os.fdopen(handle, "wb") as file:
+            file.write(text.encode("utf-8"))
+            file.flush()
+            os.fsync(file.fileno())
+        os.chmod(temporary, stat.S_IMODE(mode))
+        os.replace(temporary, target)
+    except OSError as error:
+        raise FileProblem(f"cannot write {name} ({error.strerror}), so it is left as it was: mend that, "
+                          "then run --fix again") from None
+    finally:
+        if temporary is not None and os.path.exists(temporary):
+            os.unlink(temporary)
+
+
 def lf(text: str) -> str:
     return text.replace("\r\n", "\n")
 
@@ -121,8 +146,9 @@ def lf(text: str) -> str:
 def check_blocks(root: Path, fix: bool = False) -> tuple:
     """Compares every copied block with its source; with `fix`, rewrites the copies that differ.
 
-    Returns (problems, fixed): one line per copy that differs or whose markers are wrong (after fixing, only the
-    latter), and one line per block rewritten.
+    Returns (problems, fixed): one line per file that cannot be read, and per copy that differs or whose markers are
+    wrong (after fixing, only the latter, and the copies that could not be rewritten, with why), and one line per
+    block rewritten.
     """
     problems, fixed = [], []
     for block in BLOCKS:
@@ -156,9 +182,13 @@ def check_blocks(root: Path, fix: bool = False) -> tuple:
                 continue
             if fix:
                 ending = "\r\n" if "\r\n" in text else "\n"
-                path.write_bytes((text[: span[0]] + reference.replace("\n", ending) + text[span[1] :]).encode("utf-8"))
-                fixed.append(f"{name}: {block.name}")
-                continue
+                try:
+                    write(path, name, text[: span[0]] + reference.replace("\n", ending) + text[span[1] :])
+                except FileProblem as problem:
+                    problems.append(str(problem))
+                else:
+                    fixed.append(f"{name}: {block.name}")
+                    continue
             difference = first_difference(reference, copy)
             problems.append(f"{name}: its {block.name} differs from {block.source}'s ({difference})")
     return problems, fixed
@@ -343,28 +373,34 @@ def check_objects_once(root: Path, fix: bool = False) -> tuple:
         for first, stop, replacement, _ in reversed(applied):
             lines[first:stop] = replacement
         if applied:
-            path.write_bytes("\n".join(lines).encode("utf-8"))
-            fixed += [copy for *_, copy in applied]
+            try:
+                write(path, name, "\n".join(lines))
+            except FileProblem as problem:
+                problems.append(str(problem))
+            else:
+                fixed += [copy for *_, copy in applied]
     return problems, fixed
 
 
 def check_objects(root: Path, fix: bool = False) -> tuple:
     """Compares every copied object with its source; with `fix`, rewrites the copies that differ (a copy of a copy
     once its source has been fixed). Returns (problems, fixed), as `check` does."""
-    fixed = []
+    problems, fixed = [], []
     for _ in range(10 if fix else 0):
-        done = check_objects_once(root, fix=True)[1]
+        failed, done = check_objects_once(root, fix=True)
+        problems += failed  # the files that could not be rewritten are named only here
         if not done:
             break
         fixed += [copy for copy in done if copy not in fixed]
-    return check_objects_once(root)[0], fixed
+    return list(dict.fromkeys(problems + check_objects_once(root)[0])), fixed
 
 
 def check(root: Path, fix: bool = False) -> tuple:
     """Compares every copied block and object with its source; with `fix`, rewrites the copies that differ.
 
-    Returns (problems, fixed): one line per copy that differs or whose marker is wrong (after fixing, only the
-    latter), and one line per copy rewritten.
+    Returns (problems, fixed): one line per file that cannot be read, and per copy that differs or whose marker is
+    wrong (after fixing, only the latter, and the copies that could not be rewritten, with why), and one line per copy
+    rewritten.
     """
     block_problems, block_fixed = check_blocks(root, fix)
     object_problems, object_fixed = check_objects(root, fix)
