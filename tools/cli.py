@@ -398,11 +398,12 @@ def mask_to_keep_map(mask: Image.Image, size: tuple[int, int], feather: float = 
     return Image.fromarray(feathered_mask(region, feather_px=feather, grow_px=grow))
 
 
-def check_image_size(image: Image.Image, cell: int) -> None:
-    """Refuses an image smaller than one ``cell`` x ``cell`` cell of a model's latent grid: it cannot encode it."""
-    if min(image.size) < cell:
-        raise CliError(f"--image: the image is {image.width}x{image.height} pixels, smaller than one {cell}x{cell} "
-                       f"cell of the model's latent grid; give an image at least {cell} pixels on each side")
+def check_image_size(image: Image.Image, smallest: int, why: str) -> None:
+    """Refuses an image smaller than ``smallest`` pixels on a side, the model's smallest size (``why``: its parts)."""
+    if min(image.size) < smallest:
+        raise CliError(f"--image: the image is {image.width}x{image.height} pixels, smaller than {smallest}x"
+                       f"{smallest}, the smallest this model edits ({why}); give an image at least {smallest} pixels "
+                       "on each side")
 
 
 def set_scheduler(pipe, name: str) -> None:
