@@ -156,6 +156,10 @@ COMMON_BAD_INPUTS = [
     ("map and mask", ["--mask", "{map}"], 2, "--map and --mask"),
     ("feather without a mask", ["--feather", "8"], 2, "--mask PATH"),
     ("hub model offline", ["--model", "someone/not-cached-model"], 1, "--model PATH"),
+    # `$'caf\xe9'` reaches Python as a lone surrogate, which the tokenizers refused with a traceback
+    ("prompt not UTF-8", ["--prompt", "caf\udce9"], 2, "--prompt: character 4 is the byte 0xE9, which is not UTF-8"),
+    ("negative prompt not UTF-8", ["--negative-prompt", "\ud800"], 2, "--negative-prompt: character 1 is a lone"),
+    ("NaN", ["--guidance-scale", "nan"], 2, "got 'nan'; NaN and infinity are not numbers it takes"),
 ]
 
 COMMON_FLAGS = ("--model", "--image", "--map", "--invert-map", "--mask", "--feather", "--grow", "--prompt",
