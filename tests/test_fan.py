@@ -252,8 +252,13 @@ def test_fan_command_writes_the_output_and_a_labelled_copy(sd_dir, photo, tmp_pa
         assert np.array_equal(np.asarray(raw.convert("RGB")), edited)
 
 
-def test_sweep_command_writes_a_labelled_grid(sd_dir, photo, tmp_path, monkeypatch, capsys):
+def test_sweep_command_writes_a_labelled_grid_and_fans_default_output_skips_a_taken_labelled_copy(
+        sd_dir, photo, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # run in this process: the subprocess route is the fan's test above
+    (tmp_path / "fan-labelled.png").write_bytes(b"the user's file")
+    _, _, args = fan.parse_args(["--family", "sd2", "fan", "--model", str(sd_dir), "--device", "cpu",
+                                 "--image", str(photo), "--prompt", "x"])
+    assert args.output == Path("fan-1.png")
     code, out, err = run_main(["--family", "sd2", "sweep", "--model", str(sd_dir), "--device", "cpu", "--image",
                                str(photo), "--prompt", "a red apple", "--steps", "4", "--strengths", "0,0.5,1",
                                "--columns", "2", "--scheduler", "dpm++"], capsys)
@@ -263,14 +268,6 @@ def test_sweep_command_writes_a_labelled_grid(sd_dir, photo, tmp_path, monkeypat
     with Image.open(tmp_path / "sweep.png") as grid:
         assert grid.size == (2 * 64 + fan.GRID_GAP, 2 * 64 + fan.GRID_GAP)
         assert (grid.text["tool"], grid.text["strengths"], grid.text["map"]) == ("sweep", "0,0.5,1", "uniform")
-
-
-def test_default_output_skips_names_whose_labelled_copy_is_taken(sd_dir, photo, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "fan-labelled.png").write_bytes(b"the user's file")
-    _, _, args = fan.parse_args(["--family", "sd2", "fan", "--model", str(sd_dir), "--device", "cpu",
-                                 "--image", str(photo), "--prompt", "x"])
-    assert args.output == Path("fan-1.png")
 
 
 @pytest.mark.parametrize("argv, expected", [

@@ -133,7 +133,7 @@ def test_smoke_builds_the_real_blocks_at_a_tiny_size():
             assert len(smoke_overrides["block_out_channels"]) == len(real["block_out_channels"])
 
 
-def test_real_configs_have_the_published_parameter_counts():
+def test_real_configs_controlnets_and_inpainting_unets_have_the_published_sizes():
     # Built on the meta device (no memory): the counts the model cards give, within 3 %.
     published = [
         (gpu_bench.UNet2DConditionModel, gpu_bench.SD21_UNET, 865.9e6),  # exact count of the released UNet
@@ -155,9 +155,6 @@ def test_real_configs_have_the_published_parameter_counts():
             model = model_class.from_config(gpu_bench.model_config(config, {}, smoke=False))
         count = gpu_bench.parameter_count(model) + sum(buffer.numel() for buffer in model.buffers())
         assert count == pytest.approx(expected, rel=0.03), config["_class_name"]
-
-
-def test_controlnets_and_inpainting_unets_have_the_published_sizes():
     # SD 1.5's canny ControlNet has 361 M parameters, SDXL's 1.25 B (2.5 GB in fp16); an inpainting UNet is its
     # base with a 9-channel input.
     for unet_config, expected in [(gpu_bench.SD15_UNET, 361e6), (gpu_bench.SDXL_UNET, 1.251e9)]:
@@ -233,7 +230,8 @@ def test_missing_pipeline_file_is_an_error_naming_it():
         gpu_bench.load_pipeline_class(family)
 
 
-def test_json_is_never_overwritten_without_overwrite(tmp_path, monkeypatch, capsys):
+def test_json_is_never_overwritten_without_overwrite_and_without_a_gpu_it_points_to_smoke(tmp_path, monkeypatch,
+                                                                                            capsys):
     existing = tmp_path / "results.json"
     existing.write_text("the user's file")
     monkeypatch.setattr(gpu_bench, "quiet_libraries", lambda: None)
@@ -245,9 +243,7 @@ def test_json_is_never_overwritten_without_overwrite(tmp_path, monkeypatch, caps
         f"error: --json {existing} already exists; pass --overwrite to replace it, or another path."
     ]
     assert existing.read_text() == "the user's file"
-
-
-def test_without_a_gpu_it_points_to_smoke(monkeypatch):
+    # Without a GPU it points to --smoke.
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     args = gpu_bench.build_parser().parse_args(["--families", "sd2"])
     assert args.steps == 20 and not args.smoke  # the defaults; the smoke fixture passes its own T
