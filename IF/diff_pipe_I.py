@@ -262,6 +262,9 @@ class IFDiffImg2ImgPipeline(IFImg2ImgPipeline):
                 Composite the original back at the end: `clamp(T * s, 0, 1) * output + (1 - that) * original`, with
                 the original at stage I's size. IF works in pixels, so pixels of strength below 1/T already
                 end as that original, and this changes next to nothing; it is here so that every pipeline takes it.
+            **kwargs:
+                Refused, as stock takes none: the crop's old keywords (`crop_to_change`, ...) with a pointer to
+                `tools.crop.edit_on_crop`, any other as an unexpected keyword argument.
 
         Returns:
             [`IFPipelineOutput`] or `tuple`, as stock. `pipe.num_timesteps` is the number of denoising steps

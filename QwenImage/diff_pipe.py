@@ -236,6 +236,9 @@ class QwenImageDiffImg2ImgPipeline(QwenImageImg2ImgPipeline):
                 Composite the input back after decoding: `clamp(T * s, 0, 1) * output + (1 - that) * input`. Pixels
                 of strength 0 are then the input's own values instead of its lossy VAE round trip, and pixels of
                 strength below 1/T (which run only the last step) fade in linearly. Off by default, as in the paper.
+            **kwargs:
+                Refused, as stock takes none: the crop's old keywords (`crop_to_change`, ...) with a pointer to
+                `tools.crop.edit_on_crop`, any other as an unexpected keyword argument.
             num_inference_steps (`int`, *optional*, defaults to 50):
                 The length T of the full schedule (or `len(sigmas)`). A pixel of strength `s` runs from the step on
                 which stock img2img at `strength=s` starts, `int(T - T * s)`, so it runs `ceil(T * s)` steps; only

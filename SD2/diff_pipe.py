@@ -260,7 +260,8 @@ class StableDiffusionDiffImg2ImgPipeline(StableDiffusionImg2ImgPipeline):
                 strength below 1/T fade in linearly. Off by default, as in the paper. Needs pixels as `image` and an
                 `output_type` other than `"latent"`.
             **kwargs:
-                Passed to stock (its deprecated `callback` and `callback_steps`).
+                Passed to stock (its deprecated `callback` and `callback_steps`); the crop's old keywords
+                (`crop_to_change`, ...) are refused with a pointer to `tools.crop.edit_on_crop`.
 
         Returns:
             [`StableDiffusionPipelineOutput`] or `tuple`, as stock. `pipe.num_timesteps` is the number of denoising

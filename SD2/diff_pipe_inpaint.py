@@ -248,7 +248,8 @@ class StableDiffusionDiffInpaintPipeline(StableDiffusionInpaintPipeline):
                 Composite the input back after decoding: `clamp(T * s, 0, 1) * output + (1 - that) * input`, so that
                 pixels of strength 0 keep the input's own values. Needs an `output_type` other than `"latent"`.
             **kwargs:
-                Passed to stock (its deprecated `callback` and `callback_steps`).
+                Passed to stock (its deprecated `callback` and `callback_steps`); the crop's old keywords
+                (`crop_to_change`, ...) are refused with a pointer to `tools.crop.edit_on_crop`.
 
         Returns:
             [`StableDiffusionPipelineOutput`] or `tuple`, as stock. `pipe.num_timesteps` is the number of denoising

@@ -357,7 +357,8 @@ class StableDiffusionXLDiffImg2ImgPipeline(StableDiffusionXLImg2ImgPipeline):
                 from `generator`. Pass the same tensor to base and refiner to tie them without a seed (give x0 as
                 4-channel `image` / `original_image` to fix it too).
             **kwargs:
-                Passed to stock (its deprecated `callback` and `callback_steps`).
+                Passed to stock (its deprecated `callback` and `callback_steps`); the crop's old keywords
+                (`crop_to_change`, ...) are refused with a pointer to `tools.crop.edit_on_crop`.
 
         Returns:
             [`StableDiffusionXLPipelineOutput`] or `tuple`, as stock. `pipe.num_timesteps` is the number of denoising

@@ -273,7 +273,8 @@ class StableDiffusionXLControlNetDiffImg2ImgPipeline(StableDiffusionXLControlNet
                 strength below 1/T fade in linearly. Off by default, as in the paper. Needs pixels as `image` and an
                 `output_type` other than `"latent"`.
             **kwargs:
-                Passed to stock (its deprecated `callback` and `callback_steps`).
+                Passed to stock (its deprecated `callback` and `callback_steps`); the crop's old keywords
+                (`crop_to_change`, ...) are refused with a pointer to `tools.crop.edit_on_crop`.
 
         Returns:
             [`StableDiffusionXLPipelineOutput`] or `tuple`, as stock. `pipe.num_timesteps` is the number of denoising
