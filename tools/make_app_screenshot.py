@@ -112,11 +112,15 @@ def browser_page(width: int = 1400, height: int = 1600):
 
 def upload_image(page, path: Path) -> None:
     """Uploads ``path`` as the image to edit, in place of the example or any image uploaded before."""
+    from playwright.sync_api import Error as PlaywrightError
+
     clear = page.locator("#image-file button[aria-label=Clear]")
-    clear.or_(page.locator("#image-file input[type=file]")).first.wait_for(state="attached")  # the page has loaded
+    file_input = page.locator("#image-file input[type=file]")
+    clear.or_(file_input).first.wait_for(state="attached")  # the page has loaded
     if clear.count():
-        clear.click()
-    page.locator("#image-file input[type=file]").set_input_files(str(path))
+        with contextlib.suppress(PlaywrightError):  # the button goes as Gradio drops a refused upload: nothing to clear
+            clear.click(timeout=3000)
+    file_input.set_input_files(str(path))
 
 
 def wait_for_editor_image(page) -> None:
