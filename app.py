@@ -15,27 +15,41 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import errno
 import gc
+import ipaddress
+import os
+import re
 import shlex
+import shutil
+import signal
+import socket
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import gradio as gr
+from gradio import routes as gradio_routes
 import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tools import cli, fan  # noqa: E402
+from tools import cli, conditioning, fan  # noqa: E402
 from tools import maps as map_makers  # noqa: E402
 
 DEFAULT_FAMILY = "sd2"
-# Brush colours and the strength each paints (white = keep); labelled on the page.
-BRUSH_LEVELS = {"#000000": ("black", 1.0), "#404040": ("dark grey", 0.75), "#808080": ("grey", 0.5),
-                "#bfbfbf": ("light grey", 0.25), "#ffffff": ("white", 0.0)}
+# Brush colours and how much each changes a pixel; every label of the page speaks of the map as white = keep,
+# black = change, greys between (the preview over the image darkens alike).
+BRUSH_LEVELS = {"#000000": ("black", "change fully"), "#404040": ("dark grey", "change 75%"),
+                "#808080": ("grey", "change 50%"), "#bfbfbf": ("light grey", "change 25%"),
+                "#ffffff": ("white", "keep")}
 MAP_SOURCES = ("paint", "upload", "gradient", "radial", "feather")
-OVERLAY_COLOUR = np.array([255, 40, 40], dtype=np.float32)  # where the map changes the image, in the preview
+# On a CPU the page starts with settings that finish an edit in under a minute (a family's defaults take many).
+CPU_STEPS, CPU_SIDE = 20, 384
+# Command-line words in the families' messages, as the page names them.
+PAGE_TERMS = {"--model": "Model", "--controlnet": "ControlNet", "--control": "Control", "--crop-margin": "Crop margin",
+              "--image": "image", "--map": "map"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -72,14 +86,68 @@ def family_defaults(name: str) -> tuple[int, float, list[str]]:
             list(parser.common_flags["scheduler"].choices))
 
 
+def has_controlnet(name: str) -> bool:
+    return any(action.dest == "controlnet" for action in cli.load_family(name).build_parser()._actions)
+
+
+def loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may reach beyond this machine
+        return False
+
+
+def check_port(host: str, port: int) -> None:
+    """Refuses a port that another program holds, before minutes go into loading a model."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.create_server((host, port), family=family):  # as the server binds it, reusing TIME_WAIT ports
+            pass
+    except socket.gaierror:
+        raise cli.CliError(f"--host {host}: not an address of this machine; pass one of its addresses, or 0.0.0.0 "
+                           "to serve on all of them") from None
+    except OSError as error:
+        why = "is in use" if error.errno == errno.EADDRINUSE else f"cannot be served: {cli.one_line(error)}"
+        raise cli.CliError(f"--port {port} on {host} {why}; pass another --port, or stop what holds it") from None
+
+
+def page_terms(message: str) -> str:
+    """A family's one-line message in the page's words: its boxes instead of command-line flags."""
+    message = re.sub(r"pass (--[\w-]+) (?:ID_OR_)?PATH", lambda flag: f"type a folder's path in the "
+                     f"{PAGE_TERMS.get(flag[1], flag[1])} box", message)
+    return re.sub(r"--[a-z][\w-]*", lambda flag: PAGE_TERMS.get(flag[0], flag[0][2:].replace("-", " ")), message)
+
+
+def smallest_side(pipelines) -> int:
+    """The fewest pixels an image side needs for the denoiser's own downsampling: a latent cell times the halvings
+    of each UNet (a transformer: its patch). Fewer fail deep inside torch."""
+    sides = [1]
+    for pipe in pipelines if isinstance(pipelines, tuple) else (pipelines,):
+        cell = getattr(pipe, "vae_scale_factor", 1)
+        if getattr(pipe, "unet", None) is not None:
+            sides.append(cell * 2 ** (len(pipe.unet.config.block_out_channels) - 1))
+        elif getattr(pipe, "transformer", None) is not None:
+            sides.append(cell * (getattr(pipe.transformer.config, "patch_size", 1) or 1))
+    return max(sides)
+
+
+def check_size(image: Image.Image, pipelines) -> None:
+    if min(image.size) < (side := smallest_side(pipelines)):
+        raise cli.CliError(f"the image is {image.width}x{image.height} pixels at this working size, and this model "
+                           f"needs at least {side} on each side: upload a larger image, or raise the working size")
+
+
 # ---------------------------------------------------------------------------------------------------------------
-# Models: one set of pipelines held at a time (two may not fit on a GPU), reused until another family, model or
-# scheduler is asked for. Each family's load_pipelines sets the scheduler, so a new scheduler loads the model again.
+# Models: one set of pipelines held at a time (two may not fit on a GPU), reused until another family, model,
+# ControlNet or scheduler is asked for. Each family's load_pipelines sets the scheduler, so a new scheduler loads the
+# model again.
 
 
 class Models:
-    def __init__(self, start_family: str, start_args: cli.Args):
-        self.start_family, self.start_args = start_family, start_args
+    def __init__(self, start_family: str, start_args: cli.Args, fixed: bool = False):
+        """``fixed``: only the start family's model and ControlNets load (the page is served beyond this machine, so
+        its visitors may not make the server load any folder or Hub id)."""
+        self.start_family, self.start_args, self.fixed = start_family, start_args, fixed
         self.key, self.pipelines = None, None
 
     def args_for(self, family: str) -> cli.Args:
@@ -92,7 +160,12 @@ class Models:
         return family_args(family, hardware)
 
     def get(self, family: str, args: argparse.Namespace):
-        key = (family, args.model, args.scheduler)
+        nets = tuple(getattr(args, "controlnet", None) or ())
+        if self.fixed and (family, args.model, nets) != (self.start_family, self.start_args.model,
+                                                         tuple(getattr(self.start_args, "controlnet", None) or ())):
+            raise cli.CliError(f"this page is served beyond this machine, so it edits only with the model it was "
+                               f"started with: {self.start_args.model} ({self.start_family})")
+        key = (family, args.model, args.scheduler, nets)
         if key != self.key:
             self.key, self.pipelines = None, None
             free_memory()  # before loading: two models may not fit together
@@ -146,7 +219,8 @@ def make_map(image: Image.Image, source: str, editor: dict | None, map_file: str
     if source == "upload":
         if not map_file:
             raise cli.CliError("no map uploaded: upload a grayscale map, or choose another way to make one")
-        map_image = cli.load_map(Path(map_file), "map")
+        with named_upload(map_file):
+            map_image = cli.load_map(Path(map_file), "map")
         if cli.aspect_differs(image.size, map_image.size):
             gr.Warning(f"the map ({map_image.width}x{map_image.height}) has another shape than the image "
                        f"({width}x{height}); it is stretched to fit")
@@ -166,18 +240,25 @@ def make_map(image: Image.Image, source: str, editor: dict | None, map_file: str
 
 
 def map_preview(image: Image.Image, keep_map: Image.Image, invert: bool) -> tuple[Image.Image, Image.Image]:
-    """The map as the pipeline reads it (grey, white = keep), and the image tinted red by each pixel's strength."""
+    """The map as the pipeline reads it (grey, white = keep), and the image darkened by each pixel's strength, on the
+    map's own scale: what keeps shows as it is, what changes fully shows nearly black."""
     keep = np.asarray(keep_map, dtype=np.float32)
     if invert:
         keep = 1 - keep
-    strength = (1 - keep)[..., None]
-    tinted = np.asarray(image.convert("RGB"), dtype=np.float32) * (1 - 0.6 * strength) + OVERLAY_COLOUR * 0.6 * strength
+    shaded = np.asarray(image.convert("RGB"), dtype=np.float32) * (1 - 0.75 * (1 - keep))[..., None]
     grey = Image.fromarray(np.round(keep * 255).astype(np.uint8))
-    return grey, Image.fromarray(np.round(tinted).astype(np.uint8))
+    return grey, Image.fromarray(np.round(shaded).astype(np.uint8))
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # The page
+
+def page_error(message: object) -> gr.Error:
+    """A mistake the user can fix: one line on the page and one in the server's console, no traceback."""
+    message = page_terms(cli.one_line(message))
+    print(f"error on the page: {message}", file=sys.stderr)
+    return gr.Error(message, print_exception=False)
+
 
 @contextlib.contextmanager
 def page_errors():
@@ -187,24 +268,31 @@ def page_errors():
     except gr.Error:
         raise
     except cli.CliError as error:
-        raise gr.Error(cli.one_line(error)) from None
+        raise page_error(error) from None
     except (MemoryError, RuntimeError) as error:  # torch.OutOfMemoryError is a RuntimeError
         if not isinstance(error, MemoryError) and "out of memory" not in str(error):
             raise
         free_memory()
-        raise gr.Error("out of memory: try a smaller working size, fewer sweep strengths, or --offload / --dtype "
-                       "fp16 when starting the app") from None
+        raise page_error("out of memory: try a smaller working size or fewer sweep strengths, or start the app "
+                         "again with offloading or fp16") from None
     except ValueError as error:  # the pipelines' own input checks name the problem
-        raise gr.Error(cli.one_line(error)) from None
+        raise page_error(error) from None
+
+
+@contextlib.contextmanager
+def named_upload(path: str):
+    """Errors name an upload as the user knows it, not by the server's copy of it."""
+    try:
+        yield
+    except cli.CliError as error:
+        raise cli.CliError(str(error).replace(cli.display(path), Path(path).name)) from None
 
 
 def load_image(path: str | None, max_side: int) -> Image.Image:
     if not path:
         raise cli.CliError("no image: upload the image to edit first")
-    try:
+    with named_upload(path):
         image = cli.as_rgb(cli.read_image(Path(path), "image"), "image")
-    except cli.CliError as error:  # name the file as the user knows it, not by the server's copy of it
-        raise cli.CliError(str(error).replace(cli.display(path), Path(path).name)) from None
     if max_side and max(image.size) > max_side:
         scale = max_side / max(image.size)
         image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
@@ -216,22 +304,30 @@ def build_app(models: Models, output_dir: Path) -> gr.Blocks:
     start = models.start_args
     start_steps, start_guidance, start_schedulers = family_defaults(models.start_family)
     families = list(cli.families())
+    on_cpu = start.device == "cpu"
+    start_side = CPU_SIDE if on_cpu else 768
+    start_steps = min(start_steps, CPU_STEPS) if on_cpu else start_steps
+    # Before any upload the page holds the example, ready to edit, as run.py does without flags.
+    example = load_image(str(cli.EXAMPLE_IMAGE), start_side)
+    start_nets = getattr(start, "controlnet", None) or [""]
 
     with gr.Blocks(title="Differential Diffusion") as demo:
         gr.Markdown("# Differential Diffusion\nGive each pixel its own strength: paint, upload or make a **map** "
-                    "(white keeps a pixel, black changes it fully), then edit.")
+                    "(white keeps a pixel, black changes it fully, greys change it partly), then edit."
+                    + (f"\n\n**Running on the CPU:** the page starts at {start_steps} steps and {start_side} px so "
+                       "that an edit takes about a minute; more of either gives finer results, slowly." * on_cpu))
         with gr.Row():
             with gr.Column(scale=1):
-                image_file = gr.File(label="Image (any format Pillow reads)", file_types=["image"], type="filepath",
-                                     elem_id="image-file")
-                max_side = gr.Slider(0, 2048, value=768, step=64, label="Working size: longer side in pixels "
+                image_file = gr.File(str(cli.EXAMPLE_IMAGE), label="Image (any format Pillow reads)",
+                                     file_types=["image"], type="filepath", elem_id="image-file")
+                max_side = gr.Slider(0, 2048, value=start_side, step=64, label="Working size: longer side in pixels "
                                      "(0 keeps the upload's size)", elem_id="max-side")
                 source = gr.Radio(list(MAP_SOURCES), value="paint", label="Map from", elem_id="map-source")
                 with gr.Group(visible=True) as paint_group:
-                    gr.Markdown("**Brush:** " + " · ".join(f"{name} = strength {strength:g}" for name, strength
-                                                           in BRUSH_LEVELS.values())
+                    gr.Markdown("**Brush:** " + " · ".join(f"{name} = {does}" for name, does in BRUSH_LEVELS.values())
                                 + ". Unpainted pixels keep. For *feather*, paint the region to fill in any colour.")
                     editor = gr.ImageEditor(
+                        {"background": example, "layers": [], "composite": example},
                         label="Paint the map", type="pil", image_mode="RGBA", format="png", sources=(), layers=False,
                         transforms=(), brush=gr.Brush(colors=list(BRUSH_LEVELS), default_color="#000000",
                                                       color_mode="fixed"),
@@ -248,20 +344,26 @@ def build_app(models: Models, output_dir: Path) -> gr.Blocks:
                 with gr.Row(visible=False) as feather_row:
                     feather = gr.Slider(0, 256, value=32, step=1, label="Feather (px)")
                     grow = gr.Slider(0, 64, value=0, step=1, label="Grow (px)")
-                invert = gr.Checkbox(False, label="Invert map (white = change, as inpainting masks)",
-                                     elem_id="invert")
+                invert = gr.Checkbox(False, label="Invert map (for a map made the other way round, white = change, "
+                                     "as inpainting masks)", elem_id="invert")
                 with gr.Row():
-                    map_grey = gr.Image(label="Map (white = keep)", interactive=False, format="png", elem_id="map-grey")
-                    map_over = gr.Image(label="Map over the image (red = change)", interactive=False, format="png",
-                                        elem_id="map-over")
+                    map_grey = gr.Image(label="Map (white = keep, black = change)", interactive=False, format="png",
+                                        elem_id="map-grey")
+                    map_over = gr.Image(label="Map over the image (darker = more change)", interactive=False,
+                                        format="png", elem_id="map-over")
             with gr.Column(scale=1):
+                with gr.Row():  # served beyond this machine, the page keeps to the models given at launch
+                    family = gr.Dropdown(families, value=models.start_family, label="Family",
+                                         interactive=not models.fixed)
+                    model = gr.Textbox(start.model, label="Model (Hub id or local folder)" if not models.fixed else
+                                       "Model (the one the app was started with)", interactive=not models.fixed)
+                prompt = gr.Textbox(start.prompt or cli.EXAMPLE_PROMPT.read_text().strip(), label="Prompt", lines=2,
+                                    elem_id="prompt")
+                negative = gr.Textbox(start.negative_prompt or cli.EXAMPLE_NEGATIVE_PROMPT.read_text().strip(),
+                                      label="Negative prompt", elem_id="negative-prompt")
                 with gr.Row():
-                    family = gr.Dropdown(families, value=models.start_family, label="Family")
-                    model = gr.Textbox(start.model, label="Model (Hub id or local folder)")
-                prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt")
-                negative = gr.Textbox(label="Negative prompt", elem_id="negative-prompt")
-                with gr.Row():
-                    strength = gr.Slider(0, 1, value=1, step=0.01, label="Strength (scales every pixel's)")
+                    strength = gr.Slider(0, 1, value=1, step=0.01, label="Strength (scales how much every pixel "
+                                         "changes)")
                     steps = gr.Number(start_steps, label="Steps", precision=0, minimum=1,
                                       maximum=cli.MAX_STEPS, elem_id="steps")
                 with gr.Row():
@@ -269,12 +371,25 @@ def build_app(models: Models, output_dir: Path) -> gr.Blocks:
                                          elem_id="guidance")
                     seed = gr.Number(0, label="Seed", precision=0, minimum=0, elem_id="seed")
                     scheduler = gr.Dropdown(start_schedulers, value=start.scheduler, label="Scheduler")
-                keep_exact = gr.Checkbox(False, label="Keep exact: strength-0 pixels are the input's own bytes",
+                keep_exact = gr.Checkbox(False, label="Keep exact: pixels the map keeps are the input's own bytes",
                                          elem_id="keep-exact")
+                crop = gr.Number(start.crop_margin, label="Crop margin in px: edit only the box around the pixels "
+                                 "the map changes, plus this margin (empty: the whole image)", precision=0, minimum=0,
+                                 maximum=cli.MAX_SIDE, elem_id="crop-margin")
+                with gr.Row(visible=has_controlnet(models.start_family)) as controlnet_row:
+                    controlnet = gr.Textbox(start_nets[0], label="ControlNet (Hub id or local folder; empty: none)",
+                                            interactive=not models.fixed, elem_id="controlnet")
+                    control = gr.Radio(["canny", "depth"], value=(getattr(start, "control", None) or ["canny"])[0],
+                                       label="ControlNet follows the image's", elem_id="control")
+                    controlnet_scale = gr.Number((getattr(start, "controlnet_scale", None) or [1.0])[0], minimum=0,
+                                                 label="ControlNet scale", elem_id="controlnet-scale")
                 with gr.Row():
                     edit_button = gr.Button("Edit", variant="primary", elem_id="edit")
                     fan_button = gr.Button("Strength fan", elem_id="fan")
                     sweep_button = gr.Button("Strength sweep", elem_id="sweep")
+                gr.Markdown("**Strength fan:** one edit whose sectors, clockwise from 12 o'clock, change from not at "
+                            "all to fully, to see every strength on your image at once. **Strength sweep:** the whole "
+                            "image edited at each listed strength, with the same seed, side by side.")
                 with gr.Row():
                     sectors = gr.Slider(2, map_makers.MAX_FAN_SECTORS, value=8, step=1, label="Fan sectors")
                     strengths = gr.Textbox(", ".join(f"{s:g}" for s in fan.DEFAULT_SWEEP), label="Sweep strengths")
@@ -302,10 +417,12 @@ def build_app(models: Models, output_dir: Path) -> gr.Blocks:
         def new_family(name):
             args = models.args_for(name)
             steps_default, guidance_default, schedulers = family_defaults(name)
-            return args.model, steps_default, guidance_default, gr.Dropdown(choices=schedulers, value=args.scheduler)
+            return (args.model, steps_default, guidance_default, gr.Dropdown(choices=schedulers, value=args.scheduler),
+                    gr.Row(visible=has_controlnet(name)))
 
         def run_args(family_name, model_id, path, prompt_text, negative_text, strength_value, steps_value,
-                     guidance_value, seed_value, scheduler_name, keep_exact_value, invert_value):
+                     guidance_value, seed_value, scheduler_name, keep_exact_value, invert_value, crop_value,
+                     controlnet_id, control_name, controlnet_scale_value):
             args = models.args_for(family_name)
             for dest, value in (("steps", steps_value), ("guidance_scale", guidance_value), ("seed", seed_value),
                                 ("strength", strength_value)):
@@ -320,16 +437,18 @@ def build_app(models: Models, output_dir: Path) -> gr.Blocks:
             args.keep_exact, args.invert_map = bool(keep_exact_value), bool(invert_value)
             args.image, args.mask, args.feather, args.grow = Path(path).name if path else None, None, 0.0, 0.0
             args.overwrite, args.compare = True, False
+            args.crop_margin = None if crop_value is None else int(crop_value)
+            args.crop_upscale = args.crop_upscale and args.crop_margin is not None
+            if has_controlnet(family_name):
+                net = (controlnet_id or "").strip()
+                args.controlnet, args.control_image = [net] if net else None, None
+                args.control = [control_name] if net else None
+                scale = 1.0 if controlnet_scale_value is None else float(controlnet_scale_value)
+                args.controlnet_scale = [scale] if net else None
+                args.depth_model = args.depth_model if net and control_name == "depth" else None
+                for check in cli.load_family(family_name).build_parser().checks:  # flags that must go together
+                    check(args)
             return args
-
-        def command_line(family_name, args, map_name):
-            flags = ["--image", args.image, "--map", map_name, "--prompt", args.prompt, "--negative-prompt",
-                     args.negative_prompt, "--model", args.model, "--steps", args.steps, "--guidance-scale",
-                     f"{args.guidance_scale:g}", "--strength", f"{args.strength:g}", "--seed", args.seed,
-                     "--scheduler", args.scheduler]
-            flags += ["--invert-map"] * args.invert_map + ["--keep-exact"] * args.keep_exact
-            run_py = cli.families()[family_name].relative_to(cli.REPO_ROOT)
-            return shlex.join(["python", str(run_py), *map(str, flags)])
 
         def save(picture, args, steps_run, extra_params, name):
             folder = Path(tempfile.mkdtemp(dir=output_dir))
@@ -348,12 +467,14 @@ def build_app(models: Models, output_dir: Path) -> gr.Blocks:
                 args.map, args.command = how, command_line(family_name, args, "map.png")
                 progress(0, desc=f"loading {args.model}")
                 pipelines = models.get(family_name, args)
+                check_size(image, pipelines)
                 started = time.perf_counter()
                 (output,), steps_run = cli.load_family(family_name).edit(
                     pipelines, args, images=[image], maps=[keep_map], prompts=[args.prompt],
                     negative_prompts=[args.negative_prompt], seeds=[args.seed])
                 seconds = time.perf_counter() - started
-                extra_params = {"family": family_name, "tool": "app", "size": f"{image.width}x{image.height}"}
+                extra_params = {"family": family_name, "tool": "app", "size": f"{image.width}x{image.height}",
+                                **(conditioning.png_parameters(args) if has_controlnet(family_name) else {})}
                 written = save(output, args, steps_run, extra_params, "edit.png")
                 grey, _ = map_preview(image, keep_map, args.invert_map)
                 return (image, output), None, grey, summary(count + 1, steps_run, seconds), written, count + 1
@@ -370,6 +491,7 @@ def build_app(models: Models, output_dir: Path) -> gr.Blocks:
                 args.command = f"python -m tools.fan --family {family_name} {mode}"
                 progress(0, desc=f"loading {args.model}")
                 pipelines = models.get(family_name, args)
+                check_size(image, pipelines)
                 family_module = cli.load_family(family_name)
                 started = time.perf_counter()
                 if mode == "fan":
@@ -407,7 +529,8 @@ def build_app(models: Models, output_dir: Path) -> gr.Blocks:
                 raise cli.CliError(f"sweep strengths: each {error}") from None
 
         results_shown = gr.State(0)  # numbers each result, so that a repeated one still reads as new
-        settings = [prompt, negative, strength, steps, guidance, seed, scheduler, keep_exact, invert, results_shown]
+        settings = [prompt, negative, strength, steps, guidance, seed, scheduler, keep_exact, invert, crop, controlnet,
+                    control, controlnet_scale, results_shown]
         outputs = [result, extra, map_grey, info, download, results_shown]
         # Queued (an error shows only on queued events) but unlimited: they never wait for an edit.
         image_file.change(new_image, [image_file, max_side], editor, concurrency_limit=None)
@@ -417,7 +540,7 @@ def build_app(models: Models, output_dir: Path) -> gr.Blocks:
         source.change(lambda name: [gr.update(visible=name in shows) for shows in
                                     (("paint", "feather"), ("upload",), ("gradient",), ("radial",), ("feather",))],
                       source, [paint_group, map_file, gradient_row, radial_row, feather_row], queue=False)
-        family.change(new_family, family, [model, steps, guidance, scheduler], concurrency_limit=None)
+        family.change(new_family, family, [model, steps, guidance, scheduler, controlnet_row], concurrency_limit=None)
         edit_button.click(edit, [family, model, *map_inputs, *settings], outputs, concurrency_id="model")
         fan_button.click(run_fan,
                          [family, model, image_file, max_side, sectors, strengths, *settings], outputs,
@@ -429,8 +552,46 @@ def build_app(models: Models, output_dir: Path) -> gr.Blocks:
     return demo
 
 
+def command_line(family_name: str, args: cli.Args, map_name: str) -> str:
+    """The run.py command that edits as the page did, given the image and the map saved as ``map_name``."""
+    flags = ["--image", args.image, "--map", map_name, "--prompt", args.prompt, "--negative-prompt",
+             args.negative_prompt, "--model", args.model, "--steps", args.steps, "--guidance-scale",
+             f"{args.guidance_scale:g}", "--strength", f"{args.strength:g}", "--seed", args.seed,
+             "--scheduler", args.scheduler]
+    flags += ["--invert-map"] * args.invert_map + ["--keep-exact"] * args.keep_exact
+    if args.crop_margin is not None:
+        flags += ["--crop-margin", args.crop_margin] + ["--crop-upscale"] * args.crop_upscale
+    if getattr(args, "controlnet", None):  # the page gives one ControlNet, with a condition made from the image
+        scale = (args.controlnet_scale or [1.0])[0]
+        flags += ["--controlnet", args.controlnet[0], "--control", args.control[0], "--controlnet-scale", f"{scale:g}"]
+        flags += ["--depth-model", args.depth_model] * bool(args.depth_model)
+    run_py = cli.families()[family_name].relative_to(cli.REPO_ROOT)
+    return shlex.join(["python", str(run_py), *map(str, flags)])
+
+
 def summary(number: int, steps_run: int, seconds: float) -> str:
     return f"**Result {number}:** {steps_run} denoising step{'' if steps_run == 1 else 's'} run in {seconds:.1f} s"
+
+
+@contextlib.contextmanager
+def app_folder():
+    """A folder of the app's own for its results and Gradio's uploads, removed when the app exits, by Ctrl-C or a
+    termination signal. It lies in GRADIO_TEMP_DIR if that is set, else in the system temp folder."""
+    folder = Path(tempfile.mkdtemp(prefix="differential-diffusion-app-", dir=os.environ.get("GRADIO_TEMP_DIR")))
+    given_uploads, gradio_default = os.environ.get("GRADIO_TEMP_DIR"), gradio_routes.DEFAULT_TEMP_DIR
+    os.environ["GRADIO_TEMP_DIR"] = str(folder / "uploads")  # read by Gradio as it builds the page and serves
+    gradio_routes.DEFAULT_TEMP_DIR = str(folder / "uploads")  # read when gradio was imported; the server makes it
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # a terminated app cleans up as at Ctrl-C
+    try:
+        yield folder
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        gradio_routes.DEFAULT_TEMP_DIR = gradio_default
+        if given_uploads is None:
+            del os.environ["GRADIO_TEMP_DIR"]
+        else:
+            os.environ["GRADIO_TEMP_DIR"] = given_uploads
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def run(argv: list[str] | None = None) -> None:
@@ -441,13 +602,24 @@ def run(argv: list[str] | None = None) -> None:
         parser.print_help()
         return
     args = family_args(own.family, rest)
-    models = Models(own.family, args)
-    output_dir = Path(tempfile.mkdtemp(prefix="differential-diffusion-app-"))
-    demo = build_app(models, output_dir)
-    print(f"loading {args.model} ({own.family}) on {args.device} in {args.dtype}", file=sys.stderr)
-    models.get(own.family, args)  # at start: a model that cannot load says so at once, not at the first edit
-    demo.launch(server_name=own.host, server_port=own.port, share=own.share, allowed_paths=[str(output_dir)],
-                show_error=False)
+    check_port(own.host, own.port)
+    models = Models(own.family, args, fixed=own.share or not loopback(own.host))
+    with app_folder() as output_dir:
+        demo = build_app(models, output_dir)
+        print(f"loading {args.model} ({own.family}) on {args.device} in {args.dtype}", file=sys.stderr)
+        models.get(own.family, args)  # at start: a model that cannot load says so at once, not at the first edit
+        # Quiet: Gradio's own lines speak of launch() arguments; these speak of the app's flags.
+        demo.launch(server_name=own.host, server_port=own.port, share=own.share, allowed_paths=[str(output_dir)],
+                    show_error=False, quiet=True, prevent_thread_lock=True)
+        print(f"serving on {demo.local_url}" + (f" and {demo.share_url}" if demo.share_url else "")
+              + ("" if own.share else " (--share serves a public link too)") + "; Ctrl-C stops", file=sys.stderr)
+        try:
+            while demo.is_running:
+                time.sleep(0.2)
+        except KeyboardInterrupt:
+            print("stopped", file=sys.stderr)
+        finally:
+            demo.close()
 
 
 if __name__ == "__main__":

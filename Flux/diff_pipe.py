@@ -178,7 +178,7 @@ class FluxDiffImg2ImgPipeline(FluxImg2ImgPipeline):
         pixels, cell = self.image_processor.preprocess(image, height=height, width=width), self.vae_scale_factor
         change = map_to_tensor(map, complement=not invert_map)
         latent_grid = tuple(side // cell for side in pixels.shape[-2:])
-        return {"image": pixels / 2 + 0.5}, map_on_grid(change, tuple(pixels.shape[-2:]), latent_grid), cell
+        return {"image": pixels / 2 + 0.5}, map_on_grid(change, tuple(pixels.shape[-2:]), (height, width)), cell
 
     @torch.no_grad()
     def __call__(
@@ -239,6 +239,9 @@ class FluxDiffImg2ImgPipeline(FluxImg2ImgPipeline):
                 Composite the input back after decoding: `clamp(T * s, 0, 1) * output + (1 - that) * input`. Pixels
                 of strength 0 are then the input's own values instead of its lossy VAE round trip, and pixels of
                 strength below 1/T (which run only the last step) fade in linearly. Off by default, as in the paper.
+            **kwargs:
+                Refused, as stock takes none: the crop's old keywords (`crop_to_change`, ...) with a pointer to
+                `tools.crop.edit_on_crop`, any other as an unexpected keyword argument.
             num_inference_steps (`int`, *optional*, defaults to 28):
                 The length T of the full schedule (or `len(sigmas)`). A pixel of strength `s` runs from the step on
                 which stock img2img at `strength=s` starts, `int(T - T * s)`, so it runs `ceil(T * s)` steps; only
@@ -301,7 +304,8 @@ class FluxDiffImg2ImgPipeline(FluxImg2ImgPipeline):
 
         # 3. Strength map and release steps
         change = map_to_tensor(map, complement=not invert_map)  # parsed once, sized to each grid that needs it
-        strengths = strength * map_on_grid(change, latent_grid)
+        # The map has the aspect ratio of `height` x `width`, as asked, not of the grid they are rounded down to
+        strengths = strength * map_on_grid(change, latent_grid, aspect_of=(height, width))
         check_map_count(strengths, pixels)
         frozen = FrozenPixels(
             release_steps(strengths, num_inference_steps),
@@ -357,7 +361,7 @@ class FluxDiffImg2ImgPipeline(FluxImg2ImgPipeline):
 
         # 5. Keep exact
         if keep_exact:
-            strengths = strength * map_on_grid(change, pixel_grid, aspect_of=latent_grid)
+            strengths = strength * map_on_grid(change, pixel_grid, aspect_of=(height, width))
             images = composite_original(images, pixels / 2 + 0.5, strengths, num_inference_steps)
             images = self.image_processor.postprocess(images, output_type, do_denormalize=[False] * len(images))
         return FluxPipelineOutput(images=images) if return_dict else (images,)
@@ -411,10 +415,15 @@ def check_moved_arguments(kwargs: dict, stock_takes_kwargs: bool = True):
 def map_on_grid(map, size: tuple, aspect_of: tuple = None) -> torch.Tensor:
     """The map in its own polarity, float64 (B, 1, *size), on the model's grid. Shrinking averages areas, so that a
     fine map does not alias; growing is bilinear; a cell whose sources are all equal keeps their value exactly. The
-    map needs the aspect ratio of `aspect_of` (the image's; default `size`) to within one of its units or 1%."""
+    map needs the aspect ratio of `aspect_of` (the image's; default `size`) to within one of its units or 1%, or
+    of an image that rounds down to it."""
     map, size = map_to_tensor(map), tuple(size)  # a float64 tensor passes as it is
     (height, width), (image_height, image_width) = map.shape[-2:], aspect_of or size
-    if abs(height * image_width / width - image_height) > max(1, image_height / 100):
+    slack_height, slack_width = max(1, image_height / 100), max(1, image_width / 100)
+    # Rounding an image down to whole cells loses up to one on each side: on the short side of a long image, that
+    # moves its aspect ratio by several cells of the long side, so the width's share counts too.
+    low = min((image_height - slack_height) / image_width, image_height / (image_width + slack_width))
+    if not low <= height / width <= (image_height + slack_height) / image_width:
         raise ValueError(f"`map` is {width}x{height} but the image is {image_width}x{image_height}: their aspect "
                          "ratios differ. Give the map the image's aspect ratio.")
     if (height, width) == size:

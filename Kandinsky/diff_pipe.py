@@ -474,10 +474,15 @@ def check_moved_arguments(kwargs: dict, stock_takes_kwargs: bool = True):
 def map_on_grid(map, size: tuple, aspect_of: tuple = None) -> torch.Tensor:
     """The map in its own polarity, float64 (B, 1, *size), on the model's grid. Shrinking averages areas, so that a
     fine map does not alias; growing is bilinear; a cell whose sources are all equal keeps their value exactly. The
-    map needs the aspect ratio of `aspect_of` (the image's; default `size`) to within one of its units or 1%."""
+    map needs the aspect ratio of `aspect_of` (the image's; default `size`) to within one of its units or 1%, or
+    of an image that rounds down to it."""
     map, size = map_to_tensor(map), tuple(size)  # a float64 tensor passes as it is
     (height, width), (image_height, image_width) = map.shape[-2:], aspect_of or size
-    if abs(height * image_width / width - image_height) > max(1, image_height / 100):
+    slack_height, slack_width = max(1, image_height / 100), max(1, image_width / 100)
+    # Rounding an image down to whole cells loses up to one on each side: on the short side of a long image, that
+    # moves its aspect ratio by several cells of the long side, so the width's share counts too.
+    low = min((image_height - slack_height) / image_width, image_height / (image_width + slack_width))
+    if not low <= height / width <= (image_height + slack_height) / image_width:
         raise ValueError(f"`map` is {width}x{height} but the image is {image_width}x{image_height}: their aspect "
                          "ratios differ. Give the map the image's aspect ratio.")
     if (height, width) == size:

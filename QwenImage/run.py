@@ -57,6 +57,8 @@ def working_size(image):
 
 def edit(pipe, args, *, images, maps, prompts, negative_prompts, seeds):
     """Edits a batch (lists of equal length) with the sampling settings in `args`; returns (images, steps run)."""
+    for image in images:  # below one patch, working_size would scale the image up without a word
+        cli.check_image_size(image, SIZE_MULTIPLE, "the VAE's 8 pixels a latent, in 2x2 patches")
     width, height = working_size(images[0])
     images = cli.edit_images(
         pipe,

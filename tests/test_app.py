@@ -1,6 +1,7 @@
 """app.py in a real browser: headless Chromium, driven by Playwright, against the tiny SD model on the CPU."""
 
 import shlex
+import socket
 
 import numpy as np
 import pytest
@@ -18,9 +19,11 @@ SEED, STEPS = 7, 4
 
 @pytest.fixture(scope="module")
 def app_url(sd_dir, tmp_path_factory):
-    log = tmp_path_factory.mktemp("app") / "app.log"
-    with browser.running_app(sd_dir, log=log) as url:
+    log, temp = tmp_path_factory.mktemp("app") / "app.log", tmp_path_factory.mktemp("app-temp")
+    with browser.running_app(sd_dir, log=log, env={"TMPDIR": str(temp)}) as url:
         yield url
+    # Terminated, the app leaves nothing in the temp folder: neither its results nor Gradio's uploads.
+    assert not list(temp.iterdir())
 
 
 @pytest.fixture(scope="module")
@@ -130,12 +133,13 @@ def test_the_seed_typed_reaches_the_pipeline_and_the_png_text(page, tmp_path):
     page.locator("#map-source input[value=gradient]").check()
     browser.set_field(page, "steps", STEPS)
     browser.set_field(page, "seed", SEED)
+    browser.set_field(page, "crop-margin", 8)
     browser.upload_image(page, image_path)
     browser.wait_for_editor_image(page)
     browser.click_edit(page)
     result = download(page, tmp_path, "seeded.png")
     edited, text = np.asarray(result.convert("RGB")), result.text
-    assert text["seed"] == str(SEED) and text["map"] == "gradient 0°"
+    assert (text["seed"], text["map"], text["crop_margin"]) == (str(SEED), "gradient 0°", "8")
 
     # The PNG's command, on these files, gives the page's image with the seed typed, and another without it.
     flags = shlex.split(text["command"])[2:]
@@ -171,3 +175,44 @@ def test_painted_layers_make_a_keep_map():
     np.testing.assert_allclose(keep, expected, atol=1e-6)
     mask = np.asarray(app.painted_mask([Image.fromarray(layer, "RGBA")], (6, 4)))
     np.testing.assert_allclose(mask, layer[..., 3] / 255, atol=1e-6)
+
+
+def test_mistakes_read_as_the_page_speaks(tmp_path, capsys):
+    app = pytest.importorskip("app")
+    with pytest.raises(app.gr.Error, match="or type a folder's path in the Model box to") as raised, app.page_errors():
+        raise app.cli.CliError("cannot load model a/b: it is not cached, or pass --model PATH to load a folder")
+    assert not raised.value.print_exception and capsys.readouterr().err.count("\n") == 1  # one line, no traceback
+    (tmp_path / "notes.png").write_text("not an image")  # a map upload is named as the user named it
+    with pytest.raises(app.cli.CliError, match=r"^map notes.png: not an image \(Pillow"):
+        app.make_map(smooth_image(), "upload", None, str(tmp_path / "notes.png"), 0, 0, 1, 0, 0)
+    unet = app.argparse.Namespace(config=app.argparse.Namespace(block_out_channels=(32, 64)))
+    with pytest.raises(app.cli.CliError, match="2x2 pixels .* needs at least 4 on each side"):  # not torch's text
+        app.check_size(Image.new("RGB", (2, 2)), app.argparse.Namespace(vae_scale_factor=2, unet=unet))
+    with socket.create_server(("127.0.0.1", 0)) as held:  # refused before the model loads, which would fail here
+        port = held.getsockname()[1]
+        with pytest.raises(app.cli.CliError, match=f"--port {port} on 127.0.0.1 is in use"):
+            app.run(["--model", str(tmp_path / "missing"), "--device", "cpu", "--port", str(port)])
+
+
+def test_the_page_a_newcomer_sees(tmp_path):
+    app = pytest.importorskip("app")
+    flags = ["--device", "cpu", "--crop-margin", "4", "--controlnet", "a/b", "--control", "canny"]
+    args = app.family_args("sd2", flags)
+    with app.app_folder() as folder:
+        blocks = app.build_app(app.Models("sd2", args, fixed=True), folder).blocks.values()
+        assert (folder / "uploads").is_dir()  # Gradio's copies of files go into the app's own folder
+    assert not folder.exists()
+    fields = {block.elem_id: block for block in blocks if block.elem_id}
+    texts = " ".join(str(getattr(block, "label", None) or getattr(block, "value", "")) for block in blocks)
+    assert "Running on the CPU" in texts and "white = keep" in texts
+    assert not [word for word in ("red", "= strength", "strength 1") if word in texts]  # one language for the map
+    assert (fields["steps"].value, fields["max-side"].value) == (app.CPU_STEPS, app.CPU_SIDE)
+    assert fields["prompt"].value == app.cli.EXAMPLE_PROMPT.read_text().strip()
+    assert fields["map-editor"].value["background"]  # the example image, ready to paint on
+    assert (fields["crop-margin"].value, fields["controlnet"].value, fields["control"].value) == (4, "a/b", "canny")
+    assert not fields["controlnet"].interactive  # served beyond this machine: only the launch's models load
+    with pytest.raises(app.cli.CliError, match="only with the model it was started with"):
+        app.Models("sd2", args, fixed=True).get("sd2", app.family_args("sd2", ["--model", "x/y"]))
+    args.image, args.prompt, args.negative_prompt = "in.png", "a cat", ""  # the command edits as the page did
+    again = app.family_args("sd2", shlex.split(app.command_line("sd2", args, "map.png"))[2:])
+    assert (again.crop_margin, again.controlnet, again.control) == (4, ["a/b"], ["canny"])

@@ -46,7 +46,9 @@ OUTPUTS = [*(f"{n:04d}-{stem}.png" for n, stem in enumerate(
     start=1)), "custom/edit.png"]
 
 
-def write_inputs(folder: Path) -> None:
+@pytest.fixture(scope="module")
+def jobs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("jobs")
     test_image(seed=0).save(folder / "photo0.png")
     test_image(seed=1).save(folder / "photo1.png")
     test_image(size=32, seed=2).save(folder / "small.png")
@@ -57,12 +59,6 @@ def write_inputs(folder: Path) -> None:
     mask = np.zeros((64, 64), np.uint8)
     mask[16:40, 24:48] = 255  # white = fill
     Image.fromarray(mask).save(folder / "mask.png")
-
-
-@pytest.fixture(scope="module")
-def jobs(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("jobs")
-    write_inputs(folder)
     (folder / "jobs.csv").write_text(JOBS)
     return folder / "jobs.csv"
 
@@ -260,19 +256,8 @@ def test_a_row_gives_what_run_py_gives(reference, sd_dir, jobs, tmp_path, monkey
         assert alone.text.keys() - {"jobs", "line", "family"} <= written.text.keys()
 
 
-def test_skip_bad_rows_runs_the_others(reference, sd_dir, jobs, tmp_path):
-    (jobs.parent / "some_bad.csv").write_text(
-        "image,map,prompt,seed\nphoto0.png,map.png,a red apple,1\nmissing.png,map.png,x,1\n"
-    )
-    assert batch.run(batch_args(sd_dir, jobs.parent / "some_bad.csv", tmp_path, "--skip-bad-rows")) == 0
-    summary = summary_of(tmp_path)
-    assert (summary["done"], summary["bad"]) == (1, 1)
-    bad = [row for row in summary["results"] if row["status"] == "bad"]
-    assert [row["line"] for row in bad] == [3] and "no such file" in bad[0]["reason"]
-    assert np.array_equal(pixels(tmp_path / "0001-photo0.png"), pixels(reference / "0001-photo0.png"))
-
-
-def test_a_failing_row_is_reported_and_the_others_go_on(reference, sd_dir, jobs, tmp_path, monkeypatch, capsys):
+def test_a_failing_row_is_reported_a_bad_one_skipped_and_the_others_go_on(reference, sd_dir, jobs, tmp_path,
+                                                                          monkeypatch, capsys):
     folder = jobs.parent
     photo = (folder / "photo0.png").read_bytes()
     (folder / "truncated.png").write_bytes(photo[: len(photo) * 3 // 4])  # the header reads, the pixels do not
@@ -284,27 +269,65 @@ def test_a_failing_row_is_reported_and_the_others_go_on(reference, sd_dir, jobs,
         "truncated.png,map.png,x,3\n"
         "photo1.png,too_bright.tiff,x,4\n"
         "photo1.png,map.png,a red apple,2\n"
+        "missing.png,map.png,x,1\n"  # a bad row: --skip-bad-rows runs the others
     )
     recording_edits(monkeypatch, fail_on_prompt="boom")
-    assert batch.run(batch_args(sd_dir, folder / "failing.csv", tmp_path, "--batch-size", 4)) == cli.EXIT_RUN_FAILED
+    argv = batch_args(sd_dir, folder / "failing.csv", tmp_path, "--batch-size", 4, "--skip-bad-rows")
+    assert batch.run(argv) == cli.EXIT_RUN_FAILED
     summary = summary_of(tmp_path)
-    assert (summary["done"], summary["failed"]) == (2, 3)
+    assert (summary["done"], summary["failed"], summary["bad"]) == (2, 3, 1)
     reasons = {row["line"]: row["reason"] for row in summary["results"] if row["status"] == "failed"}
     assert reasons[3] == "RuntimeError: boom"
     assert "truncated.png" in reasons[4] and "too_bright.tiff" in reasons[5] and "[0, 1]" in reasons[5]
+    bad = [row for row in summary["results"] if row["status"] == "bad"]
+    assert [row["line"] for row in bad] == [7] and "no such file" in bad[0]["reason"]
     output = capsys.readouterr()
     assert all(f"failing.csv:{line}: failed: " in output.err for line in (3, 4, 5))
-    assert "2 done, 0 skipped (already done), 3 failed of 5 rows" in output.out
+    assert "2 done, 0 skipped (already done), 3 failed, 1 bad of 6 rows" in output.out
     assert np.array_equal(pixels(tmp_path / "0001-photo0.png"), pixels(reference / "0001-photo0.png"))
     assert np.array_equal(pixels(tmp_path / "0005-photo1.png"), pixels(reference / "0002-photo1.png"))
 
 
-def test_an_output_holding_another_edit_is_kept_unless_overwrite(sd_dir, jobs, tmp_path, capsys):
+class DiskFullAfter:
+    """A file that takes ``room`` bytes and then fails as a full disk does."""
+
+    def __init__(self, file, room):
+        self.file, self.room = file, room
+
+    def write(self, data):
+        self.file.write(bytes(data[: self.room]))
+        self.room -= min(self.room, len(data))
+        if self.room == 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return len(data)
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+
+def test_an_output_holding_another_edit_is_kept_unless_overwrite_and_a_failed_write_leaves_no_half_file(
+        sd_dir, jobs, tmp_path, monkeypatch, capsys):
     folder = jobs.parent
     (folder / "two.csv").write_text("image,map,prompt,seed\nphoto0.png,map.png,a,1\nphoto1.png,map.png,b,2\n")
     assert batch.run(batch_args(sd_dir, folder / "two.csv", tmp_path, "--compare")) == 0
     with Image.open(tmp_path / "0001-photo0-compare.png") as strip:
         assert strip.size == (3 * 64, 64)
+    # A write that fails part way leaves no half file, and the old summary.
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()}
+    (folder / "three.csv").write_text("image,map,prompt,seed\nphoto0.png,map.png,a,1\nphoto1.png,map.png,b,2\n"
+                                      "photo1.png,map.png,c,3\n")
+    with monkeypatch.context() as patch:
+        patch.setattr(cli, "open", lambda path, mode: DiskFullAfter(open(path, mode), room=100), raising=False)
+        with pytest.raises(cli.CliError, match=r"cannot write .*summary.json: .*No space left on device"):
+            batch.run(batch_args(sd_dir, folder / "three.csv", tmp_path, "--compare", "--overwrite"))
+    after = {path.name: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()}
+    assert after == before  # the results, strips and summary.json as they were; no third file, no .partial file
     (folder / "two.csv").write_text("image,map,prompt,seed\nphoto0.png,map.png,a,1\nphoto1.png,map.png,c,2\n")
     before = (tmp_path / "0002-photo1.png").read_bytes()
     with pytest.raises(cli.CliError, match="1 bad row "):
@@ -495,40 +518,3 @@ def test_after_ctrl_c_the_summary_holds_what_was_done_and_a_rerun_finishes(sd_di
     assert batch.run(argv) == 0
     summary = summary_of(tmp_path)
     assert (summary["skipped"], summary["done"], summary["interrupted"]) == (1, 2, False)
-
-
-class DiskFullAfter:
-    """A file that takes ``room`` bytes and then fails as a full disk does."""
-
-    def __init__(self, file, room):
-        self.file, self.room = file, room
-
-    def write(self, data):
-        self.file.write(bytes(data[: self.room]))
-        self.room -= min(self.room, len(data))
-        if self.room == 0:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return len(data)
-
-    def __getattr__(self, name):
-        return getattr(self.file, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.file.close()
-
-
-def test_a_write_that_fails_part_way_leaves_no_half_file_and_the_old_summary(sd_dir, jobs, tmp_path, monkeypatch):
-    folder = jobs.parent
-    (folder / "two.csv").write_text("image,map,prompt,seed\nphoto0.png,map.png,a,1\nphoto1.png,map.png,b,2\n")
-    assert batch.run(batch_args(sd_dir, folder / "two.csv", tmp_path)) == 0
-    before = {path.name: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()}
-    (folder / "two.csv").write_text("image,map,prompt,seed\nphoto0.png,map.png,a,1\nphoto1.png,map.png,b,2\n"
-                                    "photo1.png,map.png,c,3\n")
-    monkeypatch.setattr(cli, "open", lambda path, mode: DiskFullAfter(open(path, mode), room=100), raising=False)
-    with pytest.raises(cli.CliError, match=r"cannot write .*summary.json: .*No space left on device"):
-        batch.run(batch_args(sd_dir, folder / "two.csv", tmp_path, "--overwrite"))
-    after = {path.name: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()}
-    assert after == before  # the two results and summary.json as they were; no third file, no .partial file

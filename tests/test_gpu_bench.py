@@ -47,11 +47,17 @@ def smoke(tmp_path_factory):
     return process, json.loads(report_path.read_text())
 
 
-def test_the_script_knows_every_pipeline_file():
+def test_the_script_knows_every_pipeline_file_and_the_families_option_names_the_choices():
     assert {name: family.pipeline_file for name, family in gpu_bench.FAMILIES.items()} == PIPELINE_FILES
+    assert gpu_bench.parse_families("if,sd2") == ["if1", "if2", "sd2"]
+    assert gpu_bench.parse_families("all") == list(PIPELINE_FILES)
+    choices = ("sd2, sdxl, kandinsky, if1, if2, sd3, flux, chroma, qwenimage, zimage, sd15-controlnet, "
+               "sdxl-controlnet, sd2-inpaint, sdxl-inpaint, if, all")
+    with pytest.raises(CliError, match=f"unknown family 'sd4'; choose from {choices}"):
+        gpu_bench.parse_families("sd2,sd4")
 
 
-def test_smoke_reports_every_family_with_positive_times(smoke):
+def test_smoke_reports_every_family_with_positive_times_and_03_t_steps_of_model_calls_against_t(smoke):
     process, report = smoke
     assert list(report["families"]) == list(PIPELINE_FILES)
     assert report["smoke"] is True and report["dtype"] == "float32" and report["steps"] == STEPS
@@ -66,17 +72,14 @@ def test_smoke_reports_every_family_with_positive_times(smoke):
         assert eager["cases"]["stock"]["vs_stock"] == 1
         assert family["parameters"]["transformer" if name in FLOW_FAMILIES else "unet"] > 0
         assert f"{name} {family['size']}px" in process.stdout
-
-
-def test_smoke_counts_03_t_steps_of_model_calls_against_t(smoke):
-    _, report = smoke
-    for name, family in report["families"].items():
         weak = (math.ceil if name in FLOW_FAMILIES else math.floor)(STEPS * 0.3)
         assert family["weak_steps"] == weak == (2 if name in FLOW_FAMILIES else 1), name
         calls = CALLS_PER_STEP.get(name, 1)
         assert family["unet_calls"] == {"stock": STEPS * calls, "ours": STEPS * calls, "ours_weak": weak * calls}, name
-        for case_name, case in family["variants"]["eager"]["cases"].items():
+        for case_name, case in eager["cases"].items():
             assert case["unet_calls"] == family["unet_calls"][case_name]
+        # --smoke skips offload and compile, and says so.
+        assert family["variants"]["offload"] == family["variants"]["compile"] == {"status": "skipped (--smoke)"}
 
 
 def test_flow_families_round_weak_steps_up_and_the_others_down():
@@ -88,13 +91,6 @@ def test_flow_families_round_weak_steps_up_and_the_others_down():
         assert family.steps_run(25, 0.3) == (8 if flow else 7), name
         assert family.steps_run(20, 0.3) == 6, name
         assert family.dtype == (torch.bfloat16 if flow else torch.float16)
-
-
-def test_smoke_skips_offload_and_compile_and_says_so(smoke):
-    _, report = smoke
-    for family in report["families"].values():
-        assert family["variants"]["offload"] == {"status": "skipped (--smoke)"}
-        assert family["variants"]["compile"] == {"status": "skipped (--smoke)"}
 
 
 def test_smoke_measures_crop_to_change_for_sd2_and_sdxl_on_each_share_of_the_frame(smoke):
@@ -116,35 +112,28 @@ def test_smoke_measures_crop_to_change_for_sd2_and_sdxl_on_each_share_of_the_fra
 
 def test_smoke_builds_the_real_blocks_at_a_tiny_size():
     # The smoke overrides change widths and depths only: the block types and conditioning stay the real ones.
-    for real, smoke_overrides in [
-        (gpu_bench.SD21_UNET, gpu_bench.SMOKE_SD21_UNET),
-        (gpu_bench.SDXL_UNET, gpu_bench.SMOKE_SDXL_UNET),
-        (gpu_bench.SD15_UNET, gpu_bench.SMOKE_SD21_UNET),
-        (gpu_bench.SD2_INPAINT_UNET, gpu_bench.SMOKE_SD21_UNET),
-        (gpu_bench.SDXL_INPAINT_UNET, gpu_bench.SMOKE_SDXL_UNET),
-        (gpu_bench.KANDINSKY22_UNET, gpu_bench.SMOKE_KANDINSKY22_UNET),
-        (gpu_bench.IF_I_XL_UNET, gpu_bench.SMOKE_IF_I_UNET),
-        (gpu_bench.IF_II_L_UNET, gpu_bench.SMOKE_IF_II_UNET),
+    unet = {"down_block_types", "up_block_types", "mid_block_type", "addition_embed_type", "in_channels"}
+    transformer = {"patch_size", "all_patch_size", "in_channels", "out_channels", "z_dim", "dim_mult",
+                   "guidance_embeds", "qk_norm", "temperal_downsample"}
+    for real_name, smoke_name, structure in [
+        ("SD21_UNET", "SMOKE_SD21_UNET", unet), ("SDXL_UNET", "SMOKE_SDXL_UNET", unet),
+        ("SD15_UNET", "SMOKE_SD21_UNET", unet), ("SD2_INPAINT_UNET", "SMOKE_SD21_UNET", unet),
+        ("SDXL_INPAINT_UNET", "SMOKE_SDXL_UNET", unet), ("KANDINSKY22_UNET", "SMOKE_KANDINSKY22_UNET", unet),
+        ("IF_I_XL_UNET", "SMOKE_IF_I_UNET", unet), ("IF_II_L_UNET", "SMOKE_IF_II_UNET", unet),
+        ("SD35_MEDIUM_TRANSFORMER", "SMOKE_SD35_TRANSFORMER", transformer),
+        ("FLUX_DEV_TRANSFORMER", "SMOKE_FLUX_TRANSFORMER", transformer),
+        ("CHROMA_HD_TRANSFORMER", "SMOKE_CHROMA_TRANSFORMER", transformer),
+        ("QWEN_IMAGE_TRANSFORMER", "SMOKE_QWEN_IMAGE_TRANSFORMER", transformer),
+        ("Z_IMAGE_TURBO_TRANSFORMER", "SMOKE_Z_IMAGE_TRANSFORMER", transformer),
+        ("QWEN_IMAGE_VAE", "SMOKE_QWEN_IMAGE_VAE", transformer),
     ]:
-        assert set(smoke_overrides) <= set(real)
-        structure = {"down_block_types", "up_block_types", "mid_block_type", "addition_embed_type", "in_channels"}
-        assert not structure & set(smoke_overrides)
-        assert len(smoke_overrides["block_out_channels"]) == len(real["block_out_channels"])
-    for real, smoke_overrides in [
-        (gpu_bench.SD35_MEDIUM_TRANSFORMER, gpu_bench.SMOKE_SD35_TRANSFORMER),
-        (gpu_bench.FLUX_DEV_TRANSFORMER, gpu_bench.SMOKE_FLUX_TRANSFORMER),
-        (gpu_bench.CHROMA_HD_TRANSFORMER, gpu_bench.SMOKE_CHROMA_TRANSFORMER),
-        (gpu_bench.QWEN_IMAGE_TRANSFORMER, gpu_bench.SMOKE_QWEN_IMAGE_TRANSFORMER),
-        (gpu_bench.Z_IMAGE_TURBO_TRANSFORMER, gpu_bench.SMOKE_Z_IMAGE_TRANSFORMER),
-        (gpu_bench.QWEN_IMAGE_VAE, gpu_bench.SMOKE_QWEN_IMAGE_VAE),
-    ]:
-        assert set(smoke_overrides) <= set(real)
-        structure = {"patch_size", "all_patch_size", "in_channels", "out_channels", "z_dim", "dim_mult",
-                     "guidance_embeds", "qk_norm", "temperal_downsample"}
-        assert not structure & set(smoke_overrides)
+        real, smoke_overrides = getattr(gpu_bench, real_name), getattr(gpu_bench, smoke_name)
+        assert set(smoke_overrides) <= set(real) and not structure & set(smoke_overrides), real_name
+        if structure is unet:
+            assert len(smoke_overrides["block_out_channels"]) == len(real["block_out_channels"])
 
 
-def test_real_configs_have_the_published_parameter_counts():
+def test_real_configs_controlnets_and_inpainting_unets_have_the_published_sizes():
     # Built on the meta device (no memory): the counts the model cards give, within 3 %.
     published = [
         (gpu_bench.UNet2DConditionModel, gpu_bench.SD21_UNET, 865.9e6),  # exact count of the released UNet
@@ -166,9 +155,6 @@ def test_real_configs_have_the_published_parameter_counts():
             model = model_class.from_config(gpu_bench.model_config(config, {}, smoke=False))
         count = gpu_bench.parameter_count(model) + sum(buffer.numel() for buffer in model.buffers())
         assert count == pytest.approx(expected, rel=0.03), config["_class_name"]
-
-
-def test_controlnets_and_inpainting_unets_have_the_published_sizes():
     # SD 1.5's canny ControlNet has 361 M parameters, SDXL's 1.25 B (2.5 GB in fp16); an inpainting UNet is its
     # base with a 9-channel input.
     for unet_config, expected in [(gpu_bench.SD15_UNET, 361e6), (gpu_bench.SDXL_UNET, 1.251e9)]:
@@ -244,16 +230,8 @@ def test_missing_pipeline_file_is_an_error_naming_it():
         gpu_bench.load_pipeline_class(family)
 
 
-def test_families_option_names_the_choices():
-    assert gpu_bench.parse_families("if,sd2") == ["if1", "if2", "sd2"]
-    assert gpu_bench.parse_families("all") == list(PIPELINE_FILES)
-    choices = ("sd2, sdxl, kandinsky, if1, if2, sd3, flux, chroma, qwenimage, zimage, sd15-controlnet, "
-               "sdxl-controlnet, sd2-inpaint, sdxl-inpaint, if, all")
-    with pytest.raises(CliError, match=f"unknown family 'sd4'; choose from {choices}"):
-        gpu_bench.parse_families("sd2,sd4")
-
-
-def test_json_is_never_overwritten_without_overwrite(tmp_path, monkeypatch, capsys):
+def test_json_is_never_overwritten_without_overwrite_and_without_a_gpu_it_points_to_smoke(tmp_path, monkeypatch,
+                                                                                            capsys):
     existing = tmp_path / "results.json"
     existing.write_text("the user's file")
     monkeypatch.setattr(gpu_bench, "quiet_libraries", lambda: None)
@@ -265,9 +243,7 @@ def test_json_is_never_overwritten_without_overwrite(tmp_path, monkeypatch, caps
         f"error: --json {existing} already exists; pass --overwrite to replace it, or another path."
     ]
     assert existing.read_text() == "the user's file"
-
-
-def test_without_a_gpu_it_points_to_smoke(monkeypatch):
+    # Without a GPU it points to --smoke.
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     args = gpu_bench.build_parser().parse_args(["--families", "sd2"])
     assert args.steps == 20 and not args.smoke  # the defaults; the smoke fixture passes its own T

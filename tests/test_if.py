@@ -16,7 +16,6 @@ from conftest import (
     test_image,
 )
 from diffusers import IFImg2ImgPipeline, IFImg2ImgSuperResolutionPipeline
-from diffusers.utils.dynamic_modules_utils import find_pipeline_class
 from families import band_map, if_pixels
 
 from IF.diff_pipe_I import IFDiffImg2ImgPipeline
@@ -25,6 +24,8 @@ from IF.diff_pipe_II import IFDiffImg2ImgSuperResolutionPipeline
 PROMPT = "a red apple on a table"
 NO_CLEANING = dict(clean_caption=False)  # caption cleaning needs bs4 and ftfy, which the tests do not need
 THREE_BANDS = band_map(1.0, 0.5, 0.0)  # kept, strength 0.5, changed fully
+# Columns lying well inside the kept band of THREE_BANDS, on stage I's and on stage II's grid.
+KEPT1, KEPT2 = slice(0, IF_STAGE1_SIZE // 3 - 1), slice(0, IF_STAGE2_SIZE // 3 - 1)
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +41,6 @@ def stage2():
 def stage2_inputs(seed=0):
     """What stage II takes: the stage I result (32 px) and the original being edited (64 px)."""
     return dict(image=test_image(IF_STAGE1_SIZE, seed=seed + 10), original_image=test_image(IF_STAGE2_SIZE, seed=seed))
-
-
-def kept_columns(grid):
-    """Columns of a `grid`-wide pixel grid lying well inside the kept band of `THREE_BANDS`."""
-    return slice(0, grid // 3 - 1)
 
 
 def test_the_map_works_on_each_stages_own_grid(stage1, stage2):
@@ -76,8 +72,7 @@ def test_stage1_keep_exact_gives_the_inputs_bytes_and_changes_nothing_else(stage
     assert np.array_equal(exact, plain)
     pil = stage1(PROMPT, image=image, map=THREE_BANDS, keep_exact=True, num_inference_steps=8,
                  generator=seeded_generator(), **NO_CLEANING).images[0]
-    kept = kept_columns(IF_STAGE1_SIZE)
-    assert np.array_equal(np.asarray(pil)[:, kept], np.asarray(image)[:, kept])
+    assert np.array_equal(np.asarray(pil)[:, KEPT1], np.asarray(image)[:, KEPT1])
 
 
 def test_stage2_keep_exact_changes_nothing_in_pixel_space(stage2):
@@ -86,8 +81,7 @@ def test_stage2_keep_exact_changes_nothing_in_pixel_space(stage2):
     plain = stage2(generator=seeded_generator(), **run).images[0]
     exact = stage2(generator=seeded_generator(), keep_exact=True, **run).images[0]
     assert np.array_equal(np.asarray(exact), np.asarray(plain))
-    kept = kept_columns(IF_STAGE2_SIZE)
-    assert np.array_equal(np.asarray(exact)[:, kept], np.asarray(run["original_image"])[:, kept])
+    assert np.array_equal(np.asarray(exact)[:, KEPT2], np.asarray(run["original_image"])[:, KEPT2])
     # Without keep_exact too, a white map gives the original's own bytes: x0 is the original, at the stage's size.
     white = stage2(**{**run, "map": np.ones((64, 64), np.float32)}).images[0]
     assert np.array_equal(np.asarray(white), np.asarray(run["original_image"]))
@@ -105,7 +99,7 @@ def test_prepare_intermediate_images_works_outside_a_differential_call(stage1):
 # IF's step callback
 
 
-def test_user_callback_follows_the_blend_every_callback_steps(stage1):
+def test_user_callback_follows_the_blend_every_callback_steps_and_stage2_passes_it_on(stage1, stage2):
     steps = 10
     x0 = if_pixels(test_image(), IF_STAGE1_SIZE)
     calls = []
@@ -119,12 +113,9 @@ def test_user_callback_follows_the_blend_every_callback_steps(stage1):
                     generator=seeded_generator(), output_type="pt", callback=record_then_zero_at_the_end,
                     callback_steps=3, **NO_CLEANING).images
     assert [i for i, _ in calls] == [0, 3, 6, 9]
-    kept = kept_columns(IF_STAGE1_SIZE)
-    assert torch.equal(calls[-1][1][..., kept], x0[..., kept])  # the last call sees the kept pixels reset to x0
+    assert torch.equal(calls[-1][1][..., KEPT1], x0[..., KEPT1])  # the last call sees the kept pixels reset to x0
     assert torch.equal(result, torch.zeros_like(result))
-
-
-def test_stage2_passes_callback_and_its_steps_on(stage2):
+    # Stage II passes the callback and its steps on.
     calls = []
     stage2(**stage2_inputs(), map=THREE_BANDS, prompt=PROMPT, num_inference_steps=4, guidance_scale=1.0,
            output_type="pt", callback=lambda i, t, images: calls.append(i), callback_steps=2, **NO_CLEANING)
@@ -140,8 +131,7 @@ def test_alias_is_the_class_but_not_a_second_module_member():
     from IF.diff_pipe_I import DiffIFImg2ImgPipeline
 
     assert DiffIFImg2ImgPipeline is IFDiffImg2ImgPipeline
-    assert "DiffIFImg2ImgPipeline" not in dir(module)
-    assert find_pipeline_class(module) is IFDiffImg2ImgPipeline
+    assert "DiffIFImg2ImgPipeline" not in dir(module)  # loading as a community pipeline: tests/test_conformance.py
     with pytest.raises(AttributeError, match="NoSuchPipeline"):
         module.NoSuchPipeline  # noqa: B018
 

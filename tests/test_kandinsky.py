@@ -30,11 +30,6 @@ def pipelines(components):
             build_pipeline(KandinskyV22DiffImg2ImgPipeline, components))
 
 
-def embeds(seed):
-    """A stand-in for the prior's image embeddings (size 32)."""
-    return torch.randn(1, 32, generator=seeded_generator(seed))
-
-
 def conditioning():
     return {name: value for name, value in FAMILIES["kandinsky"].inputs(0).items() if name != "image"}
 
@@ -89,7 +84,8 @@ class SwapEmbeddingsAtHalfway(PipelineCallback):
     def callback_fn(self, pipeline, step_index, timestep, callback_kwargs):
         if step_index == pipeline.num_timesteps // 2:
             negative, _ = callback_kwargs["image_embeds"].chunk(2)  # stock passes them stacked for guidance
-            return {"image_embeds": torch.cat([negative, embeds(7)])}
+            other = torch.randn(1, 32, generator=seeded_generator(7))  # a stand-in for the prior's embeddings
+            return {"image_embeds": torch.cat([negative, other])}
         return {}
 
 

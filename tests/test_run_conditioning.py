@@ -124,17 +124,24 @@ def test_two_controlnets_on_canny_and_depth_made_from_the_image(models, inputs, 
     assert json.loads(text["controlnet_scale"]) == [0.5, 1.5] and len(json.loads(text["controlnet"])) == 2
 
 
-def test_sd_inpaint_model_is_the_inpaint_pipeline(models, inputs, tmp_path):
+@pytest.mark.parametrize("script, name, pipeline_class, flags, settings, text", [
+    ("SD2/run.py", "sd_inpaint", StableDiffusionDiffInpaintPipeline, ["--keep-exact"],
+     dict(guidance_scale=7.0, keep_exact=True), {}),
+    ("SDXL/run.py", "sdxl_inpaint", StableDiffusionXLDiffInpaintPipeline, ["--width", "64", "--height", "64"],
+     dict(guidance_scale=17.5), {"refiner": "none"}),
+])
+def test_an_inpaint_model_is_the_inpaint_pipeline(models, inputs, tmp_path, script, name, pipeline_class, flags,
+                                                  settings, text):
     output = tmp_path / "edit.png"
-    ran = run_in_process("SD2/run.py", "--inpaint-model", models["sd_inpaint"], "--keep-exact",
-                         *common_flags(inputs, output))
+    ran = run_in_process(script, "--inpaint-model", models[name], *flags, *common_flags(inputs, output))
     assert ran.returncode == 0, ran.stderr
-    pipe = load_pipeline(models["sd_inpaint"], StableDiffusionDiffInpaintPipeline)
-    expected = direct_call(pipe, inputs, height=64, width=64, guidance_scale=7.0, keep_exact=True)
-    result, text = written(output)
+    expected = direct_call(load_pipeline(models[name], pipeline_class), inputs, height=64, width=64, **settings)
+    result, written_text = written(output)
     assert np.array_equal(result, np.asarray(expected))
-    assert np.array_equal(result[:, 32:], np.asarray(Image.open(inputs[0]).convert("RGB"))[:, 32:])  # kept half
-    assert text["inpaint_model"] == text["model"] == str(models["sd_inpaint"]) and "controlnet" not in text
+    expected_text = {"inpaint_model": str(models[name]), "model": str(models[name]), **text}
+    assert {key: written_text.get(key) for key in expected_text} == expected_text and "controlnet" not in written_text
+    if "--keep-exact" in flags:
+        assert np.array_equal(result[:, 32:], np.asarray(Image.open(inputs[0]).convert("RGB"))[:, 32:])  # kept half
 
 
 def test_sdxl_controlnet_runs_on_the_base_alone(models, inputs, tmp_path):
@@ -152,17 +159,6 @@ def test_sdxl_controlnet_runs_on_the_base_alone(models, inputs, tmp_path):
     result, text = written(output)
     assert np.array_equal(result, np.asarray(expected))
     assert text["refiner"] == "none" and json.loads(text["control"]) == ["canny"]
-
-
-def test_sdxl_inpaint_model_is_the_inpaint_pipeline(models, inputs, tmp_path):
-    output = tmp_path / "edit.png"
-    ran = run_in_process("SDXL/run.py", "--inpaint-model", models["sdxl_inpaint"], *sdxl_flags(inputs, output))
-    assert ran.returncode == 0, ran.stderr
-    pipe = load_pipeline(models["sdxl_inpaint"], StableDiffusionXLDiffInpaintPipeline)
-    expected = direct_call(pipe, inputs, height=64, width=64, guidance_scale=17.5)
-    result, text = written(output)
-    assert np.array_equal(result, np.asarray(expected))
-    assert text["inpaint_model"] == str(models["sdxl_inpaint"]) and text["refiner"] == "none"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -214,30 +210,24 @@ def assert_refused(script, flags, status, message, output):
      "(StableDiffusionImg2ImgPipeline), for SD2/run.py; here --controlnet takes a ControlNet model"),
     ("pipeline as depth model", ["--controlnet", "{sd_cn0}", "--control", "depth", "--depth-model", "{sd}"], 2,
      "for SD2/run.py; here --depth-model takes a transformers depth-estimation model"),
+    # SDXL/run.py, whose --model, where it has one, is in the row
+    ("sdxl: sd controlnet for sdxl", ["--model", "{sdxl}", "--controlnet", "{sd_cn0}", "--control", "canny"], 2,
+     "was made for another model family (text width 32, added embeddings none) than --model"),
+    ("sdxl: controlnet with a refiner", ["--model", "{sdxl}", "--controlnet", "{sdxl_cn0}", "--control", "canny",
+                                         "--refiner", "{sdxl}"], 2,
+     "--controlnet runs the base alone over the whole schedule"),
+    ("sdxl: inpaint model with a refiner start", ["--inpaint-model", "{sdxl_inpaint}", "--refiner-start", "0.5"], 2,
+     "--inpaint-model runs the base alone over the whole schedule"),
 ])
-def test_sd_refuses_in_one_line(models, inputs, tmp_path, case, extra, status, message):
+def test_sd_and_sdxl_refuse_in_one_line(models, inputs, tmp_path, case, extra, status, message):
     Image.new("RGB", (64, 32)).save(tmp_path / "wide.png")
     names = {**{name: str(path) for name, path in models.items()}, "image": inputs[0], "tmp": tmp_path,
              "wide": tmp_path / "wide.png"}
     output = tmp_path / "out.png"
-    flags = ["--model", models["sd"], *common_flags(inputs, output), *(flag.format(**names) for flag in extra)]
-    assert_refused("SD2/run.py", flags, status, message, output)
-
-
-@pytest.mark.parametrize("case, extra, message", [
-    ("sd controlnet for sdxl", ["--controlnet", "{sd_cn0}", "--control", "canny"],
-     "was made for another model family (text width 32, added embeddings none) than --model"),
-    ("controlnet with a refiner", ["--controlnet", "{sdxl_cn0}", "--control", "canny", "--refiner", "{sdxl}"],
-     "--controlnet runs the base alone over the whole schedule"),
-    ("inpaint model with a refiner start", ["--inpaint-model", "{sdxl_inpaint}", "--refiner-start", "0.5"],
-     "--inpaint-model runs the base alone over the whole schedule"),
-])
-def test_sdxl_refuses_in_one_line(models, inputs, tmp_path, case, extra, message):
-    names = {name: str(path) for name, path in models.items()}
-    output = tmp_path / "out.png"
-    model = [] if "--inpaint-model" in extra else ["--model", models["sdxl"]]
-    flags = [*model, *sdxl_flags(inputs, output), *(flag.format(**names) for flag in extra)]
-    assert_refused("SDXL/run.py", flags, 2, message, output)
+    sdxl = case.startswith("sdxl:")
+    model = [] if sdxl else ["--model", models["sd"]]
+    flags = [*model, *(sdxl_flags if sdxl else common_flags)(inputs, output), *(flag.format(**names) for flag in extra)]
+    assert_refused("SDXL/run.py" if sdxl else "SD2/run.py", flags, status, message, output)
 
 
 def test_batch_edits_rows_with_a_controlnet_as_the_pipeline_does(models, tmp_path):
@@ -269,8 +259,7 @@ def test_batch_edits_rows_with_a_controlnet_as_the_pipeline_does(models, tmp_pat
 
 
 @pytest.mark.parametrize("variant", ["controlnet", "inpaint"])
-def test_crop_margin_reaches_the_controlnet_and_inpaint_variants(models, inputs, tmp_path,
-                                                                 variant):
+def test_crop_margin_reaches_the_controlnet_and_inpaint_variants(models, inputs, tmp_path, variant):
     # The map changes the left half; with 4 px of margin the crop ends by column 40 (a multiple of 8, which stock
     # inpainting asks for), and the pixels right of it are the input's own.
     output = tmp_path / "edit.png"

@@ -45,7 +45,7 @@ class Family:
     text: dict = field(default_factory=dict)  # the PNG text those flags and `models` give; "{name}" as in models
     stage_files: tuple = ()  # what it writes beside --output: <output stem>-<name>.png
     grid: int | None = None  # the multiple of pixels its working size is rounded down to, where it rounds
-    from_one_pixel: tuple | str = (64, 64)  # what a 1x1 image gives: the output's (width, height), or its refusal
+    from_tiny: tuple | str = (64, 64)  # what a 2x2 image gives: the output's (width, height), or its refusal
     flags: tuple = ()  # its own flags, which --help must document
     help_says: tuple = ()  # what its --help must say (argparse's line breaks ignored)
     help_never_says: tuple = ()
@@ -58,6 +58,8 @@ class Family:
 
 CONDITIONING_FLAGS = ("--controlnet", "--control-image", "--control", "--controlnet-scale", "--depth-model",
                       "--inpaint-model")
+TOO_SMALL = ("--image: the image is 2x2 pixels, smaller than {0}x{0}, the smallest this model edits ({1}); give an "
+             "image at least {0} pixels on each side")
 FLOW_SAMPLER = ("an SD sampler", ["--scheduler", "euler"], 2, "leave --scheduler default")
 
 
@@ -65,14 +67,16 @@ def flow(folder, takes, **particular):
     """A flow-matching family: one saved folder, `ceil(T * s)` steps (5 * 0.5 gives 3, where SD runs 2), a working
     size rounded down to 16 pixels (the VAE's 8 times 2x2 patches), and only its own sampler."""
     return Family(folder, ["--model", f"{{{folder.lower()}_dir}}"], takes, half=("5", 3), grid=16,
-                  from_one_pixel=(16, 16), bad_inputs=[FLOW_SAMPLER], **particular)
+                  from_tiny=TOO_SMALL.format(16, "the VAE's 8 pixels a latent, in 2x2 patches"),
+                  bad_inputs=[FLOW_SAMPLER], **particular)
 
 
 FAMILIES = [
     Family(
         "SD2", ["--model", "{sd_dir}"], "an SD 1.x/2.x checkpoint", other_checkpoint="sdxl_base_dir",
-        from_one_pixel="--image: the image is 1x1 pixels, smaller than one 2x2 cell of the model's latent grid; "
-        "give an image at least 2 pixels on each side",
+        # the tiny UNet's two levels need 2 x 2 latent cells of 2 px: a 2 px image made GroupNorm fail
+        from_tiny=TOO_SMALL.format(4, "2 pixels a latent cell, and a UNet of 2 levels that halves it at each but the "
+                                   "last"),
         flags=CONDITIONING_FLAGS,
     ),
     Family(
@@ -158,6 +162,10 @@ COMMON_BAD_INPUTS = [
     ("map and mask", ["--mask", "{map}"], 2, "--map and --mask"),
     ("feather without a mask", ["--feather", "8"], 2, "--mask PATH"),
     ("hub model offline", ["--model", "someone/not-cached-model"], 1, "--model PATH"),
+    # `$'caf\xe9'` reaches Python as a lone surrogate, which the tokenizers refused with a traceback
+    ("prompt not UTF-8", ["--prompt", "caf\udce9"], 2, "--prompt: character 4 is the byte 0xE9, which is not UTF-8"),
+    ("negative prompt not UTF-8", ["--negative-prompt", "\ud800"], 2, "--negative-prompt: character 1 is a lone"),
+    ("NaN", ["--guidance-scale", "nan"], 2, "got 'nan'; NaN and infinity are not numbers it takes"),
 ]
 
 COMMON_FLAGS = ("--model", "--image", "--map", "--invert-map", "--mask", "--feather", "--grow", "--prompt",
@@ -327,7 +335,7 @@ def test_mask_fills_its_region_and_keeps_everything_beyond_the_feather(family, r
 
 
 @pytest.mark.parametrize("family", FAMILIES, ids=IDS)
-def test_a_map_of_another_shape_is_stretched_and_a_one_pixel_image_gives_an_output_or_one_line(family, run, inputs,
+def test_a_map_of_another_shape_is_stretched_and_a_tiny_image_gives_an_output_or_one_line(family, run, inputs,
                                                                                                tmp_path):
     image, map_path = inputs
     wide_map, output = tmp_path / "wide.png", tmp_path / "out.png"
@@ -337,18 +345,18 @@ def test_a_map_of_another_shape_is_stretched_and_a_one_pixel_image_gives_an_outp
     warnings = [line for line in ran.stderr.splitlines() if "stretched to fit" in line]
     assert warnings == ["warning: the map (64x32) has another shape than the image (64x64); it is stretched to fit"]
     assert written(output)[0].shape == (64, 64, 3)
-    # A one-pixel image: refused where the model cannot encode an image smaller than one latent cell, else scaled up
-    # to a size the model works at.
-    Image.new("RGB", (1, 1)).save(tmp_path / "dot.png")
+    # A 2x2 image: refused where it is smaller than the model's smallest size, else scaled up to its --width and
+    # --height (or its stage's size).
+    Image.new("RGB", (2, 2)).save(tmp_path / "dot.png")
     ran = run(family, "--image", tmp_path / "dot.png", "--map", map_path, "--prompt", "x", "--steps", "2", "--output",
               tmp_path / "dot-out.png")
     assert "Traceback" not in ran.stderr
-    if isinstance(family.from_one_pixel, str):
-        assert ran.returncode == 2 and error_lines(ran) == [f"error: {family.from_one_pixel}"]
+    if isinstance(family.from_tiny, str):
+        assert ran.returncode == 2 and error_lines(ran) == [f"error: {family.from_tiny}"]
         assert not (tmp_path / "dot-out.png").exists()
     else:
         assert ran.returncode == 0 and error_lines(ran) == [], ran.stderr
-        assert written(tmp_path / "dot-out.png")[0].shape == (*family.from_one_pixel[::-1], 3)
+        assert written(tmp_path / "dot-out.png")[0].shape == (*family.from_tiny[::-1], 3)
 
 
 @pytest.mark.parametrize("family", [family for family in FAMILIES if family.grid], ids=lambda family: family.name)

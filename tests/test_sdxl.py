@@ -77,11 +77,13 @@ def capture_start_latents(pipe):
 
 def split_run(base, refiner, image, keep_map, split=SPLIT, steps=STEPS, seed=0, base_callback=None,
               refiner_callback=None, output_type="latent", keep_exact_in_refiner=False, **common):
+    """Base then refiner, each with a generator of `seed` (none if `seed` is None)."""
+    generator = lambda: None if seed is None else seeded_generator(seed)  # noqa: E731
     latents = base(PROMPT, image=image, map=keep_map, num_inference_steps=steps, denoising_end=split,
-                   generator=seeded_generator(seed), output_type="latent", callback_on_step_end=base_callback,
+                   generator=generator(), output_type="latent", callback_on_step_end=base_callback,
                    **common).images
     final = refiner(PROMPT, image=latents, original_image=image, map=keep_map, num_inference_steps=steps,
-                    denoising_start=split, generator=seeded_generator(seed), output_type=output_type,
+                    denoising_start=split, generator=generator(), output_type=output_type,
                     callback_on_step_end=refiner_callback, keep_exact=keep_exact_in_refiner, **common).images
     return latents, final
 
@@ -113,17 +115,23 @@ def test_uniform_map_through_base_and_refiner_is_stock_base_and_refiner(componen
     assert base.num_timesteps + refiner.num_timesteps == int(STEPS * strength)
 
 
-@pytest.mark.parametrize("scheduler", ["euler", "dpm++"])
-def test_frozen_pixels_follow_the_noised_original_across_the_handoff(components, scheduler):
+@pytest.mark.parametrize("scheduler, tied_by", [("euler", "generator"), ("dpm++", "generator"), ("euler", "noise")])
+def test_frozen_pixels_follow_the_noised_original_across_the_handoff(components, scheduler, tied_by):
+    # The stages are tied by one seed, or by the `noise` argument without a generator.
     base, refiner = pipelines(components, scheduler)
-    image = test_image(SIZE)
-    x0, noise = x0_and_noise(base, image)
+    if tied_by == "generator":
+        image, tie = test_image(SIZE), {}
+        x0, noise = x0_and_noise(base, image)
+    else:  # a 4-channel image is x0 itself
+        x0 = image = torch.randn(1, 4, LATENT, LATENT, generator=seeded_generator(3))
+        noise = torch.randn(1, 4, LATENT, LATENT, generator=seeded_generator(4))
+        tie = dict(seed=None, noise=noise)
     reference = plain_schedule(base.scheduler, STEPS)
     handoff = int((reference.timesteps >= 350).sum())  # the first step below the split's timestep
     assert 5 < handoff < 8  # between the bands released at 5 and at 8
     seen = []
     latents, final = split_run(base, refiner, image, FOUR_BANDS, base_callback=recorder(seen, 0),
-                               refiner_callback=recorder(seen, handoff))
+                               refiner_callback=recorder(seen, handoff), **tie)
 
     assert [step for step, _ in seen] == list(range(1, STEPS + 1))  # every step ran once, in one stage or the other
     assert (base.num_timesteps, refiner.num_timesteps) == (handoff, STEPS - handoff)
@@ -158,28 +166,16 @@ def test_pixels_released_after_the_refiner_starts_are_frozen_whatever_it_starts_
         assert torch.equal(first_input[..., band(i)], source[..., band(i)])
 
 
-def test_noise_argument_ties_the_stages_without_a_generator(components):
-    base, refiner = pipelines(components)
-    x0 = torch.randn(1, 4, LATENT, LATENT, generator=seeded_generator(3))  # 4-channel images are x0 themselves
-    noise = torch.randn(1, 4, LATENT, LATENT, generator=seeded_generator(4))
-    reference = plain_schedule(base.scheduler, STEPS)
-    seen = []
-    base_latents = base(PROMPT, image=x0, map=FOUR_BANDS, num_inference_steps=STEPS, denoising_end=SPLIT,
-                        noise=noise, output_type="latent", callback_on_step_end=recorder(seen, 0)).images
-    final = refiner(PROMPT, image=base_latents, original_image=x0, map=FOUR_BANDS, num_inference_steps=STEPS,
-                    denoising_start=SPLIT, noise=noise, output_type="latent",
-                    callback_on_step_end=recorder(seen, HANDOFF)).images
-    for step, step_latents in seen[:-1]:
-        expected = noised(reference, x0, noise, step)
-        for i, release in enumerate(RELEASE):
-            if step <= release:
-                assert torch.equal(step_latents[..., band(i)], expected[..., band(i)])
-    assert torch.equal(final[..., band(0)], x0[..., band(0)])
-
-
-def test_steps_before_the_first_release_never_run_in_either_stage(components):
+def test_steps_that_have_nothing_to_change_never_run_in_either_stage(components):
     base, refiner = pipelines(components)
     base_calls, refiner_calls = count_unet_calls(base), count_unet_calls(refiner)
+    # A map with nothing to change runs no step in either stage and returns x0.
+    x0, _ = x0_and_noise(base)
+    for keep_map, strength in [(np.ones((64, 64), np.float32), 1.0), (FOUR_BANDS, 0.0)]:
+        _, final = split_run(base, refiner, test_image(SIZE), keep_map, strength=strength)
+        assert torch.equal(final, x0)
+    assert base_calls == refiner_calls == [] and base.num_timesteps == refiner.num_timesteps == 0
+    # Steps before the first release never run.
     keep_map = band_map(1.0, 0.7)  # strongest pixel 0.3: released at step 7 of 10, after the handoff at 6
     image = test_image(SIZE)
     latents, final = split_run(base, refiner, image, keep_map, guidance_scale=1.0)
@@ -192,22 +188,7 @@ def test_steps_before_the_first_release_never_run_in_either_stage(components):
                     generator=seeded_generator(), output_type="latent").images
     assert torch.equal(final, alone)
     base_calls.stop(), refiner_calls.stop()
-
-
-def test_a_map_with_nothing_to_change_runs_no_step_in_either_stage_and_returns_x0(components):
-    base, refiner = pipelines(components)
-    base_calls, refiner_calls = count_unet_calls(base), count_unet_calls(refiner)
-    x0, _ = x0_and_noise(base)
-    for keep_map, strength in [(np.ones((64, 64), np.float32), 1.0), (FOUR_BANDS, 0.0)]:
-        _, final = split_run(base, refiner, test_image(SIZE), keep_map, strength=strength)
-        assert torch.equal(final, x0)
-    assert base_calls == refiner_calls == [] and base.num_timesteps == refiner.num_timesteps == 0
-    base_calls.stop(), refiner_calls.stop()
-
-
-def test_a_refiner_with_no_step_left_ends_the_schedule(components):
-    _, refiner = pipelines(components)
-    x0, _ = x0_and_noise(refiner)
+    # A refiner with no step left ends the schedule.
     handed_over = torch.randn(1, 4, LATENT, LATENT, generator=seeded_generator(5))
     # 0.9995 puts stock's cutoff at timestep 0, after the last step
     final = refiner(PROMPT, image=handed_over, original_image=test_image(SIZE), map=FOUR_BANDS,
@@ -245,7 +226,7 @@ def test_a_split_inside_a_second_order_step_is_refused(components):
 # Batches through both stages
 
 
-def test_batches_through_base_and_refiner_equal_each_run_alone(components):
+def test_batches_through_base_and_refiner_equal_each_run_alone_and_maps_follow_their_images(components):
     base, refiner = pipelines(components)
     images = [test_image(SIZE, seed=1), test_image(SIZE, seed=2)]
     maps = [FOUR_BANDS, np.ascontiguousarray(FOUR_BANDS[:, ::-1])]
@@ -273,15 +254,9 @@ def test_batches_through_base_and_refiner_equal_each_run_alone(components):
         _, alone = split_run(base, refiner, image, FOUR_BANDS, seed=seed, output_type="np")
         assert_close_to_single_run(item, alone[0])
     assert np.abs(batch[0] - batch[1]).max() > 1e-3
-
-
-def test_maps_follow_their_images_through_num_images_per_prompt_in_both_stages(components):
     # Stock repeats the image batch as a whole for num_images_per_prompt (a, b, a, b) while it repeats each
     # prompt in place (p0, p0, p1, p1): the maps must follow the images, in both stages and in keep_exact.
-    base, refiner = pipelines(components)
-    images = [test_image(SIZE, seed=1), test_image(SIZE, seed=2)]
-    maps = [FOUR_BANDS, np.ascontiguousarray(FOUR_BANDS[:, ::-1])]
-    prompts, seeds = ["a red apple", "a blue pear"], [3, 4, 5, 6]
+    seeds = [3, 4, 5, 6]
 
     def edit(prompts, images, maps, num_images_per_prompt):
         common = dict(map=maps, num_images_per_prompt=num_images_per_prompt, num_inference_steps=STEPS)
@@ -302,18 +277,14 @@ def test_maps_follow_their_images_through_num_images_per_prompt_in_both_stages(c
 # User latents, input forms, keep_exact in the refiner
 
 
-def test_user_latents_replace_the_start_as_in_stock(components):
+def test_user_latents_replace_the_start_as_in_stock_and_frozen_pixels_keep_the_drawn_noise(components):
     (stock, _), (ours, _) = pipelines(components, cls=StableDiffusionXLImg2ImgPipeline), pipelines(components)
     image, start = test_image(SIZE), torch.randn(1, 4, LATENT, LATENT, generator=seeded_generator(7))
     run = dict(image=image, num_inference_steps=8, latents=start, output_type="np")
     expected = stock(PROMPT, strength=0.5, generator=seeded_generator(), **run).images
     result = ours(PROMPT, map=np.full((64, 64), 0.5, np.float32), generator=seeded_generator(), **run).images
     assert np.array_equal(result, expected)
-
-
-def test_user_latents_start_the_released_pixels_and_frozen_ones_keep_the_drawn_noise(components):
-    ours = pipelines(components)[0]
-    image, start = test_image(SIZE), torch.randn(1, 4, LATENT, LATENT, generator=seeded_generator(7))
+    # Under a map of bands, the user's latents start the released pixels; frozen ones keep the drawn noise.
     x0, noise = x0_and_noise(ours, image)
     reference = plain_schedule(ours.scheduler, STEPS)
     captured, seen = capture_start_latents(ours), []

@@ -122,8 +122,14 @@ def parse_args(module, argv: list[str]) -> Args:
                            "jobs file's output column to name them")
     # A row falls back on run.py's negative prompt, to give what run.py gives, but a row without a prompt is an error
     args.negative_prompt = cli.text_argument(args.negative_prompt, parser.example.negative_prompt, "--negative-prompt")
+    for flag in ("--prompt", "--negative-prompt"):
+        cli.check_text(getattr(args, flag[2:].replace("-", "_")), flag)
     cli.resolve_device(args)
     args.jobs, args.output_dir = Path(args.jobs).expanduser().absolute(), Path(args.output_dir).expanduser()
+    # mkdir would say only "[Errno 17] File exists" (or 20) for a file where the folder, or one above it, should be
+    if (file := next((p for p in [args.output_dir, *args.output_dir.parents] if p.exists()), None)) and file.is_file():
+        raise cli.CliError(f"--output-dir {cli.display(args.output_dir)}: {cli.display(file)} is a file, not a folder; "
+                           "name a folder (it is created if missing)")
     if Path(args.model).expanduser().is_dir():  # the results record it, and a rerun from elsewhere must match them
         args.model = str(Path(args.model).expanduser().absolute())
     for flag in ("image", "map", "mask"):
@@ -278,6 +284,8 @@ def make_job(args: Args, line: int, number: int, cells: dict[str, str], problems
     if not job.prompt:
         problems.append("no prompt: fill the prompt column, or pass --prompt")
     job.negative_prompt = cells.get("negative_prompt") or args.negative_prompt
+    problems += [f"{name}: {problem}" for name in ("prompt", "negative_prompt")
+                 if (problem := cli.not_utf8(cells.get(name)))]
     folder, text = args.output_dir.resolve(), cells.get("output", "")
     job.output = (folder / (text or f"{number:04d}-{job.image.stem if job.image else 'row'}.png")).resolve()
     if job.output.suffix.lower() != ".png" or job.output.is_dir():
@@ -295,7 +303,7 @@ def make_job(args: Args, line: int, number: int, cells: dict[str, str], problems
 def _header(path: Path, name: str) -> tuple[tuple[int, int] | None, str | None]:
     """``(size, None)`` for a readable image, ``(None, what is wrong)`` otherwise."""
     try:
-        with cli.reading(path, name), Image.open(path) as opened:
+        with cli.reading(path, name), cli.open_image(path) as opened:
             return opened.size, None
     except cli.CliError as error:
         return None, str(error)

@@ -21,16 +21,21 @@ The copy is the def or class with its decorators and body, up to the next line a
 it must equal the source object's text after the renames (applied all at once, to every occurrence, also inside
 longer names) and after moving it to the copy's indentation. Only the copy carries the marker.
 
-Code is edited in its source only; `--fix` replaces each copy's text by the source's. It touches nothing else: files
-outside a block's set, text outside a block's markers or a copied object, and copies whose markers are missing,
-repeated, out of order, stand over no def, or name a source that is not there (those are reported, to be mended by
-hand).
+Code is edited in its source only; `--fix` replaces each copy's text by the source's, in the copy's line endings
+(copies are compared regardless of them). It touches nothing else: files outside a block's set, text outside a
+block's markers or a copied object, and copies whose markers are missing, repeated, out of order, stand over no def,
+or name a source that is not there, and files that are not UTF-8, mix CRLF and LF endings, or are read-only (those are
+reported, to be mended by hand). A file is rewritten all at once: written beside it, then renamed over it.
 """
 
 import argparse
 import ast
+import itertools
+import os
 import re
+import stat
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,44 +76,121 @@ def block_span(text: str, block: CopiedBlock):
     return (start, stop) if start < stop else f"has {end!r} before {begin!r}"
 
 
-def first_difference(reference: str, copy: str, what: str = "block") -> str:
-    for number, (expected, found) in enumerate(zip(reference.splitlines(), copy.splitlines()), 1):
-        if expected != found:
-            return f"line {number} of the {what}: {found!r} instead of {expected!r}"
-    return f"the {what} has {len(copy.splitlines())} lines instead of {len(reference.splitlines())}"
+def first_difference(reference: str, copy: str, what: str = "block", width: int = 60) -> str:
+    """The first line where `copy` differs from `reference`, both texts shown around where they part."""
+    # split on "\n" alone, so that a difference in "\r" or any other line break shows
+    lines = itertools.zip_longest(reference.split("\n"), copy.split("\n"))
+    number, expected, found = next((number, *pair) for number, pair in enumerate(lines, 1) if pair[0] != pair[1])
+    column = len(os.path.commonprefix([expected or "", found or ""]))
+    longest = max(len(expected or ""), len(found or ""))
+    start = 0 if longest <= width else max(0, column - width // 3)  # both from one column, so that they line up
+
+    def shown(line):
+        if line is None:
+            return f"the end of the {what}"
+        piece = repr(line[start : start + width])
+        return ("..." if start else "") + piece + ("..." if start + width < len(line) else "")
+
+    return f"line {number} of the {what}: {shown(found)} instead of {shown(expected)}"
 
 
-def read(path: Path) -> str:
-    return path.read_bytes().decode("utf-8")  # bytes, so that line endings come back exactly as they were
+class FileProblem(Exception):
+    """A file that cannot be read or rewritten; the message is one line that names it and what to do."""
+
+
+def read(path: Path, name: str) -> str:
+    try:
+        data = path.read_bytes()  # bytes, so that line endings come back exactly as they were
+    except FileNotFoundError:
+        raise FileProblem(f"there is no {name}") from None
+    except OSError as error:
+        raise FileProblem(f"cannot read {name} ({error.strerror}): make it readable") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line, byte = data.count(b"\n", 0, error.start) + 1, data[error.start]
+        raise FileProblem(f"{name}:{line}: byte 0x{byte:02x} is not UTF-8: save the file as UTF-8") from None
+    if "\r\n" in text and "\n" in text.replace("\r\n", ""):  # a fix could write neither ending without a guess
+        raise FileProblem(f"{name} mixes CRLF and LF line endings: give it one (e.g. dos2unix {name} or unix2dos), "
+                          "then run the check again")
+    return text
+
+
+def write(path: Path, name: str, text: str):
+    """Replaces the file's text all at once, keeping its permissions, so that it is never found half-written."""
+    mode = path.stat().st_mode
+    if not os.access(path, os.W_OK) or not mode & 0o222:  # the mode bits too: root may write to anything
+        raise FileProblem(f"{name} is read-only: make it writable (e.g. chmod u+w {name}), then run --fix again")
+    target = path.resolve()  # through a link, so that the link stays one
+    temporary = None
+    try:
+        handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
+        with os.fdopen(handle, "wb") as file:
+            file.write(text.encode("utf-8"))
+            file.flush()
+            os.fsync(file.fileno())
+        os.chmod(temporary, stat.S_IMODE(mode))
+        os.replace(temporary, target)
+    except OSError as error:
+        raise FileProblem(f"cannot write {name} ({error.strerror}), so it is left as it was: mend that, "
+                          "then run --fix again") from None
+    finally:
+        if temporary is not None and os.path.exists(temporary):
+            os.unlink(temporary)
+
+
+def lf(text: str) -> str:
+    return text.replace("\r\n", "\n")
 
 
 def check_blocks(root: Path, fix: bool = False) -> tuple:
     """Compares every copied block with its source; with `fix`, rewrites the copies that differ.
 
-    Returns (problems, fixed): one line per copy that differs or whose markers are wrong (after fixing, only the
-    latter), and one line per block rewritten.
+    Returns (problems, fixed): one line per file that cannot be read, and per copy that differs or whose markers are
+    wrong (after fixing, only the latter, and the copies that could not be rewritten, with why), and one line per
+    block rewritten.
     """
     problems, fixed = [], []
     for block in BLOCKS:
-        source = read(root / block.source)
+        if not (root / block.source).exists():
+            problems.append(f"there is no {block.source}, the source of the {block.name}: restore it, or name the "
+                            "block's source in tools/check_copies.py")
+            continue
+        try:
+            source = read(root / block.source, block.source)
+        except FileProblem as problem:
+            problems.append(str(problem))
+            continue
         span = block_span(source, block)
         if isinstance(span, str):
             problems.append(f"{block.source} (the source of the {block.name}) {span}")
             continue
-        reference = source[span[0] : span[1]]
+        reference = lf(source[span[0] : span[1]])
         for path in block.files(root):
             name = path.relative_to(root).as_posix()
-            text = read(path)
+            try:
+                text = read(path, name)
+            except FileProblem as problem:
+                problems.append(str(problem))
+                continue
             span = block_span(text, block)
             if isinstance(span, str):
                 problems.append(f"{name} {span}")
-            elif text[span[0] : span[1]] != reference:
-                if fix:
-                    path.write_bytes((text[: span[0]] + reference + text[span[1] :]).encode("utf-8"))
-                    fixed.append(f"{name}: {block.name}")
+                continue
+            copy = lf(text[span[0] : span[1]])
+            if copy == reference:
+                continue
+            if fix:
+                ending = "\r\n" if "\r\n" in text else "\n"
+                try:
+                    write(path, name, text[: span[0]] + reference.replace("\n", ending) + text[span[1] :])
+                except FileProblem as problem:
+                    problems.append(str(problem))
                 else:
-                    difference = first_difference(reference, text[span[0] : span[1]])
-                    problems.append(f"{name}: its {block.name} differs from {block.source}'s ({difference})")
+                    fixed.append(f"{name}: {block.name}")
+                    continue
+            difference = first_difference(reference, copy)
+            problems.append(f"{name}: its {block.name} differs from {block.source}'s ({difference})")
     return problems, fixed
 
 
@@ -197,9 +279,11 @@ class Sources:
             if not path.is_file():
                 self.files[source] = f"there is no {source}"
             else:
-                text = read(path)
                 try:
+                    text = read(path, source)
                     tree = ast.parse(text)
+                except FileProblem as problem:
+                    self.files[source] = str(problem)
                 except SyntaxError as error:
                     self.files[source] = f"{source} does not parse ({error.msg}, line {error.lineno})"
                 else:
@@ -217,7 +301,12 @@ def check_objects_once(root: Path, fix: bool = False) -> tuple:
     """
     problems, fixed, sources = [], [], Sources(root)
     for path in sorted({path for pattern in OBJECT_COPIES for path in root.glob(pattern)}):
-        name, text = path.relative_to(root).as_posix(), read(path)
+        name = path.relative_to(root).as_posix()
+        try:
+            text = read(path, name)
+        except FileProblem as problem:
+            problems.append(str(problem))
+            continue
         lines = text.split("\n")
         markers = [(number, OBJECT_MARKER.fullmatch(line.rstrip("\r"))) for number, line in enumerate(lines)
                    if LOOKS_LIKE_A_MARKER.fullmatch(line.rstrip("\r"))]
@@ -284,32 +373,38 @@ def check_objects_once(root: Path, fix: bool = False) -> tuple:
         for first, stop, replacement, _ in reversed(applied):
             lines[first:stop] = replacement
         if applied:
-            path.write_bytes("\n".join(lines).encode("utf-8"))
-            fixed += [copy for *_, copy in applied]
+            try:
+                write(path, name, "\n".join(lines))
+            except FileProblem as problem:
+                problems.append(str(problem))
+            else:
+                fixed += [copy for *_, copy in applied]
     return problems, fixed
 
 
 def check_objects(root: Path, fix: bool = False) -> tuple:
     """Compares every copied object with its source; with `fix`, rewrites the copies that differ (a copy of a copy
     once its source has been fixed). Returns (problems, fixed), as `check` does."""
-    fixed = []
+    problems, fixed = [], []
     for _ in range(10 if fix else 0):
-        done = check_objects_once(root, fix=True)[1]
+        failed, done = check_objects_once(root, fix=True)
+        problems += failed  # the files that could not be rewritten are named only here
         if not done:
             break
         fixed += [copy for copy in done if copy not in fixed]
-    return check_objects_once(root)[0], fixed
+    return list(dict.fromkeys(problems + check_objects_once(root)[0])), fixed
 
 
 def check(root: Path, fix: bool = False) -> tuple:
     """Compares every copied block and object with its source; with `fix`, rewrites the copies that differ.
 
-    Returns (problems, fixed): one line per copy that differs or whose marker is wrong (after fixing, only the
-    latter), and one line per copy rewritten.
+    Returns (problems, fixed): one line per file that cannot be read, and per copy that differs or whose marker is
+    wrong (after fixing, only the latter, and the copies that could not be rewritten, with why), and one line per copy
+    rewritten.
     """
     block_problems, block_fixed = check_blocks(root, fix)
     object_problems, object_fixed = check_objects(root, fix)
-    return block_problems + object_problems, block_fixed + object_fixed
+    return list(dict.fromkeys(block_problems + object_problems)), block_fixed + object_fixed  # a file read twice
 
 
 def main(argv=None) -> int:

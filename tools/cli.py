@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import functools
 import importlib.util
+import io
 import itertools
 import logging
 import math
@@ -154,16 +155,20 @@ class Args(argparse.Namespace):
 
 def real_number(low: float, high: float = math.inf, *, whole: bool = False) -> Callable[[str], float]:
     """An argparse ``type`` for finite numbers (with ``whole``: ``int``s) from ``low`` to ``high`` (default: none)."""
-    bounds = f"from {low:g} to {high:g}" if high < math.inf else f"of at least {low:g}"
-    wanted = f"a whole number from {low} to {high}" if whole else f"a number {bounds}"
+    bounds = f"a number from {low:g} to {high:g}" if high < math.inf else (
+        f"a number of at least {low:g}" if low > -math.inf else "a finite number")
+    wanted = f"a whole number from {low} to {high}" if whole else bounds
 
     def parse(text: str) -> float:
         try:
             value = int(text) if whole else float(text)
         except ValueError:
-            value = math.nan
-        if not (low <= value <= high and math.isfinite(value)):  # in this order: a huge int has no float
-            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}")
+            value = None
+        if value is None or not (low <= value <= high and math.isfinite(value)):  # in this order: a huge int has
+            # no float. float() reads "nan" and "inf", which no flag takes: "got 'nan'" alone would read as our slip.
+            odd = isinstance(value, float) and not math.isfinite(value)
+            why = "; NaN and infinity are not numbers it takes" if odd else ""
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}{why}")
         return value
     return parse
 
@@ -269,6 +274,8 @@ def parse_args(parser: Parser, argv: list[str] | None = None, *, command: str | 
     args.image = input_path(args.image, example.image, "--image")
     given_prompt, args.prompt = args.prompt, text_argument(args.prompt, example.prompt, "--prompt")
     args.negative_prompt = text_argument(args.negative_prompt, example.negative_prompt, "--negative-prompt")
+    for flag in ("--prompt", "--negative-prompt"):
+        check_text(getattr(args, flag[2:].replace("-", "_")), flag)
     args.output = _output_path(args, parser)
     resolve_device(args)
     if not args.prompt.strip() and given_prompt != "":  # `--prompt ""` is a choice; a blank prompt file is a slip
@@ -282,8 +289,20 @@ def input_path(given: str | None, example: Path | None, flag: str) -> Path:
         raise CliError(f"the example {flag[2:]} {display(example)} is missing; pass {flag} PATH")
     path = example if given is None else Path(given).expanduser()
     with reading(path, flag):
-        Image.open(path).close()
+        open_image(path).close()
     return path
+
+
+_piped: dict[Path, bytes] = {}  # the inputs that are not regular files, by path, as read the first time
+
+
+def open_image(path: Path) -> Image.Image:
+    """``Image.open(path)``, reading a pipe or FIFO (``--map <(...)``) once into memory: its data can be read only
+    once, and opening it again would find nothing, or wait forever for another writer."""
+    if path not in _piped and path.exists() and not path.is_file() and not path.is_dir():
+        with open(path, "rb") as file:
+            _piped[path] = file.read()
+    return Image.open(io.BytesIO(_piped[path]) if path in _piped else path)
 
 
 def text_argument(given: str | None, default: str | PurePath, flag: str) -> str:
@@ -294,6 +313,24 @@ def text_argument(given: str | None, default: str | PurePath, flag: str) -> str:
         return Path(default).read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as error:
         raise CliError(f"cannot read {display(default)} ({one_line(error)}); pass {flag} TEXT") from None
+
+
+def not_utf8(text: str | None) -> str | None:
+    """What keeps ``text`` from being UTF-8, or None. Python hands a command line's invalid bytes over as lone
+    surrogates, and JSON can spell them; the tokenizers would fail on them with a traceback."""
+    try:
+        (text or "").encode("utf-8")
+        return None
+    except UnicodeEncodeError as error:
+        code = ord(text[error.start])
+        what = (f"the byte 0x{code - 0xDC00:02X}" if 0xDC80 <= code <= 0xDCFF  # how Python keeps an invalid byte
+                else f"a lone surrogate (U+{code:04X})")
+        return f"character {error.start + 1} is {what}, which is not UTF-8 text; give the text in UTF-8"
+
+
+def check_text(text: str | None, flag: str) -> None:
+    if problem := not_utf8(text):
+        raise CliError(f"{flag}: {problem}")
 
 
 def resolve_device(args: argparse.Namespace) -> None:
@@ -368,10 +405,20 @@ def reading(path: Path, flag: str):
         raise CliError(f"{flag} {display(path)}: {reason or 'cannot read it: ' + one_line(error)}") from None
 
 
-def read_image(path: Path, flag: str) -> Image.Image:
-    """The image at ``path``, decoded and upright by its EXIF orientation: a map is drawn on the photo as shown."""
-    with reading(path, flag), Image.open(path) as opened:
+def read_image(path: Path, flag: str, *, gray: bool = False) -> Image.Image:
+    """The image at ``path``, decoded and upright by its EXIF orientation: a map is drawn on the photo as shown.
+    ``gray`` (a map or mask) refuses what its gray values alone would misread: transparency and animation."""
+    with reading(path, flag), open_image(path) as opened:
         opened.load()  # a truncated file fails here, while we can still name it
+        if gray and getattr(opened, "n_frames", 1) > 1:
+            raise CliError(f"{flag} {display(path)}: has {opened.n_frames} frames, and a map is one image; save the "
+                           "frame you mean as a PNG")
+        # Transparent pixels are mostly black underneath, so a map painted with transparency would change them
+        # fully. Which strength transparency means is the painter's choice, so it is refused, not guessed.
+        if gray and (opened.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in opened.info) and \
+                opened.convert("RGBA").getchannel("A").getextrema()[0] < 255:
+            raise CliError(f"{flag} {display(path)}: has transparent pixels, and only its gray values count; fill "
+                           "them (white keeps, black changes) and save it without transparency")
         return ImageOps.exif_transpose(opened)
 
 
@@ -386,7 +433,7 @@ def map_values(image: Image.Image, what: str = "the map") -> np.ndarray:
 
 def load_map(path: Path, flag: str = "--map") -> Image.Image:
     """The map at ``path``, checked; gray as it is (16-bit and float maps keep their precision), colour as luminance."""
-    image = read_image(path, flag)
+    image = read_image(path, flag, gray=True)
     map_values(image, f"{flag} {display(path)}")
     return image if image.mode in ("1", "L", "I", "F") or image.mode.startswith("I;16") else image.convert("L")
 
@@ -401,7 +448,8 @@ def load_inputs(args: argparse.Namespace) -> tuple[Image.Image, Image.Image]:
     """``(image, map)``: ``args.image`` as upright RGB, and ``args.map`` or the keep map of ``args.mask``. A map or
     mask of another shape is stretched to the image, with a warning."""
     image = as_rgb(read_image(args.image, "--image"), f"--image {display(args.image)}")
-    what, source = ("mask", read_image(args.mask, "--mask")) if args.mask is not None else ("map", load_map(args.map))
+    what, source = (("mask", read_image(args.mask, "--mask", gray=True)) if args.mask is not None
+                    else ("map", load_map(args.map)))
     if aspect_differs(image.size, source.size):
         warn(f"the {what} ({source.width}x{source.height}) has another shape than the image ({image.width}x"
              f"{image.height}); it is stretched to fit")
@@ -432,11 +480,12 @@ def mask_to_keep_map(mask: Image.Image, size: tuple[int, int], feather: float = 
     return Image.fromarray(feathered_mask(region, feather_px=feather, grow_px=grow))
 
 
-def check_image_size(image: Image.Image, cell: int) -> None:
-    """Refuses an image smaller than one ``cell`` x ``cell`` cell of a model's latent grid: it cannot encode it."""
-    if min(image.size) < cell:
-        raise CliError(f"--image: the image is {image.width}x{image.height} pixels, smaller than one {cell}x{cell} "
-                       f"cell of the model's latent grid; give an image at least {cell} pixels on each side")
+def check_image_size(image: Image.Image, smallest: int, why: str) -> None:
+    """Refuses an image smaller than ``smallest`` pixels on a side, the model's smallest size (``why``: its parts)."""
+    if min(image.size) < smallest:
+        raise CliError(f"--image: the image is {image.width}x{image.height} pixels, smaller than {smallest}x"
+                       f"{smallest}, the smallest this model edits ({why}); give an image at least {smallest} pixels "
+                       "on each side")
 
 
 def set_scheduler(pipe, name: str) -> None:

@@ -61,11 +61,13 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_app(model: Path | str, *extra: str, log: Path | None = None, timeout: float = 120):
-    """``app.py --model MODEL --device cpu`` on a free port, until the block ends; yields its URL."""
+def running_app(model: Path | str, *extra: str, log: Path | None = None, timeout: float = 120,
+                env: dict | None = None):
+    """``app.py --model MODEL --device cpu`` on a free port, with ``env`` added to its environment, until the block
+    ends; yields its URL."""
     port = free_port()
     log_file = open(log, "wb") if log else subprocess.DEVNULL
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", **(env or {})}
     process = subprocess.Popen([sys.executable, str(cli.REPO_ROOT / "app.py"), "--model", str(model), "--device",
                                 "cpu", "--port", str(port), *extra], stdout=log_file, stderr=subprocess.STDOUT,
                                env=env, cwd=cli.REPO_ROOT)
@@ -109,11 +111,16 @@ def browser_page(width: int = 1400, height: int = 1600):
 
 
 def upload_image(page, path: Path) -> None:
-    """Uploads ``path`` as the image to edit, in place of any image uploaded before."""
+    """Uploads ``path`` as the image to edit, in place of the example or any image uploaded before."""
+    from playwright.sync_api import Error as PlaywrightError
+
     clear = page.locator("#image-file button[aria-label=Clear]")
+    file_input = page.locator("#image-file input[type=file]")
+    clear.or_(file_input).first.wait_for(state="attached")  # the page has loaded
     if clear.count():
-        clear.click()
-    page.locator("#image-file input[type=file]").set_input_files(str(path))
+        with contextlib.suppress(PlaywrightError):  # the button goes as Gradio drops a refused upload: nothing to clear
+            clear.click(timeout=3000)
+    file_input.set_input_files(str(path))
 
 
 def wait_for_editor_image(page) -> None:

@@ -1,0 +1,58 @@
+"""Inputs that the command line and tools.batch share, checked once in tools/cli.py: maps read from a pipe, map files
+whose gray values alone would mislead, and the one-line refusals of tools.batch's own inputs."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tools import batch, cli
+
+
+def test_a_map_from_a_pipe_is_read_once(inputs, tmp_path):
+    # `--map <(cat map.png)`: the header check consumed the pipe, and the load then found it empty
+    image, map_path = inputs
+    read, write = os.pipe()
+    os.write(write, map_path.read_bytes())
+    os.close(write)
+    args = cli.parse_args(cli.load_family("sd2").build_parser(), ["--image", str(image), "--map", f"/dev/fd/{read}",
+                                                                  "--output", str(tmp_path / "out.png")])
+    os.close(read)
+    assert np.array_equal(np.asarray(cli.load_inputs(args)[1]), np.asarray(Image.open(map_path)))
+
+
+def gray_frames(count, alpha=255):
+    return [Image.new("LA", (8, 8), (255 * (n % 2), alpha)) for n in range(count)]
+
+
+@pytest.mark.parametrize("frames, suffix, message", [
+    (gray_frames(1, alpha=0), ".png", "has transparent pixels, and only its gray values count; fill them"),
+    (gray_frames(3), ".gif", "has 3 frames, and a map is one image; save the frame you mean as a PNG"),
+    (gray_frames(1), ".png", None),  # opaque: its alpha says nothing
+], ids=["transparent", "animated", "opaque alpha"])
+def test_a_map_with_transparency_or_frames_is_refused_in_one_line(frames, suffix, message, tmp_path):
+    path = tmp_path / f"map{suffix}"
+    frames[0].save(path, save_all=True, append_images=frames[1:])
+    for flag in ("--map", "--mask"):
+        if message is None:
+            assert cli.read_image(path, flag, gray=True).size == (8, 8)
+            continue
+        with pytest.raises(cli.CliError, match=f"^{flag} {path}: {message}"):
+            cli.read_image(path, flag, gray=True)
+
+
+def test_batch_refuses_a_prompt_that_is_not_utf8_and_an_output_dir_that_is_a_file(sd_dir, inputs, tmp_path, capsys):
+    image, map_path = inputs
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps({"image": str(image), "map": str(map_path), "prompt": "caf\udce9"}) + "\n")
+    flags = ["--family", "sd2", str(jobs), "--model", str(sd_dir), "--device", "cpu", "--output-dir"]
+    with pytest.raises(cli.CliError, match="1 bad row"):
+        batch.run([*flags, str(tmp_path / "out")])
+    assert "jobs.jsonl:1: prompt: character 4 is the byte 0xE9, which is not UTF-8 text" in capsys.readouterr().err
+    with pytest.raises(cli.CliError, match="^--prompt: character 1 is a lone surrogate"):
+        batch.run([*flags, str(tmp_path / "out"), "--prompt", "\ud800"])
+    with pytest.raises(cli.CliError, match=f"^--output-dir {jobs}/out: {jobs} is a file, not a folder; name a"):
+        batch.run([*flags, str(jobs / "out")])
+    assert not (tmp_path / "out").exists()
