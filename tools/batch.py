@@ -27,7 +27,7 @@ if __package__ in (None, ""):  # started as a script path (torchrun tools/batch.
 
 from PIL import Image  # noqa: E402
 
-from tools import cli  # noqa: E402
+from tools import cli, results  # noqa: E402
 
 COLUMNS = ("image", "map", "mask", "feather", "grow", "prompt", "negative_prompt", "seed", "strength", "steps",
            "guidance_scale", "output")
@@ -66,14 +66,14 @@ def run(argv: list[str] | None = None) -> int:
     state = PartialState(cpu=args.device == "cpu")
     with contextlib.ExitStack() as held:  # the output folder's lock, on the main process
         plan = _shared(state, lambda: make_plan(args, held))
-        started, results = time.perf_counter(), []
+        started, outcomes = time.perf_counter(), []
         try:
             with state.split_between_processes(plan.batches) as my_batches:
-                run_batches(state, module, args, my_batches, results)
+                run_batches(state, module, args, my_batches, outcomes)
         except KeyboardInterrupt:  # what was done still goes into summary.json; then cli.main says "interrupted"
-            finish(state, args, plan, results, time.perf_counter() - started, interrupted=True)
+            finish(state, args, plan, outcomes, time.perf_counter() - started, interrupted=True)
             raise
-        return finish(state, args, plan, results, time.perf_counter() - started)
+        return finish(state, args, plan, outcomes, time.perf_counter() - started)
 
 
 def _family_name(argv: list[str]) -> str:
@@ -245,7 +245,7 @@ def make_plan(args: Args, held: contextlib.ExitStack) -> Plan:
     for job in jobs:
         if args.overwrite or not job.output.exists():
             groups.setdefault(job.batch_key, []).append(job)
-        elif not (mismatch := _mismatch(job.output, cli.png_parameters(job, 0, args.extra_params))):
+        elif not (mismatch := _mismatch(job.output, results.png_parameters(job, 0, args.extra_params))):
             skipped.append(job)
         else:
             taken.append((job.line, [f"{cli.display(job.output)} exists and {mismatch}; delete it, name another "
@@ -351,8 +351,8 @@ def _mismatch(path: Path, expected: dict[str, str]) -> str | None:
     return wrong and f"holds another edit (its {wrong} is {stored.get(wrong)!r}, this row's is {expected.get(wrong)!r})"
 
 
-def run_batches(state, module, args, batches: list[list], results: list[dict]) -> None:
-    """Runs this process's batches, adding one result per row to ``results``; a row that fails ends nothing else."""
+def run_batches(state, module, args, batches: list[list], outcomes: list[dict]) -> None:
+    """Runs this process's batches, adding one result per row to ``outcomes``; a row that fails ends nothing else."""
     if not batches:
         return
     import gc
@@ -373,7 +373,7 @@ def run_batches(state, module, args, batches: list[list], results: list[dict]) -
             error if isinstance(error, cli.CliError) else f"{type(error).__name__}: {error}")
         if error is not None:
             tqdm.write(f"{cli.display(args.jobs)}:{job.line}: failed: {reason}", file=sys.stderr)
-        results.append({"line": job.line, "status": "failed" if error else "done", "output": str(output),
+        outcomes.append({"line": job.line, "status": "failed" if error else "done", "output": str(output),
                         "reason": reason, "process": state.process_index})
         bar.update(1)
 
@@ -389,12 +389,12 @@ def run_batches(state, module, args, batches: list[list], results: list[dict]) -
         else:
             for job, image, map_image, result in zip(rows, images, maps, edited):
                 try:
-                    text = cli.png_parameters(job, steps_run, {**args.extra_params, "line": job.line})
+                    text = results.png_parameters(job, steps_run, {**args.extra_params, "line": job.line})
                     job.output.parent.mkdir(parents=True, exist_ok=True)
-                    written = cli.write_png(result, job.output, text, overwrite=args.overwrite)
+                    written = results.write_png(result, job.output, text, overwrite=args.overwrite)
                     if args.compare:
-                        strip = cli.compare_strip(image, map_image, result, invert_map=job.invert_map)
-                        cli.write_png(strip, cli.compare_path(written), text, overwrite=args.overwrite)
+                        strip = results.compare_strip(image, map_image, result, invert_map=job.invert_map)
+                        results.write_png(strip, cli.compare_path(written), text, overwrite=args.overwrite)
                     record(job, written)
                 except Exception as error:  # noqa: BLE001
                     record(job, job.output, error)
@@ -418,14 +418,14 @@ def run_batches(state, module, args, batches: list[list], results: list[dict]) -
                 edit(loaded)
 
 
-def finish(state, args, plan, results: list[dict], seconds: float, interrupted: bool = False) -> int:
+def finish(state, args, plan, outcomes: list[dict], seconds: float, interrupted: bool = False) -> int:
     """Writes summary.json and prints its line; after Ctrl-C it holds only the main process's rows."""
     if not interrupted:
         from accelerate.utils import gather_object
-        results = gather_object(results)  # every process's rows
+        outcomes = gather_object(outcomes)  # every process's rows
     if not state.is_main_process:
         return 0
-    rows = sorted([*results, *({"line": job.line, "status": "skipped", "output": str(job.output), "reason":
+    rows = sorted([*outcomes, *({"line": job.line, "status": "skipped", "output": str(job.output), "reason":
                                 "its output already holds this edit", "process": 0} for job in plan.skipped),
                    *({"line": line, "status": "bad", "output": "", "reason": "; ".join(problems), "process": 0}
                      for line, problems in plan.bad)], key=lambda row: row["line"])
@@ -434,7 +434,8 @@ def finish(state, args, plan, results: list[dict], seconds: float, interrupted: 
                str(args.output_dir.absolute()), "processes": state.num_processes, "rows": plan.rows, **count,
                "interrupted": interrupted, "seconds": round(seconds, 3), "results": rows}
     text = json.dumps(summary, indent=2, ensure_ascii=False) + "\n"
-    path = cli.write_atomically(args.output_dir / SUMMARY_NAME, lambda file: file.write(text.encode()), overwrite=True)
+    path = results.write_atomically(args.output_dir / SUMMARY_NAME, lambda file: file.write(text.encode()),
+                                    overwrite=True)
     print(f"{count['done']} done, {count['skipped']} skipped (already done), {count['failed']} failed"
           + (f", {count['bad']} bad" if count["bad"] else "") + f" of {plan.rows} rows in {seconds:.1f}s"
           + ("; interrupted" if interrupted else "") + f"; summary: {cli.display(path)}")

@@ -1,4 +1,4 @@
-"""What every run.py and tool shares: flags (README.md), input and model loading, one-line errors, atomic writes.
+"""What every run.py and tool shares: flags (README.md), input and model loading, one-line errors.
 
 Exit status: 0 done, 2 the command line or an input file is wrong, 1 the run failed (loading, memory, writing), 130
 interrupted. Unexpected exceptions keep their traceback: they are bugs."""
@@ -19,7 +19,7 @@ from pathlib import Path, PurePath
 from typing import Callable, NamedTuple
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont, ImageOps, PngImagePlugin, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from tools.crop import edit_on_crop
 from tools.feather import feathered_mask
@@ -493,82 +493,9 @@ def _import(path: Path):
     return module
 
 
-def png_parameters(args: argparse.Namespace, steps_run: int, extra_params: dict | None = None) -> dict[str, str]:
-    """The parameters a result is stored with, as PNG text: enough to run it again."""
-    source = {"mask": args.mask, "feather": args.feather, "grow": args.grow} if args.mask else {"map": args.map}
-    crop = {} if args.crop_margin is None else {"crop_margin": args.crop_margin, "crop_upscale": args.crop_upscale}
-    return {key: str(value) for key, value in {
-        "prompt": args.prompt, "negative_prompt": args.negative_prompt, "model": args.model, "image": args.image,
-        **source, "invert_map": args.invert_map, "strength": args.strength, "keep_exact": args.keep_exact,
-        "steps": args.steps, "steps_run": steps_run, "guidance_scale": args.guidance_scale, "seed": args.seed,
-        "scheduler": args.scheduler, "device": args.device, "dtype": args.dtype, **crop, **(extra_params or {}),
-        "command": args.command, "Software": "differential-diffusion",  # the PNG keyword for the creating program
-    }.items()}
-
-
 def edit_images(pipe, args: argparse.Namespace, edit=None, **call) -> list:
     """`pipe(**call)`'s images (or `edit`'s, which calls it); with --crop-margin, only the box around the pixels
     that the map releases is edited, and pasted into the input (tools/crop.py)."""
     if args.crop_margin is None:
         return (edit or pipe)(**call).images
     return edit_on_crop(pipe, args.crop_margin, args.crop_upscale, edit, **call)[0]
-
-
-def save_result(result: Image.Image, args: argparse.Namespace, *, image: Image.Image, map_image: Image.Image,
-                steps_run: int, seconds: float, extra_params: dict | None = None) -> Path:
-    """Writes the result with its parameters as PNG text (and the ``--compare`` strip); prints its path and time."""
-    text = png_parameters(args, steps_run, extra_params)
-    output = write_png(result, args.output, text, overwrite=args.overwrite)
-    line = f"{display(output)} ({seconds:.1f}s, {steps_run} denoising step{'' if steps_run == 1 else 's'})"
-    if args.compare:
-        strip = compare_strip(image, map_image, result, invert_map=args.invert_map)
-        line += f"; comparison: {display(write_png(strip, compare_path(output), text, overwrite=args.overwrite))}"
-    print(line)
-    return output
-
-
-def write_png(image: Image.Image, path: Path, text: dict[str, str] | None = None, *, overwrite: bool = False) -> Path:
-    """Writes ``image`` as a PNG (``text``: its text chunks) with ``write_atomically``; returns the path written."""
-    info = PngImagePlugin.PngInfo()
-    for key, value in (text or {}).items():
-        info.add_text(key, value)  # falls back to an iTXt chunk for text latin-1 cannot hold
-    return write_atomically(Path(path), lambda file: image.save(file, format="PNG", pnginfo=info), overwrite=overwrite)
-
-
-def write_atomically(path: Path, write: Callable, *, overwrite: bool = False) -> Path:
-    """Calls ``write(file)`` on a temporary file, then renames it to ``path``: readers never see half a file. Without
-    ``overwrite``, a ``path`` taken meanwhile is kept, and the first free ``<stem>-N`` name is used instead."""
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        with open(partial, "wb") as file:
-            write(file)
-        target = path if overwrite or not path.exists() else first_free(path)
-        if target != path:
-            warn(f"{display(path)} appeared during the run; wrote {display(target)} instead")
-        os.replace(partial, target)
-        return target
-    except OSError as error:
-        raise CliError(f"cannot write {display(path)}: {one_line(error)}", EXIT_RUN_FAILED) from error
-    finally:
-        partial.unlink(missing_ok=True)
-
-
-def compare_strip(image: Image.Image, map_image: Image.Image, result: Image.Image,
-                  invert_map: bool = False) -> Image.Image:
-    """input | map | output side by side at the output's height, each labelled as large as fits (at most 1/32)."""
-    panels = [(image, "input"), (map_image, f"map (white = {'change' if invert_map else 'keep'})"), (result, "output")]
-    panels = [(as_rgb(panel).resize((max(1, round(panel.width * result.height / panel.height)), result.height),
-                                    Image.Resampling.LANCZOS), label) for panel, label in panels]
-    strip = Image.new("RGB", (sum(panel.width for panel, _ in panels), result.height))
-    draw, left = ImageDraw.Draw(strip), 0
-    for panel, label in panels:
-        strip.paste(panel, (left, 0))
-        for size in range(max(10, strip.height // 32), 7, -1):
-            font = ImageFont.load_default(size=size)
-            x0, y0, x1, y1 = draw.textbbox((left + 4, 4), label, font=font)
-            if x1 + 3 < left + panel.width - 1 and y1 + 3 < strip.height - 1:
-                draw.rectangle((x0 - 3, y0 - 3, x1 + 3, y1 + 3), fill=(0, 0, 0))  # readable on any picture
-                draw.text((left + 4, 4), label, font=font, fill=(255, 255, 255))
-                break
-        left += panel.width
-    return strip
