@@ -364,6 +364,7 @@ def run_batches(state, module, args, batches: list[list], outcomes: list[dict]) 
         diffusers.utils.logging.disable_progress_bar()
         transformers.utils.logging.disable_progress_bar()
     pipelines = module.load_pipelines(args)
+    parser, script = module.build_parser(), ["python", cli.display(module.__file__)]  # what a row's PNG records
     for pipe in pipelines if isinstance(pipelines, tuple) else [pipelines]:
         if pipe is not None:
             pipe.set_progress_bar_config(disable=True)  # one bar for the whole batch, not one per call
@@ -389,6 +390,7 @@ def run_batches(state, module, args, batches: list[list], outcomes: list[dict]) 
         else:
             for job, image, map_image, result in zip(rows, images, maps, edited):
                 try:
+                    job.command = cli.command_line(script, parser, job)  # the row alone, by run.py
                     text = results.png_parameters(job, steps_run, {**args.extra_params, "line": job.line})
                     job.output.parent.mkdir(parents=True, exist_ok=True)
                     written = results.write_png(result, job.output, text, overwrite=args.overwrite)

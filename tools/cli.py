@@ -218,10 +218,11 @@ def build_parser(description: str, *, default_model: str, default_steps: int, de
 
 def parse_args(parser: Parser, argv: list[str] | None = None, *, command: str | None = None) -> Args:
     """Parses ``argv`` (default: the command line), checks all that needs no model and fills in what defaults stand
-    for: prompt texts, input and output paths, device and dtype. The results record ``command`` as the command line."""
+    for: prompt texts, input and output paths, device and dtype. The results record ``command`` as the command that
+    makes them (default: ``command_line`` of the flags as given)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    command = shlex.join(["python", display(sys.argv[0]), *argv]) if command is None else command
-    args, example = parser.parse_args(argv, Args(command=command)), parser.example
+    args, example = parser.parse_args(argv, Args()), parser.example
+    args.command = command or command_line(["python", display(sys.argv[0])], parser, args)  # the values as given
     if args.crop_upscale and args.crop_margin is None:
         raise CliError("--crop-upscale scales the crop that --crop-margin makes; pass --crop-margin PX too, or drop it")
     if args.mask is None and (args.feather or args.grow):
@@ -247,6 +248,27 @@ def parse_args(parser: Parser, argv: list[str] | None = None, *, command: str | 
     if not args.prompt.strip() and given_prompt != "":  # `--prompt ""` is a choice; a blank prompt file is a slip
         warn(f"the prompt{'' if given_prompt else ' file'} is blank, so the edit follows no text; pass --prompt TEXT")
     return args
+
+
+UNRECORDED = {"help", "output", "overwrite", "compare"}  # where and whether to write: not what the pixels are
+
+
+def command_line(prog: list[str], parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """The shell command that makes ``args``'s result again: ``prog`` and every flag of ``parser`` not at its default
+    (the values as they stand in ``args``), but not those that only say where the result goes."""
+    words = list(prog)
+    for action in parser._actions:
+        value = getattr(args, action.dest, action.default)
+        if not action.option_strings or action.dest in UNRECORDED or value == action.default:
+            continue
+        flag = action.option_strings[-1]
+        if action.nargs == 0:  # store_true and its kind: the flag alone, if it set the value
+            words += [flag] if value == action.const else []
+        else:  # a list comes from an `append` flag, given once per item
+            for item in value if isinstance(value, list) else [value]:
+                # "=" keeps a value such as "-x" (a prompt, say) from reading as a flag
+                words += [f"{flag}={item}"] if str(item).startswith("-") else [flag, str(item)]
+    return shlex.join(words)
 
 
 def input_path(given: str | None, example: Path | None, flag: str) -> Path:

@@ -1,0 +1,46 @@
+"""What a run leaves behind (#26): PNGs whose recorded command makes them again, and no stray file of its own."""
+
+import json
+import shlex
+
+import numpy as np
+import pytest
+from conftest import run_in_process
+from diffusers import UNet2DConditionModel
+from PIL import Image
+
+from tests.tiny_models import tiny_controlnet
+from tools import batch, cli
+
+
+def pixels(path):
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB")), dict(image.text)
+
+
+def rerun(text, output, cwd):
+    """The PNG text's command, run again into ``output``."""
+    words = shlex.split(text["command"])
+    ran = run_in_process(words[1], *words[2:], "--output", output, cwd=cwd)
+    assert ran.returncode == 0, ran.stderr
+    return pixels(output)[0]
+
+
+def test_the_command_in_a_png_of_run_py_and_of_batch_makes_the_same_pixels(sd_dir, inputs, tmp_path):
+    controlnet = tmp_path / "controlnet"
+    tiny_controlnet(UNet2DConditionModel.from_pretrained(sd_dir / "unet")).save_pretrained(controlnet)
+    flags = ["--model", sd_dir, "--controlnet", controlnet, "--control", "canny", "--crop-margin", "4", "--device",
+             "cpu", "--steps", "3", "--negative-prompt=-blurry"]  # a value like a flag must survive the quoting
+    image, map_path = inputs
+    ran = run_in_process("SD2/run.py", *flags, "--image", image.name, "--map", map_path.name, "--prompt", "a pear",
+                         "--seed", "5", "--output", "edit.png", cwd=tmp_path)  # paths relative to the folder
+    assert ran.returncode == 0, ran.stderr
+    edited, text = pixels(tmp_path / "edit.png")
+    assert np.array_equal(rerun(text, tmp_path / "again.png", tmp_path), edited)
+    (tmp_path / "jobs.csv").write_text(f"image,map,prompt,seed\n{image.name},{map_path.name},a pear,5\n")
+    assert batch.run(["--family", "sd2", str(tmp_path / "jobs.csv"), "--output-dir", str(tmp_path / "out"),
+                      *map(str, flags)]) == 0
+    row, row_text = pixels(tmp_path / "out" / "0001-photo.png")
+    assert np.array_equal(rerun(row_text, tmp_path / "row-again.png", tmp_path), row)
+    # list-valued flags in one format, whoever wrote them
+    assert text["controlnet"] == row_text["controlnet"] == json.dumps([str(controlnet)])
