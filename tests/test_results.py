@@ -44,3 +44,8 @@ def test_the_command_in_a_png_of_run_py_and_of_batch_makes_the_same_pixels(sd_di
     assert np.array_equal(rerun(row_text, tmp_path / "row-again.png", tmp_path), row)
     # list-valued flags in one format, whoever wrote them
     assert text["controlnet"] == row_text["controlnet"] == json.dumps([str(controlnet)])
+
+
+def test_batch_refuses_crop_upscale_without_crop_margin_as_run_py_does():
+    with pytest.raises(cli.CliError, match="--crop-upscale scales the crop that --crop-margin makes; pass --crop-marg"):
+        batch.parse_args(cli.load_family("sd2"), ["--family", "sd2", "jobs.csv", "--output-dir", "out", "--crop-upscale"])

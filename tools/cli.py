@@ -199,6 +199,7 @@ def build_parser(description: str, *, default_model: str, default_steps: int, de
         "crop; best with --keep-exact (default: off, the whole frame)")
     add("--crop-upscale", action="store_true", help="with --crop-margin: edit the crop at the model's native size "
         "for more detail, then scale it back down (default: off)")
+    parser.checks.append(_check_crop)  # a check, so that tools.batch refuses it too
     add = group("model and hardware")
     add("--model", default=default_model, metavar="ID_OR_PATH", help="Hugging Face Hub id, or a local diffusers "
         f"folder holding model_index.json (default: {default_model})")
@@ -216,6 +217,11 @@ def build_parser(description: str, *, default_model: str, default_steps: int, de
     return parser
 
 
+def _check_crop(args: argparse.Namespace) -> None:
+    if args.crop_upscale and args.crop_margin is None:
+        raise CliError("--crop-upscale scales the crop that --crop-margin makes; pass --crop-margin PX too, or drop it")
+
+
 def parse_args(parser: Parser, argv: list[str] | None = None, *, command: str | None = None) -> Args:
     """Parses ``argv`` (default: the command line), checks all that needs no model and fills in what defaults stand
     for: prompt texts, input and output paths, device and dtype. The results record ``command`` as the command that
@@ -223,8 +229,6 @@ def parse_args(parser: Parser, argv: list[str] | None = None, *, command: str | 
     argv = sys.argv[1:] if argv is None else list(argv)
     args, example = parser.parse_args(argv, Args()), parser.example
     args.command = command or command_line(["python", display(sys.argv[0])], parser, args)  # the values as given
-    if args.crop_upscale and args.crop_margin is None:
-        raise CliError("--crop-upscale scales the crop that --crop-margin makes; pass --crop-margin PX too, or drop it")
     if args.mask is None and (args.feather or args.grow):
         raise CliError(f"--{'feather' if args.feather else 'grow'} shapes the map drawn from a --mask; pass --mask "
                        "PATH too, or drop it")
