@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -56,6 +57,7 @@ def write_atomically(path: Path, write: Callable, *, overwrite: bool = False) ->
     ``overwrite``, a ``path`` taken meanwhile is kept, and the first free ``<stem>-N`` name is used instead."""
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
+        _sweep(partial.parent)
         with open(partial, "wb") as file:
             write(file)
         target = path if overwrite or not path.exists() else cli.first_free(path)
@@ -88,3 +90,29 @@ def compare_strip(image: Image.Image, map_image: Image.Image, result: Image.Imag
                 break
         left += panel.width
     return strip
+
+
+_swept: set[str] = set()  # the folders this process has rid of stale partial files
+
+
+def _sweep(folder: Path) -> None:
+    """Removes the ``.NAME.PID.partial`` files of writes killed midway, whose process is gone: nothing else would.
+    Once a folder and process, as a batch writes thousands of files into one."""
+    if os.path.abspath(folder) in _swept:
+        return
+    _swept.add(os.path.abspath(folder))
+    for partial in folder.glob(".*.partial"):
+        pid = partial.name.rsplit(".", 2)[-2]
+        if pid.isdigit() and not _running(int(pid)):
+            with contextlib.suppress(OSError):  # not ours to remove after all: leave it
+                partial.unlink()
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # another user's process, or no process id at all: keep its file
+        return True
+    return True
