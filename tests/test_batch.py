@@ -20,7 +20,7 @@ import pytest
 from conftest import REPO_ROOT, run_script, test_image
 from PIL import Image
 
-from tools import batch, cli
+from tools import batch, cli, results
 from tools.maps import feathered_mask, save_map
 
 SCRIPT = "tools/batch.py"
@@ -476,8 +476,8 @@ def test_a_second_batch_into_the_same_folder_is_refused_but_a_dead_ones_lock_is_
     assert exit_info.value.code == 2 and len(errors) == 1
     assert f"another batch (process {os.getpid()}) is writing into it" in errors[0]
     assert not list(tmp_path.glob("*.png"))
-    killed = ("import os, pathlib, sys; from tools import batch; batch.locked(pathlib.Path(sys.argv[1])).__enter__(); "
-              "os.kill(os.getpid(), 9)")
+    killed = ("import os, pathlib, sys; from tools import batch; lock = batch.locked(pathlib.Path(sys.argv[1])); "
+              "lock.__enter__(); os.kill(os.getpid(), 9)")
     subprocess.run([sys.executable, "-c", killed, str(tmp_path)], cwd=REPO_ROOT, timeout=120)
     assert (tmp_path / batch.LOCK_NAME).read_text().strip() != str(os.getpid())  # the killed process's pid
     assert batch.run(argv) == 0 and summary_of(tmp_path)["done"] == 1
@@ -527,7 +527,7 @@ def test_a_write_that_fails_part_way_leaves_no_half_file_and_the_old_summary(sd_
     before = {path.name: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()}
     (folder / "two.csv").write_text("image,map,prompt,seed\nphoto0.png,map.png,a,1\nphoto1.png,map.png,b,2\n"
                                     "photo1.png,map.png,c,3\n")
-    monkeypatch.setattr(cli, "open", lambda path, mode: DiskFullAfter(open(path, mode), room=100), raising=False)
+    monkeypatch.setattr(results, "open", lambda path, mode: DiskFullAfter(open(path, mode), room=100), raising=False)
     with pytest.raises(cli.CliError, match=r"cannot write .*summary.json: .*No space left on device"):
         batch.run(batch_args(sd_dir, folder / "two.csv", tmp_path, "--overwrite"))
     after = {path.name: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()}

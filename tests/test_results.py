@@ -57,3 +57,21 @@ def test_a_write_removes_the_partial_files_that_killed_writes_left_in_its_folder
         path.write_bytes(b"half a PNG")
     results.write_png(Image.new("RGB", (4, 4)), tmp_path / "other.png")
     assert sorted(path.name for path in tmp_path.iterdir()) == [live.name, "other.png"]
+
+
+def test_a_batch_leaves_no_lock_nor_empty_folder_and_a_summary_on_a_full_disk(sd_dir, inputs, tmp_path, monkeypatch):
+    (tmp_path / "jobs.csv").write_text("image,map,prompt\nphoto.png,map.png,a pear\n")
+    (tmp_path / "sdxl").mkdir()  # a checkpoint of another family
+    (tmp_path / "sdxl" / "model_index.json").write_text('{"_class_name": "StableDiffusionXLImg2ImgPipeline"}')
+    argv = ["--family", "sd2", str(tmp_path / "jobs.csv"), "--device", "cpu", "--steps", "2", "--output-dir"]
+    with pytest.raises(cli.CliError, match="for SDXL/run.py"):
+        batch.run([*argv, str(tmp_path / "refused"), "--model", str(tmp_path / "sdxl")])
+    assert not (tmp_path / "refused").exists()
+
+    def full_disk(path, write, overwrite=False):
+        raise cli.CliError(f"cannot write {path.name}: [Errno 28] No space left on device", cli.EXIT_RUN_FAILED)
+    monkeypatch.setattr(results, "write_atomically", full_disk)
+    assert batch.run([*argv, str(tmp_path / "out"), "--model", str(sd_dir)]) == cli.EXIT_RUN_FAILED
+    assert [path.name for path in (tmp_path / "out").iterdir()] == ["summary.json"]  # and no .batch.lock
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["failed"] == 1 and "No space left" in summary["results"][0]["reason"]

@@ -16,7 +16,6 @@ import functools
 import io
 import json
 import os
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ COLUMNS = ("image", "map", "mask", "feather", "grow", "prompt", "negative_prompt
            "guidance_scale", "output")
 SUMMARY_NAME, LOCK_NAME = "summary.json", ".batch.lock"
 MAX_BATCH_SIZE = 4096
+ROOM, ROOM_PER_ROW = '{"running": true}', 1024  # summary.json while a batch runs: room for its rows, and more
 # PNG text that records how a result was made, not what it is: a resumed row may differ in these.
 HOW_MADE = ("steps_run", "command", "device", "dtype", "jobs", "line")
 
@@ -136,7 +136,6 @@ def parse_args(module, argv: list[str]) -> Args:
         if getattr(args, flag) is not None:
             setattr(args, flag, cli.input_path(getattr(args, flag), None, f"--{flag}").absolute())
     args.extra_params = {"family": args.family, "jobs": args.jobs, **{dest: vars(args)[dest] for dest in model_flags}}
-    args.command = shlex.join(["python", "-m", "tools.batch", *argv])
     return args
 
 
@@ -233,8 +232,8 @@ def make_plan(args: Args, held: contextlib.ExitStack) -> Plan:
         claimed.update({target: f"is also written by line {job.line}" for target in targets if target not in claimed})
     _refuse_bad_rows(bad, args)  # before the output folder is made: a bad file leaves no trace
     try:
-        args.output_dir.mkdir(parents=True, exist_ok=True)
         held.enter_context(locked(args.output_dir))
+        held.enter_context(summary_room(args.output_dir / SUMMARY_NAME, len(rows)))
     except OSError as error:
         raise cli.CliError(f"--output-dir {cli.display(args.output_dir)}: cannot write into it: "
                            f"{cli.one_line(error)}") from None
@@ -321,18 +320,42 @@ def _refuse_bad_rows(bad: list[tuple[int, list[str]]], args) -> None:
 
 @contextlib.contextmanager
 def locked(folder: Path):
-    """Holds ``folder``'s batch lock; the operating system drops it when this process ends, however it ends."""
+    """Makes ``folder`` if missing and holds its batch lock; at the end, removes the lock's file, and the folder if it
+    made it and it stayed empty (a batch refused at the model). The system drops the lock however the process ends."""
     import fcntl
-    with open(folder / LOCK_NAME, "a+") as file:
+    path, made = folder / LOCK_NAME, not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as file:
         try:
             fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if not (path.exists() and os.path.samestat(os.fstat(file.fileno()), path.stat())):
+                raise BlockingIOError  # we locked the file of a batch that has just ended and removed it
         except BlockingIOError:
             file.seek(0)
             raise cli.CliError(f"--output-dir {cli.display(folder)}: another batch (process {file.read().strip()}) is "
                                "writing into it; wait for it to end, or use another --output-dir") from None
         file.truncate(0)
         print(os.getpid(), file=file, flush=True)
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)  # while still held, so no other batch can hold this file meanwhile
+            with contextlib.suppress(OSError):  # not empty: it holds results, or files of the user's
+                if made:
+                    folder.rmdir()
+
+
+@contextlib.contextmanager
+def summary_room(path: Path, rows: int):
+    """Holds room for summary.json while the batch runs: ``finish`` writes into it if the disk fills up. A batch
+    refused before it ran (another family's checkpoint) gives it back."""
+    made = not path.exists() and path.write_text(ROOM + " " * (ROOM_PER_ROW * (rows + 4)) + "\n")
+    try:
         yield
+    except cli.CliError:
+        if made and path.read_text().startswith(ROOM):
+            path.unlink()
+        raise
 
 
 def _mismatch(path: Path, expected: dict[str, str]) -> str | None:
@@ -436,8 +459,14 @@ def finish(state, args, plan, outcomes: list[dict], seconds: float, interrupted:
                str(args.output_dir.absolute()), "processes": state.num_processes, "rows": plan.rows, **count,
                "interrupted": interrupted, "seconds": round(seconds, 3), "results": rows}
     text = json.dumps(summary, indent=2, ensure_ascii=False) + "\n"
-    path = results.write_atomically(args.output_dir / SUMMARY_NAME, lambda file: file.write(text.encode()),
-                                    overwrite=True)
+    path, data = args.output_dir / SUMMARY_NAME, text.encode()
+    try:
+        results.write_atomically(path, lambda file: file.write(data), overwrite=True)
+    except cli.CliError:  # no room for a new file (a full disk): write into the room that summary_room held
+        if (room := path.stat().st_size if path.exists() else 0) < len(data):
+            raise
+        with open(path, "r+b") as file:  # overwriting takes no more of the disk
+            file.write(data.ljust(room))
     print(f"{count['done']} done, {count['skipped']} skipped (already done), {count['failed']} failed"
           + (f", {count['bad']} bad" if count["bad"] else "") + f" of {plan.rows} rows in {seconds:.1f}s"
           + ("; interrupted" if interrupted else "") + f"; summary: {cli.display(path)}")

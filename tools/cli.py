@@ -116,7 +116,7 @@ class Parser(argparse.ArgumentParser):
 
 class Args(argparse.Namespace):
     """A parsed command line: the parser's flags, and ``command``, the command line that the PNG text records."""
-    command: str
+    command: str = ""
 
 
 def real_number(low: float, high: float = math.inf, *, whole: bool = False) -> Callable[[str], float]:
@@ -199,7 +199,12 @@ def build_parser(description: str, *, default_model: str, default_steps: int, de
         "crop; best with --keep-exact (default: off, the whole frame)")
     add("--crop-upscale", action="store_true", help="with --crop-margin: edit the crop at the model's native size "
         "for more detail, then scale it back down (default: off)")
-    parser.checks.append(_check_crop)  # a check, so that tools.batch refuses it too
+
+    def check_crop(args: argparse.Namespace) -> None:  # a check, so that tools.batch refuses it too
+        if args.crop_upscale and args.crop_margin is None:
+            raise CliError("--crop-upscale scales the crop that --crop-margin makes; pass --crop-margin PX too, or "
+                           "drop it")
+    parser.checks.append(check_crop)
     add = group("model and hardware")
     add("--model", default=default_model, metavar="ID_OR_PATH", help="Hugging Face Hub id, or a local diffusers "
         f"folder holding model_index.json (default: {default_model})")
@@ -217,15 +222,9 @@ def build_parser(description: str, *, default_model: str, default_steps: int, de
     return parser
 
 
-def _check_crop(args: argparse.Namespace) -> None:
-    if args.crop_upscale and args.crop_margin is None:
-        raise CliError("--crop-upscale scales the crop that --crop-margin makes; pass --crop-margin PX too, or drop it")
-
-
 def parse_args(parser: Parser, argv: list[str] | None = None, *, command: str | None = None) -> Args:
     """Parses ``argv`` (default: the command line), checks all that needs no model and fills in what defaults stand
-    for: prompt texts, input and output paths, device and dtype. The results record ``command`` as the command that
-    makes them (default: ``command_line`` of the flags as given)."""
+    for: prompt texts, input and output paths, device and dtype. The results record ``command`` as the command line."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args, example = parser.parse_args(argv, Args()), parser.example
     args.command = command or command_line(["python", display(sys.argv[0])], parser, args)  # the values as given
@@ -254,23 +253,20 @@ def parse_args(parser: Parser, argv: list[str] | None = None, *, command: str | 
     return args
 
 
-UNRECORDED = {"help", "output", "overwrite", "compare"}  # where and whether to write: not what the pixels are
+UNRECORDED = ("help", "output", "overwrite", "compare")  # where and whether to write, not what is written
 
 
 def command_line(prog: list[str], parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
     """The shell command that makes ``args``'s result again: ``prog`` and every flag of ``parser`` not at its default
-    (the values as they stand in ``args``), but not those that only say where the result goes."""
+    but those that say only where to write; a value that starts with "-" as ``--flag=-x``, lest it read as a flag."""
     words = list(prog)
     for action in parser._actions:
         value = getattr(args, action.dest, action.default)
-        if not action.option_strings or action.dest in UNRECORDED or value == action.default:
-            continue
-        flag = action.option_strings[-1]
-        if action.nargs == 0:  # store_true and its kind: the flag alone, if it set the value
-            words += [flag] if value == action.const else []
-        else:  # a list comes from an `append` flag, given once per item
-            for item in value if isinstance(value, list) else [value]:
-                # "=" keeps a value such as "-x" (a prompt, say) from reading as a flag
+        if action.option_strings and action.dest not in UNRECORDED and value != action.default:
+            flag = action.option_strings[-1]
+            if action.nargs == 0 and value == action.const:  # store_true and its kind: the flag alone
+                words.append(flag)
+            for item in [] if action.nargs == 0 else value if isinstance(value, list) else [value]:  # `append`: each
                 words += [f"{flag}={item}"] if str(item).startswith("-") else [flag, str(item)]
     return shlex.join(words)
 
