@@ -75,3 +75,14 @@ def test_a_batch_leaves_no_lock_nor_empty_folder_and_a_summary_on_a_full_disk(sd
     assert [path.name for path in (tmp_path / "out").iterdir()] == ["summary.json"]  # and no .batch.lock
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["failed"] == 1 and "No space left" in summary["results"][0]["reason"]
+
+
+def test_a_compare_strip_that_cannot_be_written_says_the_output_was(inputs, tmp_path, monkeypatch):
+    image, map_path = (Image.open(path) for path in inputs)
+    parser = cli.build_parser("", default_model="m", default_steps=1, default_guidance=1)
+    args = cli.parse_args(parser, [*(f"--{flag}={path}" for flag, path in zip(["image", "map"], inputs)),
+                                   "--output", str(tmp_path / "edit.png"), "--compare"])
+    monkeypatch.setattr(cli, "compare_path", lambda output: tmp_path / "full" / "edit-compare.png")
+    with pytest.raises(cli.CliError, match=r"^wrote .*edit.png, but not its comparison strip: cannot write .* rerun "
+                       "with --overwrite once there is room"):
+        results.save_result(image, args, image=image, map_image=map_path, steps_run=1, seconds=1)

@@ -38,7 +38,11 @@ def save_result(result: Image.Image, args: argparse.Namespace, *, image: Image.I
     line = f"{cli.display(output)} ({seconds:.1f}s, {steps_run} denoising step{'' if steps_run == 1 else 's'})"
     if args.compare:
         strip = compare_strip(image, map_image, result, invert_map=args.invert_map)
-        strip_path = write_png(strip, cli.compare_path(output), text, overwrite=args.overwrite)
+        try:
+            strip_path = write_png(strip, cli.compare_path(output), text, overwrite=args.overwrite)
+        except cli.CliError as error:  # the output is there: a rerun without --overwrite would stop at it
+            raise cli.CliError(f"wrote {cli.display(output)}, but not its comparison strip: {error}; rerun with "
+                               "--overwrite once there is room (or without --compare)", error.exit_code) from error
         line += f"; comparison: {cli.display(strip_path)}"
     print(line)
     return output
