@@ -35,7 +35,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tools import cli, conditioning, fan  # noqa: E402
+from tools import cli, conditioning, fan, results  # noqa: E402
 from tools import maps as map_makers  # noqa: E402
 
 DEFAULT_FAMILY = "sd2"
@@ -452,7 +452,7 @@ def build_app(models: Models, output_dir: Path) -> gr.Blocks:
 
         def save(picture, args, steps_run, extra_params, name):
             folder = Path(tempfile.mkdtemp(dir=output_dir))
-            return str(cli.write_png(picture, folder / name, cli.png_parameters(args, steps_run, extra_params)))
+            return str(results.write_png(picture, folder / name, results.png_parameters(args, steps_run, extra_params)))
 
         def edit(family_name, model_id, path, side, source_name, editor_value, map_path, angle_value, inner_value,
                  outer_value, feather_value, grow_value, *settings, progress=gr.Progress(track_tqdm=True)):

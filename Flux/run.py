@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tools import cli, loading  # noqa: E402
+from tools import cli, loading, results  # noqa: E402
 
 DEFAULT_MODEL = "black-forest-labs/FLUX.1-dev"
 SIZE_MULTIPLE = 16  # the VAE's 8 times the 2x2 patches that latents are packed in
@@ -93,8 +93,8 @@ def run():
         pipe, args, images=[image], maps=[map_image], prompts=[args.prompt],
         negative_prompts=[args.negative_prompt], seeds=[args.seed],
     )
-    cli.save_result(result, args, image=image, map_image=map_image, steps_run=steps_run,
-                    seconds=time.perf_counter() - started)
+    results.save_result(result, args, image=image, map_image=map_image, steps_run=steps_run,
+                        seconds=time.perf_counter() - started)
 
 
 if __name__ == "__main__":

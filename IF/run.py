@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tools import cli, loading  # noqa: E402
+from tools import cli, loading, results  # noqa: E402
 from tools.crop import edit_on_crop  # noqa: E402
 
 DEFAULT_MODEL = "DeepFloyd/IF-I-XL-v1.0"
@@ -267,15 +267,15 @@ def run():
     def save_stage(stage, images, steps_run):
         # Written at once: a later stage that fails (out of memory, say) leaves the earlier ones on disk.
         if stage in stage_files:
-            text = cli.png_parameters(args, steps_run, {**stage_parameters(args), "stage": stage})
-            print(f"stage {stage}: {cli.write_png(images[0], stage_files[stage], text, overwrite=args.overwrite)}")
+            text = results.png_parameters(args, steps_run, {**stage_parameters(args), "stage": stage})
+            print(f"stage {stage}: {results.write_png(images[0], stage_files[stage], text, overwrite=args.overwrite)}")
 
     (result,), steps_run = edit(
         pipelines, args, images=[image], maps=[map_image], prompts=[args.prompt],
         negative_prompts=[args.negative_prompt], seeds=[args.seed], on_stage=save_stage,
     )
-    cli.save_result(result, args, image=image, map_image=map_image, steps_run=steps_run,
-                    seconds=time.perf_counter() - started, extra_params=stage_parameters(args))
+    results.save_result(result, args, image=image, map_image=map_image, steps_run=steps_run,
+                        seconds=time.perf_counter() - started, extra_params=stage_parameters(args))
 
 
 if __name__ == "__main__":

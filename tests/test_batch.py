@@ -20,7 +20,7 @@ import pytest
 from conftest import REPO_ROOT, run_script, test_image
 from PIL import Image
 
-from tools import batch, cli
+from tools import batch, cli, results
 from tools.maps import feathered_mask, save_map
 
 SCRIPT = "tools/batch.py"
@@ -162,7 +162,7 @@ def test_an_interrupted_run_resumes_without_redoing_finished_rows(reference, sd_
     process.send_signal(signal.SIGKILL)  # no clean-up of any kind: as a crash or a lost machine would end it
     process.wait()
     finished = {path: (path.stat().st_ino, path.stat().st_mtime_ns) for path in tmp_path.rglob("*.png")}
-    assert 2 <= len(finished) < 12 and not (tmp_path / "summary.json").exists()
+    assert 2 <= len(finished) < 12 and summary_of(tmp_path) == {"running": True}  # only the room it held
 
     assert batch.run(batch_args(sd_dir, jobs, tmp_path)) == 0
     summary = summary_of(tmp_path)
@@ -323,7 +323,7 @@ def test_an_output_holding_another_edit_is_kept_unless_overwrite_and_a_failed_wr
     (folder / "three.csv").write_text("image,map,prompt,seed\nphoto0.png,map.png,a,1\nphoto1.png,map.png,b,2\n"
                                       "photo1.png,map.png,c,3\n")
     with monkeypatch.context() as patch:
-        patch.setattr(cli, "open", lambda path, mode: DiskFullAfter(open(path, mode), room=100), raising=False)
+        patch.setattr(results, "open", lambda path, mode: DiskFullAfter(open(path, mode), room=100), raising=False)
         with pytest.raises(cli.CliError, match=r"cannot write .*summary.json: .*No space left on device"):
             batch.run(batch_args(sd_dir, folder / "three.csv", tmp_path, "--compare", "--overwrite"))
     after = {path.name: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()}
@@ -499,8 +499,8 @@ def test_a_second_batch_into_the_same_folder_is_refused_but_a_dead_ones_lock_is_
     assert exit_info.value.code == 2 and len(errors) == 1
     assert f"another batch (process {os.getpid()}) is writing into it" in errors[0]
     assert not list(tmp_path.glob("*.png"))
-    killed = ("import os, pathlib, sys; from tools import batch; batch.locked(pathlib.Path(sys.argv[1])).__enter__(); "
-              "os.kill(os.getpid(), 9)")
+    killed = ("import os, pathlib, sys; from tools import batch; lock = batch.locked(pathlib.Path(sys.argv[1])); "
+              "lock.__enter__(); os.kill(os.getpid(), 9)")
     subprocess.run([sys.executable, "-c", killed, str(tmp_path)], cwd=REPO_ROOT, timeout=120)
     assert (tmp_path / batch.LOCK_NAME).read_text().strip() != str(os.getpid())  # the killed process's pid
     assert batch.run(argv) == 0 and summary_of(tmp_path)["done"] == 1

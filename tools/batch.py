@@ -16,7 +16,6 @@ import functools
 import io
 import json
 import os
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -27,12 +26,13 @@ if __package__ in (None, ""):  # started as a script path (torchrun tools/batch.
 
 from PIL import Image  # noqa: E402
 
-from tools import cli  # noqa: E402
+from tools import cli, results  # noqa: E402
 
 COLUMNS = ("image", "map", "mask", "feather", "grow", "prompt", "negative_prompt", "seed", "strength", "steps",
            "guidance_scale", "output")
 SUMMARY_NAME, LOCK_NAME = "summary.json", ".batch.lock"
 MAX_BATCH_SIZE = 4096
+ROOM, ROOM_PER_ROW = '{"running": true}', 1024  # summary.json while a batch runs: room for its rows, and more
 # PNG text that records how a result was made, not what it is: a resumed row may differ in these.
 HOW_MADE = ("steps_run", "command", "device", "dtype", "jobs", "line")
 
@@ -66,14 +66,14 @@ def run(argv: list[str] | None = None) -> int:
     state = PartialState(cpu=args.device == "cpu")
     with contextlib.ExitStack() as held:  # the output folder's lock, on the main process
         plan = _shared(state, lambda: make_plan(args, held))
-        started, results = time.perf_counter(), []
+        started, outcomes = time.perf_counter(), []
         try:
             with state.split_between_processes(plan.batches) as my_batches:
-                run_batches(state, module, args, my_batches, results)
+                run_batches(state, module, args, my_batches, outcomes)
         except KeyboardInterrupt:  # what was done still goes into summary.json; then cli.main says "interrupted"
-            finish(state, args, plan, results, time.perf_counter() - started, interrupted=True)
+            finish(state, args, plan, outcomes, time.perf_counter() - started, interrupted=True)
             raise
-        return finish(state, args, plan, results, time.perf_counter() - started)
+        return finish(state, args, plan, outcomes, time.perf_counter() - started)
 
 
 def _family_name(argv: list[str]) -> str:
@@ -136,7 +136,6 @@ def parse_args(module, argv: list[str]) -> Args:
         if getattr(args, flag) is not None:
             setattr(args, flag, cli.input_path(getattr(args, flag), None, f"--{flag}").absolute())
     args.extra_params = {"family": args.family, "jobs": args.jobs, **{dest: vars(args)[dest] for dest in model_flags}}
-    args.command = shlex.join(["python", "-m", "tools.batch", *argv])
     return args
 
 
@@ -233,8 +232,8 @@ def make_plan(args: Args, held: contextlib.ExitStack) -> Plan:
         claimed.update({target: f"is also written by line {job.line}" for target in targets if target not in claimed})
     _refuse_bad_rows(bad, args)  # before the output folder is made: a bad file leaves no trace
     try:
-        args.output_dir.mkdir(parents=True, exist_ok=True)
         held.enter_context(locked(args.output_dir))
+        held.enter_context(summary_room(args.output_dir / SUMMARY_NAME, len(rows)))
     except OSError as error:
         raise cli.CliError(f"--output-dir {cli.display(args.output_dir)}: cannot write into it: "
                            f"{cli.one_line(error)}") from None
@@ -245,7 +244,7 @@ def make_plan(args: Args, held: contextlib.ExitStack) -> Plan:
     for job in jobs:
         if args.overwrite or not job.output.exists():
             groups.setdefault(job.batch_key, []).append(job)
-        elif not (mismatch := _mismatch(job.output, cli.png_parameters(job, 0, args.extra_params))):
+        elif not (mismatch := _mismatch(job.output, results.png_parameters(job, 0, args.extra_params))):
             skipped.append(job)
         else:
             taken.append((job.line, [f"{cli.display(job.output)} exists and {mismatch}; delete it, name another "
@@ -321,18 +320,42 @@ def _refuse_bad_rows(bad: list[tuple[int, list[str]]], args) -> None:
 
 @contextlib.contextmanager
 def locked(folder: Path):
-    """Holds ``folder``'s batch lock; the operating system drops it when this process ends, however it ends."""
+    """Makes ``folder`` if missing and holds its batch lock; at the end, removes the lock's file, and the folder if it
+    made it and it stayed empty (a batch refused at the model). The system drops the lock however the process ends."""
     import fcntl
-    with open(folder / LOCK_NAME, "a+") as file:
+    path, made = folder / LOCK_NAME, not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as file:
         try:
             fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if not (path.exists() and os.path.samestat(os.fstat(file.fileno()), path.stat())):
+                raise BlockingIOError  # we locked the file of a batch that has just ended and removed it
         except BlockingIOError:
             file.seek(0)
             raise cli.CliError(f"--output-dir {cli.display(folder)}: another batch (process {file.read().strip()}) is "
                                "writing into it; wait for it to end, or use another --output-dir") from None
         file.truncate(0)
         print(os.getpid(), file=file, flush=True)
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)  # while still held, so no other batch can hold this file meanwhile
+            with contextlib.suppress(OSError):  # not empty: it holds results, or files of the user's
+                if made:
+                    folder.rmdir()
+
+
+@contextlib.contextmanager
+def summary_room(path: Path, rows: int):
+    """Holds room for summary.json while the batch runs: ``finish`` writes into it if the disk fills up. A batch
+    refused before it ran (another family's checkpoint) gives it back."""
+    made = not path.exists() and path.write_text(ROOM + " " * (ROOM_PER_ROW * (rows + 4)) + "\n")
+    try:
         yield
+    except cli.CliError:
+        if made and path.read_text().startswith(ROOM):
+            path.unlink()
+        raise
 
 
 def _mismatch(path: Path, expected: dict[str, str]) -> str | None:
@@ -351,8 +374,8 @@ def _mismatch(path: Path, expected: dict[str, str]) -> str | None:
     return wrong and f"holds another edit (its {wrong} is {stored.get(wrong)!r}, this row's is {expected.get(wrong)!r})"
 
 
-def run_batches(state, module, args, batches: list[list], results: list[dict]) -> None:
-    """Runs this process's batches, adding one result per row to ``results``; a row that fails ends nothing else."""
+def run_batches(state, module, args, batches: list[list], outcomes: list[dict]) -> None:
+    """Runs this process's batches, adding one result per row to ``outcomes``; a row that fails ends nothing else."""
     if not batches:
         return
     import gc
@@ -364,6 +387,7 @@ def run_batches(state, module, args, batches: list[list], results: list[dict]) -
         diffusers.utils.logging.disable_progress_bar()
         transformers.utils.logging.disable_progress_bar()
     pipelines = module.load_pipelines(args)
+    parser, script = module.build_parser(), ["python", cli.display(module.__file__)]  # what a row's PNG records
     for pipe in pipelines if isinstance(pipelines, tuple) else [pipelines]:
         if pipe is not None:
             pipe.set_progress_bar_config(disable=True)  # one bar for the whole batch, not one per call
@@ -373,7 +397,7 @@ def run_batches(state, module, args, batches: list[list], results: list[dict]) -
             error if isinstance(error, cli.CliError) else f"{type(error).__name__}: {error}")
         if error is not None:
             tqdm.write(f"{cli.display(args.jobs)}:{job.line}: failed: {reason}", file=sys.stderr)
-        results.append({"line": job.line, "status": "failed" if error else "done", "output": str(output),
+        outcomes.append({"line": job.line, "status": "failed" if error else "done", "output": str(output),
                         "reason": reason, "process": state.process_index})
         bar.update(1)
 
@@ -389,12 +413,13 @@ def run_batches(state, module, args, batches: list[list], results: list[dict]) -
         else:
             for job, image, map_image, result in zip(rows, images, maps, edited):
                 try:
-                    text = cli.png_parameters(job, steps_run, {**args.extra_params, "line": job.line})
+                    job.command = cli.command_line(script, parser, job)  # the row alone, by run.py
+                    text = results.png_parameters(job, steps_run, {**args.extra_params, "line": job.line})
                     job.output.parent.mkdir(parents=True, exist_ok=True)
-                    written = cli.write_png(result, job.output, text, overwrite=args.overwrite)
+                    written = results.write_png(result, job.output, text, overwrite=args.overwrite)
                     if args.compare:
-                        strip = cli.compare_strip(image, map_image, result, invert_map=job.invert_map)
-                        cli.write_png(strip, cli.compare_path(written), text, overwrite=args.overwrite)
+                        strip = results.compare_strip(image, map_image, result, invert_map=job.invert_map)
+                        results.write_png(strip, cli.compare_path(written), text, overwrite=args.overwrite)
                     record(job, written)
                 except Exception as error:  # noqa: BLE001
                     record(job, job.output, error)
@@ -418,14 +443,14 @@ def run_batches(state, module, args, batches: list[list], results: list[dict]) -
                 edit(loaded)
 
 
-def finish(state, args, plan, results: list[dict], seconds: float, interrupted: bool = False) -> int:
+def finish(state, args, plan, outcomes: list[dict], seconds: float, interrupted: bool = False) -> int:
     """Writes summary.json and prints its line; after Ctrl-C it holds only the main process's rows."""
     if not interrupted:
         from accelerate.utils import gather_object
-        results = gather_object(results)  # every process's rows
+        outcomes = gather_object(outcomes)  # every process's rows
     if not state.is_main_process:
         return 0
-    rows = sorted([*results, *({"line": job.line, "status": "skipped", "output": str(job.output), "reason":
+    rows = sorted([*outcomes, *({"line": job.line, "status": "skipped", "output": str(job.output), "reason":
                                 "its output already holds this edit", "process": 0} for job in plan.skipped),
                    *({"line": line, "status": "bad", "output": "", "reason": "; ".join(problems), "process": 0}
                      for line, problems in plan.bad)], key=lambda row: row["line"])
@@ -434,7 +459,14 @@ def finish(state, args, plan, results: list[dict], seconds: float, interrupted: 
                str(args.output_dir.absolute()), "processes": state.num_processes, "rows": plan.rows, **count,
                "interrupted": interrupted, "seconds": round(seconds, 3), "results": rows}
     text = json.dumps(summary, indent=2, ensure_ascii=False) + "\n"
-    path = cli.write_atomically(args.output_dir / SUMMARY_NAME, lambda file: file.write(text.encode()), overwrite=True)
+    path, data = args.output_dir / SUMMARY_NAME, text.encode()
+    try:
+        results.write_atomically(path, lambda file: file.write(data), overwrite=True)
+    except cli.CliError:  # no room for a new file (a full disk): write into the room that summary_room held
+        if (room := path.stat().st_size if path.exists() else 0) < len(data):
+            raise
+        with open(path, "r+b") as file:  # overwriting takes no more of the disk
+            file.write(data.ljust(room))
     print(f"{count['done']} done, {count['skipped']} skipped (already done), {count['failed']} failed"
           + (f", {count['bad']} bad" if count["bad"] else "") + f" of {plan.rows} rows in {seconds:.1f}s"
           + ("; interrupted" if interrupted else "") + f"; summary: {cli.display(path)}")

@@ -1,4 +1,4 @@
-"""What every run.py and tool shares: flags (README.md), input and model loading, one-line errors, atomic writes.
+"""What every run.py and tool shares: flags (README.md), input and model loading, one-line errors.
 
 Exit status: 0 done, 2 the command line or an input file is wrong, 1 the run failed (loading, memory, writing), 130
 interrupted. Unexpected exceptions keep their traceback: they are bugs."""
@@ -24,7 +24,7 @@ from pathlib import Path, PurePath
 from typing import Callable, NamedTuple
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont, ImageOps, PngImagePlugin, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from tools.crop import edit_on_crop
 from tools.feather import feathered_mask
@@ -150,7 +150,7 @@ class Parser(argparse.ArgumentParser):
 
 class Args(argparse.Namespace):
     """A parsed command line: the parser's flags, and ``command``, the command line that the PNG text records."""
-    command: str
+    command: str = ""
 
 
 def real_number(low: float, high: float = math.inf, *, whole: bool = False) -> Callable[[str], float]:
@@ -233,6 +233,12 @@ def build_parser(description: str, *, default_model: str, default_steps: int, de
         "crop; best with --keep-exact (default: off, the whole frame)")
     add("--crop-upscale", action="store_true", help="with --crop-margin: edit the crop at the model's native size "
         "for more detail, then scale it back down (default: off)")
+
+    def check_crop(args: argparse.Namespace) -> None:  # a check, so that tools.batch refuses it too
+        if args.crop_upscale and args.crop_margin is None:
+            raise CliError("--crop-upscale scales the crop that --crop-margin makes; pass --crop-margin PX too, or "
+                           "drop it")
+    parser.checks.append(check_crop)
     add = group("model and hardware")
     add("--model", default=default_model, metavar="ID_OR_PATH", help="Hugging Face Hub id, or a local diffusers "
         f"folder holding model_index.json (default: {default_model})")
@@ -254,10 +260,8 @@ def parse_args(parser: Parser, argv: list[str] | None = None, *, command: str | 
     """Parses ``argv`` (default: the command line), checks all that needs no model and fills in what defaults stand
     for: prompt texts, input and output paths, device and dtype. The results record ``command`` as the command line."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    command = shlex.join(["python", display(sys.argv[0]), *argv]) if command is None else command
-    args, example = parser.parse_args(argv, Args(command=command)), parser.example
-    if args.crop_upscale and args.crop_margin is None:
-        raise CliError("--crop-upscale scales the crop that --crop-margin makes; pass --crop-margin PX too, or drop it")
+    args, example = parser.parse_args(argv, Args()), parser.example
+    args.command = command or command_line(["python", display(sys.argv[0])], parser, args)  # the values as given
     if args.mask is None and (args.feather or args.grow):
         raise CliError(f"--{'feather' if args.feather else 'grow'} shapes the map drawn from a --mask; pass --mask "
                        "PATH too, or drop it")
@@ -281,6 +285,24 @@ def parse_args(parser: Parser, argv: list[str] | None = None, *, command: str | 
     if not args.prompt.strip() and given_prompt != "":  # `--prompt ""` is a choice; a blank prompt file is a slip
         warn(f"the prompt{'' if given_prompt else ' file'} is blank, so the edit follows no text; pass --prompt TEXT")
     return args
+
+
+UNRECORDED = ("help", "output", "overwrite", "compare")  # where and whether to write, not what is written
+
+
+def command_line(prog: list[str], parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """The shell command that makes ``args``'s result again: ``prog`` and every flag of ``parser`` not at its default
+    but those that say only where to write; a value that starts with "-" as ``--flag=-x``, lest it read as a flag."""
+    words = list(prog)
+    for action in parser._actions:
+        value = getattr(args, action.dest, action.default)
+        if action.option_strings and action.dest not in UNRECORDED and value != action.default:
+            flag = action.option_strings[-1]
+            if action.nargs == 0 and value == action.const:  # store_true and its kind: the flag alone
+                words.append(flag)
+            for item in [] if action.nargs == 0 else value if isinstance(value, list) else [value]:  # `append`: each
+                words += [f"{flag}={item}"] if str(item).startswith("-") else [flag, str(item)]
+    return shlex.join(words)
 
 
 def input_path(given: str | None, example: Path | None, flag: str) -> Path:
@@ -527,19 +549,6 @@ def _import(path: Path):
     return module
 
 
-def png_parameters(args: argparse.Namespace, steps_run: int, extra_params: dict | None = None) -> dict[str, str]:
-    """The parameters a result is stored with, as PNG text: enough to run it again."""
-    source = {"mask": args.mask, "feather": args.feather, "grow": args.grow} if args.mask else {"map": args.map}
-    crop = {} if args.crop_margin is None else {"crop_margin": args.crop_margin, "crop_upscale": args.crop_upscale}
-    return {key: str(value) for key, value in {
-        "prompt": args.prompt, "negative_prompt": args.negative_prompt, "model": args.model, "image": args.image,
-        **source, "invert_map": args.invert_map, "strength": args.strength, "keep_exact": args.keep_exact,
-        "steps": args.steps, "steps_run": steps_run, "guidance_scale": args.guidance_scale, "seed": args.seed,
-        "scheduler": args.scheduler, "device": args.device, "dtype": args.dtype, **crop, **(extra_params or {}),
-        "command": args.command, "Software": "differential-diffusion",  # the PNG keyword for the creating program
-    }.items()}
-
-
 def edit_images(pipe, args: argparse.Namespace, edit=None, **call) -> list:
     """`pipe(**call)`'s images (or `edit`'s, which calls it); with --crop-margin, only the box around the pixels
     that the map releases is edited, and pasted into the input (tools/crop.py)."""
@@ -580,63 +589,3 @@ def stopping_between_steps(pipe, call: dict):
         signal.signal(signal.SIGINT, previous)
     if asked:
         raise KeyboardInterrupt
-
-
-def save_result(result: Image.Image, args: argparse.Namespace, *, image: Image.Image, map_image: Image.Image,
-                steps_run: int, seconds: float, extra_params: dict | None = None) -> Path:
-    """Writes the result with its parameters as PNG text (and the ``--compare`` strip); prints its path and time."""
-    text = png_parameters(args, steps_run, extra_params)
-    output = write_png(result, args.output, text, overwrite=args.overwrite)
-    line = f"{display(output)} ({seconds:.1f}s, {steps_run} denoising step{'' if steps_run == 1 else 's'})"
-    if args.compare:
-        strip = compare_strip(image, map_image, result, invert_map=args.invert_map)
-        line += f"; comparison: {display(write_png(strip, compare_path(output), text, overwrite=args.overwrite))}"
-    print(line)
-    return output
-
-
-def write_png(image: Image.Image, path: Path, text: dict[str, str] | None = None, *, overwrite: bool = False) -> Path:
-    """Writes ``image`` as a PNG (``text``: its text chunks) with ``write_atomically``; returns the path written."""
-    info = PngImagePlugin.PngInfo()
-    for key, value in (text or {}).items():
-        info.add_text(key, value)  # falls back to an iTXt chunk for text latin-1 cannot hold
-    return write_atomically(Path(path), lambda file: image.save(file, format="PNG", pnginfo=info), overwrite=overwrite)
-
-
-def write_atomically(path: Path, write: Callable, *, overwrite: bool = False) -> Path:
-    """Calls ``write(file)`` on a temporary file, then renames it to ``path``: readers never see half a file. Without
-    ``overwrite``, a ``path`` taken meanwhile is kept, and the first free ``<stem>-N`` name is used instead."""
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        with open(partial, "wb") as file:
-            write(file)
-        target = path if overwrite or not path.exists() else first_free(path)
-        if target != path:
-            warn(f"{display(path)} appeared during the run; wrote {display(target)} instead")
-        os.replace(partial, target)
-        return target
-    except OSError as error:
-        raise CliError(f"cannot write {display(path)}: {one_line(error)}", EXIT_RUN_FAILED) from error
-    finally:
-        partial.unlink(missing_ok=True)
-
-
-def compare_strip(image: Image.Image, map_image: Image.Image, result: Image.Image,
-                  invert_map: bool = False) -> Image.Image:
-    """input | map | output side by side at the output's height, each labelled as large as fits (at most 1/32)."""
-    panels = [(image, "input"), (map_image, f"map (white = {'change' if invert_map else 'keep'})"), (result, "output")]
-    panels = [(as_rgb(panel).resize((max(1, round(panel.width * result.height / panel.height)), result.height),
-                                    Image.Resampling.LANCZOS), label) for panel, label in panels]
-    strip = Image.new("RGB", (sum(panel.width for panel, _ in panels), result.height))
-    draw, left = ImageDraw.Draw(strip), 0
-    for panel, label in panels:
-        strip.paste(panel, (left, 0))
-        for size in range(max(10, strip.height // 32), 7, -1):
-            font = ImageFont.load_default(size=size)
-            x0, y0, x1, y1 = draw.textbbox((left + 4, 4), label, font=font)
-            if x1 + 3 < left + panel.width - 1 and y1 + 3 < strip.height - 1:
-                draw.rectangle((x0 - 3, y0 - 3, x1 + 3, y1 + 3), fill=(0, 0, 0))  # readable on any picture
-                draw.text((left + 4, 4), label, font=font, fill=(255, 255, 255))
-                break
-        left += panel.width
-    return strip

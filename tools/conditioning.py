@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 from pathlib import Path
 
 import numpy as np
@@ -209,7 +208,7 @@ def pipeline_arguments(args: argparse.Namespace, images: list[Image.Image]) -> d
 
 
 def png_parameters(args: argparse.Namespace) -> dict:
-    """The settings of the variant as PNG text (lists as JSON); none for plain differential img2img."""
+    """The settings of the variant for the PNG text (which writes lists as JSON); none for plain img2img."""
     if args.inpaint_model:
         return {"inpaint_model": args.inpaint_model}
     if not args.controlnet:
@@ -217,5 +216,5 @@ def png_parameters(args: argparse.Namespace) -> dict:
     from tools.maps import DEFAULT_DEPTH_MODEL
 
     depth = {"depth_model": args.depth_model or DEFAULT_DEPTH_MODEL} if "depth" in (args.control or []) else {}
-    return {"controlnet": json.dumps(args.controlnet), "control": json.dumps(args.control_image or args.control),
-            **depth, "controlnet_scale": json.dumps(args.controlnet_scale or [1.0])}
+    return {"controlnet": args.controlnet, "control": args.control_image or args.control, **depth,
+            "controlnet_scale": args.controlnet_scale or [1.0]}

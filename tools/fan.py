@@ -46,7 +46,7 @@ from PIL import Image, ImageDraw, ImageFont
 if __package__ in (None, ""):  # started as a script path (python tools/fan.py): make `tools` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tools import cli  # noqa: E402
+from tools import cli, results  # noqa: E402
 from tools.maps import MAX_FAN_SECTORS, fan_sector_bounds, fan_strengths, strength_fan  # noqa: E402
 
 MODES = ("fan", "sweep")
@@ -300,7 +300,7 @@ def run(argv: list[str] | None = None) -> None:
         labelled = _write(label_fan(output, args.sectors), args, steps_run, extra, labelled_path(written))
         line = f"; labelled: {cli.display(labelled)}"
         if args.compare:
-            strip = cli.compare_strip(image, fan_map, output)
+            strip = results.compare_strip(image, fan_map, output)
             line += f"; comparison: {cli.display(_write(strip, args, steps_run, extra, cli.compare_path(written)))}"
     else:
         outputs, steps_run = sweep_edit(family, pipelines, args, image, args.strengths)
@@ -313,7 +313,7 @@ def run(argv: list[str] | None = None) -> None:
 
 
 def _write(picture: Image.Image, args, steps_run: int, extra: dict, path: Path) -> Path:
-    return cli.write_png(picture, path, cli.png_parameters(args, steps_run, extra), overwrite=args.overwrite)
+    return results.write_png(picture, path, results.png_parameters(args, steps_run, extra), overwrite=args.overwrite)
 
 
 def main(argv: list[str] | None = None) -> None:

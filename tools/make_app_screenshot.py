@@ -34,7 +34,7 @@ if __package__ in (None, ""):  # started as a script path: make `tools` importab
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from tools import cli  # noqa: E402
+from tools import cli, results  # noqa: E402
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 # Without the networking flags Chromium keeps dialling out, which a closed network refuses slowly.
@@ -201,7 +201,7 @@ def make_screenshot(model: Path | str, output: Path, working_size: int) -> Path:
         output.parent.mkdir(parents=True, exist_ok=True)
         shot = Image.open(io.BytesIO(page.screenshot(full_page=True))).convert("RGB")
     # 256 colours keep the page legible at a third of the size, and the repository small.
-    return cli.write_png(shot.quantize(256, method=Image.Quantize.MEDIANCUT), output, overwrite=True)
+    return results.write_png(shot.quantize(256, method=Image.Quantize.MEDIANCUT), output, overwrite=True)
 
 
 def run(argv: list[str] | None = None) -> None:

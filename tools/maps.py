@@ -38,7 +38,7 @@ from PIL import Image
 if __package__ in (None, ""):  # started as a script path (python tools/maps.py): make `tools` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tools import cli, loading  # noqa: E402
+from tools import cli, loading, results  # noqa: E402
 from tools.feather import feathered_mask  # noqa: E402  (one of the makers, in a module of its own)
 
 DEFAULT_DEPTH_MODEL = "depth-anything/Depth-Anything-V2-Small-hf"
@@ -409,7 +409,7 @@ def save_map(array, path: str | os.PathLike, bits: int = 8, overwrite: bool = Fa
     image = _map_image(array, bits)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; pass overwrite=True (--overwrite) to replace it.")
-    return cli.write_png(image, path, overwrite=overwrite)
+    return results.write_png(image, path, overwrite=overwrite)
 
 
 def _map_image(array, bits: int) -> Image.Image:
