@@ -35,7 +35,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tools import cli, conditioning, fan, results  # noqa: E402
+from tools import cli, conditioning, fan, loading, results  # noqa: E402
 from tools import maps as map_makers  # noqa: E402
 
 DEFAULT_FAMILY = "sd2"
@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Differential Diffusion in the browser. Every other flag is the family's run.py flag "
         "(--model, --device, --dtype, --offload, SDXL's --no-refiner, ...): see python FAMILY/run.py --help.")
     parser.add_argument("-h", "--help", action="store_true", help="show this help and exit")
-    parser.add_argument("--family", type=str.lower, default=DEFAULT_FAMILY, choices=list(cli.families()),
+    parser.add_argument("--family", type=str.lower, default=DEFAULT_FAMILY, choices=list(loading.families()),
                         help=f"the model folder to start with; others load on demand (default: {DEFAULT_FAMILY})")
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on; 0.0.0.0 serves the network "
                         "(default: 127.0.0.1)")
@@ -74,20 +74,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def family_args(name: str, argv: list[str]) -> cli.Args:
     """The family's run.py flags from ``argv``, checked as run.py checks what needs no model or input file."""
-    args = cli.load_family(name).build_parser().parse_args(argv, cli.Args())
+    args = loading.load_family(name).build_parser().parse_args(argv, cli.Args())
     cli.resolve_device(args)
     return args
 
 
 def family_defaults(name: str) -> tuple[int, float, list[str]]:
     """The family's default steps and guidance scale, and the samplers that its --scheduler offers."""
-    parser = cli.load_family(name).build_parser()
+    parser = loading.load_family(name).build_parser()
     return (parser.get_default("steps"), parser.get_default("guidance_scale"),
             list(parser.common_flags["scheduler"].choices))
 
 
 def has_controlnet(name: str) -> bool:
-    return any(action.dest == "controlnet" for action in cli.load_family(name).build_parser()._actions)
+    return any(action.dest == "controlnet" for action in loading.load_family(name).build_parser()._actions)
 
 
 def loopback(host: str) -> bool:
@@ -169,7 +169,7 @@ class Models:
         if key != self.key:
             self.key, self.pipelines = None, None
             free_memory()  # before loading: two models may not fit together
-            self.pipelines = cli.load_family(family).load_pipelines(args)
+            self.pipelines = loading.load_family(family).load_pipelines(args)
             self.key = key
         return self.pipelines
 
@@ -303,7 +303,7 @@ def load_image(path: str | None, max_side: int) -> Image.Image:
 def build_app(models: Models, output_dir: Path) -> gr.Blocks:
     start = models.start_args
     start_steps, start_guidance, start_schedulers = family_defaults(models.start_family)
-    families = list(cli.families())
+    families = list(loading.families())
     on_cpu = start.device == "cpu"
     start_side = CPU_SIDE if on_cpu else 768
     start_steps = min(start_steps, CPU_STEPS) if on_cpu else start_steps
@@ -446,7 +446,7 @@ def build_app(models: Models, output_dir: Path) -> gr.Blocks:
                 scale = 1.0 if controlnet_scale_value is None else float(controlnet_scale_value)
                 args.controlnet_scale = [scale] if net else None
                 args.depth_model = args.depth_model if net and control_name == "depth" else None
-                for check in cli.load_family(family_name).build_parser().checks:  # flags that must go together
+                for check in loading.load_family(family_name).build_parser().checks:  # flags that must go together
                     check(args)
             return args
 
@@ -469,7 +469,7 @@ def build_app(models: Models, output_dir: Path) -> gr.Blocks:
                 pipelines = models.get(family_name, args)
                 check_size(image, pipelines)
                 started = time.perf_counter()
-                (output,), steps_run = cli.load_family(family_name).edit(
+                (output,), steps_run = loading.load_family(family_name).edit(
                     pipelines, args, images=[image], maps=[keep_map], prompts=[args.prompt],
                     negative_prompts=[args.negative_prompt], seeds=[args.seed])
                 seconds = time.perf_counter() - started
@@ -492,7 +492,7 @@ def build_app(models: Models, output_dir: Path) -> gr.Blocks:
                 progress(0, desc=f"loading {args.model}")
                 pipelines = models.get(family_name, args)
                 check_size(image, pipelines)
-                family_module = cli.load_family(family_name)
+                family_module = loading.load_family(family_name)
                 started = time.perf_counter()
                 if mode == "fan":
                     output, fan_map, steps_run = fan.fan_edit(family_module, pipelines, args, image, int(sector_count))
@@ -565,7 +565,7 @@ def command_line(family_name: str, args: cli.Args, map_name: str) -> str:
         scale = (args.controlnet_scale or [1.0])[0]
         flags += ["--controlnet", args.controlnet[0], "--control", args.control[0], "--controlnet-scale", f"{scale:g}"]
         flags += ["--depth-model", args.depth_model] * bool(args.depth_model)
-    run_py = cli.families()[family_name].relative_to(cli.REPO_ROOT)
+    run_py = loading.families()[family_name].relative_to(cli.REPO_ROOT)
     return shlex.join(["python", str(run_py), *map(str, flags)])
 
 

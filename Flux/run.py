@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tools import cli, loading, results  # noqa: E402
+from tools import cli, loading, results, running  # noqa: E402
 
 DEFAULT_MODEL = "black-forest-labs/FLUX.1-dev"
 SIZE_MULTIPLE = 16  # the VAE's 8 times the 2x2 patches that latents are packed in
@@ -63,7 +63,7 @@ def edit(pipe, args, *, images, maps, prompts, negative_prompts, seeds):
     for image in images:  # below one patch, working_size would scale the image up without a word
         cli.check_image_size(image, SIZE_MULTIPLE, "the VAE's 8 pixels a latent, in 2x2 patches")
     width, height = working_size(images[0])
-    images = cli.edit_images(
+    images = running.edit_images(
         pipe,
         args,
         prompt=prompts,
@@ -79,7 +79,7 @@ def edit(pipe, args, *, images, maps, prompts, negative_prompts, seeds):
         num_inference_steps=args.steps,
         guidance_scale=args.guidance_scale,
         true_cfg_scale=args.true_cfg_scale,
-        generator=[cli.make_generator(seed) for seed in seeds],
+        generator=[loading.make_generator(seed) for seed in seeds],
     )
     return images, pipe.num_timesteps
 

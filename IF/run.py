@@ -171,7 +171,7 @@ def _load_if_stage(pipeline_class, model, flag, args, offload, *, super_resoluti
     if pipe is None:
         pipe = loading.load_pipeline(pipeline_class, model, **load)
     _check_stage(pipe, model, flag, super_resolution)
-    cli.set_scheduler(pipe, args.scheduler)
+    loading.set_scheduler(pipe, args.scheduler)
     return pipe
 
 
@@ -196,7 +196,7 @@ def edit(pipelines, args, *, images, maps, prompts, negative_prompts, seeds, on_
     from PIL import Image
 
     stage1, stage2, stage3 = pipelines
-    generators = lambda: [cli.make_generator(seed) for seed in seeds]  # noqa: E731  (a fresh one for each stage)
+    generators = lambda: [loading.make_generator(seed) for seed in seeds]  # noqa: E731  (a fresh one for each stage)
     negative_prompts = [text or "" for text in negative_prompts]
     # IF was trained on cleaned captions; cleaning needs two optional packages.
     prompt_embeds, negative_prompt_embeds = stage1.encode_prompt(

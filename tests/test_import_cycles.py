@@ -2,7 +2,7 @@
 that imports it back, whether the import is at the top of a file or inside a function.
 
 Static analysis of the repository's own files (``ast``, nothing is imported): every ``import`` and ``from ... import``
-that names a module of the repository is an edge. Imports by path (``importlib``, as ``cli.load_family`` loads a
+that names a module of the repository is an edge. Imports by path (``importlib``, as ``loading.load_family`` loads a
 family's run.py) are not import statements and are not seen.
 """
 

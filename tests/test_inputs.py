@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tools import batch, cli
+from tools import cli, batch, loading
 
 
 def test_a_map_from_a_pipe_is_read_once(inputs, tmp_path):
@@ -17,7 +17,7 @@ def test_a_map_from_a_pipe_is_read_once(inputs, tmp_path):
     read, write = os.pipe()
     os.write(write, map_path.read_bytes())
     os.close(write)
-    args = cli.parse_args(cli.load_family("sd2").build_parser(), ["--image", str(image), "--map", f"/dev/fd/{read}",
+    args = cli.parse_args(loading.load_family("sd2").build_parser(), ["--image", str(image), "--map", f"/dev/fd/{read}",
                                                                   "--output", str(tmp_path / "out.png")])
     os.close(read)
     assert np.array_equal(np.asarray(cli.load_inputs(args)[1]), np.asarray(Image.open(map_path)))

@@ -26,7 +26,7 @@ from flow_models import save_flux, save_sd3
 from flow_models2 import save_chroma, save_qwenimage, save_zimage
 from PIL import Image
 
-from tools import cli
+from tools import cli, loading
 from tools.maps import save_map
 
 PROMPT = "a red apple"
@@ -242,7 +242,7 @@ def error_lines(ran):
 
 
 def test_every_run_py_has_an_entry():
-    assert sorted(family.name for family in FAMILIES) == sorted(cli.families())
+    assert sorted(family.name for family in FAMILIES) == sorted(loading.families())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -279,7 +279,7 @@ def test_run_writes_a_png_with_its_parameters_and_keeps_exact_where_the_map_is_w
                 "keep_exact": "True", "steps": steps, "steps_run": str(steps_run), "seed": "7", "device": "cpu",
                 "dtype": "fp32", "Software": "differential-diffusion", **filled(family.text, folders)}
     assert {key: text.get(key) for key in expected} == expected
-    parser = cli.load_family(family.name).build_parser()  # the command holds every flag but where to write
+    parser = loading.load_family(family.name).build_parser()  # the command holds every flag but where to write
     assert vars(parser.parse_args(shlex.split(text["command"])[2:])) == {**vars(parser.parse_args(
         [*models, "--device", "cpu", *map(str, flags)])), "output": None, "compare": False}
     with Image.open(tmp_path / "edit-compare.png") as strip:
@@ -431,7 +431,7 @@ def test_help_documents_every_flag_and_starts_as_a_script_from_any_folder(family
     assert done.returncode == 0 and done.stderr == "", done.stderr
     words = done.stdout.split()
     spaced, joined = " ".join(words), "".join(words)  # argparse wraps lines, at spaces and at hyphens
-    parser = cli.load_family(family.name).build_parser()
+    parser = loading.load_family(family.name).build_parser()
     every_flag = {flag for action in parser._actions for flag in action.option_strings if flag.startswith("--")}
     assert {*COMMON_FLAGS, *family.flags} <= every_flag  # none went missing
     assert all(re.search(rf"{flag}\b", done.stdout) for flag in every_flag), sorted(every_flag)

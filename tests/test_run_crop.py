@@ -12,7 +12,7 @@ from flow_models import save_flux, save_sd3
 from flow_models2 import save_chroma, save_qwenimage, save_zimage
 from PIL import Image
 
-from tools import cli
+from tools import cli, loading
 from tools.maps import save_map
 
 
@@ -44,7 +44,7 @@ def test_crop_margin_edits_the_box_around_the_change_and_keeps_the_rest_byte_for
     save_map(keep_map, map_path)
     flags = [*MODELS[family](request, tmp_path / "model"), "--device", "cpu", "--image", image, "--map", map_path,
              "--prompt", "a red apple", "--steps", "3", "--crop-margin", "4", "--output", output]
-    ran = run_in_process(cli.families()[family].relative_to(cli.REPO_ROOT), *flags)
+    ran = run_in_process(loading.families()[family].relative_to(cli.REPO_ROOT), *flags)
     assert ran.returncode == 0, ran.stderr
     assert ran.stdout.startswith(f"{output} (")
     with Image.open(image) as source, Image.open(output) as written:

@@ -9,7 +9,7 @@ from PIL import Image
 
 from SDXL import run as sdxl_run
 from SDXL.run import output_size
-from tools import cli
+from tools import cli, loading
 from tools.maps import save_map
 
 SCRIPT = "SDXL/run.py"
@@ -77,9 +77,9 @@ def test_crop_margin_runs_base_and_refiner_on_the_crop_alone_and_keeps_the_rest_
     crop, crop_map = working[..., 36:60, 4:28], keep_map[36:60, 4:28]
     common = dict(prompt=["a red apple"], negative_prompt=[negative_prompt], map=[crop_map], num_inference_steps=4,
                   guidance_scale=17.5)
-    latents = base(image=crop, generator=[cli.make_generator(3)], denoising_end=0.8, output_type="latent",
+    latents = base(image=crop, generator=[loading.make_generator(3)], denoising_end=0.8, output_type="latent",
                    **common).images
-    by_hand = refiner(image=latents, original_image=crop, generator=[cli.make_generator(3)], denoising_start=0.8,
+    by_hand = refiner(image=latents, original_image=crop, generator=[loading.make_generator(3)], denoising_start=0.8,
                       **common).images[0]
     assert np.array_equal(edited[36:60, 4:28], np.asarray(by_hand))
     assert np.abs(edited[40:56, 8:24].astype(int) - original[40:56, 8:24]).mean() > 5

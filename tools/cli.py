@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import importlib.util
 import io
 import itertools
 import logging
@@ -16,9 +15,7 @@ import math
 import os
 import re
 import shlex
-import signal
 import sys
-import threading
 import warnings
 from pathlib import Path, PurePath
 from typing import Callable, NamedTuple
@@ -26,7 +23,6 @@ from typing import Callable, NamedTuple
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from tools.crop import edit_on_crop
 from tools.feather import feathered_mask
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -508,84 +504,3 @@ def check_image_size(image: Image.Image, smallest: int, why: str) -> None:
         raise CliError(f"--image: the image is {image.width}x{image.height} pixels, smaller than {smallest}x"
                        f"{smallest}, the smallest this model edits ({why}); give an image at least {smallest} pixels "
                        "on each side")
-
-
-def set_scheduler(pipe, name: str) -> None:
-    """Swaps in the scheduler ``--scheduler`` names, built from the current one's config; "default" keeps it."""
-    if name == "default":
-        return
-    import diffusers
-    try:
-        pipe.scheduler = getattr(diffusers, SCHEDULERS[name]).from_config(pipe.scheduler.config)
-    except (ValueError, TypeError, NotImplementedError) as error:
-        raise CliError(f"--scheduler {name} does not work with this model: {one_line(error)}") from error
-
-
-def make_generator(seed: int):
-    """A CPU generator: diffusers draws the noise on it and moves it, so a seed means the same on every device."""
-    import torch
-    return torch.Generator("cpu").manual_seed(seed)
-
-
-def families(root: Path = REPO_ROOT) -> dict[str, Path]:
-    """``{"sd2": <repo>/SD2/run.py, ...}``: every folder of the repository that holds a run.py, by lower-case name."""
-    return {path.parent.name.lower(): path for path in sorted(root.glob("*/run.py"))}
-
-
-def load_family(name: str, root: Path = REPO_ROOT):
-    """``<root>/<FAMILY>/run.py``, imported by path: a module with ``build_parser``, ``load_pipelines`` and ``edit``."""
-    found = families(root)
-    if name.lower() not in found:
-        raise CliError(f"--family {name}: no model folder of that name with a run.py here (families: "
-                       f"{', '.join(found) or 'none'})")
-    return _import(found[name.lower()])
-
-
-@functools.cache
-def _import(path: Path):
-    spec = importlib.util.spec_from_file_location(f"_differential_diffusion_{path.parent.name.lower()}_run", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def edit_images(pipe, args: argparse.Namespace, edit=None, **call) -> list:
-    """`pipe(**call)`'s images (or `edit`'s, which calls it); with --crop-margin, only the box around the pixels
-    that the map releases is edited, and pasted into the input (tools/crop.py)."""
-    with stopping_between_steps(pipe, call):
-        if args.crop_margin is None:
-            return (edit or pipe)(**call).images
-        return edit_on_crop(pipe, args.crop_margin, args.crop_upscale, edit, **call)[0]
-
-
-@contextlib.contextmanager
-def stopping_between_steps(pipe, call: dict):
-    """Ctrl-C during the block: the first sets ``pipe._interrupt``, so that stock's loop runs no further step, and
-    the block then ends as KeyboardInterrupt (``main``'s "interrupted", nothing written); a second stops at once.
-    A later stage (SDXL's refiner) resets ``_interrupt`` as it starts and Kandinsky's loop never reads it, so a step
-    callback added to ``call`` ends those after their step. Only the main thread takes signals (not the app's)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    asked = []
-
-    def interrupt(signum, frame):
-        if asked:
-            raise KeyboardInterrupt
-        asked.append(signum)
-        pipe._interrupt = True
-        warn("stopping after this step; press Ctrl-C again to stop at once")
-
-    def step_end(stage, step, timestep, tensors):
-        if asked:
-            raise KeyboardInterrupt
-        return tensors
-
-    call.setdefault("callback_on_step_end", step_end)
-    previous = signal.signal(signal.SIGINT, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if asked:
-        raise KeyboardInterrupt

@@ -46,7 +46,7 @@ from PIL import Image, ImageDraw, ImageFont
 if __package__ in (None, ""):  # started as a script path (python tools/fan.py): make `tools` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tools import cli, results  # noqa: E402
+from tools import cli, loading, results  # noqa: E402
 from tools.maps import MAX_FAN_SECTORS, fan_sector_bounds, fan_strengths, strength_fan  # noqa: E402
 
 MODES = ("fan", "sweep")
@@ -153,7 +153,7 @@ def parse_args(argv: list[str] | None = None):
         raise cli.CliError(f"usage: {USAGE}")
     if mode not in MODES:
         raise cli.CliError(f"unknown mode {mode!r}: choose fan or sweep ({USAGE})")
-    family = cli.load_family(family_name)
+    family = loading.load_family(family_name)
     parser = build_parser(family, family_name.lower(), mode)
     _refuse_map_flags(parser.parse_args(rest), mode)  # only to see which flags were given
     return family, mode, cli.parse_args(parser, rest, command=shlex.join(["python", "-m", "tools.fan", *argv]))

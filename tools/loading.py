@@ -1,14 +1,15 @@
-"""Loading a family's pipeline for the command line: `from_pretrained` on a Hub id or a local folder, with another
+"""Loading a family (its run.py) and its pipeline for the command line: `from_pretrained` on a Hub id or a local folder, with another
 family's checkpoint, a gated model and every other failure to load told in one line."""
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import re
 from pathlib import Path
 
-from tools.cli import EXIT_RUN_FAILED, CliError, one_line, warn
+from tools.cli import EXIT_RUN_FAILED, REPO_ROOT, SCHEDULERS, CliError, one_line, warn
 
 # Which run.py takes a checkpoint, by the longest start of its model_index.json "_class_name" that fits: another
 # family's checkpoint would load and then fail deep inside a step, so load_pipeline refuses it at once.
@@ -105,3 +106,42 @@ def load_failure(error: BaseException, model: str, flag: str, pipeline_class, lo
            else "the Hugging Face Hub cannot be reached or has no such model (private ones need `hf auth login`)")
     return (f"cannot load model {model}: it is not fully cached locally and {why}, or pass {flag} PATH to load a "
             "local diffusers folder")
+
+
+def set_scheduler(pipe, name: str) -> None:
+    """Swaps in the scheduler ``--scheduler`` names, built from the current one's config; "default" keeps it."""
+    if name == "default":
+        return
+    import diffusers
+    try:
+        pipe.scheduler = getattr(diffusers, SCHEDULERS[name]).from_config(pipe.scheduler.config)
+    except (ValueError, TypeError, NotImplementedError) as error:
+        raise CliError(f"--scheduler {name} does not work with this model: {one_line(error)}") from error
+
+
+def make_generator(seed: int):
+    """A CPU generator: diffusers draws the noise on it and moves it, so a seed means the same on every device."""
+    import torch
+    return torch.Generator("cpu").manual_seed(seed)
+
+
+def families(root: Path = REPO_ROOT) -> dict[str, Path]:
+    """``{"sd2": <repo>/SD2/run.py, ...}``: every folder of the repository that holds a run.py, by lower-case name."""
+    return {path.parent.name.lower(): path for path in sorted(root.glob("*/run.py"))}
+
+
+def load_family(name: str, root: Path = REPO_ROOT):
+    """``<root>/<FAMILY>/run.py``, imported by path: a module with ``build_parser``, ``load_pipelines`` and ``edit``."""
+    found = families(root)
+    if name.lower() not in found:
+        raise CliError(f"--family {name}: no model folder of that name with a run.py here (families: "
+                       f"{', '.join(found) or 'none'})")
+    return _import(found[name.lower()])
+
+
+@functools.cache
+def _import(path: Path):
+    spec = importlib.util.spec_from_file_location(f"_differential_diffusion_{path.parent.name.lower()}_run", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,0 +1,54 @@
+"""Running a family's edit for the command line: on the whole frame, or on the crop of the change
+(--crop-margin, tools/crop.py), and stopping between steps on Ctrl-C."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import signal
+import threading
+
+from tools.cli import warn
+from tools.crop import edit_on_crop
+
+
+def edit_images(pipe, args: argparse.Namespace, edit=None, **call) -> list:
+    """`pipe(**call)`'s images (or `edit`'s, which calls it); with --crop-margin, only the box around the pixels
+    that the map releases is edited, and pasted into the input (tools/crop.py)."""
+    with stopping_between_steps(pipe, call):
+        if args.crop_margin is None:
+            return (edit or pipe)(**call).images
+        return edit_on_crop(pipe, args.crop_margin, args.crop_upscale, edit, **call)[0]
+
+
+@contextlib.contextmanager
+def stopping_between_steps(pipe, call: dict):
+    """Ctrl-C during the block: the first sets ``pipe._interrupt``, so that stock's loop runs no further step, and
+    the block then ends as KeyboardInterrupt (``main``'s "interrupted", nothing written); a second stops at once.
+    A later stage (SDXL's refiner) resets ``_interrupt`` as it starts and Kandinsky's loop never reads it, so a step
+    callback added to ``call`` ends those after their step. Only the main thread takes signals (not the app's)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    asked = []
+
+    def interrupt(signum, frame):
+        if asked:
+            raise KeyboardInterrupt
+        asked.append(signum)
+        pipe._interrupt = True
+        warn("stopping after this step; press Ctrl-C again to stop at once")
+
+    def step_end(stage, step, timestep, tensors):
+        if asked:
+            raise KeyboardInterrupt
+        return tensors
+
+    call.setdefault("callback_on_step_end", step_end)
+    previous = signal.signal(signal.SIGINT, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if asked:
+        raise KeyboardInterrupt
