@@ -1,16 +1,9 @@
 """Tiny random-weight models of all four families, built in code: the tests' models, and larger ones for benchmarks.
 
-Every builder seeds torch before each model it creates, so the same call always gives the same weights, and
-puts each model in eval mode as ``from_pretrained`` does: a fresh diffusers model is in train mode, and the VAE
-then decodes differently in the last bit, so an in-memory pipeline would not match its saved copy exactly.
-
-Default sizes, the tests' (test images are 64 x 64 px):
-  * SD, SDXL: 2-level VAE, vae_scale_factor 2, 4 x 32 x 32 latents.
-  * Kandinsky 2.2: 2-level MoVQ, scale factor 2, 4 x 32 x 32 latents, image embeddings of size 32.
-  * IF: pixel space; stage I works at 32 px, stage II upscales to 64 px (``unet.config.sample_size``).
-The size parameters (``widths``: UNet channels per level; ``vae_widths``; ``text_width``...) build the same block
-types at other sizes: the benchmarks use them for models closer to the real ones (three UNet levels, wider
-channels, a VAE with the real factor 8). Tests import these through conftest; benchmarks from ``tests.tiny_models``.
+Every builder seeds torch before each model and puts it in eval mode, as ``from_pretrained`` does: a fresh model is in
+train mode, whose VAE decodes a last bit apart from its saved copy. Default sizes (64 px test images): SD, SDXL and
+Kandinsky 2.2 have 2-level VAEs (4 x 32 x 32 latents); IF stage I works at 32 px, stage II at 64 px. The size
+parameters (``widths``, ``vae_widths``, ``text_width``...) build the same blocks larger for the benchmarks.
 """
 
 import io
@@ -22,31 +15,14 @@ import numpy as np
 import sentencepiece as spm
 import torch
 from diffusers import (
-    AutoencoderKL,
-    DDIMScheduler,
-    DDPMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    PNDMScheduler,
-    PriorTransformer,
-    UNet2DConditionModel,
-    UnCLIPScheduler,
-    VQModel,
+    AutoencoderKL, DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler, PNDMScheduler, PriorTransformer, UNet2DConditionModel, UnCLIPScheduler, VQModel,
 )
 from PIL import Image
 from torch import nn
 from transformers import (
-    CLIPImageProcessorPil,
-    CLIPTextConfig,
-    CLIPTextModel,
-    CLIPTextModelWithProjection,
-    CLIPTokenizer,
-    CLIPVisionConfig,
-    CLIPVisionModelWithProjection,
-    T5Config,
-    T5EncoderModel,
-    T5Tokenizer,
+    CLIPImageProcessorPil, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, CLIPVisionConfig,
+    CLIPVisionModelWithProjection, T5Config, T5EncoderModel, T5Tokenizer,
 )
 
 SEED = 0
@@ -58,7 +34,6 @@ SDXL_TIME_EMBED_DIM = 8
 
 # ---------------------------------------------------------------------------------------------------------------
 # Small inputs
-# ---------------------------------------------------------------------------------------------------------------
 
 
 def test_image(size=IMAGE_SIZE, seed=SEED):
@@ -91,9 +66,13 @@ def save_pipeline(pipe, folder):
     return Path(folder)
 
 
+def save_stock(pipeline_class, builder, folder):
+    """The stock pipeline on the builder's components, saved as a diffusers folder: returns the folder."""
+    return save_pipeline(build_pipeline(pipeline_class, builder()), folder)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Tokenizers
-# ---------------------------------------------------------------------------------------------------------------
 
 CLIP_MERGES = [("t", "h"), ("th", "e</w>"), ("i", "n"), ("in", "g</w>"), ("a", "n"), ("an", "d</w>")]
 
@@ -106,8 +85,12 @@ def byte_level_alphabet():
     return [chr(c) for c in [*printable, *remapped]]
 
 
-def _write_clip_vocab(folder):
-    alphabet = byte_level_alphabet()
+def clip_tokenizer(folder=None):
+    """A CLIP tokenizer with a tiny byte-level BPE vocabulary, written to ``folder`` (a temporary one if None)."""
+    if folder is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            return clip_tokenizer(tmp)
+    folder, alphabet = Path(folder), byte_level_alphabet()
     tokens = alphabet + [c + "</w>" for c in alphabet] + [a + b for a, b in CLIP_MERGES]
     # Special tokens last, as in the real CLIP vocabulary.
     tokens += ["<|startoftext|>", "<|endoftext|>"]
@@ -115,15 +98,6 @@ def _write_clip_vocab(folder):
     (folder / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(tokens)}))
     merges = "\n".join(f"{a} {b}" for a, b in CLIP_MERGES)
     (folder / "merges.txt").write_text(f"#version: 0.2\n{merges}\n")
-
-
-def clip_tokenizer(folder=None):
-    """A CLIP tokenizer with a tiny byte-level BPE vocabulary, written to ``folder`` (a temporary one if None)."""
-    if folder is None:
-        with tempfile.TemporaryDirectory() as tmp:
-            return clip_tokenizer(tmp)
-    folder = Path(folder)
-    _write_clip_vocab(folder)
     # SD pipelines pad prompts to model_max_length, so it must be the real 77.
     tokenizer = CLIPTokenizer.from_pretrained(folder, model_max_length=77)
     # A failed load returns an empty 2-token tokenizer instead of raising.
@@ -139,18 +113,14 @@ T5_CORPUS = [
 ]
 
 
-def _train_unigram_model():
+def t5_tokenizer():
+    """A T5 tokenizer from a SentencePiece unigram model trained in-process on a few captions."""
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(T5_CORPUS * 4), model_writer=model, model_type="unigram", vocab_size=64,
         hard_vocab_limit=False, pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2,  # T5's layout: no bos
     )
-    return spm.SentencePieceProcessor(model_proto=model.getvalue())
-
-
-def t5_tokenizer():
-    """A T5 tokenizer from a SentencePiece unigram model trained in-process on a few captions."""
-    processor = _train_unigram_model()
+    processor = spm.SentencePieceProcessor(model_proto=model.getvalue())
     vocab = [(processor.id_to_piece(i), processor.get_score(i)) for i in range(processor.get_piece_size())]
     tokenizer = T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=77)
     assert tokenizer.pad_token_id == 0 and tokenizer.eos_token_id == 1, "T5 special tokens out of place"
@@ -159,7 +129,6 @@ def t5_tokenizer():
 
 # ---------------------------------------------------------------------------------------------------------------
 # Schedulers
-# ---------------------------------------------------------------------------------------------------------------
 
 SCHEDULERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler, "euler": EulerDiscreteScheduler,
               "euler_a": EulerAncestralDiscreteScheduler, "dpm++": DPMSolverMultistepScheduler, "pndm": PNDMScheduler}
@@ -189,7 +158,6 @@ def if_scheduler():
 
 # ---------------------------------------------------------------------------------------------------------------
 # Shared tiny models
-# ---------------------------------------------------------------------------------------------------------------
 
 
 def up_blocks(down_block_types):
@@ -197,19 +165,15 @@ def up_blocks(down_block_types):
     return tuple(block.replace("Down", "Up") for block in reversed(down_block_types))
 
 
-def clip_text_config(tokenizer, hidden_size=TEXT_HIDDEN_SIZE):
-    # Ids come from the tokenizer: the pooled output is read at the first eos token.
-    return CLIPTextConfig(
-        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, hidden_size=hidden_size, intermediate_size=37, num_attention_heads=4,
-        num_hidden_layers=2, projection_dim=hidden_size, hidden_act="gelu",
-    )
-
-
 def clip_text_model(tokenizer, with_projection=False, hidden_size=TEXT_HIDDEN_SIZE):
     torch.manual_seed(SEED)
     cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
-    return cls(clip_text_config(tokenizer, hidden_size)).eval()
+    # Ids come from the tokenizer: the pooled output is read at the first eos token.
+    return cls(CLIPTextConfig(
+        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, hidden_size=hidden_size, intermediate_size=37, num_attention_heads=4,
+        num_hidden_layers=2, projection_dim=hidden_size, hidden_act="gelu",
+    )).eval()
 
 
 def tiny_vae(widths=(32, 64)):
@@ -233,7 +197,6 @@ def latent_unet(cross_attention_dim, widths=(32, 64), down_block_types=("DownBlo
 
 # ---------------------------------------------------------------------------------------------------------------
 # Stable Diffusion 1.x / 2.x
-# ---------------------------------------------------------------------------------------------------------------
 
 
 def sd_components(scheduler="ddim", widths=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
@@ -254,7 +217,6 @@ def sd_components(scheduler="ddim", widths=(32, 64), down_block_types=("DownBloc
 
 # ---------------------------------------------------------------------------------------------------------------
 # SDXL
-# ---------------------------------------------------------------------------------------------------------------
 
 
 def sdxl_unet(refiner, widths=(32, 64), text_width=TEXT_HIDDEN_SIZE):
@@ -266,13 +228,9 @@ def sdxl_unet(refiner, widths=(32, 64), text_width=TEXT_HIDDEN_SIZE):
     # Cross-attention sees the concatenated hidden states of every text encoder the stage has.
     encoders = 1 if refiner else 2
     return latent_unet(
-        cross_attention_dim=encoders * text_width,
-        widths=widths,
-        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1),
-        attention_head_dim=tuple(2 ** (level + 1) for level in range(levels)),
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=SDXL_TIME_EMBED_DIM,
+        encoders * text_width, widths, ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1),
+        attention_head_dim=tuple(2 ** (level + 1) for level in range(levels)), use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=SDXL_TIME_EMBED_DIM,
         transformer_layers_per_block=(1,) + (2,) * (levels - 1),
         projection_class_embeddings_input_dim=time_ids * SDXL_TIME_EMBED_DIM + text_width,
     )
@@ -317,7 +275,6 @@ def sdxl_refiner_components(base=None, scheduler="euler", widths=(32, 64), vae_w
 
 # ---------------------------------------------------------------------------------------------------------------
 # Kandinsky 2.2
-# ---------------------------------------------------------------------------------------------------------------
 
 KANDINSKY_CLIP_IMAGE_SIZE = 32
 
@@ -387,7 +344,6 @@ def kandinsky_decoder_components(scheduler="ddim", widths=(32, 64), layers_per_b
 
 # ---------------------------------------------------------------------------------------------------------------
 # DeepFloyd IF
-# ---------------------------------------------------------------------------------------------------------------
 
 
 def t5_encoder(tokenizer, d_model=TEXT_HIDDEN_SIZE):
@@ -445,7 +401,6 @@ def if_stage2_components(sample_size=IF_STAGE2_SIZE, text_width=TEXT_HIDDEN_SIZE
 
 # ---------------------------------------------------------------------------------------------------------------
 # ControlNet and inpainting checkpoints
-# ---------------------------------------------------------------------------------------------------------------
 
 
 def tiny_controlnet(unet, seed=SEED):
@@ -488,7 +443,6 @@ def _with_inpaint_unet(components):
     return {**components, "unet": unet}
 
 
-
 def sd_inpaint_components(scheduler="ddim"):
     """Components for ``StableDiffusionInpaintPipeline`` with an inpainting checkpoint's 9-channel UNet."""
     return _with_inpaint_unet(sd_components(scheduler))
@@ -501,7 +455,6 @@ def sdxl_inpaint_components(scheduler="euler"):
 
 # ---------------------------------------------------------------------------------------------------------------
 # Depth estimation (tools.maps.depth_map, --control depth)
-# ---------------------------------------------------------------------------------------------------------------
 
 
 def save_depth_model(folder):
