@@ -1,11 +1,7 @@
-"""Fixtures and helpers for tests that run offline on a CPU in seconds, on tiny random-weight models.
-
-The model builders are plain functions in ``tiny_models.py`` (shared with the benchmarks); tests import them from
-here (``from conftest import sd_components``), and each components builder is also a fixture of the same name.
-Session fixtures (``sd_dir``, ``if_stage2_dir``, ...) save each stock pipeline once, so tests of
-``from_pretrained`` and of ``run.py --model DIR`` have a local folder to load.
+"""Fixtures and helpers for offline CPU tests on tiny random-weight models (built in ``tiny_models.py``; tests import
+them from here, and each components builder is a fixture of its name), and session fixtures (``sd_dir``, ...) that
+save each stock pipeline once, for ``from_pretrained`` and ``run.py --model DIR``.
 """
-
 import os
 
 # Before any Hugging Face import: fail at once instead of retrying the network, and keep logs quiet.
@@ -36,20 +32,15 @@ import pytest
 import torch
 import transformers
 from diffusers import (
-    DiffusionPipeline,
-    IFImg2ImgPipeline,
-    IFImg2ImgSuperResolutionPipeline,
-    KandinskyV22Img2ImgPipeline,
-    KandinskyV22PriorPipeline,
-    StableDiffusionImg2ImgPipeline,
-    StableDiffusionXLImg2ImgPipeline,
+    DiffusionPipeline, IFImg2ImgPipeline, IFImg2ImgSuperResolutionPipeline, KandinskyV22Img2ImgPipeline,
+    KandinskyV22PriorPipeline, StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline,
 )
 
 from benchmarks.harness import count_unet_calls  # noqa: F401 - one counter for tests and benchmarks
 from tests.tiny_models import (  # noqa: F401 - tests import the builders from here
     IF_STAGE1_SIZE, IF_STAGE2_SIZE, IMAGE_SIZE, SCHEDULERS, SEED, TEXT_HIDDEN_SIZE, build_pipeline, clip_text_model,
     clip_tokenizer, if_stage1_components, if_stage2_components, kandinsky_decoder_components,
-    kandinsky_prior_components, make_scheduler, save_pipeline, sd_components, sdxl_components,
+    kandinsky_prior_components, make_scheduler, save_pipeline, save_stock, sd_components, sdxl_components,
     sdxl_refiner_components, seeded_generator, t5_tokenizer, test_image,
 )
 
@@ -61,7 +52,6 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # in case torch was i
 
 # ---------------------------------------------------------------------------------------------------------------
 # Saving and loading
-# ---------------------------------------------------------------------------------------------------------------
 
 
 def saved_as_none(folder):
@@ -82,9 +72,18 @@ def load_pipeline(folder, pipeline_class=DiffusionPipeline, **kwargs):
     return pipe
 
 
+# Batched and single runs add the same float32 products in other orders (other kernel shapes). Sums of ~1e3 terms
+# then differ by up to ~1e3 * 2**-24, about 1e-4 of their magnitude, far below what a map on the wrong item changes.
+BATCH_RTOL = 1e-4
+
+
+def assert_close_to_single_run(batched, alone):
+    batched, alone = np.asarray(batched), np.asarray(alone)
+    np.testing.assert_allclose(batched, alone, rtol=BATCH_RTOL, atol=BATCH_RTOL * np.abs(alone).max())
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Fixtures
-# ---------------------------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(autouse=True)
@@ -118,10 +117,8 @@ def _fresh(builder):
 def _saved(name, pipeline_class, builder):
     """A session fixture ``<name>_dir``: the stock pipeline on the builder's components, saved once to a folder."""
 
-    def saved(tmp_path_factory):
-        return save_pipeline(build_pipeline(pipeline_class, builder()), tmp_path_factory.mktemp(name))
-
-    return pytest.fixture(scope="session", name=f"{name}_dir")(saved)
+    return pytest.fixture(scope="session", name=f"{name}_dir")(
+        lambda tmp_path_factory: save_stock(pipeline_class, builder, tmp_path_factory.mktemp(name)))
 
 
 for _builder in (sd_components, sdxl_components, kandinsky_prior_components, kandinsky_decoder_components,
@@ -149,7 +146,6 @@ for _name, _class, _builder in [
 
 # ---------------------------------------------------------------------------------------------------------------
 # Scripts
-# ---------------------------------------------------------------------------------------------------------------
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

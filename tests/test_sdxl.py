@@ -1,14 +1,12 @@
-"""What is particular to StableDiffusionXLDiffImg2ImgPipeline: the base/refiner split (`denoising_end` and
-`denoising_start`, `original_image`, `noise`), user `latents`, and its input forms. The contract of every family
-(tests/test_contract.py) checks the rest, the base alone included.
-"""
+"""What is particular to SDXL's pipeline: the base/refiner split (`denoising_end`, `denoising_start`, `original_image`,
+`noise`), user `latents` and its input forms; tests/test_contract.py checks the rest."""
 
 import numpy as np
 import pytest
 import torch
 from conftest import (
-    build_pipeline, count_unet_calls, make_scheduler, sdxl_components, sdxl_refiner_components, seeded_generator,
-    test_image,
+    assert_close_to_single_run, build_pipeline, count_unet_calls, make_scheduler, sdxl_components,
+    sdxl_refiner_components, seeded_generator, test_image,
 )
 from diffusers import HeunDiscreteScheduler, StableDiffusionXLImg2ImgPipeline
 from families import band_map, plain_schedule, vae_x0_and_noise
@@ -21,7 +19,6 @@ LATENT = SIZE // 2
 STEPS = 10
 SPLIT = 0.65  # stock hands over at timestep 1000 * (1 - 0.65) = 350
 HANDOFF = 6  # with 10 Euler steps (timesteps 901, 801, ..., 1), the refiner starts at step 6
-BATCH_RTOL = 1e-4  # batched against single runs: float32 sums in other orders (see tests/test_contract.py)
 
 # Kept (never released), released at step 8 (in the refiner), at step 5 (in the base), at step 0.
 FOUR_BANDS = band_map(1.0, 0.8, 0.5, 0.0)
@@ -86,11 +83,6 @@ def split_run(base, refiner, image, keep_map, split=SPLIT, steps=STEPS, seed=0, 
                     denoising_start=split, generator=generator(), output_type=output_type,
                     callback_on_step_end=refiner_callback, keep_exact=keep_exact_in_refiner, **common).images
     return latents, final
-
-
-def assert_close_to_single_run(batched, alone):
-    batched, alone = np.asarray(batched), np.asarray(alone)
-    np.testing.assert_allclose(batched, alone, rtol=BATCH_RTOL, atol=BATCH_RTOL * np.abs(alone).max())
 
 
 # ---------------------------------------------------------------------------------------------------------------
