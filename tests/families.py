@@ -1,11 +1,6 @@
-"""The registry of pipeline families: everything the contract (tests/test_contract.py) and the drop-in checks
-(tests/test_conformance.py) need to run one of our pipeline classes beside its stock diffusers pipeline.
-
-An entry names our class, stock's class, tiny components and the inputs of one edit, and states the few facts in
-which families differ: the release rule, how stock draws x0 and the noise (recomputed here, independently of our
-code), how its loop lays out the latents, which models run once per step. A new family is one entry. Where a family
-cannot do a contract item, its `skip` says so, with the reason; nothing is left out silently.
-"""
+"""The registry of pipeline families that tests/test_contract.py and tests/test_conformance.py run beside stock: an
+entry is our class, stock's, tiny components, one edit's inputs, and the few facts in which families differ; where a
+family cannot do a contract item, its `skip` says why."""
 
 import copy
 from dataclasses import dataclass, field

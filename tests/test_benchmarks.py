@@ -1,7 +1,4 @@
-"""The CPU benchmarks (benchmarks/bench_*.py) run, on their smallest settings, and count the model calls they should.
-
-They are run by hand for their figures; this keeps them working in between, as --smoke does for gpu_bench.py.
-"""
+"""The CPU benchmarks (benchmarks/bench_*.py) run on their smallest settings and count the model calls they should."""
 
 import importlib
 import math

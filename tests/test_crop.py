@@ -1,11 +1,5 @@
-"""`tools.crop.edit_on_crop`: the edit runs on the smallest crop that holds every released pixel, and is pasted into
-the input.
-
-The rule (design: crop mode): the bounding box of the released latent cells, over every item of the batch, grows by
-the margin on each side, then evenly to whole size units, and moves inside the grid where it would leave it. Each
-family below is checked for the same contract: pixels outside the crop are the input's own, the denoiser sees only
-the crop, and the result inside equals running the pipeline by hand on the cropped image and map.
-"""
+"""`tools.crop.edit_on_crop` on every family: the edit runs on the smallest crop that holds every released pixel (the
+rule of design: crop mode), and is pasted into the input."""
 
 import inspect
 import re

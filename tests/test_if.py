@@ -1,10 +1,5 @@
-"""What is particular to IFDiffImg2ImgPipeline (stage I) and IFDiffImg2ImgSuperResolutionPipeline (stage II): each
-stage's own pixel grid, keep_exact without a VAE, IF's older step callback, the authors' class name, and loading
-stage II without its watermarker. The contract of every family (tests/test_contract.py) checks the rest.
-
-Tiny random IF models: stage I works at 32 px, stage II at 64 px. IF denoises pixels, so x0 is the preprocessed
-image itself: the tests recompute it from the PIL image.
-"""
+"""What is particular to IF's two stages (stage I at 32 px, stage II at 64 px): each stage's own pixel grid, keep_exact
+without a VAE, IF's older step callback, the authors' class name, loading stage II without its watermarker."""
 
 import importlib
 

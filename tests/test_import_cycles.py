@@ -1,10 +1,5 @@
-"""No import cycles: no module of the tools, the benchmarks, app.py or a run.py imports, however indirectly, a module
-that imports it back, whether the import is at the top of a file or inside a function.
-
-Static analysis of the repository's own files (``ast``, nothing is imported): every ``import`` and ``from ... import``
-that names a module of the repository is an edge. Imports by path (``importlib``, as ``cli.load_family`` loads a
-family's run.py) are not import statements and are not seen.
-"""
+"""No module of the tools, the benchmarks, app.py or a run.py imports, however indirectly (at the top or inside a
+function), a module that imports it back: a static (``ast``) graph of the repository's import statements."""
 
 import ast
 import os

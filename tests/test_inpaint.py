@@ -1,7 +1,5 @@
-"""What is particular to the inpainting-checkpoint pipelines (#15): what their 9-channel UNets read, the mask and the
-masked image, at every step, on tiny random SD and SDXL models. The contract of every family (tests/test_contract.py)
-checks the rest, stock inpainting with a white mask as the stock a uniform map reproduces.
-"""
+"""What the inpainting-checkpoint pipelines' 9-channel UNets read at every step (#15): the mask and the masked image,
+on tiny SD and SDXL models; tests/test_contract.py checks the rest."""
 
 import copy
 

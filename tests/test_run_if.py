@@ -1,10 +1,5 @@
-"""What only IF/run.py does, on tiny saved IF stage I/II folders and a tiny x4 upscaler: three stages and their
-files, the crop through them, one stage alone, models put at the wrong stage, fp16 files, offload and the licence
-gate. tests/test_run_contract.py checks what every run.py does, IF's first two stages among them.
-
-Runs go through `cli.main` in this process (conftest's `run_in_process`), as the command line runs them; only the
-licence gate needs a process of its own, whose Hub address is set before huggingface_hub is imported.
-"""
+"""What only IF/run.py does (three stages, their files, the crop, wrong models, fp16, offload, the licence gate); runs
+go through conftest's `run_in_process`, and tests/test_run_contract.py checks what every run.py does."""
 
 import http.server
 import json
