@@ -61,11 +61,8 @@ def saved_as_none(folder):
 
 
 def load_pipeline(folder, pipeline_class=DiffusionPipeline, **kwargs):
-    """Load a saved folder offline, passing ``None`` for every component that was saved as absent.
-
-    IF stage II needs this: diffusers 0.42 does not list ``watermarker`` among its optional components, so a
-    stage II saved without one only reloads with ``watermarker=None`` given explicitly.
-    """
+    """Load a saved folder offline, passing ``None`` for every component saved as absent: diffusers 0.42 reloads an
+    IF stage II saved without ``watermarker`` only with ``watermarker=None`` given, as it is not an optional one."""
     absent = {name: None for name in saved_as_none(folder)}
     pipe = pipeline_class.from_pretrained(folder, **{**absent, **kwargs})
     pipe.set_progress_bar_config(disable=True)
@@ -88,11 +85,8 @@ def assert_close_to_single_run(batched, alone):
 
 @pytest.fixture(autouse=True)
 def _forget_custom_pipeline_modules():
-    """Drops the modules that ``custom_pipeline=...`` imported, once the test is over.
-
-    diffusers imports SD2/diff_pipe.py and Kandinsky/diff_pipe.py under the same name, and executes a second file into
-    the module of the first, which then holds two pipeline classes and loads neither.
-    """
+    """Drops the modules that ``custom_pipeline=...`` imported: diffusers imports every diff_pipe.py under one name,
+    and a second file executed into the first one's module leaves two pipeline classes there, loading neither."""
     yield
     for name in [name for name in sys.modules if name.startswith("diffusers_modules.local.")]:
         del sys.modules[name]

@@ -23,12 +23,8 @@ CALLS_PER_STEP = {"bench_flow chroma": 2, "bench_flow qwenimage": 2}
 
 def table_rows(output):
     """(case, model calls) for every row of the tables in a benchmark's output."""
-    return [
-        (case, int(line[len(case) :].split()[0]))
-        for line in output.splitlines()
-        for case in harness.CASES.values()
-        if line.startswith(case + " ")
-    ]
+    return [(case, int(line[len(case) :].split()[0])) for line in output.splitlines() for case in harness.CASES.values()
+            if line.startswith(case + " ")]
 
 
 @pytest.mark.parametrize("bench", SMALLEST)
@@ -57,7 +53,7 @@ def test_weak_map_has_a_cell_of_full_weak_strength_on_every_grid():
         assert cells.max().item() == 1  # and pixels that never change
 
 
-def test_unet_calls_count_forward_calls_until_stopped():
+def test_the_counter_counts_forward_calls_of_a_model_or_a_pipelines_unet_or_transformer_until_stopped():
     unet = torch.nn.Linear(2, 2)
     calls = harness.count_unet_calls(unet)
     unet(torch.zeros(2))
@@ -66,8 +62,6 @@ def test_unet_calls_count_forward_calls_until_stopped():
     unet(torch.zeros(2))
     assert len(calls) == 2
 
-
-def test_the_counter_counts_a_pipelines_unet_or_transformer():
     class Pipeline:  # what the counter reads of a diffusers pipeline: its components as attributes
         def __init__(self, **components):
             self.__dict__.update(components)

@@ -30,9 +30,8 @@ def image_embeds(seed):
 
 
 def kandinsky_decoder_inputs():
-    inputs = latent_inputs(
-        image_embeds=image_embeds(1), negative_image_embeds=image_embeds(2), height=IMAGE_SIZE, width=IMAGE_SIZE
-    )
+    inputs = latent_inputs(image_embeds=image_embeds(1), negative_image_embeds=image_embeds(2), height=IMAGE_SIZE,
+                           width=IMAGE_SIZE)
     del inputs["prompt"]
     return inputs
 
@@ -53,13 +52,10 @@ RGB_64 = (1, 64, 64, 3)
 FAMILIES = {
     "sd": ("sd_dir", StableDiffusionImg2ImgPipeline, sd_components, latent_inputs, RGB_64),
     "sdxl_base": ("sdxl_base_dir", StableDiffusionXLImg2ImgPipeline, sdxl_components, latent_inputs, RGB_64),
-    "sdxl_refiner": (
-        "sdxl_refiner_dir", StableDiffusionXLImg2ImgPipeline, sdxl_refiner_components, latent_inputs, RGB_64
-    ),
-    "kandinsky_decoder": (
-        "kandinsky_decoder_dir", KandinskyV22Img2ImgPipeline, kandinsky_decoder_components, kandinsky_decoder_inputs,
-        RGB_64,
-    ),
+    "sdxl_refiner": ("sdxl_refiner_dir", StableDiffusionXLImg2ImgPipeline, sdxl_refiner_components, latent_inputs,
+                     RGB_64),
+    "kandinsky_decoder": ("kandinsky_decoder_dir", KandinskyV22Img2ImgPipeline, kandinsky_decoder_components,
+                          kandinsky_decoder_inputs, RGB_64),
     "if_stage1": ("if_stage1_dir", IFImg2ImgPipeline, if_stage1_components, if_stage1_inputs, (1, 32, 32, 3)),
     "if_stage2": ("if_stage2_dir", IFImg2ImgSuperResolutionPipeline, if_stage2_components, if_stage2_inputs, RGB_64),
 }
@@ -76,9 +72,7 @@ def test_stock_pipeline_runs_and_reloads_identically(family, request):
     dir_fixture, pipeline_class, components, inputs, shape = FAMILIES[family]
     in_memory = build_pipeline(pipeline_class, components())
     expected = in_memory(**inputs()).images
-
-    assert expected.shape == shape
-    assert np.isfinite(expected).all()
+    assert expected.shape == shape and np.isfinite(expected).all()
     assert expected.std() > 0, "a constant image means the models are not wired together"
     if family in ("sd", "sdxl_base", "kandinsky_decoder"):  # the latent grid is half the image
         latents = in_memory(**{**inputs(), "output_type": "latent"}).images
@@ -104,9 +98,7 @@ def prior_inputs():
 def test_kandinsky_prior_gives_nonzero_embeddings_reloads_and_feeds_the_decoder(kandinsky_prior_dir):
     prior = build_pipeline(KandinskyV22PriorPipeline, kandinsky_prior_components())
     out = prior(**prior_inputs())
-
-    assert out.image_embeds.shape == (1, TEXT_HIDDEN_SIZE)
-    assert out.negative_image_embeds.shape == (1, TEXT_HIDDEN_SIZE)
+    assert out.image_embeds.shape == out.negative_image_embeds.shape == (1, TEXT_HIDDEN_SIZE)
     assert out.image_embeds.abs().sum() > 0, "a zero clip_std turns every embedding into zeros"
     reloaded = plain_reload(kandinsky_prior_dir)
     assert type(reloaded) is KandinskyV22PriorPipeline

@@ -14,8 +14,11 @@ PATH_FOLDERS = ("tests",)
 def repo_modules(root: Path = REPO_ROOT) -> dict[str, Path]:
     """Every module of the repository by its dotted name (``tools.cli``, ``SD2.run``, ``app``), and the modules of
     ``PATH_FOLDERS`` by their bare name too."""
-    modules = {}
-    for path in sorted(python_files(root)):
+    modules, files = {}, []
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = [name for name in subfolders if not name.startswith((".", "__"))]  # .venv, __pycache__
+        files += [Path(folder) / name for name in names if name.endswith(".py")]
+    for path in sorted(files):
         parts = path.relative_to(root).with_suffix("").parts
         if parts[-1] == "__init__":
             parts = parts[:-1]
@@ -23,12 +26,6 @@ def repo_modules(root: Path = REPO_ROOT) -> dict[str, Path]:
         if len(parts) == 2 and parts[0] in PATH_FOLDERS:
             modules.setdefault(parts[1], path)
     return modules
-
-
-def python_files(root: Path):
-    for folder, subfolders, files in os.walk(root):
-        subfolders[:] = [name for name in subfolders if not name.startswith((".", "__"))]  # .venv, __pycache__
-        yield from (Path(folder) / name for name in files if name.endswith(".py"))
 
 
 def imported(path: Path, name: str, modules: dict[str, Path]) -> set[str]:

@@ -187,14 +187,14 @@ def test_a_stage_file_that_exists_is_never_overwritten(models, inputs, tmp_path,
     assert taken.read_bytes() == b"the user's picture"
     # Without --output, the first name whose stage files are free too (default names are in the working folder).
     monkeypatch.chdir(tmp_path)
-    args = cli.parse_args(if_run.build_parser(), [str(a) for a in short_run(models, inputs)])
+
+    def output(*extra):
+        return cli.parse_args(if_run.build_parser(), [str(a) for a in short_run(models, inputs, *extra)]).output.name
+
+    assert output() == "output.png"
     (tmp_path / "output-stage2.png").write_bytes(b"an earlier run")
-    assert args.output.name == "output.png"
-    args = cli.parse_args(if_run.build_parser(), [str(a) for a in short_run(models, inputs)])
-    assert args.output.name == "output-1.png"
-    # One stage writes only --output.
-    assert cli.parse_args(if_run.build_parser(), [str(a) for a in short_run(models, inputs, "--stages", "1")]
-                          ).output.name == "output.png"
+    assert output() == "output-1.png"
+    assert output("--stages", "1") == "output.png"  # one stage writes only --output
 
 
 def test_one_stage_writes_only_the_output_and_mask_and_keep_exact_reach_the_pipeline(models, tmp_path):

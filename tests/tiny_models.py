@@ -201,11 +201,8 @@ def latent_unet(cross_attention_dim, widths=(32, 64), down_block_types=("DownBlo
 
 def sd_components(scheduler="ddim", widths=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                   vae_widths=(32, 64), text_width=TEXT_HIDDEN_SIZE):
-    """Components for ``StableDiffusionImg2ImgPipeline(**components)``.
-
-    ``down_block_types`` has one entry per UNet level (SD itself has cross-attention on all but the deepest level);
-    ``text_width`` is the text encoder's hidden size, which the UNet's cross-attention reads.
-    """
+    """Components for ``StableDiffusionImg2ImgPipeline``: ``down_block_types`` has one entry per UNet level (SD's own
+    has cross-attention on all but the deepest); ``text_width`` is the text encoder's, which cross-attention reads."""
     tokenizer = clip_tokenizer()
     return dict(
         unet=latent_unet(text_width, widths, down_block_types), vae=tiny_vae(vae_widths),
@@ -238,12 +235,8 @@ def sdxl_unet(refiner, widths=(32, 64), text_width=TEXT_HIDDEN_SIZE):
 
 def sdxl_components(refiner=False, scheduler="euler", widths=(32, 64), vae_widths=(32, 64),
                     text_width=TEXT_HIDDEN_SIZE):
-    """Components for ``StableDiffusionXLImg2ImgPipeline``: the base, or with ``refiner=True`` a standalone refiner.
-
-    A standalone refiner builds its own VAE and second text encoder; they have the same weights as the base's,
-    because every builder seeds the same way. To share the very objects, use ``sdxl_refiner_components(base)``.
-    ``text_width`` is each text encoder's hidden size (the UNet reads both side by side).
-    """
+    """Components for ``StableDiffusionXLImg2ImgPipeline``: the base, or with ``refiner=True`` a standalone refiner,
+    whose own VAE and second text encoder have the base's weights (``sdxl_refiner_components(base)`` shares them)."""
     if refiner:
         return sdxl_refiner_components(None, scheduler, widths, vae_widths, text_width)
     tokenizer = clip_tokenizer()
@@ -316,11 +309,8 @@ def clip_image_processor():
 
 def kandinsky_decoder_components(scheduler="ddim", widths=(32, 64), layers_per_block=1, attention_head_dim=4,
                                  movq_widths=(32, 64), embedding_width=TEXT_HIDDEN_SIZE):
-    """Components for ``KandinskyV22Img2ImgPipeline``; it takes image embeddings of size ``embedding_width``.
-
-    Kandinsky 2.2's layout: a ResNet top level, then simple cross-attention levels; a MoVQ with attention at its
-    deepest level, of scale factor 2 ** (levels - 1).
-    """
+    """Components for ``KandinskyV22Img2ImgPipeline`` (image embeddings of ``embedding_width``), in Kandinsky 2.2's
+    layout: a ResNet top level, then simple cross-attention levels; a MoVQ with attention at its deepest level."""
     down_block_types = ("ResnetDownsampleBlock2D",) + ("SimpleCrossAttnDownBlock2D",) * (len(widths) - 1)
     torch.manual_seed(SEED)
     unet = UNet2DConditionModel(
@@ -384,10 +374,7 @@ _IF_NO_EXTRAS = dict(safety_checker=None, feature_extractor=None, watermarker=No
 
 
 def if_stage1_components(sample_size=IF_STAGE1_SIZE, text_width=TEXT_HIDDEN_SIZE, **unet_sizes):
-    """Components for ``IFImg2ImgPipeline``, producing ``sample_size`` px images.
-
-    ``unet_sizes``: ``widths``, ``layers_per_block`` and ``attention_head_dim`` of ``if_unet``.
-    """
+    """Components for ``IFImg2ImgPipeline`` making ``sample_size`` px images; ``unet_sizes`` go to ``if_unet``."""
     return dict(**_if_text_components(text_width), scheduler=if_scheduler(), **_IF_NO_EXTRAS,
                 unet=if_unet(sample_size, super_resolution=False, text_width=text_width, **unet_sizes))
 
@@ -404,11 +391,8 @@ def if_stage2_components(sample_size=IF_STAGE2_SIZE, text_width=TEXT_HIDDEN_SIZE
 
 
 def tiny_controlnet(unet, seed=SEED):
-    """A ControlNet copied from `unet`, whose condition enters at the latent grid (2 px per latent, as the VAE).
-
-    A fresh ControlNet's output convolutions are zero, and it would change nothing: they get small random weights, a
-    different set for each `seed`, so that two ControlNets act differently.
-    """
+    """A ControlNet copied from `unet`, its condition entering at the latent grid. A fresh one's output convolutions
+    are zero and change nothing: they get small random weights, another set for each `seed`."""
     from diffusers import ControlNetModel
 
     controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32))
