@@ -109,16 +109,14 @@ def test_kandinsky_prior_gives_nonzero_embeddings_reloads_and_feeds_the_decoder(
     assert decoder(**inputs).images.shape == RGB_64
 
 
-def test_sdxl_base_latents_feed_the_refiner():
+def test_sdxl_base_latents_feed_the_refiner_and_if_stage1_output_feeds_stage2():
     base_components = sdxl_components()
     base = build_pipeline(StableDiffusionXLImg2ImgPipeline, base_components)
     refiner = build_pipeline(StableDiffusionXLImg2ImgPipeline, sdxl_refiner_components(base_components))
     latents = base(**latent_inputs(output_type="latent")).images
     refined = refiner(**latent_inputs(image=latents, strength=0.5)).images
     assert refined.shape == RGB_64
-
-
-def test_if_stage1_output_feeds_stage2():
+    # IF stage I's output feeds stage II.
     stage1 = build_pipeline(IFImg2ImgPipeline, if_stage1_components())
     low_res = stage1(**{**if_stage1_inputs(), "output_type": "pt"}).images
     assert low_res.shape == (1, 3, IF_STAGE1_SIZE, IF_STAGE1_SIZE)
@@ -135,13 +133,17 @@ def test_builders_are_deterministic():
     assert all(torch.equal(first_unet[name], second_unet[name]) for name in first_unet)
 
 
-def test_clip_tokenizer_has_a_real_vocabulary(tmp_path):
+def test_clip_tokenizer_has_a_real_vocabulary_and_t5s_its_layout(tmp_path):
     tokenizer = clip_tokenizer(tmp_path)
     assert len(tokenizer) > 2
     assert (tmp_path / "vocab.json").exists() and (tmp_path / "merges.txt").exists()
     ids = tokenizer("the").input_ids
     assert ids == [tokenizer.bos_token_id, tokenizer.convert_tokens_to_ids("the</w>"), tokenizer.eos_token_id]
     assert tokenizer.model_max_length == 77
+    tokenizer = t5_tokenizer()  # T5's layout
+    assert (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id) == (0, 1, 2)
+    ids = tokenizer(PROMPT).input_ids
+    assert ids[-1] == tokenizer.eos_token_id and tokenizer.unk_token_id not in ids
 
 
 def test_test_image_is_deterministic_and_structured():
@@ -150,13 +152,6 @@ def test_test_image_is_deterministic_and_structured():
     assert np.array_equal(image, np.asarray(test_image()))
     assert not np.array_equal(image, np.asarray(test_image(seed=1)))
     assert np.asarray(test_image(IF_STAGE1_SIZE)).shape == (IF_STAGE1_SIZE, IF_STAGE1_SIZE, 3)
-
-
-def test_t5_tokenizer_uses_the_t5_layout():
-    tokenizer = t5_tokenizer()
-    assert (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id) == (0, 1, 2)
-    ids = tokenizer(PROMPT).input_ids
-    assert ids[-1] == tokenizer.eos_token_id and tokenizer.unk_token_id not in ids
 
 
 @pytest.mark.parametrize("name", sorted(SCHEDULERS))
