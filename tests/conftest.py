@@ -50,7 +50,6 @@ transformers.utils.logging.disable_progress_bar()
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # in case torch was imported before this file
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Saving and loading
 
 
@@ -79,7 +78,6 @@ def assert_close_to_single_run(batched, alone):
     np.testing.assert_allclose(batched, alone, rtol=BATCH_RTOL, atol=BATCH_RTOL * np.abs(alone).max())
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Fixtures
 
 
@@ -103,8 +101,7 @@ def image():
 
 
 def _fresh(builder):
-    """A fixture of the builder's name giving fresh components for each test, since tests may swap schedulers or move
-    models."""
+    """A fixture of the builder's name: fresh components for each test, which may swap schedulers or move models."""
     return pytest.fixture(name=builder.__name__)(lambda: builder())
 
 
@@ -138,7 +135,6 @@ for _name, _class, _builder in [
     globals()[f"_{_name}_dir"] = _saved(_name, _class, _builder)
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Scripts
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -165,9 +161,8 @@ def inputs(tmp_path):
 
 
 def run_in_process(script, *args, cwd=None):
-    """Runs a model's run.py (``"SD2/run.py"``) through ``cli.main`` in this process, in ``cwd``, as the command line
-    would, and returns a finished process as ``run_script`` does. A subprocess costs seconds of imports that tell
-    nothing about the run; the tests that look at a real process's stderr keep ``run_script``."""
+    """Runs a model's run.py (``"SD2/run.py"``) through ``cli.main`` in this process, in ``cwd``, and returns a finished
+    process as ``run_script`` does, without a subprocess's seconds of imports (real stderr needs ``run_script``)."""
     from tools import cli
 
     module = cli.load_family(Path(script).parent.name)

@@ -64,7 +64,6 @@ def steps_run(rule: str, num_inference_steps: int, strength: float) -> int:
     return num_inference_steps - int(num_inference_steps - num_inference_steps * strength)
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Maps
 
 
@@ -88,16 +87,18 @@ def band_columns(edges, width: int) -> list:
 FOUR_EDGES = [0, 12, 28, 44, MAP_SIZE]
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # x0 and noise as stock draws them (VAE sample first, then noise, from one generator), recomputed here
+
+
+def pixels(pipe, inputs):
+    return pipe.image_processor.preprocess(inputs["image"], height=inputs.get("height"), width=inputs.get("width"))
 
 
 @torch.no_grad()
 def vae_x0_and_noise(pipe, inputs):
     """SD, SDXL and their ControlNet and inpainting variants."""
     generator = seeded_generator()
-    pixels = pipe.image_processor.preprocess(inputs["image"], height=inputs.get("height"), width=inputs.get("width"))
-    x0 = pipe.vae.encode(pixels).latent_dist.sample(generator) * pipe.vae.config.scaling_factor
+    x0 = pipe.vae.encode(pixels(pipe, inputs)).latent_dist.sample(generator) * pipe.vae.config.scaling_factor
     return x0, torch.randn(x0.shape, generator=generator)
 
 
@@ -124,23 +125,18 @@ def if_x0_and_noise(pipe, inputs):
     return x0, torch.randn(x0.shape, generator=seeded_generator())
 
 
-def flow_pixels(pipe, inputs):
-    return pipe.image_processor.preprocess(inputs["image"], height=inputs.get("height"), width=inputs.get("width"))
-
-
 @torch.no_grad()
 def flow_x0_and_noise(pipe, inputs):
     """SD3, Flux, Chroma, Z-Image: x0 shifted and scaled as stock does."""
-    return x0_and_noise(pipe, flow_pixels(pipe, inputs))
+    return x0_and_noise(pipe, pixels(pipe, inputs))
 
 
 @torch.no_grad()
 def qwen_latents_x0_and_noise(pipe, inputs):
     """Qwen-Image: (B, C, 1, H, W) latents, normalised with the VAE's latent mean and std."""
-    return qwen_x0_and_noise(pipe, flow_pixels(pipe, inputs))
+    return qwen_x0_and_noise(pipe, pixels(pipe, inputs))
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # x0 decoded as stock decodes it, to images in [0, 1]
 
 
@@ -178,7 +174,6 @@ def qwen_decode(pipe, x0):
     return unit_range(pipe.vae.decode(x0.contiguous() / (1.0 / std) + mean).sample[:, :, 0])
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Stock's schedule of T steps, set on a copy of the scheduler
 
 
@@ -212,7 +207,6 @@ def unpack(pipe, latents):
     return pipe._unpack_latents(latents, SIZE, SIZE, pipe.vae_scale_factor)
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # The registry
 
 
@@ -261,10 +255,9 @@ def control_inputs(item=0):
 
 def kandinsky_inputs(item=0):
     """The prior's image embeddings (size 32) stand in random; the decoder is what is tested."""
-    return dict(image_embeds=torch.randn(1, 32, generator=seeded_generator(1 + item)),
-                image=test_image(SIZE, seed=item),
-                negative_image_embeds=torch.randn(1, 32, generator=seeded_generator(101 + item)), height=SIZE,
-                width=SIZE)
+    return dict(image_embeds=torch.randn(1, 32, generator=seeded_generator(1 + item)), height=SIZE, width=SIZE,
+                negative_image_embeds=torch.randn(1, 32, generator=seeded_generator(101 + item)),
+                image=test_image(SIZE, seed=item))
 
 
 # IF works in pixels: stage I makes SIZE / 2 px images here, and stage II upscales them to SIZE px, so that stage II

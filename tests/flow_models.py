@@ -89,10 +89,8 @@ def count_transformer_calls(pipe):
 
 
 def x0_and_noise(pipe, pixels, seed=SEED):
-    """x0 and noise drawn as stock flow img2img draws them: VAE sample first, then noise, from one generator.
-
-    `pixels` is a preprocessed batch in [-1, 1]; x0 is shifted and scaled as SD3 and Flux do.
-    """
+    """x0 and noise of preprocessed `pixels` in [-1, 1] as stock flow img2img draws them (VAE sample, then noise,
+    from one generator), x0 shifted and scaled as SD3 and Flux do."""
     generator = seeded_generator(seed)
     config = pipe.vae.config
     x0 = (pipe.vae.encode(pixels).latent_dist.sample(generator) - config.shift_factor) * config.scaling_factor

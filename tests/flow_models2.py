@@ -97,10 +97,8 @@ def qwenimage_components(scheduler=None, layers=1, heads=2, head_dim=16, vae_lev
 
 
 def qwen_x0_and_noise(pipe, pixels, seed=SEED):
-    """x0 and noise as stock Qwen-Image img2img draws them, in the (B, C, 1, H, W) layout that `_unpack_latents` gives.
-
-    `pixels` is a preprocessed (B, 3, H, W) batch in [-1, 1]; x0 is normalised with the VAE's latent mean and std.
-    """
+    """x0 and noise of preprocessed (B, 3, H, W) `pixels` as stock Qwen-Image img2img draws them, in the (B, C, 1, H, W)
+    layout that `_unpack_latents` gives; x0 normalised with the VAE's latent mean and std."""
     generator = seeded_generator(seed)
     config = pipe.vae.config
     latents = pipe.vae.encode(pixels[:, :, None]).latent_dist.sample(generator)
@@ -125,11 +123,8 @@ def qwen3_encoder(tokenizer):
 
 
 def zimage_components(scheduler=None, layers=1, refiner_layers=1, heads=2, head_dim=16, vae_widths=(8, 16)):
-    """Components for ``ZImageImg2ImgPipeline``: a tiny Qwen3 encoder and a single-stream transformer of `layers`
-    main and `refiner_layers` refiner blocks (1 + 1).
-
-    Z-Image's transformer takes unpacked (B, C, H, W) latents and makes its own 2x2 patches.
-    """
+    """Components for ``ZImageImg2ImgPipeline``: a tiny Qwen3 encoder and a single-stream transformer of `layers` main
+    and `refiner_layers` refiner blocks (1 + 1), which makes its own 2x2 patches of unpacked (B, C, H, W) latents."""
     tokenizer = qwen_tokenizer()
     torch.manual_seed(SEED)
     transformer = ZImageTransformer2DModel(

@@ -42,10 +42,8 @@ def pipelines(family, components, scheduler_class=None):
 
 
 def edit(pipe, family, item=0, seed=0, **changes):
-    """`pipe` called on the family's inputs for batch item `item`, with `changes`; returns its images.
-
-    Torch's global generator is reseeded too, for the schedulers that draw from it (FlowMatchLCMScheduler).
-    """
+    """`pipe`'s images for batch item `item` with `changes`, torch's global generator reseeded for the schedulers that
+    draw from it (FlowMatchLCMScheduler)."""
     torch.manual_seed(0)
     return pipe(**{**FAMILIES[family].inputs(item), "generator": seeded_generator(seed), **changes}).images
 

@@ -133,11 +133,6 @@ def test_aspect_ratio_is_checked_against_the_image_when_the_grid_is_stretched():
         map_on_grid(np.zeros((512, 512), np.float32), (64, 64), aspect_of=(384, 512))
 
 
-def test_downsampling_averages_areas():
-    fine = np.indices((64, 64)).sum(0) % 2  # a checkerboard that point sampling would alias to all 0 or all 1
-    assert torch.all(map_on_grid(fine.astype(np.float32), (8, 8)) == 0.5)
-
-
 def test_invert_map_mirrors_the_strengths():
     ramp = np.linspace(0, 1, 64, dtype=np.float32)[None].repeat(64, 0)
     assert torch.equal(strength_map(ramp, (8, 8), 0.5, invert_map=True), 0.5 * map_on_grid(ramp, (8, 8)))
@@ -176,6 +171,8 @@ def test_nan_anywhere_is_refused(nan_at):
 
 
 def test_shrinking_averages_every_block_of_the_map():
+    checkerboard = np.indices((64, 64)).sum(0) % 2  # which point sampling would alias to all 0 or all 1
+    assert torch.all(map_on_grid(checkerboard.astype(np.float32), (8, 8)) == 0.5)
     # At a 2x shrink bilinear interpolation and area averaging agree; at 8x only averaging sees every pixel.
     fine = torch.rand(1, 1, 256, 192, generator=torch.Generator().manual_seed(0))
     expected = torch.nn.functional.avg_pool2d(fine.double(), 8)

@@ -28,8 +28,7 @@ SIZE = 64  # test images are 64 x 64 pixels
 
 @dataclass
 class Family:
-    """What the crop checks need of a family besides its contract entry (tests/families.py), which gives our class,
-    its components, the argument that takes the image being edited, stock's order of copies and the release rule."""
+    """What the crop checks need of a family besides its contract entry (tests/families.py)."""
 
     unit: int  # the model's size unit, in pixels
     scale: int = 2  # pixels per cell of the working grid

@@ -25,13 +25,9 @@ def latent_inputs(**overrides):
     return {**inputs, **overrides}
 
 
-def image_embeds(seed):
-    return torch.randn(1, TEXT_HIDDEN_SIZE, generator=seeded_generator(seed))
-
-
 def kandinsky_decoder_inputs():
-    inputs = latent_inputs(image_embeds=image_embeds(1), negative_image_embeds=image_embeds(2), height=IMAGE_SIZE,
-                           width=IMAGE_SIZE)
+    embeds, negative = (torch.randn(1, TEXT_HIDDEN_SIZE, generator=seeded_generator(seed)) for seed in (1, 2))
+    inputs = latent_inputs(image_embeds=embeds, negative_image_embeds=negative, height=IMAGE_SIZE, width=IMAGE_SIZE)
     del inputs["prompt"]
     return inputs
 

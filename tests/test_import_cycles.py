@@ -12,8 +12,7 @@ PATH_FOLDERS = ("tests",)
 
 
 def repo_modules(root: Path = REPO_ROOT) -> dict[str, Path]:
-    """Every module of the repository by its dotted name (``tools.cli``, ``SD2.run``, ``app``), and the modules of
-    ``PATH_FOLDERS`` by their bare name too."""
+    """Every module of the repository by its dotted name (``tools.cli``, ``app``), and ``PATH_FOLDERS``' bare too."""
     modules, files = {}, []
     for folder, subfolders, names in os.walk(root):
         subfolders[:] = [name for name in subfolders if not name.startswith((".", "__"))]  # .venv, __pycache__
@@ -71,8 +70,7 @@ def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
-    """The strongly connected components of ``graph`` that hold a cycle: the nodes that reach a node on a cycle and
-    that it reaches back."""
+    """The strongly connected components of ``graph`` that hold a cycle."""
     reach = {node: reachable(graph, node) for node in graph}
     on_cycles = [node for node in graph if node in reach[node]]
     found = {tuple(sorted(other for other in reach[node] if node in reach[other])) for node in on_cycles}

@@ -17,8 +17,7 @@ from conftest import (
     save_pipeline, test_image,
 )
 from diffusers import (
-    AutoencoderKL, DDIMScheduler, DDPMScheduler, IFImg2ImgPipeline, StableDiffusionUpscalePipeline,
-    UNet2DConditionModel,
+    AutoencoderKL, DDIMScheduler, DDPMScheduler, IFImg2ImgPipeline, StableDiffusionUpscalePipeline, UNet2DConditionModel
 )
 from PIL import Image
 

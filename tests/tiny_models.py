@@ -32,7 +32,6 @@ IF_STAGE2_SIZE = 64
 TEXT_HIDDEN_SIZE = 32
 SDXL_TIME_EMBED_DIM = 8
 
-# ---------------------------------------------------------------------------------------------------------------
 # Small inputs
 
 
@@ -71,7 +70,6 @@ def save_stock(pipeline_class, builder, folder):
     return save_pipeline(build_pipeline(pipeline_class, builder()), folder)
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Tokenizers
 
 CLIP_MERGES = [("t", "h"), ("th", "e</w>"), ("i", "n"), ("in", "g</w>"), ("a", "n"), ("an", "d</w>")]
@@ -127,7 +125,6 @@ def t5_tokenizer():
     return tokenizer
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Schedulers
 
 SCHEDULERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler, "euler": EulerDiscreteScheduler,
@@ -156,7 +153,6 @@ def if_scheduler():
                          variance_type="learned_range")
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Shared tiny models
 
 
@@ -195,7 +191,6 @@ def latent_unet(cross_attention_dim, widths=(32, 64), down_block_types=("DownBlo
     ).eval()
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Stable Diffusion 1.x / 2.x
 
 
@@ -212,7 +207,6 @@ def sd_components(scheduler="ddim", widths=(32, 64), down_block_types=("DownBloc
     )
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # SDXL
 
 
@@ -266,7 +260,6 @@ def sdxl_refiner_components(base=None, scheduler="euler", widths=(32, 64), vae_w
     )
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Kandinsky 2.2
 
 KANDINSKY_CLIP_IMAGE_SIZE = 32
@@ -332,7 +325,6 @@ def kandinsky_decoder_components(scheduler="ddim", widths=(32, 64), layers_per_b
     return dict(unet=unet, scheduler=make_scheduler(scheduler, KANDINSKY_SCHEDULE), movq=movq)
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # DeepFloyd IF
 
 
@@ -386,7 +378,6 @@ def if_stage2_components(sample_size=IF_STAGE2_SIZE, text_width=TEXT_HIDDEN_SIZE
                 image_noising_scheduler=DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2"))
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # ControlNet and inpainting checkpoints
 
 
@@ -437,13 +428,11 @@ def sdxl_inpaint_components(scheduler="euler"):
     return _with_inpaint_unet(sdxl_components(scheduler=scheduler))
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Depth estimation (tools.maps.depth_map, --control depth)
 
 
 def save_depth_model(folder):
-    """Saves a Depth Anything model with random weights and tiny sizes, and its image processor, like a Hub checkpoint;
-    returns the folder."""
+    """Saves a tiny random Depth Anything model and its image processor, like a Hub checkpoint; returns the folder."""
     from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config, DPTImageProcessor
 
     torch.manual_seed(SEED)
@@ -451,7 +440,6 @@ def save_depth_model(folder):
                             patch_size=14, out_indices=[1, 2, 3, 4], reshape_hidden_states=False)
     config = DepthAnythingConfig(backbone_config=backbone, patch_size=14, reassemble_hidden_size=16,
                                  neck_hidden_sizes=[8, 8, 8, 8], fusion_hidden_size=8, head_hidden_size=8)
-
     DepthAnythingForDepthEstimation(config).eval().save_pretrained(folder)
     DPTImageProcessor(size={"height": 28, "width": 28}, keep_aspect_ratio=False, do_pad=False).save_pretrained(folder)
     return Path(folder)
