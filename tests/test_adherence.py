@@ -13,7 +13,6 @@ from PIL import Image
 
 from tools import adherence
 
-# ---------------------------------------------------------------------------------------------------------------
 # Spearman
 
 
@@ -52,7 +51,6 @@ def test_spearman_of_a_constant_sample_is_undefined():
         adherence.spearman([1, 2], [1, 2, 3])
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Bins
 
 
@@ -124,7 +122,6 @@ def test_lpips_column_when_the_package_is_there(tmp_path, capsys, monkeypatch):
     assert [line.split()[6] for line in lines[2:6]] == [f"{d / 127.5:.4f}" for d in (0, 10, 20, 40)]
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Chart
 
 
@@ -145,7 +142,6 @@ def test_chart_has_the_requested_size_draws_on_white_and_survives_empty_bins(tmp
     assert adherence.draw_chart(rows, math.nan, size=(300, 200)).size == (300, 200)
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Sizes and bad input
 
 

@@ -10,9 +10,7 @@ from benchmarks import harness
 
 STEPS = 5
 SMALLEST = {  # "script [family]": arguments
-    "bench_sd2": ["--size", "32"],
-    "bench_sdxl": ["--size", "32"],
-    "bench_kandinsky": ["--size", "32"],
+    "bench_sd2": ["--size", "32"], "bench_sdxl": ["--size", "32"], "bench_kandinsky": ["--size", "32"],
     "bench_if": ["--size", "16", "--stage2-size", "32", "--stage2-steps", str(STEPS)],
     **{f"bench_flow {family}": ["--family", family, "--size", "32"]
        for family in ("sd3", "flux", "chroma", "qwenimage", "zimage")},

@@ -93,7 +93,6 @@ def each_made(counters, calls):
     return [len(counter) for counter in counters] == [calls] * len(counters)
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # The signature is stock's, then ours
 
 
@@ -134,7 +133,6 @@ def test_signature_is_stocks_then_ours_and_every_stock_argument_reaches_stock(fa
     assert {name: received[name] for name in entry.passed_through} == entry.passed_through
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # A uniform map is stock bit for bit
 
 UNIFORM = {  # case: (strength, T), or by release rule
@@ -204,7 +202,6 @@ def test_a_batch_under_a_uniform_map_is_stock(family, components, one_generator)
     assert results[1].shape[0] == 4 and torch.equal(results[1], results[0])
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Frozen pixels hold the noised original; kept pixels end as x0
 
 FROZEN = {  # case: (strengths of the four bands, global strength, T)
@@ -259,7 +256,6 @@ def test_frozen_pixels_hold_the_noised_original_and_kept_pixels_end_as_x0(family
             assert (final - x0).abs().amax(dim=1).min() > margin
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Steps that run, and the map that changes nothing
 
 
@@ -297,7 +293,6 @@ def test_a_white_map_runs_no_step_and_returns_the_original(family, components):
     assert each_made(calls, 0)
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Batches
 
 
@@ -358,7 +353,6 @@ def test_maps_follow_their_images(family, components):
         assert np.array_equal(np.asarray(image)[:, kept], np.asarray(inputs[entry.edited][i])[:, kept]), k
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Map polarity, callbacks and bad inputs
 
 
@@ -424,7 +418,6 @@ def test_a_map_of_the_images_own_size_is_taken_whatever_the_rounding(family, com
         assert "`map`" not in str(error) and re.search("divisible|multiples", str(error)), error
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # keep_exact
 
 

@@ -53,7 +53,6 @@ def test_the_map_works_on_each_stages_own_grid(stage1, stage2):
     assert not torch.allclose(second[..., 32:, :], x0[..., 32:, :], atol=1e-2)
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # keep_exact without a VAE round trip
 
 
@@ -90,7 +89,6 @@ def test_prepare_intermediate_images_works_outside_a_differential_call(stage1):
     assert torch.equal(stage1.prepare_intermediate_images(*args, seeded_generator()), expected)
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # IF's step callback
 
 
@@ -117,7 +115,6 @@ def test_user_callback_follows_the_blend_every_callback_steps_and_stage2_passes_
     assert calls == [0, 2]
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Loading
 
 

@@ -144,7 +144,6 @@ def test_crop_margin_edits_stage_twos_box_and_keeps_the_resized_input_around_it(
     assert steps_run == 0 and np.array_equal(np.asarray(unchanged), resized)
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Errors, in this process
 
 
@@ -239,7 +238,6 @@ def test_offload_is_on_with_cuda_unless_turned_off():
         assert parser.parse_args(argv).offload is expected
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # The licence gate, end to end against a stand-in for the Hub
 
 

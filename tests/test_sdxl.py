@@ -90,7 +90,6 @@ def split_run(base, refiner, image, keep_map, split=SPLIT, steps=STEPS, seed=0, 
     return latents, final
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Base and refiner
 
 
@@ -219,7 +218,6 @@ def test_a_split_inside_a_second_order_step_is_refused(components):
         ours(PROMPT, image=test_image(SIZE), map=FOUR_BANDS, num_inference_steps=4, denoising_end=0.8)
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Batches through both stages
 
 
@@ -253,7 +251,6 @@ def test_batches_through_base_and_refiner_equal_each_run_alone_and_maps_follow_t
     assert np.abs(batch - written_out).max() <= 1e-5
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # User latents, input forms, keep_exact in the refiner
 
 
