@@ -1,11 +1,7 @@
-"""Fixtures and helpers for tests that run offline on a CPU in seconds, on tiny random-weight models.
-
-The model builders are plain functions in ``tiny_models.py`` (shared with the benchmarks); tests import them from
-here (``from conftest import sd_components``), and each components builder is also a fixture of the same name.
-Session fixtures (``sd_dir``, ``if_stage2_dir``, ...) save each stock pipeline once, so tests of
-``from_pretrained`` and of ``run.py --model DIR`` have a local folder to load.
+"""Fixtures and helpers for offline CPU tests on tiny random-weight models (built in ``tiny_models.py``; tests import
+them from here, and each components builder is a fixture of its name), and session fixtures (``sd_dir``, ...) that
+save each stock pipeline once, for ``from_pretrained`` and ``run.py --model DIR``.
 """
-
 import os
 
 # Before any Hugging Face import: fail at once instead of retrying the network, and keep logs quiet.
@@ -36,20 +32,15 @@ import pytest
 import torch
 import transformers
 from diffusers import (
-    DiffusionPipeline,
-    IFImg2ImgPipeline,
-    IFImg2ImgSuperResolutionPipeline,
-    KandinskyV22Img2ImgPipeline,
-    KandinskyV22PriorPipeline,
-    StableDiffusionImg2ImgPipeline,
-    StableDiffusionXLImg2ImgPipeline,
+    DiffusionPipeline, IFImg2ImgPipeline, IFImg2ImgSuperResolutionPipeline, KandinskyV22Img2ImgPipeline,
+    KandinskyV22PriorPipeline, StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline,
 )
 
 from benchmarks.harness import count_unet_calls  # noqa: F401 - one counter for tests and benchmarks
 from tests.tiny_models import (  # noqa: F401 - tests import the builders from here
     IF_STAGE1_SIZE, IF_STAGE2_SIZE, IMAGE_SIZE, SCHEDULERS, SEED, TEXT_HIDDEN_SIZE, build_pipeline, clip_text_model,
     clip_tokenizer, if_stage1_components, if_stage2_components, kandinsky_decoder_components,
-    kandinsky_prior_components, make_scheduler, save_pipeline, sd_components, sdxl_components,
+    kandinsky_prior_components, make_scheduler, save_pipeline, save_stock, sd_components, sdxl_components,
     sdxl_refiner_components, seeded_generator, t5_tokenizer, test_image,
 )
 
@@ -59,9 +50,7 @@ transformers.utils.logging.disable_progress_bar()
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # in case torch was imported before this file
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Saving and loading
-# ---------------------------------------------------------------------------------------------------------------
 
 
 def saved_as_none(folder):
@@ -71,29 +60,31 @@ def saved_as_none(folder):
 
 
 def load_pipeline(folder, pipeline_class=DiffusionPipeline, **kwargs):
-    """Load a saved folder offline, passing ``None`` for every component that was saved as absent.
-
-    IF stage II needs this: diffusers 0.42 does not list ``watermarker`` among its optional components, so a
-    stage II saved without one only reloads with ``watermarker=None`` given explicitly.
-    """
+    """Load a saved folder offline, passing ``None`` for every component saved as absent: diffusers 0.42 reloads an
+    IF stage II saved without ``watermarker`` only with ``watermarker=None`` given, as it is not an optional one."""
     absent = {name: None for name in saved_as_none(folder)}
     pipe = pipeline_class.from_pretrained(folder, **{**absent, **kwargs})
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# Batched and single runs add the same float32 products in other orders (other kernel shapes). Sums of ~1e3 terms
+# then differ by up to ~1e3 * 2**-24, about 1e-4 of their magnitude, far below what a map on the wrong item changes.
+BATCH_RTOL = 1e-4
+
+
+def assert_close_to_single_run(batched, alone):
+    batched, alone = np.asarray(batched), np.asarray(alone)
+    np.testing.assert_allclose(batched, alone, rtol=BATCH_RTOL, atol=BATCH_RTOL * np.abs(alone).max())
+
+
 # Fixtures
-# ---------------------------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(autouse=True)
 def _forget_custom_pipeline_modules():
-    """Drops the modules that ``custom_pipeline=...`` imported, once the test is over.
-
-    diffusers imports SD2/diff_pipe.py and Kandinsky/diff_pipe.py under the same name, and executes a second file into
-    the module of the first, which then holds two pipeline classes and loads neither.
-    """
+    """Drops the modules that ``custom_pipeline=...`` imported: diffusers imports every diff_pipe.py under one name,
+    and a second file executed into the first one's module leaves two pipeline classes there, loading neither."""
     yield
     for name in [name for name in sys.modules if name.startswith("diffusers_modules.local.")]:
         del sys.modules[name]
@@ -110,18 +101,15 @@ def image():
 
 
 def _fresh(builder):
-    """A fixture of the builder's name giving fresh components for each test, since tests may swap schedulers or move
-    models."""
+    """A fixture of the builder's name: fresh components for each test, which may swap schedulers or move models."""
     return pytest.fixture(name=builder.__name__)(lambda: builder())
 
 
 def _saved(name, pipeline_class, builder):
     """A session fixture ``<name>_dir``: the stock pipeline on the builder's components, saved once to a folder."""
 
-    def saved(tmp_path_factory):
-        return save_pipeline(build_pipeline(pipeline_class, builder()), tmp_path_factory.mktemp(name))
-
-    return pytest.fixture(scope="session", name=f"{name}_dir")(saved)
+    return pytest.fixture(scope="session", name=f"{name}_dir")(
+        lambda tmp_path_factory: save_stock(pipeline_class, builder, tmp_path_factory.mktemp(name)))
 
 
 for _builder in (sd_components, sdxl_components, kandinsky_prior_components, kandinsky_decoder_components,
@@ -147,9 +135,7 @@ for _name, _class, _builder in [
     globals()[f"_{_name}_dir"] = _saved(_name, _class, _builder)
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Scripts
-# ---------------------------------------------------------------------------------------------------------------
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -175,9 +161,8 @@ def inputs(tmp_path):
 
 
 def run_in_process(script, *args, cwd=None):
-    """Runs a model's run.py (``"SD2/run.py"``) through ``cli.main`` in this process, in ``cwd``, as the command line
-    would, and returns a finished process as ``run_script`` does. A subprocess costs seconds of imports that tell
-    nothing about the run; the tests that look at a real process's stderr keep ``run_script``."""
+    """Runs a model's run.py (``"SD2/run.py"``) through ``cli.main`` in this process, in ``cwd``, and returns a finished
+    process as ``run_script`` does, without a subprocess's seconds of imports (real stderr needs ``run_script``)."""
     from tools import cli, loading
 
     module = loading.load_family(Path(script).parent.name)

@@ -1,11 +1,6 @@
-"""The registry of pipeline families: everything the contract (tests/test_contract.py) and the drop-in checks
-(tests/test_conformance.py) need to run one of our pipeline classes beside its stock diffusers pipeline.
-
-An entry names our class, stock's class, tiny components and the inputs of one edit, and states the few facts in
-which families differ: the release rule, how stock draws x0 and the noise (recomputed here, independently of our
-code), how its loop lays out the latents, which models run once per step. A new family is one entry. Where a family
-cannot do a contract item, its `skip` says so, with the reason; nothing is left out silently.
-"""
+"""The registry of pipeline families that tests/test_contract.py and tests/test_conformance.py run beside stock: an
+entry is our class, stock's, tiny components, one edit's inputs, and the few facts in which families differ; where a
+family cannot do a contract item, its `skip` says why."""
 
 import copy
 from dataclasses import dataclass, field
@@ -69,7 +64,6 @@ def steps_run(rule: str, num_inference_steps: int, strength: float) -> int:
     return num_inference_steps - int(num_inference_steps - num_inference_steps * strength)
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Maps
 
 
@@ -93,16 +87,18 @@ def band_columns(edges, width: int) -> list:
 FOUR_EDGES = [0, 12, 28, 44, MAP_SIZE]
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # x0 and noise as stock draws them (VAE sample first, then noise, from one generator), recomputed here
+
+
+def pixels(pipe, inputs):
+    return pipe.image_processor.preprocess(inputs["image"], height=inputs.get("height"), width=inputs.get("width"))
 
 
 @torch.no_grad()
 def vae_x0_and_noise(pipe, inputs):
     """SD, SDXL and their ControlNet and inpainting variants."""
     generator = seeded_generator()
-    pixels = pipe.image_processor.preprocess(inputs["image"], height=inputs.get("height"), width=inputs.get("width"))
-    x0 = pipe.vae.encode(pixels).latent_dist.sample(generator) * pipe.vae.config.scaling_factor
+    x0 = pipe.vae.encode(pixels(pipe, inputs)).latent_dist.sample(generator) * pipe.vae.config.scaling_factor
     return x0, torch.randn(x0.shape, generator=generator)
 
 
@@ -129,23 +125,18 @@ def if_x0_and_noise(pipe, inputs):
     return x0, torch.randn(x0.shape, generator=seeded_generator())
 
 
-def flow_pixels(pipe, inputs):
-    return pipe.image_processor.preprocess(inputs["image"], height=inputs.get("height"), width=inputs.get("width"))
-
-
 @torch.no_grad()
 def flow_x0_and_noise(pipe, inputs):
     """SD3, Flux, Chroma, Z-Image: x0 shifted and scaled as stock does."""
-    return x0_and_noise(pipe, flow_pixels(pipe, inputs))
+    return x0_and_noise(pipe, pixels(pipe, inputs))
 
 
 @torch.no_grad()
 def qwen_latents_x0_and_noise(pipe, inputs):
     """Qwen-Image: (B, C, 1, H, W) latents, normalised with the VAE's latent mean and std."""
-    return qwen_x0_and_noise(pipe, flow_pixels(pipe, inputs))
+    return qwen_x0_and_noise(pipe, pixels(pipe, inputs))
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # x0 decoded as stock decodes it, to images in [0, 1]
 
 
@@ -183,7 +174,6 @@ def qwen_decode(pipe, x0):
     return unit_range(pipe.vae.decode(x0.contiguous() / (1.0 / std) + mean).sample[:, :, 0])
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Stock's schedule of T steps, set on a copy of the scheduler
 
 
@@ -217,7 +207,6 @@ def unpack(pipe, latents):
     return pipe._unpack_latents(latents, SIZE, SIZE, pipe.vae_scale_factor)
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # The registry
 
 
@@ -266,10 +255,9 @@ def control_inputs(item=0):
 
 def kandinsky_inputs(item=0):
     """The prior's image embeddings (size 32) stand in random; the decoder is what is tested."""
-    return dict(image_embeds=torch.randn(1, 32, generator=seeded_generator(1 + item)),
-                image=test_image(SIZE, seed=item),
-                negative_image_embeds=torch.randn(1, 32, generator=seeded_generator(101 + item)), height=SIZE,
-                width=SIZE)
+    return dict(image_embeds=torch.randn(1, 32, generator=seeded_generator(1 + item)), height=SIZE, width=SIZE,
+                negative_image_embeds=torch.randn(1, 32, generator=seeded_generator(101 + item)),
+                image=test_image(SIZE, seed=item))
 
 
 # IF works in pixels: stage I makes SIZE / 2 px images here, and stage II upscales them to SIZE px, so that stage II

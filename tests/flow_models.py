@@ -1,35 +1,21 @@
 """Tiny random-weight SD3 and Flux.1 models, so the flow-matching pipelines are tested offline in seconds.
 
-Sizes mirror diffusers' own fast tests, with a 2-level VAE (scale factor 2) and 4 latent channels, so that a map is
-area-averaged onto a smaller grid and Flux's 2x2 packing has channels to interleave: 64 px images give
-4 x 32 x 32 latents, which Flux packs into 256 tokens of 16 channels.
-
-The size parameters (``layers``, ``heads``, ``head_dim``: the transformer's depth and width; ``vae_widths``: channels
-per VAE level, whose number sets the VAE's factor) build the same blocks larger, for the benchmarks; the defaults
-are the tests' models. Tests import this module as ``flow_models``; benchmarks as ``tests.flow_models``.
+A 2-level VAE (scale factor 2, 4 latent channels): 64 px images give 4 x 32 x 32 latents, which Flux packs into 256
+tokens of 16 channels. The size parameters (``layers``, ``heads``, ``head_dim``, ``vae_widths``) build the same blocks
+larger for the benchmarks. Tests import this module as ``flow_models``; benchmarks as ``tests.flow_models``.
 """
+
+from functools import partial
 
 import torch
 from diffusers import (
-    AutoencoderKL,
-    FlowMatchEulerDiscreteScheduler,
-    FluxImg2ImgPipeline,
-    FluxTransformer2DModel,
-    SD3Transformer2DModel,
+    AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxImg2ImgPipeline, FluxTransformer2DModel, SD3Transformer2DModel,
     StableDiffusion3Img2ImgPipeline,
 )
 
 from benchmarks.harness import count_unet_calls
 from tests.tiny_models import (
-    SEED,
-    TEXT_HIDDEN_SIZE,
-    build_pipeline,
-    clip_text_model,
-    clip_tokenizer,
-    save_pipeline,
-    seeded_generator,
-    t5_encoder,
-    t5_tokenizer,
+    SEED, TEXT_HIDDEN_SIZE, clip_text_model, clip_tokenizer, save_stock, seeded_generator, t5_encoder, t5_tokenizer,
 )
 
 FLOW_IMAGE_SIZE = 64
@@ -103,22 +89,13 @@ def count_transformer_calls(pipe):
 
 
 def x0_and_noise(pipe, pixels, seed=SEED):
-    """x0 and noise drawn as stock flow img2img draws them: VAE sample first, then noise, from one generator.
-
-    `pixels` is a preprocessed batch in [-1, 1]; x0 is shifted and scaled as SD3 and Flux do.
-    """
+    """x0 and noise of preprocessed `pixels` in [-1, 1] as stock flow img2img draws them (VAE sample, then noise,
+    from one generator), x0 shifted and scaled as SD3 and Flux do."""
     generator = seeded_generator(seed)
     config = pipe.vae.config
     x0 = (pipe.vae.encode(pixels).latent_dist.sample(generator) - config.shift_factor) * config.scaling_factor
     return x0, torch.randn(x0.shape, generator=generator)
 
 
-def save_sd3(folder):
-
-    """A tiny stock SD3 img2img pipeline saved as a diffusers folder, for from_pretrained and run.py --model."""
-    return save_pipeline(build_pipeline(StableDiffusion3Img2ImgPipeline, sd3_components()), folder)
-
-
-def save_flux(folder):
-    """A tiny stock Flux img2img pipeline saved as a diffusers folder, for from_pretrained and run.py --model."""
-    return save_pipeline(build_pipeline(FluxImg2ImgPipeline, flux_components()), folder)
+save_sd3 = partial(save_stock, StableDiffusion3Img2ImgPipeline, sd3_components)  # save_sd3(folder) -> folder
+save_flux = partial(save_stock, FluxImg2ImgPipeline, flux_components)

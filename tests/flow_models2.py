@@ -1,33 +1,18 @@
-"""Tiny random-weight Chroma, Qwen-Image and Z-Image models, for offline tests in seconds.
+"""Tiny random-weight Chroma, Qwen-Image and Z-Image models, for offline tests in seconds, with flow_models' VAE
+where the family uses a plain `AutoencoderKL` (Qwen-Image's VAE takes ``vae_levels``) and its size parameters."""
 
-They share flow_models' 2-level VAE (scale factor 2, 4 latent channels) where the family uses diffusers' plain
-`AutoencoderKL`: 64 px images give 4 x 32 x 32 latents. The size parameters are flow_models' (``layers``, ``heads``,
-``head_dim``, ``vae_widths``); Qwen-Image's VAE takes ``vae_levels`` instead, and the defaults are the tests' models.
-"""
+from functools import partial
 
 import torch
 from diffusers import (
-    AutoencoderKLQwenImage,
-    ChromaImg2ImgPipeline,
-    ChromaTransformer2DModel,
-    FlowMatchEulerDiscreteScheduler,
-    QwenImageImg2ImgPipeline,
-    QwenImageTransformer2DModel,
-    ZImageImg2ImgPipeline,
-    ZImageTransformer2DModel,
+    AutoencoderKLQwenImage, ChromaImg2ImgPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler,
+    QwenImageImg2ImgPipeline, QwenImageTransformer2DModel, ZImageImg2ImgPipeline, ZImageTransformer2DModel,
 )
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer, Qwen3Config, Qwen3Model
 
 from tests.flow_models import LATENT_CHANNELS, flow_vae, flux_scheduler, rope_axes
 from tests.tiny_models import (
-    SEED,
-    TEXT_HIDDEN_SIZE,
-    build_pipeline,
-    byte_level_alphabet,
-    save_pipeline,
-    seeded_generator,
-    t5_encoder,
-    t5_tokenizer,
+    SEED, TEXT_HIDDEN_SIZE, byte_level_alphabet, save_stock, seeded_generator, t5_encoder, t5_tokenizer,
 )
 
 
@@ -46,15 +31,8 @@ def chroma_components(scheduler=None, layers=1, single_layers=1, heads=2, head_d
                 scheduler=scheduler or flux_scheduler())  # Flux's schedule
 
 
-def save_chroma(folder):
-    """A tiny stock Chroma img2img pipeline saved as a diffusers folder, for from_pretrained and run.py --model."""
-    return save_pipeline(build_pipeline(ChromaImg2ImgPipeline, chroma_components()), folder)
-
-
 QWEN_MERGES = [("t", "h"), ("th", "e"), ("i", "n"), ("in", "g"), ("a", "n"), ("an", "d")]
 QWEN_SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>"]  # the chat template that Qwen-Image wraps prompts in
-
-
 # Z-Image formats prompts with the tokenizer's chat template; this is the shape of Qwen3's, without the thinking part.
 QWEN_CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{% endfor %}"
@@ -119,10 +97,8 @@ def qwenimage_components(scheduler=None, layers=1, heads=2, head_dim=16, vae_lev
 
 
 def qwen_x0_and_noise(pipe, pixels, seed=SEED):
-    """x0 and noise as stock Qwen-Image img2img draws them, in the (B, C, 1, H, W) layout that `_unpack_latents` gives.
-
-    `pixels` is a preprocessed (B, 3, H, W) batch in [-1, 1]; x0 is normalised with the VAE's latent mean and std.
-    """
+    """x0 and noise of preprocessed (B, 3, H, W) `pixels` as stock Qwen-Image img2img draws them, in the (B, C, 1, H, W)
+    layout that `_unpack_latents` gives; x0 normalised with the VAE's latent mean and std."""
     generator = seeded_generator(seed)
     config = pipe.vae.config
     latents = pipe.vae.encode(pixels[:, :, None]).latent_dist.sample(generator)
@@ -132,10 +108,6 @@ def qwen_x0_and_noise(pipe, pixels, seed=SEED):
     noise = torch.randn(x0.transpose(1, 2).shape, generator=generator).transpose(1, 2)
     return x0, noise
 
-
-def save_qwenimage(folder):
-    """A tiny stock Qwen-Image img2img pipeline saved as a diffusers folder, for from_pretrained and run.py --model."""
-    return save_pipeline(build_pipeline(QwenImageImg2ImgPipeline, qwenimage_components()), folder)
 
 
 def qwen3_encoder(tokenizer):
@@ -151,11 +123,8 @@ def qwen3_encoder(tokenizer):
 
 
 def zimage_components(scheduler=None, layers=1, refiner_layers=1, heads=2, head_dim=16, vae_widths=(8, 16)):
-    """Components for ``ZImageImg2ImgPipeline``: a tiny Qwen3 encoder and a single-stream transformer of `layers`
-    main and `refiner_layers` refiner blocks (1 + 1).
-
-    Z-Image's transformer takes unpacked (B, C, H, W) latents and makes its own 2x2 patches.
-    """
+    """Components for ``ZImageImg2ImgPipeline``: a tiny Qwen3 encoder and a single-stream transformer of `layers` main
+    and `refiner_layers` refiner blocks (1 + 1), which makes its own 2x2 patches of unpacked (B, C, H, W) latents."""
     tokenizer = qwen_tokenizer()
     torch.manual_seed(SEED)
     transformer = ZImageTransformer2DModel(
@@ -170,7 +139,7 @@ def zimage_components(scheduler=None, layers=1, refiner_layers=1, heads=2, head_
                 scheduler=scheduler or FlowMatchEulerDiscreteScheduler(shift=3.0))  # Z-Image-Turbo's fixed shift
 
 
-
-def save_zimage(folder):
-    """A tiny stock Z-Image img2img pipeline saved as a diffusers folder, for from_pretrained and run.py --model."""
-    return save_pipeline(build_pipeline(ZImageImg2ImgPipeline, zimage_components()), folder)
+# save_chroma(folder) and the others: the stock pipeline saved (tiny_models.save_stock)
+save_chroma = partial(save_stock, ChromaImg2ImgPipeline, chroma_components)
+save_qwenimage = partial(save_stock, QwenImageImg2ImgPipeline, qwenimage_components)
+save_zimage = partial(save_stock, ZImageImg2ImgPipeline, zimage_components)

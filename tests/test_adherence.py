@@ -13,7 +13,6 @@ from PIL import Image
 
 from tools import adherence
 
-# ---------------------------------------------------------------------------------------------------------------
 # Spearman
 
 
@@ -22,19 +21,19 @@ def test_average_ranks_share_tied_positions():
     assert adherence.average_ranks(np.array([[2.0, 1.0], [1.0, 2.0]])).tolist() == [3.5, 1.5, 1.5, 3.5]
 
 
-def test_spearman_of_a_monotone_relation_is_one_and_of_a_reversed_one_minus_one():
-    x = np.linspace(-3, 3, 101)
-    assert adherence.spearman(x, x**3 + 5) == pytest.approx(1.0, abs=1e-12)  # monotone, not linear
-    assert adherence.spearman(x, np.exp(-x)) == pytest.approx(-1.0, abs=1e-12)
-    assert adherence.spearman(np.repeat([0.0, 0.5, 1.0], 4), np.repeat([1.0, 7.0, 9.0], 4)) == pytest.approx(1.0)
+LINE = np.linspace(-3, 3, 101)
 
 
-def test_spearman_with_ties_matches_the_hand_computed_value():
+@pytest.mark.parametrize("x, y, rho", [
+    (LINE, LINE**3 + 5, 1.0), (LINE, np.exp(-LINE), -1.0),  # monotone, not linear
+    (np.repeat([0.0, 0.5, 1.0], 4), np.repeat([1.0, 7.0, 9.0], 4), 1.0),
     # ranks of x: 1, 2.5, 2.5, 4; of y: 1, 3, 2, 4. Centred: (-1.5, 0, 0, 1.5) and (-1.5, 0.5, -0.5, 1.5):
     # sum of products 4.5, sums of squares 4.5 and 5, so rho = 4.5 / sqrt(4.5 * 5) = sqrt(0.9).
-    assert adherence.spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(math.sqrt(0.9), abs=1e-12)
-    # ranks 1.5, 1.5, 3.5, 3.5 against 1..4: 4 / sqrt(4 * 5) = 2 / sqrt(5).
-    assert adherence.spearman([1, 1, 2, 2], [1, 2, 3, 4]) == pytest.approx(2 / math.sqrt(5), abs=1e-12)
+    ([1, 2, 2, 3], [1, 3, 2, 4], math.sqrt(0.9)),
+    ([1, 1, 2, 2], [1, 2, 3, 4], 2 / math.sqrt(5)),  # ranks 1.5, 1.5, 3.5, 3.5 against 1..4: 4 / sqrt(4 * 5)
+], ids=["cube", "reversed", "tied monotone", "ties by hand", "tied pairs by hand"])
+def test_spearman_of_monotone_relations_and_hand_computed_ties(x, y, rho):
+    assert adherence.spearman(x, y) == pytest.approx(rho, abs=1e-12)
 
 
 def test_spearman_matches_scipy_on_tied_random_data():
@@ -52,7 +51,6 @@ def test_spearman_of_a_constant_sample_is_undefined():
         adherence.spearman([1, 2], [1, 2, 3])
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Bins
 
 
@@ -124,11 +122,10 @@ def test_lpips_column_when_the_package_is_there(tmp_path, capsys, monkeypatch):
     assert [line.split()[6] for line in lines[2:6]] == [f"{d / 127.5:.4f}" for d in (0, 10, 20, 40)]
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Chart
 
 
-def test_chart_has_the_requested_size_and_draws_on_white(tmp_path, capsys, monkeypatch):
+def test_chart_has_the_requested_size_draws_on_white_and_survives_empty_bins(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "lpips", None)
     image, map_path, output = band_inputs(tmp_path)
     base = ["--image", str(image), "--map", str(map_path), "--output", str(output)]
@@ -140,15 +137,11 @@ def test_chart_has_the_requested_size_and_draws_on_white(tmp_path, capsys, monke
         pixels = np.asarray(chart.convert("RGB"))
     assert (pixels == 255).all(axis=-1).mean() > 0.5  # mostly background
     assert ((pixels[..., 2] > 150) & (pixels[..., 0] < 60)).any()  # the blue line of the means
-
-
-def test_chart_skips_empty_bins_and_survives_no_change():
+    # Empty bins are skipped, and no change at all is drawn too.
     rows = adherence.bin_table(np.zeros(10), np.zeros(10), bins=5)
-    chart = adherence.draw_chart(rows, math.nan, size=(300, 200))
-    assert chart.size == (300, 200)
+    assert adherence.draw_chart(rows, math.nan, size=(300, 200)).size == (300, 200)
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Sizes and bad input
 
 
@@ -163,13 +156,6 @@ def test_input_of_the_same_shape_is_resized_and_a_map_of_another_shape_stretched
     Image.open(map_path).resize((32, 32), Image.Resampling.NEAREST).save(tmp_path / "square.png")
     adherence.run(["--image", str(image), "--map", str(tmp_path / "square.png"), "--output", str(output)])
     assert "the map (32x32) has another shape than the output (64x48)" in capsys.readouterr().err
-
-
-def run_main(argv, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        adherence.main(argv)
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
 
 
 BAD_INPUTS = {
@@ -204,8 +190,10 @@ def test_bad_input_gives_one_line(tmp_path, capsys, monkeypatch, change, fragmen
         else:
             extra += [flag, value]
     argv = [token for flag, value in flags.items() if value is not None for token in (flag, value)] + extra
-    code, out, err = run_main(argv, capsys)
-    assert code == 2 and out == ""
+    with pytest.raises(SystemExit) as exit_info:
+        adherence.main(argv)
+    out, err = capsys.readouterr()
+    assert exit_info.value.code == 2 and out == ""
     assert len(err.splitlines()) == 1 and err.startswith("error: ") and "Traceback" not in err, err
     for fragment in fragments:
         assert fragment in err, (fragment, err)

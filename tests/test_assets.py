@@ -16,11 +16,6 @@ def pixels(path: Path) -> np.ndarray:
         return np.asarray(image)
 
 
-def photo_size() -> tuple[int, int]:
-    with Image.open(ASSETS / "input.jpg") as photo:
-        return photo.size
-
-
 def test_assets_are_small_and_complete():
     expected = {"input.jpg", "prompt.txt", "negative_prompt.txt", "convention.png", "README.md", *MAPS}
     assert expected <= {path.name for path in ASSETS.iterdir()}
@@ -39,24 +34,21 @@ def test_prompts_are_one_line(name):
 
 @pytest.mark.parametrize("name", MAPS)
 def test_maps_are_grayscale_at_the_photo_size(name):
-    with Image.open(ASSETS / name) as image:
-        assert image.mode == "L" and image.size == photo_size()
+    with Image.open(ASSETS / name) as image, Image.open(ASSETS / "input.jpg") as photo:
+        assert image.mode == "L" and image.size == photo.size
 
 
-def test_gradient_changes_the_left_and_keeps_the_right():
+def test_each_map_holds_what_its_name_promises():
+    # The gradient changes the left and keeps the right.
     gradient = pixels(ASSETS / "map_gradient.png")
     assert np.all(gradient[:, 0] == 0) and np.all(gradient[:, -1] == 255)
-
-
-def test_soft_inpaint_map_changes_the_masked_region_fully():
+    # The soft inpainting map changes the masked region fully.
     fill = pixels(ASSETS / "mask_inpaint.png")
     soft = pixels(ASSETS / "map_soft_inpaint.png")
     assert set(np.unique(fill)) == {0, 255}  # the mask is binary, white = fill
     assert np.all(soft[fill == 255] == 0)
     assert soft[0, 0] == 255 and soft[-1, 0] == 255  # far from the shuttle: kept
-
-
-def test_region_map_holds_exactly_the_listed_strengths():
+    # The region map holds exactly the listed strengths.
     keep_levels = {round((1 - s) * 255) for s in make_assets.REGION_STRENGTHS.values()}
     assert set(np.unique(pixels(ASSETS / "map_regions.png"))) == keep_levels
 

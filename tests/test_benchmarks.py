@@ -1,7 +1,4 @@
-"""The CPU benchmarks (benchmarks/bench_*.py) run, on their smallest settings, and count the model calls they should.
-
-They are run by hand for their figures; this keeps them working in between, as --smoke does for gpu_bench.py.
-"""
+"""The CPU benchmarks (benchmarks/bench_*.py) run on their smallest settings and count the model calls they should."""
 
 import importlib
 import math
@@ -13,9 +10,7 @@ from benchmarks import harness
 
 STEPS = 5
 SMALLEST = {  # "script [family]": arguments
-    "bench_sd2": ["--size", "32"],
-    "bench_sdxl": ["--size", "32"],
-    "bench_kandinsky": ["--size", "32"],
+    "bench_sd2": ["--size", "32"], "bench_sdxl": ["--size", "32"], "bench_kandinsky": ["--size", "32"],
     "bench_if": ["--size", "16", "--stage2-size", "32", "--stage2-steps", str(STEPS)],
     **{f"bench_flow {family}": ["--family", family, "--size", "32"]
        for family in ("sd3", "flux", "chroma", "qwenimage", "zimage")},
@@ -26,12 +21,8 @@ CALLS_PER_STEP = {"bench_flow chroma": 2, "bench_flow qwenimage": 2}
 
 def table_rows(output):
     """(case, model calls) for every row of the tables in a benchmark's output."""
-    return [
-        (case, int(line[len(case) :].split()[0]))
-        for line in output.splitlines()
-        for case in harness.CASES.values()
-        if line.startswith(case + " ")
-    ]
+    return [(case, int(line[len(case) :].split()[0])) for line in output.splitlines() for case in harness.CASES.values()
+            if line.startswith(case + " ")]
 
 
 @pytest.mark.parametrize("bench", SMALLEST)
@@ -60,7 +51,7 @@ def test_weak_map_has_a_cell_of_full_weak_strength_on_every_grid():
         assert cells.max().item() == 1  # and pixels that never change
 
 
-def test_unet_calls_count_forward_calls_until_stopped():
+def test_the_counter_counts_forward_calls_of_a_model_or_a_pipelines_unet_or_transformer_until_stopped():
     unet = torch.nn.Linear(2, 2)
     calls = harness.count_unet_calls(unet)
     unet(torch.zeros(2))
@@ -69,8 +60,6 @@ def test_unet_calls_count_forward_calls_until_stopped():
     unet(torch.zeros(2))
     assert len(calls) == 2
 
-
-def test_the_counter_counts_a_pipelines_unet_or_transformer():
     class Pipeline:  # what the counter reads of a diffusers pipeline: its components as attributes
         def __init__(self, **components):
             self.__dict__.update(components)

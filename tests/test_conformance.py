@@ -1,11 +1,5 @@
-"""Drop-in conformance with the stock diffusers pipelines that each of ours subclasses (#11), on the registry of
-tests/families.py: the second half of the contract (tests/test_contract.py).
-
-Every feature is run on stock and ours side by side against the installed diffusers, where a uniform map must give
-stock's result bit for bit: `from_pipe` both ways, saving and loading (as our class and as a community pipeline),
-model offloading, and the stock features that a family's registry entry lists (IP-Adapter, LoRA, step-end callbacks
-that steer stock's loop: an interrupt and a guidance cutoff, a VAE swapped in after construction).
-"""
+"""Drop-in conformance with the stock pipelines ours subclass (#11), on the registry of tests/families.py: every
+feature run on stock and ours side by side, where a uniform map must give stock's result bit for bit."""
 
 import inspect
 import itertools

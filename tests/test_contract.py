@@ -1,12 +1,5 @@
-"""The contract that every pipeline class keeps, checked on every family of the registry (tests/families.py).
-
-Each check runs a family's pipeline on tiny random models and compares it with stock's own result, or with x0 and
-noise recomputed here as stock draws them (design notes, section 2): a uniform map is stock bit for bit; frozen
-pixels hold the noised original before every step and kept pixels end as x0; k released steps make k denoiser
-calls; a batch is its items run alone, and maps follow their images; the signature is stock's, then ours; bad
-inputs are refused clearly; `invert_map` mirrors; `keep_exact` keeps the input's bytes. What is particular to one
-family (SDXL's refiner, IF's stages, Kandinsky's prior, ...) is tested in that family's own file.
-"""
+"""The contract that every pipeline class keeps, on every family of tests/families.py, against stock's own results or
+x0 and noise recomputed as stock draws them (design notes, section 2). What one family adds is in its own file."""
 
 import copy
 import inspect
@@ -16,7 +9,7 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 import torch
-from conftest import build_pipeline, count_unet_calls, seeded_generator
+from conftest import assert_close_to_single_run, build_pipeline, count_unet_calls, seeded_generator
 from families import (
     FAMILIES, FLOOR, FLOW, FOUR_EDGES, MAP_SIZE, OUR_ARGUMENTS, band_columns, band_map, batched, steps_run
 )
@@ -25,11 +18,6 @@ FOUR_STRENGTHS = (0.0, 0.3, 0.5, 1.0)  # kept; T*s not whole (1.8 at T = 6); hal
 FOUR_BANDS = band_map(*(1 - s for s in FOUR_STRENGTHS), edges=FOUR_EDGES)
 WHITE = np.ones((MAP_SIZE, MAP_SIZE), np.float32)
 HALVES = [0, MAP_SIZE // 2, MAP_SIZE]
-
-# Batched and single runs add the same float32 products in other orders (other kernel shapes). Sums of ~1e3 terms
-# then differ by up to ~1e3 * 2**-24, about 1e-4 of their magnitude, which is also far below what a map applied to
-# the wrong item would change.
-BATCH_RTOL = 1e-4
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -54,10 +42,8 @@ def pipelines(family, components, scheduler_class=None):
 
 
 def edit(pipe, family, item=0, seed=0, **changes):
-    """`pipe` called on the family's inputs for batch item `item`, with `changes`; returns its images.
-
-    Torch's global generator is reseeded too, for the schedulers that draw from it (FlowMatchLCMScheduler).
-    """
+    """`pipe`'s images for batch item `item` with `changes`, torch's global generator reseeded for the schedulers that
+    draw from it (FlowMatchLCMScheduler)."""
     torch.manual_seed(0)
     return pipe(**{**FAMILIES[family].inputs(item), "generator": seeded_generator(seed), **changes}).images
 
@@ -107,11 +93,6 @@ def each_made(counters, calls):
     return [len(counter) for counter in counters] == [calls] * len(counters)
 
 
-def assert_close_to_single_run(batched, alone):
-    np.testing.assert_allclose(batched, alone, rtol=BATCH_RTOL, atol=BATCH_RTOL * alone.abs().max().item())
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # The signature is stock's, then ours
 
 
@@ -152,7 +133,6 @@ def test_signature_is_stocks_then_ours_and_every_stock_argument_reaches_stock(fa
     assert {name: received[name] for name in entry.passed_through} == entry.passed_through
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # A uniform map is stock bit for bit
 
 UNIFORM = {  # case: (strength, T), or by release rule
@@ -222,7 +202,6 @@ def test_a_batch_under_a_uniform_map_is_stock(family, components, one_generator)
     assert results[1].shape[0] == 4 and torch.equal(results[1], results[0])
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Frozen pixels hold the noised original; kept pixels end as x0
 
 FROZEN = {  # case: (strengths of the four bands, global strength, T)
@@ -277,7 +256,6 @@ def test_frozen_pixels_hold_the_noised_original_and_kept_pixels_end_as_x0(family
             assert (final - x0).abs().amax(dim=1).min() > margin
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Steps that run, and the map that changes nothing
 
 
@@ -315,7 +293,6 @@ def test_a_white_map_runs_no_step_and_returns_the_original(family, components):
     assert each_made(calls, 0)
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Batches
 
 
@@ -376,7 +353,6 @@ def test_maps_follow_their_images(family, components):
         assert np.array_equal(np.asarray(image)[:, kept], np.asarray(inputs[entry.edited][i])[:, kept]), k
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Map polarity, callbacks and bad inputs
 
 
@@ -442,7 +418,6 @@ def test_a_map_of_the_images_own_size_is_taken_whatever_the_rounding(family, com
         assert "`map`" not in str(error) and re.search("divisible|multiples", str(error)), error
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # keep_exact
 
 

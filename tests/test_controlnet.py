@@ -1,7 +1,5 @@
-"""What is particular to the ControlNet img2img pipelines (#15): the control image, several ControlNets, and user
-latents, on tiny random SD and SDXL models with tiny ControlNets. The contract of every family
-(tests/test_contract.py) checks the rest, the ControlNet's own calls included.
-"""
+"""What is particular to the ControlNet img2img pipelines (#15): the control image, several ControlNets and user
+latents; tests/test_contract.py checks the rest."""
 
 import numpy as np
 import pytest

@@ -1,11 +1,5 @@
-"""`tools.crop.edit_on_crop`: the edit runs on the smallest crop that holds every released pixel, and is pasted into
-the input.
-
-The rule (design: crop mode): the bounding box of the released latent cells, over every item of the batch, grows by
-the margin on each side, then evenly to whole size units, and moves inside the grid where it would leave it. Each
-family below is checked for the same contract: pixels outside the crop are the input's own, the denoiser sees only
-the crop, and the result inside equals running the pipeline by hand on the cropped image and map.
-"""
+"""`tools.crop.edit_on_crop` on every family: the edit runs on the smallest crop that holds every released pixel (the
+rule of design: crop mode), and is pasted into the input."""
 
 import inspect
 import re
@@ -34,8 +28,7 @@ SIZE = 64  # test images are 64 x 64 pixels
 
 @dataclass
 class Family:
-    """What the crop checks need of a family besides its contract entry (tests/families.py), which gives our class,
-    its components, the argument that takes the image being edited, stock's order of copies and the release rule."""
+    """What the crop checks need of a family besides its contract entry (tests/families.py)."""
 
     unit: int  # the model's size unit, in pixels
     scale: int = 2  # pixels per cell of the working grid

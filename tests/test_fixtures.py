@@ -25,14 +25,9 @@ def latent_inputs(**overrides):
     return {**inputs, **overrides}
 
 
-def image_embeds(seed):
-    return torch.randn(1, TEXT_HIDDEN_SIZE, generator=seeded_generator(seed))
-
-
 def kandinsky_decoder_inputs():
-    inputs = latent_inputs(
-        image_embeds=image_embeds(1), negative_image_embeds=image_embeds(2), height=IMAGE_SIZE, width=IMAGE_SIZE
-    )
+    embeds, negative = (torch.randn(1, TEXT_HIDDEN_SIZE, generator=seeded_generator(seed)) for seed in (1, 2))
+    inputs = latent_inputs(image_embeds=embeds, negative_image_embeds=negative, height=IMAGE_SIZE, width=IMAGE_SIZE)
     del inputs["prompt"]
     return inputs
 
@@ -53,13 +48,10 @@ RGB_64 = (1, 64, 64, 3)
 FAMILIES = {
     "sd": ("sd_dir", StableDiffusionImg2ImgPipeline, sd_components, latent_inputs, RGB_64),
     "sdxl_base": ("sdxl_base_dir", StableDiffusionXLImg2ImgPipeline, sdxl_components, latent_inputs, RGB_64),
-    "sdxl_refiner": (
-        "sdxl_refiner_dir", StableDiffusionXLImg2ImgPipeline, sdxl_refiner_components, latent_inputs, RGB_64
-    ),
-    "kandinsky_decoder": (
-        "kandinsky_decoder_dir", KandinskyV22Img2ImgPipeline, kandinsky_decoder_components, kandinsky_decoder_inputs,
-        RGB_64,
-    ),
+    "sdxl_refiner": ("sdxl_refiner_dir", StableDiffusionXLImg2ImgPipeline, sdxl_refiner_components, latent_inputs,
+                     RGB_64),
+    "kandinsky_decoder": ("kandinsky_decoder_dir", KandinskyV22Img2ImgPipeline, kandinsky_decoder_components,
+                          kandinsky_decoder_inputs, RGB_64),
     "if_stage1": ("if_stage1_dir", IFImg2ImgPipeline, if_stage1_components, if_stage1_inputs, (1, 32, 32, 3)),
     "if_stage2": ("if_stage2_dir", IFImg2ImgSuperResolutionPipeline, if_stage2_components, if_stage2_inputs, RGB_64),
 }
@@ -76,9 +68,7 @@ def test_stock_pipeline_runs_and_reloads_identically(family, request):
     dir_fixture, pipeline_class, components, inputs, shape = FAMILIES[family]
     in_memory = build_pipeline(pipeline_class, components())
     expected = in_memory(**inputs()).images
-
-    assert expected.shape == shape
-    assert np.isfinite(expected).all()
+    assert expected.shape == shape and np.isfinite(expected).all()
     assert expected.std() > 0, "a constant image means the models are not wired together"
     if family in ("sd", "sdxl_base", "kandinsky_decoder"):  # the latent grid is half the image
         latents = in_memory(**{**inputs(), "output_type": "latent"}).images
@@ -104,9 +94,7 @@ def prior_inputs():
 def test_kandinsky_prior_gives_nonzero_embeddings_reloads_and_feeds_the_decoder(kandinsky_prior_dir):
     prior = build_pipeline(KandinskyV22PriorPipeline, kandinsky_prior_components())
     out = prior(**prior_inputs())
-
-    assert out.image_embeds.shape == (1, TEXT_HIDDEN_SIZE)
-    assert out.negative_image_embeds.shape == (1, TEXT_HIDDEN_SIZE)
+    assert out.image_embeds.shape == out.negative_image_embeds.shape == (1, TEXT_HIDDEN_SIZE)
     assert out.image_embeds.abs().sum() > 0, "a zero clip_std turns every embedding into zeros"
     reloaded = plain_reload(kandinsky_prior_dir)
     assert type(reloaded) is KandinskyV22PriorPipeline
@@ -117,16 +105,14 @@ def test_kandinsky_prior_gives_nonzero_embeddings_reloads_and_feeds_the_decoder(
     assert decoder(**inputs).images.shape == RGB_64
 
 
-def test_sdxl_base_latents_feed_the_refiner():
+def test_sdxl_base_latents_feed_the_refiner_and_if_stage1_output_feeds_stage2():
     base_components = sdxl_components()
     base = build_pipeline(StableDiffusionXLImg2ImgPipeline, base_components)
     refiner = build_pipeline(StableDiffusionXLImg2ImgPipeline, sdxl_refiner_components(base_components))
     latents = base(**latent_inputs(output_type="latent")).images
     refined = refiner(**latent_inputs(image=latents, strength=0.5)).images
     assert refined.shape == RGB_64
-
-
-def test_if_stage1_output_feeds_stage2():
+    # IF stage I's output feeds stage II.
     stage1 = build_pipeline(IFImg2ImgPipeline, if_stage1_components())
     low_res = stage1(**{**if_stage1_inputs(), "output_type": "pt"}).images
     assert low_res.shape == (1, 3, IF_STAGE1_SIZE, IF_STAGE1_SIZE)
@@ -143,13 +129,17 @@ def test_builders_are_deterministic():
     assert all(torch.equal(first_unet[name], second_unet[name]) for name in first_unet)
 
 
-def test_clip_tokenizer_has_a_real_vocabulary(tmp_path):
+def test_clip_tokenizer_has_a_real_vocabulary_and_t5s_its_layout(tmp_path):
     tokenizer = clip_tokenizer(tmp_path)
     assert len(tokenizer) > 2
     assert (tmp_path / "vocab.json").exists() and (tmp_path / "merges.txt").exists()
     ids = tokenizer("the").input_ids
     assert ids == [tokenizer.bos_token_id, tokenizer.convert_tokens_to_ids("the</w>"), tokenizer.eos_token_id]
     assert tokenizer.model_max_length == 77
+    tokenizer = t5_tokenizer()  # T5's layout
+    assert (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id) == (0, 1, 2)
+    ids = tokenizer(PROMPT).input_ids
+    assert ids[-1] == tokenizer.eos_token_id and tokenizer.unk_token_id not in ids
 
 
 def test_test_image_is_deterministic_and_structured():
@@ -158,13 +148,6 @@ def test_test_image_is_deterministic_and_structured():
     assert np.array_equal(image, np.asarray(test_image()))
     assert not np.array_equal(image, np.asarray(test_image(seed=1)))
     assert np.asarray(test_image(IF_STAGE1_SIZE)).shape == (IF_STAGE1_SIZE, IF_STAGE1_SIZE, 3)
-
-
-def test_t5_tokenizer_uses_the_t5_layout():
-    tokenizer = t5_tokenizer()
-    assert (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id) == (0, 1, 2)
-    ids = tokenizer(PROMPT).input_ids
-    assert ids[-1] == tokenizer.eos_token_id and tokenizer.unk_token_id not in ids
 
 
 @pytest.mark.parametrize("name", sorted(SCHEDULERS))

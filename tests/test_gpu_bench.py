@@ -1,8 +1,4 @@
-"""benchmarks/gpu_bench.py: its --smoke run, which takes the GPU code path on tiny CPU models, and its errors.
-
-The smoke run is what keeps the GPU benchmark from rotting between GPU runs: it builds every family from the same
-config dicts (shrunk), runs stock and ours through the same measuring code, and writes the same JSON.
-"""
+"""benchmarks/gpu_bench.py: its --smoke run (the GPU code path on tiny CPU models, every family), configs and errors."""
 
 import json
 import math
@@ -18,20 +14,11 @@ SCRIPT = "benchmarks/gpu_bench.py"
 # T = 5 makes the weak map's 0.3 T = 1.5: the flow-matching families must run ceil(1.5) = 2 steps, the others 1.
 STEPS = 5
 PIPELINE_FILES = {
-    "sd2": "SD2/diff_pipe.py",
-    "sdxl": "SDXL/diff_pipe.py",
-    "kandinsky": "Kandinsky/diff_pipe.py",
-    "if1": "IF/diff_pipe_I.py",
-    "if2": "IF/diff_pipe_II.py",
-    "sd3": "SD3/diff_pipe.py",
-    "flux": "Flux/diff_pipe.py",
-    "chroma": "Chroma/diff_pipe.py",
-    "qwenimage": "QwenImage/diff_pipe.py",
-    "zimage": "ZImage/diff_pipe.py",
-    "sd15-controlnet": "SD2/diff_pipe_controlnet.py",
-    "sdxl-controlnet": "SDXL/diff_pipe_controlnet.py",
-    "sd2-inpaint": "SD2/diff_pipe_inpaint.py",
-    "sdxl-inpaint": "SDXL/diff_pipe_inpaint.py",
+    "sd2": "SD2/diff_pipe.py", "sdxl": "SDXL/diff_pipe.py", "kandinsky": "Kandinsky/diff_pipe.py",
+    "if1": "IF/diff_pipe_I.py", "if2": "IF/diff_pipe_II.py", "sd3": "SD3/diff_pipe.py", "flux": "Flux/diff_pipe.py",
+    "chroma": "Chroma/diff_pipe.py", "qwenimage": "QwenImage/diff_pipe.py", "zimage": "ZImage/diff_pipe.py",
+    "sd15-controlnet": "SD2/diff_pipe_controlnet.py", "sdxl-controlnet": "SDXL/diff_pipe_controlnet.py",
+    "sd2-inpaint": "SD2/diff_pipe_inpaint.py", "sdxl-inpaint": "SDXL/diff_pipe_inpaint.py",
 }
 FLOW_FAMILIES = ["sd3", "flux", "chroma", "qwenimage", "zimage"]
 # Chroma's CFG and Qwen-Image's true CFG run the negative prompt as a second transformer call in every step.
@@ -51,13 +38,12 @@ def test_the_script_knows_every_pipeline_file_and_the_families_option_names_the_
     assert {name: family.pipeline_file for name, family in gpu_bench.FAMILIES.items()} == PIPELINE_FILES
     assert gpu_bench.parse_families("if,sd2") == ["if1", "if2", "sd2"]
     assert gpu_bench.parse_families("all") == list(PIPELINE_FILES)
-    choices = ("sd2, sdxl, kandinsky, if1, if2, sd3, flux, chroma, qwenimage, zimage, sd15-controlnet, "
-               "sdxl-controlnet, sd2-inpaint, sdxl-inpaint, if, all")
+    choices = ", ".join([*PIPELINE_FILES, "if", "all"])
     with pytest.raises(CliError, match=f"unknown family 'sd4'; choose from {choices}"):
         gpu_bench.parse_families("sd2,sd4")
 
 
-def test_smoke_reports_every_family_with_positive_times_and_03_t_steps_of_model_calls_against_t(smoke):
+def test_smoke_reports_every_family_with_positive_times_03_t_steps_of_model_calls_and_sd_crops(smoke):
     process, report = smoke
     assert list(report["families"]) == list(PIPELINE_FILES)
     assert report["smoke"] is True and report["dtype"] == "float32" and report["steps"] == STEPS
@@ -80,6 +66,18 @@ def test_smoke_reports_every_family_with_positive_times_and_03_t_steps_of_model_
             assert case["unet_calls"] == family["unet_calls"][case_name]
         # --smoke skips offload and compile, and says so.
         assert family["variants"]["offload"] == family["variants"]["compile"] == {"status": "skipped (--smoke)"}
+        if not gpu_bench.FAMILIES[name].crop:  # crop to change is measured for SD2 and SDXL on each share of the frame
+            assert "crop" not in family["variants"], name
+            continue
+        crop = family["variants"]["crop"]
+        assert crop["status"] == "ok" and list(crop["areas"]) == ["5%", "10%", "25%"]
+        for area in crop["areas"].values():
+            whole, cropped = area["cases"]["whole frame"], area["cases"]["crop"]
+            assert whole["unet_calls"] == cropped["unet_calls"] > 0
+            assert 0 < area["crop_share"] <= 1
+            assert area["vs_proportional"] == pytest.approx(cropped["step_vs_stock"] / area["crop_share"])
+        assert "x proportional" in process.stdout
+    assert {name for name, family in gpu_bench.FAMILIES.items() if family.crop} == {"sd2", "sdxl"}
 
 
 def test_flow_families_round_weak_steps_up_and_the_others_down():
@@ -91,23 +89,6 @@ def test_flow_families_round_weak_steps_up_and_the_others_down():
         assert family.steps_run(25, 0.3) == (8 if flow else 7), name
         assert family.steps_run(20, 0.3) == 6, name
         assert family.dtype == (torch.bfloat16 if flow else torch.float16)
-
-
-def test_smoke_measures_crop_to_change_for_sd2_and_sdxl_on_each_share_of_the_frame(smoke):
-    process, report = smoke
-    for name, family in report["families"].items():
-        if name not in gpu_bench.FAMILIES or not gpu_bench.FAMILIES[name].crop:
-            assert "crop" not in family["variants"], name
-            continue
-        crop = family["variants"]["crop"]
-        assert crop["status"] == "ok" and list(crop["areas"]) == ["5%", "10%", "25%"]
-        for area in crop["areas"].values():
-            whole, cropped = area["cases"]["whole frame"], area["cases"]["crop"]
-            assert whole["unet_calls"] == cropped["unet_calls"] > 0
-            assert 0 < area["crop_share"] <= 1
-            assert area["vs_proportional"] == pytest.approx(cropped["step_vs_stock"] / area["crop_share"])
-        assert f"{name} {family['size']}px" in process.stdout and "x proportional" in process.stdout
-    assert {name for name, family in gpu_bench.FAMILIES.items() if family.crop} == {"sd2", "sdxl"}
 
 
 def test_smoke_builds_the_real_blocks_at_a_tiny_size():
@@ -135,14 +116,12 @@ def test_smoke_builds_the_real_blocks_at_a_tiny_size():
 
 def test_real_configs_controlnets_and_inpainting_unets_have_the_published_sizes():
     # Built on the meta device (no memory): the counts the model cards give, within 3 %.
-    published = [
-        (gpu_bench.UNet2DConditionModel, gpu_bench.SD21_UNET, 865.9e6),  # exact count of the released UNet
-        (gpu_bench.UNet2DConditionModel, gpu_bench.SDXL_UNET, 2.567e9),
-        (gpu_bench.UNet2DConditionModel, gpu_bench.KANDINSKY22_UNET, 1.22e9),
-        (gpu_bench.VQModel, gpu_bench.KANDINSKY22_MOVQ, 67e6),
-        (gpu_bench.UNet2DConditionModel, gpu_bench.IF_I_XL_UNET, 4.3e9),
-        (gpu_bench.UNet2DConditionModel, gpu_bench.IF_II_L_UNET, 1.2e9),
-        (gpu_bench.UNet2DConditionModel, gpu_bench.SD15_UNET, 859.5e6),  # exact count of the released UNet
+    unet_class = gpu_bench.UNet2DConditionModel
+    published = [  # SD 2.1's and SD 1.5's are the released UNets' exact counts
+        (unet_class, gpu_bench.SD21_UNET, 865.9e6), (unet_class, gpu_bench.SD15_UNET, 859.5e6),
+        (unet_class, gpu_bench.SDXL_UNET, 2.567e9), (unet_class, gpu_bench.KANDINSKY22_UNET, 1.22e9),
+        (gpu_bench.VQModel, gpu_bench.KANDINSKY22_MOVQ, 67e6), (unet_class, gpu_bench.IF_I_XL_UNET, 4.3e9),
+        (unet_class, gpu_bench.IF_II_L_UNET, 1.2e9),
         # SD3.5-medium's card counts its position table (384 x 384 x 1536, a buffer) with the weights: 2.47 B.
         (gpu_bench.SD3Transformer2DModel, gpu_bench.SD35_MEDIUM_TRANSFORMER, 2.5e9),
         (gpu_bench.FluxTransformer2DModel, gpu_bench.FLUX_DEV_TRANSFORMER, 12e9),

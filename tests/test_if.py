@@ -1,10 +1,5 @@
-"""What is particular to IFDiffImg2ImgPipeline (stage I) and IFDiffImg2ImgSuperResolutionPipeline (stage II): each
-stage's own pixel grid, keep_exact without a VAE, IF's older step callback, the authors' class name, and loading
-stage II without its watermarker. The contract of every family (tests/test_contract.py) checks the rest.
-
-Tiny random IF models: stage I works at 32 px, stage II at 64 px. IF denoises pixels, so x0 is the preprocessed
-image itself: the tests recompute it from the PIL image.
-"""
+"""What is particular to IF's two stages (stage I at 32 px, stage II at 64 px): each stage's own pixel grid, keep_exact
+without a VAE, IF's older step callback, the authors' class name, loading stage II without its watermarker."""
 
 import importlib
 
@@ -58,7 +53,6 @@ def test_the_map_works_on_each_stages_own_grid(stage1, stage2):
     assert not torch.allclose(second[..., 32:, :], x0[..., 32:, :], atol=1e-2)
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # keep_exact without a VAE round trip
 
 
@@ -95,7 +89,6 @@ def test_prepare_intermediate_images_works_outside_a_differential_call(stage1):
     assert torch.equal(stage1.prepare_intermediate_images(*args, seeded_generator()), expected)
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # IF's step callback
 
 
@@ -122,7 +115,6 @@ def test_user_callback_follows_the_blend_every_callback_steps_and_stage2_passes_
     assert calls == [0, 2]
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Loading
 
 

@@ -1,10 +1,5 @@
-"""No import cycles: no module of the tools, the benchmarks, app.py or a run.py imports, however indirectly, a module
-that imports it back, whether the import is at the top of a file or inside a function.
-
-Static analysis of the repository's own files (``ast``, nothing is imported): every ``import`` and ``from ... import``
-that names a module of the repository is an edge. Imports by path (``importlib``, as ``loading.load_family`` loads a
-family's run.py) are not import statements and are not seen.
-"""
+"""No module of the tools, the benchmarks, app.py or a run.py imports, however indirectly (at the top or inside a
+function), a module that imports it back: a static (``ast``) graph of the repository's import statements."""
 
 import ast
 import os
@@ -17,10 +12,12 @@ PATH_FOLDERS = ("tests",)
 
 
 def repo_modules(root: Path = REPO_ROOT) -> dict[str, Path]:
-    """Every module of the repository by its dotted name (``tools.cli``, ``SD2.run``, ``app``), and the modules of
-    ``PATH_FOLDERS`` by their bare name too."""
-    modules = {}
-    for path in sorted(python_files(root)):
+    """Every module of the repository by its dotted name (``tools.cli``, ``app``), and ``PATH_FOLDERS``' bare too."""
+    modules, files = {}, []
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = [name for name in subfolders if not name.startswith((".", "__"))]  # .venv, __pycache__
+        files += [Path(folder) / name for name in names if name.endswith(".py")]
+    for path in sorted(files):
         parts = path.relative_to(root).with_suffix("").parts
         if parts[-1] == "__init__":
             parts = parts[:-1]
@@ -28,12 +25,6 @@ def repo_modules(root: Path = REPO_ROOT) -> dict[str, Path]:
         if len(parts) == 2 and parts[0] in PATH_FOLDERS:
             modules.setdefault(parts[1], path)
     return modules
-
-
-def python_files(root: Path):
-    for folder, subfolders, files in os.walk(root):
-        subfolders[:] = [name for name in subfolders if not name.startswith((".", "__"))]  # .venv, __pycache__
-        yield from (Path(folder) / name for name in files if name.endswith(".py"))
 
 
 def imported(path: Path, name: str, modules: dict[str, Path]) -> set[str]:
@@ -79,8 +70,7 @@ def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
-    """The strongly connected components of ``graph`` that hold a cycle: the nodes that reach a node on a cycle and
-    that it reaches back."""
+    """The strongly connected components of ``graph`` that hold a cycle."""
     reach = {node: reachable(graph, node) for node in graph}
     on_cycles = [node for node in graph if node in reach[node]]
     found = {tuple(sorted(other for other in reach[node] if node in reach[other])) for node in on_cycles}

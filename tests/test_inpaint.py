@@ -1,7 +1,5 @@
-"""What is particular to the inpainting-checkpoint pipelines (#15): what their 9-channel UNets read, the mask and the
-masked image, at every step, on tiny random SD and SDXL models. The contract of every family (tests/test_contract.py)
-checks the rest, stock inpainting with a white mask as the stock a uniform map reproduces.
-"""
+"""What the inpainting-checkpoint pipelines' 9-channel UNets read at every step (#15): the mask and the masked image,
+on tiny SD and SDXL models; tests/test_contract.py checks the rest."""
 
 import copy
 
@@ -11,7 +9,7 @@ import torch
 from conftest import (
     build_pipeline, count_unet_calls, make_scheduler, sd_components, sdxl_components, seeded_generator, test_image,
 )
-from families import FAMILIES
+from families import FAMILIES, band_map
 
 PROMPT = "a red apple on a table"
 LATENT = 32  # 64 px test images on a VAE with scale factor 2
@@ -23,11 +21,8 @@ KEPT, HALF, CHANGED = slice(0, 10), slice(10, 21), slice(21, 32)
 RELEASE = [(KEPT, STEPS), (HALF, STEPS // 2), (CHANGED, 0)]
 
 
-def band_map():
-    keep_map = np.ones((64, 64), np.float32)
-    keep_map[:, 2 * HALF.start :] = 0.5
-    keep_map[:, 2 * CHANGED.start :] = 0.0
-    return keep_map
+def bands():
+    return band_map(1.0, 0.5, 0.0, edges=[0, 2 * HALF.start, 2 * CHANGED.start, 64])
 
 
 FOUR_CHANNELS = {"sd_inpaint": sd_components, "sdxl_inpaint": sdxl_components}  # the base models' UNets
@@ -83,7 +78,7 @@ def test_the_unet_reads_the_released_mask_frozen_latents_and_the_masked_image_at
     _, ours = pipelines(family, components)
     inputs, encoder_calls = UNetInputs(ours.unet), count_unet_calls(ours.vae.encoder)
     image = test_image()
-    final = ours(PROMPT, image=image, map=band_map(), num_inference_steps=STEPS, generator=seeded_generator(),
+    final = ours(PROMPT, image=image, map=bands(), num_inference_steps=STEPS, generator=seeded_generator(),
                  output_type="latent").images
     inputs.hook.remove(), encoder_calls.stop()
     # x0, the first masked image, and one re-encoding when the half band is released at step 3.
@@ -117,7 +112,7 @@ def test_the_unet_reads_the_released_mask_frozen_latents_and_the_masked_image_at
 def test_steps_before_the_first_release_never_run_and_the_mask_starts_there(family, components):
     _, ours = pipelines(family, components)
     inputs = UNetInputs(ours.unet)
-    keep_map = band_map()
+    keep_map = bands()
     keep_map[:, 2 * CHANGED.start :] = 0.5  # now the first release is step 3
     ours(PROMPT, image=test_image(), map=keep_map, num_inference_steps=STEPS, generator=seeded_generator(),
          output_type="latent")
@@ -135,7 +130,7 @@ def test_the_user_callback_sees_the_mask_of_the_next_step(family, components):
         seen.append(kwargs["mask"].chunk(2)[1].clone())
         return {}
 
-    ours(PROMPT, image=test_image(), map=band_map(), num_inference_steps=STEPS, generator=seeded_generator(),
+    ours(PROMPT, image=test_image(), map=bands(), num_inference_steps=STEPS, generator=seeded_generator(),
          output_type="latent", callback_on_step_end=record, callback_on_step_end_tensor_inputs=["mask"])
     for i, mask in enumerate(seen[:-1]):
         assert torch.equal(mask, released_on_the_latent_grid(i + 1)), i
@@ -153,7 +148,7 @@ def test_masks_follow_their_images_through_num_images_per_prompt(family, compone
     # out: the masks the UNet reads are checked instead.)
     _, ours = pipelines(family, components)
     inputs = UNetInputs(ours.unet)
-    images, maps = [test_image(seed=1), test_image(seed=2)], [band_map(), band_map()[:, ::-1].copy()]
+    images, maps = [test_image(seed=1), test_image(seed=2)], [bands(), bands()[:, ::-1].copy()]
     ours(["a red apple", "a blue pear"], image=images, map=maps, num_images_per_prompt=2, num_inference_steps=STEPS,
          generator=seeded_generator(), output_type="latent")
     inputs.hook.remove()

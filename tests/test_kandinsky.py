@@ -1,7 +1,5 @@
-"""What is particular to KandinskyV22DiffImg2ImgPipeline: the stock prior's embeddings, the grid that `height` and
-`width` make, and callbacks that change the image embeddings. The contract of every family (tests/test_contract.py)
-checks the rest.
-"""
+"""What is particular to Kandinsky 2.2's pipeline: the stock prior's embeddings, the grid `height` and `width` make,
+callbacks that change the image embeddings; tests/test_contract.py checks the rest."""
 
 import numpy as np
 import pytest

@@ -1,10 +1,5 @@
-"""What only IF/run.py does, on tiny saved IF stage I/II folders and a tiny x4 upscaler: three stages and their
-files, the crop through them, one stage alone, models put at the wrong stage, fp16 files, offload and the licence
-gate. tests/test_run_contract.py checks what every run.py does, IF's first two stages among them.
-
-Runs go through `cli.main` in this process (conftest's `run_in_process`), as the command line runs them; only the
-licence gate needs a process of its own, whose Hub address is set before huggingface_hub is imported.
-"""
+"""What only IF/run.py does (three stages, their files, the crop, wrong models, fp16, offload, the licence gate); runs
+go through conftest's `run_in_process`, and tests/test_run_contract.py checks what every run.py does."""
 
 import http.server
 import json
@@ -22,8 +17,7 @@ from conftest import (
     save_pipeline, test_image,
 )
 from diffusers import (
-    AutoencoderKL, DDIMScheduler, DDPMScheduler, IFImg2ImgPipeline, StableDiffusionUpscalePipeline,
-    UNet2DConditionModel,
+    AutoencoderKL, DDIMScheduler, DDPMScheduler, IFImg2ImgPipeline, StableDiffusionUpscalePipeline, UNet2DConditionModel
 )
 from PIL import Image
 
@@ -150,7 +144,6 @@ def test_crop_margin_edits_stage_twos_box_and_keeps_the_resized_input_around_it(
     assert steps_run == 0 and np.array_equal(np.asarray(unchanged), resized)
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Errors, in this process
 
 
@@ -192,14 +185,14 @@ def test_a_stage_file_that_exists_is_never_overwritten(models, inputs, tmp_path,
     assert taken.read_bytes() == b"the user's picture"
     # Without --output, the first name whose stage files are free too (default names are in the working folder).
     monkeypatch.chdir(tmp_path)
-    args = cli.parse_args(if_run.build_parser(), [str(a) for a in short_run(models, inputs)])
+
+    def output(*extra):
+        return cli.parse_args(if_run.build_parser(), [str(a) for a in short_run(models, inputs, *extra)]).output.name
+
+    assert output() == "output.png"
     (tmp_path / "output-stage2.png").write_bytes(b"an earlier run")
-    assert args.output.name == "output.png"
-    args = cli.parse_args(if_run.build_parser(), [str(a) for a in short_run(models, inputs)])
-    assert args.output.name == "output-1.png"
-    # One stage writes only --output.
-    assert cli.parse_args(if_run.build_parser(), [str(a) for a in short_run(models, inputs, "--stages", "1")]
-                          ).output.name == "output.png"
+    assert output() == "output-1.png"
+    assert output("--stages", "1") == "output.png"  # one stage writes only --output
 
 
 def test_one_stage_writes_only_the_output_and_mask_and_keep_exact_reach_the_pipeline(models, tmp_path):
@@ -245,7 +238,6 @@ def test_offload_is_on_with_cuda_unless_turned_off():
         assert parser.parse_args(argv).offload is expected
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # The licence gate, end to end against a stand-in for the Hub
 
 

@@ -1,14 +1,12 @@
-"""What is particular to StableDiffusionXLDiffImg2ImgPipeline: the base/refiner split (`denoising_end` and
-`denoising_start`, `original_image`, `noise`), user `latents`, and its input forms. The contract of every family
-(tests/test_contract.py) checks the rest, the base alone included.
-"""
+"""What is particular to SDXL's pipeline: the base/refiner split (`denoising_end`, `denoising_start`, `original_image`,
+`noise`), user `latents` and its input forms; tests/test_contract.py checks the rest."""
 
 import numpy as np
 import pytest
 import torch
 from conftest import (
-    build_pipeline, count_unet_calls, make_scheduler, sdxl_components, sdxl_refiner_components, seeded_generator,
-    test_image,
+    assert_close_to_single_run, build_pipeline, count_unet_calls, make_scheduler, sdxl_components,
+    sdxl_refiner_components, seeded_generator, test_image,
 )
 from diffusers import HeunDiscreteScheduler, StableDiffusionXLImg2ImgPipeline
 from families import band_map, plain_schedule, vae_x0_and_noise
@@ -21,7 +19,6 @@ LATENT = SIZE // 2
 STEPS = 10
 SPLIT = 0.65  # stock hands over at timestep 1000 * (1 - 0.65) = 350
 HANDOFF = 6  # with 10 Euler steps (timesteps 901, 801, ..., 1), the refiner starts at step 6
-BATCH_RTOL = 1e-4  # batched against single runs: float32 sums in other orders (see tests/test_contract.py)
 
 # Kept (never released), released at step 8 (in the refiner), at step 5 (in the base), at step 0.
 FOUR_BANDS = band_map(1.0, 0.8, 0.5, 0.0)
@@ -76,24 +73,23 @@ def capture_start_latents(pipe):
 
 
 def split_run(base, refiner, image, keep_map, split=SPLIT, steps=STEPS, seed=0, base_callback=None,
-              refiner_callback=None, output_type="latent", keep_exact_in_refiner=False, **common):
-    """Base then refiner, each with a generator of `seed` (none if `seed` is None)."""
-    generator = lambda: None if seed is None else seeded_generator(seed)  # noqa: E731
-    latents = base(PROMPT, image=image, map=keep_map, num_inference_steps=steps, denoising_end=split,
+              refiner_callback=None, output_type="latent", keep_exact_in_refiner=False, prompt=PROMPT, **common):
+    """Base then refiner, each with a generator of `seed`, one for each of a list of seeds, or none for None."""
+
+    def generator():
+        if isinstance(seed, list):
+            return [seeded_generator(s) for s in seed]
+        return None if seed is None else seeded_generator(seed)
+
+    latents = base(prompt, image=image, map=keep_map, num_inference_steps=steps, denoising_end=split,
                    generator=generator(), output_type="latent", callback_on_step_end=base_callback,
                    **common).images
-    final = refiner(PROMPT, image=latents, original_image=image, map=keep_map, num_inference_steps=steps,
+    final = refiner(prompt, image=latents, original_image=image, map=keep_map, num_inference_steps=steps,
                     denoising_start=split, generator=generator(), output_type=output_type,
                     callback_on_step_end=refiner_callback, keep_exact=keep_exact_in_refiner, **common).images
     return latents, final
 
 
-def assert_close_to_single_run(batched, alone):
-    batched, alone = np.asarray(batched), np.asarray(alone)
-    np.testing.assert_allclose(batched, alone, rtol=BATCH_RTOL, atol=BATCH_RTOL * np.abs(alone).max())
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Base and refiner
 
 
@@ -222,7 +218,6 @@ def test_a_split_inside_a_second_order_step_is_refused(components):
         ours(PROMPT, image=test_image(SIZE), map=FOUR_BANDS, num_inference_steps=4, denoising_end=0.8)
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Batches through both stages
 
 
@@ -231,49 +226,31 @@ def test_batches_through_base_and_refiner_equal_each_run_alone_and_maps_follow_t
     images = [test_image(SIZE, seed=1), test_image(SIZE, seed=2)]
     maps = [FOUR_BANDS, np.ascontiguousarray(FOUR_BANDS[:, ::-1])]
     prompts, seeds = ["a red apple", "a blue pear"], [3, 4]
-    steps = dict(num_inference_steps=STEPS, output_type="np")
     # Two images with their own maps.
-    latents = base(prompts, image=images, map=maps, denoising_end=SPLIT, output_type="latent",
-                   generator=[seeded_generator(s) for s in seeds], num_inference_steps=STEPS).images
-    batch = refiner(prompts, image=latents, original_image=images, map=maps, denoising_start=SPLIT,
-                    generator=[seeded_generator(s) for s in seeds], **steps).images
+    latents, batch = split_run(base, refiner, images, maps, seed=seeds, prompt=prompts, output_type="np")
     for i in range(2):
-        alone_latents = base(prompts[i], image=images[i], map=maps[i], denoising_end=SPLIT, output_type="latent",
-                             generator=seeded_generator(seeds[i]), num_inference_steps=STEPS).images
-        alone = refiner(prompts[i], image=alone_latents, original_image=images[i], map=maps[i],
-                        denoising_start=SPLIT, generator=seeded_generator(seeds[i]), **steps).images[0]
+        alone_latents, alone = split_run(base, refiner, images[i], maps[i], seed=seeds[i], prompt=prompts[i],
+                                         output_type="np")
         assert_close_to_single_run(latents[i], alone_latents[0])
-        assert_close_to_single_run(batch[i], alone)
+        assert_close_to_single_run(batch[i], alone[0])
     # Two copies of one image.
-    image, generators = test_image(SIZE), lambda: [seeded_generator(1), seeded_generator(2)]  # noqa: E731
-    latents = base(PROMPT, image=image, map=FOUR_BANDS, num_images_per_prompt=2, denoising_end=SPLIT,
-                   num_inference_steps=STEPS, generator=generators(), output_type="latent").images
-    batch = refiner(PROMPT, image=latents, original_image=image, map=FOUR_BANDS, num_images_per_prompt=2,
-                    denoising_start=SPLIT, num_inference_steps=STEPS, generator=generators(), output_type="np").images
+    image = test_image(SIZE)
+    _, batch = split_run(base, refiner, image, FOUR_BANDS, seed=[1, 2], num_images_per_prompt=2, output_type="np")
     for item, seed in zip(batch, [1, 2]):
         _, alone = split_run(base, refiner, image, FOUR_BANDS, seed=seed, output_type="np")
         assert_close_to_single_run(item, alone[0])
     assert np.abs(batch[0] - batch[1]).max() > 1e-3
     # Stock repeats the image batch as a whole for num_images_per_prompt (a, b, a, b) while it repeats each
     # prompt in place (p0, p0, p1, p1): the maps must follow the images, in both stages and in keep_exact.
-    seeds = [3, 4, 5, 6]
-
-    def edit(prompts, images, maps, num_images_per_prompt):
-        common = dict(map=maps, num_images_per_prompt=num_images_per_prompt, num_inference_steps=STEPS)
-        latents = base(prompts, image=images, denoising_end=SPLIT, output_type="latent",
-                       generator=[seeded_generator(s) for s in seeds], **common).images
-        final = refiner(prompts, image=latents, original_image=images, denoising_start=SPLIT, keep_exact=True,
-                        output_type="np", generator=[seeded_generator(s) for s in seeds], **common).images
-        return latents, final
-
-    latents, batch = edit(prompts, images, maps, num_images_per_prompt=2)
-    written_out_latents, written_out = edit([p for p in prompts for _ in range(2)], images * 2, maps * 2, 1)
+    run = dict(seed=[3, 4, 5, 6], output_type="np", keep_exact_in_refiner=True)
+    latents, batch = split_run(base, refiner, images, maps, prompt=prompts, num_images_per_prompt=2, **run)
+    written_out_latents, written_out = split_run(base, refiner, images * 2, maps * 2,
+                                                 prompt=[p for p in prompts for _ in range(2)], **run)
     # The text encoders run two prompts against four: float32 may round them apart in the last bits.
     assert torch.abs(latents - written_out_latents).max() <= 1e-5 * latents.abs().max()
     assert np.abs(batch - written_out).max() <= 1e-5
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # User latents, input forms, keep_exact in the refiner
 
 

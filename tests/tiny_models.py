@@ -1,16 +1,9 @@
 """Tiny random-weight models of all four families, built in code: the tests' models, and larger ones for benchmarks.
 
-Every builder seeds torch before each model it creates, so the same call always gives the same weights, and
-puts each model in eval mode as ``from_pretrained`` does: a fresh diffusers model is in train mode, and the VAE
-then decodes differently in the last bit, so an in-memory pipeline would not match its saved copy exactly.
-
-Default sizes, the tests' (test images are 64 x 64 px):
-  * SD, SDXL: 2-level VAE, vae_scale_factor 2, 4 x 32 x 32 latents.
-  * Kandinsky 2.2: 2-level MoVQ, scale factor 2, 4 x 32 x 32 latents, image embeddings of size 32.
-  * IF: pixel space; stage I works at 32 px, stage II upscales to 64 px (``unet.config.sample_size``).
-The size parameters (``widths``: UNet channels per level; ``vae_widths``; ``text_width``...) build the same block
-types at other sizes: the benchmarks use them for models closer to the real ones (three UNet levels, wider
-channels, a VAE with the real factor 8). Tests import these through conftest; benchmarks from ``tests.tiny_models``.
+Every builder seeds torch before each model and puts it in eval mode, as ``from_pretrained`` does: a fresh model is in
+train mode, whose VAE decodes a last bit apart from its saved copy. Default sizes (64 px test images): SD, SDXL and
+Kandinsky 2.2 have 2-level VAEs (4 x 32 x 32 latents); IF stage I works at 32 px, stage II at 64 px. The size
+parameters (``widths``, ``vae_widths``, ``text_width``...) build the same blocks larger for the benchmarks.
 """
 
 import io
@@ -22,31 +15,14 @@ import numpy as np
 import sentencepiece as spm
 import torch
 from diffusers import (
-    AutoencoderKL,
-    DDIMScheduler,
-    DDPMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    PNDMScheduler,
-    PriorTransformer,
-    UNet2DConditionModel,
-    UnCLIPScheduler,
-    VQModel,
+    AutoencoderKL, DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler, PNDMScheduler, PriorTransformer, UNet2DConditionModel, UnCLIPScheduler, VQModel,
 )
 from PIL import Image
 from torch import nn
 from transformers import (
-    CLIPImageProcessorPil,
-    CLIPTextConfig,
-    CLIPTextModel,
-    CLIPTextModelWithProjection,
-    CLIPTokenizer,
-    CLIPVisionConfig,
-    CLIPVisionModelWithProjection,
-    T5Config,
-    T5EncoderModel,
-    T5Tokenizer,
+    CLIPImageProcessorPil, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, CLIPVisionConfig,
+    CLIPVisionModelWithProjection, T5Config, T5EncoderModel, T5Tokenizer,
 )
 
 SEED = 0
@@ -56,9 +32,7 @@ IF_STAGE2_SIZE = 64
 TEXT_HIDDEN_SIZE = 32
 SDXL_TIME_EMBED_DIM = 8
 
-# ---------------------------------------------------------------------------------------------------------------
 # Small inputs
-# ---------------------------------------------------------------------------------------------------------------
 
 
 def test_image(size=IMAGE_SIZE, seed=SEED):
@@ -91,9 +65,12 @@ def save_pipeline(pipe, folder):
     return Path(folder)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+def save_stock(pipeline_class, builder, folder):
+    """The stock pipeline on the builder's components, saved as a diffusers folder: returns the folder."""
+    return save_pipeline(build_pipeline(pipeline_class, builder()), folder)
+
+
 # Tokenizers
-# ---------------------------------------------------------------------------------------------------------------
 
 CLIP_MERGES = [("t", "h"), ("th", "e</w>"), ("i", "n"), ("in", "g</w>"), ("a", "n"), ("an", "d</w>")]
 
@@ -106,8 +83,12 @@ def byte_level_alphabet():
     return [chr(c) for c in [*printable, *remapped]]
 
 
-def _write_clip_vocab(folder):
-    alphabet = byte_level_alphabet()
+def clip_tokenizer(folder=None):
+    """A CLIP tokenizer with a tiny byte-level BPE vocabulary, written to ``folder`` (a temporary one if None)."""
+    if folder is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            return clip_tokenizer(tmp)
+    folder, alphabet = Path(folder), byte_level_alphabet()
     tokens = alphabet + [c + "</w>" for c in alphabet] + [a + b for a, b in CLIP_MERGES]
     # Special tokens last, as in the real CLIP vocabulary.
     tokens += ["<|startoftext|>", "<|endoftext|>"]
@@ -115,15 +96,6 @@ def _write_clip_vocab(folder):
     (folder / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(tokens)}))
     merges = "\n".join(f"{a} {b}" for a, b in CLIP_MERGES)
     (folder / "merges.txt").write_text(f"#version: 0.2\n{merges}\n")
-
-
-def clip_tokenizer(folder=None):
-    """A CLIP tokenizer with a tiny byte-level BPE vocabulary, written to ``folder`` (a temporary one if None)."""
-    if folder is None:
-        with tempfile.TemporaryDirectory() as tmp:
-            return clip_tokenizer(tmp)
-    folder = Path(folder)
-    _write_clip_vocab(folder)
     # SD pipelines pad prompts to model_max_length, so it must be the real 77.
     tokenizer = CLIPTokenizer.from_pretrained(folder, model_max_length=77)
     # A failed load returns an empty 2-token tokenizer instead of raising.
@@ -139,27 +111,21 @@ T5_CORPUS = [
 ]
 
 
-def _train_unigram_model():
+def t5_tokenizer():
+    """A T5 tokenizer from a SentencePiece unigram model trained in-process on a few captions."""
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(T5_CORPUS * 4), model_writer=model, model_type="unigram", vocab_size=64,
         hard_vocab_limit=False, pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2,  # T5's layout: no bos
     )
-    return spm.SentencePieceProcessor(model_proto=model.getvalue())
-
-
-def t5_tokenizer():
-    """A T5 tokenizer from a SentencePiece unigram model trained in-process on a few captions."""
-    processor = _train_unigram_model()
+    processor = spm.SentencePieceProcessor(model_proto=model.getvalue())
     vocab = [(processor.id_to_piece(i), processor.get_score(i)) for i in range(processor.get_piece_size())]
     tokenizer = T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=77)
     assert tokenizer.pad_token_id == 0 and tokenizer.eos_token_id == 1, "T5 special tokens out of place"
     return tokenizer
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Schedulers
-# ---------------------------------------------------------------------------------------------------------------
 
 SCHEDULERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler, "euler": EulerDiscreteScheduler,
               "euler_a": EulerAncestralDiscreteScheduler, "dpm++": DPMSolverMultistepScheduler, "pndm": PNDMScheduler}
@@ -187,9 +153,7 @@ def if_scheduler():
                          variance_type="learned_range")
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Shared tiny models
-# ---------------------------------------------------------------------------------------------------------------
 
 
 def up_blocks(down_block_types):
@@ -197,19 +161,15 @@ def up_blocks(down_block_types):
     return tuple(block.replace("Down", "Up") for block in reversed(down_block_types))
 
 
-def clip_text_config(tokenizer, hidden_size=TEXT_HIDDEN_SIZE):
-    # Ids come from the tokenizer: the pooled output is read at the first eos token.
-    return CLIPTextConfig(
-        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, hidden_size=hidden_size, intermediate_size=37, num_attention_heads=4,
-        num_hidden_layers=2, projection_dim=hidden_size, hidden_act="gelu",
-    )
-
-
 def clip_text_model(tokenizer, with_projection=False, hidden_size=TEXT_HIDDEN_SIZE):
     torch.manual_seed(SEED)
     cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
-    return cls(clip_text_config(tokenizer, hidden_size)).eval()
+    # Ids come from the tokenizer: the pooled output is read at the first eos token.
+    return cls(CLIPTextConfig(
+        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, hidden_size=hidden_size, intermediate_size=37, num_attention_heads=4,
+        num_hidden_layers=2, projection_dim=hidden_size, hidden_act="gelu",
+    )).eval()
 
 
 def tiny_vae(widths=(32, 64)):
@@ -231,18 +191,13 @@ def latent_unet(cross_attention_dim, widths=(32, 64), down_block_types=("DownBlo
     ).eval()
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Stable Diffusion 1.x / 2.x
-# ---------------------------------------------------------------------------------------------------------------
 
 
 def sd_components(scheduler="ddim", widths=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                   vae_widths=(32, 64), text_width=TEXT_HIDDEN_SIZE):
-    """Components for ``StableDiffusionImg2ImgPipeline(**components)``.
-
-    ``down_block_types`` has one entry per UNet level (SD itself has cross-attention on all but the deepest level);
-    ``text_width`` is the text encoder's hidden size, which the UNet's cross-attention reads.
-    """
+    """Components for ``StableDiffusionImg2ImgPipeline``: ``down_block_types`` has one entry per UNet level (SD's own
+    has cross-attention on all but the deepest); ``text_width`` is the text encoder's, which cross-attention reads."""
     tokenizer = clip_tokenizer()
     return dict(
         unet=latent_unet(text_width, widths, down_block_types), vae=tiny_vae(vae_widths),
@@ -252,9 +207,7 @@ def sd_components(scheduler="ddim", widths=(32, 64), down_block_types=("DownBloc
     )
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # SDXL
-# ---------------------------------------------------------------------------------------------------------------
 
 
 def sdxl_unet(refiner, widths=(32, 64), text_width=TEXT_HIDDEN_SIZE):
@@ -266,13 +219,9 @@ def sdxl_unet(refiner, widths=(32, 64), text_width=TEXT_HIDDEN_SIZE):
     # Cross-attention sees the concatenated hidden states of every text encoder the stage has.
     encoders = 1 if refiner else 2
     return latent_unet(
-        cross_attention_dim=encoders * text_width,
-        widths=widths,
-        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1),
-        attention_head_dim=tuple(2 ** (level + 1) for level in range(levels)),
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=SDXL_TIME_EMBED_DIM,
+        encoders * text_width, widths, ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1),
+        attention_head_dim=tuple(2 ** (level + 1) for level in range(levels)), use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=SDXL_TIME_EMBED_DIM,
         transformer_layers_per_block=(1,) + (2,) * (levels - 1),
         projection_class_embeddings_input_dim=time_ids * SDXL_TIME_EMBED_DIM + text_width,
     )
@@ -280,12 +229,8 @@ def sdxl_unet(refiner, widths=(32, 64), text_width=TEXT_HIDDEN_SIZE):
 
 def sdxl_components(refiner=False, scheduler="euler", widths=(32, 64), vae_widths=(32, 64),
                     text_width=TEXT_HIDDEN_SIZE):
-    """Components for ``StableDiffusionXLImg2ImgPipeline``: the base, or with ``refiner=True`` a standalone refiner.
-
-    A standalone refiner builds its own VAE and second text encoder; they have the same weights as the base's,
-    because every builder seeds the same way. To share the very objects, use ``sdxl_refiner_components(base)``.
-    ``text_width`` is each text encoder's hidden size (the UNet reads both side by side).
-    """
+    """Components for ``StableDiffusionXLImg2ImgPipeline``: the base, or with ``refiner=True`` a standalone refiner,
+    whose own VAE and second text encoder have the base's weights (``sdxl_refiner_components(base)`` shares them)."""
     if refiner:
         return sdxl_refiner_components(None, scheduler, widths, vae_widths, text_width)
     tokenizer = clip_tokenizer()
@@ -315,9 +260,7 @@ def sdxl_refiner_components(base=None, scheduler="euler", widths=(32, 64), vae_w
     )
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Kandinsky 2.2
-# ---------------------------------------------------------------------------------------------------------------
 
 KANDINSKY_CLIP_IMAGE_SIZE = 32
 
@@ -359,11 +302,8 @@ def clip_image_processor():
 
 def kandinsky_decoder_components(scheduler="ddim", widths=(32, 64), layers_per_block=1, attention_head_dim=4,
                                  movq_widths=(32, 64), embedding_width=TEXT_HIDDEN_SIZE):
-    """Components for ``KandinskyV22Img2ImgPipeline``; it takes image embeddings of size ``embedding_width``.
-
-    Kandinsky 2.2's layout: a ResNet top level, then simple cross-attention levels; a MoVQ with attention at its
-    deepest level, of scale factor 2 ** (levels - 1).
-    """
+    """Components for ``KandinskyV22Img2ImgPipeline`` (image embeddings of ``embedding_width``), in Kandinsky 2.2's
+    layout: a ResNet top level, then simple cross-attention levels; a MoVQ with attention at its deepest level."""
     down_block_types = ("ResnetDownsampleBlock2D",) + ("SimpleCrossAttnDownBlock2D",) * (len(widths) - 1)
     torch.manual_seed(SEED)
     unet = UNet2DConditionModel(
@@ -385,9 +325,7 @@ def kandinsky_decoder_components(scheduler="ddim", widths=(32, 64), layers_per_b
     return dict(unet=unet, scheduler=make_scheduler(scheduler, KANDINSKY_SCHEDULE), movq=movq)
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # DeepFloyd IF
-# ---------------------------------------------------------------------------------------------------------------
 
 
 def t5_encoder(tokenizer, d_model=TEXT_HIDDEN_SIZE):
@@ -428,10 +366,7 @@ _IF_NO_EXTRAS = dict(safety_checker=None, feature_extractor=None, watermarker=No
 
 
 def if_stage1_components(sample_size=IF_STAGE1_SIZE, text_width=TEXT_HIDDEN_SIZE, **unet_sizes):
-    """Components for ``IFImg2ImgPipeline``, producing ``sample_size`` px images.
-
-    ``unet_sizes``: ``widths``, ``layers_per_block`` and ``attention_head_dim`` of ``if_unet``.
-    """
+    """Components for ``IFImg2ImgPipeline`` making ``sample_size`` px images; ``unet_sizes`` go to ``if_unet``."""
     return dict(**_if_text_components(text_width), scheduler=if_scheduler(), **_IF_NO_EXTRAS,
                 unet=if_unet(sample_size, super_resolution=False, text_width=text_width, **unet_sizes))
 
@@ -443,17 +378,12 @@ def if_stage2_components(sample_size=IF_STAGE2_SIZE, text_width=TEXT_HIDDEN_SIZE
                 image_noising_scheduler=DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2"))
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # ControlNet and inpainting checkpoints
-# ---------------------------------------------------------------------------------------------------------------
 
 
 def tiny_controlnet(unet, seed=SEED):
-    """A ControlNet copied from `unet`, whose condition enters at the latent grid (2 px per latent, as the VAE).
-
-    A fresh ControlNet's output convolutions are zero, and it would change nothing: they get small random weights, a
-    different set for each `seed`, so that two ControlNets act differently.
-    """
+    """A ControlNet copied from `unet`, its condition entering at the latent grid. A fresh one's output convolutions
+    are zero and change nothing: they get small random weights, another set for each `seed`."""
     from diffusers import ControlNetModel
 
     controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32))
@@ -488,7 +418,6 @@ def _with_inpaint_unet(components):
     return {**components, "unet": unet}
 
 
-
 def sd_inpaint_components(scheduler="ddim"):
     """Components for ``StableDiffusionInpaintPipeline`` with an inpainting checkpoint's 9-channel UNet."""
     return _with_inpaint_unet(sd_components(scheduler))
@@ -499,14 +428,11 @@ def sdxl_inpaint_components(scheduler="euler"):
     return _with_inpaint_unet(sdxl_components(scheduler=scheduler))
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Depth estimation (tools.maps.depth_map, --control depth)
-# ---------------------------------------------------------------------------------------------------------------
 
 
 def save_depth_model(folder):
-    """Saves a Depth Anything model with random weights and tiny sizes, and its image processor, like a Hub checkpoint;
-    returns the folder."""
+    """Saves a tiny random Depth Anything model and its image processor, like a Hub checkpoint; returns the folder."""
     from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config, DPTImageProcessor
 
     torch.manual_seed(SEED)
@@ -514,7 +440,6 @@ def save_depth_model(folder):
                             patch_size=14, out_indices=[1, 2, 3, 4], reshape_hidden_states=False)
     config = DepthAnythingConfig(backbone_config=backbone, patch_size=14, reassemble_hidden_size=16,
                                  neck_hidden_sizes=[8, 8, 8, 8], fusion_hidden_size=8, head_hidden_size=8)
-
     DepthAnythingForDepthEstimation(config).eval().save_pretrained(folder)
     DPTImageProcessor(size={"height": 28, "width": 28}, keep_aspect_ratio=False, do_pad=False).save_pretrained(folder)
     return Path(folder)
