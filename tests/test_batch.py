@@ -375,7 +375,7 @@ def test_a_mask_row_is_its_feathered_map_whatever_invert_map(sd_dir, jobs, tmp_p
 def test_an_unwritable_output_folder_is_one_clear_error(sd_dir, jobs, tmp_path, capsys, case):
     if case == "a file in the way":
         (tmp_path / "taken").write_text("")
-        output_dir, fragment = tmp_path / "taken" / "out", "cannot write into it"
+        output_dir, fragment = tmp_path / "taken" / "out", "is a file, not a folder"
     else:
         if os.geteuid() == 0:
             pytest.skip("permission bits do not stop root")

@@ -556,7 +556,8 @@ def test_the_family_table_finds_every_pipeline_class_of_the_project():
     assert loading.family_of("StableDiffusion3Img2ImgPipeline") == "StableDiffusion3"
     assert loading.family_of("StableDiffusionPipeline") == "StableDiffusion"
     assert loading.family_of("IFImg2ImgSuperResolutionPipeline") == "IF"
-    assert loading.family_of("KandinskyV22PriorPipeline") == "KandinskyV22"
+    assert loading.family_of("KandinskyV22Img2ImgPipeline") == "KandinskyV22"
+    assert loading.family_of("KandinskyV22PriorPipeline") == "KandinskyV22Prior"  # told apart from the decoder
     assert loading.family_of("KandinskyPipeline") is None and loading.family_of("FakePipeline") is None
 
 

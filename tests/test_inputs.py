@@ -56,3 +56,10 @@ def test_batch_refuses_a_prompt_that_is_not_utf8_and_an_output_dir_that_is_a_fil
     with pytest.raises(cli.CliError, match=f"^--output-dir {jobs}/out: {jobs} is a file, not a folder; name a"):
         batch.run([*flags, str(jobs / "out")])
     assert not (tmp_path / "out").exists()
+
+
+def test_a_large_image_opens_without_pillows_two_line_warning(tmp_path, monkeypatch, recwarn):
+    Image.new("L", (64, 64)).save(tmp_path / "large.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 3000)  # 4096 pixels: past the warning, short of the error
+    assert cli.read_image(tmp_path / "large.png", "--map").size == (64, 64)
+    assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]

@@ -320,7 +320,9 @@ def open_image(path: Path) -> Image.Image:
     if path not in _piped and path.exists() and not path.is_file() and not path.is_dir():
         with open(path, "rb") as file:
             _piped[path] = file.read()
-    return Image.open(io.BytesIO(_piped[path]) if path in _piped else path)
+    with warnings.catch_warnings():  # a large image's two-line bomb warning: too large ends as our one line instead
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(io.BytesIO(_piped[path]) if path in _piped else path)
 
 
 def text_argument(given: str | None, default: str | PurePath, flag: str) -> str:
