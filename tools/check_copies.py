@@ -116,6 +116,18 @@ def read(path: Path, name: str) -> str:
     return text
 
 
+def readable(paths, root: Path, problems: list):
+    """(path, name relative to `root`, text) of each file in `paths` that reads; one that does not is a problem."""
+    for path in paths:
+        name = path.relative_to(root).as_posix()
+        try:
+            text = read(path, name)
+        except FileProblem as problem:
+            problems.append(str(problem))
+            continue
+        yield path, name, text
+
+
 def write(path: Path, name: str, text: str):
     """Replaces the file's text all at once, keeping its permissions, so that it is never found half-written."""
     mode = path.stat().st_mode
@@ -166,13 +178,7 @@ def check_blocks(root: Path, fix: bool = False) -> tuple:
             problems.append(f"{block.source} (the source of the {block.name}) {span}")
             continue
         reference = lf(source[span[0] : span[1]])
-        for path in block.files(root):
-            name = path.relative_to(root).as_posix()
-            try:
-                text = read(path, name)
-            except FileProblem as problem:
-                problems.append(str(problem))
-                continue
+        for path, name, text in readable(block.files(root), root, problems):
             span = block_span(text, block)
             if isinstance(span, str):
                 problems.append(f"{name} {span}")
@@ -300,13 +306,8 @@ def check_objects_once(root: Path, fix: bool = False) -> tuple:
     A copy whose source is itself a copy fixed in the same pass may need a second pass.
     """
     problems, fixed, sources = [], [], Sources(root)
-    for path in sorted({path for pattern in OBJECT_COPIES for path in root.glob(pattern)}):
-        name = path.relative_to(root).as_posix()
-        try:
-            text = read(path, name)
-        except FileProblem as problem:
-            problems.append(str(problem))
-            continue
+    paths = sorted({path for pattern in OBJECT_COPIES for path in root.glob(pattern)})
+    for path, name, text in readable(paths, root, problems):
         lines = text.split("\n")
         markers = [(number, OBJECT_MARKER.fullmatch(line.rstrip("\r"))) for number, line in enumerate(lines)
                    if LOOKS_LIKE_A_MARKER.fullmatch(line.rstrip("\r"))]
