@@ -1,5 +1,4 @@
-"""`tools.crop.edit_on_crop` on every family: the edit runs on the smallest crop that holds every released pixel (the
-rule of design: crop mode), and is pasted into the input."""
+"""`tools.crop.edit_on_crop` on every family: the edit runs on the crop of the released pixels, pasted in the input."""
 
 import inspect
 import re

@@ -1,5 +1,4 @@
-"""Inputs that the command line and tools.batch share, checked once in tools/cli.py: maps read from a pipe, map files
-whose gray values alone would mislead, and the one-line refusals of tools.batch's own inputs."""
+"""Inputs that run.py and tools.batch share (tools/cli.py): piped maps, misleading map files, batch's refusals."""
 
 import json
 import os

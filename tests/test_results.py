@@ -1,4 +1,4 @@
-"""What a run leaves behind (#26): PNGs whose recorded command makes them again, and no stray file of its own."""
+"""What a run leaves behind: PNGs whose recorded command makes them again, and no stray file of its own."""
 
 import json
 import shlex
