@@ -20,7 +20,6 @@ import gc
 import ipaddress
 import os
 import re
-import shlex
 import shutil
 import signal
 import socket
@@ -464,7 +463,12 @@ def build_app(models: Models, output_dir: Path) -> gr.Blocks:
                                          outer_value, feather_value, grow_value)
                 if source_name == "feather" and args.invert_map:
                     raise cli.CliError("a painted mask is always white = fill; untick Invert map")
-                args.map, args.command = how, command_line(family_name, args, "map.png")
+                # run.py's and tools.batch's own builder over the family's parser, so that the command keeps every
+                # flag the app was started with (SDXL's --no-refiner, ...) in their order and list format
+                args.map = "map.png"  # as the map's own download button saves it
+                run_py, parser = loading.families()[family_name], loading.load_family(family_name).build_parser()
+                args.command = cli.command_line(["python", str(run_py.relative_to(cli.REPO_ROOT))], parser, args)
+                args.map = how
                 progress(0, desc=f"loading {args.model}")
                 pipelines = models.get(family_name, args)
                 check_size(image, pipelines)
@@ -550,23 +554,6 @@ def build_app(models: Models, output_dir: Path) -> gr.Blocks:
                            concurrency_id="model")
     demo.queue(default_concurrency_limit=1)
     return demo
-
-
-def command_line(family_name: str, args: cli.Args, map_name: str) -> str:
-    """The run.py command that edits as the page did, given the image and the map saved as ``map_name``."""
-    flags = ["--image", args.image, "--map", map_name, "--prompt", args.prompt, "--negative-prompt",
-             args.negative_prompt, "--model", args.model, "--steps", args.steps, "--guidance-scale",
-             f"{args.guidance_scale:g}", "--strength", f"{args.strength:g}", "--seed", args.seed,
-             "--scheduler", args.scheduler]
-    flags += ["--invert-map"] * args.invert_map + ["--keep-exact"] * args.keep_exact
-    if args.crop_margin is not None:
-        flags += ["--crop-margin", args.crop_margin] + ["--crop-upscale"] * args.crop_upscale
-    if getattr(args, "controlnet", None):  # the page gives one ControlNet, with a condition made from the image
-        scale = (args.controlnet_scale or [1.0])[0]
-        flags += ["--controlnet", args.controlnet[0], "--control", args.control[0], "--controlnet-scale", f"{scale:g}"]
-        flags += ["--depth-model", args.depth_model] * bool(args.depth_model)
-    run_py = loading.families()[family_name].relative_to(cli.REPO_ROOT)
-    return shlex.join(["python", str(run_py), *map(str, flags)])
 
 
 def summary(number: int, steps_run: int, seconds: float) -> str:

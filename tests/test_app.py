@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 from conftest import run_in_process
 from PIL import Image
+from scipy import ndimage
 
+from tests.tiny_models import sd_controlnet_components
 from tools import make_app_screenshot as browser
 from tools.maps import linear_gradient
 
@@ -47,35 +49,28 @@ def smooth_image(width=128, height=96):
 def download(page, tmp_path, name):
     with page.expect_download() as started:
         page.locator("#download a").first.click()
-    path = tmp_path / name
-    started.value.save_as(path)
-    return Image.open(path)
+    started.value.save_as(tmp_path / name)
+    return Image.open(tmp_path / name)
 
 
-def far_from(changed, margin):
-    """Pixels more than ``margin`` pixels (in x and y) from every ``changed`` pixel."""
-    near = changed.copy()
-    for dy in range(-margin, margin + 1):
-        for dx in range(-margin, margin + 1):
-            near |= np.roll(changed, (dy, dx), axis=(0, 1))
-    return ~near
-
-
-def paint_and_edit(page, image_path):
-    browser.upload_image(page, image_path)
-    browser.wait_for_editor_image(page)
-    browser.paint_map(page, (0.45, 0.45), (0.55, 0.5))
-    return browser.click_edit(page)
+def rerun(png, output, pixels, **values):
+    """Whether the PNG's command, run as run.py with ``values`` (image=PATH, ...) for its own, gives ``pixels``, and
+    whether run.py records that command word for word: the page's and run.py's have one builder and one format."""
+    words = shlex.split(png.text["command"])
+    for name, value in values.items():
+        words[words.index(f"--{name}") + 1] = str(value)
+    ran = run_in_process(words[1], *words[2:], "--output", output)
+    assert ran.returncode == 0, ran.stderr
+    return (np.array_equal(np.asarray(Image.open(output).convert("RGB")), pixels),
+            Image.open(output).text["command"] == shlex.join(words))
 
 
 @needs_browser
 def test_bad_uploads_show_errors_then_edit_and_fan_in_the_browser(page, tmp_path):
-    text_file = tmp_path / "notes.txt"
-    text_file.write_text("not an image\n")
+    (text_file := tmp_path / "notes.txt").write_text("not an image\n")
     browser.upload_image(page, text_file)
     page.get_by_text("Invalid file type: notes.txt").wait_for()  # Gradio refuses it by its name
-    disguised = tmp_path / "notes.png"
-    disguised.write_text("not an image either\n")
+    (disguised := tmp_path / "notes.png").write_text("not an image either\n")
     browser.upload_image(page, disguised)
     page.get_by_text("image notes.png: not an image (Pillow cannot read this file)").wait_for()
     assert "Traceback" not in page.content()
@@ -83,23 +78,25 @@ def test_bad_uploads_show_errors_then_edit_and_fan_in_the_browser(page, tmp_path
     # The app goes on: the same page edits what is uploaded next.
     image_path = tmp_path / "input.png"
     smooth_image().save(image_path)
-    browser.set_field(page, "steps", STEPS)
-    browser.set_field(page, "seed", SEED)
-    browser.set_field(page, "prompt", "a red square")
+    for field, value in (("steps", STEPS), ("seed", SEED), ("prompt", "a red square")):
+        browser.set_field(page, field, value)
     page.locator("#keep-exact input").check()
 
-    summary = paint_and_edit(page, image_path)
+    browser.upload_image(page, image_path)
+    browser.wait_for_editor_image(page)
+    browser.paint_map(page, (0.45, 0.45), (0.55, 0.5))
+    summary = browser.click_edit(page)
     assert f"{STEPS} denoising steps" in summary
     assert page.locator("#result img").count() >= 1  # the before/after slider holds the result
 
     # Pixels the stroke did not reach are the input's own bytes (keep exact); the stroke itself changed.
-    keep_map = np.asarray(browser.fetch_image(page, "#map-grey img").convert("L"))
+    keep_map = np.asarray(browser.fetch_image(page, "#map-grey img").convert("L"))  # the map the edit used
     painted = keep_map < 255
     assert 0 < painted.mean() < 0.8, "the stroke should cover part of the map, not all of it"
     result = download(page, tmp_path, "first.png")
     original, edited = np.asarray(Image.open(image_path)), np.asarray(result.convert("RGB"))
     assert edited.shape == original.shape
-    far = far_from(painted, 2)
+    far = ~ndimage.binary_dilation(painted, np.ones((5, 5)))  # more than 2 pixels from the stroke
     assert far.sum() > 500
     np.testing.assert_array_equal(edited[far], original[far])
     assert np.abs(edited[keep_map == 0].astype(int) - original[keep_map == 0]).max() > 0
@@ -126,14 +123,13 @@ def test_bad_uploads_show_errors_then_edit_and_fan_in_the_browser(page, tmp_path
 
 
 @needs_browser
-def test_the_seed_typed_reaches_the_pipeline_and_the_png_text(page, tmp_path):
+def test_the_seed_typed_and_a_controlnet_reach_the_pipeline_and_the_png_command(page, tmp_path):
     image_path, map_path = tmp_path / "input.png", tmp_path / "gradient.tiff"
     smooth_image().save(image_path)
     Image.fromarray(linear_gradient(*smooth_image().size)).save(map_path)  # the page's gradient map, in float32
     page.locator("#map-source input[value=gradient]").check()
-    browser.set_field(page, "steps", STEPS)
-    browser.set_field(page, "seed", SEED)
-    browser.set_field(page, "crop-margin", 8)
+    for field, value in (("steps", STEPS), ("seed", SEED), ("crop-margin", 8)):
+        browser.set_field(page, field, value)
     browser.upload_image(page, image_path)
     browser.wait_for_editor_image(page)
     browser.click_edit(page)
@@ -142,14 +138,18 @@ def test_the_seed_typed_reaches_the_pipeline_and_the_png_text(page, tmp_path):
     assert (text["seed"], text["map"], text["crop_margin"]) == (str(SEED), "gradient 0°", "8")
 
     # The PNG's command, on these files, gives the page's image with the seed typed, and another without it.
-    flags = shlex.split(text["command"])[2:]
-    assert flags[flags.index("--seed") + 1] == str(SEED)
-    flags[flags.index("--image") + 1], flags[flags.index("--map") + 1] = str(image_path), str(map_path)
-    for seed, same in ((SEED, True), (0, False)):
-        flags[flags.index("--seed") + 1], output = str(seed), tmp_path / f"run-{seed}.png"
-        ran = run_in_process("SD2/run.py", *flags, "--device", "cpu", "--output", output)
-        assert ran.returncode == 0, ran.stderr
-        assert np.array_equal(np.asarray(Image.open(output).convert("RGB")), edited) == same, seed
+    files = {"image": image_path, "map": map_path}
+    assert rerun(result, tmp_path / "again.png", edited, **files, seed=SEED) == (True, True)
+    assert rerun(result, tmp_path / "seed-0.png", edited, **files, seed=0)[0] is False
+
+    # So does a ControlNet's edit, a folder typed on the page; with a negative prompt that reads like a flag too.
+    sd_controlnet_components()["controlnet"].save_pretrained(controlnet := tmp_path / "controlnet")
+    for field, value in (("controlnet", controlnet), ("controlnet-scale", 0.5), ("negative-prompt", "-blurry")):
+        browser.set_field(page, field, value)
+    browser.click_edit(page)
+    result = download(page, tmp_path, "controlnet.png")
+    assert (result.text["controlnet"], result.text["control"]) == (f'["{controlnet}"]', '["canny"]')
+    assert rerun(result, tmp_path / "controlnet-again.png", np.asarray(result.convert("RGB")), **files) == (True, True)
 
 
 def test_messages_instead_of_tracebacks():
@@ -213,6 +213,3 @@ def test_the_page_a_newcomer_sees(tmp_path):
     assert not fields["controlnet"].interactive  # served beyond this machine: only the launch's models load
     with pytest.raises(app.cli.CliError, match="only with the model it was started with"):
         app.Models("sd2", args, fixed=True).get("sd2", app.family_args("sd2", ["--model", "x/y"]))
-    args.image, args.prompt, args.negative_prompt = "in.png", "a cat", ""  # the command edits as the page did
-    again = app.family_args("sd2", shlex.split(app.command_line("sd2", args, "map.png"))[2:])
-    assert (again.crop_margin, again.controlnet, again.control) == (4, ["a/b"], ["canny"])
