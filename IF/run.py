@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tools import cli, loading, results  # noqa: E402
+from tools import cli, loading, results, running  # noqa: E402
 from tools.crop import edit_on_crop  # noqa: E402
 
 DEFAULT_MODEL = "DeepFloyd/IF-I-XL-v1.0"
@@ -208,13 +208,14 @@ def edit(pipelines, args, *, images, maps, prompts, negative_prompts, seeds, on_
 
     def run_stage(stage, **call):
         """The stage's images in [-1, 1], as IF hands them on, and the box it edited (None for the whole frame, or
-        when the map releases no pixel)."""
-        if args.crop_margin is None:
-            return stage(**call, **with_map).images, None
-        # IF resizes the input's short side to the stage's sample size: the margin is scaled alike, rounded up.
-        margin = math.ceil(args.crop_margin * stage.unet.config.sample_size / min(images[0].size))
-        pixels, box = edit_on_crop(stage, margin, args.crop_upscale, **call, **with_map)
-        return pixels * 2 - 1, box
+        when the map releases no pixel). IF's loop takes only the older step callback: Ctrl-C stops through it."""
+        with running.stopping_between_steps(stage, call, "callback"):
+            if args.crop_margin is None:
+                return stage(**call, **with_map).images, None
+            # IF resizes the input's short side to the stage's sample size: the margin is scaled alike, rounded up.
+            margin = math.ceil(args.crop_margin * stage.unet.config.sample_size / min(images[0].size))
+            pixels, box = edit_on_crop(stage, margin, args.crop_upscale, **call, **with_map)
+            return pixels * 2 - 1, box
 
     edited, box = run_stage(stage1, image=images, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
                             generator=generators())
@@ -229,10 +230,12 @@ def edit(pipelines, args, *, images, maps, prompts, negative_prompts, seeds, on_
     if stage3 is None:
         return pt_to_pil(edited), steps_run
 
-    def upscale(pixels):  # the upscaler runs its whole schedule
-        return stage3(prompt=prompts, negative_prompt=negative_prompts, image=(pixels / 2 + 0.5).clamp(0, 1),
-                      num_inference_steps=args.stage3_steps, guidance_scale=args.stage3_guidance_scale,
-                      noise_level=args.stage3_noise_level, generator=generators()).images
+    def upscale(pixels):  # the upscaler runs its whole schedule; like IF, it takes only the older step callback
+        call = dict(prompt=prompts, negative_prompt=negative_prompts, image=(pixels / 2 + 0.5).clamp(0, 1),
+                    num_inference_steps=args.stage3_steps, guidance_scale=args.stage3_guidance_scale,
+                    noise_level=args.stage3_noise_level, generator=generators())
+        with running.stopping_between_steps(stage3, call, "callback"):
+            return stage3(**call).images
 
     if args.crop_margin is None:
         upscaled = upscale(edited)

@@ -7,19 +7,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tools import cli, batch, loading
+from tools import cli, batch, loading, results
 
 
-def test_a_map_from_a_pipe_is_read_once(inputs, tmp_path):
-    # `--map <(cat map.png)`: the header check consumed the pipe, and the load then found it empty
-    image, map_path = inputs
+def test_a_map_from_a_pipe_is_read_once_and_recorded_as_a_pipe(inputs, tmp_path, capsys):
+    # `--map <(cat map.png)`: the header check consumed the pipe, and the load then found it empty; no rerun can read it
     read, write = os.pipe()
-    os.write(write, map_path.read_bytes())
+    os.write(write, inputs[1].read_bytes())
     os.close(write)
-    args = cli.parse_args(loading.load_family("sd2").build_parser(), ["--image", str(image), "--map", f"/dev/fd/{read}",
-                                                                  "--output", str(tmp_path / "out.png")])
+    args = cli.parse_args(loading.load_family("sd2").build_parser(),
+                          ["--image", str(inputs[0]), "--map", f"/dev/fd/{read}", "--output", f"{tmp_path}/o.png"])
     os.close(read)
-    assert np.array_equal(np.asarray(cli.load_inputs(args)[1]), np.asarray(Image.open(map_path)))
+    assert np.array_equal(np.asarray(cli.load_inputs(args)[1]), np.asarray(Image.open(inputs[1])))
+    assert "(a pipe: /dev/fd/" in results.png_parameters(args, 0)["map"] and " is a pipe: " in capsys.readouterr().err
 
 
 def gray_frames(count, alpha=255):

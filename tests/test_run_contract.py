@@ -456,7 +456,7 @@ def test_a_sweep_on_a_flow_family_recommends_no_scheduler_it_refuses(saved_flow_
     assert "--scheduler ddim" not in err
 
 
-@pytest.mark.parametrize("family, presses", [(family, 1) for family in FAMILIES if family.name != "if"]
+@pytest.mark.parametrize("family, presses", [(family, 1) for family in FAMILIES]
                          + [(FAMILIES[0], 2)], ids=lambda value: getattr(value, "name", f"{value}x"))
 def test_ctrl_c_stops_after_the_step_it_came_in_and_writes_nothing(family, presses, run, inputs, tmp_path,
                                                                    monkeypatch):

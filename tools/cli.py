@@ -308,6 +308,9 @@ def input_path(given: str | None, example: Path | None, flag: str) -> Path:
     path = example if given is None else Path(given).expanduser()
     with reading(path, flag):
         open_image(path).close()
+    if path in _piped:  # `--map <(...)`: gone once read, so the command that the PNG records cannot remake the result
+        warn(f"{flag} {display(path)} is a pipe: the command recorded in the result cannot read it again; save the "
+             f"{flag[2:]} to a file and pass that to make the result again")
     return path
 
 

@@ -17,12 +17,15 @@ from tools import cli
 
 def png_parameters(args: argparse.Namespace, steps_run: int, extra_params: dict | None = None) -> dict[str, str]:
     """The parameters a result is stored with, as PNG text, and ``args.command``, which makes it again."""
-    source = {"mask": args.mask, "feather": args.feather, "grow": args.grow} if args.mask else {"map": args.map}
+    def piped(path):  # a pipe's path (`--map <(...)`) names nothing once read: the text says so, not point at it
+        return f"(a pipe: {path})" if isinstance(path, (str, Path)) and Path(path) in cli._piped else path
+    source = {"mask": piped(args.mask), "feather": args.feather, "grow": args.grow} if args.mask else {
+        "map": piped(args.map)}
     crop = {} if args.crop_margin is None else {"crop_margin": args.crop_margin, "crop_upscale": args.crop_upscale}
     def text(value) -> str:  # a list (a flag given once per item) as JSON, from run.py, batch and the app alike
         return json.dumps(value, ensure_ascii=False, default=str) if isinstance(value, (list, tuple)) else str(value)
     return {key: text(value) for key, value in {
-        "prompt": args.prompt, "negative_prompt": args.negative_prompt, "model": args.model, "image": args.image,
+        "prompt": args.prompt, "negative_prompt": args.negative_prompt, "model": args.model, "image": piped(args.image),
         **source, "invert_map": args.invert_map, "strength": args.strength, "keep_exact": args.keep_exact,
         "steps": args.steps, "steps_run": steps_run, "guidance_scale": args.guidance_scale, "seed": args.seed,
         "scheduler": args.scheduler, "device": args.device, "dtype": args.dtype, **crop, **(extra_params or {}),

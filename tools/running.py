@@ -22,11 +22,13 @@ def edit_images(pipe, args: argparse.Namespace, edit=None, **call) -> list:
 
 
 @contextlib.contextmanager
-def stopping_between_steps(pipe, call: dict):
+def stopping_between_steps(pipe, call: dict, keyword: str = "callback_on_step_end"):
     """Ctrl-C during the block: the first sets ``pipe._interrupt``, so that stock's loop runs no further step, and
     the block then ends as KeyboardInterrupt (``main``'s "interrupted", nothing written); a second stops at once.
     A later stage (SDXL's refiner) resets ``_interrupt`` as it starts and Kandinsky's loop never reads it, so a step
-    callback added to ``call`` ends those after their step. Only the main thread takes signals (not the app's)."""
+    callback added to ``call`` as ``keyword`` ends those after their step: IF's stages and the x4 upscaler read
+    neither ``_interrupt`` nor ``callback_on_step_end``, only the older ``callback(step, timestep, tensor)``, so IF
+    passes ``keyword="callback"``. Only the main thread takes signals (not the app's)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -39,12 +41,12 @@ def stopping_between_steps(pipe, call: dict):
         pipe._interrupt = True
         warn("stopping after this step; press Ctrl-C again to stop at once")
 
-    def step_end(stage, step, timestep, tensors):
+    def step_end(*arguments):  # (pipe, step, timestep, tensors), or the older style's (step, timestep, tensor)
         if asked:
             raise KeyboardInterrupt
-        return tensors
+        return arguments[-1]  # the new style's tensors, handed back unchanged; the older style ignores it
 
-    call.setdefault("callback_on_step_end", step_end)
+    call.setdefault(keyword, step_end)
     previous = signal.signal(signal.SIGINT, interrupt)
     try:
         yield
