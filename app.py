@@ -130,12 +130,6 @@ def smallest_side(pipelines) -> int:
     return max(sides)
 
 
-def check_prompts(prompt: str | None, negative_prompt: str | None) -> None:
-    """A browser can send a lone surrogate, on which the tokenizers fail with a traceback: one line instead."""
-    for label, text in (("prompt", prompt), ("negative prompt", negative_prompt)):
-        cli.check_text(text, label)
-
-
 def check_size(image: Image.Image, pipelines) -> None:
     if min(image.size) < (side := smallest_side(pipelines)):
         raise cli.CliError(f"the image is {image.width}x{image.height} pixels at this working size, and this model "
@@ -438,7 +432,8 @@ def build_app(models: Models, output_dir: Path) -> gr.Blocks:
                 except argparse.ArgumentTypeError as error:
                     raise cli.CliError(f"{dest.replace('_', ' ')} {error}") from None
             args.model, args.scheduler = model_id.strip() or args.model, scheduler_name
-            check_prompts(prompt_text, negative_text)
+            # a browser can send a lone surrogate, on which the tokenizers would fail with a traceback
+            cli.check_prompts(prompt_text, negative_text, ("prompt", "negative prompt"))
             args.prompt, args.negative_prompt = prompt_text or "", negative_text or ""
             args.keep_exact, args.invert_map = bool(keep_exact_value), bool(invert_value)
             args.image, args.mask, args.feather, args.grow = Path(path).name if path else None, None, 0.0, 0.0

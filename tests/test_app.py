@@ -189,7 +189,7 @@ def test_mistakes_read_as_the_page_speaks(tmp_path, capsys):
     with pytest.raises(app.cli.CliError, match="2x2 pixels .* needs at least 4 on each side"):  # not torch's text
         app.check_size(Image.new("RGB", (2, 2)), app.argparse.Namespace(vae_scale_factor=2, unet=unet))
     with pytest.raises(app.cli.CliError, match=r"^negative prompt: character 2 is a lone surrogate \(U\+D800\)"):
-        app.check_prompts("a cat", "a\ud800")
+        app.cli.check_prompts("a cat", "a\ud800", ("prompt", "negative prompt"))
     with socket.create_server(("127.0.0.1", 0)) as held:  # refused before the model loads, which would fail here
         port = held.getsockname()[1]
         with pytest.raises(app.cli.CliError, match=f"--port {port} on 127.0.0.1 is in use"):

@@ -122,8 +122,7 @@ def parse_args(module, argv: list[str]) -> Args:
                            "jobs file's output column to name them")
     # A row falls back on run.py's negative prompt, to give what run.py gives, but a row without a prompt is an error
     args.negative_prompt = cli.text_argument(args.negative_prompt, parser.example.negative_prompt, "--negative-prompt")
-    for flag in ("--prompt", "--negative-prompt"):
-        cli.check_text(getattr(args, flag[2:].replace("-", "_")), flag)
+    cli.check_prompts(args.prompt, args.negative_prompt)
     cli.resolve_device(args)
     args.jobs, args.output_dir = Path(args.jobs).expanduser().absolute(), Path(args.output_dir).expanduser()
     # mkdir would say only "[Errno 17] File exists" (or 20) for a file where the folder, or one above it, should be

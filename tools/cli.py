@@ -274,8 +274,7 @@ def parse_args(parser: Parser, argv: list[str] | None = None, *, command: str | 
     args.image = input_path(args.image, example.image, "--image")
     given_prompt, args.prompt = args.prompt, text_argument(args.prompt, example.prompt, "--prompt")
     args.negative_prompt = text_argument(args.negative_prompt, example.negative_prompt, "--negative-prompt")
-    for flag in ("--prompt", "--negative-prompt"):
-        check_text(getattr(args, flag[2:].replace("-", "_")), flag)
+    check_prompts(args.prompt, args.negative_prompt)
     args.output = _output_path(args, parser)
     resolve_device(args)
     if not args.prompt.strip() and given_prompt != "":  # `--prompt ""` is a choice; a blank prompt file is a slip
@@ -351,9 +350,12 @@ def not_utf8(text: str | None) -> str | None:
         return f"character {error.start + 1} is {what}, which is not UTF-8 text; give the text in UTF-8"
 
 
-def check_text(text: str | None, flag: str) -> None:
-    if problem := not_utf8(text):
-        raise CliError(f"{flag}: {problem}")
+def check_prompts(prompt: str | None, negative_prompt: str | None,
+                  names: tuple[str, str] = ("--prompt", "--negative-prompt")) -> None:
+    """Both prompts as UTF-8 text, or one line naming the one that is not (``names``: the caller's words for them)."""
+    for text, name in zip((prompt, negative_prompt), names):
+        if problem := not_utf8(text):
+            raise CliError(f"{name}: {problem}")
 
 
 def resolve_device(args: argparse.Namespace) -> None:
