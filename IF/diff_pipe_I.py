@@ -207,8 +207,7 @@ class IFDiffImg2ImgPipeline(IFImg2ImgPipeline):
     ):
         r"""
         Takes every argument of [`IFImg2ImgPipeline.__call__`], in its order and with its defaults
-        (except `strength`), then `map`, `invert_map` and `keep_exact`, which must be passed
-        by name.
+        (except `strength`), then `map`, `invert_map` and `keep_exact`, which must be passed by name.
 
         Args:
             prompt (`str` or `list[str]`, *optional*):

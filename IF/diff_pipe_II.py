@@ -215,8 +215,7 @@ class IFDiffImg2ImgSuperResolutionPipeline(IFImg2ImgSuperResolutionPipeline):
     ):
         r"""
         Takes every argument of [`IFImg2ImgSuperResolutionPipeline.__call__`], in its order and with its defaults
-        (except `strength`), then `map`, `invert_map` and `keep_exact`, which must be passed
-        by name.
+        (except `strength`), then `map`, `invert_map` and `keep_exact`, which must be passed by name.
 
         Args:
             image (`torch.Tensor`, `PIL.Image.Image`, `np.ndarray` or a list of them):

@@ -196,8 +196,7 @@ class KandinskyV22DiffImg2ImgPipeline(KandinskyV22Img2ImgPipeline):
     ):
         r"""
         Takes every argument of [`KandinskyV22Img2ImgPipeline.__call__`], in its order and with its defaults (except
-        `strength`), then `map`, `invert_map` and `keep_exact`, which must be passed by
-        name.
+        `strength`), then `map`, `invert_map` and `keep_exact`, which must be passed by name.
 
         Args:
             image_embeds (`torch.Tensor` of shape `(batch_size, embedding_dim)`, or a list of them):

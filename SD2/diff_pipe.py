@@ -197,8 +197,7 @@ class StableDiffusionDiffImg2ImgPipeline(StableDiffusionImg2ImgPipeline):
     ):
         r"""
         Takes every argument of [`StableDiffusionImg2ImgPipeline.__call__`], in its order and with its defaults
-        (except `strength`), then `map`, `invert_map` and `keep_exact`, which must be passed
-        by name.
+        (except `strength`), then `map`, `invert_map` and `keep_exact`, which must be passed by name.
 
         Args:
             prompt (`str` or `list[str]`, *optional*):

@@ -215,8 +215,8 @@ class StableDiffusionControlNetDiffImg2ImgPipeline(StableDiffusionControlNetImg2
     ):
         r"""
         Takes every argument of [`StableDiffusionControlNetImg2ImgPipeline.__call__`], in its order and with its
-        defaults (except `strength`), then `map`, `invert_map` and `keep_exact`, which must
-        be passed by name. Arguments not listed here act as in stock.
+        defaults (except `strength`), then `map`, `invert_map` and `keep_exact`, which must be passed by name. Arguments
+        not listed here act as in stock.
 
         Args:
             prompt (`str` or `list[str]`, *optional*):

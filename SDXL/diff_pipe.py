@@ -239,7 +239,8 @@ class StableDiffusionXLDiffImg2ImgPipeline(StableDiffusionXLImg2ImgPipeline):
     ):
         r"""
         Takes every argument of [`StableDiffusionXLImg2ImgPipeline.__call__`], in its order and with its defaults
-        (except `strength`), then `map`, `invert_map`, `keep_exact`, `original_image` and `noise`, which must be passed by name.
+        (except `strength`), then `map`, `invert_map`, `keep_exact`, `original_image` and `noise`, which must be passed
+        by name.
 
         Args:
             prompt (`str` or `list[str]`, *optional*):

@@ -227,8 +227,8 @@ class StableDiffusionXLControlNetDiffImg2ImgPipeline(StableDiffusionXLControlNet
     ):
         r"""
         Takes every argument of [`StableDiffusionXLControlNetImg2ImgPipeline.__call__`], in its order and with its
-        defaults (except `strength`), then `map`, `invert_map` and `keep_exact`, which must
-        be passed by name. Arguments not listed here act as in stock.
+        defaults (except `strength`), then `map`, `invert_map` and `keep_exact`, which must be passed by name. Arguments
+        not listed here act as in stock.
 
         Args:
             prompt (`str` or `list[str]`, *optional*):

@@ -231,9 +231,10 @@ class StableDiffusionXLDiffInpaintPipeline(StableDiffusionXLInpaintPipeline):
     ):
         r"""
         Takes every argument of [`StableDiffusionXLInpaintPipeline.__call__`], in its order and with its defaults
-        (except `strength`, whose stock default is 0.9999), then `map`, `invert_map` and `keep_exact`, which must be passed by name. The map replaces `mask_image`, `masked_image_latents` and
-        `padding_mask_crop`, which must stay unset; `latents` (which stock inpainting takes as the noise itself),
-        `denoising_start` and `denoising_end` are not taken. Arguments not listed here act as in stock.
+        (except `strength`, whose stock default is 0.9999), then `map`, `invert_map` and `keep_exact`, which must be
+        passed by name. The map replaces `mask_image`, `masked_image_latents` and `padding_mask_crop`, which must stay
+        unset; `latents` (which stock inpainting takes as the noise itself), `denoising_start` and `denoising_end`
+        are not taken. Arguments not listed here act as in stock.
 
         Args:
             prompt (`str` or `list[str]`, *optional*):

@@ -171,7 +171,7 @@ def edit(pipelines, args, *, images, maps, prompts, negative_prompts, seeds):
     base, refiner = pipelines
     if refiner is None:
         images = running.edit_images(base, args, image=images, generator=generators(), keep_exact=args.keep_exact,
-                                 **common, **conditioning.pipeline_arguments(args, images))
+                                     **common, **conditioning.pipeline_arguments(args, images))
         return images, base.num_timesteps
 
     def base_then_refiner(image, keep_exact, output_type="pil", **call):

@@ -48,7 +48,8 @@ def test_the_command_in_a_png_of_run_py_and_of_batch_makes_the_same_pixels(sd_di
 
 def test_batch_refuses_crop_upscale_without_crop_margin_as_run_py_does():
     with pytest.raises(cli.CliError, match="--crop-upscale scales the crop that --crop-margin makes; pass --crop-marg"):
-        batch.parse_args(loading.load_family("sd2"), ["--family", "sd2", "x.csv", "--output-dir", "o", "--crop-upscale"])
+        batch.parse_args(loading.load_family("sd2"),
+                         ["--family", "sd2", "x.csv", "--output-dir", "o", "--crop-upscale"])
 
 
 def test_a_write_removes_the_partial_files_that_killed_writes_left_in_its_folder(tmp_path):

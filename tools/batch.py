@@ -97,7 +97,8 @@ def parse_args(module, argv: list[str]) -> Args:
     batch_flags = [
         add("jobs", metavar="JOBS", help=f"jobs file: .csv with a header row, or .jsonl (one JSON object a line); "
             f"columns: {', '.join(COLUMNS)}"),
-        add("--family", required=True, type=str.lower, choices=list(loading.families()), help="the model folder to use"),
+        add("--family", required=True, type=str.lower, choices=list(loading.families()),
+            help="the model folder to use"),
         add("--output-dir", required=True, metavar="DIR", help="folder for the results and summary.json, created if "
             "missing; every output lies inside it"),
         add("--batch-size", type=cli.whole_number(1, MAX_BATCH_SIZE), default=1, metavar="N", help="rows per "

@@ -87,8 +87,8 @@ def load_pipeline(pipeline_class, args: argparse.Namespace, **from_pretrained_kw
     if nets:
         from_pretrained_kwargs["controlnet"] = nets if len(nets) > 1 else nets[0]
     flag = "--inpaint-model" if args.inpaint_model else "--model"
-    pipe = loading.load_pipeline(pipeline_class, args.model, torch_dtype=cli.torch_dtype(args.dtype), device=args.device,
-                             offload=args.offload, flag=flag, **from_pretrained_kwargs)
+    pipe = loading.load_pipeline(pipeline_class, args.model, torch_dtype=cli.torch_dtype(args.dtype),
+                                 device=args.device, offload=args.offload, flag=flag, **from_pretrained_kwargs)
     channels = pipe.unet.config.in_channels
     if args.inpaint_model and channels != INPAINT_CHANNELS:
         raise cli.CliError(f"--inpaint-model {args.model}: its UNet reads {channels} channels, not the "

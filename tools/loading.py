@@ -1,5 +1,5 @@
-"""Loading a family (its run.py) and its pipeline for the command line: `from_pretrained` on a Hub id or a local folder, with another
-family's checkpoint, a gated model and every other failure to load told in one line."""
+"""Loading a family (its run.py) and its pipeline for the command line: `from_pretrained` on a Hub id or a local
+folder, with another family's checkpoint, a gated model and every other failure to load told in one line."""
 
 from __future__ import annotations
 
