@@ -12,7 +12,7 @@ import PIL.Image
 import torch
 from diffusers import (
     ChromaImg2ImgPipeline, DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
-    FlowMatchHeunDiscreteScheduler, FlowMatchLCMScheduler, FluxImg2ImgPipeline, IFImg2ImgPipeline,
+    FlowMatchHeunDiscreteScheduler, FlowMatchLCMScheduler, FluxImg2ImgPipeline, FluxKontextInpaintPipeline, IFImg2ImgPipeline,
     IFImg2ImgSuperResolutionPipeline, KandinskyV22Img2ImgPipeline, QwenImageImg2ImgPipeline,
     StableDiffusion3Img2ImgPipeline, StableDiffusionControlNetImg2ImgPipeline, StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline, StableDiffusionXLControlNetImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline,
@@ -23,6 +23,7 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from benchmarks.harness import denoiser
 from Chroma.diff_pipe import ChromaDiffImg2ImgPipeline
 from Flux.diff_pipe import FluxDiffImg2ImgPipeline
+from Flux.diff_pipe_kontext import FluxKontextDiffInpaintPipeline
 from IF.diff_pipe_I import IFDiffImg2ImgPipeline
 from IF.diff_pipe_II import IFDiffImg2ImgSuperResolutionPipeline
 from Kandinsky.diff_pipe import KandinskyV22DiffImg2ImgPipeline
@@ -132,6 +133,14 @@ def flow_x0_and_noise(pipe, inputs):
 
 
 @torch.no_grad()
+def kontext_x0_and_noise(pipe, inputs):
+    """FLUX.1 Kontext encodes the image with the VAE's mode: the generator draws only the noise."""
+    config = pipe.vae.config
+    x0 = (pipe.vae.encode(pixels(pipe, inputs)).latent_dist.mode() - config.shift_factor) * config.scaling_factor
+    return x0, torch.randn(x0.shape, generator=seeded_generator())
+
+
+@torch.no_grad()
 def qwen_latents_x0_and_noise(pipe, inputs):
     """Qwen-Image: (B, C, 1, H, W) latents, normalised with the VAE's latent mean and std."""
     return qwen_x0_and_noise(pipe, pixels(pipe, inputs))
@@ -235,6 +244,8 @@ class Family:
     extra_arguments: dict = field(default_factory=dict)  # our keyword-only arguments besides OUR_ARGUMENTS
     passed_through: dict = field(default_factory=dict)  # non-default stock arguments that must reach stock as given
     withheld: frozenset = frozenset()  # stock arguments that ours refuses, and so leaves to stock's defaults
+    # Stock inpaints with a binary `mask_image` (white = repaint), which the map replaces: without a map, ours is stock.
+    binary_mask: bool = False
     refusals: tuple = ()  # the family's own bad inputs: (changes, message[, error type]), beside the contract's
     features: frozenset = frozenset()  # stock features run side by side in tests/test_conformance.py
     skip: dict = field(default_factory=dict)  # contract check -> why this family cannot do it
@@ -308,6 +319,21 @@ PACKED = dict(rule=FLOW, schedule=shifted_schedule, on_grid=unpack, schedulers=F
               refusals=((dict(latents=torch.zeros(1, 256, 16)), LATENTS_NOT_TAKEN),
                         (dict(image=torch.zeros(1, 4, 8, 8)), "height=16 and width=16")))
 
+
+# The inpainting pipelines of the instruction editors, whose binary mask the map replaces (design, section 8).
+EDIT = dict(rule=FLOW, schedule=shifted_schedule, on_grid=unpack, decode=unpacked_flow_decode, binary_mask=True,
+            schedulers=FLOW_SCHEDULERS, stock_inputs={"mask_image": WHITE_MASK}, withheld=frozenset({"latents"}),
+            refusals=((dict(mask_image=WHITE_MASK), "map=mask, invert_map=True"),
+                      (dict(latents=torch.zeros(1, 256, 16)), LATENTS_NOT_TAKEN)))
+
+
+def kontext_inputs(item=0):
+    # Kontext resizes to its own resolutions unless told, to the image's size at `max_area`.
+    return {**packed_flow_inputs(item), "_auto_resize": False, "max_area": SIZE * SIZE}
+
+
+FLUX_LOADED = ("diffusers' FluxTransformer2DModel loaded from a folder computes a last bit apart from the one built "
+               "in memory with the same weights, in stock too")
 
 FAMILIES = {
     "sd": Family(
@@ -403,8 +429,15 @@ FAMILIES = {
         x0_and_noise=flow_x0_and_noise, decode=unpacked_flow_decode, image_as_latents=lambda x0: x0, **PACKED,
         passed_through=dict(prompt_2="a pear", negative_prompt="blurry", true_cfg_scale=1.5, guidance_scale=3.5,
                             joint_attention_kwargs={}),
-        skip={"in memory as loaded": "diffusers' FluxTransformer2DModel loaded from a folder computes a last bit "
-                                     "apart from the one built in memory with the same weights, in stock too"},
+        skip={"in memory as loaded": FLUX_LOADED},
+    ),
+    "flux_kontext": Family(
+        FluxKontextDiffInpaintPipeline, FluxKontextInpaintPipeline, flux_components, kontext_inputs,
+        x0_and_noise=kontext_x0_and_noise, **EDIT,
+        calls={"default": ({}, 1), "true cfg": ({"negative_prompt": "blurry", "true_cfg_scale": 1.5}, 2)},
+        passed_through=dict(prompt_2="a pear", negative_prompt="blurry", true_cfg_scale=1.5, guidance_scale=2.5,
+                            joint_attention_kwargs={}, image_reference=test_image(SIZE, seed=9)),
+        skip={"in memory as loaded": FLUX_LOADED},
     ),
     "chroma": Family(
         ChromaDiffImg2ImgPipeline, ChromaImg2ImgPipeline, chroma_components, packed_flow_inputs,

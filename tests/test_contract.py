@@ -7,6 +7,7 @@ import re
 from contextlib import contextmanager
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 from conftest import assert_close_to_single_run, build_pipeline, count_unet_calls, seeded_generator
@@ -381,9 +382,9 @@ def test_a_step_end_callback_sees_every_step_and_can_change_the_latents(family, 
 
 
 REFUSALS = [  # (changes, message): what every family refuses, before it runs a step
+    (dict(map=None), "`map`"),
     (dict(map=[np.zeros((MAP_SIZE, MAP_SIZE))] * 3), "3 maps for 1 images"),
     (dict(map=np.zeros((MAP_SIZE, MAP_SIZE // 2))), "aspect ratio"),
-    (dict(map=None), "`map`"),
     (dict(map=np.full((MAP_SIZE, MAP_SIZE), 2.0)), r"\[0, 1\]"),
     (dict(strength=1.5), "strength"),
     (dict(num_inference_steps=0), "num_inference_steps"),
@@ -393,7 +394,8 @@ REFUSALS = [  # (changes, message): what every family refuses, before it runs a 
 def test_bad_inputs_are_refused_clearly(family, components):
     entry = FAMILIES[family]
     _, ours = pipelines(family, components)
-    refusals = [*REFUSALS, *entry.refusals]
+    # Without a map, a pipeline whose binary mask the map replaces is stock (below).
+    refusals = [*REFUSALS[1 if entry.binary_mask else 0 :], *entry.refusals]
     if "latent output" not in entry.skip:  # keep_exact needs the decoded pixels
         refusals.append((dict(keep_exact=True, output_type="latent"), "keep_exact"))
     with denoiser_calls(ours, family) as calls:
@@ -453,3 +455,26 @@ def test_keep_exact_blends_strengths_below_one_step_linearly(family, components,
     assert torch.allclose(exact[..., left], 0.5 * plain[..., left] + 0.5 * original[..., left], atol=1e-6)
     assert torch.equal(exact[..., right], plain[..., right])
 
+
+
+# Inpainting pipelines whose binary mask the map replaces (design, section 8)
+
+
+@pytest.mark.parametrize("family", [name for name, entry in FAMILIES.items() if entry.binary_mask], scope="module")
+def test_a_binary_map_is_stock_with_its_complement_as_the_mask_and_no_map_is_stock(family, components):
+    """Aligned to the 2x2 patches of latents, a binary map (1 = keep) is stock with `mask_image = 1 - map`: kept
+    pixels held on the noised original and ending as x0, the others free, at every strength and guidance."""
+    entry = FAMILIES[family]
+    stock, ours = pipelines(family, components)
+    keep_map = band_map(1.0, 0.0)  # halves of the image: whole patches on every grid
+    mask = PIL.Image.fromarray(((1 - keep_map) * 255).astype(np.uint8))
+    for strength, steps in [(1.0, 3), (0.5, 3)]:  # from pure noise; T * s not whole
+        for variant, (changes, calls_per_step) in entry.calls.items():
+            run = dict(strength=strength, num_inference_steps=steps, output_type=latent_output(family), **changes)
+            expected = edit(stock, family, mask_image=mask, **run)
+            with denoiser_calls(ours, family) as calls:
+                assert torch.equal(edit(ours, family, map=keep_map, **run), expected), (strength, variant)
+            assert each_made(calls, calls_per_step * steps_run(FLOW, steps, strength))
+            assert torch.equal(edit(ours, family, mask_image=mask, **run), expected), (strength, variant)
+    with pytest.raises(ValueError, match="act on a `map`"):
+        edit(ours, family, mask_image=mask, keep_exact=True)

@@ -241,11 +241,14 @@ def test_fix_spreads_an_edit_of_a_source_object_to_its_copies(tree):
     comment = "        # Stock draws `noise` here"
     replace_once(tree / "SD3" / "diff_pipe.py", comment, comment + " (edited in the source)")
     problems, fixed = check_copies.check_objects(tree, fix=True)
-    assert problems == [] and fixed == [
-        f"{family}/diff_pipe.py: {family}DiffImg2ImgPipeline.prepare_latents" for family in sorted(FLOW_FAMILIES[1:])
-    ]
-    for family in FLOW_FAMILIES:
-        assert (tree / family / "diff_pipe.py").read_text().count(comment + " (edited in the source)") == 1
+    marker = "# Copied from SD3/diff_pipe.py:StableDiffusion3DiffImg2ImgPipeline.prepare_latents\n"
+    copies = sorted(path.relative_to(tree).as_posix() for path in tree.glob("*/diff_pipe*.py")
+                    if marker in path.read_text())
+    assert {f"{family}/diff_pipe.py" for family in FLOW_FAMILIES[1:]} <= set(copies)
+    assert problems == [] and [line.split(":")[0] for line in fixed] == copies
+    assert all(line.endswith(".prepare_latents") for line in fixed)
+    for path in ["SD3/diff_pipe.py", *copies]:
+        assert (tree / path).read_text().count(comment + " (edited in the source)") == 1
 
 
 SOURCE = '''
