@@ -105,8 +105,11 @@ def test_signature_is_stocks_then_ours_and_every_stock_argument_reaches_stock(fa
     assert [p.name for p in ours[: len(named)]] == [p.name for p in named]
     for our, theirs in zip(ours, named):
         assert our.kind == theirs.kind, our.name
-        # A map already says how much each pixel changes: `strength` only scales it, so it defaults to 1.
-        assert our.default == (1.0 if our.name == "strength" else theirs.default), our.name
+        # A map already says how much each pixel changes: `strength` only scales it, so it defaults to 1. Where stock
+        # is what a call without a map runs and stock's default is not 1, None stands for 1 with a map and stock's
+        # own default without one.
+        strength = None if entry.binary_mask and theirs.default != 1.0 else 1.0
+        assert our.default == (strength if our.name == "strength" else theirs.default), our.name
     extras = ours[len(named) :]
     # Last, **kwargs: stock's own where it has one (deprecated callbacks), and in every class a way to tell the crop's
     # old keywords where the crop went (tests/test_crop.py).
@@ -464,6 +467,7 @@ def test_keep_exact_blends_strengths_below_one_step_linearly(family, components,
 def test_a_binary_map_is_stock_with_its_complement_as_the_mask_and_no_map_is_stock(family, components):
     """Aligned to the 2x2 patches of latents, a binary map (1 = keep) is stock with `mask_image = 1 - map`: kept
     pixels held on the noised original and ending as x0, the others free, at every strength and guidance."""
+    skip_unless_it_can(family, "binary map is stock")
     entry = FAMILIES[family]
     stock, ours = pipelines(family, components)
     keep_map = band_map(1.0, 0.0)  # halves of the image: whole patches on every grid
