@@ -246,7 +246,8 @@ class FluxKontextDiffInpaintPipeline(FluxKontextInpaintPipeline):
             image (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor` or a list of them):
                 The image(s) to edit, as pixels. As in stock, they are resized to the Kontext resolution nearest their
                 aspect ratio (with `_auto_resize=False`, to their own size in whole 2x2 patches of latents), and the
-                output has that size; `height` and `width` play no part. The map follows the image through the resize.
+                output has that size; `height`, `width` and `max_area` play no part. The map follows the image
+                through the resize.
             mask_image:
                 Stock's binary mask (white = repaint), for a call without `map`.
             strength (`float` in [0, 1], *optional*, defaults to 1.0):
@@ -338,6 +339,8 @@ class FluxKontextDiffInpaintPipeline(FluxKontextInpaintPipeline):
                                          decoded_type)
             else:
                 images = stock(
+                    # Stock sizes the edit by the image; `height`, `width` and `max_area` would only make it warn.
+                    height=height, width=width, max_area=height * width,
                     mask_image=stock_mask, strength=strengths.max().item(), num_inference_steps=num_inference_steps,
                     output_type=decoded_type, return_dict=True, callback_on_step_end=frozen,
                     callback_on_step_end_tensor_inputs=frozen.step_end_tensor_inputs,

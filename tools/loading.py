@@ -22,8 +22,13 @@ FAMILIES = {
     "KandinskyV22Prior": ("a Kandinsky 2.2 prior", "Kandinsky/run.py --prior"),
     "IF": ("a DeepFloyd IF checkpoint", "IF/run.py"),
     "Flux": ("a Flux checkpoint", "Flux/run.py"),
+    "FluxKontext": ("a FLUX.1 Kontext checkpoint", "Flux/run.py --kontext"),
+    "FluxFill": ("a FLUX.1 Fill checkpoint", "Flux/run.py --fill"),
+    "Flux2": ("a FLUX.2 checkpoint", "no run.py here: Flux2/run.py takes FLUX.2 [klein]"),
+    "Flux2Klein": ("a FLUX.2 [klein] checkpoint", "Flux2/run.py"),
     "Chroma": ("a Chroma checkpoint", "Chroma/run.py"),
     "QwenImage": ("a Qwen-Image checkpoint", "QwenImage/run.py"),
+    "QwenImageEdit": ("a Qwen-Image-Edit checkpoint", "QwenImage/run.py --edit"),
     "ZImage": ("a Z-Image checkpoint", "ZImage/run.py"),
 }
 
