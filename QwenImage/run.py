@@ -2,6 +2,7 @@
 
     python QwenImage/run.py                      # the example in assets/, with the default model
     python QwenImage/run.py --image photo.jpg --map map.png --prompt "a watercolour painting" --output edit.png
+    python QwenImage/run.py --edit --image photo.jpg --map map.png --prompt "make it winter"   # edit by instruction
 
 The default steps and guidance are those of diffusers' `QwenImageImg2ImgPipeline` (50 steps, true_cfg_scale 4, and
 a negative prompt of " " when none is given, as its docstring example does); the model card of Qwen/Qwen-Image
@@ -14,10 +15,19 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tools import cli, loading, results, running  # noqa: E402
+from tools import cli, editing, loading, results, running  # noqa: E402
 
 DEFAULT_MODEL = "Qwen/Qwen-Image"
 SIZE_MULTIPLE = 16  # the VAE's 8 times the 2x2 patches that latents are packed in
+# Stock QwenImageEditInpaintPipeline defaults to the steps and true CFG of img2img; its docstring's model.
+VARIANTS = {
+    "img2img": editing.Variant(None, DEFAULT_MODEL, 50, 4.0),
+    "edit": editing.Variant(
+        "--edit", "Qwen/Qwen-Image-Edit", 50, 4.0,
+        "edit by instruction with Qwen-Image-Edit's inpainting pipeline: the prompt says what to do, the map how "
+        "much each pixel may change; as stock, the image is edited at about 1024x1024 pixels of its aspect ratio, "
+        "which is the output's size"),
+}
 
 
 def build_parser():
@@ -33,6 +43,7 @@ def build_parser():
     parser.common_flags["guidance_scale"].help = (
         "Qwen-Image's true_cfg_scale: above 1, true classifier-free guidance with --negative-prompt, two "
         "transformer passes per step; 1 or less turns it off (default: %(default)g)")
+    editing.add_variants(parser, VARIANTS)
     return parser
 
 
@@ -42,10 +53,13 @@ def load_pipelines(args):
             f"--scheduler {args.scheduler} is a sampler for SD 1.x/2.x and SDXL; Qwen-Image samples with flow "
             "matching: leave --scheduler default"
         )
-    from QwenImage.diff_pipe import QwenImageDiffImg2ImgPipeline  # by package, so that families never collide
-
+    # By package, so that families never collide.
+    if args.edit:
+        from QwenImage.diff_pipe_edit import QwenImageEditDiffInpaintPipeline as pipeline_class
+    else:
+        from QwenImage.diff_pipe import QwenImageDiffImg2ImgPipeline as pipeline_class
     return loading.load_pipeline(
-        QwenImageDiffImg2ImgPipeline, args.model, torch_dtype=cli.torch_dtype(args.dtype), device=args.device,
+        pipeline_class, args.model, torch_dtype=cli.torch_dtype(args.dtype), device=args.device,
         offload=args.offload,
     )
 
@@ -59,18 +73,11 @@ def edit(pipe, args, *, images, maps, prompts, negative_prompts, seeds):
     """Edits a batch (lists of equal length) with the sampling settings in `args`; returns (images, steps run)."""
     for image in images:  # below one patch, working_size would scale the image up without a word
         cli.check_image_size(image, SIZE_MULTIPLE, "the VAE's 8 pixels a latent, in 2x2 patches")
-    width, height = working_size(images[0])
-    images = running.edit_images(
-        pipe,
-        args,
+    call = dict(
         prompt=prompts,
         # Stock runs true CFG whenever a negative prompt is given; " " is what diffusers' example gives for none.
         negative_prompt=[text or " " for text in negative_prompts],
         image=images,
-        # Stock resizes the image to (width, height): the map follows, or rounding could break their aspect.
-        map=[cli.stretch_map(map_image, (width, height)) for map_image in maps],
-        height=height,
-        width=width,
         invert_map=args.invert_map,
         strength=args.strength,
         keep_exact=args.keep_exact,
@@ -78,6 +85,14 @@ def edit(pipe, args, *, images, maps, prompts, negative_prompts, seeds):
         true_cfg_scale=args.guidance_scale,
         generator=[loading.make_generator(seed) for seed in seeds],
     )
+    if args.edit:  # stock sizes the edit from the image, and the map follows the image through its resize
+        call.update(map=maps)
+    else:
+        width, height = working_size(images[0])
+        # Stock resizes the image to (width, height): the map follows, or rounding could break their aspect.
+        call.update(map=[cli.stretch_map(map_image, (width, height)) for map_image in maps], height=height,
+                    width=width)
+    images = running.edit_images(pipe, args, **call)
     return images, pipe.num_timesteps
 
 
@@ -91,7 +106,7 @@ def run():
         negative_prompts=[args.negative_prompt], seeds=[args.seed],
     )
     results.save_result(result, args, image=image, map_image=map_image, steps_run=steps_run,
-                        seconds=time.perf_counter() - started)
+                        seconds=time.perf_counter() - started, extra_params={"variant": "edit"} if args.edit else {})
 
 
 if __name__ == "__main__":
