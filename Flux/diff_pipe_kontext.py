@@ -513,7 +513,8 @@ def map_to_tensor(map, complement: bool = False) -> torch.Tensor:
         if map.ndim == 3 and map.shape[-1] in (3, 4):
             raise ValueError(f"`map` has shape {map.shape}, which looks like a colour image; a map has one channel. "
                              "Pass a grayscale array, or the image as a PIL image, which is converted to luminance.")
-        map = torch.from_numpy(np.ascontiguousarray(map[..., 0] if map.ndim in (3, 4) and map.shape[-1] == 1 else map))
+        map = np.ascontiguousarray(map[..., 0] if map.ndim in (3, 4) and map.shape[-1] == 1 else map)
+        map = torch.from_numpy(map if map.flags.writeable else map.copy())  # np.asarray(image) is read-only
     if not isinstance(map, torch.Tensor):
         raise TypeError(f"`map` must be a PIL image, numpy array, torch tensor or a list of them, not "
                         f"{type(map).__name__}.")

@@ -1,6 +1,7 @@
 """The differential core on its own: map parsing, strengths and each family's release rule against stock's own."""
 
 import types
+import warnings
 
 import numpy as np
 import PIL.Image
@@ -107,6 +108,11 @@ def test_sixteen_bit_maps_keep_their_precision():
 )
 def test_numpy_layouts(shape, expected):
     assert map_to_tensor(np.zeros(shape, np.float32)).shape == expected
+    read_only = np.zeros(shape, np.float32)
+    read_only.flags.writeable = False  # as np.asarray(image) hands out: torch warned that writing to it is undefined
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert map_to_tensor(read_only).shape == expected
 
 
 def test_list_of_maps_is_a_batch():

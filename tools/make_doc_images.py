@@ -1,4 +1,5 @@
-"""Draw the pictures of docs/tools.md: the maps each tool makes from the example photo, and nothing else.
+"""Draw the pictures of docs/tools.md and docs/edit-models.md: the maps each tool makes from the example photo, and
+what the pipelines make of a map step by step; nothing else.
 
     python -m tools.make_doc_images               # rewrites docs/images/
     python -m tools.make_doc_images --out DIR     # writes into another folder
@@ -26,6 +27,7 @@ PREVIEW = 256  # pixels per side of each map's preview
 SWEEP_TILE = 96
 ADHERENCE_BINS = 10
 CROP_STEPS, CROP_MARGIN, CROP_SCALE = 50, 32, 8  # a 50-step SD run, 32 px of margin, 8 px per latent cell
+RELEASE_STEPS, RELEASE_SHOWN = 28, (0, 7, 14, 21)  # FLUX.1 Kontext's default schedule, and the steps drawn
 
 
 def _preview(keep_map: np.ndarray | Image.Image) -> Image.Image:
@@ -66,6 +68,26 @@ def crop_picture(photo: Image.Image, soft_map) -> Image.Image:
     return _side_by_side(*panels, labels)
 
 
+def release_picture(soft_map) -> Image.Image:
+    """What an edit model does with the soft-inpainting map, step by step: white where a pixel runs free at that
+    step (the mask FLUX.1 Fill reads; the pixels the instruction editors let change), by the flow rule the pipelines
+    run, on the 16 px tokens of FLUX.1."""
+    from Flux.diff_pipe_kontext import map_on_grid, map_to_tensor, release_steps
+
+    keep = np.asarray(soft_map, np.float32)
+    grid = (keep.shape[0] // 16, keep.shape[1] // 16)
+    release = release_steps(map_on_grid(map_to_tensor(keep, complement=True), grid), RELEASE_STEPS)[0, 0].numpy()
+    panels = [_preview(keep).convert("RGB")] + [
+        _preview(Image.fromarray(((release <= step) * 255).astype(np.uint8)).resize(soft_map.size)).convert("RGB")
+        for step in RELEASE_SHOWN]
+    strip = Image.new("RGB", (sum(panel.width + 4 for panel in panels) - 4, panels[0].height), (32, 32, 32))
+    labels = ["map", *(f"step {step} of {RELEASE_STEPS}" for step in RELEASE_SHOWN)]
+    for index, (panel, label) in enumerate(zip(panels, labels)):
+        strip.paste(panel, (index * (panel.width + 4), 0))
+        draw_label(strip, label, (index * (panel.width + 4) + 6, 6), "la", 12)
+    return strip
+
+
 def doc_images(photo: Image.Image) -> dict[str, Image.Image]:
     """The pictures by file name, for the example photo."""
     size = width, height = photo.size
@@ -90,6 +112,7 @@ def doc_images(photo: Image.Image) -> dict[str, Image.Image]:
         ),
         "adherence_bins.png": _preview(binned),
         "crop_to_change.png": crop_picture(photo, soft_map),
+        "edit_release.png": release_picture(soft_map),
     }
 
 
