@@ -1,7 +1,7 @@
 """Flow-matching families: the cost of per-pixel strength, measured side by side with stock img2img in one process.
 
-    python benchmarks/bench_flow.py --family {sd3,flux,chroma,qwenimage,zimage} [--size 256] [--steps 20]
-                                    [--repeats 3] [--device cpu]
+    python benchmarks/bench_flow.py --family {sd3,flux,chroma,qwenimage,zimage,flux_kontext} [--size 256]
+                                    [--steps 20] [--repeats 3] [--device cpu]
 
 Each family's transformer keeps its real block types (SD3's MMDiT, FLUX.1's and Chroma's double- and single-stream
 blocks, Qwen-Image's MMDiT, Z-Image's single-stream blocks with refiners) at a small width, over a VAE of the real
@@ -10,17 +10,21 @@ The text encoders are the tests' tiny ones, run once per call by both pipelines,
 guides as its published model does (FLUX.1-dev is guidance-distilled, Z-Image-Turbo runs without CFG; the others
 double the batch of every transformer call). The cases and the figures printed are those of every benchmark (see
 bench_sd2.py), except that a map whose strongest pixel is 0.3 costs ceil(0.3 T) transformer calls here: flow-matching
-img2img runs ceil(T s) steps at strength s, where SD runs floor(T s).
+img2img runs ceil(T s) steps at strength s, where SD runs floor(T s). The edit models' inpainting pipelines (FLUX.1
+Kontext, ...) are measured against stock inpainting with an all-white mask, which repaints what a uniform map does.
 """
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
+
+from PIL import Image
 
 from diffusers import (
     ChromaImg2ImgPipeline,
     FluxImg2ImgPipeline,
+    FluxKontextInpaintPipeline,
     QwenImageImg2ImgPipeline,
     StableDiffusion3Img2ImgPipeline,
     ZImageImg2ImgPipeline,
@@ -30,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import harness  # noqa: E402
 from Chroma import diff_pipe as chroma_pipe  # noqa: E402
 from Flux import diff_pipe as flux_pipe  # noqa: E402
+from Flux import diff_pipe_kontext as kontext_pipe  # noqa: E402
 from QwenImage import diff_pipe as qwenimage_pipe  # noqa: E402
 from SD3 import diff_pipe as sd3_pipe  # noqa: E402
 from tests.flow_models import flux_components, sd3_components  # noqa: E402
@@ -54,6 +59,8 @@ class FlowFamily:
     components: Callable  # () -> the shared components
     guidance: dict  # the family's guidance arguments
     guidance_note: str  # how it guides, for the heading
+    inputs: dict = field(default_factory=dict)  # what else both take
+    mask: bool = False  # an inpainting pipeline: stock takes an all-white mask where ours takes the map
 
 
 FAMILIES = {
@@ -77,6 +84,11 @@ FAMILIES = {
                          "ZImageDiffImg2ImgPipeline",
                          lambda: zimage_components(layers=2, refiner_layers=1, vae_widths=VAE_WIDTHS, **WIDTH),
                          dict(guidance_scale=0.0), "no CFG (as Z-Image-Turbo)"),
+    "flux_kontext": FlowFamily("FLUX.1 Kontext inpainting, FLUX.1-shaped transformer, 1 double + 2 single blocks",
+                               FluxKontextInpaintPipeline, kontext_pipe, "FluxKontextDiffInpaintPipeline",
+                               lambda: flux_components(layers=1, single_layers=2, vae_widths=VAE_WIDTHS, **WIDTH),
+                               dict(guidance_scale=3.5), "guidance-distilled, no CFG; the source as tokens",
+                               inputs=dict(_auto_resize=False), mask=True),
 }
 
 
@@ -90,10 +102,12 @@ def main(argv=None):
     stock = build_pipeline(family.stock_class, components).to(args.device)
     ours = build_pipeline(getattr(family.module, family.pipeline_class), components).to(args.device)
     inputs = dict(prompt=PROMPT, image=test_image(args.size), height=args.size, width=args.size,
-                  max_sequence_length=TEXT_LENGTH, num_inference_steps=args.steps, output_type="np", **family.guidance)
+                  max_sequence_length=TEXT_LENGTH, num_inference_steps=args.steps, output_type="np", **family.guidance,
+                  **family.inputs)
+    white = dict(mask_image=Image.new("L", (args.size, args.size), 255)) if family.mask else None
     harness.measure_family(f"{family.title}, width {HEADS * HEAD_DIM}, VAE factor 8, {args.size}x{args.size} px",
                            stock, ours, family.module, inputs, args.size, args.repeats, args.device,
-                           guidance=family.guidance_note)
+                           guidance=family.guidance_note, stock_inputs=white)
 
 
 if __name__ == "__main__":

@@ -341,11 +341,12 @@ def print_differential_work(module, run, stock: dict, device):
 
 
 def measure_family(title: str, stock, ours, module, inputs: dict, map_size: int, repeats: int, device,
-                   extra_cases=None, guidance="CFG on") -> dict:
+                   extra_cases=None, guidance="CFG on", stock_inputs=None) -> dict:
     """Times the cases of CASES (and `extra_cases`, by display name) for one pair of pipelines sharing a denoiser (UNet
     or transformer), side by side, then prints the table and the differential work of `module`, the pipeline file of
-    `ours`. `guidance` says in the heading how the family guides (CFG doubles the batch of every call)."""
-    cases = {**img2img_cases(stock, ours, map_size, inputs), **(extra_cases or {})}
+    `ours`. `guidance` says in the heading how the family guides (CFG doubles the batch of every call);
+    `stock_inputs` go to stock alone (an inpainting pipeline's mask, which ours replaces by the map)."""
+    cases = {**img2img_cases(stock, ours, map_size, inputs, stock_inputs=stock_inputs), **(extra_cases or {})}
     results = side_by_side(cases, unet_calls_per_case(stock, cases), repeats, device)
     print(f"\n{title}, {run_description(device, inputs['num_inference_steps'], repeats, guidance)}")
     table = Table(("case", 36))
