@@ -941,6 +941,11 @@ def flux_inputs(setup, components, size):
                 guidance_scale=3.5)
 
 
+def kontext_inputs(setup, components, size):
+    # FLUX.1 Kontext edits at the image's size here (its preferred resolutions include 1024 x 1024).
+    return dict(flux_inputs(setup, components, size), _auto_resize=False)
+
+
 def chroma_components(setup):
     return dict(
         transformer=build_model(ChromaTransformer2DModel, CHROMA_HD_TRANSFORMER, SMOKE_CHROMA_TRANSFORMER, setup),
@@ -1070,6 +1075,10 @@ FAMILIES = {
                "FluxImg2ImgPipeline", 1024, 64, flux_components, flux_inputs,
                ["T5-XXL (512 tokens) and CLIP-L pooled embeddings given directly; guidance-distilled, no CFG"],
                flow_matching=True),
+        Family("flux-kontext", "FLUX.1 Kontext [dev]", "Flux/diff_pipe_kontext.py", "FluxKontextDiffInpaintPipeline",
+               "FluxKontextInpaintPipeline", 1024, 64, flux_components, kontext_inputs,
+               ["FLUX.1-dev's transformer (FLUX.1-Kontext-dev shares its config); the source as 4096 more tokens; "
+                "stock repaints an all-white mask"], flow_matching=True, stock_inputs=stock_inpaint_inputs),
         Family("chroma", "Chroma1-HD", "Chroma/diff_pipe.py", "ChromaDiffImg2ImgPipeline",
                "ChromaImg2ImgPipeline", 1024, 64, chroma_components, chroma_inputs,
                ["T5-XXL embeddings given directly (512 tokens); CFG as two transformer calls per step"],
