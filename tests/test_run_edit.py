@@ -95,3 +95,19 @@ def test_each_variant_defaults_to_its_stock_pipelines_model_steps_and_guidance()
                             (["--fill", "--steps", "7"], ("black-forest-labs/FLUX.1-Fill-dev", 7, 30.0))]:
         args = parser.parse_args(flags)
         assert (args.model, args.steps, args.guidance_scale) == expected, flags
+
+
+def test_a_batch_row_of_an_edit_model_is_what_its_run_py_gives(kontext_dir, inputs, tmp_path):
+    from tools import batch
+
+    image, map_path = inputs
+    jobs = tmp_path / "jobs.csv"
+    jobs.write_text(f"image,map,prompt,seed,output\n{image},{map_path},{PROMPT},{SEED},row.png\n")
+    flags = ["--kontext", "--own-size", "--model", str(kontext_dir), "--device", "cpu", "--steps", str(STEPS)]
+    assert batch.run(["--family", "flux", str(jobs), "--output-dir", str(tmp_path / "out"), *flags]) == 0
+    ran = run_in_process("Flux/run.py", *flags, "--image", image, "--map", map_path, "--prompt", PROMPT, "--seed", SEED,
+                         "--output", tmp_path / "run.png", cwd=tmp_path)
+    assert ran.returncode == 0, ran.stderr
+    row, text = written(tmp_path / "out" / "row.png")
+    assert np.array_equal(row, written(tmp_path / "run.png")[0])
+    assert (text["kontext"], text["own_size"], text["family"]) == ("True", "True", "flux")
