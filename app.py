@@ -78,11 +78,9 @@ def family_args(name: str, argv: list[str]) -> cli.Args:
     return args
 
 
-def family_defaults(name: str) -> tuple[int, float, list[str]]:
-    """The family's default steps and guidance scale, and the samplers that its --scheduler offers."""
-    parser = loading.load_family(name).build_parser()
-    return (parser.get_default("steps"), parser.get_default("guidance_scale"),
-            list(parser.common_flags["scheduler"].choices))
+def samplers(name: str) -> list[str]:
+    """The samplers that the family's --scheduler offers."""
+    return list(loading.load_family(name).build_parser().common_flags["scheduler"].choices)
 
 
 def has_controlnet(name: str) -> bool:
@@ -301,7 +299,8 @@ def load_image(path: str | None, max_side: int) -> Image.Image:
 
 def build_app(models: Models, output_dir: Path) -> gr.Blocks:
     start = models.start_args
-    start_steps, start_guidance, start_schedulers = family_defaults(models.start_family)
+    start_schedulers = samplers(models.start_family)
+    start_steps, start_guidance = start.steps, start.guidance_scale  # the start flags' own, as run.py takes them
     families = list(loading.families())
     on_cpu = start.device == "cpu"
     start_side = CPU_SIDE if on_cpu else 768
@@ -414,8 +413,9 @@ def build_app(models: Models, output_dir: Path) -> gr.Blocks:
             return {"background": image, "layers": [], "composite": image}
 
         def new_family(name):
-            args = models.args_for(name)
-            steps_default, guidance_default, schedulers = family_defaults(name)
+            args = models.args_for(name)  # the start family's flags (an edit model's defaults among them)
+            schedulers = samplers(name)
+            steps_default, guidance_default = args.steps, args.guidance_scale
             return (args.model, steps_default, guidance_default, gr.Dropdown(choices=schedulers, value=args.scheduler),
                     gr.Row(visible=has_controlnet(name)))
 
