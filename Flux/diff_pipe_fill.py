@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import FluxFillPipeline
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.image_processor import PipelineImageInput
 from diffusers.pipelines.flux import FluxPipelineOutput
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -194,8 +195,8 @@ class FluxDiffFillPipeline(FluxFillPipeline):
         self,
         prompt: str | list[str] = None,
         prompt_2: str | list[str] | None = None,
-        image: torch.FloatTensor | None = None,
-        mask_image: torch.FloatTensor | None = None,
+        image: PipelineImageInput | None = None,
+        mask_image: PipelineImageInput | None = None,
         masked_image_latents: torch.FloatTensor | None = None,
         height: int | None = None,
         width: int | None = None,
@@ -356,7 +357,7 @@ class FluxDiffFillPipeline(FluxFillPipeline):
         masked_image_latents = vae.encode((pixels * (1 - released)).to(device, vae.dtype)).latent_dist.mode()
         # Given latents for the masked image, stock only shifts, scales, repeats and packs them.
         mask, masked_image_latents = self.prepare_mask_latents(
-            released.to(device), masked_image_latents, batch_size, self.latent_channels, 1, *pixels.shape[-2:], dtype,
+            released, masked_image_latents, batch_size, self.latent_channels, 1, *pixels.shape[-2:], dtype,
             device, None,
         )
         return torch.cat((masked_image_latents, mask), dim=-1)
