@@ -12,17 +12,18 @@ import PIL.Image
 import torch
 from diffusers import (
     ChromaImg2ImgPipeline, DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
-    FlowMatchHeunDiscreteScheduler, FlowMatchLCMScheduler, FluxImg2ImgPipeline, FluxKontextInpaintPipeline, IFImg2ImgPipeline,
-    IFImg2ImgSuperResolutionPipeline, KandinskyV22Img2ImgPipeline, QwenImageImg2ImgPipeline,
-    StableDiffusion3Img2ImgPipeline, StableDiffusionControlNetImg2ImgPipeline, StableDiffusionImg2ImgPipeline,
-    StableDiffusionInpaintPipeline, StableDiffusionXLControlNetImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline,
-    StableDiffusionXLInpaintPipeline, ZImageImg2ImgPipeline
+    FlowMatchHeunDiscreteScheduler, FlowMatchLCMScheduler, FluxFillPipeline, FluxImg2ImgPipeline,
+    FluxKontextInpaintPipeline, IFImg2ImgPipeline, IFImg2ImgSuperResolutionPipeline, KandinskyV22Img2ImgPipeline,
+    QwenImageImg2ImgPipeline, StableDiffusion3Img2ImgPipeline, StableDiffusionControlNetImg2ImgPipeline,
+    StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline, StableDiffusionXLControlNetImg2ImgPipeline,
+    StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline, ZImageImg2ImgPipeline
 )
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 from benchmarks.harness import denoiser
 from Chroma.diff_pipe import ChromaDiffImg2ImgPipeline
 from Flux.diff_pipe import FluxDiffImg2ImgPipeline
+from Flux.diff_pipe_fill import FluxDiffFillPipeline
 from Flux.diff_pipe_kontext import FluxKontextDiffInpaintPipeline
 from IF.diff_pipe_I import IFDiffImg2ImgPipeline
 from IF.diff_pipe_II import IFDiffImg2ImgSuperResolutionPipeline
@@ -36,6 +37,7 @@ from SDXL.diff_pipe import StableDiffusionXLDiffImg2ImgPipeline
 from SDXL.diff_pipe_controlnet import StableDiffusionXLControlNetDiffImg2ImgPipeline
 from SDXL.diff_pipe_inpaint import StableDiffusionXLDiffInpaintPipeline
 from ZImage.diff_pipe import ZImageDiffImg2ImgPipeline
+from tests.fill_models import flux_fill_components
 from tests.flow_models import flux_components, sd3_components, x0_and_noise
 from tests.flow_models2 import chroma_components, qwen_x0_and_noise, qwenimage_components, zimage_components
 from tests.tiny_models import (
@@ -326,6 +328,12 @@ EDIT = dict(rule=FLOW, schedule=shifted_schedule, on_grid=unpack, decode=unpacke
             refusals=((dict(mask_image=WHITE_MASK), "map=mask, invert_map=True"),
                       (dict(latents=torch.zeros(1, 256, 16)), LATENTS_NOT_TAKEN)))
 
+# FLUX.1 Fill makes its masked image from the image's pixels, which the map replaces too.
+FILL = {**EDIT, "withheld": frozenset({"latents", "masked_image_latents"}), "refusals": EDIT["refusals"] + (
+    (dict(masked_image_latents=torch.zeros(1, 64, 32)), "`map` or `masked_image_latents`"),
+    (dict(image=torch.zeros(1, 4, 16, 16)), "as pixels, not latents"),
+)}
+
 
 def kontext_inputs(item=0):
     # Kontext resizes to its own resolutions unless told, to the image's size at `max_area`.
@@ -464,6 +472,23 @@ FAMILIES = {
                             joint_attention_kwargs={}),
         refusals=((dict(latents=LATENTS), LATENTS_NOT_TAKEN), (dict(height=16, width=16), "does not resize"),
                   (dict(image=torch.zeros(1, 4, 16, 16), height=64, width=64), "the image is 32x32")),
+    ),
+    # FLUX.1 Fill: the flow counterpart of the inpainting checkpoints (design, section 8), whose transformer reads the
+    # masked image and the mask beside the latents; tests/test_fill.py checks what it reads at every step.
+    "flux_fill": Family(
+        FluxDiffFillPipeline, FluxFillPipeline, flux_fill_components, packed_flow_inputs,
+        x0_and_noise=flow_x0_and_noise, **FILL,
+        passed_through=dict(prompt_2="a pear", guidance_scale=2.5, joint_attention_kwargs={}),
+        skip={
+            "in memory as loaded": FLUX_LOADED,
+            "binary map is stock": "stock Fill never puts the pixels outside its mask back on the noised original "
+                                   "(the model reads them as known and lets them evolve), where ours holds them there, "
+                                   "so the latents differ; tests/test_fill.py shows that the transformer reads stock's "
+                                   "mask and masked image at every step, and that no map is stock",
+            "copies alone": "stock Fill encodes one image once, with the first of a list of generators, and takes no "
+                            "latents as `image` (its masked image is made from the pixels), so a copy is not its own "
+                            "run; tests/test_fill.py checks the masks each copy's transformer reads",
+        },
     ),
 }
 
