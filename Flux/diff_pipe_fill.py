@@ -187,7 +187,6 @@ class FluxDiffFillPipeline(FluxFillPipeline):
         width = width or self.default_sample_size * self.vae_scale_factor
         pixels, cell = self.image_processor.preprocess(image, height=height, width=width), self.vae_scale_factor
         change = map_to_tensor(map, complement=not invert_map)
-        latent_grid = tuple(side // cell for side in pixels.shape[-2:])
         return {"image": pixels / 2 + 0.5}, map_on_grid(change, tuple(pixels.shape[-2:]), (height, width)), cell
 
     @torch.no_grad()
@@ -515,7 +514,8 @@ def map_to_tensor(map, complement: bool = False) -> torch.Tensor:
         if map.ndim == 3 and map.shape[-1] in (3, 4):
             raise ValueError(f"`map` has shape {map.shape}, which looks like a colour image; a map has one channel. "
                              "Pass a grayscale array, or the image as a PIL image, which is converted to luminance.")
-        map = torch.from_numpy(np.ascontiguousarray(map[..., 0] if map.ndim in (3, 4) and map.shape[-1] == 1 else map))
+        map = np.ascontiguousarray(map[..., 0] if map.ndim in (3, 4) and map.shape[-1] == 1 else map)
+        map = torch.from_numpy(map if map.flags.writeable else map.copy())  # np.asarray(image) is read-only
     if not isinstance(map, torch.Tensor):
         raise TypeError(f"`map` must be a PIL image, numpy array, torch tensor or a list of them, not "
                         f"{type(map).__name__}.")

@@ -179,7 +179,6 @@ class QwenImageDiffImg2ImgPipeline(QwenImageImg2ImgPipeline):
         width = width or self.default_sample_size * self.vae_scale_factor
         pixels, cell = self.image_processor.preprocess(image, height=height, width=width), self.vae_scale_factor
         change = map_to_tensor(map, complement=not invert_map)
-        latent_grid = tuple(side // cell for side in pixels.shape[-2:])
         return {"image": pixels / 2 + 0.5}, map_on_grid(change, tuple(pixels.shape[-2:]), (height, width)), cell
 
     @torch.no_grad()
