@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import REPO_ROOT, load_pipeline, run_in_process
-from diffusers import FluxKontextInpaintPipeline
+from diffusers import FluxFillPipeline, FluxKontextInpaintPipeline
+from fill_models import flux_fill_components
 from flow_models import flux_components
 from PIL import Image
 
+from Flux.diff_pipe_fill import FluxDiffFillPipeline
 from Flux.diff_pipe_kontext import FluxKontextDiffInpaintPipeline
 from tests.tiny_models import save_stock
 
@@ -34,6 +36,11 @@ def direct_call(pipe, image, map_path, **kwargs):
 @pytest.fixture(scope="module")
 def kontext_dir(tmp_path_factory):
     return save_stock(FluxKontextInpaintPipeline, flux_components, tmp_path_factory.mktemp("kontext"))
+
+
+@pytest.fixture(scope="module")
+def fill_dir(tmp_path_factory):
+    return save_stock(FluxFillPipeline, flux_fill_components, tmp_path_factory.mktemp("fill"))
 
 
 def rerun(text, tmp_path):
@@ -66,6 +73,24 @@ def test_kontext_edits_by_instruction_with_a_reference_and_its_png_makes_it_agai
     assert np.array_equal(written(tmp_path / "again.png")[0], edited)
 
 
+def test_fill_edits_with_its_mask_following_the_map_and_its_png_makes_it_again(fill_dir, inputs, tmp_path):
+    image, map_path = inputs
+    output = tmp_path / "edit.png"
+    ran = run_in_process("Flux/run.py", "--fill", "--model", fill_dir, "--device", "cpu", "--image", image, "--map",
+                         map_path, "--prompt", PROMPT, "--steps", STEPS, "--seed", SEED, "--strength", "0.6",
+                         "--output", output, cwd=tmp_path)
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.endswith(", 3 denoising steps)\n"), ran.stdout  # ceil(4 * 0.6)
+    edited, text = written(output)
+    assert (text["variant"], text["guidance_scale"]) == ("fill", "30.0")  # stock Fill's own guidance
+    expected = direct_call(load_pipeline(fill_dir, FluxDiffFillPipeline), image, map_path, strength=0.6,
+                           height=64, width=64, guidance_scale=30.0)
+    assert np.array_equal(edited, np.asarray(expected))
+    again = rerun(text, tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert np.array_equal(written(tmp_path / "again.png")[0], edited)
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--reference", "{image}"], "--reference conditions the edit of --kontext: pass --kontext too"),
     (["--own-size"], "--own-size keeps --kontext from resizing the image: pass --kontext too"),
@@ -74,6 +99,7 @@ def test_kontext_edits_by_instruction_with_a_reference_and_its_png_makes_it_agai
     (["--kontext", "--reference", "nowhere.png"], "--reference nowhere.png: no such file"),
     (["--model", "{kontext_dir}"], "a FLUX.1 Kontext checkpoint (FluxKontextInpaintPipeline), for Flux/run.py "
                                    "--kontext; here --model takes a Flux checkpoint"),
+    (["--fill", "--model", "{kontext_dir}"], "for Flux/run.py --kontext; here --model takes a FLUX.1 Fill checkpoint"),
 ])
 def test_edit_model_flags_that_do_not_go_together_are_one_line(flags, message, kontext_dir, inputs, tmp_path):
     image, map_path = inputs

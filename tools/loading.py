@@ -39,7 +39,9 @@ def load_pipeline(pipeline_class, model: str, *, torch_dtype, device: str, offlo
     current GPU. Another family's checkpoint and every failure to load end as one-line ``CliError``s."""
     path = model_path(model, flag)
     try:
-        if expected := family_of(pipeline_class.__name__):
+        # By the stock class that ours extends: FluxDiffFillPipeline is a FluxFillPipeline, not a Flux img2img one.
+        stock = next((cls for cls in pipeline_class.__mro__ if cls.__module__.startswith("diffusers.")), pipeline_class)
+        if expected := family_of(stock.__name__):
             from huggingface_hub import hf_hub_download
             index = path / "model_index.json" if path.is_dir() else hf_hub_download(
                 model, "model_index.json", cache_dir=from_pretrained_kwargs.get("cache_dir"))
