@@ -1,7 +1,7 @@
 """Flow-matching families: the cost of per-pixel strength, measured side by side with stock img2img in one process.
 
-    python benchmarks/bench_flow.py --family {sd3,flux,chroma,qwenimage,zimage,flux_kontext} [--size 256]
-                                    [--steps 20] [--repeats 3] [--device cpu]
+    python benchmarks/bench_flow.py --family {sd3,flux,chroma,qwenimage,zimage,flux_kontext,flux_fill}
+                                    [--size 256] [--steps 20] [--repeats 3] [--device cpu]
 
 Each family's transformer keeps its real block types (SD3's MMDiT, FLUX.1's and Chroma's double- and single-stream
 blocks, Qwen-Image's MMDiT, Z-Image's single-stream blocks with refiners) at a small width, over a VAE of the real
@@ -11,7 +11,8 @@ guides as its published model does (FLUX.1-dev is guidance-distilled, Z-Image-Tu
 double the batch of every transformer call). The cases and the figures printed are those of every benchmark (see
 bench_sd2.py), except that a map whose strongest pixel is 0.3 costs ceil(0.3 T) transformer calls here: flow-matching
 img2img runs ceil(T s) steps at strength s, where SD runs floor(T s). The edit models' inpainting pipelines (FLUX.1
-Kontext, ...) are measured against stock inpainting with an all-white mask, which repaints what a uniform map does.
+Kontext, ...) and FLUX.1 Fill are measured against stock with an all-white mask, which repaints what a uniform map
+does.
 """
 
 import sys
@@ -23,6 +24,7 @@ from PIL import Image
 
 from diffusers import (
     ChromaImg2ImgPipeline,
+    FluxFillPipeline,
     FluxImg2ImgPipeline,
     FluxKontextInpaintPipeline,
     QwenImageImg2ImgPipeline,
@@ -34,9 +36,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import harness  # noqa: E402
 from Chroma import diff_pipe as chroma_pipe  # noqa: E402
 from Flux import diff_pipe as flux_pipe  # noqa: E402
+from Flux import diff_pipe_fill as fill_pipe  # noqa: E402
 from Flux import diff_pipe_kontext as kontext_pipe  # noqa: E402
 from QwenImage import diff_pipe as qwenimage_pipe  # noqa: E402
 from SD3 import diff_pipe as sd3_pipe  # noqa: E402
+from tests.fill_models import flux_fill_components  # noqa: E402
 from tests.flow_models import flux_components, sd3_components  # noqa: E402
 from tests.flow_models2 import chroma_components, qwenimage_components, zimage_components  # noqa: E402
 from tests.tiny_models import build_pipeline, test_image  # noqa: E402
@@ -89,6 +93,11 @@ FAMILIES = {
                                lambda: flux_components(layers=1, single_layers=2, vae_widths=VAE_WIDTHS, **WIDTH),
                                dict(guidance_scale=3.5), "guidance-distilled, no CFG; the source as tokens",
                                inputs=dict(_auto_resize=False), mask=True),
+    "flux_fill": FlowFamily("FLUX.1 Fill, FLUX.1-shaped transformer, 1 double + 2 single blocks", FluxFillPipeline,
+                            fill_pipe, "FluxDiffFillPipeline",
+                            lambda: flux_fill_components(layers=1, single_layers=2, vae_widths=VAE_WIDTHS, **WIDTH),
+                            dict(guidance_scale=30.0), "guidance-distilled, no CFG; reads mask and masked image",
+                            mask=True),
 }
 
 

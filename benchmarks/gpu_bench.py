@@ -588,6 +588,11 @@ SMOKE_FLUX_TRANSFORMER = {
     "pooled_projection_dim": 32,
 }
 
+# black-forest-labs/FLUX.1-Fill-dev, transformer/config.json (gated; vendored copies agree): FLUX.1-dev's blocks,
+# reading 64 latent, 64 masked-image and 256 mask channels (the mask at pixel resolution, 8x8 values a latent).
+FLUX_FILL_TRANSFORMER = {**FLUX_DEV_TRANSFORMER, "in_channels": 384, "out_channels": 64}
+SMOKE_FLUX_FILL_TRANSFORMER = {**SMOKE_FLUX_TRANSFORMER}
+
 # black-forest-labs/FLUX.1-dev, scheduler/scheduler_config.json: the shift grows with the image's token count.
 FLUX_SCHEDULER = {
     "_class_name": "FlowMatchEulerDiscreteScheduler",
@@ -941,6 +946,16 @@ def flux_inputs(setup, components, size):
                 guidance_scale=3.5)
 
 
+def fill_components(setup):
+    transformer = build_model(FluxTransformer2DModel, FLUX_FILL_TRANSFORMER, SMOKE_FLUX_FILL_TRANSFORMER, setup)
+    return {**flux_components(setup), "transformer": transformer}
+
+
+def fill_inputs(setup, components, size):
+    # FLUX.1 Fill runs at guidance 30, its own default.
+    return dict(flux_inputs(setup, components, size), guidance_scale=30.0)
+
+
 def kontext_inputs(setup, components, size):
     # FLUX.1 Kontext edits at the image's size here (its preferred resolutions include 1024 x 1024).
     return dict(flux_inputs(setup, components, size), _auto_resize=False)
@@ -1079,6 +1094,11 @@ FAMILIES = {
                "FluxKontextInpaintPipeline", 1024, 64, flux_components, kontext_inputs,
                ["FLUX.1-dev's transformer (FLUX.1-Kontext-dev shares its config); the source as 4096 more tokens; "
                 "stock repaints an all-white mask"], flow_matching=True, stock_inputs=stock_inpaint_inputs),
+        Family("flux-fill", "FLUX.1 Fill [dev]", "Flux/diff_pipe_fill.py", "FluxDiffFillPipeline", "FluxFillPipeline",
+               1024, 64, fill_components, fill_inputs,
+               ["FLUX.1-dev's blocks reading 384 channels (latents, masked image, mask); stock fills an all-white mask; "
+                "the weak map encodes the masked image again at every step it releases pixels"], flow_matching=True,
+               stock_inputs=stock_inpaint_inputs),
         Family("chroma", "Chroma1-HD", "Chroma/diff_pipe.py", "ChromaDiffImg2ImgPipeline",
                "ChromaImg2ImgPipeline", 1024, 64, chroma_components, chroma_inputs,
                ["T5-XXL embeddings given directly (512 tokens); CFG as two transformer calls per step"],
