@@ -14,7 +14,8 @@ import torch
 from diffusers import (
     ChromaImg2ImgPipeline, DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
     FlowMatchHeunDiscreteScheduler, FlowMatchLCMScheduler, FluxImg2ImgPipeline, FluxKontextInpaintPipeline,
-    IFImg2ImgPipeline, IFImg2ImgSuperResolutionPipeline, KandinskyV22Img2ImgPipeline, QwenImageImg2ImgPipeline,
+    IFImg2ImgPipeline, IFImg2ImgSuperResolutionPipeline, KandinskyV22Img2ImgPipeline, QwenImageEditInpaintPipeline,
+    QwenImageImg2ImgPipeline,
     StableDiffusion3Img2ImgPipeline, StableDiffusionControlNetImg2ImgPipeline, StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline, StableDiffusionXLControlNetImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLInpaintPipeline, ZImageImg2ImgPipeline
@@ -29,6 +30,7 @@ from IF.diff_pipe_I import IFDiffImg2ImgPipeline
 from IF.diff_pipe_II import IFDiffImg2ImgSuperResolutionPipeline
 from Kandinsky.diff_pipe import KandinskyV22DiffImg2ImgPipeline
 from QwenImage.diff_pipe import QwenImageDiffImg2ImgPipeline
+from QwenImage.diff_pipe_edit import QwenImageEditDiffInpaintPipeline
 from SD2.diff_pipe import StableDiffusionDiffImg2ImgPipeline
 from SD2.diff_pipe_controlnet import StableDiffusionControlNetDiffImg2ImgPipeline
 from SD2.diff_pipe_inpaint import StableDiffusionDiffInpaintPipeline
@@ -39,6 +41,7 @@ from SDXL.diff_pipe_inpaint import StableDiffusionXLDiffInpaintPipeline
 from ZImage.diff_pipe import ZImageDiffImg2ImgPipeline
 from tests.flow_models import flux_components, sd3_components, x0_and_noise
 from tests.flow_models2 import chroma_components, qwen_x0_and_noise, qwenimage_components, zimage_components
+from tests.qwen_edit_models import qwenimage_edit_components, small_working_area
 from tests.tiny_models import (
     if_stage1_components, if_stage2_components, kandinsky_decoder_components, sd_components, sd_controlnet_components,
     sd_inpaint_components, sdxl_components, sdxl_controlnet_components, sdxl_inpaint_components, seeded_generator,
@@ -469,6 +472,23 @@ FAMILIES = {
                             joint_attention_kwargs={}),
         refusals=((dict(latents=LATENTS), LATENTS_NOT_TAKEN), (dict(height=16, width=16), "does not resize"),
                   (dict(image=torch.zeros(1, 4, 16, 16), height=64, width=64), "the image is 32x32")),
+    ),
+    "qwenimage_edit": Family(
+        # Stock sizes its work from the image alone (about 1024 x 1024 px; TEST_AREA here): no height or width.
+        QwenImageEditDiffInpaintPipeline, QwenImageEditInpaintPipeline, qwenimage_edit_components, prompt_inputs,
+        x0_and_noise=qwen_latents_x0_and_noise, context=small_working_area,
+        **{**EDIT, "decode": qwen_decode, "withheld": EDIT["withheld"] | {"masked_image_latents"}, "refusals": (
+            *EDIT["refusals"],
+            (dict(masked_image_latents=torch.zeros(1, 4, SIZE, SIZE)), "`masked_image_latents` goes with"),
+            (dict(image=np.zeros((SIZE, SIZE, 3), np.uint8)), "pass `image` as a PIL image"),
+            (dict(padding_mask_crop=4, keep_exact=True), 'pass output_type="pil" and no `keep_exact`'),
+        )},
+        # True CFG runs only with a negative prompt, as two calls a step.
+        calls={"no guidance": ({}, 1), "guidance": ({"negative_prompt": "blurry"}, 2)}, no_guidance={},
+        passed_through=dict(negative_prompt="blurry", true_cfg_scale=1.5, attention_kwargs={},
+                            max_sequence_length=64),
+        skip={"copies alone": "stock Qwen-Image-Edit encodes an image once, with the first of a list of generators, "
+                              "and takes no latents as `image`: a copy is not its own run"},
     ),
 }
 
