@@ -11,11 +11,11 @@ from tests.flow_models2 import qwen2_5_vl_encoder, qwen_tokenizer, qwenimage_com
 # The tokens of the prompt template that Qwen-Image-Edit wraps around the image, by the config's name for their ids.
 VISION_TOKENS = {"vision_start": "<|vision_start|>", "vision_end": "<|vision_end|>", "image": "<|image_pad|>",
                  "video": "<|video_pad|>"}  # the processor looks the video token up too
-# Stock edits at about 1024 x 1024 px whatever the image's size: 262144 latents, 65536 tokens with the tiny VAE's 2 px
-# latents, minutes a step on a CPU. The tests run stock and ours at this area instead (`small_working_area`). Any area
-# in [16**2, 48**2) keeps a 32 px square image at 32 px, as 1024**2 keeps a 1024 px one; 2048 also keeps the
-# contract's thinnest image (7 x 45 px, in tests/test_contract.py) one 32 px column wide, where 1024 would round it
-# to none.
+# Stock edits at about 1024 x 1024 px whatever the image's size: 65536 tokens with the tiny VAE's 2 px latents (and as
+# many of the image's). At 512 px, a quarter of that, one stock call of one step took 20 s of CPU here, against 0.05 s
+# at 32 px. The tests run stock and ours at this area instead (`small_working_area`). Any area in [16**2, 48**2) keeps a
+# 32 px square image at 32 px, as 1024**2 keeps a 1024 px one; 2048 also keeps the contract's thinnest image (7 x 45 px,
+# in tests/test_contract.py) one 32 px column wide, where 1024 would round it to none.
 TEST_AREA = 2048
 
 
