@@ -11,7 +11,7 @@ import torch
 from conftest import build_pipeline, count_unet_calls, seeded_generator, test_image
 from diffusers import AutoencoderTiny, DiffusionPipeline
 from diffusers.callbacks import SDCFGCutoffCallback, SDXLCFGCutoffCallback
-from families import FAMILIES, FOUR_EDGES, MAP_SIZE, band_map
+from families import FAMILIES, FOUR_EDGES, MAP_SIZE, band_map, family_context
 
 from tests.tiny_models import clip_image_encoder, clip_image_processor
 
@@ -27,6 +27,13 @@ def families_with(feature):
 @pytest.fixture(scope="module", params=FAMILIES)
 def family(request):
     return request.param
+
+
+@pytest.fixture(autouse=True)
+def in_family_context(request):
+    """Each test inside its family's own context (tests/families.py, `Family.context`)."""
+    with family_context(request.node):
+        yield
 
 
 @pytest.fixture(scope="module")

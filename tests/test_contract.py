@@ -12,7 +12,8 @@ import pytest
 import torch
 from conftest import assert_close_to_single_run, build_pipeline, count_unet_calls, seeded_generator
 from families import (
-    FAMILIES, FLOOR, FLOW, FOUR_EDGES, MAP_SIZE, OUR_ARGUMENTS, band_columns, band_map, batched, steps_run
+    FAMILIES, FLOOR, FLOW, FOUR_EDGES, MAP_SIZE, OUR_ARGUMENTS, band_columns, band_map, batched, family_context,
+    steps_run
 )
 
 FOUR_STRENGTHS = (0.0, 0.3, 0.5, 1.0)  # kept; T*s not whole (1.8 at T = 6); half; released at step 0
@@ -24,6 +25,13 @@ HALVES = [0, MAP_SIZE // 2, MAP_SIZE]
 @pytest.fixture(scope="module", params=FAMILIES)
 def family(request):
     return request.param
+
+
+@pytest.fixture(autouse=True)
+def in_family_context(request):
+    """Each test inside its family's own context (tests/families.py, `Family.context`)."""
+    with family_context(request.node):
+        yield
 
 
 @pytest.fixture(scope="module")
