@@ -9,13 +9,15 @@ import numpy as np
 import pytest
 import torch
 from conftest import REPO_ROOT, load_pipeline, run_in_process
-from diffusers import FluxFillPipeline, FluxKontextInpaintPipeline
+from diffusers import FluxFillPipeline, FluxKontextInpaintPipeline, QwenImageEditInpaintPipeline
 from fill_models import flux_fill_components
 from flow_models import flux_components
 from PIL import Image
 
 from Flux.diff_pipe_fill import FluxDiffFillPipeline
 from Flux.diff_pipe_kontext import FluxKontextDiffInpaintPipeline
+from QwenImage.diff_pipe_edit import QwenImageEditDiffInpaintPipeline
+from tests.qwen_edit_models import TEST_AREA, qwenimage_edit_components, small_working_area
 from tests.tiny_models import save_stock
 
 PROMPT, SEED, STEPS = "make it red", 3, 4
@@ -87,6 +89,31 @@ def test_fill_edits_with_its_mask_following_the_map_and_its_png_makes_it_again(f
                            height=64, width=64, guidance_scale=30.0)
     assert np.array_equal(edited, np.asarray(expected))
     again = rerun(text, tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert np.array_equal(written(tmp_path / "again.png")[0], edited)
+
+
+def test_qwen_image_edit_edits_by_instruction_at_stocks_size_and_its_png_makes_it_again(tmp_path_factory, inputs,
+                                                                                         tmp_path):
+    image, map_path = inputs
+    folder = save_stock(QwenImageEditInpaintPipeline, qwenimage_edit_components, tmp_path_factory.mktemp("qwenedit"))
+    output = tmp_path / "edit.png"
+    flags = ["--edit", "--model", folder, "--device", "cpu", "--image", image, "--map", map_path, "--prompt", PROMPT,
+             "--steps", STEPS, "--seed", SEED, "--keep-exact"]
+    with small_working_area():  # stock works at about 1024 x 1024 px; TEST_AREA px here, for stock and ours alike
+        ran = run_in_process("QwenImage/run.py", *flags, "--output", output, cwd=tmp_path)
+        assert ran.returncode == 0, ran.stderr
+        edited, text = written(output)
+        side = round(TEST_AREA**0.5 / 32) * 32  # stock's size for a square image: its area in multiples of 32 px
+        assert text["variant"] == "edit" and edited.shape == (side, side, 3)
+        # As run.py calls it, a batch of one in lists: stock Qwen-Image-Edit reads a listed image a level apart.
+        pipe = load_pipeline(folder, QwenImageEditDiffInpaintPipeline)
+        expected = pipe(prompt=[PROMPT], image=[Image.open(image).convert("RGB")], map=[Image.open(map_path)],
+                        negative_prompt=[(REPO_ROOT / "assets" / "negative_prompt.txt").read_text().strip()],
+                        num_inference_steps=STEPS, generator=[torch.Generator().manual_seed(SEED)],
+                        true_cfg_scale=4.0, keep_exact=True).images[0]
+        assert np.array_equal(edited, np.asarray(expected))
+        again = rerun(text, tmp_path)
     assert again.returncode == 0, again.stderr
     assert np.array_equal(written(tmp_path / "again.png")[0], edited)
 
