@@ -998,6 +998,16 @@ def qwenimage_inputs(setup, components, size):
                 negative_prompt_embeds=torch.zeros_like(embeds), negative_prompt_embeds_mask=mask, true_cfg_scale=4.0)
 
 
+def qwenimage_edit_components(setup):
+    return {**qwenimage_components(setup), "processor": None}  # the processor reads the prompt, given as embeddings
+
+
+def qwenimage_edit_inputs(setup, components, size):
+    # Stock works at about 1024 x 1024 px whatever it is given (a square image: exactly), with the source as tokens.
+    inputs = qwenimage_inputs(setup, components, size)
+    return {name: value for name, value in inputs.items() if name not in ("height", "width")}
+
+
 def zimage_components(setup):
     return dict(
         transformer=build_model(ZImageTransformer2DModel, Z_IMAGE_TURBO_TRANSFORMER, SMOKE_Z_IMAGE_TRANSFORMER, setup),
@@ -1107,6 +1117,11 @@ FAMILIES = {
                "QwenImageImg2ImgPipeline", 1328, 64, qwenimage_components, qwenimage_inputs,
                ["Qwen2.5-VL-7B embeddings given directly (128 tokens); true CFG: two transformer calls per step"],
                flow_matching=True),
+        Family("qwenimage-edit", "Qwen-Image-Edit", "QwenImage/diff_pipe_edit.py", "QwenImageEditDiffInpaintPipeline",
+               "QwenImageEditInpaintPipeline", 1024, 64, qwenimage_edit_components, qwenimage_edit_inputs,
+               ["Qwen-Image's transformer (Qwen-Image-Edit shares its config) with the source as 4096 more tokens; "
+                "Qwen2.5-VL-7B embeddings given directly; true CFG; stock repaints an all-white mask"],
+               flow_matching=True, stock_inputs=stock_inpaint_inputs),
         Family("zimage", "Z-Image-Turbo", "ZImage/diff_pipe.py", "ZImageDiffImg2ImgPipeline",
                "ZImageImg2ImgPipeline", 1024, 64, zimage_components, zimage_inputs,
                ["Qwen3-4B embeddings given directly (128 tokens); no CFG, as the Turbo model runs"],
