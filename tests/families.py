@@ -13,20 +13,22 @@ import PIL.Image
 import torch
 from diffusers import (
     ChromaImg2ImgPipeline, DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
-    FlowMatchHeunDiscreteScheduler, FlowMatchLCMScheduler, FluxFillPipeline, FluxImg2ImgPipeline,
-    FluxKontextInpaintPipeline, IFImg2ImgPipeline, IFImg2ImgSuperResolutionPipeline, KandinskyV22Img2ImgPipeline,
-    QwenImageEditInpaintPipeline, QwenImageImg2ImgPipeline, StableDiffusion3Img2ImgPipeline,
-    StableDiffusionControlNetImg2ImgPipeline, StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline,
-    StableDiffusionXLControlNetImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline,
-    ZImageImg2ImgPipeline
+    FlowMatchHeunDiscreteScheduler, FlowMatchLCMScheduler, Flux2KleinInpaintPipeline, FluxFillPipeline,
+    FluxImg2ImgPipeline, FluxKontextInpaintPipeline, IFImg2ImgPipeline, IFImg2ImgSuperResolutionPipeline,
+    KandinskyV22Img2ImgPipeline, QwenImageEditInpaintPipeline, QwenImageImg2ImgPipeline,
+    StableDiffusion3Img2ImgPipeline, StableDiffusionControlNetImg2ImgPipeline, StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline, StableDiffusionXLControlNetImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline, ZImageImg2ImgPipeline
 )
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+from diffusers.pipelines.flux2.pipeline_flux2_klein_inpaint import compute_empirical_mu
 
 from benchmarks.harness import denoiser
 from Chroma.diff_pipe import ChromaDiffImg2ImgPipeline
 from Flux.diff_pipe import FluxDiffImg2ImgPipeline
 from Flux.diff_pipe_fill import FluxDiffFillPipeline
 from Flux.diff_pipe_kontext import FluxKontextDiffInpaintPipeline
+from Flux2.diff_pipe import Flux2KleinDiffInpaintPipeline
 from IF.diff_pipe_I import IFDiffImg2ImgPipeline
 from IF.diff_pipe_II import IFDiffImg2ImgSuperResolutionPipeline
 from Kandinsky.diff_pipe import KandinskyV22DiffImg2ImgPipeline
@@ -40,6 +42,7 @@ from SDXL.diff_pipe import StableDiffusionXLDiffImg2ImgPipeline
 from SDXL.diff_pipe_controlnet import StableDiffusionXLControlNetDiffImg2ImgPipeline
 from SDXL.diff_pipe_inpaint import StableDiffusionXLDiffInpaintPipeline
 from ZImage.diff_pipe import ZImageDiffImg2ImgPipeline
+from tests.edit_models import flux2_klein_components
 from tests.fill_models import flux_fill_components
 from tests.flow_models import flux_components, sd3_components, x0_and_noise
 from tests.flow_models2 import chroma_components, qwen_x0_and_noise, qwenimage_components, zimage_components
@@ -146,6 +149,22 @@ def kontext_x0_and_noise(pipe, inputs):
     return x0, torch.randn(x0.shape, generator=seeded_generator())
 
 
+def klein_statistics(pipe):
+    """The mean and std of FLUX.2's batch norm, with which stock normalises its latents folded into 2x2 patches."""
+    bn, eps = pipe.vae.bn, pipe.vae.config.batch_norm_eps
+    return bn.running_mean.view(1, -1, 1, 1), torch.sqrt(bn.running_var.view(1, -1, 1, 1) + eps)
+
+
+@torch.no_grad()
+def klein_x0_and_noise(pipe, inputs):
+    """FLUX.2 [klein] encodes the image with the VAE's mode, folds each 2x2 patch of latents into channels and
+    normalises them; the generator draws only the noise, folded. Both unfolded onto the latent grid."""
+    mean, std = klein_statistics(pipe)
+    x0 = (pipe._patchify_latents(pipe.vae.encode(pixels(pipe, inputs)).latent_dist.mode()) - mean) / std
+    noise = torch.randn(x0.shape, generator=seeded_generator())
+    return pipe._unpatchify_latents(x0), pipe._unpatchify_latents(noise)
+
+
 @torch.no_grad()
 def qwen_latents_x0_and_noise(pipe, inputs):
     """Qwen-Image: (B, C, 1, H, W) latents, normalised with the VAE's latent mean and std."""
@@ -189,6 +208,13 @@ def qwen_decode(pipe, x0):
     return unit_range(pipe.vae.decode(x0.contiguous() / (1.0 / std) + mean).sample[:, :, 0])
 
 
+@torch.no_grad()
+def klein_decode(pipe, x0):
+    """FLUX.2 [klein] de-normalises the loop's latents, folded, then decodes them unfolded."""
+    mean, std = klein_statistics(pipe)
+    return unit_range(pipe.vae.decode(pipe._unpatchify_latents(pipe._patchify_latents(x0) * std + mean)).sample)
+
+
 # Stock's schedule of T steps, set on a copy of the scheduler
 
 
@@ -216,10 +242,31 @@ def zimage_schedule(scheduler, num_inference_steps):
     return reference
 
 
+def klein_schedule(scheduler, num_inference_steps):
+    """FLUX.2: linspace sigmas, shifted by an empirical function of the token count and the step count (a token a 2x2
+    patch of latents; the tiny VAE's latents are pixels)."""
+    reference = copy.deepcopy(scheduler)
+    mu = compute_empirical_mu((SIZE // 2) ** 2, num_inference_steps)
+    reference.set_timesteps(sigmas=np.linspace(1.0, 1 / num_inference_steps, num_inference_steps), mu=mu)
+    return reference
+
+
 def unpack(pipe, latents):
     """Packed (B, tokens, 4C) latents of the contract's images back on the latent grid, by stock's own
     `_unpack_latents`."""
     return pipe._unpack_latents(latents, SIZE, SIZE, pipe.vae_scale_factor)
+
+
+def klein_on_grid(pipe, latents):
+    """FLUX.2 [klein]'s latents on the latent grid: the loop's (B, tokens, 4C) unpacked by stock's own
+    `_unpack_latents_with_ids` and unfolded; stock's latent output, already unfolded, normalised again (exactly: the
+    tiny VAE's mean is 0 and its std 2)."""
+    if latents.ndim == 4:
+        mean, std = klein_statistics(pipe)
+        return pipe._unpatchify_latents((pipe._patchify_latents(latents) - mean) / std)
+    side = SIZE // pipe.vae_scale_factor // 2
+    ids = pipe._prepare_latent_ids(torch.zeros(latents.shape[0], latents.shape[2], side, side))
+    return pipe._unpatchify_latents(pipe._unpack_latents_with_ids(latents, ids))
 
 
 # The registry
@@ -346,6 +393,11 @@ FILL = {**EDIT, "withheld": frozenset({"latents", "masked_image_latents"}), "ref
 def kontext_inputs(item=0):
     # Kontext resizes to its own resolutions unless told, to the image's size at `max_area`.
     return {**packed_flow_inputs(item), "_auto_resize": False, "max_area": SIZE * SIZE}
+
+
+def klein_inputs(item=0):
+    # FLUX.2 [klein] edits the image at its own size, and reads the prompt at a layer the tiny Qwen3 has (of 2).
+    return {**prompt_inputs(item), "max_sequence_length": 64, "text_encoder_out_layers": (1,)}
 
 
 FLUX_LOADED = ("diffusers' FluxTransformer2DModel loaded from a folder computes a last bit apart from the one built "
@@ -514,6 +566,15 @@ FAMILIES = {
                             max_sequence_length=64),
         skip={"copies alone": "stock Qwen-Image-Edit encodes an image once, with the first of a list of generators, "
                               "and takes no latents as `image`: a copy is not its own run"},
+    ),
+    "flux2_klein": Family(
+        Flux2KleinDiffInpaintPipeline, Flux2KleinInpaintPipeline, flux2_klein_components, klein_inputs,
+        x0_and_noise=klein_x0_and_noise,
+        **dict(EDIT, schedule=klein_schedule, on_grid=klein_on_grid, decode=klein_decode,
+               refusals=EDIT["refusals"] + ((dict(image=torch.zeros(1, 16, 16, 16)), "as pixels"),)),
+        calls={"guidance": ({}, 2), "no guidance": ({"guidance_scale": 1.0}, 1)},  # not distilled: true CFG
+        passed_through=dict(guidance_scale=2.5, attention_kwargs={}, image_reference=test_image(SIZE, seed=9),
+                            sigmas=[1.0, 0.75]),
     ),
 }
 

@@ -117,6 +117,11 @@ FAMILIES = {
                         grid_input="img_shapes", **FLOW_INPUT),
     # Z-Image's transformer takes a list of (C, 1, H, W) latents
     "zimage": Family(sample_size=32, grid_of=lambda latents: tuple(latents[0].shape[-2:]), **FLOW_INPUT),
+    # FLUX.2 [klein]'s tiny VAE does not downsample: one latent a pixel, a token 2x2 of them. Its (B, tokens, 4) ids
+    # (frame, row, column, layer) hold the source image's reference tokens too, on the same grid.
+    "flux2_klein": Family(unit=2, scale=1, sample_size=32, grid_of=lambda ids: packed_grid(ids[0]),
+                          grid_input="img_ids",
+                          call_arguments=dict(prompt=PROMPT, max_sequence_length=64, text_encoder_out_layers=(1,))),
 }
 
 

@@ -56,7 +56,8 @@ def edit_on_crop(pipe, margin: int = 32, upscale: bool = False, edit=None, **cal
     rule = pipeline_file(pipe)
     steps = len(arguments.get("timesteps") or arguments.get("sigmas") or []) or arguments["num_inference_steps"]
     latent_grid = tuple(side // cell for side in original.shape[-2:])
-    strength = arguments["strength"]
+    # None is 1 with a map, in the classes whose call without a map is stock with a strength default other than 1.
+    strength = 1.0 if arguments["strength"] is None else arguments["strength"]
     release_step = rule.release_steps(strength * rule.map_on_grid(change, latent_grid), steps)
     low, high = getattr(pipe, "pixel_range", (0, 1))
     edit = edit or pipe

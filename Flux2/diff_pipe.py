@@ -1,0 +1,558 @@
+# Copyright 2026 The differential-diffusion authors. Licensed under the Apache License, Version 2.0.
+"""Differential inpainting for FLUX.2 [klein]: edit by instruction, with a grayscale map that gives every pixel its
+own strength.
+
+Levin & Fried, "Differential Diffusion: Giving Each Pixel Its Strength", arXiv 2306.00950.
+
+This file stands alone (torch, diffusers, PIL, numpy): copy it into your own code, or load it as a diffusers
+community pipeline::
+
+    pipe = DiffusionPipeline.from_pretrained(
+        "black-forest-labs/FLUX.2-klein-base-4B", custom_pipeline="Flux2/diff_pipe.py", trust_remote_code=True
+    )
+"""
+
+import math
+import numbers
+from contextlib import contextmanager
+from functools import partial
+from typing import Any, Callable
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+from diffusers import Flux2KleinInpaintPipeline
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.image_processor import PipelineImageInput
+from diffusers.pipelines.flux2.pipeline_output import Flux2PipelineOutput
+
+# ----------------------------------------------------------------------------------------------------------------
+# Copied from SD3/diff_pipe.py: flow release rule (begin)
+# Stock flow-matching img2img's rule (SD3, FLUX.1, Chroma, Qwen-Image, Z-Image): int(T - T * strength), scale_noise.
+
+
+def release_steps(strengths: torch.Tensor, num_inference_steps: int) -> torch.Tensor:
+    """Each pixel's first step, r = int(T - T * s): stock's own expression for its first step at `strength=s`, in
+    float64 as stock computes it, so a uniform map runs stock's steps: ceil(T * s) where T * s is not whole. Only
+    strength 0 gives r == T, never released."""
+    return (num_inference_steps - num_inference_steps * strengths.double()).floor().long()
+
+
+def noised_original(scheduler, x0: torch.Tensor, noise: torch.Tensor, index: int) -> torch.Tensor:
+    """What a frozen pixel holds before loop iteration `index`. Not `scheduler.scale_noise`, which ignores the
+    timestep once stock has set the scheduler's begin index."""
+    sigma = scheduler.sigmas[index].to(x0.device, x0.dtype)
+    return sigma * noise + (1.0 - sigma) * x0
+
+
+@contextmanager
+def recording_noise(scheduler, frozen, noising: bool = True):
+    """Hands `frozen` the x0 and noise that stock `prepare_latents` passes to `scheduler.scale_noise`; without
+    `noising`, skips the noising, for a call that runs no step and so sets no schedule."""
+    def scale_noise(sample, timestep, noise=None):
+        frozen.record(sample, noise)
+        return stock_scale_noise(sample, timestep, noise) if noising else sample
+
+    stock_scale_noise = scheduler.scale_noise
+    scheduler.scale_noise = scale_noise
+    try:
+        yield
+    finally:
+        del scheduler.scale_noise
+
+
+# Copied from SD3/diff_pipe.py: flow release rule (end)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Copied from SD2/diff_pipe.py: differential core (begin)
+# In the paper's terms: map -> strength s per pixel -> release step r (the rule above) -> before step k, pixels with
+# k <= r take noised_original(x0, noise, k); after the last step, pixels never released take x0 itself.
+
+
+class FrozenPixels:
+    """Runs the rule above as a step-end callback in stock's loop, which starts on the first released step, on the
+    `x0` and `noise` that stock draws. `pack` lays a tensor out as stock's loop holds its latents. The user's own
+    `callback` (function or callback object) runs after the blend and sees it, with its `tensor_inputs`."""
+
+    def __init__(self, release_step, num_inference_steps: int, callback=None, tensor_inputs=(), pack=None):
+        self.release_step, self.num_inference_steps, self.pack = release_step, num_inference_steps, pack
+        self.first_step, self.last_frozen_step = int(release_step.min()), int(release_step.max())
+        if isinstance(callback, (PipelineCallback, MultiPipelineCallbacks)):
+            tensor_inputs = callback.tensor_inputs  # stock reads a callback object's own list, whatever is passed
+        self.callback, self.tensor_inputs = callback, list(tensor_inputs or [])
+        self.x0 = self.noise = None  # stock's own, handed over by `recording_noise`
+
+    @property
+    def step_end_tensor_inputs(self) -> list:
+        return sorted(set(self.tensor_inputs) | {"latents"})  # what stock must hand this callback
+
+    def record(self, x0: torch.Tensor, noise: torch.Tensor):
+        """Keeps stock's `x0` and `noise`, and lays the release steps out as they are laid out."""
+        (height, width), (encoded_height, encoded_width) = self.release_step.shape[-2:], x0.shape[-2:]
+        if (height, width) != (encoded_height, encoded_width):
+            raise ValueError(f"The image was encoded to a {encoded_width}x{encoded_height} grid, but the map was sized "
+                             f"to {width}x{height} from the VAE's scale factor: give the image a width and height "
+                             "that the VAE's scale factor divides.")
+        release_step = tile_to_batch(self.release_step, x0.shape[0]).to(x0.device)
+        release_step = release_step.view(release_step.shape[0], 1, *[1] * (x0.ndim - 4), height, width)
+        if self.pack is not None:  # packing mixes channels into tokens: pack one release step per latent value
+            release_step, x0, noise = (self.pack(t) for t in (release_step.expand_as(x0).contiguous(), x0, noise))
+        self.release_step, self.x0, self.noise = release_step, x0, noise
+
+    def blend(self, scheduler, i: int, latents: torch.Tensor) -> torch.Tensor:
+        """The latents to run loop iteration `i + 1` on, where iteration 0 is the first released step."""
+        order, next_iteration = scheduler.order, self.first_step * scheduler.order + i + 1
+        if next_iteration == len(scheduler.timesteps):
+            return where(self.release_step == self.num_inference_steps, self.x0, latents)
+        if next_iteration > self.last_frozen_step * order:
+            return latents
+        frozen = noised_original(scheduler, self.x0, self.noise, next_iteration)
+        return where(self.release_step * order >= next_iteration, frozen, latents)
+
+    def __call__(self, pipe, i, t, callback_kwargs):
+        latents = self.blend(pipe.scheduler, i, callback_kwargs["latents"])
+        if self.callback is None:
+            return {"latents": latents}
+        user_kwargs = {name: latents if name == "latents" else callback_kwargs[name] for name in self.tensor_inputs}
+        return {"latents": latents, **(self.callback(pipe, i, t, user_kwargs) or {})}
+
+
+def where(condition: torch.Tensor, frozen: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+    """`torch.where` into the latents' own dtype and memory layout, which a broadcast condition could change (and
+    the VAE decodes a channels-last tensor differently in the last bits)."""
+    return torch.where(condition, frozen.to(latents.dtype), latents, out=torch.empty_like(latents))
+
+
+def composite_original(images: torch.Tensor, original: torch.Tensor, strengths, num_inference_steps: int):
+    """`w * images + (1 - w) * original`, `w = clamp(T * s, 0, 1)`, batch-tiled like stock: strength 0 keeps the
+    input's bytes, and strengths below 1/T, which no step runs on, fade in linearly."""
+    weight, original = (tile_to_batch(tensor, images.shape[0]).to(images.device, images.dtype)
+                        for tensor in ((num_inference_steps * strengths).clamp(0, 1), original))
+    return torch.where(weight == 0, original, weight * images + (1 - weight) * original)
+
+
+def tile_to_batch(tensor: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Repeats a per-image tensor to the whole batch as stock repeats its images: (a, b, a, b), not (a, a, b, b)."""
+    if tensor.shape[0] in (1, batch_size):
+        return tensor
+    return tensor.repeat(batch_size // tensor.shape[0], *(1,) * (tensor.ndim - 1))
+
+
+# Copied from SD2/diff_pipe.py: differential core (end)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class UnfoldedFrozenPixels(FrozenPixels):
+    """FrozenPixels on FLUX.2's latent grid. Stock hands over x0 and noise with each 2x2 patch of latents folded into
+    channels: unfolded, the map holds one release step per latent, not one per patch, and `pack` folds it back."""
+
+    def record(self, x0: torch.Tensor, noise: torch.Tensor):
+        super().record(*(Flux2KleinInpaintPipeline._unpatchify_latents(tensor) for tensor in (x0, noise)))
+
+
+class Flux2KleinDiffInpaintPipeline(Flux2KleinInpaintPipeline):
+    r"""
+    FLUX.2 [klein] inpainting where a map gives every pixel its own strength (Differential Diffusion): edit by
+    instruction, with a soft map of how much each pixel may change.
+
+    It takes exactly the components of [`Flux2KleinInpaintPipeline`], so `from_pretrained`, `from_pipe`, LoRA and
+    model offloading work as they do there. Stock noises the source by `strength` and, after every step, puts the
+    pixels outside its binary mask back on the noised source. Here `map` takes the place of `mask_image`: a pixel of
+    strength `s` stays on the noised source until the step at which stock would start at `strength=s`, and runs free
+    from then on. The source (and `image_reference`) still condition every step as reference tokens, as in stock. A
+    binary map aligned to the 2x2 patches of latents gives stock with `mask_image = 1 - map`, and a uniform map of
+    strength `s` gives stock with a white mask at `strength=s`. Without `map`, this is stock.
+
+    FLUX.2 folds each 2x2 patch of latents into the channels of one token, (B, H/2 * W/2, 4C). The map is applied on
+    the unfolded latent grid, at full latent resolution, and folded the same way; `callback_on_step_end` sees the
+    loop's folded latents, and `output_type="latent"` gives stock's unfolded ones.
+    """
+
+    _frozen = None  # the FrozenPixels of the call in progress
+
+    # What tools/crop.py needs to edit a call on the crop of its changes (docs/crop.md).
+    copies_adjacent = False  # stock repeats the whole batch for num_images_per_prompt: a, b, a, b
+
+    @property
+    def crop_unit(self) -> int:
+        """Sizes are whole 2x2 patches of latents, as stock rounds them."""
+        return self.vae_scale_factor * 2
+
+    # Copied from SD3/diff_pipe.py:StableDiffusion3DiffImg2ImgPipeline.native_size
+    @property
+    def native_size(self) -> int:
+        return self.default_sample_size * self.vae_scale_factor
+
+    def working_grid(self, image, map, invert_map=False, **call):
+        """The image in [0, 1] on the pixel grid it is edited on, the map there (1 = change), and pixels per cell. A
+        crop of that grid is edited at its own size, as the whole image is: it has at most 1024**2 pixels, in whole
+        2x2 patches of latents."""
+        image_shape, shrunk_shape, size = self.working_size(image)
+        pixels = self.image_processor.preprocess(self.shrunk(image, image_shape, shrunk_shape), *size)
+        change = map_on_grid(map_to_tensor(map, complement=not invert_map), size, aspect_of=image_shape)
+        return {"image": pixels / 2 + 0.5}, change, self.vae_scale_factor
+
+    def working_size(self, image) -> tuple:
+        """Stock's sizes for the image, each (height, width): the image's own; what stock shrinks it to first where it
+        has more than 1024**2 pixels (its own size otherwise); and the working size, that in whole 2x2 patches of
+        latents, which stock edits it at."""
+        image_height, image_width = height, width = image_size(image)
+        if image_height * image_width > 1024 * 1024:  # stock's own arithmetic
+            scale = math.sqrt(1024 * 1024 / (image_height * image_width))
+            height, width = int(image_height * scale), int(image_width * scale)
+        unit = self.crop_unit
+        return (image_height, image_width), (height, width), (height // unit * unit, width // unit * unit)
+
+    def shrunk(self, image, image_shape: tuple, shrunk_shape: tuple):
+        """The image as stock preprocesses it: shrunk to `shrunk_shape` where that is not its own size."""
+        return image if shrunk_shape == image_shape else self.image_processor.resize(image, *shrunk_shape)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        image: PipelineImageInput | None = None,
+        image_reference: PipelineImageInput | None = None,
+        mask_image: PipelineImageInput | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        padding_mask_crop: int | None = None,
+        strength: float | None = None,
+        num_inference_steps: int = 50,
+        sigmas: list[float] | None = None,
+        guidance_scale: float = 8.0,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        attention_kwargs: dict[str, Any] | None = None,
+        callback_on_step_end: Callable[[int, int, dict], None] | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+        max_sequence_length: int = 512,
+        text_encoder_out_layers: tuple[int, ...] = (9, 18, 27),
+        *,
+        map=None,
+        invert_map: bool = False,
+        keep_exact: bool = False,
+        **kwargs,
+    ):
+        r"""
+        Every argument of [`Flux2KleinInpaintPipeline.__call__`] works as there, in the same order; these differ:
+
+        Args:
+            image (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor` or a list of them):
+                The image(s) to edit, as pixels (with a `map`, not latents). As in stock, an image of more than
+                1024**2 pixels is first shrunk to about that area, and the image is edited at its size rounded down
+                to whole 2x2 patches of latents, which the output has; `height` and `width` play no part. The map
+                follows the image through both resizes.
+            mask_image:
+                Stock's binary mask (white = repaint), for a call without `map`.
+            strength (`float` in [0, 1], *optional*):
+                With a `map`, scales every pixel's strength, `s = strength * (1 - map)`, and defaults to 1.0: the map
+                already says how much each pixel changes. Without one, stock's own, which defaults to 0.8.
+            padding_mask_crop (`int`, *optional*):
+                As in stock: edit only the box around the pixels that the map releases, grown by this many pixels, at
+                the full working size, and paste it into the image, where the map releases pixels. The map is cut as
+                the image is.
+            num_inference_steps (`int`, *optional*, defaults to 50):
+                The length T of the full schedule. Only the steps from the first released pixel on are run:
+                `ceil(T * max(s))` steps.
+            latents:
+                Not taken with a map: the frozen pixels are made from the image and the noise that the pipeline draws.
+            callback_on_step_end (`Callable`, `PipelineCallback` or `MultiPipelineCallbacks`, *optional*):
+                Called at the end of every step that runs, after the frozen pixels have been reset, so it sees the
+                (folded) latents that the next step will run on.
+            map (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor` or a list of them, values in [0, 1], white = keep):
+                How much each pixel may change. 1 (white) keeps the pixel, 0 (black) changes it fully: a pixel's
+                strength is `1 - map`. An inpainting mask (white = repaint) is `map=mask, invert_map=True`. One map
+                for all images, or one per image; any size with the image's aspect ratio (area-averaged down to the
+                latent grid).
+            invert_map (`bool`, *optional*, defaults to `False`):
+                Read `map` the other way round, white = change, as inpainting masks do.
+            keep_exact (`bool`, *optional*, defaults to `False`):
+                Composite the (resized) input back after decoding: `clamp(T * s, 0, 1) * output + (1 - that) *
+                input`, so that pixels of strength 0 keep the input's values. Needs an `output_type` other than
+                `"latent"`.
+
+        Returns:
+            [`Flux2PipelineOutput`] or `tuple`, as stock. `pipe.num_timesteps` is the number of denoising loop
+            iterations actually run.
+        """
+        check_moved_arguments(kwargs, stock_takes_kwargs=False)
+        stock = partial(
+            super().__call__, prompt=prompt, image=image, image_reference=image_reference, height=height, width=width,
+            padding_mask_crop=padding_mask_crop, sigmas=sigmas, guidance_scale=guidance_scale,
+            num_images_per_prompt=num_images_per_prompt, generator=generator, prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds, attention_kwargs=attention_kwargs,
+            max_sequence_length=max_sequence_length, text_encoder_out_layers=text_encoder_out_layers,
+        )
+        if map is None:  # stock, with its binary mask and its own default strength
+            check_without_map(invert_map, keep_exact)
+            return stock(mask_image=mask_image, **({} if strength is None else {"strength": strength}),
+                         num_inference_steps=num_inference_steps, latents=latents, output_type=output_type,
+                         return_dict=return_dict, callback_on_step_end=callback_on_step_end,
+                         callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs)
+
+        # 1. Check inputs
+        strength = 1.0 if strength is None else strength
+        check_edit_inputs(image, mask_image, latents, strength, num_inference_steps, keep_exact, output_type)
+        if isinstance(image, torch.Tensor) and image.ndim == 4 and image.shape[1] == self.latent_channels * 4:
+            raise ValueError(f"`image` has {image.shape[1]} channels, which stock reads as latents: with a `map`, pass "
+                             "the image as pixels, on which the map is laid.")
+        if sigmas is not None:
+            num_inference_steps = len(sigmas)
+
+        # 2. Stock's sizes: the image's own, shrunk to at most 1024**2 pixels, then in whole 2x2 patches of latents
+        image_shape, shrunk_shape, (height, width) = self.working_size(image)
+
+        # 3. The map through stock's resizes (and crop), to the latent grid, and the release steps
+        change = map_on_grid(map_to_tensor(map, complement=not invert_map), shrunk_shape, aspect_of=image_shape)
+        stock_mask, crops_coords = released_region(self, change * strength, height, width, padding_mask_crop)
+        if crops_coords is not None:  # stock cuts the shrunk image, at the coordinates of a mask of its size
+            left, top, right, bottom = crops_coords
+            change = change[..., top:bottom, left:right]
+        resize_mode = "default" if crops_coords is None else "fill"
+        pixels = self.image_processor.preprocess(self.shrunk(image, image_shape, shrunk_shape), height, width,
+                                                 crops_coords=crops_coords, resize_mode=resize_mode)
+        # Stock stretches the image (or its crop) to the working size, whatever their aspect ratios: the map too.
+        stretched = partial(map_on_grid, change, aspect_of=tuple(change.shape[-2:]))
+        strengths = strength * stretched((height // self.vae_scale_factor, width // self.vae_scale_factor))
+        check_map_count(strengths, pixels)
+        frozen = UnfoldedFrozenPixels(
+            release_steps(strengths, num_inference_steps),
+            num_inference_steps,
+            callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
+            pack=lambda latents: self._pack_latents(self._patchify_latents(latents)),
+        )
+
+        # 4. Stock's call at the strongest pixel's strength, which starts on the first released step, with a mask
+        # that keeps whatever the model gives: the frozen pixels are put back by `frozen`
+        decoded_type = "pt" if keep_exact else output_type
+        self._frozen = frozen
+        try:
+            if frozen.first_step == num_inference_steps:
+                batch_size = prompt_embeds.shape[0] if prompt is None else 1 if isinstance(prompt, str) else len(prompt)
+                images = self._unchanged(pixels, batch_size * num_images_per_prompt, height, width, generator,
+                                         decoded_type)
+            else:
+                images = stock(
+                    mask_image=stock_mask, strength=strengths.max().item(), num_inference_steps=num_inference_steps,
+                    output_type=decoded_type, return_dict=True, callback_on_step_end=frozen,
+                    callback_on_step_end_tensor_inputs=frozen.step_end_tensor_inputs,
+                ).images
+        finally:
+            self._frozen = None
+
+        # 5. Keep exact
+        if keep_exact:
+            strengths = strength * stretched((height, width))
+            images = composite_original(images, pixels / 2 + 0.5, strengths, num_inference_steps)
+            images = self.image_processor.postprocess(images, output_type, do_denormalize=[False] * len(images))
+        return Flux2PipelineOutput(images=images) if return_dict else (images,)
+
+    # Copied from SD3/diff_pipe.py:StableDiffusion3DiffImg2ImgPipeline.prepare_latents
+    def prepare_latents(self, *args, **kwargs):
+        # Stock draws `noise` here and keeps only scale_noise(x0, t, noise); frozen pixels need x0 and noise again.
+        if self._frozen is None:
+            return super().prepare_latents(*args, **kwargs)
+        with recording_noise(self.scheduler, self._frozen):
+            return super().prepare_latents(*args, **kwargs)
+
+    def prepare_mask_latents(self, *args, **kwargs):
+        # With a map, the step-end callback puts the frozen pixels back: stock's own blend keeps the model's latents.
+        mask = super().prepare_mask_latents(*args, **kwargs)
+        return mask if self._frozen is None else torch.ones_like(mask)
+
+    def _unchanged(self, pixels, batch_size, height, width, generator, output_type):
+        # No pixel is released, so no step runs: the result is x0, as at every kept pixel of a run, which stock's
+        # post-processing then de-normalises and unfolds.
+        device, dtype = self._execution_device, self.vae.dtype
+        channels = self.transformer.config.in_channels // 4
+        with recording_noise(self.scheduler, self._frozen, noising=False):
+            x0 = super().prepare_latents(pixels, None, batch_size, channels, height, width, dtype, device, generator)[3]
+        self._num_timesteps = 0
+        bn_mean = self.vae.bn.running_mean.view(1, -1, 1, 1).to(x0.device, x0.dtype)
+        bn_std = torch.sqrt(self.vae.bn.running_var.view(1, -1, 1, 1) + self.vae.config.batch_norm_eps).to(
+            x0.device, x0.dtype
+        )
+        latents = self._unpatchify_latents(x0 * bn_std + bn_mean)
+        if output_type == "latent":
+            images = latents
+        else:
+            images = self.image_processor.postprocess(self.vae.decode(latents, return_dict=False)[0], output_type)
+        self.maybe_free_model_hooks()
+        return images
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Copied from Flux/diff_pipe_kontext.py: edit inpainting helpers (begin)
+# What the inpainting pipelines of the instruction editors (FLUX.1 Kontext, Qwen-Image-Edit, FLUX.2 [klein]) share:
+# `map` takes the place of their binary `mask_image`.
+
+
+def image_size(image) -> tuple:
+    """The (height, width) of the image that stock reads the working size from, the first of a list: a PIL image,
+    an (H, W, C) array or a (C, H, W) tensor. Unrounded, so that a map of the image's own size has its aspect
+    ratio."""
+    image = image[0] if isinstance(image, list) else image
+    if isinstance(image, PIL.Image.Image):
+        return image.height, image.width
+    return tuple(image.shape[-3:-1] if isinstance(image, np.ndarray) else image.shape[-2:])
+
+
+def check_without_map(invert_map: bool, keep_exact: bool):
+    if invert_map or keep_exact:
+        raise ValueError("`invert_map` and `keep_exact` act on a `map`: pass one, or leave them unset.")
+
+
+def check_edit_inputs(image, mask_image, latents, strength, num_inference_steps, keep_exact, output_type):
+    if image is None:
+        raise ValueError("Pass the `image` to edit with the `map`.")
+    if mask_image is not None:
+        raise ValueError("Pass `map` or `mask_image`, not both: an inpainting mask (white = repaint) is "
+                         "`map=mask, invert_map=True`.")
+    if latents is not None:
+        raise ValueError("`latents` is not supported with a map: the frozen pixels are made from the image and the "
+                         "noise that the pipeline draws. Pass a `generator` instead.")
+    if not isinstance(num_inference_steps, numbers.Integral) or num_inference_steps < 1:
+        raise ValueError(f"`num_inference_steps` must be a positive integer, not {num_inference_steps}.")
+    if not 0 <= strength <= 1:
+        raise ValueError(f"`strength` must lie in [0, 1], not {strength}.")
+    if keep_exact and output_type == "latent":
+        raise ValueError('`keep_exact` copies the input\'s pixels into the output: pick an `output_type` other than '
+                         '"latent".')
+
+
+def released_region(pipe, strengths: torch.Tensor, height: int, width: int, padding_mask_crop=None):
+    """Stock's `mask_image` for a call with a map, and the box that stock cuts around it (None: the whole image). A
+    white mask keeps every latent the model gives; with `padding_mask_crop`, the mask is the pixels released by
+    some map (strength above 0, on the working grid), as stock cuts its box around the pixels it repaints."""
+    released = (strengths > 0).any(dim=0)[0]
+    if padding_mask_crop is None or not released.any():
+        return PIL.Image.new("L", (width, height), 255), None
+    region = PIL.Image.fromarray(released.numpy().astype(np.uint8) * 255)
+    return region, pipe.mask_processor.get_crop_region(region, width, height, pad=padding_mask_crop)
+
+
+# Copied from Flux/diff_pipe_kontext.py: edit inpainting helpers (end)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+# Copied from SD2/diff_pipe.py:check_moved_arguments
+def check_moved_arguments(kwargs: dict, stock_takes_kwargs: bool = True):
+    """Refuses the arguments that left the pipeline, saying where they went; and, where stock takes no `**kwargs`,
+    any keyword that neither knows."""
+    for name in ("crop_to_change", "crop_margin", "crop_upscale"):
+        if name in kwargs:
+            raise TypeError(
+                f"`{name}` is no longer an argument of the pipeline: crop with tools.crop.edit_on_crop(pipe, "
+                "margin=..., upscale=..., **arguments) (docs/crop.md)."
+            )
+    if kwargs and not stock_takes_kwargs:
+        raise TypeError(f"Unexpected keyword argument {next(iter(kwargs))!r}.")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Copied from SD2/diff_pipe.py: map parsing (begin)
+
+
+def map_on_grid(map, size: tuple, aspect_of: tuple = None) -> torch.Tensor:
+    """The map in its own polarity, float64 (B, 1, *size), on the model's grid. Shrinking averages areas, so that a
+    fine map does not alias; growing is bilinear; a cell whose sources are all equal keeps their value exactly. The
+    map needs the aspect ratio of `aspect_of` (the image's; default `size`) to within one of its units or 1%, or
+    of an image that rounds down to it."""
+    map, size = map_to_tensor(map), tuple(size)  # a float64 tensor passes as it is
+    (height, width), (image_height, image_width) = map.shape[-2:], aspect_of or size
+    slack_height, slack_width = max(1, image_height / 100), max(1, image_width / 100)
+    # Rounding an image down to whole cells loses up to one on each side: on the short side of a long image, that
+    # moves its aspect ratio by several cells of the long side, so the width's share counts too.
+    low = min((image_height - slack_height) / image_width, image_height / (image_width + slack_width))
+    if not low <= height / width <= (image_height + slack_height) / image_width:
+        raise ValueError(f"`map` is {width}x{height} but the image is {image_width}x{image_height}: their aspect "
+                         "ratios differ. Give the map the image's aspect ratio.")
+    if (height, width) == size:
+        return map
+    if height >= size[0] and width >= size[1]:
+        mean, high = F.adaptive_avg_pool2d(map, size), F.adaptive_max_pool2d(map, size)
+        low = -F.adaptive_max_pool2d(-map, size)
+    else:  # each bilinear sample lies within the 3x3 neighbourhood of its nearest source value
+        mean, padded = F.interpolate(map, size, mode="bilinear"), F.pad(map, (1, 1, 1, 1), mode="replicate")
+        high = F.interpolate(F.max_pool2d(padded, 3, stride=1), size, mode="nearest-exact")
+        low = F.interpolate(-F.max_pool2d(-padded, 3, stride=1), size, mode="nearest-exact")
+    return mean.clamp(low, high)
+
+
+def check_map_count(maps: torch.Tensor, images: torch.Tensor):
+    if maps.shape[0] not in (1, images.shape[0]):
+        raise ValueError(f"Got {maps.shape[0]} maps for {images.shape[0]} images: pass one map, or one map per image.")
+
+
+def map_to_tensor(map, complement: bool = False) -> torch.Tensor:
+    """A map as float64 (B, 1, H, W) in [0, 1], or `1 - map` with `complement`: a PIL image (colour as luminance), an
+    array or tensor of (H, W), (B, H, W) or (B, 1, H, W) (arrays also (H, W, 1), (B, H, W, 1)), or a list of them. Each
+    value, and its complement, is the float64 nearest its exact meaning: uint8 k is k/255, uint16 (and PIL mode I)
+    k/65535, and a float its shortest decimal that rounds back (float32 0.3 is 0.3, not 0.30000001192092896)."""
+    if isinstance(map, (list, tuple)):
+        if not map:
+            raise ValueError("`map` is an empty list: pass one map, or one map per image.")
+        maps = [map_to_tensor(m, complement) for m in map]
+        if len({tuple(m.shape[-2:]) for m in maps}) > 1:
+            sizes = ", ".join(f"{m.shape[-1]}x{m.shape[-2]}" for m in maps)
+            raise ValueError(f"The maps in the `map` list differ in size ({sizes}); give them all the same size.")
+        return torch.cat(maps)
+    if isinstance(map, PIL.Image.Image):  # 16-bit PNGs open as mode I with some Pillow versions
+        mode_i = map.mode == "I"
+        map = np.array(map if map.mode in ("1", "L", "F", "I") or map.mode.startswith("I;16") else map.convert("L"))
+        if mode_i and (map.min() < 0 or map.max() > 65535):
+            raise ValueError("A `map` of PIL mode I must hold 16-bit values in [0, 65535].")
+        map = map.astype(np.uint16) if mode_i else map
+    if isinstance(map, np.ndarray):
+        if map.ndim == 3 and map.shape[-1] in (3, 4):
+            raise ValueError(f"`map` has shape {map.shape}, which looks like a colour image; a map has one channel. "
+                             "Pass a grayscale array, or the image as a PIL image, which is converted to luminance.")
+        map = np.ascontiguousarray(map[..., 0] if map.ndim in (3, 4) and map.shape[-1] == 1 else map)
+        map = torch.from_numpy(map if map.flags.writeable else map.copy())  # np.asarray(image) is read-only
+    if not isinstance(map, torch.Tensor):
+        raise TypeError(f"`map` must be a PIL image, numpy array, torch tensor or a list of them, not "
+                        f"{type(map).__name__}.")
+    map = (map[:, 0] if map.ndim == 4 and map.shape[1] == 1 else map[None] if map.ndim == 2 else map).detach().cpu()
+    if map.ndim != 3:
+        raise ValueError(f"`map` has shape {tuple(map.shape)}; expected (H, W), (B, H, W) or (B, 1, H, W): maps have "
+                         "one channel.")
+    if map.numel() == 0:
+        raise ValueError(f"`map` is empty (shape {tuple(map.shape)}).")
+    unit = {torch.bool: 1, torch.uint8: 255, torch.uint16: 65535}.get(map.dtype)
+    if unit is not None:
+        return ((unit - map.double() if complement else map.double()) / unit)[:, None]
+    if not map.is_floating_point():
+        raise ValueError(f"`map` has dtype {map.dtype}; use uint8 (0-255), uint16 (0-65535), bool, or floats in "
+                         "[0, 1].")
+    if not torch.isfinite(map).all():
+        raise ValueError("`map` contains NaN or infinite values.")
+    low, high = map.min().item(), map.max().item()
+    if low < 0 or high > 1:
+        raise ValueError(f"`map` values must lie in [0, 1], but they span [{low:g}, {high:g}]. "
+                         "Rescale it first, for example (m - m.min()) / (m.max() - m.min()).")
+    if map.dtype == torch.float64:
+        return (1 - map if complement else map)[:, None]
+    # Each distinct value as its decimal, count / units, so that the complement is exact too.
+    values, positions = map.unique(return_inverse=True)
+    exact = values.double()
+    exponent, count, units = exact.clamp(min=1e-30).log10().floor(), exact, torch.ones_like(exact)
+    for digits in range(9, 0, -1):  # the fewest digits that round back win; a value none do stands for itself
+        scale = 10.0 ** (digits - 1 - exponent)
+        rounded = (exact * scale).round()
+        hit = (rounded / scale).to(map.dtype) == values
+        count, units = torch.where(hit, rounded, count), torch.where(hit, scale, units)
+    return ((units - count if complement else count) / units)[positions][:, None]
+
+
+# Copied from SD2/diff_pipe.py: map parsing (end)
+# ----------------------------------------------------------------------------------------------------------------
