@@ -10,12 +10,12 @@ tokens of 16 channels.
 """
 
 import torch
-from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
+from diffusers import AutoencoderKLFlux2, Flux2KleinInpaintPipeline, Flux2Transformer2DModel
 from transformers import Qwen3ForCausalLM
 
 from tests.flow_models import LATENT_CHANNELS, flux_scheduler
 from tests.flow_models2 import qwen3_encoder, qwen_tokenizer
-from tests.tiny_models import SEED
+from tests.tiny_models import SEED, build_pipeline, save_pipeline
 
 # FLUX.2 normalises its latents, folded into 2x2 patches, with the VAE's batch-norm statistics; stock's latent output
 # is the latents de-normalised. A mean of 0 and a std of exactly 2 (eps 0) keep that round trip exact, so that a test
@@ -37,13 +37,15 @@ def flux2_vae(widths=(4,)):
     return vae
 
 
-def flux2_klein_components(scheduler=None, layers=1, single_layers=1, heads=2, head_dim=16, vae_widths=(4,)):
+def flux2_klein_components(scheduler=None, layers=1, single_layers=1, heads=2, head_dim=16, vae_widths=(4,),
+                           text_layers=2):
     """Components for ``Flux2KleinInpaintPipeline``: a 2-layer Qwen3 causal LM of width 16 (pass
     ``text_encoder_out_layers=(1,)``: stock stacks those hidden states as the prompt), a transformer of `layers`
     double-stream and `single_layers` single-stream blocks (1 + 1), not distilled (guidance is true CFG, two calls a
     step), and FLUX.1's scheduler config, which FLUX.2 shares (its pipeline computes the shift itself)."""
     tokenizer = qwen_tokenizer()
     config = qwen3_encoder(tokenizer).config
+    config = type(config)(**{**config.to_dict(), "num_hidden_layers": text_layers, "layer_types": None})
     torch.manual_seed(SEED)
     text_encoder = Qwen3ForCausalLM(config).eval()
     torch.manual_seed(SEED)
@@ -56,3 +58,15 @@ def flux2_klein_components(scheduler=None, layers=1, single_layers=1, heads=2, h
     return dict(transformer=transformer, vae=flux2_vae(vae_widths), text_encoder=text_encoder, tokenizer=tokenizer,
                 scheduler=scheduler or flux_scheduler())
 
+
+
+def save_flux2_klein(folder):
+    """A stock FLUX.2 [klein] inpainting pipeline for Flux2/run.py, saved: it runs on stock's defaults, so its text
+    encoder has the 28 layers whose hidden states (9, 18, 27) stock stacks, and its VAE the real factor 8, which with
+    the 2x2 patches makes stock round sizes to 16 px as the real model does."""
+    components = flux2_klein_components(vae_widths=(8, 8, 8, 8), text_layers=28)
+    width = components["text_encoder"].config.hidden_size
+    config = {name: value for name, value in components["transformer"].config.items() if not name.startswith("_")}
+    torch.manual_seed(SEED)
+    components["transformer"] = Flux2Transformer2DModel.from_config({**config, "joint_attention_dim": 3 * width})
+    return save_pipeline(build_pipeline(Flux2KleinInpaintPipeline, components), folder)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 from conftest import REPO_ROOT, run_in_process, run_script
+from edit_models import save_flux2_klein
 from flow_models import save_flux, save_sd3
 from flow_models2 import save_chroma, save_qwenimage, save_zimage
 from PIL import Image
@@ -144,6 +145,8 @@ FAMILIES = [
     flow("QwenImage", "a Qwen-Image checkpoint", run_flags=["--guidance-scale", "0"], text={"guidance_scale": "0.0"},
          help_says=("Qwen/Qwen-Image", "true_cfg_scale", "guidance with --negative-prompt, two transformer passes "
                     "per step")),
+    flow("Flux2", "a FLUX.2 [klein] checkpoint", flags=("--reference",),
+         help_says=("black-forest-labs/FLUX.2-klein-base-9B", "(default: 8)", "instead of stock's empty one")),
     flow("ZImage", "a Z-Image checkpoint",
          help_says=("Tongyi-MAI/Z-Image-Turbo", "(--guidance-scale 0)", "(default: 8)", "0 turns it off"),
          help_never_says=("1 or less turns it off",)),
@@ -174,7 +177,7 @@ COMMON_FLAGS = ("--model", "--image", "--map", "--invert-map", "--mask", "--feat
                 "--overwrite", "--compare")
 
 SAVERS = {"sd3_dir": save_sd3, "flux_dir": save_flux, "chroma_dir": save_chroma, "qwenimage_dir": save_qwenimage,
-          "zimage_dir": save_zimage}
+          "zimage_dir": save_zimage, "flux2_dir": save_flux2_klein}
 
 
 @pytest.fixture(scope="module")
