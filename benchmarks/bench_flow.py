@@ -1,6 +1,7 @@
 """Flow-matching families: the cost of per-pixel strength, measured side by side with stock img2img in one process.
 
-    python benchmarks/bench_flow.py --family {sd3,flux,chroma,qwenimage,zimage,flux_kontext,flux_fill}
+    python benchmarks/bench_flow.py --family {sd3,flux,chroma,qwenimage,zimage,flux_kontext,flux_fill,
+                                    qwenimage_edit,flux2_klein}
                                     [--size 256] [--steps 20] [--repeats 3] [--device cpu]
 
 Each family's transformer keeps its real block types (SD3's MMDiT, FLUX.1's and Chroma's double- and single-stream
@@ -15,6 +16,7 @@ Kontext, ...) and FLUX.1 Fill are measured against stock with an all-white mask,
 does.
 """
 
+import contextlib
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,9 +26,11 @@ from PIL import Image
 
 from diffusers import (
     ChromaImg2ImgPipeline,
+    Flux2KleinInpaintPipeline,
     FluxFillPipeline,
     FluxImg2ImgPipeline,
     FluxKontextInpaintPipeline,
+    QwenImageEditInpaintPipeline,
     QwenImageImg2ImgPipeline,
     StableDiffusion3Img2ImgPipeline,
     ZImageImg2ImgPipeline,
@@ -38,11 +42,15 @@ from Chroma import diff_pipe as chroma_pipe  # noqa: E402
 from Flux import diff_pipe as flux_pipe  # noqa: E402
 from Flux import diff_pipe_fill as fill_pipe  # noqa: E402
 from Flux import diff_pipe_kontext as kontext_pipe  # noqa: E402
+from Flux2 import diff_pipe as klein_pipe  # noqa: E402
 from QwenImage import diff_pipe as qwenimage_pipe  # noqa: E402
+from QwenImage import diff_pipe_edit as qwenimage_edit_pipe  # noqa: E402
 from SD3 import diff_pipe as sd3_pipe  # noqa: E402
+from tests.edit_models import flux2_klein_components  # noqa: E402
 from tests.fill_models import flux_fill_components  # noqa: E402
 from tests.flow_models import flux_components, sd3_components  # noqa: E402
 from tests.flow_models2 import chroma_components, qwenimage_components, zimage_components  # noqa: E402
+from tests.qwen_edit_models import qwenimage_edit_components, small_working_area  # noqa: E402
 from tests.tiny_models import build_pipeline, test_image  # noqa: E402
 from ZImage import diff_pipe as zimage_pipe  # noqa: E402
 
@@ -65,6 +73,7 @@ class FlowFamily:
     guidance_note: str  # how it guides, for the heading
     inputs: dict = field(default_factory=dict)  # what else both take
     mask: bool = False  # an inpainting pipeline: stock takes an all-white mask where ours takes the map
+    working_area: Callable = lambda area: contextlib.nullcontext()  # sets stock's own working area, where it has one
 
 
 FAMILIES = {
@@ -98,6 +107,18 @@ FAMILIES = {
                             lambda: flux_fill_components(layers=1, single_layers=2, vae_widths=VAE_WIDTHS, **WIDTH),
                             dict(guidance_scale=30.0), "guidance-distilled, no CFG; reads mask and masked image",
                             mask=True),
+    # Stock Qwen-Image-Edit works at about 1024 x 1024 px whatever it is given: here at --size px, stock and ours alike.
+    "qwenimage_edit": FlowFamily("Qwen-Image-Edit inpainting, Qwen-Image-shaped MMDiT, 2 layers",
+                                 QwenImageEditInpaintPipeline, qwenimage_edit_pipe, "QwenImageEditDiffInpaintPipeline",
+                                 lambda: qwenimage_edit_components(layers=2, vae_levels=len(VAE_WIDTHS), **WIDTH),
+                                 dict(negative_prompt=" ", true_cfg_scale=4.0), "true CFG on; the source as tokens",
+                                 mask=True, working_area=small_working_area),
+    "flux2_klein": FlowFamily("FLUX.2 [klein] inpainting, FLUX.2-shaped transformer, 1 double + 2 single blocks",
+                              Flux2KleinInpaintPipeline, klein_pipe, "Flux2KleinDiffInpaintPipeline",
+                              lambda: flux2_klein_components(layers=1, single_layers=2, vae_widths=VAE_WIDTHS,
+                                                             **WIDTH),
+                              dict(guidance_scale=4.0), "CFG on (the base model)",
+                              inputs=dict(text_encoder_out_layers=(1,)), mask=True),
 }
 
 
@@ -114,9 +135,10 @@ def main(argv=None):
                   max_sequence_length=TEXT_LENGTH, num_inference_steps=args.steps, output_type="np", **family.guidance,
                   **family.inputs)
     white = dict(mask_image=Image.new("L", (args.size, args.size), 255)) if family.mask else None
-    harness.measure_family(f"{family.title}, width {HEADS * HEAD_DIM}, VAE factor 8, {args.size}x{args.size} px",
-                           stock, ours, family.module, inputs, args.size, args.repeats, args.device,
-                           guidance=family.guidance_note, stock_inputs=white)
+    with family.working_area(args.size * args.size):
+        harness.measure_family(f"{family.title}, width {HEADS * HEAD_DIM}, VAE factor 8, {args.size}x{args.size} px",
+                               stock, ours, family.module, inputs, args.size, args.repeats, args.device,
+                               guidance=family.guidance_note, stock_inputs=white)
 
 
 if __name__ == "__main__":

@@ -75,6 +75,7 @@ sys.path.insert(0, str(REPO_ROOT))
 import diffusers  # noqa: E402
 from diffusers import (  # noqa: E402
     AutoencoderKL,
+    AutoencoderKLFlux2,
     AutoencoderKLQwenImage,
     ChromaTransformer2DModel,
     ControlNetModel,
@@ -82,6 +83,7 @@ from diffusers import (  # noqa: E402
     DDPMScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
+    Flux2Transformer2DModel,
     FluxTransformer2DModel,
     QwenImageTransformer2DModel,
     SD3Transformer2DModel,
@@ -605,6 +607,37 @@ FLUX_SCHEDULER = {
     "use_dynamic_shifting": True,
 }
 
+# black-forest-labs/FLUX.2-klein-base-9B, transformer/config.json (vendored copies agree): 8 double-stream and 24
+# single-stream blocks of width 4096 over 128 channels (32 latent channels in 2x2 patches), reading three hidden-state
+# layers of Qwen3-8B side by side; not guidance-distilled (the base model runs CFG).
+FLUX2_KLEIN_9B_TRANSFORMER = {
+    "_class_name": "Flux2Transformer2DModel",
+    "attention_head_dim": 128,
+    "axes_dims_rope": [32, 32, 32, 32],
+    "guidance_embeds": False,
+    "in_channels": 128,
+    "joint_attention_dim": 12288,  # 3 x Qwen3-8B's 4096
+    "mlp_ratio": 3.0,
+    "num_attention_heads": 32,
+    "num_layers": 8,
+    "num_single_layers": 24,
+    "patch_size": 1,
+    "rope_theta": 2000,
+}
+SMOKE_FLUX2_KLEIN_TRANSFORMER = {
+    "attention_head_dim": 16,
+    "axes_dims_rope": [4, 4, 4, 4],
+    "joint_attention_dim": 32,
+    "num_attention_heads": 2,
+    "num_layers": 1,
+    "num_single_layers": 2,
+}
+# black-forest-labs/FLUX.2-klein-base-9B, vae/config.json: AutoencoderKLFlux2 as its class defaults give it, factor 8
+# and 32 channels normalised by batch-norm statistics.
+FLUX2_VAE = {"_class_name": "AutoencoderKLFlux2"}
+SMOKE_FLUX2_VAE = {"block_out_channels": [32, 32, 32, 32], "layers_per_block": 1}
+FLUX2_TEXT_LENGTH = 512  # stock pads prompts to its max_sequence_length
+
 # lodestones/Chroma1-HD, transformer/config.json, as diffusers' ChromaTransformer2DModel defaults give it (vendored
 # copies agree): FLUX.1-schnell's blocks without the CLIP input and with a 5-layer approximator that makes every
 # block's modulation from the timestep.
@@ -961,6 +994,22 @@ def kontext_inputs(setup, components, size):
     return dict(flux_inputs(setup, components, size), _auto_resize=False)
 
 
+def flux2_klein_components(setup):
+    return dict(
+        transformer=build_model(Flux2Transformer2DModel, FLUX2_KLEIN_9B_TRANSFORMER, SMOKE_FLUX2_KLEIN_TRANSFORMER,
+                                setup),
+        vae=build_model(AutoencoderKLFlux2, FLUX2_VAE, SMOKE_FLUX2_VAE, setup),
+        scheduler=build_scheduler(FlowMatchEulerDiscreteScheduler, FLUX_SCHEDULER), **_NO_TEXT_ENCODERS,
+    )
+
+
+def flux2_klein_inputs(setup, components, size):
+    embeds = embeddings((1, FLUX2_TEXT_LENGTH, components["transformer"].config.joint_attention_dim), setup.device,
+                        setup.dtype)
+    # CFG at stock's default guidance: a second transformer call per step, against the (empty) negative prompt.
+    return dict(image=test_image(size), prompt_embeds=embeds, negative_prompt_embeds=torch.zeros_like(embeds))
+
+
 def chroma_components(setup):
     return dict(
         transformer=build_model(ChromaTransformer2DModel, CHROMA_HD_TRANSFORMER, SMOKE_CHROMA_TRANSFORMER, setup),
@@ -1109,6 +1158,10 @@ FAMILIES = {
                ["FLUX.1-dev's blocks reading 384 channels (latents, masked image, mask); stock fills an all-white mask; "
                 "the weak map encodes the masked image again at every step it releases pixels"], flow_matching=True,
                stock_inputs=stock_inpaint_inputs),
+        Family("flux2-klein", "FLUX.2 [klein] base 9B", "Flux2/diff_pipe.py", "Flux2KleinDiffInpaintPipeline",
+               "Flux2KleinInpaintPipeline", 1024, 64, flux2_klein_components, flux2_klein_inputs,
+               ["Qwen3-8B embeddings given directly (512 tokens, three layers); CFG: two transformer calls per step; "
+                "stock repaints an all-white mask"], flow_matching=True, stock_inputs=stock_inpaint_inputs),
         Family("chroma", "Chroma1-HD", "Chroma/diff_pipe.py", "ChromaDiffImg2ImgPipeline",
                "ChromaImg2ImgPipeline", 1024, 64, chroma_components, chroma_inputs,
                ["T5-XXL embeddings given directly (512 tokens); CFG as two transformer calls per step"],

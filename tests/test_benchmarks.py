@@ -13,10 +13,12 @@ SMALLEST = {  # "script [family]": arguments
     "bench_sd2": ["--size", "32"], "bench_sdxl": ["--size", "32"], "bench_kandinsky": ["--size", "32"],
     "bench_if": ["--size", "16", "--stage2-size", "32", "--stage2-steps", str(STEPS)],
     **{f"bench_flow {family}": ["--family", family, "--size", "32"]
-       for family in ("sd3", "flux", "chroma", "qwenimage", "zimage", "flux_kontext", "flux_fill")},
+       for family in ("sd3", "flux", "chroma", "qwenimage", "zimage", "flux_kontext", "flux_fill",
+                                          "qwenimage_edit", "flux2_klein")},
 }
 # Chroma's CFG and Qwen-Image's true CFG run the negative prompt as a second transformer call in every step.
-CALLS_PER_STEP = {"bench_flow chroma": 2, "bench_flow qwenimage": 2}
+CALLS_PER_STEP = {"bench_flow chroma": 2, "bench_flow qwenimage": 2, "bench_flow qwenimage_edit": 2,
+                  "bench_flow flux2_klein": 2}
 
 
 def table_rows(output):
