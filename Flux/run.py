@@ -63,6 +63,9 @@ def build_parser():
 def check_flags(args):
     if args.own_size and not args.kontext:
         raise cli.CliError("--own-size keeps --kontext from resizing the image: pass --kontext too, or drop --own-size")
+    if args.kontext and args.crop_margin is not None and not args.own_size:
+        raise cli.CliError("--crop-margin edits the crop at its own size, and --kontext resizes what it edits to a "
+                           "Kontext resolution: pass --own-size too")
     if args.fill and args.true_cfg_scale != 1:
         raise cli.CliError("FLUX.1 Fill takes no negative prompt: drop --true-cfg-scale with --fill")
 

@@ -44,6 +44,12 @@ def build_parser():
         "Qwen-Image's true_cfg_scale: above 1, true classifier-free guidance with --negative-prompt, two "
         "transformer passes per step; 1 or less turns it off (default: %(default)g)")
     editing.add_variants(parser, VARIANTS)
+
+    def check_crop(args):
+        if args.edit and args.crop_margin is not None:
+            raise cli.CliError("--crop-margin edits the crop at its own size, and Qwen-Image-Edit edits every image at "
+                               "about 1024x1024 pixels: drop --crop-margin")
+    parser.checks.append(check_crop)
     return parser
 
 

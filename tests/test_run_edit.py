@@ -123,6 +123,7 @@ def test_qwen_image_edit_edits_by_instruction_at_stocks_size_and_its_png_makes_i
     (["--own-size"], "--own-size keeps --kontext from resizing the image: pass --kontext too"),
     (["--kontext", "--fill"], "--kontext and --fill pick different models: pass one of them"),
     (["--fill", "--true-cfg-scale", "2"], "FLUX.1 Fill takes no negative prompt"),
+    (["--kontext", "--crop-margin", "8"], "--kontext resizes what it edits to a Kontext resolution: pass --own-size"),
     (["--kontext", "--reference", "nowhere.png"], "--reference nowhere.png: no such file"),
     (["--model", "{kontext_dir}"], "a FLUX.1 Kontext checkpoint (FluxKontextInpaintPipeline), for Flux/run.py "
                                    "--kontext; here --model takes a Flux checkpoint"),
@@ -136,6 +137,15 @@ def test_edit_model_flags_that_do_not_go_together_are_one_line(flags, message, k
     errors = [line for line in ran.stderr.splitlines() if line.startswith("error:")]
     assert ran.returncode == 2 and len(errors) == 1 and message in errors[0], ran.stderr
     assert not (tmp_path / "out.png").exists()
+
+
+def test_qwen_image_edit_refuses_a_crop_in_one_line(inputs, tmp_path):
+    image, map_path = inputs
+    ran = run_in_process("QwenImage/run.py", "--edit", "--device", "cpu", "--image", image, "--map", map_path,
+                         "--prompt", "x", "--crop-margin", "8", "--output", tmp_path / "out.png", cwd=tmp_path)
+    assert (ran.returncode, ran.stderr.splitlines()) == (2, [
+        "error: --crop-margin edits the crop at its own size, and Qwen-Image-Edit edits every image at about "
+        "1024x1024 pixels: drop --crop-margin"])
 
 
 def test_each_variant_defaults_to_its_stock_pipelines_model_steps_and_guidance():
