@@ -16,6 +16,8 @@ from PIL import Image
 
 from Flux.diff_pipe_fill import FluxDiffFillPipeline
 from Flux.diff_pipe_kontext import FluxKontextDiffInpaintPipeline
+from Flux2.diff_pipe import Flux2KleinDiffInpaintPipeline
+from tests.edit_models import save_flux2_klein
 from QwenImage.diff_pipe_edit import QwenImageEditDiffInpaintPipeline
 from tests.qwen_edit_models import TEST_AREA, qwenimage_edit_components, small_working_area
 from tests.tiny_models import save_stock
@@ -116,6 +118,29 @@ def test_qwen_image_edit_edits_by_instruction_at_stocks_size_and_its_png_makes_i
         again = rerun(text, tmp_path)
     assert again.returncode == 0, again.stderr
     assert np.array_equal(written(tmp_path / "again.png")[0], edited)
+
+
+def test_flux2_klein_guides_against_a_negative_prompt_and_reads_a_reference(tmp_path_factory, inputs, tmp_path):
+    image, map_path = inputs
+    folder = save_flux2_klein(tmp_path_factory.mktemp("klein"))
+    reference = tmp_path / "reference.png"
+    Image.fromarray(np.full((32, 32, 3), 90, np.uint8)).save(reference)
+    ran = run_in_process("Flux2/run.py", "--model", folder, "--device", "cpu", "--image", image, "--map", map_path,
+                         "--prompt", PROMPT, "--negative-prompt", "blurry", "--reference", reference, "--steps", STEPS,
+                         "--seed", SEED, "--output", tmp_path / "edit.png", cwd=tmp_path)
+    assert ran.returncode == 0, ran.stderr
+    edited, text = written(tmp_path / "edit.png")
+    assert (text["reference"], text["negative_prompt"]) == (str(reference), "blurry")
+    pipe = load_pipeline(folder, Flux2KleinDiffInpaintPipeline)
+    negative = pipe.encode_prompt(prompt=["blurry"], device="cpu")[0]  # stock takes no negative prompt as text
+    expected = pipe(prompt=[PROMPT], image=[Image.open(image).convert("RGB")], map=[Image.open(map_path)],
+                    image_reference=Image.open(reference).convert("RGB"), negative_prompt_embeds=negative,
+                    num_inference_steps=STEPS, generator=[torch.Generator().manual_seed(SEED)]).images[0]
+    assert np.array_equal(edited, np.asarray(expected))
+    without = pipe(prompt=[PROMPT], image=[Image.open(image).convert("RGB")], map=[Image.open(map_path)],
+                   image_reference=Image.open(reference).convert("RGB"), num_inference_steps=STEPS,
+                   generator=[torch.Generator().manual_seed(SEED)]).images[0]
+    assert not np.array_equal(edited, np.asarray(without))  # the negative prompt was not dropped
 
 
 @pytest.mark.parametrize("flags, message", [
