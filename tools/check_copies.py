@@ -57,11 +57,15 @@ class CopiedBlock:
 
 FLOW_FILES = tuple(f"{family}/diff_pipe.py" for family in ("SD3", "Flux", "Chroma", "QwenImage", "ZImage"))
 EDIT_FILES = ("Flux/diff_pipe_kontext.py", "QwenImage/diff_pipe_edit.py", "Flux2/diff_pipe.py")
+# The files whose denoiser can take diffusers' caches (a transformer with CacheMixin).
+CACHE_FILES = ("Flux/diff_pipe.py", "Chroma/diff_pipe.py", "QwenImage/diff_pipe.py", "Flux/diff_pipe_fill.py",
+               *EDIT_FILES)
 BLOCKS = [
     CopiedBlock("SD2/diff_pipe.py", "release rule",
                 ("SD2/diff_pipe*.py", "SDXL/diff_pipe*.py", "Kandinsky/diff_pipe*.py", "IF/diff_pipe*.py")),
     CopiedBlock("SD3/diff_pipe.py", "flow release rule", FLOW_FILES + EDIT_FILES + ("Flux/diff_pipe_fill.py",)),
     CopiedBlock("Flux/diff_pipe_kontext.py", "edit inpainting helpers", EDIT_FILES),
+    CopiedBlock("Flux/diff_pipe.py", "denoiser caches", CACHE_FILES),
     CopiedBlock("SD2/diff_pipe.py", "differential core", ("*/diff_pipe*.py",)),
     CopiedBlock("SD2/diff_pipe.py", "map parsing", ("*/diff_pipe*.py",)),
     CopiedBlock("IF/diff_pipe_I.py", "IF helpers", ("IF/diff_pipe*.py",)),

@@ -1,0 +1,149 @@
+"""diffusers' caches on every family whose denoiser takes them (#25, design section 10), through the registry of
+tests/families.py: every cache config runs; FirstBlockCache at threshold 0 changes nothing; every step that releases
+pixels computes the whole transformer, whatever the threshold; MagCache's table is read from the first step run."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import build_pipeline, seeded_generator
+from diffusers.hooks import (
+    FasterCacheConfig, FirstBlockCacheConfig, MagCacheConfig, PyramidAttentionBroadcastConfig, TaylorSeerCacheConfig
+)
+from families import FAMILIES, MAP_SIZE, band_map
+from flow_models2 import qwenimage_components
+from qwen_edit_models import qwenimage_edit_components
+
+def caching_families():
+    """The registry's families whose denoiser has diffusers' CacheMixin (a transformer's `enable_cache`)."""
+    from diffusers.models.cache_utils import CacheMixin
+
+    return [name for name, entry in FAMILIES.items() if issubclass(denoiser_class(entry), CacheMixin)]
+
+
+def denoiser_class(entry):
+    import inspect
+
+    parameters = inspect.signature(entry.stock.__init__).parameters
+    annotation = (parameters.get("transformer") or parameters.get("unet")).annotation
+    return annotation if isinstance(annotation, type) else object
+
+
+STEPS = 8
+# Released at steps 0 and 4 of 8 (the flow rule: strength 1 and 0.5), kept on the right.
+TWO_RELEASES = band_map(0.0, 0.5, 1.0, edges=[0, 16, 32, 64])  # on whole cells of every grid
+
+
+def configs(pipe):
+    """One of each cache diffusers offers a transformer, at settings that reuse where they can."""
+    timestep = lambda: pipe._current_timestep  # noqa: E731 - what the pipelines here set before each call
+    return {
+        "FirstBlockCache": FirstBlockCacheConfig(threshold=1e9),
+        "TaylorSeer": TaylorSeerCacheConfig(),
+        "MagCache": MagCacheConfig(mag_ratios=[1.0] * STEPS, num_inference_steps=STEPS),
+        # None of these batches its guidance: FasterCache must not split a batch into unconditional and conditional.
+        "FasterCache": FasterCacheConfig(current_timestep_callback=timestep, attention_weight_callback=lambda _: 0.5,
+                                         is_guidance_distilled=True,
+                                         spatial_attention_timestep_skip_range=(-1, 1001)),
+        "PyramidAttentionBroadcast": PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=2,
+                                                                     spatial_attention_timestep_skip_range=(-1, 1001),
+                                                                     current_timestep_callback=timestep),
+    }
+
+
+# What diffusers 0.42.1 itself cannot cache, in its own text-to-image pipelines too.
+UNSUPPORTED = {
+    ("chroma", "FirstBlockCache"): "diffusers registers no ChromaTransformerBlock for FirstBlockCache",
+    ("chroma", "MagCache"): "diffusers registers no ChromaTransformerBlock for MagCache",
+    ("flux2_klein", "FirstBlockCache"): "FirstBlockCache fails on FLUX.2's blocks, which return lists, in stock "
+                                        "Flux2KleinPipeline too",
+}
+# FirstBlockCache caches the blocks after the first: the registry's one-block Qwen-Image models have none.
+TWO_BLOCKS = {"qwenimage": lambda: qwenimage_components(layers=2),
+              "qwenimage_edit": lambda: qwenimage_edit_components(layers=2)}
+
+
+@pytest.fixture(scope="module", params=caching_families())
+def family(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def pipe(family):
+    return build_pipeline(FAMILIES[family].ours, TWO_BLOCKS.get(family, FAMILIES[family].components)())
+
+
+def edit(pipe, family, **changes):
+    torch.manual_seed(0)
+    run = dict(map=TWO_RELEASES, num_inference_steps=STEPS, output_type="latent", generator=seeded_generator())
+    with FAMILIES[family].context():
+        return pipe(**{**FAMILIES[family].inputs(0), **run, **changes}).images
+
+
+@pytest.fixture
+def cached(pipe):
+    """`cached(config)`: the cache on `pipe`'s transformer for the test, off again after it."""
+    def enable(config):
+        pipe.transformer.enable_cache(config)
+        return pipe
+    yield enable
+    if pipe.transformer.is_cache_enabled:
+        pipe.transformer.disable_cache()
+
+
+@pytest.mark.parametrize("name", ["FirstBlockCache", "TaylorSeer", "MagCache", "FasterCache",
+                                  "PyramidAttentionBroadcast"])
+def test_every_cache_runs(family, pipe, cached, name):
+    if (family, name) in UNSUPPORTED:
+        pytest.skip(UNSUPPORTED[family, name])
+    plain = edit(pipe, family)
+    result = edit(cached(configs(pipe)[name]), family)
+    assert result.shape == plain.shape and torch.isfinite(result).all()
+    assert not torch.equal(result, plain)  # it reused something
+
+
+def test_first_block_cache_at_threshold_0_changes_nothing(family, pipe, cached):
+    if (family, "FirstBlockCache") in UNSUPPORTED:
+        pytest.skip(UNSUPPORTED[family, "FirstBlockCache"])
+    plain = edit(pipe, family)
+    assert torch.equal(edit(cached(FirstBlockCacheConfig(threshold=0.0)), family), plain)
+
+
+def full_computations(pipe, family, **changes):
+    """The steps at which the transformer's last block computes (a module inside it: a cache that reuses returns a
+    stored output from the block's own hook, and never reaches its layers)."""
+    lists = [module for name, module in pipe.transformer.named_modules()
+             if name.endswith("blocks") and isinstance(module, torch.nn.ModuleList)]
+    linear = [module for module in lists[-1][-1].modules() if isinstance(module, torch.nn.Linear)][-1]
+    steps, step = [], pipe.scheduler.step
+
+    def recording(*args, **kwargs):  # the step a call belongs to, counted by the scheduler's steps
+        steps.append(None)
+        return step(*args, **kwargs)
+
+    computed = []
+    handle = linear.register_forward_hook(lambda *_: computed.append(len(steps)))
+    pipe.scheduler.step = recording
+    try:
+        edit(pipe, family, **changes)
+    finally:
+        handle.remove()
+        del pipe.scheduler.step
+    return sorted(set(computed))
+
+
+def test_every_step_that_releases_pixels_computes_the_whole_transformer(family, pipe, cached):
+    if (family, "FirstBlockCache") in UNSUPPORTED:
+        pytest.skip(UNSUPPORTED[family, "FirstBlockCache"])
+    # Steps run from 0 to 7; the right band is released at step 4 (loop iteration 4 of those run).
+    assert full_computations(pipe, family) == list(range(STEPS))
+    assert full_computations(cached(FirstBlockCacheConfig(threshold=1e9)), family) == [0, 4]
+
+
+def test_magcache_reads_its_table_from_the_first_step_run(family, pipe, cached):
+    if (family, "MagCache") in UNSUPPORTED:
+        pytest.skip(UNSUPPORTED[family, "MagCache"])
+    # Strength 0.5 everywhere: steps 4 to 7 run. The table allows no skip before step 4, and every skip from there.
+    ratios = [100.0] * 4 + [1.0] * 4
+    config = MagCacheConfig(mag_ratios=ratios, num_inference_steps=STEPS, retention_ratio=0.0, threshold=0.5)
+    half = np.full((MAP_SIZE, MAP_SIZE), 0.5, np.float32)
+    assert full_computations(cached(config), family, map=half) == [0]  # iteration 0 of those run: step 4
