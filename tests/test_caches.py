@@ -147,3 +147,73 @@ def test_magcache_reads_its_table_from_the_first_step_run(family, pipe, cached):
     config = MagCacheConfig(mag_ratios=ratios, num_inference_steps=STEPS, retention_ratio=0.0, threshold=0.5)
     half = np.full((MAP_SIZE, MAP_SIZE), 0.5, np.float32)
     assert full_computations(cached(config), family, map=half) == [0]  # iteration 0 of those run: step 4
+
+
+# run.py --cache and --compile (tools/caching.py)
+
+
+@pytest.fixture(scope="module")
+def flux_dir(tmp_path_factory):
+    from flow_models import save_flux
+    return save_flux(tmp_path_factory.mktemp("flux"))
+
+
+def test_run_py_cache_at_threshold_0_is_the_run_without_and_the_png_records_it(flux_dir, inputs, tmp_path):
+    from conftest import run_in_process
+    from PIL import Image
+
+    flags = ["--model", flux_dir, "--device", "cpu", "--image", inputs[0], "--map", inputs[1], "--prompt", "x",
+             "--steps", "4"]
+    plain = run_in_process("Flux/run.py", *flags, "--output", tmp_path / "plain.png", cwd=tmp_path)
+    cached = run_in_process("Flux/run.py", *flags, "--cache", "fbc", "--cache-threshold", "0", "--output",
+                            tmp_path / "cached.png", cwd=tmp_path)
+    assert plain.returncode == cached.returncode == 0, cached.stderr
+    with Image.open(tmp_path / "plain.png") as plain, Image.open(tmp_path / "cached.png") as cached:
+        assert np.array_equal(np.asarray(plain), np.asarray(cached))
+        assert (cached.text["cache"], cached.text["cache_threshold"]) == ("fbc", "0.0")
+        assert "--cache fbc --cache-threshold 0.0" in cached.text["command"]
+
+
+@pytest.mark.parametrize("script, flags, message", [
+    ("SD2/run.py", ["--model", "{sd_dir}", "--cache", "fbc"], "--cache: this model's UNet2DConditionModel takes no "
+                                                              "diffusers cache"),
+    ("Flux/run.py", ["--cache-threshold", "0.1"], "--cache-threshold sets --cache fbc or magcache"),
+    ("Flux/run.py", ["--cache", "pab", "--cache-threshold", "0.1"], "--cache-threshold sets --cache fbc or magcache"),
+    ("Chroma/run.py", ["--model", "{chroma_dir}", "--cache", "fbc"], "--cache fbc: diffusers cannot put "
+                                                                     "FirstBlockCache on this ChromaTransformer2DModel"),
+])
+def test_a_cache_the_model_cannot_take_is_one_line(script, flags, message, sd_dir, inputs, tmp_path,
+                                                   tmp_path_factory):
+    from conftest import run_in_process
+    from flow_models2 import save_chroma
+
+    folders = {"sd_dir": sd_dir}
+    if "{chroma_dir}" in flags:
+        folders["chroma_dir"] = save_chroma(tmp_path_factory.mktemp("chroma"))
+    flags = [flag.format(**folders) for flag in flags]
+    ran = run_in_process(script, *flags, "--device", "cpu", "--image", inputs[0], "--map", inputs[1], "--prompt",
+                         "x", "--steps", "2", "--output", tmp_path / "out.png", cwd=tmp_path)
+    errors = [line for line in ran.stderr.splitlines() if line.startswith("error:")]
+    assert ran.returncode in (1, 2) and len(errors) == 1 and message in errors[0], ran.stderr
+    assert not (tmp_path / "out.png").exists()
+
+
+@pytest.mark.parametrize("family", ["flux", "chroma"], scope="module")  # one call a step, and two (CFG)
+def test_a_compiled_denoiser_compiles_once_for_a_whole_edit_with_a_map(family, pipe):
+    """The blend runs in the step-end callback, outside the compiled transformer: every step after the first reuses
+    its graph, and a second edit of the same size compiles nothing. The same for every family: compiling is the
+    transformer's own, and the pipelines here differ only outside it."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    graphs = torch._dynamo.utils.counters["stats"]  # counts across resets
+    before = graphs["unique_graphs"]
+    pipe.transformer.compile(backend="aot_eager")
+    try:
+        edit(pipe, family)  # 8 steps, two of them releasing pixels
+        assert graphs["unique_graphs"] == before + 1
+        edit(pipe, family, map=np.full((MAP_SIZE, MAP_SIZE), 0.3, np.float32))
+        assert graphs["unique_graphs"] == before + 1
+    finally:
+        pipe.transformer._compiled_call_impl = None
+        torch._dynamo.reset()

@@ -39,6 +39,7 @@ MAX_STEPS = 1000  # every model here was trained on a 1000-step schedule; schedu
 MAX_SEED = 2**64 - 1  # the largest seed torch.Generator.manual_seed takes
 MAX_FEATHER_PX = 100_000  # far beyond any image side; only guards against typos such as 1e9
 MAX_SIDE = 8192  # the largest image side any model here works at
+CACHES = ("fbc", "taylorseer", "magcache", "fastercache", "pab")  # --cache: diffusers' caches (tools/caching.py)
 
 EXIT_USAGE, EXIT_RUN_FAILED, EXIT_INTERRUPTED = 2, 1, 130
 
@@ -230,11 +231,23 @@ def build_parser(description: str, *, default_model: str, default_steps: int, de
     add("--crop-upscale", action="store_true", help="with --crop-margin: edit the crop at the model's native size "
         "for more detail, then scale it back down (default: off)")
 
-    def check_crop(args: argparse.Namespace) -> None:  # a check, so that tools.batch refuses it too
+    add = group("speed")  # tools/caching.py turns them on
+    add("--cache", choices=CACHES, help="reuse the transformer's work between steps with a diffusers cache: fbc "
+        "(FirstBlockCache), taylorseer, magcache (FLUX.1's table), fastercache, pab (Pyramid Attention Broadcast); "
+        "the whole transformer still runs on every step that releases pixels. FLUX.1, Chroma, Qwen-Image, FLUX.2 "
+        "and their edit models (default: none)")
+    add("--cache-threshold", type=real_number(0), metavar="T", help="with --cache fbc or magcache: how much change "
+        "a reuse may skip; 0 reuses nothing (default: 0.08 for fbc, 0.06 for magcache)")
+    add("--compile", action="store_true", help="torch.compile the denoiser: the first step compiles for a while, "
+        "then steps run faster; each new image size compiles again (default: off)")
+
+    def check_pairs(args: argparse.Namespace) -> None:  # a check, so that tools.batch refuses them too
         if args.crop_upscale and args.crop_margin is None:
             raise CliError("--crop-upscale scales the crop that --crop-margin makes; pass --crop-margin PX too, or "
                            "drop it")
-    parser.checks.append(check_crop)
+        if args.cache_threshold is not None and args.cache not in ("fbc", "magcache"):
+            raise CliError("--cache-threshold sets --cache fbc or magcache; pass one of them, or drop it")
+    parser.checks.append(check_pairs)
     add = group("model and hardware")
     add("--model", default=default_model, metavar="ID_OR_PATH", help="Hugging Face Hub id, or a local diffusers "
         f"folder holding model_index.json (default: {default_model})")

@@ -8,13 +8,16 @@ import contextlib
 import signal
 import threading
 
+from tools import caching
 from tools.cli import warn
 from tools.crop import edit_on_crop
 
 
 def edit_images(pipe, args: argparse.Namespace, edit=None, **call) -> list:
     """`pipe(**call)`'s images (or `edit`'s, which calls it); with --crop-margin, only the box around the pixels
-    that the map releases is edited, and pasted into the input (tools/crop.py)."""
+    that the map releases is edited, and pasted into the input (tools/crop.py). --cache and --compile are turned on
+    first (tools/caching.py)."""
+    caching.prepare(pipe, args)
     with stopping_between_steps(pipe, call):
         if args.crop_margin is None:
             return (edit or pipe)(**call).images
