@@ -102,3 +102,16 @@ def test_the_published_sd_unet_costs_about_the_crops_share_of_the_frame_per_step
     assert list(shares) == list(AREAS)
     for area, (flops, crop) in shares.items():
         assert area < crop < 1 and 0.8 < flops / crop < 1.2
+
+
+def test_bench_caches_computes_every_release_step_and_threshold_0_changes_nothing(monkeypatch, capsys):
+    from benchmarks import bench_caches
+
+    monkeypatch.setattr(harness, "quiet_libraries", lambda: None)
+    bench_caches.main(["--size", "32", "--steps", str(STEPS), "--repeats", "1"])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    assert len(rows) == 2 * 7
+    for row in rows:  # ... <computed> of <run> steps <releasing> <max diff> <time>
+        computed, run, releasing = int(row[-7]), int(row[-5]), int(row[-3])
+        assert run == STEPS and releasing <= computed <= run, row  # every step that releases pixels computes
+    assert [row[-2] for row in rows if row[:2] == ["FirstBlockCache", "0"]] == ["0.00e+00"] * 2
