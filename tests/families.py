@@ -13,7 +13,8 @@ import PIL.Image
 import torch
 from diffusers import (
     ChromaImg2ImgPipeline, DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
-    FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler, FlowMatchLCMScheduler, Flux2KleinInpaintPipeline, FluxFillPipeline,
+    FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler, FlowMatchLCMScheduler, Flux2KleinInpaintPipeline,
+    FluxFillPipeline,
     FluxImg2ImgPipeline, FluxKontextInpaintPipeline, IFImg2ImgPipeline, IFImg2ImgSuperResolutionPipeline,
     KandinskyV22Img2ImgPipeline, QwenImageEditInpaintPipeline, QwenImageImg2ImgPipeline,
     StableDiffusion3Img2ImgPipeline, StableDiffusionControlNetImg2ImgPipeline, StableDiffusionImg2ImgPipeline,

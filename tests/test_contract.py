@@ -278,7 +278,8 @@ def test_frozen_pixels_hold_the_noised_original_and_kept_pixels_end_as_x0(family
                 assert torch.equal(final[..., band], x0[..., band])
             elif not near_x0:
                 assert not torch.allclose(final[..., band], x0[..., band], atol=1e-2)
-        if steps not in release and not near_x0:  # no pixel is left unreleased to be set to x0: every one ends as the model left it
+        # No pixel is left unreleased to be set to x0: every one ends as the model left it.
+        if steps not in release and not near_x0:
             # (IF's pixels may end within 1e-2 of x0 after one weak step, but never on it.)
             margin = 0 if "latent output" in entry.skip else 1e-2
             assert (final - x0).abs().amax(dim=1).min() > margin
