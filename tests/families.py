@@ -13,12 +13,13 @@ import PIL.Image
 import torch
 from diffusers import (
     ChromaImg2ImgPipeline, DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
-    FlowMatchHeunDiscreteScheduler, FlowMatchLCMScheduler, Flux2KleinInpaintPipeline, FluxFillPipeline,
+    FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler, FlowMatchLCMScheduler, Flux2KleinInpaintPipeline,
+    FluxFillPipeline,
     FluxImg2ImgPipeline, FluxKontextInpaintPipeline, IFImg2ImgPipeline, IFImg2ImgSuperResolutionPipeline,
     KandinskyV22Img2ImgPipeline, QwenImageEditInpaintPipeline, QwenImageImg2ImgPipeline,
     StableDiffusion3Img2ImgPipeline, StableDiffusionControlNetImg2ImgPipeline, StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline, StableDiffusionXLControlNetImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline,
-    StableDiffusionXLInpaintPipeline, ZImageImg2ImgPipeline
+    StableDiffusionXLInpaintPipeline, WanVideoToVideoPipeline, ZImageImg2ImgPipeline
 )
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from diffusers.pipelines.flux2.pipeline_flux2_klein_inpaint import compute_empirical_mu
@@ -41,6 +42,7 @@ from SD3.diff_pipe import StableDiffusion3DiffImg2ImgPipeline
 from SDXL.diff_pipe import StableDiffusionXLDiffImg2ImgPipeline
 from SDXL.diff_pipe_controlnet import StableDiffusionXLControlNetDiffImg2ImgPipeline
 from SDXL.diff_pipe_inpaint import StableDiffusionXLDiffInpaintPipeline
+from Wan.diff_pipe import WanDiffVideoToVideoPipeline
 from ZImage.diff_pipe import ZImageDiffImg2ImgPipeline
 from tests.edit_models import flux2_klein_components
 from tests.fill_models import flux_fill_components
@@ -52,6 +54,7 @@ from tests.tiny_models import (
     sd_inpaint_components, sdxl_components, sdxl_controlnet_components, sdxl_inpaint_components, seeded_generator,
     test_image
 )
+from tests.video_models import wan_components
 
 PROMPTS = ["a red apple on a table", "a blue pear"]  # one per batch item
 # The contract edits 32 px images (16 x 16 latents): a quarter of the work of the family files' 64 px. Maps are drawn
@@ -171,6 +174,24 @@ def qwen_latents_x0_and_noise(pipe, inputs):
     return qwen_x0_and_noise(pipe, pixels(pipe, inputs))
 
 
+@torch.no_grad()
+def wan_x0_and_noise(pipe, inputs):
+    """Wan: each video encoded alone with the VAE's mode and normalised with its latent mean and std, as stock does;
+    the generator draws only the noise, one per prompt."""
+    videos = pipe.video_processor.preprocess_video(inputs["video"], height=inputs["height"], width=inputs["width"])
+    x0 = torch.cat([pipe.vae.encode(video[None]).latent_dist.mode() for video in videos])
+    mean, std = wan_statistics(pipe)
+    x0 = (x0 - mean) * (1.0 / std)
+    prompts = 1 if isinstance(inputs["prompt"], str) else len(inputs["prompt"])
+    return x0, torch.randn((prompts, *x0.shape[1:]), generator=seeded_generator())
+
+
+def wan_statistics(pipe):
+    shape = (1, pipe.vae.config.z_dim, 1, 1, 1)
+    return (torch.tensor(pipe.vae.config.latents_mean).view(shape),
+            torch.tensor(pipe.vae.config.latents_std).view(shape))
+
+
 # x0 decoded as stock decodes it, to images in [0, 1]
 
 
@@ -213,6 +234,26 @@ def klein_decode(pipe, x0):
     """FLUX.2 [klein] de-normalises the loop's latents, folded, then decodes them unfolded."""
     mean, std = klein_statistics(pipe)
     return unit_range(pipe.vae.decode(pipe._unpatchify_latents(pipe._patchify_latents(x0) * std + mean)).sample)
+
+
+@torch.no_grad()
+def wan_decode(pipe, x0):
+    """Wan: (B, 3, F, H, W) videos."""
+    mean, std = wan_statistics(pipe)
+    return unit_range(pipe.vae.decode(x0 / (1.0 / std) + mean).sample)
+
+
+# The edited input in [0, 1], laid out as the family's "pt" output
+
+
+def unit_pixels(pipe, inputs):
+    return pixels(pipe, inputs) / 2 + 0.5
+
+
+def wan_unit_pixels(pipe, inputs):
+    """Wan's "pt" output is (B, F, 3, H, W); its video processor makes (B, 3, F, H, W)."""
+    videos = pipe.video_processor.preprocess_video(inputs["video"], height=inputs["height"], width=inputs["width"])
+    return (videos / 2 + 0.5).transpose(1, 2)
 
 
 # Stock's schedule of T steps, set on a copy of the scheduler
@@ -290,6 +331,11 @@ class Family:
     schedulers: tuple = ()  # other scheduler classes, built from the components' config, that stock equivalence runs
     stock_inputs: dict = field(default_factory=dict)  # what stock needs for the same edit, besides `strength`
     edited: str = "image"  # the argument that holds the image being edited
+    output: str = "images"  # the field of stock's output that holds them
+    unit_pixels: Callable = unit_pixels  # (pipe, inputs) -> the edited input in [0, 1], laid out as the "pt" output
+    # The argument that asks stock for copies of each output; None where stock makes one per prompt whatever is asked.
+    copies_argument: str = "num_images_per_prompt"
+    maps: Callable = list  # a list of one still map per batch item -> the `map` that gives each item its own
     repeats: str = "whole"  # stock's order of num_images_per_prompt copies: "whole" (a, b, a, b) or "each" (a, a, b, b)
     starts_from_noise: bool = False  # pixels released at step 0 start on pure noise, as stock at strength 1 does
     batch_inputs: dict = field(default_factory=dict)  # changes for the batch-against-single-runs checks
@@ -398,6 +444,13 @@ def kontext_inputs(item=0):
 def klein_inputs(item=0):
     # FLUX.2 [klein] edits the image at its own size, and reads the prompt at a layer the tiny Qwen3 has (of 2).
     return {**prompt_inputs(item), "max_sequence_length": 64, "text_encoder_out_layers": (1,)}
+
+
+def wan_inputs(item=0):
+    """5 frames of 64 px: a latent frame of frame 0 alone and one of a group of 4, each of 16 x 16 latents (VAE
+    factor 4), the contract's latent grid."""
+    video = [test_image(2 * SIZE, seed=10 * item + frame) for frame in range(5)]
+    return dict(prompt=PROMPTS[item], video=video, height=2 * SIZE, width=2 * SIZE, max_sequence_length=16)
 
 
 FLUX_LOADED = ("diffusers' FluxTransformer2DModel loaded from a folder computes a last bit apart from the one built "
@@ -576,6 +629,32 @@ FAMILIES = {
         passed_through=dict(guidance_scale=2.5, attention_kwargs={}, image_reference=test_image(SIZE, seed=9),
                             sigmas=[1.0, 0.75]),
     ),
+    # Video (design, section 9): the contract's maps are still maps, one for every frame; tests/test_wan.py has the
+    # maps per frame. Stock Wan 2.1 keeps the last int(T * s) steps (the floor rule) on a flow-matching scheduler.
+    "wan": Family(
+        WanDiffVideoToVideoPipeline, WanVideoToVideoPipeline, lambda: wan_components(spatial_factor=4), wan_inputs,
+        x0_and_noise=wan_x0_and_noise, decode=wan_decode, unit_pixels=wan_unit_pixels, edited="video",
+        output="frames", copies_argument=None, maps=lambda maps: [[still] for still in maps],
+        # Stock noises with UniPC's add_noise, and with flow-matching Euler's scale_noise, which has no add_noise.
+        schedulers=(FlowMatchEulerDiscreteScheduler,),
+        calls={"guidance": ({}, 2), "no guidance": ({"guidance_scale": 1.0}, 1)},  # CFG as two calls a step
+        passed_through=dict(negative_prompt="blurry", guidance_scale=2.5, attention_kwargs={}, max_sequence_length=8),
+        refusals=((dict(latents=torch.zeros(1, 16, 2, 16, 16)), LATENTS_NOT_TAKEN),
+                  (dict(map=np.zeros((3, MAP_SIZE, MAP_SIZE), np.float32)), "3 frames but the video has 5"),
+                  (dict(height=40), "divisible by 16")),
+        skip={
+            "copies alone": "stock Wan makes one video per prompt, whatever `num_videos_per_prompt` asks",
+            "in memory as loaded": "diffusers' WanTransformer3DModel loaded from a folder computes a last bit apart "
+                                   "from the one built in memory with the same weights (2.7e-6 here), in stock too",
+            # A band of strength 0.3 at T = 6 runs only the last step.
+            "last steps of FlowMatchEulerDiscreteScheduler": "set with stock's set_timesteps(T), it ends its schedule "
+                                                             "on sigma 1/1000 -> 0: the last step moves a latent by "
+                                                             "1/1000 of the model's velocity, within 1e-2 of x0 in "
+                                                             "stock too",
+            "any size": "stock Wan refuses a size that 16 does not divide, so no size is rounded to the latent grid; "
+                        "and tools/crop.py, whose unit the check sizes by, cuts no frame axis",
+        },
+    ),
 }
 
 
@@ -586,13 +665,14 @@ def family_context(node):
 
 
 def batched(items: list) -> dict:
-    """The inputs of several items as one call: tensors stacked, prompts and images listed, the rest shared."""
+    """The inputs of several items as one call: tensors stacked, prompts, images and videos (lists of frames)
+    listed, the rest shared."""
     merged = {}
     for name in items[0]:
         values = [item[name] for item in items]
         if isinstance(values[0], torch.Tensor):
             merged[name] = torch.cat(values)
-        elif isinstance(values[0], (str, PIL.Image.Image)):
+        elif isinstance(values[0], (str, PIL.Image.Image, list)):
             merged[name] = values
         else:
             merged[name] = values[0]

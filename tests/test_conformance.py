@@ -52,12 +52,12 @@ def stock_and_ours(family, components=None):
 def run_stock(pipe, family, **changes):
     entry = FAMILIES[family]
     run = {**entry.inputs(0), **entry.stock_inputs, "strength": 0.5, "num_inference_steps": 4, "output_type": "np"}
-    return pipe(**{**run, "generator": seeded_generator(), **changes}).images
+    return getattr(pipe(**{**run, "generator": seeded_generator(), **changes}), entry.output)
 
 
 def run_ours(pipe, family, map=HALF, **changes):
     run = {**FAMILIES[family].inputs(0), "map": map, "num_inference_steps": 4, "output_type": "np"}
-    return pipe(**{**run, "generator": seeded_generator(), **changes}).images
+    return getattr(pipe(**{**run, "generator": seeded_generator(), **changes}), FAMILIES[family].output)
 
 
 def test_from_pipe_works_both_ways_and_shares_every_component(family, components):
