@@ -162,7 +162,8 @@ def cache_contexts(pipe, frozen):
     releases, seen = set(frozen.release_step.unique().tolist()), []
 
     def before_call(module, args, kwargs):
-        index = scheduler.begin_index if scheduler.step_index is None else scheduler.step_index
+        # Before the scheduler's first step, the loop is at the first step run (stock sets no begin index in Wan).
+        index = frozen.first_step * scheduler.order if scheduler.step_index is None else scheduler.step_index
         step, name = index // scheduler.order, "uncond" if seen and seen[-1] == index else "cond"
         afresh = name == "cond" and index % scheduler.order == 0 and (not seen or step in releases)
         if afresh:

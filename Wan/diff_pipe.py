@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import WanVideoToVideoPipeline
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.hooks.hooks import CacheContext, HookRegistry, StateManager, _set_cache_context
 from diffusers.pipelines.wan.pipeline_output import WanPipelineOutput
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -146,6 +147,69 @@ def tile_to_batch(tensor: torch.Tensor, batch_size: int) -> torch.Tensor:
 
 
 # Copied from SD2/diff_pipe.py: differential core (end)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Copied from Flux/diff_pipe.py: denoiser caches (begin)
+# diffusers' caches (FirstBlockCache, TaylorSeer, MagCache, FasterCache, ...) keep their state per named context, which
+# stock's img2img and inpainting loops do not all set (design, section 10).
+
+
+@contextmanager
+def cache_contexts(pipe, frozen):
+    """While stock's loop runs, names each call of a caching transformer as stock's text-to-image loops do ("cond",
+    then "uncond" for a second call in the same step), with the step it runs. On the first step run and on every
+    step that releases pixels, the cache starts afresh, so the whole transformer runs there: a release is a change
+    that no stored residual has seen. A cache that counts steps from 0 (MagCache) counts from the first step run."""
+    denoiser, scheduler = pipe.transformer, pipe.scheduler
+    if not getattr(denoiser, "is_cache_enabled", False):
+        yield
+        return
+    releases, seen = set(frozen.release_step.unique().tolist()), []
+
+    def before_call(module, args, kwargs):
+        # Before the scheduler's first step, the loop is at the first step run (stock sets no begin index in Wan).
+        index = frozen.first_step * scheduler.order if scheduler.step_index is None else scheduler.step_index
+        step, name = index // scheduler.order, "uncond" if seen and seen[-1] == index else "cond"
+        afresh = name == "cond" and index % scheduler.order == 0 and (not seen or step in releases)
+        if afresh:
+            denoiser._reset_stateful_cache()
+        seen.append(index)
+        pipe._current_timestep = scheduler.timesteps[index]  # what FasterCache and Pyramid Attention Broadcast read
+        context = CacheContext(name, step_index=step, num_inference_steps=frozen.num_inference_steps,
+                               timestep=pipe._current_timestep, sigma=float(scheduler.sigmas[index]))
+        _set_cache_context(denoiser, context)
+        for hook, state in cache_states(denoiser):
+            if getattr(state, "step_index", step) == 0:  # a fresh MagCache state: align its table with the schedule
+                state.step_index = step
+            if afresh and hasattr(hook, "block_skip_range"):  # FasterCache computes on counts that skip_range divides
+                state.iteration = hook.block_skip_range
+
+    handles = [denoiser.register_forward_pre_hook(before_call, with_kwargs=True),
+               denoiser.register_forward_hook(lambda module, args, output: _set_cache_context(denoiser, None))]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        denoiser._reset_stateful_cache()  # the next call, maybe of another size, starts afresh too
+
+
+def cache_states(denoiser) -> list:
+    """(hook, state) for every cache hook under `denoiser`: the state it keeps for the context now set (or its one
+    state, for hooks that keep one for all contexts)."""
+    registry = HookRegistry.check_if_exists_or_initialize(denoiser)
+    hooks = [hook for child in (registry, *registry._get_child_registries()) for hook in child.hooks.values()]
+    states = []
+    for hook in (hook for hook in hooks if hook._is_stateful):
+        managers = [value for value in vars(hook).values() if isinstance(value, StateManager)]
+        states += [(hook, manager.get_state()) for manager in managers if manager._context is not None]
+        states += [(hook, hook.state)] if not managers and hasattr(hook, "state") else []
+    return states
+
+
+# Copied from Flux/diff_pipe.py: denoiser caches (end)
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -306,28 +370,29 @@ class WanDiffVideoToVideoPipeline(WanVideoToVideoPipeline):
                 batch_size = prompt_embeds.shape[0] if prompt is None else 1 if isinstance(prompt, str) else len(prompt)
                 videos = self._unchanged(pixels, batch_size, generator, decoded_type)
             else:
-                videos = super().__call__(
-                    video=video,
-                    prompt=prompt,
-                    negative_prompt=negative_prompt,
-                    height=height,
-                    width=width,
-                    num_inference_steps=num_inference_steps,
-                    timesteps=timesteps,
-                    guidance_scale=guidance_scale,
-                    strength=strengths.max().item(),
-                    num_videos_per_prompt=num_videos_per_prompt,
-                    generator=generator,
-                    latents=latents,
-                    prompt_embeds=prompt_embeds,
-                    negative_prompt_embeds=negative_prompt_embeds,
-                    output_type=decoded_type,
-                    return_dict=True,
-                    attention_kwargs=attention_kwargs,
-                    callback_on_step_end=frozen,
-                    callback_on_step_end_tensor_inputs=frozen.step_end_tensor_inputs,
-                    max_sequence_length=max_sequence_length,
-                ).frames
+                with cache_contexts(self, frozen):
+                    videos = super().__call__(
+                        video=video,
+                        prompt=prompt,
+                        negative_prompt=negative_prompt,
+                        height=height,
+                        width=width,
+                        num_inference_steps=num_inference_steps,
+                        timesteps=timesteps,
+                        guidance_scale=guidance_scale,
+                        strength=strengths.max().item(),
+                        num_videos_per_prompt=num_videos_per_prompt,
+                        generator=generator,
+                        latents=latents,
+                        prompt_embeds=prompt_embeds,
+                        negative_prompt_embeds=negative_prompt_embeds,
+                        output_type=decoded_type,
+                        return_dict=True,
+                        attention_kwargs=attention_kwargs,
+                        callback_on_step_end=frozen,
+                        callback_on_step_end_tensor_inputs=frozen.step_end_tensor_inputs,
+                        max_sequence_length=max_sequence_length,
+                    ).frames
         finally:
             self._frozen = None
 

@@ -59,7 +59,7 @@ FLOW_FILES = tuple(f"{family}/diff_pipe.py" for family in ("SD3", "Flux", "Chrom
 EDIT_FILES = ("Flux/diff_pipe_kontext.py", "QwenImage/diff_pipe_edit.py", "Flux2/diff_pipe.py")
 # The files whose denoiser can take diffusers' caches (a transformer with CacheMixin).
 CACHE_FILES = ("Flux/diff_pipe.py", "Chroma/diff_pipe.py", "QwenImage/diff_pipe.py", "Flux/diff_pipe_fill.py",
-               *EDIT_FILES)
+               "Wan/diff_pipe.py", *EDIT_FILES)
 BLOCKS = [
     CopiedBlock("SD2/diff_pipe.py", "release rule",
                 ("SD2/diff_pipe*.py", "SDXL/diff_pipe*.py", "Kandinsky/diff_pipe*.py", "IF/diff_pipe*.py")),
