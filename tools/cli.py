@@ -130,6 +130,8 @@ class Parser(argparse.ArgumentParser):
         self.checks: list[Callable[[argparse.Namespace], None]] = []
         self.example = example
         self.default_output = Path("output.png")  # taken, or the first free name like it, when --output is not given
+        self.output_holds = "the parameters are stored as PNG text"  # why --output must end as default_output does
+        self.map_input = input_path  # checks --map's path; a model whose maps are not one image (a video's) replaces it
         self.extra_outputs = lambda args, output: []  # the files that a model writes beside the output: [paths]
         # build_parser's flags by dest, and groups by title, for a model to reword their help and add flags to them
         self.common_flags: dict[str, argparse.Action] = {}
@@ -275,7 +277,7 @@ def parse_args(parser: Parser, argv: list[str] | None = None, *, command: str | 
         raise CliError(f"--{'feather' if args.feather else 'grow'} shapes the map drawn from a --mask; pass --mask "
                        "PATH too, or drop it")
     if args.mask is None:
-        args.map = input_path(args.map, example.map, "--map")
+        args.map = parser.map_input(args.map, example.map, "--map")
     elif args.map is not None:
         raise CliError("--map and --mask are alternatives: --map gives the strengths directly, --mask draws them "
                        "from an inpainting mask; pass only one")
@@ -421,9 +423,9 @@ def _output_path(args: argparse.Namespace, parser: argparse.ArgumentParser) -> P
     if args.output is None:
         return first_free(parser.default_output, companions)
     output = Path(args.output).expanduser()
-    if output.is_dir() or output.suffix.lower() != ".png":
-        raise CliError(f"--output {args.output}: give a file name ending with .png (the parameters are stored as "
-                       "PNG text)")
+    suffix = parser.default_output.suffix
+    if output.is_dir() or output.suffix.lower() != suffix:
+        raise CliError(f"--output {args.output}: give a file name ending with {suffix} ({parser.output_holds})")
     if not os.access(output.parent, os.W_OK):
         raise CliError(f"--output: the folder {display(output.parent)} does not exist or is not writable")
     for target in [output, *companions(output)]:

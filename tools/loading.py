@@ -30,6 +30,7 @@ FAMILIES = {
     "QwenImage": ("a Qwen-Image checkpoint", "QwenImage/run.py"),
     "QwenImageEdit": ("a Qwen-Image-Edit checkpoint", "QwenImage/run.py --edit"),
     "ZImage": ("a Z-Image checkpoint", "ZImage/run.py"),
+    "Wan": ("a Wan checkpoint", "Wan/run.py"),
 }
 
 

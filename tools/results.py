@@ -1,5 +1,6 @@
-"""Writing results: a PNG with its parameters as text, among them the ``command`` that makes it again; the
-``--compare`` strip beside it; and the atomic write that every file of the project goes through."""
+"""Writing results: a PNG with its parameters as text (a video: an mp4 with them in its comment tag), among them the
+``command`` that makes it again; the ``--compare`` strip beside it; and the atomic write that every file of the
+project goes through."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ import argparse
 import contextlib
 import json
 import os
+import re
+import subprocess
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -59,6 +63,44 @@ def write_png(image: Image.Image, path: Path, text: dict[str, str] | None = None
     for key, value in (text or {}).items():
         info.add_text(key, value)  # falls back to an iTXt chunk for text latin-1 cannot hold
     return write_atomically(Path(path), lambda file: image.save(file, format="PNG", pnginfo=info), overwrite=overwrite)
+
+
+def write_mp4(frames: list, path: Path, fps: float, text: dict[str, str] | None = None, *,
+              overwrite: bool = False) -> Path:
+    """Writes ``frames`` (PIL images) as an H.264 mp4 with diffusers' ``export_to_video``, ``text`` as JSON in its
+    comment tag (``mp4_parameters`` reads it), with ``write_atomically``; returns the path written."""
+    from diffusers.utils import export_to_video
+    from imageio_ffmpeg import get_ffmpeg_exe
+
+    def write(file):
+        with tempfile.TemporaryDirectory() as folder:
+            encoded, tagged = Path(folder, "encoded.mp4"), Path(folder, "tagged.mp4")
+            export_to_video(frames, str(encoded), fps=fps)
+            # export_to_video takes no metadata: the stream is copied, not encoded again, into a file that has it
+            comment = json.dumps(text or {}, ensure_ascii=False)
+            ffmpeg([get_ffmpeg_exe(), "-v", "error", "-i", str(encoded), "-map", "0", "-c", "copy", "-metadata",
+                    f"comment={comment}", "-y", str(tagged)])
+            file.write(tagged.read_bytes())
+    return write_atomically(Path(path), write, overwrite=overwrite)
+
+
+def mp4_parameters(path: Path) -> dict[str, str]:
+    """The parameters ``write_mp4`` stored in an mp4's comment tag ({} where it has none)."""
+    from imageio_ffmpeg import get_ffmpeg_exe
+
+    metadata = ffmpeg([get_ffmpeg_exe(), "-v", "error", "-i", str(path), "-f", "ffmetadata", "-"])
+    for line in metadata.splitlines():
+        if line.startswith("comment="):  # ffmetadata escapes =, ;, #, \ and newlines with a backslash
+            return json.loads(re.sub(r"\\(.)", r"\1", line[len("comment="):], flags=re.S))
+    return {}
+
+
+def ffmpeg(command: list[str]) -> str:
+    """Runs imageio-ffmpeg's ffmpeg and returns its stdout; its failure is an OSError, as a failed write is."""
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise OSError(f"ffmpeg failed: {cli.one_line(done.stderr) or f'exit status {done.returncode}'}")
+    return done.stdout
 
 
 def write_atomically(path: Path, write: Callable, *, overwrite: bool = False) -> Path:
