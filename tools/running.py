@@ -14,14 +14,14 @@ from tools.crop import edit_on_crop
 
 
 def edit_images(pipe, args: argparse.Namespace, edit=None, **call) -> list:
-    """`pipe(**call)`'s images, or a video pipeline's frames (or `edit`'s, which calls it); with --crop-margin, only the box around the pixels
-    that the map releases is edited, and pasted into the input (tools/crop.py). --cache and --compile are turned on
-    first (tools/caching.py)."""
+    """`pipe(**call)`'s images, or a video pipeline's videos (or `edit`'s, which calls it); with --crop-margin, only
+    the box around the pixels that the map releases is edited, and pasted into the input (tools/crop.py). --cache and
+    --compile are turned on first (tools/caching.py)."""
     caching.prepare(pipe, args)
     with stopping_between_steps(pipe, call):
         if args.crop_margin is None:
             output = (edit or pipe)(**call)
-            return output.images if hasattr(output, "images") else output.frames  # a video pipeline's videos
+            return output.images if hasattr(output, "images") else output.frames
         return edit_on_crop(pipe, args.crop_margin, args.crop_upscale, edit, **call)[0]
 
 
