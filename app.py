@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Differential Diffusion in the browser. Every other flag is the family's run.py flag "
         "(--model, --device, --dtype, --offload, SDXL's --no-refiner, ...): see python FAMILY/run.py --help.")
     parser.add_argument("-h", "--help", action="store_true", help="show this help and exit")
-    parser.add_argument("--family", type=str.lower, default=DEFAULT_FAMILY, choices=list(loading.families()),
+    parser.add_argument("--family", type=str.lower, default=DEFAULT_FAMILY, choices=list(loading.image_families()),
                         help=f"the model folder to start with; others load on demand (default: {DEFAULT_FAMILY})")
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on; 0.0.0.0 serves the network "
                         "(default: 127.0.0.1)")
@@ -301,7 +301,7 @@ def build_app(models: Models, output_dir: Path) -> gr.Blocks:
     start = models.start_args
     start_schedulers = samplers(models.start_family)
     start_steps, start_guidance = start.steps, start.guidance_scale  # the start flags' own, as run.py takes them
-    families = list(loading.families())
+    families = list(loading.image_families())
     on_cpu = start.device == "cpu"
     start_side = CPU_SIDE if on_cpu else 768
     start_steps = min(start_steps, CPU_STEPS) if on_cpu else start_steps

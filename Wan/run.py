@@ -24,6 +24,7 @@ SIZE_MULTIPLE = 16  # the VAE's 8 pixels a latent, in the transformer's 2x2 patc
 FRAMES_PER_LATENT = 4  # Wan's VAE encodes frame 0 alone, then each group of 4 frames, into one latent frame
 DEFAULT_FRAMES, DEFAULT_FPS, DEFAULT_FLOW_SHIFT = 81, 16, 3.0  # stock's frames; Wan 2.1's frame rate; 480p's shift
 MAX_FRAMES = 1 + FRAMES_PER_LATENT * 1000  # only guards against typos: far beyond what any GPU holds
+VIDEO = True  # it edits videos: tools.batch, tools.fan and the app edit images, and refuse it
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".gif")  # what imageio reads as videos (ffmpeg, Pillow)
 
 

@@ -405,6 +405,8 @@ def test_family_errors_are_one_line(jobs, tmp_path, capsys):
     assert result.returncode == 2 and result.stderr.startswith("error: --family is required: one of ")
     assert "sd2" in result.stderr and len(result.stderr.splitlines()) == 1
     for flags, fragment in [(["--family", "sd9"], "--family sd9: no model folder"),
+                            (["--family", "wan"], "--family wan edits videos, which tools.batch does not: run "
+                                                  "Wan/run.py itself"),
                             (["--family", "sd2", "--output", "x.png"], "--output names one file, and a batch writes "
                              "one per row: use --output-dir")]:
         with pytest.raises(SystemExit) as exit_info:  # in this process: a second one tells nothing more
@@ -430,7 +432,7 @@ def test_a_photo_turned_by_its_exif_orientation_batches_by_its_upright_size(sd_d
     assert sorted(sizes) == [[(32, 64)], [(32, 64)], [(64, 32)]]  # one call per upright size, never mixed
 
 
-@pytest.mark.parametrize("family", sorted(loading.families()))
+@pytest.mark.parametrize("family", sorted(loading.image_families()))
 def test_every_model_folder_takes_the_batch_flags(family, jobs, tmp_path):
     args = batch.parse_args(loading.load_family(family), ["--family", family, str(jobs), "--output-dir", str(tmp_path),
                                                       "--device", "cpu", "--batch-size", "2", "--seed", "5"])
@@ -449,7 +451,7 @@ MODEL_FLAGS = {  # the tiny models of each family, as conftest saves them, and t
 }
 
 
-@pytest.mark.parametrize("family", sorted(set(MODEL_FLAGS) & set(loading.families())))
+@pytest.mark.parametrize("family", sorted(set(MODEL_FLAGS) & set(loading.image_families())))
 def test_every_model_edits_a_row_as_its_run_py_does(family, jobs, tmp_path, monkeypatch, request):
     models = [str(flag) for flag in MODEL_FLAGS[family](request.getfixturevalue)]
     folder = jobs.parent

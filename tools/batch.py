@@ -60,7 +60,7 @@ def run(argv: list[str] | None = None) -> int:
     """The whole batch; returns the exit status (0 all done, 1 some rows failed). Errors raise ``cli.CliError``."""
     from accelerate import PartialState
     argv = sys.argv[1:] if argv is None else list(argv)
-    module = loading.load_family(_family_name(argv))
+    module = loading.image_family(_family_name(argv), "tools.batch")
     args = parse_args(module, argv)
     # Without cpu=True, CPU processes would each be rank 0 of 1; on GPUs, this makes the process's own GPU "cuda".
     state = PartialState(cpu=args.device == "cpu")
@@ -82,9 +82,9 @@ def _family_name(argv: list[str]) -> str:
     if (family := pre.parse_known_args(argv)[0].family) is not None:
         return family
     if {"-h", "--help"} & set(argv):
-        print(__doc__.strip() + f"\n\nPass --family ({', '.join(loading.families())}) with --help to list every flag.")
+        print(__doc__.strip() + f"\n\nPass --family ({', '.join(loading.image_families())}) with --help to list every flag.")
         raise SystemExit(0)
-    raise cli.CliError(f"--family is required: one of {', '.join(loading.families())} (see --help)")
+    raise cli.CliError(f"--family is required: one of {', '.join(loading.image_families())} (see --help)")
 
 
 def parse_args(module, argv: list[str]) -> Args:
@@ -97,7 +97,7 @@ def parse_args(module, argv: list[str]) -> Args:
     batch_flags = [
         add("jobs", metavar="JOBS", help=f"jobs file: .csv with a header row, or .jsonl (one JSON object a line); "
             f"columns: {', '.join(COLUMNS)}"),
-        add("--family", required=True, type=str.lower, choices=list(loading.families()),
+        add("--family", required=True, type=str.lower, choices=list(loading.image_families()),
             help="the model folder to use"),
         add("--output-dir", required=True, metavar="DIR", help="folder for the results and summary.json, created if "
             "missing; every output lies inside it"),

@@ -153,7 +153,7 @@ def parse_args(argv: list[str] | None = None):
         raise cli.CliError(f"usage: {USAGE}")
     if mode not in MODES:
         raise cli.CliError(f"unknown mode {mode!r}: choose fan or sweep ({USAGE})")
-    family = loading.load_family(family_name)
+    family = loading.image_family(family_name, "tools.fan")
     parser = build_parser(family, family_name.lower(), mode)
     _refuse_map_flags(parser.parse_args(rest), mode)  # only to see which flags were given
     return family, mode, cli.parse_args(parser, rest, command=shlex.join(["python", "-m", "tools.fan", *argv]))

@@ -147,6 +147,23 @@ def load_family(name: str, root: Path = REPO_ROOT):
     return _import(found[name.lower()])
 
 
+def image_families(root: Path = REPO_ROOT) -> dict[str, Path]:
+    """``families`` but those whose run.py edits videos (``VIDEO = True``): what the image tools offer."""
+    return {name: path for name, path in families(root).items() if not getattr(load_family(name, root), "VIDEO", 0)}
+
+
+def image_family(name: str, tool: str):
+    """``load_family`` for a tool that edits images (``tool``: its name), which a video family's run.py refuses."""
+    module = load_family(name)
+    if getattr(module, "VIDEO", False):
+        raise CliError(f"--family {name} edits videos, which {tool} does not: run {name_of(module)} itself")
+    return module
+
+
+def name_of(module) -> str:
+    return str(Path(module.__file__).resolve().relative_to(REPO_ROOT))
+
+
 @functools.cache
 def _import(path: Path):
     spec = importlib.util.spec_from_file_location(f"_differential_diffusion_{path.parent.name.lower()}_run", path)
