@@ -2,6 +2,8 @@
 the crop through both stages. tests/test_run_contract.py checks what every run.py does, SDXL's base and refiner
 among them."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 from conftest import run_in_process, test_image
@@ -83,3 +85,14 @@ def test_crop_margin_runs_base_and_refiner_on_the_crop_alone_and_keeps_the_rest_
                       **common).images[0]
     assert np.array_equal(edited[36:60, 4:28], np.asarray(by_hand))
     assert np.abs(edited[40:56, 8:24].astype(int) - original[40:56, 8:24]).mean() > 5
+
+
+def test_a_working_size_below_the_unets_smallest_grid_is_one_line_before_any_step():
+    """SDXL's UNet (3 levels over a VAE of factor 8) needs 32 px a side; --width 8 gave a traceback from deep inside
+    torch. The tiny test UNet needs 4 px, less than any size SDXL/run.py makes, so SDXL's numbers stand in here."""
+    unet = SimpleNamespace(config=SimpleNamespace(block_out_channels=(320, 640, 1280)))
+    base = SimpleNamespace(vae_scale_factor=8, unet=unet)  # a call of it would fail: none may happen
+    args = sdxl_run.build_parser().parse_args(["--width", "8", "--height", "64"])
+    with pytest.raises(cli.CliError, match=r"edited at 8x64 pixels, smaller than 32x32, .* of at least 32$"):
+        sdxl_run.edit(sdxl_run.Pipelines(base, None), args, images=[Image.new("RGB", (64, 64))], maps=[None],
+                      prompts=["x"], negative_prompts=[""], seeds=[0])
