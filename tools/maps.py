@@ -569,7 +569,8 @@ MAX_SIDE = 8192  # the largest side any model here works at; a map of 8192 x 819
 def build_parser() -> argparse.ArgumentParser:
     parser = cli.Parser(
         prog="python -m tools.maps",
-        description="Draw a keep map (1 = white = keep, 0 = black = change fully) and save it as a grayscale PNG.",
+        description="Draw a keep map (1 = white = keep, 0 = black = change fully) and save it as a grayscale PNG; fade "
+        "and mask-video draw one per frame, into a new folder.",
         epilog="Exit status: 0 done, 1 the run failed, 2 bad arguments or input files. "
         "'python -m tools.maps MAKER --help' lists a maker's flags.",
     )
