@@ -1,5 +1,5 @@
-"""Draw the pictures of docs/tools.md and docs/edit-models.md: the maps each tool makes from the example photo, and
-what the pipelines make of a map step by step; nothing else.
+"""Draw the pictures of docs/tools.md, docs/edit-models.md and docs/video.md: the maps each tool makes from the example
+photo, and what the pipelines make of a map step by step; nothing else.
 
     python -m tools.make_doc_images               # rewrites docs/images/
     python -m tools.make_doc_images --out DIR     # writes into another folder
@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw
 from tools import cli
 from tools.fan import draw_label, label_fan, sweep_grid, uniform_map
 from tools.make_assets import INPAINT_FEATHER_PX, INPAINT_GROW_PX, REGION_STRENGTHS, inpaint_mask, region_labels
-from tools.maps import linear_gradient, radial, region_map, strength_fan
+from tools.maps import fade_maps, linear_gradient, radial, region_map, strength_fan
 
 DOC_IMAGES = cli.REPO_ROOT / "docs" / "images"
 PREVIEW = 256  # pixels per side of each map's preview
@@ -28,6 +28,7 @@ SWEEP_TILE = 96
 ADHERENCE_BINS = 10
 CROP_STEPS, CROP_MARGIN, CROP_SCALE = 50, 32, 8  # a 50-step SD run, 32 px of margin, 8 px per latent cell
 RELEASE_STEPS, RELEASE_SHOWN = 28, (0, 7, 14, 21)  # FLUX.1 Kontext's default schedule, and the steps drawn
+FADE_FRAMES, FADE, FADE_SHOWN = 81, (20, 60), (20, 30, 40, 50, 60)  # Wan/run.py's 81 frames; the frames drawn
 
 
 def _preview(keep_map: np.ndarray | Image.Image) -> Image.Image:
@@ -77,13 +78,25 @@ def release_picture(soft_map) -> Image.Image:
     keep = np.asarray(soft_map, np.float32)
     grid = (keep.shape[0] // 16, keep.shape[1] // 16)
     release = release_steps(map_on_grid(map_to_tensor(keep, complement=True), grid), RELEASE_STEPS)[0, 0].numpy()
-    panels = [_preview(keep).convert("RGB")] + [
-        _preview(Image.fromarray(((release <= step) * 255).astype(np.uint8)).resize(soft_map.size)).convert("RGB")
+    panels = [_preview(keep)] + [
+        _preview(Image.fromarray(((release <= step) * 255).astype(np.uint8)).resize(soft_map.size))
         for step in RELEASE_SHOWN]
+    return _strip(panels, ["map", *(f"step {step} of {RELEASE_STEPS}" for step in RELEASE_SHOWN)])
+
+
+def fade_picture(keep_map: np.ndarray) -> Image.Image:
+    """`python -m tools.maps fade` on a still map: the maps of a few frames of the fade, by the maker itself."""
+    first, last = FADE
+    faded = fade_maps(keep_map, FADE_FRAMES, FADE)
+    labels = [f"frame {k}: strength x {min(max((k - first) / (last - first), 0), 1):g}" for k in FADE_SHOWN]
+    return _strip([_preview(faded[k]) for k in FADE_SHOWN], labels)
+
+
+def _strip(panels: list[Image.Image], labels: list[str]) -> Image.Image:
+    """Previews in a row, 4 px apart, each labelled at its top left."""
     strip = Image.new("RGB", (sum(panel.width + 4 for panel in panels) - 4, panels[0].height), (32, 32, 32))
-    labels = ["map", *(f"step {step} of {RELEASE_STEPS}" for step in RELEASE_SHOWN)]
     for index, (panel, label) in enumerate(zip(panels, labels)):
-        strip.paste(panel, (index * (panel.width + 4), 0))
+        strip.paste(panel.convert("RGB"), (index * (panel.width + 4), 0))
         draw_label(strip, label, (index * (panel.width + 4) + 6, 6), "la", 12)
     return strip
 
@@ -97,10 +110,11 @@ def doc_images(photo: Image.Image) -> dict[str, Image.Image]:
     bins = np.minimum(np.floor((1 - gradient) * ADHERENCE_BINS + 1e-9), ADHERENCE_BINS - 1)
     binned = 1 - (bins + 0.5) / ADHERENCE_BINS  # each pixel shown at its bin's middle strength
     strengths = [round(k / 10, 1) for k in range(11)]
+    regions = region_map(region_labels(size), REGION_STRENGTHS)
     return {
         "map_gradient.png": _preview(gradient),
         "map_radial.png": _preview(radial(width, height, inner_radius=60, outer_radius=220)),
-        "map_regions.png": _preview(region_map(region_labels(size), REGION_STRENGTHS)),
+        "map_regions.png": _preview(regions),
         "soft_inpaint.png": _side_by_side(
             _preview(mask.convert("L")), _preview(np.asarray(soft_map)),
             ("--mask (white = fill)", f"map: --feather {INPAINT_FEATHER_PX} --grow {INPAINT_GROW_PX}"),
@@ -113,6 +127,7 @@ def doc_images(photo: Image.Image) -> dict[str, Image.Image]:
         "adherence_bins.png": _preview(binned),
         "crop_to_change.png": crop_picture(photo, soft_map),
         "edit_release.png": release_picture(soft_map),
+        "video_fade.png": fade_picture(regions),
     }
 
 

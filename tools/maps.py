@@ -19,6 +19,11 @@ Command line (one maker per call, the result is written as a grayscale PNG), fro
     python -m tools.maps feather --mask mask.png --feather-px 32 --grow-px 4 --output soft.png
     python -m tools.maps regions --labels labels.png --strength 0=1.0 --strength 1=0.3 --output regions.png
     python -m tools.maps depth --image photo.jpg --near keep --output depth.png --bits 16
+
+Two makers draw a map per frame for `Wan/run.py --map FOLDER`, into a new folder of frame_0000.png, frame_0001.png...:
+
+    python -m tools.maps fade --map assets/map_regions.png --frames 81 --fade 20:60 --output fade/
+    python -m tools.maps mask-video --mask mask.mp4 --feather-px 32 --output soft/
 """
 
 from __future__ import annotations
@@ -27,7 +32,9 @@ import argparse
 import math
 import os
 import re
+import shutil
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Mapping
@@ -425,6 +432,134 @@ def _map_image(array, bits: int) -> Image.Image:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Video: a map per frame, for Wan/run.py --map FOLDER
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def fade_maps(keep_map, frames: int, fade: tuple[int, int]) -> np.ndarray:
+    """A still keep map faded in over a range of frames: every pixel's strength grows linearly from 0 to its own.
+
+    With `(first, last) = fade`, frame k (counted from 0) gets the weight
+
+        w(k) = 0                                  if k <= first   (every pixel kept: the map is 1)
+        w(k) = (k - first) / (last - first)       if first < k < last
+        w(k) = 1                                  if k >= last    (the still map itself)
+
+    and the keep map `1 - w(k) * (1 - keep_map)`: the strength `1 - map` of each pixel is `w(k)` times its strength
+    in the still map. "Linearly" is in strength, and in the frame number: halfway through the range, at
+    `k = (first + last) / 2`, every pixel has half its strength. `first == last` is a cut: the still map from that
+    frame on. Wan's VAE averages the maps of the frames that share a latent frame (frame 0 alone, then groups of 4),
+    so the model sees the fade in steps of 4 frames.
+
+    Args:
+        keep_map (`np.ndarray` of shape (height, width), values in [0, 1], 1 = keep): the still map to fade in.
+        frames (`int` >= 1): the number of frames, as many as the video `Wan/run.py --frames` edits.
+        fade (`tuple[int, int]`): `(first, last)` frame of the fade, with `0 <= first <= last <= frames - 1`.
+
+    Returns:
+        `np.ndarray` of shape (frames, height, width), float32, values in [0, 1]: the keep map of each frame.
+    """
+    keep_map = np.asarray(keep_map, dtype=np.float64)
+    if keep_map.ndim != 2 or keep_map.size == 0 or not np.isfinite(keep_map).all() or not (
+            0 <= keep_map.min() and keep_map.max() <= 1):
+        raise ValueError(f"`keep_map` must be a non-empty 2-D array with values in [0, 1], got shape {keep_map.shape}.")
+    if isinstance(frames, bool) or not isinstance(frames, (int, np.integer)) or frames < 1:
+        raise ValueError(f"`frames` must be a whole number >= 1, got {frames!r}.")
+    first, last = fade
+    if not all(isinstance(k, (int, np.integer)) and not isinstance(k, bool) for k in fade) or not 0 <= first <= last:
+        raise ValueError(f"`fade` must be two frame numbers FIRST:LAST with 0 <= FIRST <= LAST, got {fade!r}.")
+    if last > frames - 1:
+        raise ValueError(f"`fade` {first}:{last} ends past the last frame: {frames} frames are frames 0 to "
+                         f"{frames - 1}.")
+    k = np.arange(frames, dtype=np.float64)
+    weight = (k >= last).astype(np.float64) if last == first else np.clip((k - first) / (last - first), 0.0, 1.0)
+    return (1.0 - weight[:, None, None] * (1.0 - keep_map)).astype(np.float32)
+
+
+def mask_video_maps(masks, feather_px: float, grow_px: float = 0.0) -> np.ndarray:
+    """Soft inpainting frame by frame: frame k's keep map is `feathered_mask(masks[k], feather_px, grow_px)`.
+
+    Each frame is feathered on its own, at the mask's own size (so `feather_px` and `grow_px` count the mask's
+    pixels), exactly as the still `feather` maker feathers one mask.
+
+    Args:
+        masks (a sequence of `PIL.Image.Image` or `np.ndarray` (height, width), all of one size): the region to fill
+            in each frame, white = fill, thresholded as `feathered_mask` does (uint8 at 128, so a lossy video's
+            near-white and near-black read as they were painted).
+        feather_px (`float` >= 0), grow_px (`float` >= 0, defaults to 0): as for `feathered_mask`.
+
+    Returns:
+        `np.ndarray` of shape (frames, height, width), float32, values in [0, 1] (1 = keep).
+    """
+    masks = list(masks)
+    if not masks:
+        raise ValueError("`masks` must hold at least one frame.")
+    keep_maps = [feathered_mask(mask, feather_px=feather_px, grow_px=grow_px) for mask in masks]
+    for index, keep_map in enumerate(keep_maps):
+        if keep_map.shape != keep_maps[0].shape:
+            raise ValueError(f"`masks` frame {index} is {keep_map.shape[1]}x{keep_map.shape[0]} pixels, frame 0 is "
+                             f"{keep_maps[0].shape[1]}x{keep_maps[0].shape[0]}; give frames of one size.")
+    return np.stack(keep_maps)
+
+
+def save_map_frames(maps, folder: str | os.PathLike, bits: int = 8) -> Path:
+    """Write one keep map per frame as `folder/frame_0000.png`, `frame_0001.png`, ..., the folder `Wan/run.py --map`
+    reads (sorted by name, one map per frame).
+
+    The frames are written into a hidden sibling folder, which is renamed to `folder` once every frame is there, so
+    an interrupted run leaves no `folder` that would read as a complete, shorter video of maps.
+
+    Args:
+        maps (`np.ndarray` of shape (frames, height, width), or a sequence of 2-D maps, values in [0, 1]): the maps.
+        folder (`str` or `os.PathLike`): a new folder, or an empty one, in an existing folder. Never overwritten.
+        bits (`int`, 8 or 16, defaults to 8): as for `save_map`.
+
+    Returns:
+        `pathlib.Path`: the folder written.
+
+    Raises:
+        `FileExistsError`: if `folder` exists and is a file or a folder that is not empty.
+    """
+    folder = Path(folder)
+    if len(maps) == 0:
+        raise ValueError("`maps` must hold at least one frame.")
+    _check_free_folder(folder)
+    digits = max(4, len(str(len(maps) - 1)))  # names sort as numbers do
+    partial = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".partial", dir=folder.parent))
+    try:
+        for index, keep_map in enumerate(maps):
+            save_map(keep_map, partial / f"frame_{index:0{digits}d}.png", bits=bits)
+        _check_free_folder(folder)  # taken while the frames were written: keep it
+        if folder.is_dir():
+            folder.rmdir()  # empty: a folder renames only onto nothing
+        partial.rename(folder)
+    finally:
+        if partial.exists():
+            shutil.rmtree(partial, ignore_errors=True)
+    return folder
+
+
+def _check_free_folder(folder: Path) -> None:
+    if folder.is_dir() and any(folder.iterdir()) or folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"{folder} exists and is not an empty folder; map frames are written only into a new "
+                              "or empty folder, never over other files.")
+
+
+def read_video_frames(path: Path, flag: str, count: int | None = None) -> list[Image.Image]:
+    """The first `count` frames (all without it) of a video or a folder of images, gray, as `Wan/run.py` reads
+    `--map`; a one-line `cli.CliError` where it cannot."""
+    from Wan.run import MAX_FRAMES, read_frames  # Wan/run.py's reader itself; it loads torch, which maps rarely need
+
+    try:
+        frames, _ = read_frames(Path(path), flag, MAX_FRAMES if count is None else count, gray=True)
+    except cli.CliError as error:  # ffmpeg's reader appends its whole log to the reason: keep the reason
+        raise cli.CliError(str(error).split(" === stderr ===")[0], error.exit_code) from None
+    if count is not None and len(frames) < count:
+        raise cli.CliError(f"{flag} {cli.display(path)} has {len(frames)} frames, fewer than --frames {count}")
+    return frames
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------------------------------
 
@@ -434,7 +569,8 @@ MAX_SIDE = 8192  # the largest side any model here works at; a map of 8192 x 819
 def build_parser() -> argparse.ArgumentParser:
     parser = cli.Parser(
         prog="python -m tools.maps",
-        description="Draw a keep map (1 = white = keep, 0 = black = change fully) and save it as a grayscale PNG.",
+        description="Draw a keep map (1 = white = keep, 0 = black = change fully) and save it as a grayscale PNG; fade "
+        "and mask-video draw one per frame, into a new folder.",
         epilog="Exit status: 0 done, 1 the run failed, 2 bad arguments or input files. "
         "'python -m tools.maps MAKER --help' lists a maker's flags.",
     )
@@ -484,7 +620,38 @@ def build_parser() -> argparse.ArgumentParser:
         add("--bits", type=int, choices=(8, 16), default=8, help="bits per pixel of the PNG: 8 (255 levels) or 16 "
             "(65535 levels) (default: 8)")
         add("--overwrite", action="store_true", help="replace an existing --output (default: off, refuse)")
+
+    frames = cli.whole_number(1, MAX_VIDEO_FRAMES)
+    add = maker("fade", "a still map faded in over a range of frames: one map per frame", sized=False)
+    add("--map", type=Path, required=True, metavar="IMAGE", help="the still keep map to fade in (white = keep)")
+    add("--frames", type=frames, required=True, metavar="N", help="number of frames, as Wan/run.py --frames")
+    add("--fade", type=_frame_range, required=True, metavar="FIRST:LAST", help="frames (from 0) over which every "
+        "pixel's strength grows linearly from 0 to the map's: kept up to FIRST, the map itself from LAST on")
+    add = maker("mask-video", "soft inpainting per frame: a mask video feathered frame by frame", sized=False)
+    add("--mask", type=Path, required=True, metavar="VIDEO", help="mask video (.mp4, .gif, ...) or a folder of mask "
+        "images sorted by name; white (half its range and up) = region to fill")
+    add("--feather-px", type=pixels, required=True, help="width of the soft band around the region, in pixels")
+    add("--grow-px", type=pixels, default=0.0, help="grow the region first, in pixels (default: 0)")
+    add("--frames", type=frames, metavar="N", help="use the first N frames (default: every frame)")
+    for name in VIDEO_MAKERS:
+        add = makers.choices[name].add_argument
+        add("--output", type=Path, required=True, metavar="FOLDER", help="new (or empty) folder to write "
+            "frame_0000.png, frame_0001.png, ... into, for Wan/run.py --map FOLDER; never overwritten")
+        add("--bits", type=int, choices=(8, 16), default=8, help="bits per pixel of each PNG: 8 (255 levels) or 16 "
+            "(65535 levels) (default: 8)")
     return parser
+
+
+VIDEO_MAKERS = ("fade", "mask-video")  # a folder of maps, one per frame
+MAX_VIDEO_FRAMES = 100_000  # only guards against typos
+
+
+def _frame_range(text: str) -> tuple[int, int]:
+    first, _, last = text.partition(":")
+    if first.strip().isdigit() and last.strip().isdigit() and int(first) <= int(last):
+        return int(first), int(last)
+    raise argparse.ArgumentTypeError(f"must be FIRST:LAST, two frame numbers from 0 with FIRST <= LAST, such as 8:40, "
+                                     f"got {text!r}")
 
 
 def _label_strength(text: str) -> tuple[int, float]:
@@ -531,19 +698,58 @@ def _make(args) -> np.ndarray:
         raise cli.CliError(str(error), cli.EXIT_RUN_FAILED) from None
 
 
+def _make_frames(args) -> np.ndarray:
+    if args.maker == "fade":
+        keep_map = cli.map_values(_read_map(args.map), f"--map {cli.display(args.map)}")
+        return fade_maps(keep_map, args.frames, args.fade)
+    masks = read_video_frames(args.mask, "--mask", args.frames)
+    if max(masks[0].size) > MAX_SIDE:
+        raise cli.CliError(f"--mask {cli.display(args.mask)}: its frames are {masks[0].width}x{masks[0].height} "
+                           f"pixels, more than {MAX_SIDE} on a side; scale it down first")
+    return mask_video_maps(masks, feather_px=args.feather_px, grow_px=args.grow_px)
+
+
+def _read_map(path: Path) -> Image.Image:
+    _read(path, "--map")  # the size limit, with its one line
+    return cli.load_map(path, "--map")
+
+
+def run_video(args) -> None:
+    """A video maker's command line: checks the folder, draws a map per frame and writes the folder."""
+    output = args.output
+    if not output.parent.is_dir():
+        raise cli.CliError(f"--output {cli.display(output)}: its parent folder does not exist; create it first")
+    if output.exists() and not (output.is_dir() and not any(output.iterdir())):
+        raise cli.CliError(f"--output {cli.display(output)}: exists and is not an empty folder; give a new folder "
+                           "(map frames never overwrite files)")
+    try:
+        keep_maps = _make_frames(args)
+    except ValueError as error:
+        raise cli.CliError(_flags_named(error)) from None
+    save_map_frames(keep_maps, output, bits=args.bits)
+    print(f"{cli.display(output)} ({len(keep_maps)} frames)")
+
+
+def _flags_named(error: Exception) -> str:
+    # The makers name their Python parameters (`inner_radius`): say the flags instead.
+    flag = lambda match: "--" + {"angle_degrees": "angle", "strengths": "strength", "masks": "mask"}.get(  # noqa: E731
+        match[1], match[1]).replace("_", "-")
+    return re.sub(r"`(\w+)[^`]*`", flag, str(error))
+
+
 def run(argv: list[str] | None = None) -> None:
     """The command line: draws one map and writes it; errors raise ``cli.CliError``."""
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if args.maker in VIDEO_MAKERS:
+        return run_video(args)
     if args.output.suffix.lower() != ".png" or not args.output.parent.is_dir():
         raise cli.CliError(f"--output {args.output}: give a .png file in an existing folder")
     inputs = {flag: getattr(args, flag[2:], None) for flag in ("--like", "--mask", "--labels", "--image")}
     cli.check_output(args.output, inputs, overwrite=args.overwrite)
     try:
         keep_map = _make(args)
-    except ValueError as error:  # the makers name their Python parameters (`inner_radius`): say the flags instead
-        flag = lambda match: "--" + {"angle_degrees": "angle", "strengths": "strength"}.get(  # noqa: E731
-            match[1], match[1]).replace("_", "-")
-        raise cli.CliError(re.sub(r"`(\w+)[^`]*`", flag, str(error))) from None
+    except ValueError as error:
+        raise cli.CliError(_flags_named(error)) from None
     print(cli.display(save_map(keep_map, args.output, bits=args.bits, overwrite=args.overwrite)))
 
 
