@@ -46,7 +46,10 @@ kernels are already warm, and the weights start on the CPU):
 and all of it three times: plain ("eager"), with `enable_model_cpu_offload()` ("offload"), and with the UNet (or
 the transformer) under `torch.compile` ("compile"; a failure is reported as "did not compile: <reason>"). The JSON's
 "unet_calls" count calls of the UNet or transformer: two per step where CFG runs the negative prompt separately
-(Chroma, Qwen-Image).
+(Chroma, Qwen-Image). For FLUX.1 and Qwen-Image, "caches" puts FirstBlockCache (threshold 0.08, "fbc-0.08") and
+TaylorSeer ("taylor") on the transformer, and times stock's text-to-image pipeline, the loop these caches were made
+for, beside ours with a uniform map and with a gradient (which releases pixels at every step, each of which runs the
+whole transformer), under the same cache.
 
 --smoke runs the same code on the CPU in fp32 with tiny versions of the same configs (same blocks, narrow and
 shallow), without offload or compile, so that the script is tested where no GPU is.
@@ -99,6 +102,7 @@ from benchmarks.harness import (  # noqa: E402
     denoiser,
     embeddings,
     img2img_cases,
+    keep_maps,
     quiet_libraries,
     side_by_side,
     unet_calls_per_case,
@@ -825,6 +829,7 @@ class Family:
     flow_matching: bool = False  # stock runs ceil(T s) steps at strength s, not floor(T s); weights in bf16
     stock_inputs: Callable = None  # (setup, size) -> what stock alone takes (an inpainting mask)
     crop: bool = False  # also measure tools.crop against the whole frame (the "crop" variant)
+    text_to_image: str = None  # stock's text-to-image pipeline, beside which the "caches" variant measures ours
 
     @property
     def dtype(self) -> torch.dtype:
@@ -1148,7 +1153,7 @@ FAMILIES = {
         Family("flux", "FLUX.1-dev", "Flux/diff_pipe.py", "FluxDiffImg2ImgPipeline",
                "FluxImg2ImgPipeline", 1024, 64, flux_components, flux_inputs,
                ["T5-XXL (512 tokens) and CLIP-L pooled embeddings given directly; guidance-distilled, no CFG"],
-               flow_matching=True),
+               flow_matching=True, text_to_image="FluxPipeline"),
         Family("flux-kontext", "FLUX.1 Kontext [dev]", "Flux/diff_pipe_kontext.py", "FluxKontextDiffInpaintPipeline",
                "FluxKontextInpaintPipeline", 1024, 64, flux_components, kontext_inputs,
                ["FLUX.1-dev's transformer (FLUX.1-Kontext-dev shares its config); the source as 4096 more tokens; "
@@ -1169,7 +1174,7 @@ FAMILIES = {
         Family("qwenimage", "Qwen-Image", "QwenImage/diff_pipe.py", "QwenImageDiffImg2ImgPipeline",
                "QwenImageImg2ImgPipeline", 1328, 64, qwenimage_components, qwenimage_inputs,
                ["Qwen2.5-VL-7B embeddings given directly (128 tokens); true CFG: two transformer calls per step"],
-               flow_matching=True),
+               flow_matching=True, text_to_image="QwenImagePipeline"),
         Family("qwenimage-edit", "Qwen-Image-Edit", "QwenImage/diff_pipe_edit.py", "QwenImageEditDiffInpaintPipeline",
                "QwenImageEditInpaintPipeline", 1024, 64, qwenimage_edit_components, qwenimage_edit_inputs,
                ["Qwen-Image's transformer (Qwen-Image-Edit shares its config) with the source as 4096 more tokens; "
@@ -1337,7 +1342,11 @@ def run_family(family: Family, setup, repeats: int, plan: dict) -> dict:
     def cropped():
         return measure_crop(ours, inputs, setup, size, repeats)
 
-    variants = {"eager": eager, "offload": offload, "compile": compiled, **({"crop": cropped} if family.crop else {})}
+    def cached():
+        return measure_caches(family, components, ours, inputs, setup, size, repeats)
+
+    variants = {"eager": eager, "offload": offload, "compile": compiled, **({"crop": cropped} if family.crop else {}),
+                **({"caches": cached} if family.text_to_image else {})}
     for variant, measurement in variants.items():
         if plan[variant] is None:
             free_memory(setup)
@@ -1364,6 +1373,38 @@ def measure_crop(ours, inputs: dict, setup, size: int, repeats: int) -> dict:
     return {"status": "ok", "margin": CROP_MARGIN, "areas": areas}
 
 
+# The caches the "caches" variant measures, each on stock text-to-image and on ours (tools/caching.py's settings).
+CACHE_CONFIGS = {"fbc-0.08": lambda: diffusers.hooks.FirstBlockCacheConfig(threshold=0.08),  # FirstBlockCache
+                 "taylor": lambda: diffusers.hooks.TaylorSeerCacheConfig()}
+CACHE_CASES = {"stock_text_to_image": "stock text-to-image", "ours": "ours, uniform map, strength 1",
+               "ours_gradient": "ours, gradient map 0..1"}
+
+
+def measure_caches(family: Family, components: dict, ours, inputs: dict, setup, size: int, repeats: int) -> dict:
+    """Each of CACHE_CONFIGS on stock's text-to-image pipeline (the loop these caches were made for) and on ours
+    with a uniform map (the same steps) and a gradient (a release at every step, each computing the whole
+    transformer), side by side: time per step of ours relative to stock text-to-image under the same cache."""
+    text_to_image = build_pipeline(getattr(diffusers, family.text_to_image), components)
+    maps, transformer = keep_maps(size), denoiser(ours)
+    shared = dict(num_inference_steps=setup.steps, output_type="pt")
+
+    def call(pipe, **kwargs):
+        return lambda: pipe(generator=torch.Generator().manual_seed(SEED), **shared, **kwargs)
+
+    cases = {"stock_text_to_image": call(text_to_image, **{k: v for k, v in inputs.items() if k != "image"}),
+             "ours": call(ours, **inputs, map=maps["ours"]), "ours_gradient": call(ours, **inputs,
+                                                                                map=maps["ours_gradient"])}
+    configs = {}
+    for name, config in CACHE_CONFIGS.items():
+        transformer.enable_cache(config())
+        try:
+            calls = unet_calls_per_case(transformer, cases)  # the warm-up, under the cache
+            configs[name] = side_by_side(cases, calls, repeats, setup.device)
+        finally:
+            transformer.disable_cache()
+    return {"status": "ok", "configs": configs}
+
+
 def plan_variants(args) -> dict:
     """For each variant, None if it runs, or why it does not."""
 
@@ -1371,7 +1412,8 @@ def plan_variants(args) -> dict:
         return "skipped (--smoke)" if args.smoke else f"skipped ({flag})" if flag_given else None
 
     return {"eager": None, "offload": unless(args.no_offload, "--no-offload"),
-            "compile": unless(args.no_compile, "--no-compile"), "crop": "skipped (--no-crop)" if args.no_crop else None}
+            "compile": unless(args.no_compile, "--no-compile"), "crop": "skipped (--no-crop)" if args.no_crop else None,
+            "caches": "skipped (--no-caches)" if args.no_caches else None}
 
 
 def guarded(measurement: Callable[[], dict]) -> dict:
@@ -1398,6 +1440,10 @@ def print_variant(family: Family, record: dict, variant: str) -> None:
             print(f"  crop {area} of the frame changed: the crop is {measured['crop_share']:.1%} of it, a step "
                   f"costs {measured['time_per_step_vs_whole_frame']:.3f} of the whole frame's, "
                   f"{measured['vs_proportional']:.2f}x proportional", flush=True)
+    elif result["status"] == "ok" and variant == "caches":
+        for name, measured in result["configs"].items():
+            for case, case_result in measured.items():
+                TABLE.print_row(label, name, CACHE_CASES[case], result=case_result)
     elif result["status"] == "ok":
         TABLE.print_results(result["cases"], label, variant)
     else:
@@ -1423,6 +1469,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=20, help="num_inference_steps T (default 20)")
     parser.add_argument("--repeats", type=int, help="alternating timed rounds per case (default 3; 1 with --smoke)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
+    parser.add_argument("--no-caches", action="store_true", help="skip the caches variant (FLUX.1, Qwen-Image)")
     parser.add_argument("--no-offload", action="store_true", help="skip the enable_model_cpu_offload() variant")
     parser.add_argument("--no-crop", action="store_true",
                         help="skip the crop variant (SD 2.1 and SDXL: 5, 10 and 25%% of the frame changed)")

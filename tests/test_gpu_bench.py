@@ -69,6 +69,12 @@ def test_smoke_reports_every_family_with_positive_times_03_t_steps_of_model_call
             assert case["unet_calls"] == family["unet_calls"][case_name]
         # --smoke skips offload and compile, and says so.
         assert family["variants"]["offload"] == family["variants"]["compile"] == {"status": "skipped (--smoke)"}
+        # The caches beside stock text-to-image, for FLUX.1 and Qwen-Image: T steps each, the cache reusing inside.
+        caches = family["variants"].get("caches")
+        assert (caches is not None) == (name in ("flux", "qwenimage")), name
+        for config in (caches or {"configs": {}})["configs"].values():
+            assert {case: result["unet_calls"] for case, result in config.items()} == {
+                "stock_text_to_image": STEPS * calls, "ours": STEPS * calls, "ours_gradient": STEPS * calls}
         if not gpu_bench.FAMILIES[name].crop:  # crop to change is measured for SD2 and SDXL on each share of the frame
             assert "crop" not in family["variants"], name
             continue
