@@ -147,9 +147,9 @@ def load_family(name: str, root: Path = REPO_ROOT):
     return _import(found[name.lower()])
 
 
-def image_families(root: Path = REPO_ROOT) -> dict[str, Path]:
+def image_families() -> dict[str, Path]:
     """``families`` but those whose run.py edits videos (``VIDEO = True``): what the image tools offer."""
-    return {name: path for name, path in families(root).items() if not getattr(load_family(name, root), "VIDEO", 0)}
+    return {name: path for name, path in families().items() if not getattr(load_family(name), "VIDEO", False)}
 
 
 def image_family(name: str, tool: str):
