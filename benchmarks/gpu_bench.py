@@ -1160,7 +1160,7 @@ FAMILIES = {
                 "stock repaints an all-white mask"], flow_matching=True, stock_inputs=stock_inpaint_inputs),
         Family("flux-fill", "FLUX.1 Fill [dev]", "Flux/diff_pipe_fill.py", "FluxDiffFillPipeline", "FluxFillPipeline",
                1024, 64, fill_components, fill_inputs,
-               ["FLUX.1-dev's blocks reading 384 channels (latents, masked image, mask); stock fills an all-white mask; "
+               ["FLUX.1-dev's blocks reading 384 channels (latents, masked image, mask); stock fills a white mask; "
                 "the weak map encodes the masked image again at every step it releases pixels"], flow_matching=True,
                stock_inputs=stock_inpaint_inputs),
         Family("flux2-klein", "FLUX.2 [klein] base 9B", "Flux2/diff_pipe.py", "Flux2KleinDiffInpaintPipeline",

@@ -180,8 +180,8 @@ def test_run_py_cache_at_threshold_0_is_the_run_without_and_the_png_records_it(f
                                                               "diffusers cache"),
     ("Flux/run.py", ["--cache-threshold", "0.1"], "--cache-threshold sets --cache fbc or magcache"),
     ("Flux/run.py", ["--cache", "pab", "--cache-threshold", "0.1"], "--cache-threshold sets --cache fbc or magcache"),
-    ("Chroma/run.py", ["--model", "{chroma_dir}", "--cache", "fbc"], "--cache fbc: diffusers cannot put "
-                                                                     "FirstBlockCache on this ChromaTransformer2DModel"),
+    ("Chroma/run.py", ["--model", "{chroma_dir}", "--cache", "fbc"],
+     "--cache fbc: diffusers cannot put FirstBlockCache on this ChromaTransformer2DModel"),
 ])
 def test_a_cache_the_model_cannot_take_is_one_line(script, flags, message, sd_dir, inputs, tmp_path,
                                                    tmp_path_factory):

@@ -16,9 +16,10 @@ STEPS = 5
 PIPELINE_FILES = {
     "sd2": "SD2/diff_pipe.py", "sdxl": "SDXL/diff_pipe.py", "kandinsky": "Kandinsky/diff_pipe.py",
     "if1": "IF/diff_pipe_I.py", "if2": "IF/diff_pipe_II.py", "sd3": "SD3/diff_pipe.py", "flux": "Flux/diff_pipe.py",
-    "flux-kontext": "Flux/diff_pipe_kontext.py", "flux-fill": "Flux/diff_pipe_fill.py", "flux2-klein": "Flux2/diff_pipe.py",
-    "chroma": "Chroma/diff_pipe.py",
-    "qwenimage": "QwenImage/diff_pipe.py", "qwenimage-edit": "QwenImage/diff_pipe_edit.py", "zimage": "ZImage/diff_pipe.py",
+    "flux-kontext": "Flux/diff_pipe_kontext.py", "flux-fill": "Flux/diff_pipe_fill.py",
+    "flux2-klein": "Flux2/diff_pipe.py", "chroma": "Chroma/diff_pipe.py",
+    "qwenimage": "QwenImage/diff_pipe.py", "qwenimage-edit": "QwenImage/diff_pipe_edit.py",
+    "zimage": "ZImage/diff_pipe.py",
     "sd15-controlnet": "SD2/diff_pipe_controlnet.py", "sdxl-controlnet": "SDXL/diff_pipe_controlnet.py",
     "sd2-inpaint": "SD2/diff_pipe_inpaint.py", "sdxl-inpaint": "SDXL/diff_pipe_inpaint.py",
 }

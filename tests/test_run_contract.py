@@ -27,7 +27,7 @@ from flow_models import save_flux, save_sd3
 from flow_models2 import save_chroma, save_qwenimage, save_zimage
 from PIL import Image
 
-from tools import cli, loading
+from tools import loading
 from tools.maps import save_map
 
 PROMPT = "a red apple"

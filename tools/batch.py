@@ -82,7 +82,8 @@ def _family_name(argv: list[str]) -> str:
     if (family := pre.parse_known_args(argv)[0].family) is not None:
         return family
     if {"-h", "--help"} & set(argv):
-        print(__doc__.strip() + f"\n\nPass --family ({', '.join(loading.image_families())}) with --help to list every flag.")
+        families = ", ".join(loading.image_families())
+        print(__doc__.strip() + f"\n\nPass --family ({families}) with --help to list every flag.")
         raise SystemExit(0)
     raise cli.CliError(f"--family is required: one of {', '.join(loading.image_families())} (see --help)")
 

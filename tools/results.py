@@ -26,7 +26,8 @@ def png_parameters(args: argparse.Namespace, steps_run: int, extra_params: dict 
     source = {"mask": piped(args.mask), "feather": args.feather, "grow": args.grow} if args.mask else {
         "map": piped(args.map)}
     crop = {} if args.crop_margin is None else {"crop_margin": args.crop_margin, "crop_upscale": args.crop_upscale}
-    speed = {name: getattr(args, name) for name in ("cache", "cache_threshold") if getattr(args, name, None) is not None}
+    speed = {name: getattr(args, name) for name in ("cache", "cache_threshold")
+             if getattr(args, name, None) is not None}
     speed.update({"compile": True} if getattr(args, "compile", False) else {})
     def text(value) -> str:  # a list (a flag given once per item) as JSON, from run.py, batch and the app alike
         return json.dumps(value, ensure_ascii=False, default=str) if isinstance(value, (list, tuple)) else str(value)
@@ -34,7 +35,8 @@ def png_parameters(args: argparse.Namespace, steps_run: int, extra_params: dict 
         "prompt": args.prompt, "negative_prompt": args.negative_prompt, "model": args.model, "image": piped(args.image),
         **source, "invert_map": args.invert_map, "strength": args.strength, "keep_exact": args.keep_exact,
         "steps": args.steps, "steps_run": steps_run, "guidance_scale": args.guidance_scale, "seed": args.seed,
-        "scheduler": args.scheduler, "device": args.device, "dtype": args.dtype, **crop, **speed, **(extra_params or {}),
+        "scheduler": args.scheduler, "device": args.device, "dtype": args.dtype, **crop, **speed,
+        **(extra_params or {}),
         "command": args.command, "Software": "differential-diffusion",  # the PNG keyword for the creating program
     }.items()}
 
