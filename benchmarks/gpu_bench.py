@@ -80,6 +80,7 @@ from diffusers import (  # noqa: E402
     AutoencoderKL,
     AutoencoderKLFlux2,
     AutoencoderKLQwenImage,
+    AutoencoderKLWan,
     ChromaTransformer2DModel,
     ControlNetModel,
     DDIMScheduler,
@@ -91,7 +92,9 @@ from diffusers import (  # noqa: E402
     QwenImageTransformer2DModel,
     SD3Transformer2DModel,
     UNet2DConditionModel,
+    UniPCMultistepScheduler,
     VQModel,
+    WanTransformer3DModel,
     ZImageTransformer2DModel,
 )
 
@@ -642,6 +645,34 @@ FLUX2_VAE = {"_class_name": "AutoencoderKLFlux2"}
 SMOKE_FLUX2_VAE = {"block_out_channels": [32, 32, 32, 32], "layers_per_block": 1}
 FLUX2_TEXT_LENGTH = 512  # stock pads prompts to its max_sequence_length
 
+# Wan-AI/Wan2.1-T2V-1.3B-Diffusers, transformer/config.json: 30 blocks of width 1536 over 2x2 patches of 16 latent
+# channels, reading UMT5-XXL's 4096-wide text states. Its VAE is AutoencoderKLWan's class defaults (Wan 2.1's: 8x in
+# space, 4x in time, frame 0 alone).
+WAN_1_3B_TRANSFORMER = {
+    "_class_name": "WanTransformer3DModel",
+    "attention_head_dim": 128,
+    "cross_attn_norm": True,
+    "eps": 1e-06,
+    "ffn_dim": 8960,
+    "freq_dim": 256,
+    "in_channels": 16,
+    "num_attention_heads": 12,
+    "num_layers": 30,
+    "out_channels": 16,
+    "patch_size": [1, 2, 2],
+    "qk_norm": "rms_norm_across_heads",
+    "rope_max_seq_len": 1024,
+    "text_dim": 4096,
+}
+SMOKE_WAN_TRANSFORMER = {"attention_head_dim": 12, "ffn_dim": 32, "num_attention_heads": 2, "num_layers": 2,
+                         "text_dim": 32}
+WAN_VAE = {"_class_name": "AutoencoderKLWan"}
+SMOKE_WAN_VAE = {"base_dim": 3, "dim_mult": [1, 1, 1, 1], "num_res_blocks": 1}
+# The UniPC that Wan 2.1's pipelines ship, at the flow shift its 480p examples use.
+WAN_SCHEDULER = {"_class_name": "UniPCMultistepScheduler", "flow_shift": 3.0, "num_train_timesteps": 1000,
+                 "prediction_type": "flow_prediction", "use_flow_sigmas": True}
+WAN_FRAMES, SMOKE_WAN_FRAMES, WAN_TEXT_LENGTH = 81, 5, 512
+
 # lodestones/Chroma1-HD, transformer/config.json, as diffusers' ChromaTransformer2DModel defaults give it (vendored
 # copies agree): FLUX.1-schnell's blocks without the CLIP input and with a 5-layer approximator that makes every
 # block's modulation from the timestep.
@@ -821,8 +852,8 @@ class Family:
     pipeline_file: str  # relative to the repository root
     pipeline_class: str
     stock_class: str  # the diffusers img2img pipeline that ours subclasses
-    size: int  # output side in pixels
-    smoke_size: int
+    size: int | tuple  # output side in pixels, or (height, width)
+    smoke_size: int | tuple
     components: Callable  # (setup) -> components of the stock pipeline, which ours takes unchanged
     inputs: Callable  # (setup, components, size) -> keyword arguments shared by both pipelines
     notes: list = field(default_factory=list)
@@ -830,11 +861,12 @@ class Family:
     stock_inputs: Callable = None  # (setup, size) -> what stock alone takes (an inpainting mask)
     crop: bool = False  # also measure tools.crop against the whole frame (the "crop" variant)
     text_to_image: str = None  # stock's text-to-image pipeline, beside which the "caches" variant measures ours
+    bf16: bool = False  # published and run in bf16, as the flow-matching families are
 
     @property
     def dtype(self) -> torch.dtype:
         """The dtype on a GPU: the flow transformers are published and run in bf16 (fp16 overflows in FLUX.1)."""
-        return torch.bfloat16 if self.flow_matching else torch.float16
+        return torch.bfloat16 if self.flow_matching or self.bf16 else torch.float16
 
     def steps_run(self, steps: int, strength: float) -> int:
         """Denoising steps that stock img2img runs at `strength`, with the pipelines' 1e-4 tolerance."""
@@ -1015,6 +1047,23 @@ def flux2_klein_inputs(setup, components, size):
     return dict(image=test_image(size), prompt_embeds=embeds, negative_prompt_embeds=torch.zeros_like(embeds))
 
 
+def wan_components(setup):
+    return dict(
+        transformer=build_model(WanTransformer3DModel, WAN_1_3B_TRANSFORMER, SMOKE_WAN_TRANSFORMER, setup),
+        vae=build_model(AutoencoderKLWan, WAN_VAE, SMOKE_WAN_VAE, setup),
+        scheduler=build_scheduler(UniPCMultistepScheduler, WAN_SCHEDULER), **_NO_TEXT_ENCODERS,
+    )
+
+
+def wan_inputs(setup, components, size):
+    height, width = size
+    embeds = embeddings((1, WAN_TEXT_LENGTH, components["transformer"].config.text_dim), setup.device, setup.dtype)
+    frames = [test_image(width).resize((width, height))] * (SMOKE_WAN_FRAMES if setup.smoke else WAN_FRAMES)
+    # Guidance 5, as Wan's examples: the negative prompt as a second transformer call per step.
+    return dict(video=frames, height=height, width=width, prompt_embeds=embeds,
+                negative_prompt_embeds=torch.zeros_like(embeds), guidance_scale=5.0)
+
+
 def chroma_components(setup):
     return dict(
         transformer=build_model(ChromaTransformer2DModel, CHROMA_HD_TRANSFORMER, SMOKE_CHROMA_TRANSFORMER, setup),
@@ -1167,6 +1216,10 @@ FAMILIES = {
                "Flux2KleinInpaintPipeline", 1024, 64, flux2_klein_components, flux2_klein_inputs,
                ["Qwen3-8B embeddings given directly (512 tokens, three layers); CFG: two transformer calls per step; "
                 "stock repaints an all-white mask"], flow_matching=True, stock_inputs=stock_inpaint_inputs),
+        Family("wan", "Wan 2.1 T2V 1.3B, video-to-video", "Wan/diff_pipe.py", "WanDiffVideoToVideoPipeline",
+               "WanVideoToVideoPipeline", (480, 832), (32, 48), wan_components, wan_inputs,
+               [f"{WAN_FRAMES} frames at 480p; UMT5-XXL embeddings given directly; CFG as two transformer calls per "
+                "step; stock keeps the last int(T s) steps"], bf16=True),
         Family("chroma", "Chroma1-HD", "Chroma/diff_pipe.py", "ChromaDiffImg2ImgPipeline",
                "ChromaImg2ImgPipeline", 1024, 64, chroma_components, chroma_inputs,
                ["T5-XXL embeddings given directly (512 tokens); CFG as two transformer calls per step"],
@@ -1432,7 +1485,7 @@ TABLE = Table(("family", 22), ("variant", 8), ("case", 32))
 
 
 def print_variant(family: Family, record: dict, variant: str) -> None:
-    label = f"{family.name} {record['size']}px"
+    label = f"{family.name} {size_label(record['size'])}px"
     result = record["variants"][variant]
     if result["status"] == "ok" and variant == "crop":
         for area, measured in result["areas"].items():
@@ -1448,6 +1501,11 @@ def print_variant(family: Family, record: dict, variant: str) -> None:
         TABLE.print_results(result["cases"], label, variant)
     else:
         TABLE.print_row(label, variant, note=result["status"])
+
+
+def size_label(size) -> str:
+    """"512", or "480x832" for (height, width)."""
+    return "x".join(map(str, size)) if isinstance(size, (tuple, list)) else str(size)
 
 
 def write_json(path: Path, report: dict) -> None:

@@ -228,8 +228,8 @@ def differential_work(module, run, device) -> tuple:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def keep_maps(size: int) -> dict:
-    """Keep-maps (white = keep) at the output size, by case: all black (strength 1 everywhere), a gradient (strength 1
+def keep_maps(size) -> dict:
+    """Keep-maps (white = keep) at the output size (a side, or (height, width)), by case: all black (strength 1 everywhere), a gradient (strength 1
     at the left edge to 0 at the right, so the blend has work at every step), and a weak map.
 
     The weak map has strength WEAK_STRENGTH on its left quarter, falls linearly to 0 across the middle half and keeps
@@ -237,10 +237,11 @@ def keep_maps(size: int) -> dict:
     plateau is wider than a latent cell: the map is area-averaged down to the latent grid, and a bare ramp would
     leave no cell at the full WEAK_STRENGTH.
     """
-    x = (np.arange(size) + 0.5) / size
+    height, width = size if isinstance(size, tuple) else (size, size)
+    x = (np.arange(width) + 0.5) / width
     weak_strength = np.clip(WEAK_STRENGTH * (0.75 - x) / 0.5, 0, WEAK_STRENGTH)
-    row = {"ours": np.zeros(size), "ours_gradient": x, "ours_weak": 1 - weak_strength}
-    return {case: np.repeat(keep[None], size, axis=0).astype(np.float32) for case, keep in row.items()}
+    row = {"ours": np.zeros(width), "ours_gradient": x, "ours_weak": 1 - weak_strength}
+    return {case: np.repeat(keep[None], height, axis=0).astype(np.float32) for case, keep in row.items()}
 
 
 def embeddings(shape, device, dtype=torch.float32) -> torch.Tensor:

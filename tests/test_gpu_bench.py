@@ -17,7 +17,7 @@ PIPELINE_FILES = {
     "sd2": "SD2/diff_pipe.py", "sdxl": "SDXL/diff_pipe.py", "kandinsky": "Kandinsky/diff_pipe.py",
     "if1": "IF/diff_pipe_I.py", "if2": "IF/diff_pipe_II.py", "sd3": "SD3/diff_pipe.py", "flux": "Flux/diff_pipe.py",
     "flux-kontext": "Flux/diff_pipe_kontext.py", "flux-fill": "Flux/diff_pipe_fill.py",
-    "flux2-klein": "Flux2/diff_pipe.py", "chroma": "Chroma/diff_pipe.py",
+    "flux2-klein": "Flux2/diff_pipe.py", "wan": "Wan/diff_pipe.py", "chroma": "Chroma/diff_pipe.py",
     "qwenimage": "QwenImage/diff_pipe.py", "qwenimage-edit": "QwenImage/diff_pipe_edit.py",
     "zimage": "ZImage/diff_pipe.py",
     "sd15-controlnet": "SD2/diff_pipe_controlnet.py", "sdxl-controlnet": "SDXL/diff_pipe_controlnet.py",
@@ -26,7 +26,7 @@ PIPELINE_FILES = {
 FLOW_FAMILIES = ["sd3", "flux", "flux-kontext", "flux-fill", "flux2-klein", "chroma", "qwenimage", "qwenimage-edit",
                  "zimage"]
 # Chroma's CFG and Qwen-Image's true CFG run the negative prompt as a second transformer call in every step.
-CALLS_PER_STEP = {"chroma": 2, "qwenimage": 2, "qwenimage-edit": 2, "flux2-klein": 2}
+CALLS_PER_STEP = {"chroma": 2, "qwenimage": 2, "qwenimage-edit": 2, "flux2-klein": 2, "wan": 2}
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +60,8 @@ def test_smoke_reports_every_family_with_positive_times_03_t_steps_of_model_call
             assert case["seconds"] > 0 and case["steps_per_second"] > 0
             assert case["peak_bytes"] >= 0 and case["total_peak_bytes"] > 0
         assert eager["cases"]["stock"]["vs_stock"] == 1
-        assert family["parameters"]["transformer" if name in FLOW_FAMILIES else "unet"] > 0
-        assert f"{name} {family['size']}px" in process.stdout
+        assert family["parameters"]["transformer" if name in [*FLOW_FAMILIES, "wan"] else "unet"] > 0
+        assert f"{name} {gpu_bench.size_label(family['size'])}px" in process.stdout
         weak = (math.ceil if name in FLOW_FAMILIES else math.floor)(STEPS * 0.3)
         assert family["weak_steps"] == weak == (2 if name in FLOW_FAMILIES else 1), name
         calls = CALLS_PER_STEP.get(name, 1)
@@ -98,7 +98,8 @@ def test_flow_families_round_weak_steps_up_and_the_others_down():
         assert family.flow_matching == flow
         assert family.steps_run(25, 0.3) == (8 if flow else 7), name
         assert family.steps_run(20, 0.3) == 6, name
-        assert family.dtype == (torch.bfloat16 if flow else torch.float16)
+        # Wan 2.1 rounds as SD (stock keeps the last int(T s) steps) and runs in bf16 as the flow families.
+        assert family.dtype == (torch.bfloat16 if flow or name == "wan" else torch.float16)
 
 
 def test_smoke_builds_the_real_blocks_at_a_tiny_size():
