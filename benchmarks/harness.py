@@ -229,8 +229,9 @@ def differential_work(module, run, device) -> tuple:
 
 
 def keep_maps(size) -> dict:
-    """Keep-maps (white = keep) at the output size (a side, or (height, width)), by case: all black (strength 1 everywhere), a gradient (strength 1
-    at the left edge to 0 at the right, so the blend has work at every step), and a weak map.
+    """Keep-maps (white = keep) at the output size (a side, or (height, width)), by case: all black (strength 1
+    everywhere), a gradient (strength 1 at the left edge to 0 at the right, so the blend has work at every step), and
+    a weak map.
 
     The weak map has strength WEAK_STRENGTH on its left quarter, falls linearly to 0 across the middle half and keeps
     the right quarter, so that pixels are released at every step from the first one run and some never are. The
