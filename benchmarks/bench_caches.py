@@ -14,6 +14,7 @@ here than on real weights: read the figures as the mechanics, not the speed-up o
 
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -53,12 +54,16 @@ def configs(pipe, steps):
     }
 
 
-def run(pipe, inputs, keep_map):
-    """(final latents, the steps on which the last block computed, CPU seconds)."""
+@contextmanager
+def full_computations(pipe):
+    """Yields (computed, steps) and fills them while the block runs: for every transformer call in which its last
+    block computes, the loop iteration of that call (counted by the scheduler's steps); and an entry per step. The
+    block is watched through a module inside it: a cache that reuses returns a stored output from the block's own
+    hook, and never reaches its layers."""
     blocks = [module for name, module in pipe.transformer.named_modules()
               if name.endswith("blocks") and isinstance(module, torch.nn.ModuleList)][-1]
     linear = [module for module in blocks[-1].modules() if isinstance(module, torch.nn.Linear)][-1]
-    steps, computed, step = [], [], pipe.scheduler.step
+    computed, steps, step = [], [], pipe.scheduler.step
 
     def counting(*args, **kwargs):
         steps.append(None)
@@ -66,13 +71,20 @@ def run(pipe, inputs, keep_map):
 
     handle = linear.register_forward_hook(lambda *_: computed.append(len(steps)))
     pipe.scheduler.step = counting
-    started = time.process_time()
     try:
-        latents = pipe(**inputs, map=keep_map, generator=seeded_generator()).images
+        yield computed, steps
     finally:
         handle.remove()
         del pipe.scheduler.step
-    return latents, len(set(computed)), len(steps), time.process_time() - started
+
+
+def run(pipe, inputs, keep_map):
+    """(final latents, the steps on which the last block computed, the steps run, CPU seconds)."""
+    with full_computations(pipe) as (computed, steps):
+        started = time.process_time()
+        latents = pipe(**inputs, map=keep_map, generator=seeded_generator()).images
+        seconds = time.process_time() - started
+    return latents, len(set(computed)), len(steps), seconds
 
 
 def main(argv=None):

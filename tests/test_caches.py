@@ -13,6 +13,8 @@ from families import FAMILIES, MAP_SIZE, band_map
 from flow_models2 import qwenimage_components
 from qwen_edit_models import qwenimage_edit_components
 
+from benchmarks import bench_caches
+
 def caching_families():
     """The registry's families whose denoiser has diffusers' CacheMixin (a transformer's `enable_cache`)."""
     from diffusers.models.cache_utils import CacheMixin
@@ -110,25 +112,9 @@ def test_first_block_cache_at_threshold_0_changes_nothing(family, pipe, cached):
 
 
 def full_computations(pipe, family, **changes):
-    """The steps at which the transformer's last block computes (a module inside it: a cache that reuses returns a
-    stored output from the block's own hook, and never reaches its layers)."""
-    lists = [module for name, module in pipe.transformer.named_modules()
-             if name.endswith("blocks") and isinstance(module, torch.nn.ModuleList)]
-    linear = [module for module in lists[-1][-1].modules() if isinstance(module, torch.nn.Linear)][-1]
-    steps, step = [], pipe.scheduler.step
-
-    def recording(*args, **kwargs):  # the step a call belongs to, counted by the scheduler's steps
-        steps.append(None)
-        return step(*args, **kwargs)
-
-    computed = []
-    handle = linear.register_forward_hook(lambda *_: computed.append(len(steps)))
-    pipe.scheduler.step = recording
-    try:
+    """The steps at which the transformer's last block computes, counted from the first step run."""
+    with bench_caches.full_computations(pipe) as (computed, _):
         edit(pipe, family, **changes)
-    finally:
-        handle.remove()
-        del pipe.scheduler.step
     return sorted(set(computed))
 
 
