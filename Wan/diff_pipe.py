@@ -237,10 +237,29 @@ class WanDiffVideoToVideoPipeline(WanVideoToVideoPipeline):
     the map is averaged over the frames of a latent frame as over the pixels of a latent cell, and each latent cell is
     released at the step where stock at its strength starts, `T - int(T * s)`.
 
-    It has no crop (`tools.crop`), which cuts images, not frames.
+    `tools.crop` edits the box that holds every pixel released in any frame, as it crops an image (docs/video.md).
     """
 
     _frozen = None  # the FrozenCells of the call in progress
+
+    # What tools/crop.py needs to edit a call on the crop of its changes (docs/crop.md).
+    copies_adjacent = False  # stock makes one video per prompt, whatever num_videos_per_prompt asks
+    crop_unit = 16  # stock refuses a height or width that 16 does not divide
+    native_size = round((480 * 832) ** 0.5)  # the area of stock's default size, 480p, which Wan 2.1 1.3B is made for
+
+    def working_grid(self, video, map, invert_map=False, height=480, width=832, **call):
+        """The video in [0, 1] on the pixel grid it is edited on, as stock's "pt" output lays it out, (B, F, 3, H, W),
+        with the frames that stock drops (past the last 1 + 4k) dropped; the map there, (B, F, H, W) with F 1 for a
+        still map (1 = change); and pixels per latent cell."""
+        height = height or self.transformer.config.sample_height * self.vae_scale_factor_spatial
+        width = width or self.transformer.config.sample_width * self.vae_scale_factor_spatial
+        pixels = self.video_processor.preprocess_video(video, height=height, width=width)
+        change = video_map_to_tensor(map, complement=not invert_map)
+        check_video_map(change, pixels)
+        frames = (pixels.shape[2] - 1) // self.vae_scale_factor_temporal * self.vae_scale_factor_temporal + 1
+        grid = map_on_grid(change.reshape(-1, 1, *change.shape[-2:]), (height, width), aspect_of=(height, width))
+        change = grid.view(*change.shape[:2], height, width)[:, :frames]
+        return {"video": (pixels[:, :, :frames] / 2 + 0.5).transpose(1, 2)}, change, self.vae_scale_factor_spatial
 
     @torch.no_grad()
     def __call__(

@@ -93,8 +93,6 @@ def check_flags(args) -> None:
         raise cli.CliError(f"--frames {args.frames}: Wan's VAE encodes frame 0 alone, then 4 at a time, so it takes "
                            f"1 + 4k frames, and stock drops the frames beyond the last such count; pass --frames "
                            f"{below} or {below + FRAMES_PER_LATENT}")
-    if args.crop_margin is not None:
-        raise cli.CliError("--crop-margin cuts images, and Wan/run.py edits whole frames; drop --crop-margin")
     if args.video is not None and args.image is not None:
         raise cli.CliError("--video and --image are alternatives: --image is a still image edited as a video; pass "
                            "only one")

@@ -651,8 +651,7 @@ FAMILIES = {
                                                              "on sigma 1/1000 -> 0: the last step moves a latent by "
                                                              "1/1000 of the model's velocity, within 1e-2 of x0 in "
                                                              "stock too",
-            "any size": "stock Wan refuses a size that 16 does not divide, so no size is rounded to the latent grid; "
-                        "and tools/crop.py, whose unit the check sizes by, cuts no frame axis",
+            "any size": "stock Wan refuses a size that 16 does not divide, so no size is rounded to the latent grid",
         },
     ),
 }

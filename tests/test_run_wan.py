@@ -18,6 +18,7 @@ from PIL import Image
 from tests.tiny_models import save_stock, test_image
 from tests.video_models import wan_components
 from tools import cli, loading, results
+from tools.crop import edit_on_crop
 from Wan.diff_pipe import WanDiffVideoToVideoPipeline
 
 SIZE, FRAMES, FPS, STEPS, SEED, PROMPT = 32, 5, 8, 2, 3, "a red apple"
@@ -106,6 +107,26 @@ def test_a_video_gives_the_direct_calls_mp4_with_its_parameters_and_its_command_
     assert all(np.array_equal(a, b) for a, b in zip(decoded(tmp_path / "again.mp4"), edited))
 
 
+def test_crop_margin_edits_the_box_of_the_change_in_every_frame_as_tools_crop_does(wan_dir, clip, tmp_path):
+    keep = np.full((SIZE, SIZE), 255, np.uint8)
+    keep[:8, :8] = 0  # one latent cell of 8 px: the crop is the top-left 16 x 16 px, the size unit
+    Image.fromarray(keep).save(tmp_path / "corner.png")
+    ran = run(wan_dir, tmp_path, "--video", clip[0], "--map", "corner.png", "--crop-margin", "0", "--keep-exact",
+              "--output", "crop.mp4")
+    assert ran.returncode == 0, ran.stderr
+    frames = [Image.fromarray(frame) for frame in decoded(clip[0])]
+    pipe = load_pipeline(wan_dir, WanDiffVideoToVideoPipeline)
+    expected, box = edit_on_crop(pipe, 0, video=frames, map=Image.open(tmp_path / "corner.png"), prompt=PROMPT,
+                                 negative_prompt=NEGATIVE_PROMPT, height=SIZE, width=SIZE, num_inference_steps=STEPS,
+                                 guidance_scale=1.0, keep_exact=True, output_type="pil",
+                                 generator=torch.Generator().manual_seed(SEED))
+    assert box == (0, 0, 16, 16)
+    edited = decoded(tmp_path / "crop.mp4")
+    assert all(np.array_equal(a, b) for a, b in zip(edited, same_encoding(expected[0], tmp_path / "d.mp4")))
+    text = results.mp4_parameters(tmp_path / "crop.mp4")
+    assert (text["crop_margin"], text["crop_upscale"]) == ("0", "False") and "--crop-margin 0" in text["command"]
+
+
 def test_a_still_image_with_one_map_per_frame_from_a_folder(wan_dir, direct, tmp_path):
     test_image(SIZE).save(tmp_path / "photo.png")
     (tmp_path / "maps").mkdir()
@@ -149,7 +170,6 @@ def test_a_map_video_of_another_shape_is_one_map_per_frame_stretched_with_a_warn
     ("output is the video", ["--output", "{video}", "--overwrite"], 2, "is the --video file"),
     ("existing output", ["--output", "{taken}"], 2, "taken.mp4 already exists; pass --overwrite"),
     ("video and image", ["--image", "{map}"], 2, "--video and --image are alternatives"),
-    ("crop", ["--crop-margin", "8"], 2, "--crop-margin cuts images"),
     ("height", ["--height", "40"], 2, "--height: must be a multiple of 16"),
     ("sampler", ["--scheduler", "euler"], 2, "leave --scheduler default"),
     ("another family", ["--model", "{sd_dir}"], 2, "for SD2/run.py; here --model takes a Wan checkpoint"),

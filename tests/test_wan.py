@@ -9,6 +9,7 @@ from conftest import assert_close_to_single_run, build_pipeline, seeded_generato
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from tests.video_models import wan_components
+from tools.crop import edit_on_crop
 from Wan.diff_pipe import WanDiffVideoToVideoPipeline, map_on_latent_frames, video_map_to_tensor
 
 SIZE, FRAMES = 16, 9  # diffusers' test VAE (8x in space, 4x in time): 3 latent frames of 2 x 2 latents
@@ -106,3 +107,82 @@ def test_a_batch_item_whose_strongest_pixel_is_weaker_equals_its_run_alone_where
         assert_close_to_single_run(batch[1:], alone)
     else:
         assert not torch.allclose(batch[1:], alone, atol=1e-3)
+
+
+# The crop (tools.crop) on video: the box holds every pixel released in any frame, and is pasted into every frame.
+CROP_SIZE, CROP_FRAMES = 64, 5  # 16 x 16 latents of 4 px (the VAE without a level), in 2 latent frames
+
+
+@pytest.fixture(scope="module")
+def cropping_pipe():
+    return build_pipeline(WanDiffVideoToVideoPipeline, wan_components(spatial_factor=4))
+
+
+def crop_video():
+    return [test_image(CROP_SIZE, seed=frame) for frame in range(CROP_FRAMES)]
+
+
+def moving_change():
+    """Keep maps per frame: frame 0 changes the block at rows 16-23, columns 16-23; frame 3 (of latent frame 1) the
+    block at rows 32-39, columns 24-31, which its latent frame's mean gives strength 1/4: one of 4 steps."""
+    keeps = np.ones((CROP_FRAMES, CROP_SIZE, CROP_SIZE), np.float32)
+    keeps[0, 16:24, 16:24] = keeps[3, 32:40, 24:32] = 0
+    return keeps
+
+
+def crop_call(pipe, **changes):
+    run = dict(video=crop_video(), map=moving_change(), prompt="a red apple", height=CROP_SIZE, width=CROP_SIZE,
+               max_sequence_length=16, num_inference_steps=4, output_type="np", generator=seeded_generator(0))
+    return {**run, **changes}
+
+
+def working_video():
+    """The frames as the pipeline edits them: (F, H, W, 3) in [0, 1]."""
+    return np.stack([np.asarray(frame, np.float32) / 255 for frame in crop_video()])
+
+
+def test_the_crop_of_a_video_is_the_union_of_every_frames_release_edited_as_a_user_would_crop_it(cropping_pipe):
+    videos, box = edit_on_crop(cropping_pipe, 0, **crop_call(cropping_pipe))
+    # Released cells: rows 4-5 and 8-9, columns 4-7 (4 px cells); 6 rows grow evenly to 8, the unit of 4 cells.
+    assert box == (12, 16, 44, 32)
+    top, left, bottom, right = box
+    outside = np.ones((CROP_SIZE, CROP_SIZE), bool)
+    outside[top:bottom, left:right] = False
+    assert videos.shape == (1, CROP_FRAMES, CROP_SIZE, CROP_SIZE, 3)
+    np.testing.assert_allclose(videos[0][:, outside], working_video()[:, outside], atol=1e-6)
+    frames = torch.from_numpy(working_video()).permute(0, 3, 1, 2)[None, :, :, top:bottom, left:right]
+    by_hand = cropping_pipe(**crop_call(cropping_pipe, video=frames, map=moving_change()[:, top:bottom, left:right],
+                                        height=bottom - top, width=right - left)).frames
+    np.testing.assert_allclose(videos[:, :, top:bottom, left:right], by_hand, atol=1e-6)
+    assert not np.allclose(by_hand[0], working_video()[:, top:bottom, left:right], atol=1e-2)
+
+
+def test_the_crop_of_a_video_that_releases_nothing_is_the_input_without_a_step(cropping_pipe):
+    keep = np.ones((CROP_FRAMES, CROP_SIZE, CROP_SIZE), np.float32)
+    keep[4, :8, :8] = 0.8  # its latent frame's mean strength is 0.05, below the 1/4 that one of 4 steps needs
+    videos, box = edit_on_crop(cropping_pipe, 8, **crop_call(cropping_pipe, map=keep, output_type="pil"))
+    assert box is None and cropping_pipe.num_timesteps == 0
+    # keep_exact's composite: the frames of strength 0 are the input's own, and frame 4's block fades as T s = 0.8.
+    unchanged = cropping_pipe(**crop_call(cropping_pipe, map=keep, output_type="pil", keep_exact=True)).frames
+    assert all(np.array_equal(edited, alone) for edited, alone in zip(videos[0], unchanged[0], strict=True))
+    assert all(np.array_equal(edited, source) for edited, source in zip(videos[0][:4], crop_video()[:4], strict=True))
+
+
+def test_crop_upscale_edits_a_video_crop_at_the_native_size_and_keep_exact_keeps_each_frames_kept_pixels(
+        cropping_pipe, monkeypatch):
+    monkeypatch.setattr(cropping_pipe, "native_size", 48)  # a 32 x 16 crop is edited at 64 x 32, in units of 16
+    sizes = []
+    hook = cropping_pipe.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: sizes.append(tuple(kwargs["hidden_states"].shape[-2:])), with_kwargs=True)
+    try:
+        videos, box = edit_on_crop(cropping_pipe, 0, True, **crop_call(cropping_pipe, keep_exact=True,
+                                                                        output_type="pil"))
+    finally:
+        hook.remove()
+    assert box == (12, 16, 44, 32) and set(sizes) == {(16, 8)}  # latents of 4 px: 64 x 32 px
+    kept, changed = moving_change() == 1, 0
+    for frame, (edited, source) in enumerate(zip(videos[0], crop_video(), strict=True)):  # each frame by its own map
+        edited, source = np.asarray(edited), np.asarray(source)
+        np.testing.assert_array_equal(edited[kept[frame]], source[kept[frame]])
+        changed += int((edited != source).any())
+    assert changed == 2  # frames 0 and 3

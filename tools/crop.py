@@ -9,7 +9,9 @@ project declares what the crop needs of it:
 
 - `working_grid(**arguments)`: the image on the pixel grid that the pipeline edits, with any argument cut alike
   (a ControlNet's control image), in [0, 1] and the image first; the map on that grid in change polarity
-  (1 = change fully); and the pixels per cell of the map's grid (the latent grid; 1 for IF, which denoises pixels);
+  (1 = change fully); and the pixels per cell of the map's grid (the latent grid; 1 for IF, which denoises pixels).
+  A video comes as (B, F, 3, H, W) with its map as (B, F, H, W), F 1 for a still map: the box then holds every
+  pixel released in any frame;
 - `crop_unit`: the multiple of pixels that its sizes must be;
 - `native_size`: the side of its native resolution, in pixels, for `upscale`;
 - `copies_adjacent`: whether it puts the `num_images_per_prompt` copies of an image next to each other
@@ -51,14 +53,20 @@ def edit_on_crop(pipe, margin: int = 32, upscale: bool = False, edit=None, **cal
     check_crop_arguments(margin, arguments)
     inputs, change, cell = pipe.working_grid(**arguments)
     original = next(iter(inputs.values()))
-    if original.shape[1] != 3:
+    if original.shape[-3] != 3:
         raise ValueError("The crop cuts the image's pixels: pass `image` as pixels, not latents.")
     rule = pipeline_file(pipe)
     steps = len(arguments.get("timesteps") or arguments.get("sigmas") or []) or arguments["num_inference_steps"]
     latent_grid = tuple(side // cell for side in original.shape[-2:])
     # None is 1 with a map, in the classes whose call without a map is stock with a strength default other than 1.
     strength = 1.0 if arguments["strength"] is None else arguments["strength"]
-    release_step = rule.release_steps(strength * rule.map_on_grid(change, latent_grid), steps)
+    if original.ndim == 5:  # a video's frames share latent frames, as its VAE groups them
+        per_latent = pipe.vae_scale_factor_temporal
+        latent_grid = ((original.shape[1] - 1) // per_latent + 1, *latent_grid)
+        on_grid = rule.map_on_latent_frames(change, latent_grid, per_latent, aspect_of=tuple(original.shape[-2:]))
+    else:
+        on_grid = rule.map_on_grid(change, latent_grid)
+    release_step = rule.release_steps(strength * on_grid, steps)
     low, high = getattr(pipe, "pixel_range", (0, 1))
     edit = edit or pipe
     call = dict(call, output_type="pt", return_dict=True)
@@ -78,7 +86,7 @@ def edit_on_crop(pipe, margin: int = 32, upscale: bool = False, edit=None, **cal
         if isinstance(tensor, (list, tuple)):  # several ControlNets' images
             return [cut(item, mode) for item in tensor]
         tensor = tensor[..., top:bottom, left:right]
-        return tensor if edit_size == size else F.interpolate(tensor, edit_size, mode=mode, antialias=True).clamp(0, 1)
+        return tensor if edit_size == size else resized(tensor, edit_size, mode)
 
     def for_pipe(tensor):
         return [for_pipe(item) for item in tensor] if isinstance(tensor, list) else tensor * (high - low) + low
@@ -89,12 +97,14 @@ def edit_on_crop(pipe, margin: int = 32, upscale: bool = False, edit=None, **cal
         call.update(height=edit_size[0], width=edit_size[1])
     edited = in_unit_range(edit(**call))
     if edit_size != size:
-        edited = F.interpolate(edited, size, mode="bicubic", antialias=True).clamp(0, 1)
+        edited = resized(edited, size, "bicubic")
         if arguments["keep_exact"]:
             strengths = strength * change[..., top:bottom, left:right]
+            strengths = strengths.unsqueeze(-3) if original.ndim == 5 else strengths  # a frame's map for its pixels
             edited = rule.composite_original(edited, original[..., top:bottom, left:right], strengths, steps)
     copies = edited.shape[0] // original.shape[0]
-    images = original.repeat_interleave(copies, 0) if pipe.copies_adjacent else original.repeat(copies, 1, 1, 1)
+    tiles = (copies, *[1] * (original.ndim - 1))
+    images = original.repeat_interleave(copies, 0) if pipe.copies_adjacent else original.repeat(tiles)
     images = images.to(edited.device, edited.dtype)  # a copy, to paste into
     images[..., top:bottom, left:right] = edited
     return to_output_type(images, arguments["output_type"]), (top, left, bottom, right)
@@ -155,11 +165,21 @@ def upscaled_size(height: int, width: int, native_size: int, unit: int) -> tuple
     return tuple(max(-(-side // unit) * unit, round(side * factor / unit) * unit) for side in (height, width))
 
 
+def resized(tensor: torch.Tensor, size: tuple, mode: str) -> torch.Tensor:
+    """`tensor` (..., C, H, W) in [0, 1] resized to `size` (antialiased), every axis before C kept."""
+    flat = tensor.reshape(-1, *tensor.shape[-3:])
+    return F.interpolate(flat, size, mode=mode, antialias=True).clamp(0, 1).view(*tensor.shape[:-2], *size)
+
+
 def to_output_type(images: torch.Tensor, output_type: str):
-    """Pixels in [0, 1], (B, 3, H, W), as stock's image processor hands them out."""
+    """Pixels in [0, 1], (B, 3, H, W) or videos (B, F, 3, H, W), as stock's image or video processor hands them
+    out: "np" (B, [F,] H, W, 3), "pil" a list of images, or of lists of frames."""
     if output_type == "pt":
         return images
-    images = images.permute(0, 2, 3, 1).float().cpu().numpy()
+    images = images.movedim(-3, -1).float().cpu().numpy()
     if output_type == "np":
         return images
-    return [PIL.Image.fromarray((image * 255).round().astype(np.uint8)) for image in images]
+
+    def to_pil(pixels):
+        return PIL.Image.fromarray((pixels * 255).round().astype(np.uint8))
+    return [[to_pil(frame) for frame in item] if item.ndim == 4 else to_pil(item) for item in images]
