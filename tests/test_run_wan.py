@@ -3,6 +3,7 @@ tests/test_run_contract.py, whose runs write and read PNGs (masks, crops, PNG te
 mp4, and each run's frames must equal what the pipeline gives when called directly with the same settings, both
 encoded by the same writer (H.264 is lossy, and deterministic), and the command in its metadata must make it again."""
 
+import json
 import re
 import shlex
 import signal
@@ -173,6 +174,11 @@ def test_a_map_video_of_another_shape_is_one_map_per_frame_stretched_with_a_warn
     ("height", ["--height", "40"], 2, "--height: must be a multiple of 16"),
     ("sampler", ["--scheduler", "euler"], 2, "leave --scheduler default"),
     ("another family", ["--model", "{sd_dir}"], 2, "for SD2/run.py; here --model takes a Wan checkpoint"),
+    ("Wan image-to-video", ["--model", "{i2v}"], 2, "a Wan image-to-video checkpoint (WanImageToVideoPipeline), for "
+     "no run.py here: Wan/run.py takes Wan 2.1 text-to-video; here --model takes a Wan checkpoint"),
+    ("Wan 2.2 A14B", ["--model", "{experts}"], 2, "a Wan 2.2 checkpoint (two experts, a second transformer for the "
+     "low-noise steps), which stock Wan 2.1 video-to-video does not run; pass a Wan 2.1 text-to-video checkpoint"),
+    ("Wan 2.2 TI2V", ["--model", "{ti2v}"], 2, "a Wan 2.2 checkpoint (a timestep per token, on Wan 2.2's own VAE)"),
 ])
 def test_bad_input_gives_one_line_and_writes_nothing(case, flags, status, message, wan_dir, clip, tmp_path, request):
     video, map_path = clip
@@ -181,6 +187,13 @@ def test_bad_input_gives_one_line_and_writes_nothing(case, flags, status, messag
     (tmp_path / "taken.mp4").write_bytes(b"mine")
     names = {"maps3": tmp_path / "maps3.mp4", "bad": tmp_path / "bad.mp4", "video": video, "map": map_path,
              "taken": tmp_path / "taken.mp4"}
+    index = json.loads((wan_dir / "model_index.json").read_text())
+    for name, change in [("i2v", {"_class_name": "WanImageToVideoPipeline"}),  # what the Hub's model_index.json hold
+                         ("experts", {"transformer_2": ["diffusers", "WanTransformer3DModel"], "boundary_ratio": 0.875}),
+                         ("ti2v", {"transformer_2": [None, None], "expand_timesteps": True})]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model_index.json").write_text(json.dumps({**index, **change}))
+        names[name] = tmp_path / name
     flags = [re.sub(r"\{(\w+)\}", lambda match: str(names.get(match[1]) or request.getfixturevalue(match[1])), flag)
              for flag in flags]
     ran = run(wan_dir, tmp_path, "--video", video, "--map", map_path, *flags)

@@ -31,7 +31,14 @@ FAMILIES = {
     "QwenImageEdit": ("a Qwen-Image-Edit checkpoint", "QwenImage/run.py --edit"),
     "ZImage": ("a Z-Image checkpoint", "ZImage/run.py"),
     "Wan": ("a Wan checkpoint", "Wan/run.py"),
+    "WanImageToVideo": ("a Wan image-to-video checkpoint", "no run.py here: Wan/run.py takes Wan 2.1 text-to-video"),
+    "WanVACE": ("a Wan VACE checkpoint", "no run.py here: Wan/run.py takes Wan 2.1 text-to-video"),
+    "WanAnimate": ("a Wan Animate checkpoint", "no run.py here: Wan/run.py takes Wan 2.1 text-to-video"),
 }
+# Wan 2.2's checkpoints have Wan 2.1's class name, and stock video-to-video, which runs one transformer on Wan 2.1's
+# VAE, would take them and silently run a part of them: by what their model_index.json holds besides it.
+WAN_22 = {"transformer_2": "two experts, a second transformer for the low-noise steps",
+          "expand_timesteps": "a timestep per token, on Wan 2.2's own VAE"}
 
 
 def load_pipeline(pipeline_class, model: str, *, torch_dtype, device: str, offload: bool = False,
@@ -46,9 +53,14 @@ def load_pipeline(pipeline_class, model: str, *, torch_dtype, device: str, offlo
             from huggingface_hub import hf_hub_download
             index = path / "model_index.json" if path.is_dir() else hf_hub_download(
                 model, "model_index.json", cache_dir=from_pretrained_kwargs.get("cache_dir"))
-            found = json.loads(Path(index).read_text()).get("_class_name", "?")
+            index = json.loads(Path(index).read_text())
+            found = index.get("_class_name", "?")
             if family_of(found) != expected:
                 raise CliError(f"{flag} {model}: {described(found)}; here {flag} takes {FAMILIES[expected][0]}")
+            if expected == "Wan" and (key := next((key for key in WAN_22 if wan_22_has(index.get(key))), None)):
+                raise CliError(f"{flag} {model}: a Wan 2.2 checkpoint ({WAN_22[key]}), which stock Wan 2.1 "
+                               "video-to-video does not run; pass a Wan 2.1 text-to-video checkpoint, such as "
+                               "Wan-AI/Wan2.1-T2V-1.3B-Diffusers or Wan-AI/Wan2.1-T2V-14B-Diffusers")
         pipe = pipeline_class.from_pretrained(str(path) if path.is_dir() else model, dtype=torch_dtype,
                                               **from_pretrained_kwargs)
     except (OSError, ValueError, ImportError) as error:
@@ -61,6 +73,11 @@ def load_pipeline(pipeline_class, model: str, *, torch_dtype, device: str, offlo
     if device == "cpu":  # said after loading, so that a failed load prints its error alone
         warn_once("running on the CPU in fp32; this takes minutes")
     return pipe
+
+
+def wan_22_has(value) -> bool:
+    """Whether a model_index.json entry is set: a component's [library, class] of which neither is null, or true."""
+    return any(value) if isinstance(value, list) else bool(value)
 
 
 def model_path(model: str, flag: str = "--model") -> Path:
