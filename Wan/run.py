@@ -225,27 +225,32 @@ def edit(pipe, args, *, video, maps, prompt, negative_prompt, seed):
     return frames, pipe.num_timesteps
 
 
-def save_video(frames: list, args, *, video: list, maps: list, fps: float, steps_run: int, seconds: float,
-               extra_params: dict) -> Path:
-    """Writes the frames as an mp4 with its parameters (and the --compare video); prints its path and time."""
-    text = results.png_parameters(args, steps_run, extra_params)
+def parameters(args, steps_run: int, fps: float, extra_params: dict | None = None) -> dict[str, str]:
+    """What the mp4's comment tag holds: every run.py's parameters, Wan's own flags, the frame rate written, and the
+    command that makes it again."""
+    extra = {"video": args.video, "frames": args.frames, "height": args.height, "width": args.width,
+             "flow_shift": args.flow_shift, "fps": json.dumps(fps)}
+    text = results.png_parameters(args, steps_run, {**(extra_params or {}),
+                                                    **{key: value for key, value in extra.items() if value is not None}})
     if args.video is not None:
         del text["image"]  # the example image, which --video stands in for
+    return text
+
+
+def write_video(frames: list, args, *, video: list, maps: list, fps: float, text: dict) -> tuple[Path, Path | None]:
+    """Writes the frames as an mp4 with ``text`` (and the --compare video); returns both paths (None: no compare)."""
     output = results.write_mp4(frames, args.output, fps, text, overwrite=args.overwrite)
-    line = f"{cli.display(output)} ({seconds:.1f}s, {steps_run} denoising step{'' if steps_run == 1 else 's'})"
-    if args.compare:
-        size = frames[0].size
-        strips = [results.compare_strip(source.resize(size, Image.Resampling.BICUBIC),
-                                        cli.as_rgb(maps[index % len(maps)]).resize(size), result, args.invert_map)
-                  for index, (source, result) in enumerate(zip(video, frames))]
-        try:
-            strip_path = results.write_mp4(strips, cli.compare_path(output), fps, text, overwrite=args.overwrite)
-        except cli.CliError as error:  # the output is there: a rerun without --overwrite would stop at it
-            raise cli.CliError(f"wrote {cli.display(output)}, but not its comparison video: {error}; rerun with "
-                               "--overwrite once there is room (or without --compare)", error.exit_code) from error
-        line += f"; comparison: {cli.display(strip_path)}"
-    print(line)
-    return output
+    if not args.compare:
+        return output, None
+    size = frames[0].size
+    strips = [results.compare_strip(source.resize(size, Image.Resampling.BICUBIC),
+                                    cli.as_rgb(maps[index % len(maps)]).resize(size), result, args.invert_map)
+              for index, (source, result) in enumerate(zip(video, frames))]
+    try:
+        return output, results.write_mp4(strips, cli.compare_path(output), fps, text, overwrite=args.overwrite)
+    except cli.CliError as error:  # the output is there: a rerun without --overwrite would stop at it
+        raise cli.CliError(f"wrote {cli.display(output)}, but not its comparison video: {error}; rerun with "
+                           "--overwrite once there is room (or without --compare)", error.exit_code) from error
 
 
 def run():
@@ -263,10 +268,10 @@ def run():
     started = time.perf_counter()
     frames, steps_run = edit(pipe, args, video=video, maps=maps, prompt=args.prompt,
                              negative_prompt=args.negative_prompt, seed=args.seed)
-    extra = {"video": args.video, "frames": args.frames, "height": args.height, "width": args.width,
-             "flow_shift": args.flow_shift, "fps": json.dumps(fps)}
-    save_video(frames, args, video=video, maps=maps, fps=fps, steps_run=steps_run,
-               seconds=time.perf_counter() - started, extra_params={k: v for k, v in extra.items() if v is not None})
+    seconds = time.perf_counter() - started
+    output, strip = write_video(frames, args, video=video, maps=maps, fps=fps, text=parameters(args, steps_run, fps))
+    print(f"{cli.display(output)} ({seconds:.1f}s, {steps_run} denoising step{'' if steps_run == 1 else 's'})"
+          + (f"; comparison: {cli.display(strip)}" if strip else ""))
 
 
 if __name__ == "__main__":

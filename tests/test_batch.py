@@ -408,8 +408,6 @@ def test_family_errors_are_one_line(jobs, tmp_path, capsys):
     assert result.returncode == 2 and result.stderr.startswith("error: --family is required: one of ")
     assert "sd2" in result.stderr and len(result.stderr.splitlines()) == 1
     for flags, fragment in [(["--family", "sd9"], "--family sd9: no model folder"),
-                            (["--family", "wan"], "--family wan edits videos, which tools.batch does not: run "
-                                                  "Wan/run.py itself"),
                             (["--family", "sd2", "--output", "x.png"], "--output names one file, and a batch writes "
                              "one per row: use --output-dir")]:
         with pytest.raises(SystemExit) as exit_info:  # in this process: a second one tells nothing more

@@ -236,3 +236,52 @@ def test_help_documents_every_flag_and_the_metadata():
     for said in ("--video", "--frames", "--fps", "1 + 4k", "(default: 81)", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
                  "(default: 480)", "(default: 832)", "comment tag", "-compare.mp4", "(default: 5)", "(default: 50)"):
         assert said in spaced or "".join(said.split()) in joined, said
+
+
+def test_tools_batch_edits_video_rows_as_run_py_does_resumes_them_and_refuses_what_it_cannot_run(
+        wan_dir, clip, tmp_path, capsys, monkeypatch):
+    from tools import batch
+
+    video, map_path = clip
+    test_image(SIZE, seed=9).save(tmp_path / "photo.png")
+    (tmp_path / "jobs.csv").write_text("video,image,map,prompt,seed,output\n"
+                                       "clip.mp4,,map.png,a red apple,3,\n"
+                                       ",photo.png,map.png,a blue pear,4,still/pear.mp4\n")
+    settings = ["--model", wan_dir, "--device", "cpu", "--frames", FRAMES, "--height", SIZE, "--width", SIZE,
+                "--steps", STEPS, "--guidance-scale", 1]
+    argv = [str(flag) for flag in ["--family", "wan", tmp_path / "jobs.csv", "--output-dir", tmp_path / "out",
+                                   *settings]]
+    assert batch.run(argv) == 0
+    first = tmp_path / "out" / "0001-clip.mp4"
+    alone = run(wan_dir, tmp_path, "--video", video, "--map", map_path, "--output", "alone.mp4")
+    assert alone.returncode == 0, alone.stderr
+    assert all(np.array_equal(a, b) for a, b in zip(decoded(first), decoded(tmp_path / "alone.mp4"), strict=True))
+    text = results.mp4_parameters(tmp_path / "out" / "still" / "pear.mp4")
+    assert (text["image"], text["prompt"], text["seed"], text["fps"], text["line"]) == (
+        str(tmp_path / "photo.png"), "a blue pear", "4", "16", "3")
+    words = shlex.split(text["command"])  # the row alone, by run.py
+    again = run_in_process(words[1], *words[2:], "--output", "again.mp4", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert all(np.array_equal(a, b) for a, b in zip(decoded(tmp_path / "again.mp4"),
+                                                    decoded(tmp_path / "out" / "still" / "pear.mp4"), strict=True))
+    capsys.readouterr()
+    assert batch.run(argv) == 0  # a second run finds both rows done
+    assert "0 done, 2 skipped (already done), 0 failed of 2 rows" in capsys.readouterr().out
+
+    (tmp_path / "bad.csv").write_text("video,image,map,prompt,output\nclip.mp4,photo.png,map.png,x,\n"
+                                      "clip.mp4,,map.png,x,out.png\nnowhere.mp4,,map.png,x,\n")
+    monkeypatch.chdir(tmp_path)  # where the messages name the jobs file as bad.csv
+    with pytest.raises(cli.CliError, match="3 bad rows"):
+        batch.run([*argv[:2], str(tmp_path / "bad.csv"), *argv[3:]])
+    assert capsys.readouterr().err.splitlines() == [
+        "bad.csv:2: has both a video and an image (a still image edited as a video); give one of them",
+        "bad.csv:3: output out.png: give a file name ending with .mp4 (the parameters are stored in its comment tag)",
+        "bad.csv:4: video nowhere.mp4: no such file"]
+    with pytest.raises(cli.CliError, match="--family wan edits one video a call"):
+        batch.run([*argv, "--batch-size", "2"])
+    with pytest.raises(cli.CliError, match="3 bad rows"):  # an image family refuses the video column
+        batch.run(["--family", "sd2", str(tmp_path / "bad.csv"), "--output-dir", str(tmp_path / "sd")])
+    assert capsys.readouterr().err.splitlines()[:3] == [  # a row with no image used to end in a traceback
+        "bad.csv:2: video: --family sd2 edits images; the video column is for a family that edits videos (wan)",
+        "bad.csv:3: video: --family sd2 edits images; the video column is for a family that edits videos (wan)",
+        "bad.csv:3: no image: fill the image column, or pass --image"]

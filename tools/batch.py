@@ -4,7 +4,9 @@
     accelerate launch --num_processes 4 -m tools.batch --family sdxl jobs.jsonl --output-dir out/
 
 A model's run.py takes part through ``build_parser()``, ``load_pipelines(args)`` and ``edit(pipelines, args, *,
-images, maps, prompts, negative_prompts, seeds) -> (images, steps_run)``; its flags set every row's defaults.
+images, maps, prompts, negative_prompts, seeds) -> (images, steps_run)``; its flags set every row's defaults. A video
+family's run.py (``VIDEO = True``, Wan/run.py) edits one video a row, through its ``read_frames``, ``load_video``,
+``load_maps``, ``edit``, ``parameters`` and ``write_video``, and writes an mp4.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from PIL import Image  # noqa: E402
 
 from tools import cli, loading, results  # noqa: E402
 
-COLUMNS = ("image", "map", "mask", "feather", "grow", "prompt", "negative_prompt", "seed", "strength", "steps",
+COLUMNS = ("image", "video", "map", "mask", "feather", "grow", "prompt", "negative_prompt", "seed", "strength", "steps",
            "guidance_scale", "output")
 SUMMARY_NAME, LOCK_NAME = "summary.json", ".batch.lock"
 MAX_BATCH_SIZE = 4096
@@ -40,6 +42,7 @@ HOW_MADE = ("steps_run", "command", "device", "dtype", "jobs", "line")
 class Args(cli.Args):
     """The command line: the model's flags, which are every row's defaults, and the batch's."""
     extra_params: dict  # what the results record beyond run.py's parameters: family, jobs file, the model's own flags
+    video_family: bool  # the family edits videos: a row's output is an mp4
 
 
 class Job(Args):
@@ -60,7 +63,7 @@ def run(argv: list[str] | None = None) -> int:
     """The whole batch; returns the exit status (0 all done, 1 some rows failed). Errors raise ``cli.CliError``."""
     from accelerate import PartialState
     argv = sys.argv[1:] if argv is None else list(argv)
-    module = loading.image_family(_family_name(argv), "tools.batch")
+    module = loading.load_family(_family_name(argv))
     args = parse_args(module, argv)
     # Without cpu=True, CPU processes would each be rank 0 of 1; on GPUs, this makes the process's own GPU "cuda".
     state = PartialState(cpu=args.device == "cpu")
@@ -82,10 +85,10 @@ def _family_name(argv: list[str]) -> str:
     if (family := pre.parse_known_args(argv)[0].family) is not None:
         return family
     if {"-h", "--help"} & set(argv):
-        families = ", ".join(loading.image_families())
+        families = ", ".join(loading.families())
         print(__doc__.strip() + f"\n\nPass --family ({families}) with --help to list every flag.")
         raise SystemExit(0)
-    raise cli.CliError(f"--family is required: one of {', '.join(loading.image_families())} (see --help)")
+    raise cli.CliError(f"--family is required: one of {', '.join(loading.families())} (see --help)")
 
 
 def parse_args(module, argv: list[str]) -> Args:
@@ -98,7 +101,7 @@ def parse_args(module, argv: list[str]) -> Args:
     batch_flags = [
         add("jobs", metavar="JOBS", help=f"jobs file: .csv with a header row, or .jsonl (one JSON object a line); "
             f"columns: {', '.join(COLUMNS)}"),
-        add("--family", required=True, type=str.lower, choices=list(loading.image_families()),
+        add("--family", required=True, type=str.lower, choices=list(loading.families()),
             help="the model folder to use"),
         add("--output-dir", required=True, metavar="DIR", help="folder for the results and summary.json, created if "
             "missing; every output lies inside it"),
@@ -122,6 +125,10 @@ def parse_args(module, argv: list[str]) -> Args:
     if args.output is not None:
         raise cli.CliError("--output names one file, and a batch writes one per row: use --output-dir, and the "
                            "jobs file's output column to name them")
+    args.video_family = getattr(module, "VIDEO", False)
+    if args.video_family and args.batch_size > 1:
+        raise cli.CliError(f"--batch-size {args.batch_size}: --family {args.family} edits one video a call, as a "
+                           "video's latents fill the memory that images share; leave --batch-size 1")
     # A row falls back on run.py's negative prompt, to give what run.py gives, but a row without a prompt is an error
     args.negative_prompt = cli.text_argument(args.negative_prompt, parser.example.negative_prompt, "--negative-prompt")
     cli.check_prompts(args.prompt, args.negative_prompt)
@@ -134,8 +141,11 @@ def parse_args(module, argv: list[str]) -> Args:
     if Path(args.model).expanduser().is_dir():  # the results record it, and a rerun from elsewhere must match them
         args.model = str(Path(args.model).expanduser().absolute())
     for flag in ("image", "map", "mask"):
-        if getattr(args, flag) is not None:
+        if getattr(args, flag) is not None and not (args.video_family and flag == "map"):  # a video or folder too
             setattr(args, flag, cli.input_path(getattr(args, flag), None, f"--{flag}").absolute())
+    for flag in ("video", "map") if args.video_family else ():
+        if getattr(args, flag) is not None:
+            setattr(args, flag, Path(getattr(args, flag)).expanduser().absolute())  # checked as every row's
     args.extra_params = {"family": args.family, "jobs": args.jobs, **{dest: vars(args)[dest] for dest in model_flags}}
     return args
 
@@ -214,7 +224,9 @@ def _read_jsonl(text: str):
 
 def make_plan(args: Args, held: contextlib.ExitStack) -> Plan:
     """Checks every row, takes the output folder's lock into ``held`` and finds the rows already done."""
-    rows, header = read_jobs(args.jobs), functools.cache(_header)  # a map may serve many rows: read it once
+    # A map may serve many rows: read it once. A video family's inputs may be videos, or folders of frames.
+    module = loading.load_family(args.family) if args.video_family else None
+    rows, header = read_jobs(args.jobs), functools.cache(functools.partial(_header, module))
     jobs, bad = [], []
     for number, (line, cells, problems) in enumerate(rows, start=1):
         job = None if cells is None else make_job(args, line, number, cells, problems, header)
@@ -222,8 +234,8 @@ def make_plan(args: Args, held: contextlib.ExitStack) -> Plan:
     # No row may write another row's output, or an input of any row, or the jobs file.
     claimed = {args.jobs.resolve(): "is the jobs file; inputs are never overwritten"}
     for job in jobs:
-        for what in ("image", "map", "mask"):
-            if (path := getattr(job, what)) is not None:
+        for what in ("image", "video", "map", "mask"):
+            if (path := getattr(job, what, None)) is not None:
                 claimed.setdefault(path.resolve(), f"is the {what} of line {job.line}; inputs are never overwritten")
     for job in list(jobs):
         targets = [job.output, cli.compare_path(job.output)] if args.compare else [job.output]
@@ -245,7 +257,7 @@ def make_plan(args: Args, held: contextlib.ExitStack) -> Plan:
     for job in jobs:
         if args.overwrite or not job.output.exists():
             groups.setdefault(job.batch_key, []).append(job)
-        elif not (mismatch := _mismatch(job.output, results.png_parameters(job, 0, args.extra_params))):
+        elif not (mismatch := _mismatch(job.output, expected_text(module, job, header, args.extra_params))):
             skipped.append(job)
         else:
             taken.append((job.line, [f"{cli.display(job.output)} exists and {mismatch}; delete it, name another "
@@ -262,18 +274,29 @@ def make_job(args: Args, line: int, number: int, cells: dict[str, str], problems
     def path(name, default):  # a relative path is relative to the jobs file; args.jobs and default are absolute
         return args.jobs.parent / Path(cells[name]).expanduser() if cells.get(name) else default
     job = Job(**{**vars(args), "line": line, "image": path("image", args.image)})
+    if args.video_family:  # a video, or a still image edited as a video of equal frames, as its run.py takes them
+        if cells.get("video") and cells.get("image"):
+            problems.append("has both a video and an image (a still image edited as a video); give one of them")
+        job.video = path("video", None) if cells.get("video") else None if cells.get("image") else args.video
+        job.image = None if job.video else job.image
+    elif cells.get("video"):
+        videos = ", ".join(name for name in loading.families() if name not in loading.image_families())
+        problems.append(f"video: --family {args.family} edits images; the video column is for a family that edits "
+                        f"videos ({videos})")
     job.map, job.mask = ((path("map", None), path("mask", None)) if cells.get("map") or cells.get("mask")
                          else (args.map, args.mask))
-    if job.image is None:
-        problems.append("no image: fill the image column, or pass --image")
+    source = getattr(job, "video", None) or job.image
+    if source is None:
+        problems.append("no video: fill the video column (or image, for a still image), or pass --video" if
+                        args.video_family else "no image: fill the image column, or pass --image")
     if (job.map is None) == (job.mask is None):
         problems.append("has both a map and a mask; give one of them" if job.map else
                         "no map: fill the map column (or mask and feather), or pass --map")
     elif job.map and (cells.get("feather") or cells.get("grow")):
         problems.append("feather and grow apply to a mask, and this row has a map")
     job.invert_map = args.invert_map and job.mask is None  # a mask is white = fill, whatever --invert-map
-    problems += [header(path, name)[1] for name, path in [("image", job.image), ("map", job.map), ("mask", job.mask)]
-                 if path is not None and header(path, name)[1]]
+    inputs = [("image", job.image), ("video", getattr(job, "video", None)), ("map", job.map), ("mask", job.mask)]
+    problems += [header(path, name)[1] for name, path in inputs if path is not None and header(path, name)[1]]
     for name, parse in cli.NUMBER_TYPES.items():  # each cell checked as run.py checks its flag; a bad row is dropped
         try:
             if cells.get(name):
@@ -287,26 +310,40 @@ def make_job(args: Args, line: int, number: int, cells: dict[str, str], problems
     problems += [f"{name}: {problem}" for name in ("prompt", "negative_prompt")
                  if (problem := cli.not_utf8(cells.get(name)))]
     folder, text = args.output_dir.resolve(), cells.get("output", "")
-    job.output = (folder / (text or f"{number:04d}-{job.image.stem if job.image else 'row'}.png")).resolve()
-    if job.output.suffix.lower() != ".png" or job.output.is_dir():
-        problems.append(f"output {text}: give a file name ending with .png (the parameters are stored as PNG text)")
+    suffix, stored = (".mp4", "in its comment tag") if args.video_family else (".png", "as PNG text")
+    job.output = (folder / (text or f"{number:04d}-{source.stem if source else 'row'}{suffix}")).resolve()
+    if job.output.suffix.lower() != suffix or job.output.is_dir():
+        problems.append(f"output {text}: give a file name ending with {suffix} (the parameters are stored {stored})")
     elif folder not in job.output.parents:  # an absolute path, or ../, would lead out
         problems.append(f"output {text}: lies outside --output-dir {cli.display(args.output_dir)}; name a file "
                         "inside it")
     # A call runs from the earliest step any of its maps releases, and multistep schedulers carry what those steps saw
     # into later ones: rows batch only with rows of the same map, so that each starts where it would alone.
     source = ("map", job.map) if job.mask is None else ("mask", job.mask, job.feather, job.grow)
-    job.batch_key = (header(job.image, "image")[0], source, job.steps, job.strength, job.guidance_scale)
+    size = header(job.image, "image")[0] if job.image else None
+    job.batch_key = (line,) if args.video_family else (size, source, job.steps, job.strength, job.guidance_scale)
     return job
 
 
-def _header(path: Path, name: str) -> tuple[tuple[int, int] | None, str | None]:
-    """``(size, None)`` for a readable image, ``(None, what is wrong)`` otherwise."""
+def _header(module, path: Path, name: str) -> tuple[tuple[int, int] | None, str | None, float | None]:
+    """``(size, None, frame rate)`` for a readable image, or for a video or folder of frames that the video family
+    ``module`` reads (an image has no frame rate: None); ``(None, what is wrong, None)`` otherwise."""
     try:
+        if module is not None and name != "mask" and (path.is_dir() or path.suffix.lower() in module.VIDEO_SUFFIXES):
+            frames, fps = module.read_frames(path, name, 1, gray=name == "map")
+            return frames[0].size, None, fps
         with cli.reading(path, name), cli.open_image(path) as opened:
-            return opened.size, None
+            return opened.size, None, None
     except cli.CliError as error:
-        return None, str(error)
+        return None, str(error), None
+
+
+def expected_text(module, job: Job, header, extra_params: dict) -> dict[str, str]:
+    """What the output of ``job`` holds as its parameters (a video family's, ``module``'s; frame rate and all)."""
+    if module is None:
+        return results.png_parameters(job, 0, extra_params)
+    fps = job.fps or (job.video and header(job.video, "video")[2]) or module.DEFAULT_FPS
+    return module.parameters(job, 0, fps, extra_params)
 
 
 def _refuse_bad_rows(bad: list[tuple[int, list[str]]], args) -> None:
@@ -362,11 +399,14 @@ def summary_room(path: Path, rows: int):
 def _mismatch(path: Path, expected: dict[str, str]) -> str | None:
     """Why ``path`` is not the result of the edit the PNG text ``expected`` describes; None when it is."""
     try:
-        with Image.open(path) as opened:
-            stored = {key: value for key, value in opened.info.items() if isinstance(value, str)}
-            opened.verify()  # every chunk's checksum: a truncated or damaged file fails here
+        if path.suffix.lower() == ".mp4":
+            stored = results.mp4_parameters(path)  # ffmpeg reads the whole container: a damaged one fails
+        else:
+            with Image.open(path) as opened:
+                stored = {key: value for key, value in opened.info.items() if isinstance(value, str)}
+                opened.verify()  # every chunk's checksum: a truncated or damaged file fails here
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
-        return "is not a readable PNG, so not this row's result"
+        return f"is not a readable {path.suffix[1:].upper()}, so not this row's result"
     if stored.get("Software") != "differential-diffusion":
         return "was not written by this project"
     # Both sides' keys: a flag that one edit records and the other does not (a crop margin, say) is a difference too.
@@ -430,9 +470,27 @@ def run_batches(state, module, args, batches: list[list], outcomes: list[dict]) 
         for item in loaded:  # to find the row at fault, or get through a batch too large for memory
             edit([item])
 
+    def edit_video(job) -> None:  # one row of a video family: its video, its maps, one call, an mp4
+        try:
+            frames, source_fps = module.load_video(job)
+            maps, fps = module.load_maps(job, frames), job.fps or source_fps or module.DEFAULT_FPS
+            edited, steps_run = module.edit(pipelines, job, video=frames, maps=maps, prompt=job.prompt,
+                                            negative_prompt=job.negative_prompt, seed=job.seed)
+            job.command = cli.command_line(script, parser, job)  # the row alone, by run.py
+            text = module.parameters(job, steps_run, fps, {**args.extra_params, "line": job.line})
+            job.output.parent.mkdir(parents=True, exist_ok=True)
+            written, _ = module.write_video(edited, job, video=frames, maps=maps, fps=fps, text=text)
+        except Exception as error:  # noqa: BLE001 - one row's failure must not end the batch
+            return record(job, job.output, error)
+        record(job, written)
+
     with tqdm(total=sum(map(len, batches)), desc="rows", unit="row", disable=not state.is_main_process,
               file=sys.stderr) as bar:
         for batch in batches:
+            if args.video_family:
+                for job in batch:
+                    edit_video(job)
+                continue
             by_size: dict[tuple, list] = {}  # a photo's EXIF orientation may turn the size its header gave
             for job in batch:
                 try:
