@@ -230,8 +230,8 @@ def parameters(args, steps_run: int, fps: float, extra_params: dict | None = Non
     command that makes it again."""
     extra = {"video": args.video, "frames": args.frames, "height": args.height, "width": args.width,
              "flow_shift": args.flow_shift, "fps": json.dumps(fps)}
-    text = results.png_parameters(args, steps_run, {**(extra_params or {}),
-                                                    **{key: value for key, value in extra.items() if value is not None}})
+    extra = {key: value for key, value in extra.items() if value is not None}
+    text = results.png_parameters(args, steps_run, {**(extra_params or {}), **extra})
     if args.video is not None:
         del text["image"]  # the example image, which --video stands in for
     return text

@@ -189,7 +189,8 @@ def test_bad_input_gives_one_line_and_writes_nothing(case, flags, status, messag
              "taken": tmp_path / "taken.mp4"}
     index = json.loads((wan_dir / "model_index.json").read_text())
     for name, change in [("i2v", {"_class_name": "WanImageToVideoPipeline"}),  # what the Hub's model_index.json hold
-                         ("experts", {"transformer_2": ["diffusers", "WanTransformer3DModel"], "boundary_ratio": 0.875}),
+                         ("experts", {"transformer_2": ["diffusers", "WanTransformer3DModel"],
+                                      "boundary_ratio": 0.875}),
                          ("ti2v", {"transformer_2": [None, None], "expand_timesteps": True})]:
         (tmp_path / name).mkdir()
         (tmp_path / name / "model_index.json").write_text(json.dumps({**index, **change}))
