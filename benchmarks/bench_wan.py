@@ -63,7 +63,7 @@ def print_peak_memory(results: dict):
 
 
 def ratio(ours: int, stock: int) -> str:
-    return f"{ours / stock:.3f} x" if stock else "stock 0"
+    return f"{ours / stock:.3f} x" if stock else "-"
 
 
 def frame_count(text: str) -> int:
