@@ -205,22 +205,34 @@ class Stopwatch:
 
 
 def differential_work(module, run, device) -> tuple:
-    """Seconds of map preparation in `run()`, one call of a pipeline from `module` (a pipeline file), and seconds of
-    blending per step: the differential core's own work, timed where it runs. Whole-run ratios drown it in noise.
+    """Seconds of map preparation in `run()`, one call of a pipeline from `module` (a pipeline file), seconds of
+    blending per step, and the bytes that the blend holds through the loop (x0, noise and release steps): the
+    differential core's own work, timed where it runs. Whole-run ratios drown it in noise. A video file's map
+    preparation includes its frame axis (`video_map_to_tensor`, `map_on_latent_frames`).
     """
-    preparation, blend = Stopwatch(device), Stopwatch(device)
-    preparing, frozen_pixels = ("map_to_tensor", "map_on_grid", "release_steps"), module.FrozenPixels
+    preparation, blend, held = Stopwatch(device), Stopwatch(device), []
+    preparing = [name for name in ("map_to_tensor", "video_map_to_tensor", "map_on_grid", "map_on_latent_frames",
+                                   "release_steps") if hasattr(module, name)]
+    frozen_pixels = module.FrozenPixels
     saved_functions, saved_blend = {name: getattr(module, name) for name in preparing}, frozen_pixels.blend
+    timed_blend = blend.wrap(saved_blend)
+
+    def noting_blend(frozen, *args, **kwargs):
+        if not held:  # storage, not shape: an expanded release step holds only what it expands
+            held.append(sum(tensor.untyped_storage().nbytes()
+                            for tensor in (frozen.x0, frozen.noise, frozen.release_step)))
+        return timed_blend(frozen, *args, **kwargs)
+
     for name, function in saved_functions.items():
         setattr(module, name, preparation.wrap(function))
-    frozen_pixels.blend = blend.wrap(saved_blend)
+    frozen_pixels.blend = noting_blend
     try:
         run()
     finally:
         for name, function in saved_functions.items():
             setattr(module, name, function)
         frozen_pixels.blend = saved_blend
-    return preparation.seconds, blend.seconds / max(blend.calls, 1)
+    return preparation.seconds, blend.seconds / max(blend.calls, 1), sum(held)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -331,10 +343,11 @@ def run_description(device, steps, repeats, guidance="CFG on") -> str:
 def print_differential_work(module, run, stock: dict, device):
     """Times `differential_work` and prints it beside the time of one stock step (`stock`: its `side_by_side`
     result)."""
-    preparation, blend = differential_work(module, run, device)
+    preparation, blend, held = differential_work(module, run, device)
     stock_step = stock[clock(device)] / stock["unet_calls"]
     print(f"differential work, gradient map: map preparation {preparation * 1e3:.2f} ms per call, blend "
-          f"{blend * 1e3:.3f} ms per step = {blend / stock_step:.2%} of a stock step", flush=True)
+          f"{blend * 1e3:.3f} ms per step = {blend / stock_step:.2%} of a stock step; x0, noise and release steps "
+          f"held {held / 2**10:.0f} KiB", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------

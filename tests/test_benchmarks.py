@@ -15,10 +15,11 @@ SMALLEST = {  # "script [family]": arguments
     **{f"bench_flow {family}": ["--family", family, "--size", "32"]
        for family in ("sd3", "flux", "chroma", "qwenimage", "zimage", "flux_kontext", "flux_fill",
                                           "qwenimage_edit", "flux2_klein")},
+    "bench_wan": ["--size", "32", "--frames", "5"],
 }
-# Chroma's CFG and Qwen-Image's true CFG run the negative prompt as a second transformer call in every step.
+# Chroma's and Wan's CFG and Qwen-Image's true CFG run the negative prompt as a second transformer call in every step.
 CALLS_PER_STEP = {"bench_flow chroma": 2, "bench_flow qwenimage": 2, "bench_flow qwenimage_edit": 2,
-                  "bench_flow flux2_klein": 2}
+                  "bench_flow flux2_klein": 2, "bench_wan": 2}
 
 
 def table_rows(output):
@@ -36,12 +37,15 @@ def test_bench_runs_every_case_and_counts_its_model_calls(bench, monkeypatch, ca
     rows = dict(table_rows(output))
     stages = 2 if script == "bench_if" else 1
     calls_per_step = CALLS_PER_STEP.get(bench, 1)
-    # At strength 0.3 (T * s = 1.5) flow-matching img2img runs ceil(1.5) = 2 steps; SD, Kandinsky and IF floor(1.5).
+    # At strength 0.3 (T * s = 1.5) flow-matching img2img runs ceil(1.5) = 2 steps; SD, Kandinsky, IF and Wan
+    # video-to-video floor(1.5).
     weak_steps = math.ceil if script == "bench_flow" else math.floor
     assert len(table_rows(output)) == len(harness.CASES) * stages
     assert rows[harness.CASES["stock"]] == rows[harness.CASES["ours"]] == STEPS * calls_per_step
     assert rows[harness.CASES["ours_weak"]] == weak_steps(STEPS * harness.WEAK_STRENGTH) * calls_per_step
     assert output.count("differential work, gradient map: map preparation ") == stages
+    if script == "bench_wan":  # each of our cases' peak memory against stock's
+        assert output.count(", against stock: rise ") == len(harness.CASES) - 1
 
 
 def test_weak_map_has_a_cell_of_full_weak_strength_on_every_grid():
