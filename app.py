@@ -112,26 +112,10 @@ def page_terms(message: str) -> str:
     """A family's one-line message in the page's words: its boxes instead of command-line flags."""
     message = re.sub(r"pass (--[\w-]+) (?:ID_OR_)?PATH", lambda flag: f"type a folder's path in the "
                      f"{PAGE_TERMS.get(flag[1], flag[1])} box", message)
+    # the family's check of the image it edits (cli.check_image_size): here, the upload at the working size
+    message = re.sub(r"give an image at least \d+ pixels on each side", "upload a larger image, or raise the working "
+                     "size", message)
     return re.sub(r"--[a-z][\w-]*", lambda flag: PAGE_TERMS.get(flag[0], flag[0][2:].replace("-", " ")), message)
-
-
-def smallest_side(pipelines) -> int:
-    """The fewest pixels an image side needs for the denoiser's own downsampling: a latent cell times the halvings
-    of each UNet (a transformer: its patch). Fewer fail deep inside torch."""
-    sides = [1]
-    for pipe in pipelines if isinstance(pipelines, tuple) else (pipelines,):
-        cell = getattr(pipe, "vae_scale_factor", 1)
-        if getattr(pipe, "unet", None) is not None:
-            sides.append(cell * 2 ** (len(pipe.unet.config.block_out_channels) - 1))
-        elif getattr(pipe, "transformer", None) is not None:
-            sides.append(cell * (getattr(pipe.transformer.config, "patch_size", 1) or 1))
-    return max(sides)
-
-
-def check_size(image: Image.Image, pipelines) -> None:
-    if min(image.size) < (side := smallest_side(pipelines)):
-        raise cli.CliError(f"the image is {image.width}x{image.height} pixels at this working size, and this model "
-                           f"needs at least {side} on each side: upload a larger image, or raise the working size")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -473,7 +457,6 @@ def build_app(models: Models, output_dir: Path) -> gr.Blocks:
                 args.map = how
                 progress(0, desc=f"loading {args.model}")
                 pipelines = models.get(family_name, args)
-                check_size(image, pipelines)
                 started = time.perf_counter()
                 (output,), steps_run = loading.load_family(family_name).edit(
                     pipelines, args, images=[image], maps=[keep_map], prompts=[args.prompt],
@@ -497,7 +480,6 @@ def build_app(models: Models, output_dir: Path) -> gr.Blocks:
                 args.command = f"python -m tools.fan --family {family_name} {mode}"
                 progress(0, desc=f"loading {args.model}")
                 pipelines = models.get(family_name, args)
-                check_size(image, pipelines)
                 family_module = loading.load_family(family_name)
                 started = time.perf_counter()
                 if mode == "fan":
