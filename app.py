@@ -44,8 +44,9 @@ BRUSH_LEVELS = {"#000000": ("black", "change fully"), "#404040": ("dark grey", "
                 "#808080": ("grey", "change 50%"), "#bfbfbf": ("light grey", "change 25%"),
                 "#ffffff": ("white", "keep")}
 MAP_SOURCES = ("paint", "upload", "gradient", "radial", "feather")
-# On a CPU the page starts with settings that finish an edit in under a minute (a family's defaults take many).
-CPU_STEPS, CPU_SIDE = 20, 384
+# On a CPU the page starts with settings at which the default family (SD 2.1) edits in under a minute on two idle
+# cores, as benchmarks/bench_app_cpu.py measures; a family's own defaults take many minutes.
+CPU_STEPS, CPU_SIDE = 10, 256
 # Command-line words in the families' messages, as the page names them.
 PAGE_TERMS = {"--model": "Model", "--controlnet": "ControlNet", "--control": "Control", "--crop-margin": "Crop margin",
               "--image": "image", "--map": "map"}
@@ -296,8 +297,9 @@ def build_app(models: Models, output_dir: Path) -> gr.Blocks:
     with gr.Blocks(title="Differential Diffusion") as demo:
         gr.Markdown("# Differential Diffusion\nGive each pixel its own strength: paint, upload or make a **map** "
                     "(white keeps a pixel, black changes it fully, greys change it partly), then edit."
-                    + (f"\n\n**Running on the CPU:** the page starts at {start_steps} steps and {start_side} px so "
-                       "that an edit takes about a minute; more of either gives finer results, slowly." * on_cpu))
+                    + (f"\n\n**Running on the CPU:** the page starts at {start_steps} steps and {start_side} px, at "
+                       "which SD 2.1 edits in under a minute on two idle cores; more of either gives finer results, "
+                       "slowly, and larger models take longer." * on_cpu))
         with gr.Row():
             with gr.Column(scale=1):
                 image_file = gr.File(str(cli.EXAMPLE_IMAGE), label="Image (any format Pillow reads)",
