@@ -44,8 +44,9 @@ BRUSH_LEVELS = {"#000000": ("black", "change fully"), "#404040": ("dark grey", "
                 "#808080": ("grey", "change 50%"), "#bfbfbf": ("light grey", "change 25%"),
                 "#ffffff": ("white", "keep")}
 MAP_SOURCES = ("paint", "upload", "gradient", "radial", "feather")
-# On a CPU the page starts with settings that finish an edit in under a minute (a family's defaults take many).
-CPU_STEPS, CPU_SIDE = 20, 384
+# On a CPU the page starts with settings at which the default family (SD 2.1) edits in under a minute on two idle
+# cores, as benchmarks/bench_app_cpu.py measures; a family's own defaults take many minutes.
+CPU_STEPS, CPU_SIDE = 10, 256
 # Command-line words in the families' messages, as the page names them.
 PAGE_TERMS = {"--model": "Model", "--controlnet": "ControlNet", "--control": "Control", "--crop-margin": "Crop margin",
               "--image": "image", "--map": "map"}
@@ -112,26 +113,10 @@ def page_terms(message: str) -> str:
     """A family's one-line message in the page's words: its boxes instead of command-line flags."""
     message = re.sub(r"pass (--[\w-]+) (?:ID_OR_)?PATH", lambda flag: f"type a folder's path in the "
                      f"{PAGE_TERMS.get(flag[1], flag[1])} box", message)
+    # the family's check of the image it edits (cli.check_image_size): here, the upload at the working size
+    message = re.sub(r"give an image at least \d+ pixels on each side", "upload a larger image, or raise the working "
+                     "size", message)
     return re.sub(r"--[a-z][\w-]*", lambda flag: PAGE_TERMS.get(flag[0], flag[0][2:].replace("-", " ")), message)
-
-
-def smallest_side(pipelines) -> int:
-    """The fewest pixels an image side needs for the denoiser's own downsampling: a latent cell times the halvings
-    of each UNet (a transformer: its patch). Fewer fail deep inside torch."""
-    sides = [1]
-    for pipe in pipelines if isinstance(pipelines, tuple) else (pipelines,):
-        cell = getattr(pipe, "vae_scale_factor", 1)
-        if getattr(pipe, "unet", None) is not None:
-            sides.append(cell * 2 ** (len(pipe.unet.config.block_out_channels) - 1))
-        elif getattr(pipe, "transformer", None) is not None:
-            sides.append(cell * (getattr(pipe.transformer.config, "patch_size", 1) or 1))
-    return max(sides)
-
-
-def check_size(image: Image.Image, pipelines) -> None:
-    if min(image.size) < (side := smallest_side(pipelines)):
-        raise cli.CliError(f"the image is {image.width}x{image.height} pixels at this working size, and this model "
-                           f"needs at least {side} on each side: upload a larger image, or raise the working size")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -312,8 +297,9 @@ def build_app(models: Models, output_dir: Path) -> gr.Blocks:
     with gr.Blocks(title="Differential Diffusion") as demo:
         gr.Markdown("# Differential Diffusion\nGive each pixel its own strength: paint, upload or make a **map** "
                     "(white keeps a pixel, black changes it fully, greys change it partly), then edit."
-                    + (f"\n\n**Running on the CPU:** the page starts at {start_steps} steps and {start_side} px so "
-                       "that an edit takes about a minute; more of either gives finer results, slowly." * on_cpu))
+                    + (f"\n\n**Running on the CPU:** the page starts at {start_steps} steps and {start_side} px, at "
+                       "which SD 2.1 edits in under a minute on two idle cores; more of either gives finer results, "
+                       "slowly, and larger models take longer." * on_cpu))
         with gr.Row():
             with gr.Column(scale=1):
                 image_file = gr.File(str(cli.EXAMPLE_IMAGE), label="Image (any format Pillow reads)",
@@ -473,7 +459,6 @@ def build_app(models: Models, output_dir: Path) -> gr.Blocks:
                 args.map = how
                 progress(0, desc=f"loading {args.model}")
                 pipelines = models.get(family_name, args)
-                check_size(image, pipelines)
                 started = time.perf_counter()
                 (output,), steps_run = loading.load_family(family_name).edit(
                     pipelines, args, images=[image], maps=[keep_map], prompts=[args.prompt],
@@ -497,7 +482,6 @@ def build_app(models: Models, output_dir: Path) -> gr.Blocks:
                 args.command = f"python -m tools.fan --family {family_name} {mode}"
                 progress(0, desc=f"loading {args.model}")
                 pipelines = models.get(family_name, args)
-                check_size(image, pipelines)
                 family_module = loading.load_family(family_name)
                 started = time.perf_counter()
                 if mode == "fan":

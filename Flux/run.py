@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tools import cli, editing, loading, results, running  # noqa: E402
 
 DEFAULT_MODEL = "black-forest-labs/FLUX.1-dev"
-SIZE_MULTIPLE = 16  # the VAE's 8 times the 2x2 patches that latents are packed in
+SIZE_MULTIPLE = cli.PATCH_SIDE  # the working size is whole patches
 # Steps and guidance as stock's FluxKontextInpaintPipeline and FluxFillPipeline default them.
 VARIANTS = {
     "img2img": editing.Variant(None, DEFAULT_MODEL, 28, 3.5),
@@ -97,7 +97,7 @@ def working_size(image):
 def edit(pipe, args, *, images, maps, prompts, negative_prompts, seeds):
     """Edits a batch (lists of equal length) with the sampling settings in `args`; returns (images, steps run)."""
     for image in images:  # below one patch, working_size would scale the image up without a word
-        cli.check_image_size(image, SIZE_MULTIPLE, "the VAE's 8 pixels a latent, in 2x2 patches")
+        cli.check_image_size(image, pipe)
     call = dict(prompt=prompts, image=images, invert_map=args.invert_map, strength=args.strength,
                 keep_exact=args.keep_exact, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
                 generator=[loading.make_generator(seed) for seed in seeds])

@@ -15,7 +15,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tools import cli, editing, loading, results, running  # noqa: E402
 
 DEFAULT_MODEL = "black-forest-labs/FLUX.2-klein-base-9B"
-SIZE_MULTIPLE = 16  # the VAE's 8 times the 2x2 patches that latents are packed in
 MAX_PIXELS = 1024 * 1024  # stock scales a larger image down to this area, and edits at that size
 
 
@@ -57,7 +56,7 @@ def load_pipelines(args):
 def edit(pipe, args, *, images, maps, prompts, negative_prompts, seeds):
     """Edits a batch (lists of equal length) with the sampling settings in `args`; returns (images, steps run)."""
     for image in images:
-        cli.check_image_size(image, SIZE_MULTIPLE, "the VAE's 8 pixels a latent, in 2x2 patches")
+        cli.check_image_size(image, pipe)
     negative = {}
     if any(negative_prompts):  # stock guides against an empty prompt, and takes another only as embeddings
         negative["negative_prompt_embeds"] = pipe.encode_prompt(

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tools import cli, editing, loading, results, running  # noqa: E402
 
 DEFAULT_MODEL = "Qwen/Qwen-Image"
-SIZE_MULTIPLE = 16  # the VAE's 8 times the 2x2 patches that latents are packed in
+SIZE_MULTIPLE = cli.PATCH_SIDE  # the working size is whole patches
 # Stock QwenImageEditInpaintPipeline defaults to the steps and true CFG of img2img; its docstring's model.
 VARIANTS = {
     "img2img": editing.Variant(None, DEFAULT_MODEL, 50, 4.0),
@@ -78,7 +78,7 @@ def working_size(image):
 def edit(pipe, args, *, images, maps, prompts, negative_prompts, seeds):
     """Edits a batch (lists of equal length) with the sampling settings in `args`; returns (images, steps run)."""
     for image in images:  # below one patch, working_size would scale the image up without a word
-        cli.check_image_size(image, SIZE_MULTIPLE, "the VAE's 8 pixels a latent, in 2x2 patches")
+        cli.check_image_size(image, pipe)
     call = dict(
         prompt=prompts,
         # Stock runs true CFG whenever a negative prompt is given; " " is what diffusers' example gives for none.

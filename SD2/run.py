@@ -47,12 +47,8 @@ def load_pipelines(args):
 
 def edit(pipe, args, *, images, maps, prompts, negative_prompts, seeds):
     """Edits a batch (lists of equal length) with the sampling settings in `args`; returns (images, steps run)."""
-    # The UNet halves the latent grid at each level but the last: a smaller image has no cell left at the bottom
-    # (a traceback from GroupNorm, or a meaningless result).
-    cell, levels = pipe.vae_scale_factor, len(pipe.unet.config.block_out_channels)
     for image in images:
-        cli.check_image_size(image, cell * 2 ** (levels - 1), f"{cell} pixels a latent cell, and a UNet of {levels} "
-                             "levels that halves it at each but the last")
+        cli.check_image_size(image, pipe)
     images = running.edit_images(
         pipe,
         args,

@@ -155,13 +155,12 @@ def edit(pipelines, args, *, images, maps, prompts, negative_prompts, seeds):
     Every image and map is scaled to the size `output_size` gives for the first image.
     """
     size = output_size(images[0].size, args.width, args.height)
-    for pipe in filter(None, pipelines):  # a UNet halves the latent grid at each level but the last
-        cell, levels = pipe.vae_scale_factor, len(pipe.unet.config.block_out_channels)
-        if min(size) < (smallest := cell * 2 ** (levels - 1)):
+    for pipe in filter(None, pipelines):  # both stages edit at `size`, whatever the image's own
+        smallest, why = cli.smallest_side(pipe)
+        if min(size) < smallest:
             raise cli.CliError(f"the image would be edited at {size[0]}x{size[1]} pixels, smaller than {smallest}x"
-                               f"{smallest}, the smallest this model edits ({cell} pixels a latent cell, and a UNet of "
-                               f"{levels} levels that halves it at each but the last); give --width and --height of "
-                               f"at least {smallest}")
+                               f"{smallest}, the smallest this model edits ({why}); give --width and --height of at "
+                               f"least {smallest}")
     images = [image.resize(size, Image.Resampling.LANCZOS) if image.size != size else image for image in images]
     common = dict(
         prompt=prompts,

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tools import cli, loading, results, running  # noqa: E402
 
 DEFAULT_MODEL = "Tongyi-MAI/Z-Image-Turbo"
-SIZE_MULTIPLE = 16  # the VAE's 8 times the 2x2 patches that latents are packed in
+SIZE_MULTIPLE = cli.PATCH_SIDE  # the working size is whole patches
 
 
 def build_parser():
@@ -68,7 +68,7 @@ def fitted(picture, size, smooth=Image.BILINEAR):
 def edit(pipe, args, *, images, maps, prompts, negative_prompts, seeds):
     """Edits a batch (lists of equal length) with the sampling settings in `args`; returns (images, steps run)."""
     for image in images:  # below one patch, working_size would scale the image up without a word
-        cli.check_image_size(image, SIZE_MULTIPLE, "the VAE's 8 pixels a latent, in 2x2 patches")
+        cli.check_image_size(image, pipe)
     width, height = working_size(images[0])
     images = running.edit_images(
         pipe,

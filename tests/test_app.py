@@ -186,8 +186,13 @@ def test_mistakes_read_as_the_page_speaks(tmp_path, capsys):
     with pytest.raises(app.cli.CliError, match=r"^map notes.png: not an image \(Pillow"):
         app.make_map(smooth_image(), "upload", None, str(tmp_path / "notes.png"), 0, 0, 1, 0, 0)
     unet = app.argparse.Namespace(config=app.argparse.Namespace(block_out_channels=(32, 64)))
-    with pytest.raises(app.cli.CliError, match="2x2 pixels .* needs at least 4 on each side"):  # not torch's text
-        app.check_size(Image.new("RGB", (2, 2)), app.argparse.Namespace(vae_scale_factor=2, unet=unet))
+    pipe = app.argparse.Namespace(vae_scale_factor=2, unet=unet)  # the family's own check, not torch's text
+    with pytest.raises(app.gr.Error) as raised, app.page_errors():
+        app.loading.load_family("sd2").edit(pipe, None, images=[Image.new("RGB", (2, 2))], maps=[None], prompts=[""],
+                                            negative_prompts=[""], seeds=[0])
+    assert raised.value.message == ("image: the image is 2x2 pixels, smaller than 4x4, the smallest this model edits "
+                                    "(2 pixels a latent cell, and a UNet of 2 levels that halves it at each but the "
+                                    "last); upload a larger image, or raise the working size")
     with pytest.raises(app.cli.CliError, match=r"^negative prompt: character 2 is a lone surrogate \(U\+D800\)"):
         app.cli.check_prompts("a cat", "a\ud800", ("prompt", "negative prompt"))
     with socket.create_server(("127.0.0.1", 0)) as held:  # refused before the model loads, which would fail here

@@ -119,3 +119,26 @@ def test_bench_caches_computes_every_release_step_and_threshold_0_changes_nothin
         computed, run, releasing = int(row[-7]), int(row[-5]), int(row[-3])
         assert run == STEPS and releasing <= computed <= run, row  # every step that releases pixels computes
     assert [row[-2] for row in rows if row[:2] == ["FirstBlockCache", "0"]] == ["0.00e+00"] * 2
+
+
+@pytest.mark.parametrize("family, flags", [("sd2", ["--repeats", "2"]), ("sdxl", ["--steps", "2", "--repeats", "1"])])
+def test_the_app_cpu_benchmark_presses_the_pages_edit_with_its_cpu_start_settings(family, flags, monkeypatch, capsys):
+    import app
+    from benchmarks import bench_app_cpu
+    from tools import loading
+
+    monkeypatch.setattr(harness, "quiet_libraries", lambda: None)
+    load_pipelines = loading.load_family(family).load_pipelines
+    args = bench_app_cpu.build_parser().parse_args(["--family", family, "--smoke", *flags])
+    assert (args.steps, args.side) == ((2, app.CPU_SIDE) if family == "sdxl" else (app.CPU_STEPS, app.CPU_SIDE))
+    bench_app_cpu.main(["--family", family, "--smoke", *flags])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].startswith(f"page: {args.steps} steps, working size {app.CPU_SIDE} px")
+    size = "1024x1024" if family == "sdxl" else f"{app.CPU_SIDE}x{app.CPU_SIDE}"  # SDXL edits at about 1024² in area
+    results = [line for line in lines if line.startswith("Result ")]
+    assert len(results) == args.repeats
+    calls = args.steps + (family == "sd2")  # SD 2.1 ships PNDM: one UNet call more than its steps
+    for number, line in enumerate(results, start=1):  # every step runs: the painted half changes fully
+        assert line.startswith(f"Result {number}: {calls} denoising steps run in ") and f"{calls} UNet calls" in line
+        assert f" at {size} px" in line
+    assert loading.load_family(family).load_pipelines is load_pipelines  # the family's own loader, back in place

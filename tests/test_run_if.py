@@ -4,6 +4,7 @@ go through conftest's `run_in_process`, and tests/test_run_contract.py checks wh
 import http.server
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -142,6 +143,37 @@ def test_crop_margin_edits_stage_twos_box_and_keeps_the_resized_input_around_it(
         (unchanged,), steps_run = if_run.edit(pipelines, args, images=[source.convert("RGB")], maps=[white],
                                               prompts=["a red apple"], negative_prompts=[""], seeds=[0])
     assert steps_run == 0 and np.array_equal(np.asarray(unchanged), resized)
+
+
+def test_ctrl_c_in_the_upscaler_stops_after_its_step_and_writes_no_output(models, inputs, upscaler_dir, tmp_path,
+                                                                          monkeypatch):
+    """The x4 upscaler reads only the older step callback (tools/running.py): the first Ctrl-C ends it after the step
+    it came in, as it ends stages I and II (tests/test_run_contract.py); the stages' files written before it stay."""
+    from diffusers import DiffusionPipeline
+
+    upscaler_steps, progress_bar = [], DiffusionPipeline.progress_bar
+
+    def pressing(pipe, *args, **kwargs):  # Ctrl-C at the end of the upscaler's first step
+        bar = progress_bar(pipe, *args, **kwargs)
+        update = bar.update
+
+        def step_done(*args):
+            if isinstance(pipe, StableDiffusionUpscalePipeline):
+                upscaler_steps.append(signal.getsignal(signal.SIGINT) is not signal.default_int_handler)
+                if len(upscaler_steps) == 1:
+                    signal.raise_signal(signal.SIGINT)
+            return update(*args)
+        bar.update = step_done
+        return bar
+
+    monkeypatch.setattr(DiffusionPipeline, "progress_bar", pressing)
+    ran = run_in_process(SCRIPT, *short_run(models, inputs, "--stage3-model", upscaler_dir, "--stage3-steps", "4",
+                                            "--output", tmp_path / "edit.png", "--compare"), cwd=tmp_path)
+    assert (ran.returncode, ran.stderr.splitlines()[-1]) == (130, "error: interrupted"), ran.stderr
+    assert "stopping after this step" in ran.stderr
+    assert upscaler_steps == [True]  # one step, run with run.py's handler: none after the press
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["edit-stage1.png", "edit-stage2.png", "map.png",
+                                                                 "photo.png"]
 
 
 # Errors, in this process

@@ -39,6 +39,7 @@ MAX_STEPS = 1000  # every model here was trained on a 1000-step schedule; schedu
 MAX_SEED = 2**64 - 1  # the largest seed torch.Generator.manual_seed takes
 MAX_FEATHER_PX = 100_000  # far beyond any image side; only guards against typos such as 1e9
 MAX_SIDE = 8192  # the largest image side any model here works at
+PATCH_SIDE = 16  # a flow family's transformer takes 2x2 patches of latents of the VAE's 8 pixels
 CACHES = ("fbc", "taylorseer", "magcache", "fastercache", "pab")  # --cache: diffusers' caches (tools/caching.py)
 
 EXIT_USAGE, EXIT_RUN_FAILED, EXIT_INTERRUPTED = 2, 1, 130
@@ -520,8 +521,21 @@ def mask_to_keep_map(mask: Image.Image, size: tuple[int, int], feather: float = 
     return Image.fromarray(feathered_mask(region, feather_px=feather, grow_px=grow))
 
 
-def check_image_size(image: Image.Image, smallest: int, why: str) -> None:
-    """Refuses an image smaller than ``smallest`` pixels on a side, the model's smallest size (``why``: its parts)."""
+def smallest_side(pipe) -> tuple[int, str]:
+    """The fewest pixels on each side of an image that ``pipe`` edits, and why, in words for a message. A UNet halves
+    the latent grid at each level but the last: a smaller image has no cell left at the bottom (a traceback from
+    GroupNorm, or a meaningless result). A flow family's transformer takes whole patches, ``PATCH_SIDE`` pixels, on
+    which its run.py rounds the working size."""
+    if getattr(pipe, "unet", None) is None:
+        return PATCH_SIDE, "the VAE's 8 pixels a latent, in 2x2 patches"
+    cell, levels = pipe.vae_scale_factor, len(pipe.unet.config.block_out_channels)
+    return cell * 2 ** (levels - 1), (f"{cell} pixels a latent cell, and a UNet of {levels} levels that halves it at "
+                                       "each but the last")
+
+
+def check_image_size(image: Image.Image, pipe) -> None:
+    """Refuses an image smaller than the smallest that ``pipe`` edits (``smallest_side``)."""
+    smallest, why = smallest_side(pipe)
     if min(image.size) < smallest:
         raise CliError(f"--image: the image is {image.width}x{image.height} pixels, smaller than {smallest}x"
                        f"{smallest}, the smallest this model edits ({why}); give an image at least {smallest} pixels "
