@@ -57,7 +57,7 @@ def load_pipeline(pipeline_class, model: str, *, torch_dtype, device: str, offlo
             found = index.get("_class_name", "?")
             if family_of(found) != expected:
                 raise CliError(f"{flag} {model}: {described(found)}; here {flag} takes {FAMILIES[expected][0]}")
-            if expected == "Wan" and (key := next((key for key in WAN_22 if wan_22_has(index.get(key))), None)):
+            if expected == "Wan" and (key := next((key for key in WAN_22 if is_set(index.get(key))), None)):
                 raise CliError(f"{flag} {model}: a Wan 2.2 checkpoint ({WAN_22[key]}), which stock Wan 2.1 "
                                "video-to-video does not run; pass a Wan 2.1 text-to-video checkpoint, such as "
                                "Wan-AI/Wan2.1-T2V-1.3B-Diffusers or Wan-AI/Wan2.1-T2V-14B-Diffusers")
@@ -75,8 +75,8 @@ def load_pipeline(pipeline_class, model: str, *, torch_dtype, device: str, offlo
     return pipe
 
 
-def wan_22_has(value) -> bool:
-    """Whether a model_index.json entry is set: a component's [library, class] of which neither is null, or true."""
+def is_set(value) -> bool:
+    """Whether a model_index.json entry is set: a component other than [null, null], or a flag that is true."""
     return any(value) if isinstance(value, list) else bool(value)
 
 
