@@ -257,8 +257,7 @@ class WanDiffVideoToVideoPipeline(WanVideoToVideoPipeline):
         change = video_map_to_tensor(map, complement=not invert_map)
         check_video_map(change, pixels)
         frames = (pixels.shape[2] - 1) // self.vae_scale_factor_temporal * self.vae_scale_factor_temporal + 1
-        grid = map_on_grid(change.reshape(-1, 1, *change.shape[-2:]), (height, width), aspect_of=(height, width))
-        change = grid.view(*change.shape[:2], height, width)[:, :frames]
+        change = map_on_frames(change, (height, width), aspect_of=(height, width))[:, :frames]
         return {"video": (pixels[:, :, :frames] / 2 + 0.5).transpose(1, 2)}, change, self.vae_scale_factor_spatial
 
     @torch.no_grad()
@@ -420,8 +419,8 @@ class WanDiffVideoToVideoPipeline(WanVideoToVideoPipeline):
         if keep_exact:
             decoded_frames = videos.shape[1]  # 1 + 4k: frames past the last whole group are not encoded
             original = (pixels / 2 + 0.5).transpose(1, 2)[:, :decoded_frames]
-            grid = map_on_grid(change.reshape(-1, 1, *change.shape[-2:]), (height, width), aspect_of=(height, width))
-            strengths = strength * grid.view(*change.shape[:2], 1, height, width)[:, :decoded_frames]
+            grid = map_on_frames(change, (height, width), aspect_of=(height, width))
+            strengths = strength * grid[:, :decoded_frames, None]  # a frame's map for its 3 channels
             videos = composite_original(videos, original, strengths, num_inference_steps)
             videos = self.video_processor.postprocess_video(videos.transpose(1, 2), output_type,
                                                             do_denormalize=[False] * decoded_frames)
@@ -490,13 +489,18 @@ def check_video_map(change: torch.Tensor, pixels: torch.Tensor):
                          "one still map for all of them.")
 
 
+def map_on_frames(change: torch.Tensor, size: tuple, aspect_of: tuple) -> torch.Tensor:
+    """The map (videos, frames, H, W) on the grid `size`, frame by frame (`map_on_grid`): (videos, frames, *size)."""
+    return map_on_grid(change.reshape(-1, 1, *change.shape[-2:]), size, aspect_of).view(*change.shape[:2], *size)
+
+
 def map_on_latent_frames(change: torch.Tensor, grid: tuple, frames_per_latent: int, aspect_of: tuple) -> torch.Tensor:
     """The map (videos, frames, H, W) on the latent grid (F', H', W'), as (videos, 1, F', H', W'): each frame
     area-averaged onto the latent cells (`map_on_grid`), then the frames of each latent frame averaged, as Wan's VAE
     groups them: frame 0 alone, then `frames_per_latent` at a time. A still map (1 frame) holds for every latent
     frame; a latent frame whose frames are all equal keeps their value exactly."""
     (videos, frames), (latent_frames, *size) = change.shape[:2], grid
-    spatial = map_on_grid(change.reshape(-1, 1, *change.shape[-2:]), size, aspect_of).view(videos, frames, *size)
+    spatial = map_on_frames(change, tuple(size), aspect_of)
     if frames == 1:
         return spatial[:, None].expand(-1, 1, latent_frames, *size)
     groups = [spatial[:, max(0, frames_per_latent * (k - 1) + 1) : frames_per_latent * k + 1]

@@ -101,7 +101,7 @@ def check_flags(args) -> None:
 def map_input(given, example, flag):
     """--map's path: a video or a folder of frames is checked when it is read; an image, as every run.py checks it."""
     path = None if given is None else Path(given).expanduser()
-    if path is not None and (path.is_dir() or path.suffix.lower() in VIDEO_SUFFIXES):
+    if path is not None and holds_frames(path):
         if not path.exists():
             raise cli.CliError(f"{flag} {cli.display(path)}: no such file")
         return path
@@ -126,6 +126,16 @@ def load_pipelines(args):
 
 
 # Reading
+
+
+def holds_frames(path: Path) -> bool:
+    """Whether ``path`` is read as frames (a video file or a folder of images) rather than as one image."""
+    return path.is_dir() or path.suffix.lower() in VIDEO_SUFFIXES
+
+
+def frame_rate(args, source_fps: float | None) -> float:
+    """The frame rate to write: --fps, else the --video's own, else Wan 2.1's."""
+    return args.fps or source_fps or DEFAULT_FPS
 
 
 def read_frames(path: Path, flag: str, count: int, *, gray: bool = False) -> tuple[list, float | None]:
@@ -180,7 +190,7 @@ def load_maps(args, frames: list) -> list:
         mask = cli.read_image(args.mask, "--mask", gray=True)
         warn_if_stretched(what, mask.size, size)
         maps = [cli.mask_to_keep_map(mask, size, args.feather, args.grow, shown=cli.display(args.mask))]
-    elif args.map.is_dir() or args.map.suffix.lower() in VIDEO_SUFFIXES:
+    elif holds_frames(args.map):
         maps, _ = read_frames(args.map, "--map", args.frames, gray=True)
         if len(maps) not in (1, len(frames)):
             raise cli.CliError(f"--map {cli.display(args.map)} has {len(maps)} frames but the video has "
@@ -263,7 +273,7 @@ def run():
         cli.warn(f"the video ({video[0].width}x{video[0].height}) has another shape than --width x --height "
                  f"({args.width}x{args.height}); it is stretched to fit")
     maps = load_maps(args, video)
-    fps = args.fps or source_fps or DEFAULT_FPS
+    fps = frame_rate(args, source_fps)
     pipe = load_pipelines(args)
     started = time.perf_counter()
     frames, steps_run = edit(pipe, args, video=video, maps=maps, prompt=args.prompt,

@@ -5,8 +5,8 @@
 
 A model's run.py takes part through ``build_parser()``, ``load_pipelines(args)`` and ``edit(pipelines, args, *,
 images, maps, prompts, negative_prompts, seeds) -> (images, steps_run)``; its flags set every row's defaults. A video
-family's run.py (``VIDEO = True``, Wan/run.py) edits one video a row, through its ``read_frames``, ``load_video``,
-``load_maps``, ``edit``, ``parameters`` and ``write_video``, and writes an mp4.
+family's run.py (``VIDEO = True``, Wan/run.py) edits one video a row, through its ``holds_frames``, ``read_frames``,
+``load_video``, ``load_maps``, ``frame_rate``, ``edit``, ``parameters`` and ``write_video``, and writes an mp4.
 """
 
 from __future__ import annotations
@@ -329,7 +329,7 @@ def _header(module, path: Path, name: str) -> tuple[tuple[int, int] | None, str 
     """``(size, None, frame rate)`` for a readable image, or for a video or folder of frames that the video family
     ``module`` reads (an image has no frame rate: None); ``(None, what is wrong, None)`` otherwise."""
     try:
-        if module is not None and name != "mask" and (path.is_dir() or path.suffix.lower() in module.VIDEO_SUFFIXES):
+        if module is not None and name != "mask" and module.holds_frames(path):
             frames, fps = module.read_frames(path, name, 1, gray=name == "map")
             return frames[0].size, None, fps
         with cli.reading(path, name), cli.open_image(path) as opened:
@@ -342,7 +342,7 @@ def expected_text(module, job: Job, header, extra_params: dict) -> dict[str, str
     """What the output of ``job`` holds as its parameters (a video family's, ``module``'s; frame rate and all)."""
     if module is None:
         return results.png_parameters(job, 0, extra_params)
-    fps = job.fps or (job.video and header(job.video, "video")[2]) or module.DEFAULT_FPS
+    fps = module.frame_rate(job, job.video and header(job.video, "video")[2])
     return module.parameters(job, 0, fps, extra_params)
 
 
@@ -473,7 +473,7 @@ def run_batches(state, module, args, batches: list[list], outcomes: list[dict]) 
     def edit_video(job) -> None:  # one row of a video family: its video, its maps, one call, an mp4
         try:
             frames, source_fps = module.load_video(job)
-            maps, fps = module.load_maps(job, frames), job.fps or source_fps or module.DEFAULT_FPS
+            maps, fps = module.load_maps(job, frames), module.frame_rate(job, source_fps)
             edited, steps_run = module.edit(pipelines, job, video=frames, maps=maps, prompt=job.prompt,
                                             negative_prompt=job.negative_prompt, seed=job.seed)
             job.command = cli.command_line(script, parser, job)  # the row alone, by run.py
